@@ -1,0 +1,21 @@
+//! Compiles `proto/storaged/v1/*.proto` with protox (pure Rust, so no system
+//! protoc is needed) and writes a file descriptor set for gRPC reflection.
+
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/storaged/v1/storaged.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let file_descriptors = protox::compile(protos, ["proto"])?;
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let descriptor_path = out_dir.join("storaged_descriptor.bin");
+    std::fs::write(&descriptor_path, prost::Message::encode_to_vec(&file_descriptors))?;
+    tonic_prost_build::configure()
+        .bytes(".")
+        .skip_protoc_run()
+        .file_descriptor_set_path(&descriptor_path)
+        .compile_fds(file_descriptors)?;
+    Ok(())
+}

@@ -1,0 +1,20 @@
+//! The wire protocol of storaged, shared by the daemon and every client.
+//!
+//! `pb` holds the code prost and tonic generate from `proto/storaged/v1`, with
+//! every `bytes` field as `bytes::Bytes` so decoding a payload does not copy
+//! it. `model` holds the validated domain types the server works with: a
+//! request is converted with `TryFrom` once, at the edge, and everything past
+//! that point can rely on names and ranges being well formed.
+
+pub mod model;
+
+/// Generated protobuf and gRPC code for package `storaged.v1`.
+#[allow(clippy::all, missing_docs)]
+pub mod pb {
+    tonic::include_proto!("storaged.v1");
+}
+
+/// Encoded `FileDescriptorSet` of the storaged protos, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("storaged_descriptor");
+
+pub use model::{DatasetName, NameError, ObjectPath};

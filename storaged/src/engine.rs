@@ -1,0 +1,283 @@
+//! The I/O engine: every data read and write of the pool's devices.
+//!
+//! Tonic handlers run on the multi-threaded tokio runtime and need `Send`
+//! futures, while io_uring submission is naturally single-threaded. So each
+//! engine owns dedicated threads: the io_uring engine one thread that owns the
+//! ring (through the `io-uring` crate), the pread engine a few blocking
+//! workers. Requests reach them over a bounded channel whose capacity is the
+//! number of pool buffers: every operation holds a buffer, so the channel can
+//! never be full and submission never blocks the async runtime. Results come
+//! back through the buffer's completion slot (see `buf`), so the hot path
+//! allocates nothing.
+//!
+//! `IoBackend` is the seam for tests: [`fault::FaultyBackend`] wraps any
+//! engine and injects errors and bit flips.
+
+pub mod fault;
+pub mod psync;
+pub mod uring;
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use crate::buf::{BufLease, BufferPool, IoFuture};
+
+/// Read or write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Read,
+    Write,
+}
+
+/// One device operation. `offset` and the buffer's length are multiples of
+/// 4 KiB; reads fill `len` bytes of the buffer, writes send its `len()`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IoOp {
+    pub kind: OpKind,
+    pub device: u32,
+    pub offset: u64,
+    pub len: u32,
+}
+
+/// A device I/O engine. Implementations must complete every submitted
+/// operation exactly once, through [`BufferPool::complete`], and keep the
+/// buffer untouched after that.
+pub trait IoBackend: Send + Sync + 'static {
+    /// Short name for logs and `status`: "io_uring", "psync", ...
+    fn kind(&self) -> &'static str;
+    /// Queues `op` on `buf`. Never blocks.
+    fn submit(&self, op: IoOp, buf: BufLease) -> IoFuture;
+    /// Makes completed writes of `device` durable (fdatasync). Blocking.
+    fn sync(&self, device: u32) -> io::Result<()>;
+    fn device_count(&self) -> u32;
+}
+
+/// Which engine to build.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// io_uring if the kernel allows it, else psync with a warning.
+    Auto,
+    Uring,
+    Psync,
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "uring" | "io_uring" => Ok(Self::Uring),
+            "psync" => Ok(Self::Psync),
+            other => Err(format!("unknown engine {other:?}; expected auto, uring or psync")),
+        }
+    }
+}
+
+/// Limits shared by the engines.
+#[derive(Debug, Clone, Copy)]
+pub struct EngineLimits {
+    /// Operations in flight per device.
+    pub queue_depth_per_device_max: u32,
+    /// Worker threads of the psync engine.
+    pub psync_threads: u32,
+}
+
+/// Builds the engine for `files` (opened O_DIRECT, indexed by device).
+pub fn build(
+    kind: EngineKind,
+    files: Vec<File>,
+    pool: Arc<BufferPool>,
+    limits: EngineLimits,
+) -> io::Result<Arc<dyn IoBackend>> {
+    match kind {
+        EngineKind::Psync => Ok(Arc::new(psync::PsyncEngine::new(files, pool, limits)?)),
+        EngineKind::Uring => Ok(Arc::new(uring::UringEngine::new(files, pool, limits)?)),
+        EngineKind::Auto => {
+            let dup: io::Result<Vec<File>> = files.iter().map(File::try_clone).collect();
+            match uring::UringEngine::new(dup?, Arc::clone(&pool), limits) {
+                Ok(e) => Ok(Arc::new(e)),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "io_uring is unavailable; falling back to the psync (pread/pwrite) engine"
+                    );
+                    Ok(Arc::new(psync::PsyncEngine::new(files, pool, limits)?))
+                }
+            }
+        }
+    }
+}
+
+/// Reads `len` bytes at `offset` of `device` into `buf`, failing on a short
+/// read.
+pub async fn read_exact(
+    engine: &dyn IoBackend,
+    device: u32,
+    offset: u64,
+    len: usize,
+    mut buf: BufLease,
+) -> io::Result<BufLease> {
+    buf.set_len(len);
+    let op = IoOp {
+        kind: OpKind::Read,
+        device,
+        offset,
+        len: len as u32,
+    };
+    let (res, buf) = engine.submit(op, buf).await;
+    let n = res?;
+    if n != len {
+        return Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            format!("short read on device {device} at {offset}: {n} of {len} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+/// Writes all of `buf` at `offset` of `device`.
+pub async fn write_all(
+    engine: &dyn IoBackend,
+    device: u32,
+    offset: u64,
+    buf: BufLease,
+) -> io::Result<BufLease> {
+    let len = buf.len();
+    let op = IoOp {
+        kind: OpKind::Write,
+        device,
+        offset,
+        len: len as u32,
+    };
+    let (res, buf) = engine.submit(op, buf).await;
+    let n = res?;
+    if n != len {
+        return Err(io::Error::new(
+            io::ErrorKind::WriteZero,
+            format!("short write on device {device} at {offset}: {n} of {len} bytes"),
+        ));
+    }
+    Ok(buf)
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    //! Conformance tests every engine must pass.
+    use super::*;
+    use crate::buf::ClassSpec;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    pub(crate) fn test_files(dir: &std::path::Path, n: u32, size: u64) -> Vec<File> {
+        (0..n)
+            .map(|i| {
+                let f = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .custom_flags(libc::O_DIRECT)
+                    .open(dir.join(format!("dev{i}")))
+                    .unwrap();
+                f.set_len(size).unwrap();
+                f
+            })
+            .collect()
+    }
+
+    pub(crate) fn test_pool() -> Arc<BufferPool> {
+        BufferPool::new(vec![
+            ClassSpec {
+                buf_bytes: 4096,
+                count: 16,
+            },
+            ClassSpec {
+                buf_bytes: 65536,
+                count: 8,
+            },
+        ])
+        .unwrap()
+    }
+
+    pub(crate) async fn conformance(engine: Arc<dyn IoBackend>, pool: Arc<BufferPool>) {
+        // Write a distinct pattern to each device, read it back.
+        for dev in 0..engine.device_count() {
+            let mut buf = pool.acquire(65536).await.unwrap();
+            for (i, b) in buf.as_mut_full()[..65536].iter_mut().enumerate() {
+                *b = (i as u32 * 7 + dev) as u8;
+            }
+            buf.set_len(65536);
+            write_all(&*engine, dev, 8192, buf).await.unwrap();
+            engine.sync(dev).unwrap();
+        }
+        for dev in 0..engine.device_count() {
+            let buf = pool.acquire(65536).await.unwrap();
+            let buf = read_exact(&*engine, dev, 8192, 65536, buf).await.unwrap();
+            for (i, b) in buf.as_slice().iter().enumerate() {
+                assert_eq!(*b, (i as u32 * 7 + dev) as u8, "dev {dev} byte {i}");
+            }
+        }
+        // Many concurrent small reads, more than the queue depth.
+        let mut futs = Vec::new();
+        for k in 0..16u64 {
+            let buf = pool.acquire(4096).await.unwrap();
+            let e = Arc::clone(&engine);
+            futs.push(async move {
+                let buf = read_exact(&*e, (k % 2) as u32, 8192 + (k % 16) * 4096, 4096, buf)
+                    .await
+                    .unwrap();
+                (k, buf.as_slice()[0])
+            });
+        }
+        for (k, first) in futures::future::join_all(futs).await {
+            let i = (k % 16) * 4096;
+            assert_eq!(first, (i as u32 * 7 + (k % 2) as u32) as u8);
+        }
+        // Reading past the end is a short read, reported as an error.
+        let buf = pool.acquire(4096).await.unwrap();
+        let err = read_exact(&*engine, 0, 1 << 20, 4096, buf).await.unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+        // Cancelled reads: drop the futures at once, then make sure every
+        // buffer comes back.
+        for _ in 0..4 {
+            let leases = pool.acquire_many(4096, 16).await.unwrap();
+            for (k, mut l) in leases.into_iter().enumerate() {
+                l.set_len(4096);
+                let op = IoOp {
+                    kind: OpKind::Read,
+                    device: 0,
+                    offset: k as u64 * 4096,
+                    len: 4096,
+                };
+                drop(engine.submit(op, l));
+            }
+        }
+        let all = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            pool.acquire_many(4096, 16),
+        )
+        .await
+        .expect("cancelled buffers came back")
+        .unwrap();
+        drop(all);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_engine_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = test_pool();
+        let limits = EngineLimits {
+            queue_depth_per_device_max: 4,
+            psync_threads: 2,
+        };
+        let engine = build(
+            EngineKind::Auto,
+            test_files(dir.path(), 2, 1 << 20),
+            Arc::clone(&pool),
+            limits,
+        )
+        .unwrap();
+        conformance(engine, pool).await;
+    }
+}

@@ -1,0 +1,154 @@
+//! The fallback engine: blocking pread/pwrite on a few worker threads.
+//!
+//! Used when io_uring is unavailable (old kernel, seccomp, or
+//! `io_uring_disabled`). The workers share one bounded channel; their number
+//! bounds the operations in flight.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use super::{EngineLimits, IoBackend, IoOp, OpKind};
+use crate::buf::{BufLease, BufferPool, IoFuture};
+
+struct Job {
+    op: IoOp,
+    index: u32,
+}
+
+/// pread/pwrite engine; see the module docs.
+pub struct PsyncEngine {
+    tx: Option<crossbeam_channel::Sender<Job>>,
+    files: Arc<Vec<File>>,
+    pool: Arc<BufferPool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl PsyncEngine {
+    pub fn new(files: Vec<File>, pool: Arc<BufferPool>, limits: EngineLimits) -> io::Result<Self> {
+        let files = Arc::new(files);
+        let (tx, rx) = crossbeam_channel::bounded::<Job>(pool.buffer_count());
+        let n = limits.psync_threads.max(1);
+        let mut threads = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let rx = rx.clone();
+            let files = Arc::clone(&files);
+            let pool = Arc::clone(&pool);
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("storaged-psync-{i}"))
+                    .spawn(move || {
+                        while let Ok(job) = rx.recv() {
+                            let r = do_io(&files[job.op.device as usize], &pool, &job);
+                            pool.complete(job.index, r);
+                        }
+                    })?,
+            );
+        }
+        tracing::info!(threads = n, devices = files.len(), "psync engine started");
+        Ok(Self {
+            tx: Some(tx),
+            files,
+            pool,
+            threads,
+        })
+    }
+}
+
+fn do_io(file: &File, pool: &BufferPool, job: &Job) -> io::Result<usize> {
+    let (ptr, cap) = pool.buf_raw(job.index);
+    let len = job.op.len as usize;
+    assert!(len <= cap);
+    let mut done = 0usize;
+    while done < len {
+        let off = job.op.offset + done as u64;
+        let n = match job.op.kind {
+            OpKind::Read => {
+                // SAFETY: buffer `index` is lent to this job until
+                // `complete`, so nobody else touches these bytes; the range
+                // is within the buffer (`len <= cap`).
+                let b = unsafe { std::slice::from_raw_parts_mut(ptr.add(done), len - done) };
+                file.read_at(b, off)
+            }
+            OpKind::Write => {
+                // SAFETY: as for reads; the job only reads the bytes.
+                let b = unsafe { std::slice::from_raw_parts(ptr.add(done), len - done) };
+                file.write_at(b, off)
+            }
+        };
+        match n {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+impl IoBackend for PsyncEngine {
+    fn kind(&self) -> &'static str {
+        "psync"
+    }
+
+    fn submit(&self, op: IoOp, buf: BufLease) -> IoFuture {
+        if op.device as usize >= self.files.len() || op.len as usize > buf.capacity() {
+            let err = io::Error::new(io::ErrorKind::InvalidInput, format!("bad I/O {op:?}"));
+            return IoFuture::ready(Err(err), buf);
+        }
+        let index = buf.index();
+        let fut = buf.lend_to_kernel();
+        let sent = self
+            .tx
+            .as_ref()
+            .map(|tx| tx.try_send(Job { op, index }).is_ok())
+            .unwrap_or(false);
+        if !sent {
+            self.pool
+                .complete(index, Err(io::Error::other("psync workers are gone")));
+        }
+        fut
+    }
+
+    fn sync(&self, device: u32) -> io::Result<()> {
+        self.files[device as usize].sync_data()
+    }
+
+    fn device_count(&self) -> u32 {
+        self.files.len() as u32
+    }
+}
+
+impl Drop for PsyncEngine {
+    fn drop(&mut self) {
+        // Closing the channel lets workers finish queued jobs and exit.
+        self.tx.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::tests::{conformance, test_files, test_pool};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn psync_engine_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = test_pool();
+        let engine = PsyncEngine::new(
+            test_files(dir.path(), 2, 1 << 20),
+            Arc::clone(&pool),
+            EngineLimits {
+                queue_depth_per_device_max: 4,
+                psync_threads: 3,
+            },
+        )
+        .unwrap();
+        conformance(Arc::new(engine), pool).await;
+    }
+}

@@ -1,0 +1,371 @@
+//! The io_uring engine: one thread owns one ring for all devices.
+//!
+//! On a 2-core machine a single ring thread keeps every device busy; more
+//! threads would only compete with the tonic runtime. The thread registers the
+//! pool's buffers (fixed buffers, `READ_FIXED`/`WRITE_FIXED`) and the device
+//! files once, then loops: take new operations from the channel, push as many
+//! as the per-device queue depth allows, submit them in one `io_uring_enter`,
+//! and hand completions back to their buffers' slots.
+//!
+//! When idle the thread sleeps in `io_uring_enter` with an `eventfd` read
+//! armed. A submitter writes the eventfd only if the thread said it is
+//! sleeping, so a busy ring costs no extra syscall per operation.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+
+use io_uring::{IoUring, opcode, squeue, types};
+
+use super::{EngineLimits, IoBackend, IoOp, OpKind};
+use crate::buf::{BufLease, BufferPool, IoFuture};
+
+const WAKE_TOKEN: u64 = u64::MAX;
+
+struct Submission {
+    op: IoOp,
+    index: u32,
+}
+
+struct Wake {
+    eventfd: OwnedFd,
+    sleeping: AtomicBool,
+    shutdown: AtomicBool,
+}
+
+impl Wake {
+    fn ring_bell(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to an eventfd we own; the
+        // fd stays open for the life of `self`.
+        let _ = unsafe {
+            libc::write(
+                self.eventfd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
+    }
+}
+
+/// io_uring engine; see the module docs.
+pub struct UringEngine {
+    tx: crossbeam_channel::Sender<Submission>,
+    wake: Arc<Wake>,
+    files: Vec<File>,
+    pool: Arc<BufferPool>,
+    thread: Option<JoinHandle<()>>,
+    fixed_buffers: bool,
+}
+
+impl UringEngine {
+    pub fn new(files: Vec<File>, pool: Arc<BufferPool>, limits: EngineLimits) -> io::Result<Self> {
+        let buffers = pool.buffer_count();
+        let entries = u32::try_from((buffers + 1).next_power_of_two().clamp(8, 32768))
+            .expect("ring size fits u32");
+        let ring: IoUring = IoUring::builder().build(entries)?;
+        // SAFETY: eventfd(2) with valid flags; the result is checked below.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: `efd` is a freshly created descriptor nobody else owns.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+
+        let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
+        let fixed_files = ring.submitter().register_files(&fds).is_ok();
+        let iovecs = pool.iovecs();
+        let fixed_buffers = buffers <= u16::MAX as usize
+            // SAFETY: every iovec points into the pool's mapping, which the
+            // ring thread keeps alive (it holds an `Arc<BufferPool>`) until
+            // after the ring is dropped and the registration released.
+            && match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "io_uring: cannot register fixed buffers; using plain READ/WRITE");
+                    false
+                }
+            };
+        tracing::info!(
+            ring_entries = entries,
+            fixed_buffers,
+            fixed_files,
+            devices = files.len(),
+            "io_uring engine started"
+        );
+
+        let (tx, rx) = crossbeam_channel::bounded(buffers);
+        let wake = Arc::new(Wake {
+            eventfd,
+            sleeping: AtomicBool::new(false),
+            shutdown: AtomicBool::new(false),
+        });
+        let ring_thread = RingThread {
+            ring,
+            rx,
+            wake: Arc::clone(&wake),
+            pool: Arc::clone(&pool),
+            fds,
+            fixed_files,
+            fixed_buffers,
+            queue_depth_per_device_max: limits.queue_depth_per_device_max.max(1),
+        };
+        let thread = std::thread::Builder::new()
+            .name("storaged-uring".into())
+            .spawn(move || ring_thread.run())?;
+        Ok(Self {
+            tx,
+            wake,
+            files,
+            pool,
+            thread: Some(thread),
+            fixed_buffers,
+        })
+    }
+
+    pub fn uses_fixed_buffers(&self) -> bool {
+        self.fixed_buffers
+    }
+}
+
+impl IoBackend for UringEngine {
+    fn kind(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn submit(&self, op: IoOp, buf: BufLease) -> IoFuture {
+        if op.device as usize >= self.files.len() || op.len as usize > buf.capacity() {
+            let err = io::Error::new(io::ErrorKind::InvalidInput, format!("bad I/O {op:?}"));
+            return IoFuture::ready(Err(err), buf);
+        }
+        let index = buf.index();
+        let fut = buf.lend_to_kernel();
+        if self.tx.try_send(Submission { op, index }).is_err() {
+            // Only reachable if the ring thread died; the slot must still be
+            // completed exactly once.
+            self.pool
+                .complete(index, Err(io::Error::other("io_uring thread is gone")));
+            return fut;
+        }
+        if self.wake.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake.ring_bell();
+        }
+        fut
+    }
+
+    fn sync(&self, device: u32) -> io::Result<()> {
+        self.files[device as usize].sync_data()
+    }
+
+    fn device_count(&self) -> u32 {
+        self.files.len() as u32
+    }
+}
+
+impl Drop for UringEngine {
+    fn drop(&mut self) {
+        self.wake.shutdown.store(true, Ordering::SeqCst);
+        self.wake.ring_bell();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct InFlight {
+    op: IoOp,
+    done: u32,
+}
+
+struct RingThread {
+    ring: IoUring,
+    rx: crossbeam_channel::Receiver<Submission>,
+    wake: Arc<Wake>,
+    pool: Arc<BufferPool>,
+    fds: Vec<RawFd>,
+    fixed_files: bool,
+    fixed_buffers: bool,
+    queue_depth_per_device_max: u32,
+}
+
+impl RingThread {
+    fn build_sqe(&self, index: u32, f: &InFlight) -> squeue::Entry {
+        let (base, cap) = self.pool.buf_raw(index);
+        assert!(f.op.len as usize <= cap && f.done < f.op.len);
+        // SAFETY: `done < len <= cap`, so the pointer stays inside buffer
+        // `index`, which is lent to this operation until its completion.
+        let ptr = unsafe { base.add(f.done as usize) };
+        let len = f.op.len - f.done;
+        let offset = f.op.offset + u64::from(f.done);
+        let dev = f.op.device;
+        macro_rules! with_fd {
+            ($fd:expr) => {
+                match (f.op.kind, self.fixed_buffers) {
+                    (OpKind::Read, true) => opcode::ReadFixed::new($fd, ptr, len, index as u16)
+                        .offset(offset)
+                        .build(),
+                    (OpKind::Read, false) => opcode::Read::new($fd, ptr, len).offset(offset).build(),
+                    (OpKind::Write, true) => {
+                        opcode::WriteFixed::new($fd, ptr.cast_const(), len, index as u16)
+                            .offset(offset)
+                            .build()
+                    }
+                    (OpKind::Write, false) => opcode::Write::new($fd, ptr.cast_const(), len)
+                        .offset(offset)
+                        .build(),
+                }
+            };
+        }
+        let sqe = if self.fixed_files {
+            with_fd!(types::Fixed(dev))
+        } else {
+            with_fd!(types::Fd(self.fds[dev as usize]))
+        };
+        sqe.user_data(u64::from(index))
+    }
+
+    fn run(mut self) {
+        let n_devices = self.fds.len();
+        let mut in_flight: Vec<Option<InFlight>> = vec![None; self.pool.buffer_count()];
+        let mut device_in_flight = vec![0u32; n_devices];
+        let mut total_in_flight = 0usize;
+        let mut deferred: VecDeque<u32> = VecDeque::with_capacity(self.pool.buffer_count());
+        let mut completions: Vec<(u64, i32)> = Vec::with_capacity(self.pool.buffer_count() + 1);
+        // Target of the armed eventfd read; boxed so its address is stable
+        // while the kernel may write it.
+        let mut bell_buf = Box::new(0u64);
+        let mut bell_armed = false;
+
+        loop {
+            let shutting_down = self.wake.shutdown.load(Ordering::SeqCst);
+            if !bell_armed && !shutting_down {
+                let sqe = opcode::Read::new(
+                    types::Fd(self.wake.eventfd.as_raw_fd()),
+                    (&mut *bell_buf as *mut u64).cast(),
+                    8,
+                )
+                .build()
+                .user_data(WAKE_TOKEN);
+                // SAFETY: `bell_buf` outlives the ring (the ring is dropped
+                // when `self` is, at the end of this function, and the loop
+                // only exits once this read has completed).
+                if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                    bell_armed = true;
+                }
+            }
+            while let Ok(s) = self.rx.try_recv() {
+                in_flight[s.index as usize] = Some(InFlight { op: s.op, done: 0 });
+                deferred.push_back(s.index);
+            }
+            // Push what the queue depth allows, keeping arrival order per
+            // device.
+            let mut remaining = deferred.len();
+            while remaining > 0 {
+                remaining -= 1;
+                let index = deferred.pop_front().expect("counted");
+                let f = in_flight[index as usize].expect("deferred op is recorded");
+                let dev = f.op.device as usize;
+                if device_in_flight[dev] >= self.queue_depth_per_device_max {
+                    deferred.push_back(index);
+                    continue;
+                }
+                let sqe = self.build_sqe(index, &f);
+                // SAFETY: the buffer behind the SQE is lent to this operation
+                // (its lease is held by the slot machinery, see `buf`) and is
+                // not handed out again until we complete the slot.
+                if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                    deferred.push_front(index);
+                    break;
+                }
+                device_in_flight[dev] += 1;
+                total_in_flight += 1;
+            }
+
+            if shutting_down && total_in_flight == 0 && deferred.is_empty() && !bell_armed {
+                break;
+            }
+
+            self.wake.sleeping.store(true, Ordering::SeqCst);
+            let wait_for = if self.rx.is_empty() { 1 } else { 0 };
+            let res = self.ring.submit_and_wait(wait_for);
+            self.wake.sleeping.store(false, Ordering::SeqCst);
+            if let Err(e) = res {
+                match e.raw_os_error() {
+                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
+                    _ => {
+                        tracing::error!(error = %e, "io_uring_enter failed");
+                        std::thread::sleep(std::time::Duration::from_millis(1));
+                    }
+                }
+            }
+
+            completions.clear();
+            completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+            for &(token, result) in &completions {
+                if token == WAKE_TOKEN {
+                    bell_armed = false;
+                    continue;
+                }
+                let index = token as u32;
+                let mut f = in_flight[index as usize].expect("completion of a recorded op");
+                let dev = f.op.device as usize;
+                if result > 0 && f.done + (result as u32) < f.op.len {
+                    // Short transfer: go on from where it stopped.
+                    f.done += result as u32;
+                    in_flight[index as usize] = Some(f);
+                    let sqe = self.build_sqe(index, &f);
+                    // SAFETY: as above; the buffer is still lent to this op.
+                    if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                        continue;
+                    }
+                    // Queue full: complete with what we have; the caller
+                    // sees a short transfer and fails the request.
+                    result_done(&self.pool, index, Ok(f.done as usize));
+                } else if result < 0 {
+                    result_done(
+                        &self.pool,
+                        index,
+                        Err(io::Error::from_raw_os_error(-result)),
+                    );
+                } else {
+                    result_done(&self.pool, index, Ok((f.done + result as u32) as usize));
+                }
+                in_flight[index as usize] = None;
+                device_in_flight[dev] -= 1;
+                total_in_flight -= 1;
+            }
+        }
+    }
+}
+
+fn result_done(pool: &Arc<BufferPool>, index: u32, r: io::Result<usize>) {
+    pool.complete(index, r);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::tests::{conformance, test_files, test_pool};
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uring_engine_conforms() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = test_pool();
+        let engine = UringEngine::new(
+            test_files(dir.path(), 2, 1 << 20),
+            Arc::clone(&pool),
+            EngineLimits {
+                queue_depth_per_device_max: 4,
+                psync_threads: 1,
+            },
+        )
+        .expect("io_uring is available on the test machine");
+        assert!(engine.uses_fixed_buffers());
+        conformance(Arc::new(engine), pool).await;
+    }
+}

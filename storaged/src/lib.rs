@@ -1,0 +1,22 @@
+//! storaged: a striped storage pool on local devices, served over gRPC.
+//!
+//! The crate is layered bottom-up: `buf` (aligned, pre-allocated I/O
+//! buffers) → `engine` (io_uring or pread threads that own the device files)
+//! → `device` (superblocks, pool assembly) and `layout` (logical address →
+//! device and offset) → `alloc` and `catalog` (what is stored where, durably)
+//! → `store` (ingest sessions and verified reads) → `service` (tonic) and
+//! `server` (limits, health, reflection, shutdown). ARCHITECTURE.md draws it.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod alloc;
+pub mod buf;
+pub mod catalog;
+pub mod config;
+pub mod device;
+pub mod engine;
+pub mod error;
+pub mod layout;
+pub mod server;
+pub mod service;
+pub mod size;
+pub mod store;
