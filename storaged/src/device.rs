@@ -1,1 +1,601 @@
-//! device
+//! Devices and their superblocks; assembling them into a pool.
+//!
+//! Every device starts with a 4 KiB superblock (layout in docs/FORMAT.md):
+//! magic, format version, pool id, this device's index, the pool geometry and
+//! a CRC-32 over the rest. At start storaged reads all superblocks and either
+//! recognizes one consistent pool, formats blank devices into a new one, or
+//! refuses with an error naming the device and the problem. It never writes
+//! to a device holding bytes it does not recognize unless `--force` is given.
+//!
+//! Superblocks are read and written synchronously with pread/pwrite at start:
+//! this happens once, before the engine exists, and is not on any data path.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, Seek, SeekFrom};
+use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use memmap2::MmapMut;
+
+use crate::layout::StripeLayout;
+
+pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STORAGED";
+pub const FORMAT_VERSION: u32 = 1;
+pub const SUPERBLOCK_BYTES: usize = 4096;
+/// The data area starts 1 MiB into each device, leaving room after the
+/// superblock for future metadata (a second superblock copy, EC tables).
+pub const DATA_OFFSET_BYTES: u64 = 1 << 20;
+/// Granularity of data checksums (CRC-32 IEEE, crc32fast). A 4 KiB read that
+/// straddles two blocks reads at most 2 × 32 KiB = 64 KiB.
+pub const CHECKSUM_BLOCK_BYTES: u32 = 32 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("device {path}: the file system does not support O_DIRECT ({source})")]
+    NoDirectIo { path: PathBuf, source: io::Error },
+    #[error("device {path} does not exist and no --device-size was given to create it")]
+    Missing { path: PathBuf },
+    #[error("device {path} is neither a regular file nor a block device")]
+    NotADevice { path: PathBuf },
+    #[error(
+        "device {path} holds data storaged does not recognize; refusing to overwrite it (pass --force to erase it)"
+    )]
+    Foreign { path: PathBuf },
+    #[error("device {path} has a storaged superblock with a bad checksum (stored {stored:#010x}, computed {computed:#010x})")]
+    BadChecksum {
+        path: PathBuf,
+        stored: u32,
+        computed: u32,
+    },
+    #[error("device {path} has on-disk format version {version}; this storaged reads version {FORMAT_VERSION}")]
+    UnknownVersion { path: PathBuf, version: u32 },
+    #[error("device {path} belongs to pool {found}, but the other devices belong to pool {expected}")]
+    WrongPool {
+        path: PathBuf,
+        expected: String,
+        found: String,
+    },
+    #[error("device {path} is device {found} of its pool but was given as device {expected}; pass devices in their original order")]
+    WrongIndex {
+        path: PathBuf,
+        expected: u32,
+        found: u32,
+    },
+    #[error("device {path}: pool has {found} devices but {given} were given")]
+    WrongCount { path: PathBuf, found: u32, given: u32 },
+    #[error("device {path} has a different pool geometry than device 0 ({detail})")]
+    GeometryMismatch { path: PathBuf, detail: String },
+    #[error(
+        "device {path} is blank, but the other devices belong to pool {pool}; a stripe pool cannot grow (pass --force to erase and re-create the pool)"
+    )]
+    BlankInPool { path: PathBuf, pool: String },
+    #[error("device {path} is {size} bytes; at least {min} are needed")]
+    TooSmall { path: PathBuf, size: u64, min: u64 },
+    #[error("{0}")]
+    Config(String),
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DeviceError + '_ {
+    move |source| DeviceError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// Decoded superblock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Superblock {
+    pub format_version: u32,
+    pub pool_id: [u8; 16],
+    pub device_index: u32,
+    pub device_count: u32,
+    pub stripe_unit_bytes: u64,
+    pub data_offset_bytes: u64,
+    pub device_data_bytes: u64,
+    pub device_size_bytes: u64,
+    pub created_unix_ms: u64,
+    pub checksum_block_bytes: u32,
+    pub block_bytes: u32,
+}
+
+/// What the first 4 KiB of a device hold.
+#[derive(Debug)]
+pub enum Probe {
+    Blank,
+    Ours(Superblock),
+    Foreign,
+}
+
+impl Superblock {
+    pub fn encode(&self, out: &mut [u8]) {
+        assert_eq!(out.len(), SUPERBLOCK_BYTES);
+        out.fill(0);
+        out[0..8].copy_from_slice(&SUPERBLOCK_MAGIC);
+        out[8..12].copy_from_slice(&self.format_version.to_le_bytes());
+        out[12..16].copy_from_slice(&(SUPERBLOCK_BYTES as u32).to_le_bytes());
+        out[16..32].copy_from_slice(&self.pool_id);
+        out[32..36].copy_from_slice(&self.device_index.to_le_bytes());
+        out[36..40].copy_from_slice(&self.device_count.to_le_bytes());
+        out[40..48].copy_from_slice(&self.stripe_unit_bytes.to_le_bytes());
+        out[48..56].copy_from_slice(&self.data_offset_bytes.to_le_bytes());
+        out[56..64].copy_from_slice(&self.device_data_bytes.to_le_bytes());
+        out[64..72].copy_from_slice(&self.device_size_bytes.to_le_bytes());
+        out[72..80].copy_from_slice(&self.created_unix_ms.to_le_bytes());
+        out[80..84].copy_from_slice(&self.checksum_block_bytes.to_le_bytes());
+        out[84..88].copy_from_slice(&self.block_bytes.to_le_bytes());
+        let crc = crc32fast::hash(&out[..SUPERBLOCK_BYTES - 4]);
+        out[SUPERBLOCK_BYTES - 4..].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Classifies a device's first 4 KiB.
+    pub fn probe(block: &[u8], path: &Path) -> Result<Probe, DeviceError> {
+        assert_eq!(block.len(), SUPERBLOCK_BYTES);
+        if block.iter().all(|b| *b == 0) {
+            return Ok(Probe::Blank);
+        }
+        if block[0..8] != SUPERBLOCK_MAGIC {
+            return Ok(Probe::Foreign);
+        }
+        let u32_at = |o: usize| u32::from_le_bytes(block[o..o + 4].try_into().expect("4 bytes"));
+        let u64_at = |o: usize| u64::from_le_bytes(block[o..o + 8].try_into().expect("8 bytes"));
+        let stored = u32_at(SUPERBLOCK_BYTES - 4);
+        let computed = crc32fast::hash(&block[..SUPERBLOCK_BYTES - 4]);
+        if stored != computed {
+            return Err(DeviceError::BadChecksum {
+                path: path.to_owned(),
+                stored,
+                computed,
+            });
+        }
+        let version = u32_at(8);
+        if version != FORMAT_VERSION {
+            return Err(DeviceError::UnknownVersion {
+                path: path.to_owned(),
+                version,
+            });
+        }
+        Ok(Probe::Ours(Superblock {
+            format_version: version,
+            pool_id: block[16..32].try_into().expect("16 bytes"),
+            device_index: u32_at(32),
+            device_count: u32_at(36),
+            stripe_unit_bytes: u64_at(40),
+            data_offset_bytes: u64_at(48),
+            device_data_bytes: u64_at(56),
+            device_size_bytes: u64_at(64),
+            created_unix_ms: u64_at(72),
+            checksum_block_bytes: u32_at(80),
+            block_bytes: u32_at(84),
+        }))
+    }
+
+    pub fn layout(&self) -> StripeLayout {
+        StripeLayout {
+            device_count: self.device_count,
+            stripe_unit_bytes: self.stripe_unit_bytes,
+            data_offset_bytes: self.data_offset_bytes,
+            device_data_bytes: self.device_data_bytes,
+        }
+    }
+}
+
+/// Pool id as 32 hex digits.
+pub fn pool_id_hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// What to open and how.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub devices: Vec<PathBuf>,
+    /// Size of device files created because they were missing.
+    pub create_size_bytes: Option<u64>,
+    /// Stripe unit for a newly formatted pool.
+    pub stripe_unit_bytes: u64,
+    /// Erase devices that hold unrecognized data or another pool.
+    pub force: bool,
+}
+
+/// An assembled pool: open O_DIRECT files in device-index order.
+#[derive(Debug)]
+pub struct OpenedPool {
+    pub files: Vec<File>,
+    pub paths: Vec<PathBuf>,
+    pub superblocks: Vec<Superblock>,
+    pub layout: StripeLayout,
+    pub pool_id: [u8; 16],
+    /// True when this start formatted the devices.
+    pub formatted: bool,
+}
+
+fn open_device(path: &Path, create_size: Option<u64>) -> Result<(File, u64), DeviceError> {
+    let meta = match std::fs::metadata(path) {
+        Ok(m) => Some(m),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(io_err(path)(e)),
+    };
+    if let Some(m) = &meta {
+        let ft = m.file_type();
+        if !ft.is_file() && !ft.is_block_device() {
+            return Err(DeviceError::NotADevice {
+                path: path.to_owned(),
+            });
+        }
+    }
+    let create = meta.is_none();
+    if create && create_size.is_none() {
+        return Err(DeviceError::Missing {
+            path: path.to_owned(),
+        });
+    }
+    if create {
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io_err(path))?;
+        }
+    }
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(create)
+        .truncate(false)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|source| {
+            if source.raw_os_error() == Some(libc::EINVAL) {
+                DeviceError::NoDirectIo {
+                    path: path.to_owned(),
+                    source,
+                }
+            } else {
+                io_err(path)(source)
+            }
+        })?;
+    if create {
+        // A sparse file: only blocks actually written take space.
+        file.set_len(create_size.expect("checked above"))
+            .map_err(io_err(path))?;
+    }
+    let size = file.seek(SeekFrom::End(0)).map_err(io_err(path))?;
+    Ok((file, size))
+}
+
+fn aligned_block() -> io::Result<MmapMut> {
+    MmapMut::map_anon(SUPERBLOCK_BYTES)
+}
+
+fn read_superblock(file: &File, path: &Path) -> Result<Probe, DeviceError> {
+    let mut block = aligned_block().map_err(io_err(path))?;
+    let n = file.read_at(&mut block[..], 0).map_err(io_err(path))?;
+    if n < SUPERBLOCK_BYTES {
+        return Err(DeviceError::TooSmall {
+            path: path.to_owned(),
+            size: n as u64,
+            min: DATA_OFFSET_BYTES,
+        });
+    }
+    Superblock::probe(&block[..], path)
+}
+
+fn write_superblock(file: &File, path: &Path, sb: &Superblock) -> Result<(), DeviceError> {
+    let mut block = aligned_block().map_err(io_err(path))?;
+    sb.encode(&mut block[..]);
+    file.write_all_at(&block[..], 0).map_err(io_err(path))?;
+    file.sync_data().map_err(io_err(path))
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Opens (creating missing files) and validates or formats the devices.
+pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
+    if spec.devices.is_empty() {
+        return Err(DeviceError::Config("no devices given".into()));
+    }
+    if spec.devices.len() > 256 {
+        return Err(DeviceError::Config(format!(
+            "{} devices given; at most 256 are supported",
+            spec.devices.len()
+        )));
+    }
+    let unit = spec.stripe_unit_bytes;
+    if unit < 64 * 1024 || unit > 16 << 20 || !unit.is_power_of_two() {
+        return Err(DeviceError::Config(format!(
+            "stripe unit {unit} must be a power of two from 64 KiB to 16 MiB"
+        )));
+    }
+    let mut opened = Vec::with_capacity(spec.devices.len());
+    for path in &spec.devices {
+        if opened.iter().any(|(p, _, _, _): &(PathBuf, File, u64, Probe)| p == path) {
+            return Err(DeviceError::Config(format!(
+                "device {} is given twice",
+                path.display()
+            )));
+        }
+        let (file, size) = open_device(path, spec.create_size_bytes)?;
+        let probe = read_superblock(&file, path)?;
+        opened.push((path.clone(), file, size, probe));
+    }
+
+    let first_ours = opened.iter().find_map(|(_, _, _, p)| match p {
+        Probe::Ours(sb) => Some(sb.clone()),
+        _ => None,
+    });
+    let needs_format = match (&first_ours, spec.force) {
+        (_, true) => {
+            let erase_existing = opened
+                .iter()
+                .any(|(_, _, _, p)| !matches!(p, Probe::Blank));
+            if erase_existing {
+                tracing::warn!("--force: erasing every device and creating a new pool");
+            }
+            true
+        }
+        (None, false) => {
+            if let Some((path, ..)) = opened
+                .iter()
+                .find(|(_, _, _, p)| matches!(p, Probe::Foreign))
+            {
+                return Err(DeviceError::Foreign { path: path.clone() });
+            }
+            true
+        }
+        (Some(reference), false) => {
+            let given = opened.len() as u32;
+            for (path, _, _, probe) in &opened {
+                match probe {
+                    Probe::Foreign => return Err(DeviceError::Foreign { path: path.clone() }),
+                    Probe::Blank => {
+                        return Err(DeviceError::BlankInPool {
+                            path: path.clone(),
+                            pool: pool_id_hex(&reference.pool_id),
+                        });
+                    }
+                    Probe::Ours(_) => {}
+                }
+            }
+            for (i, (path, _, _, probe)) in opened.iter().enumerate() {
+                let Probe::Ours(sb) = probe else {
+                    unreachable!("checked above")
+                };
+                if sb.pool_id != reference.pool_id {
+                    return Err(DeviceError::WrongPool {
+                        path: path.clone(),
+                        expected: pool_id_hex(&reference.pool_id),
+                        found: pool_id_hex(&sb.pool_id),
+                    });
+                }
+                if sb.device_count != given {
+                    return Err(DeviceError::WrongCount {
+                        path: path.clone(),
+                        found: sb.device_count,
+                        given,
+                    });
+                }
+                if sb.device_index != i as u32 {
+                    return Err(DeviceError::WrongIndex {
+                        path: path.clone(),
+                        expected: i as u32,
+                        found: sb.device_index,
+                    });
+                }
+                if sb.layout() != reference.layout()
+                    || sb.checksum_block_bytes != reference.checksum_block_bytes
+                {
+                    return Err(DeviceError::GeometryMismatch {
+                        path: path.clone(),
+                        detail: format!("{:?} vs {:?}", sb.layout(), reference.layout()),
+                    });
+                }
+            }
+            false
+        }
+    };
+
+    let (superblocks, formatted) = if needs_format {
+        let min_size = opened.iter().map(|(_, _, s, _)| *s).min().expect("non-empty");
+        let need = DATA_OFFSET_BYTES + unit;
+        if let Some((path, _, size, _)) = opened.iter().find(|(_, _, s, _)| *s < need) {
+            return Err(DeviceError::TooSmall {
+                path: path.clone(),
+                size: *size,
+                min: need,
+            });
+        }
+        let device_data_bytes = (min_size - DATA_OFFSET_BYTES) / unit * unit;
+        let mut pool_id = [0u8; 16];
+        getrandom::fill(&mut pool_id)
+            .map_err(|e| DeviceError::Config(format!("no randomness for a pool id: {e}")))?;
+        let created = now_unix_ms();
+        let mut sbs = Vec::with_capacity(opened.len());
+        for (i, (path, file, size, _)) in opened.iter().enumerate() {
+            let sb = Superblock {
+                format_version: FORMAT_VERSION,
+                pool_id,
+                device_index: i as u32,
+                device_count: opened.len() as u32,
+                stripe_unit_bytes: unit,
+                data_offset_bytes: DATA_OFFSET_BYTES,
+                device_data_bytes,
+                device_size_bytes: *size,
+                created_unix_ms: created,
+                checksum_block_bytes: CHECKSUM_BLOCK_BYTES,
+                block_bytes: 4096,
+            };
+            write_superblock(file, path, &sb)?;
+            sbs.push(sb);
+        }
+        tracing::info!(
+            pool = %pool_id_hex(&pool_id),
+            devices = opened.len(),
+            stripe_unit_bytes = unit,
+            "formatted a new pool"
+        );
+        (sbs, true)
+    } else {
+        let sbs = opened
+            .iter()
+            .map(|(_, _, _, p)| match p {
+                Probe::Ours(sb) => sb.clone(),
+                _ => unreachable!("validated above"),
+            })
+            .collect::<Vec<_>>();
+        (sbs, false)
+    };
+    // A device that shrank since it was formatted would lose data.
+    for ((path, _, size, _), sb) in opened.iter().zip(&superblocks) {
+        if *size < sb.data_offset_bytes + sb.device_data_bytes {
+            return Err(DeviceError::TooSmall {
+                path: path.clone(),
+                size: *size,
+                min: sb.data_offset_bytes + sb.device_data_bytes,
+            });
+        }
+    }
+    let layout = superblocks[0].layout();
+    let pool_id = superblocks[0].pool_id;
+    let (paths, files) = opened.into_iter().map(|(p, f, _, _)| (p, f)).unzip();
+    Ok(OpenedPool {
+        files,
+        paths,
+        superblocks,
+        layout,
+        pool_id,
+        formatted,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(dir: &Path, n: usize) -> PoolSpec {
+        PoolSpec {
+            devices: (0..n).map(|i| dir.join(format!("dev{i}.img"))).collect(),
+            create_size_bytes: Some(8 << 20),
+            stripe_unit_bytes: 1 << 20,
+            force: false,
+        }
+    }
+
+    #[test]
+    fn superblock_round_trip_and_checksum() {
+        let sb = Superblock {
+            format_version: 1,
+            pool_id: [7; 16],
+            device_index: 2,
+            device_count: 4,
+            stripe_unit_bytes: 1 << 20,
+            data_offset_bytes: DATA_OFFSET_BYTES,
+            device_data_bytes: 7 << 20,
+            device_size_bytes: 8 << 20,
+            created_unix_ms: 42,
+            checksum_block_bytes: CHECKSUM_BLOCK_BYTES,
+            block_bytes: 4096,
+        };
+        let mut buf = vec![0u8; SUPERBLOCK_BYTES];
+        sb.encode(&mut buf);
+        match Superblock::probe(&buf, Path::new("x")).unwrap() {
+            Probe::Ours(back) => assert_eq!(back, sb),
+            other => panic!("{other:?}"),
+        }
+        buf[40] ^= 1;
+        assert!(matches!(
+            Superblock::probe(&buf, Path::new("x")),
+            Err(DeviceError::BadChecksum { .. })
+        ));
+    }
+
+    #[test]
+    fn formats_then_reopens() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = open_pool(&spec(dir.path(), 3)).unwrap();
+        assert!(p.formatted);
+        assert_eq!(p.layout.device_count, 3);
+        assert_eq!(p.layout.device_data_bytes, 7 << 20);
+        let id = p.pool_id;
+        drop(p);
+        let p = open_pool(&spec(dir.path(), 3)).unwrap();
+        assert!(!p.formatted);
+        assert_eq!(p.pool_id, id);
+    }
+
+    // Guards against silently re-formatting a device that holds someone
+    // else's data.
+    #[test]
+    fn refuses_foreign_data_without_force() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(dir.path(), 2);
+        std::fs::write(&s.devices[1], vec![0xabu8; 2 << 20]).unwrap();
+        let err = open_pool(&s).unwrap_err();
+        assert!(matches!(err, DeviceError::Foreign { .. }), "{err}");
+        assert!(err.to_string().contains("dev1.img"));
+        let forced = PoolSpec { force: true, ..s };
+        assert!(open_pool(&forced).unwrap().formatted);
+    }
+
+    #[test]
+    fn refuses_wrong_order_other_pool_and_blank() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(dir.path(), 2);
+        open_pool(&s).unwrap();
+        let swapped = PoolSpec {
+            devices: vec![s.devices[1].clone(), s.devices[0].clone()],
+            ..s.clone()
+        };
+        assert!(matches!(
+            open_pool(&swapped).unwrap_err(),
+            DeviceError::WrongIndex { expected: 0, found: 1, .. }
+        ));
+        let other_dir = tempfile::tempdir().unwrap();
+        let other = spec(other_dir.path(), 2);
+        open_pool(&other).unwrap();
+        let mixed = PoolSpec {
+            devices: vec![s.devices[0].clone(), other.devices[1].clone()],
+            ..s.clone()
+        };
+        assert!(matches!(
+            open_pool(&mixed).unwrap_err(),
+            DeviceError::WrongPool { .. }
+        ));
+        let grown = PoolSpec {
+            devices: vec![
+                s.devices[0].clone(),
+                s.devices[1].clone(),
+                dir.path().join("new.img"),
+            ],
+            ..s.clone()
+        };
+        assert!(matches!(
+            open_pool(&grown).unwrap_err(),
+            DeviceError::BlankInPool { .. }
+        ));
+        let short = PoolSpec {
+            devices: vec![s.devices[0].clone()],
+            ..s.clone()
+        };
+        assert!(matches!(
+            open_pool(&short).unwrap_err(),
+            DeviceError::WrongCount { .. }
+        ));
+    }
+
+    #[test]
+    fn rejects_bad_geometry_and_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = spec(dir.path(), 1);
+        s.stripe_unit_bytes = 3 << 20;
+        assert!(matches!(open_pool(&s).unwrap_err(), DeviceError::Config(_)));
+        let mut s = spec(dir.path(), 1);
+        s.create_size_bytes = None;
+        assert!(matches!(open_pool(&s).unwrap_err(), DeviceError::Missing { .. }));
+        let mut s = spec(dir.path(), 1);
+        s.create_size_bytes = Some(1 << 20);
+        assert!(matches!(open_pool(&s).unwrap_err(), DeviceError::TooSmall { .. }));
+    }
+}
