@@ -1,1 +1,318 @@
-//! config
+//! Configuration of `storaged serve`: defaults, the TOML file, and flags.
+//!
+//! Precedence is flags over the file over defaults. Every limit the daemon
+//! enforces is here with its default, so `storaged serve --help` and the
+//! README list them in one place.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::engine::EngineKind;
+use crate::size::parse_size;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7400";
+pub const DEFAULT_DATA_DIR: &str = "./storaged-data";
+pub const DEFAULT_DEVICE_COUNT: usize = 4;
+pub const DEFAULT_DEVICE_SIZE: &str = "4GiB";
+pub const DEFAULT_STRIPE_UNIT: &str = "1MiB";
+
+/// The TOML file. Every field is optional; sizes are strings like "4GiB".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub devices: Option<Vec<PathBuf>>,
+    pub device_size: Option<String>,
+    pub stripe_unit: Option<String>,
+    pub force: Option<bool>,
+    pub engine: Option<EngineKind>,
+    pub queue_depth: Option<u32>,
+    pub buffer_pool: Option<String>,
+    pub message_size: Option<String>,
+    pub read_ahead: Option<String>,
+    pub max_concurrent_streams: Option<u32>,
+    pub worker_threads: Option<usize>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    }
+}
+
+/// Limits of the store layer.
+#[derive(Debug, Clone)]
+pub struct StoreLimits {
+    /// Largest `data` payload per Read/ReadBatch message; a multiple of the
+    /// checksum block.
+    pub message_bytes: u64,
+    /// Bytes read ahead of the consumer for one Read stream.
+    pub read_ahead_bytes: u64,
+    /// Items (windows) in flight for one ReadBatch, when the client does not
+    /// ask for fewer.
+    pub batch_in_flight_default: u32,
+    pub batch_in_flight_max: u32,
+    pub batch_items_max: usize,
+    /// Device writes in flight per ingest.
+    pub ingest_write_depth: usize,
+    pub ingest_objects_max: usize,
+    pub ingests_concurrent_max: usize,
+    pub list_page_size_default: u32,
+    pub list_page_size_max: u32,
+}
+
+impl Default for StoreLimits {
+    fn default() -> Self {
+        Self {
+            message_bytes: 1 << 20,
+            read_ahead_bytes: 16 << 20,
+            batch_in_flight_default: 64,
+            batch_in_flight_max: 512,
+            batch_items_max: 100_000,
+            ingest_write_depth: 16,
+            ingest_objects_max: 10_000_000,
+            ingests_concurrent_max: 16,
+            list_page_size_default: 1000,
+            list_page_size_max: 10_000,
+        }
+    }
+}
+
+/// Everything the store needs to open.
+#[derive(Debug, Clone)]
+pub struct StoreConfig {
+    pub data_dir: PathBuf,
+    pub devices: Vec<PathBuf>,
+    pub device_size_bytes: u64,
+    pub stripe_unit_bytes: u64,
+    pub force: bool,
+    pub engine: EngineKind,
+    pub queue_depth_per_device_max: u32,
+    pub buffer_pool_bytes: u64,
+    pub limits: StoreLimits,
+}
+
+impl StoreConfig {
+    /// Defaults rooted at `data_dir`: four sparse 4 GiB device files.
+    pub fn with_defaults(data_dir: PathBuf) -> Self {
+        let devices = (0..DEFAULT_DEVICE_COUNT)
+            .map(|i| data_dir.join(format!("dev{i}.img")))
+            .collect();
+        Self {
+            data_dir,
+            devices,
+            device_size_bytes: parse_size(DEFAULT_DEVICE_SIZE).expect("valid default"),
+            stripe_unit_bytes: parse_size(DEFAULT_STRIPE_UNIT).expect("valid default"),
+            force: false,
+            engine: EngineKind::Auto,
+            queue_depth_per_device_max: 32,
+            buffer_pool_bytes: 128 << 20,
+            limits: StoreLimits::default(),
+        }
+    }
+}
+
+/// HTTP/2 and gRPC limits, all set explicitly (tonic leaves some unlimited).
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    pub max_concurrent_streams: u32,
+    pub max_local_error_reset_streams: usize,
+    pub max_decoding_message_bytes: usize,
+    pub max_encoding_message_bytes: usize,
+    pub max_frame_bytes: u32,
+    pub initial_stream_window_bytes: u32,
+    pub initial_connection_window_bytes: u32,
+    pub keepalive_interval_s: u64,
+    pub keepalive_timeout_s: u64,
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_concurrent_streams: 256,
+            max_local_error_reset_streams: 1024,
+            max_decoding_message_bytes: 8 << 20,
+            max_encoding_message_bytes: 8 << 20,
+            max_frame_bytes: (1 << 24) - 1,
+            initial_stream_window_bytes: 32 << 20,
+            initial_connection_window_bytes: 64 << 20,
+            keepalive_interval_s: 30,
+            keepalive_timeout_s: 20,
+            shutdown_grace_s: 10,
+        }
+    }
+}
+
+/// The resolved configuration of `storaged serve`.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub store: StoreConfig,
+    pub server: ServerLimits,
+    pub worker_threads: usize,
+}
+
+/// Flag values; `None` means "not given".
+#[derive(Debug, Default, Clone)]
+pub struct ServeFlags {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub devices: Vec<PathBuf>,
+    pub device_size: Option<String>,
+    pub stripe_unit: Option<String>,
+    pub force: bool,
+    pub engine: Option<EngineKind>,
+    pub config: Option<PathBuf>,
+    pub worker_threads: Option<usize>,
+}
+
+fn size_field(name: &str, v: &str) -> Result<u64, String> {
+    parse_size(v).map_err(|e| format!("{name}: {e}"))
+}
+
+impl ServeConfig {
+    /// Resolves flags over the optional TOML file over defaults.
+    pub fn resolve(flags: ServeFlags) -> Result<Self, String> {
+        let file = match &flags.config {
+            Some(p) => FileConfig::load(p)?,
+            None => FileConfig::default(),
+        };
+        let data_dir = flags
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let mut store = StoreConfig::with_defaults(data_dir);
+        let devices = if !flags.devices.is_empty() {
+            Some(flags.devices)
+        } else {
+            file.devices
+        };
+        if let Some(d) = devices {
+            if d.is_empty() {
+                return Err("devices: at least one device is needed".into());
+            }
+            store.devices = d;
+        }
+        if let Some(s) = flags.device_size.or(file.device_size) {
+            store.device_size_bytes = size_field("device size", &s)?;
+        }
+        if let Some(s) = flags.stripe_unit.or(file.stripe_unit) {
+            store.stripe_unit_bytes = size_field("stripe unit", &s)?;
+        }
+        store.force = flags.force || file.force.unwrap_or(false);
+        if let Some(e) = flags.engine.or(file.engine) {
+            store.engine = e;
+        }
+        if let Some(q) = file.queue_depth {
+            if !(1..=1024).contains(&q) {
+                return Err(format!("queue_depth {q} must be 1 to 1024"));
+            }
+            store.queue_depth_per_device_max = q;
+        }
+        if let Some(s) = file.buffer_pool {
+            store.buffer_pool_bytes = size_field("buffer_pool", &s)?;
+        }
+        if let Some(s) = file.message_size {
+            store.limits.message_bytes = size_field("message_size", &s)?;
+        }
+        if let Some(s) = file.read_ahead {
+            store.limits.read_ahead_bytes = size_field("read_ahead", &s)?;
+        }
+        let mut server = ServerLimits::default();
+        if let Some(m) = file.max_concurrent_streams {
+            server.max_concurrent_streams = m;
+        }
+        let listen_s = flags
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
+        let listen = listen_s
+            .parse()
+            .map_err(|e| format!("listen address {listen_s:?}: {e}"))?;
+        let worker_threads = flags.worker_threads.or(file.worker_threads).unwrap_or(2);
+        let cfg = Self {
+            listen,
+            store,
+            server,
+            worker_threads,
+        };
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        let s = &self.store;
+        let block = u64::from(crate::device::CHECKSUM_BLOCK_BYTES);
+        let m = s.limits.message_bytes;
+        if m < block || m % block != 0 || m > 4 << 20 {
+            return Err(format!(
+                "message_size {m} must be a multiple of {block} bytes and at most 4 MiB"
+            ));
+        }
+        if s.limits.read_ahead_bytes < m {
+            return Err("read_ahead must be at least message_size".into());
+        }
+        if s.buffer_pool_bytes < 16 << 20 {
+            return Err("buffer_pool must be at least 16 MiB".into());
+        }
+        if self.worker_threads == 0 || self.worker_threads > 64 {
+            return Err("worker_threads must be 1 to 64".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = ServeConfig::resolve(ServeFlags::default()).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.store.devices.len(), 4);
+        assert_eq!(c.store.device_size_bytes, 4 << 30);
+        assert!(c.store.devices[0].starts_with(DEFAULT_DATA_DIR));
+    }
+
+    #[test]
+    fn flags_override_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(
+            &p,
+            "listen = \"127.0.0.1:9000\"\ndevice_size = \"640MiB\"\nstripe_unit = \"256KiB\"\ndevices = [\"/tmp/a\", \"/tmp/b\"]\n",
+        )
+        .unwrap();
+        let c = ServeConfig::resolve(ServeFlags {
+            config: Some(p.clone()),
+            listen: Some("127.0.0.1:9001".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.listen.port(), 9001);
+        assert_eq!(c.store.device_size_bytes, 640 << 20);
+        assert_eq!(c.store.stripe_unit_bytes, 256 << 10);
+        assert_eq!(c.store.devices.len(), 2);
+        std::fs::write(&p, "lisen = \"x\"\n").unwrap();
+        let err = ServeConfig::resolve(ServeFlags {
+            config: Some(p),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("lisen"), "{err}");
+        assert!(
+            ServeConfig::resolve(ServeFlags {
+                device_size: Some("12XB".into()),
+                ..Default::default()
+            })
+            .is_err()
+        );
+    }
+}

@@ -1,1 +1,130 @@
-//! error
+//! Errors of the store layer and the one gRPC status each maps to.
+
+use storaged_proto::NameError;
+use tonic::{Code, Status};
+
+use crate::catalog::CatalogError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("ingest protocol violation: {0}")]
+    Protocol(String),
+    #[error("dataset {0:?} not found")]
+    DatasetNotFound(String),
+    #[error("object {path:?} not found in dataset {dataset:?}")]
+    ObjectNotFound { dataset: String, path: String },
+    #[error("dataset {0:?} already exists")]
+    DatasetExists(String),
+    #[error("dataset {0:?} is being ingested right now")]
+    IngestInProgress(String),
+    #[error("object {path:?} appears twice in the ingest of {dataset:?}")]
+    DuplicateObject { dataset: String, path: String },
+    #[error("range at offset {offset} is past the end of {path:?} ({size} bytes)")]
+    OutOfRange { path: String, offset: u64, size: u64 },
+    #[error(
+        "pool is full: the ingest needs {needed} contiguous bytes but the largest free extent is {largest_free} bytes ({free} bytes free in all)"
+    )]
+    NoSpace { needed: u64, free: u64, largest_free: u64 },
+    #[error("device {device} is full (writing at offset {offset}): {source}")]
+    DeviceFull {
+        device: u32,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("limit exceeded: {0}")]
+    Limit(String),
+    #[error(
+        "checksum mismatch in dataset {dataset:?} object {path:?} at object offset {object_offset} (device {device} offset {device_offset}): stored {expected:#010x}, read {actual:#010x}"
+    )]
+    Checksum {
+        dataset: String,
+        path: String,
+        object_offset: u64,
+        device: u32,
+        device_offset: u64,
+        expected: u32,
+        actual: u32,
+    },
+    #[error("I/O error on device {device} at offset {offset}: {source}")]
+    Io {
+        device: u32,
+        offset: u64,
+        source: std::io::Error,
+    },
+    #[error("fdatasync of device {device} failed: {source}")]
+    Sync { device: u32, source: std::io::Error },
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error("storaged is shutting down")]
+    ShuttingDown,
+}
+
+impl StoreError {
+    pub fn code(&self) -> Code {
+        match self {
+            StoreError::InvalidName(_)
+            | StoreError::InvalidArgument(_)
+            | StoreError::Protocol(_) => Code::InvalidArgument,
+            StoreError::DatasetNotFound(_) | StoreError::ObjectNotFound { .. } => Code::NotFound,
+            StoreError::DatasetExists(_)
+            | StoreError::IngestInProgress(_)
+            | StoreError::DuplicateObject { .. } => Code::AlreadyExists,
+            StoreError::OutOfRange { .. } => Code::OutOfRange,
+            StoreError::NoSpace { .. } | StoreError::DeviceFull { .. } | StoreError::Limit(_) => {
+                Code::ResourceExhausted
+            }
+            StoreError::Checksum { .. } => Code::DataLoss,
+            StoreError::Io { .. } | StoreError::ShuttingDown => Code::Unavailable,
+            StoreError::Sync { .. } => Code::Internal,
+            StoreError::Catalog(CatalogError::DatasetExists(_)) => Code::AlreadyExists,
+            StoreError::Catalog(_) => Code::Internal,
+        }
+    }
+
+    /// Maps an engine error, turning ENOSPC into "device full".
+    pub fn from_io(device: u32, offset: u64, source: std::io::Error) -> Self {
+        if source.raw_os_error() == Some(libc::ENOSPC) {
+            StoreError::DeviceFull {
+                device,
+                offset,
+                source,
+            }
+        } else {
+            StoreError::Io {
+                device,
+                offset,
+                source,
+            }
+        }
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        assert_eq!(
+            StoreError::from_io(1, 0, std::io::Error::from_raw_os_error(libc::ENOSPC)).code(),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            StoreError::from_io(1, 0, std::io::Error::from_raw_os_error(libc::EIO)).code(),
+            Code::Unavailable
+        );
+        let s: Status = StoreError::DatasetNotFound("x".into()).into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().contains("\"x\""));
+    }
+}

@@ -1,1 +1,1209 @@
-//! store
+//! The store: ingest sessions that stripe objects onto the devices, and
+//! verified reads of any byte range.
+//!
+//! **Ingest.** A session reserves logical space in large runs and carves each
+//! object from it at 4 KiB alignment, so small objects pack densely and a
+//! large one is one contiguous extent that stripes over every device. Bytes
+//! are copied once, into an aligned pool buffer that covers up to the next
+//! stripe-unit boundary; a full buffer is exactly one device write, and up to
+//! `ingest_write_depth` writes are in flight. CRC-32s are computed per
+//! 32 KiB checksum block as bytes arrive. Commit waits for every write,
+//! fdatasyncs every device, and only then commits the catalog transaction
+//! that makes the dataset visible. A session dropped for any other reason
+//! (client gone, error) gives its space back once its in-flight writes have
+//! completed, so a later ingest can never be overwritten by a stale write.
+//!
+//! **Read.** A range is widened to whole checksum blocks and cut into
+//! windows of at most `message_bytes`. Each window becomes one device read
+//! per stripe unit it touches, issued together; every block is verified
+//! before any byte of it leaves, and the verified buffers are handed to tonic
+//! as `Bytes` without a copy. Windows are pipelined (`read_ahead_bytes` per
+//! stream), which keeps all devices busy on a sequential read.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{Stream, TryFutureExt};
+use storaged_proto::model::{RangeSpec, StorageClass};
+use storaged_proto::{DatasetName, ObjectPath};
+
+use crate::alloc::{BLOCK_BYTES, Extent, ExtentAllocator, coalesce};
+use crate::buf::{BufLease, BufferPool, ClassSpec};
+use crate::catalog::{Catalog, DatasetRecord, ObjectRecord, ObjectSummary};
+use crate::config::{StoreConfig, StoreLimits};
+use crate::device::{CHECKSUM_BLOCK_BYTES, OpenedPool, PoolSpec, open_pool, pool_id_hex};
+use crate::engine::{self, EngineLimits, IoBackend};
+use crate::error::StoreError;
+use crate::layout::{Segment, StripeLayout};
+
+/// Logical space an ingest takes from the allocator at a time.
+const RESERVATION_BYTES: u64 = 64 << 20;
+
+/// A committed dataset as readers see it. When deleted, its space returns
+/// to the allocator only once the last reader has dropped its handle.
+pub struct DatasetHandle {
+    pub name: String,
+    pub record: DatasetRecord,
+    alloc: Arc<Mutex<ExtentAllocator>>,
+    deleted: AtomicBool,
+}
+
+impl std::fmt::Debug for DatasetHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DatasetHandle").field("name", &self.name).finish()
+    }
+}
+
+impl Drop for DatasetHandle {
+    fn drop(&mut self) {
+        if self.deleted.load(Ordering::SeqCst) {
+            let mut a = self.alloc.lock().expect("allocator poisoned");
+            for e in &self.record.extents {
+                if let Err(err) = a.release(*e) {
+                    tracing::error!(dataset = %self.name, error = %err, "releasing deleted dataset space");
+                }
+            }
+        }
+    }
+}
+
+/// An object resolved for reading.
+#[derive(Debug)]
+pub struct ObjectRef {
+    pub dataset: Arc<DatasetHandle>,
+    pub path: String,
+    pub record: ObjectRecord,
+}
+
+/// Per-device capacity as `status` reports it.
+#[derive(Debug, Clone)]
+pub struct DeviceUsage {
+    pub index: u32,
+    pub path: PathBuf,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+}
+
+/// Snapshot for the Status RPC.
+#[derive(Debug, Clone)]
+pub struct StoreStatus {
+    pub pool_id: String,
+    pub engine: &'static str,
+    pub stripe_unit_bytes: u64,
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub devices: Vec<DeviceUsage>,
+    pub datasets: Vec<Arc<DatasetHandle>>,
+    pub ingests_in_progress: usize,
+}
+
+/// One piece of a read: object offset and verified bytes.
+pub type Chunk = (u64, Bytes);
+
+/// The store; see the module docs.
+pub struct Store {
+    engine: Arc<dyn IoBackend>,
+    pool: Arc<BufferPool>,
+    layout: StripeLayout,
+    catalog: Catalog,
+    alloc: Arc<Mutex<ExtentAllocator>>,
+    datasets: RwLock<BTreeMap<String, Arc<DatasetHandle>>>,
+    ingesting: Mutex<HashSet<String>>,
+    device_paths: Vec<PathBuf>,
+    pool_id: [u8; 16],
+    limits: StoreLimits,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").field("layout", &self.layout).finish()
+    }
+}
+
+/// Buffer classes for a pool of `total` bytes: a quarter in 64 KiB buffers
+/// (4 KiB to 64 KiB sample reads), a quarter in 256 KiB, half in
+/// stripe-unit buffers (streaming and ingest).
+fn buffer_classes(total: u64, stripe_unit: u64) -> Vec<ClassSpec> {
+    let mut v = vec![
+        ClassSpec {
+            buf_bytes: 64 << 10,
+            count: (total / 4 / (64 << 10)).max(1) as usize,
+        },
+        ClassSpec {
+            buf_bytes: stripe_unit as usize,
+            count: (total / 2 / stripe_unit).max(8) as usize,
+        },
+    ];
+    if stripe_unit > 256 << 10 {
+        v.push(ClassSpec {
+            buf_bytes: 256 << 10,
+            count: (total / 4 / (256 << 10)).max(1) as usize,
+        });
+    }
+    v
+}
+
+impl Store {
+    /// Opens the devices, the engine and the catalog, and rebuilds the
+    /// allocator from committed datasets.
+    pub fn open(cfg: &StoreConfig) -> anyhow::Result<Arc<Self>> {
+        Self::open_with(cfg, |e| e)
+    }
+
+    /// As [`open`](Self::open), with a hook to wrap the engine (tests inject
+    /// faults this way).
+    pub fn open_with(
+        cfg: &StoreConfig,
+        wrap: impl FnOnce(Arc<dyn IoBackend>) -> Arc<dyn IoBackend>,
+    ) -> anyhow::Result<Arc<Self>> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
+            anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display())
+        })?;
+        let OpenedPool {
+            files,
+            paths,
+            layout,
+            pool_id,
+            formatted,
+            ..
+        } = open_pool(&PoolSpec {
+            devices: cfg.devices.clone(),
+            create_size_bytes: Some(cfg.device_size_bytes),
+            stripe_unit_bytes: cfg.stripe_unit_bytes,
+            force: cfg.force,
+        })?;
+        let catalog_path = cfg.data_dir.join("catalog.redb");
+        if formatted && catalog_path.exists() && !cfg.force {
+            // Blank devices next to a catalog: the catalog describes data that
+            // is gone. Keeping it would serve garbage; erasing it silently
+            // would hide the loss.
+            anyhow::bail!(
+                "the devices are blank but {} describes an existing pool; restore the devices or pass --force to start over",
+                catalog_path.display()
+            );
+        }
+        let catalog = Catalog::open(&catalog_path, pool_id, formatted)?;
+        let records = catalog.datasets()?;
+        let mut used = Vec::new();
+        for (_, r) in &records {
+            used.extend_from_slice(&r.extents);
+        }
+        let alloc = ExtentAllocator::new(layout.capacity_bytes(), &used)
+            .map_err(|e| anyhow::anyhow!("catalog {} is inconsistent: {e}", catalog_path.display()))?;
+        let alloc = Arc::new(Mutex::new(alloc));
+        let datasets = records
+            .into_iter()
+            .map(|(name, record)| {
+                let h = Arc::new(DatasetHandle {
+                    name: name.clone(),
+                    record,
+                    alloc: Arc::clone(&alloc),
+                    deleted: AtomicBool::new(false),
+                });
+                (name, h)
+            })
+            .collect();
+        let pool = BufferPool::new(buffer_classes(cfg.buffer_pool_bytes, layout.stripe_unit_bytes))?;
+        let engine = engine::build(
+            cfg.engine,
+            files,
+            Arc::clone(&pool),
+            EngineLimits {
+                queue_depth_per_device_max: cfg.queue_depth_per_device_max,
+                psync_threads: (layout.device_count * 2).clamp(2, 16),
+            },
+        )?;
+        let engine = wrap(engine);
+        tracing::info!(
+            pool = %pool_id_hex(&pool_id),
+            engine = engine.kind(),
+            devices = layout.device_count,
+            capacity_bytes = layout.capacity_bytes(),
+            "store open"
+        );
+        Ok(Arc::new(Self {
+            engine,
+            pool,
+            layout,
+            catalog,
+            alloc,
+            datasets: RwLock::new(datasets),
+            ingesting: Mutex::new(HashSet::new()),
+            device_paths: paths,
+            pool_id,
+            limits: cfg.limits.clone(),
+        }))
+    }
+
+    pub fn limits(&self) -> &StoreLimits {
+        &self.limits
+    }
+
+    pub fn layout(&self) -> StripeLayout {
+        self.layout
+    }
+
+    pub fn dataset(&self, name: &DatasetName) -> Result<Arc<DatasetHandle>, StoreError> {
+        self.datasets
+            .read()
+            .expect("dataset map poisoned")
+            .get(name.as_str())
+            .cloned()
+            .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))
+    }
+
+    pub fn list_datasets(&self) -> Vec<Arc<DatasetHandle>> {
+        self.datasets
+            .read()
+            .expect("dataset map poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// One page of a dataset's objects. The page token is the last path of
+    /// the previous page.
+    pub fn list_objects(
+        &self,
+        name: &DatasetName,
+        prefix: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<ObjectSummary>, Option<String>), StoreError> {
+        let ds = self.dataset(name)?;
+        let page_size = match page_size {
+            0 => self.limits.list_page_size_default,
+            n if n > self.limits.list_page_size_max => {
+                return Err(StoreError::InvalidArgument(format!(
+                    "page_size {n} exceeds the limit of {}",
+                    self.limits.list_page_size_max
+                )));
+            }
+            n => n,
+        };
+        let after = (!page_token.is_empty()).then_some(page_token);
+        let (objects, more) =
+            self.catalog
+                .list_objects(ds.record.id, prefix, after, page_size as usize)?;
+        let next = if more {
+            objects.last().map(|o| o.path.clone())
+        } else {
+            None
+        };
+        Ok((objects, next))
+    }
+
+    pub fn lookup(&self, name: &DatasetName, path: &ObjectPath) -> Result<ObjectRef, StoreError> {
+        let ds = self.dataset(name)?;
+        let record = self
+            .catalog
+            .get_object(ds.record.id, path.as_str())?
+            .ok_or_else(|| StoreError::ObjectNotFound {
+                dataset: name.to_string(),
+                path: path.to_string(),
+            })?;
+        Ok(ObjectRef {
+            dataset: ds,
+            path: path.to_string(),
+            record,
+        })
+    }
+
+    /// Device extents of an object's bytes, in object order.
+    pub fn object_extents(&self, obj: &ObjectRef) -> Vec<(u64, Segment)> {
+        let len = obj.record.size;
+        self.layout
+            .segments(obj.record.logical_offset, len)
+            .map(|s| (s.logical - obj.record.logical_offset, s))
+            .collect()
+    }
+
+    /// Validates a range of `obj` and returns `(start, len)`.
+    pub fn resolve_range(
+        obj: &ObjectRef,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<(u64, u64), StoreError> {
+        let size = obj.record.size;
+        if offset > size {
+            return Err(StoreError::OutOfRange {
+                path: obj.path.clone(),
+                offset,
+                size,
+            });
+        }
+        let len = match length {
+            None => size - offset,
+            Some(l) if l <= size - offset => l,
+            Some(l) => {
+                return Err(StoreError::OutOfRange {
+                    path: obj.path.clone(),
+                    offset: offset.saturating_add(l),
+                    size,
+                });
+            }
+        };
+        Ok((offset, len))
+    }
+
+    /// Windows `(window_start, window_end)` of object bytes that cover
+    /// `[start, start + len)`, aligned to checksum blocks.
+    fn windows(&self, obj: &ObjectRef, start: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + use<> {
+        let block = u64::from(obj.dataset.record.checksum_block_bytes);
+        let size = obj.record.size;
+        let end = start + len;
+        let step = self.limits.message_bytes;
+        let mut at = start / block * block;
+        std::iter::from_fn(move || {
+            if at >= end {
+                return None;
+            }
+            let w_end = (at + step).min(end.next_multiple_of(block)).min(size);
+            let w = (at, w_end);
+            at = w_end;
+            Some(w)
+        })
+    }
+
+    /// Reads object bytes `[w_start, w_end)` (block aligned at the start),
+    /// verifies every checksum block, and returns the parts that intersect
+    /// `[want_start, want_end)`.
+    async fn read_window(
+        &self,
+        obj: &ObjectRef,
+        w_start: u64,
+        w_end: u64,
+        want_start: u64,
+        want_end: u64,
+    ) -> Result<Vec<Chunk>, StoreError> {
+        let block = u64::from(obj.dataset.record.checksum_block_bytes);
+        debug_assert_eq!(w_start % block, 0);
+        let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
+        let logical = obj.record.logical_offset + w_start;
+        let segs: Vec<Segment> = self.layout.segments(logical, dev_len).collect();
+        let longest = segs.iter().map(|s| s.len).max().unwrap_or(0) as usize;
+        let leases = self
+            .pool
+            .acquire_many(longest, segs.len())
+            .await
+            .map_err(|e| StoreError::Limit(e.to_string()))?;
+        let reads = segs.iter().zip(leases).map(|(s, lease)| {
+            engine::read_exact(&*self.engine, s.device, s.device_offset, s.len as usize, lease)
+                .map_err(move |e| StoreError::from_io(s.device, s.device_offset, e))
+        });
+        let bufs: Vec<BufLease> = futures::future::try_join_all(reads).await?;
+
+        // Verify each block, which may straddle two segments.
+        let mut seg_i = 0usize;
+        let mut seg_pos = 0u64; // window offset where segs[seg_i] starts
+        let mut b = w_start;
+        while b < w_end {
+            let b_end = (b + block).min(obj.record.size);
+            let idx = (b / block) as usize;
+            let expected = *obj.record.block_crcs.get(idx).ok_or_else(|| {
+                StoreError::Catalog(crate::catalog::CatalogError::Corrupt(
+                    format!("object {}", obj.path),
+                    format!("no checksum for block {idx}"),
+                ))
+            })?;
+            let mut h = crc32fast::Hasher::new();
+            let mut at = b - w_start;
+            let stop = b_end - w_start;
+            while at < stop {
+                while at >= seg_pos + segs[seg_i].len {
+                    seg_pos += segs[seg_i].len;
+                    seg_i += 1;
+                }
+                let in_seg = (at - seg_pos) as usize;
+                let take = ((seg_pos + segs[seg_i].len).min(stop) - at) as usize;
+                h.update(&bufs[seg_i].as_slice()[in_seg..in_seg + take]);
+                at += take as u64;
+            }
+            let actual = h.finalize();
+            if actual != expected {
+                let (device, device_offset) = self.layout.map(obj.record.logical_offset + b);
+                return Err(StoreError::Checksum {
+                    dataset: obj.dataset.name.clone(),
+                    path: obj.path.clone(),
+                    object_offset: b,
+                    device,
+                    device_offset,
+                    expected,
+                    actual,
+                });
+            }
+            b = b_end;
+        }
+
+        // Hand out the wanted parts without copying.
+        let mut out = Vec::with_capacity(bufs.len());
+        let mut pos = w_start;
+        for (s, buf) in segs.iter().zip(bufs) {
+            let seg_start = pos;
+            let seg_end = pos + s.len;
+            pos = seg_end;
+            let lo = seg_start.max(want_start);
+            let hi = seg_end.min(want_end).min(w_end);
+            if lo >= hi {
+                continue;
+            }
+            let bytes = buf.into_bytes();
+            out.push((lo, bytes.slice((lo - seg_start) as usize..(hi - seg_start) as usize)));
+        }
+        Ok(out)
+    }
+
+    /// Verified bytes `[start, start + len)` of `obj`, in order, with up to
+    /// `read_ahead_bytes` read ahead.
+    pub fn read_stream(
+        self: &Arc<Self>,
+        obj: Arc<ObjectRef>,
+        start: u64,
+        len: u64,
+    ) -> impl Stream<Item = Result<Chunk, StoreError>> + Send + 'static {
+        let depth = (self.limits.read_ahead_bytes / self.limits.message_bytes).max(1) as usize;
+        let windows = self.windows(&obj, start, len);
+        let store = Arc::clone(self);
+        futures::stream::iter(windows)
+            .map(move |(ws, we)| {
+                let store = Arc::clone(&store);
+                let obj = Arc::clone(&obj);
+                async move { store.read_window(&obj, ws, we, start, start + len).await }
+            })
+            .buffered(depth)
+            .flat_map(|r| {
+                let items: Vec<Result<Chunk, StoreError>> = match r {
+                    Ok(chunks) => chunks.into_iter().map(Ok).collect(),
+                    Err(e) => vec![Err(e)],
+                };
+                futures::stream::iter(items)
+            })
+    }
+
+    /// Reads many ranges of one dataset. Yields, in item order, each item's
+    /// chunks or its error; at most `in_flight` windows are read ahead.
+    pub fn read_batch(
+        self: &Arc<Self>,
+        dataset: &DatasetName,
+        items: Vec<Result<RangeSpec, StoreError>>,
+        in_flight: u32,
+    ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, StoreError> {
+        if items.len() > self.limits.batch_items_max {
+            return Err(StoreError::Limit(format!(
+                "{} items in one ReadBatch; the limit is {}",
+                items.len(),
+                self.limits.batch_items_max
+            )));
+        }
+        let ds = self.dataset(dataset)?;
+        let paths: Vec<&str> = items
+            .iter()
+            .filter_map(|i| i.as_ref().ok().map(|r| r.path.as_str()))
+            .collect();
+        let mut records = self.catalog.get_objects(ds.record.id, &paths)?.into_iter();
+        let mut tasks: Vec<BatchTask> = Vec::new();
+        for (index, item) in items.into_iter().enumerate() {
+            let index = index as u32;
+            let spec = match item {
+                Ok(s) => s,
+                Err(e) => {
+                    tasks.push(BatchTask::Fail(index, e));
+                    continue;
+                }
+            };
+            let Some(record) = records.next().expect("one record per valid item") else {
+                tasks.push(BatchTask::Fail(
+                    index,
+                    StoreError::ObjectNotFound {
+                        dataset: dataset.to_string(),
+                        path: spec.path.to_string(),
+                    },
+                ));
+                continue;
+            };
+            let obj = Arc::new(ObjectRef {
+                dataset: Arc::clone(&ds),
+                path: spec.path.to_string(),
+                record,
+            });
+            let (start, len) = match Self::resolve_range(&obj, spec.offset, spec.length) {
+                Ok(r) => r,
+                Err(e) => {
+                    tasks.push(BatchTask::Fail(index, e));
+                    continue;
+                }
+            };
+            if len == 0 {
+                tasks.push(BatchTask::Empty(index, start));
+                continue;
+            }
+            let windows: Vec<(u64, u64)> = self.windows(&obj, start, len).collect();
+            let last = windows.len() - 1;
+            for (k, (ws, we)) in windows.into_iter().enumerate() {
+                tasks.push(BatchTask::Window {
+                    index,
+                    obj: Arc::clone(&obj),
+                    ws,
+                    we,
+                    start,
+                    len,
+                    last: k == last,
+                });
+            }
+        }
+        let store = Arc::clone(self);
+        let depth = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
+        // After an item fails mid-way, its remaining windows are skipped.
+        let failed: Arc<Mutex<Option<u32>>> = Arc::new(Mutex::new(None));
+        Ok(futures::stream::iter(tasks)
+            .map(move |t| {
+                let store = Arc::clone(&store);
+                async move {
+                    match t {
+                        BatchTask::Fail(index, e) => vec![BatchEvent::Error { index, error: e }],
+                        BatchTask::Empty(index, start) => vec![BatchEvent::Data {
+                            index,
+                            offset: start,
+                            data: Bytes::new(),
+                            item_length: 0,
+                            last: true,
+                        }],
+                        BatchTask::Window {
+                            index,
+                            obj,
+                            ws,
+                            we,
+                            start,
+                            len,
+                            last,
+                        } => match store.read_window(&obj, ws, we, start, start + len).await {
+                            Ok(chunks) => {
+                                let n = chunks.len();
+                                chunks
+                                    .into_iter()
+                                    .enumerate()
+                                    .map(|(k, (offset, data))| BatchEvent::Data {
+                                        index,
+                                        offset,
+                                        data,
+                                        item_length: len,
+                                        last: last && k + 1 == n,
+                                    })
+                                    .collect()
+                            }
+                            Err(error) => vec![BatchEvent::Error { index, error }],
+                        },
+                    }
+                }
+            })
+            .buffered(depth)
+            .flat_map(move |events| {
+                let mut failed = failed.lock().expect("poisoned");
+                let kept: Vec<BatchEvent> = events
+                    .into_iter()
+                    .filter(|e| {
+                        let idx = e.index();
+                        if *failed == Some(idx) {
+                            return false;
+                        }
+                        if matches!(e, BatchEvent::Error { .. }) {
+                            *failed = Some(idx);
+                        }
+                        true
+                    })
+                    .collect();
+                futures::stream::iter(kept)
+            }))
+    }
+
+    /// Starts an ingest of a new dataset `name`.
+    pub fn begin_ingest(
+        self: &Arc<Self>,
+        name: DatasetName,
+        class: StorageClass,
+    ) -> Result<IngestSession, StoreError> {
+        if self
+            .datasets
+            .read()
+            .expect("dataset map poisoned")
+            .contains_key(name.as_str())
+        {
+            return Err(StoreError::DatasetExists(name.to_string()));
+        }
+        {
+            let mut ing = self.ingesting.lock().expect("ingest set poisoned");
+            if ing.contains(name.as_str()) {
+                return Err(StoreError::IngestInProgress(name.to_string()));
+            }
+            if ing.len() >= self.limits.ingests_concurrent_max {
+                return Err(StoreError::Limit(format!(
+                    "{} ingests are already running",
+                    ing.len()
+                )));
+            }
+            ing.insert(name.to_string());
+        }
+        Ok(IngestSession {
+            store: Arc::clone(self),
+            name,
+            class,
+            objects: Vec::new(),
+            paths: HashSet::new(),
+            extents: Vec::new(),
+            reservation: None,
+            current: None,
+            writer: StripeWriter::new(self.layout, self.limits.ingest_write_depth),
+            total_bytes: 0,
+            committed: false,
+        })
+    }
+
+    /// Deletes a dataset; its space is freed once no reader holds it.
+    /// Returns the bytes freed.
+    pub async fn delete(self: &Arc<Self>, name: &DatasetName) -> Result<u64, StoreError> {
+        let store = Arc::clone(self);
+        let n = name.to_string();
+        let record = tokio::task::spawn_blocking(move || store.catalog.delete_dataset(&n))
+            .await
+            .map_err(|e| StoreError::InvalidArgument(format!("delete task failed: {e}")))??
+            .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))?;
+        let handle = self
+            .datasets
+            .write()
+            .expect("dataset map poisoned")
+            .remove(name.as_str());
+        if let Some(h) = handle {
+            h.deleted.store(true, Ordering::SeqCst);
+        }
+        Ok(record.allocated_bytes)
+    }
+
+    pub fn status(&self) -> StoreStatus {
+        let alloc = self.alloc.lock().expect("allocator poisoned");
+        let n = self.layout.device_count as usize;
+        let mut free_per_device = vec![0u64; n];
+        for e in alloc.free_extents() {
+            self.layout
+                .bytes_per_device(e.offset, e.len, &mut free_per_device);
+        }
+        let devices = (0..n)
+            .map(|i| DeviceUsage {
+                index: i as u32,
+                path: self.device_paths[i].clone(),
+                capacity_bytes: self.layout.device_data_bytes,
+                used_bytes: self.layout.device_data_bytes - free_per_device[i],
+            })
+            .collect();
+        StoreStatus {
+            pool_id: pool_id_hex(&self.pool_id),
+            engine: self.engine.kind(),
+            stripe_unit_bytes: self.layout.stripe_unit_bytes,
+            capacity_bytes: alloc.capacity_bytes(),
+            used_bytes: alloc.used_bytes(),
+            devices,
+            datasets: self.list_datasets(),
+            ingests_in_progress: self.ingesting.lock().expect("poisoned").len(),
+        }
+    }
+
+    async fn sync_all(self: &Arc<Self>) -> Result<(), StoreError> {
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || {
+            for d in 0..store.layout.device_count {
+                store
+                    .engine
+                    .sync(d)
+                    .map_err(|source| StoreError::Sync { device: d, source })?;
+            }
+            Ok(())
+        })
+        .await
+        .map_err(|e| StoreError::InvalidArgument(format!("sync task failed: {e}")))?
+    }
+}
+
+enum BatchTask {
+    Fail(u32, StoreError),
+    Empty(u32, u64),
+    Window {
+        index: u32,
+        obj: Arc<ObjectRef>,
+        ws: u64,
+        we: u64,
+        start: u64,
+        len: u64,
+        last: bool,
+    },
+}
+
+/// One event of a ReadBatch stream.
+#[derive(Debug)]
+pub enum BatchEvent {
+    Data {
+        index: u32,
+        offset: u64,
+        data: Bytes,
+        item_length: u64,
+        last: bool,
+    },
+    Error {
+        index: u32,
+        error: StoreError,
+    },
+}
+
+impl BatchEvent {
+    pub fn index(&self) -> u32 {
+        match self {
+            BatchEvent::Data { index, .. } | BatchEvent::Error { index, .. } => *index,
+        }
+    }
+}
+
+type WriteFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+/// Turns sequential logical writes into stripe-unit-sized device writes.
+struct StripeWriter {
+    layout: StripeLayout,
+    depth_max: usize,
+    stage: Option<BufLease>,
+    stage_logical: u64,
+    stage_fill: usize,
+    writes: FuturesUnordered<WriteFuture>,
+}
+
+impl StripeWriter {
+    fn new(layout: StripeLayout, depth_max: usize) -> Self {
+        Self {
+            layout,
+            depth_max: depth_max.max(1),
+            stage: None,
+            stage_logical: 0,
+            stage_fill: 0,
+            writes: FuturesUnordered::new(),
+        }
+    }
+
+    fn stage_end(&self) -> u64 {
+        self.stage_logical + self.stage_fill as u64
+    }
+
+    fn unit_end(&self, at: u64) -> u64 {
+        (at / self.layout.stripe_unit_bytes + 1) * self.layout.stripe_unit_bytes
+    }
+
+    async fn acquire(&mut self, pool: &Arc<BufferPool>) -> Result<BufLease, StoreError> {
+        let len = self.layout.stripe_unit_bytes as usize;
+        loop {
+            // Completed writes hold buffers until polled, so keep draining
+            // them while waiting for a free one.
+            tokio::select! {
+                biased;
+                Some(r) = self.writes.next(), if !self.writes.is_empty() => r?,
+                lease = pool.acquire(len) => {
+                    return lease.map_err(|e| StoreError::Limit(e.to_string()));
+                }
+            }
+        }
+    }
+
+    async fn write_at(
+        &mut self,
+        store: &Arc<Store>,
+        mut logical: u64,
+        mut data: &[u8],
+    ) -> Result<(), StoreError> {
+        while !data.is_empty() {
+            if self.stage.is_some() && logical != self.stage_end() {
+                self.flush(store).await?;
+            }
+            if self.stage.is_none() {
+                assert_eq!(logical % BLOCK_BYTES, 0, "stages start 4 KiB aligned");
+                self.stage = Some(self.acquire(&store.pool).await?);
+                self.stage_logical = logical;
+                self.stage_fill = 0;
+            }
+            let room = (self.unit_end(self.stage_logical) - self.stage_end()) as usize;
+            let n = room.min(data.len());
+            let fill = self.stage_fill;
+            let stage = self.stage.as_mut().expect("staged");
+            stage.as_mut_full()[fill..fill + n].copy_from_slice(&data[..n]);
+            self.stage_fill += n;
+            logical += n as u64;
+            data = &data[n..];
+            if self.stage_end() == self.unit_end(self.stage_logical) {
+                self.flush(store).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zero-fills the stage to the next 4 KiB boundary (end of an object).
+    async fn pad_to_block(&mut self, store: &Arc<Store>) -> Result<(), StoreError> {
+        let Some(stage) = self.stage.as_mut() else {
+            return Ok(());
+        };
+        let padded = self.stage_fill.next_multiple_of(BLOCK_BYTES as usize);
+        stage.as_mut_full()[self.stage_fill..padded].fill(0);
+        self.stage_fill = padded;
+        if self.stage_end() == self.unit_end(self.stage_logical) {
+            self.flush(store).await?;
+        }
+        Ok(())
+    }
+
+    async fn flush(&mut self, store: &Arc<Store>) -> Result<(), StoreError> {
+        let Some(mut stage) = self.stage.take() else {
+            return Ok(());
+        };
+        let padded = self.stage_fill.next_multiple_of(BLOCK_BYTES as usize);
+        stage.as_mut_full()[self.stage_fill..padded].fill(0);
+        stage.set_len(padded);
+        let (device, offset) = self.layout.map(self.stage_logical);
+        debug_assert!(self.stage_logical + padded as u64 <= self.unit_end(self.stage_logical));
+        let engine = Arc::clone(&store.engine);
+        self.writes.push(Box::pin(async move {
+            engine::write_all(&*engine, device, offset, stage)
+                .await
+                .map(drop)
+                .map_err(|e| StoreError::from_io(device, offset, e))
+        }));
+        while self.writes.len() >= self.depth_max {
+            if let Some(r) = self.writes.next().await {
+                r?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, store: &Arc<Store>) -> Result<(), StoreError> {
+        self.flush(store).await?;
+        while let Some(r) = self.writes.next().await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+struct CurrentObject {
+    path: String,
+    size: u64,
+    received: u64,
+    logical_offset: u64,
+    client_crc: Option<u32>,
+    block: crc32fast::Hasher,
+    block_fill: u64,
+    block_crcs: Vec<u32>,
+    whole: crc32fast::Hasher,
+}
+
+/// An ingest in progress; see the module docs. Dropping it without
+/// [`commit`](Self::commit) discards everything.
+pub struct IngestSession {
+    store: Arc<Store>,
+    name: DatasetName,
+    class: StorageClass,
+    objects: Vec<(String, ObjectRecord)>,
+    paths: HashSet<String>,
+    extents: Vec<Extent>,
+    reservation: Option<Extent>,
+    current: Option<CurrentObject>,
+    writer: StripeWriter,
+    total_bytes: u64,
+    committed: bool,
+}
+
+impl std::fmt::Debug for IngestSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestSession")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl IngestSession {
+    pub fn dataset(&self) -> &DatasetName {
+        &self.name
+    }
+
+    fn carve(&mut self, len: u64) -> Result<u64, StoreError> {
+        let len = len.next_multiple_of(BLOCK_BYTES);
+        if let Some(r) = self.reservation.as_mut().filter(|r| r.len >= len) {
+            let at = r.offset;
+            r.offset += len;
+            r.len -= len;
+            self.extents.push(Extent { offset: at, len });
+            return Ok(at);
+        }
+        let mut alloc = self.store.alloc.lock().expect("allocator poisoned");
+        if let Some(r) = self.reservation.take() {
+            alloc.release(r).expect("reservation is ours");
+        }
+        let got = alloc
+            .allocate(len.max(RESERVATION_BYTES))
+            .or_else(|| alloc.allocate(len))
+            .ok_or_else(|| StoreError::NoSpace {
+                needed: len,
+                free: alloc.free_bytes(),
+                largest_free: alloc.largest_free_bytes(),
+            })?;
+        drop(alloc);
+        self.extents.push(Extent {
+            offset: got.offset,
+            len,
+        });
+        self.reservation = Some(Extent {
+            offset: got.offset + len,
+            len: got.len - len,
+        });
+        Ok(got.offset)
+    }
+
+    /// Starts the next object. Its `size` bytes must follow in `data` calls.
+    pub async fn begin_object(
+        &mut self,
+        path: ObjectPath,
+        size: u64,
+        client_crc: Option<u32>,
+    ) -> Result<(), StoreError> {
+        if let Some(cur) = &self.current {
+            return Err(StoreError::Protocol(format!(
+                "object {:?} got {} of {} bytes before the next object began",
+                cur.path, cur.received, cur.size
+            )));
+        }
+        if self.objects.len() >= self.store.limits.ingest_objects_max {
+            return Err(StoreError::Limit(format!(
+                "a dataset holds at most {} objects",
+                self.store.limits.ingest_objects_max
+            )));
+        }
+        if !self.paths.insert(path.to_string()) {
+            return Err(StoreError::DuplicateObject {
+                dataset: self.name.to_string(),
+                path: path.to_string(),
+            });
+        }
+        let logical_offset = if size == 0 { 0 } else { self.carve(size)? };
+        self.current = Some(CurrentObject {
+            path: path.to_string(),
+            size,
+            received: 0,
+            logical_offset,
+            client_crc,
+            block: crc32fast::Hasher::new(),
+            block_fill: 0,
+            block_crcs: Vec::with_capacity(size.div_ceil(u64::from(CHECKSUM_BLOCK_BYTES)) as usize),
+            whole: crc32fast::Hasher::new(),
+        });
+        if size == 0 {
+            self.end_object().await?;
+        }
+        Ok(())
+    }
+
+    /// Appends bytes to the current object.
+    pub async fn data(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let Some(cur) = self.current.as_mut() else {
+            return Err(StoreError::Protocol(
+                "data arrived outside an object".into(),
+            ));
+        };
+        if cur.received + bytes.len() as u64 > cur.size {
+            return Err(StoreError::Protocol(format!(
+                "object {:?} declared {} bytes but more arrived",
+                cur.path, cur.size
+            )));
+        }
+        let block = u64::from(CHECKSUM_BLOCK_BYTES);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = ((block - cur.block_fill) as usize).min(rest.len());
+            cur.block.update(&rest[..n]);
+            cur.block_fill += n as u64;
+            rest = &rest[n..];
+            if cur.block_fill == block {
+                let h = std::mem::replace(&mut cur.block, crc32fast::Hasher::new());
+                cur.whole.combine(&h);
+                cur.block_crcs.push(h.finalize());
+                cur.block_fill = 0;
+            }
+        }
+        let at = cur.logical_offset + cur.received;
+        cur.received += bytes.len() as u64;
+        let done = cur.received == cur.size;
+        self.total_bytes += bytes.len() as u64;
+        let store = Arc::clone(&self.store);
+        self.writer.write_at(&store, at, bytes).await?;
+        if done {
+            self.end_object().await?;
+        }
+        Ok(())
+    }
+
+    async fn end_object(&mut self) -> Result<(), StoreError> {
+        let mut cur = self.current.take().expect("an object is open");
+        if cur.block_fill > 0 {
+            let h = std::mem::replace(&mut cur.block, crc32fast::Hasher::new());
+            cur.whole.combine(&h);
+            cur.block_crcs.push(h.finalize());
+        }
+        let crc32 = cur.whole.finalize();
+        if let Some(c) = cur.client_crc {
+            if c != crc32 {
+                return Err(StoreError::Protocol(format!(
+                    "object {:?}: client CRC {c:#010x} does not match received bytes ({crc32:#010x})",
+                    cur.path
+                )));
+            }
+        }
+        if cur.size > 0 {
+            let store = Arc::clone(&self.store);
+            self.writer.pad_to_block(&store).await?;
+        }
+        self.objects.push((
+            cur.path,
+            ObjectRecord {
+                size: cur.size,
+                logical_offset: cur.logical_offset,
+                crc32,
+                block_crcs: cur.block_crcs,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Makes the dataset durable and visible. `object_count` and
+    /// `total_bytes` must match what was received.
+    pub async fn commit(
+        mut self,
+        object_count: u64,
+        total_bytes: u64,
+    ) -> Result<Arc<DatasetHandle>, StoreError> {
+        if let Some(cur) = &self.current {
+            return Err(StoreError::Protocol(format!(
+                "commit while object {:?} has {} of {} bytes",
+                cur.path, cur.received, cur.size
+            )));
+        }
+        if object_count != self.objects.len() as u64 || total_bytes != self.total_bytes {
+            return Err(StoreError::Protocol(format!(
+                "commit says {object_count} objects / {total_bytes} bytes, but {} objects / {} bytes arrived",
+                self.objects.len(),
+                self.total_bytes
+            )));
+        }
+        let store = Arc::clone(&self.store);
+        self.writer.finish(&store).await?;
+        // Data durable before the catalog refers to it.
+        store.sync_all().await?;
+        if let Some(r) = self.reservation.take() {
+            store
+                .alloc
+                .lock()
+                .expect("allocator poisoned")
+                .release(r)
+                .expect("reservation is ours");
+        }
+        let mut extents = std::mem::take(&mut self.extents);
+        coalesce(&mut extents);
+        let allocated_bytes = extents.iter().map(|e| e.len).sum();
+        let record = DatasetRecord {
+            id: 0,
+            class: self.class,
+            checksum_block_bytes: CHECKSUM_BLOCK_BYTES,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            object_count,
+            total_bytes,
+            allocated_bytes,
+            extents,
+        };
+        let objects = std::mem::take(&mut self.objects);
+        let name = self.name.to_string();
+        let s2 = Arc::clone(&store);
+        let rec2 = record.clone();
+        let committed = tokio::task::spawn_blocking(move || {
+            s2.catalog.commit_dataset(&name, rec2, &objects)
+        })
+        .await
+        .map_err(|e| StoreError::InvalidArgument(format!("commit task failed: {e}")));
+        let committed = match committed.and_then(|r| r.map_err(StoreError::from)) {
+            Ok(r) => r,
+            Err(e) => {
+                // Put the extents back so Drop frees them.
+                self.extents = record.extents;
+                return Err(e);
+            }
+        };
+        self.committed = true;
+        let handle = Arc::new(DatasetHandle {
+            name: self.name.to_string(),
+            record: committed,
+            alloc: Arc::clone(&store.alloc),
+            deleted: AtomicBool::new(false),
+        });
+        store
+            .datasets
+            .write()
+            .expect("dataset map poisoned")
+            .insert(self.name.to_string(), Arc::clone(&handle));
+        tracing::info!(
+            dataset = %self.name,
+            objects = object_count,
+            bytes = total_bytes,
+            "dataset committed"
+        );
+        Ok(handle)
+    }
+}
+
+impl Drop for IngestSession {
+    fn drop(&mut self) {
+        self.store
+            .ingesting
+            .lock()
+            .expect("ingest set poisoned")
+            .remove(self.name.as_str());
+        if self.committed {
+            return;
+        }
+        let mut space = std::mem::take(&mut self.extents);
+        space.extend(self.reservation.take());
+        let writes = std::mem::take(&mut self.writer.writes);
+        let alloc = Arc::clone(&self.store.alloc);
+        let name = self.name.to_string();
+        let release = move || {
+            let mut a = alloc.lock().expect("allocator poisoned");
+            for e in space {
+                if let Err(err) = a.release(e) {
+                    tracing::error!(dataset = %name, error = %err, "releasing aborted ingest space");
+                }
+            }
+            tracing::info!(dataset = %name, "ingest aborted; space released");
+        };
+        if writes.is_empty() {
+            release();
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // Writes still in flight target this space: free it only after
+            // they land, or a later ingest could be overwritten.
+            rt.spawn(async move {
+                let mut writes = writes;
+                while writes.next().await.is_some() {}
+                release();
+            });
+        } else {
+            tracing::warn!(dataset = %self.name, "ingest aborted outside a runtime; its space is reclaimed at restart");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

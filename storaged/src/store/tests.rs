@@ -1,0 +1,242 @@
+//! Store-level tests: ingest and read in-process, with faults injected
+//! through the engine trait.
+
+use super::*;
+use crate::config::StoreConfig;
+use crate::engine::EngineKind;
+use crate::engine::fault::{Fault, FaultPlan, FaultRule, FaultyBackend};
+
+fn config(dir: &std::path::Path, device_mib: u64, unit: u64) -> StoreConfig {
+    let mut c = StoreConfig::with_defaults(dir.to_path_buf());
+    c.device_size_bytes = device_mib << 20;
+    c.stripe_unit_bytes = unit;
+    c.buffer_pool_bytes = 16 << 20;
+    c.engine = EngineKind::Uring;
+    c.limits.message_bytes = 256 << 10;
+    c.limits.read_ahead_bytes = 1 << 20;
+    c
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+async fn ingest(store: &Arc<Store>, name: &str, objects: &[(&str, Vec<u8>)]) -> Result<Arc<DatasetHandle>, StoreError> {
+    let mut s = store.begin_ingest(DatasetName::new(name).unwrap(), StorageClass::Stripe)?;
+    let mut total = 0u64;
+    for (path, data) in objects {
+        s.begin_object(ObjectPath::new(*path).unwrap(), data.len() as u64, Some(crc32fast::hash(data)))
+            .await?;
+        for chunk in data.chunks(100_003) {
+            s.data(chunk).await?;
+        }
+        total += data.len() as u64;
+    }
+    s.commit(objects.len() as u64, total).await
+}
+
+async fn read_all(store: &Arc<Store>, ds: &str, path: &str, off: u64, len: Option<u64>) -> Result<Vec<u8>, StoreError> {
+    let obj = Arc::new(store.lookup(&DatasetName::new(ds).unwrap(), &ObjectPath::new(path).unwrap())?);
+    let (start, len) = Store::resolve_range(&obj, off, len)?;
+    let mut out = Vec::new();
+    let mut s = std::pin::pin!(store.read_stream(obj, start, len));
+    while let Some(c) = s.next().await {
+        let (o, b) = c?;
+        assert_eq!(o, start + out.len() as u64, "chunks arrive in order");
+        out.extend_from_slice(&b);
+    }
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ingest_read_ranges_across_stripes() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path(), 16, 64 << 10)).unwrap();
+    let big = pattern(1, 3 * 1024 * 1024 + 12345);
+    let objs: Vec<(&str, Vec<u8>)> = vec![
+        ("empty", vec![]),
+        ("one", pattern(2, 1)),
+        ("a/4095", pattern(3, 4095)),
+        ("a/4096", pattern(4, 4096)),
+        ("a/4097", pattern(5, 4097)),
+        ("big/shard-0", big.clone()),
+        ("ünïcødé/файл", pattern(6, 70_000)),
+    ];
+    ingest(&store, "ds", &objs).await.unwrap();
+    for (p, d) in &objs {
+        assert_eq!(&read_all(&store, "ds", p, 0, None).await.unwrap(), d, "{p}");
+    }
+    // Ranges that cross checksum blocks and stripe units.
+    for (off, len) in [(0u64, 1u64), (65535, 2), (32767, 40000), (1 << 20, 3 << 19), (big.len() as u64 - 1, 1), (big.len() as u64, 0)] {
+        let got = read_all(&store, "ds", "big/shard-0", off, Some(len)).await.unwrap();
+        assert_eq!(got, &big[off as usize..(off + len) as usize], "{off}+{len}");
+    }
+    assert!(matches!(read_all(&store, "ds", "big/shard-0", big.len() as u64 + 1, None).await, Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(read_all(&store, "ds", "one", 0, Some(2)).await, Err(StoreError::OutOfRange { .. })));
+    assert!(matches!(read_all(&store, "ds", "nope", 0, None).await, Err(StoreError::ObjectNotFound { .. })));
+    assert!(matches!(read_all(&store, "nods", "one", 0, None).await, Err(StoreError::DatasetNotFound(_))));
+    let st = store.status();
+    assert_eq!(st.datasets.len(), 1);
+    assert!(st.used_bytes >= big.len() as u64);
+    assert_eq!(st.devices.iter().map(|d| d.used_bytes).sum::<u64>(), st.used_bytes);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_reads_in_order_with_inband_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path(), 16, 64 << 10)).unwrap();
+    let a = pattern(7, 600_000);
+    let b = pattern(8, 5000);
+    ingest(&store, "ds", &[("a", a.clone()), ("b", b.clone())]).await.unwrap();
+    let items = vec![
+        Ok(RangeSpec { path: ObjectPath::new("b").unwrap(), offset: 0, length: None }),
+        Ok(RangeSpec { path: ObjectPath::new("missing").unwrap(), offset: 0, length: None }),
+        Ok(RangeSpec { path: ObjectPath::new("a").unwrap(), offset: 100, length: Some(500_000) }),
+        Err(StoreError::InvalidArgument("bad".into())),
+        Ok(RangeSpec { path: ObjectPath::new("b").unwrap(), offset: 4999, length: Some(5) }),
+        Ok(RangeSpec { path: ObjectPath::new("b").unwrap(), offset: 5000, length: None }),
+    ];
+    let events: Vec<BatchEvent> = store
+        .read_batch(&DatasetName::new("ds").unwrap(), items, 3)
+        .unwrap()
+        .collect()
+        .await;
+    let mut per_item: BTreeMap<u32, (Vec<u8>, Option<tonic::Code>, bool)> = BTreeMap::new();
+    let mut last_index = 0;
+    for e in events {
+        assert!(e.index() >= last_index, "items in request order");
+        last_index = e.index();
+        let entry = per_item.entry(e.index()).or_default();
+        assert!(!entry.2, "nothing after an item's last message");
+        match e {
+            BatchEvent::Data { data, last, .. } => {
+                entry.0.extend_from_slice(&data);
+                entry.2 = last;
+            }
+            BatchEvent::Error { error, .. } => {
+                entry.1 = Some(error.code());
+                entry.2 = true;
+            }
+        }
+    }
+    assert_eq!(per_item[&0].0, b);
+    assert_eq!(per_item[&1].1, Some(tonic::Code::NotFound));
+    assert_eq!(per_item[&2].0, &a[100..500_100]);
+    assert_eq!(per_item[&3].1, Some(tonic::Code::InvalidArgument));
+    assert_eq!(per_item[&4].1, Some(tonic::Code::OutOfRange));
+    assert!(per_item[&5].0.is_empty() && per_item[&5].2);
+}
+
+// Guards against serving wrong bytes: a flipped bit under an object must
+// give DATA_LOSS naming the device, while other objects stay readable.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corruption_is_detected_per_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Arc::new(FaultPlan::default());
+    let p2 = Arc::clone(&plan);
+    let store = Store::open_with(&config(dir.path(), 16, 64 << 10), move |e| {
+        Arc::new(FaultyBackend::new(e, p2))
+    })
+    .unwrap();
+    let a = pattern(9, 200_000);
+    let b = pattern(10, 200_000);
+    ingest(&store, "ds", &[("a", a.clone()), ("b", b.clone())]).await.unwrap();
+    let obj = store.lookup(&DatasetName::new("ds").unwrap(), &ObjectPath::new("a").unwrap()).unwrap();
+    let (dev, off) = store.layout().map(obj.record.logical_offset + 70_000);
+    plan.add(FaultRule { device: Some(dev), kind: None, device_range: Some((off, off + 1)), fault: Fault::FlipByte(0), remaining: None });
+    let err = read_all(&store, "ds", "a", 0, None).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DataLoss);
+    let msg = err.to_string();
+    assert!(msg.contains("\"a\"") && msg.contains(&format!("device {dev}")), "{msg}");
+    // Bytes of the same object outside the bad block still read.
+    assert_eq!(read_all(&store, "ds", "a", 0, Some(32768)).await.unwrap(), &a[..32768]);
+    assert_eq!(read_all(&store, "ds", "b", 0, None).await.unwrap(), b);
+    // EIO is reported as unavailable, not as wrong bytes.
+    plan.clear();
+    plan.add(FaultRule { device: None, kind: Some(crate::engine::OpKind::Read), device_range: None, fault: Fault::Errno(libc::EIO), remaining: Some(1) });
+    assert_eq!(read_all(&store, "ds", "b", 0, None).await.unwrap_err().code(), tonic::Code::Unavailable);
+    assert_eq!(read_all(&store, "ds", "b", 0, None).await.unwrap(), b);
+}
+
+// Guards against a failed fsync or device write being reported as a
+// successful ingest, and against leaking the space of a failed ingest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_writes_and_sync_fail_the_ingest() {
+    let dir = tempfile::tempdir().unwrap();
+    let plan = Arc::new(FaultPlan::default());
+    let p2 = Arc::clone(&plan);
+    let store = Store::open_with(&config(dir.path(), 16, 64 << 10), move |e| {
+        Arc::new(FaultyBackend::new(e, p2))
+    })
+    .unwrap();
+    plan.set_fail_sync(true);
+    let err = ingest(&store, "x", &[("a", pattern(1, 100_000))]).await.unwrap_err();
+    assert!(matches!(err, StoreError::Sync { .. }), "{err}");
+    plan.clear();
+    plan.add(FaultRule { device: None, kind: Some(crate::engine::OpKind::Write), device_range: None, fault: Fault::Errno(libc::ENOSPC), remaining: None });
+    let err = ingest(&store, "x", &[("a", pattern(1, 300_000))]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    plan.clear();
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(store.status().used_bytes, 0);
+    assert!(store.list_datasets().is_empty());
+    ingest(&store, "x", &[("a", pattern(1, 300_000))]).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_pool_aborted_ingest_delete_and_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 4, 64 << 10);
+    let store = Store::open(&cfg).unwrap();
+    let cap = store.status().capacity_bytes;
+    assert_eq!(cap, 4 * (3 << 20));
+    // Too big: RESOURCE_EXHAUSTED, nothing left behind.
+    let err = ingest(&store, "big", &[("x", pattern(1, cap as usize + 1))]).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(store.status().used_bytes, 0);
+    // An aborted (dropped) session frees its space.
+    {
+        let mut s = store.begin_ingest(DatasetName::new("half").unwrap(), StorageClass::Stripe).unwrap();
+        s.begin_object(ObjectPath::new("x").unwrap(), 1 << 20, None).await.unwrap();
+        s.data(&pattern(2, 500_000)).await.unwrap();
+        assert!(store.begin_ingest(DatasetName::new("half").unwrap(), StorageClass::Stripe).is_err());
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    assert_eq!(store.status().used_bytes, 0);
+    // Protocol errors.
+    let mut s = store.begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe).unwrap();
+    s.begin_object(ObjectPath::new("x").unwrap(), 10, None).await.unwrap();
+    assert!(matches!(s.data(&[0; 11]).await, Err(StoreError::Protocol(_))));
+    drop(s);
+    let mut s = store.begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe).unwrap();
+    s.begin_object(ObjectPath::new("x").unwrap(), 0, None).await.unwrap();
+    assert!(matches!(s.begin_object(ObjectPath::new("x").unwrap(), 0, None).await, Err(StoreError::DuplicateObject { .. })));
+    drop(s);
+    let mut s = store.begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe).unwrap();
+    s.begin_object(ObjectPath::new("x").unwrap(), 3, Some(1234)).await.unwrap();
+    assert!(matches!(s.data(b"abc").await, Err(StoreError::Protocol(_))));
+    drop(s);
+
+    let keep = pattern(3, 1_000_000);
+    ingest(&store, "keep", &[("k", keep.clone())]).await.unwrap();
+    ingest(&store, "gone", &[("g", pattern(4, 2_000_000))]).await.unwrap();
+    assert!(matches!(ingest(&store, "keep", &[]).await, Err(StoreError::DatasetExists(_))));
+    let used = store.status().used_bytes;
+    let freed = store.delete(&DatasetName::new("gone").unwrap()).await.unwrap();
+    assert_eq!(store.status().used_bytes, used - freed);
+    assert!(store.delete(&DatasetName::new("gone").unwrap()).await.is_err());
+    drop(store);
+
+    let store = Store::open(&cfg).unwrap();
+    assert_eq!(store.list_datasets().len(), 1);
+    assert_eq!(read_all(&store, "keep", "k", 0, None).await.unwrap(), keep);
+    assert_eq!(store.status().used_bytes, used - freed);
+}
