@@ -1,1 +1,593 @@
-//! placeholder
+//! Rust client for storaged.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), storaged_client::ClientError> {
+//! let client = storaged_client::Client::connect("http://127.0.0.1:7400").await?;
+//! let ds = client.dataset("imagenet-mini")?;
+//! let bytes = ds.read("train/n01440764/img_001.JPEG").await?;
+//! # Ok(()) }
+//! ```
+//!
+//! The channel is tuned for bulk transfer (16 MiB HTTP/2 frames and large
+//! flow-control windows; the client's frame size caps what the server may
+//! send). Calls that fail with `UNAVAILABLE` are retried with exponential
+//! backoff, a bounded number of times; a range read that breaks mid-stream
+//! resumes from the last byte received. A stream that ends before the length
+//! the server announced is an error, never a short result.
+
+mod ingest;
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
+use storaged_proto::pb::storaged_client::StoragedClient;
+use storaged_proto::pb::{self};
+use storaged_proto::{DatasetName, NameError, ObjectPath};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+pub use ingest::IngestProgress;
+pub use storaged_proto::pb::{DatasetInfo, ObjectInfo, StatResponse, StatusResponse};
+
+/// Largest message the client accepts or sends.
+pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: tonic::transport::Error,
+    },
+    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    Status(Status),
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("short read of {path:?}: the server announced {expected} bytes but the stream ended after {got}")]
+    ShortRead {
+        path: String,
+        expected: u64,
+        got: u64,
+    },
+    #[error("protocol error: {0}")]
+    Protocol(String),
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+// Not `#[from]`: that would make the status a `source`, and error chains
+// would print its message twice.
+impl From<Status> for ClientError {
+    fn from(s: Status) -> Self {
+        ClientError::Status(s)
+    }
+}
+
+impl ClientError {
+    /// The gRPC code, where the error came from the server.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+/// Upper-case gRPC code name, as users see it in other gRPC tools.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Retry policy for `UNAVAILABLE`.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub attempts_max: u32,
+    pub backoff_initial: Duration,
+    pub backoff_max: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            attempts_max: 5,
+            backoff_initial: Duration::from_millis(50),
+            backoff_max: Duration::from_secs(2),
+        }
+    }
+}
+
+impl RetryPolicy {
+    fn delay(&self, attempt: u32) -> Duration {
+        let d = self.backoff_initial.saturating_mul(1u32 << attempt.min(16));
+        d.min(self.backoff_max)
+    }
+}
+
+/// Runs `f` again while it fails with UNAVAILABLE, within the policy.
+async fn with_retry<T, F, Fut>(policy: RetryPolicy, mut f: F) -> Result<T, Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, Status>>,
+{
+    let mut attempt = 0;
+    loop {
+        match f().await {
+            Err(s) if s.code() == Code::Unavailable && attempt + 1 < policy.attempts_max => {
+                tracing::debug!(attempt, status = %s, "retrying after UNAVAILABLE");
+                tokio::time::sleep(policy.delay(attempt)).await;
+                attempt += 1;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// A connection to one storaged. Cheap to clone; clones share the channel.
+#[derive(Debug, Clone)]
+pub struct Client {
+    rpc: StoragedClient<Channel>,
+    retry: RetryPolicy,
+}
+
+impl Client {
+    /// Connects to `url` such as `http://127.0.0.1:7400`.
+    pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        let connect_err = |source| ClientError::Connect {
+            url: url.to_owned(),
+            source,
+        };
+        let endpoint = Endpoint::from_shared(url.to_owned())
+            .map_err(connect_err)?
+            .connect_timeout(Duration::from_secs(5))
+            .tcp_nodelay(true)
+            .max_frame_size((1u32 << 24) - 1)
+            .initial_stream_window_size(32u32 << 20)
+            .initial_connection_window_size(64u32 << 20)
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20));
+        let channel = endpoint.connect().await.map_err(connect_err)?;
+        let rpc = StoragedClient::new(channel)
+            .max_decoding_message_size(MESSAGE_BYTES_MAX)
+            .max_encoding_message_size(MESSAGE_BYTES_MAX);
+        Ok(Self {
+            rpc,
+            retry: RetryPolicy::default(),
+        })
+    }
+
+    pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// A handle on dataset `name` (validated here; existence is checked by
+    /// the calls).
+    pub fn dataset(&self, name: &str) -> Result<Dataset, ClientError> {
+        Ok(Dataset {
+            client: self.clone(),
+            name: DatasetName::new(name)?,
+        })
+    }
+
+    pub async fn list_datasets(&self) -> Result<Vec<DatasetInfo>, ClientError> {
+        let r = with_retry(self.retry, || {
+            let mut rpc = self.rpc.clone();
+            async move { rpc.list_datasets(pb::ListDatasetsRequest {}).await }
+        })
+        .await?;
+        Ok(r.into_inner().datasets)
+    }
+
+    pub async fn status(&self) -> Result<StatusResponse, ClientError> {
+        let r = with_retry(self.retry, || {
+            let mut rpc = self.rpc.clone();
+            async move { rpc.status(pb::StatusRequest {}).await }
+        })
+        .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Deletes a dataset; returns the bytes freed.
+    pub async fn delete_dataset(&self, name: &str) -> Result<u64, ClientError> {
+        let name = DatasetName::new(name)?;
+        let r = with_retry(self.retry, || {
+            let mut rpc = self.rpc.clone();
+            let dataset = name.to_string();
+            async move { rpc.delete_dataset(pb::DeleteDatasetRequest { dataset }).await }
+        })
+        .await?;
+        Ok(r.into_inner().freed_bytes)
+    }
+
+    /// Uploads every regular file under `dir` as dataset `name`, calling
+    /// `progress` as bytes are sent. Nothing is visible until the commit.
+    pub async fn ingest_dir(
+        &self,
+        name: &str,
+        dir: &std::path::Path,
+        progress: impl FnMut(IngestProgress) + Send + 'static,
+    ) -> Result<DatasetInfo, ClientError> {
+        ingest::ingest_dir(self.rpc.clone(), DatasetName::new(name)?, dir, progress).await
+    }
+
+    /// The raw generated client, for calls this crate does not wrap.
+    pub fn raw(&self) -> StoragedClient<Channel> {
+        self.rpc.clone()
+    }
+}
+
+/// One item of a [`Dataset::read_batch`] call.
+#[derive(Debug, Clone)]
+pub struct BatchItem {
+    pub path: String,
+    pub offset: u64,
+    pub length: Option<u64>,
+}
+
+/// The result of one batch item: its bytes or its own error.
+#[derive(Debug)]
+pub struct BatchResult {
+    pub index: u32,
+    pub data: Result<Bytes, Status>,
+}
+
+/// A dataset on a server.
+#[derive(Debug, Clone)]
+pub struct Dataset {
+    client: Client,
+    name: DatasetName,
+}
+
+impl Dataset {
+    pub fn name(&self) -> &str {
+        self.name.as_str()
+    }
+
+    /// One page of objects; returns the objects and the next page token.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        page_size: u32,
+        page_token: &str,
+    ) -> Result<(Vec<ObjectInfo>, Option<String>), ClientError> {
+        let r = with_retry(self.client.retry, || {
+            let mut rpc = self.client.rpc.clone();
+            let req = pb::ListObjectsRequest {
+                dataset: self.name.to_string(),
+                prefix: prefix.to_owned(),
+                page_size,
+                page_token: page_token.to_owned(),
+            };
+            async move { rpc.list_objects(req).await }
+        })
+        .await?
+        .into_inner();
+        let next = (!r.next_page_token.is_empty()).then_some(r.next_page_token);
+        Ok((r.objects, next))
+    }
+
+    /// Every object under `prefix`, following pages.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<ObjectInfo>, ClientError> {
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (objs, next) = self.list_page(prefix, 0, &token).await?;
+            out.extend(objs);
+            match next {
+                Some(t) => token = t,
+                None => return Ok(out),
+            }
+        }
+    }
+
+    pub async fn stat(&self, path: &str) -> Result<StatResponse, ClientError> {
+        let path = ObjectPath::new(path)?;
+        let r = with_retry(self.client.retry, || {
+            let mut rpc = self.client.rpc.clone();
+            let req = pb::StatRequest {
+                dataset: self.name.to_string(),
+                path: path.to_string(),
+                include_extents: true,
+            };
+            async move { rpc.stat(req).await }
+        })
+        .await?;
+        Ok(r.into_inner())
+    }
+
+    /// The whole object.
+    pub async fn read(&self, path: &str) -> Result<Bytes, ClientError> {
+        self.read_range_inner(path, 0, None).await
+    }
+
+    /// `length` bytes from `offset`. Asking past the end is OUT_OF_RANGE.
+    pub async fn read_range(&self, path: &str, offset: u64, length: u64) -> Result<Bytes, ClientError> {
+        self.read_range_inner(path, offset, Some(length)).await
+    }
+
+    async fn read_range_inner(
+        &self,
+        path: &str,
+        offset: u64,
+        length: Option<u64>,
+    ) -> Result<Bytes, ClientError> {
+        let mut s = std::pin::pin!(self.read_stream(path, offset, length));
+        let mut out: Option<BytesMut> = None;
+        let mut single: Option<Bytes> = None;
+        while let Some(chunk) = s.next().await {
+            let chunk = chunk?;
+            // Avoid a copy for single-message objects.
+            match (&mut out, single.take()) {
+                (None, None) => single = Some(chunk),
+                (None, Some(first)) => {
+                    let mut b = BytesMut::with_capacity(first.len() + chunk.len());
+                    b.extend_from_slice(&first);
+                    b.extend_from_slice(&chunk);
+                    out = Some(b);
+                }
+                (Some(b), _) => b.extend_from_slice(&chunk),
+            }
+        }
+        Ok(match (out, single) {
+            (Some(b), _) => b.freeze(),
+            (None, Some(s)) => s,
+            (None, None) => Bytes::new(),
+        })
+    }
+
+    /// Streams a range in order. Resumes after UNAVAILABLE mid-stream; ends
+    /// with [`ClientError::ShortRead`] if the server stops early.
+    pub fn read_stream(
+        &self,
+        path: &str,
+        offset: u64,
+        length: Option<u64>,
+    ) -> impl Stream<Item = Result<Bytes, ClientError>> + Send + 'static {
+        let rpc = self.client.rpc.clone();
+        let retry = self.client.retry;
+        let dataset = self.name.to_string();
+        let path = path.to_owned();
+        async_stream(move |tx| async move {
+            if let Err(e) = ObjectPath::new(path.as_str()) {
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+            let mut received = 0u64;
+            let mut expected: Option<u64> = None;
+            let mut attempt = 0u32;
+            loop {
+                let req = pb::ReadRequest {
+                    dataset: dataset.clone(),
+                    path: path.clone(),
+                    offset: offset + received,
+                    length: match (expected, length) {
+                        (Some(total), _) => Some(total - received),
+                        (None, l) => l,
+                    },
+                };
+                let mut rpc = rpc.clone();
+                let result: Result<(), Status> = async {
+                    let mut stream = rpc.read(req).await?.into_inner();
+                    while let Some(msg) = stream.message().await? {
+                        let total = *expected.get_or_insert(received + msg.range_length);
+                        if msg.offset != offset + received {
+                            return Err(Status::internal(format!(
+                                "chunk at offset {} where {} was expected",
+                                msg.offset,
+                                offset + received
+                            )));
+                        }
+                        received += msg.data.len() as u64;
+                        if received > total {
+                            return Err(Status::internal("server sent more than announced"));
+                        }
+                        if tx.send(Ok(msg.data)).await.is_err() {
+                            return Ok(());
+                        }
+                    }
+                    Ok(())
+                }
+                .await;
+                match result {
+                    Ok(()) => {
+                        let want = expected.unwrap_or(0);
+                        if received < want {
+                            let _ = tx
+                                .send(Err(ClientError::ShortRead {
+                                    path: path.clone(),
+                                    expected: want,
+                                    got: received,
+                                }))
+                                .await;
+                        }
+                        return;
+                    }
+                    Err(s) if s.code() == Code::Unavailable && attempt + 1 < retry.attempts_max => {
+                        tokio::time::sleep(retry.delay(attempt)).await;
+                        attempt += 1;
+                    }
+                    Err(s) => {
+                        let _ = tx.send(Err(s.into())).await;
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Reads many ranges in one call. Results come in request order, one
+    /// per item; an item's error does not stop the others.
+    pub fn read_batch(
+        &self,
+        items: Vec<BatchItem>,
+        max_in_flight: u32,
+    ) -> impl Stream<Item = Result<BatchResult, ClientError>> + Send + 'static {
+        let mut rpc = self.client.rpc.clone();
+        let dataset = self.name.to_string();
+        async_stream(move |tx| async move {
+            let n = items.len();
+            let req = pb::ReadBatchRequest {
+                dataset,
+                items: items
+                    .into_iter()
+                    .map(|i| pb::ReadItem {
+                        path: i.path,
+                        offset: i.offset,
+                        length: i.length,
+                    })
+                    .collect(),
+                max_in_flight,
+            };
+            let result: Result<(), ClientError> = async {
+                let mut stream = rpc.read_batch(req).await?.into_inner();
+                let mut next_index = 0u32;
+                let mut cur: Option<BytesMut> = None;
+                let mut cur_len = 0u64;
+                while let Some(msg) = stream.message().await? {
+                    if msg.index != next_index {
+                        return Err(ClientError::Protocol(format!(
+                            "batch item {} arrived while {} was expected",
+                            msg.index, next_index
+                        )));
+                    }
+                    let data = if let Some(err) = msg.error {
+                        cur = None;
+                        Err(Status::new(Code::from(err.code), err.message))
+                    } else {
+                        if cur.is_none() {
+                            cur_len = msg.item_length;
+                            cur = Some(BytesMut::with_capacity(msg.item_length as usize));
+                        }
+                        cur.as_mut().expect("set").extend_from_slice(&msg.data);
+                        if !msg.last {
+                            continue;
+                        }
+                        let b = cur.take().expect("set").freeze();
+                        if b.len() as u64 != cur_len {
+                            return Err(ClientError::Protocol(format!(
+                                "batch item {} has {} bytes; {} were announced",
+                                msg.index,
+                                b.len(),
+                                cur_len
+                            )));
+                        }
+                        Ok(b)
+                    };
+                    if tx
+                        .send(Ok(BatchResult {
+                            index: msg.index,
+                            data,
+                        }))
+                        .await
+                        .is_err()
+                    {
+                        return Ok(());
+                    }
+                    next_index += 1;
+                }
+                if (next_index as usize) < n {
+                    return Err(ClientError::Protocol(format!(
+                        "batch stream ended after {next_index} of {n} items"
+                    )));
+                }
+                Ok(())
+            }
+            .await;
+            if let Err(e) = result {
+                let _ = tx.send(Err(e)).await;
+            }
+        })
+    }
+}
+
+/// A stream fed by a spawned producer through a small bounded channel.
+fn async_stream<T, F, Fut>(f: F) -> impl Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let handle = tokio::spawn(f(tx));
+    let guard = AbortOnDrop(handle);
+    tokio_stream::wrappers::ReceiverStream::new(rx).map(move |x| {
+        let _keep = &guard;
+        x
+    })
+}
+
+/// Stops the producer when the consumer drops the stream.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_is_bounded() {
+        let p = RetryPolicy::default();
+        assert_eq!(p.delay(0), Duration::from_millis(50));
+        assert_eq!(p.delay(1), Duration::from_millis(100));
+        assert_eq!(p.delay(30), Duration::from_secs(2));
+    }
+
+    #[tokio::test]
+    async fn retry_stops_at_the_bound() {
+        let mut calls = 0;
+        let policy = RetryPolicy {
+            attempts_max: 3,
+            backoff_initial: Duration::from_millis(1),
+            backoff_max: Duration::from_millis(1),
+        };
+        let r: Result<(), Status> = with_retry(policy, || {
+            calls += 1;
+            async { Err(Status::unavailable("down")) }
+        })
+        .await;
+        assert_eq!(r.unwrap_err().code(), Code::Unavailable);
+        assert_eq!(calls, 3);
+        let mut calls = 0;
+        let r: Result<(), Status> = with_retry(policy, || {
+            calls += 1;
+            async { Err(Status::not_found("x")) }
+        })
+        .await;
+        assert!(r.is_err());
+        assert_eq!(calls, 1, "only UNAVAILABLE is retried");
+    }
+
+    #[test]
+    fn error_display_names_the_code() {
+        let e = ClientError::from(Status::new(Code::DataLoss, "bad block"));
+        assert_eq!(e.to_string(), "DATA_LOSS: bad block");
+        assert_eq!(e.code(), Some(Code::DataLoss));
+    }
+}

@@ -1,1 +1,128 @@
-fn main(){}
+//! `storaged`: the daemon binary. Parses flags, sets up logging and the
+//! runtime, opens the store and serves until SIGINT or SIGTERM.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use storaged::config::{ServeConfig, ServeFlags};
+use storaged::engine::EngineKind;
+use storaged::store::Store;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "storaged", version, about = "Striped io_uring storage for AI training data, served over gRPC")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon. With no --device it uses 4 sparse file-backed devices
+    /// under the data dir.
+    Serve {
+        /// Address for gRPC (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<String>,
+        /// Where the catalog (and the default devices) live.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// A device: a regular file (created if missing) or a block device.
+        /// Repeat for each device, in pool order.
+        #[arg(long = "device")]
+        devices: Vec<PathBuf>,
+        /// Size of device files that must be created, e.g. 640MiB, 16GiB.
+        #[arg(long)]
+        device_size: Option<String>,
+        /// Stripe unit of a new pool (64KiB to 16MiB, power of two).
+        #[arg(long)]
+        stripe_unit: Option<String>,
+        /// I/O engine: auto, uring or psync.
+        #[arg(long)]
+        engine: Option<EngineKind>,
+        /// TOML config file; flags override it.
+        #[arg(long)]
+        config: Option<PathBuf>,
+        /// Erase devices holding data storaged does not recognize.
+        #[arg(long)]
+        force: bool,
+        /// Tokio worker threads for gRPC.
+        #[arg(long)]
+        worker_threads: Option<usize>,
+    },
+}
+
+fn main() {
+    if let Err(e) = run() {
+        eprintln!("storaged: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    match cli.command {
+        Command::Serve {
+            listen,
+            data_dir,
+            devices,
+            device_size,
+            stripe_unit,
+            engine,
+            config,
+            force,
+            worker_threads,
+        } => {
+            let cfg = ServeConfig::resolve(ServeFlags {
+                listen,
+                data_dir,
+                devices,
+                device_size,
+                stripe_unit,
+                force,
+                engine,
+                config,
+                worker_threads,
+            })
+            .map_err(anyhow::Error::msg)?;
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(cfg.worker_threads)
+                .thread_name("storaged-rt")
+                .enable_all()
+                .build()
+                .context("building the tokio runtime")?;
+            rt.block_on(serve(cfg))
+        }
+    }
+}
+
+async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    let store = Store::open(&cfg.store)?;
+    let shutdown = async {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing a SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    };
+    storaged::server::serve(store, cfg.listen, &cfg.server, shutdown, |bound| {
+        // Tests and scripts read this line to learn the port.
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "storaged listening on {bound}");
+        let _ = out.flush();
+    })
+    .await
+}

@@ -1,1 +1,296 @@
-//! service
+//! The `storaged.v1.Storaged` gRPC service: converts wire messages to
+//! validated domain types at the edge, calls the store, and maps every
+//! `StoreError` to its one status code.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures::{Stream, StreamExt};
+use storaged_proto::model::{RangeSpec, ReadSpec, StorageClass};
+use storaged_proto::pb::storaged_server::Storaged;
+use storaged_proto::pb::{self, ingest_request};
+use storaged_proto::{DatasetName, ObjectPath};
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::error::StoreError;
+use crate::store::{BatchEvent, DatasetHandle, Store, StoreStatus};
+
+/// The service; one per server, sharing the store.
+#[derive(Debug, Clone)]
+pub struct StoragedService {
+    store: Arc<Store>,
+}
+
+impl StoragedService {
+    pub fn new(store: Arc<Store>) -> Self {
+        Self { store }
+    }
+}
+
+fn invalid(e: impl std::fmt::Display) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
+fn dataset_info(h: &DatasetHandle) -> pb::DatasetInfo {
+    pb::DatasetInfo {
+        name: h.name.clone(),
+        object_count: h.record.object_count,
+        total_bytes: h.record.total_bytes,
+        storage_class: pb::StorageClass::from(h.record.class) as i32,
+        created_unix_ms: h.record.created_unix_ms,
+        allocated_bytes: h.record.allocated_bytes,
+    }
+}
+
+fn status_response(s: StoreStatus) -> pb::StatusResponse {
+    pb::StatusResponse {
+        pool_id: s.pool_id,
+        engine: s.engine.to_owned(),
+        stripe_unit_bytes: s.stripe_unit_bytes as u32,
+        capacity_bytes: s.capacity_bytes,
+        used_bytes: s.used_bytes,
+        free_bytes: s.capacity_bytes - s.used_bytes,
+        devices: s
+            .devices
+            .into_iter()
+            .map(|d| pb::DeviceStatus {
+                index: d.index,
+                path: d.path.display().to_string(),
+                capacity_bytes: d.capacity_bytes,
+                used_bytes: d.used_bytes,
+            })
+            .collect(),
+        datasets: s.datasets.iter().map(|h| dataset_info(h)).collect(),
+        ingests_in_progress: s.ingests_in_progress as u32,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Storaged for StoragedService {
+    #[tracing::instrument(skip_all)]
+    async fn ingest(
+        &self,
+        request: Request<Streaming<pb::IngestRequest>>,
+    ) -> Result<Response<pb::IngestResponse>, Status> {
+        let mut stream = request.into_inner();
+        let begin = match stream.message().await? {
+            Some(pb::IngestRequest {
+                msg: Some(ingest_request::Msg::Begin(b)),
+            }) => b,
+            Some(_) => return Err(invalid("the first ingest message must be `begin`")),
+            None => return Err(invalid("empty ingest stream")),
+        };
+        let name = DatasetName::new(begin.dataset).map_err(invalid)?;
+        let class = StorageClass::try_from(begin.storage_class).map_err(invalid)?;
+        let mut session = self.store.begin_ingest(name, class)?;
+        tracing::info!(dataset = %session.dataset(), "ingest started");
+        loop {
+            // A client that goes away surfaces here as an error; returning
+            // drops the session, which discards the ingest.
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    return Err(invalid(
+                        "ingest stream ended without `commit`; nothing was stored",
+                    ));
+                }
+                Err(status) => {
+                    tracing::warn!(dataset = %session.dataset(), %status, "ingest stream broke; discarding");
+                    return Err(status);
+                }
+            };
+            match msg.msg {
+                Some(ingest_request::Msg::Object(o)) => {
+                    let path = ObjectPath::new(o.path).map_err(invalid)?;
+                    session.begin_object(path, o.size, o.crc32).await?;
+                }
+                Some(ingest_request::Msg::Data(d)) => session.data(&d).await?,
+                Some(ingest_request::Msg::Commit(c)) => {
+                    let handle = session.commit(c.object_count, c.total_bytes).await?;
+                    return Ok(Response::new(pb::IngestResponse {
+                        dataset: Some(dataset_info(&handle)),
+                    }));
+                }
+                Some(ingest_request::Msg::Begin(_)) => {
+                    return Err(invalid("`begin` sent twice in one ingest"));
+                }
+                None => return Err(invalid("empty ingest message")),
+            }
+        }
+    }
+
+    async fn list_datasets(
+        &self,
+        _request: Request<pb::ListDatasetsRequest>,
+    ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let datasets = self
+            .store
+            .list_datasets()
+            .iter()
+            .map(|h| dataset_info(h))
+            .collect();
+        Ok(Response::new(pb::ListDatasetsResponse { datasets }))
+    }
+
+    async fn list_objects(
+        &self,
+        request: Request<pb::ListObjectsRequest>,
+    ) -> Result<Response<pb::ListObjectsResponse>, Status> {
+        let r = request.into_inner();
+        let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        if r.prefix.len() > storaged_proto::model::OBJECT_PATH_BYTES_MAX || r.prefix.contains('\0') {
+            return Err(invalid("prefix is longer than 4096 bytes or contains NUL"));
+        }
+        let (objects, next) =
+            self.store
+                .list_objects(&name, &r.prefix, r.page_size, &r.page_token)?;
+        Ok(Response::new(pb::ListObjectsResponse {
+            objects: objects
+                .into_iter()
+                .map(|o| pb::ObjectInfo {
+                    path: o.path,
+                    size: o.size,
+                    crc32: o.crc32,
+                })
+                .collect(),
+            next_page_token: next.unwrap_or_default(),
+        }))
+    }
+
+    async fn stat(
+        &self,
+        request: Request<pb::StatRequest>,
+    ) -> Result<Response<pb::StatResponse>, Status> {
+        let r = request.into_inner();
+        let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        let path = ObjectPath::new(r.path).map_err(invalid)?;
+        let obj = self.store.lookup(&name, &path)?;
+        let extents = if r.include_extents {
+            self.store
+                .object_extents(&obj)
+                .into_iter()
+                .map(|(object_offset, s)| pb::Extent {
+                    object_offset,
+                    device_index: s.device,
+                    device_offset: s.device_offset,
+                    length: s.len,
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
+        Ok(Response::new(pb::StatResponse {
+            object: Some(pb::ObjectInfo {
+                path: obj.path.clone(),
+                size: obj.record.size,
+                crc32: obj.record.crc32,
+            }),
+            logical_offset: obj.record.logical_offset,
+            checksum_block_bytes: obj.dataset.record.checksum_block_bytes,
+            extents,
+        }))
+    }
+
+    type ReadStream = BoxStream<pb::ReadResponse>;
+
+    async fn read(
+        &self,
+        request: Request<pb::ReadRequest>,
+    ) -> Result<Response<Self::ReadStream>, Status> {
+        let spec = ReadSpec::try_from(request.get_ref()).map_err(invalid)?;
+        let obj = self.store.lookup(&spec.dataset, &spec.range.path)?;
+        let (start, len) = Store::resolve_range(&obj, spec.range.offset, spec.range.length)?;
+        let object_size = obj.record.size;
+        let stream = self
+            .store
+            .read_stream(Arc::new(obj), start, len)
+            .map(move |r| match r {
+                Ok((offset, data)) => Ok(pb::ReadResponse {
+                    offset,
+                    data,
+                    object_size,
+                    range_length: len,
+                }),
+                Err(e) => {
+                    tracing::warn!(error = %e, "read failed");
+                    Err(Status::from(e))
+                }
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ReadBatchStream = BoxStream<pb::ReadBatchResponse>;
+
+    async fn read_batch(
+        &self,
+        request: Request<pb::ReadBatchRequest>,
+    ) -> Result<Response<Self::ReadBatchStream>, Status> {
+        let r = request.into_inner();
+        let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        let items = r
+            .items
+            .iter()
+            .map(|i| RangeSpec::try_from(i).map_err(StoreError::from))
+            .collect();
+        let in_flight = match r.max_in_flight {
+            0 => self.store.limits().batch_in_flight_default,
+            n => n,
+        };
+        let events = self.store.read_batch(&name, items, in_flight)?;
+        let stream = events.map(|e| {
+            Ok(match e {
+                BatchEvent::Data {
+                    index,
+                    offset,
+                    data,
+                    item_length,
+                    last,
+                } => pb::ReadBatchResponse {
+                    index,
+                    offset,
+                    data,
+                    last,
+                    error: None,
+                    item_length,
+                },
+                BatchEvent::Error { index, error } => {
+                    if error.code() == tonic::Code::DataLoss {
+                        tracing::warn!(%error, "batch item failed");
+                    }
+                    pb::ReadBatchResponse {
+                        index,
+                        offset: 0,
+                        data: bytes::Bytes::new(),
+                        last: true,
+                        error: Some(pb::ItemError {
+                            code: error.code() as i32,
+                            message: error.to_string(),
+                        }),
+                        item_length: 0,
+                    }
+                }
+            })
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn delete_dataset(
+        &self,
+        request: Request<pb::DeleteDatasetRequest>,
+    ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
+        let name = DatasetName::new(request.into_inner().dataset).map_err(invalid)?;
+        let freed_bytes = self.store.delete(&name).await?;
+        tracing::info!(dataset = %name, freed_bytes, "dataset deleted");
+        Ok(Response::new(pb::DeleteDatasetResponse { freed_bytes }))
+    }
+
+    async fn status(
+        &self,
+        _request: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(status_response(self.store.status())))
+    }
+}

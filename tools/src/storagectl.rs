@@ -1,1 +1,381 @@
-fn main(){}
+//! `storagectl`: the command-line client of storaged.
+//!
+//! Every subcommand is a thin layer over `storaged-client`. Errors print as
+//! one line on stderr (`storagectl: error: NOT_FOUND: ...`) with exit code 1;
+//! usage errors exit with 2 (clap's convention).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use storaged_client::{Client, IngestProgress};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(name = "storagectl", version, about = "Command-line client for storaged")]
+struct Cli {
+    /// storaged gRPC endpoint.
+    #[arg(long, env = "STORAGED_URL", default_value = "http://127.0.0.1:7400", global = true)]
+    server: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Upload a directory tree as a new dataset.
+    Ingest {
+        dataset: String,
+        dir: PathBuf,
+    },
+    /// List datasets, or the objects of one dataset.
+    Ls {
+        dataset: Option<String>,
+        /// Only objects whose path starts with this.
+        #[arg(long, default_value = "")]
+        prefix: String,
+        /// Objects per request page.
+        #[arg(long, default_value_t = 1000)]
+        page_size: u32,
+        /// Stop after this many objects.
+        #[arg(long)]
+        limit: Option<u64>,
+    },
+    /// Write an object (or a range of it) to stdout.
+    Cat {
+        dataset: String,
+        path: String,
+        #[arg(long, default_value_t = 0)]
+        offset: u64,
+        #[arg(long)]
+        length: Option<u64>,
+    },
+    /// Show an object's size, checksum and device extents.
+    Stat { dataset: String, path: String },
+    /// Write every object of a dataset under a directory.
+    Export {
+        dataset: String,
+        dir: PathBuf,
+        /// Objects downloaded at once.
+        #[arg(long, default_value_t = 8)]
+        parallel: usize,
+    },
+    /// Delete a dataset and free its space.
+    Rm { dataset: String },
+    /// Devices, capacity used and free, datasets.
+    Status,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("storagectl: error: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        let msg = format!("{e:#}").replace('\n', " ");
+        eprintln!("storagectl: error: {msg}");
+        std::process::exit(1);
+    }
+}
+
+fn human(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < UNITS.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+/// RFC 3339 UTC time of a unix timestamp in milliseconds.
+fn rfc3339(ms: i64) -> String {
+    let secs = ms.div_euclid(1000);
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn class_name(code: i32) -> &'static str {
+    match storaged_proto::pb::StorageClass::try_from(code) {
+        Ok(storaged_proto::pb::StorageClass::Stripe) => "stripe",
+        _ => "unknown",
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = Client::connect(&cli.server).await?;
+    match cli.command {
+        Command::Ingest { dataset, dir } => ingest(&client, &dataset, &dir).await,
+        Command::Ls {
+            dataset: None,
+            ..
+        } => {
+            let datasets = client.list_datasets().await?;
+            println!(
+                "{:<32} {:>10} {:>12} {:<8} CREATED",
+                "NAME", "OBJECTS", "BYTES", "CLASS"
+            );
+            for d in datasets {
+                println!(
+                    "{:<32} {:>10} {:>12} {:<8} {}",
+                    d.name,
+                    d.object_count,
+                    human(d.total_bytes),
+                    class_name(d.storage_class),
+                    rfc3339(d.created_unix_ms)
+                );
+            }
+            Ok(())
+        }
+        Command::Ls {
+            dataset: Some(name),
+            prefix,
+            page_size,
+            limit,
+        } => {
+            let ds = client.dataset(&name)?;
+            let mut token = String::new();
+            let mut shown = 0u64;
+            let mut out = std::io::stdout().lock();
+            loop {
+                let (objects, next) = ds.list_page(&prefix, page_size, &token).await?;
+                for o in objects {
+                    if limit.is_some_and(|l| shown >= l) {
+                        return Ok(());
+                    }
+                    writeln!(out, "{:>12}  {:08x}  {}", o.size, o.crc32, o.path)?;
+                    shown += 1;
+                }
+                match next {
+                    Some(t) => token = t,
+                    None => return Ok(()),
+                }
+            }
+        }
+        Command::Cat {
+            dataset,
+            path,
+            offset,
+            length,
+        } => {
+            let ds = client.dataset(&dataset)?;
+            let mut stream = std::pin::pin!(ds.read_stream(&path, offset, length));
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = stream.next().await {
+                out.write_all(&chunk?).context("writing to stdout")?;
+            }
+            out.flush().context("writing to stdout")?;
+            Ok(())
+        }
+        Command::Stat { dataset, path } => {
+            let st = client.dataset(&dataset)?.stat(&path).await?;
+            let o = st.object.unwrap_or_default();
+            println!("path:            {}", o.path);
+            println!("size:            {} ({})", o.size, human(o.size));
+            println!("crc32:           {:08x}", o.crc32);
+            println!("logical offset:  {}", st.logical_offset);
+            println!("checksum block:  {}", st.checksum_block_bytes);
+            println!("extents:         object_offset device device_offset length");
+            for e in st.extents {
+                println!(
+                    "                 {:>13} {:>6} {:>13} {:>6}",
+                    e.object_offset, e.device_index, e.device_offset, e.length
+                );
+            }
+            Ok(())
+        }
+        Command::Export {
+            dataset,
+            dir,
+            parallel,
+        } => export(&client, &dataset, &dir, parallel.max(1)).await,
+        Command::Rm { dataset } => {
+            let freed = client.delete_dataset(&dataset).await?;
+            println!("deleted {dataset}; freed {}", human(freed));
+            Ok(())
+        }
+        Command::Status => {
+            let s = client.status().await?;
+            println!("pool:        {}", s.pool_id);
+            println!("version:     {}", s.version);
+            println!("engine:      {}", s.engine);
+            println!("stripe unit: {}", human(u64::from(s.stripe_unit_bytes)));
+            println!(
+                "capacity:    {}  used {}  free {}",
+                human(s.capacity_bytes),
+                human(s.used_bytes),
+                human(s.free_bytes)
+            );
+            println!("used bytes:  {}", s.used_bytes);
+            println!("ingests in progress: {}", s.ingests_in_progress);
+            println!("devices:");
+            for d in &s.devices {
+                println!(
+                    "  {:>3}  {:<40} capacity {:>10}  used {:>10}",
+                    d.index,
+                    d.path,
+                    human(d.capacity_bytes),
+                    human(d.used_bytes)
+                );
+            }
+            println!("datasets: {}", s.datasets.len());
+            for d in &s.datasets {
+                println!(
+                    "  {:<32} {:>10} objects {:>12}",
+                    d.name,
+                    d.object_count,
+                    human(d.total_bytes)
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn ingest(client: &Client, dataset: &str, dir: &Path) -> anyhow::Result<()> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta} {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let b2 = bar.clone();
+    let info = client
+        .ingest_dir(dataset, dir, move |p: IngestProgress| {
+            b2.set_length(p.total_bytes);
+            b2.set_position(p.sent_bytes);
+            b2.set_message(format!("{}/{} objects", p.sent_objects, p.total_objects));
+        })
+        .await;
+    bar.finish_and_clear();
+    let info = info?;
+    println!(
+        "ingested {}: {} objects, {}",
+        info.name,
+        info.object_count,
+        human(info.total_bytes)
+    );
+    Ok(())
+}
+
+async fn export(client: &Client, dataset: &str, dir: &Path, parallel: usize) -> anyhow::Result<()> {
+    let ds = client.dataset(dataset)?;
+    let objects = ds.list("").await?;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut total = 0u64;
+    let results = futures::stream::iter(objects.into_iter().map(|o| {
+        let ds = ds.clone();
+        // Paths were validated by the server (relative, no `..`), so the
+        // join cannot escape `dir`; check again rather than trust it.
+        let rel = storaged_proto::ObjectPath::new(o.path.as_str());
+        let target = dir.join(&o.path);
+        async move {
+            rel.with_context(|| format!("server sent an unsafe path {:?}", o.path))?;
+            if let Some(parent) = target.parent() {
+                tokio::fs::create_dir_all(parent)
+                    .await
+                    .with_context(|| format!("creating {}", parent.display()))?;
+            }
+            let mut file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&target)
+                .await
+                .with_context(|| format!("creating {}", target.display()))?;
+            let mut stream = std::pin::pin!(ds.read_stream(&o.path, 0, None));
+            let mut crc = crc32fast::Hasher::new();
+            let mut n = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk?;
+                crc.update(&chunk);
+                n += chunk.len() as u64;
+                tokio::io::AsyncWriteExt::write_all(&mut file, &chunk)
+                    .await
+                    .with_context(|| format!("writing {}", target.display()))?;
+            }
+            tokio::io::AsyncWriteExt::flush(&mut file).await?;
+            let crc = crc.finalize();
+            if n != o.size || crc != o.crc32 {
+                bail!(
+                    "{}: received {n} bytes with CRC {crc:08x}, expected {} bytes with CRC {:08x}",
+                    o.path,
+                    o.size,
+                    o.crc32
+                );
+            }
+            Ok::<u64, anyhow::Error>(n)
+        }
+    }))
+    .buffer_unordered(parallel);
+    let mut results = std::pin::pin!(results);
+    let mut count = 0u64;
+    while let Some(r) = results.next().await {
+        total += r?;
+        count += 1;
+    }
+    println!(
+        "exported {count} objects, {} to {}",
+        human(total),
+        dir.display()
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats_time_and_sizes() {
+        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T07:06:40Z");
+        assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
+        assert_eq!(human(5), "5 B");
+        assert_eq!(human(3 << 20), "3.0 MiB");
+    }
+}

@@ -1,0 +1,215 @@
+//! Uploading a directory tree as a dataset.
+//!
+//! A producer task walks the tree (sorted, so the dataset's object order is
+//! deterministic), and streams `begin`, then per file an `object` header and
+//! its bytes in 1 MiB `data` messages, then `commit`, through a small
+//! bounded channel into one client-streaming Ingest call. Files up to
+//! 8 MiB are read whole first so their CRC-32 can travel in the header and
+//! the server checks the bytes end to end; larger files are streamed and
+//! checked by the server's own per-block CRCs. If anything fails locally the
+//! stream ends without `commit`, and the server discards the ingest.
+
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use storaged_proto::pb::storaged_client::StoragedClient;
+use storaged_proto::pb::{self, ingest_request::Msg};
+use storaged_proto::{DatasetName, ObjectPath};
+use tokio::io::AsyncReadExt;
+use tonic::transport::Channel;
+
+use crate::ClientError;
+
+const DATA_MESSAGE_BYTES: usize = 1 << 20;
+const WHOLE_FILE_CRC_BYTES_MAX: u64 = 8 << 20;
+
+/// Progress of an ingest, reported as bytes go out.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IngestProgress {
+    pub total_bytes: u64,
+    pub sent_bytes: u64,
+    pub total_objects: u64,
+    pub sent_objects: u64,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
+    move |source| ClientError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Regular files under `root` with their object paths, sorted by path.
+pub(crate) fn walk(root: &Path) -> Result<Vec<(ObjectPath, PathBuf, u64)>, ClientError> {
+    let meta = std::fs::metadata(root).map_err(io_err(root))?;
+    if !meta.is_dir() {
+        return Err(ClientError::Io {
+            path: root.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a directory"),
+        });
+    }
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+            let entry = entry.map_err(io_err(&dir))?;
+            let path = entry.path();
+            let ft = entry.file_type().map_err(io_err(&path))?;
+            if ft.is_dir() {
+                stack.push(path);
+                continue;
+            }
+            // Symlinks are followed to files only, which keeps the walk free
+            // of cycles.
+            let meta = if ft.is_symlink() {
+                match std::fs::metadata(&path) {
+                    Ok(m) if m.is_file() => m,
+                    _ => {
+                        tracing::warn!(path = %path.display(), "skipping symlink that is not to a regular file");
+                        continue;
+                    }
+                }
+            } else if ft.is_file() {
+                entry.metadata().map_err(io_err(&path))?
+            } else {
+                tracing::warn!(path = %path.display(), "skipping special file");
+                continue;
+            };
+            let rel = path.strip_prefix(root).expect("under root");
+            let rel_str = rel.to_str().ok_or_else(|| ClientError::Io {
+                path: path.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "file name is not valid UTF-8",
+                ),
+            })?;
+            let object = ObjectPath::new(rel_str)?;
+            out.push((object, path, meta.len()));
+        }
+    }
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    Ok(out)
+}
+
+pub(crate) async fn ingest_dir(
+    mut rpc: StoragedClient<Channel>,
+    name: DatasetName,
+    root: &Path,
+    mut progress: impl FnMut(IngestProgress) + Send + 'static,
+) -> Result<pb::DatasetInfo, ClientError> {
+    let files = walk(root)?;
+    let mut p = IngestProgress {
+        total_bytes: files.iter().map(|f| f.2).sum(),
+        total_objects: files.len() as u64,
+        ..Default::default()
+    };
+    progress(p);
+    let (tx, rx) = tokio::sync::mpsc::channel::<pb::IngestRequest>(8);
+    let producer = tokio::spawn(async move {
+        let send = |m: Msg| {
+            let tx = tx.clone();
+            async move {
+                tx.send(pb::IngestRequest { msg: Some(m) })
+                    .await
+                    .map_err(|_| ClientError::Protocol("the server closed the ingest stream".into()))
+            }
+        };
+        send(Msg::Begin(pb::IngestBegin {
+            dataset: name.to_string(),
+            storage_class: pb::StorageClass::Stripe as i32,
+        }))
+        .await?;
+        let mut total = 0u64;
+        for (object, path, _) in &files {
+            let mut f = tokio::fs::File::open(path).await.map_err(io_err(path))?;
+            let size = f.metadata().await.map_err(io_err(path))?.len();
+            if size <= WHOLE_FILE_CRC_BYTES_MAX {
+                let mut buf = Vec::with_capacity(size as usize);
+                f.read_to_end(&mut buf).await.map_err(io_err(path))?;
+                if buf.len() as u64 != size {
+                    return Err(ClientError::Protocol(format!(
+                        "{} changed size while being read",
+                        path.display()
+                    )));
+                }
+                send(Msg::Object(pb::ObjectBegin {
+                    path: object.to_string(),
+                    size,
+                    crc32: Some(crc32fast::hash(&buf)),
+                }))
+                .await?;
+                let buf = Bytes::from(buf);
+                let mut at = 0;
+                while at < buf.len() {
+                    let end = (at + DATA_MESSAGE_BYTES).min(buf.len());
+                    send(Msg::Data(buf.slice(at..end))).await?;
+                    p.sent_bytes += (end - at) as u64;
+                    progress(p);
+                    at = end;
+                }
+            } else {
+                send(Msg::Object(pb::ObjectBegin {
+                    path: object.to_string(),
+                    size,
+                    crc32: None,
+                }))
+                .await?;
+                let mut left = size;
+                while left > 0 {
+                    let n = (left as usize).min(DATA_MESSAGE_BYTES);
+                    let mut buf = vec![0u8; n];
+                    f.read_exact(&mut buf).await.map_err(io_err(path))?;
+                    send(Msg::Data(Bytes::from(buf))).await?;
+                    left -= n as u64;
+                    p.sent_bytes += n as u64;
+                    progress(p);
+                }
+            }
+            total += size;
+            p.sent_objects += 1;
+            progress(p);
+        }
+        send(Msg::Commit(pb::IngestCommit {
+            object_count: files.len() as u64,
+            total_bytes: total,
+        }))
+        .await?;
+        Ok::<(), ClientError>(())
+    });
+    let call = rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let produced = producer
+        .await
+        .map_err(|e| ClientError::Protocol(format!("ingest producer failed: {e}")))?;
+    let response = match (call, produced) {
+        // A local failure explains a server-side "ended without commit".
+        (Err(_), Err(local @ ClientError::Io { .. })) => return Err(local),
+        // The server's reason is why our sends stopped going through.
+        (Err(status), _) => return Err(status.into()),
+        (Ok(_), Err(local)) => return Err(local),
+        (Ok(r), Ok(())) => r,
+    };
+    let info = response
+        .into_inner()
+        .dataset
+        .ok_or_else(|| ClientError::Protocol("ingest response without dataset".into()))?;
+    Ok(info)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn walk_is_sorted_and_relative() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("b/c")).unwrap();
+        std::fs::write(d.path().join("b/c/x"), b"1").unwrap();
+        std::fs::write(d.path().join("a"), b"22").unwrap();
+        std::fs::create_dir_all(d.path().join("empty-dir")).unwrap();
+        let files = walk(d.path()).unwrap();
+        let names: Vec<_> = files.iter().map(|f| f.0.as_str()).collect();
+        assert_eq!(names, ["a", "b/c/x"]);
+        assert_eq!(files[0].2, 2);
+        assert!(walk(&d.path().join("a")).is_err());
+    }
+}
