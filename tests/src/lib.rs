@@ -1,1 +1,303 @@
+//! Harness for integration tests: runs the real `storaged` and `storagectl`
+//! binaries on loopback.
+//!
+//! The binaries are found next to the test executable's profile directory
+//! (`target/<profile>/`), or in `$STORAGED_BIN_DIR`. The README's test
+//! command builds them first (`cargo build --bins`). Each daemon gets its own
+//! temporary data dir and listens on port 0; the harness reads the bound
+//! address from the daemon's first stdout line.
 
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+/// Directory holding the built binaries.
+pub fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("STORAGED_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> → target/<profile>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf();
+    for b in ["storaged", "storagectl"] {
+        assert!(
+            dir.join(b).exists(),
+            "{} is missing: build the binaries first (cargo build --bins), or set STORAGED_BIN_DIR",
+            dir.join(b).display()
+        );
+    }
+    dir
+}
+
+pub fn storaged_bin() -> PathBuf {
+    bin_dir().join("storaged")
+}
+
+pub fn storagectl_bin() -> PathBuf {
+    bin_dir().join("storagectl")
+}
+
+/// A running storaged.
+pub struct Daemon {
+    pub child: Option<Child>,
+    pub url: String,
+    pub data_dir: PathBuf,
+    pub args: Vec<String>,
+    stderr_path: PathBuf,
+}
+
+/// Options of a test daemon.
+#[derive(Debug, Clone)]
+pub struct DaemonOpts {
+    pub devices: usize,
+    pub device_size: String,
+    pub stripe_unit: String,
+    pub extra: Vec<String>,
+}
+
+impl Default for DaemonOpts {
+    fn default() -> Self {
+        Self {
+            devices: 4,
+            device_size: "64MiB".into(),
+            stripe_unit: "64KiB".into(),
+            extra: Vec::new(),
+        }
+    }
+}
+
+impl DaemonOpts {
+    pub fn args(&self, data_dir: &Path) -> Vec<String> {
+        let mut a = vec![
+            "serve".to_owned(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--device-size".into(),
+            self.device_size.clone(),
+            "--stripe-unit".into(),
+            self.stripe_unit.clone(),
+        ];
+        for i in 0..self.devices {
+            a.push("--device".into());
+            a.push(data_dir.join(format!("dev{i}.img")).display().to_string());
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+/// Outcome of starting a daemon that was expected to fail.
+#[derive(Debug)]
+pub struct StartFailure {
+    pub code: Option<i32>,
+    pub stderr: String,
+}
+
+impl Daemon {
+    /// Starts storaged with `args`; panics if it does not come up.
+    pub fn start_args(data_dir: &Path, args: Vec<String>) -> Daemon {
+        match Self::try_start_args(data_dir, args) {
+            Ok(d) => d,
+            Err(f) => panic!("storaged failed to start ({:?}): {}", f.code, f.stderr),
+        }
+    }
+
+    pub fn start(data_dir: &Path, opts: &DaemonOpts) -> Daemon {
+        Self::start_args(data_dir, opts.args(data_dir))
+    }
+
+    /// Starts storaged; returns its exit status and stderr if it exits
+    /// before listening.
+    pub fn try_start_args(data_dir: &Path, args: Vec<String>) -> Result<Daemon, StartFailure> {
+        std::fs::create_dir_all(data_dir).expect("data dir");
+        let stderr_path = data_dir.join(format!(
+            "storaged-{}.stderr",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let stderr_file = std::fs::File::create(&stderr_path).expect("stderr file");
+        let mut child = Command::new(storaged_bin())
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr_file)
+            .spawn()
+            .expect("spawning storaged");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            if let Some(Ok(line)) = lines.next() {
+                let _ = tx.send(line);
+            }
+            // Keep draining so the daemon never blocks on a full pipe.
+            for _ in lines {}
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(line) = rx.try_recv() {
+                let addr = line
+                    .strip_prefix("storaged listening on ")
+                    .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
+                    .to_owned();
+                return Ok(Daemon {
+                    child: Some(child),
+                    url: format!("http://{addr}"),
+                    data_dir: data_dir.to_owned(),
+                    args,
+                    stderr_path,
+                });
+            }
+            if let Some(status) = child.try_wait().expect("try_wait") {
+                return Err(StartFailure {
+                    code: status.code(),
+                    stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+                });
+            }
+            assert!(Instant::now() < deadline, "storaged did not start in 60 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill -9`: no chance to clean up.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().expect("SIGKILL");
+            c.wait().expect("reap");
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: sending a signal to our own child's pid, which stays
+            // valid until we reap it below.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGTERM);
+            }
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                if let Some(status) = c.try_wait().expect("try_wait") {
+                    assert!(status.success(), "storaged exited with {status} on SIGTERM");
+                    return;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    panic!("storaged did not exit within 30 s of SIGTERM");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// Starts again with the same arguments (a new port).
+    pub fn restart(&mut self) {
+        self.stop();
+        *self = Daemon::start_args(&self.data_dir.clone(), self.args.clone());
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Runs `storagectl` against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(storagectl_bin())
+            .arg("--server")
+            .arg(&self.url)
+            .args(args)
+            .output()
+            .expect("running storagectl")
+    }
+
+    /// Runs `storagectl`, asserting success; returns stdout.
+    pub fn ctl_ok(&self, args: &[&str]) -> String {
+        let out = self.ctl(args);
+        assert!(
+            out.status.success(),
+            "storagectl {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).expect("utf-8 stdout")
+    }
+
+    pub async fn client(&self) -> storaged_client::Client {
+        storaged_client::Client::connect(&self.url)
+            .await
+            .expect("connecting to storaged")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.extend_from_slice(&x.to_le_bytes());
+    }
+    v.truncate(len);
+    v
+}
+
+/// Writes `files` (relative path, bytes) under `root`.
+pub fn write_tree(root: &Path, files: &[(String, Vec<u8>)]) {
+    for (rel, data) in files {
+        let p = root.join(rel);
+        std::fs::create_dir_all(p.parent().expect("parent")).expect("mkdir");
+        std::fs::write(&p, data).expect("write file");
+    }
+}
+
+/// Every regular file under `root`, relative path → bytes.
+pub fn read_tree(root: &Path) -> std::collections::BTreeMap<String, Vec<u8>> {
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).expect("read_dir") {
+            let e = e.expect("entry");
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(root).unwrap().to_str().unwrap().to_owned();
+                out.insert(rel, std::fs::read(&p).expect("read"));
+            }
+        }
+    }
+    out
+}
+
+/// Polls `f` until it returns true or `timeout` passes.
+pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if f().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -1,0 +1,198 @@
+//! Bad input gets a clear error with the right code, and never leaves
+//! anything behind: client disconnects, bad names, a full pool, foreign and
+//! mismatched devices.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use storaged_proto::pb::{self, ingest_request::Msg};
+use storaged_tests::{Daemon, DaemonOpts, eventually, pattern, write_tree};
+use tonic::Code;
+
+fn msg(m: Msg) -> pb::IngestRequest {
+    pb::IngestRequest { msg: Some(m) }
+}
+
+// Guards against an abandoned upload leaving a visible dataset or
+// allocated space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_mid_ingest_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    let client = d.client().await;
+    {
+        // A separate connection, dropped whole: the server sees a reset.
+        let other = d.client().await;
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut rpc = other.raw();
+        let call = tokio::spawn(async move { rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+        tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "gone".into(), storage_class: 0 }))).await.unwrap();
+        tx.send(msg(Msg::Object(pb::ObjectBegin { path: "a".into(), size: 4 << 20, crc32: None }))).await.unwrap();
+        tx.send(msg(Msg::Data(Bytes::from(pattern(1, 1 << 20))))).await.unwrap();
+        assert!(eventually(Duration::from_secs(20), async || client.status().await.unwrap().ingests_in_progress == 1).await);
+        call.abort();
+        drop(other);
+    }
+    assert!(
+        eventually(Duration::from_secs(20), async || {
+            let s = client.status().await.unwrap();
+            s.ingests_in_progress == 0 && s.used_bytes == 0
+        })
+        .await,
+        "space released after the disconnect"
+    );
+    assert!(client.list_datasets().await.unwrap().is_empty());
+
+    // A stream that just ends without commit is discarded too.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "nocommit".into(), storage_class: 0 }))).await.unwrap();
+    tx.send(msg(Msg::Object(pb::ObjectBegin { path: "a".into(), size: 3, crc32: None }))).await.unwrap();
+    tx.send(msg(Msg::Data(Bytes::from_static(b"abc")))).await.unwrap();
+    drop(tx);
+    let err = client.raw().ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("commit"), "{}", err.message());
+    assert_eq!(client.status().await.unwrap().used_bytes, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_names_are_invalid_argument() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("ok".into(), b"x".to_vec())]);
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    let mut rpc = d.client().await.raw();
+    let long_path = "a/".repeat(2100) + "b";
+    for (dataset, path) in [
+        ("bad name", "ok"),
+        ("", "ok"),
+        (&"n".repeat(129)[..], "ok"),
+        ("ds/..", "ok"),
+        ("ds", "../../etc/passwd"),
+        ("ds", "/etc/passwd"),
+        ("ds", "a/./b"),
+        ("ds", "a\0b"),
+        ("ds", ""),
+        ("ds", long_path.as_str()),
+    ] {
+        let r = rpc
+            .stat(pb::StatRequest { dataset: dataset.into(), path: path.into(), include_extents: false })
+            .await
+            .unwrap_err();
+        assert_eq!(r.code(), Code::InvalidArgument, "{dataset:?} {path:?}: {}", r.message());
+        assert!(!r.message().is_empty());
+    }
+    let r = rpc.stat(pb::StatRequest { dataset: "nope".into(), path: "ok".into(), include_extents: false }).await.unwrap_err();
+    assert_eq!(r.code(), Code::NotFound);
+    let r = rpc.stat(pb::StatRequest { dataset: "ds".into(), path: "nope".into(), include_extents: false }).await.unwrap_err();
+    assert_eq!(r.code(), Code::NotFound);
+    let r = rpc.delete_dataset(pb::DeleteDatasetRequest { dataset: "nope".into() }).await.unwrap_err();
+    assert_eq!(r.code(), Code::NotFound);
+    let r = rpc
+        .list_objects(pb::ListObjectsRequest { dataset: "ds".into(), page_size: 1_000_000, ..Default::default() })
+        .await
+        .unwrap_err();
+    assert_eq!(r.code(), Code::InvalidArgument);
+
+    // An ingest whose object path escapes is refused and leaves nothing.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "evil".into(), storage_class: 0 }))).await.unwrap();
+    tx.send(msg(Msg::Object(pb::ObjectBegin { path: "../../x".into(), size: 1, crc32: None }))).await.unwrap();
+    drop(tx);
+    let r = rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(r.code(), Code::InvalidArgument);
+    // An unknown storage class is refused.
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "ec".into(), storage_class: 42 }))).await.unwrap();
+    drop(tx);
+    let r = rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    assert_eq!(r.code(), Code::InvalidArgument);
+    // Reads past the end are OUT_OF_RANGE.
+    let client = d.client().await;
+    let e = client.dataset("ds").unwrap().read_range("ok", 0, 2).await.unwrap_err();
+    assert_eq!(e.code(), Some(Code::OutOfRange));
+
+    // The CLI reports a one-line error and exits non-zero.
+    let out = d.ctl(&["cat", "ds", "../x"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.starts_with("storagectl: error:") && err.trim().lines().count() == 1, "{err}");
+    let out = d.ctl(&["ingest", "ds", src.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("ALREADY_EXISTS"));
+    assert!(client.list_datasets().await.unwrap().len() == 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_pool_is_resource_exhausted_and_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    // Two devices with 2 MiB of data area each: 4 MiB of capacity.
+    let opts = DaemonOpts { devices: 2, device_size: "3MiB".into(), ..Default::default() };
+    let d = Daemon::start(&tmp.path().join("data"), &opts);
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("a".into(), pattern(1, 3 << 20)), ("b".into(), pattern(2, 3 << 20))]);
+    let out = d.ctl(&["ingest", "toobig", src.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("RESOURCE_EXHAUSTED"), "{err}");
+    let client = d.client().await;
+    assert!(
+        eventually(Duration::from_secs(10), async || client.status().await.unwrap().used_bytes == 0).await,
+        "space of the failed ingest released"
+    );
+    assert!(client.list_datasets().await.unwrap().is_empty());
+    // What fits still goes in.
+    let small = tmp.path().join("small");
+    write_tree(&small, &[("a".into(), pattern(1, 3 << 20))]);
+    d.ctl_ok(&["ingest", "fits", small.to_str().unwrap()]);
+}
+
+#[test]
+fn foreign_and_mismatched_devices_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let opts = DaemonOpts { devices: 2, ..Default::default() };
+    // Something that is not ours on device 1.
+    std::fs::write(data.join("dev1.img"), pattern(7, 2 << 20)).unwrap();
+    let f = Daemon::try_start_args(&data, opts.args(&data)).err().expect("must refuse");
+    assert_ne!(f.code, Some(0));
+    assert!(f.stderr.contains("dev1.img") && f.stderr.contains("--force"), "{}", f.stderr);
+    assert_eq!(std::fs::read(data.join("dev1.img")).unwrap(), pattern(7, 2 << 20), "not touched");
+
+    // --force takes it over.
+    let mut forced = opts.args(&data);
+    forced.push("--force".into());
+    let mut d = Daemon::start_args(&data, forced);
+    d.stop();
+
+    // Devices in the wrong order.
+    let mut swapped = opts.args(&data);
+    let (i0, i1) = (swapped.len() - 3, swapped.len() - 1);
+    swapped.swap(i0, i1);
+    let f = Daemon::try_start_args(&data, swapped).err().expect("must refuse the wrong order");
+    assert!(f.stderr.contains("given as device 0"), "{}", f.stderr);
+
+    // A device of another pool.
+    let other = tmp.path().join("other");
+    let mut o = Daemon::start(&other, &opts);
+    o.stop();
+    let mut mixed = opts.args(&data);
+    let last = mixed.len() - 1;
+    mixed[last] = other.join("dev1.img").display().to_string();
+    let f = Daemon::try_start_args(&data, mixed).err().expect("must refuse another pool");
+    assert!(f.stderr.contains("belongs to pool"), "{}", f.stderr);
+
+    // An unknown format version.
+    let dev0 = data.join("dev0.img");
+    let file = std::fs::OpenOptions::new().write(true).open(&dev0).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &99u32.to_le_bytes(), 8).unwrap();
+    let f = Daemon::try_start_args(&data, opts.args(&data)).err().expect("must refuse");
+    assert!(f.stderr.contains("checksum") || f.stderr.contains("version"), "{}", f.stderr);
+
+    // Bad flags: a clear message and a non-zero exit.
+    let bad_opts = DaemonOpts { device_size: "12XB".into(), ..opts.clone() };
+    let bad = bad_opts.args(&data);
+    let f = Daemon::try_start_args(&data, bad).err().expect("must refuse");
+    assert!(f.stderr.contains("12XB"), "{}", f.stderr);
+}

@@ -1,0 +1,82 @@
+//! `kill -9` of storaged during an ingest, then a restart: the dataset is not
+//! visible and its space is free again.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use storaged_proto::pb::{self, ingest_request::Msg};
+use storaged_tests::{Daemon, DaemonOpts, eventually, pattern, write_tree};
+
+fn msg(m: Msg) -> pb::IngestRequest {
+    pb::IngestRequest { msg: Some(m) }
+}
+
+// Guards against a partially ingested dataset becoming visible, or its
+// space leaking, after a crash in the middle of an ingest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_mid_ingest_leaves_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    let client = d.client().await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut rpc = client.raw();
+    let call = tokio::spawn(async move { rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
+    tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "partial".into(), storage_class: 0 }))).await.unwrap();
+    tx.send(msg(Msg::Object(pb::ObjectBegin { path: "a".into(), size: 8 << 20, crc32: None }))).await.unwrap();
+    for i in 0..4u64 {
+        tx.send(msg(Msg::Data(Bytes::from(pattern(i, 1 << 20))))).await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(20), async || {
+            let s = client.status().await.unwrap();
+            s.ingests_in_progress == 1 && s.used_bytes >= 4 << 20
+        })
+        .await,
+        "ingest in progress with space allocated"
+    );
+    d.kill9();
+    assert!(call.await.unwrap().is_err(), "the ingest cannot have succeeded");
+    drop(tx);
+
+    d = Daemon::start_args(&d.data_dir.clone(), d.args.clone());
+    let c2 = d.client().await;
+    let s = c2.status().await.unwrap();
+    assert!(s.datasets.is_empty(), "{:?}", s.datasets);
+    assert_eq!(s.used_bytes, 0);
+    assert!(d.ctl_ok(&["ls"]).lines().count() == 1, "only the header");
+    // The space is really usable again.
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("x".into(), pattern(9, 3 << 20))]);
+    d.ctl_ok(&["ingest", "partial", src.to_str().unwrap()]);
+}
+
+// The same through the CLI, killed at whatever point the ingest has reached
+// once it has taken space.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_during_storagectl_ingest() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let files: Vec<(String, Vec<u8>)> = (0..40).map(|i| (format!("f{i:02}"), pattern(i, 3 << 20))).collect();
+    write_tree(&src, &files);
+    let mut d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    let client = d.client().await;
+    let ingest = std::process::Command::new(storaged_tests::storagectl_bin())
+        .args(["--server", &d.url, "ingest", "big", src.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(30), async || {
+            client.status().await.map(|s| s.used_bytes > 0 && s.ingests_in_progress == 1).unwrap_or(false)
+        })
+        .await
+    );
+    d.kill9();
+    let out = ingest.wait_with_output().unwrap();
+    assert!(!out.status.success(), "storagectl must fail when the server dies");
+    d = Daemon::start_args(&d.data_dir.clone(), d.args.clone());
+    let s = d.client().await.status().await.unwrap();
+    assert!(s.datasets.is_empty());
+    assert_eq!(s.used_bytes, 0);
+}
