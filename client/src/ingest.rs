@@ -111,7 +111,9 @@ pub(crate) async fn ingest_dir(
             async move {
                 tx.send(pb::IngestRequest { msg: Some(m) })
                     .await
-                    .map_err(|_| ClientError::Protocol("the server closed the ingest stream".into()))
+                    .map_err(|_| {
+                        ClientError::Protocol("the server closed the ingest stream".into())
+                    })
             }
         };
         send(Msg::Begin(pb::IngestBegin {
@@ -176,7 +178,9 @@ pub(crate) async fn ingest_dir(
         .await?;
         Ok::<(), ClientError>(())
     });
-    let call = rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await;
+    let call = rpc
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
     let produced = producer
         .await
         .map_err(|e| ClientError::Protocol(format!("ingest producer failed: {e}")))?;

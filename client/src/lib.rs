@@ -44,7 +44,9 @@ pub enum ClientError {
     Status(Status),
     #[error(transparent)]
     InvalidName(#[from] NameError),
-    #[error("short read of {path:?}: the server announced {expected} bytes but the stream ended after {got}")]
+    #[error(
+        "short read of {path:?}: the server announced {expected} bytes but the stream ended after {got}"
+    )]
     ShortRead {
         path: String,
         expected: u64,
@@ -215,7 +217,10 @@ impl Client {
         let r = with_retry(self.retry, || {
             let mut rpc = self.rpc.clone();
             let dataset = name.to_string();
-            async move { rpc.delete_dataset(pb::DeleteDatasetRequest { dataset }).await }
+            async move {
+                rpc.delete_dataset(pb::DeleteDatasetRequest { dataset })
+                    .await
+            }
         })
         .await?;
         Ok(r.into_inner().freed_bytes)
@@ -323,7 +328,12 @@ impl Dataset {
     }
 
     /// `length` bytes from `offset`. Asking past the end is OUT_OF_RANGE.
-    pub async fn read_range(&self, path: &str, offset: u64, length: u64) -> Result<Bytes, ClientError> {
+    pub async fn read_range(
+        &self,
+        path: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Bytes, ClientError> {
         self.read_range_inner(path, offset, Some(length)).await
     }
 

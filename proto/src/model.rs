@@ -238,7 +238,12 @@ mod tests {
 
     #[test]
     fn object_paths() {
-        for ok in ["a", "train/n01440764/img_001.JPEG", "ünïcødé/файл", "a..b/.c"] {
+        for ok in [
+            "a",
+            "train/n01440764/img_001.JPEG",
+            "ünïcødé/файл",
+            "a..b/.c",
+        ] {
             assert!(ObjectPath::new(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -266,7 +271,10 @@ mod tests {
         assert_eq!(StorageClass::try_from(0), Ok(StorageClass::Stripe));
         assert_eq!(StorageClass::try_from(1), Ok(StorageClass::Stripe));
         assert_eq!(StorageClass::try_from(7), Err(NameError::StorageClass(7)));
-        assert_eq!(StorageClass::from_code(StorageClass::Stripe.code()), Some(StorageClass::Stripe));
+        assert_eq!(
+            StorageClass::from_code(StorageClass::Stripe.code()),
+            Some(StorageClass::Stripe)
+        );
         assert_eq!(StorageClass::from_code(0), None);
     }
 }

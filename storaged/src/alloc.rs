@@ -81,7 +81,10 @@ impl ExtentAllocator {
     }
 
     fn check(&self, e: Extent) -> Result<(), AllocError> {
-        if e.offset % BLOCK_BYTES != 0 || e.len % BLOCK_BYTES != 0 || e.end() > self.capacity_bytes {
+        if !e.offset.is_multiple_of(BLOCK_BYTES)
+            || !e.len.is_multiple_of(BLOCK_BYTES)
+            || e.end() > self.capacity_bytes
+        {
             return Err(AllocError::OutOfBounds(e, self.capacity_bytes));
         }
         Ok(())
@@ -161,7 +164,9 @@ impl ExtentAllocator {
 
     /// Free extents in address order.
     pub fn free_extents(&self) -> impl Iterator<Item = Extent> + '_ {
-        self.free.iter().map(|(&offset, &len)| Extent { offset, len })
+        self.free
+            .iter()
+            .map(|(&offset, &len)| Extent { offset, len })
     }
 }
 
@@ -188,7 +193,13 @@ mod tests {
     fn allocate_release_merge() {
         let mut a = ExtentAllocator::new(64 * BLOCK_BYTES, &[]).unwrap();
         let x = a.allocate(1).unwrap();
-        assert_eq!(x, Extent { offset: 0, len: 4096 });
+        assert_eq!(
+            x,
+            Extent {
+                offset: 0,
+                len: 4096
+            }
+        );
         let y = a.allocate(8192).unwrap();
         assert_eq!(y.offset, 4096);
         assert_eq!(a.free_bytes(), 61 * 4096);
@@ -203,11 +214,20 @@ mod tests {
     #[test]
     fn rebuild_rejects_overlap() {
         let used = [
-            Extent { offset: 0, len: 8192 },
-            Extent { offset: 4096, len: 4096 },
+            Extent {
+                offset: 0,
+                len: 8192,
+            },
+            Extent {
+                offset: 4096,
+                len: 4096,
+            },
         ];
         assert!(ExtentAllocator::new(1 << 20, &used).is_err());
-        let bad = [Extent { offset: 1 << 20, len: 4096 }];
+        let bad = [Extent {
+            offset: 1 << 20,
+            len: 4096,
+        }];
         assert!(matches!(
             ExtentAllocator::new(1 << 20, &bad),
             Err(AllocError::OutOfBounds(..))

@@ -533,7 +533,8 @@ mod tests {
         drop(leases);
         // Two buffers are back, the in-flight one is not.
         let two = p.acquire_many(4096, 2).await.unwrap();
-        let third = tokio::time::timeout(std::time::Duration::from_millis(50), p.acquire(4096)).await;
+        let third =
+            tokio::time::timeout(std::time::Duration::from_millis(50), p.acquire(4096)).await;
         assert!(third.is_err(), "in-flight buffer was handed out again");
         p.complete(idx, Err(io::Error::from_raw_os_error(libc::EIO)));
         let third = p.acquire(4096).await.unwrap();

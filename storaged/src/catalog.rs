@@ -124,7 +124,10 @@ impl DatasetRecord {
     }
 
     pub fn decode(b: &[u8]) -> Result<Self, CatalogError> {
-        let mut r = Reader { b, what: "dataset record" };
+        let mut r = Reader {
+            b,
+            what: "dataset record",
+        };
         let version = r.u8()?;
         if version != DATASET_RECORD_VERSION {
             return Err(CatalogError::Corrupt(
@@ -184,7 +187,10 @@ impl ObjectRecord {
 
     /// Decodes the header only: size, offset and whole-object CRC.
     pub fn decode_summary(b: &[u8]) -> Result<(u64, u64, u32), CatalogError> {
-        let mut r = Reader { b, what: "object record" };
+        let mut r = Reader {
+            b,
+            what: "object record",
+        };
         let version = r.u8()?;
         if version != OBJECT_RECORD_VERSION {
             return Err(CatalogError::Corrupt(
@@ -252,7 +258,10 @@ impl Catalog {
         let txn = db.begin_write().map_err(dberr)?;
         {
             let mut meta = txn.open_table(META).map_err(dberr)?;
-            let existing = meta.get("pool_id").map_err(dberr)?.map(|g| g.value().to_vec());
+            let existing = meta
+                .get("pool_id")
+                .map_err(dberr)?
+                .map(|g| g.value().to_vec());
             match existing {
                 Some(found) if found != pool_id => {
                     return Err(CatalogError::PoolMismatch {
@@ -331,7 +340,8 @@ impl Catalog {
                 .map_err(dberr)?;
             let mut objs = txn.open_table(OBJECTS).map_err(dberr)?;
             for (path, o) in objects {
-                objs.insert((id, path.as_str()), &o.encode()[..]).map_err(dberr)?;
+                objs.insert((id, path.as_str()), &o.encode()[..])
+                    .map_err(dberr)?;
             }
             datasets.insert(name, &record.encode()[..]).map_err(dberr)?;
         }
@@ -339,7 +349,11 @@ impl Catalog {
         Ok(record)
     }
 
-    pub fn get_object(&self, dataset_id: u64, path: &str) -> Result<Option<ObjectRecord>, CatalogError> {
+    pub fn get_object(
+        &self,
+        dataset_id: u64,
+        path: &str,
+    ) -> Result<Option<ObjectRecord>, CatalogError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let t = txn.open_table(OBJECTS).map_err(dberr)?;
         match t.get((dataset_id, path)).map_err(dberr)? {
@@ -414,11 +428,8 @@ impl Catalog {
                 None => return Ok(None),
             };
             let mut objs = txn.open_table(OBJECTS).map_err(dberr)?;
-            objs.retain_in::<(u64, &str), _>(
-                (record.id, "")..(record.id + 1, ""),
-                |_, _| false,
-            )
-            .map_err(dberr)?;
+            objs.retain_in::<(u64, &str), _>((record.id, "")..(record.id + 1, ""), |_, _| false)
+                .map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
         Ok(Some(record))
@@ -447,7 +458,10 @@ mod tests {
             object_count: 3,
             total_bytes: 30,
             allocated_bytes: 12288,
-            extents: vec![Extent { offset: 0, len: 12288 }],
+            extents: vec![Extent {
+                offset: 0,
+                len: 12288,
+            }],
         }
     }
 
@@ -482,14 +496,20 @@ mod tests {
         let d2 = c.commit_dataset("other", ds(), &objects).unwrap();
         assert_eq!(d2.id, 2);
         let (page, more) = c.list_objects(1, "", None, 2).unwrap();
-        assert_eq!(page.iter().map(|o| o.path.as_str()).collect::<Vec<_>>(), ["a/1", "a/2"]);
+        assert_eq!(
+            page.iter().map(|o| o.path.as_str()).collect::<Vec<_>>(),
+            ["a/1", "a/2"]
+        );
         assert!(more);
         let (page, more) = c.list_objects(1, "", Some("a/2"), 2).unwrap();
         assert_eq!(page.len(), 1);
         assert!(!more);
         let (page, _) = c.list_objects(1, "b/", None, 10).unwrap();
         assert_eq!(page.len(), 1);
-        assert_eq!(c.get_object(1, "a/2").unwrap().unwrap().logical_offset, 4096);
+        assert_eq!(
+            c.get_object(1, "a/2").unwrap().unwrap().logical_offset,
+            4096
+        );
         assert!(c.get_object(1, "zz").unwrap().is_none());
         drop(c);
         // Reopen: durable, and a different pool is refused.

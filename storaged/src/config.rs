@@ -250,7 +250,7 @@ impl ServeConfig {
         let s = &self.store;
         let block = u64::from(crate::device::CHECKSUM_BLOCK_BYTES);
         let m = s.limits.message_bytes;
-        if m < block || m % block != 0 || m > 4 << 20 {
+        if m < block || !m.is_multiple_of(block) || m > 4 << 20 {
             return Err(format!(
                 "message_size {m} must be a multiple of {block} bytes and at most 4 MiB"
             ));

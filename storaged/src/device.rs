@@ -43,28 +43,40 @@ pub enum DeviceError {
         "device {path} holds data storaged does not recognize; refusing to overwrite it (pass --force to erase it)"
     )]
     Foreign { path: PathBuf },
-    #[error("device {path} has a storaged superblock with a bad checksum (stored {stored:#010x}, computed {computed:#010x})")]
+    #[error(
+        "device {path} has a storaged superblock with a bad checksum (stored {stored:#010x}, computed {computed:#010x})"
+    )]
     BadChecksum {
         path: PathBuf,
         stored: u32,
         computed: u32,
     },
-    #[error("device {path} has on-disk format version {version}; this storaged reads version {FORMAT_VERSION}")]
+    #[error(
+        "device {path} has on-disk format version {version}; this storaged reads version {FORMAT_VERSION}"
+    )]
     UnknownVersion { path: PathBuf, version: u32 },
-    #[error("device {path} belongs to pool {found}, but the other devices belong to pool {expected}")]
+    #[error(
+        "device {path} belongs to pool {found}, but the other devices belong to pool {expected}"
+    )]
     WrongPool {
         path: PathBuf,
         expected: String,
         found: String,
     },
-    #[error("device {path} is device {found} of its pool but was given as device {expected}; pass devices in their original order")]
+    #[error(
+        "device {path} is device {found} of its pool but was given as device {expected}; pass devices in their original order"
+    )]
     WrongIndex {
         path: PathBuf,
         expected: u32,
         found: u32,
     },
     #[error("device {path}: pool has {found} devices but {given} were given")]
-    WrongCount { path: PathBuf, found: u32, given: u32 },
+    WrongCount {
+        path: PathBuf,
+        found: u32,
+        given: u32,
+    },
     #[error("device {path} has a different pool geometry than device 0 ({detail})")]
     GeometryMismatch { path: PathBuf, detail: String },
     #[error(
@@ -230,10 +242,8 @@ fn open_device(path: &Path, create_size: Option<u64>) -> Result<(File, u64), Dev
             path: path.to_owned(),
         });
     }
-    if create {
-        if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err(path))?;
-        }
+    if create && let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io_err(path))?;
     }
     let mut file = OpenOptions::new()
         .read(true)
@@ -304,14 +314,17 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         )));
     }
     let unit = spec.stripe_unit_bytes;
-    if unit < 64 * 1024 || unit > 16 << 20 || !unit.is_power_of_two() {
+    if !(64 * 1024..=16 << 20).contains(&unit) || !unit.is_power_of_two() {
         return Err(DeviceError::Config(format!(
             "stripe unit {unit} must be a power of two from 64 KiB to 16 MiB"
         )));
     }
     let mut opened = Vec::with_capacity(spec.devices.len());
     for path in &spec.devices {
-        if opened.iter().any(|(p, _, _, _): &(PathBuf, File, u64, Probe)| p == path) {
+        if opened
+            .iter()
+            .any(|(p, _, _, _): &(PathBuf, File, u64, Probe)| p == path)
+        {
             return Err(DeviceError::Config(format!(
                 "device {} is given twice",
                 path.display()
@@ -328,9 +341,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
     });
     let needs_format = match (&first_ours, spec.force) {
         (_, true) => {
-            let erase_existing = opened
-                .iter()
-                .any(|(_, _, _, p)| !matches!(p, Probe::Blank));
+            let erase_existing = opened.iter().any(|(_, _, _, p)| !matches!(p, Probe::Blank));
             if erase_existing {
                 tracing::warn!("--force: erasing every device and creating a new pool");
             }
@@ -398,7 +409,11 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
     };
 
     let (superblocks, formatted) = if needs_format {
-        let min_size = opened.iter().map(|(_, _, s, _)| *s).min().expect("non-empty");
+        let min_size = opened
+            .iter()
+            .map(|(_, _, s, _)| *s)
+            .min()
+            .expect("non-empty");
         let need = DATA_OFFSET_BYTES + unit;
         if let Some((path, _, size, _)) = opened.iter().find(|(_, _, s, _)| *s < need) {
             return Err(DeviceError::TooSmall {
@@ -550,7 +565,11 @@ mod tests {
         };
         assert!(matches!(
             open_pool(&swapped).unwrap_err(),
-            DeviceError::WrongIndex { expected: 0, found: 1, .. }
+            DeviceError::WrongIndex {
+                expected: 0,
+                found: 1,
+                ..
+            }
         ));
         let other_dir = tempfile::tempdir().unwrap();
         let other = spec(other_dir.path(), 2);
@@ -593,9 +612,15 @@ mod tests {
         assert!(matches!(open_pool(&s).unwrap_err(), DeviceError::Config(_)));
         let mut s = spec(dir.path(), 1);
         s.create_size_bytes = None;
-        assert!(matches!(open_pool(&s).unwrap_err(), DeviceError::Missing { .. }));
+        assert!(matches!(
+            open_pool(&s).unwrap_err(),
+            DeviceError::Missing { .. }
+        ));
         let mut s = spec(dir.path(), 1);
         s.create_size_bytes = Some(1 << 20);
-        assert!(matches!(open_pool(&s).unwrap_err(), DeviceError::TooSmall { .. }));
+        assert!(matches!(
+            open_pool(&s).unwrap_err(),
+            DeviceError::TooSmall { .. }
+        ));
     }
 }

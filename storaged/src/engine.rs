@@ -70,7 +70,9 @@ impl std::str::FromStr for EngineKind {
             "auto" => Ok(Self::Auto),
             "uring" | "io_uring" => Ok(Self::Uring),
             "psync" => Ok(Self::Psync),
-            other => Err(format!("unknown engine {other:?}; expected auto, uring or psync")),
+            other => Err(format!(
+                "unknown engine {other:?}; expected auto, uring or psync"
+            )),
         }
     }
 }
@@ -236,7 +238,9 @@ pub(crate) mod tests {
         }
         // Reading past the end is a short read, reported as an error.
         let buf = pool.acquire(4096).await.unwrap();
-        let err = read_exact(&*engine, 0, 1 << 20, 4096, buf).await.unwrap_err();
+        let err = read_exact(&*engine, 0, 1 << 20, 4096, buf)
+            .await
+            .unwrap_err();
         assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
         // Cancelled reads: drop the futures at once, then make sure every
         // buffer comes back.

@@ -24,11 +24,19 @@ pub enum StoreError {
     #[error("object {path:?} appears twice in the ingest of {dataset:?}")]
     DuplicateObject { dataset: String, path: String },
     #[error("range at offset {offset} is past the end of {path:?} ({size} bytes)")]
-    OutOfRange { path: String, offset: u64, size: u64 },
+    OutOfRange {
+        path: String,
+        offset: u64,
+        size: u64,
+    },
     #[error(
         "pool is full: the ingest needs {needed} contiguous bytes but the largest free extent is {largest_free} bytes ({free} bytes free in all)"
     )]
-    NoSpace { needed: u64, free: u64, largest_free: u64 },
+    NoSpace {
+        needed: u64,
+        free: u64,
+        largest_free: u64,
+    },
     #[error("device {device} is full (writing at offset {offset}): {source}")]
     DeviceFull {
         device: u32,

@@ -14,7 +14,11 @@ use storaged::store::Store;
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "storaged", version, about = "Striped io_uring storage for AI training data, served over gRPC")]
+#[command(
+    name = "storaged",
+    version,
+    about = "Striped io_uring storage for AI training data, served over gRPC"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,8 +71,7 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

@@ -141,7 +141,8 @@ impl Storaged for StoragedService {
     ) -> Result<Response<pb::ListObjectsResponse>, Status> {
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
-        if r.prefix.len() > storaged_proto::model::OBJECT_PATH_BYTES_MAX || r.prefix.contains('\0') {
+        if r.prefix.len() > storaged_proto::model::OBJECT_PATH_BYTES_MAX || r.prefix.contains('\0')
+        {
             return Err(invalid("prefix is longer than 4096 bytes or contains NUL"));
         }
         let (objects, next) =

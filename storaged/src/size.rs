@@ -10,7 +10,9 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (num, suffix) = t.split_at(split);
     if num.is_empty() {
-        return Err(format!("invalid size {s:?}: expected a number such as 640MiB"));
+        return Err(format!(
+            "invalid size {s:?}: expected a number such as 640MiB"
+        ));
     }
     let n: u64 = num
         .parse()

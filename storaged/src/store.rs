@@ -54,7 +54,9 @@ pub struct DatasetHandle {
 
 impl std::fmt::Debug for DatasetHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DatasetHandle").field("name", &self.name).finish()
+        f.debug_struct("DatasetHandle")
+            .field("name", &self.name)
+            .finish()
     }
 }
 
@@ -120,7 +122,9 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("layout", &self.layout).finish()
+        f.debug_struct("Store")
+            .field("layout", &self.layout)
+            .finish()
     }
 }
 
@@ -192,8 +196,9 @@ impl Store {
         for (_, r) in &records {
             used.extend_from_slice(&r.extents);
         }
-        let alloc = ExtentAllocator::new(layout.capacity_bytes(), &used)
-            .map_err(|e| anyhow::anyhow!("catalog {} is inconsistent: {e}", catalog_path.display()))?;
+        let alloc = ExtentAllocator::new(layout.capacity_bytes(), &used).map_err(|e| {
+            anyhow::anyhow!("catalog {} is inconsistent: {e}", catalog_path.display())
+        })?;
         let alloc = Arc::new(Mutex::new(alloc));
         let datasets = records
             .into_iter()
@@ -207,7 +212,10 @@ impl Store {
                 (name, h)
             })
             .collect();
-        let pool = BufferPool::new(buffer_classes(cfg.buffer_pool_bytes, layout.stripe_unit_bytes))?;
+        let pool = BufferPool::new(buffer_classes(
+            cfg.buffer_pool_bytes,
+            layout.stripe_unit_bytes,
+        ))?;
         let engine = engine::build(
             cfg.engine,
             files,
@@ -352,7 +360,12 @@ impl Store {
 
     /// Windows `(window_start, window_end)` of object bytes that cover
     /// `[start, start + len)`, aligned to checksum blocks.
-    fn windows(&self, obj: &ObjectRef, start: u64, len: u64) -> impl Iterator<Item = (u64, u64)> + use<> {
+    fn windows(
+        &self,
+        obj: &ObjectRef,
+        start: u64,
+        len: u64,
+    ) -> impl Iterator<Item = (u64, u64)> + use<> {
         let block = u64::from(obj.dataset.record.checksum_block_bytes);
         let size = obj.record.size;
         let end = start + len;
@@ -392,8 +405,14 @@ impl Store {
             .await
             .map_err(|e| StoreError::Limit(e.to_string()))?;
         let reads = segs.iter().zip(leases).map(|(s, lease)| {
-            engine::read_exact(&*self.engine, s.device, s.device_offset, s.len as usize, lease)
-                .map_err(move |e| StoreError::from_io(s.device, s.device_offset, e))
+            engine::read_exact(
+                &*self.engine,
+                s.device,
+                s.device_offset,
+                s.len as usize,
+                lease,
+            )
+            .map_err(move |e| StoreError::from_io(s.device, s.device_offset, e))
         });
         let bufs: Vec<BufLease> = futures::future::try_join_all(reads).await?;
 
@@ -452,7 +471,10 @@ impl Store {
                 continue;
             }
             let bytes = buf.into_bytes();
-            out.push((lo, bytes.slice((lo - seg_start) as usize..(hi - seg_start) as usize)));
+            out.push((
+                lo,
+                bytes.slice((lo - seg_start) as usize..(hi - seg_start) as usize),
+            ));
         }
         Ok(out)
     }
@@ -1054,13 +1076,13 @@ impl IngestSession {
             cur.block_crcs.push(h.finalize());
         }
         let crc32 = cur.whole.finalize();
-        if let Some(c) = cur.client_crc {
-            if c != crc32 {
-                return Err(StoreError::Protocol(format!(
-                    "object {:?}: client CRC {c:#010x} does not match received bytes ({crc32:#010x})",
-                    cur.path
-                )));
-            }
+        if let Some(c) = cur.client_crc
+            && c != crc32
+        {
+            return Err(StoreError::Protocol(format!(
+                "object {:?}: client CRC {c:#010x} does not match received bytes ({crc32:#010x})",
+                cur.path
+            )));
         }
         if cur.size > 0 {
             let store = Arc::clone(&self.store);
@@ -1130,11 +1152,10 @@ impl IngestSession {
         let name = self.name.to_string();
         let s2 = Arc::clone(&store);
         let rec2 = record.clone();
-        let committed = tokio::task::spawn_blocking(move || {
-            s2.catalog.commit_dataset(&name, rec2, &objects)
-        })
-        .await
-        .map_err(|e| StoreError::InvalidArgument(format!("commit task failed: {e}")));
+        let committed =
+            tokio::task::spawn_blocking(move || s2.catalog.commit_dataset(&name, rec2, &objects))
+                .await
+                .map_err(|e| StoreError::InvalidArgument(format!("commit task failed: {e}")));
         let committed = match committed.and_then(|r| r.map_err(StoreError::from)) {
             Ok(r) => r,
             Err(e) => {

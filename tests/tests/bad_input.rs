@@ -25,11 +25,35 @@ async fn client_disconnect_mid_ingest_leaves_nothing() {
         let other = d.client().await;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let mut rpc = other.raw();
-        let call = tokio::spawn(async move { rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
-        tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "gone".into(), storage_class: 0 }))).await.unwrap();
-        tx.send(msg(Msg::Object(pb::ObjectBegin { path: "a".into(), size: 4 << 20, crc32: None }))).await.unwrap();
-        tx.send(msg(Msg::Data(Bytes::from(pattern(1, 1 << 20))))).await.unwrap();
-        assert!(eventually(Duration::from_secs(20), async || client.status().await.unwrap().ingests_in_progress == 1).await);
+        let call = tokio::spawn(async move {
+            rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        tx.send(msg(Msg::Begin(pb::IngestBegin {
+            dataset: "gone".into(),
+            storage_class: 0,
+        })))
+        .await
+        .unwrap();
+        tx.send(msg(Msg::Object(pb::ObjectBegin {
+            path: "a".into(),
+            size: 4 << 20,
+            crc32: None,
+        })))
+        .await
+        .unwrap();
+        tx.send(msg(Msg::Data(Bytes::from(pattern(1, 1 << 20)))))
+            .await
+            .unwrap();
+        assert!(
+            eventually(Duration::from_secs(20), async || client
+                .status()
+                .await
+                .unwrap()
+                .ingests_in_progress
+                == 1)
+            .await
+        );
         call.abort();
         drop(other);
     }
@@ -45,11 +69,28 @@ async fn client_disconnect_mid_ingest_leaves_nothing() {
 
     // A stream that just ends without commit is discarded too.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "nocommit".into(), storage_class: 0 }))).await.unwrap();
-    tx.send(msg(Msg::Object(pb::ObjectBegin { path: "a".into(), size: 3, crc32: None }))).await.unwrap();
-    tx.send(msg(Msg::Data(Bytes::from_static(b"abc")))).await.unwrap();
+    tx.send(msg(Msg::Begin(pb::IngestBegin {
+        dataset: "nocommit".into(),
+        storage_class: 0,
+    })))
+    .await
+    .unwrap();
+    tx.send(msg(Msg::Object(pb::ObjectBegin {
+        path: "a".into(),
+        size: 3,
+        crc32: None,
+    })))
+    .await
+    .unwrap();
+    tx.send(msg(Msg::Data(Bytes::from_static(b"abc"))))
+        .await
+        .unwrap();
     drop(tx);
-    let err = client.raw().ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    let err = client
+        .raw()
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("commit"), "{}", err.message());
     assert_eq!(client.status().await.unwrap().used_bytes, 0);
@@ -77,47 +118,109 @@ async fn bad_names_are_invalid_argument() {
         ("ds", long_path.as_str()),
     ] {
         let r = rpc
-            .stat(pb::StatRequest { dataset: dataset.into(), path: path.into(), include_extents: false })
+            .stat(pb::StatRequest {
+                dataset: dataset.into(),
+                path: path.into(),
+                include_extents: false,
+            })
             .await
             .unwrap_err();
-        assert_eq!(r.code(), Code::InvalidArgument, "{dataset:?} {path:?}: {}", r.message());
+        assert_eq!(
+            r.code(),
+            Code::InvalidArgument,
+            "{dataset:?} {path:?}: {}",
+            r.message()
+        );
         assert!(!r.message().is_empty());
     }
-    let r = rpc.stat(pb::StatRequest { dataset: "nope".into(), path: "ok".into(), include_extents: false }).await.unwrap_err();
-    assert_eq!(r.code(), Code::NotFound);
-    let r = rpc.stat(pb::StatRequest { dataset: "ds".into(), path: "nope".into(), include_extents: false }).await.unwrap_err();
-    assert_eq!(r.code(), Code::NotFound);
-    let r = rpc.delete_dataset(pb::DeleteDatasetRequest { dataset: "nope".into() }).await.unwrap_err();
+    let r = rpc
+        .stat(pb::StatRequest {
+            dataset: "nope".into(),
+            path: "ok".into(),
+            include_extents: false,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(r.code(), Code::NotFound);
     let r = rpc
-        .list_objects(pb::ListObjectsRequest { dataset: "ds".into(), page_size: 1_000_000, ..Default::default() })
+        .stat(pb::StatRequest {
+            dataset: "ds".into(),
+            path: "nope".into(),
+            include_extents: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(r.code(), Code::NotFound);
+    let r = rpc
+        .delete_dataset(pb::DeleteDatasetRequest {
+            dataset: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(r.code(), Code::NotFound);
+    let r = rpc
+        .list_objects(pb::ListObjectsRequest {
+            dataset: "ds".into(),
+            page_size: 1_000_000,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(r.code(), Code::InvalidArgument);
 
     // An ingest whose object path escapes is refused and leaves nothing.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "evil".into(), storage_class: 0 }))).await.unwrap();
-    tx.send(msg(Msg::Object(pb::ObjectBegin { path: "../../x".into(), size: 1, crc32: None }))).await.unwrap();
+    tx.send(msg(Msg::Begin(pb::IngestBegin {
+        dataset: "evil".into(),
+        storage_class: 0,
+    })))
+    .await
+    .unwrap();
+    tx.send(msg(Msg::Object(pb::ObjectBegin {
+        path: "../../x".into(),
+        size: 1,
+        crc32: None,
+    })))
+    .await
+    .unwrap();
     drop(tx);
-    let r = rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    let r = rpc
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
     assert_eq!(r.code(), Code::InvalidArgument);
     // An unknown storage class is refused.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "ec".into(), storage_class: 42 }))).await.unwrap();
+    tx.send(msg(Msg::Begin(pb::IngestBegin {
+        dataset: "ec".into(),
+        storage_class: 42,
+    })))
+    .await
+    .unwrap();
     drop(tx);
-    let r = rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap_err();
+    let r = rpc
+        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap_err();
     assert_eq!(r.code(), Code::InvalidArgument);
     // Reads past the end are OUT_OF_RANGE.
     let client = d.client().await;
-    let e = client.dataset("ds").unwrap().read_range("ok", 0, 2).await.unwrap_err();
+    let e = client
+        .dataset("ds")
+        .unwrap()
+        .read_range("ok", 0, 2)
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Some(Code::OutOfRange));
 
     // The CLI reports a one-line error and exits non-zero.
     let out = d.ctl(&["cat", "ds", "../x"]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("storagectl: error:") && err.trim().lines().count() == 1, "{err}");
+    assert!(
+        err.starts_with("storagectl: error:") && err.trim().lines().count() == 1,
+        "{err}"
+    );
     let out = d.ctl(&["ingest", "ds", src.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("ALREADY_EXISTS"));
     assert!(client.list_datasets().await.unwrap().len() == 1);
@@ -127,17 +230,33 @@ async fn bad_names_are_invalid_argument() {
 async fn full_pool_is_resource_exhausted_and_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     // Two devices with 2 MiB of data area each: 4 MiB of capacity.
-    let opts = DaemonOpts { devices: 2, device_size: "3MiB".into(), ..Default::default() };
+    let opts = DaemonOpts {
+        devices: 2,
+        device_size: "3MiB".into(),
+        ..Default::default()
+    };
     let d = Daemon::start(&tmp.path().join("data"), &opts);
     let src = tmp.path().join("src");
-    write_tree(&src, &[("a".into(), pattern(1, 3 << 20)), ("b".into(), pattern(2, 3 << 20))]);
+    write_tree(
+        &src,
+        &[
+            ("a".into(), pattern(1, 3 << 20)),
+            ("b".into(), pattern(2, 3 << 20)),
+        ],
+    );
     let out = d.ctl(&["ingest", "toobig", src.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("RESOURCE_EXHAUSTED"), "{err}");
     let client = d.client().await;
     assert!(
-        eventually(Duration::from_secs(10), async || client.status().await.unwrap().used_bytes == 0).await,
+        eventually(Duration::from_secs(10), async || client
+            .status()
+            .await
+            .unwrap()
+            .used_bytes
+            == 0)
+        .await,
         "space of the failed ingest released"
     );
     assert!(client.list_datasets().await.unwrap().is_empty());
@@ -152,13 +271,26 @@ fn foreign_and_mismatched_devices_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let opts = DaemonOpts { devices: 2, ..Default::default() };
+    let opts = DaemonOpts {
+        devices: 2,
+        ..Default::default()
+    };
     // Something that is not ours on device 1.
     std::fs::write(data.join("dev1.img"), pattern(7, 2 << 20)).unwrap();
-    let f = Daemon::try_start_args(&data, opts.args(&data)).err().expect("must refuse");
+    let f = Daemon::try_start_args(&data, opts.args(&data))
+        .err()
+        .expect("must refuse");
     assert_ne!(f.code, Some(0));
-    assert!(f.stderr.contains("dev1.img") && f.stderr.contains("--force"), "{}", f.stderr);
-    assert_eq!(std::fs::read(data.join("dev1.img")).unwrap(), pattern(7, 2 << 20), "not touched");
+    assert!(
+        f.stderr.contains("dev1.img") && f.stderr.contains("--force"),
+        "{}",
+        f.stderr
+    );
+    assert_eq!(
+        std::fs::read(data.join("dev1.img")).unwrap(),
+        pattern(7, 2 << 20),
+        "not touched"
+    );
 
     // --force takes it over.
     let mut forced = opts.args(&data);
@@ -170,7 +302,9 @@ fn foreign_and_mismatched_devices_are_refused() {
     let mut swapped = opts.args(&data);
     let (i0, i1) = (swapped.len() - 3, swapped.len() - 1);
     swapped.swap(i0, i1);
-    let f = Daemon::try_start_args(&data, swapped).err().expect("must refuse the wrong order");
+    let f = Daemon::try_start_args(&data, swapped)
+        .err()
+        .expect("must refuse the wrong order");
     assert!(f.stderr.contains("given as device 0"), "{}", f.stderr);
 
     // A device of another pool.
@@ -180,19 +314,32 @@ fn foreign_and_mismatched_devices_are_refused() {
     let mut mixed = opts.args(&data);
     let last = mixed.len() - 1;
     mixed[last] = other.join("dev1.img").display().to_string();
-    let f = Daemon::try_start_args(&data, mixed).err().expect("must refuse another pool");
+    let f = Daemon::try_start_args(&data, mixed)
+        .err()
+        .expect("must refuse another pool");
     assert!(f.stderr.contains("belongs to pool"), "{}", f.stderr);
 
     // An unknown format version.
     let dev0 = data.join("dev0.img");
     let file = std::fs::OpenOptions::new().write(true).open(&dev0).unwrap();
     std::os::unix::fs::FileExt::write_all_at(&file, &99u32.to_le_bytes(), 8).unwrap();
-    let f = Daemon::try_start_args(&data, opts.args(&data)).err().expect("must refuse");
-    assert!(f.stderr.contains("checksum") || f.stderr.contains("version"), "{}", f.stderr);
+    let f = Daemon::try_start_args(&data, opts.args(&data))
+        .err()
+        .expect("must refuse");
+    assert!(
+        f.stderr.contains("checksum") || f.stderr.contains("version"),
+        "{}",
+        f.stderr
+    );
 
     // Bad flags: a clear message and a non-zero exit.
-    let bad_opts = DaemonOpts { device_size: "12XB".into(), ..opts.clone() };
+    let bad_opts = DaemonOpts {
+        device_size: "12XB".into(),
+        ..opts.clone()
+    };
     let bad = bad_opts.args(&data);
-    let f = Daemon::try_start_args(&data, bad).err().expect("must refuse");
+    let f = Daemon::try_start_args(&data, bad)
+        .err()
+        .expect("must refuse");
     assert!(f.stderr.contains("12XB"), "{}", f.stderr);
 }

@@ -20,11 +20,27 @@ async fn kill9_mid_ingest_leaves_nothing() {
     let client = d.client().await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     let mut rpc = client.raw();
-    let call = tokio::spawn(async move { rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx)).await });
-    tx.send(msg(Msg::Begin(pb::IngestBegin { dataset: "partial".into(), storage_class: 0 }))).await.unwrap();
-    tx.send(msg(Msg::Object(pb::ObjectBegin { path: "a".into(), size: 8 << 20, crc32: None }))).await.unwrap();
+    let call = tokio::spawn(async move {
+        rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    tx.send(msg(Msg::Begin(pb::IngestBegin {
+        dataset: "partial".into(),
+        storage_class: 0,
+    })))
+    .await
+    .unwrap();
+    tx.send(msg(Msg::Object(pb::ObjectBegin {
+        path: "a".into(),
+        size: 8 << 20,
+        crc32: None,
+    })))
+    .await
+    .unwrap();
     for i in 0..4u64 {
-        tx.send(msg(Msg::Data(Bytes::from(pattern(i, 1 << 20))))).await.unwrap();
+        tx.send(msg(Msg::Data(Bytes::from(pattern(i, 1 << 20)))))
+            .await
+            .unwrap();
     }
     assert!(
         eventually(Duration::from_secs(20), async || {
@@ -35,7 +51,10 @@ async fn kill9_mid_ingest_leaves_nothing() {
         "ingest in progress with space allocated"
     );
     d.kill9();
-    assert!(call.await.unwrap().is_err(), "the ingest cannot have succeeded");
+    assert!(
+        call.await.unwrap().is_err(),
+        "the ingest cannot have succeeded"
+    );
     drop(tx);
 
     d = Daemon::start_args(&d.data_dir.clone(), d.args.clone());
@@ -56,7 +75,9 @@ async fn kill9_mid_ingest_leaves_nothing() {
 async fn kill9_during_storagectl_ingest() {
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    let files: Vec<(String, Vec<u8>)> = (0..40).map(|i| (format!("f{i:02}"), pattern(i, 3 << 20))).collect();
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| (format!("f{i:02}"), pattern(i, 3 << 20)))
+        .collect();
     write_tree(&src, &files);
     let mut d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
     let client = d.client().await;
@@ -68,13 +89,20 @@ async fn kill9_during_storagectl_ingest() {
         .unwrap();
     assert!(
         eventually(Duration::from_secs(30), async || {
-            client.status().await.map(|s| s.used_bytes > 0 && s.ingests_in_progress == 1).unwrap_or(false)
+            client
+                .status()
+                .await
+                .map(|s| s.used_bytes > 0 && s.ingests_in_progress == 1)
+                .unwrap_or(false)
         })
         .await
     );
     d.kill9();
     let out = ingest.wait_with_output().unwrap();
-    assert!(!out.status.success(), "storagectl must fail when the server dies");
+    assert!(
+        !out.status.success(),
+        "storagectl must fail when the server dies"
+    );
     d = Daemon::start_args(&d.data_dir.clone(), d.args.clone());
     let s = d.client().await.status().await.unwrap();
     assert!(s.datasets.is_empty());

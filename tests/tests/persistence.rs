@@ -33,5 +33,9 @@ async fn datasets_survive_restart_and_kill9() {
     d.ctl_ok(&["export", "second", out.to_str().unwrap()]);
     assert_eq!(read_tree(&out), read_tree(&src));
     let pool_line = |s: &str| s.lines().next().unwrap().to_owned();
-    assert_eq!(pool_line(&status_before), pool_line(&d.ctl_ok(&["status"])), "same pool");
+    assert_eq!(
+        pool_line(&status_before),
+        pool_line(&d.ctl_ok(&["status"])),
+        "same pool"
+    );
 }

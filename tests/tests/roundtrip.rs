@@ -14,14 +14,23 @@ fn tree() -> Vec<(String, Vec<u8>)> {
         ("sizes/4096".into(), pattern(3, 4096)),
         ("sizes/4097".into(), pattern(4, 4097)),
         // 64 KiB stripe unit: this spans about 80 stripes over 4 devices.
-        ("shards/many-stripes.bin".into(), pattern(5, 5 * 1024 * 1024 + 123)),
-        ("deep/a/b/c/d/e/f/g/h/i/j/k/leaf.txt".into(), pattern(6, 777)),
+        (
+            "shards/many-stripes.bin".into(),
+            pattern(5, 5 * 1024 * 1024 + 123),
+        ),
+        (
+            "deep/a/b/c/d/e/f/g/h/i/j/k/leaf.txt".into(),
+            pattern(6, 777),
+        ),
         ("ünïcødé/日本語/файл.jpeg".into(), pattern(7, 12_345)),
         ("train/n01440764/img_001.JPEG".into(), pattern(8, 110_000)),
         ("dir with spaces/and 'quotes'.bin".into(), pattern(9, 3)),
     ];
     for i in 0..150 {
-        files.push((format!("small/{i:04}.bin"), pattern(100 + i, (i as usize * 97) % 9000)));
+        files.push((
+            format!("small/{i:04}.bin"),
+            pattern(100 + i, (i as usize * 97) % 9000),
+        ));
     }
     files
 }
@@ -38,24 +47,46 @@ async fn ingest_list_read_export_is_byte_identical() {
     assert!(out.contains(&format!("{} objects", files.len())), "{out}");
 
     let ls = d.ctl_ok(&["ls"]);
-    let line = ls.lines().find(|l| l.starts_with("imagenet-mini")).expect(&ls);
-    assert!(line.contains(&files.len().to_string()) && line.contains("stripe"), "{line}");
+    let line = ls
+        .lines()
+        .find(|l| l.starts_with("imagenet-mini"))
+        .expect(&ls);
+    assert!(
+        line.contains(&files.len().to_string()) && line.contains("stripe"),
+        "{line}"
+    );
 
     // Paginated listing returns every object once, in order.
     let objects = d.ctl_ok(&["ls", "imagenet-mini", "--page-size", "7"]);
-    let listed: Vec<&str> = objects.lines().map(|l| l.split("  ").last().unwrap()).collect();
+    let listed: Vec<&str> = objects
+        .lines()
+        .map(|l| l.split("  ").last().unwrap())
+        .collect();
     let mut expected: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
     expected.sort();
     assert_eq!(listed, expected);
     let sizes = d.ctl_ok(&["ls", "imagenet-mini", "--prefix", "sizes/"]);
     assert_eq!(sizes.lines().count(), 4, "{sizes}");
-    assert_eq!(d.ctl_ok(&["ls", "imagenet-mini", "--limit", "3"]).lines().count(), 3);
+    assert_eq!(
+        d.ctl_ok(&["ls", "imagenet-mini", "--limit", "3"])
+            .lines()
+            .count(),
+        3
+    );
 
     // cat writes raw bytes.
     let out = d.ctl(&["cat", "imagenet-mini", "train/n01440764/img_001.JPEG"]);
     assert!(out.status.success());
     assert_eq!(out.stdout, pattern(8, 110_000));
-    let out = d.ctl(&["cat", "imagenet-mini", "sizes/4097", "--offset", "4000", "--length", "97"]);
+    let out = d.ctl(&[
+        "cat",
+        "imagenet-mini",
+        "sizes/4097",
+        "--offset",
+        "4000",
+        "--length",
+        "97",
+    ]);
     assert_eq!(out.stdout, &pattern(4, 4097)[4000..]);
 
     // Export and compare every byte, empty files included.
@@ -67,30 +98,72 @@ async fn ingest_list_read_export_is_byte_identical() {
     let client = d.client().await;
     let ds = client.dataset("imagenet-mini").unwrap();
     let shard = pattern(5, 5 * 1024 * 1024 + 123);
-    for (off, len) in [(65_536 - 10, 100u64), (32_767, 70_000), (1 << 20, 3 << 20), (shard.len() as u64 - 1, 1)] {
-        let got = ds.read_range("shards/many-stripes.bin", off, len).await.unwrap();
-        assert_eq!(&got[..], &shard[off as usize..(off + len) as usize], "{off}+{len}");
+    for (off, len) in [
+        (65_536 - 10, 100u64),
+        (32_767, 70_000),
+        (1 << 20, 3 << 20),
+        (shard.len() as u64 - 1, 1),
+    ] {
+        let got = ds
+            .read_range("shards/many-stripes.bin", off, len)
+            .await
+            .unwrap();
+        assert_eq!(
+            &got[..],
+            &shard[off as usize..(off + len) as usize],
+            "{off}+{len}"
+        );
     }
     let st = ds.stat("shards/many-stripes.bin").await.unwrap();
-    let devices: std::collections::BTreeSet<u32> = st.extents.iter().map(|e| e.device_index).collect();
+    let devices: std::collections::BTreeSet<u32> =
+        st.extents.iter().map(|e| e.device_index).collect();
     assert_eq!(devices.len(), 4, "a large object stripes over every device");
-    assert_eq!(st.extents.iter().map(|e| e.length).sum::<u64>(), shard.len() as u64);
+    assert_eq!(
+        st.extents.iter().map(|e| e.length).sum::<u64>(),
+        shard.len() as u64
+    );
 
     // ReadBatch: request order, per-item errors in-band.
     let items = vec![
-        BatchItem { path: "sizes/4096".into(), offset: 0, length: None },
-        BatchItem { path: "no/such".into(), offset: 0, length: None },
-        BatchItem { path: "shards/many-stripes.bin".into(), offset: 100, length: Some(2 << 20) },
-        BatchItem { path: "../escape".into(), offset: 0, length: None },
-        BatchItem { path: "empty".into(), offset: 0, length: None },
+        BatchItem {
+            path: "sizes/4096".into(),
+            offset: 0,
+            length: None,
+        },
+        BatchItem {
+            path: "no/such".into(),
+            offset: 0,
+            length: None,
+        },
+        BatchItem {
+            path: "shards/many-stripes.bin".into(),
+            offset: 100,
+            length: Some(2 << 20),
+        },
+        BatchItem {
+            path: "../escape".into(),
+            offset: 0,
+            length: None,
+        },
+        BatchItem {
+            path: "empty".into(),
+            offset: 0,
+            length: None,
+        },
     ];
     let results: Vec<_> = ds.read_batch(items, 4).collect().await;
     assert_eq!(results.len(), 5);
     let r: Vec<_> = results.into_iter().map(|r| r.unwrap()).collect();
     assert_eq!(r[0].data.as_ref().unwrap()[..], pattern(3, 4096)[..]);
-    assert_eq!(r[1].data.as_ref().unwrap_err().code(), tonic::Code::NotFound);
+    assert_eq!(
+        r[1].data.as_ref().unwrap_err().code(),
+        tonic::Code::NotFound
+    );
     assert_eq!(r[2].data.as_ref().unwrap()[..], shard[100..100 + (2 << 20)]);
-    assert_eq!(r[3].data.as_ref().unwrap_err().code(), tonic::Code::InvalidArgument);
+    assert_eq!(
+        r[3].data.as_ref().unwrap_err().code(),
+        tonic::Code::InvalidArgument
+    );
     assert!(r[4].data.as_ref().unwrap().is_empty());
 
     // rm frees the space.
@@ -100,5 +173,8 @@ async fn ingest_list_read_export_is_byte_identical() {
     let after = client.status().await.unwrap();
     assert_eq!(after.used_bytes, 0);
     assert!(after.datasets.is_empty());
-    assert_eq!(d.ctl(&["cat", "imagenet-mini", "empty"]).status.code(), Some(1));
+    assert_eq!(
+        d.ctl(&["cat", "imagenet-mini", "empty"]).status.code(),
+        Some(1)
+    );
 }

@@ -18,10 +18,19 @@ use storaged_client::{Client, IngestProgress};
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
-#[command(name = "storagectl", version, about = "Command-line client for storaged")]
+#[command(
+    name = "storagectl",
+    version,
+    about = "Command-line client for storaged"
+)]
 struct Cli {
     /// storaged gRPC endpoint.
-    #[arg(long, env = "STORAGED_URL", default_value = "http://127.0.0.1:7400", global = true)]
+    #[arg(
+        long,
+        env = "STORAGED_URL",
+        default_value = "http://127.0.0.1:7400",
+        global = true
+    )]
     server: String,
     #[command(subcommand)]
     command: Command,
@@ -30,10 +39,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Upload a directory tree as a new dataset.
-    Ingest {
-        dataset: String,
-        dir: PathBuf,
-    },
+    Ingest { dataset: String, dir: PathBuf },
     /// List datasets, or the objects of one dataset.
     Ls {
         dataset: Option<String>,
@@ -75,8 +81,7 @@ enum Command {
 fn main() {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
@@ -149,10 +154,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let client = Client::connect(&cli.server).await?;
     match cli.command {
         Command::Ingest { dataset, dir } => ingest(&client, &dataset, &dir).await,
-        Command::Ls {
-            dataset: None,
-            ..
-        } => {
+        Command::Ls { dataset: None, .. } => {
             let datasets = client.list_datasets().await?;
             println!(
                 "{:<32} {:>10} {:>12} {:<8} CREATED",

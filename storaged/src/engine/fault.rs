@@ -96,7 +96,9 @@ impl IoBackend for FaultyBackend {
     fn submit(&self, op: IoOp, buf: BufLease) -> IoFuture {
         match self.plan.take(&op) {
             None => self.inner.submit(op, buf),
-            Some(Fault::Errno(errno)) => IoFuture::ready(Err(io::Error::from_raw_os_error(errno)), buf),
+            Some(Fault::Errno(errno)) => {
+                IoFuture::ready(Err(io::Error::from_raw_os_error(errno)), buf)
+            }
             Some(Fault::FlipByte(n)) if op.kind == OpKind::Read => {
                 IoFuture::corrupted(self.inner.submit(op, buf), n)
             }
@@ -156,7 +158,10 @@ mod tests {
         let e = read_exact(&faulty, 0, 4096, 4096, b).await.unwrap_err();
         assert_eq!(e.raw_os_error(), Some(libc::EIO));
         let b = pool.acquire(4096).await.unwrap();
-        assert!(read_exact(&faulty, 0, 4096, 4096, b).await.is_ok(), "rule expired");
+        assert!(
+            read_exact(&faulty, 0, 4096, 4096, b).await.is_ok(),
+            "rule expired"
+        );
         let b = pool.acquire(4096).await.unwrap();
         let b = read_exact(&faulty, 0, 65536, 4096, b).await.unwrap();
         assert_eq!(b.as_slice()[3], 0xff, "zeroed file byte 3 inverted");

@@ -209,7 +209,9 @@ impl RingThread {
                     (OpKind::Read, true) => opcode::ReadFixed::new($fd, ptr, len, index as u16)
                         .offset(offset)
                         .build(),
-                    (OpKind::Read, false) => opcode::Read::new($fd, ptr, len).offset(offset).build(),
+                    (OpKind::Read, false) => {
+                        opcode::Read::new($fd, ptr, len).offset(offset).build()
+                    }
                     (OpKind::Write, true) => {
                         opcode::WriteFixed::new($fd, ptr.cast_const(), len, index as u16)
                             .offset(offset)

@@ -29,12 +29,20 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
-async fn ingest(store: &Arc<Store>, name: &str, objects: &[(&str, Vec<u8>)]) -> Result<Arc<DatasetHandle>, StoreError> {
+async fn ingest(
+    store: &Arc<Store>,
+    name: &str,
+    objects: &[(&str, Vec<u8>)],
+) -> Result<Arc<DatasetHandle>, StoreError> {
     let mut s = store.begin_ingest(DatasetName::new(name).unwrap(), StorageClass::Stripe)?;
     let mut total = 0u64;
     for (path, data) in objects {
-        s.begin_object(ObjectPath::new(*path).unwrap(), data.len() as u64, Some(crc32fast::hash(data)))
-            .await?;
+        s.begin_object(
+            ObjectPath::new(*path).unwrap(),
+            data.len() as u64,
+            Some(crc32fast::hash(data)),
+        )
+        .await?;
         for chunk in data.chunks(100_003) {
             s.data(chunk).await?;
         }
@@ -43,8 +51,17 @@ async fn ingest(store: &Arc<Store>, name: &str, objects: &[(&str, Vec<u8>)]) -> 
     s.commit(objects.len() as u64, total).await
 }
 
-async fn read_all(store: &Arc<Store>, ds: &str, path: &str, off: u64, len: Option<u64>) -> Result<Vec<u8>, StoreError> {
-    let obj = Arc::new(store.lookup(&DatasetName::new(ds).unwrap(), &ObjectPath::new(path).unwrap())?);
+async fn read_all(
+    store: &Arc<Store>,
+    ds: &str,
+    path: &str,
+    off: u64,
+    len: Option<u64>,
+) -> Result<Vec<u8>, StoreError> {
+    let obj = Arc::new(store.lookup(
+        &DatasetName::new(ds).unwrap(),
+        &ObjectPath::new(path).unwrap(),
+    )?);
     let (start, len) = Store::resolve_range(&obj, off, len)?;
     let mut out = Vec::new();
     let mut s = std::pin::pin!(store.read_stream(obj, start, len));
@@ -75,18 +92,42 @@ async fn ingest_read_ranges_across_stripes() {
         assert_eq!(&read_all(&store, "ds", p, 0, None).await.unwrap(), d, "{p}");
     }
     // Ranges that cross checksum blocks and stripe units.
-    for (off, len) in [(0u64, 1u64), (65535, 2), (32767, 40000), (1 << 20, 3 << 19), (big.len() as u64 - 1, 1), (big.len() as u64, 0)] {
-        let got = read_all(&store, "ds", "big/shard-0", off, Some(len)).await.unwrap();
+    for (off, len) in [
+        (0u64, 1u64),
+        (65535, 2),
+        (32767, 40000),
+        (1 << 20, 3 << 19),
+        (big.len() as u64 - 1, 1),
+        (big.len() as u64, 0),
+    ] {
+        let got = read_all(&store, "ds", "big/shard-0", off, Some(len))
+            .await
+            .unwrap();
         assert_eq!(got, &big[off as usize..(off + len) as usize], "{off}+{len}");
     }
-    assert!(matches!(read_all(&store, "ds", "big/shard-0", big.len() as u64 + 1, None).await, Err(StoreError::OutOfRange { .. })));
-    assert!(matches!(read_all(&store, "ds", "one", 0, Some(2)).await, Err(StoreError::OutOfRange { .. })));
-    assert!(matches!(read_all(&store, "ds", "nope", 0, None).await, Err(StoreError::ObjectNotFound { .. })));
-    assert!(matches!(read_all(&store, "nods", "one", 0, None).await, Err(StoreError::DatasetNotFound(_))));
+    assert!(matches!(
+        read_all(&store, "ds", "big/shard-0", big.len() as u64 + 1, None).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        read_all(&store, "ds", "one", 0, Some(2)).await,
+        Err(StoreError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        read_all(&store, "ds", "nope", 0, None).await,
+        Err(StoreError::ObjectNotFound { .. })
+    ));
+    assert!(matches!(
+        read_all(&store, "nods", "one", 0, None).await,
+        Err(StoreError::DatasetNotFound(_))
+    ));
     let st = store.status();
     assert_eq!(st.datasets.len(), 1);
     assert!(st.used_bytes >= big.len() as u64);
-    assert_eq!(st.devices.iter().map(|d| d.used_bytes).sum::<u64>(), st.used_bytes);
+    assert_eq!(
+        st.devices.iter().map(|d| d.used_bytes).sum::<u64>(),
+        st.used_bytes
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -95,14 +136,36 @@ async fn batch_reads_in_order_with_inband_errors() {
     let store = Store::open(&config(dir.path(), 16, 64 << 10)).unwrap();
     let a = pattern(7, 600_000);
     let b = pattern(8, 5000);
-    ingest(&store, "ds", &[("a", a.clone()), ("b", b.clone())]).await.unwrap();
+    ingest(&store, "ds", &[("a", a.clone()), ("b", b.clone())])
+        .await
+        .unwrap();
     let items = vec![
-        Ok(RangeSpec { path: ObjectPath::new("b").unwrap(), offset: 0, length: None }),
-        Ok(RangeSpec { path: ObjectPath::new("missing").unwrap(), offset: 0, length: None }),
-        Ok(RangeSpec { path: ObjectPath::new("a").unwrap(), offset: 100, length: Some(500_000) }),
+        Ok(RangeSpec {
+            path: ObjectPath::new("b").unwrap(),
+            offset: 0,
+            length: None,
+        }),
+        Ok(RangeSpec {
+            path: ObjectPath::new("missing").unwrap(),
+            offset: 0,
+            length: None,
+        }),
+        Ok(RangeSpec {
+            path: ObjectPath::new("a").unwrap(),
+            offset: 100,
+            length: Some(500_000),
+        }),
         Err(StoreError::InvalidArgument("bad".into())),
-        Ok(RangeSpec { path: ObjectPath::new("b").unwrap(), offset: 4999, length: Some(5) }),
-        Ok(RangeSpec { path: ObjectPath::new("b").unwrap(), offset: 5000, length: None }),
+        Ok(RangeSpec {
+            path: ObjectPath::new("b").unwrap(),
+            offset: 4999,
+            length: Some(5),
+        }),
+        Ok(RangeSpec {
+            path: ObjectPath::new("b").unwrap(),
+            offset: 5000,
+            length: None,
+        }),
     ];
     let events: Vec<BatchEvent> = store
         .read_batch(&DatasetName::new("ds").unwrap(), items, 3)
@@ -148,21 +211,52 @@ async fn corruption_is_detected_per_block() {
     .unwrap();
     let a = pattern(9, 200_000);
     let b = pattern(10, 200_000);
-    ingest(&store, "ds", &[("a", a.clone()), ("b", b.clone())]).await.unwrap();
-    let obj = store.lookup(&DatasetName::new("ds").unwrap(), &ObjectPath::new("a").unwrap()).unwrap();
+    ingest(&store, "ds", &[("a", a.clone()), ("b", b.clone())])
+        .await
+        .unwrap();
+    let obj = store
+        .lookup(
+            &DatasetName::new("ds").unwrap(),
+            &ObjectPath::new("a").unwrap(),
+        )
+        .unwrap();
     let (dev, off) = store.layout().map(obj.record.logical_offset + 70_000);
-    plan.add(FaultRule { device: Some(dev), kind: None, device_range: Some((off, off + 1)), fault: Fault::FlipByte(0), remaining: None });
+    plan.add(FaultRule {
+        device: Some(dev),
+        kind: None,
+        device_range: Some((off, off + 1)),
+        fault: Fault::FlipByte(0),
+        remaining: None,
+    });
     let err = read_all(&store, "ds", "a", 0, None).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::DataLoss);
     let msg = err.to_string();
-    assert!(msg.contains("\"a\"") && msg.contains(&format!("device {dev}")), "{msg}");
+    assert!(
+        msg.contains("\"a\"") && msg.contains(&format!("device {dev}")),
+        "{msg}"
+    );
     // Bytes of the same object outside the bad block still read.
-    assert_eq!(read_all(&store, "ds", "a", 0, Some(32768)).await.unwrap(), &a[..32768]);
+    assert_eq!(
+        read_all(&store, "ds", "a", 0, Some(32768)).await.unwrap(),
+        &a[..32768]
+    );
     assert_eq!(read_all(&store, "ds", "b", 0, None).await.unwrap(), b);
     // EIO is reported as unavailable, not as wrong bytes.
     plan.clear();
-    plan.add(FaultRule { device: None, kind: Some(crate::engine::OpKind::Read), device_range: None, fault: Fault::Errno(libc::EIO), remaining: Some(1) });
-    assert_eq!(read_all(&store, "ds", "b", 0, None).await.unwrap_err().code(), tonic::Code::Unavailable);
+    plan.add(FaultRule {
+        device: None,
+        kind: Some(crate::engine::OpKind::Read),
+        device_range: None,
+        fault: Fault::Errno(libc::EIO),
+        remaining: Some(1),
+    });
+    assert_eq!(
+        read_all(&store, "ds", "b", 0, None)
+            .await
+            .unwrap_err()
+            .code(),
+        tonic::Code::Unavailable
+    );
     assert_eq!(read_all(&store, "ds", "b", 0, None).await.unwrap(), b);
 }
 
@@ -178,17 +272,29 @@ async fn failed_writes_and_sync_fail_the_ingest() {
     })
     .unwrap();
     plan.set_fail_sync(true);
-    let err = ingest(&store, "x", &[("a", pattern(1, 100_000))]).await.unwrap_err();
+    let err = ingest(&store, "x", &[("a", pattern(1, 100_000))])
+        .await
+        .unwrap_err();
     assert!(matches!(err, StoreError::Sync { .. }), "{err}");
     plan.clear();
-    plan.add(FaultRule { device: None, kind: Some(crate::engine::OpKind::Write), device_range: None, fault: Fault::Errno(libc::ENOSPC), remaining: None });
-    let err = ingest(&store, "x", &[("a", pattern(1, 300_000))]).await.unwrap_err();
+    plan.add(FaultRule {
+        device: None,
+        kind: Some(crate::engine::OpKind::Write),
+        device_range: None,
+        fault: Fault::Errno(libc::ENOSPC),
+        remaining: None,
+    });
+    let err = ingest(&store, "x", &[("a", pattern(1, 300_000))])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     plan.clear();
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert_eq!(store.status().used_bytes, 0);
     assert!(store.list_datasets().is_empty());
-    ingest(&store, "x", &[("a", pattern(1, 300_000))]).await.unwrap();
+    ingest(&store, "x", &[("a", pattern(1, 300_000))])
+        .await
+        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -199,40 +305,83 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
     let cap = store.status().capacity_bytes;
     assert_eq!(cap, 4 * (3 << 20));
     // Too big: RESOURCE_EXHAUSTED, nothing left behind.
-    let err = ingest(&store, "big", &[("x", pattern(1, cap as usize + 1))]).await.unwrap_err();
+    let err = ingest(&store, "big", &[("x", pattern(1, cap as usize + 1))])
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     assert_eq!(store.status().used_bytes, 0);
     // An aborted (dropped) session frees its space.
     {
-        let mut s = store.begin_ingest(DatasetName::new("half").unwrap(), StorageClass::Stripe).unwrap();
-        s.begin_object(ObjectPath::new("x").unwrap(), 1 << 20, None).await.unwrap();
+        let mut s = store
+            .begin_ingest(DatasetName::new("half").unwrap(), StorageClass::Stripe)
+            .unwrap();
+        s.begin_object(ObjectPath::new("x").unwrap(), 1 << 20, None)
+            .await
+            .unwrap();
         s.data(&pattern(2, 500_000)).await.unwrap();
-        assert!(store.begin_ingest(DatasetName::new("half").unwrap(), StorageClass::Stripe).is_err());
+        assert!(
+            store
+                .begin_ingest(DatasetName::new("half").unwrap(), StorageClass::Stripe)
+                .is_err()
+        );
     }
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     assert_eq!(store.status().used_bytes, 0);
     // Protocol errors.
-    let mut s = store.begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe).unwrap();
-    s.begin_object(ObjectPath::new("x").unwrap(), 10, None).await.unwrap();
-    assert!(matches!(s.data(&[0; 11]).await, Err(StoreError::Protocol(_))));
+    let mut s = store
+        .begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe)
+        .unwrap();
+    s.begin_object(ObjectPath::new("x").unwrap(), 10, None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.data(&[0; 11]).await,
+        Err(StoreError::Protocol(_))
+    ));
     drop(s);
-    let mut s = store.begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe).unwrap();
-    s.begin_object(ObjectPath::new("x").unwrap(), 0, None).await.unwrap();
-    assert!(matches!(s.begin_object(ObjectPath::new("x").unwrap(), 0, None).await, Err(StoreError::DuplicateObject { .. })));
+    let mut s = store
+        .begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe)
+        .unwrap();
+    s.begin_object(ObjectPath::new("x").unwrap(), 0, None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.begin_object(ObjectPath::new("x").unwrap(), 0, None).await,
+        Err(StoreError::DuplicateObject { .. })
+    ));
     drop(s);
-    let mut s = store.begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe).unwrap();
-    s.begin_object(ObjectPath::new("x").unwrap(), 3, Some(1234)).await.unwrap();
+    let mut s = store
+        .begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe)
+        .unwrap();
+    s.begin_object(ObjectPath::new("x").unwrap(), 3, Some(1234))
+        .await
+        .unwrap();
     assert!(matches!(s.data(b"abc").await, Err(StoreError::Protocol(_))));
     drop(s);
 
     let keep = pattern(3, 1_000_000);
-    ingest(&store, "keep", &[("k", keep.clone())]).await.unwrap();
-    ingest(&store, "gone", &[("g", pattern(4, 2_000_000))]).await.unwrap();
-    assert!(matches!(ingest(&store, "keep", &[]).await, Err(StoreError::DatasetExists(_))));
+    ingest(&store, "keep", &[("k", keep.clone())])
+        .await
+        .unwrap();
+    ingest(&store, "gone", &[("g", pattern(4, 2_000_000))])
+        .await
+        .unwrap();
+    assert!(matches!(
+        ingest(&store, "keep", &[]).await,
+        Err(StoreError::DatasetExists(_))
+    ));
     let used = store.status().used_bytes;
-    let freed = store.delete(&DatasetName::new("gone").unwrap()).await.unwrap();
+    let freed = store
+        .delete(&DatasetName::new("gone").unwrap())
+        .await
+        .unwrap();
     assert_eq!(store.status().used_bytes, used - freed);
-    assert!(store.delete(&DatasetName::new("gone").unwrap()).await.is_err());
+    assert!(
+        store
+            .delete(&DatasetName::new("gone").unwrap())
+            .await
+            .is_err()
+    );
     drop(store);
 
     let store = Store::open(&cfg).unwrap();

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what the tests need,
+# then formatting, lints, unit, property, integration and interop tests.
+# .ci/run calls this; CI runs it as root on a clean checkout.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+cargo --version
+cargo fmt --version >/dev/null || { echo "rustfmt is missing: rustup component add rustfmt" >&2; exit 1; }
+cargo clippy --version >/dev/null || { echo "clippy is missing: rustup component add clippy" >&2; exit 1; }
+
+step "python virtualenv for the interop test (grpcio, health, reflection)"
+PY=${PYTHON:-python3}
+if ! "$PY" -m venv --help >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq python3-venv
+fi
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --disable-pip-version-check -r tests/requirements.txt
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy --all-targets -- -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build the binaries the integration tests run"
+cargo build --workspace --bins --locked
+
+step "cargo test (unit, proptest, integration on loopback, interop)"
+STORAGED_TEST_PYTHON="$PWD/.venv/bin/python" cargo test --workspace --locked
