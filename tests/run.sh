@@ -32,4 +32,4 @@ step "build the binaries the integration tests run"
 cargo build --workspace --bins --locked
 
 step "cargo test (unit, proptest, integration on loopback, interop)"
-STORAGED_TEST_PYTHON="$PWD/.venv/bin/python" cargo test --workspace --locked
+STORAGED_TEST_PYTHON="$PWD/.venv/bin/python" cargo test --workspace --locked --no-fail-fast

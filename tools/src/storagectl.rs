@@ -375,7 +375,7 @@ mod tests {
     #[test]
     fn formats_time_and_sizes() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T07:06:40Z");
+        assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T11:06:40Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(human(5), "5 B");
         assert_eq!(human(3 << 20), "3.0 MiB");
