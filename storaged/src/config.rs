@@ -70,7 +70,7 @@ impl Default for StoreLimits {
     fn default() -> Self {
         Self {
             message_bytes: 1 << 20,
-            read_ahead_bytes: 16 << 20,
+            read_ahead_bytes: 64 << 20,
             batch_in_flight_default: 64,
             batch_in_flight_max: 512,
             batch_items_max: 100_000,
@@ -111,7 +111,7 @@ impl StoreConfig {
             force: false,
             engine: EngineKind::Auto,
             queue_depth_per_device_max: 32,
-            buffer_pool_bytes: 128 << 20,
+            buffer_pool_bytes: 256 << 20,
             limits: StoreLimits::default(),
         }
     }

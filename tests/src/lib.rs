@@ -301,3 +301,68 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Messages of a raw Ingest stream, for tests that drive the protocol
+/// directly (disconnects, crashes, protocol violations).
+pub mod ingest_msg {
+    use bytes::Bytes;
+    use storaged_proto::pb::{self, ingest_request::Msg};
+
+    fn wrap(m: Msg) -> pb::IngestRequest {
+        pb::IngestRequest { msg: Some(m) }
+    }
+
+    pub fn begin(dataset: &str, storage_class: i32) -> pb::IngestRequest {
+        wrap(Msg::Begin(pb::IngestBegin {
+            dataset: dataset.into(),
+            storage_class,
+        }))
+    }
+
+    pub fn object(path: &str, size: u64) -> pb::IngestRequest {
+        wrap(Msg::Object(pb::ObjectBegin {
+            path: path.into(),
+            size,
+            crc32: None,
+        }))
+    }
+
+    pub fn data(bytes: impl Into<Bytes>) -> pb::IngestRequest {
+        wrap(Msg::Data(bytes.into()))
+    }
+}
+
+/// An Ingest call left open: push messages with `tx`; `call` resolves when
+/// the server answers.
+pub struct OpenIngest {
+    pub tx: tokio::sync::mpsc::Sender<storaged_proto::pb::IngestRequest>,
+    pub call: tokio::task::JoinHandle<
+        Result<tonic::Response<storaged_proto::pb::IngestResponse>, tonic::Status>,
+    >,
+}
+
+impl OpenIngest {
+    pub async fn start(client: &storaged_client::Client) -> OpenIngest {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let mut rpc = client.raw();
+        let call = tokio::spawn(async move {
+            rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+        });
+        OpenIngest { tx, call }
+    }
+
+    pub async fn send(&self, msgs: Vec<storaged_proto::pb::IngestRequest>) {
+        for m in msgs {
+            self.tx.send(m).await.expect("ingest stream open");
+        }
+    }
+
+    /// Ends the stream (without commit) and returns the server's answer.
+    pub async fn close(
+        self,
+    ) -> Result<tonic::Response<storaged_proto::pb::IngestResponse>, tonic::Status> {
+        drop(self.tx);
+        self.call.await.expect("ingest task")
+    }
+}

@@ -5,13 +5,9 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use storaged_proto::pb::{self, ingest_request::Msg};
-use storaged_tests::{Daemon, DaemonOpts, eventually, pattern, write_tree};
+use storaged_proto::pb;
+use storaged_tests::{Daemon, DaemonOpts, OpenIngest, eventually, ingest_msg, pattern, write_tree};
 use tonic::Code;
-
-fn msg(m: Msg) -> pb::IngestRequest {
-    pb::IngestRequest { msg: Some(m) }
-}
 
 // Guards against an abandoned upload leaving a visible dataset or
 // allocated space.
@@ -23,28 +19,13 @@ async fn client_disconnect_mid_ingest_leaves_nothing() {
     {
         // A separate connection, dropped whole: the server sees a reset.
         let other = d.client().await;
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        let mut rpc = other.raw();
-        let call = tokio::spawn(async move {
-            rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
-                .await
-        });
-        tx.send(msg(Msg::Begin(pb::IngestBegin {
-            dataset: "gone".into(),
-            storage_class: 0,
-        })))
-        .await
-        .unwrap();
-        tx.send(msg(Msg::Object(pb::ObjectBegin {
-            path: "a".into(),
-            size: 4 << 20,
-            crc32: None,
-        })))
-        .await
-        .unwrap();
-        tx.send(msg(Msg::Data(Bytes::from(pattern(1, 1 << 20)))))
-            .await
-            .unwrap();
+        let open = OpenIngest::start(&other).await;
+        open.send(vec![
+            ingest_msg::begin("gone", 0),
+            ingest_msg::object("a", 4 << 20),
+            ingest_msg::data(pattern(1, 1 << 20)),
+        ])
+        .await;
         assert!(
             eventually(Duration::from_secs(20), async || client
                 .status()
@@ -54,7 +35,7 @@ async fn client_disconnect_mid_ingest_leaves_nothing() {
                 == 1)
             .await
         );
-        call.abort();
+        open.call.abort();
         drop(other);
     }
     assert!(
@@ -68,29 +49,14 @@ async fn client_disconnect_mid_ingest_leaves_nothing() {
     assert!(client.list_datasets().await.unwrap().is_empty());
 
     // A stream that just ends without commit is discarded too.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(msg(Msg::Begin(pb::IngestBegin {
-        dataset: "nocommit".into(),
-        storage_class: 0,
-    })))
-    .await
-    .unwrap();
-    tx.send(msg(Msg::Object(pb::ObjectBegin {
-        path: "a".into(),
-        size: 3,
-        crc32: None,
-    })))
-    .await
-    .unwrap();
-    tx.send(msg(Msg::Data(Bytes::from_static(b"abc"))))
-        .await
-        .unwrap();
-    drop(tx);
-    let err = client
-        .raw()
-        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap_err();
+    let open = OpenIngest::start(&client).await;
+    open.send(vec![
+        ingest_msg::begin("nocommit", 0),
+        ingest_msg::object("a", 3),
+        ingest_msg::data(Bytes::from_static(b"abc")),
+    ])
+    .await;
+    let err = open.close().await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("commit"), "{}", err.message());
     assert_eq!(client.status().await.unwrap().used_bytes, 0);
@@ -169,42 +135,21 @@ async fn bad_names_are_invalid_argument() {
     assert_eq!(r.code(), Code::InvalidArgument);
 
     // An ingest whose object path escapes is refused and leaves nothing.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(msg(Msg::Begin(pb::IngestBegin {
-        dataset: "evil".into(),
-        storage_class: 0,
-    })))
-    .await
-    .unwrap();
-    tx.send(msg(Msg::Object(pb::ObjectBegin {
-        path: "../../x".into(),
-        size: 1,
-        crc32: None,
-    })))
-    .await
-    .unwrap();
-    drop(tx);
-    let r = rpc
-        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap_err();
+    let client = d.client().await;
+    let open = OpenIngest::start(&client).await;
+    open.send(vec![
+        ingest_msg::begin("evil", 0),
+        ingest_msg::object("../../x", 1),
+    ])
+    .await;
+    let r = open.close().await.unwrap_err();
     assert_eq!(r.code(), Code::InvalidArgument);
     // An unknown storage class is refused.
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(msg(Msg::Begin(pb::IngestBegin {
-        dataset: "ec".into(),
-        storage_class: 42,
-    })))
-    .await
-    .unwrap();
-    drop(tx);
-    let r = rpc
-        .ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await
-        .unwrap_err();
+    let open = OpenIngest::start(&client).await;
+    open.send(vec![ingest_msg::begin("ec", 42)]).await;
+    let r = open.close().await.unwrap_err();
     assert_eq!(r.code(), Code::InvalidArgument);
     // Reads past the end are OUT_OF_RANGE.
-    let client = d.client().await;
     let e = client
         .dataset("ds")
         .unwrap()

@@ -3,13 +3,7 @@
 
 use std::time::Duration;
 
-use bytes::Bytes;
-use storaged_proto::pb::{self, ingest_request::Msg};
-use storaged_tests::{Daemon, DaemonOpts, eventually, pattern, write_tree};
-
-fn msg(m: Msg) -> pb::IngestRequest {
-    pb::IngestRequest { msg: Some(m) }
-}
+use storaged_tests::{Daemon, DaemonOpts, OpenIngest, eventually, ingest_msg, pattern, write_tree};
 
 // Guards against a partially ingested dataset becoming visible, or its
 // space leaking, after a crash in the middle of an ingest.
@@ -18,30 +12,13 @@ async fn kill9_mid_ingest_leaves_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let mut d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
     let client = d.client().await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    let mut rpc = client.raw();
-    let call = tokio::spawn(async move {
-        rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await
-    });
-    tx.send(msg(Msg::Begin(pb::IngestBegin {
-        dataset: "partial".into(),
-        storage_class: 0,
-    })))
-    .await
-    .unwrap();
-    tx.send(msg(Msg::Object(pb::ObjectBegin {
-        path: "a".into(),
-        size: 8 << 20,
-        crc32: None,
-    })))
-    .await
-    .unwrap();
-    for i in 0..4u64 {
-        tx.send(msg(Msg::Data(Bytes::from(pattern(i, 1 << 20)))))
-            .await
-            .unwrap();
-    }
+    let open = OpenIngest::start(&client).await;
+    let mut msgs = vec![
+        ingest_msg::begin("partial", 0),
+        ingest_msg::object("a", 8 << 20),
+    ];
+    msgs.extend((0..4u64).map(|i| ingest_msg::data(pattern(i, 1 << 20))));
+    open.send(msgs).await;
     assert!(
         eventually(Duration::from_secs(20), async || {
             let s = client.status().await.unwrap();
@@ -52,10 +29,9 @@ async fn kill9_mid_ingest_leaves_nothing() {
     );
     d.kill9();
     assert!(
-        call.await.unwrap().is_err(),
+        open.close().await.is_err(),
         "the ingest cannot have succeeded"
     );
-    drop(tx);
 
     d = Daemon::start_args(&d.data_dir.clone(), d.args.clone());
     let c2 = d.client().await;

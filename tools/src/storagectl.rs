@@ -205,11 +205,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let ds = client.dataset(&dataset)?;
             let mut stream = std::pin::pin!(ds.read_stream(&path, offset, length));
-            let mut out = std::io::stdout().lock();
+            // Raw bytes straight to fd 1: std's stdout is line-buffered and
+            // would scan every chunk for newlines.
+            let mut out = std::fs::File::from(
+                std::os::fd::AsFd::as_fd(&std::io::stdout())
+                    .try_clone_to_owned()
+                    .context("duplicating stdout")?,
+            );
             while let Some(chunk) = stream.next().await {
                 out.write_all(&chunk?).context("writing to stdout")?;
             }
-            out.flush().context("writing to stdout")?;
             Ok(())
         }
         Command::Stat { dataset, path } => {

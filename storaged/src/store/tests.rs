@@ -29,6 +29,17 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
         .collect()
 }
 
+/// A store whose engine injects the faults of the returned plan.
+fn faulty_store(dir: &std::path::Path) -> (Arc<Store>, Arc<FaultPlan>) {
+    let plan = Arc::new(FaultPlan::default());
+    let p2 = Arc::clone(&plan);
+    let store = Store::open_with(&config(dir, 16, 64 << 10), move |e| {
+        Arc::new(FaultyBackend::new(e, p2))
+    })
+    .unwrap();
+    (store, plan)
+}
+
 async fn ingest(
     store: &Arc<Store>,
     name: &str,
@@ -203,12 +214,7 @@ async fn batch_reads_in_order_with_inband_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn corruption_is_detected_per_block() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = Arc::new(FaultPlan::default());
-    let p2 = Arc::clone(&plan);
-    let store = Store::open_with(&config(dir.path(), 16, 64 << 10), move |e| {
-        Arc::new(FaultyBackend::new(e, p2))
-    })
-    .unwrap();
+    let (store, plan) = faulty_store(dir.path());
     let a = pattern(9, 200_000);
     let b = pattern(10, 200_000);
     ingest(&store, "ds", &[("a", a.clone()), ("b", b.clone())])
@@ -265,12 +271,7 @@ async fn corruption_is_detected_per_block() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failed_writes_and_sync_fail_the_ingest() {
     let dir = tempfile::tempdir().unwrap();
-    let plan = Arc::new(FaultPlan::default());
-    let p2 = Arc::clone(&plan);
-    let store = Store::open_with(&config(dir.path(), 16, 64 << 10), move |e| {
-        Arc::new(FaultyBackend::new(e, p2))
-    })
-    .unwrap();
+    let (store, plan) = faulty_store(dir.path());
     plan.set_fail_sync(true);
     let err = ingest(&store, "x", &[("a", pattern(1, 100_000))])
         .await
@@ -388,4 +389,70 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
     assert_eq!(store.list_datasets().len(), 1);
     assert_eq!(read_all(&store, "keep", "k", 0, None).await.unwrap(), keep);
     assert_eq!(store.status().used_bytes, used - freed);
+}
+
+/// Counts device bytes read, to check read amplification.
+struct CountingBackend {
+    inner: Arc<dyn IoBackend>,
+    read_bytes: std::sync::atomic::AtomicU64,
+}
+
+impl IoBackend for CountingBackend {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn submit(&self, op: crate::engine::IoOp, buf: BufLease) -> crate::buf::IoFuture {
+        if op.kind == crate::engine::OpKind::Read {
+            self.read_bytes
+                .fetch_add(u64::from(op.len), Ordering::SeqCst);
+        }
+        self.inner.submit(op, buf)
+    }
+    fn sync(&self, device: u32) -> std::io::Result<()> {
+        self.inner.sync(device)
+    }
+    fn device_count(&self) -> u32 {
+        self.inner.device_count()
+    }
+}
+
+// Guards the integrity granularity promise: any 4 KiB read, wherever it
+// falls, costs at most 64 KiB of device reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_reads_read_at_most_64_kib() {
+    let dir = tempfile::tempdir().unwrap();
+    let counter: Arc<std::sync::Mutex<Option<Arc<CountingBackend>>>> = Arc::default();
+    let c2 = Arc::clone(&counter);
+    let store = Store::open_with(&config(dir.path(), 16, 64 << 10), move |e| {
+        let c = Arc::new(CountingBackend {
+            inner: e,
+            read_bytes: Default::default(),
+        });
+        *c2.lock().unwrap() = Some(Arc::clone(&c));
+        c
+    })
+    .unwrap();
+    let counter = counter.lock().unwrap().clone().unwrap();
+    let data = pattern(11, 1 << 20);
+    ingest(
+        &store,
+        "ds",
+        &[("pad", pattern(12, 5000)), ("x", data.clone())],
+    )
+    .await
+    .unwrap();
+    for off in [
+        0u64,
+        4096,
+        32768 - 2048,
+        65536 - 100,
+        500_000,
+        (1 << 20) - 4096,
+    ] {
+        let before = counter.read_bytes.load(Ordering::SeqCst);
+        let got = read_all(&store, "ds", "x", off, Some(4096)).await.unwrap();
+        let cost = counter.read_bytes.load(Ordering::SeqCst) - before;
+        assert_eq!(got, &data[off as usize..off as usize + 4096]);
+        assert!(cost <= 64 << 10, "4 KiB at {off} read {cost} device bytes");
+    }
 }
