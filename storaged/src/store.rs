@@ -1005,6 +1005,21 @@ impl IngestSession {
                 self.store.limits.ingest_objects_max
             )));
         }
+        let capacity = self.store.layout.capacity_bytes();
+        if size > capacity {
+            // Checked before any arithmetic on `size`: a hostile header must
+            // not overflow the rounding or size a huge checksum vector.
+            return Err(StoreError::NoSpace {
+                needed: size,
+                free: self
+                    .store
+                    .alloc
+                    .lock()
+                    .expect("allocator poisoned")
+                    .free_bytes(),
+                largest_free: capacity,
+            });
+        }
         if !self.paths.insert(path.to_string()) {
             return Err(StoreError::DuplicateObject {
                 dataset: self.name.to_string(),

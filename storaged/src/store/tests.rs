@@ -311,6 +311,16 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     assert_eq!(store.status().used_bytes, 0);
+    // A hostile size is refused before any arithmetic on it.
+    let mut s = store
+        .begin_ingest(DatasetName::new("huge").unwrap(), StorageClass::Stripe)
+        .unwrap();
+    let err = s
+        .begin_object(ObjectPath::new("x").unwrap(), u64::MAX, None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    drop(s);
     // An aborted (dropped) session frees its space.
     {
         let mut s = store
