@@ -3,7 +3,34 @@
 use storaged_proto::NameError;
 use tonic::{Code, Status};
 
+use crate::alloc::AllocError;
 use crate::catalog::CatalogError;
+use crate::device::DeviceError;
+
+/// Why the store could not open. Start-up only; never a gRPC status.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("cannot create data dir {path}: {source}")]
+    DataDir {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error(transparent)]
+    Catalog(#[from] CatalogError),
+    #[error(
+        "the devices are blank but {0} describes an existing pool; restore the devices or pass --force to start over"
+    )]
+    StaleCatalog(std::path::PathBuf),
+    #[error("catalog {path} is inconsistent with the pool: {source}")]
+    Inconsistent {
+        path: std::path::PathBuf,
+        source: AllocError,
+    },
+    #[error("I/O engine: {0}")]
+    Engine(std::io::Error),
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

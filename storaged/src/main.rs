@@ -127,5 +127,6 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         let _ = writeln!(out, "storaged listening on {bound}");
         let _ = out.flush();
     })
-    .await
+    .await?;
+    Ok(())
 }

@@ -15,6 +15,22 @@ use crate::config::ServerLimits;
 use crate::service::StoragedService;
 use crate::store::Store;
 
+/// Why serving stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC transport: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    #[error("reflection service: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
 /// Serves until `shutdown` resolves, then drains for at most
 /// `limits.shutdown_grace_s`. `on_bound` gets the bound address (useful
 /// with port 0).
@@ -24,10 +40,13 @@ pub async fn serve(
     limits: &ServerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+        .map_err(|source| ServeError::Bind {
+            addr: listen,
+            source,
+        })?;
     let bound = listener.local_addr()?;
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))

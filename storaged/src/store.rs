@@ -37,7 +37,7 @@ use crate::catalog::{Catalog, DatasetRecord, ObjectRecord, ObjectSummary};
 use crate::config::{StoreConfig, StoreLimits};
 use crate::device::{CHECKSUM_BLOCK_BYTES, OpenedPool, PoolSpec, open_pool, pool_id_hex};
 use crate::engine::{self, EngineLimits, IoBackend};
-use crate::error::StoreError;
+use crate::error::{OpenError, StoreError};
 use crate::layout::{Segment, StripeLayout};
 
 /// Logical space an ingest takes from the allocator at a time.
@@ -154,7 +154,7 @@ fn buffer_classes(total: u64, stripe_unit: u64) -> Vec<ClassSpec> {
 impl Store {
     /// Opens the devices, the engine and the catalog, and rebuilds the
     /// allocator from committed datasets.
-    pub fn open(cfg: &StoreConfig) -> anyhow::Result<Arc<Self>> {
+    pub fn open(cfg: &StoreConfig) -> Result<Arc<Self>, OpenError> {
         Self::open_with(cfg, |e| e)
     }
 
@@ -163,9 +163,10 @@ impl Store {
     pub fn open_with(
         cfg: &StoreConfig,
         wrap: impl FnOnce(Arc<dyn IoBackend>) -> Arc<dyn IoBackend>,
-    ) -> anyhow::Result<Arc<Self>> {
-        std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
-            anyhow::anyhow!("cannot create data dir {}: {e}", cfg.data_dir.display())
+    ) -> Result<Arc<Self>, OpenError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| OpenError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
         })?;
         let OpenedPool {
             files,
@@ -185,10 +186,7 @@ impl Store {
             // Blank devices next to a catalog: the catalog describes data that
             // is gone. Keeping it would serve garbage; erasing it silently
             // would hide the loss.
-            anyhow::bail!(
-                "the devices are blank but {} describes an existing pool; restore the devices or pass --force to start over",
-                catalog_path.display()
-            );
+            return Err(OpenError::StaleCatalog(catalog_path));
         }
         let catalog = Catalog::open(&catalog_path, pool_id, formatted)?;
         let records = catalog.datasets()?;
@@ -196,8 +194,11 @@ impl Store {
         for (_, r) in &records {
             used.extend_from_slice(&r.extents);
         }
-        let alloc = ExtentAllocator::new(layout.capacity_bytes(), &used).map_err(|e| {
-            anyhow::anyhow!("catalog {} is inconsistent: {e}", catalog_path.display())
+        let alloc = ExtentAllocator::new(layout.capacity_bytes(), &used).map_err(|source| {
+            OpenError::Inconsistent {
+                path: catalog_path.clone(),
+                source,
+            }
         })?;
         let alloc = Arc::new(Mutex::new(alloc));
         let datasets = records
@@ -215,7 +216,8 @@ impl Store {
         let pool = BufferPool::new(buffer_classes(
             cfg.buffer_pool_bytes,
             layout.stripe_unit_bytes,
-        ))?;
+        ))
+        .map_err(OpenError::Engine)?;
         let engine = engine::build(
             cfg.engine,
             files,
@@ -224,7 +226,8 @@ impl Store {
                 queue_depth_per_device_max: cfg.queue_depth_per_device_max,
                 psync_threads: (layout.device_count * 2).clamp(2, 16),
             },
-        )?;
+        )
+        .map_err(OpenError::Engine)?;
         let engine = wrap(engine);
         tracing::info!(
             pool = %pool_id_hex(&pool_id),
