@@ -12,6 +12,14 @@ cargo --version
 cargo fmt --version >/dev/null || { echo "rustfmt is missing: rustup component add rustfmt" >&2; exit 1; }
 cargo clippy --version >/dev/null || { echo "clippy is missing: rustup component add clippy" >&2; exit 1; }
 
+step "Debian packages: fio and nginx (the benchmark harness smoke test runs them)"
+if ! command -v fio >/dev/null || ! command -v nginx >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq fio nginx >/dev/null
+fi
+fio --version
+nginx -v
+
 step "python virtualenv for the interop test (grpcio, health, reflection)"
 PY=${PYTHON:-python3}
 if ! "$PY" -m venv --help >/dev/null 2>&1; then

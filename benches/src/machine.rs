@@ -1,0 +1,98 @@
+//! The machine description written into results.json, in the spirit of
+//! MLPerf Storage's system descriptions.
+
+use serde::Serialize;
+
+#[derive(Debug, Serialize)]
+pub struct DeviceInfo {
+    pub path: String,
+    pub size_bytes: u64,
+    pub kind: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu_model: String,
+    pub cores: usize,
+    pub ram_bytes: u64,
+    pub kernel: String,
+    pub filesystem_of_devices: String,
+    pub devices: Vec<DeviceInfo>,
+    pub storaged_version: String,
+    pub started_unix_s: u64,
+}
+
+fn first_line_with(path: &str, key: &str) -> Option<String> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .find(|l| l.starts_with(key))
+        .and_then(|l| l.split(':').nth(1))
+        .map(|v| v.trim().to_owned())
+}
+
+/// File system type of the mount holding `path`, from /proc/self/mounts.
+fn fs_type(path: &std::path::Path) -> String {
+    let Ok(canon) = path.canonicalize() else {
+        return "unknown".into();
+    };
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let mut best = ("unknown".to_owned(), 0usize);
+    for l in mounts.lines() {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        if f.len() > 2 && canon.starts_with(f[1]) && f[1].len() >= best.1 {
+            best = (format!("{} on {} ({})", f[2], f[1], f[0]), f[1].len());
+        }
+    }
+    best.0
+}
+
+pub fn describe(devices: &[std::path::PathBuf]) -> Machine {
+    use std::os::unix::fs::FileTypeExt;
+    let ram_kib: u64 = first_line_with("/proc/meminfo", "MemTotal")
+        .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
+        .unwrap_or(0);
+    Machine {
+        cpu_model: first_line_with("/proc/cpuinfo", "model name")
+            .unwrap_or_else(|| "unknown".into()),
+        cores: std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1),
+        ram_bytes: ram_kib * 1024,
+        kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_default(),
+        filesystem_of_devices: devices
+            .first()
+            .and_then(|d| d.parent())
+            .map(fs_type)
+            .unwrap_or_default(),
+        devices: devices
+            .iter()
+            .map(|p| {
+                let meta = std::fs::metadata(p);
+                let block = meta
+                    .as_ref()
+                    .map(|m| m.file_type().is_block_device())
+                    .unwrap_or(false);
+                let size = std::fs::File::open(p)
+                    .and_then(|mut f| std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)))
+                    .unwrap_or(0);
+                DeviceInfo {
+                    path: p.display().to_string(),
+                    size_bytes: size,
+                    kind: if block {
+                        "block device"
+                    } else {
+                        "regular file"
+                    },
+                }
+            })
+            .collect(),
+        storaged_version: env!("CARGO_PKG_VERSION").into(),
+        started_unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+    }
+}

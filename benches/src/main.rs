@@ -1,0 +1,416 @@
+//! `storaged-bench`: storaged against the physical limit (fio) and the peers
+//! a user would pick instead (nginx, local files), in one run.
+//!
+//! `cargo run --release -p storaged-bench -- [--quick] --out DIR` creates
+//! the devices, generates the datasets, starts storaged and nginx, runs every
+//! workload on a cold cache with the systems alternating (A B C A B C ...),
+//! reports medians of the repetitions, writes `DIR/results.json` and prints a
+//! summary table. It installs nothing: a missing fio or nginx is an error
+//! that says how to install it, unless `--skip-peers`.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use storaged_bench::datasets::{FileSet, Plan, generate, layouts};
+use storaged_bench::results::{Measurement, Row, add_ratios, summarize};
+use storaged_bench::stats::drop_caches;
+use storaged_bench::systems::fio::{self, FioJob};
+use storaged_bench::systems::nginx::{self, Nginx};
+use storaged_bench::systems::storaged::{self as sd, Daemon};
+use storaged_bench::systems::{Item, local};
+use storaged_bench::{datasets, machine};
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "storaged-bench",
+    about = "storaged against fio, nginx and local files, in one run"
+)]
+struct Args {
+    /// Small datasets and one repetition: under a minute.
+    #[arg(long)]
+    quick: bool,
+    /// Where results.json and the working files go.
+    #[arg(long)]
+    out: PathBuf,
+    /// Device for storaged (repeatable): loop or block devices, or files.
+    /// Default: 4 sparse files under OUT/work/devices.
+    #[arg(long = "device")]
+    devices: Vec<PathBuf>,
+    /// Run without fio and nginx (storaged and local files only).
+    #[arg(long)]
+    skip_peers: bool,
+    /// The storaged binary (default: next to this one).
+    #[arg(long)]
+    storaged_bin: Option<PathBuf>,
+}
+
+fn main() {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    if let Err(e) = rt.block_on(run(args)) {
+        eprintln!("storaged-bench: error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// One system's run of one phase.
+type Runs = Vec<(String, Vec<Measurement>)>;
+
+fn push(runs: &mut Runs, system: &str, m: Measurement) {
+    match runs.iter_mut().find(|(s, _)| s == system) {
+        Some((_, v)) => v.push(m),
+        None => runs.push((system.to_owned(), vec![m])),
+    }
+}
+
+struct Ctx {
+    plan: Plan,
+    peers: bool,
+    daemon: Daemon,
+    client: storaged_client::Client,
+    nginx: Option<Nginx>,
+    device_paths: Vec<String>,
+    fio_commands: Vec<String>,
+    cold: bool,
+}
+
+impl Ctx {
+    fn cold(&mut self) {
+        self.cold &= drop_caches();
+    }
+}
+
+fn items_of(fs: &FileSet) -> Vec<Item> {
+    fs.files
+        .iter()
+        .map(|(p, s)| Item {
+            path: p.clone(),
+            size: *s,
+        })
+        .collect()
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let plan = Plan::new(args.quick);
+    let peers = !args.skip_peers;
+    if peers {
+        let mut missing = Vec::new();
+        if !fio::available() {
+            missing.push("fio");
+        }
+        if !nginx::available() {
+            missing.push("nginx");
+        }
+        if !missing.is_empty() {
+            bail!(
+                "{} not installed: apt-get install -y {} (or pass --skip-peers)",
+                missing.join(" and "),
+                missing.join(" ")
+            );
+        }
+    }
+    let storaged_bin = match args.storaged_bin {
+        Some(b) => b,
+        None => std::env::current_exe()?
+            .parent()
+            .context("binary dir")?
+            .join("storaged"),
+    };
+    if !storaged_bin.exists() {
+        bail!(
+            "{} is missing: cargo build --release --bins",
+            storaged_bin.display()
+        );
+    }
+    // nginx resolves relative paths against its prefix: use absolute ones.
+    let out_dir = std::path::absolute(&args.out)?;
+    let work = out_dir.join("work");
+    if work.exists() {
+        std::fs::remove_dir_all(&work).with_context(|| format!("clearing {}", work.display()))?;
+    }
+    std::fs::create_dir_all(&work)?;
+
+    // Datasets as plain files.
+    eprintln!("generating datasets...");
+    let files_root = work.join("files");
+    let mut sets = Vec::new();
+    for (i, (name, files)) in layouts(&plan).into_iter().enumerate() {
+        sets.push(generate(&files_root, name, files, i as u64 + 1)?);
+    }
+    let data_bytes: u64 = sets.iter().map(|s| s.total_bytes()).sum();
+    let device_size = (data_bytes + data_bytes / 4) / 4 + (256 << 20);
+    let devices = if args.devices.is_empty() {
+        (0..4)
+            .map(|i| work.join(format!("devices/dev{i}.img")))
+            .collect()
+    } else {
+        args.devices.clone()
+    };
+    let daemon = Daemon::start(
+        &storaged_bin,
+        &work.join("storaged-data"),
+        &devices,
+        device_size,
+    )?;
+    let client = storaged_client::Client::connect(&daemon.url).await?;
+    eprintln!(
+        "ingesting {:.2} GiB into storaged...",
+        data_bytes as f64 / (1u64 << 30) as f64
+    );
+    for s in &sets {
+        client.ingest_dir(&s.name, &s.root, |_| {}).await?;
+    }
+    eprintln!(
+        "ingesting {} empty objects for the listing workload...",
+        plan.list_objects
+    );
+    sd::ingest_empty_objects(&client, "list", plan.list_objects).await?;
+    let machine = machine::describe(&devices);
+    let nginx = if peers {
+        Some(Nginx::start(&work.join("nginx"), &files_root)?)
+    } else {
+        None
+    };
+    let mut ctx = Ctx {
+        plan,
+        peers,
+        daemon,
+        client,
+        nginx,
+        device_paths: devices.iter().map(|d| d.display().to_string()).collect(),
+        fio_commands: Vec::new(),
+        cold: true,
+    };
+
+    let mut rows: Vec<Row> = Vec::new();
+    let shards = sets.iter().find(|s| s.name == "shards").expect("shards");
+    rows.extend(shard_stream(&mut ctx, shards).await?);
+    for (workload, set) in [
+        ("random_4k", "fixed4k"),
+        ("random_128k", "fixed128k"),
+        ("random_imagenet", "imagenet"),
+    ] {
+        let set = sets.iter().find(|s| s.name == set).expect("dataset");
+        rows.extend(random(&mut ctx, workload, set).await?);
+    }
+    rows.extend(listing(&mut ctx).await?);
+    add_ratios(&mut rows);
+
+    let commands = serde_json::json!({
+        "fio": ctx.fio_commands,
+        "nginx": ctx.nginx.as_ref().map(|n| serde_json::json!({"command": n.command, "config": n.config})),
+        "storaged": format!("{} serve --listen 127.0.0.1:0 --data-dir {} --device-size {} {}", storaged_bin.display(), work.join("storaged-data").display(), device_size, ctx.device_paths.iter().map(|d| format!("--device {d}")).collect::<Vec<_>>().join(" ")),
+        "harness": std::env::args().collect::<Vec<_>>().join(" "),
+    });
+    let out = serde_json::json!({
+        "machine": machine,
+        "commands": commands,
+        "settings": {
+            "quick": args.quick,
+            "repetitions": ctx.plan.repetitions,
+            "cold_cache": ctx.cold,
+            "peers": ctx.peers,
+            "elapsed_s": started.elapsed().as_secs_f64(),
+        },
+        "results": rows,
+    });
+    let path = out_dir.join("results.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(&out)?)?;
+    print_table(&rows);
+    if !ctx.cold {
+        eprintln!("note: caches could not be dropped (not root); buffered figures may be warm");
+    }
+    eprintln!(
+        "wrote {} in {:.1} s",
+        path.display(),
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+async fn shard_stream(ctx: &mut Ctx, set: &FileSet) -> anyhow::Result<Vec<Row>> {
+    let items = items_of(set);
+    let (first, last) = (&items[0].path, &items[items.len() - 1].path);
+    let (offset, size) = sd::device_region(&ctx.client, &set.name, first, last).await?;
+    let mut rows = Vec::new();
+    for &c in &ctx.plan.stream_concurrency.clone() {
+        eprintln!("shard_stream, {c} stream(s)...");
+        let mut runs: Runs = Vec::new();
+        // storaged keeps up to 64 x 1 MiB reads in flight per stream; the
+        // pool caps several streams at 128.
+        let depth = (64 * c).min(128);
+        let job = FioJob {
+            rw: "read",
+            bs: "1M".into(),
+            bssplit: false,
+            iodepth: depth / c,
+            numjobs: c,
+            offset_bytes: offset,
+            size_bytes: size,
+            number_ios: None,
+            filenames: ctx.device_paths.clone(),
+        };
+        ctx.fio_commands.push(job.command_line());
+        for _ in 0..ctx.plan.repetitions {
+            if ctx.peers {
+                ctx.cold();
+                push(&mut runs, "fio", job.run()?);
+            }
+            ctx.cold();
+            push(
+                &mut runs,
+                "storaged_grpc",
+                sd::stream_objects(&ctx.daemon, &ctx.client, &set.name, &items, c).await?,
+            );
+            if let Some(n) = &ctx.nginx {
+                ctx.cold &= drop_caches();
+                push(&mut runs, "nginx", n.get_items(&set.name, &items, c).await?);
+            }
+            for (system, direct) in [("local_odirect", true), ("local_buffered", false)] {
+                ctx.cold();
+                let (root, items, c) = (set.root.clone(), items.clone(), c);
+                let m = tokio::task::spawn_blocking(move || {
+                    local::read_items(&root, &items, c, direct)
+                })
+                .await??;
+                push(&mut runs, system, m);
+            }
+        }
+        rows.extend(
+            runs.iter()
+                .map(|(s, reps)| summarize("shard_stream", s, c, reps)),
+        );
+    }
+    Ok(rows)
+}
+
+async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<Vec<Row>> {
+    let all = items_of(set);
+    let (first, last) = (&all[0].path, &all[all.len() - 1].path);
+    let (offset, size) = sd::device_region(&ctx.client, &set.name, first, last).await?;
+    let mut rng = datasets::Rng::new(42);
+    let mut order = all.clone();
+    rng.shuffle(&mut order);
+    order.truncate(ctx.plan.random_items);
+    let sizes: Vec<u64> = all.iter().map(|i| i.size).collect();
+    let (bs, bssplit) = if sizes.iter().all(|&s| s == sizes[0]) {
+        (format!("{}k", sizes[0] / 1024), false)
+    } else {
+        (fio::bssplit(&sizes), true)
+    };
+    let mut rows = Vec::new();
+    for &c in &ctx.plan.concurrency.clone() {
+        eprintln!("{workload}, {c} in flight...");
+        let job = FioJob {
+            rw: "randread",
+            bs: bs.clone(),
+            bssplit,
+            iodepth: c,
+            numjobs: 1,
+            offset_bytes: offset,
+            size_bytes: size,
+            number_ios: Some(order.len() as u64),
+            filenames: ctx.device_paths.clone(),
+        };
+        ctx.fio_commands.push(job.command_line());
+        let mut runs: Runs = Vec::new();
+        for _ in 0..ctx.plan.repetitions {
+            if ctx.peers {
+                ctx.cold();
+                push(&mut runs, "fio", job.run()?);
+            }
+            ctx.cold();
+            push(
+                &mut runs,
+                "storaged_grpc",
+                sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c).await?,
+            );
+            if let Some(n) = &ctx.nginx {
+                ctx.cold &= drop_caches();
+                push(&mut runs, "nginx", n.get_items(&set.name, &order, c).await?);
+            }
+            for (system, direct) in [("local_odirect", true), ("local_buffered", false)] {
+                ctx.cold();
+                let (root, items) = (set.root.clone(), order.clone());
+                let m = tokio::task::spawn_blocking(move || {
+                    local::read_items(&root, &items, c, direct)
+                })
+                .await??;
+                push(&mut runs, system, m);
+            }
+        }
+        rows.extend(runs.iter().map(|(s, reps)| summarize(workload, s, c, reps)));
+    }
+    Ok(rows)
+}
+
+async fn listing(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
+    eprintln!("list_1m ({} objects)...", ctx.plan.list_objects);
+    let mut lists = Vec::new();
+    let mut stats = Vec::new();
+    for _ in 0..ctx.plan.repetitions {
+        let (l, s) = sd::list_and_stat(
+            &ctx.daemon,
+            &ctx.client,
+            "list",
+            ctx.plan.list_objects,
+            ctx.plan.stat_samples,
+        )
+        .await?;
+        lists.push(l);
+        stats.push(s);
+    }
+    let mut list_row = summarize("list_1m", "storaged_grpc", 1, &lists);
+    let stat_row = summarize("list_1m", "storaged_grpc", 1, &stats);
+    // The listing row carries the listing rate and the stat latencies.
+    list_row.p50_us = stat_row.p50_us;
+    list_row.p99_us = stat_row.p99_us;
+    list_row.p999_us = stat_row.p999_us;
+    Ok(vec![list_row])
+}
+
+fn fmt(v: Option<f64>, digits: usize) -> String {
+    v.map(|x| format!("{x:.digits$}"))
+        .unwrap_or_else(|| "-".into())
+}
+
+fn print_table(rows: &[Row]) {
+    println!(
+        "{:<16} {:<15} {:>5} {:>8} {:>11} {:>9} {:>9} {:>8} {:>8} {:>7}",
+        "workload",
+        "system",
+        "conc",
+        "GiB/s",
+        "samples/s",
+        "p50 us",
+        "p99 us",
+        "srv s/G",
+        "cli s/G",
+        "x fio"
+    );
+    for r in rows {
+        println!(
+            "{:<16} {:<15} {:>5} {:>8} {:>11} {:>9} {:>9} {:>8} {:>8} {:>7}",
+            r.workload,
+            r.system,
+            r.concurrency,
+            fmt(r.gib_per_s, 3),
+            fmt(r.samples_per_s, 0),
+            fmt(r.p50_us, 0),
+            fmt(r.p99_us, 0),
+            fmt(r.cpu_s_per_gib_server, 2),
+            fmt(r.cpu_s_per_gib_client, 2),
+            fmt(r.ratio_to_fio, 2),
+        );
+    }
+}

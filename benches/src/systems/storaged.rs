@@ -1,0 +1,281 @@
+//! storaged over gRPC through the Rust client: the daemon process, ingest,
+//! and the workloads.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use futures::StreamExt;
+use storaged_client::{BatchItem, Client};
+
+use super::{Item, pipeline_latencies_us};
+use crate::results::Measurement;
+use crate::stats::{cpu_seconds, self_cpu_seconds};
+
+/// A running storaged.
+pub struct Daemon {
+    child: Child,
+    pub url: String,
+}
+
+impl Daemon {
+    pub fn start(
+        bin: &Path,
+        data_dir: &Path,
+        devices: &[PathBuf],
+        device_size: u64,
+    ) -> anyhow::Result<Daemon> {
+        let mut cmd = Command::new(bin);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(["--device-size", &device_size.to_string()]);
+        for d in devices {
+            cmd.arg("--device").arg(d);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(
+                data_dir.with_extension("stderr.log"),
+            )?)
+            .spawn()
+            .with_context(|| format!("starting {}", bin.display()))?;
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+        let Some(addr) = line.trim().strip_prefix("storaged listening on ") else {
+            let _ = child.kill();
+            bail!(
+                "storaged did not start; see {}",
+                data_dir.with_extension("stderr.log").display()
+            );
+        };
+        Ok(Daemon {
+            url: format!("http://{addr}"),
+            child,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn cpu_seconds(&self) -> f64 {
+        cpu_seconds(self.pid()).unwrap_or(0.0)
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Where a dataset lives on each device: `(offset, length)` of the device
+/// byte range that holds it (its objects are contiguous in logical space,
+/// in path order).
+pub async fn device_region(
+    client: &Client,
+    dataset: &str,
+    first: &str,
+    last: &str,
+) -> anyhow::Result<(u64, u64)> {
+    let status = client.status().await?;
+    let ds = client.dataset(dataset)?;
+    let a = ds.stat(first).await?;
+    let b = ds.stat(last).await?;
+    let unit = u64::from(status.stripe_unit_bytes);
+    let n = status.devices.len() as u64;
+    let row = unit * n;
+    let lo = a.logical_offset / row;
+    let hi = (b.logical_offset + b.object.map(|o| o.size).unwrap_or(0)).div_ceil(row);
+    Ok(((1 << 20) + lo * unit, (hi - lo).max(1) * unit))
+}
+
+/// Whole objects, `concurrency` streams pulling from a shared queue.
+pub async fn stream_objects(
+    daemon: &Daemon,
+    client: &Client,
+    dataset: &str,
+    items: &[Item],
+    concurrency: u32,
+) -> anyhow::Result<Measurement> {
+    let ds = client.dataset(dataset)?;
+    let items = Arc::new(items.to_vec());
+    let next = Arc::new(AtomicUsize::new(0));
+    let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let (ds, items, next) = (ds.clone(), Arc::clone(&items), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move {
+            let mut bytes = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::SeqCst);
+                let Some(item) = items.get(i) else { break };
+                let mut s = std::pin::pin!(ds.read_stream(&item.path, 0, None));
+                while let Some(chunk) = s.next().await {
+                    bytes += chunk?.len() as u64;
+                }
+            }
+            Ok::<u64, storaged_client::ClientError>(bytes)
+        }));
+    }
+    let mut bytes = 0;
+    for t in tasks {
+        bytes += t.await??;
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    Ok(Measurement {
+        bytes,
+        samples: items.len() as u64,
+        seconds,
+        cpu_s_server: Some(daemon.cpu_seconds() - srv0),
+        cpu_s_client: Some(self_cpu_seconds() - cli0),
+        ..Default::default()
+    })
+}
+
+/// Random samples through one ReadBatch with `concurrency` items in flight.
+pub async fn read_batch(
+    daemon: &Daemon,
+    client: &Client,
+    dataset: &str,
+    items: &[Item],
+    concurrency: u32,
+) -> anyhow::Result<Measurement> {
+    let ds = client.dataset(dataset)?;
+    let batch: Vec<BatchItem> = items
+        .iter()
+        .map(|i| BatchItem {
+            path: i.path.clone(),
+            offset: 0,
+            length: None,
+        })
+        .collect();
+    let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
+    let mut done_at = Vec::with_capacity(items.len());
+    let mut bytes = 0u64;
+    let mut s = std::pin::pin!(ds.read_batch(batch, concurrency));
+    while let Some(r) = s.next().await {
+        let r = r?;
+        let data = r
+            .data
+            .map_err(|e| anyhow::anyhow!("item {}: {e}", r.index))?;
+        bytes += data.len() as u64;
+        done_at.push(t0.elapsed().as_secs_f64() * 1e6);
+    }
+    let seconds = t0.elapsed().as_secs_f64();
+    if done_at.len() != items.len() {
+        bail!(
+            "ReadBatch returned {} of {} items",
+            done_at.len(),
+            items.len()
+        );
+    }
+    Ok(Measurement {
+        bytes,
+        samples: items.len() as u64,
+        seconds,
+        latencies_us: pipeline_latencies_us(&done_at, concurrency as usize),
+        cpu_s_server: Some(daemon.cpu_seconds() - srv0),
+        cpu_s_client: Some(self_cpu_seconds() - cli0),
+        ..Default::default()
+    })
+}
+
+/// Creates a dataset of `n` empty objects through a raw Ingest stream.
+pub async fn ingest_empty_objects(client: &Client, dataset: &str, n: usize) -> anyhow::Result<()> {
+    use storaged_proto::pb::{self, ingest_request::Msg};
+    let (tx, rx) = tokio::sync::mpsc::channel(1024);
+    let mut rpc = client.raw();
+    let call = tokio::spawn(async move {
+        rpc.ingest(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+    });
+    let m = |msg| pb::IngestRequest { msg: Some(msg) };
+    let send = |r| {
+        let tx = tx.clone();
+        async move {
+            tx.send(r)
+                .await
+                .map_err(|_| anyhow::anyhow!("ingest stream closed"))
+        }
+    };
+    send(m(Msg::Begin(pb::IngestBegin {
+        dataset: dataset.into(),
+        storage_class: 0,
+    })))
+    .await?;
+    for i in 0..n {
+        send(m(Msg::Object(pb::ObjectBegin {
+            path: list_path(i),
+            size: 0,
+            crc32: None,
+        })))
+        .await?;
+    }
+    send(m(Msg::Commit(pb::IngestCommit {
+        object_count: n as u64,
+        total_bytes: 0,
+    })))
+    .await?;
+    drop(tx);
+    call.await??;
+    Ok(())
+}
+
+/// Path of listing object `i`: 1000 class directories, like ImageNet.
+pub fn list_path(i: usize) -> String {
+    format!("train/n{:05}/img_{i:08}.JPEG", i % 1000)
+}
+
+/// Time to list every object (pages of 10 000), and stat latencies.
+pub async fn list_and_stat(
+    daemon: &Daemon,
+    client: &Client,
+    dataset: &str,
+    n: usize,
+    stats: usize,
+) -> anyhow::Result<(Measurement, Measurement)> {
+    let ds = client.dataset(dataset)?;
+    let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
+    let mut token = String::new();
+    let mut count = 0usize;
+    loop {
+        let (objs, next) = ds.list_page("", 10_000, &token).await?;
+        count += objs.len();
+        match next {
+            Some(t) => token = t,
+            None => break,
+        }
+    }
+    let list = Measurement {
+        samples: count as u64,
+        seconds: t0.elapsed().as_secs_f64(),
+        cpu_s_server: Some(daemon.cpu_seconds() - srv0),
+        cpu_s_client: Some(self_cpu_seconds() - cli0),
+        ..Default::default()
+    };
+    if count != n {
+        bail!("listed {count} objects, expected {n}");
+    }
+    let mut rng = crate::datasets::Rng::new(99);
+    let mut lat = Vec::with_capacity(stats);
+    let t1 = Instant::now();
+    for _ in 0..stats {
+        let p = list_path(rng.below(n));
+        let t = Instant::now();
+        ds.stat(&p).await?;
+        lat.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    let stat = Measurement {
+        samples: stats as u64,
+        seconds: t1.elapsed().as_secs_f64(),
+        latencies_us: lat,
+        ..Default::default()
+    };
+    Ok((list, stat))
+}
