@@ -8,6 +8,7 @@
 
 pub mod datasets;
 pub mod machine;
+pub mod plots;
 pub mod results;
 pub mod stats;
 pub mod systems;

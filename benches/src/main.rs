@@ -81,6 +81,22 @@ struct Ctx {
     device_paths: Vec<String>,
     fio_commands: Vec<String>,
     cold: bool,
+    /// Latency CDF of the last repetition: (workload, system, concurrency).
+    cdfs: Vec<(String, String, u32, Vec<(f64, f64)>)>,
+}
+
+impl Ctx {
+    fn finish(&mut self, workload: &str, c: u32, runs: &Runs) -> Vec<Row> {
+        for (system, reps) in runs {
+            if let Some(last) = reps.last() {
+                self.cdfs
+                    .push((workload.into(), system.clone(), c, last.cdf()));
+            }
+        }
+        runs.iter()
+            .map(|(s, reps)| summarize(workload, s, c, reps))
+            .collect()
+    }
 }
 
 impl Ctx {
@@ -190,6 +206,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         device_paths: devices.iter().map(|d| d.display().to_string()).collect(),
         fio_commands: Vec::new(),
         cold: true,
+        cdfs: Vec::new(),
     };
 
     let mut rows: Vec<Row> = Vec::new();
@@ -226,7 +243,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let path = out_dir.join("results.json");
     std::fs::write(&path, serde_json::to_vec_pretty(&out)?)?;
+    let plots = write_plots(&out_dir, &rows, &ctx.cdfs);
     print_table(&rows);
+    eprintln!("plots: {}", plots.join(", "));
     if !ctx.cold {
         eprintln!("note: caches could not be dropped (not root); buffered figures may be warm");
     }
@@ -349,7 +368,7 @@ async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<
                 push(&mut runs, system, m);
             }
         }
-        rows.extend(runs.iter().map(|(s, reps)| summarize(workload, s, c, reps)));
+        rows.extend(ctx.finish(workload, c, &runs));
     }
     Ok(rows)
 }
@@ -377,6 +396,48 @@ async fn listing(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
     list_row.p99_us = stat_row.p99_us;
     list_row.p999_us = stat_row.p999_us;
     Ok(vec![list_row])
+}
+
+/// Throughput-against-concurrency and latency-CDF PNGs; returns the files.
+fn write_plots(
+    out: &std::path::Path,
+    rows: &[Row],
+    cdfs: &[(String, String, u32, Vec<(f64, f64)>)],
+) -> Vec<String> {
+    let mut written = Vec::new();
+    let mut try_plot = |name: String, r: Result<(), Box<dyn std::error::Error>>| match r {
+        Ok(()) => written.push(name),
+        Err(e) => eprintln!("warning: plot {name} failed: {e}"),
+    };
+    for w in [
+        "shard_stream",
+        "random_4k",
+        "random_128k",
+        "random_imagenet",
+    ] {
+        let name = format!("throughput_{w}.png");
+        try_plot(
+            name.clone(),
+            storaged_bench::plots::throughput(&out.join(&name), w, rows),
+        );
+        for c in [16u32, 64] {
+            let series: Vec<(String, Vec<(f64, f64)>)> = cdfs
+                .iter()
+                .filter(|(wl, _, cc, pts)| wl == w && *cc == c && !pts.is_empty())
+                .map(|(_, s, _, pts)| (s.clone(), pts.clone()))
+                .collect();
+            if series.is_empty() {
+                continue;
+            }
+            let name = format!("latency_cdf_{w}_c{c}.png");
+            let title = format!("{w}, {c} in flight: latency per item");
+            try_plot(
+                name.clone(),
+                storaged_bench::plots::latency_cdf(&out.join(&name), &title, &series),
+            );
+        }
+    }
+    written
 }
 
 fn fmt(v: Option<f64>, digits: usize) -> String {

@@ -35,9 +35,28 @@ pub struct Measurement {
     pub p999_us: Option<f64>,
     pub cpu_s_server: Option<f64>,
     pub cpu_s_client: Option<f64>,
+    /// Latency CDF points `(percentile, us)` reported by the tool (fio).
+    pub cdf_points: Vec<(f64, f64)>,
 }
 
+/// Percentiles at which latency CDFs are sampled.
+pub const CDF_PERCENTILES: [f64; 16] = [
+    1.0, 5.0, 10.0, 20.0, 30.0, 40.0, 50.0, 60.0, 70.0, 80.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.99,
+];
+
 impl Measurement {
+    /// Latency CDF as `(percentile, us)` points.
+    pub fn cdf(&self) -> Vec<(f64, f64)> {
+        if !self.cdf_points.is_empty() {
+            return self.cdf_points.clone();
+        }
+        let mut v = self.latencies_us.clone();
+        CDF_PERCENTILES
+            .iter()
+            .filter_map(|&p| crate::stats::percentile(&mut v, p / 100.0).map(|us| (p, us)))
+            .collect()
+    }
+
     pub fn gib_per_s(&self) -> Option<f64> {
         (self.bytes > 0 && self.seconds > 0.0)
             .then(|| self.bytes as f64 / self.seconds / (1u64 << 30) as f64)

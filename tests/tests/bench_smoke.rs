@@ -4,8 +4,20 @@
 
 use storaged_tests::bin_dir;
 
-const WORKLOADS: [&str; 5] = ["shard_stream", "random_4k", "random_128k", "random_imagenet", "list_1m"];
-const SYSTEMS: [&str; 5] = ["fio", "storaged_grpc", "nginx", "local_odirect", "local_buffered"];
+const WORKLOADS: [&str; 5] = [
+    "shard_stream",
+    "random_4k",
+    "random_128k",
+    "random_imagenet",
+    "list_1m",
+];
+const SYSTEMS: [&str; 5] = [
+    "fio",
+    "storaged_grpc",
+    "nginx",
+    "local_odirect",
+    "local_buffered",
+];
 const ROW_KEYS: [&str; 11] = [
     "workload",
     "system",
@@ -24,7 +36,11 @@ const ROW_KEYS: [&str; 11] = [
 fn quick_run_writes_valid_results_json() {
     let out = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
     let bench = bin_dir().join("storaged-bench");
-    assert!(bench.exists(), "{} missing: cargo build --bins", bench.display());
+    assert!(
+        bench.exists(),
+        "{} missing: cargo build --bins",
+        bench.display()
+    );
     let run = std::process::Command::new(&bench)
         .arg("--quick")
         .arg("--out")
@@ -34,7 +50,10 @@ fn quick_run_writes_valid_results_json() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(run.status.success(), "storaged-bench failed:\n{stderr}");
     let stdout = String::from_utf8_lossy(&run.stdout);
-    assert!(stdout.contains("workload") && stdout.contains("storaged_grpc"), "summary table:\n{stdout}");
+    assert!(
+        stdout.contains("workload") && stdout.contains("storaged_grpc"),
+        "summary table:\n{stdout}"
+    );
 
     let json: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.path().join("results.json")).unwrap()).unwrap();
@@ -44,8 +63,17 @@ fn quick_run_writes_valid_results_json() {
     }
     assert_eq!(machine["devices"].as_array().unwrap().len(), 4);
     let fio_cmds = json["commands"]["fio"].as_array().unwrap();
-    assert!(fio_cmds.iter().all(|c| c.as_str().unwrap().contains("--ioengine=io_uring --direct=1")));
-    assert!(json["commands"]["nginx"]["config"].as_str().unwrap().contains("directio"));
+    assert!(fio_cmds.iter().all(|c| {
+        c.as_str()
+            .unwrap()
+            .contains("--ioengine=io_uring --direct=1")
+    }));
+    assert!(
+        json["commands"]["nginx"]["config"]
+            .as_str()
+            .unwrap()
+            .contains("directio")
+    );
 
     let rows = json["results"].as_array().unwrap();
     for row in rows {

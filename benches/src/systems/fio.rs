@@ -48,7 +48,14 @@ impl FioJob {
             format!("--offset={}", self.offset_bytes),
             // fio divides `size` among the files of a job.
             format!("--size={}", per_job * files),
-            "--percentile_list=50:99:99.9".into(),
+            format!(
+                "--percentile_list={}",
+                crate::results::CDF_PERCENTILES
+                    .iter()
+                    .map(|p| p.to_string())
+                    .collect::<Vec<_>>()
+                    .join(":")
+            ),
             "--randrepeat=1".into(),
             "--norandommap".into(),
             "--output-format=json".into(),
@@ -96,6 +103,10 @@ pub fn parse(json: &[u8]) -> anyhow::Result<Measurement> {
             .as_f64()
             .map(|ns| ns / 1000.0)
     };
+    let cdf_points = crate::results::CDF_PERCENTILES
+        .iter()
+        .filter_map(|&p| pct(&format!("{p:.6}")).map(|us| (p, us)))
+        .collect();
     Ok(Measurement {
         bytes: read["io_bytes"].as_u64().unwrap_or(0),
         samples: read["total_ios"].as_u64().unwrap_or(0),
@@ -106,6 +117,7 @@ pub fn parse(json: &[u8]) -> anyhow::Result<Measurement> {
         p999_us: pct("99.900000"),
         cpu_s_server: None,
         cpu_s_client: Some((f(&job["usr_cpu"]) + f(&job["sys_cpu"])) / 100.0 * runtime_s),
+        cdf_points,
     })
 }
 
