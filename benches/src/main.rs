@@ -65,6 +65,9 @@ fn main() {
 /// One system's run of one phase.
 type Runs = Vec<(String, Vec<Measurement>)>;
 
+/// Latency CDF `(percentile, us)` points of (workload, system, concurrency).
+type Cdf = (String, String, u32, Vec<(f64, f64)>);
+
 fn push(runs: &mut Runs, system: &str, m: Measurement) {
     match runs.iter_mut().find(|(s, _)| s == system) {
         Some((_, v)) => v.push(m),
@@ -82,7 +85,7 @@ struct Ctx {
     fio_commands: Vec<String>,
     cold: bool,
     /// Latency CDF of the last repetition: (workload, system, concurrency).
-    cdfs: Vec<(String, String, u32, Vec<(f64, f64)>)>,
+    cdfs: Vec<Cdf>,
 }
 
 impl Ctx {
@@ -402,7 +405,7 @@ async fn listing(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
 fn write_plots(
     out: &std::path::Path,
     rows: &[Row],
-    cdfs: &[(String, String, u32, Vec<(f64, f64)>)],
+    cdfs: &[Cdf],
 ) -> Vec<String> {
     let mut written = Vec::new();
     let mut try_plot = |name: String, r: Result<(), Box<dyn std::error::Error>>| match r {
