@@ -44,6 +44,9 @@ struct Args {
     /// Run without fio and nginx (storaged and local files only).
     #[arg(long)]
     skip_peers: bool,
+    /// Only these workloads (comma-separated), e.g. `shard_stream,list_1m`.
+    #[arg(long, value_delimiter = ',')]
+    workloads: Vec<String>,
     /// The storaged binary (default: next to this one).
     #[arg(long)]
     storaged_bin: Option<PathBuf>,
@@ -212,18 +215,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cdfs: Vec::new(),
     };
 
+    let wanted = |w: &str| args.workloads.is_empty() || args.workloads.iter().any(|x| x == w);
     let mut rows: Vec<Row> = Vec::new();
     let shards = sets.iter().find(|s| s.name == "shards").expect("shards");
-    rows.extend(shard_stream(&mut ctx, shards).await?);
+    if wanted("shard_stream") {
+        rows.extend(shard_stream(&mut ctx, shards).await?);
+    }
     for (workload, set) in [
         ("random_4k", "fixed4k"),
         ("random_128k", "fixed128k"),
         ("random_imagenet", "imagenet"),
     ] {
+        if !wanted(workload) {
+            continue;
+        }
         let set = sets.iter().find(|s| s.name == set).expect("dataset");
         rows.extend(random(&mut ctx, workload, set).await?);
     }
-    rows.extend(listing(&mut ctx).await?);
+    if wanted("list_1m") {
+        rows.extend(listing(&mut ctx).await?);
+    }
     add_ratios(&mut rows);
 
     let commands = serde_json::json!({
@@ -402,11 +413,7 @@ async fn listing(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
 }
 
 /// Throughput-against-concurrency and latency-CDF PNGs; returns the files.
-fn write_plots(
-    out: &std::path::Path,
-    rows: &[Row],
-    cdfs: &[Cdf],
-) -> Vec<String> {
+fn write_plots(out: &std::path::Path, rows: &[Row], cdfs: &[Cdf]) -> Vec<String> {
     let mut written = Vec::new();
     let mut try_plot = |name: String, r: Result<(), Box<dyn std::error::Error>>| match r {
         Ok(()) => written.push(name),

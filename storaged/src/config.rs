@@ -57,6 +57,9 @@ pub struct StoreLimits {
     /// ask for fewer.
     pub batch_in_flight_default: u32,
     pub batch_in_flight_max: u32,
+    /// Finished ReadBatch bytes that may wait behind a slow item, so the
+    /// devices stay busy (see `store::pipeline`).
+    pub batch_reorder_bytes_max: u64,
     pub batch_items_max: usize,
     /// Device writes in flight per ingest.
     pub ingest_write_depth: usize,
@@ -73,6 +76,7 @@ impl Default for StoreLimits {
             read_ahead_bytes: 64 << 20,
             batch_in_flight_default: 64,
             batch_in_flight_max: 512,
+            batch_reorder_bytes_max: 32 << 20,
             batch_items_max: 100_000,
             ingest_write_depth: 16,
             ingest_objects_max: 10_000_000,

@@ -483,7 +483,7 @@ impl Store {
     }
 
     /// Verified bytes `[start, start + len)` of `obj`, in order, with up to
-    /// `read_ahead_bytes` read ahead.
+    /// `read_ahead_bytes` of reads running ahead of the consumer.
     pub fn read_stream(
         self: &Arc<Self>,
         obj: Arc<ObjectRef>,
@@ -491,15 +491,20 @@ impl Store {
         len: u64,
     ) -> impl Stream<Item = Result<Chunk, StoreError>> + Send + 'static {
         let depth = (self.limits.read_ahead_bytes / self.limits.message_bytes).max(1) as usize;
-        let windows = self.windows(&obj, start, len);
         let store = Arc::clone(self);
-        futures::stream::iter(windows)
-            .map(move |(ws, we)| {
-                let store = Arc::clone(&store);
-                let obj = Arc::clone(&obj);
-                async move { store.read_window(&obj, ws, we, start, start + len).await }
-            })
-            .buffered(depth)
+        let windows = self.windows(&obj, start, len).map(move |(ws, we)| {
+            let store = Arc::clone(&store);
+            let obj = Arc::clone(&obj);
+            async move { store.read_window(&obj, ws, we, start, start + len).await }
+        });
+        let weigh = |r: &Result<Vec<Chunk>, StoreError>| -> u64 {
+            r.as_ref()
+                .map(|chunks| chunks.iter().map(|c| c.1.len() as u64).sum())
+                .unwrap_or(0)
+        };
+        // Reads keep running while finished windows wait behind a slow one
+        // (see `pipeline`); half the read-ahead may wait.
+        pipeline::OrderedPipeline::new(windows, depth, self.limits.read_ahead_bytes / 2, weigh)
             .flat_map(|r| {
                 let items: Vec<Result<Chunk, StoreError>> = match r {
                     Ok(chunks) => chunks.into_iter().map(Ok).collect(),
@@ -584,65 +589,78 @@ impl Store {
         let depth = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
         // After an item fails mid-way, its remaining windows are skipped.
         let failed: Arc<Mutex<Option<u32>>> = Arc::new(Mutex::new(None));
-        Ok(futures::stream::iter(tasks)
-            .map(move |t| {
-                let store = Arc::clone(&store);
-                async move {
-                    match t {
-                        BatchTask::Fail(index, e) => vec![BatchEvent::Error { index, error: e }],
-                        BatchTask::Empty(index, start) => vec![BatchEvent::Data {
-                            index,
-                            offset: start,
-                            data: Bytes::new(),
-                            item_length: 0,
-                            last: true,
-                        }],
-                        BatchTask::Window {
-                            index,
-                            obj,
-                            ws,
-                            we,
-                            start,
-                            len,
-                            last,
-                        } => match store.read_window(&obj, ws, we, start, start + len).await {
-                            Ok(chunks) => {
-                                let n = chunks.len();
-                                chunks
-                                    .into_iter()
-                                    .enumerate()
-                                    .map(|(k, (offset, data))| BatchEvent::Data {
-                                        index,
-                                        offset,
-                                        data,
-                                        item_length: len,
-                                        last: last && k + 1 == n,
-                                    })
-                                    .collect()
-                            }
-                            Err(error) => vec![BatchEvent::Error { index, error }],
-                        },
-                    }
+        let windows = tasks.into_iter().map(move |t| {
+            let store = Arc::clone(&store);
+            async move {
+                match t {
+                    BatchTask::Fail(index, e) => vec![BatchEvent::Error { index, error: e }],
+                    BatchTask::Empty(index, start) => vec![BatchEvent::Data {
+                        index,
+                        offset: start,
+                        data: Bytes::new(),
+                        item_length: 0,
+                        last: true,
+                    }],
+                    BatchTask::Window {
+                        index,
+                        obj,
+                        ws,
+                        we,
+                        start,
+                        len,
+                        last,
+                    } => match store.read_window(&obj, ws, we, start, start + len).await {
+                        Ok(chunks) => {
+                            let n = chunks.len();
+                            chunks
+                                .into_iter()
+                                .enumerate()
+                                .map(|(k, (offset, data))| BatchEvent::Data {
+                                    index,
+                                    offset,
+                                    data,
+                                    item_length: len,
+                                    last: last && k + 1 == n,
+                                })
+                                .collect()
+                        }
+                        Err(error) => vec![BatchEvent::Error { index, error }],
+                    },
                 }
-            })
-            .buffered(depth)
-            .flat_map(move |events| {
-                let mut failed = failed.lock().expect("poisoned");
-                let kept: Vec<BatchEvent> = events
-                    .into_iter()
-                    .filter(|e| {
-                        let idx = e.index();
-                        if *failed == Some(idx) {
-                            return false;
-                        }
-                        if matches!(e, BatchEvent::Error { .. }) {
-                            *failed = Some(idx);
-                        }
-                        true
-                    })
-                    .collect();
-                futures::stream::iter(kept)
-            }))
+            }
+        });
+        let weigh = |events: &Vec<BatchEvent>| -> u64 {
+            events
+                .iter()
+                .map(|e| match e {
+                    BatchEvent::Data { data, .. } => data.len() as u64,
+                    BatchEvent::Error { .. } => 0,
+                })
+                .sum()
+        };
+        Ok(pipeline::OrderedPipeline::new(
+            windows,
+            depth,
+            self.limits.batch_reorder_bytes_max,
+            weigh,
+        )
+        .flat_map(move |events| {
+            let mut failed = failed.lock().expect("poisoned");
+            let kept: Vec<BatchEvent> = events
+                .into_iter()
+                .filter(|e| {
+                    let idx = e.index();
+                    if *failed == Some(idx) {
+                        return false;
+                    }
+                    if matches!(e, BatchEvent::Error { .. }) {
+                        *failed = Some(idx);
+                    }
+                    true
+                })
+                .collect();
+            futures::stream::iter(kept)
+        }))
     }
 
     /// Starts an ingest of a new dataset `name`.
@@ -1243,6 +1261,8 @@ impl Drop for IngestSession {
         }
     }
 }
+
+mod pipeline;
 
 #[cfg(test)]
 mod tests;
