@@ -485,6 +485,18 @@ impl Dataset {
                     let data = if let Some(err) = msg.error {
                         cur = None;
                         Err(Status::new(Code::from(err.code), err.message))
+                    } else if cur.is_none() && msg.last {
+                        // The whole item in one message: hand out the
+                        // decoded buffer itself, no copy.
+                        if msg.data.len() as u64 != msg.item_length {
+                            return Err(ClientError::Protocol(format!(
+                                "batch item {} has {} bytes; {} were announced",
+                                msg.index,
+                                msg.data.len(),
+                                msg.item_length
+                            )));
+                        }
+                        Ok(msg.data)
                     } else {
                         if cur.is_none() {
                             cur_len = msg.item_length;
