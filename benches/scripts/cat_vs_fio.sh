@@ -37,7 +37,7 @@ head -c $(( OBJECT_GIB << 30 )) /dev/urandom > "$WORK/src/shard.bin"
 "$BIN/storaged" serve --listen 127.0.0.1:0 --data-dir "$WORK/data" --device-size "${DEV_GIB}GiB" \
   > "$WORK/serve.out" 2> "$WORK/serve.err" &
 SERVER_PID=$!
-trap 'kill $SERVER_PID 2>/dev/null || true' EXIT
+trap 'kill $SERVER_PID 2>/dev/null || true; rm -rf "$WORK/data" "$WORK/src"' EXIT
 for _ in $(seq 100); do grep -q listening "$WORK/serve.out" 2>/dev/null && break; sleep 0.1; done
 URL="http://$(sed -n 's/^storaged listening on //p' "$WORK/serve.out")"
 export STORAGED_URL=$URL

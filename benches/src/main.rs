@@ -47,6 +47,9 @@ struct Args {
     /// Only these workloads (comma-separated), e.g. `shard_stream,list_1m`.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
+    /// Keep OUT/work (datasets, device files: several GiB) after the run.
+    #[arg(long)]
+    keep_work: bool,
     /// The storaged binary (default: next to this one).
     #[arg(long)]
     storaged_bin: Option<PathBuf>,
@@ -268,6 +271,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         path.display(),
         started.elapsed().as_secs_f64()
     );
+    // Stop the servers before their files go.
+    drop(ctx);
+    if !args.keep_work {
+        std::fs::remove_dir_all(&work).with_context(|| format!("removing {}", work.display()))?;
+    }
     Ok(())
 }
 
@@ -366,7 +374,13 @@ async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<
             push(
                 &mut runs,
                 "storaged_grpc",
-                sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c).await?,
+                sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c, false).await?,
+            );
+            ctx.cold();
+            push(
+                &mut runs,
+                "storaged_grpc_anyorder",
+                sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c, true).await?,
             );
             if let Some(n) = &ctx.nginx {
                 ctx.cold &= drop_caches();

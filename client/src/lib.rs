@@ -454,6 +454,26 @@ impl Dataset {
         items: Vec<BatchItem>,
         max_in_flight: u32,
     ) -> impl Stream<Item = Result<BatchResult, ClientError>> + Send + 'static {
+        self.batch(items, max_in_flight, false)
+    }
+
+    /// Like [`read_batch`](Self::read_batch), but results come as items
+    /// complete (each tagged with its index), so no item waits behind a
+    /// slower one. Items over 64 MiB fail in this mode.
+    pub fn read_batch_any_order(
+        &self,
+        items: Vec<BatchItem>,
+        max_in_flight: u32,
+    ) -> impl Stream<Item = Result<BatchResult, ClientError>> + Send + 'static {
+        self.batch(items, max_in_flight, true)
+    }
+
+    fn batch(
+        &self,
+        items: Vec<BatchItem>,
+        max_in_flight: u32,
+        any_order: bool,
+    ) -> impl Stream<Item = Result<BatchResult, ClientError>> + Send + 'static {
         let mut rpc = self.client.rpc.clone();
         let dataset = self.name.to_string();
         async_stream(move |tx| async move {
@@ -469,19 +489,32 @@ impl Dataset {
                     })
                     .collect(),
                 max_in_flight,
+                any_order,
             };
             let result: Result<(), ClientError> = async {
                 let mut stream = rpc.read_batch(req).await?.into_inner();
                 let mut next_index = 0u32;
+                let mut delivered = 0usize;
+                let mut seen = vec![false; n];
+                // The item whose messages are arriving (they come together).
+                let mut open_index: Option<u32> = None;
                 let mut cur: Option<BytesMut> = None;
                 let mut cur_len = 0u64;
                 while let Some(msg) = stream.message().await? {
-                    if msg.index != next_index {
+                    let expected = if any_order {
+                        open_index.unwrap_or(msg.index)
+                    } else {
+                        next_index
+                    };
+                    let fresh = seen.get(msg.index as usize).is_some_and(|s| !*s)
+                        || open_index == Some(msg.index);
+                    if msg.index != expected || !fresh {
                         return Err(ClientError::Protocol(format!(
-                            "batch item {} arrived while {} was expected",
-                            msg.index, next_index
+                            "batch item {} arrived out of place (expected {expected})",
+                            msg.index
                         )));
                     }
+                    open_index = Some(msg.index);
                     let data = if let Some(err) = msg.error {
                         cur = None;
                         Err(Status::new(Code::from(err.code), err.message))
@@ -527,11 +560,14 @@ impl Dataset {
                     {
                         return Ok(());
                     }
+                    seen[msg.index as usize] = true;
+                    open_index = None;
+                    delivered += 1;
                     next_index += 1;
                 }
-                if (next_index as usize) < n {
+                if delivered < n {
                     return Err(ClientError::Protocol(format!(
-                        "batch stream ended after {next_index} of {n} items"
+                        "batch stream ended after {delivered} of {n} items"
                     )));
                 }
                 Ok(())

@@ -60,6 +60,8 @@ pub struct StoreLimits {
     /// Finished ReadBatch bytes that may wait behind a slow item, so the
     /// devices stay busy (see `store::pipeline`).
     pub batch_reorder_bytes_max: u64,
+    /// Largest item of an any-order ReadBatch (its bytes are held whole).
+    pub batch_any_order_item_bytes_max: u64,
     pub batch_items_max: usize,
     /// Device writes in flight per ingest.
     pub ingest_write_depth: usize,
@@ -77,6 +79,7 @@ impl Default for StoreLimits {
             batch_in_flight_default: 64,
             batch_in_flight_max: 512,
             batch_reorder_bytes_max: 32 << 20,
+            batch_any_order_item_bytes_max: 64 << 20,
             batch_items_max: 100_000,
             ingest_write_depth: 16,
             ingest_objects_max: 10_000_000,

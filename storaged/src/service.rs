@@ -240,7 +240,11 @@ impl Storaged for StoragedService {
             0 => self.store.limits().batch_in_flight_default,
             n => n,
         };
-        let events = self.store.read_batch(&name, items, in_flight)?;
+        let events: std::pin::Pin<Box<dyn Stream<Item = BatchEvent> + Send>> = if r.any_order {
+            Box::pin(self.store.read_batch_any_order(&name, items, in_flight)?)
+        } else {
+            Box::pin(self.store.read_batch(&name, items, in_flight)?)
+        };
         let stream = events.map(|e| {
             Ok(match e {
                 BatchEvent::Data {

@@ -514,14 +514,12 @@ impl Store {
             })
     }
 
-    /// Reads many ranges of one dataset. Yields, in item order, each item's
-    /// chunks or its error; at most `in_flight` windows are read ahead.
-    pub fn read_batch(
-        self: &Arc<Self>,
+    /// Validates and looks up batch items (one catalog read transaction).
+    fn resolve_batch(
+        &self,
         dataset: &DatasetName,
         items: Vec<Result<RangeSpec, StoreError>>,
-        in_flight: u32,
-    ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, StoreError> {
+    ) -> Result<Vec<BatchItemPlan>, StoreError> {
         if items.len() > self.limits.batch_items_max {
             return Err(StoreError::Limit(format!(
                 "{} items in one ReadBatch; the limit is {}",
@@ -535,18 +533,18 @@ impl Store {
             .filter_map(|i| i.as_ref().ok().map(|r| r.path.as_str()))
             .collect();
         let mut records = self.catalog.get_objects(ds.record.id, &paths)?.into_iter();
-        let mut tasks: Vec<BatchTask> = Vec::new();
+        let mut plans = Vec::with_capacity(items.len());
         for (index, item) in items.into_iter().enumerate() {
             let index = index as u32;
             let spec = match item {
                 Ok(s) => s,
                 Err(e) => {
-                    tasks.push(BatchTask::Fail(index, e));
+                    plans.push(BatchItemPlan::Fail(index, e));
                     continue;
                 }
             };
             let Some(record) = records.next().expect("one record per valid item") else {
-                tasks.push(BatchTask::Fail(
+                plans.push(BatchItemPlan::Fail(
                     index,
                     StoreError::ObjectNotFound {
                         dataset: dataset.to_string(),
@@ -560,29 +558,55 @@ impl Store {
                 path: spec.path.to_string(),
                 record,
             });
-            let (start, len) = match Self::resolve_range(&obj, spec.offset, spec.length) {
-                Ok(r) => r,
-                Err(e) => {
-                    tasks.push(BatchTask::Fail(index, e));
-                    continue;
-                }
-            };
-            if len == 0 {
-                tasks.push(BatchTask::Empty(index, start));
-                continue;
-            }
-            let windows: Vec<(u64, u64)> = self.windows(&obj, start, len).collect();
-            let last = windows.len() - 1;
-            for (k, (ws, we)) in windows.into_iter().enumerate() {
-                tasks.push(BatchTask::Window {
+            plans.push(match Self::resolve_range(&obj, spec.offset, spec.length) {
+                Err(e) => BatchItemPlan::Fail(index, e),
+                Ok((start, 0)) => BatchItemPlan::Empty(index, start),
+                Ok((start, len)) => BatchItemPlan::Read {
                     index,
-                    obj: Arc::clone(&obj),
-                    ws,
-                    we,
+                    obj,
                     start,
                     len,
-                    last: k == last,
-                });
+                },
+            });
+        }
+        Ok(plans)
+    }
+
+    /// Reads many ranges of one dataset. Yields, in item order, each item's
+    /// chunks or its error; `in_flight` windows are read at once, and
+    /// finished ones may wait behind a slow one (see `pipeline`).
+    pub fn read_batch(
+        self: &Arc<Self>,
+        dataset: &DatasetName,
+        items: Vec<Result<RangeSpec, StoreError>>,
+        in_flight: u32,
+    ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, StoreError> {
+        let plans = self.resolve_batch(dataset, items)?;
+        let mut tasks: Vec<BatchTask> = Vec::with_capacity(plans.len());
+        for plan in plans {
+            match plan {
+                BatchItemPlan::Fail(i, e) => tasks.push(BatchTask::Fail(i, e)),
+                BatchItemPlan::Empty(i, at) => tasks.push(BatchTask::Empty(i, at)),
+                BatchItemPlan::Read {
+                    index,
+                    obj,
+                    start,
+                    len,
+                } => {
+                    let windows: Vec<(u64, u64)> = self.windows(&obj, start, len).collect();
+                    let last = windows.len() - 1;
+                    for (k, (ws, we)) in windows.into_iter().enumerate() {
+                        tasks.push(BatchTask::Window {
+                            index,
+                            obj: Arc::clone(&obj),
+                            ws,
+                            we,
+                            start,
+                            len,
+                            last: k == last,
+                        });
+                    }
+                }
             }
         }
         let store = Arc::clone(self);
@@ -594,13 +618,7 @@ impl Store {
             async move {
                 match t {
                     BatchTask::Fail(index, e) => vec![BatchEvent::Error { index, error: e }],
-                    BatchTask::Empty(index, start) => vec![BatchEvent::Data {
-                        index,
-                        offset: start,
-                        data: Bytes::new(),
-                        item_length: 0,
-                        last: true,
-                    }],
+                    BatchTask::Empty(index, start) => vec![BatchEvent::empty(index, start)],
                     BatchTask::Window {
                         index,
                         obj,
@@ -629,20 +647,11 @@ impl Store {
                 }
             }
         });
-        let weigh = |events: &Vec<BatchEvent>| -> u64 {
-            events
-                .iter()
-                .map(|e| match e {
-                    BatchEvent::Data { data, .. } => data.len() as u64,
-                    BatchEvent::Error { .. } => 0,
-                })
-                .sum()
-        };
         Ok(pipeline::OrderedPipeline::new(
             windows,
             depth,
             self.limits.batch_reorder_bytes_max,
-            weigh,
+            BatchEvent::weigh,
         )
         .flat_map(move |events| {
             let mut failed = failed.lock().expect("poisoned");
@@ -661,6 +670,95 @@ impl Store {
                 .collect();
             futures::stream::iter(kept)
         }))
+    }
+
+    /// Like [`read_batch`](Self::read_batch), but items are delivered as
+    /// they complete, each item's messages together, tagged with its index.
+    /// `in_flight` items are read at once. A single-window item is handed out
+    /// without a copy; a larger one is copied out of the pool buffers window
+    /// by window, so no task ever holds buffers while waiting for more (the
+    /// no-deadlock rule of the ordered path needs tasks to start in order,
+    /// which completion order does not give). Items over
+    /// `batch_any_order_item_bytes_max` fail with RESOURCE_EXHAUSTED.
+    pub fn read_batch_any_order(
+        self: &Arc<Self>,
+        dataset: &DatasetName,
+        items: Vec<Result<RangeSpec, StoreError>>,
+        in_flight: u32,
+    ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, StoreError> {
+        let plans = self.resolve_batch(dataset, items)?;
+        let store = Arc::clone(self);
+        let depth = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
+        let item_max = self.limits.batch_any_order_item_bytes_max;
+        let tasks = plans.into_iter().map(move |plan| {
+            let store = Arc::clone(&store);
+            async move {
+                match plan {
+                    BatchItemPlan::Fail(index, error) => vec![BatchEvent::Error { index, error }],
+                    BatchItemPlan::Empty(index, start) => vec![BatchEvent::empty(index, start)],
+                    BatchItemPlan::Read { index, len, .. } if len > item_max => {
+                        vec![BatchEvent::Error {
+                            index,
+                            error: StoreError::Limit(format!(
+                                "item of {len} bytes exceeds {item_max} bytes for any-order batches; read it in order"
+                            )),
+                        }]
+                    }
+                    BatchItemPlan::Read {
+                        index,
+                        obj,
+                        start,
+                        len,
+                    } => match store.read_whole(&obj, start, len).await {
+                        Ok(chunks) => {
+                            let n = chunks.len();
+                            chunks
+                                .into_iter()
+                                .enumerate()
+                                .map(|(k, (offset, data))| BatchEvent::Data {
+                                    index,
+                                    offset,
+                                    data,
+                                    item_length: len,
+                                    last: k + 1 == n,
+                                })
+                                .collect()
+                        }
+                        Err(error) => vec![BatchEvent::Error { index, error }],
+                    },
+                }
+            }
+        });
+        Ok(futures::stream::iter(tasks)
+            .buffer_unordered(depth)
+            .flat_map(futures::stream::iter))
+    }
+
+    /// Verified bytes `[start, start + len)` of `obj` as message-sized
+    /// chunks; see [`read_batch_any_order`](Self::read_batch_any_order) for
+    /// why larger ranges are copied.
+    async fn read_whole(
+        &self,
+        obj: &ObjectRef,
+        start: u64,
+        len: u64,
+    ) -> Result<Vec<Chunk>, StoreError> {
+        let windows: Vec<(u64, u64)> = self.windows(obj, start, len).collect();
+        if let [(ws, we)] = windows[..] {
+            return self.read_window(obj, ws, we, start, start + len).await;
+        }
+        let mut buf = bytes::BytesMut::with_capacity(len as usize);
+        for (ws, we) in windows {
+            for (_, b) in self.read_window(obj, ws, we, start, start + len).await? {
+                buf.extend_from_slice(&b);
+            }
+        }
+        let all = buf.freeze();
+        let step = self.limits.message_bytes as usize;
+        Ok((0..all.len())
+            .step_by(step)
+            .map(|at| (start + at as u64, all.slice(at..(at + step).min(all.len()))))
+            .collect())
     }
 
     /// Starts an ingest of a new dataset `name`.
@@ -769,6 +867,18 @@ impl Store {
     }
 }
 
+/// A batch item after validation and lookup.
+enum BatchItemPlan {
+    Fail(u32, StoreError),
+    Empty(u32, u64),
+    Read {
+        index: u32,
+        obj: Arc<ObjectRef>,
+        start: u64,
+        len: u64,
+    },
+}
+
 enum BatchTask {
     Fail(u32, StoreError),
     Empty(u32, u64),
@@ -800,6 +910,29 @@ pub enum BatchEvent {
 }
 
 impl BatchEvent {
+    fn empty(index: u32, offset: u64) -> Self {
+        BatchEvent::Data {
+            index,
+            offset,
+            data: Bytes::new(),
+            item_length: 0,
+            last: true,
+        }
+    }
+
+    /// Payload bytes of a group of events (for the reorder buffer, whose
+    /// weigh function takes `&T` with `T = Vec<BatchEvent>`).
+    #[allow(clippy::ptr_arg)]
+    fn weigh(events: &Vec<BatchEvent>) -> u64 {
+        events
+            .iter()
+            .map(|e| match e {
+                BatchEvent::Data { data, .. } => data.len() as u64,
+                BatchEvent::Error { .. } => 0,
+            })
+            .sum()
+    }
+
     pub fn index(&self) -> u32 {
         match self {
             BatchEvent::Data { index, .. } | BatchEvent::Error { index, .. } => *index,

@@ -166,6 +166,36 @@ async fn ingest_list_read_export_is_byte_identical() {
     );
     assert!(r[4].data.as_ref().unwrap().is_empty());
 
+    // Any-order ReadBatch: every item once, its own bytes, errors in-band.
+    let items: Vec<BatchItem> = (0..150)
+        .map(|i| BatchItem {
+            path: format!("small/{i:04}.bin"),
+            offset: 0,
+            length: None,
+        })
+        .chain([BatchItem {
+            path: "nope".into(),
+            offset: 0,
+            length: None,
+        }])
+        .collect();
+    let results: Vec<_> = ds.read_batch_any_order(items, 16).collect().await;
+    assert_eq!(results.len(), 151);
+    let mut seen = std::collections::BTreeSet::new();
+    for r in results {
+        let r = r.unwrap();
+        assert!(seen.insert(r.index), "item {} twice", r.index);
+        if r.index == 150 {
+            assert_eq!(r.data.unwrap_err().code(), tonic::Code::NotFound);
+        } else {
+            let i = u64::from(r.index);
+            assert_eq!(
+                r.data.unwrap()[..],
+                pattern(100 + i, (i as usize * 97) % 9000)[..]
+            );
+        }
+    }
+
     // rm frees the space.
     let before = client.status().await.unwrap();
     assert!(before.used_bytes > 0);

@@ -138,13 +138,15 @@ pub async fn stream_objects(
     })
 }
 
-/// Random samples through one ReadBatch with `concurrency` items in flight.
+/// Random samples through one ReadBatch with `concurrency` items in flight,
+/// delivered in request order or, with `any_order`, as they complete.
 pub async fn read_batch(
     daemon: &Daemon,
     client: &Client,
     dataset: &str,
     items: &[Item],
     concurrency: u32,
+    any_order: bool,
 ) -> anyhow::Result<Measurement> {
     let ds = client.dataset(dataset)?;
     let batch: Vec<BatchItem> = items
@@ -158,7 +160,11 @@ pub async fn read_batch(
     let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
     let mut done_at = Vec::with_capacity(items.len());
     let mut bytes = 0u64;
-    let mut s = std::pin::pin!(ds.read_batch(batch, concurrency));
+    let mut s = if any_order {
+        ds.read_batch_any_order(batch, concurrency).boxed()
+    } else {
+        ds.read_batch(batch, concurrency).boxed()
+    };
     while let Some(r) = s.next().await {
         let r = r?;
         let data = r

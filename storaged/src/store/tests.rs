@@ -466,3 +466,91 @@ async fn small_reads_read_at_most_64_kib() {
         assert!(cost <= 64 << 10, "4 KiB at {off} read {cost} device bytes");
     }
 }
+
+// Any-order batches: every item exactly once with its own bytes, each item's
+// messages together, errors in-band, multi-window items reassembled, and the
+// size cap enforced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_order_batch_delivers_each_item_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 16, 64 << 10);
+    cfg.limits.batch_any_order_item_bytes_max = 1 << 20;
+    let store = Store::open(&cfg).unwrap();
+    let objs: Vec<(String, Vec<u8>)> = (0..40u64)
+        .map(|i| {
+            (
+                format!("o{i:02}"),
+                pattern(i, 1000 + (i as usize * 7919) % 200_000),
+            )
+        })
+        .chain([
+            ("big".to_owned(), pattern(99, 900_000)),
+            ("huge".to_owned(), pattern(98, 1_100_000)),
+        ])
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = objs.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    ingest(&store, "ds", &refs).await.unwrap();
+    let mut items: Vec<Result<RangeSpec, StoreError>> = objs
+        .iter()
+        .map(|(p, _)| {
+            Ok(RangeSpec {
+                path: ObjectPath::new(p.as_str()).unwrap(),
+                offset: 0,
+                length: None,
+            })
+        })
+        .collect();
+    items.push(Ok(RangeSpec {
+        path: ObjectPath::new("missing").unwrap(),
+        offset: 0,
+        length: None,
+    }));
+    let n = items.len();
+    // Consume as we go, as tonic does: holding every event would hold every
+    // pool buffer and starve the reads still to come.
+    let mut events = std::pin::pin!(
+        store
+            .read_batch_any_order(&DatasetName::new("ds").unwrap(), items, 8)
+            .unwrap()
+    );
+    let mut got: BTreeMap<u32, Result<Vec<u8>, tonic::Code>> = BTreeMap::new();
+    let mut open: Option<u32> = None;
+    while let Some(e) = tokio::time::timeout(std::time::Duration::from_secs(30), events.next())
+        .await
+        .expect("any-order batch stalled")
+    {
+        let idx = e.index();
+        if let Some(o) = open {
+            assert_eq!(o, idx, "an item's messages arrive together");
+        } else {
+            assert!(!got.contains_key(&idx), "item {idx} delivered twice");
+        }
+        match e {
+            BatchEvent::Data { data, last, .. } => {
+                got.entry(idx)
+                    .or_insert_with(|| Ok(Vec::new()))
+                    .as_mut()
+                    .unwrap()
+                    .extend_from_slice(&data);
+                open = if last { None } else { Some(idx) };
+            }
+            BatchEvent::Error { error, .. } => {
+                got.insert(idx, Err(error.code()));
+                open = None;
+            }
+        }
+    }
+    assert_eq!(got.len(), n);
+    for (i, (_, data)) in objs.iter().enumerate() {
+        if i == objs.len() - 1 {
+            assert_eq!(
+                got[&(i as u32)],
+                Err(tonic::Code::ResourceExhausted),
+                "huge is over the cap"
+            );
+        } else {
+            assert_eq!(got[&(i as u32)].as_ref().unwrap(), data, "item {i}");
+        }
+    }
+    assert_eq!(got[&(n as u32 - 1)], Err(tonic::Code::NotFound));
+}
