@@ -279,6 +279,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One repetition of the peers that read plain files: nginx (when
+/// running) and local pread, O_DIRECT then buffered, each on a cold cache.
+async fn run_peers(
+    ctx: &mut Ctx,
+    runs: &mut Runs,
+    set: &FileSet,
+    items: &[Item],
+    c: u32,
+) -> anyhow::Result<()> {
+    if let Some(n) = &ctx.nginx {
+        ctx.cold &= drop_caches();
+        push(runs, "nginx", n.get_items(&set.name, items, c).await?);
+    }
+    for (system, direct) in [("local_odirect", true), ("local_buffered", false)] {
+        ctx.cold();
+        let (root, items) = (set.root.clone(), items.to_vec());
+        let m = tokio::task::spawn_blocking(move || local::read_items(&root, &items, c, direct))
+            .await??;
+        push(runs, system, m);
+    }
+    Ok(())
+}
+
 async fn shard_stream(ctx: &mut Ctx, set: &FileSet) -> anyhow::Result<Vec<Row>> {
     let items = items_of(set);
     let (first, last) = (&items[0].path, &items[items.len() - 1].path);
@@ -313,19 +336,7 @@ async fn shard_stream(ctx: &mut Ctx, set: &FileSet) -> anyhow::Result<Vec<Row>> 
                 "storaged_grpc",
                 sd::stream_objects(&ctx.daemon, &ctx.client, &set.name, &items, c).await?,
             );
-            if let Some(n) = &ctx.nginx {
-                ctx.cold &= drop_caches();
-                push(&mut runs, "nginx", n.get_items(&set.name, &items, c).await?);
-            }
-            for (system, direct) in [("local_odirect", true), ("local_buffered", false)] {
-                ctx.cold();
-                let (root, items, c) = (set.root.clone(), items.clone(), c);
-                let m = tokio::task::spawn_blocking(move || {
-                    local::read_items(&root, &items, c, direct)
-                })
-                .await??;
-                push(&mut runs, system, m);
-            }
+            run_peers(ctx, &mut runs, set, &items, c).await?;
         }
         rows.extend(
             runs.iter()
@@ -382,19 +393,7 @@ async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<
                 "storaged_grpc_anyorder",
                 sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c, true).await?,
             );
-            if let Some(n) = &ctx.nginx {
-                ctx.cold &= drop_caches();
-                push(&mut runs, "nginx", n.get_items(&set.name, &order, c).await?);
-            }
-            for (system, direct) in [("local_odirect", true), ("local_buffered", false)] {
-                ctx.cold();
-                let (root, items) = (set.root.clone(), order.clone());
-                let m = tokio::task::spawn_blocking(move || {
-                    local::read_items(&root, &items, c, direct)
-                })
-                .await??;
-                push(&mut runs, system, m);
-            }
+            run_peers(ctx, &mut runs, set, &order, c).await?;
         }
         rows.extend(ctx.finish(workload, c, &runs));
     }

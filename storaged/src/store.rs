@@ -627,23 +627,12 @@ impl Store {
                         start,
                         len,
                         last,
-                    } => match store.read_window(&obj, ws, we, start, start + len).await {
-                        Ok(chunks) => {
-                            let n = chunks.len();
-                            chunks
-                                .into_iter()
-                                .enumerate()
-                                .map(|(k, (offset, data))| BatchEvent::Data {
-                                    index,
-                                    offset,
-                                    data,
-                                    item_length: len,
-                                    last: last && k + 1 == n,
-                                })
-                                .collect()
-                        }
-                        Err(error) => vec![BatchEvent::Error { index, error }],
-                    },
+                    } => BatchEvent::from_read(
+                        index,
+                        len,
+                        last,
+                        store.read_window(&obj, ws, we, start, start + len).await,
+                    ),
                 }
             }
         });
@@ -709,23 +698,7 @@ impl Store {
                         obj,
                         start,
                         len,
-                    } => match store.read_whole(&obj, start, len).await {
-                        Ok(chunks) => {
-                            let n = chunks.len();
-                            chunks
-                                .into_iter()
-                                .enumerate()
-                                .map(|(k, (offset, data))| BatchEvent::Data {
-                                    index,
-                                    offset,
-                                    data,
-                                    item_length: len,
-                                    last: k + 1 == n,
-                                })
-                                .collect()
-                        }
-                        Err(error) => vec![BatchEvent::Error { index, error }],
-                    },
+                    } => BatchEvent::from_read(index, len, true, store.read_whole(&obj, start, len).await),
                 }
             }
         });
@@ -917,6 +890,33 @@ impl BatchEvent {
             data: Bytes::new(),
             item_length: 0,
             last: true,
+        }
+    }
+
+    /// Events for one read of item `index` (`item_length` bytes in all);
+    /// `final_read` says whether it holds the item's last bytes.
+    fn from_read(
+        index: u32,
+        item_length: u64,
+        final_read: bool,
+        read: Result<Vec<Chunk>, StoreError>,
+    ) -> Vec<BatchEvent> {
+        match read {
+            Ok(chunks) => {
+                let n = chunks.len();
+                chunks
+                    .into_iter()
+                    .enumerate()
+                    .map(|(k, (offset, data))| BatchEvent::Data {
+                        index,
+                        offset,
+                        data,
+                        item_length,
+                        last: final_read && k + 1 == n,
+                    })
+                    .collect()
+            }
+            Err(error) => vec![BatchEvent::Error { index, error }],
         }
     }
 
