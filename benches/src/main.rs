@@ -337,6 +337,15 @@ async fn shard_stream(ctx: &mut Ctx, set: &FileSet) -> anyhow::Result<Vec<Row>> 
                 sd::stream_objects(&ctx.daemon, &ctx.client, &set.name, &items, c).await?,
             );
             run_peers(ctx, &mut runs, set, &items, c).await?;
+            if c == 1 {
+                // The socket floor: the same bytes through bare loopback TCP.
+                let total: u64 = items.iter().map(|i| i.size).sum();
+                let m = tokio::task::spawn_blocking(move || {
+                    storaged_bench::systems::tcp::loopback(total)
+                })
+                .await??;
+                push(&mut runs, "tcp_loopback", m);
+            }
         }
         rows.extend(
             runs.iter()

@@ -5,6 +5,7 @@ pub mod fio;
 pub mod local;
 pub mod nginx;
 pub mod storaged;
+pub mod tcp;
 
 /// One unit of work: an object (relative path) and its size.
 #[derive(Debug, Clone)]
