@@ -38,12 +38,18 @@ fn device_files(dir: &std::path::Path) -> Vec<std::fs::File> {
         .collect()
 }
 
-fn bench_engines(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
+/// One worker thread: the engine thread does the I/O, and a second worker
+/// would only compete with it on 2 cores.
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .enable_all()
         .build()
-        .unwrap();
+        .unwrap()
+}
+
+fn bench_engines(c: &mut Criterion) {
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let mut group = c.benchmark_group("engine");
     group
@@ -110,11 +116,7 @@ fn bench_engines(c: &mut Criterion) {
 }
 
 fn bench_store(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = runtime();
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = StoreConfig::with_defaults(dir.path().to_path_buf());
     cfg.device_size_bytes = 80 << 20;

@@ -327,15 +327,13 @@ impl RingThread {
                     }
                     // Queue full: complete with what we have; the caller
                     // sees a short transfer and fails the request.
-                    result_done(&self.pool, index, Ok(f.done as usize));
+                    self.pool.complete(index, Ok(f.done as usize));
                 } else if result < 0 {
-                    result_done(
-                        &self.pool,
-                        index,
-                        Err(io::Error::from_raw_os_error(-result)),
-                    );
+                    self.pool
+                        .complete(index, Err(io::Error::from_raw_os_error(-result)));
                 } else {
-                    result_done(&self.pool, index, Ok((f.done + result as u32) as usize));
+                    self.pool
+                        .complete(index, Ok((f.done + result as u32) as usize));
                 }
                 in_flight[index as usize] = None;
                 device_in_flight[dev] -= 1;
@@ -343,10 +341,6 @@ impl RingThread {
             }
         }
     }
-}
-
-fn result_done(pool: &Arc<BufferPool>, index: u32, r: io::Result<usize>) {
-    pool.complete(index, r);
 }
 
 #[cfg(test)]
