@@ -4,8 +4,8 @@
 //! buffers) → `engine` (io_uring or pread threads that own the device files)
 //! → `device` (superblocks, pool assembly) and `layout` (logical address →
 //! device and offset) → `alloc` and `catalog` (what is stored where, durably)
-//! → `store` (ingest sessions and verified reads) → `service` (tonic) and
-//! `server` (limits, health, reflection, shutdown). ARCHITECTURE.md draws it.
+//! → `store` (ingest sessions and verified reads) → `service` (tonic), `wire`
+//! (zero-copy framing of the read responses) and `server` (limits, health, reflection, shutdown). ARCHITECTURE.md draws it.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod alloc;
@@ -20,3 +20,4 @@ pub mod server;
 pub mod service;
 pub mod size;
 pub mod store;
+pub mod wire;

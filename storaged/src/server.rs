@@ -14,6 +14,7 @@ use tonic::transport::server::TcpIncoming;
 use crate::config::ServerLimits;
 use crate::service::StoragedService;
 use crate::store::Store;
+use crate::wire::{WireLimits, ZeroCopyReads};
 
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
@@ -65,9 +66,18 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let service = StoragedServer::new(StoragedService::new(store))
+    let storaged = StoragedService::new(store);
+    let generated = StoragedServer::new(storaged.clone())
         .max_decoding_message_size(limits.max_decoding_message_bytes)
         .max_encoding_message_size(limits.max_encoding_message_bytes);
+    let service = ZeroCopyReads::new(
+        generated,
+        storaged,
+        WireLimits {
+            max_decoding_message_bytes: limits.max_decoding_message_bytes,
+            max_encoding_message_bytes: limits.max_encoding_message_bytes,
+        },
+    );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = Server::builder()

@@ -2,10 +2,13 @@
 
 Python grpcio calls grpc.health.v1.Health, lists services through server
 reflection, then uses only what reflection returned (no generated code) to
-call storaged.v1.Storaged/Status and ListDatasets dynamically, as a generic
-gRPC tool would. Exits non-zero with a message on any mismatch.
+call storaged.v1.Storaged/Status, ListDatasets, Stat, Read and ReadBatch
+dynamically, as a generic gRPC tool would. Read and ReadBatch responses are
+framed by storaged itself (zero-copy), so this is also the check that an
+independent gRPC stack decodes them, errors in trailers included. Exits
+non-zero with a message on any mismatch.
 
-Usage: python interop_check.py HOST:PORT
+Usage: python interop_check.py HOST:PORT BIG_BYTES
 """
 
 import sys
@@ -19,7 +22,12 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 
-def main(target: str) -> int:
+def big_bytes(n: int) -> bytes:
+    """The content of object `big`, as tests/tests/interop.rs writes it."""
+    return bytes(((i * 7) + i // 4096) & 0xFF for i in range(n))
+
+
+def main(target: str, big_len: int) -> int:
     channel = grpc.insecure_channel(target)
     grpc.channel_ready_future(channel).result(timeout=20)
 
@@ -57,16 +65,26 @@ def main(target: str) -> int:
         print(f"reflected methods {sorted(methods)} lack {sorted(expected - methods)}")
         return 1
 
-    def call(method_name, fields):
+    def rpc(method_name, fields, streaming):
+        """Calls a method from its reflected descriptors only."""
         method = service.FindMethodByName(method_name)
         req_cls = message_factory.GetMessageClass(method.input_type)
         resp_cls = message_factory.GetMessageClass(method.output_type)
-        rpc = channel.unary_unary(
+        kind = channel.unary_stream if streaming else channel.unary_unary
+        stub = kind(
             f"/storaged.v1.Storaged/{method_name}",
             request_serializer=req_cls.SerializeToString,
             response_deserializer=resp_cls.FromString,
         )
-        return rpc(req_cls(**fields), timeout=10)
+        if streaming:
+            return list(stub(req_cls(**fields), timeout=30))
+        return stub(req_cls(**fields), timeout=10)
+
+    def call(method_name, fields):
+        return rpc(method_name, fields, streaming=False)
+
+    def stream(method_name, fields):
+        return rpc(method_name, fields, streaming=True)
 
     status = call("Status", {})
     if status.engine not in ("io_uring", "psync") or status.capacity_bytes <= 0 or len(status.devices) < 1:
@@ -76,17 +94,57 @@ def main(target: str) -> int:
     if "interop" not in [d.name for d in datasets.datasets]:
         print(f"dataset 'interop' missing from {datasets}")
         return 1
-    try:
-        call("Stat", {"dataset": "interop", "path": "../x"})
-        print("a path with .. must be refused")
+    def refused(what, code, action):
+        """None if `action` fails with `code` and names what was wrong, else the complaint."""
+        try:
+            action()
+        except grpc.RpcError as e:
+            if e.code() == code and what in e.details():
+                return None
+            return f"{what}: got {e.code()} {e.details()!r}, expected {code} naming it"
+        return f"{what}: must be refused with {code}"
+
+    complaint = refused("..", grpc.StatusCode.INVALID_ARGUMENT, lambda: call("Stat", {"dataset": "interop", "path": "../x"}))
+    if complaint:
+        print(complaint)
         return 1
-    except grpc.RpcError as e:
-        if e.code() != grpc.StatusCode.INVALID_ARGUMENT:
-            print(f"bad path gave {e.code()}, expected INVALID_ARGUMENT")
-            return 1
+
+    expected_big = big_bytes(big_len)
+    parts = stream("Read", {"dataset": "interop", "path": "big"})
+    if len(parts) < 2 or any(p.object_size != big_len or p.range_length != big_len for p in parts):
+        print(f"Read of big: {len(parts)} messages, sizes {[(p.offset, len(p.data)) for p in parts]}")
+        return 1
+    got = b"".join(p.data for p in parts)
+    if got != expected_big or [p.offset for p in parts][0] != 0:
+        print(f"Read of big returned {len(got)} bytes that differ from the object")
+        return 1
+    ranged = stream("Read", {"dataset": "interop", "path": "big", "offset": 1_000_001, "length": 70_000})
+    if b"".join(p.data for p in ranged) != expected_big[1_000_001:1_070_001]:
+        print("ranged Read returned the wrong bytes")
+        return 1
+    complaint = refused("missing", grpc.StatusCode.NOT_FOUND, lambda: stream("Read", {"dataset": "interop", "path": "missing"}))
+    if complaint:
+        print(complaint)
+        return 1
+
+    items = [{"path": "big"}, {"path": "missing"}, {"path": "a", "offset": 1, "length": 3}]
+    batch = stream("ReadBatch", {"dataset": "interop", "items": items, "max_in_flight": 2})
+    by_index = {}
+    errors = {}
+    for m in batch:
+        by_index.setdefault(m.index, []).append(m.data)
+        if m.HasField("error"):
+            errors[m.index] = m.error.code
+    if b"".join(by_index.get(0, [])) != expected_big or b"".join(by_index.get(2, [])) != b"ell":
+        print(f"ReadBatch returned wrong bytes: item sizes {[(i, sum(map(len, d))) for i, d in by_index.items()]}")
+        return 1
+    if errors != {1: grpc.StatusCode.NOT_FOUND.value[0]}:
+        print(f"ReadBatch item errors {errors}, expected only item 1 NOT_FOUND")
+        return 1
+
     print(f"interop ok: services {sorted(names)}; engine {status.engine}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main(sys.argv[1], int(sys.argv[2])))
