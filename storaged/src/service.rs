@@ -66,6 +66,33 @@ fn status_response(s: StoreStatus) -> pb::StatusResponse {
     }
 }
 
+/// Polls `stream` on its own task, so that finished device reads are
+/// replaced by new ones while the HTTP/2 sender waits for the socket or for
+/// flow-control capacity (it does not poll the response body meanwhile).
+/// At most `depth` finished messages wait in the channel; dropping the
+/// returned stream (the client went away) stops the task, which drops
+/// `stream` and with it the reads in flight.
+fn drive_ahead<T: Send + 'static>(
+    stream: impl Stream<Item = T> + Send + 'static,
+    depth: usize,
+) -> impl Stream<Item = T> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
+    tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        loop {
+            let item = tokio::select! {
+                item = stream.next() => item,
+                () = tx.closed() => return,
+            };
+            let Some(item) = item else { return };
+            if tx.send(item).await.is_err() {
+                return;
+            }
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
 
 #[tonic::async_trait]
@@ -279,7 +306,10 @@ impl Storaged for StoragedService {
                 }
             })
         });
-        Ok(Response::new(Box::pin(stream)))
+        Ok(Response::new(Box::pin(drive_ahead(
+            stream,
+            in_flight as usize,
+        ))))
     }
 
     async fn delete_dataset(
