@@ -16,6 +16,8 @@
 //! the server announced is an error, never a short result.
 
 mod ingest;
+pub mod loader;
+pub mod plan;
 
 use std::time::Duration;
 
@@ -28,6 +30,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub use ingest::IngestProgress;
+pub use loader::{Batch, Loader, Plan, Sample};
+pub use plan::{PlanError, PlanSpec, PlanState, PlanTail};
 pub use storaged_proto::pb::{DatasetInfo, ObjectInfo, StatResponse, StatusResponse};
 
 /// Largest message the client accepts or sends.
@@ -54,6 +58,10 @@ pub enum ClientError {
     },
     #[error("protocol error: {0}")]
     Protocol(String),
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("plan: {0}")]
+    Plan(#[from] PlanError),
     #[error("{path}: {source}")]
     Io {
         path: String,
@@ -587,7 +595,17 @@ where
     F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    async_stream_bounded(4, f)
+}
+
+/// [`async_stream`] with `capacity` items waiting at most.
+fn async_stream_bounded<T, F, Fut>(capacity: usize, f: F) -> impl Stream<Item = T> + Send + 'static
+where
+    T: Send + 'static,
+    F: FnOnce(tokio::sync::mpsc::Sender<T>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(capacity.max(1));
     let handle = tokio::spawn(f(tx));
     let guard = AbortOnDrop(handle);
     tokio_stream::wrappers::ReceiverStream::new(rx).map(move |x| {

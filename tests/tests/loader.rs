@@ -1,0 +1,213 @@
+//! Shuffle plans and the prefetching loader against a real daemon: ranks
+//! and workers together read every sample exactly once per epoch, byte for
+//! byte, in plan order; checkpoints resume exactly, also with another
+//! worker count.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use futures::StreamExt;
+use storaged_client::{ClientError, Dataset, ObjectInfo, Plan, PlanSpec, PlanState, PlanTail};
+use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
+
+const SAMPLES: usize = 300;
+
+fn samples() -> Vec<(String, Vec<u8>)> {
+    (0..SAMPLES)
+        .map(|i| {
+            // Sizes from 1 byte to ~200 KiB, crossing 4 KiB and checksum
+            // block boundaries.
+            let len = 1 + (i * 7919) % 200_000;
+            (format!("train/{i:05}.jpg"), pattern(i as u64, len))
+        })
+        .collect()
+}
+
+/// A daemon holding the `imagenet` dataset of [`samples`], and the bytes
+/// each path must read back as.
+async fn imagenet() -> (
+    tempfile::TempDir,
+    Daemon,
+    Dataset,
+    Arc<BTreeMap<String, Vec<u8>>>,
+) {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let files = samples();
+    write_tree(&src, &files);
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    d.ctl_ok(&["ingest", "imagenet", src.to_str().unwrap()]);
+    let ds = d.client().await.dataset("imagenet").unwrap();
+    (tmp, d, ds, Arc::new(files.into_iter().collect()))
+}
+
+/// Runs one loader to the end; returns (object_index, path) in yield order
+/// after checking every sample's bytes.
+async fn drain(
+    ds: &Dataset,
+    plan: Plan,
+    expected: &BTreeMap<String, Vec<u8>>,
+    stop_after_batches: Option<usize>,
+) -> (Vec<(u64, String)>, u64) {
+    let planned: Vec<u64> = plan.indices().to_vec();
+    let mut loader = ds.loader(plan, 16, 1 << 20).unwrap();
+    let mut seen = Vec::new();
+    let mut batches = 0;
+    while let Some(batch) = loader.next().await {
+        let batch = batch.unwrap();
+        assert_eq!(batch.first_position as usize, seen.len());
+        for s in batch.samples {
+            assert_eq!(&s.data[..], &expected[&s.path][..], "{}", s.path);
+            seen.push((s.object_index, s.path));
+        }
+        batches += 1;
+        if Some(batches) == stop_after_batches {
+            break;
+        }
+    }
+    let order: Vec<u64> = seen.iter().map(|(i, _)| *i).collect();
+    assert_eq!(order[..], planned[..order.len()], "plan order");
+    (seen, loader.consumed())
+}
+
+fn spec(epoch: u64, rank: u32, worker: u32, num_workers: u32) -> PlanSpec {
+    PlanSpec {
+        seed: 1234,
+        epoch,
+        rank,
+        world_size: 2,
+        worker,
+        num_workers,
+        shuffle: true,
+        block_size: 8,
+        tail: PlanTail::Pad,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_ranks_two_workers_cover_each_epoch_exactly_once() {
+    let (_tmp, _daemon, ds, expected) = imagenet().await;
+    let listing: Arc<[ObjectInfo]> = ds.list("").await.unwrap().into();
+
+    let mut epoch_orders = Vec::new();
+    for epoch in 0..2 {
+        let mut tasks = Vec::new();
+        for rank in 0..2 {
+            for worker in 0..2 {
+                let plan = Plan::new(listing.clone(), spec(epoch, rank, worker, 2), None).unwrap();
+                let (ds, expected) = (ds.clone(), expected.clone());
+                tasks.push(tokio::spawn(async move {
+                    drain(&ds, plan, &expected, None).await.0
+                }));
+            }
+        }
+        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+        let mut order = Vec::new();
+        let mut rank_lengths = [0usize; 2];
+        for (i, t) in tasks.into_iter().enumerate() {
+            let seen = t.await.unwrap();
+            rank_lengths[i / 2] += seen.len();
+            for (_, path) in seen {
+                *counts.entry(path.clone()).or_default() += 1;
+                order.push(path);
+            }
+        }
+        assert_eq!(
+            rank_lengths,
+            [SAMPLES / 2, SAMPLES / 2],
+            "equal rank lengths"
+        );
+        assert_eq!(counts.len(), SAMPLES, "every sample read");
+        assert!(counts.values().all(|&c| c == 1), "each sample once");
+        epoch_orders.push(order);
+    }
+    assert_ne!(epoch_orders[0], epoch_orders[1], "epochs reshuffle");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoint_resumes_exactly_with_another_worker_count() {
+    let (_tmp, _daemon, ds, expected) = imagenet().await;
+
+    // Rank 1 of 2, three workers stop after 1, 2 and 3 batches.
+    let mut read = Vec::new();
+    let mut positions = Vec::new();
+    for worker in 0..3 {
+        let plan = ds.plan(spec(5, 1, worker, 3)).await.unwrap();
+        let (seen, consumed) = drain(&ds, plan, &expected, Some(worker as usize + 1)).await;
+        assert_eq!(consumed as usize, seen.len());
+        positions.push(consumed);
+        read.extend(seen.into_iter().map(|(_, p)| p));
+    }
+    let checkpoint = PlanState {
+        epoch: 5,
+        num_workers: 3,
+        positions,
+        resumed_from: None,
+    };
+    // The checkpoint travels as JSON, and the job restarts with 2 workers.
+    let json = serde_json::to_string(&checkpoint).unwrap();
+    let resumed = serde_json::from_str::<PlanState>(&json)
+        .unwrap()
+        .resume_with(2);
+    for worker in 0..2 {
+        let plan = ds
+            .plan_resumed(spec(5, 1, worker, 2), Some(&resumed))
+            .await
+            .unwrap();
+        read.extend(
+            drain(&ds, plan, &expected, None)
+                .await
+                .0
+                .into_iter()
+                .map(|(_, p)| p),
+        );
+    }
+    let whole_rank = ds.plan(spec(5, 1, 0, 1)).await.unwrap();
+    let mut want: Vec<String> = whole_rank.objects().map(|o| o.path.clone()).collect();
+    want.sort();
+    read.sort();
+    assert_eq!(read, want, "consumed + resumed = the rank's epoch, exactly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_loader_arguments_and_missing_samples_are_named() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(
+        &src,
+        &[("a".into(), b"x".to_vec()), ("b".into(), b"y".to_vec())],
+    );
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    d.ctl_ok(&["ingest", "small", src.to_str().unwrap()]);
+    let client = d.client().await;
+    let ds = client.dataset("small").unwrap();
+    let plan = ds.plan(PlanSpec::default()).await.unwrap();
+    assert!(matches!(
+        ds.loader(plan.clone(), 0, 1 << 20),
+        Err(ClientError::InvalidArgument(m)) if m.contains("batch_size")
+    ));
+    assert!(matches!(
+        ds.loader(plan.clone(), 4, 0),
+        Err(ClientError::InvalidArgument(m)) if m.contains("prefetch_bytes_max")
+    ));
+    let err = ds
+        .plan(PlanSpec {
+            rank: 3,
+            world_size: 2,
+            ..PlanSpec::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("rank 3"), "{err}");
+
+    // The dataset disappears under a planned loader: the error names the
+    // sample and says NOT_FOUND.
+    d.ctl_ok(&["rm", "small"]);
+    let mut loader = ds.loader(plan, 4, 1 << 20).unwrap();
+    let err = loader.next().await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::NotFound), "{err}");
+    assert!(
+        loader.next().await.is_none(),
+        "the loader stops after an error"
+    );
+}
