@@ -121,18 +121,25 @@ pub fn parse(json: &[u8]) -> anyhow::Result<Measurement> {
     })
 }
 
-/// A `--bssplit` approximating `sizes`: ten decile buckets of 10% each,
-/// rounded up to 4 KiB (O_DIRECT), merged where equal.
+/// Buckets of a `--bssplit`; fio accepts at most 64 (`BSSPLIT_MAX`).
+const BSSPLIT_BUCKETS: usize = 50;
+
+/// A `--bssplit` approximating `sizes`: 50 buckets of 2% each, each the
+/// size at its bucket's middle percentile, rounded up to 4 KiB (O_DIRECT)
+/// and merged where equal. Ten decile buckets were too coarse: their top
+/// bucket (the 95th percentile) left out the large samples that make the
+/// latency tail, so fio's p99 was not measured on the same mix.
 pub fn bssplit(sizes: &[u64]) -> String {
     let mut s: Vec<u64> = sizes.to_vec();
     s.sort_unstable();
+    let share = (100 / BSSPLIT_BUCKETS) as u32;
     let mut buckets: Vec<(u64, u32)> = Vec::new();
-    for d in 0..10 {
-        let idx = ((d * 2 + 1) * s.len() / 20).min(s.len().saturating_sub(1));
+    for d in 0..BSSPLIT_BUCKETS {
+        let idx = ((d * 2 + 1) * s.len() / (2 * BSSPLIT_BUCKETS)).min(s.len().saturating_sub(1));
         let bs = s.get(idx).copied().unwrap_or(4096).next_multiple_of(4096);
         match buckets.last_mut() {
-            Some((b, p)) if *b == bs => *p += 10,
-            _ => buckets.push((bs, 10)),
+            Some((b, p)) if *b == bs => *p += share,
+            _ => buckets.push((bs, share)),
         }
     }
     buckets
@@ -174,6 +181,17 @@ mod tests {
             .map(|p| p.split('/').nth(1).unwrap().parse::<u32>().unwrap())
             .sum();
         assert_eq!(total, 100, "{s}");
+        assert!(s.split(':').count() <= 64, "fio's BSSPLIT_MAX: {s}");
+        // Guards against dropping the tail: the largest bucket must reach
+        // past the 95th percentile.
+        let largest: u64 = s
+            .split(':')
+            .map(|p| p.split('k').next().unwrap().parse::<u64>().unwrap())
+            .max()
+            .unwrap();
+        let mut sorted = crate::datasets::imagenet_sizes(1000, 3);
+        sorted.sort_unstable();
+        assert!(largest * 1024 > sorted[960], "{s}");
         assert!(
             s.split(':')
                 .all(|p| p.split('/').next().unwrap().ends_with('k'))

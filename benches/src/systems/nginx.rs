@@ -18,7 +18,7 @@ use hyper_util::rt::TokioExecutor;
 
 use super::{Item, pipeline_latencies_us};
 use crate::results::Measurement;
-use crate::stats::{self_cpu_seconds, tree_cpu_seconds};
+use crate::stats::{children, self_cpu_seconds, tree_cpu_seconds};
 
 /// The nginx configuration the harness uses (also written to results.json).
 pub fn config(prefix: &Path, root: &Path, port: u16) -> String {
@@ -179,8 +179,31 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM first: the master stops its workers and exits. A SIGKILL of
+    /// the master alone would orphan the workers, which then keep running
+    /// (and listening) after the harness is gone.
     fn drop(&mut self) {
+        let master = self.child.id();
+        let workers = children(master);
+        // SAFETY: kill(2) on our own child's pid, which `self.child` has not
+        // reaped yet, so the pid cannot have been reused.
+        unsafe { libc::kill(master as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
+        for worker in workers {
+            if Path::new(&format!("/proc/{worker}")).exists() {
+                // SAFETY: a best-effort kill of a worker that outlived its
+                // master; the /proc check narrows pid reuse to a race the
+                // harness accepts at exit.
+                unsafe { libc::kill(worker as libc::pid_t, libc::SIGKILL) };
+            }
+        }
     }
 }

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 use storaged_client::{BatchItem, Client};
 
-use super::{Item, pipeline_latencies_us};
+use super::{Item, pipeline_latencies_us, slot_latencies_us};
 use crate::results::Measurement;
 use crate::stats::{cpu_seconds, self_cpu_seconds};
 
@@ -159,6 +159,7 @@ pub async fn read_batch(
         .collect();
     let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
     let mut done_at = Vec::with_capacity(items.len());
+    let mut indices = Vec::with_capacity(items.len());
     let mut bytes = 0u64;
     let mut s = if any_order {
         ds.read_batch_any_order(batch, concurrency).boxed()
@@ -172,6 +173,7 @@ pub async fn read_batch(
             .map_err(|e| anyhow::anyhow!("item {}: {e}", r.index))?;
         bytes += data.len() as u64;
         done_at.push(t0.elapsed().as_secs_f64() * 1e6);
+        indices.push(r.index);
     }
     let seconds = t0.elapsed().as_secs_f64();
     if done_at.len() != items.len() {
@@ -185,7 +187,11 @@ pub async fn read_batch(
         bytes,
         samples: items.len() as u64,
         seconds,
-        latencies_us: pipeline_latencies_us(&done_at, concurrency as usize),
+        latencies_us: if any_order {
+            slot_latencies_us(&done_at, &indices, concurrency as usize)
+        } else {
+            pipeline_latencies_us(&done_at, concurrency as usize)
+        },
         cpu_s_server: Some(daemon.cpu_seconds() - srv0),
         cpu_s_client: Some(self_cpu_seconds() - cli0),
         ..Default::default()
