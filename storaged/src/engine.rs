@@ -10,6 +10,15 @@
 //! back through the buffer's completion slot (see `buf`), so the hot path
 //! allocates nothing.
 //!
+//! Reads can also land outside the pool, in memory a same-host client
+//! registered ([`ForeignMemory`], see `region`): the device DMA writes
+//! straight into the client's pages. Such a read keeps an `Arc` to its
+//! target until the kernel has completed it, even when the waiting future is
+//! dropped, so a client that disconnects mid-read never has its mapping
+//! unmapped under a read in flight. They complete through a oneshot channel
+//! (one small allocation per read) and are bounded separately,
+//! [`FOREIGN_READS_IN_FLIGHT_MAX`] at a time, by the caller.
+//!
 //! `IoBackend` is the seam for tests: [`fault::FaultyBackend`] wraps any
 //! engine and injects errors and bit flips.
 
@@ -18,8 +27,11 @@ pub mod psync;
 pub mod uring;
 
 use std::fs::File;
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use crate::buf::{BufLease, BufferPool, IoFuture};
 
@@ -40,6 +52,125 @@ pub struct IoOp {
     pub len: u32,
 }
 
+/// Reads of foreign memory that one engine accepts at a time; callers bound
+/// themselves to this (the store holds a semaphore of this size).
+pub const FOREIGN_READS_IN_FLIGHT_MAX: usize = 1024;
+
+/// Alignment of device offsets, lengths and target addresses (O_DIRECT).
+pub const DIRECT_IO_ALIGN_BYTES: usize = 4096;
+
+/// Memory outside the buffer pool that reads may target.
+///
+/// # Safety
+///
+/// Implementors guarantee that `base()..base() + len()` is mapped, writable
+/// and 4 KiB aligned for as long as the value lives, and that nothing in
+/// this process reads it as Rust-owned data while reads may be landing.
+pub unsafe trait ForeignMemory: Send + Sync + 'static {
+    fn base(&self) -> *mut u8;
+    fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// A device read into foreign memory.
+#[derive(Clone)]
+pub struct ForeignRead {
+    pub device: u32,
+    pub device_offset: u64,
+    pub len: u32,
+    pub memory: Arc<dyn ForeignMemory>,
+    pub memory_offset: usize,
+}
+
+impl std::fmt::Debug for ForeignRead {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ForeignRead")
+            .field("device", &self.device)
+            .field("device_offset", &self.device_offset)
+            .field("len", &self.len)
+            .field("memory_offset", &self.memory_offset)
+            .finish()
+    }
+}
+
+impl ForeignRead {
+    /// Rejects reads outside the memory, on a missing device, or not
+    /// aligned for O_DIRECT.
+    pub fn check(&self, device_count: u32) -> io::Result<()> {
+        let align = DIRECT_IO_ALIGN_BYTES;
+        let end = self.memory_offset.checked_add(self.len as usize);
+        let ok = self.device < device_count
+            && self.len > 0
+            && end.is_some_and(|e| e <= self.memory.len())
+            && self.device_offset.is_multiple_of(align as u64)
+            && (self.len as usize).is_multiple_of(align)
+            && (self.memory.base() as usize + self.memory_offset).is_multiple_of(align);
+        if ok {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "bad foreign read {self:?} (memory of {} bytes, {device_count} devices)",
+                    self.memory.len()
+                ),
+            ))
+        }
+    }
+
+    /// The target address of byte `done` of this read.
+    pub fn target(&self, done: u32) -> *mut u8 {
+        debug_assert!(done < self.len);
+        // SAFETY: `check` established memory_offset + len <= memory.len(),
+        // and done < len, so the address is inside the mapping.
+        unsafe { self.memory.base().add(self.memory_offset + done as usize) }
+    }
+}
+
+/// Resolves with the bytes read once the kernel is done with the target.
+pub struct ForeignReadFuture(ForeignReadInner);
+
+enum ForeignReadInner {
+    Ready(Option<io::Result<usize>>),
+    Waiting(futures::channel::oneshot::Receiver<io::Result<usize>>),
+    /// Post-processed by a wrapper (fault injection).
+    Boxed(Pin<Box<dyn Future<Output = io::Result<usize>> + Send>>),
+}
+
+impl ForeignReadFuture {
+    pub fn ready(result: io::Result<usize>) -> Self {
+        Self(ForeignReadInner::Ready(Some(result)))
+    }
+
+    pub fn boxed(f: impl Future<Output = io::Result<usize>> + Send + 'static) -> Self {
+        Self(ForeignReadInner::Boxed(Box::pin(f)))
+    }
+
+    /// A future and the sender its engine completes it with.
+    pub fn channel() -> (futures::channel::oneshot::Sender<io::Result<usize>>, Self) {
+        let (tx, rx) = futures::channel::oneshot::channel();
+        (tx, Self(ForeignReadInner::Waiting(rx)))
+    }
+}
+
+impl Future for ForeignReadFuture {
+    type Output = io::Result<usize>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        match &mut self.0 {
+            ForeignReadInner::Ready(r) => {
+                Poll::Ready(r.take().expect("ForeignReadFuture polled after completion"))
+            }
+            ForeignReadInner::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.unwrap_or_else(|_| Err(io::Error::other("the I/O engine stopped")))),
+            ForeignReadInner::Boxed(f) => f.as_mut().poll(cx),
+        }
+    }
+}
+
 /// A device I/O engine. Implementations must complete every submitted
 /// operation exactly once, through [`BufferPool::complete`], and keep the
 /// buffer untouched after that.
@@ -48,6 +179,9 @@ pub trait IoBackend: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
     /// Queues `op` on `buf`. Never blocks.
     fn submit(&self, op: IoOp, buf: BufLease) -> IoFuture;
+    /// Queues a read into foreign memory. Never blocks; the engine holds
+    /// `read.memory` until the read is complete.
+    fn read_foreign(&self, read: ForeignRead) -> ForeignReadFuture;
     /// Makes completed writes of `device` durable (fdatasync). Blocking.
     fn sync(&self, device: u32) -> io::Result<()>;
     fn device_count(&self) -> u32;
@@ -265,6 +399,90 @@ pub(crate) mod tests {
         .expect("cancelled buffers came back")
         .unwrap();
         drop(all);
+        foreign_conformance(&*engine).await;
+    }
+
+    /// Anonymous memory for foreign reads; counts its drops.
+    pub(crate) struct TestMemory {
+        map: memmap2::MmapRaw,
+        dropped: Arc<std::sync::atomic::AtomicUsize>,
+    }
+
+    impl TestMemory {
+        pub(crate) fn new(len: usize, dropped: Arc<std::sync::atomic::AtomicUsize>) -> Arc<Self> {
+            let map = memmap2::MmapOptions::new().len(len).map_anon().unwrap();
+            Arc::new(Self {
+                map: map.into(),
+                dropped,
+            })
+        }
+
+        pub(crate) fn bytes(&self) -> &[u8] {
+            // SAFETY: tests read only after their reads completed.
+            unsafe { std::slice::from_raw_parts(self.map.as_ptr(), self.map.len()) }
+        }
+    }
+
+    impl Drop for TestMemory {
+        fn drop(&mut self) {
+            self.dropped
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    // SAFETY: an anonymous mapping, page-aligned, alive as long as `self`.
+    unsafe impl ForeignMemory for TestMemory {
+        fn base(&self) -> *mut u8 {
+            self.map.as_mut_ptr()
+        }
+        fn len(&self) -> usize {
+            self.map.len()
+        }
+    }
+
+    /// Foreign reads: land in place, are checked, and keep their memory
+    /// alive until completion even when the future is dropped. Expects the
+    /// pattern `conformance` wrote.
+    async fn foreign_conformance(engine: &dyn IoBackend) {
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let memory = TestMemory::new(1 << 20, Arc::clone(&dropped));
+        let read = |device, memory_offset, len| ForeignRead {
+            device,
+            device_offset: 8192,
+            len,
+            memory: memory.clone(),
+            memory_offset,
+        };
+        assert_eq!(
+            engine.read_foreign(read(1, 4096, 65536)).await.unwrap(),
+            65536
+        );
+        for (i, b) in memory.bytes()[4096..4096 + 65536].iter().enumerate() {
+            assert_eq!(*b, (i as u32 * 7 + 1) as u8, "foreign byte {i}");
+        }
+        for bad in [
+            read(1, 100, 4096),
+            read(1, 0, 100),
+            read(9, 0, 4096),
+            read(1, 1 << 20, 4096),
+        ] {
+            let err = engine.read_foreign(bad).await.unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidInput);
+        }
+        // Dropped at once: the engine still owns the target until the
+        // kernel is done, then lets it go.
+        for k in 0..64 {
+            drop(engine.read_foreign(read(k % 2, (k as usize % 16) * 65536, 65536)));
+        }
+        drop(memory);
+        let released = async {
+            while dropped.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+        };
+        tokio::time::timeout(std::time::Duration::from_secs(10), released)
+            .await
+            .expect("the memory of cancelled foreign reads is released after completion");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

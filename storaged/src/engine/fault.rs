@@ -10,7 +10,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::{IoBackend, IoOp, OpKind};
+use super::{ForeignRead, ForeignReadFuture, IoBackend, IoOp, OpKind};
 use crate::buf::{BufLease, IoFuture};
 
 /// What a matching operation suffers.
@@ -103,6 +103,38 @@ impl IoBackend for FaultyBackend {
                 IoFuture::corrupted(self.inner.submit(op, buf), n)
             }
             Some(Fault::FlipByte(_)) => self.inner.submit(op, buf),
+        }
+    }
+
+    fn read_foreign(&self, read: ForeignRead) -> ForeignReadFuture {
+        let op = IoOp {
+            kind: OpKind::Read,
+            device: read.device,
+            offset: read.device_offset,
+            len: read.len,
+        };
+        if let Err(e) = read.check(self.device_count()) {
+            return ForeignReadFuture::ready(Err(e));
+        }
+        match self.plan.take(&op) {
+            None => self.inner.read_foreign(read),
+            Some(Fault::Errno(errno)) => {
+                ForeignReadFuture::ready(Err(io::Error::from_raw_os_error(errno)))
+            }
+            Some(Fault::FlipByte(n)) => {
+                let inner = self.inner.read_foreign(read.clone());
+                ForeignReadFuture::boxed(async move {
+                    let done = inner.await?;
+                    if n < done {
+                        let target = read.target(n as u32);
+                        // SAFETY: `check` passed, n < done <= len, and the
+                        // read has completed, so the kernel no longer
+                        // writes there; `read.memory` keeps it mapped.
+                        unsafe { *target = !*target };
+                    }
+                    Ok(done)
+                })
+            }
         }
     }
 

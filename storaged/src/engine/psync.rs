@@ -10,12 +10,21 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use super::{EngineLimits, IoBackend, IoOp, OpKind};
+use super::{
+    EngineLimits, FOREIGN_READS_IN_FLIGHT_MAX, ForeignRead, ForeignReadFuture, IoBackend, IoOp,
+    OpKind,
+};
 use crate::buf::{BufLease, BufferPool, IoFuture};
 
-struct Job {
-    op: IoOp,
-    index: u32,
+enum Job {
+    Pool {
+        op: IoOp,
+        index: u32,
+    },
+    Foreign {
+        read: ForeignRead,
+        done: futures::channel::oneshot::Sender<io::Result<usize>>,
+    },
 }
 
 /// pread/pwrite engine; see the module docs.
@@ -29,7 +38,8 @@ pub struct PsyncEngine {
 impl PsyncEngine {
     pub fn new(files: Vec<File>, pool: Arc<BufferPool>, limits: EngineLimits) -> io::Result<Self> {
         let files = Arc::new(files);
-        let (tx, rx) = crossbeam_channel::bounded::<Job>(pool.buffer_count());
+        let (tx, rx) =
+            crossbeam_channel::bounded::<Job>(pool.buffer_count() + FOREIGN_READS_IN_FLIGHT_MAX);
         let n = limits.psync_threads.max(1);
         let mut threads = Vec::with_capacity(n as usize);
         for i in 0..n {
@@ -41,8 +51,25 @@ impl PsyncEngine {
                     .name(format!("storaged-psync-{i}"))
                     .spawn(move || {
                         while let Ok(job) = rx.recv() {
-                            let r = do_io(&files[job.op.device as usize], &pool, &job);
-                            pool.complete(job.index, r);
+                            match job {
+                                Job::Pool { op, index } => {
+                                    let (ptr, cap) = pool.buf_raw(index);
+                                    assert!(op.len as usize <= cap);
+                                    let r = do_io(&files[op.device as usize], op, ptr);
+                                    pool.complete(index, r);
+                                }
+                                Job::Foreign { read, done } => {
+                                    let op = IoOp {
+                                        kind: OpKind::Read,
+                                        device: read.device,
+                                        offset: read.device_offset,
+                                        len: read.len,
+                                    };
+                                    let r = do_io(&files[op.device as usize], op, read.target(0));
+                                    // The read is over; `read.memory` may go.
+                                    let _ = done.send(r);
+                                }
+                            }
                         }
                     })?,
             );
@@ -57,23 +84,23 @@ impl PsyncEngine {
     }
 }
 
-fn do_io(file: &File, pool: &BufferPool, job: &Job) -> io::Result<usize> {
-    let (ptr, cap) = pool.buf_raw(job.index);
-    let len = job.op.len as usize;
-    assert!(len <= cap);
+/// Moves `op.len` bytes between the device and `ptr`, which the caller
+/// guarantees is valid for `op.len` bytes and lent to this operation.
+fn do_io(file: &File, op: IoOp, ptr: *mut u8) -> io::Result<usize> {
+    let len = op.len as usize;
     let mut done = 0usize;
     while done < len {
-        let off = job.op.offset + done as u64;
-        let n = match job.op.kind {
+        let off = op.offset + done as u64;
+        let n = match op.kind {
             OpKind::Read => {
-                // SAFETY: buffer `index` is lent to this job until
-                // `complete`, so nobody else touches these bytes; the range
-                // is within the buffer (`len <= cap`).
+                // SAFETY: `ptr..ptr + len` is the operation's target (a pool
+                // buffer lent to it, or checked foreign memory kept alive by
+                // the job), and done < len.
                 let b = unsafe { std::slice::from_raw_parts_mut(ptr.add(done), len - done) };
                 file.read_at(b, off)
             }
             OpKind::Write => {
-                // SAFETY: as for reads; the job only reads the bytes.
+                // SAFETY: as above; writes only read the buffer.
                 let b = unsafe { std::slice::from_raw_parts(ptr.add(done), len - done) };
                 file.write_at(b, off)
             }
@@ -103,13 +130,29 @@ impl IoBackend for PsyncEngine {
         let sent = self
             .tx
             .as_ref()
-            .map(|tx| tx.try_send(Job { op, index }).is_ok())
+            .map(|tx| tx.try_send(Job::Pool { op, index }).is_ok())
             .unwrap_or(false);
         if !sent {
             self.pool
                 .complete(index, Err(io::Error::other("psync workers are gone")));
         }
         fut
+    }
+
+    fn read_foreign(&self, read: ForeignRead) -> ForeignReadFuture {
+        if let Err(e) = read.check(self.files.len() as u32) {
+            return ForeignReadFuture::ready(Err(e));
+        }
+        let (done, fut) = ForeignReadFuture::channel();
+        match &self.tx {
+            Some(tx) => match tx.try_send(Job::Foreign { read, done }) {
+                Ok(()) => fut,
+                Err(_) => ForeignReadFuture::ready(Err(io::Error::other(
+                    "psync queue is full or its workers are gone",
+                ))),
+            },
+            None => ForeignReadFuture::ready(Err(io::Error::other("psync workers are gone"))),
+        }
     }
 
     fn sync(&self, device: u32) -> io::Result<()> {

@@ -10,6 +10,12 @@
 //! When idle the thread sleeps in `io_uring_enter` with an `eventfd` read
 //! armed. A submitter writes the eventfd only if the thread said it is
 //! sleeping, so a busy ring costs no extra syscall per operation.
+//!
+//! Reads into foreign memory (client regions) come on a second channel and
+//! share the per-device queue depth. They are plain `READ`s: registering a
+//! client's pages as fixed buffers would need the buffer table updated from
+//! the ring thread on every registration, and pins nothing the kernel does
+//! not pin per I/O anyway. Their user data is `FOREIGN_TOKEN_BASE + slot`.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -21,14 +27,31 @@ use std::thread::JoinHandle;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
-use super::{EngineLimits, IoBackend, IoOp, OpKind};
+use super::{
+    EngineLimits, FOREIGN_READS_IN_FLIGHT_MAX, ForeignRead, ForeignReadFuture, IoBackend, IoOp,
+    OpKind,
+};
 use crate::buf::{BufLease, BufferPool, IoFuture};
 
 const WAKE_TOKEN: u64 = u64::MAX;
+/// Tokens at or above this are foreign reads; below, pool buffer indexes.
+const FOREIGN_TOKEN_BASE: u64 = 1 << 32;
 
 struct Submission {
     op: IoOp,
     index: u32,
+}
+
+struct ForeignSubmission {
+    read: ForeignRead,
+    done: futures::channel::oneshot::Sender<io::Result<usize>>,
+}
+
+/// A foreign read in the ring: it owns its target until completion.
+struct ForeignInFlight {
+    f: InFlight,
+    read: ForeignRead,
+    done: futures::channel::oneshot::Sender<io::Result<usize>>,
 }
 
 struct Wake {
@@ -55,6 +78,7 @@ impl Wake {
 /// io_uring engine; see the module docs.
 pub struct UringEngine {
     tx: crossbeam_channel::Sender<Submission>,
+    foreign_tx: crossbeam_channel::Sender<ForeignSubmission>,
     wake: Arc<Wake>,
     files: Vec<File>,
     pool: Arc<BufferPool>,
@@ -65,8 +89,12 @@ pub struct UringEngine {
 impl UringEngine {
     pub fn new(files: Vec<File>, pool: Arc<BufferPool>, limits: EngineLimits) -> io::Result<Self> {
         let buffers = pool.buffer_count();
-        let entries = u32::try_from((buffers + 1).next_power_of_two().clamp(8, 32768))
-            .expect("ring size fits u32");
+        let entries = u32::try_from(
+            (buffers + FOREIGN_READS_IN_FLIGHT_MAX + 1)
+                .next_power_of_two()
+                .clamp(8, 32768),
+        )
+        .expect("ring size fits u32");
         let ring: IoUring = IoUring::builder().build(entries)?;
         // SAFETY: eventfd(2) with valid flags; the result is checked below.
         let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
@@ -99,6 +127,7 @@ impl UringEngine {
         );
 
         let (tx, rx) = crossbeam_channel::bounded(buffers);
+        let (foreign_tx, foreign_rx) = crossbeam_channel::bounded(FOREIGN_READS_IN_FLIGHT_MAX);
         let wake = Arc::new(Wake {
             eventfd,
             sleeping: AtomicBool::new(false),
@@ -107,6 +136,7 @@ impl UringEngine {
         let ring_thread = RingThread {
             ring,
             rx,
+            foreign_rx,
             wake: Arc::clone(&wake),
             pool: Arc::clone(&pool),
             fds,
@@ -119,6 +149,7 @@ impl UringEngine {
             .spawn(move || ring_thread.run())?;
         Ok(Self {
             tx,
+            foreign_tx,
             wake,
             files,
             pool,
@@ -157,6 +188,26 @@ impl IoBackend for UringEngine {
         fut
     }
 
+    fn read_foreign(&self, read: ForeignRead) -> ForeignReadFuture {
+        if let Err(e) = read.check(self.files.len() as u32) {
+            return ForeignReadFuture::ready(Err(e));
+        }
+        let (done, fut) = ForeignReadFuture::channel();
+        if self
+            .foreign_tx
+            .try_send(ForeignSubmission { read, done })
+            .is_err()
+        {
+            return ForeignReadFuture::ready(Err(io::Error::other(
+                "io_uring foreign-read queue is full or its thread is gone",
+            )));
+        }
+        if self.wake.sleeping.swap(false, Ordering::SeqCst) {
+            self.wake.ring_bell();
+        }
+        fut
+    }
+
     fn sync(&self, device: u32) -> io::Result<()> {
         self.files[device as usize].sync_data()
     }
@@ -185,6 +236,7 @@ struct InFlight {
 struct RingThread {
     ring: IoUring,
     rx: crossbeam_channel::Receiver<Submission>,
+    foreign_rx: crossbeam_channel::Receiver<ForeignSubmission>,
     wake: Arc<Wake>,
     pool: Arc<BufferPool>,
     fds: Vec<RawFd>,
@@ -194,30 +246,44 @@ struct RingThread {
 }
 
 impl RingThread {
-    fn build_sqe(&self, index: u32, f: &InFlight) -> squeue::Entry {
-        let (base, cap) = self.pool.buf_raw(index);
-        assert!(f.op.len as usize <= cap && f.done < f.op.len);
-        // SAFETY: `done < len <= cap`, so the pointer stays inside buffer
-        // `index`, which is lent to this operation until its completion.
-        let ptr = unsafe { base.add(f.done as usize) };
+    /// The SQE that moves the rest of `f` (from `f.done` on) for `token`.
+    fn build_sqe(
+        &self,
+        token: u64,
+        f: &InFlight,
+        foreign: &[Option<ForeignInFlight>],
+    ) -> squeue::Entry {
+        assert!(f.done < f.op.len);
+        let (ptr, fixed_index) = if token >= FOREIGN_TOKEN_BASE {
+            let slot = foreign[(token - FOREIGN_TOKEN_BASE) as usize]
+                .as_ref()
+                .expect("foreign op is recorded");
+            (slot.read.target(f.done), None)
+        } else {
+            let index = token as u32;
+            let (base, cap) = self.pool.buf_raw(index);
+            assert!(f.op.len as usize <= cap);
+            // SAFETY: `done < len <= cap`, so the pointer stays inside buffer
+            // `index`, which is lent to this operation until its completion.
+            let ptr = unsafe { base.add(f.done as usize) };
+            (ptr, self.fixed_buffers.then_some(index as u16))
+        };
         let len = f.op.len - f.done;
         let offset = f.op.offset + u64::from(f.done);
         let dev = f.op.device;
         macro_rules! with_fd {
             ($fd:expr) => {
-                match (f.op.kind, self.fixed_buffers) {
-                    (OpKind::Read, true) => opcode::ReadFixed::new($fd, ptr, len, index as u16)
+                match (f.op.kind, fixed_index) {
+                    (OpKind::Read, Some(i)) => opcode::ReadFixed::new($fd, ptr, len, i)
                         .offset(offset)
                         .build(),
-                    (OpKind::Read, false) => {
-                        opcode::Read::new($fd, ptr, len).offset(offset).build()
-                    }
-                    (OpKind::Write, true) => {
-                        opcode::WriteFixed::new($fd, ptr.cast_const(), len, index as u16)
+                    (OpKind::Read, None) => opcode::Read::new($fd, ptr, len).offset(offset).build(),
+                    (OpKind::Write, Some(i)) => {
+                        opcode::WriteFixed::new($fd, ptr.cast_const(), len, i)
                             .offset(offset)
                             .build()
                     }
-                    (OpKind::Write, false) => opcode::Write::new($fd, ptr.cast_const(), len)
+                    (OpKind::Write, None) => opcode::Write::new($fd, ptr.cast_const(), len)
                         .offset(offset)
                         .build(),
                 }
@@ -228,16 +294,21 @@ impl RingThread {
         } else {
             with_fd!(types::Fd(self.fds[dev as usize]))
         };
-        sqe.user_data(u64::from(index))
+        sqe.user_data(token)
     }
 
     fn run(mut self) {
         let n_devices = self.fds.len();
         let mut in_flight: Vec<Option<InFlight>> = vec![None; self.pool.buffer_count()];
+        let mut foreign: Vec<Option<ForeignInFlight>> =
+            (0..FOREIGN_READS_IN_FLIGHT_MAX).map(|_| None).collect();
+        let mut foreign_free: Vec<usize> = (0..FOREIGN_READS_IN_FLIGHT_MAX).rev().collect();
         let mut device_in_flight = vec![0u32; n_devices];
         let mut total_in_flight = 0usize;
-        let mut deferred: VecDeque<u32> = VecDeque::with_capacity(self.pool.buffer_count());
-        let mut completions: Vec<(u64, i32)> = Vec::with_capacity(self.pool.buffer_count() + 1);
+        let mut deferred: VecDeque<u64> =
+            VecDeque::with_capacity(self.pool.buffer_count() + FOREIGN_READS_IN_FLIGHT_MAX);
+        let mut completions: Vec<(u64, i32)> =
+            Vec::with_capacity(self.pool.buffer_count() + FOREIGN_READS_IN_FLIGHT_MAX + 1);
         // Target of the armed eventfd read; boxed so its address is stable
         // while the kernel may write it.
         let mut bell_buf = Box::new(0u64);
@@ -262,26 +333,45 @@ impl RingThread {
             }
             while let Ok(s) = self.rx.try_recv() {
                 in_flight[s.index as usize] = Some(InFlight { op: s.op, done: 0 });
-                deferred.push_back(s.index);
+                deferred.push_back(u64::from(s.index));
+            }
+            while let Some(&slot) = foreign_free.last() {
+                let Ok(s) = self.foreign_rx.try_recv() else {
+                    break;
+                };
+                foreign_free.pop();
+                let op = IoOp {
+                    kind: OpKind::Read,
+                    device: s.read.device,
+                    offset: s.read.device_offset,
+                    len: s.read.len,
+                };
+                foreign[slot] = Some(ForeignInFlight {
+                    f: InFlight { op, done: 0 },
+                    read: s.read,
+                    done: s.done,
+                });
+                deferred.push_back(FOREIGN_TOKEN_BASE + slot as u64);
             }
             // Push what the queue depth allows, keeping arrival order per
             // device.
             let mut remaining = deferred.len();
             while remaining > 0 {
                 remaining -= 1;
-                let index = deferred.pop_front().expect("counted");
-                let f = in_flight[index as usize].expect("deferred op is recorded");
+                let token = deferred.pop_front().expect("counted");
+                let f = recorded(&in_flight, &foreign, token);
                 let dev = f.op.device as usize;
                 if device_in_flight[dev] >= self.queue_depth_per_device_max {
-                    deferred.push_back(index);
+                    deferred.push_back(token);
                     continue;
                 }
-                let sqe = self.build_sqe(index, &f);
-                // SAFETY: the buffer behind the SQE is lent to this operation
-                // (its lease is held by the slot machinery, see `buf`) and is
-                // not handed out again until we complete the slot.
+                let sqe = self.build_sqe(token, &f, &foreign);
+                // SAFETY: the memory behind the SQE is lent to this operation
+                // (a pool buffer whose lease the slot machinery holds, or
+                // foreign memory whose `Arc` its slot holds) until we
+                // complete it below.
                 if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                    deferred.push_front(index);
+                    deferred.push_front(token);
                     break;
                 }
                 device_in_flight[dev] += 1;
@@ -293,7 +383,11 @@ impl RingThread {
             }
 
             self.wake.sleeping.store(true, Ordering::SeqCst);
-            let wait_for = if self.rx.is_empty() { 1 } else { 0 };
+            let wait_for = if self.rx.is_empty() && self.foreign_rx.is_empty() {
+                1
+            } else {
+                0
+            };
             let res = self.ring.submit_and_wait(wait_for);
             self.wake.sleeping.store(false, Ordering::SeqCst);
             if let Err(e) = res {
@@ -313,33 +407,71 @@ impl RingThread {
                     bell_armed = false;
                     continue;
                 }
-                let index = token as u32;
-                let mut f = in_flight[index as usize].expect("completion of a recorded op");
+                let mut f = recorded(&in_flight, &foreign, token);
                 let dev = f.op.device as usize;
-                if result > 0 && f.done + (result as u32) < f.op.len {
+                let outcome = if result > 0 && f.done + (result as u32) < f.op.len {
                     // Short transfer: go on from where it stopped.
                     f.done += result as u32;
-                    in_flight[index as usize] = Some(f);
-                    let sqe = self.build_sqe(index, &f);
-                    // SAFETY: as above; the buffer is still lent to this op.
+                    record(&mut in_flight, &mut foreign, token, f);
+                    let sqe = self.build_sqe(token, &f, &foreign);
+                    // SAFETY: as above; the memory is still lent to this op.
                     if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                         continue;
                     }
                     // Queue full: complete with what we have; the caller
                     // sees a short transfer and fails the request.
-                    self.pool.complete(index, Ok(f.done as usize));
+                    Ok(f.done as usize)
                 } else if result < 0 {
-                    self.pool
-                        .complete(index, Err(io::Error::from_raw_os_error(-result)));
+                    Err(io::Error::from_raw_os_error(-result))
                 } else {
-                    self.pool
-                        .complete(index, Ok((f.done + result as u32) as usize));
+                    Ok((f.done + result as u32) as usize)
+                };
+                if token >= FOREIGN_TOKEN_BASE {
+                    let slot = (token - FOREIGN_TOKEN_BASE) as usize;
+                    let done = foreign[slot].take().expect("completion of a recorded op");
+                    // The kernel is done with the target: its `Arc` may go.
+                    let _ = done.done.send(outcome);
+                    foreign_free.push(slot);
+                } else {
+                    self.pool.complete(token as u32, outcome);
+                    in_flight[token as usize] = None;
                 }
-                in_flight[index as usize] = None;
                 device_in_flight[dev] -= 1;
                 total_in_flight -= 1;
             }
         }
+    }
+}
+
+/// The progress record of `token`'s operation.
+fn recorded(
+    in_flight: &[Option<InFlight>],
+    foreign: &[Option<ForeignInFlight>],
+    token: u64,
+) -> InFlight {
+    if token >= FOREIGN_TOKEN_BASE {
+        foreign[(token - FOREIGN_TOKEN_BASE) as usize]
+            .as_ref()
+            .expect("foreign op is recorded")
+            .f
+    } else {
+        in_flight[token as usize].expect("pool op is recorded")
+    }
+}
+
+fn record(
+    in_flight: &mut [Option<InFlight>],
+    foreign: &mut [Option<ForeignInFlight>],
+    token: u64,
+    f: InFlight,
+) {
+    if token >= FOREIGN_TOKEN_BASE {
+        foreign[(token - FOREIGN_TOKEN_BASE) as usize]
+            .as_mut()
+            .expect("foreign op is recorded")
+            .f = f;
+    } else {
+        in_flight[token as usize] = Some(f);
     }
 }
 

@@ -418,6 +418,11 @@ impl IoBackend for CountingBackend {
         }
         self.inner.submit(op, buf)
     }
+    fn read_foreign(&self, read: crate::engine::ForeignRead) -> crate::engine::ForeignReadFuture {
+        self.read_bytes
+            .fetch_add(u64::from(read.len), Ordering::SeqCst);
+        self.inner.read_foreign(read)
+    }
     fn sync(&self, device: u32) -> std::io::Result<()> {
         self.inner.sync(device)
     }
