@@ -105,11 +105,16 @@ fn client_batch(c: &mut Criterion) {
     let store = Store::open(&cfg).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
     let server_store = Arc::clone(&store);
+    let endpoints = storaged::server::Endpoints {
+        tcp: "127.0.0.1:0".parse().unwrap(),
+        unix: dir.path().join("storaged.sock"),
+    };
     rt.spawn(async move {
         let limits = ServerLimits::default();
         storaged::server::serve(
             server_store,
-            "127.0.0.1:0".parse().unwrap(),
+            &endpoints,
+            storaged::region::RegionLimits::default(),
             &limits,
             std::future::pending(),
             move |a| tx.send(a).unwrap(),

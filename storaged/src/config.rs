@@ -35,6 +35,9 @@ pub struct FileConfig {
     pub read_ahead: Option<String>,
     pub max_concurrent_streams: Option<u32>,
     pub worker_threads: Option<usize>,
+    pub unix: Option<PathBuf>,
+    pub region_bytes_per_client: Option<String>,
+    pub region_bytes_total: Option<String>,
 }
 
 impl FileConfig {
@@ -160,6 +163,10 @@ impl Default for ServerLimits {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// Unix socket for same-host clients (and the only way to register
+    /// memory regions).
+    pub unix: PathBuf,
+    pub regions: crate::region::RegionLimits,
     pub store: StoreConfig,
     pub server: ServerLimits,
     pub worker_threads: usize,
@@ -177,6 +184,7 @@ pub struct ServeFlags {
     pub engine: Option<EngineKind>,
     pub config: Option<PathBuf>,
     pub worker_threads: Option<usize>,
+    pub unix: Option<PathBuf>,
 }
 
 fn size_field(name: &str, v: &str) -> Result<u64, String> {
@@ -194,6 +202,17 @@ impl ServeConfig {
             .data_dir
             .or(file.data_dir)
             .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR));
+        let unix = flags
+            .unix
+            .or(file.unix)
+            .unwrap_or_else(|| data_dir.join("storaged.sock"));
+        let mut regions = crate::region::RegionLimits::default();
+        if let Some(s) = file.region_bytes_per_client {
+            regions.bytes_per_client_max = size_field("region_bytes_per_client", &s)?;
+        }
+        if let Some(s) = file.region_bytes_total {
+            regions.bytes_total_max = size_field("region_bytes_total", &s)?;
+        }
         let mut store = StoreConfig::with_defaults(data_dir);
         let devices = if !flags.devices.is_empty() {
             Some(flags.devices)
@@ -245,6 +264,8 @@ impl ServeConfig {
         let worker_threads = flags.worker_threads.or(file.worker_threads).unwrap_or(2);
         let cfg = Self {
             listen,
+            unix,
+            regions,
             store,
             server,
             worker_threads,

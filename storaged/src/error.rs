@@ -96,6 +96,10 @@ pub enum StoreError {
     Catalog(#[from] CatalogError),
     #[error("storaged is shutting down")]
     ShuttingDown,
+    #[error(transparent)]
+    Region(#[from] crate::region::RegionError),
+    #[error("{0}")]
+    RegionBounds(String),
 }
 
 impl StoreError {
@@ -108,7 +112,8 @@ impl StoreError {
             StoreError::DatasetExists(_)
             | StoreError::IngestInProgress(_)
             | StoreError::DuplicateObject { .. } => Code::AlreadyExists,
-            StoreError::OutOfRange { .. } => Code::OutOfRange,
+            StoreError::OutOfRange { .. } | StoreError::RegionBounds(_) => Code::OutOfRange,
+            StoreError::Region(e) => e.code(),
             StoreError::NoSpace { .. } | StoreError::DeviceFull { .. } | StoreError::Limit(_) => {
                 Code::ResourceExhausted
             }

@@ -16,6 +16,7 @@ pub mod device;
 pub mod engine;
 pub mod error;
 pub mod layout;
+pub mod region;
 pub mod server;
 pub mod service;
 pub mod size;

@@ -57,6 +57,10 @@ enum Command {
         /// Tokio worker threads for gRPC.
         #[arg(long)]
         worker_threads: Option<usize>,
+        /// Unix socket for same-host clients and memory regions
+        /// (default: storaged.sock in the data dir).
+        #[arg(long)]
+        unix: Option<PathBuf>,
     },
 }
 
@@ -87,6 +91,7 @@ fn run() -> anyhow::Result<()> {
             config,
             force,
             worker_threads,
+            unix,
         } => {
             let cfg = ServeConfig::resolve(ServeFlags {
                 listen,
@@ -98,6 +103,7 @@ fn run() -> anyhow::Result<()> {
                 engine,
                 config,
                 worker_threads,
+                unix,
             })
             .map_err(anyhow::Error::msg)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -121,12 +127,23 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    storaged::server::serve(store, cfg.listen, &cfg.server, shutdown, |bound| {
-        // Tests and scripts read this line to learn the port.
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "storaged listening on {bound}");
-        let _ = out.flush();
-    })
+    let endpoints = storaged::server::Endpoints {
+        tcp: cfg.listen,
+        unix: cfg.unix.clone(),
+    };
+    storaged::server::serve(
+        store,
+        &endpoints,
+        cfg.regions,
+        &cfg.server,
+        shutdown,
+        |bound| {
+            // Tests and scripts read this line to learn the port.
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "storaged listening on {bound}");
+            let _ = out.flush();
+        },
+    )
     .await?;
     Ok(())
 }

@@ -2,8 +2,13 @@
 //! `grpc.health.v1.Health` and server reflection, and a bounded graceful
 //! shutdown (hyper's graceful shutdown has been seen to hang, so draining
 //! has a deadline).
+//!
+//! The same router serves two listeners: TCP, and a Unix socket for
+//! same-host clients. Only calls that arrive on the Unix socket carry the
+//! peer's credentials (`SO_PEERCRED`), which memory regions require.
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -12,6 +17,7 @@ use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
 use crate::config::ServerLimits;
+use crate::region::{RegionLimits, Regions};
 use crate::service::StoragedService;
 use crate::store::Store;
 use crate::wire::{WireLimits, ZeroCopyReads};
@@ -24,6 +30,8 @@ pub enum ServeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot listen on Unix socket {path}: {reason}")]
+    BindUnix { path: PathBuf, reason: String },
     #[error("gRPC transport: {0}")]
     Transport(#[from] tonic::transport::Error),
     #[error("reflection service: {0}")]
@@ -32,22 +40,67 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+/// Where to listen.
+#[derive(Debug, Clone)]
+pub struct Endpoints {
+    pub tcp: SocketAddr,
+    pub unix: PathBuf,
+}
+
+/// Longest Unix socket path (`sun_path` minus its terminating NUL).
+const UNIX_PATH_BYTES_MAX: usize = 107;
+
+/// Binds the Unix socket, replacing a stale socket file but never a live
+/// server's or a file that is not a socket.
+fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
+    use std::os::unix::fs::FileTypeExt;
+    let fail = |reason: String| ServeError::BindUnix {
+        path: path.to_owned(),
+        reason,
+    };
+    if path.as_os_str().len() > UNIX_PATH_BYTES_MAX {
+        return Err(fail(format!(
+            "the path is {} bytes; Unix sockets allow {UNIX_PATH_BYTES_MAX} (use --unix with a shorter path)",
+            path.as_os_str().len()
+        )));
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(fail("another server is listening there".into()));
+            }
+            std::fs::remove_file(path)
+                .map_err(|e| fail(format!("removing the stale socket: {e}")))?;
+        }
+        Ok(_) => return Err(fail("a file that is not a socket is in the way".into())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(fail(e.to_string())),
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| fail(format!("creating its directory: {e}")))?;
+    }
+    tokio::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))
+}
+
 /// Serves until `shutdown` resolves, then drains for at most
-/// `limits.shutdown_grace_s`. `on_bound` gets the bound address (useful
-/// with port 0).
+/// `limits.shutdown_grace_s`. `on_bound` gets the bound TCP address
+/// (useful with port 0).
 pub async fn serve(
     store: Arc<Store>,
-    listen: SocketAddr,
+    endpoints: &Endpoints,
+    region_limits: RegionLimits,
     limits: &ServerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    let listen = endpoints.tcp;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|source| ServeError::Bind {
             addr: listen,
             source,
         })?;
+    let unix_listener = bind_unix(&endpoints.unix)?;
     let bound = listener.local_addr()?;
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -66,7 +119,7 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let storaged = StoragedService::new(store);
+    let storaged = StoragedService::new(store, Regions::new(region_limits));
     let generated = StoragedServer::new(storaged.clone())
         .max_decoding_message_size(limits.max_decoding_message_bytes)
         .max_encoding_message_size(limits.max_encoding_message_bytes);
@@ -79,8 +132,8 @@ pub async fn serve(
         },
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = Server::builder()
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let router = Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
         .max_frame_size(limits.max_frame_bytes)
@@ -91,27 +144,43 @@ pub async fn serve(
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
-        .add_service(service)
-        .serve_with_incoming_shutdown(incoming, async {
-            let _ = stop_rx.await;
-        });
+        .add_service(service);
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let tcp = router
+        .clone()
+        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+    let unix = router.serve_with_incoming_shutdown(
+        tokio_stream::wrappers::UnixListenerStream::new(unix_listener),
+        stopped(stop_rx),
+    );
+    let server = async move {
+        let (a, b) = tokio::join!(tcp, unix);
+        a.and(b)
+    };
     on_bound(bound);
-    tracing::info!(%bound, "serving gRPC");
+    tracing::info!(%bound, unix = %endpoints.unix.display(), "serving gRPC");
     let mut server = Box::pin(server);
-    tokio::select! {
-        r = &mut server => r?,
+    let result = tokio::select! {
+        r = &mut server => r.map_err(ServeError::from),
         () = shutdown => {
             tracing::info!("shutting down");
             health_reporter
                 .set_not_serving::<StoragedServer<StoragedService>>()
                 .await;
-            let _ = stop_tx.send(());
+            let _ = stop_tx.send(true);
             let grace = Duration::from_secs(limits.shutdown_grace_s);
             match tokio::time::timeout(grace, server).await {
-                Ok(r) => r?,
-                Err(_) => tracing::warn!(grace_s = limits.shutdown_grace_s, "drain deadline passed; closing remaining streams"),
+                Ok(r) => r.map_err(ServeError::from),
+                Err(_) => {
+                    tracing::warn!(grace_s = limits.shutdown_grace_s, "drain deadline passed; closing remaining streams");
+                    Ok(())
+                }
             }
         }
-    }
+    };
+    let _ = std::fs::remove_file(&endpoints.unix);
+    result?;
     Ok(())
 }

@@ -2,8 +2,10 @@
 //! validated domain types at the edge, calls the store, and maps every
 //! `StoreError` to its one status code.
 
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use futures::{Stream, StreamExt};
 use storaged_proto::model::{RangeSpec, ReadSpec, StorageClass};
@@ -13,18 +15,51 @@ use storaged_proto::{DatasetName, ObjectPath};
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::error::StoreError;
+use crate::region::{RegionError, Regions};
+use crate::store::read_into::ReadIntoItem;
 use crate::store::{BatchEvent, DatasetHandle, Store, StoreStatus};
 
-/// The service; one per server, sharing the store.
+/// The service; one per server, sharing the store and the region registry.
 #[derive(Debug, Clone)]
 pub struct StoragedService {
     store: Arc<Store>,
+    regions: Arc<Regions>,
 }
 
 impl StoragedService {
-    pub fn new(store: Arc<Store>) -> Self {
-        Self { store }
+    pub fn new(store: Arc<Store>, regions: Arc<Regions>) -> Self {
+        Self { store, regions }
     }
+
+    fn status(&self) -> pb::StatusResponse {
+        let mut s = status_response(self.store.status());
+        let c = &self.store.read_counters;
+        s.grpc_bytes_served = c.grpc_bytes_served.load(Ordering::Relaxed);
+        s.grpc_payload_bytes_copied = c.grpc_payload_bytes_copied.load(Ordering::Relaxed);
+        s.shm_bytes_served = c.shm_bytes_served.load(Ordering::Relaxed);
+        s.shm_payload_bytes_copied = c.shm_payload_bytes_copied.load(Ordering::Relaxed);
+        let (regions, region_bytes) = self.regions.usage();
+        s.regions_registered = regions as u32;
+        s.region_bytes_registered = region_bytes;
+        s
+    }
+
+    fn count_grpc_bytes(&self, n: usize) {
+        self.store
+            .read_counters
+            .grpc_bytes_served
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+}
+
+/// The uid of a caller on the Unix socket; regions are for them only.
+fn peer_uid<T>(request: &Request<T>) -> Result<u32, RegionError> {
+    request
+        .extensions()
+        .get::<tonic::transport::server::UdsConnectInfo>()
+        .and_then(|info| info.peer_cred)
+        .map(|cred| cred.uid())
+        .ok_or(RegionError::NotLocal)
 }
 
 fn invalid(e: impl std::fmt::Display) -> Status {
@@ -63,6 +98,8 @@ fn status_response(s: StoreStatus) -> pb::StatusResponse {
         datasets: s.datasets.iter().map(|h| dataset_info(h)).collect(),
         ingests_in_progress: s.ingests_in_progress as u32,
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        checksum_block_bytes: crate::device::CHECKSUM_BLOCK_BYTES,
+        ..Default::default()
     }
 }
 
@@ -232,16 +269,20 @@ impl Storaged for StoragedService {
         let obj = self.store.lookup(&spec.dataset, &spec.range.path)?;
         let (start, len) = Store::resolve_range(&obj, spec.range.offset, spec.range.length)?;
         let object_size = obj.record.size;
+        let service = self.clone();
         let stream = self
             .store
             .read_stream(Arc::new(obj), start, len)
             .map(move |r| match r {
-                Ok((offset, data)) => Ok(pb::ReadResponse {
-                    offset,
-                    data,
-                    object_size,
-                    range_length: len,
-                }),
+                Ok((offset, data)) => {
+                    service.count_grpc_bytes(data.len());
+                    Ok(pb::ReadResponse {
+                        offset,
+                        data,
+                        object_size,
+                        range_length: len,
+                    })
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "read failed");
                     Err(Status::from(e))
@@ -272,7 +313,8 @@ impl Storaged for StoragedService {
         } else {
             Box::pin(self.store.read_batch(&name, items, in_flight)?)
         };
-        let stream = events.map(|e| {
+        let service = self.clone();
+        let stream = events.map(move |e| {
             Ok(match e {
                 BatchEvent::Data {
                     index,
@@ -280,14 +322,17 @@ impl Storaged for StoragedService {
                     data,
                     item_length,
                     last,
-                } => pb::ReadBatchResponse {
-                    index,
-                    offset,
-                    data,
-                    last,
-                    error: None,
-                    item_length,
-                },
+                } => {
+                    service.count_grpc_bytes(data.len());
+                    pb::ReadBatchResponse {
+                        index,
+                        offset,
+                        data,
+                        last,
+                        error: None,
+                        item_length,
+                    }
+                }
                 BatchEvent::Error { index, error } => {
                     if error.code() == tonic::Code::DataLoss {
                         tracing::warn!(%error, "batch item failed");
@@ -326,6 +371,102 @@ impl Storaged for StoragedService {
         &self,
         _request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(status_response(self.store.status())))
+        Ok(Response::new(self.status()))
+    }
+
+    type RegisterRegionStream = BoxStream<pb::RegionEvent>;
+
+    async fn register_region(
+        &self,
+        request: Request<pb::RegisterRegionRequest>,
+    ) -> Result<Response<Self::RegisterRegionStream>, Status> {
+        let uid = peer_uid(&request)?;
+        let r = request.into_inner();
+        let path = Path::new(&r.path);
+        if !path.is_absolute() {
+            return Err(invalid(format!(
+                "region path {:?} must be absolute",
+                r.path
+            )));
+        }
+        let registration = self.regions.register(path, r.size_bytes, uid)?;
+        let event = pb::RegionEvent {
+            region_id: registration.region.id,
+            size_bytes: r.size_bytes,
+            align_bytes: crate::engine::DIRECT_IO_ALIGN_BYTES as u32,
+            checksum_block_bytes: crate::device::CHECKSUM_BLOCK_BYTES,
+        };
+        // The id, then nothing until the client cancels or goes away: the
+        // stream owns the registration, and dropping it deregisters.
+        let stream = futures::stream::once(async move { Ok(event) })
+            .chain(futures::stream::pending())
+            .map(move |event| {
+                let _registered = &registration;
+                event
+            });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    type ReadIntoStream = BoxStream<pb::ReadIntoCompletion>;
+
+    async fn read_into(
+        &self,
+        request: Request<pb::ReadIntoRequest>,
+    ) -> Result<Response<Self::ReadIntoStream>, Status> {
+        let uid = peer_uid(&request)?;
+        let r = request.into_inner();
+        let region = self.regions.get(r.region_id, uid)?;
+        let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        let items = r
+            .items
+            .into_iter()
+            .map(|i| {
+                let range = RangeSpec::try_from(&pb::ReadItem {
+                    path: i.path,
+                    offset: i.offset,
+                    length: i.length,
+                })
+                .map_err(StoreError::from)?;
+                Ok(ReadIntoItem {
+                    range,
+                    region_offset: i.region_offset,
+                })
+            })
+            .collect();
+        let in_flight = match r.max_in_flight {
+            0 => self.store.limits().batch_in_flight_default,
+            n => n,
+        };
+        let completions =
+            self.store
+                .read_into(region, &name, items, in_flight)?
+                .map(|(index, result)| {
+                    Ok(match result {
+                        Ok(done) => pb::ReadIntoCompletion {
+                            index,
+                            error: None,
+                            data_offset: done.data_offset,
+                            length: done.length,
+                            span_bytes: done.span_bytes,
+                        },
+                        Err(error) => {
+                            if error.code() == tonic::Code::DataLoss {
+                                tracing::warn!(%error, "ReadInto item failed");
+                            }
+                            pb::ReadIntoCompletion {
+                                index,
+                                error: Some(pb::ItemError {
+                                    code: error.code() as i32,
+                                    message: error.to_string(),
+                                }),
+                                ..Default::default()
+                            }
+                        }
+                    })
+                });
+        Ok(Response::new(Box::pin(drive_ahead(
+            completions,
+            in_flight as usize,
+        ))))
     }
 }

@@ -103,6 +103,16 @@ pub struct StoreStatus {
     pub ingests_in_progress: usize,
 }
 
+/// Bytes served per read path, and payload bytes the server copied to
+/// serve them (zero-copy paths keep the copied counters at 0).
+#[derive(Debug, Default)]
+pub struct ReadCounters {
+    pub grpc_bytes_served: std::sync::atomic::AtomicU64,
+    pub grpc_payload_bytes_copied: std::sync::atomic::AtomicU64,
+    pub shm_bytes_served: std::sync::atomic::AtomicU64,
+    pub shm_payload_bytes_copied: std::sync::atomic::AtomicU64,
+}
+
 /// One piece of a read: object offset and verified bytes.
 pub type Chunk = (u64, Bytes);
 
@@ -118,6 +128,9 @@ pub struct Store {
     device_paths: Vec<PathBuf>,
     pool_id: [u8; 16],
     limits: StoreLimits,
+    /// Reads into client regions in flight, at most what an engine accepts.
+    foreign_reads: tokio::sync::Semaphore,
+    pub read_counters: ReadCounters,
 }
 
 impl std::fmt::Debug for Store {
@@ -247,6 +260,8 @@ impl Store {
             device_paths: paths,
             pool_id,
             limits: cfg.limits.clone(),
+            foreign_reads: tokio::sync::Semaphore::new(engine::FOREIGN_READS_IN_FLIGHT_MAX),
+            read_counters: ReadCounters::default(),
         }))
     }
 
@@ -419,47 +434,8 @@ impl Store {
         });
         let bufs: Vec<BufLease> = futures::future::try_join_all(reads).await?;
 
-        // Verify each block, which may straddle two segments.
-        let mut seg_i = 0usize;
-        let mut seg_pos = 0u64; // window offset where segs[seg_i] starts
-        let mut b = w_start;
-        while b < w_end {
-            let b_end = (b + block).min(obj.record.size);
-            let idx = (b / block) as usize;
-            let expected = *obj.record.block_crcs.get(idx).ok_or_else(|| {
-                StoreError::Catalog(crate::catalog::CatalogError::Corrupt(
-                    format!("object {}", obj.path),
-                    format!("no checksum for block {idx}"),
-                ))
-            })?;
-            let mut h = crc32fast::Hasher::new();
-            let mut at = b - w_start;
-            let stop = b_end - w_start;
-            while at < stop {
-                while at >= seg_pos + segs[seg_i].len {
-                    seg_pos += segs[seg_i].len;
-                    seg_i += 1;
-                }
-                let in_seg = (at - seg_pos) as usize;
-                let take = ((seg_pos + segs[seg_i].len).min(stop) - at) as usize;
-                h.update(&bufs[seg_i].as_slice()[in_seg..in_seg + take]);
-                at += take as u64;
-            }
-            let actual = h.finalize();
-            if actual != expected {
-                let (device, device_offset) = self.layout.map(obj.record.logical_offset + b);
-                return Err(StoreError::Checksum {
-                    dataset: obj.dataset.name.clone(),
-                    path: obj.path.clone(),
-                    object_offset: b,
-                    device,
-                    device_offset,
-                    expected,
-                    actual,
-                });
-            }
-            b = b_end;
-        }
+        let pieces: Vec<&[u8]> = bufs.iter().map(BufLease::as_slice).collect();
+        self.verify_window(obj, w_start, w_end, &pieces)?;
 
         // Hand out the wanted parts without copying.
         let mut out = Vec::with_capacity(bufs.len());
@@ -480,6 +456,63 @@ impl Store {
             ));
         }
         Ok(out)
+    }
+
+    /// Checks every checksum block of object bytes `[w_start, w_end)`
+    /// (`w_start` block aligned), which lie in `pieces` back to back (a
+    /// block may straddle two pieces). A mismatch is `DATA_LOSS` naming the
+    /// object offset and the device address of the bad block.
+    fn verify_window(
+        &self,
+        obj: &ObjectRef,
+        w_start: u64,
+        w_end: u64,
+        pieces: &[&[u8]],
+    ) -> Result<(), StoreError> {
+        let block = u64::from(obj.dataset.record.checksum_block_bytes);
+        debug_assert_eq!(w_start % block, 0);
+        let mut piece_i = 0usize;
+        let mut piece_pos = 0u64; // window offset where pieces[piece_i] starts
+        let mut b = w_start;
+        while b < w_end {
+            let b_end = (b + block).min(obj.record.size);
+            let idx = (b / block) as usize;
+            let expected = *obj.record.block_crcs.get(idx).ok_or_else(|| {
+                StoreError::Catalog(crate::catalog::CatalogError::Corrupt(
+                    format!("object {}", obj.path),
+                    format!("no checksum for block {idx}"),
+                ))
+            })?;
+            let mut h = crc32fast::Hasher::new();
+            let mut at = b - w_start;
+            let stop = b_end - w_start;
+            while at < stop {
+                while at >= piece_pos + pieces[piece_i].len() as u64 {
+                    piece_pos += pieces[piece_i].len() as u64;
+                    piece_i += 1;
+                }
+                let piece = pieces[piece_i];
+                let in_piece = (at - piece_pos) as usize;
+                let take = ((piece_pos + piece.len() as u64).min(stop) - at) as usize;
+                h.update(&piece[in_piece..in_piece + take]);
+                at += take as u64;
+            }
+            let actual = h.finalize();
+            if actual != expected {
+                let (device, device_offset) = self.layout.map(obj.record.logical_offset + b);
+                return Err(StoreError::Checksum {
+                    dataset: obj.dataset.name.clone(),
+                    path: obj.path.clone(),
+                    object_offset: b,
+                    device,
+                    device_offset,
+                    expected,
+                    actual,
+                });
+            }
+            b = b_end;
+        }
+        Ok(())
     }
 
     /// Verified bytes `[start, start + len)` of `obj`, in order, with up to
@@ -726,6 +759,9 @@ impl Store {
                 buf.extend_from_slice(&b);
             }
         }
+        self.read_counters
+            .grpc_payload_bytes_copied
+            .fetch_add(len, Ordering::Relaxed);
         let all = buf.freeze();
         let step = self.limits.message_bytes as usize;
         Ok((0..all.len())
@@ -1396,6 +1432,7 @@ impl Drop for IngestSession {
 }
 
 mod pipeline;
+pub mod read_into;
 
 #[cfg(test)]
 mod tests;

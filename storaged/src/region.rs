@@ -1,0 +1,467 @@
+//! Registered memory regions: client memory that device reads land in.
+//!
+//! A client on the same host creates a file on tmpfs (`/dev/shm`), maps it,
+//! and registers it by path over the Unix socket. storaged opens the file
+//! with `O_NOFOLLOW`, checks that it is a regular tmpfs file of the stated
+//! size owned by the peer's uid (from `SO_PEERCRED`), maps it shared, and
+//! hands out a random 64-bit id. The client then unlinks the file: both
+//! sides keep their mappings, nothing is left on disk, and a crashed client
+//! leaves nothing that could block the next one.
+//!
+//! A region lives as long as its registration (`RegisterRegion` is a
+//! streaming call kept open by the client; a disconnect ends it). Ending it
+//! removes the id at once, so new reads fail with NOT_FOUND, but reads in
+//! flight hold an `Arc` of the mapping and the engine keeps it until the
+//! kernel completes them: only then is it unmapped. Limits: registered
+//! bytes per uid and in total, and regions per uid (RESOURCE_EXHAUSTED).
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use crate::engine::{DIRECT_IO_ALIGN_BYTES, ForeignMemory};
+
+/// tmpfs's `f_type` (linux/magic.h).
+const TMPFS_MAGIC: i64 = 0x0102_1994;
+
+/// Limits on registered memory.
+#[derive(Debug, Clone, Copy)]
+pub struct RegionLimits {
+    pub region_bytes_max: u64,
+    pub bytes_per_client_max: u64,
+    pub bytes_total_max: u64,
+    pub regions_per_client_max: usize,
+}
+
+impl Default for RegionLimits {
+    fn default() -> Self {
+        Self {
+            region_bytes_max: 4 << 30,
+            bytes_per_client_max: 8 << 30,
+            bytes_total_max: 16 << 30,
+            regions_per_client_max: 64,
+        }
+    }
+}
+
+/// Why a region could not be registered or used.
+#[derive(Debug, thiserror::Error)]
+pub enum RegionError {
+    #[error(
+        "memory regions need a same-host client on storaged's Unix socket; this call came over TCP"
+    )]
+    NotLocal,
+    #[error("cannot open region file {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("region file {path} is not a regular file on tmpfs (use /dev/shm or a memfd)")]
+    NotTmpfs { path: PathBuf },
+    #[error("region file {path} belongs to uid {owner}, but the client is uid {peer}")]
+    NotOwner {
+        path: PathBuf,
+        owner: u32,
+        peer: u32,
+    },
+    #[error(
+        "region size {size_bytes} must be a positive multiple of {align} bytes and at most {max} bytes"
+    )]
+    BadSize {
+        size_bytes: u64,
+        align: usize,
+        max: u64,
+    },
+    #[error("region file {path} holds {actual} bytes; the request says {stated}")]
+    SizeMismatch {
+        path: PathBuf,
+        actual: u64,
+        stated: u64,
+    },
+    #[error("cannot map region file {path}: {source}")]
+    Map {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Limit(String),
+    #[error("region {id:#x} is not registered (it was deregistered, or its client disconnected)")]
+    NotFound { id: u64 },
+}
+
+impl RegionError {
+    pub fn code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            RegionError::NotLocal => Code::FailedPrecondition,
+            RegionError::Open { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => Code::NotFound,
+                std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
+                _ => Code::InvalidArgument,
+            },
+            RegionError::NotOwner { .. } => Code::PermissionDenied,
+            RegionError::NotTmpfs { .. }
+            | RegionError::BadSize { .. }
+            | RegionError::SizeMismatch { .. } => Code::InvalidArgument,
+            RegionError::Map { .. } => Code::Internal,
+            RegionError::Limit(_) => Code::ResourceExhausted,
+            RegionError::NotFound { .. } => Code::NotFound,
+        }
+    }
+}
+
+impl From<RegionError> for tonic::Status {
+    fn from(e: RegionError) -> Self {
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+/// One mapped region.
+pub struct RegionMap {
+    pub id: u64,
+    pub owner_uid: u32,
+    map: memmap2::MmapRaw,
+}
+
+impl std::fmt::Debug for RegionMap {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionMap")
+            .field("id", &self.id)
+            .field("owner_uid", &self.owner_uid)
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+// SAFETY: `map` is a shared, page-aligned, writable mapping of `len()`
+// bytes that lives (is not unmapped) as long as this value; storaged never
+// holds Rust references into it across a read in flight (it reads it only
+// to checksum completed reads).
+unsafe impl ForeignMemory for RegionMap {
+    fn base(&self) -> *mut u8 {
+        self.map.as_mut_ptr()
+    }
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+}
+
+impl RegionMap {
+    /// Bytes `[offset, offset + len)` as a slice, for checksumming reads
+    /// that have completed. The client may write its region at any time;
+    /// that can only spoil the checksum of its own data.
+    ///
+    /// # Safety
+    ///
+    /// No read into this range may be in flight.
+    pub unsafe fn completed(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset.checked_add(len).is_some_and(|e| e <= self.map.len()));
+        // SAFETY: in bounds (asserted); the caller guarantees the kernel is
+        // not writing it.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset), len) }
+    }
+
+    /// Zeroes `[offset, offset + len)`: the tail of a read past an object's
+    /// end, so no neighbouring bytes reach the client.
+    ///
+    /// # Safety
+    ///
+    /// No read into this range may be in flight.
+    pub unsafe fn zero(&self, offset: usize, len: usize) {
+        assert!(offset.checked_add(len).is_some_and(|e| e <= self.map.len()));
+        // SAFETY: in bounds (asserted), writable shared mapping, and no
+        // read in flight there (caller).
+        unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().add(offset), 0, len) };
+    }
+}
+
+#[derive(Default)]
+struct Registry {
+    by_id: HashMap<u64, Arc<RegionMap>>,
+    bytes_by_uid: HashMap<u32, u64>,
+    regions_by_uid: HashMap<u32, usize>,
+    bytes_total: u64,
+}
+
+/// All registered regions.
+pub struct Regions {
+    limits: RegionLimits,
+    registry: Mutex<Registry>,
+}
+
+impl std::fmt::Debug for Regions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Regions")
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Keeps a region registered; dropping it deregisters the region (reads in
+/// flight keep their mapping until they complete).
+#[derive(Debug)]
+pub struct Registration {
+    regions: Arc<Regions>,
+    pub region: Arc<RegionMap>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.regions.remove(self.region.id);
+    }
+}
+
+impl Regions {
+    pub fn new(limits: RegionLimits) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            registry: Mutex::default(),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Registry> {
+        self.registry.lock().expect("region registry poisoned")
+    }
+
+    /// Opens, checks and maps `path` for the client `peer_uid`.
+    pub fn register(
+        self: &Arc<Self>,
+        path: &Path,
+        size_bytes: u64,
+        peer_uid: u32,
+    ) -> Result<Registration, RegionError> {
+        let align = DIRECT_IO_ALIGN_BYTES;
+        if size_bytes == 0
+            || !size_bytes.is_multiple_of(align as u64)
+            || size_bytes > self.limits.region_bytes_max
+        {
+            return Err(RegionError::BadSize {
+                size_bytes,
+                align,
+                max: self.limits.region_bytes_max,
+            });
+        }
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map_err(|source| RegionError::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        let meta = file.metadata().map_err(|source| RegionError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        if !meta.is_file() || !on_tmpfs(&file) {
+            return Err(RegionError::NotTmpfs {
+                path: path.to_owned(),
+            });
+        }
+        if meta.uid() != peer_uid && peer_uid != 0 {
+            return Err(RegionError::NotOwner {
+                path: path.to_owned(),
+                owner: meta.uid(),
+                peer: peer_uid,
+            });
+        }
+        if meta.len() != size_bytes {
+            return Err(RegionError::SizeMismatch {
+                path: path.to_owned(),
+                actual: meta.len(),
+                stated: size_bytes,
+            });
+        }
+        // Reserve before mapping, so concurrent registrations cannot both
+        // pass the limit check.
+        {
+            let mut r = self.lock();
+            let uid_bytes = r.bytes_by_uid.get(&peer_uid).copied().unwrap_or(0);
+            let uid_regions = r.regions_by_uid.get(&peer_uid).copied().unwrap_or(0);
+            if uid_regions + 1 > self.limits.regions_per_client_max {
+                return Err(RegionError::Limit(format!(
+                    "uid {peer_uid} already has {uid_regions} regions; the limit is {}",
+                    self.limits.regions_per_client_max
+                )));
+            }
+            if uid_bytes + size_bytes > self.limits.bytes_per_client_max {
+                return Err(RegionError::Limit(format!(
+                    "uid {peer_uid} has {uid_bytes} bytes registered; {size_bytes} more would pass the per-client limit of {}",
+                    self.limits.bytes_per_client_max
+                )));
+            }
+            if r.bytes_total + size_bytes > self.limits.bytes_total_max {
+                return Err(RegionError::Limit(format!(
+                    "{} bytes are registered; {size_bytes} more would pass the total limit of {}",
+                    r.bytes_total, self.limits.bytes_total_max
+                )));
+            }
+            *r.bytes_by_uid.entry(peer_uid).or_default() += size_bytes;
+            *r.regions_by_uid.entry(peer_uid).or_default() += 1;
+            r.bytes_total += size_bytes;
+        }
+        let unreserve = |regions: &Self| {
+            let mut r = regions.lock();
+            release(&mut r, peer_uid, size_bytes);
+        };
+        let map = match memmap2::MmapOptions::new()
+            .len(size_bytes as usize)
+            .map_raw(&file)
+        {
+            Ok(m) => m,
+            Err(source) => {
+                unreserve(self);
+                return Err(RegionError::Map {
+                    path: path.to_owned(),
+                    source,
+                });
+            }
+        };
+        let mut id_bytes = [0u8; 8];
+        if let Err(e) = getrandom::fill(&mut id_bytes) {
+            unreserve(self);
+            return Err(RegionError::Map {
+                path: path.to_owned(),
+                source: std::io::Error::other(e.to_string()),
+            });
+        }
+        let region = Arc::new(RegionMap {
+            id: u64::from_le_bytes(id_bytes) | 1,
+            owner_uid: peer_uid,
+            map,
+        });
+        self.lock().by_id.insert(region.id, Arc::clone(&region));
+        tracing::info!(
+            region = format_args!("{:#x}", region.id),
+            uid = peer_uid,
+            size_bytes,
+            "region registered"
+        );
+        Ok(Registration {
+            regions: Arc::clone(self),
+            region,
+        })
+    }
+
+    fn remove(&self, id: u64) {
+        let mut r = self.lock();
+        if let Some(region) = r.by_id.remove(&id) {
+            release(&mut r, region.owner_uid, region.map.len() as u64);
+            tracing::info!(region = format_args!("{id:#x}"), "region deregistered");
+        }
+    }
+
+    /// The region `id`, if `peer_uid` may use it.
+    pub fn get(&self, id: u64, peer_uid: u32) -> Result<Arc<RegionMap>, RegionError> {
+        let r = self.lock();
+        match r.by_id.get(&id) {
+            // Another uid's region reads as absent: ids are not a way to
+            // learn what other clients registered.
+            Some(region) if region.owner_uid == peer_uid || peer_uid == 0 => Ok(Arc::clone(region)),
+            _ => Err(RegionError::NotFound { id }),
+        }
+    }
+
+    /// (regions, bytes) registered now.
+    pub fn usage(&self) -> (usize, u64) {
+        let r = self.lock();
+        (r.by_id.len(), r.bytes_total)
+    }
+}
+
+fn release(r: &mut Registry, uid: u32, bytes: u64) {
+    r.bytes_total -= bytes;
+    if let Some(b) = r.bytes_by_uid.get_mut(&uid) {
+        *b -= bytes;
+        if *b == 0 {
+            r.bytes_by_uid.remove(&uid);
+        }
+    }
+    if let Some(n) = r.regions_by_uid.get_mut(&uid) {
+        *n -= 1;
+        if *n == 0 {
+            r.regions_by_uid.remove(&uid);
+        }
+    }
+}
+
+fn on_tmpfs(file: &std::fs::File) -> bool {
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs(2) writes a `statfs` into the pointer on success; the
+    // fd is open for the duration of the call.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: rc == 0, so the kernel filled it in.
+    let st = unsafe { st.assume_init() };
+    #[allow(clippy::unnecessary_cast)] // f_type's width differs by target
+    let f_type = st.f_type as i64;
+    f_type == TMPFS_MAGIC
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shm_file(len: u64) -> (tempfile::NamedTempFile, PathBuf) {
+        let f = tempfile::Builder::new()
+            .prefix("storaged-test-region-")
+            .tempfile_in("/dev/shm")
+            .unwrap();
+        f.as_file().set_len(len).unwrap();
+        let p = f.path().to_owned();
+        (f, p)
+    }
+
+    fn uid() -> u32 {
+        // SAFETY: getuid(2) cannot fail.
+        unsafe { libc::getuid() }
+    }
+
+    #[test]
+    fn registers_checks_and_deregisters() {
+        let regions = Regions::new(RegionLimits {
+            region_bytes_max: 1 << 20,
+            bytes_per_client_max: 1 << 20,
+            bytes_total_max: 1 << 20,
+            regions_per_client_max: 2,
+        });
+        let (_f, path) = shm_file(256 << 10);
+        let a = regions.register(&path, 256 << 10, uid()).unwrap();
+        assert_eq!(regions.usage(), (1, 256 << 10));
+        assert_eq!(regions.get(a.region.id, uid()).unwrap().id, a.region.id);
+        let (_g, path2) = shm_file(1 << 20);
+        let err = regions.register(&path2, 1 << 20, uid()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        let err = regions.register(&path, 4096, uid()).unwrap_err();
+        assert!(matches!(err, RegionError::SizeMismatch { .. }), "{err}");
+        let err = regions.register(&path, 1000, uid()).unwrap_err();
+        assert!(matches!(err, RegionError::BadSize { .. }), "{err}");
+        let err = regions
+            .register(Path::new("/dev/shm/storaged-no-such"), 4096, uid())
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound);
+        let on_disk = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
+        on_disk.as_file().set_len(4096).unwrap();
+        let err = regions.register(on_disk.path(), 4096, uid()).unwrap_err();
+        assert!(matches!(err, RegionError::NotTmpfs { .. }), "{err}");
+        if uid() != 12345 {
+            let err = regions.register(&path, 256 << 10, 12345).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+        }
+        let id = a.region.id;
+        let held = Arc::clone(&a.region);
+        drop(a);
+        assert_eq!(regions.usage(), (0, 0));
+        assert_eq!(
+            regions.get(id, uid()).unwrap_err().code(),
+            tonic::Code::NotFound
+        );
+        // A read in flight would still hold the mapping.
+        assert_eq!(held.len(), 256 << 10);
+    }
+}
