@@ -18,6 +18,7 @@
 mod ingest;
 pub mod loader;
 pub mod plan;
+pub mod region;
 
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ use tonic::{Code, Status};
 pub use ingest::IngestProgress;
 pub use loader::{Batch, Loader, Plan, Sample};
 pub use plan::{PlanError, PlanSpec, PlanState, PlanTail};
+pub use region::{Region, RegionBatch, RegionRead};
 pub use storaged_proto::pb::{DatasetInfo, ObjectInfo, StatResponse, StatusResponse};
 
 /// Largest message the client accepts or sends.
@@ -159,16 +161,28 @@ where
 pub struct Client {
     rpc: StoragedClient<Channel>,
     retry: RetryPolicy,
+    /// Connected over storaged's Unix socket: same host, so memory regions
+    /// (the zero-copy path) are available.
+    local: bool,
 }
 
 impl Client {
-    /// Connects to `url` such as `http://127.0.0.1:7400`.
+    /// Connects to `url`: `http://127.0.0.1:7400` (TCP), or
+    /// `unix:///path/to/storaged.sock` for a server on this host, which
+    /// also enables memory regions ([`Client::register_region`]).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
         let connect_err = |source| ClientError::Connect {
             url: url.to_owned(),
             source,
         };
-        let endpoint = Endpoint::from_shared(url.to_owned())
+        let unix_path = url.strip_prefix("unix://").map(std::path::PathBuf::from);
+        // A Unix socket still needs an HTTP authority; it is not used.
+        let http_url = if unix_path.is_some() {
+            "http://storaged.local".to_owned()
+        } else {
+            url.to_owned()
+        };
+        let endpoint = Endpoint::from_shared(http_url)
             .map_err(connect_err)?
             .connect_timeout(Duration::from_secs(5))
             .tcp_nodelay(true)
@@ -177,14 +191,35 @@ impl Client {
             .initial_connection_window_size(64u32 << 20)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
-        let channel = endpoint.connect().await.map_err(connect_err)?;
+        let channel = match &unix_path {
+            None => endpoint.connect().await.map_err(connect_err)?,
+            Some(path) => {
+                let path = path.clone();
+                endpoint
+                    .connect_with_connector(tower::service_fn(move |_: tonic::transport::Uri| {
+                        let path = path.clone();
+                        async move {
+                            let stream = tokio::net::UnixStream::connect(path).await?;
+                            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                        }
+                    }))
+                    .await
+                    .map_err(connect_err)?
+            }
+        };
         let rpc = StoragedClient::new(channel)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
         Ok(Self {
             rpc,
             retry: RetryPolicy::default(),
+            local: unix_path.is_some(),
         })
+    }
+
+    /// Whether this connection is to a server on this host (Unix socket).
+    pub fn is_local(&self) -> bool {
+        self.local
     }
 
     pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {

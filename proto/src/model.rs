@@ -175,6 +175,37 @@ impl From<StorageClass> for pb::StorageClass {
     }
 }
 
+/// Alignment of region offsets and spans on the `ReadInto` path.
+pub const READ_INTO_ALIGN_BYTES: u64 = 4096;
+
+/// The `ReadInto` contract, shared by server and clients: reading object
+/// bytes `[start, start + len)` of an object of `object_size` bytes uses
+/// region bytes `[region_offset, region_offset + span)`, and byte `start`
+/// lands at `region_offset + lead`. Returns `(span, lead)`.
+///
+/// The range is widened to whole checksum blocks (counted from the
+/// object's start, cut at its end) so they can be verified in place, then
+/// to [`READ_INTO_ALIGN_BYTES`] for O_DIRECT.
+pub fn read_into_span(
+    start: u64,
+    len: u64,
+    object_size: u64,
+    checksum_block_bytes: u64,
+) -> (u64, u64) {
+    if len == 0 || checksum_block_bytes == 0 {
+        return (0, 0);
+    }
+    let block_start = start - start % checksum_block_bytes;
+    let block_end = (start + len)
+        .next_multiple_of(checksum_block_bytes)
+        .min(object_size)
+        .max(block_start);
+    (
+        (block_end - block_start).next_multiple_of(READ_INTO_ALIGN_BYTES),
+        start - block_start,
+    )
+}
+
 /// A validated byte range of one object: `length` None means "to the end".
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RangeSpec {

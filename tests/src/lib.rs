@@ -235,6 +235,31 @@ impl Daemon {
             .await
             .expect("connecting to storaged")
     }
+
+    /// The daemon's Unix socket (the default, under its data dir).
+    pub fn unix_url(&self) -> String {
+        format!("unix://{}", self.data_dir.join("storaged.sock").display())
+    }
+
+    /// A client on the Unix socket: same host, memory regions available.
+    pub async fn local_client(&self) -> storaged_client::Client {
+        storaged_client::Client::connect(&self.unix_url())
+            .await
+            .expect("connecting to storaged's Unix socket")
+    }
+
+    /// Starts `storagectl` with `args` against the Unix socket, stdout
+    /// piped, for tests that watch or kill it.
+    pub fn spawn_local_ctl(&self, args: &[&str]) -> std::process::Child {
+        Command::new(storagectl_bin())
+            .arg("--server")
+            .arg(self.unix_url())
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning storagectl")
+    }
 }
 
 impl Drop for Daemon {

@@ -9,8 +9,8 @@
 //! then start at `region_offset + (offset - block_start)`; the completion
 //! says where (`data_offset`). Bytes of the span past the object's end are
 //! zeroed, so nothing of a neighbouring object reaches the client. The
-//! span an item needs is [`read_into_span`], which clients use to lay out
-//! their region.
+//! span an item needs is `storaged_proto::model::read_into_span`, which
+//! clients use to lay out their region.
 //!
 //! No byte of payload is copied by storaged on this path: the DMA writes
 //! the region, the CRC reads it. `ReadCounters::shm_payload_bytes_copied`
@@ -24,7 +24,7 @@ use std::sync::atomic::Ordering;
 use futures::stream::StreamExt;
 use futures::{Stream, TryFutureExt};
 use storaged_proto::DatasetName;
-use storaged_proto::model::RangeSpec;
+use storaged_proto::model::{RangeSpec, read_into_span};
 
 use super::{BatchItemPlan, ObjectRef, Store};
 use crate::alloc::BLOCK_BYTES;
@@ -49,28 +49,6 @@ pub struct ReadIntoDone {
     pub length: u64,
     /// Region bytes the item used from its `region_offset`.
     pub span_bytes: u64,
-}
-
-/// The region span `[0, span)` (from `region_offset`) that reading object
-/// bytes `[start, start + len)` of an object of `object_size` bytes uses,
-/// and the offset of byte `start` inside it.
-pub fn read_into_span(
-    start: u64,
-    len: u64,
-    object_size: u64,
-    checksum_block_bytes: u64,
-) -> (u64, u64) {
-    if len == 0 {
-        return (0, 0);
-    }
-    let block_start = start - start % checksum_block_bytes;
-    let block_end = (start + len)
-        .next_multiple_of(checksum_block_bytes)
-        .min(object_size);
-    (
-        (block_end - block_start).next_multiple_of(BLOCK_BYTES),
-        start - block_start,
-    )
 }
 
 impl Store {

@@ -1,0 +1,347 @@
+//! Memory regions: the same-host zero-copy read path.
+//!
+//! [`Client::register_region`] creates a file in `/dev/shm` named
+//! `storaged-<pid>-<random>` (mode 0600, `O_EXCL`), maps it, registers it
+//! with storaged over the Unix socket, and unlinks it as soon as the server
+//! has mapped it too, so nothing outlives the two processes. Files left by
+//! clients that crashed before the unlink are removed the next time any
+//! client registers a region (their pid is gone), and never block it (the
+//! name is new each time).
+//!
+//! [`Dataset::read_into`] lays the requested objects out in the region by
+//! the alignment rules (`storaged_proto::model::read_into_span`), asks the
+//! server to read them there, and returns a [`RegionBatch`] whose slices
+//! are exactly each object's bytes, straight from the mapping: the device
+//! wrote them, the server verified them in place, and nobody copied them.
+//! The batch borrows the region mutably, so the next read into it waits
+//! until the slices are dropped.
+//!
+//! The region stays registered while the [`Region`] lives: it holds the
+//! open `RegisterRegion` call, and dropping it ends the call, which
+//! deregisters the region on the server.
+
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use storaged_proto::model::{READ_INTO_ALIGN_BYTES, read_into_span};
+use storaged_proto::pb;
+use tonic::{Code, Status};
+
+use crate::{Client, ClientError, Dataset};
+
+/// Where region files are created.
+pub const REGION_DIR: &str = "/dev/shm";
+
+/// A registered region of this process's memory.
+pub struct Region {
+    map: memmap2::MmapRaw,
+    id: u64,
+    checksum_block_bytes: u64,
+    /// Set when a `read_into` was dropped before it finished: its reads may
+    /// still land, so the region is not used again.
+    abandoned: bool,
+    /// The open `RegisterRegion` call; dropping it deregisters the region.
+    _registration: tonic::Streaming<pb::RegionEvent>,
+}
+
+impl std::fmt::Debug for Region {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Region")
+            .field("id", &format_args!("{:#x}", self.id))
+            .field("len", &self.map.len())
+            .finish()
+    }
+}
+
+/// One object (or range of one) to read into a region. `object_size` comes
+/// from a listing or `stat`; the layout depends on it.
+#[derive(Debug, Clone)]
+pub struct RegionRead {
+    pub path: String,
+    pub offset: u64,
+    /// `None` reads to the end of the object.
+    pub length: Option<u64>,
+    pub object_size: u64,
+}
+
+impl RegionRead {
+    /// The whole object.
+    pub fn whole(path: impl Into<String>, object_size: u64) -> Self {
+        Self {
+            path: path.into(),
+            offset: 0,
+            length: None,
+            object_size,
+        }
+    }
+
+    fn range(&self) -> (u64, u64) {
+        let start = self.offset.min(self.object_size);
+        let len = self
+            .length
+            .unwrap_or(u64::MAX)
+            .min(self.object_size - start);
+        (start, len)
+    }
+}
+
+/// The result of one [`Dataset::read_into`]: per item, its bytes in the
+/// region or its own error.
+pub struct RegionBatch<'r> {
+    region: &'r Region,
+    items: Vec<Result<(usize, usize), Status>>,
+}
+
+impl std::fmt::Debug for RegionBatch<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RegionBatch")
+            .field("region", self.region)
+            .field("items", &self.items)
+            .finish()
+    }
+}
+
+impl RegionBatch<'_> {
+    pub fn len(&self) -> usize {
+        self.items.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    /// Exactly item `i`'s bytes, read in place; or why it failed (then its
+    /// part of the region must not be trusted).
+    pub fn get(&self, i: usize) -> Result<&[u8], &Status> {
+        match &self.items[i] {
+            Ok((offset, len)) => Ok(self.region.bytes(*offset, *len)),
+            Err(status) => Err(status),
+        }
+    }
+}
+
+impl Region {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.map.len() == 0
+    }
+
+    /// The server's checksum block: reads widen to whole blocks.
+    pub fn checksum_block_bytes(&self) -> u64 {
+        self.checksum_block_bytes
+    }
+
+    /// Region bytes needed to read `read`.
+    pub fn span(&self, read: &RegionRead) -> u64 {
+        let (start, len) = read.range();
+        read_into_span(start, len, read.object_size, self.checksum_block_bytes).0
+    }
+
+    fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+        assert!(offset + len <= self.map.len());
+        // SAFETY: in bounds (asserted). The server wrote these bytes and
+        // reported completion before this view was made, and it writes the
+        // region only for reads this `Region` asks for, which need `&mut
+        // self` and so cannot overlap a live `RegionBatch`.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset), len) }
+    }
+}
+
+/// Removes region files whose creating process is gone.
+fn remove_stale_region_files(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("storaged-")) else {
+            continue;
+        };
+        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
+            continue;
+        };
+        if !Path::new(&format!("/proc/{pid}")).exists() {
+            // Best effort: another user's file fails (sticky /dev/shm).
+            if std::fs::remove_file(entry.path()).is_ok() {
+                tracing::info!(file = %entry.path().display(), "removed a stale region file");
+            }
+        }
+    }
+}
+
+fn create_region_file(
+    dir: &Path,
+    size_bytes: u64,
+) -> Result<(std::fs::File, PathBuf), ClientError> {
+    let io_err = |path: &Path, source| ClientError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut suffix = [0u8; 8];
+    getrandom::fill(&mut suffix).map_err(|e| io_err(dir, std::io::Error::other(e.to_string())))?;
+    let path = dir.join(format!(
+        "storaged-{}-{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(suffix)
+    ));
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(&path)
+        .map_err(|e| io_err(&path, e))?;
+    if let Err(e) = file.set_len(size_bytes) {
+        let _ = std::fs::remove_file(&path);
+        return Err(io_err(&path, e));
+    }
+    Ok((file, path))
+}
+
+impl Client {
+    /// Creates and registers a region of at least `size_bytes` (rounded up
+    /// to 4 KiB). Needs a `unix://` connection.
+    pub async fn register_region(&self, size_bytes: u64) -> Result<Region, ClientError> {
+        if !self.local {
+            return Err(ClientError::InvalidArgument(
+                "memory regions need a unix:// connection to a storaged on this host".into(),
+            ));
+        }
+        let size_bytes = size_bytes.max(1).next_multiple_of(READ_INTO_ALIGN_BYTES);
+        let dir = Path::new(REGION_DIR);
+        remove_stale_region_files(dir);
+        let (file, path) = create_region_file(dir, size_bytes)?;
+        let registered = async {
+            let map = memmap2::MmapOptions::new()
+                .len(size_bytes as usize)
+                .map_raw(&file)
+                .map_err(|e| ClientError::Io {
+                    path: path.display().to_string(),
+                    source: e,
+                })?;
+            let mut rpc = self.rpc.clone();
+            let mut call = rpc
+                .register_region(pb::RegisterRegionRequest {
+                    path: path.display().to_string(),
+                    size_bytes,
+                })
+                .await?
+                .into_inner();
+            let event = call.message().await?.ok_or_else(|| {
+                ClientError::Protocol("RegisterRegion ended without a region id".into())
+            })?;
+            Ok::<_, ClientError>(Region {
+                map,
+                id: event.region_id,
+                checksum_block_bytes: u64::from(event.checksum_block_bytes),
+                abandoned: false,
+                _registration: call,
+            })
+        }
+        .await;
+        // Both sides have it mapped (or it failed): the name can go.
+        let _ = std::fs::remove_file(&path);
+        registered
+    }
+}
+
+/// Items one `ReadInto` call keeps in flight on the server.
+const READ_INTO_IN_FLIGHT: u32 = 64;
+
+impl Dataset {
+    /// Reads `reads` into `region`, laid out back to back from its start,
+    /// and returns each item's exact bytes there. Fails as a whole if they
+    /// do not fit or the call fails; a failed item carries its own error.
+    pub async fn read_into<'r>(
+        &self,
+        region: &'r mut Region,
+        reads: &[RegionRead],
+    ) -> Result<RegionBatch<'r>, ClientError> {
+        if region.abandoned {
+            return Err(ClientError::InvalidArgument(format!(
+                "region {:#x}: an earlier read_into was cancelled and its reads may still land; register a new region",
+                region.id
+            )));
+        }
+        let mut items = Vec::with_capacity(reads.len());
+        let mut expected = Vec::with_capacity(reads.len());
+        let mut at = 0u64;
+        for r in reads {
+            let (start, len) = r.range();
+            let (span, lead) =
+                read_into_span(start, len, r.object_size, region.checksum_block_bytes);
+            items.push(pb::ReadIntoItem {
+                path: r.path.clone(),
+                offset: start,
+                length: Some(len),
+                region_offset: at,
+            });
+            expected.push((at + lead, len));
+            at += span;
+        }
+        if at > region.len() as u64 {
+            return Err(ClientError::InvalidArgument(format!(
+                "{} reads need {at} bytes of region; region {:#x} has {}",
+                reads.len(),
+                region.id,
+                region.len()
+            )));
+        }
+        let mut rpc = self.client.rpc.clone();
+        let mut completions = rpc
+            .read_into(pb::ReadIntoRequest {
+                region_id: region.id,
+                dataset: self.name.to_string(),
+                items,
+                max_in_flight: READ_INTO_IN_FLIGHT,
+            })
+            .await?
+            .into_inner();
+        // From here until the last completion the server may be writing the
+        // region; if this future is dropped (or fails) first, the region is
+        // retired.
+        region.abandoned = true;
+        let mut results: Vec<Option<Result<(usize, usize), Status>>> = vec![None; reads.len()];
+        while let Some(c) = completions.message().await? {
+            let i = c.index as usize;
+            let Some(slot) = results.get_mut(i).filter(|s| s.is_none()) else {
+                return Err(ClientError::Protocol(format!(
+                    "ReadInto completion for item {i} is unexpected"
+                )));
+            };
+            *slot = Some(match c.error {
+                Some(e) => Err(Status::new(Code::from(e.code), e.message)),
+                None => {
+                    let (offset, len) = expected[i];
+                    if (c.data_offset, c.length) != (offset, len) {
+                        return Err(ClientError::Protocol(format!(
+                            "item {i} landed at {}+{}; the layout put it at {offset}+{len}",
+                            c.data_offset, c.length
+                        )));
+                    }
+                    Ok((offset as usize, len as usize))
+                }
+            });
+        }
+        let items = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.ok_or_else(|| ClientError::Protocol(format!("ReadInto ended without item {i}")))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        region.abandoned = false;
+        Ok(RegionBatch {
+            region: &*region,
+            items,
+        })
+    }
+}

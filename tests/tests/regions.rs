@@ -1,0 +1,422 @@
+//! The same-host zero-copy path: memory regions registered over the Unix
+//! socket and `ReadInto`. Real daemon, real client processes, kill -9.
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use storaged_client::region::RegionRead;
+use storaged_proto::pb;
+use storaged_tests::{Daemon, DaemonOpts, eventually, pattern, write_tree};
+use tonic::Code;
+
+fn files() -> Vec<(String, Vec<u8>)> {
+    (0..64)
+        .map(|i| {
+            let len = 1 + (i * 37_171) % 300_000;
+            (format!("part/{i:03}"), pattern(i as u64, len))
+        })
+        .chain([("big".to_owned(), pattern(999, 3 << 20))])
+        .collect()
+}
+
+fn daemon(tmp: &tempfile::TempDir) -> Daemon {
+    let src = tmp.path().join("src");
+    write_tree(&src, &files());
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    d
+}
+
+async fn regions_registered(d: &Daemon) -> u32 {
+    d.client().await.status().await.unwrap().regions_registered
+}
+
+/// Waits until the daemon's registered region count is `n`.
+async fn assert_regions_drain_to(d: &Daemon, n: u32) {
+    assert!(
+        eventually(Duration::from_secs(10), async || regions_registered(d)
+            .await
+            == n)
+        .await,
+        "registered regions did not return to {n}"
+    );
+}
+
+/// Lines a child prints, as they come.
+fn lines_of(child: &mut std::process::Child) -> mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+fn wait_line(rx: &mpsc::Receiver<String>, what: &str) -> String {
+    rx.recv_timeout(Duration::from_secs(60))
+        .unwrap_or_else(|_| panic!("no {what} within 60 s"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_land_in_place_verified_and_uncopied() {
+    // Guards the zero-copy promise: every byte arrives exact, and the
+    // server's copy counter for this path stays at 0 while the gRPC path's
+    // counter does count its copies.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon(&tmp);
+    let client = d.local_client().await;
+    assert!(client.is_local());
+    let ds = client.dataset("ds").unwrap();
+    let objects = ds.list("").await.unwrap();
+    let mut region = client.register_region(8 << 20).await.unwrap();
+    assert_eq!(regions_registered(&d).await, 1);
+
+    let reads: Vec<RegionRead> = objects
+        .iter()
+        .map(|o| RegionRead::whole(o.path.clone(), o.size))
+        .collect();
+    let expected: std::collections::BTreeMap<String, Vec<u8>> = files().into_iter().collect();
+    let mut served = 0u64;
+    // Whole objects, several region-fulls.
+    let mut next = 0;
+    while next < reads.len() {
+        let mut used = 0;
+        let mut take = 0;
+        while next + take < reads.len()
+            && used + region.span(&reads[next + take]) <= region.len() as u64
+        {
+            used += region.span(&reads[next + take]);
+            take += 1;
+        }
+        let batch = ds
+            .read_into(&mut region, &reads[next..next + take])
+            .await
+            .unwrap();
+        for k in 0..take {
+            let path = &reads[next + k].path;
+            assert_eq!(batch.get(k).unwrap(), &expected[path][..], "{path}");
+            served += expected[path].len() as u64;
+        }
+        next += take;
+    }
+    // Ranges that start and end mid-block, and an empty one.
+    let big = &expected["big"];
+    let ranges = [
+        (1, 100),
+        (32_767, 2),
+        (1_000_000, 77_777),
+        (big.len() as u64 - 5, 5),
+        (10, 0),
+    ];
+    let reads: Vec<RegionRead> = ranges
+        .iter()
+        .map(|&(offset, length)| RegionRead {
+            path: "big".into(),
+            offset,
+            length: Some(length),
+            object_size: big.len() as u64,
+        })
+        .collect();
+    let batch = ds.read_into(&mut region, &reads).await.unwrap();
+    for (k, &(offset, length)) in ranges.iter().enumerate() {
+        let want = &big[offset as usize..(offset + length) as usize];
+        assert_eq!(batch.get(k).unwrap(), want, "range {offset}+{length}");
+        served += length;
+    }
+
+    let status = client.status().await.unwrap();
+    assert_eq!(status.shm_payload_bytes_copied, 0);
+    assert_eq!(status.shm_bytes_served, served);
+    // The counter is real: an any-order gRPC read of a multi-window item
+    // copies, and says so.
+    let mut grpc = Box::pin(ds.read_batch_any_order(
+        vec![storaged_client::BatchItem {
+            path: "big".into(),
+            offset: 0,
+            length: None,
+        }],
+        4,
+    ));
+    use futures::StreamExt;
+    let r = grpc.next().await.unwrap().unwrap();
+    assert_eq!(&r.data.unwrap()[..], &big[..]);
+    let status = client.status().await.unwrap();
+    assert_eq!(status.grpc_payload_bytes_copied, big.len() as u64);
+    assert_eq!(status.shm_payload_bytes_copied, 0);
+
+    drop(region);
+    assert_regions_drain_to(&d, 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_and_one_killed_mid_read() {
+    // Guards region lifetime: a client that dies mid-read loses its region
+    // (after its reads complete) and never disturbs another client.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon(&tmp);
+    let before = regions_registered(&d).await;
+    let args = [
+        "verify",
+        "ds",
+        "--via",
+        "shm",
+        "--passes",
+        "100000",
+        "--region-mib",
+        "2",
+    ];
+    let mut victim = d.spawn_local_ctl(&args);
+    let mut survivor = d.spawn_local_ctl(&args);
+    let victim_lines = lines_of(&mut victim);
+    let survivor_lines = lines_of(&mut survivor);
+    for (rx, who) in [(&victim_lines, "victim"), (&survivor_lines, "survivor")] {
+        let line = wait_line(rx, who);
+        assert!(
+            line.starts_with("pass 1:") && line.ends_with("via shm"),
+            "{who}: {line}"
+        );
+    }
+    assert_eq!(regions_registered(&d).await, before + 2);
+
+    victim.kill().unwrap(); // SIGKILL, mid-read
+    victim.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || regions_registered(&d)
+            .await
+            == before + 1)
+        .await,
+        "the dead client's region is gone"
+    );
+    // The survivor keeps reading and verifying, pass after pass.
+    while survivor_lines.try_recv().is_ok() {}
+    for _ in 0..3 {
+        let line = wait_line(&survivor_lines, "survivor pass after the kill");
+        assert!(line.contains("verified via shm"), "{line}");
+    }
+    assert_eq!(
+        survivor.try_wait().unwrap(),
+        None,
+        "the survivor is still running"
+    );
+    survivor.kill().unwrap();
+    survivor.wait().unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || regions_registered(&d)
+            .await
+            == before)
+        .await
+    );
+    let status = d.client().await.status().await.unwrap();
+    assert_eq!(status.region_bytes_registered, 0);
+    assert_eq!(status.shm_payload_bytes_copied, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_region_file_does_not_block_a_new_client() {
+    // Guards against leftovers of crashed clients: a region file whose
+    // process is gone is removed, and never stops a new registration.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon(&tmp);
+    let dead_pid = (1..u32::MAX)
+        .map(|k| 4_000_000 - k)
+        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
+        .unwrap();
+    let stale = std::path::PathBuf::from(format!("/dev/shm/storaged-{dead_pid}-00000000deadbeef"));
+    std::fs::write(&stale, vec![0u8; 4096]).unwrap();
+    let client = d.local_client().await;
+    let mut region = client.register_region(1 << 20).await.unwrap();
+    assert!(!stale.exists(), "the stale file was cleaned up");
+    let ds = client.dataset("ds").unwrap();
+    let batch = ds
+        .read_into(&mut region, &[RegionRead::whole("part/001", 37_172)])
+        .await
+        .unwrap();
+    assert_eq!(batch.get(0).unwrap(), &pattern(1, 37_172)[..]);
+    // And the region's own file is gone from /dev/shm already.
+    let own = std::fs::read_dir("/dev/shm")
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("storaged-{}-", std::process::id()))
+        })
+        .count();
+    assert_eq!(own, 0, "region files are unlinked once registered");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_region_requests_get_clear_errors() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon(&tmp);
+    let local = d.local_client().await;
+    let mut region = local.register_region(64 << 10).await.unwrap();
+    let id = region.id();
+    let read_into = |region_id, items: Vec<pb::ReadIntoItem>| {
+        let mut raw = local.raw();
+        async move {
+            let mut s = raw
+                .read_into(pb::ReadIntoRequest {
+                    region_id,
+                    dataset: "ds".into(),
+                    items,
+                    max_in_flight: 0,
+                })
+                .await?
+                .into_inner();
+            let mut out = Vec::new();
+            while let Some(c) = s.message().await? {
+                out.push(c);
+            }
+            Ok::<_, tonic::Status>(out)
+        }
+    };
+    let item = |path: &str, region_offset| pb::ReadIntoItem {
+        path: path.into(),
+        offset: 0,
+        length: None,
+        region_offset,
+    };
+
+    // Out of bounds: the item fails, naming the span and the region size.
+    let done = read_into(id, vec![item("part/001", 61_440), item("part/000", 0)])
+        .await
+        .unwrap();
+    let by_index = |i: u32| done.iter().find(|c| c.index == i).unwrap();
+    let e = by_index(0).error.as_ref().expect("out of bounds fails");
+    assert_eq!(e.code, Code::OutOfRange as i32, "{}", e.message);
+    assert!(e.message.contains("65536"), "{}", e.message);
+    assert!(by_index(1).error.is_none(), "the other item still reads");
+    // Misaligned region offset.
+    let done = read_into(id, vec![item("part/000", 100)]).await.unwrap();
+    assert_eq!(
+        done[0].error.as_ref().unwrap().code,
+        Code::InvalidArgument as i32
+    );
+    // Missing object.
+    let done = read_into(id, vec![item("nope", 0)]).await.unwrap();
+    assert_eq!(done[0].error.as_ref().unwrap().code, Code::NotFound as i32);
+    // The client API refuses what does not fit, before asking.
+    let err = local
+        .dataset("ds")
+        .unwrap()
+        .read_into(&mut region, &[RegionRead::whole("big", 3 << 20)])
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("need"), "{err}");
+
+    // After deregistration the id is unknown.
+    drop(region);
+    assert_regions_drain_to(&d, 0).await;
+    let err = read_into(id, vec![item("part/000", 0)]).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    assert!(
+        err.message().contains("not registered"),
+        "{}",
+        err.message()
+    );
+
+    // Over TCP there are no peer credentials: no regions.
+    let tcp = d.client().await;
+    let err = tcp.register_region(4096).await.unwrap_err();
+    assert!(err.to_string().contains("unix://"), "{err}");
+    let err = tcp
+        .raw()
+        .register_region(pb::RegisterRegionRequest {
+            path: "/dev/shm/x".into(),
+            size_bytes: 4096,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    let err = read_into_tcp(&d, id).await;
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    // A file not on tmpfs, and a size that does not match.
+    let on_disk = tmp.path().join("region.img");
+    std::fs::write(&on_disk, vec![0u8; 4096]).unwrap();
+    let register = |path: String, size_bytes| {
+        let mut raw = local.raw();
+        async move {
+            raw.register_region(pb::RegisterRegionRequest { path, size_bytes })
+                .await
+                .map(|_| ())
+        }
+    };
+    let err = register(on_disk.display().to_string(), 4096)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("tmpfs"), "{}", err.message());
+    let err = register("relative/path".into(), 4096).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    let shm = tempfile::Builder::new().tempfile_in("/dev/shm").unwrap();
+    shm.as_file().set_len(8192).unwrap();
+    let err = register(shm.path().display().to_string(), 4096)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("8192"), "{}", err.message());
+}
+
+async fn read_into_tcp(d: &Daemon, region_id: u64) -> tonic::Status {
+    d.client()
+        .await
+        .raw()
+        .read_into(pb::ReadIntoRequest {
+            region_id,
+            dataset: "ds".into(),
+            items: vec![],
+            max_in_flight: 0,
+        })
+        .await
+        .unwrap_err()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_block_fails_only_its_item_with_data_loss() {
+    // Guards in-place verification: a flipped byte on the device reaches
+    // the region but is reported, and the item must not be trusted.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon(&tmp);
+    let client = d.local_client().await;
+    let ds = client.dataset("ds").unwrap();
+    let st = ds.stat("big").await.unwrap();
+    let e = &st.extents[0];
+    let dev = tmp
+        .path()
+        .join("data")
+        .join(format!("dev{}.img", e.device_index));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .unwrap();
+    let at = e.device_offset + 100;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x80;
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
+
+    let mut region = client.register_region(4 << 20).await.unwrap();
+    let batch = ds
+        .read_into(
+            &mut region,
+            &[
+                RegionRead::whole("big", 3 << 20),
+                RegionRead::whole("part/002", 1 + 2 * 37_171),
+            ],
+        )
+        .await
+        .unwrap();
+    let err = batch.get(0).unwrap_err();
+    assert_eq!(err.code(), Code::DataLoss);
+    assert!(err.message().contains("\"big\""), "{}", err.message());
+    assert_eq!(batch.get(1).unwrap(), &pattern(2, 1 + 2 * 37_171)[..]);
+}
