@@ -305,8 +305,15 @@ impl RingThread {
         let mut foreign_free: Vec<usize> = (0..FOREIGN_READS_IN_FLIGHT_MAX).rev().collect();
         let mut device_in_flight = vec![0u32; n_devices];
         let mut total_in_flight = 0usize;
-        let mut deferred: VecDeque<u64> =
-            VecDeque::with_capacity(self.pool.buffer_count() + FOREIGN_READS_IN_FLIGHT_MAX);
+        // Operations waiting for their device's queue depth, one FIFO per
+        // device: submitting looks only at devices with room, instead of
+        // rescanning every waiting operation on every loop (up to a
+        // thousand with client-region reads queued).
+        let ops_max = self.pool.buffer_count() + FOREIGN_READS_IN_FLIGHT_MAX;
+        let mut deferred: Vec<VecDeque<u64>> = (0..n_devices)
+            .map(|_| VecDeque::with_capacity(ops_max))
+            .collect();
+        let mut deferred_total = 0usize;
         let mut completions: Vec<(u64, i32)> =
             Vec::with_capacity(self.pool.buffer_count() + FOREIGN_READS_IN_FLIGHT_MAX + 1);
         // Target of the armed eventfd read; boxed so its address is stable
@@ -333,7 +340,8 @@ impl RingThread {
             }
             while let Ok(s) = self.rx.try_recv() {
                 in_flight[s.index as usize] = Some(InFlight { op: s.op, done: 0 });
-                deferred.push_back(u64::from(s.index));
+                deferred[s.op.device as usize].push_back(u64::from(s.index));
+                deferred_total += 1;
             }
             while let Some(&slot) = foreign_free.last() {
                 let Ok(s) = self.foreign_rx.try_recv() else {
@@ -351,34 +359,32 @@ impl RingThread {
                     read: s.read,
                     done: s.done,
                 });
-                deferred.push_back(FOREIGN_TOKEN_BASE + slot as u64);
+                deferred[op.device as usize].push_back(FOREIGN_TOKEN_BASE + slot as u64);
+                deferred_total += 1;
             }
-            // Push what the queue depth allows, keeping arrival order per
-            // device.
-            let mut remaining = deferred.len();
-            while remaining > 0 {
-                remaining -= 1;
-                let token = deferred.pop_front().expect("counted");
-                let f = recorded(&in_flight, &foreign, token);
-                let dev = f.op.device as usize;
-                if device_in_flight[dev] >= self.queue_depth_per_device_max {
-                    deferred.push_back(token);
-                    continue;
+            // Push what the queue depth allows, in arrival order per device.
+            'devices: for (dev, queue) in deferred.iter_mut().enumerate() {
+                while device_in_flight[dev] < self.queue_depth_per_device_max {
+                    let Some(&token) = queue.front() else {
+                        break;
+                    };
+                    let f = recorded(&in_flight, &foreign, token);
+                    let sqe = self.build_sqe(token, &f, &foreign);
+                    // SAFETY: the memory behind the SQE is lent to this
+                    // operation (a pool buffer whose lease the slot machinery
+                    // holds, or foreign memory whose `Arc` its slot holds)
+                    // until we complete it below.
+                    if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                        break 'devices;
+                    }
+                    queue.pop_front();
+                    deferred_total -= 1;
+                    device_in_flight[dev] += 1;
+                    total_in_flight += 1;
                 }
-                let sqe = self.build_sqe(token, &f, &foreign);
-                // SAFETY: the memory behind the SQE is lent to this operation
-                // (a pool buffer whose lease the slot machinery holds, or
-                // foreign memory whose `Arc` its slot holds) until we
-                // complete it below.
-                if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                    deferred.push_front(token);
-                    break;
-                }
-                device_in_flight[dev] += 1;
-                total_in_flight += 1;
             }
 
-            if shutting_down && total_in_flight == 0 && deferred.is_empty() && !bell_armed {
+            if shutting_down && total_in_flight == 0 && deferred_total == 0 && !bell_armed {
                 break;
             }
 
