@@ -336,6 +336,12 @@ async fn shard_stream(ctx: &mut Ctx, set: &FileSet) -> anyhow::Result<Vec<Row>> 
                 "storaged_grpc",
                 sd::stream_objects(&ctx.daemon, &ctx.client, &set.name, &items, c).await?,
             );
+            ctx.cold();
+            push(
+                &mut runs,
+                "storaged_shm",
+                sd::stream_objects_shm(&ctx.daemon, &set.name, &items, c).await?,
+            );
             run_peers(ctx, &mut runs, set, &items, c).await?;
             if c == 1 {
                 // The socket floor: the same bytes through bare loopback TCP.

@@ -70,6 +70,11 @@ async fn reads_land_in_place_verified_and_uncopied() {
     // counter does count its copies.
     let tmp = tempfile::tempdir().unwrap();
     let d = daemon(&tmp);
+    let out = d.ctl_ok(&["verify", "ds"]);
+    assert!(
+        out.contains("65 objects") && out.contains("verified via grpc"),
+        "{out}"
+    );
     let client = d.local_client().await;
     assert!(client.is_local());
     let ds = client.dataset("ds").unwrap();
@@ -403,6 +408,20 @@ async fn a_corrupt_block_fails_only_its_item_with_data_loss() {
     b[0] ^= 0x80;
     f.write_all_at(&b, at).unwrap();
     f.sync_all().unwrap();
+
+    // storagectl verify names the bad object, over either path.
+    for via in ["grpc", "shm"] {
+        let out = std::process::Command::new(storaged_tests::storagectl_bin())
+            .args(["--server", &d.unix_url(), "verify", "ds", "--via", via])
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(1), "verify --via {via} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("DATA_LOSS") || err.contains("big"),
+            "{via}: {err}"
+        );
+    }
 
     let mut region = client.register_region(4 << 20).await.unwrap();
     let batch = ds

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use futures::StreamExt;
+use storaged_client::region::RegionRead;
 use storaged_client::{BatchItem, Client};
 
 use super::{Item, pipeline_latencies_us, slot_latencies_us};
@@ -20,6 +21,8 @@ use crate::stats::{cpu_seconds, self_cpu_seconds};
 pub struct Daemon {
     child: Child,
     pub url: String,
+    /// The Unix socket, for the shared-memory path.
+    pub unix_url: String,
 }
 
 impl Daemon {
@@ -54,6 +57,7 @@ impl Daemon {
         };
         Ok(Daemon {
             url: format!("http://{addr}"),
+            unix_url: format!("unix://{}", data_dir.join("storaged.sock").display()),
             child,
         })
     }
@@ -127,15 +131,102 @@ pub async fn stream_objects(
     for t in tasks {
         bytes += t.await??;
     }
-    let seconds = t0.elapsed().as_secs_f64();
-    Ok(Measurement {
+    Ok(stream_measurement(daemon, &items, bytes, t0, (srv0, cli0)))
+}
+
+/// A streaming run's figures: bytes, objects, time and CPU since the
+/// `(server, client)` CPU readings taken at `t0`.
+fn stream_measurement(
+    daemon: &Daemon,
+    items: &[Item],
+    bytes: u64,
+    t0: Instant,
+    (srv0, cli0): (f64, f64),
+) -> Measurement {
+    Measurement {
         bytes,
         samples: items.len() as u64,
-        seconds,
+        seconds: t0.elapsed().as_secs_f64(),
         cpu_s_server: Some(daemon.cpu_seconds() - srv0),
         cpu_s_client: Some(self_cpu_seconds() - cli0),
         ..Default::default()
-    })
+    }
+}
+
+/// The shared-memory stream: each stream runs 12 readers, each with its own
+/// 16 MiB region and calls of 16 × 1 MiB pieces. A reader waits for the
+/// slowest item of its call before reusing its region, so many readers are
+/// needed to keep the devices busy (BENCHMARKS.md has the sweep).
+const SHM_WINDOW_BYTES: u64 = 16 << 20;
+const SHM_PIECE_BYTES: u64 = 1 << 20;
+const SHM_READERS_PER_STREAM: u32 = 12;
+
+/// Whole objects through the shared-memory path: the device writes into
+/// this process's registered regions, verified in place, nothing copied.
+/// Readers pull 16 MiB windows of the shards from one shared queue.
+pub async fn stream_objects_shm(
+    daemon: &Daemon,
+    dataset: &str,
+    items: &[Item],
+    concurrency: u32,
+) -> anyhow::Result<Measurement> {
+    let client = Client::connect(&daemon.unix_url).await?;
+    let ds = client.dataset(dataset)?;
+    // (object, window start) pairs in order; readers take the next one.
+    let windows: Vec<(Item, u64)> = items
+        .iter()
+        .flat_map(|i| {
+            (0..i.size.div_ceil(SHM_WINDOW_BYTES)).map(move |w| (i.clone(), w * SHM_WINDOW_BYTES))
+        })
+        .collect();
+    let windows = Arc::new(windows);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut regions = Vec::new();
+    for _ in 0..concurrency * SHM_READERS_PER_STREAM {
+        regions.push(client.register_region(SHM_WINDOW_BYTES).await?);
+    }
+    let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
+    let mut tasks = Vec::new();
+    for mut region in regions {
+        let (ds, windows, next) = (ds.clone(), Arc::clone(&windows), Arc::clone(&next));
+        tasks.push(tokio::spawn(async move {
+            let mut bytes = 0u64;
+            loop {
+                let k = next.fetch_add(1, Ordering::SeqCst);
+                let Some((item, start)) = windows.get(k) else {
+                    break;
+                };
+                let end = (start + SHM_WINDOW_BYTES).min(item.size);
+                let reads: Vec<RegionRead> = (*start..end)
+                    .step_by(SHM_PIECE_BYTES as usize)
+                    .map(|at| RegionRead {
+                        path: item.path.clone(),
+                        offset: at,
+                        length: Some(SHM_PIECE_BYTES.min(end - at)),
+                        object_size: item.size,
+                    })
+                    .collect();
+                let batch = ds.read_into(&mut region, &reads).await?;
+                for i in 0..batch.len() {
+                    bytes += batch
+                        .get(i)
+                        .map_err(|s| anyhow::anyhow!("{}: {}", item.path, s.message()))?
+                        .len() as u64;
+                }
+            }
+            Ok::<u64, anyhow::Error>(bytes)
+        }));
+    }
+    let mut bytes = 0;
+    for t in tasks {
+        bytes += t.await??;
+    }
+    let m = stream_measurement(daemon, items, bytes, t0, (srv0, cli0));
+    let expected: u64 = items.iter().map(|i| i.size).sum();
+    if bytes != expected {
+        bail!("shm stream read {bytes} bytes of {expected}");
+    }
+    Ok(m)
 }
 
 /// Random samples through one ReadBatch with `concurrency` items in flight,
