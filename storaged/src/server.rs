@@ -119,7 +119,8 @@ pub async fn serve(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
 
-    let storaged = StoragedService::new(store, Regions::new(region_limits));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let storaged = StoragedService::new(store, Regions::new(region_limits), stop_rx.clone());
     let generated = StoragedServer::new(storaged.clone())
         .max_decoding_message_size(limits.max_decoding_message_bytes)
         .max_encoding_message_size(limits.max_encoding_message_bytes);
@@ -132,7 +133,6 @@ pub async fn serve(
         },
     );
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let router = Server::builder()
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))

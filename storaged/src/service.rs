@@ -24,11 +24,22 @@ use crate::store::{BatchEvent, DatasetHandle, Store, StoreStatus};
 pub struct StoragedService {
     store: Arc<Store>,
     regions: Arc<Regions>,
+    /// Becomes true when the server starts shutting down: open region
+    /// registrations end then, instead of holding the drain to its deadline.
+    stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl StoragedService {
-    pub fn new(store: Arc<Store>, regions: Arc<Regions>) -> Self {
-        Self { store, regions }
+    pub fn new(
+        store: Arc<Store>,
+        regions: Arc<Regions>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            store,
+            regions,
+            stopping,
+        }
     }
 
     fn status(&self) -> pb::StatusResponse {
@@ -396,10 +407,16 @@ impl Storaged for StoragedService {
             align_bytes: crate::engine::DIRECT_IO_ALIGN_BYTES as u32,
             checksum_block_bytes: crate::device::CHECKSUM_BLOCK_BYTES,
         };
-        // The id, then nothing until the client cancels or goes away: the
-        // stream owns the registration, and dropping it deregisters.
+        // The id, then nothing until the client cancels or goes away, or
+        // the server stops: the stream owns the registration, and dropping
+        // it deregisters.
+        let mut stopping = self.stopping.clone();
+        let end = futures::stream::once(async move {
+            let _ = stopping.wait_for(|stop| *stop).await;
+        })
+        .filter_map(|()| async { None });
         let stream = futures::stream::once(async move { Ok(event) })
-            .chain(futures::stream::pending())
+            .chain(end)
             .map(move |event| {
                 let _registered = &registration;
                 event

@@ -439,3 +439,24 @@ async fn a_corrupt_block_fails_only_its_item_with_data_loss() {
     assert!(err.message().contains("\"big\""), "{}", err.message());
     assert_eq!(batch.get(1).unwrap(), &pattern(2, 1 + 2 * 37_171)[..]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_registrations_do_not_hold_up_shutdown() {
+    // Guards against a SIGTERM that waits out the whole drain deadline
+    // because a client keeps a region registered (its call never ends).
+    let tmp = tempfile::tempdir().unwrap();
+    let mut d = daemon(&tmp);
+    let client = d.local_client().await;
+    let _region = client.register_region(1 << 20).await.unwrap();
+    let started = std::time::Instant::now();
+    tokio::task::block_in_place(|| d.stop());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "shutdown took {:?} with a region registered",
+        started.elapsed()
+    );
+    assert!(
+        !tmp.path().join("data/storaged.sock").exists(),
+        "the socket file is removed on exit"
+    );
+}
