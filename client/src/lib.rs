@@ -31,7 +31,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub use ingest::IngestProgress;
-pub use loader::{Batch, Loader, Plan, Sample};
+pub use loader::{Batch, Loader, LoaderStats, Plan, ReadPath, Sample};
 pub use plan::{PlanError, PlanSpec, PlanState, PlanTail};
 pub use region::{Region, RegionBatch, RegionRead};
 pub use storaged_proto::pb::{DatasetInfo, ObjectInfo, StatResponse, StatusResponse};
@@ -311,6 +311,11 @@ pub struct Dataset {
 impl Dataset {
     pub fn name(&self) -> &str {
         self.name.as_str()
+    }
+
+    /// The connection this handle uses.
+    pub fn client(&self) -> &Client {
+        &self.client
     }
 
     /// One page of objects; returns the objects and the next page token.

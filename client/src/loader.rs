@@ -12,11 +12,23 @@
 //! puts them back in plan order; batches are yielded strictly in plan order.
 //! Memory is bounded by `prefetch_bytes_max` plus one batch waiting to be
 //! taken by the consumer.
+//!
+//! **Transport.** When the client is connected over storaged's Unix socket
+//! (same host), the loader reads through the zero-copy path instead: it
+//! registers a few regions, each large enough for one batch, and each
+//! batch is one `ReadInto` into a free region. Samples are then `Bytes`
+//! views of the region (no copy on either side); a region is reused only
+//! when every sample of the batch it holds has been dropped. A consumer
+//! that keeps samples of every region gets its next batch over gRPC rather
+//! than a loader that waits forever. Each [`Batch`] says which path served
+//! it, and [`Loader::stats`] counts batches and bytes per path.
 
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+
+use storaged_proto::model::{READ_INTO_ALIGN_BYTES, read_into_span};
 
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
@@ -24,6 +36,11 @@ use futures::{Stream, StreamExt};
 use tonic::Status;
 
 use crate::plan::{PlanError, PlanSpec, PlanState, worker_sequence};
+
+/// The server's checksum block, for laying out regions before one is
+/// registered (the registration reply confirms it).
+const CHECKSUM_BLOCK_BYTES: u64 = 32 * 1024;
+use crate::region::{Region, RegionRead};
 use crate::{BatchItem, ClientError, Dataset, ObjectInfo, async_stream_bounded};
 
 /// Largest batch a loader accepts: one `ReadBatch` call per batch.
@@ -94,12 +111,39 @@ pub struct Sample {
     pub data: Bytes,
 }
 
+/// Which read path served a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadPath {
+    /// `ReadBatch` over gRPC (TCP or the Unix socket).
+    Grpc,
+    /// `ReadInto` a registered region: zero-copy shared memory.
+    Shm,
+}
+
 /// Consecutive samples of a plan.
 #[derive(Debug, Clone)]
 pub struct Batch {
     /// Position of the first sample in the plan (after any resume).
     pub first_position: u64,
     pub samples: Vec<Sample>,
+    pub served_by: ReadPath,
+}
+
+/// Batches and sample bytes served per path so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LoaderStats {
+    pub grpc_batches: u64,
+    pub grpc_bytes: u64,
+    pub shm_batches: u64,
+    pub shm_bytes: u64,
+}
+
+#[derive(Debug, Default)]
+struct StatCounters {
+    grpc_batches: AtomicU64,
+    grpc_bytes: AtomicU64,
+    shm_batches: AtomicU64,
+    shm_bytes: AtomicU64,
 }
 
 /// A stream of [`Batch`]es in plan order; see the module documentation.
@@ -107,6 +151,7 @@ pub struct Loader {
     batches: Pin<Box<dyn Stream<Item = Result<Batch, ClientError>> + Send>>,
     consumed: Arc<AtomicU64>,
     total: u64,
+    stats: Arc<StatCounters>,
 }
 
 impl Loader {
@@ -120,6 +165,17 @@ impl Loader {
     pub fn total(&self) -> u64 {
         self.total
     }
+
+    /// Batches and bytes per read path, counted as batches are handed out.
+    pub fn stats(&self) -> LoaderStats {
+        let c = &self.stats;
+        LoaderStats {
+            grpc_batches: c.grpc_batches.load(Ordering::Relaxed),
+            grpc_bytes: c.grpc_bytes.load(Ordering::Relaxed),
+            shm_batches: c.shm_batches.load(Ordering::Relaxed),
+            shm_bytes: c.shm_bytes.load(Ordering::Relaxed),
+        }
+    }
 }
 
 impl Stream for Loader {
@@ -130,17 +186,54 @@ impl Stream for Loader {
         if let Poll::Ready(Some(Ok(batch))) = &next {
             self.consumed
                 .fetch_add(batch.samples.len() as u64, Ordering::Relaxed);
+            let bytes: u64 = batch.samples.iter().map(|s| s.data.len() as u64).sum();
+            let (batches, bytes_served) = match batch.served_by {
+                ReadPath::Grpc => (&self.stats.grpc_batches, &self.stats.grpc_bytes),
+                ReadPath::Shm => (&self.stats.shm_batches, &self.stats.shm_bytes),
+            };
+            batches.fetch_add(1, Ordering::Relaxed);
+            bytes_served.fetch_add(bytes, Ordering::Relaxed);
         }
         next
     }
 }
 
-/// What one batch call needs: its samples and their bytes in all.
+/// What one batch call needs: its samples (index, path, size) and their
+/// bytes in all.
 struct BatchPlan {
     first_position: u64,
-    samples: Vec<(u64, String)>,
+    samples: Vec<(u64, String, u64)>,
     bytes: u64,
 }
+
+/// A region the shm loader reads batches into. Sample views hold an `Arc`
+/// of it; the loader reuses it only when it holds the last one.
+struct RegionSlot {
+    region: Region,
+}
+
+/// One sample's bytes inside a [`RegionSlot`].
+struct RegionView {
+    slot: Arc<RegionSlot>,
+    offset: usize,
+    len: usize,
+}
+
+impl AsRef<[u8]> for RegionView {
+    fn as_ref(&self) -> &[u8] {
+        // No read into the region is in flight while a view exists: the
+        // loader reads into a slot only when it holds its only `Arc`.
+        self.slot.region.bytes(self.offset, self.len)
+    }
+}
+
+/// Regions the shm loader keeps per batch in flight, plus one for the batch
+/// the consumer holds and one waiting in the channel.
+const SHM_SLOTS_EXTRA: u64 = 2;
+
+/// Largest region the loader registers; a batch that needs more is read
+/// over gRPC.
+const SHM_REGION_BYTES_MAX: u64 = 1 << 30;
 
 impl Dataset {
     /// Lists the dataset and returns this (rank, worker)'s plan.
@@ -183,9 +276,12 @@ impl Dataset {
             .chunks(batch_size)
             .enumerate()
             .map(|(b, chunk)| {
-                let samples: Vec<(u64, String)> = chunk
+                let samples: Vec<(u64, String, u64)> = chunk
                     .iter()
-                    .map(|&i| (i, plan.objects[i as usize].path.clone()))
+                    .map(|&i| {
+                        let o = &plan.objects[i as usize];
+                        (i, o.path.clone(), o.size)
+                    })
                     .collect();
                 let bytes = chunk.iter().map(|&i| plan.objects[i as usize].size).sum();
                 BatchPlan {
@@ -196,7 +292,34 @@ impl Dataset {
             })
             .collect();
         let dataset = self.clone();
+        // The shm path needs a same-host connection and regions of a sane
+        // size: the largest batch's spans, rounded for alignment.
+        let span_max = batches
+            .iter()
+            .map(|b| {
+                b.samples
+                    .iter()
+                    .map(|&(_, _, size)| read_into_span(0, size, size, CHECKSUM_BLOCK_BYTES).0)
+                    .sum::<u64>()
+            })
+            .max()
+            .unwrap_or(0)
+            .max(READ_INTO_ALIGN_BYTES);
+        let use_shm = self.client.is_local() && span_max <= SHM_REGION_BYTES_MAX;
         let stream = async_stream_bounded(1, move |tx| async move {
+            let mut slots: Vec<Arc<RegionSlot>> = Vec::new();
+            if use_shm {
+                let count = (prefetch_bytes_max / span_max).max(1) + SHM_SLOTS_EXTRA;
+                for _ in 0..count.min(batches.len() as u64 + 1) {
+                    match dataset.client.register_region(span_max).await {
+                        Ok(region) => slots.push(Arc::new(RegionSlot { region })),
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                            return;
+                        }
+                    }
+                }
+            }
             let mut pending = batches.into_iter().peekable();
             let mut running = FuturesOrdered::new();
             let mut running_bytes = 0u64;
@@ -206,13 +329,39 @@ impl Dataset {
                     if !running.is_empty() && !fits {
                         break;
                     }
+                    // A region no sample refers to any more; it travels with
+                    // its fetch and comes back with the result.
+                    let slot = if use_shm {
+                        match slots.iter().position(|s| Arc::strong_count(s) == 1) {
+                            Some(i) => Some(slots.swap_remove(i)),
+                            // Every region still holds samples the consumer
+                            // kept. With nothing running, waiting could be
+                            // forever (a consumer may keep them all), so
+                            // this batch goes over gRPC instead.
+                            None if running.is_empty() => None,
+                            None => break,
+                        }
+                    } else {
+                        None
+                    };
                     let batch = pending.next().expect("peeked");
                     running_bytes += batch.bytes;
-                    running.push_back(fetch(dataset.clone(), batch));
+                    let fetch: futures::future::BoxFuture<'static, _> = match slot {
+                        Some(slot) => Box::pin(fetch_shm(dataset.clone(), batch, slot)),
+                        None => {
+                            let dataset = dataset.clone();
+                            Box::pin(async move {
+                                let (bytes, result) = fetch(dataset, batch).await;
+                                (bytes, result, None)
+                            })
+                        }
+                    };
+                    running.push_back(fetch);
                 }
-                let Some((bytes, result)) = running.next().await else {
+                let Some((bytes, result, slot)) = running.next().await else {
                     return;
                 };
+                slots.extend(slot);
                 running_bytes -= bytes;
                 let failed = result.is_err();
                 if tx.send(result).await.is_err() || failed {
@@ -224,6 +373,7 @@ impl Dataset {
             batches: Box::pin(stream),
             consumed: Arc::new(AtomicU64::new(0)),
             total,
+            stats: Arc::default(),
         })
     }
 }
@@ -234,7 +384,7 @@ async fn fetch(dataset: Dataset, batch: BatchPlan) -> (u64, Result<Batch, Client
     let items = batch
         .samples
         .iter()
-        .map(|(_, path)| BatchItem {
+        .map(|(_, path, _)| BatchItem {
             path: path.clone(),
             offset: 0,
             length: None,
@@ -249,7 +399,7 @@ async fn fetch(dataset: Dataset, batch: BatchPlan) -> (u64, Result<Batch, Client
             let slot = data.get_mut(result.index as usize).ok_or_else(|| {
                 ClientError::Protocol(format!("batch item {} does not exist", result.index))
             })?;
-            let (_, path) = &batch.samples[result.index as usize];
+            let (_, path, _) = &batch.samples[result.index as usize];
             *slot = Some(result.data.map_err(|s| {
                 ClientError::Status(Status::new(s.code(), format!("{path}: {}", s.message())))
             })?);
@@ -262,7 +412,7 @@ async fn fetch(dataset: Dataset, batch: BatchPlan) -> (u64, Result<Batch, Client
             .samples
             .into_iter()
             .zip(data)
-            .map(|((object_index, path), data)| match data {
+            .map(|((object_index, path, _), data)| match data {
                 Some(data) => Ok(Sample {
                     object_index,
                     path,
@@ -274,7 +424,62 @@ async fn fetch(dataset: Dataset, batch: BatchPlan) -> (u64, Result<Batch, Client
         Ok(Batch {
             first_position: batch.first_position,
             samples,
+            served_by: ReadPath::Grpc,
         })
     });
     (batch.bytes, result)
+}
+
+/// Reads one batch into `slot`'s region (the loader holds its only other
+/// `Arc`, so nothing reads the region meanwhile) and hands out the samples
+/// as views of it.
+async fn fetch_shm(
+    dataset: Dataset,
+    batch: BatchPlan,
+    mut slot: Arc<RegionSlot>,
+) -> (u64, Result<Batch, ClientError>, Option<Arc<RegionSlot>>) {
+    let reads: Vec<RegionRead> = batch
+        .samples
+        .iter()
+        .map(|(_, path, size)| RegionRead::whole(path.clone(), *size))
+        .collect();
+    let extents: Result<Vec<(usize, usize)>, ClientError> = async {
+        // The loader took this slot when no view referred to it, and views
+        // are only made below, so this is the only `Arc`.
+        let Some(slot) = Arc::get_mut(&mut slot) else {
+            return Err(ClientError::Protocol("region slot is still shared".into()));
+        };
+        let region = &mut slot.region;
+        let read = dataset.read_into(region, &reads).await?;
+        (0..read.len())
+            .map(|i| {
+                read.extent(i).map_err(|s| {
+                    ClientError::Status(tonic::Status::new(
+                        s.code(),
+                        format!("{}: {}", batch.samples[i].1, s.message()),
+                    ))
+                })
+            })
+            .collect()
+    }
+    .await;
+    let result = extents.map(|extents| Batch {
+        first_position: batch.first_position,
+        samples: batch
+            .samples
+            .into_iter()
+            .zip(extents)
+            .map(|((object_index, path, _), (offset, len))| Sample {
+                object_index,
+                path,
+                data: Bytes::from_owner(RegionView {
+                    slot: Arc::clone(&slot),
+                    offset,
+                    len,
+                }),
+            })
+            .collect(),
+        served_by: ReadPath::Shm,
+    });
+    (batch.bytes, result, Some(slot))
 }

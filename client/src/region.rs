@@ -112,6 +112,11 @@ impl RegionBatch<'_> {
 
     /// Exactly item `i`'s bytes, read in place; or why it failed (then its
     /// part of the region must not be trusted).
+    /// Where item `i`'s bytes are in the region: `(offset, len)`.
+    pub fn extent(&self, i: usize) -> Result<(usize, usize), &Status> {
+        self.items[i].as_ref().copied()
+    }
+
     pub fn get(&self, i: usize) -> Result<&[u8], &Status> {
         match &self.items[i] {
             Ok((offset, len)) => Ok(self.region.bytes(*offset, *len)),
@@ -144,7 +149,9 @@ impl Region {
         read_into_span(start, len, read.object_size, self.checksum_block_bytes).0
     }
 
-    fn bytes(&self, offset: usize, len: usize) -> &[u8] {
+    /// Bytes a completed read left at `[offset, offset + len)`. Callers
+    /// hold the region shared (`&self`), so no read into it is in flight.
+    pub(crate) fn bytes(&self, offset: usize, len: usize) -> &[u8] {
         assert!(offset + len <= self.map.len());
         // SAFETY: in bounds (asserted). The server wrote these bytes and
         // reported completion before this view was made, and it writes the

@@ -7,7 +7,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::StreamExt;
-use storaged_client::{ClientError, Dataset, ObjectInfo, Plan, PlanSpec, PlanState, PlanTail};
+use storaged_client::{
+    ClientError, Dataset, ObjectInfo, Plan, PlanSpec, PlanState, PlanTail, ReadPath,
+};
 use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
 
 const SAMPLES: usize = 300;
@@ -56,6 +58,14 @@ async fn drain(
     while let Some(batch) = loader.next().await {
         let batch = batch.unwrap();
         assert_eq!(batch.first_position as usize, seen.len());
+        // Same host (Unix socket): the zero-copy path serves every batch
+        // here (samples are dropped as they are checked).
+        let want = if ds.client().is_local() {
+            ReadPath::Shm
+        } else {
+            ReadPath::Grpc
+        };
+        assert_eq!(batch.served_by, want);
         for s in batch.samples {
             assert_eq!(&s.data[..], &expected[&s.path][..], "{}", s.path);
             seen.push((s.object_index, s.path));
@@ -67,6 +77,12 @@ async fn drain(
     }
     let order: Vec<u64> = seen.iter().map(|(i, _)| *i).collect();
     assert_eq!(order[..], planned[..order.len()], "plan order");
+    let stats = loader.stats();
+    assert_eq!(
+        stats.grpc_batches + stats.shm_batches,
+        batches as u64,
+        "{stats:?}"
+    );
     (seen, loader.consumed())
 }
 
@@ -86,11 +102,13 @@ fn spec(epoch: u64, rank: u32, worker: u32, num_workers: u32) -> PlanSpec {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_ranks_two_workers_cover_each_epoch_exactly_once() {
-    let (_tmp, _daemon, ds, expected) = imagenet().await;
-    let listing: Arc<[ObjectInfo]> = ds.list("").await.unwrap().into();
+    let (_tmp, daemon, tcp, expected) = imagenet().await;
+    let local = daemon.local_client().await.dataset("imagenet").unwrap();
+    let listing: Arc<[ObjectInfo]> = tcp.list("").await.unwrap().into();
 
     let mut epoch_orders = Vec::new();
-    for epoch in 0..2 {
+    // Epoch 0 over TCP (gRPC), epoch 1 on the same host (shared memory).
+    for (epoch, ds) in [(0, &tcp), (1, &local)] {
         let mut tasks = Vec::new();
         for rank in 0..2 {
             for worker in 0..2 {
@@ -210,4 +228,33 @@ async fn bad_loader_arguments_and_missing_samples_are_named() {
         loader.next().await.is_none(),
         "the loader stops after an error"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_keeps_every_sample_still_gets_every_batch() {
+    // Guards against a shm loader that waits forever for regions its
+    // consumer never gives back: it falls back to gRPC instead, and the
+    // kept samples stay intact (their regions are not reused).
+    let (_tmp, daemon, _tcp, expected) = imagenet().await;
+    let ds = daemon.local_client().await.dataset("imagenet").unwrap();
+    let plan = ds.plan(spec(0, 0, 0, 1)).await.unwrap();
+    let total = plan.len();
+    let mut loader = ds.loader(plan, 16, 1).unwrap();
+    let mut kept = Vec::new();
+    while let Some(batch) = loader.next().await {
+        kept.push(batch.unwrap());
+    }
+    let stats = loader.stats();
+    assert!(
+        stats.shm_batches >= 1 && stats.grpc_batches >= 1,
+        "{stats:?}"
+    );
+    let samples: Vec<_> = kept.iter().flat_map(|b| &b.samples).collect();
+    assert_eq!(samples.len(), total);
+    for s in samples {
+        assert_eq!(&s.data[..], &expected[&s.path][..], "{}", s.path);
+    }
+    let status = daemon.client().await.status().await.unwrap();
+    assert_eq!(status.shm_payload_bytes_copied, 0);
+    assert_eq!(status.shm_bytes_served, stats.shm_bytes);
 }
