@@ -409,6 +409,25 @@ async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<
                 sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c, true).await?,
             );
             run_peers(ctx, &mut runs, set, &order, c).await?;
+            if workload == "random_imagenet" && Some(&c) == ctx.plan.concurrency.last() {
+                // A training job's view: 4 loader workers, batches of 256,
+                // a block-shuffled epoch of the whole dataset, over gRPC and
+                // over the same-host zero-copy path.
+                ctx.cold();
+                let url = ctx.daemon.url.clone();
+                push(
+                    &mut runs,
+                    "storaged_loader_grpc",
+                    sd::loader_epoch(&ctx.daemon, &url, &set.name).await?,
+                );
+                ctx.cold();
+                let url = ctx.daemon.unix_url.clone();
+                push(
+                    &mut runs,
+                    "storaged_loader_shm",
+                    sd::loader_epoch(&ctx.daemon, &url, &set.name).await?,
+                );
+            }
         }
         rows.extend(ctx.finish(workload, c, &runs));
     }

@@ -260,8 +260,8 @@ impl Client {
     }
 }
 
-/// Items one `ReadInto` call keeps in flight on the server.
-const READ_INTO_IN_FLIGHT: u32 = 64;
+/// Items one `ReadInto` call keeps in flight on the server, at most.
+const READ_INTO_IN_FLIGHT_MAX: u32 = 256;
 
 impl Dataset {
     /// Reads `reads` into `region`, laid out back to back from its start,
@@ -308,7 +308,7 @@ impl Dataset {
                 region_id: region.id,
                 dataset: self.name.to_string(),
                 items,
-                max_in_flight: READ_INTO_IN_FLIGHT,
+                max_in_flight: (reads.len() as u32).clamp(1, READ_INTO_IN_FLIGHT_MAX),
             })
             .await?
             .into_inner();

@@ -11,7 +11,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use storaged_client::region::RegionRead;
-use storaged_client::{BatchItem, Client};
+use storaged_client::{BatchItem, Client, Plan, PlanSpec, PlanTail};
 
 use super::{Item, pipeline_latencies_us, slot_latencies_us};
 use crate::results::Measurement;
@@ -226,6 +226,68 @@ pub async fn stream_objects_shm(
     if bytes != expected {
         bail!("shm stream read {bytes} bytes of {expected}");
     }
+    Ok(m)
+}
+
+/// Samples per loader batch and data-loader workers, as a PyTorch job
+/// would run them.
+pub const LOADER_BATCH_SAMPLES: usize = 256;
+pub const LOADER_WORKERS: u32 = 4;
+/// Read-ahead budget of each worker's loader.
+const LOADER_PREFETCH_BYTES: u64 = 64 << 20;
+
+/// The whole dataset through `LOADER_WORKERS` loaders (one epoch of a
+/// block-shuffled plan, one rank), connected at `url`: over TCP the loader
+/// uses gRPC, over the Unix socket the zero-copy path. Every sample's
+/// length is checked against the listing.
+pub async fn loader_epoch(
+    daemon: &Daemon,
+    url: &str,
+    dataset: &str,
+) -> anyhow::Result<Measurement> {
+    let client = Client::connect(url).await?;
+    let ds = client.dataset(dataset)?;
+    let listing: Arc<[storaged_client::ObjectInfo]> = ds.list("").await?.into();
+    let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
+    let mut tasks = Vec::new();
+    for worker in 0..LOADER_WORKERS {
+        let spec = PlanSpec {
+            seed: 42,
+            epoch: 0,
+            rank: 0,
+            world_size: 1,
+            worker,
+            num_workers: LOADER_WORKERS,
+            shuffle: true,
+            block_size: 64,
+            tail: PlanTail::Pad,
+        };
+        let plan = Plan::new(Arc::clone(&listing), spec, None)?;
+        let mut loader = ds.loader(plan, LOADER_BATCH_SAMPLES, LOADER_PREFETCH_BYTES)?;
+        let listing = Arc::clone(&listing);
+        tasks.push(tokio::spawn(async move {
+            let (mut bytes, mut samples) = (0u64, 0u64);
+            while let Some(batch) = loader.next().await {
+                for s in batch?.samples {
+                    let want = listing[s.object_index as usize].size;
+                    if s.data.len() as u64 != want {
+                        bail!("{}: {} bytes, listed {want}", s.path, s.data.len());
+                    }
+                    bytes += want;
+                    samples += 1;
+                }
+            }
+            Ok::<(u64, u64), anyhow::Error>((bytes, samples))
+        }));
+    }
+    let (mut bytes, mut samples) = (0, 0);
+    for t in tasks {
+        let (b, n) = t.await??;
+        bytes += b;
+        samples += n;
+    }
+    let mut m = stream_measurement(daemon, &[], bytes, t0, (srv0, cli0));
+    m.samples = samples;
     Ok(m)
 }
 
