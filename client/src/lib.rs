@@ -164,6 +164,8 @@ pub struct Client {
     /// Connected over storaged's Unix socket: same host, so memory regions
     /// (the zero-copy path) are available.
     local: bool,
+    /// Idle regions, shared by clones, reused by loaders.
+    regions: std::sync::Arc<region::RegionCache>,
 }
 
 impl Client {
@@ -214,6 +216,7 @@ impl Client {
             rpc,
             retry: RetryPolicy::default(),
             local: unix_path.is_some(),
+            regions: std::sync::Arc::default(),
         })
     }
 

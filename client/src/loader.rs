@@ -209,7 +209,26 @@ struct BatchPlan {
 /// A region the shm loader reads batches into. Sample views hold an `Arc`
 /// of it; the loader reuses it only when it holds the last one.
 struct RegionSlot {
-    region: Region,
+    /// Always `Some` until dropped, when it goes back to the client's
+    /// cache.
+    region: Option<Region>,
+    client: crate::Client,
+}
+
+impl RegionSlot {
+    fn region(&self) -> &Region {
+        self.region.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for RegionSlot {
+    /// The last sample (or the loader) let go: the next loader of this
+    /// client reuses the region instead of registering a new one.
+    fn drop(&mut self) {
+        if let Some(region) = self.region.take() {
+            self.client.give_back_region(region);
+        }
+    }
 }
 
 /// One sample's bytes inside a [`RegionSlot`].
@@ -223,7 +242,7 @@ impl AsRef<[u8]> for RegionView {
     fn as_ref(&self) -> &[u8] {
         // No read into the region is in flight while a view exists: the
         // loader reads into a slot only when it holds its only `Arc`.
-        self.slot.region.bytes(self.offset, self.len)
+        self.slot.region().bytes(self.offset, self.len)
     }
 }
 
@@ -305,14 +324,21 @@ impl Dataset {
             .max()
             .unwrap_or(0)
             .max(READ_INTO_ALIGN_BYTES);
-        let use_shm = self.client.is_local() && span_max <= SHM_REGION_BYTES_MAX;
+        // A quarter more, in whole MiB: the next epoch's batches differ a
+        // little in size, and should still fit the regions this one leaves
+        // in the client's cache.
+        let region_bytes = (span_max + span_max / 4).next_multiple_of(1 << 20);
+        let use_shm = self.client.is_local() && region_bytes <= SHM_REGION_BYTES_MAX;
         let stream = async_stream_bounded(1, move |tx| async move {
             let mut slots: Vec<Arc<RegionSlot>> = Vec::new();
             if use_shm {
-                let count = (prefetch_bytes_max / span_max).max(1) + SHM_SLOTS_EXTRA;
+                let count = (prefetch_bytes_max / region_bytes).max(1) + SHM_SLOTS_EXTRA;
                 for _ in 0..count.min(batches.len() as u64 + 1) {
-                    match dataset.client.register_region(span_max).await {
-                        Ok(region) => slots.push(Arc::new(RegionSlot { region })),
+                    match dataset.client.region(region_bytes).await {
+                        Ok(region) => slots.push(Arc::new(RegionSlot {
+                            region: Some(region),
+                            client: dataset.client.clone(),
+                        })),
                         Err(e) => {
                             let _ = tx.send(Err(e)).await;
                             return;
@@ -449,7 +475,7 @@ async fn fetch_shm(
         let Some(slot) = Arc::get_mut(&mut slot) else {
             return Err(ClientError::Protocol("region slot is still shared".into()));
         };
-        let region = &mut slot.region;
+        let region = slot.region.as_mut().expect("present until dropped");
         let read = dataset.read_into(region, &reads).await?;
         (0..read.len())
             .map(|i| {

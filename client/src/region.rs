@@ -39,7 +39,7 @@ pub struct Region {
     checksum_block_bytes: u64,
     /// Set when a `read_into` was dropped before it finished: its reads may
     /// still land, so the region is not used again.
-    abandoned: bool,
+    pub(crate) abandoned: bool,
     /// The open `RegisterRegion` call; dropping it deregisters the region.
     _registration: tonic::Streaming<pb::RegionEvent>,
 }
@@ -213,7 +213,60 @@ fn create_region_file(
     Ok((file, path))
 }
 
+/// Regions a client keeps for reuse (loaders take them and give them back),
+/// at most this many bytes in all.
+const REGION_CACHE_BYTES_MAX: u64 = 2 << 30;
+
+/// Idle registered regions of one client, for reuse: a region costs a
+/// registration and, on first use, fresh pages for both processes.
+#[derive(Debug, Default)]
+pub(crate) struct RegionCache {
+    idle: std::sync::Mutex<Vec<Region>>,
+}
+
+impl RegionCache {
+    /// An idle region of at least `size_bytes`, the smallest that fits.
+    pub(crate) fn take(&self, size_bytes: u64) -> Option<Region> {
+        let mut idle = self.idle.lock().expect("region cache poisoned");
+        let best = idle
+            .iter()
+            .enumerate()
+            .filter(|(_, r)| r.len() as u64 >= size_bytes)
+            .min_by_key(|(_, r)| r.len())
+            .map(|(i, _)| i)?;
+        Some(idle.swap_remove(best))
+    }
+
+    /// Keeps `region` for reuse, unless it is retired or the cache is full.
+    pub(crate) fn give_back(&self, region: Region) {
+        if region.abandoned {
+            return;
+        }
+        let mut idle = self.idle.lock().expect("region cache poisoned");
+        let held: u64 = idle.iter().map(|r| r.len() as u64).sum();
+        if held + region.len() as u64 <= REGION_CACHE_BYTES_MAX {
+            idle.push(region);
+        }
+    }
+}
+
 impl Client {
+    /// A registered region of at least `size_bytes`: an idle one this
+    /// client registered before (see [`Client::give_back_region`]), or a
+    /// new one.
+    pub async fn region(&self, size_bytes: u64) -> Result<Region, ClientError> {
+        match self.regions.take(size_bytes) {
+            Some(region) => Ok(region),
+            None => self.register_region(size_bytes).await,
+        }
+    }
+
+    /// Keeps `region` registered for a later [`Client::region`] (bounded;
+    /// beyond the bound it is deregistered).
+    pub fn give_back_region(&self, region: Region) {
+        self.regions.give_back(region);
+    }
+
     /// Creates and registers a region of at least `size_bytes` (rounded up
     /// to 4 KiB). Needs a `unix://` connection.
     pub async fn register_region(&self, size_bytes: u64) -> Result<Region, ClientError> {
@@ -229,6 +282,7 @@ impl Client {
         let registered = async {
             let map = memmap2::MmapOptions::new()
                 .len(size_bytes as usize)
+                .populate()
                 .map_raw(&file)
                 .map_err(|e| ClientError::Io {
                     path: path.display().to_string(),

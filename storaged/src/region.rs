@@ -307,8 +307,11 @@ impl Regions {
             let mut r = regions.lock();
             release(&mut r, peer_uid, size_bytes);
         };
+        // MAP_POPULATE: the pages are allocated and mapped now, once, not
+        // faulted in by the first O_DIRECT read into each of them.
         let map = match memmap2::MmapOptions::new()
             .len(size_bytes as usize)
+            .populate()
             .map_raw(&file)
         {
             Ok(m) => m,

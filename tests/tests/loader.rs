@@ -258,3 +258,23 @@ async fn a_consumer_that_keeps_every_sample_still_gets_every_batch() {
     assert_eq!(status.shm_payload_bytes_copied, 0);
     assert_eq!(status.shm_bytes_served, stats.shm_bytes);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loaders_of_one_client_reuse_its_regions() {
+    // Guards against registering (and faulting in) fresh shared memory for
+    // every epoch: a client's regions go back to it and the next loader
+    // takes them.
+    let (_tmp, daemon, tcp, expected) = imagenet().await;
+    let ds = daemon.local_client().await.dataset("imagenet").unwrap();
+    let mut registered = Vec::new();
+    for epoch in 0..3 {
+        let plan = ds.plan(spec(epoch, 0, 0, 1)).await.unwrap();
+        drain(&ds, plan, &expected, None).await;
+        registered.push(tcp.client().status().await.unwrap().regions_registered);
+    }
+    assert!(registered[0] > 0, "{registered:?}");
+    assert!(
+        registered.windows(2).all(|w| w[0] == w[1]),
+        "no new regions after the first epoch: {registered:?}"
+    );
+}

@@ -13,7 +13,7 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use storaged_client::region::RegionRead;
-use storaged_client::{BatchItem, Client, IngestProgress, ObjectInfo};
+use storaged_client::{BatchItem, Client, IngestProgress, ObjectInfo, Plan, PlanSpec};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -87,6 +87,29 @@ enum Command {
         /// Region size in MiB for --via shm.
         #[arg(long, default_value_t = 64)]
         region_mib: u64,
+    },
+    /// Read one shuffled epoch of a dataset the way a training job does
+    /// (deterministic plan, prefetching loaders) and report samples/s and
+    /// which path served the batches (shm on a unix:// server, else gRPC).
+    Epoch {
+        dataset: String,
+        /// Data-loader workers (one loader each).
+        #[arg(long, default_value_t = 4)]
+        workers: u32,
+        /// Samples per batch.
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        /// Read-ahead budget per worker, in MiB.
+        #[arg(long, default_value_t = 64)]
+        prefetch_mib: u64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// First epoch number.
+        #[arg(long, default_value_t = 0)]
+        epoch: u64,
+        /// Epochs to run, one after another on the same connection.
+        #[arg(long, default_value_t = 1)]
+        epochs: u64,
     },
     /// Delete a dataset and free its space.
     Rm { dataset: String },
@@ -261,6 +284,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             passes,
             region_mib,
         } => verify(&client, &dataset, &via, passes, region_mib).await,
+        Command::Epoch {
+            dataset,
+            workers,
+            batch,
+            prefetch_mib,
+            seed,
+            epoch,
+            epochs,
+        } => {
+            for e in epoch..epoch + epochs.max(1) {
+                run_epoch(
+                    &client,
+                    &dataset,
+                    workers,
+                    batch,
+                    prefetch_mib << 20,
+                    seed,
+                    e,
+                )
+                .await?;
+            }
+            Ok(())
+        }
         Command::Rm { dataset } => {
             let freed = client.delete_dataset(&dataset).await?;
             println!("deleted {dataset}; freed {}", human(freed));
@@ -314,6 +360,58 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+async fn run_epoch(
+    client: &Client,
+    dataset: &str,
+    workers: u32,
+    batch: usize,
+    prefetch_bytes: u64,
+    seed: u64,
+    epoch: u64,
+) -> anyhow::Result<()> {
+    let ds = client.dataset(dataset)?;
+    let listing: std::sync::Arc<[ObjectInfo]> = ds.list("").await?.into();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..workers.max(1) {
+        let spec = PlanSpec {
+            seed,
+            epoch,
+            worker,
+            num_workers: workers.max(1),
+            ..PlanSpec::default()
+        };
+        let plan = Plan::new(listing.clone(), spec, None)?;
+        let mut loader = ds.loader(plan, batch, prefetch_bytes)?;
+        tasks.push(tokio::spawn(async move {
+            let (mut samples, mut bytes) = (0u64, 0u64);
+            while let Some(b) = loader.next().await {
+                for s in b?.samples {
+                    samples += 1;
+                    bytes += s.data.len() as u64;
+                }
+            }
+            Ok::<_, anyhow::Error>((samples, bytes, loader.stats()))
+        }));
+    }
+    let (mut samples, mut bytes, mut shm, mut grpc) = (0, 0, 0, 0);
+    for t in tasks {
+        let (n, b, stats) = t.await??;
+        samples += n;
+        bytes += b;
+        shm += stats.shm_batches;
+        grpc += stats.grpc_batches;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    println!(
+        "epoch {epoch}: {samples} samples, {} in {secs:.2} s: {:.0} samples/s, {}/s; batches via shm {shm}, via grpc {grpc}",
+        human(bytes),
+        samples as f64 / secs,
+        human((bytes as f64 / secs) as u64)
+    );
+    Ok(())
 }
 
 /// Checks one object's bytes against its recorded CRC-32.
