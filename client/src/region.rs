@@ -282,7 +282,7 @@ impl Client {
         let registered = async {
             let map = memmap2::MmapOptions::new()
                 .len(size_bytes as usize)
-                    .map_raw(&file)
+                .map_raw(&file)
                 .map_err(|e| ClientError::Io {
                     path: path.display().to_string(),
                     source: e,
