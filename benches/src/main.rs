@@ -89,7 +89,8 @@ struct Ctx {
     nginx: Option<Nginx>,
     device_paths: Vec<String>,
     fio_commands: Vec<String>,
-    cold: bool,
+    /// Whether every phase so far ran with the page cache dropped.
+    cold: std::cell::Cell<bool>,
     /// Latency CDF of the last repetition: (workload, system, concurrency).
     cdfs: Vec<Cdf>,
 }
@@ -109,8 +110,21 @@ impl Ctx {
 }
 
 impl Ctx {
-    fn cold(&mut self) {
-        self.cold &= drop_caches();
+    fn cold(&self) {
+        self.cold.set(self.cold.get() & drop_caches());
+    }
+
+    /// Drops the page cache, then runs `measure` and records it as
+    /// `system`: every phase starts cold.
+    async fn measure_cold(
+        &self,
+        runs: &mut Runs,
+        system: &str,
+        measure: impl std::future::Future<Output = anyhow::Result<Measurement>>,
+    ) -> anyhow::Result<()> {
+        self.cold();
+        push(runs, system, measure.await?);
+        Ok(())
     }
 }
 
@@ -214,7 +228,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nginx,
         device_paths: devices.iter().map(|d| d.display().to_string()).collect(),
         fio_commands: Vec::new(),
-        cold: true,
+        cold: std::cell::Cell::new(true),
         cdfs: Vec::new(),
     };
 
@@ -252,7 +266,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "settings": {
             "quick": args.quick,
             "repetitions": ctx.plan.repetitions,
-            "cold_cache": ctx.cold,
+            "cold_cache": ctx.cold.get(),
             "peers": ctx.peers,
             "elapsed_s": started.elapsed().as_secs_f64(),
         },
@@ -263,7 +277,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let plots = write_plots(&out_dir, &rows, &ctx.cdfs);
     print_table(&rows);
     eprintln!("plots: {}", plots.join(", "));
-    if !ctx.cold {
+    if !ctx.cold.get() {
         eprintln!("note: caches could not be dropped (not root); buffered figures may be warm");
     }
     eprintln!(
@@ -289,15 +303,15 @@ async fn run_peers(
     c: u32,
 ) -> anyhow::Result<()> {
     if let Some(n) = &ctx.nginx {
-        ctx.cold &= drop_caches();
-        push(runs, "nginx", n.get_items(&set.name, items, c).await?);
+        ctx.measure_cold(runs, "nginx", n.get_items(&set.name, items, c))
+            .await?;
     }
     for (system, direct) in [("local_odirect", true), ("local_buffered", false)] {
-        ctx.cold();
         let (root, items) = (set.root.clone(), items.to_vec());
-        let m = tokio::task::spawn_blocking(move || local::read_items(&root, &items, c, direct))
-            .await??;
-        push(runs, system, m);
+        let read = async move {
+            tokio::task::spawn_blocking(move || local::read_items(&root, &items, c, direct)).await?
+        };
+        ctx.measure_cold(runs, system, read).await?;
     }
     Ok(())
 }
@@ -327,21 +341,21 @@ async fn shard_stream(ctx: &mut Ctx, set: &FileSet) -> anyhow::Result<Vec<Row>> 
         ctx.fio_commands.push(job.command_line());
         for _ in 0..ctx.plan.repetitions {
             if ctx.peers {
-                ctx.cold();
-                push(&mut runs, "fio", job.run()?);
+                ctx.measure_cold(&mut runs, "fio", async { job.run() })
+                    .await?;
             }
-            ctx.cold();
-            push(
+            ctx.measure_cold(
                 &mut runs,
                 "storaged_grpc",
-                sd::stream_objects(&ctx.daemon, &ctx.client, &set.name, &items, c).await?,
-            );
-            ctx.cold();
-            push(
+                sd::stream_objects(&ctx.daemon, &ctx.client, &set.name, &items, c),
+            )
+            .await?;
+            ctx.measure_cold(
                 &mut runs,
                 "storaged_shm",
-                sd::stream_objects_shm(&ctx.daemon, &set.name, &items, c).await?,
-            );
+                sd::stream_objects_shm(&ctx.daemon, &set.name, &items, c),
+            )
+            .await?;
             run_peers(ctx, &mut runs, set, &items, c).await?;
             if c == 1 {
                 // The socket floor: the same bytes through bare loopback TCP.
@@ -393,40 +407,33 @@ async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<
         let mut runs: Runs = Vec::new();
         for _ in 0..ctx.plan.repetitions {
             if ctx.peers {
-                ctx.cold();
-                push(&mut runs, "fio", job.run()?);
+                ctx.measure_cold(&mut runs, "fio", async { job.run() })
+                    .await?;
             }
-            ctx.cold();
-            push(
+            ctx.measure_cold(
                 &mut runs,
                 "storaged_grpc",
-                sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c, false).await?,
-            );
-            ctx.cold();
-            push(
+                sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c, false),
+            )
+            .await?;
+            ctx.measure_cold(
                 &mut runs,
                 "storaged_grpc_anyorder",
-                sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c, true).await?,
-            );
+                sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c, true),
+            )
+            .await?;
             run_peers(ctx, &mut runs, set, &order, c).await?;
             if workload == "random_imagenet" && Some(&c) == ctx.plan.concurrency.last() {
                 // A training job's view: 4 loader workers, batches of 256,
                 // a block-shuffled epoch of the whole dataset, over gRPC and
                 // over the same-host zero-copy path.
-                ctx.cold();
-                let url = ctx.daemon.url.clone();
-                push(
-                    &mut runs,
-                    "storaged_loader_grpc",
-                    sd::loader_epoch(&ctx.daemon, &url, &set.name).await?,
-                );
-                ctx.cold();
-                let url = ctx.daemon.unix_url.clone();
-                push(
-                    &mut runs,
-                    "storaged_loader_shm",
-                    sd::loader_epoch(&ctx.daemon, &url, &set.name).await?,
-                );
+                for (system, url) in [
+                    ("storaged_loader_grpc", &ctx.daemon.url),
+                    ("storaged_loader_shm", &ctx.daemon.unix_url),
+                ] {
+                    let epoch = sd::loader_epoch(&ctx.daemon, url, &set.name);
+                    ctx.measure_cold(&mut runs, system, epoch).await?;
+                }
             }
         }
         rows.extend(ctx.finish(workload, c, &runs));
