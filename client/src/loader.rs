@@ -476,6 +476,12 @@ async fn fetch_shm(
             return Err(ClientError::Protocol("region slot is still shared".into()));
         };
         let region = slot.region.as_mut().expect("present until dropped");
+        if !region.is_registered() {
+            // storaged restarted since this region was registered (the
+            // client's channel reconnects by itself): replace the region.
+            let size = region.len() as u64;
+            *region = dataset.client.register_region(size).await?;
+        }
         let read = dataset.read_into(region, &reads).await?;
         (0..read.len())
             .map(|i| {

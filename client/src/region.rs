@@ -40,8 +40,9 @@ pub struct Region {
     /// Set when a `read_into` was dropped before it finished: its reads may
     /// still land, so the region is not used again.
     pub(crate) abandoned: bool,
-    /// The open `RegisterRegion` call; dropping it deregisters the region.
-    _registration: tonic::Streaming<pb::RegionEvent>,
+    /// The open `RegisterRegion` call; dropping it deregisters the region,
+    /// and its end (server restart or shutdown) means the server forgot it.
+    registration: tonic::Streaming<pb::RegionEvent>,
 }
 
 impl std::fmt::Debug for Region {
@@ -138,6 +139,16 @@ impl Region {
         self.map.len() == 0
     }
 
+    /// Whether the server still has this region: its registration call is
+    /// open. It ends when storaged restarts or shuts down; the region is
+    /// then useless and a new one must be registered.
+    pub fn is_registered(&mut self) -> bool {
+        use futures::FutureExt;
+        // The server sends one message, then nothing until it ends the
+        // call: anything ready now is that end (or an error).
+        self.registration.message().now_or_never().is_none()
+    }
+
     /// The server's checksum block: reads widen to whole blocks.
     pub fn checksum_block_bytes(&self) -> u64 {
         self.checksum_block_bytes
@@ -228,6 +239,7 @@ impl RegionCache {
     /// An idle region of at least `size_bytes`, the smallest that fits.
     pub(crate) fn take(&self, size_bytes: u64) -> Option<Region> {
         let mut idle = self.idle.lock().expect("region cache poisoned");
+        idle.retain_mut(Region::is_registered);
         let best = idle
             .iter()
             .enumerate()
@@ -303,7 +315,7 @@ impl Client {
                 id: event.region_id,
                 checksum_block_bytes: u64::from(event.checksum_block_bytes),
                 abandoned: false,
-                _registration: call,
+                registration: call,
             })
         }
         .await;
@@ -325,6 +337,13 @@ impl Dataset {
         region: &'r mut Region,
         reads: &[RegionRead],
     ) -> Result<RegionBatch<'r>, ClientError> {
+        if !region.is_registered() {
+            region.abandoned = true;
+            return Err(ClientError::InvalidArgument(format!(
+                "region {:#x} is no longer registered (storaged restarted or stopped); register a new one",
+                region.id
+            )));
+        }
         if region.abandoned {
             return Err(ClientError::InvalidArgument(format!(
                 "region {:#x}: an earlier read_into was cancelled and its reads may still land; register a new region",

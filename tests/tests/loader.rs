@@ -278,3 +278,22 @@ async fn loaders_of_one_client_reuse_its_regions() {
         "no new regions after the first epoch: {registered:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_outlives_a_storaged_restart_on_the_shm_path() {
+    // Guards against cached regions the restarted server no longer knows:
+    // the next loader registers fresh ones instead of failing.
+    let (_tmp, mut daemon, _tcp, expected) = imagenet().await;
+    let ds = daemon.local_client().await.dataset("imagenet").unwrap();
+    let plan = ds.plan(spec(0, 0, 0, 1)).await.unwrap();
+    drain(&ds, plan, &expected, None).await;
+    tokio::task::block_in_place(|| daemon.restart());
+    let status = daemon.client().await.status().await.unwrap();
+    assert_eq!(
+        status.regions_registered, 0,
+        "a new server knows no regions"
+    );
+    let plan = ds.plan(spec(1, 0, 0, 1)).await.unwrap();
+    let (seen, _) = drain(&ds, plan, &expected, None).await;
+    assert_eq!(seen.len(), SAMPLES / 2, "rank 0 of 2 reads half");
+}
