@@ -33,10 +33,10 @@ use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 use storaged_proto::pb;
 use storaged_proto::pb::storaged_server::Storaged;
+use tonic::Status;
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
 use tonic::server::NamedService;
-use tonic::{Code, Status};
 
 use crate::service::StoragedService;
 
@@ -344,14 +344,15 @@ where
     }
 }
 
-/// The gRPC status code a trailers map carries, for tests and diagnostics.
-pub fn trailer_code(headers: &HeaderMap) -> Option<Code> {
-    Status::from_header_map(headers).map(|s| s.code())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
+
+    /// The gRPC status code a trailers map carries.
+    fn trailer_code(headers: &HeaderMap) -> Option<Code> {
+        Status::from_header_map(headers).map(|s| s.code())
+    }
 
     fn concat(head: &Bytes, payload: &Bytes) -> Vec<u8> {
         [head.as_ref(), payload.as_ref()].concat()
