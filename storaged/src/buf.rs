@@ -221,6 +221,26 @@ impl BufferPool {
         Ok(out)
     }
 
+    /// One buffer of at least `len` bytes if one is free right now; never
+    /// waits (opportunistic work such as read-ahead must not queue behind,
+    /// or hold buffers while waiting for, the reads it is meant to help).
+    pub fn try_acquire(self: &Arc<Self>, len: usize) -> Option<BufLease> {
+        let class = self.class_for(len).ok()?;
+        let permit = class.permits.try_acquire().ok()?;
+        permit.forget();
+        let local = class
+            .free
+            .lock()
+            .expect("buffer free list poisoned")
+            .pop()
+            .expect("a permit guarantees a free buffer");
+        Some(BufLease {
+            pool: Arc::clone(self),
+            index: class.first_index + local,
+            len: 0,
+        })
+    }
+
     /// Waits for one buffer of at least `len` bytes.
     pub async fn acquire(self: &Arc<Self>, len: usize) -> io::Result<BufLease> {
         let mut v = self.acquire_many(len, 1).await?;
@@ -506,6 +526,18 @@ mod tests {
         assert_eq!(big.capacity(), 8192);
         assert!(p.acquire(9000).await.is_err());
         assert!(p.acquire_many(8192, 3).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn try_acquire_never_waits() {
+        let p = pool();
+        let held = p.acquire_many(8192, 2).await.unwrap();
+        assert!(p.try_acquire(8192).is_none(), "class exhausted");
+        assert!(p.try_acquire(9000).is_none(), "too large");
+        let small = p.try_acquire(10).unwrap();
+        assert_eq!(small.capacity(), 4096);
+        drop(held);
+        assert_eq!(p.try_acquire(8192).unwrap().capacity(), 8192);
     }
 
     #[tokio::test]

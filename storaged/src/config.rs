@@ -66,6 +66,14 @@ pub struct StoreLimits {
     /// Largest item of an any-order ReadBatch (its bytes are held whole).
     pub batch_any_order_item_bytes_max: u64,
     pub batch_items_max: usize,
+    /// Largest device read that scheduled reads of neighbouring pieces are
+    /// merged into (`ReadInto` groups, read-ahead); 0 turns merging off.
+    pub read_merge_bytes_max: u64,
+    /// Read-ahead hints: objects per hint, pool buffer bytes the read-ahead
+    /// cache may hold, and how long an unread entry stays.
+    pub hint_items_max: usize,
+    pub hint_cache_bytes_max: u64,
+    pub hint_ttl_ms: u64,
     /// Device writes in flight per ingest.
     pub ingest_write_depth: usize,
     pub ingest_objects_max: usize,
@@ -84,6 +92,10 @@ impl Default for StoreLimits {
             batch_reorder_bytes_max: 32 << 20,
             batch_any_order_item_bytes_max: 64 << 20,
             batch_items_max: 100_000,
+            read_merge_bytes_max: 1 << 20,
+            hint_items_max: 4096,
+            hint_cache_bytes_max: 64 << 20,
+            hint_ttl_ms: 30_000,
             ingest_write_depth: 16,
             ingest_objects_max: 10_000_000,
             ingests_concurrent_max: 16,

@@ -49,6 +49,16 @@ impl StoragedService {
         s.grpc_payload_bytes_copied = c.grpc_payload_bytes_copied.load(Ordering::Relaxed);
         s.shm_bytes_served = c.shm_bytes_served.load(Ordering::Relaxed);
         s.shm_payload_bytes_copied = c.shm_payload_bytes_copied.load(Ordering::Relaxed);
+        s.device_reads_merged = c.device_reads_merged.load(Ordering::Relaxed);
+        let ra = &self.store.read_ahead.counters;
+        s.hint_objects = ra.hinted.load(Ordering::Relaxed);
+        s.read_ahead_objects = ra.prefetched.load(Ordering::Relaxed);
+        s.read_ahead_skipped = ra.skipped.load(Ordering::Relaxed);
+        s.read_ahead_hits = ra.hits.load(Ordering::Relaxed);
+        s.read_ahead_hit_bytes = ra.hit_bytes.load(Ordering::Relaxed);
+        s.read_ahead_expired = ra.expired.load(Ordering::Relaxed);
+        s.read_ahead_failed = ra.failed.load(Ordering::Relaxed);
+        s.read_ahead_cache_bytes = self.store.read_ahead.used_bytes();
         let (regions, region_bytes) = self.regions.usage();
         s.regions_registered = regions as u32;
         s.region_bytes_registered = region_bytes;
@@ -485,5 +495,32 @@ impl Storaged for StoragedService {
             completions,
             in_flight as usize,
         ))))
+    }
+
+    async fn hint(
+        &self,
+        request: Request<pb::HintRequest>,
+    ) -> Result<Response<pb::HintResponse>, Status> {
+        let r = request.into_inner();
+        let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        if r.paths.len() > self.store.limits().hint_items_max {
+            return Err(StoreError::Limit(format!(
+                "{} objects in one hint; the limit is {}",
+                r.paths.len(),
+                self.store.limits().hint_items_max
+            ))
+            .into());
+        }
+        let paths = r
+            .paths
+            .into_iter()
+            .map(|p| ObjectPath::new(p).map_err(invalid))
+            .collect::<Result<Vec<_>, _>>()?;
+        let outcome = self.store.hint(&name, &paths)?;
+        Ok(Response::new(pb::HintResponse {
+            accepted: outcome.accepted,
+            accepted_bytes: outcome.accepted_bytes,
+            device_reads: outcome.device_reads,
+        }))
     }
 }

@@ -111,6 +111,9 @@ pub struct ReadCounters {
     pub grpc_payload_bytes_copied: std::sync::atomic::AtomicU64,
     pub shm_bytes_served: std::sync::atomic::AtomicU64,
     pub shm_payload_bytes_copied: std::sync::atomic::AtomicU64,
+    /// Device read pieces that joined a neighbour's read instead of being
+    /// issued on their own (see `schedule`).
+    pub device_reads_merged: std::sync::atomic::AtomicU64,
 }
 
 /// One piece of a read: object offset and verified bytes.
@@ -131,6 +134,7 @@ pub struct Store {
     /// Reads into client regions in flight, at most what an engine accepts.
     foreign_reads: tokio::sync::Semaphore,
     pub read_counters: ReadCounters,
+    pub read_ahead: readahead::ReadAhead,
 }
 
 impl std::fmt::Debug for Store {
@@ -262,6 +266,10 @@ impl Store {
             limits: cfg.limits.clone(),
             foreign_reads: tokio::sync::Semaphore::new(engine::FOREIGN_READS_IN_FLIGHT_MAX),
             read_counters: ReadCounters::default(),
+            read_ahead: readahead::ReadAhead::new(
+                cfg.limits.hint_cache_bytes_max,
+                std::time::Duration::from_millis(cfg.limits.hint_ttl_ms),
+            ),
         }))
     }
 
@@ -413,6 +421,10 @@ impl Store {
     ) -> Result<Vec<Chunk>, StoreError> {
         let block = u64::from(obj.dataset.record.checksum_block_bytes);
         debug_assert_eq!(w_start % block, 0);
+        let (lo, hi) = (w_start.max(want_start), w_end.min(want_end));
+        if let Some(chunks) = self.read_ahead_hit(obj, lo, hi).await {
+            return Ok(chunks);
+        }
         let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
         let logical = obj.record.logical_offset + w_start;
         let segs: Vec<Segment> = self.layout.segments(logical, dev_len).collect();
@@ -1433,6 +1445,8 @@ impl Drop for IngestSession {
 
 mod pipeline;
 pub mod read_into;
+pub mod readahead;
+mod schedule;
 
 #[cfg(test)]
 mod tests;

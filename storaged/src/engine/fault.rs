@@ -20,6 +20,23 @@ pub enum Fault {
     Errno(i32),
     /// Reads succeed but byte `n` of the buffer is inverted.
     FlipByte(usize),
+    /// Reads succeed but the byte at this device offset, if they cover it,
+    /// is inverted: rot at one place, whichever read (merged or not) finds
+    /// it.
+    FlipAt(u64),
+}
+
+impl Fault {
+    /// `FlipAt` as the buffer index it hits in `op`, if any.
+    fn resolve(self, op: &IoOp) -> Option<Fault> {
+        match self {
+            Fault::FlipAt(at) => {
+                let end = op.offset + u64::from(op.len);
+                (op.offset <= at && at < end).then(|| Fault::FlipByte((at - op.offset) as usize))
+            }
+            other => Some(other),
+        }
+    }
 }
 
 /// One rule: which operations, what fault, how many times.
@@ -94,7 +111,7 @@ impl IoBackend for FaultyBackend {
     }
 
     fn submit(&self, op: IoOp, buf: BufLease) -> IoFuture {
-        match self.plan.take(&op) {
+        match self.plan.take(&op).and_then(|f| f.resolve(&op)) {
             None => self.inner.submit(op, buf),
             Some(Fault::Errno(errno)) => {
                 IoFuture::ready(Err(io::Error::from_raw_os_error(errno)), buf)
@@ -102,7 +119,7 @@ impl IoBackend for FaultyBackend {
             Some(Fault::FlipByte(n)) if op.kind == OpKind::Read => {
                 IoFuture::corrupted(self.inner.submit(op, buf), n)
             }
-            Some(Fault::FlipByte(_)) => self.inner.submit(op, buf),
+            Some(Fault::FlipByte(_) | Fault::FlipAt(_)) => self.inner.submit(op, buf),
         }
     }
 
@@ -116,8 +133,8 @@ impl IoBackend for FaultyBackend {
         if let Err(e) = read.check(self.device_count()) {
             return ForeignReadFuture::ready(Err(e));
         }
-        match self.plan.take(&op) {
-            None => self.inner.read_foreign(read),
+        match self.plan.take(&op).and_then(|f| f.resolve(&op)) {
+            None | Some(Fault::FlipAt(_)) => self.inner.read_foreign(read),
             Some(Fault::Errno(errno)) => {
                 ForeignReadFuture::ready(Err(io::Error::from_raw_os_error(errno)))
             }

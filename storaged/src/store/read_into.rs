@@ -21,11 +21,12 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures::stream::StreamExt;
-use futures::{Stream, TryFutureExt};
+use futures::Stream;
+use futures::stream::{FuturesUnordered, StreamExt};
 use storaged_proto::DatasetName;
 use storaged_proto::model::{RangeSpec, read_into_span};
 
+use super::schedule::{Run, Want, schedule};
 use super::{BatchItemPlan, ObjectRef, Store};
 use crate::alloc::BLOCK_BYTES;
 use crate::engine::ForeignRead;
@@ -52,8 +53,10 @@ pub struct ReadIntoDone {
 }
 
 impl Store {
-    /// Reads `items` of `dataset` into `region`, `in_flight` items at a
-    /// time, yielding `(index, result)` as items complete.
+    /// Reads `items` of `dataset` into `region`, yielding `(index, result)`
+    /// as items complete. Items are taken in groups of `in_flight`; each
+    /// group's device reads are scheduled together (see `schedule`), and
+    /// the next group is queued while one finishes.
     pub fn read_into(
         self: &Arc<Self>,
         region: Arc<RegionMap>,
@@ -71,117 +74,239 @@ impl Store {
         let ranges = items.into_iter().map(|i| i.map(|i| i.range)).collect();
         let plans = self.resolve_batch(dataset, ranges)?;
         let store = Arc::clone(self);
-        let in_flight = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
-        Ok(futures::stream::iter(plans)
-            .map(move |plan| {
-                let store = Arc::clone(&store);
-                let region = Arc::clone(&region);
-                let offsets = region_offsets.clone();
-                async move {
-                    match plan {
-                        BatchItemPlan::Fail(i, e) => (i, Err(e)),
-                        BatchItemPlan::Empty(i, _) => {
-                            let at = offsets[i as usize].expect("valid item");
-                            let done = ReadIntoDone {
-                                data_offset: at,
-                                length: 0,
-                                span_bytes: 0,
-                            };
-                            (i, check_offset(&region, i, at, 0).map(|()| done))
-                        }
-                        BatchItemPlan::Read {
-                            index,
-                            obj,
-                            start,
-                            len,
-                        } => {
-                            let at = offsets[index as usize].expect("valid item");
-                            let r = store
-                                .read_item_into(&region, index, &obj, start, len, at)
-                                .await;
-                            (index, r)
-                        }
-                    }
+        let group_items = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
+        let mut groups: Vec<Vec<(BatchItemPlan, u64)>> = Vec::new();
+        for plan in plans {
+            let at = match &plan {
+                BatchItemPlan::Fail(..) => 0,
+                BatchItemPlan::Empty(i, _) | BatchItemPlan::Read { index: i, .. } => {
+                    region_offsets[*i as usize].expect("valid item")
                 }
+            };
+            match groups.last_mut() {
+                Some(g) if g.len() < group_items => g.push((plan, at)),
+                _ => groups.push(vec![(plan, at)]),
+            }
+        }
+        Ok(futures::stream::iter(groups)
+            .map(move |group| {
+                Box::pin(Arc::clone(&store).read_group_into(Arc::clone(&region), group))
             })
-            .buffer_unordered(in_flight))
+            .flatten_unordered(2))
     }
 
-    async fn read_item_into(
-        &self,
-        region: &Arc<RegionMap>,
-        index: u32,
-        obj: &ObjectRef,
-        start: u64,
-        len: u64,
-        region_offset: u64,
-    ) -> Result<ReadIntoDone, StoreError> {
-        let block = u64::from(obj.dataset.record.checksum_block_bytes);
-        let (span, lead) = read_into_span(start, len, obj.record.size, block);
-        check_offset(region, index, region_offset, span)?;
-        let w_start = start - lead;
-        let w_end = (start + len).next_multiple_of(block).min(obj.record.size);
-        let segments: Vec<_> = self
-            .layout
-            .segments(obj.record.logical_offset + w_start, span)
-            .collect();
-        let permits = self
-            .foreign_reads
-            .acquire_many(segments.len() as u32)
-            .await
-            .map_err(|_| StoreError::ShuttingDown)?;
-        let memory: Arc<dyn crate::engine::ForeignMemory> = Arc::clone(region) as _;
-        let mut at = region_offset as usize;
-        let reads = segments.iter().map(|s| {
-            let read = ForeignRead {
-                device: s.device,
-                device_offset: s.device_offset,
-                len: s.len as u32,
-                memory: Arc::clone(&memory),
-                memory_offset: at,
-            };
-            at += s.len as usize;
-            let (device, offset, want) = (s.device, s.device_offset, s.len as usize);
-            self.engine
-                .read_foreign(read)
-                .map_err(move |e| StoreError::from_io(device, offset, e))
-                .and_then(move |n| async move {
-                    if n == want {
-                        Ok(())
-                    } else {
-                        Err(StoreError::from_io(
-                            device,
-                            offset,
-                            std::io::Error::new(
-                                std::io::ErrorKind::UnexpectedEof,
-                                format!("short read: {n} of {want} bytes"),
-                            ),
-                        ))
+    /// Reads one group of items into `region`: every item's device pieces
+    /// are scheduled together, merged where both the device addresses and
+    /// the region offsets are contiguous, and each item completes (verified
+    /// in place, tail zeroed) once its last piece has landed.
+    fn read_group_into(
+        self: Arc<Self>,
+        region: Arc<RegionMap>,
+        group: Vec<(BatchItemPlan, u64)>,
+    ) -> impl Stream<Item = (u32, Result<ReadIntoDone, StoreError>)> + Send + 'static {
+        let mut ready = std::collections::VecDeque::new();
+        let mut items: Vec<GroupItem> = Vec::new();
+        let mut wants: Vec<Want> = Vec::new();
+        for (plan, at) in group {
+            match plan {
+                BatchItemPlan::Fail(i, e) => ready.push_back((i, Err(e))),
+                BatchItemPlan::Empty(i, _) => {
+                    let done = ReadIntoDone {
+                        data_offset: at,
+                        length: 0,
+                        span_bytes: 0,
+                    };
+                    ready.push_back((i, check_offset(&region, i, at, 0).map(|()| done)));
+                }
+                BatchItemPlan::Read {
+                    index,
+                    obj,
+                    start,
+                    len,
+                } => {
+                    let block = u64::from(obj.dataset.record.checksum_block_bytes);
+                    let (span, lead) = read_into_span(start, len, obj.record.size, block);
+                    if let Err(e) = check_offset(&region, index, at, span) {
+                        ready.push_back((index, Err(e)));
+                        continue;
                     }
-                })
-        });
-        // Every read is waited for, even after one fails: the span must not
-        // be checked or handed back while the kernel still writes it.
-        let results = futures::future::join_all(reads).await;
-        drop(permits);
-        results.into_iter().collect::<Result<Vec<()>, _>>()?;
+                    let w_start = start - lead;
+                    let tag = items.len();
+                    let mut dest = at;
+                    let mut pieces = 0;
+                    for s in self
+                        .layout
+                        .segments(obj.record.logical_offset + w_start, span)
+                    {
+                        wants.push(Want {
+                            device: s.device,
+                            device_offset: s.device_offset,
+                            len: s.len,
+                            dest,
+                            tag,
+                        });
+                        dest += s.len;
+                        pieces += 1;
+                    }
+                    items.push(GroupItem {
+                        index,
+                        obj,
+                        start,
+                        len,
+                        span,
+                        lead,
+                        region_offset: at,
+                        pieces_left: pieces,
+                        error: None,
+                    });
+                }
+            }
+        }
+        let runs = schedule(&mut wants, self.limits.read_merge_bytes_max, true);
+        self.read_counters
+            .device_reads_merged
+            .fetch_add((wants.len() - runs.len()) as u64, Ordering::Relaxed);
+        let memory: Arc<dyn crate::engine::ForeignMemory> = Arc::clone(&region) as _;
+        let running: FuturesUnordered<_> = runs
+            .into_iter()
+            .map(|run| {
+                let store = Arc::clone(&self);
+                let memory = Arc::clone(&memory);
+                async move {
+                    let result = store.read_run_into(&run, memory).await;
+                    (run.wants, result)
+                }
+            })
+            .collect();
+        let state = GroupState {
+            store: self,
+            region,
+            items,
+            wants,
+            running,
+            ready,
+        };
+        futures::stream::unfold(state, |mut st| async move {
+            loop {
+                if let Some(done) = st.ready.pop_front() {
+                    return Some((done, st));
+                }
+                let (wants, result) = st.running.next().await?;
+                for w in &st.wants[wants] {
+                    let item = &mut st.items[w.tag];
+                    item.pieces_left -= 1;
+                    if let Err((device, offset, kind, msg)) = &result {
+                        item.error.get_or_insert_with(|| {
+                            StoreError::from_io(
+                                *device,
+                                *offset,
+                                std::io::Error::new(*kind, msg.clone()),
+                            )
+                        });
+                    }
+                    if item.pieces_left == 0 {
+                        let done = st.store.finish_item_into(&st.region, item);
+                        st.ready.push_back((item.index, done));
+                    }
+                }
+            }
+        })
+    }
 
-        let base = region_offset as usize;
-        // SAFETY: every read into [base, base + span) has completed above.
+    /// One scheduled device read into the region. Errors come back as
+    /// parts, since every item the run covers reports its own.
+    async fn read_run_into(
+        &self,
+        run: &Run,
+        memory: Arc<dyn crate::engine::ForeignMemory>,
+    ) -> RunResult {
+        let fail = |e: std::io::Error| (run.device, run.device_offset, e.kind(), e.to_string());
+        let permit = self
+            .foreign_reads
+            .acquire()
+            .await
+            .map_err(|_| fail(std::io::Error::other("storaged is shutting down")))?;
+        let want = run.len as usize;
+        let n = self
+            .engine
+            .read_foreign(ForeignRead {
+                device: run.device,
+                device_offset: run.device_offset,
+                len: run.len as u32,
+                memory,
+                memory_offset: run.dest as usize,
+            })
+            .await
+            .map_err(fail)?;
+        drop(permit);
+        if n != want {
+            return Err(fail(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!("short read: {n} of {want} bytes"),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Verifies a fully landed item in place and zeroes its span's tail.
+    fn finish_item_into(
+        &self,
+        region: &RegionMap,
+        item: &mut GroupItem,
+    ) -> Result<ReadIntoDone, StoreError> {
+        if let Some(e) = item.error.take() {
+            return Err(e);
+        }
+        let obj = &item.obj;
+        let block = u64::from(obj.dataset.record.checksum_block_bytes);
+        let w_start = item.start - item.lead;
+        let w_end = (item.start + item.len)
+            .next_multiple_of(block)
+            .min(obj.record.size);
+        let base = item.region_offset as usize;
+        // SAFETY: every read into [base, base + span) has completed (the
+        // item has no pieces left).
         let window = unsafe { region.completed(base, (w_end - w_start) as usize) };
         self.verify_window(obj, w_start, w_end, &[window])?;
         let tail = (w_end - w_start) as usize;
         // SAFETY: as above; the tail past the object's data is ours to zero.
-        unsafe { region.zero(base + tail, span as usize - tail) };
+        unsafe { region.zero(base + tail, item.span as usize - tail) };
         self.read_counters
             .shm_bytes_served
-            .fetch_add(len, Ordering::Relaxed);
+            .fetch_add(item.len, Ordering::Relaxed);
         Ok(ReadIntoDone {
-            data_offset: region_offset + lead,
-            length: len,
-            span_bytes: span,
+            data_offset: item.region_offset + item.lead,
+            length: item.len,
+            span_bytes: item.span,
         })
     }
+}
+
+/// An item of a `ReadInto` group whose pieces are being read.
+struct GroupItem {
+    index: u32,
+    obj: Arc<ObjectRef>,
+    start: u64,
+    len: u64,
+    span: u64,
+    lead: u64,
+    region_offset: u64,
+    pieces_left: usize,
+    /// The first failure of any of its pieces.
+    error: Option<StoreError>,
+}
+
+/// A run's failure as parts (device, offset, kind, message): every item the
+/// run covers gets its own `StoreError` from them.
+type RunResult = Result<(), (u32, u64, std::io::ErrorKind, String)>;
+
+struct GroupState<F> {
+    store: Arc<Store>,
+    region: Arc<RegionMap>,
+    items: Vec<GroupItem>,
+    wants: Vec<Want>,
+    running: FuturesUnordered<F>,
+    ready: std::collections::VecDeque<(u32, Result<ReadIntoDone, StoreError>)>,
 }
 
 /// Checks that `[region_offset, region_offset + span)` is aligned and

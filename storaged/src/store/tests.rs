@@ -401,10 +401,30 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
     assert_eq!(store.status().used_bytes, used - freed);
 }
 
-/// Counts device bytes read, to check read amplification.
+/// Counts device reads and bytes read, to check read amplification and
+/// merging.
 struct CountingBackend {
     inner: Arc<dyn IoBackend>,
     read_bytes: std::sync::atomic::AtomicU64,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+/// A store whose device reads are counted.
+fn counting_store(cfg: &StoreConfig) -> (Arc<Store>, Arc<CountingBackend>) {
+    let counter: Arc<std::sync::Mutex<Option<Arc<CountingBackend>>>> = Arc::default();
+    let c2 = Arc::clone(&counter);
+    let store = Store::open_with(cfg, move |e| {
+        let c = Arc::new(CountingBackend {
+            inner: e,
+            read_bytes: Default::default(),
+            reads: Default::default(),
+        });
+        *c2.lock().unwrap() = Some(Arc::clone(&c));
+        c
+    })
+    .unwrap();
+    let counter = counter.lock().unwrap().clone().unwrap();
+    (store, counter)
 }
 
 impl IoBackend for CountingBackend {
@@ -415,12 +435,14 @@ impl IoBackend for CountingBackend {
         if op.kind == crate::engine::OpKind::Read {
             self.read_bytes
                 .fetch_add(u64::from(op.len), Ordering::SeqCst);
+            self.reads.fetch_add(1, Ordering::SeqCst);
         }
         self.inner.submit(op, buf)
     }
     fn read_foreign(&self, read: crate::engine::ForeignRead) -> crate::engine::ForeignReadFuture {
         self.read_bytes
             .fetch_add(u64::from(read.len), Ordering::SeqCst);
+        self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read_foreign(read)
     }
     fn sync(&self, device: u32) -> std::io::Result<()> {
@@ -436,18 +458,7 @@ impl IoBackend for CountingBackend {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_reads_read_at_most_64_kib() {
     let dir = tempfile::tempdir().unwrap();
-    let counter: Arc<std::sync::Mutex<Option<Arc<CountingBackend>>>> = Arc::default();
-    let c2 = Arc::clone(&counter);
-    let store = Store::open_with(&config(dir.path(), 16, 64 << 10), move |e| {
-        let c = Arc::new(CountingBackend {
-            inner: e,
-            read_bytes: Default::default(),
-        });
-        *c2.lock().unwrap() = Some(Arc::clone(&c));
-        c
-    })
-    .unwrap();
-    let counter = counter.lock().unwrap().clone().unwrap();
+    let (store, counter) = counting_store(&config(dir.path(), 16, 64 << 10));
     let data = pattern(11, 1 << 20);
     ingest(
         &store,
@@ -558,4 +569,296 @@ async fn any_order_batch_delivers_each_item_once() {
         }
     }
     assert_eq!(got[&(n as u32 - 1)], Err(tonic::Code::NotFound));
+}
+
+/// Small objects `s00`, `s01`, ... of `size` bytes each, ingested in order
+/// so they are neighbours on the devices.
+async fn ingest_samples(store: &Arc<Store>, count: u64, size: usize) -> Vec<(String, Vec<u8>)> {
+    let objs: Vec<(String, Vec<u8>)> = (0..count)
+        .map(|i| (format!("s{i:02}"), pattern(1000 + i, size)))
+        .collect();
+    let refs: Vec<(&str, Vec<u8>)> = objs.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
+    ingest(store, "ds", &refs).await.unwrap();
+    objs
+}
+
+/// Reads `paths` with an any-order batch; returns each item's bytes or
+/// error code, by index.
+async fn batch_bytes(store: &Arc<Store>, paths: &[&str]) -> Vec<Result<Vec<u8>, tonic::Code>> {
+    let items = paths
+        .iter()
+        .map(|p| {
+            Ok(RangeSpec {
+                path: ObjectPath::new(*p).unwrap(),
+                offset: 0,
+                length: None,
+            })
+        })
+        .collect();
+    let mut out: Vec<Result<Vec<u8>, tonic::Code>> = vec![Ok(Vec::new()); paths.len()];
+    let mut events = std::pin::pin!(
+        store
+            .read_batch_any_order(&DatasetName::new("ds").unwrap(), items, 16)
+            .unwrap()
+    );
+    while let Some(e) = tokio::time::timeout(std::time::Duration::from_secs(30), events.next())
+        .await
+        .expect("batch stalled")
+    {
+        match e {
+            BatchEvent::Data { index, data, .. } => {
+                if let Ok(v) = &mut out[index as usize] {
+                    v.extend_from_slice(&data);
+                }
+            }
+            BatchEvent::Error { index, error } => out[index as usize] = Err(error.code()),
+        }
+    }
+    out
+}
+
+async fn wait_prefetched(store: &Store, n: u64) {
+    let c = &store.read_ahead.counters;
+    for _ in 0..3000 {
+        let settled = c.prefetched.load(Ordering::SeqCst)
+            + c.skipped.load(Ordering::SeqCst)
+            + c.failed.load(Ordering::SeqCst);
+        if settled >= n {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("read-ahead did not finish");
+}
+
+fn paths_of(objs: &[(String, Vec<u8>)]) -> Vec<ObjectPath> {
+    objs.iter()
+        .map(|(p, _)| ObjectPath::new(p.as_str()).unwrap())
+        .collect()
+}
+
+// Guards the read-ahead contract: hinted neighbours are read with few,
+// merged device reads, then served to the batch from memory, byte for
+// byte; each entry serves once, and later reads go to the devices again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hinted_objects_are_read_merged_and_served_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, counter) = counting_store(&config(dir.path(), 16, 64 << 10));
+    let objs = ingest_samples(&store, 48, 10_000).await;
+    let before = counter.reads.load(Ordering::SeqCst);
+    // Hinted in a shuffled order: scheduling puts them back in disk order.
+    let mut hinted = paths_of(&objs);
+    hinted.reverse();
+    hinted.swap(3, 40);
+    let outcome = store
+        .hint(&DatasetName::new("ds").unwrap(), &hinted)
+        .unwrap();
+    assert_eq!(outcome.accepted, 48);
+    assert_eq!(outcome.accepted_bytes, 48 * 10_000);
+    wait_prefetched(&store, 48).await;
+    let reads = counter.reads.load(Ordering::SeqCst) - before;
+    assert_eq!(u64::from(outcome.device_reads), reads);
+    // 48 objects of 12 KiB on disk, 64 KiB stripe units: 9 units, 10 reads
+    // at most (one object may straddle two units of the same device).
+    assert!(reads <= 10, "{reads} device reads for 48 neighbours");
+    assert!(
+        store
+            .read_counters
+            .device_reads_merged
+            .load(Ordering::SeqCst)
+            >= 38
+    );
+
+    let names: Vec<&str> = objs.iter().map(|(p, _)| p.as_str()).collect();
+    let got = batch_bytes(&store, &names).await;
+    for (i, (_, data)) in objs.iter().enumerate() {
+        assert_eq!(got[i].as_ref().unwrap(), data, "object {i}");
+    }
+    assert_eq!(
+        counter.reads.load(Ordering::SeqCst) - before,
+        reads,
+        "all hits"
+    );
+    let c = &store.read_ahead.counters;
+    assert_eq!(c.hits.load(Ordering::SeqCst), 48);
+    assert_eq!(c.hit_bytes.load(Ordering::SeqCst), 48 * 10_000);
+    assert_eq!(store.read_ahead.used_bytes(), 0, "entries were consumed");
+
+    // Consumed: the same reads now go to the devices, and still match.
+    let got = batch_bytes(&store, &names).await;
+    for (i, (_, data)) in objs.iter().enumerate() {
+        assert_eq!(got[i].as_ref().unwrap(), data, "object {i} again");
+    }
+    assert!(counter.reads.load(Ordering::SeqCst) - before >= reads + 48);
+    assert_eq!(c.hits.load(Ordering::SeqCst), 48);
+}
+
+// Guards against read-ahead serving bad bytes or hiding an error: a corrupt
+// object is not cached, and the foreground read reports DATA_LOSS itself;
+// its neighbours are still served from read-ahead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_read_ahead_is_never_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, plan) = faulty_store(dir.path());
+    let objs = ingest_samples(&store, 8, 10_000).await;
+    let bad = store
+        .lookup(
+            &DatasetName::new("ds").unwrap(),
+            &ObjectPath::new("s03").unwrap(),
+        )
+        .unwrap();
+    let (dev, off) = store.layout().map(bad.record.logical_offset + 5000);
+    plan.add(FaultRule {
+        device: Some(dev),
+        kind: None,
+        device_range: Some((off, off + 1)),
+        fault: Fault::FlipAt(off),
+        remaining: None,
+    });
+    store
+        .hint(&DatasetName::new("ds").unwrap(), &paths_of(&objs))
+        .unwrap();
+    wait_prefetched(&store, 8).await;
+    assert_eq!(
+        store.read_ahead.counters.prefetched.load(Ordering::SeqCst),
+        7
+    );
+    assert_eq!(store.read_ahead.counters.failed.load(Ordering::SeqCst), 1);
+    let names: Vec<&str> = objs.iter().map(|(p, _)| p.as_str()).collect();
+    let got = batch_bytes(&store, &names).await;
+    for (i, (_, data)) in objs.iter().enumerate() {
+        if i == 3 {
+            assert_eq!(got[i], Err(tonic::Code::DataLoss));
+        } else {
+            assert_eq!(got[i].as_ref().unwrap(), data, "object {i}");
+        }
+    }
+    assert_eq!(store.read_ahead.counters.hits.load(Ordering::SeqCst), 7);
+}
+
+// Guards the read-ahead bounds: a hint larger than the cache budget reads
+// only what fits (the rest is counted as skipped and read normally), a
+// hint over the item limit is refused, and entries nobody reads expire.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_is_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 16, 64 << 10);
+    cfg.limits.hint_cache_bytes_max = 128 << 10;
+    cfg.limits.hint_items_max = 100;
+    cfg.limits.hint_ttl_ms = 300;
+    let store = Store::open(&cfg).unwrap();
+    let objs = ingest_samples(&store, 64, 10_000).await;
+    let name = DatasetName::new("ds").unwrap();
+    let outcome = store.hint(&name, &paths_of(&objs)).unwrap();
+    assert!(outcome.accepted > 0 && outcome.accepted < 64, "{outcome:?}");
+    wait_prefetched(&store, 64).await;
+    assert!(store.read_ahead.used_bytes() <= 128 << 10);
+    let c = &store.read_ahead.counters;
+    assert_eq!(
+        c.skipped.load(Ordering::SeqCst),
+        64 - u64::from(outcome.accepted)
+    );
+    let names: Vec<&str> = objs.iter().map(|(p, _)| p.as_str()).collect();
+    let got = batch_bytes(&store, &names).await;
+    for (i, (_, data)) in objs.iter().enumerate() {
+        assert_eq!(got[i].as_ref().unwrap(), data, "object {i}");
+    }
+
+    let too_many: Vec<ObjectPath> = (0..101)
+        .map(|i| ObjectPath::new(format!("s{i}")).unwrap())
+        .collect();
+    assert_eq!(
+        store.hint(&name, &too_many).unwrap_err().code(),
+        tonic::Code::ResourceExhausted
+    );
+
+    // Hinted, never read: gone after the TTL, budget given back.
+    let outcome = store.hint(&name, &paths_of(&objs[..4])).unwrap();
+    assert_eq!(outcome.accepted, 4);
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    store.hint(&name, &[]).unwrap();
+    assert_eq!(c.expired.load(Ordering::SeqCst), 4);
+    assert_eq!(store.read_ahead.used_bytes(), 0);
+}
+
+// Guards ReadInto scheduling: neighbours laid out contiguously in the
+// region are read with merged device reads, items laid out otherwise are
+// not merged, and every item's bytes land where its completion says.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_into_merges_neighbours() {
+    use crate::region::{RegionLimits, Regions};
+    let dir = tempfile::tempdir().unwrap();
+    let (store, counter) = counting_store(&config(dir.path(), 16, 64 << 10));
+    let objs = ingest_samples(&store, 32, 10_000).await;
+    let regions = Regions::new(RegionLimits::default());
+    let shm = tempfile::Builder::new()
+        .prefix("storaged-test-")
+        .tempfile_in("/dev/shm")
+        .unwrap();
+    let size = 32 * 12288 * 2;
+    shm.as_file().set_len(size).unwrap();
+    // SAFETY: getuid has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    let reg = regions.register(shm.path(), size, uid).unwrap();
+    let region = Arc::clone(&reg.region);
+    // SAFETY: the file is ours and stays sized; it is only read after each
+    // ReadInto has completed.
+    let file_map = unsafe { memmap2::MmapOptions::new().map(shm.as_file()) }.unwrap();
+
+    for (contiguous, max_reads) in [(true, 9u64), (false, 40)] {
+        let before = counter.reads.load(Ordering::SeqCst);
+        let merged_before = store
+            .read_counters
+            .device_reads_merged
+            .load(Ordering::SeqCst);
+        let items = objs
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| {
+                // Contiguous: object i at i * span. Otherwise every other
+                // span is left empty, so no two neighbours touch.
+                let slot = if contiguous { i } else { 2 * i } as u64;
+                Ok(read_into::ReadIntoItem {
+                    range: RangeSpec {
+                        path: ObjectPath::new(p.as_str()).unwrap(),
+                        offset: 0,
+                        length: None,
+                    },
+                    region_offset: slot * 12288,
+                })
+            })
+            .collect();
+        let done: Vec<(u32, Result<read_into::ReadIntoDone, StoreError>)> = store
+            .read_into(
+                Arc::clone(&region),
+                &DatasetName::new("ds").unwrap(),
+                items,
+                64,
+            )
+            .unwrap()
+            .collect()
+            .await;
+        assert_eq!(done.len(), 32);
+        for (i, r) in done {
+            let r = r.unwrap();
+            let at = r.data_offset as usize;
+            assert_eq!(
+                &file_map[at..at + r.length as usize],
+                &objs[i as usize].1[..],
+                "item {i}"
+            );
+        }
+        let reads = counter.reads.load(Ordering::SeqCst) - before;
+        let merged = store
+            .read_counters
+            .device_reads_merged
+            .load(Ordering::SeqCst)
+            - merged_before;
+        assert!(reads <= max_reads, "contiguous={contiguous}: {reads} reads");
+        if contiguous {
+            assert!(merged >= 32 - reads, "{merged} merged");
+        } else {
+            assert_eq!(merged, 0, "nothing to merge");
+        }
+    }
 }
