@@ -123,7 +123,17 @@ impl Ctx {
         measure: impl std::future::Future<Output = anyhow::Result<Measurement>>,
     ) -> anyhow::Result<()> {
         self.cold();
-        push(runs, system, measure.await?);
+        let disk_path = std::path::Path::new(&self.device_paths[0]);
+        let before = storaged_bench::machine::disk_counters(disk_path);
+        let mut m = measure.await?;
+        if let (Some(a), Some(b)) = (before, storaged_bench::machine::disk_counters(disk_path)) {
+            m.disk = Some(storaged_bench::results::DiskDelta {
+                reads: b.reads - a.reads,
+                read_bytes: (b.sectors_read - a.sectors_read) * 512,
+                busy_ms: b.busy_ms - a.busy_ms,
+            });
+        }
+        push(runs, system, m);
         Ok(())
     }
 }
@@ -425,13 +435,15 @@ async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<
             run_peers(ctx, &mut runs, set, &order, c).await?;
             if workload == "random_imagenet" && Some(&c) == ctx.plan.concurrency.last() {
                 // A training job's view: 4 loader workers, batches of 256,
-                // a block-shuffled epoch of the whole dataset, over gRPC and
-                // over the same-host zero-copy path.
-                for (system, url) in [
-                    ("storaged_loader_grpc", &ctx.daemon.url),
-                    ("storaged_loader_shm", &ctx.daemon.unix_url),
+                // a block-shuffled epoch of the whole dataset, over gRPC
+                // with read-ahead hints and without, and over the same-host
+                // zero-copy path.
+                for (system, url, hints) in [
+                    ("storaged_loader_hints", &ctx.daemon.url, true),
+                    ("storaged_loader_nohints", &ctx.daemon.url, false),
+                    ("storaged_loader_shm", &ctx.daemon.unix_url, false),
                 ] {
-                    let epoch = sd::loader_epoch(&ctx.daemon, url, &set.name);
+                    let epoch = sd::loader_epoch(&ctx.daemon, url, &set.name, hints);
                     ctx.measure_cold(&mut runs, system, epoch).await?;
                 }
             }
@@ -511,7 +523,7 @@ fn fmt(v: Option<f64>, digits: usize) -> String {
 
 fn print_table(rows: &[Row]) {
     println!(
-        "{:<16} {:<15} {:>5} {:>8} {:>11} {:>9} {:>9} {:>8} {:>8} {:>7}",
+        "{:<16} {:<23} {:>5} {:>8} {:>11} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8} {:>5}",
         "workload",
         "system",
         "conc",
@@ -521,11 +533,13 @@ fn print_table(rows: &[Row]) {
         "p99 us",
         "srv s/G",
         "cli s/G",
-        "x fio"
+        "x fio",
+        "disk KiB",
+        "busy%"
     );
     for r in rows {
         println!(
-            "{:<16} {:<15} {:>5} {:>8} {:>11} {:>9} {:>9} {:>8} {:>8} {:>7}",
+            "{:<16} {:<23} {:>5} {:>8} {:>11} {:>9} {:>9} {:>8} {:>8} {:>7} {:>8} {:>5}",
             r.workload,
             r.system,
             r.concurrency,
@@ -536,6 +550,8 @@ fn print_table(rows: &[Row]) {
             fmt(r.cpu_s_per_gib_server, 2),
             fmt(r.cpu_s_per_gib_client, 2),
             fmt(r.ratio_to_fio, 2),
+            fmt(r.disk_read_kib_mean, 0),
+            fmt(r.disk_busy_pct, 0),
         );
     }
 }

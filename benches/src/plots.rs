@@ -180,6 +180,8 @@ mod tests {
             cpu_s_per_gib_server: None,
             cpu_s_per_gib_client: None,
             ratio_to_fio: None,
+            disk_read_kib_mean: None,
+            disk_busy_pct: None,
             repetitions: vec![],
         };
         let rows = vec![

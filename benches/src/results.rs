@@ -18,6 +18,10 @@ pub struct Row {
     pub cpu_s_per_gib_server: Option<f64>,
     pub cpu_s_per_gib_client: Option<f64>,
     pub ratio_to_fio: Option<f64>,
+    /// The block device under the device files, during the run: mean read
+    /// request size (after the kernel's own merging) and utilisation.
+    pub disk_read_kib_mean: Option<f64>,
+    pub disk_busy_pct: Option<f64>,
     /// Individual repetitions' GiB/s (or samples/s for listing), for drift.
     pub repetitions: Vec<f64>,
 }
@@ -37,6 +41,16 @@ pub struct Measurement {
     pub cpu_s_client: Option<f64>,
     /// Latency CDF points `(percentile, us)` reported by the tool (fio).
     pub cdf_points: Vec<(f64, f64)>,
+    /// Reads, bytes and busy time of the disk under the device files.
+    pub disk: Option<DiskDelta>,
+}
+
+/// What the disk did during one repetition.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DiskDelta {
+    pub reads: u64,
+    pub read_bytes: u64,
+    pub busy_ms: u64,
 }
 
 /// Percentiles at which latency CDFs are sampled.
@@ -106,6 +120,16 @@ pub fn summarize(workload: &str, system: &str, concurrency: u32, reps: &[Measure
         cpu_s_per_gib_server: m(&|r| r.per_gib(r.cpu_s_server)),
         cpu_s_per_gib_client: m(&|r| r.per_gib(r.cpu_s_client)),
         ratio_to_fio: None,
+        disk_read_kib_mean: m(&|r| {
+            r.disk
+                .filter(|d| d.reads > 0)
+                .map(|d| d.read_bytes as f64 / 1024.0 / d.reads as f64)
+        }),
+        disk_busy_pct: m(&|r| {
+            r.disk
+                .filter(|_| r.seconds > 0.0)
+                .map(|d| (d.busy_ms as f64 / 10.0 / r.seconds).min(100.0))
+        }),
         repetitions: reps
             .iter()
             .filter_map(|r| r.gib_per_s().or(r.samples_per_s()))

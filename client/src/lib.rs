@@ -31,7 +31,9 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub use ingest::IngestProgress;
-pub use loader::{Batch, Loader, LoaderStats, Plan, ReadPath, Sample};
+pub use loader::{
+    Batch, LOADER_HINT_BYTES_MAX, Loader, LoaderOptions, LoaderStats, Plan, ReadPath, Sample,
+};
 pub use plan::{PlanError, PlanSpec, PlanState, PlanTail};
 pub use region::{Region, RegionBatch, RegionRead};
 pub use storaged_proto::pb::{DatasetInfo, ObjectInfo, StatResponse, StatusResponse};
@@ -370,6 +372,20 @@ impl Dataset {
             async move { rpc.stat(req).await }
         })
         .await?;
+        Ok(r.into_inner())
+    }
+
+    /// Tells storaged that `paths` will be read soon, so it reads them
+    /// ahead (see `Hint` in the proto). Advice only: objects it cannot take
+    /// are simply not read ahead. Not retried; a lost hint costs nothing.
+    pub async fn hint(&self, paths: &[String]) -> Result<pb::HintResponse, ClientError> {
+        let mut rpc = self.client.rpc.clone();
+        let r = rpc
+            .hint(pb::HintRequest {
+                dataset: self.name.to_string(),
+                paths: paths.to_vec(),
+            })
+            .await?;
         Ok(r.into_inner())
     }
 

@@ -35,7 +35,7 @@ use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
 use tonic::Status;
 
-use crate::plan::{PlanError, PlanSpec, PlanState, worker_sequence};
+use crate::plan::{PlanError, PlanSpec, PlanState, rank_sequence, worker_sequence};
 
 /// The server's checksum block, for laying out regions before one is
 /// registered (the registration reply confirms it).
@@ -55,6 +55,10 @@ pub struct Plan {
     spec: PlanSpec,
     objects: Arc<[ObjectInfo]>,
     indices: Vec<u64>,
+    /// The whole rank's order (every worker's samples interleaved), for
+    /// read-ahead hints; `None` after a resume, where a worker's positions
+    /// no longer line up with the rank's.
+    rank_order: Option<Arc<[u64]>>,
 }
 
 impl Plan {
@@ -66,11 +70,36 @@ impl Plan {
         resume: Option<&PlanState>,
     ) -> Result<Self, PlanError> {
         let indices = worker_sequence(objects.len() as u64, &spec, resume)?;
+        let rank_order = match resume {
+            None => Some(rank_sequence(objects.len() as u64, &spec)?.into()),
+            Some(_) => None,
+        };
         Ok(Self {
             spec,
             objects,
             indices,
+            rank_order,
         })
+    }
+
+    /// Object indices of batch `batch` (of `batch_size` samples) of *every*
+    /// worker of this rank: the window a read-ahead hint names. Workers
+    /// take the rank's order round-robin, so their batch `b`s together are
+    /// one contiguous stretch of it, whole shuffle blocks of neighbours on
+    /// disk, which storaged then reads with merged device reads. After a
+    /// resume, only this worker's own batch.
+    fn hint_window(&self, batch: usize, batch_size: usize) -> &[u64] {
+        match &self.rank_order {
+            Some(order) => {
+                let width = batch_size * self.spec.num_workers as usize;
+                let start = (batch * width).min(order.len());
+                &order[start..(start + width).min(order.len())]
+            }
+            None => {
+                let start = (batch * batch_size).min(self.indices.len());
+                &self.indices[start..(start + batch_size).min(self.indices.len())]
+            }
+        }
     }
 
     pub fn spec(&self) -> &PlanSpec {
@@ -136,6 +165,11 @@ pub struct LoaderStats {
     pub grpc_bytes: u64,
     pub shm_batches: u64,
     pub shm_bytes: u64,
+    /// Read-ahead hints sent, objects storaged accepted from them, and
+    /// hints that failed (ignored: a hint is advice).
+    pub hints_sent: u64,
+    pub hint_objects_accepted: u64,
+    pub hints_failed: u64,
 }
 
 #[derive(Debug, Default)]
@@ -144,7 +178,39 @@ struct StatCounters {
     grpc_bytes: AtomicU64,
     shm_batches: AtomicU64,
     shm_bytes: AtomicU64,
+    hints_sent: AtomicU64,
+    hint_objects_accepted: AtomicU64,
+    hints_failed: AtomicU64,
 }
+
+/// How a [`Loader`] reads; [`Default`] is what [`Dataset::loader`] uses.
+#[derive(Debug, Clone, Copy)]
+pub struct LoaderOptions {
+    /// Send storaged the part of the plan beyond the batches being read
+    /// (up to `hint_bytes_max`), so it reads those samples ahead, in
+    /// device order with neighbours merged. Used on the gRPC path; the
+    /// shm path's reads land in the client's regions, which exist only for
+    /// the batches in flight, and each of its calls is scheduled the same
+    /// way on the server.
+    pub hints: bool,
+    pub hint_bytes_max: u64,
+}
+
+impl Default for LoaderOptions {
+    fn default() -> Self {
+        Self {
+            hints: true,
+            hint_bytes_max: LOADER_HINT_BYTES_MAX,
+        }
+    }
+}
+
+/// Default read-ahead a loader asks of storaged beyond its own prefetch,
+/// counted over its hint windows (which hold every worker's samples).
+pub const LOADER_HINT_BYTES_MAX: u64 = 32 << 20;
+
+/// Paths per `Hint` call: storaged's default `hint_items_max`.
+const HINT_PATHS_MAX: usize = 4096;
 
 /// A stream of [`Batch`]es in plan order; see the module documentation.
 pub struct Loader {
@@ -174,6 +240,9 @@ impl Loader {
             grpc_bytes: c.grpc_bytes.load(Ordering::Relaxed),
             shm_batches: c.shm_batches.load(Ordering::Relaxed),
             shm_bytes: c.shm_bytes.load(Ordering::Relaxed),
+            hints_sent: c.hints_sent.load(Ordering::Relaxed),
+            hint_objects_accepted: c.hint_objects_accepted.load(Ordering::Relaxed),
+            hints_failed: c.hints_failed.load(Ordering::Relaxed),
         }
     }
 }
@@ -272,12 +341,28 @@ impl Dataset {
 
     /// Reads `plan` in batches of `batch_size` samples (the last may be
     /// shorter), keeping up to `prefetch_bytes_max` of reads ahead of the
-    /// consumer.
+    /// consumer, with read-ahead hints on.
     pub fn loader(
         &self,
         plan: Plan,
         batch_size: usize,
         prefetch_bytes_max: u64,
+    ) -> Result<Loader, ClientError> {
+        self.loader_with(
+            plan,
+            batch_size,
+            prefetch_bytes_max,
+            LoaderOptions::default(),
+        )
+    }
+
+    /// [`loader`](Self::loader) with explicit options.
+    pub fn loader_with(
+        &self,
+        plan: Plan,
+        batch_size: usize,
+        prefetch_bytes_max: u64,
+        options: LoaderOptions,
     ) -> Result<Loader, ClientError> {
         if batch_size == 0 || batch_size > LOADER_BATCH_ITEMS_MAX {
             return Err(ClientError::InvalidArgument(format!(
@@ -329,6 +414,22 @@ impl Dataset {
         // in the client's cache.
         let region_bytes = (span_max + span_max / 4).next_multiple_of(1 << 20);
         let use_shm = self.client.is_local() && region_bytes <= SHM_REGION_BYTES_MAX;
+        let stats: Arc<StatCounters> = Arc::default();
+        let mut hints = (options.hints && !use_shm).then(|| HintWindow {
+            paths: (0..batches.len())
+                .map(|b| {
+                    let window = plan.hint_window(b, batch_size);
+                    let objects = window.iter().map(|&i| &plan.objects[i as usize]);
+                    let bytes = objects.clone().map(|o| o.size).sum();
+                    (objects.map(|o| o.path.clone()).collect(), bytes)
+                })
+                .collect(),
+            next: 0,
+            launched: 0,
+            bytes_ahead: 0,
+            bytes_max: options.hint_bytes_max,
+            stats: Arc::clone(&stats),
+        });
         let stream = async_stream_bounded(1, move |tx| async move {
             let mut slots: Vec<Arc<RegionSlot>> = Vec::new();
             if use_shm {
@@ -383,6 +484,12 @@ impl Dataset {
                         }
                     };
                     running.push_back(fetch);
+                    if let Some(h) = hints.as_mut() {
+                        h.launched_one();
+                    }
+                }
+                if let Some(h) = hints.as_mut() {
+                    h.send(&dataset).await;
                 }
                 let Some((bytes, result, slot)) = running.next().await else {
                     return;
@@ -399,8 +506,57 @@ impl Dataset {
             batches: Box::pin(stream),
             consumed: Arc::new(AtomicU64::new(0)),
             total,
-            stats: Arc::default(),
+            stats,
         })
+    }
+}
+
+/// The part of a plan hinted to storaged: the windows of batches from
+/// `launched` to `next` are hinted but not yet read, `bytes_ahead` of them.
+struct HintWindow {
+    /// Per batch: the paths of its hint window and their bytes.
+    paths: Vec<(Vec<String>, u64)>,
+    next: usize,
+    launched: usize,
+    bytes_ahead: u64,
+    bytes_max: u64,
+    stats: Arc<StatCounters>,
+}
+
+impl HintWindow {
+    fn launched_one(&mut self) {
+        if self.launched < self.next {
+            self.bytes_ahead -= self.paths[self.launched].1;
+        }
+        self.launched += 1;
+        self.next = self.next.max(self.launched);
+    }
+
+    /// Hints the windows of the batches after those being read, until
+    /// `bytes_max` are hinted ahead; at least the next batch's. Calls carry
+    /// at most `HINT_PATHS_MAX` paths (storaged's default limit); a refused
+    /// or failed hint is counted, never fatal.
+    async fn send(&mut self, dataset: &Dataset) {
+        while self.next < self.paths.len()
+            && (self.bytes_ahead < self.bytes_max || self.next == self.launched)
+        {
+            let (paths, bytes) = &self.paths[self.next];
+            self.next += 1;
+            self.bytes_ahead += bytes;
+            for chunk in paths.chunks(HINT_PATHS_MAX) {
+                self.stats.hints_sent.fetch_add(1, Ordering::Relaxed);
+                match dataset.hint(chunk).await {
+                    Ok(r) => {
+                        self.stats
+                            .hint_objects_accepted
+                            .fetch_add(u64::from(r.accepted), Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        self.stats.hints_failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -464,10 +620,16 @@ async fn fetch_shm(
     batch: BatchPlan,
     mut slot: Arc<RegionSlot>,
 ) -> (u64, Result<Batch, ClientError>, Option<Arc<RegionSlot>>) {
-    let reads: Vec<RegionRead> = batch
-        .samples
+    // Laid out in listing order, which is disk order: neighbours on disk
+    // are then neighbours in the region, and storaged merges their reads.
+    let mut disk_order: Vec<usize> = (0..batch.samples.len()).collect();
+    disk_order.sort_by_key(|&i| batch.samples[i].0);
+    let reads: Vec<RegionRead> = disk_order
         .iter()
-        .map(|(_, path, size)| RegionRead::whole(path.clone(), *size))
+        .map(|&i| {
+            let (_, path, size) = &batch.samples[i];
+            RegionRead::whole(path.clone(), *size)
+        })
         .collect();
     let extents: Result<Vec<(usize, usize)>, ClientError> = async {
         // The loader took this slot when no view referred to it, and views
@@ -483,16 +645,16 @@ async fn fetch_shm(
             *region = dataset.client.register_region(size).await?;
         }
         let read = dataset.read_into(region, &reads).await?;
-        (0..read.len())
-            .map(|i| {
-                read.extent(i).map_err(|s| {
-                    ClientError::Status(tonic::Status::new(
-                        s.code(),
-                        format!("{}: {}", batch.samples[i].1, s.message()),
-                    ))
-                })
-            })
-            .collect()
+        let mut extents = vec![(0, 0); read.len()];
+        for (j, &i) in disk_order.iter().enumerate() {
+            extents[i] = read.extent(j).map_err(|s| {
+                ClientError::Status(tonic::Status::new(
+                    s.code(),
+                    format!("{}: {}", batch.samples[i].1, s.message()),
+                ))
+            })?;
+        }
+        Ok(extents)
     }
     .await;
     let result = extents.map(|extents| Batch {

@@ -33,6 +33,8 @@ pub struct FileConfig {
     pub buffer_pool: Option<String>,
     pub message_size: Option<String>,
     pub read_ahead: Option<String>,
+    pub hint_cache: Option<String>,
+    pub read_merge: Option<String>,
     pub max_concurrent_streams: Option<u32>,
     pub worker_threads: Option<usize>,
     pub unix: Option<PathBuf>,
@@ -94,7 +96,7 @@ impl Default for StoreLimits {
             batch_items_max: 100_000,
             read_merge_bytes_max: 1 << 20,
             hint_items_max: 4096,
-            hint_cache_bytes_max: 64 << 20,
+            hint_cache_bytes_max: 96 << 20,
             hint_ttl_ms: 30_000,
             ingest_write_depth: 16,
             ingest_objects_max: 10_000_000,
@@ -262,6 +264,12 @@ impl ServeConfig {
         if let Some(s) = file.read_ahead {
             store.limits.read_ahead_bytes = size_field("read_ahead", &s)?;
         }
+        if let Some(s) = file.hint_cache {
+            store.limits.hint_cache_bytes_max = size_field("hint_cache", &s)?;
+        }
+        if let Some(s) = file.read_merge {
+            store.limits.read_merge_bytes_max = size_field("read_merge", &s)?;
+        }
         let mut server = ServerLimits::default();
         if let Some(m) = file.max_concurrent_streams {
             server.max_concurrent_streams = m;
@@ -300,6 +308,15 @@ impl ServeConfig {
         }
         if s.buffer_pool_bytes < 16 << 20 {
             return Err("buffer_pool must be at least 16 MiB".into());
+        }
+        if s.limits.hint_cache_bytes_max > s.buffer_pool_bytes / 2 {
+            return Err(format!(
+                "hint_cache ({} bytes) may take at most half of buffer_pool ({} bytes): foreground reads need the rest",
+                s.limits.hint_cache_bytes_max, s.buffer_pool_bytes
+            ));
+        }
+        if s.limits.read_merge_bytes_max > 16 << 20 {
+            return Err("read_merge must be at most 16 MiB (0 turns merging off)".into());
         }
         if self.worker_threads == 0 || self.worker_threads > 64 {
             return Err("worker_threads must be 1 to 64".into());

@@ -286,6 +286,26 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
 }
 
 /// Writes `files` (relative path, bytes) under `root`.
+/// A daemon (default options) with `files` ingested as dataset `name`,
+/// a TCP handle on it, and the bytes each path must read back as.
+pub async fn daemon_with_dataset(
+    name: &str,
+    files: Vec<(String, Vec<u8>)>,
+) -> (
+    tempfile::TempDir,
+    Daemon,
+    storaged_client::Dataset,
+    std::sync::Arc<std::collections::BTreeMap<String, Vec<u8>>>,
+) {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let src = tmp.path().join("src");
+    write_tree(&src, &files);
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    d.ctl_ok(&["ingest", name, src.to_str().expect("utf-8 path")]);
+    let ds = d.client().await.dataset(name).expect("valid name");
+    (tmp, d, ds, std::sync::Arc::new(files.into_iter().collect()))
+}
+
 pub fn write_tree(root: &Path, files: &[(String, Vec<u8>)]) {
     for (rel, data) in files {
         let p = root.join(rel);

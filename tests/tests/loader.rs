@@ -10,7 +10,7 @@ use futures::StreamExt;
 use storaged_client::{
     ClientError, Dataset, ObjectInfo, Plan, PlanSpec, PlanState, PlanTail, ReadPath,
 };
-use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
+use storaged_tests::{Daemon, daemon_with_dataset, pattern};
 
 const SAMPLES: usize = 300;
 
@@ -33,14 +33,7 @@ async fn imagenet() -> (
     Dataset,
     Arc<BTreeMap<String, Vec<u8>>>,
 ) {
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    let files = samples();
-    write_tree(&src, &files);
-    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
-    d.ctl_ok(&["ingest", "imagenet", src.to_str().unwrap()]);
-    let ds = d.client().await.dataset("imagenet").unwrap();
-    (tmp, d, ds, Arc::new(files.into_iter().collect()))
+    daemon_with_dataset("imagenet", samples()).await
 }
 
 /// Runs one loader to the end; returns (object_index, path) in yield order

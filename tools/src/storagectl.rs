@@ -13,7 +13,9 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use storaged_client::region::RegionRead;
-use storaged_client::{BatchItem, Client, IngestProgress, ObjectInfo, Plan, PlanSpec};
+use storaged_client::{
+    BatchItem, Client, IngestProgress, LoaderOptions, ObjectInfo, Plan, PlanSpec,
+};
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -110,6 +112,9 @@ enum Command {
         /// Epochs to run, one after another on the same connection.
         #[arg(long, default_value_t = 1)]
         epochs: u64,
+        /// Read-ahead hints to storaged (gRPC path): on or off.
+        #[arg(long, default_value = "on", value_parser = ["on", "off"])]
+        hints: String,
     },
     /// Delete a dataset and free its space.
     Rm { dataset: String },
@@ -292,18 +297,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             seed,
             epoch,
             epochs,
+            hints,
         } => {
+            let run = EpochRun {
+                dataset,
+                workers: workers.max(1),
+                batch,
+                prefetch_bytes: prefetch_mib << 20,
+                seed,
+                hints: hints == "on",
+            };
             for e in epoch..epoch + epochs.max(1) {
-                run_epoch(
-                    &client,
-                    &dataset,
-                    workers,
-                    batch,
-                    prefetch_mib << 20,
-                    seed,
-                    e,
-                )
-                .await?;
+                run_epoch(&client, &run, e).await?;
             }
             Ok(())
         }
@@ -334,6 +339,21 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 human(s.shm_payload_bytes_copied)
             );
             println!(
+                "scheduling:  {} device reads merged into neighbours",
+                s.device_reads_merged
+            );
+            println!(
+                "read-ahead:  {} hinted, {} read ahead, {} served ({}), {} skipped, {} failed, {} expired, {} held",
+                s.hint_objects,
+                s.read_ahead_objects,
+                s.read_ahead_hits,
+                human(s.read_ahead_hit_bytes),
+                s.read_ahead_skipped,
+                s.read_ahead_failed,
+                s.read_ahead_expired,
+                human(s.read_ahead_cache_bytes)
+            );
+            println!(
                 "regions:     {} registered, {}",
                 s.regions_registered,
                 human(s.region_bytes_registered)
@@ -362,15 +382,25 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-async fn run_epoch(
-    client: &Client,
-    dataset: &str,
+/// What `storagectl epoch` runs.
+struct EpochRun {
+    dataset: String,
     workers: u32,
     batch: usize,
     prefetch_bytes: u64,
     seed: u64,
-    epoch: u64,
-) -> anyhow::Result<()> {
+    hints: bool,
+}
+
+async fn run_epoch(client: &Client, run: &EpochRun, epoch: u64) -> anyhow::Result<()> {
+    let EpochRun {
+        ref dataset,
+        workers,
+        batch,
+        prefetch_bytes,
+        seed,
+        hints,
+    } = *run;
     let ds = client.dataset(dataset)?;
     let listing: std::sync::Arc<[ObjectInfo]> = ds.list("").await?.into();
     let started = std::time::Instant::now();
@@ -384,7 +414,11 @@ async fn run_epoch(
             ..PlanSpec::default()
         };
         let plan = Plan::new(listing.clone(), spec, None)?;
-        let mut loader = ds.loader(plan, batch, prefetch_bytes)?;
+        let options = LoaderOptions {
+            hints,
+            ..LoaderOptions::default()
+        };
+        let mut loader = ds.loader_with(plan, batch, prefetch_bytes, options)?;
         tasks.push(tokio::spawn(async move {
             let (mut samples, mut bytes) = (0u64, 0u64);
             while let Some(b) = loader.next().await {
@@ -396,17 +430,18 @@ async fn run_epoch(
             Ok::<_, anyhow::Error>((samples, bytes, loader.stats()))
         }));
     }
-    let (mut samples, mut bytes, mut shm, mut grpc) = (0, 0, 0, 0);
+    let (mut samples, mut bytes, mut shm, mut grpc, mut hinted) = (0, 0, 0, 0, 0);
     for t in tasks {
         let (n, b, stats) = t.await??;
         samples += n;
         bytes += b;
         shm += stats.shm_batches;
         grpc += stats.grpc_batches;
+        hinted += stats.hint_objects_accepted;
     }
     let secs = started.elapsed().as_secs_f64();
     println!(
-        "epoch {epoch}: {samples} samples, {} in {secs:.2} s: {:.0} samples/s, {}/s; batches via shm {shm}, via grpc {grpc}",
+        "epoch {epoch}: {samples} samples, {} in {secs:.2} s: {:.0} samples/s, {}/s; batches via shm {shm}, via grpc {grpc}; samples read ahead on hint {hinted}",
         human(bytes),
         samples as f64 / secs,
         human((bytes as f64 / secs) as u64)

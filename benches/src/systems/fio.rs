@@ -118,6 +118,7 @@ pub fn parse(json: &[u8]) -> anyhow::Result<Measurement> {
         cpu_s_server: None,
         cpu_s_client: Some((f(&job["usr_cpu"]) + f(&job["sys_cpu"])) / 100.0 * runtime_s),
         cdf_points,
+        disk: None,
     })
 }
 

@@ -238,12 +238,13 @@ const LOADER_PREFETCH_BYTES: u64 = 64 << 20;
 
 /// The whole dataset through `LOADER_WORKERS` loaders (one epoch of a
 /// block-shuffled plan, one rank), connected at `url`: over TCP the loader
-/// uses gRPC, over the Unix socket the zero-copy path. Every sample's
-/// length is checked against the listing.
+/// uses gRPC (with read-ahead `hints` or without), over the Unix socket the
+/// zero-copy path. Every sample's length is checked against the listing.
 pub async fn loader_epoch(
     daemon: &Daemon,
     url: &str,
     dataset: &str,
+    hints: bool,
 ) -> anyhow::Result<Measurement> {
     let client = Client::connect(url).await?;
     let ds = client.dataset(dataset)?;
@@ -263,7 +264,12 @@ pub async fn loader_epoch(
             tail: PlanTail::Pad,
         };
         let plan = Plan::new(Arc::clone(&listing), spec, None)?;
-        let mut loader = ds.loader(plan, LOADER_BATCH_SAMPLES, LOADER_PREFETCH_BYTES)?;
+        let options = storaged_client::LoaderOptions {
+            hints,
+            ..Default::default()
+        };
+        let mut loader =
+            ds.loader_with(plan, LOADER_BATCH_SAMPLES, LOADER_PREFETCH_BYTES, options)?;
         let listing = Arc::clone(&listing);
         tasks.push(tokio::spawn(async move {
             let (mut bytes, mut samples) = (0u64, 0u64);
