@@ -10,7 +10,7 @@ use futures::StreamExt;
 use storaged_client::{
     ClientError, Dataset, ObjectInfo, Plan, PlanSpec, PlanState, PlanTail, ReadPath,
 };
-use storaged_tests::{Daemon, daemon_with_dataset, pattern};
+use storaged_tests::{Daemon, DaemonOpts, daemon_with_dataset, pattern, write_tree};
 
 const SAMPLES: usize = 300;
 
