@@ -42,7 +42,7 @@ disk() { awk -v d="$DISK" '$3 == d {print $4, $6, $13}' /proc/diskstats; }
 run() { # label url hints
   local label=$1 url=$2 hints=$3
   a=$(awk '{print $14+$15}' /proc/$PID/stat); read -r r0 s0 t0 <<<"$(disk)"; w0=$(date +%s.%N)
-  "$BIN/storagectl" --server "$url" epoch img --epochs "$EPOCHS" --hints "$hints" | tee "$OUT/epochs.txt"
+  "$BIN/storagectl" --server "$url" --transport as-given epoch img --epochs "$EPOCHS" --hints "$hints" | tee "$OUT/epochs.txt"
   b=$(awk '{print $14+$15}' /proc/$PID/stat); read -r r1 s1 t1 <<<"$(disk)"; w1=$(date +%s.%N)
   # Each epoch line says "N samples, X MiB in ..."; sum the MiB.
   mib=$(grep -o 'samples, [0-9.]* MiB' "$OUT/epochs.txt" | awk '{s += $2} END {print s}')

@@ -222,6 +222,34 @@ impl Client {
         })
     }
 
+    /// Like [`connect`](Self::connect), and auto-detects a same-host
+    /// server: when `url` is TCP on a loopback address and the server
+    /// advertises a Unix socket (`Status.unix_socket_path`) that this
+    /// process can connect to, and the server there has the same pool id,
+    /// the client uses that socket instead, so loaders take the zero-copy
+    /// path. In every other case (remote host, no socket, no permission,
+    /// another server behind it) it is the TCP connection as given.
+    pub async fn connect_auto(url: &str) -> Result<Self, ClientError> {
+        let tcp = Self::connect(url).await?;
+        if tcp.is_local() || !is_loopback_url(url) {
+            return Ok(tcp);
+        }
+        let Ok(advertised) = tcp.status().await else {
+            return Ok(tcp);
+        };
+        if advertised.unix_socket_path.is_empty() {
+            return Ok(tcp);
+        }
+        let unix_url = format!("unix://{}", advertised.unix_socket_path);
+        let Ok(local) = Self::connect(&unix_url).await else {
+            return Ok(tcp);
+        };
+        match local.status().await {
+            Ok(s) if s.pool_id == advertised.pool_id => Ok(local),
+            _ => Ok(tcp),
+        }
+    }
+
     /// Whether this connection is to a server on this host (Unix socket).
     pub fn is_local(&self) -> bool {
         self.local
@@ -724,5 +752,46 @@ mod tests {
         let e = ClientError::from(Status::new(Code::DataLoss, "bad block"));
         assert_eq!(e.to_string(), "DATA_LOSS: bad block");
         assert_eq!(e.code(), Some(Code::DataLoss));
+    }
+}
+
+/// Whether `url` names a loopback address (`localhost`, 127.0.0.0/8, ::1).
+fn is_loopback_url(url: &str) -> bool {
+    let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
+        return false;
+    };
+    match uri.host() {
+        Some("localhost") => true,
+        Some(host) => host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback()),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod transport_tests {
+    use super::is_loopback_url;
+
+    #[test]
+    fn loopback_urls_are_recognised() {
+        for url in [
+            "http://127.0.0.1:7400",
+            "http://127.9.9.9:1",
+            "http://localhost:7400",
+            "http://[::1]:7400",
+        ] {
+            assert!(is_loopback_url(url), "{url}");
+        }
+        for url in [
+            "http://10.0.0.1:7400",
+            "http://storage.example:7400",
+            "unix:///tmp/s.sock",
+            "not a url",
+        ] {
+            assert!(!is_loopback_url(url), "{url}");
+        }
     }
 }

@@ -120,7 +120,12 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let storaged = StoragedService::new(store, Regions::new(region_limits), stop_rx.clone());
+    let storaged = StoragedService::new(
+        store,
+        Regions::new(region_limits),
+        stop_rx.clone(),
+        Some(&endpoints.unix),
+    );
     let generated = StoragedServer::new(storaged.clone())
         .max_decoding_message_size(limits.max_decoding_message_bytes)
         .max_encoding_message_size(limits.max_encoding_message_bytes);

@@ -27,6 +27,9 @@ pub struct StoragedService {
     /// Becomes true when the server starts shutting down: open region
     /// registrations end then, instead of holding the drain to its deadline.
     stopping: tokio::sync::watch::Receiver<bool>,
+    /// The Unix socket this server also listens on, advertised in `Status`
+    /// so same-host clients that came over TCP can switch to it.
+    unix_socket: Option<Arc<str>>,
 }
 
 impl StoragedService {
@@ -34,11 +37,15 @@ impl StoragedService {
         store: Arc<Store>,
         regions: Arc<Regions>,
         stopping: tokio::sync::watch::Receiver<bool>,
+        unix_socket: Option<&Path>,
     ) -> Self {
         Self {
             store,
             regions,
             stopping,
+            unix_socket: unix_socket
+                .and_then(|p| std::path::absolute(p).ok())
+                .map(|p| p.to_string_lossy().into()),
         }
     }
 
@@ -59,6 +66,7 @@ impl StoragedService {
         s.read_ahead_expired = ra.expired.load(Ordering::Relaxed);
         s.read_ahead_failed = ra.failed.load(Ordering::Relaxed);
         s.read_ahead_cache_bytes = self.store.read_ahead.used_bytes();
+        s.unix_socket_path = self.unix_socket.as_deref().unwrap_or_default().to_owned();
         let (regions, region_bytes) = self.regions.usage();
         s.regions_registered = regions as u32;
         s.region_bytes_registered = region_bytes;

@@ -460,3 +460,58 @@ async fn open_registrations_do_not_hold_up_shutdown() {
         "the socket file is removed on exit"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loopback_client_finds_the_unix_socket_by_itself() {
+    // Guards transport auto-detection: a same-host client that names the
+    // TCP address ends up on the Unix socket (and the zero-copy path), and
+    // falls back to TCP, still working, when the socket cannot be reached.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon(&tmp);
+    let tcp = storaged_client::Client::connect(&d.url).await.unwrap();
+    assert!(!tcp.is_local());
+    let advertised = tcp.status().await.unwrap().unix_socket_path;
+    assert_eq!(format!("unix://{advertised}"), d.unix_url());
+
+    let auto = storaged_client::Client::connect_auto(&d.url).await.unwrap();
+    assert!(auto.is_local(), "switched to the Unix socket");
+    let mut region = auto.register_region(1 << 20).await.unwrap();
+    let reads = [RegionRead::whole("part/001", files()[1].1.len() as u64)];
+    let batch = auto
+        .dataset("ds")
+        .unwrap()
+        .read_into(&mut region, &reads)
+        .await
+        .unwrap();
+    assert_eq!(batch.get(0).unwrap(), &files()[1].1[..]);
+    drop(batch);
+
+    // storagectl does the same by default, and keeps TCP when asked.
+    let out = d.ctl_ok(&["epoch", "ds", "--workers", "1", "--batch", "8"]);
+    assert!(out.contains("via shm 9, via grpc 0"), "{out}");
+    let out = d.ctl_ok(&[
+        "--transport",
+        "as-given",
+        "epoch",
+        "ds",
+        "--workers",
+        "1",
+        "--batch",
+        "8",
+    ]);
+    assert!(out.contains("via shm 0, via grpc 9"), "{out}");
+
+    // The socket file gone (the listener itself still runs): TCP it is.
+    std::fs::remove_file(&advertised).unwrap();
+    let fallback = storaged_client::Client::connect_auto(&d.url).await.unwrap();
+    assert!(!fallback.is_local());
+    assert_eq!(
+        fallback
+            .dataset("ds")
+            .unwrap()
+            .read("part/001")
+            .await
+            .unwrap(),
+        files()[1].1
+    );
+}

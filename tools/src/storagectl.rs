@@ -35,6 +35,11 @@ struct Cli {
         global = true
     )]
     server: String,
+    /// `auto`: a TCP address on this host switches to the server's Unix
+    /// socket when it has one (same pool), so loaders and `verify --via shm`
+    /// use the zero-copy path. `as-given`: always the --server transport.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "as-given"], global = true)]
+    transport: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -80,7 +85,9 @@ enum Command {
     Verify {
         dataset: String,
         /// Read path: grpc (ReadBatch, works anywhere) or shm (registered
-        /// region, zero-copy; needs --server unix:///path/storaged.sock).
+        /// region, zero-copy; needs a same-host server: --server
+        /// unix:///path/storaged.sock, or a loopback address with
+        /// --transport auto).
         #[arg(long, default_value = "grpc")]
         via: String,
         /// Times to read the whole dataset.
@@ -195,7 +202,11 @@ fn class_name(code: i32) -> &'static str {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    let client = Client::connect(&cli.server).await?;
+    let client = if cli.transport == "auto" {
+        Client::connect_auto(&cli.server).await?
+    } else {
+        Client::connect(&cli.server).await?
+    };
     match cli.command {
         Command::Ingest { dataset, dir } => ingest(&client, &dataset, &dir).await,
         Command::Ls { dataset: None, .. } => {
