@@ -264,9 +264,12 @@ impl ServeConfig {
         if let Some(s) = file.read_ahead {
             store.limits.read_ahead_bytes = size_field("read_ahead", &s)?;
         }
-        if let Some(s) = file.hint_cache {
-            store.limits.hint_cache_bytes_max = size_field("hint_cache", &s)?;
-        }
+        // Unless set, read-ahead may hold 3/8 of the pool (96 MiB of the
+        // default 256 MiB), so a small pool gets a small cache.
+        store.limits.hint_cache_bytes_max = match file.hint_cache {
+            Some(s) => size_field("hint_cache", &s)?,
+            None => store.buffer_pool_bytes / 8 * 3,
+        };
         if let Some(s) = file.read_merge {
             store.limits.read_merge_bytes_max = size_field("read_merge", &s)?;
         }
@@ -371,5 +374,33 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    // Guards against a small buffer_pool failing to start because of the
+    // read-ahead default: the cache follows the pool unless set, and an
+    // explicit one over half the pool is refused by name.
+    #[test]
+    fn read_ahead_cache_follows_the_pool() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        let resolve = |text: &str| {
+            std::fs::write(&p, text).unwrap();
+            ServeConfig::resolve(ServeFlags {
+                config: Some(p.clone()),
+                ..Default::default()
+            })
+        };
+        let c = ServeConfig::resolve(ServeFlags::default()).unwrap();
+        assert_eq!(c.store.limits.hint_cache_bytes_max, 96 << 20);
+        let c = resolve("buffer_pool = \"16MiB\"\n").unwrap();
+        assert_eq!(c.store.limits.hint_cache_bytes_max, 6 << 20);
+        let c = resolve("buffer_pool = \"1GiB\"\nhint_cache = \"512MiB\"\nread_merge = \"0\"\n")
+            .unwrap();
+        assert_eq!(c.store.limits.hint_cache_bytes_max, 512 << 20);
+        assert_eq!(c.store.limits.read_merge_bytes_max, 0);
+        let err = resolve("buffer_pool = \"16MiB\"\nhint_cache = \"9MiB\"\n").unwrap_err();
+        assert!(err.contains("hint_cache"), "{err}");
+        let err = resolve("read_merge = \"32MiB\"\n").unwrap_err();
+        assert!(err.contains("read_merge"), "{err}");
     }
 }

@@ -266,8 +266,12 @@ impl Store {
             limits: cfg.limits.clone(),
             foreign_reads: tokio::sync::Semaphore::new(engine::FOREIGN_READS_IN_FLIGHT_MAX),
             read_counters: ReadCounters::default(),
+            // Never more than half the pool, whatever the limits say:
+            // foreground reads need the rest.
             read_ahead: readahead::ReadAhead::new(
-                cfg.limits.hint_cache_bytes_max,
+                cfg.limits
+                    .hint_cache_bytes_max
+                    .min(cfg.buffer_pool_bytes / 2),
                 std::time::Duration::from_millis(cfg.limits.hint_ttl_ms),
             ),
         }))
