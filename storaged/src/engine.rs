@@ -72,6 +72,47 @@ pub unsafe trait ForeignMemory: Send + Sync + 'static {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// The io_uring fixed-buffer index this memory is registered as (see
+    /// [`IoBackend::fix_foreign`]), covering exactly `base()..base() +
+    /// len()` in the engine that reads into it; `None` if not registered.
+    fn fixed_buffer(&self) -> Option<u16> {
+        None
+    }
+}
+
+/// Foreign memory registered with the kernel for the life of this value
+/// (an io_uring fixed buffer): reads into it skip pinning its pages for
+/// every I/O. Dropping it unregisters the memory; it must outlive every
+/// read that uses `index`, which holding it inside the memory's owner (as
+/// `RegionMap` does) guarantees, since reads hold the owner.
+pub struct FixedForeign {
+    pub index: u16,
+    release: Option<Box<dyn FnOnce() + Send + Sync>>,
+}
+
+impl FixedForeign {
+    pub fn new(index: u16, release: Box<dyn FnOnce() + Send + Sync>) -> Self {
+        Self {
+            index,
+            release: Some(release),
+        }
+    }
+}
+
+impl std::fmt::Debug for FixedForeign {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FixedForeign")
+            .field("index", &self.index)
+            .finish()
+    }
+}
+
+impl Drop for FixedForeign {
+    fn drop(&mut self) {
+        if let Some(release) = self.release.take() {
+            release();
+        }
+    }
 }
 
 /// A device read into foreign memory.
@@ -185,6 +226,18 @@ pub trait IoBackend: Send + Sync + 'static {
     /// Makes completed writes of `device` durable (fdatasync). Blocking.
     fn sync(&self, device: u32) -> io::Result<()>;
     fn device_count(&self) -> u32;
+    /// Registers `[base, base + len)` with the kernel for reads, where the
+    /// engine and the kernel allow it (io_uring fixed buffers; the pages
+    /// are pinned once, here, instead of per I/O). `None` otherwise; reads
+    /// then work as before. Blocking (pinning faults the pages in).
+    ///
+    /// # Safety
+    ///
+    /// The range must stay mapped until the returned value is dropped.
+    unsafe fn fix_foreign(&self, base: *mut u8, len: usize) -> Option<FixedForeign> {
+        let _ = (base, len);
+        None
+    }
 }
 
 /// Which engine to build.

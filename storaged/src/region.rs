@@ -122,6 +122,8 @@ impl From<RegionError> for tonic::Status {
 pub struct RegionMap {
     pub id: u64,
     pub owner_uid: u32,
+    /// Declared before `map` so it is dropped (unregistered) first.
+    fixed: std::sync::OnceLock<crate::engine::FixedForeign>,
     map: memmap2::MmapRaw,
 }
 
@@ -146,9 +148,26 @@ unsafe impl ForeignMemory for RegionMap {
     fn len(&self) -> usize {
         self.map.len()
     }
+    fn fixed_buffer(&self) -> Option<u16> {
+        self.fixed.get().map(|f| f.index)
+    }
 }
 
 impl RegionMap {
+    /// Registers the mapping with `engine` for reads (io_uring fixed
+    /// buffer) where it can; returns whether it is registered. Blocking:
+    /// pinning faults in every page.
+    pub fn fix_with(&self, engine: &dyn crate::engine::IoBackend) -> bool {
+        if self.fixed.get().is_none() {
+            // SAFETY: the mapping lives as long as `self`, and the
+            // registration is stored in `self` and dropped before `map`.
+            if let Some(f) = unsafe { engine.fix_foreign(self.map.as_mut_ptr(), self.map.len()) } {
+                let _ = self.fixed.set(f);
+            }
+        }
+        self.fixed.get().is_some()
+    }
+
     /// Bytes `[offset, offset + len)` as a slice, for checksumming reads
     /// that have completed. The client may write its region at any time;
     /// that can only spoil the checksum of its own data.
@@ -335,6 +354,7 @@ impl Regions {
         let region = Arc::new(RegionMap {
             id: u64::from_le_bytes(id_bytes) | 1,
             owner_uid: peer_uid,
+            fixed: std::sync::OnceLock::new(),
             map,
         });
         self.lock().by_id.insert(region.id, Arc::clone(&region));
@@ -373,6 +393,15 @@ impl Regions {
     pub fn usage(&self) -> (usize, u64) {
         let r = self.lock();
         (r.by_id.len(), r.bytes_total)
+    }
+
+    /// Registered regions that are also kernel-registered (fixed buffers).
+    pub fn fixed_count(&self) -> usize {
+        self.lock()
+            .by_id
+            .values()
+            .filter(|m| m.fixed_buffer().is_some())
+            .count()
     }
 }
 

@@ -67,6 +67,7 @@ impl StoragedService {
         s.read_ahead_failed = ra.failed.load(Ordering::Relaxed);
         s.read_ahead_cache_bytes = self.store.read_ahead.used_bytes();
         s.unix_socket_path = self.unix_socket.as_deref().unwrap_or_default().to_owned();
+        s.regions_fixed = self.regions.fixed_count() as u32;
         let (regions, region_bytes) = self.regions.usage();
         s.regions_registered = regions as u32;
         s.region_bytes_registered = region_bytes;
@@ -419,6 +420,17 @@ impl Storaged for StoragedService {
             )));
         }
         let registration = self.regions.register(path, r.size_bytes, uid)?;
+        // Pinning faults in every page of the region, so it runs off the
+        // runtime and in the background: reads that come first are plain
+        // READs (and fault pages in themselves), later ones READ_FIXED. It
+        // holds only a weak reference, so a region dropped meanwhile is not
+        // kept alive by it.
+        let (store, region) = (Arc::clone(&self.store), Arc::downgrade(&registration.region));
+        tokio::task::spawn_blocking(move || {
+            if let Some(region) = region.upgrade() {
+                store.fix_region(&region);
+            }
+        });
         let event = pb::RegionEvent {
             region_id: registration.region.id,
             size_bytes: r.size_bytes,

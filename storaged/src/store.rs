@@ -281,6 +281,12 @@ impl Store {
         &self.limits
     }
 
+    /// Registers a client region with the engine for reads where it can
+    /// (see `RegionMap::fix_with`). Blocking.
+    pub fn fix_region(&self, region: &crate::region::RegionMap) -> bool {
+        region.fix_with(&*self.engine)
+    }
+
     pub fn layout(&self) -> StripeLayout {
         self.layout
     }

@@ -81,6 +81,21 @@ async fn reads_land_in_place_verified_and_uncopied() {
     let objects = ds.list("").await.unwrap();
     let mut region = client.register_region(8 << 20).await.unwrap();
     assert_eq!(regions_registered(&d).await, 1);
+    // As root (CI), storaged may pin the region: it must have registered it
+    // as an io_uring fixed buffer, so reads skip per-I/O pinning.
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        assert!(
+            eventually(Duration::from_secs(10), async || client
+                .status()
+                .await
+                .unwrap()
+                .regions_fixed
+                == 1)
+            .await,
+            "the region was not registered as a fixed buffer"
+        );
+    }
 
     let reads: Vec<RegionRead> = objects
         .iter()

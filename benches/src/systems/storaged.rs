@@ -161,6 +161,23 @@ const SHM_WINDOW_BYTES: u64 = 16 << 20;
 const SHM_PIECE_BYTES: u64 = 1 << 20;
 const SHM_READERS_PER_STREAM: u32 = 12;
 
+/// The shm reader shape: `STORAGED_BENCH_SHM=READERS,WINDOW_MIB,PIECE_KIB`
+/// overrides the defaults above, for sweeps (BENCHMARKS.md).
+fn shm_shape() -> (u32, u64, u64) {
+    let default = (SHM_READERS_PER_STREAM, SHM_WINDOW_BYTES, SHM_PIECE_BYTES);
+    let Ok(v) = std::env::var("STORAGED_BENCH_SHM") else {
+        return default;
+    };
+    let f: Vec<u64> = v.split(',').filter_map(|x| x.trim().parse().ok()).collect();
+    match f[..] {
+        [r, w, p] if r > 0 && w > 0 && p > 0 && p * 1024 <= w << 20 => (r as u32, w << 20, p << 10),
+        _ => {
+            eprintln!("STORAGED_BENCH_SHM={v:?} ignored: expected READERS,WINDOW_MIB,PIECE_KIB");
+            default
+        }
+    }
+}
+
 /// Whole objects through the shared-memory path: the device writes into
 /// this process's registered regions, verified in place, nothing copied.
 /// Readers pull 16 MiB windows of the shards from one shared queue.
@@ -172,18 +189,19 @@ pub async fn stream_objects_shm(
 ) -> anyhow::Result<Measurement> {
     let client = Client::connect(&daemon.unix_url).await?;
     let ds = client.dataset(dataset)?;
+    let (readers, window_bytes, piece_bytes) = shm_shape();
     // (object, window start) pairs in order; readers take the next one.
     let windows: Vec<(Item, u64)> = items
         .iter()
         .flat_map(|i| {
-            (0..i.size.div_ceil(SHM_WINDOW_BYTES)).map(move |w| (i.clone(), w * SHM_WINDOW_BYTES))
+            (0..i.size.div_ceil(window_bytes)).map(move |w| (i.clone(), w * window_bytes))
         })
         .collect();
     let windows = Arc::new(windows);
     let next = Arc::new(AtomicUsize::new(0));
     let mut regions = Vec::new();
-    for _ in 0..concurrency * SHM_READERS_PER_STREAM {
-        regions.push(client.register_region(SHM_WINDOW_BYTES).await?);
+    for _ in 0..concurrency * readers {
+        regions.push(client.register_region(window_bytes).await?);
     }
     let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
     let mut tasks = Vec::new();
@@ -196,13 +214,13 @@ pub async fn stream_objects_shm(
                 let Some((item, start)) = windows.get(k) else {
                     break;
                 };
-                let end = (start + SHM_WINDOW_BYTES).min(item.size);
+                let end = (start + window_bytes).min(item.size);
                 let reads: Vec<RegionRead> = (*start..end)
-                    .step_by(SHM_PIECE_BYTES as usize)
+                    .step_by(piece_bytes as usize)
                     .map(|at| RegionRead {
                         path: item.path.clone(),
                         offset: at,
-                        length: Some(SHM_PIECE_BYTES.min(end - at)),
+                        length: Some(piece_bytes.min(end - at)),
                         object_size: item.size,
                     })
                     .collect();

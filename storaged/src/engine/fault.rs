@@ -123,6 +123,11 @@ impl IoBackend for FaultyBackend {
         }
     }
 
+    unsafe fn fix_foreign(&self, base: *mut u8, len: usize) -> Option<super::FixedForeign> {
+        // SAFETY: the caller's promise, passed on unchanged.
+        unsafe { self.inner.fix_foreign(base, len) }
+    }
+
     fn read_foreign(&self, read: ForeignRead) -> ForeignReadFuture {
         let op = IoOp {
             kind: OpKind::Read,

@@ -12,10 +12,17 @@
 //! sleeping, so a busy ring costs no extra syscall per operation.
 //!
 //! Reads into foreign memory (client regions) come on a second channel and
-//! share the per-device queue depth. They are plain `READ`s: registering a
-//! client's pages as fixed buffers would need the buffer table updated from
-//! the ring thread on every registration, and pins nothing the kernel does
-//! not pin per I/O anyway. Their user data is `FOREIGN_TOKEN_BASE + slot`.
+//! share the per-device queue depth; their user data is
+//! `FOREIGN_TOKEN_BASE + slot`. The buffer table is registered sparse, with
+//! `REGION_FIXED_SLOTS` spare entries after the pool's: a region is
+//! registered into one when it is registered with storaged
+//! (`fix_foreign`, an `IORING_REGISTER_BUFFERS_UPDATE` on the ring's fd,
+//! safe beside `io_uring_enter` on the ring thread since the kernel
+//! serialises both), and its reads are then `READ_FIXED`, which skips
+//! pinning the client's pages for every I/O (15% of the server's CPU on
+//! this path when they were plain `READ`s). A region that does not fit
+//! (over 1 GiB, no free entry, the memlock limit) is read with plain
+//! `READ`s.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -36,6 +43,63 @@ use crate::buf::{BufLease, BufferPool, IoFuture};
 const WAKE_TOKEN: u64 = u64::MAX;
 /// Tokens at or above this are foreign reads; below, pool buffer indexes.
 const FOREIGN_TOKEN_BASE: u64 = 1 << 32;
+
+/// Spare fixed-buffer entries for client regions.
+const REGION_FIXED_SLOTS: usize = 256;
+/// The kernel's limit on one fixed buffer.
+const FIXED_BUFFER_BYTES_MAX: usize = 1 << 30;
+/// `IORING_REGISTER_BUFFERS_UPDATE` (linux/io_uring.h).
+const IORING_REGISTER_BUFFERS_UPDATE: libc::c_uint = 16;
+
+/// `struct io_uring_rsrc_update2` (linux/io_uring.h).
+#[repr(C)]
+struct RsrcUpdate2 {
+    offset: u32,
+    resv: u32,
+    data: u64,
+    tags: u64,
+    nr: u32,
+    resv2: u32,
+}
+
+/// The spare fixed-buffer entries and a descriptor of the ring to update
+/// them through (a duplicate, so a region that outlives the engine can
+/// still be unregistered).
+struct FixedTable {
+    ring_fd: OwnedFd,
+    free: std::sync::Mutex<Vec<u16>>,
+}
+
+impl FixedTable {
+    /// Points entry `index` at `iov` (an empty iovec clears it).
+    fn update(&self, index: u16, iov: libc::iovec) -> io::Result<()> {
+        let up = RsrcUpdate2 {
+            offset: u32::from(index),
+            resv: 0,
+            data: (&iov as *const libc::iovec) as u64,
+            tags: 0,
+            nr: 1,
+            resv2: 0,
+        };
+        // SAFETY: io_uring_register(2) with a valid ring fd and a pointer to
+        // a live, correctly laid out io_uring_rsrc_update2 whose `data`
+        // points to one live iovec; the kernel copies both before returning.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                self.ring_fd.as_raw_fd(),
+                IORING_REGISTER_BUFFERS_UPDATE,
+                (&up as *const RsrcUpdate2).cast::<libc::c_void>(),
+                std::mem::size_of::<RsrcUpdate2>() as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    }
+}
 
 struct Submission {
     op: IoOp,
@@ -84,6 +148,7 @@ pub struct UringEngine {
     pool: Arc<BufferPool>,
     thread: Option<JoinHandle<()>>,
     fixed_buffers: bool,
+    fixed_regions: Option<Arc<FixedTable>>,
 }
 
 impl UringEngine {
@@ -107,20 +172,55 @@ impl UringEngine {
         let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
         let fixed_files = ring.submitter().register_files(&fds).is_ok();
         let iovecs = pool.iovecs();
-        let fixed_buffers = buffers <= u16::MAX as usize
+        // A sparse table with room for regions, else the pool alone, else
+        // plain READ/WRITE.
+        let mut fixed_regions = None;
+        let fixed_buffers = buffers + REGION_FIXED_SLOTS <= u16::MAX as usize
+            && ring
+                .submitter()
+                .register_buffers_sparse((buffers + REGION_FIXED_SLOTS) as u32)
+                .is_ok()
             // SAFETY: every iovec points into the pool's mapping, which the
             // ring thread keeps alive (it holds an `Arc<BufferPool>`) until
             // after the ring is dropped and the registration released.
-            && match unsafe { ring.submitter().register_buffers(&iovecs) } {
-                Ok(()) => true,
-                Err(e) => {
-                    tracing::warn!(error = %e, "io_uring: cannot register fixed buffers; using plain READ/WRITE");
+            && match unsafe { ring.submitter().register_buffers_update(0, &iovecs, None) } {
+                Ok(()) => {
+                    // SAFETY: dup(2) of the ring's open descriptor; the
+                    // result is checked and owned below.
+                    let fd = unsafe { libc::dup(ring.as_raw_fd()) };
+                    if fd >= 0 {
+                        fixed_regions = Some(Arc::new(FixedTable {
+                            // SAFETY: `fd` is a fresh descriptor we own.
+                            ring_fd: unsafe { OwnedFd::from_raw_fd(fd) },
+                            free: std::sync::Mutex::new(
+                                (buffers..buffers + REGION_FIXED_SLOTS)
+                                    .rev()
+                                    .map(|i| i as u16)
+                                    .collect(),
+                            ),
+                        }));
+                    }
+                    true
+                }
+                Err(_) => {
+                    let _ = ring.submitter().unregister_buffers();
                     false
                 }
             };
+        let fixed_buffers = fixed_buffers
+            || buffers <= u16::MAX as usize
+                // SAFETY: as above.
+                && match unsafe { ring.submitter().register_buffers(&iovecs) } {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "io_uring: cannot register fixed buffers; using plain READ/WRITE");
+                        false
+                    }
+                };
         tracing::info!(
             ring_entries = entries,
             fixed_buffers,
+            fixed_regions = fixed_regions.is_some(),
             fixed_files,
             devices = files.len(),
             "io_uring engine started"
@@ -155,6 +255,7 @@ impl UringEngine {
             pool,
             thread: Some(thread),
             fixed_buffers,
+            fixed_regions,
         })
     }
 
@@ -212,6 +313,39 @@ impl IoBackend for UringEngine {
         self.files[device as usize].sync_data()
     }
 
+    unsafe fn fix_foreign(&self, base: *mut u8, len: usize) -> Option<super::FixedForeign> {
+        let table = self.fixed_regions.as_ref()?;
+        if len == 0 || len > FIXED_BUFFER_BYTES_MAX {
+            return None;
+        }
+        let index = table.free.lock().expect("fixed table poisoned").pop()?;
+        let iov = libc::iovec {
+            iov_base: base.cast(),
+            iov_len: len,
+        };
+        if let Err(e) = table.update(index, iov) {
+            // Typically RLIMIT_MEMLOCK for an unprivileged storaged.
+            tracing::debug!(error = %e, len, "region not registered as a fixed buffer; plain reads");
+            table.free.lock().expect("fixed table poisoned").push(index);
+            return None;
+        }
+        let table = Arc::clone(table);
+        Some(super::FixedForeign::new(
+            index,
+            Box::new(move || {
+                let empty = libc::iovec {
+                    iov_base: std::ptr::null_mut(),
+                    iov_len: 0,
+                };
+                match table.update(index, empty) {
+                    Ok(()) => table.free.lock().expect("fixed table poisoned").push(index),
+                    // The entry stays pinned and unused rather than reused.
+                    Err(e) => tracing::warn!(error = %e, index, "cannot unregister a region's fixed buffer"),
+                }
+            }),
+        ))
+    }
+
     fn device_count(&self) -> u32 {
         self.files.len() as u32
     }
@@ -258,7 +392,7 @@ impl RingThread {
             let slot = foreign[(token - FOREIGN_TOKEN_BASE) as usize]
                 .as_ref()
                 .expect("foreign op is recorded");
-            (slot.read.target(f.done), None)
+            (slot.read.target(f.done), slot.read.memory.fixed_buffer())
         } else {
             let index = token as u32;
             let (base, cap) = self.pool.buf_raw(index);

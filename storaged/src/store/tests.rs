@@ -451,6 +451,14 @@ impl IoBackend for CountingBackend {
     fn device_count(&self) -> u32 {
         self.inner.device_count()
     }
+    unsafe fn fix_foreign(
+        &self,
+        base: *mut u8,
+        len: usize,
+    ) -> Option<crate::engine::FixedForeign> {
+        // SAFETY: the caller's promise, passed on.
+        unsafe { self.inner.fix_foreign(base, len) }
+    }
 }
 
 // Guards the integrity granularity promise: any 4 KiB read, wherever it
@@ -859,6 +867,62 @@ async fn read_into_merges_neighbours() {
             assert!(merged >= 32 - reads, "{merged} merged");
         } else {
             assert_eq!(merged, 0, "nothing to merge");
+        }
+    }
+}
+
+// Guards fixed-buffer regions: a region registered with the ring is read
+// with READ_FIXED and gets exactly its bytes; dropping it frees its table
+// entry, so registering far more regions than entries, one after another,
+// keeps working. Registration needs the kernel's permission to pin (root
+// here); without it the region must still read correctly, unfixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fixed_regions_read_exactly_and_give_their_entry_back() {
+    use crate::region::{RegionLimits, Regions};
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path(), 16, 64 << 10)).unwrap();
+    let objs = ingest_samples(&store, 8, 10_000).await;
+    let regions = Regions::new(RegionLimits::default());
+    // SAFETY: geteuid and getuid have no preconditions.
+    let (root, uid) = unsafe { (libc::geteuid() == 0, libc::getuid()) };
+    for round in 0..300 {
+        let shm = tempfile::Builder::new()
+            .prefix("storaged-test-")
+            .tempfile_in("/dev/shm")
+            .unwrap();
+        let size = 8 * 12288;
+        shm.as_file().set_len(size).unwrap();
+        let reg = regions.register(shm.path(), size, uid).unwrap();
+        let fixed = store.fix_region(&reg.region);
+        assert!(fixed || !root, "round {round}: root may pin, the region must be fixed");
+        if round % 100 != 0 {
+            continue;
+        }
+        let items = objs
+            .iter()
+            .enumerate()
+            .map(|(i, (p, _))| {
+                Ok(read_into::ReadIntoItem {
+                    range: RangeSpec {
+                        path: ObjectPath::new(p.as_str()).unwrap(),
+                        offset: 0,
+                        length: None,
+                    },
+                    region_offset: i as u64 * 12288,
+                })
+            })
+            .collect();
+        let done: Vec<_> = store
+            .read_into(Arc::clone(&reg.region), &DatasetName::new("ds").unwrap(), items, 8)
+            .unwrap()
+            .collect()
+            .await;
+        // SAFETY: the file is ours; every read into it has completed.
+        let map = unsafe { memmap2::MmapOptions::new().map(shm.as_file()) }.unwrap();
+        for (i, r) in done {
+            let r = r.unwrap();
+            let at = r.data_offset as usize;
+            assert_eq!(&map[at..at + r.length as usize], &objs[i as usize].1[..]);
         }
     }
 }
