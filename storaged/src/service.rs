@@ -425,7 +425,10 @@ impl Storaged for StoragedService {
         // READs (and fault pages in themselves), later ones READ_FIXED. It
         // holds only a weak reference, so a region dropped meanwhile is not
         // kept alive by it.
-        let (store, region) = (Arc::clone(&self.store), Arc::downgrade(&registration.region));
+        let (store, region) = (
+            Arc::clone(&self.store),
+            Arc::downgrade(&registration.region),
+        );
         tokio::task::spawn_blocking(move || {
             if let Some(region) = region.upgrade() {
                 store.fix_region(&region);

@@ -340,7 +340,9 @@ impl IoBackend for UringEngine {
                 match table.update(index, empty) {
                     Ok(()) => table.free.lock().expect("fixed table poisoned").push(index),
                     // The entry stays pinned and unused rather than reused.
-                    Err(e) => tracing::warn!(error = %e, index, "cannot unregister a region's fixed buffer"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, index, "cannot unregister a region's fixed buffer")
+                    }
                 }
             }),
         ))

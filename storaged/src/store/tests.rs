@@ -451,11 +451,7 @@ impl IoBackend for CountingBackend {
     fn device_count(&self) -> u32 {
         self.inner.device_count()
     }
-    unsafe fn fix_foreign(
-        &self,
-        base: *mut u8,
-        len: usize,
-    ) -> Option<crate::engine::FixedForeign> {
+    unsafe fn fix_foreign(&self, base: *mut u8, len: usize) -> Option<crate::engine::FixedForeign> {
         // SAFETY: the caller's promise, passed on.
         unsafe { self.inner.fix_foreign(base, len) }
     }
@@ -894,7 +890,10 @@ async fn fixed_regions_read_exactly_and_give_their_entry_back() {
         shm.as_file().set_len(size).unwrap();
         let reg = regions.register(shm.path(), size, uid).unwrap();
         let fixed = store.fix_region(&reg.region);
-        assert!(fixed || !root, "round {round}: root may pin, the region must be fixed");
+        assert!(
+            fixed || !root,
+            "round {round}: root may pin, the region must be fixed"
+        );
         if round % 100 != 0 {
             continue;
         }
@@ -913,7 +912,12 @@ async fn fixed_regions_read_exactly_and_give_their_entry_back() {
             })
             .collect();
         let done: Vec<_> = store
-            .read_into(Arc::clone(&reg.region), &DatasetName::new("ds").unwrap(), items, 8)
+            .read_into(
+                Arc::clone(&reg.region),
+                &DatasetName::new("ds").unwrap(),
+                items,
+                8,
+            )
             .unwrap()
             .collect()
             .await;
