@@ -22,6 +22,7 @@
 //! `IoBackend` is the seam for tests: [`fault::FaultyBackend`] wraps any
 //! engine and injects errors and bit flips.
 
+mod elevator;
 pub mod fault;
 pub mod psync;
 pub mod uring;

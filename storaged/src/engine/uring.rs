@@ -1,5 +1,9 @@
 //! The io_uring engine: one thread owns one ring for all devices.
 //!
+//! Operations beyond a device's queue depth wait in a per-device backlog
+//! served in C-SCAN order (`elevator`), so the device always gets the
+//! nearest next piece of all the work in flight, not the oldest.
+//!
 //! On a 2-core machine a single ring thread keeps every device busy; more
 //! threads would only compete with the tonic runtime. The thread registers the
 //! pool's buffers (fixed buffers, `READ_FIXED`/`WRITE_FIXED`) and the device
@@ -24,7 +28,6 @@
 //! (over 1 GiB, no free entry, the memlock limit) is read with plain
 //! `READ`s.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -34,6 +37,7 @@ use std::thread::JoinHandle;
 
 use io_uring::{IoUring, opcode, squeue, types};
 
+use super::elevator::Elevator;
 use super::{
     EngineLimits, FOREIGN_READS_IN_FLIGHT_MAX, ForeignRead, ForeignReadFuture, IoBackend, IoOp,
     OpKind,
@@ -441,14 +445,11 @@ impl RingThread {
         let mut foreign_free: Vec<usize> = (0..FOREIGN_READS_IN_FLIGHT_MAX).rev().collect();
         let mut device_in_flight = vec![0u32; n_devices];
         let mut total_in_flight = 0usize;
-        // Operations waiting for their device's queue depth, one FIFO per
-        // device: submitting looks only at devices with room, instead of
-        // rescanning every waiting operation on every loop (up to a
-        // thousand with client-region reads queued).
-        let ops_max = self.pool.buffer_count() + FOREIGN_READS_IN_FLIGHT_MAX;
-        let mut deferred: Vec<VecDeque<u64>> = (0..n_devices)
-            .map(|_| VecDeque::with_capacity(ops_max))
-            .collect();
+        // Operations waiting for their device's queue depth, one backlog
+        // per device, served in C-SCAN order (see `elevator`): submitting
+        // looks only at devices with room, and refills each with the
+        // nearest next work of every request in flight.
+        let mut deferred: Vec<Elevator> = (0..n_devices).map(|_| Elevator::default()).collect();
         let mut deferred_total = 0usize;
         let mut completions: Vec<(u64, i32)> =
             Vec::with_capacity(self.pool.buffer_count() + FOREIGN_READS_IN_FLIGHT_MAX + 1);
@@ -476,7 +477,7 @@ impl RingThread {
             }
             while let Ok(s) = self.rx.try_recv() {
                 in_flight[s.index as usize] = Some(InFlight { op: s.op, done: 0 });
-                deferred[s.op.device as usize].push_back(u64::from(s.index));
+                deferred[s.op.device as usize].push(s.op.offset, u64::from(s.index));
                 deferred_total += 1;
             }
             while let Some(&slot) = foreign_free.last() {
@@ -495,13 +496,13 @@ impl RingThread {
                     read: s.read,
                     done: s.done,
                 });
-                deferred[op.device as usize].push_back(FOREIGN_TOKEN_BASE + slot as u64);
+                deferred[op.device as usize].push(op.offset, FOREIGN_TOKEN_BASE + slot as u64);
                 deferred_total += 1;
             }
-            // Push what the queue depth allows, in arrival order per device.
+            // Push what the queue depth allows, in sweep order per device.
             'devices: for (dev, queue) in deferred.iter_mut().enumerate() {
                 while device_in_flight[dev] < self.queue_depth_per_device_max {
-                    let Some(&token) = queue.front() else {
+                    let Some(token) = queue.peek() else {
                         break;
                     };
                     let f = recorded(&in_flight, &foreign, token);
@@ -513,13 +514,18 @@ impl RingThread {
                     if unsafe { self.ring.submission().push(&sqe) }.is_err() {
                         break 'devices;
                     }
-                    queue.pop_front();
+                    queue.pop();
                     deferred_total -= 1;
                     device_in_flight[dev] += 1;
                     total_in_flight += 1;
                 }
             }
 
+            debug_assert_eq!(
+                deferred_total,
+                deferred.iter().map(Elevator::len).sum::<usize>(),
+                "every waiting operation is in exactly one backlog"
+            );
             if shutting_down && total_in_flight == 0 && deferred_total == 0 && !bell_armed {
                 break;
             }
