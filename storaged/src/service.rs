@@ -526,14 +526,8 @@ impl Storaged for StoragedService {
     ) -> Result<Response<pb::HintResponse>, Status> {
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
-        if r.paths.len() > self.store.limits().hint_items_max {
-            return Err(StoreError::Limit(format!(
-                "{} objects in one hint; the limit is {}",
-                r.paths.len(),
-                self.store.limits().hint_items_max
-            ))
-            .into());
-        }
+        // The item limit is the store's to enforce; the message itself is
+        // bounded by the server's decoding limit.
         let paths = r
             .paths
             .into_iter()
