@@ -95,8 +95,13 @@ pub(crate) async fn ingest_dir(
     mut rpc: StoragedClient<Channel>,
     name: DatasetName,
     root: &Path,
+    class: Option<storaged_proto::model::StorageClass>,
     mut progress: impl FnMut(IngestProgress) + Send + 'static,
 ) -> Result<pb::DatasetInfo, ClientError> {
+    let (storage_class, ec_data_units, ec_parity_units) = match class {
+        Some(c) => c.to_wire(),
+        None => (pb::StorageClass::Unspecified, 0, 0),
+    };
     let files = walk(root)?;
     let mut p = IngestProgress {
         total_bytes: files.iter().map(|f| f.2).sum(),
@@ -118,7 +123,9 @@ pub(crate) async fn ingest_dir(
         };
         send(Msg::Begin(pb::IngestBegin {
             dataset: name.to_string(),
-            storage_class: pb::StorageClass::Stripe as i32,
+            storage_class: storage_class as i32,
+            ec_data_units,
+            ec_parity_units,
         }))
         .await?;
         let mut total = 0u64;

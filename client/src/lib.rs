@@ -310,7 +310,26 @@ impl Client {
         dir: &std::path::Path,
         progress: impl FnMut(IngestProgress) + Send + 'static,
     ) -> Result<DatasetInfo, ClientError> {
-        ingest::ingest_dir(self.rpc.clone(), DatasetName::new(name)?, dir, progress).await
+        self.ingest_dir_as(name, dir, None, progress).await
+    }
+
+    /// [`ingest_dir`](Self::ingest_dir) with a storage class (`None`: the
+    /// server's default, which the returned info names).
+    pub async fn ingest_dir_as(
+        &self,
+        name: &str,
+        dir: &std::path::Path,
+        class: Option<storaged_proto::model::StorageClass>,
+        progress: impl FnMut(IngestProgress) + Send + 'static,
+    ) -> Result<DatasetInfo, ClientError> {
+        ingest::ingest_dir(
+            self.rpc.clone(),
+            DatasetName::new(name)?,
+            dir,
+            class,
+            progress,
+        )
+        .await
     }
 
     /// The raw generated client, for calls this crate does not wrap.

@@ -37,6 +37,8 @@ pub enum NameError {
     PathBadComponent(String, String),
     #[error("storage class {0} is not supported")]
     StorageClass(i32),
+    #[error("storage class {0:?} is not valid: use stripe or ec:K+M (for example ec:4+1)")]
+    StorageClassName(String),
 }
 
 /// A dataset name that satisfies the protocol's rules.
@@ -131,6 +133,10 @@ impl TryFrom<&str> for ObjectPath {
 pub enum StorageClass {
     /// RAID-0 striping, no redundancy.
     Stripe,
+    /// Reed-Solomon: `data_units` data and `parity_units` parity stripe units
+    /// per stripe, each on a different device. The bounds are the server's
+    /// to check (they depend on the pool).
+    Ec { data_units: u8, parity_units: u8 },
 }
 
 impl StorageClass {
@@ -138,40 +144,89 @@ impl StorageClass {
     pub fn code(self) -> u8 {
         match self {
             StorageClass::Stripe => 1,
+            StorageClass::Ec { .. } => 2,
         }
     }
 
-    pub fn from_code(code: u8) -> Option<Self> {
-        match code {
-            1 => Some(StorageClass::Stripe),
-            _ => None,
+    /// Parses `stripe` or `ec:K+M`.
+    pub fn parse(s: &str) -> Result<Self, NameError> {
+        let bad = || NameError::StorageClassName(s.to_owned());
+        if s == "stripe" {
+            return Ok(StorageClass::Stripe);
         }
+        let (k, m) = s
+            .strip_prefix("ec:")
+            .and_then(|km| km.split_once('+'))
+            .ok_or_else(bad)?;
+        let unit = |x: &str| x.parse::<u8>().ok().filter(|v| *v > 0);
+        Ok(StorageClass::Ec {
+            data_units: unit(k).ok_or_else(bad)?,
+            parity_units: unit(m).ok_or_else(bad)?,
+        })
     }
 
-    pub fn name(self) -> &'static str {
-        match self {
-            StorageClass::Stripe => "stripe",
-        }
-    }
-}
-
-impl TryFrom<i32> for StorageClass {
-    type Error = NameError;
-    fn try_from(v: i32) -> Result<Self, Self::Error> {
-        match pb::StorageClass::try_from(v) {
-            Ok(pb::StorageClass::Unspecified) | Ok(pb::StorageClass::Stripe) => {
-                Ok(StorageClass::Stripe)
+    /// The class an ingest asks for; `None` means "the server's default".
+    pub fn from_wire(
+        class: i32,
+        data_units: u32,
+        parity_units: u32,
+    ) -> Result<Option<Self>, NameError> {
+        match pb::StorageClass::try_from(class) {
+            Ok(pb::StorageClass::Unspecified) => Ok(None),
+            Ok(pb::StorageClass::Stripe) => Ok(Some(StorageClass::Stripe)),
+            Ok(pb::StorageClass::Ec) => {
+                let unit = |v: u32| u8::try_from(v).ok().filter(|v| *v > 0);
+                match (unit(data_units), unit(parity_units)) {
+                    (Some(data_units), Some(parity_units)) => Ok(Some(StorageClass::Ec {
+                        data_units,
+                        parity_units,
+                    })),
+                    _ => Err(NameError::StorageClassName(format!(
+                        "ec:{data_units}+{parity_units}"
+                    ))),
+                }
             }
-            Err(_) => Err(NameError::StorageClass(v)),
+            Err(_) => Err(NameError::StorageClass(class)),
+        }
+    }
+
+    /// `(class, data_units, parity_units)` as the wire carries them.
+    pub fn to_wire(self) -> (pb::StorageClass, u32, u32) {
+        match self {
+            StorageClass::Stripe => (pb::StorageClass::Stripe, 0, 0),
+            StorageClass::Ec {
+                data_units,
+                parity_units,
+            } => (
+                pb::StorageClass::Ec,
+                u32::from(data_units),
+                u32::from(parity_units),
+            ),
+        }
+    }
+
+    /// Whether losing one device loses no data.
+    pub fn is_redundant(self) -> bool {
+        matches!(self, StorageClass::Ec { .. })
+    }
+}
+
+impl fmt::Display for StorageClass {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StorageClass::Stripe => f.write_str("stripe"),
+            StorageClass::Ec {
+                data_units,
+                parity_units,
+            } => write!(f, "ec:{data_units}+{parity_units}"),
         }
     }
 }
 
-impl From<StorageClass> for pb::StorageClass {
-    fn from(c: StorageClass) -> Self {
-        match c {
-            StorageClass::Stripe => pb::StorageClass::Stripe,
-        }
+impl std::str::FromStr for StorageClass {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::parse(s)
     }
 }
 
@@ -298,14 +353,31 @@ mod tests {
     }
 
     #[test]
-    fn storage_class_codes() {
-        assert_eq!(StorageClass::try_from(0), Ok(StorageClass::Stripe));
-        assert_eq!(StorageClass::try_from(1), Ok(StorageClass::Stripe));
-        assert_eq!(StorageClass::try_from(7), Err(NameError::StorageClass(7)));
+    fn storage_class_parse_and_wire() {
+        assert_eq!(StorageClass::parse("stripe"), Ok(StorageClass::Stripe));
+        let ec = StorageClass::Ec {
+            data_units: 4,
+            parity_units: 1,
+        };
+        assert_eq!(StorageClass::parse("ec:4+1"), Ok(ec));
+        assert_eq!(ec.to_string(), "ec:4+1");
+        for bad in [
+            "", "ec", "ec:4", "ec:0+1", "ec:4+0", "ec:a+1", "raid5", "ec:300+1",
+        ] {
+            assert!(StorageClass::parse(bad).is_err(), "{bad:?}");
+        }
+        assert_eq!(StorageClass::from_wire(0, 0, 0), Ok(None));
         assert_eq!(
-            StorageClass::from_code(StorageClass::Stripe.code()),
-            Some(StorageClass::Stripe)
+            StorageClass::from_wire(1, 0, 0),
+            Ok(Some(StorageClass::Stripe))
         );
-        assert_eq!(StorageClass::from_code(0), None);
+        let (c, k, m) = ec.to_wire();
+        assert_eq!(StorageClass::from_wire(c as i32, k, m), Ok(Some(ec)));
+        assert!(StorageClass::from_wire(2, 0, 1).is_err());
+        assert!(StorageClass::from_wire(2, 256, 1).is_err());
+        assert_eq!(
+            StorageClass::from_wire(7, 0, 0),
+            Err(NameError::StorageClass(7))
+        );
     }
 }

@@ -127,6 +127,23 @@ impl ExtentAllocator {
         Some(e)
     }
 
+    /// First free run of `len` bytes starting on a multiple of `align`
+    /// (both multiples of 4 KiB). Erasure-coded datasets take whole rows
+    /// this way.
+    pub fn allocate_aligned(&mut self, len: u64, align: u64) -> Option<Extent> {
+        debug_assert!(len.is_multiple_of(BLOCK_BYTES) && align.is_multiple_of(BLOCK_BYTES));
+        if len == 0 {
+            return Some(Extent { offset: 0, len: 0 });
+        }
+        let start = self.free.iter().find_map(|(&start, &l)| {
+            let at = start.next_multiple_of(align);
+            (at + len <= start + l).then_some(at)
+        })?;
+        let e = Extent { offset: start, len };
+        self.mark_used(e).expect("a free run can be taken");
+        Some(e)
+    }
+
     /// Returns `e` to the free set, merging with its neighbours.
     pub fn release(&mut self, e: Extent) -> Result<(), AllocError> {
         self.check(e)?;
@@ -184,10 +201,70 @@ pub fn coalesce(extents: &mut Vec<Extent>) {
     *extents = out;
 }
 
+/// Merges extents that follow each other in the list's own order (the
+/// order of an erasure-coded dataset's rows is its data order, so it must
+/// not be sorted).
+pub fn coalesce_in_order(extents: &mut Vec<Extent>) {
+    let mut out: Vec<Extent> = Vec::with_capacity(extents.len());
+    for e in extents.drain(..).filter(|e| e.len > 0) {
+        match out.last_mut() {
+            Some(last) if last.end() == e.offset => last.len += e.len,
+            _ => out.push(e),
+        }
+    }
+    *extents = out;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn aligned_allocation_and_in_order_coalescing() {
+        let mut a = ExtentAllocator::new(64 * BLOCK_BYTES, &[]).unwrap();
+        a.allocate(BLOCK_BYTES).unwrap();
+        let row = 8 * BLOCK_BYTES;
+        let e = a.allocate_aligned(2 * row, row).unwrap();
+        assert_eq!(
+            e,
+            Extent {
+                offset: row,
+                len: 2 * row
+            }
+        );
+        // The gap before the aligned run stays free.
+        assert_eq!(a.free_bytes(), 64 * BLOCK_BYTES - BLOCK_BYTES - 2 * row);
+        assert!(a.allocate_aligned(8 * row, row).is_none());
+        let mut v = vec![
+            Extent {
+                offset: row,
+                len: row,
+            },
+            Extent {
+                offset: 2 * row,
+                len: row,
+            },
+            Extent {
+                offset: 0,
+                len: row,
+            },
+        ];
+        coalesce_in_order(&mut v);
+        assert_eq!(
+            v,
+            [
+                Extent {
+                    offset: row,
+                    len: 2 * row
+                },
+                Extent {
+                    offset: 0,
+                    len: row
+                }
+            ]
+        );
+    }
 
     #[test]
     fn allocate_release_merge() {

@@ -395,6 +395,8 @@ enum IoFutureInner {
         inner: Box<IoFuture>,
         flip_at: usize,
     },
+    /// Any future over a lease (fault injection: delays, torn writes).
+    Boxed(Pin<Box<dyn Future<Output = BufResult> + Send>>),
     Taken,
 }
 
@@ -416,6 +418,15 @@ impl IoFuture {
     pub fn ready(result: io::Result<usize>, buf: BufLease) -> Self {
         Self {
             inner: IoFutureInner::Ready(Some((result, buf))),
+        }
+    }
+
+    /// A future that resolves with a lease and a result of its own making.
+    /// The lease it holds is returned to the pool when it is dropped, so
+    /// it must own any engine operation on that lease as an [`IoFuture`].
+    pub fn boxed(f: impl Future<Output = BufResult> + Send + 'static) -> Self {
+        Self {
+            inner: IoFutureInner::Boxed(Box::pin(f)),
         }
     }
 
@@ -460,6 +471,7 @@ impl Future for IoFuture {
                 let r = r.take().expect("IoFuture polled after completion");
                 Poll::Ready(r)
             }
+            IoFutureInner::Boxed(f) => f.as_mut().poll(cx),
             IoFutureInner::Corrupt { inner, flip_at } => {
                 let (res, mut buf) = std::task::ready!(Pin::new(inner.as_mut()).poll(cx));
                 if res.is_ok() && *flip_at < buf.len() {

@@ -30,6 +30,7 @@ use storaged_proto::model::StorageClass;
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
 const OBJECTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("objects");
+const UNITS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("units");
 
 pub const CATALOG_VERSION: u32 = 1;
 const DATASET_RECORD_VERSION: u8 = 1;
@@ -108,7 +109,13 @@ impl DatasetRecord {
         let mut v = Vec::with_capacity(48 + self.extents.len() * 16);
         v.push(DATASET_RECORD_VERSION);
         v.push(self.class.code());
-        v.extend_from_slice(&[0, 0]);
+        match self.class {
+            StorageClass::Stripe => v.extend_from_slice(&[0, 0]),
+            StorageClass::Ec {
+                data_units,
+                parity_units,
+            } => v.extend_from_slice(&[data_units, parity_units]),
+        }
         v.extend_from_slice(&self.checksum_block_bytes.to_le_bytes());
         v.extend_from_slice(&self.id.to_le_bytes());
         v.extend_from_slice(&self.created_unix_ms.to_le_bytes());
@@ -136,13 +143,20 @@ impl DatasetRecord {
             ));
         }
         let class_code = r.u8()?;
-        let class = StorageClass::from_code(class_code).ok_or_else(|| {
-            CatalogError::Corrupt(
-                "dataset record".into(),
-                format!("unknown storage class {class_code}"),
-            )
-        })?;
-        r.take(2)?;
+        let (k, m) = (r.u8()?, r.u8()?);
+        let class = match (class_code, k, m) {
+            (1, 0, 0) => StorageClass::Stripe,
+            (2, 1.., 1..) => StorageClass::Ec {
+                data_units: k,
+                parity_units: m,
+            },
+            _ => {
+                return Err(CatalogError::Corrupt(
+                    "dataset record".into(),
+                    format!("unknown storage class {class_code} ({k}+{m})"),
+                ));
+            }
+        };
         let checksum_block_bytes = r.u32()?;
         let id = r.u64()?;
         let created_unix_ms = r.u64()? as i64;
@@ -292,6 +306,7 @@ impl Catalog {
             }
             txn.open_table(DATASETS).map_err(dberr)?;
             txn.open_table(OBJECTS).map_err(dberr)?;
+            txn.open_table(UNITS).map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
         Ok(Self { db })
@@ -311,11 +326,16 @@ impl Catalog {
     /// Makes a dataset visible, atomically with all of its objects. Assigns
     /// and returns the dataset id. The caller has already made the object
     /// bytes durable.
+    ///
+    /// `record.id` is either 0 (assign the next id) or one returned by
+    /// [`reserve_dataset_id`](Self::reserve_dataset_id). `unit_crcs` are the
+    /// stripe-unit CRCs of an erasure-coded dataset: `width` per stripe.
     pub fn commit_dataset(
         &self,
         name: &str,
         mut record: DatasetRecord,
         objects: &[(String, ObjectRecord)],
+        unit_crcs: &[u32],
     ) -> Result<DatasetRecord, CatalogError> {
         let txn = self.db.begin_write().map_err(dberr)?;
         {
@@ -324,20 +344,22 @@ impl Catalog {
             if datasets.get(name).map_err(dberr)?.is_some() {
                 return Err(CatalogError::DatasetExists(name.to_owned()));
             }
-            let id = meta
-                .get("next_dataset_id")
-                .map_err(dberr)?
-                .map(|g| u64::from_le_bytes(g.value().try_into().unwrap_or([0; 8])))
-                .unwrap_or(0);
-            if id == 0 {
-                return Err(CatalogError::Corrupt(
-                    "meta".into(),
-                    "next_dataset_id missing".into(),
-                ));
+            if record.id == 0 {
+                record.id = take_dataset_id(&mut meta)?;
             }
-            record.id = id;
-            meta.insert("next_dataset_id", &(id + 1).to_le_bytes()[..])
-                .map_err(dberr)?;
+            let id = record.id;
+            if let StorageClass::Ec {
+                data_units,
+                parity_units,
+            } = record.class
+            {
+                let width = usize::from(data_units) + usize::from(parity_units);
+                let mut units = txn.open_table(UNITS).map_err(dberr)?;
+                for (stripe, crcs) in unit_crcs.chunks(width).enumerate() {
+                    let v: Vec<u8> = crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
+                    units.insert((id, stripe as u64), &v[..]).map_err(dberr)?;
+                }
+            }
             let mut objs = txn.open_table(OBJECTS).map_err(dberr)?;
             for (path, o) in objects {
                 objs.insert((id, path.as_str()), &o.encode()[..])
@@ -347,6 +369,58 @@ impl Catalog {
         }
         txn.commit().map_err(dberr)?;
         Ok(record)
+    }
+
+    /// Takes a dataset id for an ingest about to start, so that what it
+    /// writes can be bound to the id before it commits. An id taken by an
+    /// ingest that never commits is simply never used.
+    pub fn reserve_dataset_id(&self) -> Result<u64, CatalogError> {
+        let txn = self.db.begin_write().map_err(dberr)?;
+        let id;
+        {
+            let mut meta = txn.open_table(META).map_err(dberr)?;
+            id = take_dataset_id(&mut meta)?;
+        }
+        txn.commit().map_err(dberr)?;
+        Ok(id)
+    }
+
+    /// The unit CRCs of stripes `[first, first + count)` of an
+    /// erasure-coded dataset, `width` per stripe, in stripe order. A
+    /// missing stripe is a corrupt catalog.
+    pub fn unit_crcs(
+        &self,
+        dataset_id: u64,
+        width: usize,
+        first: u64,
+        count: u64,
+    ) -> Result<Vec<u32>, CatalogError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(UNITS).map_err(dberr)?;
+        let mut out = Vec::with_capacity((count as usize).min(1 << 16) * width);
+        let mut expect = first;
+        for item in t
+            .range((dataset_id, first)..(dataset_id, first + count))
+            .map_err(dberr)?
+        {
+            let (k, v) = item.map_err(dberr)?;
+            let v = v.value();
+            if k.value().1 != expect || v.len() != width * 4 {
+                break;
+            }
+            out.extend(
+                v.chunks_exact(4)
+                    .map(|c| u32::from_le_bytes(c.try_into().expect("4"))),
+            );
+            expect += 1;
+        }
+        if expect != first + count {
+            return Err(CatalogError::Corrupt(
+                format!("dataset id {dataset_id}"),
+                format!("unit checksums of stripe {expect} are missing or malformed"),
+            ));
+        }
+        Ok(out)
     }
 
     pub fn get_object(
@@ -430,10 +504,32 @@ impl Catalog {
             let mut objs = txn.open_table(OBJECTS).map_err(dberr)?;
             objs.retain_in::<(u64, &str), _>((record.id, "")..(record.id + 1, ""), |_, _| false)
                 .map_err(dberr)?;
+            let mut units = txn.open_table(UNITS).map_err(dberr)?;
+            units
+                .retain_in::<(u64, u64), _>((record.id, 0)..(record.id + 1, 0), |_, _| false)
+                .map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
         Ok(Some(record))
     }
+}
+
+/// Returns `next_dataset_id` and advances it, in the caller's transaction.
+fn take_dataset_id(meta: &mut redb::Table<&str, &[u8]>) -> Result<u64, CatalogError> {
+    let id = meta
+        .get("next_dataset_id")
+        .map_err(dberr)?
+        .map(|g| u64::from_le_bytes(g.value().try_into().unwrap_or([0; 8])))
+        .unwrap_or(0);
+    if id == 0 {
+        return Err(CatalogError::Corrupt(
+            "meta".into(),
+            "next_dataset_id missing".into(),
+        ));
+    }
+    meta.insert("next_dataset_id", &(id + 1).to_le_bytes()[..])
+        .map_err(dberr)?;
+    Ok(id)
 }
 
 #[cfg(test)]
@@ -487,13 +583,13 @@ mod tests {
             .enumerate()
             .map(|(i, p)| (p.to_string(), obj(10, i as u64 * 4096)))
             .collect();
-        let d = c.commit_dataset("ds", ds(), &objects).unwrap();
+        let d = c.commit_dataset("ds", ds(), &objects, &[]).unwrap();
         assert_eq!(d.id, 1);
         assert!(matches!(
-            c.commit_dataset("ds", ds(), &[]),
+            c.commit_dataset("ds", ds(), &[], &[]),
             Err(CatalogError::DatasetExists(_))
         ));
-        let d2 = c.commit_dataset("other", ds(), &objects).unwrap();
+        let d2 = c.commit_dataset("other", ds(), &objects, &[]).unwrap();
         assert_eq!(d2.id, 2);
         let (page, more) = c.list_objects(1, "", None, 2).unwrap();
         assert_eq!(
@@ -524,5 +620,38 @@ mod tests {
         assert!(c.get_object(1, "a/1").unwrap().is_none());
         assert!(c.get_object(2, "a/1").unwrap().is_some());
         assert!(c.delete_dataset("ds").unwrap().is_none());
+    }
+
+    #[test]
+    fn ec_record_and_unit_crcs() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = Catalog::open(&dir.path().join("c.redb"), [1; 16], false).unwrap();
+        let mut rec = ds();
+        rec.class = StorageClass::Ec {
+            data_units: 3,
+            parity_units: 1,
+        };
+        assert_eq!(DatasetRecord::decode(&rec.encode()).unwrap(), rec);
+        let id = c.reserve_dataset_id().unwrap();
+        assert_eq!(id, 1);
+        rec.id = id;
+        let crcs: Vec<u32> = (0..12).collect();
+        let d = c.commit_dataset("ec", rec, &[], &crcs).unwrap();
+        assert_eq!(d.id, 1);
+        assert_eq!(c.unit_crcs(1, 4, 0, 3).unwrap(), crcs);
+        assert_eq!(c.unit_crcs(1, 4, 1, 1).unwrap(), vec![4, 5, 6, 7]);
+        // Past the last stripe, or the wrong width: corrupt, never short.
+        assert!(matches!(
+            c.unit_crcs(1, 4, 2, 2),
+            Err(CatalogError::Corrupt(..))
+        ));
+        assert!(matches!(
+            c.unit_crcs(1, 5, 0, 1),
+            Err(CatalogError::Corrupt(..))
+        ));
+        // The next plain commit does not reuse the reserved id.
+        assert_eq!(c.commit_dataset("s", ds(), &[], &[]).unwrap().id, 2);
+        c.delete_dataset("ec").unwrap().unwrap();
+        assert!(c.unit_crcs(1, 4, 0, 1).is_err());
     }
 }

@@ -40,6 +40,9 @@ pub struct FileConfig {
     pub unix: Option<PathBuf>,
     pub region_bytes_per_client: Option<String>,
     pub region_bytes_total: Option<String>,
+    pub degraded_cache: Option<String>,
+    pub scrub_rate_mib_s: Option<u64>,
+    pub scrub_interval_s: Option<u64>,
 }
 
 impl FileConfig {
@@ -76,6 +79,13 @@ pub struct StoreLimits {
     pub hint_items_max: usize,
     pub hint_cache_bytes_max: u64,
     pub hint_ttl_ms: u64,
+    /// Rebuilt stripes kept for the degraded reads that follow (bytes of
+    /// data units).
+    pub degraded_cache_bytes_max: u64,
+    /// Scrub speed (background and `storagectl scrub` alike), and how long
+    /// after start and between background passes (0: no background scrub).
+    pub scrub_rate_mib_s: u64,
+    pub scrub_interval_s: u64,
     /// Device writes in flight per ingest.
     pub ingest_write_depth: usize,
     pub ingest_objects_max: usize,
@@ -98,6 +108,9 @@ impl Default for StoreLimits {
             hint_items_max: 4096,
             hint_cache_bytes_max: 96 << 20,
             hint_ttl_ms: 30_000,
+            degraded_cache_bytes_max: 64 << 20,
+            scrub_rate_mib_s: 64,
+            scrub_interval_s: 24 * 3600,
             ingest_write_depth: 16,
             ingest_objects_max: 10_000_000,
             ingests_concurrent_max: 16,
@@ -119,6 +132,9 @@ pub struct StoreConfig {
     pub queue_depth_per_device_max: u32,
     pub buffer_pool_bytes: u64,
     pub limits: StoreLimits,
+    /// Seeded fault injection (hidden `--fault-inject SPEC`; tests and
+    /// reliability campaigns only). See `engine::fault::FaultSpec`.
+    pub fault_inject: Option<crate::engine::fault::FaultSpec>,
 }
 
 impl StoreConfig {
@@ -137,6 +153,7 @@ impl StoreConfig {
             queue_depth_per_device_max: 32,
             buffer_pool_bytes: 256 << 20,
             limits: StoreLimits::default(),
+            fault_inject: None,
         }
     }
 }
@@ -199,6 +216,7 @@ pub struct ServeFlags {
     pub config: Option<PathBuf>,
     pub worker_threads: Option<usize>,
     pub unix: Option<PathBuf>,
+    pub fault_inject: Option<String>,
 }
 
 fn size_field(name: &str, v: &str) -> Result<u64, String> {
@@ -273,6 +291,21 @@ impl ServeConfig {
         if let Some(s) = file.read_merge {
             store.limits.read_merge_bytes_max = size_field("read_merge", &s)?;
         }
+        if let Some(s) = file.degraded_cache {
+            store.limits.degraded_cache_bytes_max = size_field("degraded_cache", &s)?;
+        }
+        if let Some(r) = file.scrub_rate_mib_s {
+            store.limits.scrub_rate_mib_s = r;
+        }
+        if let Some(i) = file.scrub_interval_s {
+            store.limits.scrub_interval_s = i;
+        }
+        if let Some(spec) = &flags.fault_inject {
+            store.fault_inject = Some(
+                spec.parse()
+                    .map_err(|e| format!("--fault-inject {spec:?}: {e}"))?,
+            );
+        }
         let mut server = ServerLimits::default();
         if let Some(m) = file.max_concurrent_streams {
             server.max_concurrent_streams = m;
@@ -320,6 +353,12 @@ impl ServeConfig {
         }
         if s.limits.read_merge_bytes_max > 16 << 20 {
             return Err("read_merge must be at most 16 MiB (0 turns merging off)".into());
+        }
+        if !(1..=100_000).contains(&s.limits.scrub_rate_mib_s) {
+            return Err("scrub_rate_mib_s must be 1 to 100000".into());
+        }
+        if s.limits.degraded_cache_bytes_max > 4 << 30 {
+            return Err("degraded_cache must be at most 4 GiB".into());
         }
         if self.worker_threads == 0 || self.worker_threads > 64 {
             return Err("worker_threads must be 1 to 64".into());

@@ -79,10 +79,6 @@ pub enum DeviceError {
     },
     #[error("device {path} has a different pool geometry than device 0 ({detail})")]
     GeometryMismatch { path: PathBuf, detail: String },
-    #[error(
-        "device {path} is blank, but the other devices belong to pool {pool}; a stripe pool cannot grow (pass --force to erase and re-create the pool)"
-    )]
-    BlankInPool { path: PathBuf, pool: String },
     #[error("device {path} is {size} bytes; at least {min} are needed")]
     TooSmall { path: PathBuf, size: u64, min: u64 },
     #[error("{0}")]
@@ -220,6 +216,10 @@ pub struct OpenedPool {
     pub pool_id: [u8; 16],
     /// True when this start formatted the devices.
     pub formatted: bool,
+    /// Devices of an existing pool that are absent or blank: the pool runs
+    /// degraded without them (their `files` entry is a placeholder that is
+    /// never read or written).
+    pub missing: Vec<bool>,
 }
 
 fn open_device(path: &Path, create_size: Option<u64>) -> Result<(File, u64), DeviceError> {
@@ -320,6 +320,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         )));
     }
     let mut opened = Vec::with_capacity(spec.devices.len());
+    let mut was_absent = Vec::with_capacity(spec.devices.len());
     for path in &spec.devices {
         if opened
             .iter()
@@ -330,9 +331,39 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
                 path.display()
             )));
         }
-        let (file, size) = open_device(path, spec.create_size_bytes)?;
-        let probe = read_superblock(&file, path)?;
-        opened.push((path.clone(), file, size, probe));
+        let absent =
+            matches!(std::fs::metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
+        if absent {
+            opened.push((path.clone(), placeholder()?, 0, Probe::Blank));
+        } else {
+            let (file, size) = open_device(path, None)?;
+            let probe = read_superblock(&file, path)?;
+            opened.push((path.clone(), file, size, probe));
+        }
+        was_absent.push(absent);
+    }
+    let pool_exists = opened
+        .iter()
+        .any(|(_, _, _, p)| matches!(p, Probe::Ours(_)));
+    // Devices of an existing pool that are absent or blank are missing
+    // (the pool starts degraded); for a new pool, absent files are created.
+    let mut missing = vec![false; opened.len()];
+    for (i, entry) in opened.iter_mut().enumerate() {
+        if pool_exists && !spec.force {
+            missing[i] = matches!(entry.3, Probe::Blank);
+            if missing[i] {
+                tracing::warn!(
+                    device = i,
+                    path = %entry.0.display(),
+                    "device {} of the pool: starting without it",
+                    if was_absent[i] { "is absent" } else { "is blank" }
+                );
+            }
+        } else if was_absent[i] {
+            let (file, size) = open_device(&entry.0, spec.create_size_bytes)?;
+            let probe = read_superblock(&file, &entry.0)?;
+            *entry = (entry.0.clone(), file, size, probe);
+        }
     }
 
     let first_ours = opened.iter().find_map(|(_, _, _, p)| match p {
@@ -359,20 +390,13 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         (Some(reference), false) => {
             let given = opened.len() as u32;
             for (path, _, _, probe) in &opened {
-                match probe {
-                    Probe::Foreign => return Err(DeviceError::Foreign { path: path.clone() }),
-                    Probe::Blank => {
-                        return Err(DeviceError::BlankInPool {
-                            path: path.clone(),
-                            pool: pool_id_hex(&reference.pool_id),
-                        });
-                    }
-                    Probe::Ours(_) => {}
+                if let Probe::Foreign = probe {
+                    return Err(DeviceError::Foreign { path: path.clone() });
                 }
             }
             for (i, (path, _, _, probe)) in opened.iter().enumerate() {
                 let Probe::Ours(sb) = probe else {
-                    unreachable!("checked above")
+                    continue; // missing
                 };
                 if sb.pool_id != reference.pool_id {
                     return Err(DeviceError::WrongPool {
@@ -453,18 +477,24 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         );
         (sbs, true)
     } else {
+        let reference = first_ours.as_ref().expect("an existing pool");
         let sbs = opened
             .iter()
-            .map(|(_, _, _, p)| match p {
+            .enumerate()
+            .map(|(i, (_, _, _, p))| match p {
                 Probe::Ours(sb) => sb.clone(),
-                _ => unreachable!("validated above"),
+                _ => Superblock {
+                    device_index: i as u32,
+                    device_size_bytes: 0,
+                    ..reference.clone()
+                },
             })
             .collect::<Vec<_>>();
         (sbs, false)
     };
     // A device that shrank since it was formatted would lose data.
-    for ((path, _, size, _), sb) in opened.iter().zip(&superblocks) {
-        if *size < sb.data_offset_bytes + sb.device_data_bytes {
+    for (((path, _, size, _), sb), gone) in opened.iter().zip(&superblocks).zip(&missing) {
+        if !gone && *size < sb.data_offset_bytes + sb.device_data_bytes {
             return Err(DeviceError::TooSmall {
                 path: path.clone(),
                 size: *size,
@@ -482,7 +512,14 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         layout,
         pool_id,
         formatted,
+        missing,
     })
+}
+
+/// Stands in for a missing device in the engine's file table; the device
+/// router never lets an operation reach it.
+fn placeholder() -> Result<File, DeviceError> {
+    File::open("/dev/null").map_err(io_err(Path::new("/dev/null")))
 }
 
 #[cfg(test)]
@@ -592,7 +629,7 @@ mod tests {
         };
         assert!(matches!(
             open_pool(&grown).unwrap_err(),
-            DeviceError::BlankInPool { .. }
+            DeviceError::WrongCount { .. }
         ));
         let short = PoolSpec {
             devices: vec![s.devices[0].clone()],

@@ -25,6 +25,7 @@
 mod elevator;
 pub mod fault;
 pub mod psync;
+pub mod route;
 pub mod uring;
 
 use std::fs::File;
@@ -307,8 +308,21 @@ pub async fn read_exact(
     device: u32,
     offset: u64,
     len: usize,
-    mut buf: BufLease,
+    buf: BufLease,
 ) -> io::Result<BufLease> {
+    let (r, buf) = read_exact_keep(engine, device, offset, len, buf).await;
+    r.map(|()| buf)
+}
+
+/// [`read_exact`] that hands the buffer back whatever happened (callers
+/// that rebuild a failed read in place need it).
+pub async fn read_exact_keep(
+    engine: &dyn IoBackend,
+    device: u32,
+    offset: u64,
+    len: usize,
+    mut buf: BufLease,
+) -> (io::Result<()>, BufLease) {
     buf.set_len(len);
     let op = IoOp {
         kind: OpKind::Read,
@@ -317,14 +331,15 @@ pub async fn read_exact(
         len: len as u32,
     };
     let (res, buf) = engine.submit(op, buf).await;
-    let n = res?;
-    if n != len {
-        return Err(io::Error::new(
+    let r = match res {
+        Ok(n) if n == len => Ok(()),
+        Ok(n) => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             format!("short read on device {device} at {offset}: {n} of {len} bytes"),
-        ));
-    }
-    Ok(buf)
+        )),
+        Err(e) => Err(e),
+    };
+    (r, buf)
 }
 
 /// Writes all of `buf` at `offset` of `device`.

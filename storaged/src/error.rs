@@ -30,6 +30,8 @@ pub enum OpenError {
     },
     #[error("I/O engine: {0}")]
     Engine(std::io::Error),
+    #[error("cannot start degraded: {0}")]
+    TooDegraded(String),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,26 @@ pub enum StoreError {
         expected: u32,
         actual: u32,
     },
+    #[error(
+        "device {device} is missing (absent at start or gone): the bytes at its offset {offset} are unavailable"
+    )]
+    DeviceMissing { device: u32, offset: u64 },
+    #[error("the pool is degraded ({0}); replace the device first (storagectl device replace)")]
+    Degraded(String),
+    #[error("{0}")]
+    Busy(String),
+    #[error(
+        "dataset {dataset:?} stripe {stripe}: units on devices {devices:?} are lost or corrupt, more than its {parity} parity units can rebuild"
+    )]
+    Unrecoverable {
+        dataset: String,
+        stripe: u64,
+        devices: Vec<u32>,
+        parity: u8,
+        /// Whether any of them is a missing device (UNAVAILABLE) rather
+        /// than bad bytes only (DATA_LOSS).
+        missing: bool,
+    },
     #[error("I/O error on device {device} at offset {offset}: {source}")]
     Io {
         device: u32,
@@ -118,6 +140,10 @@ impl StoreError {
                 Code::ResourceExhausted
             }
             StoreError::Checksum { .. } => Code::DataLoss,
+            StoreError::DeviceMissing { .. } => Code::Unavailable,
+            StoreError::Unrecoverable { missing: true, .. } => Code::Unavailable,
+            StoreError::Unrecoverable { missing: false, .. } => Code::DataLoss,
+            StoreError::Degraded(_) | StoreError::Busy(_) => Code::FailedPrecondition,
             StoreError::Io { .. } | StoreError::ShuttingDown => Code::Unavailable,
             StoreError::Sync { .. } => Code::Internal,
             StoreError::Catalog(CatalogError::DatasetExists(_)) => Code::AlreadyExists,
@@ -125,8 +151,21 @@ impl StoreError {
         }
     }
 
-    /// Maps an engine error, turning ENOSPC into "device full".
+    /// Whether a device misbehaved (gone, failed, short or bad bytes): the
+    /// errors a read of an erasure-coded dataset answers by rebuilding.
+    pub fn is_device_fault(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Io { .. } | StoreError::DeviceMissing { .. } | StoreError::Checksum { .. }
+        )
+    }
+
+    /// Maps an engine error, turning ENOSPC into "device full" and ENODEV
+    /// into "device missing".
     pub fn from_io(device: u32, offset: u64, source: std::io::Error) -> Self {
+        if crate::engine::route::is_missing(&source) {
+            return StoreError::DeviceMissing { device, offset };
+        }
         if source.raw_os_error() == Some(libc::ENOSPC) {
             StoreError::DeviceFull {
                 device,

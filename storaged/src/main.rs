@@ -61,6 +61,12 @@ enum Command {
         /// (default: storaged.sock in the data dir).
         #[arg(long)]
         unix: Option<PathBuf>,
+        /// Seeded fault injection for tests and reliability campaigns, e.g.
+        /// `seed=7,read_eio=0.01,flip=0.01,vanish=2@1000` (keys: seed,
+        /// read_eio, write_eio, flip, latency_ms, latency, torn, vanish,
+        /// fsync_fail). Never for production.
+        #[arg(long, hide = true)]
+        fault_inject: Option<String>,
     },
 }
 
@@ -92,6 +98,7 @@ fn run() -> anyhow::Result<()> {
             force,
             worker_threads,
             unix,
+            fault_inject,
         } => {
             let cfg = ServeConfig::resolve(ServeFlags {
                 listen,
@@ -104,6 +111,7 @@ fn run() -> anyhow::Result<()> {
                 config,
                 worker_threads,
                 unix,
+                fault_inject,
             })
             .map_err(anyhow::Error::msg)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -119,6 +127,7 @@ fn run() -> anyhow::Result<()> {
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let store = Store::open(&cfg.store)?;
+    storaged::store::scrub::spawn_background(&store);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .expect("installing a SIGTERM handler");

@@ -194,6 +194,30 @@ impl RegionMap {
         // read in flight there (caller).
         unsafe { std::ptr::write_bytes(self.map.as_mut_ptr().add(offset), 0, len) };
     }
+
+    /// Copies `bytes` to `offset` (a degraded read, rebuilt in storaged's
+    /// memory, delivered into the region).
+    ///
+    /// # Safety
+    ///
+    /// No read into this range may be in flight.
+    pub unsafe fn copy_in(&self, offset: usize, bytes: &[u8]) {
+        assert!(
+            offset
+                .checked_add(bytes.len())
+                .is_some_and(|e| e <= self.map.len())
+        );
+        // SAFETY: in bounds (asserted), writable shared mapping, no read in
+        // flight there (caller), and `bytes` is storaged memory, so the
+        // ranges cannot overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                self.map.as_mut_ptr().add(offset),
+                bytes.len(),
+            )
+        };
+    }
 }
 
 #[derive(Default)]

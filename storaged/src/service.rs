@@ -50,7 +50,7 @@ impl StoragedService {
     }
 
     fn status(&self) -> pb::StatusResponse {
-        let mut s = status_response(self.store.status());
+        let mut s = status_response(&self.store, self.store.status());
         let c = &self.store.read_counters;
         s.grpc_bytes_served = c.grpc_bytes_served.load(Ordering::Relaxed);
         s.grpc_payload_bytes_copied = c.grpc_payload_bytes_copied.load(Ordering::Relaxed);
@@ -96,19 +96,38 @@ fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
-fn dataset_info(h: &DatasetHandle) -> pb::DatasetInfo {
+fn dataset_info(store: &Store, h: &DatasetHandle) -> pb::DatasetInfo {
+    let (class, ec_data_units, ec_parity_units) = h.record.class.to_wire();
     pb::DatasetInfo {
         name: h.name.clone(),
         object_count: h.record.object_count,
         total_bytes: h.record.total_bytes,
-        storage_class: pb::StorageClass::from(h.record.class) as i32,
+        storage_class: class as i32,
         created_unix_ms: h.record.created_unix_ms,
         allocated_bytes: h.record.allocated_bytes,
+        ec_data_units,
+        ec_parity_units,
+        reconstructions: h.reconstructions.load(Ordering::Relaxed),
+        health: crate::store::redundancy::dataset_health(
+            h,
+            store.layout(),
+            &store.missing_devices(),
+        ),
     }
 }
 
-fn status_response(s: StoreStatus) -> pb::StatusResponse {
+fn status_response(store: &Store, s: StoreStatus) -> pb::StatusResponse {
+    let missing = store.missing_devices();
+    let rebuilt = store.device_reconstructions();
+    let sc = &store.scrub_counters;
     pb::StatusResponse {
+        degraded: missing.iter().any(|m| *m),
+        scrub_passes: sc.passes.load(Ordering::Relaxed),
+        scrub_bytes_checked: sc.bytes_checked.load(Ordering::Relaxed),
+        scrub_corrupt: sc.corrupt.load(Ordering::Relaxed),
+        scrub_repaired: sc.repaired.load(Ordering::Relaxed),
+        scrub_unrecoverable: sc.unrecoverable.load(Ordering::Relaxed),
+        scrub_running: sc.running.load(Ordering::Relaxed),
         pool_id: s.pool_id,
         engine: s.engine.to_owned(),
         stripe_unit_bytes: s.stripe_unit_bytes as u32,
@@ -123,9 +142,16 @@ fn status_response(s: StoreStatus) -> pb::StatusResponse {
                 path: d.path.display().to_string(),
                 capacity_bytes: d.capacity_bytes,
                 used_bytes: d.used_bytes,
+                state: if missing[d.index as usize] {
+                    "missing"
+                } else {
+                    "ok"
+                }
+                .to_owned(),
+                reconstructions: rebuilt[d.index as usize],
             })
             .collect(),
-        datasets: s.datasets.iter().map(|h| dataset_info(h)).collect(),
+        datasets: s.datasets.iter().map(|h| dataset_info(store, h)).collect(),
         ingests_in_progress: s.ingests_in_progress as u32,
         version: env!("CARGO_PKG_VERSION").to_owned(),
         checksum_block_bytes: crate::device::CHECKSUM_BLOCK_BYTES,
@@ -178,7 +204,13 @@ impl Storaged for StoragedService {
             None => return Err(invalid("empty ingest stream")),
         };
         let name = DatasetName::new(begin.dataset).map_err(invalid)?;
-        let class = StorageClass::try_from(begin.storage_class).map_err(invalid)?;
+        let class = StorageClass::from_wire(
+            begin.storage_class,
+            begin.ec_data_units,
+            begin.ec_parity_units,
+        )
+        .map_err(invalid)?
+        .unwrap_or_else(|| self.store.default_class());
         let mut session = self.store.begin_ingest(name, class)?;
         tracing::info!(dataset = %session.dataset(), "ingest started");
         loop {
@@ -205,7 +237,7 @@ impl Storaged for StoragedService {
                 Some(ingest_request::Msg::Commit(c)) => {
                     let handle = session.commit(c.object_count, c.total_bytes).await?;
                     return Ok(Response::new(pb::IngestResponse {
-                        dataset: Some(dataset_info(&handle)),
+                        dataset: Some(dataset_info(&self.store, &handle)),
                     }));
                 }
                 Some(ingest_request::Msg::Begin(_)) => {
@@ -224,7 +256,7 @@ impl Storaged for StoragedService {
             .store
             .list_datasets()
             .iter()
-            .map(|h| dataset_info(h))
+            .map(|h| dataset_info(&self.store, h))
             .collect();
         Ok(Response::new(pb::ListDatasetsResponse { datasets }))
     }
@@ -539,5 +571,70 @@ impl Storaged for StoragedService {
             accepted_bytes: outcome.accepted_bytes,
             device_reads: outcome.device_reads,
         }))
+    }
+
+    type ScrubStream = BoxStream<pb::ScrubEvent>;
+
+    async fn scrub(
+        &self,
+        request: Request<pb::ScrubRequest>,
+    ) -> Result<Response<Self::ScrubStream>, Status> {
+        let r = request.into_inner();
+        let name = if r.dataset.is_empty() {
+            None
+        } else {
+            let n = DatasetName::new(r.dataset).map_err(invalid)?;
+            self.store.dataset(&n)?;
+            Some(n)
+        };
+        let rate = if r.rate_mib_s == 0 {
+            self.store.limits().scrub_rate_mib_s
+        } else {
+            r.rate_mib_s.min(100_000)
+        };
+        if self.store.scrub_counters.running.load(Ordering::SeqCst) {
+            return Err(StoreError::Busy("a scrub is already running".into()).into());
+        }
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let store = Arc::clone(&self.store);
+        // The scrub runs to the end even if the client goes away (a
+        // half-done repair pass is worth finishing); progress is dropped
+        // when nobody listens.
+        tokio::spawn(async move {
+            let ptx = tx.clone();
+            let mut last = std::time::Instant::now();
+            let result = store
+                .scrub(name.as_ref(), rate, move |(done, total)| {
+                    if last.elapsed() >= std::time::Duration::from_millis(200) {
+                        last = std::time::Instant::now();
+                        let _ = ptx.try_send(Ok(pb::ScrubEvent {
+                            event: Some(pb::scrub_event::Event::Progress(pb::ScrubProgress {
+                                bytes_done: done,
+                                bytes_total: total,
+                            })),
+                        }));
+                    }
+                })
+                .await;
+            let last = match result {
+                Ok(rep) => Ok(pb::ScrubEvent {
+                    event: Some(pb::scrub_event::Event::Report(pb::ScrubReport {
+                        datasets: rep.datasets,
+                        bytes_checked: rep.bytes_checked,
+                        units_checked: rep.units_checked,
+                        corrupt: rep.corrupt,
+                        repaired: rep.repaired,
+                        unrecoverable: rep.unrecoverable,
+                        missing: rep.missing,
+                        problems: rep.problems,
+                    })),
+                }),
+                Err(e) => Err(Status::from(e)),
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
     }
 }

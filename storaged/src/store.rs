@@ -31,11 +31,12 @@ use futures::{Stream, TryFutureExt};
 use storaged_proto::model::{RangeSpec, StorageClass};
 use storaged_proto::{DatasetName, ObjectPath};
 
-use crate::alloc::{BLOCK_BYTES, Extent, ExtentAllocator, coalesce};
+use crate::alloc::{BLOCK_BYTES, Extent, ExtentAllocator, coalesce, coalesce_in_order};
 use crate::buf::{BufLease, BufferPool, ClassSpec};
 use crate::catalog::{Catalog, DatasetRecord, ObjectRecord, ObjectSummary};
 use crate::config::{StoreConfig, StoreLimits};
 use crate::device::{CHECKSUM_BLOCK_BYTES, OpenedPool, PoolSpec, open_pool, pool_id_hex};
+use crate::ec::{EcGeometry, EcMap};
 use crate::engine::{self, EngineLimits, IoBackend};
 use crate::error::{OpenError, StoreError};
 use crate::layout::{Segment, StripeLayout};
@@ -48,8 +49,31 @@ const RESERVATION_BYTES: u64 = 64 << 20;
 pub struct DatasetHandle {
     pub name: String,
     pub record: DatasetRecord,
+    /// Layout and codec of an erasure-coded dataset.
+    pub ec: Option<redundancy::EcDataset>,
+    /// Reads served by rebuilding from parity (stripes rebuilt).
+    pub reconstructions: std::sync::atomic::AtomicU64,
     alloc: Arc<Mutex<ExtentAllocator>>,
     deleted: AtomicBool,
+}
+
+impl DatasetHandle {
+    fn new(
+        name: String,
+        record: DatasetRecord,
+        layout: StripeLayout,
+        alloc: Arc<Mutex<ExtentAllocator>>,
+    ) -> Self {
+        let ec = redundancy::EcDataset::for_record(&record, layout);
+        Self {
+            name,
+            record,
+            ec,
+            reconstructions: Default::default(),
+            alloc,
+            deleted: AtomicBool::new(false),
+        }
+    }
 }
 
 impl std::fmt::Debug for DatasetHandle {
@@ -122,6 +146,15 @@ pub type Chunk = (u64, Bytes);
 /// The store; see the module docs.
 pub struct Store {
     engine: Arc<dyn IoBackend>,
+    /// The same engine, as the router that knows missing devices.
+    slots: Arc<engine::route::DeviceSlots>,
+    /// Units rebuilt from parity, by the device that lost them.
+    device_reconstructions: Vec<std::sync::atomic::AtomicU64>,
+    /// Recently rebuilt stripes (degraded reads of neighbours reuse them).
+    stripe_cache: Mutex<redundancy::StripeCache>,
+    pub scrub_counters: scrub::ScrubCounters,
+    /// What `--fault-inject` injected so far (None without it).
+    pub injected: Option<Arc<engine::fault::InjectedCounts>>,
     pool: Arc<BufferPool>,
     layout: StripeLayout,
     catalog: Catalog,
@@ -191,6 +224,7 @@ impl Store {
             layout,
             pool_id,
             formatted,
+            missing,
             ..
         } = open_pool(&PoolSpec {
             devices: cfg.devices.clone(),
@@ -218,18 +252,19 @@ impl Store {
             }
         })?;
         let alloc = Arc::new(Mutex::new(alloc));
-        let datasets = records
+        let datasets: BTreeMap<String, Arc<DatasetHandle>> = records
             .into_iter()
             .map(|(name, record)| {
-                let h = Arc::new(DatasetHandle {
-                    name: name.clone(),
+                let h = Arc::new(DatasetHandle::new(
+                    name.clone(),
                     record,
-                    alloc: Arc::clone(&alloc),
-                    deleted: AtomicBool::new(false),
-                });
+                    layout,
+                    Arc::clone(&alloc),
+                ));
                 (name, h)
             })
             .collect();
+        redundancy::check_degraded_start(&datasets, layout, &missing, &paths)?;
         let pool = BufferPool::new(buffer_classes(
             cfg.buffer_pool_bytes,
             layout.stripe_unit_bytes,
@@ -245,7 +280,20 @@ impl Store {
             },
         )
         .map_err(OpenError::Engine)?;
-        let engine = wrap(engine);
+        let mut engine = wrap(engine);
+        let mut injected = None;
+        if let Some(spec) = &cfg.fault_inject {
+            let seeded = engine::fault::SeededBackend::new(engine, spec.clone());
+            injected = Some(Arc::clone(&seeded.injected));
+            engine = Arc::new(seeded);
+        }
+        let slots = Arc::new(engine::route::DeviceSlots::new(engine, &missing));
+        let engine: Arc<dyn IoBackend> = Arc::clone(&slots) as _;
+        for (i, m) in missing.iter().enumerate() {
+            if *m {
+                tracing::warn!(device = i, path = %paths[i].display(), "device missing: the pool is degraded");
+            }
+        }
         tracing::info!(
             pool = %pool_id_hex(&pool_id),
             engine = engine.kind(),
@@ -255,6 +303,15 @@ impl Store {
         );
         Ok(Arc::new(Self {
             engine,
+            slots,
+            device_reconstructions: (0..layout.device_count)
+                .map(|_| Default::default())
+                .collect(),
+            stripe_cache: Mutex::new(redundancy::StripeCache::new(
+                cfg.limits.degraded_cache_bytes_max,
+            )),
+            scrub_counters: Default::default(),
+            injected,
             pool,
             layout,
             catalog,
@@ -289,6 +346,20 @@ impl Store {
 
     pub fn layout(&self) -> StripeLayout {
         self.layout
+    }
+
+    /// The class of an ingest that names none: `ec:(N-1)+1` on a pool of
+    /// N >= 3 devices (one device may fail), else `stripe`.
+    pub fn default_class(&self) -> StorageClass {
+        let n = self.layout.device_count;
+        if n >= 3 {
+            StorageClass::Ec {
+                data_units: (n - 1).min(u32::from(crate::ec::DATA_UNITS_MAX)) as u8,
+                parity_units: 1,
+            }
+        } else {
+            StorageClass::Stripe
+        }
     }
 
     pub fn dataset(&self, name: &DatasetName) -> Result<Arc<DatasetHandle>, StoreError> {
@@ -359,11 +430,29 @@ impl Store {
 
     /// Device extents of an object's bytes, in object order.
     pub fn object_extents(&self, obj: &ObjectRef) -> Vec<(u64, Segment)> {
-        let len = obj.record.size;
-        self.layout
-            .segments(obj.record.logical_offset, len)
+        self.object_segments(obj, 0, obj.record.size)
+            .into_iter()
             .map(|s| (s.logical - obj.record.logical_offset, s))
             .collect()
+    }
+
+    /// Device pieces of object bytes `[start, start + len)`, cut at stripe
+    /// units. `Segment::logical` is in the dataset's address space (the
+    /// pool's for `stripe`, the data space for `ec`).
+    pub(crate) fn object_segments(&self, obj: &ObjectRef, start: u64, len: u64) -> Vec<Segment> {
+        let at = obj.record.logical_offset + start;
+        match &obj.dataset.ec {
+            None => self.layout.segments(at, len).collect(),
+            Some(ec) => ec.map.segments(at, len).collect(),
+        }
+    }
+
+    /// Device and device offset of object byte `offset`.
+    fn locate(&self, obj: &ObjectRef, offset: u64) -> (u32, u64) {
+        self.object_segments(obj, offset, 1)
+            .first()
+            .map(|s| (s.device, s.device_offset))
+            .unwrap_or((0, 0))
     }
 
     /// Validates a range of `obj` and returns `(start, len)`.
@@ -435,9 +524,30 @@ impl Store {
         if let Some(chunks) = self.read_ahead_hit(obj, lo, hi).await {
             return Ok(chunks);
         }
+        match self
+            .read_window_healthy(obj, w_start, w_end, want_start, want_end)
+            .await
+        {
+            Err(e) if obj.dataset.ec.is_some() && e.is_device_fault() => {
+                tracing::debug!(dataset = %obj.dataset.name, path = %obj.path, error = %e, "rebuilding from parity");
+                self.read_window_degraded(obj, w_start, w_end, want_start, want_end)
+                    .await
+            }
+            r => r,
+        }
+    }
+
+    /// [`read_window`](Self::read_window) from the units themselves.
+    async fn read_window_healthy(
+        &self,
+        obj: &ObjectRef,
+        w_start: u64,
+        w_end: u64,
+        want_start: u64,
+        want_end: u64,
+    ) -> Result<Vec<Chunk>, StoreError> {
         let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
-        let logical = obj.record.logical_offset + w_start;
-        let segs: Vec<Segment> = self.layout.segments(logical, dev_len).collect();
+        let segs = self.object_segments(obj, w_start, dev_len);
         let longest = segs.iter().map(|s| s.len).max().unwrap_or(0) as usize;
         let leases = self
             .pool
@@ -460,24 +570,13 @@ impl Store {
         self.verify_window(obj, w_start, w_end, &pieces)?;
 
         // Hand out the wanted parts without copying.
-        let mut out = Vec::with_capacity(bufs.len());
-        let mut pos = w_start;
-        for (s, buf) in segs.iter().zip(bufs) {
-            let seg_start = pos;
-            let seg_end = pos + s.len;
-            pos = seg_end;
-            let lo = seg_start.max(want_start);
-            let hi = seg_end.min(want_end).min(w_end);
-            if lo >= hi {
-                continue;
-            }
-            let bytes = buf.into_bytes();
-            out.push((
-                lo,
-                bytes.slice((lo - seg_start) as usize..(hi - seg_start) as usize),
-            ));
-        }
-        Ok(out)
+        Ok(wanted_parts(
+            bufs.into_iter().map(BufLease::into_bytes),
+            w_start,
+            w_end,
+            want_start,
+            want_end,
+        ))
     }
 
     /// Checks every checksum block of object bytes `[w_start, w_end)`
@@ -521,7 +620,7 @@ impl Store {
             }
             let actual = h.finalize();
             if actual != expected {
-                let (device, device_offset) = self.layout.map(obj.record.logical_offset + b);
+                let (device, device_offset) = self.locate(obj, b);
                 return Err(StoreError::Checksum {
                     dataset: obj.dataset.name.clone(),
                     path: obj.path.clone(),
@@ -798,6 +897,25 @@ impl Store {
         name: DatasetName,
         class: StorageClass,
     ) -> Result<IngestSession, StoreError> {
+        let missing = self.missing_devices();
+        if missing.iter().any(|m| *m) {
+            let gone: Vec<usize> = (0..missing.len()).filter(|d| missing[*d]).collect();
+            return Err(StoreError::Degraded(format!(
+                "device(s) {gone:?} missing; new data would have no redundancy"
+            )));
+        }
+        let geometry = match class {
+            StorageClass::Stripe => None,
+            StorageClass::Ec {
+                data_units,
+                parity_units,
+            } => {
+                let g = EcGeometry::new(u32::from(data_units), u32::from(parity_units))
+                    .and_then(|g| g.check_fits(self.layout.device_count).map(|()| g))
+                    .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+                Some(g)
+            }
+        };
         if self
             .datasets
             .read()
@@ -819,7 +937,34 @@ impl Store {
             }
             ing.insert(name.to_string());
         }
+        let ec = match geometry {
+            None => None,
+            Some(geometry) => {
+                let dataset_id = match self.catalog.reserve_dataset_id() {
+                    Ok(id) => id,
+                    Err(e) => {
+                        self.ingesting
+                            .lock()
+                            .expect("ingest set poisoned")
+                            .remove(name.as_str());
+                        return Err(e.into());
+                    }
+                };
+                Some(EcIngest {
+                    map: EcMap::new(geometry, self.layout, &[]),
+                    writer: redundancy::EcWriter::new(
+                        dataset_id,
+                        geometry,
+                        self.layout.stripe_unit_bytes,
+                        self.limits.ingest_write_depth,
+                    ),
+                    data_end: 0,
+                    dataset_id,
+                })
+            }
+        };
         Ok(IngestSession {
+            ec,
             store: Arc::clone(self),
             name,
             class,
@@ -998,8 +1143,77 @@ impl BatchEvent {
     }
 }
 
-type WriteFuture =
+pub(crate) type WriteFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+/// The parts of verified window pieces (object bytes from `w_start`, back
+/// to back) that fall in `[want_start, want_end)`, as zero-copy slices.
+fn wanted_parts(
+    pieces: impl Iterator<Item = Bytes>,
+    w_start: u64,
+    w_end: u64,
+    want_start: u64,
+    want_end: u64,
+) -> Vec<Chunk> {
+    let mut out = Vec::new();
+    let mut pos = w_start;
+    for piece in pieces {
+        let (seg_start, seg_end) = (pos, pos + piece.len() as u64);
+        pos = seg_end;
+        let lo = seg_start.max(want_start);
+        let hi = seg_end.min(want_end).min(w_end);
+        if lo < hi {
+            out.push((
+                lo,
+                piece.slice((lo - seg_start) as usize..(hi - seg_start) as usize),
+            ));
+        }
+    }
+    out
+}
+
+/// Queues the write of `lease` at `offset` of `device`, then waits while
+/// `depth_max` or more writes are in flight.
+pub(crate) async fn push_write(
+    writes: &mut FuturesUnordered<WriteFuture>,
+    depth_max: usize,
+    engine: &Arc<dyn IoBackend>,
+    device: u32,
+    offset: u64,
+    lease: BufLease,
+) -> Result<(), StoreError> {
+    let engine = Arc::clone(engine);
+    writes.push(Box::pin(async move {
+        engine::write_all(&*engine, device, offset, lease)
+            .await
+            .map(drop)
+            .map_err(|e| StoreError::from_io(device, offset, e))
+    }));
+    while writes.len() >= depth_max {
+        if let Some(r) = writes.next().await {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// A pool buffer of `len` bytes for an ingest. Completed writes hold
+/// buffers until polled, so they are drained while waiting for a free one.
+pub(crate) async fn acquire_draining(
+    writes: &mut FuturesUnordered<WriteFuture>,
+    pool: &Arc<BufferPool>,
+    len: usize,
+) -> Result<BufLease, StoreError> {
+    loop {
+        tokio::select! {
+            biased;
+            Some(r) = writes.next(), if !writes.is_empty() => r?,
+            lease = pool.acquire(len) => {
+                return lease.map_err(|e| StoreError::Limit(e.to_string()));
+            }
+        }
+    }
+}
 
 /// Turns sequential logical writes into stripe-unit-sized device writes.
 struct StripeWriter {
@@ -1032,18 +1246,12 @@ impl StripeWriter {
     }
 
     async fn acquire(&mut self, pool: &Arc<BufferPool>) -> Result<BufLease, StoreError> {
-        let len = self.layout.stripe_unit_bytes as usize;
-        loop {
-            // Completed writes hold buffers until polled, so keep draining
-            // them while waiting for a free one.
-            tokio::select! {
-                biased;
-                Some(r) = self.writes.next(), if !self.writes.is_empty() => r?,
-                lease = pool.acquire(len) => {
-                    return lease.map_err(|e| StoreError::Limit(e.to_string()));
-                }
-            }
-        }
+        acquire_draining(
+            &mut self.writes,
+            pool,
+            self.layout.stripe_unit_bytes as usize,
+        )
+        .await
     }
 
     async fn write_at(
@@ -1100,18 +1308,15 @@ impl StripeWriter {
         stage.set_len(padded);
         let (device, offset) = self.layout.map(self.stage_logical);
         debug_assert!(self.stage_logical + padded as u64 <= self.unit_end(self.stage_logical));
-        let engine = Arc::clone(&store.engine);
-        self.writes.push(Box::pin(async move {
-            engine::write_all(&*engine, device, offset, stage)
-                .await
-                .map(drop)
-                .map_err(|e| StoreError::from_io(device, offset, e))
-        }));
-        while self.writes.len() >= self.depth_max {
-            if let Some(r) = self.writes.next().await {
-                r?;
-            }
-        }
+        push_write(
+            &mut self.writes,
+            self.depth_max,
+            &store.engine,
+            device,
+            offset,
+            stage,
+        )
+        .await?;
         Ok(())
     }
 
@@ -1136,9 +1341,21 @@ struct CurrentObject {
     whole: crc32fast::Hasher,
 }
 
+/// The erasure-coding side of an ingest.
+struct EcIngest {
+    map: EcMap,
+    writer: redundancy::EcWriter,
+    /// End of the data space carved so far.
+    data_end: u64,
+    dataset_id: u64,
+}
+
 /// An ingest in progress; see the module docs. Dropping it without
 /// [`commit`](Self::commit) discards everything.
 pub struct IngestSession {
+    /// Set for an erasure-coded dataset: its rows are `extents`, in data
+    /// order, and bytes go through its writer instead of `writer`.
+    ec: Option<EcIngest>,
     store: Arc<Store>,
     name: DatasetName,
     class: StorageClass,
@@ -1165,7 +1382,44 @@ impl IngestSession {
         &self.name
     }
 
+    /// Data-space room for `len` bytes of an `ec` dataset, taking more
+    /// whole rows when the current ones are full.
+    fn carve_ec(&mut self, len: u64) -> Result<u64, StoreError> {
+        let len = len.next_multiple_of(BLOCK_BYTES);
+        let layout = self.store.layout;
+        let row = layout.stripe_unit_bytes * u64::from(layout.device_count);
+        let ec = self.ec.as_mut().expect("an ec ingest");
+        let g = ec.map.geometry;
+        while ec.data_end + len > ec.map.data_capacity_bytes() {
+            let short = ec.data_end + len - ec.map.data_capacity_bytes();
+            // Rows holding `short` data bytes, plus one for the stripe
+            // that straddles the last row.
+            let rows = (short * u64::from(g.width())).div_ceil(g.k() as u64 * row) + 1;
+            let mut alloc = self.store.alloc.lock().expect("allocator poisoned");
+            let got = alloc
+                .allocate_aligned(
+                    (rows * row).max(RESERVATION_BYTES.next_multiple_of(row)),
+                    row,
+                )
+                .or_else(|| alloc.allocate_aligned(rows * row, row))
+                .ok_or_else(|| StoreError::NoSpace {
+                    needed: rows * row,
+                    free: alloc.free_bytes(),
+                    largest_free: alloc.largest_free_bytes(),
+                })?;
+            drop(alloc);
+            self.extents.push(got);
+            ec.map = EcMap::new(g, layout, &self.extents);
+        }
+        let at = ec.data_end;
+        ec.data_end += len;
+        Ok(at)
+    }
+
     fn carve(&mut self, len: u64) -> Result<u64, StoreError> {
+        if self.ec.is_some() {
+            return self.carve_ec(len);
+        }
         let len = len.next_multiple_of(BLOCK_BYTES);
         if let Some(r) = self.reservation.as_mut().filter(|r| r.len >= len) {
             let at = r.offset;
@@ -1288,7 +1542,10 @@ impl IngestSession {
         let done = cur.received == cur.size;
         self.total_bytes += bytes.len() as u64;
         let store = Arc::clone(&self.store);
-        self.writer.write_at(&store, at, bytes).await?;
+        match self.ec.as_mut() {
+            Some(EcIngest { map, writer, .. }) => writer.write_at(&store, map, at, bytes).await?,
+            None => self.writer.write_at(&store, at, bytes).await?,
+        }
         if done {
             self.end_object().await?;
         }
@@ -1313,7 +1570,10 @@ impl IngestSession {
         }
         if cur.size > 0 {
             let store = Arc::clone(&self.store);
-            self.writer.pad_to_block(&store).await?;
+            match self.ec.as_mut() {
+                Some(EcIngest { map, writer, .. }) => writer.pad_to_block(&store, map).await?,
+                None => self.writer.pad_to_block(&store).await?,
+            }
         }
         self.objects.push((
             cur.path,
@@ -1348,7 +1608,10 @@ impl IngestSession {
             )));
         }
         let store = Arc::clone(&self.store);
-        self.writer.finish(&store).await?;
+        match self.ec.as_mut() {
+            Some(EcIngest { map, writer, .. }) => writer.finish(&store, map).await?,
+            None => self.writer.finish(&store).await?,
+        }
         // Data durable before the catalog refers to it.
         store.sync_all().await?;
         if let Some(r) = self.reservation.take() {
@@ -1359,11 +1622,33 @@ impl IngestSession {
                 .release(r)
                 .expect("reservation is ours");
         }
-        let mut extents = std::mem::take(&mut self.extents);
-        coalesce(&mut extents);
+        let (extents, unit_crcs, id) = match self.ec.as_mut() {
+            None => {
+                let mut extents = std::mem::take(&mut self.extents);
+                coalesce(&mut extents);
+                (extents, Vec::new(), 0)
+            }
+            Some(ec) => {
+                let layout = store.layout;
+                let row = layout.stripe_unit_bytes * u64::from(layout.device_count);
+                let units = ec.writer.stripes() * u64::from(ec.map.geometry.width());
+                let rows_used = units.div_ceil(u64::from(layout.device_count));
+                let (kept, spare) = split_rows(std::mem::take(&mut self.extents), rows_used, row);
+                let mut alloc = store.alloc.lock().expect("allocator poisoned");
+                for e in spare {
+                    alloc.release(e).expect("rows are ours");
+                }
+                drop(alloc);
+                (
+                    kept,
+                    std::mem::take(&mut ec.writer.unit_crcs),
+                    ec.dataset_id,
+                )
+            }
+        };
         let allocated_bytes = extents.iter().map(|e| e.len).sum();
         let record = DatasetRecord {
-            id: 0,
+            id,
             class: self.class,
             checksum_block_bytes: CHECKSUM_BLOCK_BYTES,
             created_unix_ms: std::time::SystemTime::now()
@@ -1379,10 +1664,11 @@ impl IngestSession {
         let name = self.name.to_string();
         let s2 = Arc::clone(&store);
         let rec2 = record.clone();
-        let committed =
-            tokio::task::spawn_blocking(move || s2.catalog.commit_dataset(&name, rec2, &objects))
-                .await
-                .map_err(|e| StoreError::InvalidArgument(format!("commit task failed: {e}")));
+        let committed = tokio::task::spawn_blocking(move || {
+            s2.catalog.commit_dataset(&name, rec2, &objects, &unit_crcs)
+        })
+        .await
+        .map_err(|e| StoreError::InvalidArgument(format!("commit task failed: {e}")));
         let committed = match committed.and_then(|r| r.map_err(StoreError::from)) {
             Ok(r) => r,
             Err(e) => {
@@ -1392,12 +1678,12 @@ impl IngestSession {
             }
         };
         self.committed = true;
-        let handle = Arc::new(DatasetHandle {
-            name: self.name.to_string(),
-            record: committed,
-            alloc: Arc::clone(&store.alloc),
-            deleted: AtomicBool::new(false),
-        });
+        let handle = Arc::new(DatasetHandle::new(
+            self.name.to_string(),
+            committed,
+            store.layout,
+            Arc::clone(&store.alloc),
+        ));
         store
             .datasets
             .write()
@@ -1425,7 +1711,10 @@ impl Drop for IngestSession {
         }
         let mut space = std::mem::take(&mut self.extents);
         space.extend(self.reservation.take());
-        let writes = std::mem::take(&mut self.writer.writes);
+        let writes = match self.ec.as_mut() {
+            Some(ec) => std::mem::take(&mut ec.writer.writes),
+            None => std::mem::take(&mut self.writer.writes),
+        };
         let alloc = Arc::clone(&self.store.alloc);
         let name = self.name.to_string();
         let release = move || {
@@ -1453,10 +1742,39 @@ impl Drop for IngestSession {
     }
 }
 
+/// The first `rows` rows of `extents` (whole rows of `row` bytes, in data
+/// order), coalesced in order, and the rest.
+fn split_rows(extents: Vec<Extent>, mut rows: u64, row: u64) -> (Vec<Extent>, Vec<Extent>) {
+    let (mut kept, mut spare) = (Vec::new(), Vec::new());
+    for e in extents {
+        let n = e.len / row;
+        let take = n.min(rows);
+        rows -= take;
+        if take > 0 {
+            kept.push(Extent {
+                offset: e.offset,
+                len: take * row,
+            });
+        }
+        if take < n {
+            spare.push(Extent {
+                offset: e.offset + take * row,
+                len: e.len - take * row,
+            });
+        }
+    }
+    coalesce_in_order(&mut kept);
+    (kept, spare)
+}
+
 mod pipeline;
 pub mod read_into;
 pub mod readahead;
+pub mod redundancy;
 mod schedule;
+pub mod scrub;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_ec;

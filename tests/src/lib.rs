@@ -361,6 +361,8 @@ pub mod ingest_msg {
         wrap(Msg::Begin(pb::IngestBegin {
             dataset: dataset.into(),
             storage_class,
+            ec_data_units: 0,
+            ec_parity_units: 0,
         }))
     }
 

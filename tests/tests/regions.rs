@@ -22,11 +22,58 @@ fn files() -> Vec<(String, Vec<u8>)> {
 }
 
 fn daemon(tmp: &tempfile::TempDir) -> Daemon {
+    daemon_as(tmp, None)
+}
+
+/// A daemon with dataset "ds" of `class` (default: the server's, ec:3+1).
+fn daemon_as(tmp: &tempfile::TempDir, class: Option<&str>) -> Daemon {
     let src = tmp.path().join("src");
     write_tree(&src, &files());
     let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
-    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    let mut args = vec!["ingest", "ds", src.to_str().unwrap()];
+    if let Some(c) = class {
+        args.extend(["--class", c]);
+    }
+    d.ctl_ok(&args);
     d
+}
+
+/// "big" and "part/002" of "ds", read into `region`.
+async fn read_big_and_part<'r>(
+    ds: &storaged_client::Dataset,
+    region: &'r mut storaged_client::region::Region,
+) -> storaged_client::region::RegionBatch<'r> {
+    ds.read_into(
+        region,
+        &[
+            RegionRead::whole("big", 3 << 20),
+            RegionRead::whole("part/002", 1 + 2 * 37_171),
+        ],
+    )
+    .await
+    .unwrap()
+}
+
+/// Flips one byte of device data under the first extent of "big".
+async fn rot_big(d: &Daemon, tmp: &tempfile::TempDir) {
+    let client = d.local_client().await;
+    let st = client.dataset("ds").unwrap().stat("big").await.unwrap();
+    let e = &st.extents[0];
+    let dev = tmp
+        .path()
+        .join("data")
+        .join(format!("dev{}.img", e.device_index));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev)
+        .unwrap();
+    let at = e.device_offset + 100;
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x80;
+    f.write_all_at(&b, at).unwrap();
+    f.sync_all().unwrap();
 }
 
 async fn regions_registered(d: &Daemon) -> u32 {
@@ -403,26 +450,10 @@ async fn a_corrupt_block_fails_only_its_item_with_data_loss() {
     // Guards in-place verification: a flipped byte on the device reaches
     // the region but is reported, and the item must not be trusted.
     let tmp = tempfile::tempdir().unwrap();
-    let d = daemon(&tmp);
+    let d = daemon_as(&tmp, Some("stripe"));
     let client = d.local_client().await;
     let ds = client.dataset("ds").unwrap();
-    let st = ds.stat("big").await.unwrap();
-    let e = &st.extents[0];
-    let dev = tmp
-        .path()
-        .join("data")
-        .join(format!("dev{}.img", e.device_index));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev)
-        .unwrap();
-    let at = e.device_offset + 100;
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x80;
-    f.write_all_at(&b, at).unwrap();
-    f.sync_all().unwrap();
+    rot_big(&d, &tmp).await;
 
     // storagectl verify names the bad object, over either path.
     for via in ["grpc", "shm"] {
@@ -439,20 +470,31 @@ async fn a_corrupt_block_fails_only_its_item_with_data_loss() {
     }
 
     let mut region = client.register_region(4 << 20).await.unwrap();
-    let batch = ds
-        .read_into(
-            &mut region,
-            &[
-                RegionRead::whole("big", 3 << 20),
-                RegionRead::whole("part/002", 1 + 2 * 37_171),
-            ],
-        )
-        .await
-        .unwrap();
+    let batch = read_big_and_part(&ds, &mut region).await;
     let err = batch.get(0).unwrap_err();
     assert_eq!(err.code(), Code::DataLoss);
     assert!(err.message().contains("\"big\""), "{}", err.message());
     assert_eq!(batch.get(1).unwrap(), &pattern(2, 1 + 2 * 37_171)[..]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupt_ec_block_is_rebuilt_into_the_region() {
+    // Guards the ReadInto fallback: an erasure-coded item whose in-place
+    // check fails is rebuilt from parity and delivered exact.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon(&tmp);
+    let client = d.local_client().await;
+    let ds = client.dataset("ds").unwrap();
+    rot_big(&d, &tmp).await;
+    let mut region = client.register_region(4 << 20).await.unwrap();
+    let batch = read_big_and_part(&ds, &mut region).await;
+    assert!(batch.get(0).unwrap() == &pattern(999, 3 << 20)[..]);
+    assert_eq!(batch.get(1).unwrap(), &pattern(2, 1 + 2 * 37_171)[..]);
+    drop(batch);
+    let st = client.status().await.unwrap();
+    let info = st.datasets.iter().find(|x| x.name == "ds").unwrap();
+    assert!(info.reconstructions > 0, "{info:?}");
+    d.ctl_ok(&["verify", "ds", "--via", "shm"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -52,7 +52,7 @@ async fn ingest_list_read_export_is_byte_identical() {
         .find(|l| l.starts_with("imagenet-mini"))
         .expect(&ls);
     assert!(
-        line.contains(&files.len().to_string()) && line.contains("stripe"),
+        line.contains(&files.len().to_string()) && line.contains("ec:3+1"),
         "{line}"
     );
 

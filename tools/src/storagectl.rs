@@ -47,7 +47,24 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Upload a directory tree as a new dataset.
-    Ingest { dataset: String, dir: PathBuf },
+    Ingest {
+        dataset: String,
+        dir: PathBuf,
+        /// Storage class: `stripe` (no redundancy) or `ec:K+M` (Reed-Solomon,
+        /// any M devices may fail). Default: the server's, ec:(N-1)+1 on a
+        /// pool of N >= 3 devices.
+        #[arg(long)]
+        class: Option<storaged_proto::model::StorageClass>,
+    },
+    /// Read every unit of one dataset (or all), verify every checksum, and
+    /// rewrite bad units of erasure-coded datasets from parity. Exits 1 if
+    /// anything was unrecoverable.
+    Scrub {
+        dataset: Option<String>,
+        /// Read rate in MiB/s (default: the server's scrub_rate_mib_s).
+        #[arg(long)]
+        rate_mib_s: Option<u64>,
+    },
     /// List datasets, or the objects of one dataset.
     Ls {
         dataset: Option<String>,
@@ -194,10 +211,14 @@ fn rfc3339(ms: i64) -> String {
     )
 }
 
-fn class_name(code: i32) -> &'static str {
-    match storaged_proto::pb::StorageClass::try_from(code) {
-        Ok(storaged_proto::pb::StorageClass::Stripe) => "stripe",
-        _ => "unknown",
+fn class_name(d: &storaged_proto::pb::DatasetInfo) -> String {
+    match storaged_proto::model::StorageClass::from_wire(
+        d.storage_class,
+        d.ec_data_units,
+        d.ec_parity_units,
+    ) {
+        Ok(Some(c)) => c.to_string(),
+        _ => "unknown".into(),
     }
 }
 
@@ -208,7 +229,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Client::connect(&cli.server).await?
     };
     match cli.command {
-        Command::Ingest { dataset, dir } => ingest(&client, &dataset, &dir).await,
+        Command::Ingest {
+            dataset,
+            dir,
+            class,
+        } => ingest(&client, &dataset, &dir, class).await,
+        Command::Scrub {
+            dataset,
+            rate_mib_s,
+        } => scrub(&client, dataset, rate_mib_s).await,
         Command::Ls { dataset: None, .. } => {
             let datasets = client.list_datasets().await?;
             println!(
@@ -221,7 +250,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     d.name,
                     d.object_count,
                     human(d.total_bytes),
-                    class_name(d.storage_class),
+                    class_name(&d),
                     rfc3339(d.created_unix_ms)
                 );
             }
@@ -341,6 +370,23 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 human(s.free_bytes)
             );
             println!("used bytes:  {}", s.used_bytes);
+            println!(
+                "health:      {}",
+                if s.degraded {
+                    "DEGRADED (devices missing; see below)"
+                } else {
+                    "ok"
+                }
+            );
+            println!(
+                "scrub:       {} passes{}, {} checked, {} corrupt, {} repaired, {} unrecoverable",
+                s.scrub_passes,
+                if s.scrub_running { " (running)" } else { "" },
+                human(s.scrub_bytes_checked),
+                s.scrub_corrupt,
+                s.scrub_repaired,
+                s.scrub_unrecoverable
+            );
             println!("ingests in progress: {}", s.ingests_in_progress);
             println!(
                 "served:      grpc {} ({} copied)  shm {} ({} copied)",
@@ -372,20 +418,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("devices:");
             for d in &s.devices {
                 println!(
-                    "  {:>3}  {:<40} capacity {:>10}  used {:>10}",
+                    "  {:>3}  {:<40} {:<8} capacity {:>10}  used {:>10}  rebuilt {}",
                     d.index,
                     d.path,
+                    d.state,
                     human(d.capacity_bytes),
-                    human(d.used_bytes)
+                    human(d.used_bytes),
+                    d.reconstructions
                 );
             }
             println!("datasets: {}", s.datasets.len());
             for d in &s.datasets {
                 println!(
-                    "  {:<32} {:>10} objects {:>12}",
+                    "  {:<32} {:>10} objects {:>12}  {:<8} rebuilt {}{}",
                     d.name,
                     d.object_count,
-                    human(d.total_bytes)
+                    human(d.total_bytes),
+                    class_name(d),
+                    d.reconstructions,
+                    if d.health.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  {}", d.health)
+                    }
                 );
             }
             Ok(())
@@ -596,7 +651,71 @@ async fn verify_in_pieces(
     check_crc(info, hasher.finalize())
 }
 
-async fn ingest(client: &Client, dataset: &str, dir: &Path) -> anyhow::Result<()> {
+async fn scrub(
+    client: &Client,
+    dataset: Option<String>,
+    rate_mib_s: Option<u64>,
+) -> anyhow::Result<()> {
+    use storaged_proto::pb::scrub_event::Event;
+    let mut stream = client
+        .raw()
+        .scrub(storaged_proto::pb::ScrubRequest {
+            dataset: dataset.unwrap_or_default(),
+            rate_mib_s: rate_mib_s.unwrap_or(0),
+        })
+        .await
+        .map_err(storaged_client::ClientError::from)?
+        .into_inner();
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(
+            "{spinner} scrub [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
+        )
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut report = None;
+    while let Some(ev) = stream
+        .message()
+        .await
+        .map_err(storaged_client::ClientError::from)?
+    {
+        match ev.event {
+            Some(Event::Progress(p)) => {
+                bar.set_length(p.bytes_total);
+                bar.set_position(p.bytes_done);
+            }
+            Some(Event::Report(r)) => report = Some(r),
+            None => {}
+        }
+    }
+    bar.finish_and_clear();
+    let r = report.context("the server ended the scrub without a report")?;
+    println!(
+        "scrubbed {} datasets, {}: {} units checked, {} corrupt, {} repaired, {} unrecoverable, {} on missing devices",
+        r.datasets,
+        human(r.bytes_checked),
+        r.units_checked,
+        r.corrupt,
+        r.repaired,
+        r.unrecoverable,
+        r.missing
+    );
+    for p in &r.problems {
+        println!("  {p}");
+    }
+    if r.unrecoverable > 0 {
+        bail!("{} units could not be repaired", r.unrecoverable);
+    }
+    Ok(())
+}
+
+async fn ingest(
+    client: &Client,
+    dataset: &str,
+    dir: &Path,
+    class: Option<storaged_proto::model::StorageClass>,
+) -> anyhow::Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(
@@ -607,7 +726,7 @@ async fn ingest(client: &Client, dataset: &str, dir: &Path) -> anyhow::Result<()
     bar.enable_steady_tick(Duration::from_millis(200));
     let b2 = bar.clone();
     let info = client
-        .ingest_dir(dataset, dir, move |p: IngestProgress| {
+        .ingest_dir_as(dataset, dir, class, move |p: IngestProgress| {
             b2.set_length(p.total_bytes);
             b2.set_position(p.sent_bytes);
             b2.set_message(format!("{}/{} objects", p.sent_objects, p.total_objects));
@@ -616,10 +735,16 @@ async fn ingest(client: &Client, dataset: &str, dir: &Path) -> anyhow::Result<()
     bar.finish_and_clear();
     let info = info?;
     println!(
-        "ingested {}: {} objects, {}",
+        "ingested {}: {} objects, {}, class {}{}",
         info.name,
         info.object_count,
-        human(info.total_bytes)
+        human(info.total_bytes),
+        class_name(&info),
+        if class.is_none() {
+            " (the server's default for this pool)"
+        } else {
+            ""
+        }
     );
     Ok(())
 }

@@ -421,6 +421,8 @@ pub async fn ingest_empty_objects(client: &Client, dataset: &str, n: usize) -> a
     send(m(Msg::Begin(pb::IngestBegin {
         dataset: dataset.into(),
         storage_class: 0,
+        ec_data_units: 0,
+        ec_parity_units: 0,
     })))
     .await?;
     for i in 0..n {

@@ -134,10 +134,7 @@ impl Store {
                     let tag = items.len();
                     let mut dest = at;
                     let mut pieces = 0;
-                    for s in self
-                        .layout
-                        .segments(obj.record.logical_offset + w_start, span)
-                    {
+                    for s in self.object_segments(&obj, w_start, span) {
                         wants.push(Want {
                             device: s.device,
                             device_offset: s.device_offset,
@@ -184,6 +181,7 @@ impl Store {
             items,
             wants,
             running,
+            fallbacks: FuturesUnordered::new(),
             ready,
         };
         futures::stream::unfold(state, |mut st| async move {
@@ -191,7 +189,19 @@ impl Store {
                 if let Some(done) = st.ready.pop_front() {
                     return Some((done, st));
                 }
-                let (wants, result) = st.running.next().await?;
+                if st.running.is_empty() {
+                    // Only rebuilds (if any) are left.
+                    let done = st.fallbacks.next().await?;
+                    st.ready.push_back(done);
+                    continue;
+                }
+                let (wants, result) = tokio::select! {
+                    Some(r) = st.running.next() => r,
+                    Some(done) = st.fallbacks.next(), if !st.fallbacks.is_empty() => {
+                        st.ready.push_back(done);
+                        continue;
+                    }
+                };
                 for w in &st.wants[wants] {
                     let item = &mut st.items[w.tag];
                     item.pieces_left -= 1;
@@ -205,11 +215,54 @@ impl Store {
                         });
                     }
                     if item.pieces_left == 0 {
-                        let done = st.store.finish_item_into(&st.region, item);
-                        st.ready.push_back((item.index, done));
+                        match st.store.finish_item_into(&st.region, item) {
+                            Err(e) if item.obj.dataset.ec.is_some() && e.is_device_fault() => {
+                                tracing::debug!(error = %e, "ReadInto item: rebuilding from parity");
+                                let store = Arc::clone(&st.store);
+                                let region = Arc::clone(&st.region);
+                                let item = item.detach();
+                                st.fallbacks.push(Box::pin(async move {
+                                    let index = item.index;
+                                    (index, store.read_item_into_degraded(&region, &item).await)
+                                }));
+                            }
+                            done => st.ready.push_back((item.index, done)),
+                        }
                     }
                 }
             }
+        })
+    }
+
+    /// A `ReadInto` item of an `ec` dataset whose direct read failed: its
+    /// window is rebuilt in storaged's memory and copied into the region.
+    async fn read_item_into_degraded(
+        &self,
+        region: &RegionMap,
+        item: &GroupItem,
+    ) -> Result<ReadIntoDone, StoreError> {
+        let obj = &item.obj;
+        let (w_start, w_end) = item.window();
+        let chunks = self
+            .read_window_degraded(obj, w_start, w_end, w_start, w_end)
+            .await?;
+        let base = item.region_offset as usize;
+        for (offset, bytes) in &chunks {
+            // SAFETY: every read of this item has completed (it had no
+            // pieces left), so nothing else writes its span.
+            unsafe { region.copy_in(base + (offset - w_start) as usize, bytes) };
+        }
+        let tail = (w_end - w_start) as usize;
+        // SAFETY: as above.
+        unsafe { region.zero(base + tail, item.span as usize - tail) };
+        let c = &self.read_counters;
+        c.shm_bytes_served.fetch_add(item.len, Ordering::Relaxed);
+        c.shm_payload_bytes_copied
+            .fetch_add(w_end - w_start, Ordering::Relaxed);
+        Ok(ReadIntoDone {
+            data_offset: item.region_offset + item.lead,
+            length: item.len,
+            span_bytes: item.span,
         })
     }
 
@@ -258,11 +311,7 @@ impl Store {
             return Err(e);
         }
         let obj = &item.obj;
-        let block = u64::from(obj.dataset.record.checksum_block_bytes);
-        let w_start = item.start - item.lead;
-        let w_end = (item.start + item.len)
-            .next_multiple_of(block)
-            .min(obj.record.size);
+        let (w_start, w_end) = item.window();
         let base = item.region_offset as usize;
         // SAFETY: every read into [base, base + span) has completed (the
         // item has no pieces left).
@@ -296,9 +345,35 @@ struct GroupItem {
     error: Option<StoreError>,
 }
 
+impl GroupItem {
+    /// The object bytes its span holds: whole checksum blocks, cut at the
+    /// object's end.
+    fn window(&self) -> (u64, u64) {
+        let block = u64::from(self.obj.dataset.record.checksum_block_bytes);
+        let end = (self.start + self.len)
+            .next_multiple_of(block)
+            .min(self.obj.record.size);
+        (self.start - self.lead, end)
+    }
+
+    /// A copy for a task of its own (the item is finished in the group).
+    fn detach(&self) -> GroupItem {
+        GroupItem {
+            index: self.index,
+            obj: Arc::clone(&self.obj),
+            error: None,
+            ..*self
+        }
+    }
+}
+
 /// A run's failure as parts (device, offset, kind, message): every item the
 /// run covers gets its own `StoreError` from them.
 type RunResult = Result<(), (u32, u64, std::io::ErrorKind, String)>;
+
+type Fallback = std::pin::Pin<
+    Box<dyn std::future::Future<Output = (u32, Result<ReadIntoDone, StoreError>)> + Send>,
+>;
 
 struct GroupState<F> {
     store: Arc<Store>,
@@ -306,6 +381,8 @@ struct GroupState<F> {
     items: Vec<GroupItem>,
     wants: Vec<Want>,
     running: FuturesUnordered<F>,
+    /// Items being rebuilt from parity after their direct read failed.
+    fallbacks: FuturesUnordered<Fallback>,
     ready: std::collections::VecDeque<(u32, Result<ReadIntoDone, StoreError>)>,
 }
 

@@ -255,7 +255,7 @@ impl Store {
         let mut pieces_left = vec![0usize; objects.len()];
         for (tag, obj) in objects.iter().enumerate() {
             let dev_len = obj.record.size.next_multiple_of(BLOCK_BYTES);
-            for s in self.layout.segments(obj.record.logical_offset, dev_len) {
+            for s in self.object_segments(obj, 0, dev_len) {
                 wants.push(Want {
                     device: s.device,
                     device_offset: s.device_offset,

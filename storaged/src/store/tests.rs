@@ -6,7 +6,7 @@ use crate::config::StoreConfig;
 use crate::engine::EngineKind;
 use crate::engine::fault::{Fault, FaultPlan, FaultRule, FaultyBackend};
 
-fn config(dir: &std::path::Path, device_mib: u64, unit: u64) -> StoreConfig {
+pub(super) fn config(dir: &std::path::Path, device_mib: u64, unit: u64) -> StoreConfig {
     let mut c = StoreConfig::with_defaults(dir.to_path_buf());
     c.device_size_bytes = device_mib << 20;
     c.stripe_unit_bytes = unit;
@@ -17,7 +17,7 @@ fn config(dir: &std::path::Path, device_mib: u64, unit: u64) -> StoreConfig {
     c
 }
 
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
+pub(super) fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     (0..len)
         .map(|_| {
@@ -45,7 +45,16 @@ async fn ingest(
     name: &str,
     objects: &[(&str, Vec<u8>)],
 ) -> Result<Arc<DatasetHandle>, StoreError> {
-    let mut s = store.begin_ingest(DatasetName::new(name).unwrap(), StorageClass::Stripe)?;
+    ingest_class(store, name, StorageClass::Stripe, objects).await
+}
+
+pub(super) async fn ingest_class(
+    store: &Arc<Store>,
+    name: &str,
+    class: StorageClass,
+    objects: &[(&str, Vec<u8>)],
+) -> Result<Arc<DatasetHandle>, StoreError> {
+    let mut s = store.begin_ingest(DatasetName::new(name).unwrap(), class)?;
     let mut total = 0u64;
     for (path, data) in objects {
         s.begin_object(
@@ -62,7 +71,7 @@ async fn ingest(
     s.commit(objects.len() as u64, total).await
 }
 
-async fn read_all(
+pub(super) async fn read_all(
     store: &Arc<Store>,
     ds: &str,
     path: &str,

@@ -1,0 +1,594 @@
+//! Erasure-coded datasets in the store: writing stripes at ingest, and
+//! reading through lost or bad units.
+//!
+//! **Write.** [`EcWriter`] collects a stripe's K data units in pool buffers
+//! as ingest bytes arrive (objects packed at 4 KiB in the data space, see
+//! `ec`), computes the M parity units when the stripe is full, takes the
+//! position-bound CRC of every unit, and writes the K + M units, each to its
+//! own device, with the ingest's usual bound on writes in flight. The last
+//! stripe is padded with zeros. The unit CRCs are committed with the dataset
+//! in the same catalog transaction.
+//!
+//! **Degraded read.** A read of an `ec` dataset first goes to the data
+//! units as for any dataset. If a device is missing, fails, or returns bytes
+//! failing their checksum, the read falls back to the stripes it covers:
+//! every unit of the stripe is read and checked against its unit CRC, the
+//! units that are gone or bad (at most M) are rebuilt from the others, the
+//! rebuilt ones must match their own CRC, and the window is verified again
+//! against the object's block CRCs before a byte leaves. Each rebuilt
+//! stripe counts once for its dataset and once per lost unit for its
+//! device. Rebuilt data units are kept in a small cache (bounded in bytes,
+//! oldest out first), so a sequential degraded read rebuilds each stripe
+//! once rather than once per window.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
+use storaged_proto::model::StorageClass;
+
+use super::{Chunk, DatasetHandle, ObjectRef, Store, WriteFuture};
+use crate::alloc::BLOCK_BYTES;
+use crate::buf::{BufLease, BufferPool};
+use crate::catalog::DatasetRecord;
+use crate::ec::{Codec, EcGeometry, EcMap, unit_crc};
+use crate::engine;
+use crate::error::{OpenError, StoreError};
+use crate::layout::StripeLayout;
+
+/// Layout and codec of one erasure-coded dataset.
+#[derive(Debug)]
+pub struct EcDataset {
+    pub map: EcMap,
+    pub codec: Codec,
+}
+
+impl EcDataset {
+    pub fn for_record(record: &DatasetRecord, layout: StripeLayout) -> Option<Self> {
+        let StorageClass::Ec {
+            data_units,
+            parity_units,
+        } = record.class
+        else {
+            return None;
+        };
+        let geometry = EcGeometry {
+            data_units,
+            parity_units,
+        };
+        Some(Self {
+            map: EcMap::new(geometry, layout, &record.extents),
+            codec: Codec::new(geometry),
+        })
+    }
+
+    pub fn geometry(&self) -> EcGeometry {
+        self.map.geometry
+    }
+
+    /// Devices holding at least one unit of this dataset.
+    fn devices_used(&self, device_count: u32) -> Vec<bool> {
+        let mut used = vec![false; device_count as usize];
+        let stripes = self.map.stripes();
+        for s in 0..stripes.min(u64::from(device_count)) {
+            for p in 0..self.geometry().width() {
+                used[self.map.unit_location(s, p).0 as usize] = true;
+            }
+        }
+        used
+    }
+}
+
+/// Devices (of `missing`) that hold bytes of `ds`.
+pub fn devices_at_risk(ds: &DatasetHandle, layout: StripeLayout, missing: &[bool]) -> Vec<u32> {
+    let used: Vec<bool> = match &ds.ec {
+        Some(ec) => ec.devices_used(layout.device_count),
+        None => {
+            let mut per_device = vec![0u64; layout.device_count as usize];
+            for e in &ds.record.extents {
+                layout.bytes_per_device(e.offset, e.len, &mut per_device);
+            }
+            per_device.iter().map(|b| *b > 0).collect()
+        }
+    };
+    (0..layout.device_count)
+        .filter(|d| missing[*d as usize] && used[*d as usize])
+        .collect()
+}
+
+/// What a dataset can still serve with the devices `missing`: empty when
+/// all is well.
+pub fn dataset_health(ds: &DatasetHandle, layout: StripeLayout, missing: &[bool]) -> String {
+    let gone = devices_at_risk(ds, layout, missing);
+    if gone.is_empty() {
+        return String::new();
+    }
+    match &ds.ec {
+        Some(ec) if gone.len() <= ec.geometry().m() => format!(
+            "degraded: device(s) {gone:?} missing; reads rebuild from parity; {} more device loss(es) tolerated",
+            ec.geometry().m() - gone.len()
+        ),
+        Some(ec) => format!(
+            "unavailable: device(s) {gone:?} missing, {} can rebuild at most {}",
+            ds.record.class,
+            ec.geometry().m()
+        ),
+        None => format!(
+            "at risk: objects with bytes on missing device(s) {gone:?} are unavailable (class stripe has no redundancy)"
+        ),
+    }
+}
+
+/// Refuses a degraded start that would leave a redundant dataset
+/// unreadable (more devices missing than it has parity).
+pub fn check_degraded_start(
+    datasets: &BTreeMap<String, Arc<DatasetHandle>>,
+    layout: StripeLayout,
+    missing: &[bool],
+    paths: &[std::path::PathBuf],
+) -> Result<(), OpenError> {
+    if !missing.iter().any(|m| *m) {
+        return Ok(());
+    }
+    for ds in datasets.values() {
+        if let Some(ec) = &ds.ec {
+            let gone = devices_at_risk(ds, layout, missing);
+            if gone.len() > ec.geometry().m() {
+                let names: Vec<String> = gone
+                    .iter()
+                    .map(|d| format!("{d} ({})", paths[*d as usize].display()))
+                    .collect();
+                return Err(OpenError::TooDegraded(format!(
+                    "dataset {:?} ({}) would be unreadable: devices {} are missing and it tolerates {}",
+                    ds.name,
+                    ds.record.class,
+                    names.join(", "),
+                    ec.geometry().m()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+type StripeKey = (u64, u64);
+
+/// Rebuilt stripes' data units, oldest out first, bounded in bytes.
+#[derive(Debug)]
+pub struct StripeCache {
+    bytes_max: u64,
+    bytes: u64,
+    /// ((dataset id, stripe), data units).
+    entries: VecDeque<(StripeKey, Arc<Vec<Bytes>>)>,
+}
+
+impl StripeCache {
+    pub fn new(bytes_max: u64) -> Self {
+        Self {
+            bytes_max,
+            bytes: 0,
+            entries: VecDeque::new(),
+        }
+    }
+
+    fn get(&self, key: (u64, u64)) -> Option<Arc<Vec<Bytes>>> {
+        self.entries
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| Arc::clone(v))
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+
+    fn insert(&mut self, key: (u64, u64), units: Arc<Vec<Bytes>>) {
+        let size: u64 = units.iter().map(|u| u.len() as u64).sum();
+        if size > self.bytes_max || self.get(key).is_some() {
+            return;
+        }
+        while self.bytes + size > self.bytes_max {
+            let Some((_, old)) = self.entries.pop_front() else {
+                break;
+            };
+            self.bytes -= old.iter().map(|u| u.len() as u64).sum::<u64>();
+        }
+        self.bytes += size;
+        self.entries.push_back((key, units));
+    }
+}
+
+/// A stripe's units as read and checked: `(unit, intact)` by position.
+pub(super) struct StripeRead {
+    pub units: Vec<BufLease>,
+    pub intact: Vec<bool>,
+    /// Positions whose read failed (I/O error, not a checksum mismatch).
+    pub io_failed: Vec<bool>,
+    /// Positions whose device is missing (a kind of I/O failure).
+    pub missing: Vec<bool>,
+    pub crcs: Vec<u32>,
+}
+
+impl Store {
+    /// Reads every unit of `stripe` of `ds` and checks each against its
+    /// unit CRC. Never fails for a unit's sake: a unit that cannot be read
+    /// or does not match is reported as not intact.
+    pub(super) async fn read_stripe(
+        &self,
+        ds: &DatasetHandle,
+        ec: &EcDataset,
+        stripe: u64,
+    ) -> Result<StripeRead, StoreError> {
+        let width = ec.geometry().width() as usize;
+        let unit = ec.map.unit_bytes() as usize;
+        let crcs = self.catalog.unit_crcs(ds.record.id, width, stripe, 1)?;
+        let leases = self
+            .pool
+            .acquire_many(unit, width)
+            .await
+            .map_err(|e| StoreError::Limit(e.to_string()))?;
+        let reads = leases.into_iter().enumerate().map(|(p, lease)| {
+            let (device, offset) = ec.map.unit_location(stripe, p as u32);
+            engine::read_exact_keep(&*self.engine, device, offset, unit, lease)
+        });
+        let results = futures::future::join_all(reads).await;
+        let mut units = Vec::with_capacity(width);
+        let mut intact = Vec::with_capacity(width);
+        let mut missing = Vec::with_capacity(width);
+        let mut io_failed = Vec::with_capacity(width);
+        for (p, (r, lease)) in results.into_iter().enumerate() {
+            io_failed.push(r.is_err());
+            let ok = match &r {
+                Ok(()) => unit_crc(ds.record.id, stripe, p as u32, lease.as_slice()) == crcs[p],
+                Err(_) => false,
+            };
+            missing.push(
+                r.as_ref()
+                    .err()
+                    .is_some_and(crate::engine::route::is_missing),
+            );
+            intact.push(ok);
+            units.push(lease);
+        }
+        Ok(StripeRead {
+            units,
+            intact,
+            io_failed,
+            missing,
+            crcs,
+        })
+    }
+
+    /// Rebuilds the units of `read` that are not intact, in place, and
+    /// checks each rebuilt unit against its CRC. Returns the positions
+    /// rebuilt. Counts the reconstruction.
+    pub(super) fn rebuild_stripe(
+        &self,
+        ds: &DatasetHandle,
+        ec: &EcDataset,
+        stripe: u64,
+        read: &mut StripeRead,
+    ) -> Result<Vec<u32>, StoreError> {
+        let lost: Vec<u32> = (0..read.intact.len() as u32)
+            .filter(|p| !read.intact[*p as usize])
+            .collect();
+        if lost.is_empty() {
+            return Ok(lost);
+        }
+        let devices: Vec<u32> = lost
+            .iter()
+            .map(|p| ec.map.unit_location(stripe, *p).0)
+            .collect();
+        let unrecoverable = || StoreError::Unrecoverable {
+            dataset: ds.name.clone(),
+            stripe,
+            devices: devices.clone(),
+            parity: ec.geometry().parity_units,
+            missing: read.io_failed.iter().any(|m| *m),
+        };
+        if lost.len() > ec.geometry().m() {
+            return Err(unrecoverable());
+        }
+        let unit = ec.map.unit_bytes() as usize;
+        {
+            let mut shards: Vec<(&mut [u8], bool)> = read
+                .units
+                .iter_mut()
+                .zip(&read.intact)
+                .map(|(l, ok)| (&mut l.as_mut_full()[..unit], *ok))
+                .collect();
+            ec.codec
+                .reconstruct(stripe, &mut shards)
+                .map_err(|_| unrecoverable())?;
+        }
+        for p in &lost {
+            let l = &mut read.units[*p as usize];
+            l.set_len(unit);
+            if unit_crc(ds.record.id, stripe, *p, l.as_slice()) != read.crcs[*p as usize] {
+                // The survivors passed their own checks, so this means the
+                // catalog and the units disagree: never serve it.
+                return Err(StoreError::Unrecoverable {
+                    dataset: ds.name.clone(),
+                    stripe,
+                    devices: devices.clone(),
+                    parity: ec.geometry().parity_units,
+                    missing: false,
+                });
+            }
+        }
+        ds.reconstructions.fetch_add(1, Ordering::Relaxed);
+        for d in &devices {
+            self.device_reconstructions[*d as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(lost)
+    }
+
+    /// The verified data units of `stripe`, rebuilt where needed.
+    async fn stripe_data(
+        &self,
+        ds: &DatasetHandle,
+        ec: &EcDataset,
+        stripe: u64,
+    ) -> Result<Arc<Vec<Bytes>>, StoreError> {
+        let key = (ds.record.id, stripe);
+        if let Some(hit) = self.stripe_cache.lock().expect("cache poisoned").get(key) {
+            return Ok(hit);
+        }
+        let mut read = self.read_stripe(ds, ec, stripe).await?;
+        self.rebuild_stripe(ds, ec, stripe, &mut read)?;
+        // Copied out of the pool buffers so that the cache never holds
+        // buffers foreground reads are waiting for.
+        let data: Vec<Bytes> = read
+            .units
+            .into_iter()
+            .take(ec.geometry().k())
+            .map(|l| Bytes::copy_from_slice(l.as_slice()))
+            .collect();
+        let data = Arc::new(data);
+        self.stripe_cache
+            .lock()
+            .expect("cache poisoned")
+            .insert(key, Arc::clone(&data));
+        Ok(data)
+    }
+
+    /// `read_window` for an `ec` dataset whose direct read failed: the
+    /// window is assembled from whole stripes (rebuilt where needed) and
+    /// verified again.
+    pub(super) async fn read_window_degraded(
+        &self,
+        obj: &ObjectRef,
+        w_start: u64,
+        w_end: u64,
+        want_start: u64,
+        want_end: u64,
+    ) -> Result<Vec<Chunk>, StoreError> {
+        let ec = obj.dataset.ec.as_ref().expect("an ec dataset");
+        let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
+        let segs = self.object_segments(obj, w_start, dev_len);
+        let unit = ec.map.unit_bytes();
+        let mut stripes: BTreeMap<u64, Arc<Vec<Bytes>>> = BTreeMap::new();
+        let mut pieces: Vec<Bytes> = Vec::with_capacity(segs.len());
+        for s in &segs {
+            let (stripe, position) = ec.map.data_unit_of(s.logical);
+            let data = match stripes.get(&stripe) {
+                Some(d) => Arc::clone(d),
+                None => {
+                    let d = self.stripe_data(&obj.dataset, ec, stripe).await?;
+                    stripes.insert(stripe, Arc::clone(&d));
+                    d
+                }
+            };
+            let at = (s.logical % unit) as usize;
+            pieces.push(data[position as usize].slice(at..at + s.len as usize));
+        }
+        let views: Vec<&[u8]> = pieces.iter().map(|b| b.as_ref()).collect();
+        self.verify_window(obj, w_start, w_end, &views)?;
+        Ok(super::wanted_parts(
+            pieces.into_iter(),
+            w_start,
+            w_end,
+            want_start,
+            want_end,
+        ))
+    }
+
+    /// Stripes rebuilt, by device that lost a unit.
+    pub fn device_reconstructions(&self) -> Vec<u64> {
+        self.device_reconstructions
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Devices missing now.
+    pub fn missing_devices(&self) -> Vec<bool> {
+        self.slots.missing()
+    }
+}
+
+/// Turns an ingest's data-space bytes into encoded stripes; see the module
+/// docs.
+pub(super) struct EcWriter {
+    dataset_id: u64,
+    codec: Codec,
+    geometry: EcGeometry,
+    unit_bytes: usize,
+    /// Stripe being filled.
+    stripe: u64,
+    /// Data bytes in it so far.
+    fill: usize,
+    data: Vec<BufLease>,
+    pub unit_crcs: Vec<u32>,
+    pub writes: FuturesUnordered<WriteFuture>,
+    depth_max: usize,
+}
+
+impl EcWriter {
+    pub fn new(dataset_id: u64, geometry: EcGeometry, unit_bytes: u64, depth_max: usize) -> Self {
+        Self {
+            dataset_id,
+            codec: Codec::new(geometry),
+            geometry,
+            unit_bytes: unit_bytes as usize,
+            stripe: 0,
+            fill: 0,
+            data: Vec::with_capacity(geometry.k()),
+            unit_crcs: Vec::new(),
+            writes: FuturesUnordered::new(),
+            depth_max: depth_max.max(geometry.width() as usize),
+        }
+    }
+
+    /// Stripes written (or being written) so far.
+    pub fn stripes(&self) -> u64 {
+        self.stripe
+    }
+
+    fn position(&self) -> u64 {
+        self.stripe * (self.geometry.k() * self.unit_bytes) as u64 + self.fill as u64
+    }
+
+    async fn acquire(&mut self, pool: &Arc<BufferPool>) -> Result<BufLease, StoreError> {
+        super::acquire_draining(&mut self.writes, pool, self.unit_bytes).await
+    }
+
+    /// Appends bytes at data-space offset `at` (at or after everything
+    /// written so far; a gap is zero-filled).
+    pub async fn write_at(
+        &mut self,
+        store: &Arc<Store>,
+        map: &EcMap,
+        at: u64,
+        mut bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        assert!(at >= self.position(), "ec writes go forward");
+        while self.position() < at {
+            let gap = (at - self.position()) as usize;
+            self.put(store, map, &vec![0u8; gap.min(1 << 20)]).await?;
+        }
+        while !bytes.is_empty() {
+            let n = self.put(store, map, bytes).await?;
+            bytes = &bytes[n..];
+        }
+        Ok(())
+    }
+
+    /// Copies as much of `bytes` as fits in the current unit; returns how
+    /// much.
+    async fn put(
+        &mut self,
+        store: &Arc<Store>,
+        map: &EcMap,
+        bytes: &[u8],
+    ) -> Result<usize, StoreError> {
+        let unit_index = self.fill / self.unit_bytes;
+        if self.data.len() == unit_index {
+            let l = self.acquire(&store.pool).await?;
+            self.data.push(l);
+        }
+        let within = self.fill % self.unit_bytes;
+        let n = (self.unit_bytes - within).min(bytes.len());
+        self.data[unit_index].as_mut_full()[within..within + n].copy_from_slice(&bytes[..n]);
+        self.fill += n;
+        if self.fill == self.geometry.k() * self.unit_bytes {
+            self.seal(store, map).await?;
+        }
+        Ok(n)
+    }
+
+    /// Zero-fills to the next 4 KiB boundary (the end of an object).
+    pub async fn pad_to_block(
+        &mut self,
+        store: &Arc<Store>,
+        map: &EcMap,
+    ) -> Result<(), StoreError> {
+        let pad = (self.fill.next_multiple_of(BLOCK_BYTES as usize) - self.fill).min(4096);
+        if pad > 0 {
+            self.write_at(store, map, self.position(), &[0u8; 4096][..pad])
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Encodes and writes the current stripe (zero-padded).
+    async fn seal(&mut self, store: &Arc<Store>, map: &EcMap) -> Result<(), StoreError> {
+        if self.fill == 0 {
+            return Ok(());
+        }
+        let unit = self.unit_bytes;
+        while self.data.len() < self.geometry.k() {
+            let l = self.acquire(&store.pool).await?;
+            self.data.push(l);
+        }
+        // Zero what no object filled: the tail of the partly filled unit
+        // and the untouched units after it.
+        let total = self.geometry.k() * unit;
+        let mut at = self.fill;
+        while at < total {
+            let (u, within) = (at / unit, at % unit);
+            self.data[u].as_mut_full()[within..unit].fill(0);
+            at += unit - within;
+        }
+        let mut parity = Vec::with_capacity(self.geometry.m());
+        for _ in 0..self.geometry.m() {
+            parity.push(self.acquire(&store.pool).await?);
+        }
+        {
+            let data: Vec<&[u8]> = self
+                .data
+                .iter_mut()
+                .map(|l| {
+                    l.set_len(unit);
+                    l.as_slice()
+                })
+                .collect();
+            let mut par: Vec<&mut [u8]> = parity
+                .iter_mut()
+                .map(|l| &mut l.as_mut_full()[..unit])
+                .collect();
+            self.codec.encode(&data, &mut par);
+        }
+        let stripe = self.stripe;
+        let units: Vec<BufLease> = std::mem::take(&mut self.data)
+            .into_iter()
+            .chain(parity.into_iter().map(|mut l| {
+                l.set_len(unit);
+                l
+            }))
+            .collect();
+        for (p, lease) in units.into_iter().enumerate() {
+            self.unit_crcs.push(unit_crc(
+                self.dataset_id,
+                stripe,
+                p as u32,
+                lease.as_slice(),
+            ));
+            let (device, offset) = map.unit_location(stripe, p as u32);
+            super::push_write(
+                &mut self.writes,
+                self.depth_max,
+                &store.engine,
+                device,
+                offset,
+                lease,
+            )
+            .await?;
+        }
+        self.stripe += 1;
+        self.fill = 0;
+        Ok(())
+    }
+
+    /// Seals the last stripe and waits for every write.
+    pub async fn finish(&mut self, store: &Arc<Store>, map: &EcMap) -> Result<(), StoreError> {
+        self.seal(store, map).await?;
+        while let Some(r) = self.writes.next().await {
+            r?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,353 @@
+//! Scrub: read everything, verify every checksum, repair what parity can.
+//!
+//! For an `ec` dataset the scrub walks its stripes: every unit (data and
+//! parity) is read and checked against its position-bound CRC. Units that
+//! fail are rebuilt from the others (at most M per stripe), the rebuilt unit
+//! must match its CRC, and it is written back in place, made durable and
+//! read back once more before it counts as repaired. Units on a missing
+//! device are counted, not written (that is `device replace`'s job). For a
+//! `stripe` dataset the scrub reads every object and checks every checksum
+//! block; bad blocks are reported, as there is nothing to repair them from.
+//!
+//! The scrub paces itself to `rate_mib_s` (a running budget: it sleeps
+//! whenever it is ahead of `bytes / rate`), so foreground reads keep their
+//! latency. One scrub runs at a time; the background scrub (every
+//! `scrub_interval_s`) and `storagectl scrub` share the same code and
+//! counters.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use storaged_proto::DatasetName;
+
+use super::{DatasetHandle, ObjectRef, Store};
+use crate::alloc::BLOCK_BYTES;
+use crate::engine;
+use crate::error::StoreError;
+
+/// Totals over every scrub since start (Status).
+#[derive(Debug, Default)]
+pub struct ScrubCounters {
+    pub passes: AtomicU64,
+    pub bytes_checked: AtomicU64,
+    pub corrupt: AtomicU64,
+    pub repaired: AtomicU64,
+    pub unrecoverable: AtomicU64,
+    pub running: AtomicBool,
+}
+
+/// What one scrub found. Units are stripe units for `ec` datasets and
+/// checksum blocks for `stripe` datasets.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ScrubReport {
+    pub datasets: u64,
+    pub bytes_checked: u64,
+    pub units_checked: u64,
+    pub corrupt: u64,
+    pub repaired: u64,
+    pub unrecoverable: u64,
+    /// Units not checked because their device is missing.
+    pub missing: u64,
+    /// The first problems found, one line each (at most 100).
+    pub problems: Vec<String>,
+}
+
+const PROBLEMS_MAX: usize = 100;
+
+impl ScrubReport {
+    fn problem(&mut self, line: String) {
+        tracing::warn!(problem = %line, "scrub");
+        if self.problems.len() < PROBLEMS_MAX {
+            self.problems.push(line);
+        }
+    }
+}
+
+/// Progress of a running scrub: bytes done and bytes in all.
+pub type ScrubProgress = (u64, u64);
+
+/// Keeps a scrub at or below a byte rate.
+struct Pacer {
+    start: Instant,
+    bytes_per_s: f64,
+    done: u64,
+}
+
+impl Pacer {
+    async fn pace(&mut self, bytes: u64) {
+        self.done += bytes;
+        let due = Duration::from_secs_f64(self.done as f64 / self.bytes_per_s);
+        let elapsed = self.start.elapsed();
+        if due > elapsed {
+            tokio::time::sleep(due - elapsed).await;
+        }
+    }
+}
+
+/// Clears the running flag however the scrub ends.
+struct Running<'a>(&'a AtomicBool);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::SeqCst);
+    }
+}
+
+/// Scrubs every dataset every `scrub_interval_s` (first pass one interval
+/// after start) at `scrub_rate_mib_s`, unless the interval is 0. A pass
+/// that finds a scrub already running is skipped.
+pub fn spawn_background(store: &Arc<Store>) {
+    let interval_s = store.limits.scrub_interval_s;
+    if interval_s == 0 {
+        return;
+    }
+    let weak = Arc::downgrade(store);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(Duration::from_secs(interval_s)).await;
+            let Some(store) = weak.upgrade() else { return };
+            let rate = store.limits.scrub_rate_mib_s;
+            if let Err(e) = store.scrub(None, rate, |_| {}).await {
+                tracing::warn!(error = %e, "background scrub did not run");
+            }
+        }
+    });
+}
+
+impl Store {
+    /// Scrubs one dataset, or all of them; see the module docs.
+    /// `progress` is called after each stripe or object.
+    pub async fn scrub(
+        self: &Arc<Self>,
+        name: Option<&DatasetName>,
+        rate_mib_s: u64,
+        mut progress: impl FnMut(ScrubProgress) + Send,
+    ) -> Result<ScrubReport, StoreError> {
+        let datasets = match name {
+            Some(n) => vec![self.dataset(n)?],
+            None => self.list_datasets(),
+        };
+        if self
+            .scrub_counters
+            .running
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(StoreError::Busy("a scrub is already running".into()));
+        }
+        let _running = Running(&self.scrub_counters.running);
+        let total: u64 = datasets.iter().map(|d| d.record.allocated_bytes).sum();
+        let mut pacer = Pacer {
+            start: Instant::now(),
+            bytes_per_s: (rate_mib_s.max(1) << 20) as f64,
+            done: 0,
+        };
+        let mut report = ScrubReport::default();
+        for ds in datasets {
+            report.datasets += 1;
+            if ds.ec.is_some() {
+                self.scrub_ec(&ds, &mut pacer, &mut report, total, &mut progress)
+                    .await?;
+            } else {
+                self.scrub_stripe(&ds, &mut pacer, &mut report, total, &mut progress)
+                    .await?;
+            }
+        }
+        let c = &self.scrub_counters;
+        c.passes.fetch_add(1, Ordering::Relaxed);
+        c.bytes_checked
+            .fetch_add(report.bytes_checked, Ordering::Relaxed);
+        c.corrupt.fetch_add(report.corrupt, Ordering::Relaxed);
+        c.repaired.fetch_add(report.repaired, Ordering::Relaxed);
+        c.unrecoverable
+            .fetch_add(report.unrecoverable, Ordering::Relaxed);
+        tracing::info!(
+            datasets = report.datasets,
+            bytes = report.bytes_checked,
+            corrupt = report.corrupt,
+            repaired = report.repaired,
+            unrecoverable = report.unrecoverable,
+            "scrub finished"
+        );
+        Ok(report)
+    }
+
+    async fn scrub_ec(
+        self: &Arc<Self>,
+        ds: &Arc<DatasetHandle>,
+        pacer: &mut Pacer,
+        report: &mut ScrubReport,
+        total: u64,
+        progress: &mut (impl FnMut(ScrubProgress) + Send),
+    ) -> Result<(), StoreError> {
+        let ec = ds.ec.as_ref().expect("an ec dataset");
+        let width = ec.geometry().width();
+        let unit = ec.map.unit_bytes();
+        for stripe in 0..ec.map.stripes() {
+            if ds.deleted.load(Ordering::SeqCst) {
+                return Ok(());
+            }
+            pacer.pace(unit * u64::from(width)).await;
+            let mut read = self.read_stripe(ds, ec, stripe).await?;
+            report.units_checked += u64::from(width);
+            report.bytes_checked += unit * u64::from(width);
+            let bad: Vec<u32> = (0..width)
+                .filter(|p| !read.intact[*p as usize] && !read.missing[*p as usize])
+                .collect();
+            report.missing += read.missing.iter().filter(|m| **m).count() as u64;
+            report.corrupt += bad.len() as u64;
+            if !bad.is_empty() {
+                match self.rebuild_stripe(ds, ec, stripe, &mut read) {
+                    Err(e) => {
+                        report.unrecoverable += bad.len() as u64;
+                        report.problem(e.to_string());
+                    }
+                    Ok(_) => {
+                        for p in bad {
+                            let (device, offset) = ec.map.unit_location(stripe, p);
+                            match self
+                                .write_back(ds, stripe, p, device, offset, &read.units[p as usize])
+                                .await
+                            {
+                                Ok(()) => report.repaired += 1,
+                                Err(e) => {
+                                    report.unrecoverable += 1;
+                                    report.problem(format!(
+                                        "dataset {:?} stripe {stripe} unit {p} (device {device}): rebuilt but not written back: {e}",
+                                        ds.name
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+            progress((pacer.done, total));
+        }
+        Ok(())
+    }
+
+    /// Writes a rebuilt unit in place, makes it durable and reads it back.
+    async fn write_back(
+        &self,
+        ds: &DatasetHandle,
+        stripe: u64,
+        position: u32,
+        device: u32,
+        offset: u64,
+        unit: &crate::buf::BufLease,
+    ) -> Result<(), StoreError> {
+        let len = unit.len();
+        let mut lease = self
+            .pool
+            .acquire(len)
+            .await
+            .map_err(|e| StoreError::Limit(e.to_string()))?;
+        lease.as_mut_full()[..len].copy_from_slice(unit.as_slice());
+        lease.set_len(len);
+        let lease = engine::write_all(&*self.engine, device, offset, lease)
+            .await
+            .map_err(|e| StoreError::from_io(device, offset, e))?;
+        let engine = Arc::clone(&self.engine);
+        tokio::task::spawn_blocking(move || engine.sync(device))
+            .await
+            .map_err(|e| StoreError::InvalidArgument(format!("sync task failed: {e}")))?
+            .map_err(|source| StoreError::Sync { device, source })?;
+        let back = engine::read_exact(&*self.engine, device, offset, len, lease)
+            .await
+            .map_err(|e| StoreError::from_io(device, offset, e))?;
+        let crcs = self.catalog.unit_crcs(
+            ds.record.id,
+            ds.ec.as_ref().expect("ec").geometry().width() as usize,
+            stripe,
+            1,
+        )?;
+        let crc = crate::ec::unit_crc(ds.record.id, stripe, position, back.as_slice());
+        if crc != crcs[position as usize] {
+            return Err(StoreError::Unrecoverable {
+                dataset: ds.name.clone(),
+                stripe,
+                devices: vec![device],
+                parity: 0,
+                missing: false,
+            });
+        }
+        Ok(())
+    }
+
+    async fn scrub_stripe(
+        self: &Arc<Self>,
+        ds: &Arc<DatasetHandle>,
+        pacer: &mut Pacer,
+        report: &mut ScrubReport,
+        total: u64,
+        progress: &mut (impl FnMut(ScrubProgress) + Send),
+    ) -> Result<(), StoreError> {
+        let block = u64::from(ds.record.checksum_block_bytes);
+        let mut after: Option<String> = None;
+        loop {
+            let (page, more) = self.catalog.list_objects(
+                ds.record.id,
+                "",
+                after.as_deref(),
+                self.limits.list_page_size_max as usize,
+            )?;
+            let paths: Vec<&str> = page.iter().map(|o| o.path.as_str()).collect();
+            let records = self.catalog.get_objects(ds.record.id, &paths)?;
+            for (summary, record) in page.iter().zip(records) {
+                if ds.deleted.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let Some(record) = record else { continue };
+                let obj = ObjectRef {
+                    dataset: Arc::clone(ds),
+                    path: summary.path.clone(),
+                    record,
+                };
+                let size = obj.record.size;
+                let mut at = 0;
+                while at < size {
+                    let end = (at + self.limits.message_bytes).min(size);
+                    pacer.pace((end - at).next_multiple_of(BLOCK_BYTES)).await;
+                    let blocks = (end - at).div_ceil(block);
+                    report.units_checked += blocks;
+                    report.bytes_checked += end - at;
+                    if let Err(e) = self.read_window_healthy(&obj, at, end, at, end).await {
+                        // Count each bad block of the window.
+                        let bad = self.bad_blocks(&obj, at, end).await;
+                        report.corrupt += bad.max(1);
+                        report.unrecoverable += bad.max(1);
+                        report.problem(e.to_string());
+                    }
+                    at = end;
+                }
+                progress((pacer.done, total));
+            }
+            if !more {
+                return Ok(());
+            }
+            after = page.last().map(|o| o.path.clone());
+        }
+    }
+
+    /// Checksum blocks of object bytes `[start, end)` that fail, one read
+    /// per block (only after a window failed).
+    async fn bad_blocks(&self, obj: &ObjectRef, start: u64, end: u64) -> u64 {
+        let block = u64::from(obj.dataset.record.checksum_block_bytes);
+        let mut bad = 0;
+        let mut b = start;
+        while b < end {
+            let b_end = (b + block).min(end);
+            if self
+                .read_window_healthy(obj, b, b_end, b, b_end)
+                .await
+                .is_err()
+            {
+                bad += 1;
+            }
+            b = b_end;
+        }
+        bad
+    }
+}
