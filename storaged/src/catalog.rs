@@ -312,6 +312,67 @@ impl Catalog {
         Ok(Self { db })
     }
 
+    /// A `meta` value.
+    pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, CatalogError> {
+        let txn = self.db.begin_read().map_err(dberr)?;
+        let t = txn.open_table(META).map_err(dberr)?;
+        Ok(t.get(key).map_err(dberr)?.map(|g| g.value().to_vec()))
+    }
+
+    /// Sets (`Some`) or removes (`None`) `meta` values, in one durable
+    /// transaction.
+    pub fn set_meta(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<(), CatalogError> {
+        let txn = self.db.begin_write().map_err(dberr)?;
+        {
+            let mut t = txn.open_table(META).map_err(dberr)?;
+            for (k, v) in entries {
+                match v {
+                    Some(v) => t.insert(*k, *v).map_err(dberr)?,
+                    None => t.remove(*k).map_err(dberr)?,
+                };
+            }
+        }
+        txn.commit().map_err(dberr)
+    }
+
+    /// Device paths recorded by `device replace` (index → path), read
+    /// before the pool is assembled: a replaced device is found where it
+    /// now is, whatever the configuration still says. Empty when there is
+    /// no catalog yet.
+    ///
+    /// Also returns the raw `meta["replace"]` record of a replacement that
+    /// has not finished.
+    #[allow(clippy::type_complexity)]
+    pub fn device_overrides(
+        path: &Path,
+    ) -> Result<(Vec<(u32, std::path::PathBuf)>, Option<Vec<u8>>), CatalogError> {
+        if !path.exists() {
+            return Ok((Vec::new(), None));
+        }
+        let db = Database::create(path).map_err(dberr)?;
+        let txn = db.begin_read().map_err(dberr)?;
+        let t = match txn.open_table(META) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), None)),
+            Err(e) => return Err(dberr(e)),
+        };
+        let mut out = Vec::new();
+        for item in t.range("device_path/".."device_path0").map_err(dberr)? {
+            let (k, v) = item.map_err(dberr)?;
+            let index = k.value()["device_path/".len()..]
+                .parse::<u32>()
+                .map_err(|_| {
+                    CatalogError::Corrupt("meta".into(), format!("bad key {:?}", k.value()))
+                })?;
+            let p = String::from_utf8(v.value().to_vec()).map_err(|_| {
+                CatalogError::Corrupt("meta".into(), "device path is not UTF-8".into())
+            })?;
+            out.push((index, p.into()));
+        }
+        let pending = t.get("replace").map_err(dberr)?.map(|g| g.value().to_vec());
+        Ok((out, pending))
+    }
+
     pub fn datasets(&self) -> Result<Vec<(String, DatasetRecord)>, CatalogError> {
         let txn = self.db.begin_read().map_err(dberr)?;
         let t = txn.open_table(DATASETS).map_err(dberr)?;

@@ -43,6 +43,7 @@ pub struct FileConfig {
     pub degraded_cache: Option<String>,
     pub scrub_rate_mib_s: Option<u64>,
     pub scrub_interval_s: Option<u64>,
+    pub replace_checkpoint: Option<String>,
 }
 
 impl FileConfig {
@@ -86,6 +87,8 @@ pub struct StoreLimits {
     /// after start and between background passes (0: no background scrub).
     pub scrub_rate_mib_s: u64,
     pub scrub_interval_s: u64,
+    /// Bytes `device replace` rebuilds between durable checkpoints.
+    pub replace_checkpoint_bytes: u64,
     /// Device writes in flight per ingest.
     pub ingest_write_depth: usize,
     pub ingest_objects_max: usize,
@@ -111,6 +114,7 @@ impl Default for StoreLimits {
             degraded_cache_bytes_max: 64 << 20,
             scrub_rate_mib_s: 64,
             scrub_interval_s: 24 * 3600,
+            replace_checkpoint_bytes: 64 << 20,
             ingest_write_depth: 16,
             ingest_objects_max: 10_000_000,
             ingests_concurrent_max: 16,
@@ -299,6 +303,9 @@ impl ServeConfig {
         }
         if let Some(i) = file.scrub_interval_s {
             store.limits.scrub_interval_s = i;
+        }
+        if let Some(s) = file.replace_checkpoint {
+            store.limits.replace_checkpoint_bytes = size_field("replace_checkpoint", &s)?.max(1);
         }
         if let Some(spec) = &flags.fault_inject {
             store.fault_inject = Some(

@@ -516,6 +516,47 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
     })
 }
 
+/// Opens (creating if absent) the device that replaces device `index` of
+/// the pool described by `reference`, and writes its superblock. It must be
+/// blank, or already this pool's device `index` (a replacement that was
+/// interrupted); anything else is refused so that no data is overwritten
+/// by mistake.
+pub fn prepare_replacement(
+    path: &Path,
+    reference: &Superblock,
+    index: u32,
+) -> Result<File, DeviceError> {
+    let need = reference.data_offset_bytes + reference.device_data_bytes;
+    let (file, size) = open_device(path, Some(need))?;
+    match read_superblock(&file, path)? {
+        Probe::Blank => {}
+        Probe::Ours(sb) if sb.pool_id == reference.pool_id && sb.device_index == index => {}
+        Probe::Ours(sb) => {
+            return Err(DeviceError::Config(format!(
+                "device {} already belongs to pool {} as device {}; refusing to overwrite it",
+                path.display(),
+                pool_id_hex(&sb.pool_id),
+                sb.device_index
+            )));
+        }
+        Probe::Foreign => return Err(DeviceError::Foreign { path: path.into() }),
+    }
+    if size < need {
+        return Err(DeviceError::TooSmall {
+            path: path.into(),
+            size,
+            min: need,
+        });
+    }
+    let sb = Superblock {
+        device_index: index,
+        device_size_bytes: size,
+        ..reference.clone()
+    };
+    write_superblock(&file, path, &sb)?;
+    Ok(file)
+}
+
 /// Stands in for a missing device in the engine's file table; the device
 /// router never lets an operation reach it.
 fn placeholder() -> Result<File, DeviceError> {

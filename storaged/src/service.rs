@@ -120,7 +120,15 @@ fn status_response(store: &Store, s: StoreStatus) -> pb::StatusResponse {
     let missing = store.missing_devices();
     let rebuilt = store.device_reconstructions();
     let sc = &store.scrub_counters;
+    let rebuild = store.rebuild_state();
     pb::StatusResponse {
+        rebuild: rebuild.as_ref().map(|r| pb::RebuildStatus {
+            device_index: r.index,
+            new_path: r.new_path.display().to_string(),
+            bytes_done: r.bytes_done,
+            bytes_total: r.bytes_total,
+            running: r.running,
+        }),
         degraded: missing.iter().any(|m| *m),
         scrub_passes: sc.passes.load(Ordering::Relaxed),
         scrub_bytes_checked: sc.bytes_checked.load(Ordering::Relaxed),
@@ -142,7 +150,9 @@ fn status_response(store: &Store, s: StoreStatus) -> pb::StatusResponse {
                 path: d.path.display().to_string(),
                 capacity_bytes: d.capacity_bytes,
                 used_bytes: d.used_bytes,
-                state: if missing[d.index as usize] {
+                state: if rebuild.as_ref().is_some_and(|r| r.index == d.index) {
+                    "rebuilding"
+                } else if missing[d.index as usize] {
                     "missing"
                 } else {
                     "ok"
@@ -184,6 +194,33 @@ fn drive_ahead<T: Send + 'static>(
         }
     });
     tokio_stream::wrappers::ReceiverStream::new(rx)
+}
+
+/// Runs `work` on a task of its own, so it finishes even if the client goes
+/// away, and streams its progress (at most every 200 ms, dropped when
+/// nobody listens) and then its final event or error.
+fn with_progress<E, Fut>(
+    progress_event: impl Fn(u64, u64) -> E + Send + 'static,
+    work: impl FnOnce(Box<dyn FnMut(u64, u64) + Send>) -> Fut + Send + 'static,
+) -> BoxStream<E>
+where
+    E: Send + 'static,
+    Fut: std::future::Future<Output = Result<E, StoreError>> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let ptx = tx.clone();
+    let mut last = std::time::Instant::now();
+    let progress = Box::new(move |done, total| {
+        if last.elapsed() >= std::time::Duration::from_millis(200) {
+            last = std::time::Instant::now();
+            let _ = ptx.try_send(Ok(progress_event(done, total)));
+        }
+    });
+    tokio::spawn(async move {
+        let end = work(progress).await.map_err(Status::from);
+        let _ = tx.send(end).await;
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
@@ -595,29 +632,23 @@ impl Storaged for StoragedService {
         if self.store.scrub_counters.running.load(Ordering::SeqCst) {
             return Err(StoreError::Busy("a scrub is already running".into()).into());
         }
-        let (tx, rx) = tokio::sync::mpsc::channel(16);
         let store = Arc::clone(&self.store);
         // The scrub runs to the end even if the client goes away (a
-        // half-done repair pass is worth finishing); progress is dropped
-        // when nobody listens.
-        tokio::spawn(async move {
-            let ptx = tx.clone();
-            let mut last = std::time::Instant::now();
-            let result = store
-                .scrub(name.as_ref(), rate, move |(done, total)| {
-                    if last.elapsed() >= std::time::Duration::from_millis(200) {
-                        last = std::time::Instant::now();
-                        let _ = ptx.try_send(Ok(pb::ScrubEvent {
-                            event: Some(pb::scrub_event::Event::Progress(pb::ScrubProgress {
-                                bytes_done: done,
-                                bytes_total: total,
-                            })),
-                        }));
-                    }
-                })
-                .await;
-            let last = match result {
-                Ok(rep) => Ok(pb::ScrubEvent {
+        // half-done repair pass is worth finishing).
+        Ok(Response::new(with_progress(
+            |done, total| pb::ScrubEvent {
+                event: Some(pb::scrub_event::Event::Progress(pb::ScrubProgress {
+                    bytes_done: done,
+                    bytes_total: total,
+                })),
+            },
+            move |mut progress| async move {
+                let rep = store
+                    .scrub(name.as_ref(), rate, move |(done, total)| {
+                        progress(done, total)
+                    })
+                    .await?;
+                Ok(pb::ScrubEvent {
                     event: Some(pb::scrub_event::Event::Report(pb::ScrubReport {
                         datasets: rep.datasets,
                         bytes_checked: rep.bytes_checked,
@@ -628,13 +659,48 @@ impl Storaged for StoragedService {
                         missing: rep.missing,
                         problems: rep.problems,
                     })),
-                }),
-                Err(e) => Err(Status::from(e)),
-            };
-            let _ = tx.send(last).await;
-        });
-        Ok(Response::new(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(rx),
+                })
+            },
+        )))
+    }
+
+    type ReplaceDeviceStream = BoxStream<pb::ReplaceDeviceEvent>;
+
+    async fn replace_device(
+        &self,
+        request: Request<pb::ReplaceDeviceRequest>,
+    ) -> Result<Response<Self::ReplaceDeviceStream>, Status> {
+        let r = request.into_inner();
+        if r.old.is_empty() || r.new_path.is_empty() {
+            return Err(invalid("both the old device and the new path are needed"));
+        }
+        self.store.device_index(&r.old)?;
+        let store = Arc::clone(&self.store);
+        // The rebuild runs to the end even if the client goes away.
+        Ok(Response::new(with_progress(
+            |done, total| pb::ReplaceDeviceEvent {
+                event: Some(pb::replace_device_event::Event::Progress(
+                    pb::ReplaceProgress {
+                        bytes_done: done,
+                        bytes_total: total,
+                    },
+                )),
+            },
+            move |progress| async move {
+                let rep = store
+                    .replace_device(&r.old, Path::new(&r.new_path), progress)
+                    .await?;
+                Ok(pb::ReplaceDeviceEvent {
+                    event: Some(pb::replace_device_event::Event::Report(pb::ReplaceReport {
+                        units_rebuilt: rep.units_rebuilt,
+                        bytes_rebuilt: rep.bytes_rebuilt,
+                        units_lost: rep.units_lost,
+                        stripe_bytes_lost: rep.stripe_bytes_lost,
+                        seconds: rep.seconds,
+                        resumed: rep.resumed,
+                    })),
+                })
+            },
         )))
     }
 }

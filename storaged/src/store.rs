@@ -161,7 +161,14 @@ pub struct Store {
     alloc: Arc<Mutex<ExtentAllocator>>,
     datasets: RwLock<BTreeMap<String, Arc<DatasetHandle>>>,
     ingesting: Mutex<HashSet<String>>,
-    device_paths: Vec<PathBuf>,
+    device_paths: RwLock<Vec<PathBuf>>,
+    /// A device replacement is running.
+    replacing: AtomicBool,
+    rebuild: Mutex<Option<replace::RebuildState>>,
+    /// A superblock of this pool (template for replacement devices).
+    superblock: crate::device::Superblock,
+    engine_kind: engine::EngineKind,
+    engine_limits: EngineLimits,
     pool_id: [u8; 16],
     limits: StoreLimits,
     /// Reads into client regions in flight, at most what an engine accepts.
@@ -218,21 +225,36 @@ impl Store {
             path: cfg.data_dir.clone(),
             source,
         })?;
+        let catalog_path = cfg.data_dir.join("catalog.redb");
+        // Replaced devices are where `device replace` put them.
+        let (overrides, pending) = Catalog::device_overrides(&catalog_path)?;
+        let pending = pending.and_then(|b| replace::ReplaceRecord::decode(&b));
+        let mut devices = cfg.devices.clone();
+        for (i, p) in overrides
+            .into_iter()
+            .chain(pending.iter().map(|r| (r.index, r.new_path.clone())))
+        {
+            if let Some(d) = devices.get_mut(i as usize)
+                && *d != p
+            {
+                tracing::info!(device = i, configured = %d.display(), now = %p.display(), "device was replaced");
+                *d = p;
+            }
+        }
         let OpenedPool {
             files,
             paths,
             layout,
             pool_id,
             formatted,
-            missing,
-            ..
+            mut missing,
+            superblocks,
         } = open_pool(&PoolSpec {
-            devices: cfg.devices.clone(),
+            devices,
             create_size_bytes: Some(cfg.device_size_bytes),
             stripe_unit_bytes: cfg.stripe_unit_bytes,
             force: cfg.force,
         })?;
-        let catalog_path = cfg.data_dir.join("catalog.redb");
         if formatted && catalog_path.exists() && !cfg.force {
             // Blank devices next to a catalog: the catalog describes data that
             // is gone. Keeping it would serve garbage; erasing it silently
@@ -270,16 +292,12 @@ impl Store {
             layout.stripe_unit_bytes,
         ))
         .map_err(OpenError::Engine)?;
-        let engine = engine::build(
-            cfg.engine,
-            files,
-            Arc::clone(&pool),
-            EngineLimits {
-                queue_depth_per_device_max: cfg.queue_depth_per_device_max,
-                psync_threads: (layout.device_count * 2).clamp(2, 16),
-            },
-        )
-        .map_err(OpenError::Engine)?;
+        let engine_limits = EngineLimits {
+            queue_depth_per_device_max: cfg.queue_depth_per_device_max,
+            psync_threads: (layout.device_count * 2).clamp(2, 16),
+        };
+        let engine = engine::build(cfg.engine, files, Arc::clone(&pool), engine_limits)
+            .map_err(OpenError::Engine)?;
         let mut engine = wrap(engine);
         let mut injected = None;
         if let Some(spec) = &cfg.fault_inject {
@@ -287,6 +305,26 @@ impl Store {
             injected = Some(Arc::clone(&seeded.injected));
             engine = Arc::new(seeded);
         }
+        // A replacement that did not finish: its device is not trusted
+        // until `device replace` resumes and completes it.
+        let rebuild = pending.as_ref().map(|r| {
+            tracing::warn!(device = r.index, path = %r.new_path.display(), "a device replacement was interrupted; run storagectl device replace again to resume it");
+            if let Some(m) = missing.get_mut(r.index as usize) {
+                *m = true;
+            }
+            replace::RebuildState {
+                index: r.index,
+                new_path: r.new_path.clone(),
+                running: false,
+                ..Default::default()
+            }
+        });
+        let superblock = superblocks
+            .iter()
+            .zip(&missing)
+            .find(|(_, m)| !**m)
+            .map(|(sb, _)| sb.clone())
+            .unwrap_or_else(|| superblocks[0].clone());
         let slots = Arc::new(engine::route::DeviceSlots::new(engine, &missing));
         let engine: Arc<dyn IoBackend> = Arc::clone(&slots) as _;
         for (i, m) in missing.iter().enumerate() {
@@ -312,13 +350,18 @@ impl Store {
             )),
             scrub_counters: Default::default(),
             injected,
+            replacing: AtomicBool::new(false),
+            rebuild: Mutex::new(rebuild),
+            superblock,
+            engine_kind: cfg.engine,
+            engine_limits,
             pool,
             layout,
             catalog,
             alloc,
             datasets: RwLock::new(datasets),
             ingesting: Mutex::new(HashSet::new()),
-            device_paths: paths,
+            device_paths: RwLock::new(paths),
             pool_id,
             limits: cfg.limits.clone(),
             foreign_reads: tokio::sync::Semaphore::new(engine::FOREIGN_READS_IN_FLIGHT_MAX),
@@ -1010,7 +1053,7 @@ impl Store {
         let devices = (0..n)
             .map(|i| DeviceUsage {
                 index: i as u32,
-                path: self.device_paths[i].clone(),
+                path: self.device_paths.read().expect("paths poisoned")[i].clone(),
                 capacity_bytes: self.layout.device_data_bytes,
                 used_bytes: self.layout.device_data_bytes - free_per_device[i],
             })
@@ -1771,6 +1814,7 @@ mod pipeline;
 pub mod read_into;
 pub mod readahead;
 pub mod redundancy;
+pub mod replace;
 mod schedule;
 pub mod scrub;
 

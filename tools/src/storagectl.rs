@@ -45,6 +45,14 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+enum DeviceCommand {
+    /// Rebuild device OLD (an index or a path) onto the new device NEW from
+    /// the other devices, while reads go on. Run it again with the same
+    /// arguments to resume after a restart.
+    Replace { old: String, new: PathBuf },
+}
+
+#[derive(Subcommand)]
 enum Command {
     /// Upload a directory tree as a new dataset.
     Ingest {
@@ -55,6 +63,11 @@ enum Command {
         /// pool of N >= 3 devices.
         #[arg(long)]
         class: Option<storaged_proto::model::StorageClass>,
+    },
+    /// Manage the pool's devices.
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
     },
     /// Read every unit of one dataset (or all), verify every checksum, and
     /// rewrite bad units of erasure-coded datasets from parity. Exits 1 if
@@ -238,6 +251,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dataset,
             rate_mib_s,
         } => scrub(&client, dataset, rate_mib_s).await,
+        Command::Device {
+            command: DeviceCommand::Replace { old, new },
+        } => replace_device(&client, &old, &new).await,
         Command::Ls { dataset: None, .. } => {
             let datasets = client.list_datasets().await?;
             println!(
@@ -378,6 +394,20 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     "ok"
                 }
             );
+            if let Some(r) = &s.rebuild {
+                println!(
+                    "rebuild:     device {} onto {}: {} of {}{}",
+                    r.device_index,
+                    r.new_path,
+                    human(r.bytes_done),
+                    human(r.bytes_total),
+                    if r.running {
+                        ""
+                    } else {
+                        " (interrupted: run `storagectl device replace` again to resume)"
+                    }
+                );
+            }
             println!(
                 "scrub:       {} passes{}, {} checked, {} corrupt, {} repaired, {} unrecoverable",
                 s.scrub_passes,
@@ -651,6 +681,80 @@ async fn verify_in_pieces(
     check_crc(info, hasher.finalize())
 }
 
+/// Shows a progress bar for a server-side job's event stream until it
+/// ends; `split` turns an event into progress `Err((done, total))` or the
+/// final report `Ok(Some(report))`. Returns the last report.
+async fn follow<E, R>(
+    stream: &mut tonic::Streaming<E>,
+    label: &str,
+    split: impl Fn(E) -> Result<Option<R>, (u64, u64)>,
+) -> anyhow::Result<Option<R>> {
+    let bar = ProgressBar::new(0);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {label} [{{elapsed_precise}}] {{wide_bar}} {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}}"
+        ))
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    let mut report = None;
+    loop {
+        let ev = match stream.message().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => break,
+            Err(s) => {
+                bar.finish_and_clear();
+                return Err(storaged_client::ClientError::from(s).into());
+            }
+        };
+        match split(ev) {
+            Err((done, total)) => {
+                bar.set_length(total);
+                bar.set_position(done);
+            }
+            Ok(Some(r)) => report = Some(r),
+            Ok(None) => {}
+        }
+    }
+    bar.finish_and_clear();
+    Ok(report)
+}
+
+async fn replace_device(client: &Client, old: &str, new: &Path) -> anyhow::Result<()> {
+    use storaged_proto::pb::replace_device_event::Event;
+    let new = std::path::absolute(new).with_context(|| format!("resolving {}", new.display()))?;
+    let mut stream = client
+        .raw()
+        .replace_device(storaged_proto::pb::ReplaceDeviceRequest {
+            old: old.to_owned(),
+            new_path: new.display().to_string(),
+        })
+        .await
+        .map_err(storaged_client::ClientError::from)?
+        .into_inner();
+    let report = follow(&mut stream, "rebuild", |ev| match ev.event {
+        Some(Event::Progress(p)) => Err((p.bytes_done, p.bytes_total)),
+        Some(Event::Report(r)) => Ok(Some(r)),
+        None => Ok(None),
+    })
+    .await?;
+    let r = report.context("the server ended the replacement without a report")?;
+    println!(
+        "device {old} replaced by {}{}: {} units ({}) rebuilt in {:.1} s, {} units lost, {} of stripe datasets lost",
+        new.display(),
+        if r.resumed { " (resumed)" } else { "" },
+        r.units_rebuilt,
+        human(r.bytes_rebuilt),
+        r.seconds,
+        r.units_lost,
+        human(r.stripe_bytes_lost)
+    );
+    if r.units_lost > 0 {
+        bail!("{} units could not be rebuilt", r.units_lost);
+    }
+    Ok(())
+}
+
 async fn scrub(
     client: &Client,
     dataset: Option<String>,
@@ -666,30 +770,12 @@ async fn scrub(
         .await
         .map_err(storaged_client::ClientError::from)?
         .into_inner();
-    let bar = ProgressBar::new(0);
-    bar.set_style(
-        ProgressStyle::with_template(
-            "{spinner} scrub [{elapsed_precise}] {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} ETA {eta}",
-        )
-        .expect("valid template"),
-    );
-    bar.enable_steady_tick(Duration::from_millis(200));
-    let mut report = None;
-    while let Some(ev) = stream
-        .message()
-        .await
-        .map_err(storaged_client::ClientError::from)?
-    {
-        match ev.event {
-            Some(Event::Progress(p)) => {
-                bar.set_length(p.bytes_total);
-                bar.set_position(p.bytes_done);
-            }
-            Some(Event::Report(r)) => report = Some(r),
-            None => {}
-        }
-    }
-    bar.finish_and_clear();
+    let report = follow(&mut stream, "scrub", |ev| match ev.event {
+        Some(Event::Progress(p)) => Err((p.bytes_done, p.bytes_total)),
+        Some(Event::Report(r)) => Ok(Some(r)),
+        None => Ok(None),
+    })
+    .await?;
     let r = report.context("the server ended the scrub without a report")?;
     println!(
         "scrubbed {} datasets, {}: {} units checked, {} corrupt, {} repaired, {} unrecoverable, {} on missing devices",

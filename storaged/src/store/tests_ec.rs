@@ -370,3 +370,90 @@ async fn degraded_start_serves_ec_and_names_the_lost_device() {
     );
     assert!(err.to_string().contains("\"e\""), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn device_replace_rebuilds_resumes_and_heals_the_pool() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 16, 64 << 10);
+    cfg.limits.replace_checkpoint_bytes = 128 << 10;
+    let store = Store::open(&cfg).unwrap();
+    let objs = objects();
+    ingest_class(&store, "e", EC31, &as_refs(&objs))
+        .await
+        .unwrap();
+    let more = vec![("more".to_string(), pattern(77, 2 << 20))];
+    ingest_class(&store, "e2", EC31, &as_refs(&more))
+        .await
+        .unwrap();
+    drop(store);
+    std::fs::remove_file(&cfg.devices[2]).unwrap();
+    let new = dir.path().join("new2.img");
+
+    // First attempt: interrupted half way (the future is dropped, as when
+    // storaged dies), after some checkpoints.
+    let store = Store::open(&cfg).unwrap();
+    assert!(store.missing_devices()[2]);
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let mut tx = Some(tx);
+    {
+        let replace = store.replace_device("2", &new, move |done, total| {
+            if done * 2 >= total
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(());
+            }
+        });
+        tokio::select! {
+            r = replace => panic!("finished before the interruption: {r:?}"),
+            _ = rx => {}
+        }
+    }
+    drop(store);
+    let store = Store::open(&cfg).unwrap();
+    let state = store.rebuild_state().expect("interrupted rebuild is known");
+    assert!(!state.running && state.index == 2);
+    assert!(store.missing_devices()[2], "not trusted until resumed");
+    check_all(&store, "e", &objs).await;
+    // Another replacement is refused until this one is resumed.
+    let other = store
+        .replace_device("1", &dir.path().join("x.img"), |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(other.code(), tonic::Code::FailedPrecondition, "{other}");
+    // Bad input.
+    for (old, new_path) in [("9", new.clone()), ("2", "relative.img".into())] {
+        let e = store
+            .replace_device(old, &new_path, |_, _| {})
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    }
+    let report = store.replace_device("2", &new, |_, _| {}).await.unwrap();
+    assert!(report.resumed && report.units_lost == 0, "{report:?}");
+    assert!(report.units_rebuilt > 0);
+    assert!(store.rebuild_state().is_none());
+    assert!(!store.missing_devices().iter().any(|m| *m), "healthy");
+    assert_eq!(store.status().devices[2].path, new);
+    store.stripe_cache.lock().unwrap().clear();
+    let before = store.device_reconstructions()[2];
+    check_all(&store, "e", &objs).await;
+    check_all(&store, "e2", &more).await;
+    assert_eq!(
+        store.device_reconstructions()[2],
+        before,
+        "no more rebuilding"
+    );
+    let scrub = store.scrub(None, 1000, |_| {}).await.unwrap();
+    assert_eq!((scrub.corrupt, scrub.missing), (0, 0), "{scrub:?}");
+    drop(store);
+
+    // The configuration still names the old path; the catalog knows better.
+    let store = Store::open(&cfg).unwrap();
+    assert!(!store.missing_devices().iter().any(|m| *m));
+    assert_eq!(store.status().devices[2].path, new);
+    check_all(&store, "e2", &more).await;
+    // Healthy again: new data is accepted.
+    ingest_class(&store, "after", EC31, &[("x", pattern(1, 10_000))])
+        .await
+        .unwrap();
+}

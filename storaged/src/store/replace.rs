@@ -1,0 +1,353 @@
+//! `device replace`: rebuild a lost device's units onto a new device while
+//! reads go on.
+//!
+//! The new device gets the old one's superblock (same pool, same index). A
+//! record in the catalog (`meta["replace"]`: index, checkpoint, new path)
+//! says a replacement is under way; while it is, the device's slot is
+//! *missing*, so every read of its units is rebuilt from the other devices
+//! and nothing reads the half-written new device. The rebuild walks the
+//! erasure-coded datasets in id order and each stripe that has a unit on
+//! the device: the unit is rebuilt from the survivors (and checked against
+//! its CRC, see `redundancy`) and written to the new device. Every
+//! `replace_checkpoint_bytes` (64 MiB) the new device is fdatasync'ed and then the
+//! checkpoint is committed, so a restart resumes where the last durable
+//! checkpoint was (storaged starts with the device still missing and
+//! `storagectl device replace` with the same arguments carries on).
+//! Units of `stripe` datasets on the lost device cannot be rebuilt; they
+//! are counted as lost, and reading them stays an error naming the device.
+//! At the end the new path is recorded (`meta["device_path/<i>"]`, used at
+//! every later start, whatever the configuration says), the record is
+//! removed and the slot points at the new device: the pool is healthy.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use super::Store;
+use crate::engine::{self, route::Slot};
+use crate::error::StoreError;
+
+/// A replacement under way, as the catalog records it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplaceRecord {
+    pub index: u32,
+    pub new_path: PathBuf,
+    /// Datasets with a smaller id are done; this one is done below
+    /// `stripe`.
+    pub dataset_id: u64,
+    pub stripe: u64,
+}
+
+impl ReplaceRecord {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(20 + self.new_path.as_os_str().len());
+        v.extend_from_slice(&self.index.to_le_bytes());
+        v.extend_from_slice(&self.dataset_id.to_le_bytes());
+        v.extend_from_slice(&self.stripe.to_le_bytes());
+        v.extend_from_slice(self.new_path.to_string_lossy().as_bytes());
+        v
+    }
+
+    pub fn decode(b: &[u8]) -> Option<Self> {
+        if b.len() < 20 {
+            return None;
+        }
+        Some(Self {
+            index: u32::from_le_bytes(b[0..4].try_into().ok()?),
+            dataset_id: u64::from_le_bytes(b[4..12].try_into().ok()?),
+            stripe: u64::from_le_bytes(b[12..20].try_into().ok()?),
+            new_path: PathBuf::from(String::from_utf8(b[20..].to_vec()).ok()?),
+        })
+    }
+}
+
+/// Progress of a replacement (Status).
+#[derive(Debug, Clone, Default)]
+pub struct RebuildState {
+    pub index: u32,
+    pub new_path: PathBuf,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    /// False when a replacement was interrupted (by a restart) and waits to
+    /// be resumed.
+    pub running: bool,
+}
+
+/// What a finished replacement did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplaceReport {
+    pub units_rebuilt: u64,
+    pub bytes_rebuilt: u64,
+    /// Units that could not be rebuilt (too many other units lost).
+    pub units_lost: u64,
+    /// Bytes of `stripe` datasets that were on the device: gone.
+    pub stripe_bytes_lost: u64,
+    pub seconds: f64,
+    pub resumed: bool,
+}
+
+/// Clears the "replacing" flag however the rebuild ends.
+struct Replacing<'a>(&'a Store);
+
+impl Drop for Replacing<'_> {
+    fn drop(&mut self) {
+        self.0.replacing.store(false, Ordering::SeqCst);
+        if let Some(r) = self.0.rebuild.lock().expect("rebuild poisoned").as_mut() {
+            r.running = false;
+        }
+    }
+}
+
+impl Store {
+    /// Which device `old` names: an index, or a path of the pool.
+    pub fn device_index(&self, old: &str) -> Result<u32, StoreError> {
+        let n = self.layout.device_count;
+        if let Ok(i) = old.parse::<u32>() {
+            if i < n {
+                return Ok(i);
+            }
+            return Err(StoreError::InvalidArgument(format!(
+                "device {i} does not exist (the pool has devices 0 to {})",
+                n - 1
+            )));
+        }
+        let paths = self.device_paths.read().expect("paths poisoned");
+        paths
+            .iter()
+            .position(|p| p == Path::new(old))
+            .map(|i| i as u32)
+            .ok_or_else(|| {
+                StoreError::InvalidArgument(format!(
+                    "{old:?} is neither a device index nor a device path of this pool"
+                ))
+            })
+    }
+
+    /// The replacement recorded in the catalog, if one is under way.
+    fn replace_record(&self) -> Result<Option<ReplaceRecord>, StoreError> {
+        Ok(self
+            .catalog
+            .meta("replace")?
+            .and_then(|b| ReplaceRecord::decode(&b)))
+    }
+
+    /// Rebuilds device `old`'s units onto `new_path`; see the module docs.
+    pub async fn replace_device(
+        self: &Arc<Self>,
+        old: &str,
+        new_path: &Path,
+        mut progress: impl FnMut(u64, u64) + Send,
+    ) -> Result<ReplaceReport, StoreError> {
+        let index = self.device_index(old)?;
+        if !new_path.is_absolute() {
+            return Err(StoreError::InvalidArgument(format!(
+                "the new device {} must be an absolute path (the daemon resolves it, not the client)",
+                new_path.display()
+            )));
+        }
+        let pending = self.replace_record()?;
+        let resume = match &pending {
+            Some(r) if r.index == index && r.new_path == new_path => true,
+            Some(r) => {
+                return Err(StoreError::Busy(format!(
+                    "device {} is being replaced by {}; resume that first (storagectl device replace {} {})",
+                    r.index,
+                    r.new_path.display(),
+                    r.index,
+                    r.new_path.display()
+                )));
+            }
+            None => false,
+        };
+        {
+            let paths = self.device_paths.read().expect("paths poisoned");
+            if let Some(i) = paths
+                .iter()
+                .position(|p| p == new_path)
+                .filter(|i| !(resume && *i == index as usize))
+            {
+                return Err(StoreError::InvalidArgument(format!(
+                    "{} is already device {i} of this pool",
+                    new_path.display()
+                )));
+            }
+        }
+        if self
+            .replacing
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(StoreError::Busy("a device replacement is running".into()));
+        }
+        let _replacing = Replacing(self);
+        let started = Instant::now();
+
+        let reference = self.superblock.clone();
+        let path = new_path.to_path_buf();
+        let file = tokio::task::spawn_blocking(move || {
+            crate::device::prepare_replacement(&path, &reference, index)
+        })
+        .await
+        .map_err(|e| StoreError::InvalidArgument(format!("prepare task failed: {e}")))?
+        .map_err(|e| StoreError::Busy(format!("cannot use the new device: {e}")))?;
+        let mut record = pending.unwrap_or(ReplaceRecord {
+            index,
+            new_path: new_path.to_path_buf(),
+            dataset_id: 0,
+            stripe: 0,
+        });
+        self.catalog
+            .set_meta(&[("replace", Some(&record.encode()))])?;
+        // From here on, reads of the device's units are rebuilt.
+        self.slots.set(index, Slot::Missing);
+        let target = engine::build(
+            self.engine_kind,
+            vec![file],
+            Arc::clone(&self.pool),
+            self.engine_limits,
+        )
+        .map_err(|e| StoreError::Busy(format!("cannot start I/O on the new device: {e}")))?;
+
+        let mut datasets = self.list_datasets();
+        datasets.sort_by_key(|d| d.record.id);
+        let mut report = ReplaceReport {
+            resumed: resume,
+            ..Default::default()
+        };
+        // Bytes to rebuild: the device's share of every ec dataset.
+        let unit = self.layout.stripe_unit_bytes;
+        let mut total = 0;
+        for ds in &datasets {
+            let mut per_device = vec![0u64; self.layout.device_count as usize];
+            for e in &ds.record.extents {
+                self.layout
+                    .bytes_per_device(e.offset, e.len, &mut per_device);
+            }
+            if ds.ec.is_some() {
+                total += per_device[index as usize];
+            } else {
+                report.stripe_bytes_lost += per_device[index as usize];
+            }
+        }
+        *self.rebuild.lock().expect("rebuild poisoned") = Some(RebuildState {
+            index,
+            new_path: new_path.to_path_buf(),
+            bytes_done: 0,
+            bytes_total: total,
+            running: true,
+        });
+        let mut done = 0u64;
+        let mut since_checkpoint = 0u64;
+        for ds in &datasets {
+            let Some(ec) = ds.ec.as_ref() else { continue };
+            if ds.record.id < record.dataset_id {
+                done += (ec.map.stripes() * u64::from(ec.geometry().width()))
+                    .div_ceil(u64::from(self.layout.device_count))
+                    * unit;
+                continue;
+            }
+            let first = if ds.record.id == record.dataset_id {
+                record.stripe
+            } else {
+                0
+            };
+            for stripe in first..ec.map.stripes() {
+                if ds.deleted.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Some(p) = (0..ec.geometry().width())
+                    .find(|p| ec.map.unit_location(stripe, *p).0 == index)
+                else {
+                    continue;
+                };
+                done += unit;
+                let mut read = self.read_stripe(ds, ec, stripe).await?;
+                if let Err(e) = self.rebuild_stripe(ds, ec, stripe, &mut read) {
+                    tracing::error!(error = %e, "replace: unit lost");
+                    report.units_lost += 1;
+                    continue;
+                }
+                let (_, offset) = ec.map.unit_location(stripe, p);
+                let lease = read.units.swap_remove(p as usize);
+                engine::write_all(&*target, 0, offset, lease)
+                    .await
+                    .map_err(|e| StoreError::from_io(index, offset, e))?;
+                report.units_rebuilt += 1;
+                report.bytes_rebuilt += unit;
+                since_checkpoint += unit;
+                if since_checkpoint >= self.limits.replace_checkpoint_bytes {
+                    since_checkpoint = 0;
+                    record.dataset_id = ds.record.id;
+                    record.stripe = stripe + 1;
+                    self.checkpoint(&target, index, &record).await?;
+                }
+                if let Some(r) = self.rebuild.lock().expect("rebuild poisoned").as_mut() {
+                    r.bytes_done = done;
+                }
+                progress(done, total);
+            }
+        }
+        progress(total, total);
+        sync_target(&target, index).await?;
+        let key = format!("device_path/{index}");
+        let path_bytes = new_path.to_string_lossy().into_owned();
+        self.catalog.set_meta(&[
+            (key.as_str(), Some(path_bytes.as_bytes())),
+            ("replace", None),
+        ])?;
+        self.device_paths.write().expect("paths poisoned")[index as usize] = new_path.to_path_buf();
+        self.slots.set(index, Slot::Replaced(target));
+        *self.rebuild.lock().expect("rebuild poisoned") = None;
+        report.seconds = started.elapsed().as_secs_f64();
+        tracing::info!(?report, device = index, path = %new_path.display(), "device replaced");
+        Ok(report)
+    }
+
+    /// Makes the new device's writes durable, then the checkpoint.
+    async fn checkpoint(
+        &self,
+        target: &Arc<dyn engine::IoBackend>,
+        index: u32,
+        record: &ReplaceRecord,
+    ) -> Result<(), StoreError> {
+        sync_target(target, index).await?;
+        self.catalog
+            .set_meta(&[("replace", Some(&record.encode()))])?;
+        Ok(())
+    }
+
+    /// The replacement under way or waiting to be resumed, if any.
+    pub fn rebuild_state(&self) -> Option<RebuildState> {
+        self.rebuild.lock().expect("rebuild poisoned").clone()
+    }
+}
+
+/// fdatasync of the replacement device (device `index` of the pool).
+async fn sync_target(target: &Arc<dyn engine::IoBackend>, index: u32) -> Result<(), StoreError> {
+    let t = Arc::clone(target);
+    tokio::task::spawn_blocking(move || t.sync(0))
+        .await
+        .map_err(|e| StoreError::InvalidArgument(format!("sync task failed: {e}")))?
+        .map_err(|source| StoreError::Sync {
+            device: index,
+            source,
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_round_trip() {
+        let r = ReplaceRecord {
+            index: 2,
+            new_path: "/dev/new disk".into(),
+            dataset_id: 7,
+            stripe: 99,
+        };
+        assert_eq!(ReplaceRecord::decode(&r.encode()), Some(r));
+        assert_eq!(ReplaceRecord::decode(&[1, 2, 3]), None);
+    }
+}
