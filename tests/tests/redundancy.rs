@@ -1,0 +1,301 @@
+//! Redundancy end to end with the real binaries: a device lost while
+//! stopped (degraded start), `storagectl device replace` while a reader
+//! keeps reading, resume after kill -9, seeded fault injection through
+//! `--fault-inject`, and fsync failures.
+
+use std::time::Duration;
+
+use storaged_tests::{Daemon, DaemonOpts, eventually, pattern, write_tree};
+
+fn files() -> Vec<(String, Vec<u8>)> {
+    (0..24u64)
+        .map(|i| {
+            (
+                format!("shard-{i:02}"),
+                pattern(i, 300_000 + i as usize * 4099),
+            )
+        })
+        .chain([("big".to_string(), pattern(99, 6 << 20))])
+        .collect()
+}
+
+fn check_all(d: &Daemon, ds: &str, files: &[(String, Vec<u8>)]) {
+    for (p, data) in files {
+        let out = d.ctl(&["cat", ds, p]);
+        assert!(
+            out.status.success(),
+            "cat {ds}/{p}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout == *data, "{ds}/{p}: bytes differ");
+    }
+}
+
+// Guards degraded start and device replacement: with a device file gone,
+// storaged starts, says the pool is degraded and what is at risk, serves
+// every ec byte, refuses new ingests, and `device replace` rebuilds the
+// device while a reader keeps reading, after which the pool is healthy
+// across restarts (the configuration still names the old path).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lost_device_degraded_start_then_replace_while_reading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let files = files();
+    write_tree(&src, &files);
+    let scratch = tmp.path().join("scratch");
+    write_tree(&scratch, &[("wide".into(), pattern(5, 1 << 20))]);
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start(&data, &DaemonOpts::default());
+    d.ctl_ok(&["ingest", "train", src.to_str().unwrap()]);
+    d.ctl_ok(&[
+        "ingest",
+        "scratch",
+        scratch.to_str().unwrap(),
+        "--class",
+        "stripe",
+    ]);
+    d.stop();
+    std::fs::remove_file(data.join("dev2.img")).unwrap();
+
+    d = Daemon::start_args(&data, d.args.clone());
+    let status = d.ctl_ok(&["status"]);
+    assert!(status.contains("DEGRADED"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("dev2.img") && l.contains("missing")),
+        "{status}"
+    );
+    assert!(status.contains("at risk"), "{status}");
+    assert!(
+        status.contains("more device loss(es) tolerated"),
+        "{status}"
+    );
+    check_all(&d, "train", &files);
+    let out = d.ctl(&["cat", "scratch", "wide"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("UNAVAILABLE") && err.contains("device 2"),
+        "{err}"
+    );
+    let out = d.ctl(&["ingest", "more", scratch.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("FAILED_PRECONDITION") && err.contains("degraded"),
+        "{err}"
+    );
+
+    // A reader loops over the dataset during the rebuild.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = stop.clone();
+        let url = d.url.clone();
+        let files = files.clone();
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) || rounds == 0 {
+                for (p, data) in &files {
+                    let out = std::process::Command::new(storaged_tests::storagectl_bin())
+                        .args(["--server", &url, "cat", "train", p])
+                        .output()
+                        .unwrap();
+                    assert!(
+                        out.status.success() && out.stdout == *data,
+                        "read of {p} during rebuild"
+                    );
+                }
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let new = tmp.path().join("spare").join("new2.img");
+    std::fs::create_dir_all(new.parent().unwrap()).unwrap();
+    let out = d.ctl_ok(&["device", "replace", "2", new.to_str().unwrap()]);
+    assert!(
+        out.contains("replaced by") && out.contains("0 units lost"),
+        "{out}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(reader.join().unwrap() >= 1);
+    let status = d.ctl_ok(&["status"]);
+    assert!(status.contains("health:      ok"), "{status}");
+    assert!(status.contains("new2.img"), "{status}");
+    // Replacing it again onto a device of the pool is refused.
+    let out = d.ctl(&["device", "replace", "1", new.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_ARGUMENT"));
+
+    d.stop();
+    d = Daemon::start_args(&data, d.args.clone());
+    let status = d.ctl_ok(&["status"]);
+    assert!(
+        status.contains("health:      ok") && status.contains("new2.img"),
+        "{status}"
+    );
+    check_all(&d, "train", &files);
+    let out = d.ctl_ok(&["scrub", "train"]);
+    assert!(out.contains("0 corrupt"), "{out}");
+    d.ctl_ok(&["ingest", "more", scratch.to_str().unwrap()]);
+}
+
+// Guards resumable replacement: kill -9 in the middle of a rebuild, and the
+// same command after the restart carries on from the last checkpoint.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_resumes_after_kill9() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let files: Vec<(String, Vec<u8>)> = (0..8u64)
+        .map(|i| (format!("s{i}"), pattern(i, 4 << 20)))
+        .collect();
+    write_tree(&src, &files);
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = data.join("storaged.toml");
+    std::fs::write(&config, "replace_checkpoint = \"256KiB\"\n").unwrap();
+    let mut opts = DaemonOpts::default();
+    opts.extra = vec!["--config".into(), config.display().to_string()];
+    let mut d = Daemon::start(&data, &opts);
+    d.ctl_ok(&["ingest", "train", src.to_str().unwrap()]);
+    d.stop();
+    std::fs::remove_file(data.join("dev1.img")).unwrap();
+    // Slow reads so the rebuild is still running when it is killed.
+    let mut slow = d.args.clone();
+    slow.extend([
+        "--fault-inject".into(),
+        "seed=3,latency_ms=3,latency=1".into(),
+    ]);
+    d = Daemon::start_args(&data, slow);
+    let new = tmp.path().join("new1.img");
+    let replace = d.spawn_local_ctl(&["device", "replace", "1", new.to_str().unwrap()]);
+    let client = d.client().await;
+    assert!(
+        eventually(Duration::from_secs(60), async || {
+            client
+                .status()
+                .await
+                .ok()
+                .and_then(|s| s.rebuild)
+                .is_some_and(|r| r.bytes_done * 3 > r.bytes_total)
+        })
+        .await,
+        "the rebuild got a third of the way"
+    );
+    d.kill9();
+    let out = replace.wait_with_output().unwrap();
+    assert!(!out.status.success(), "the replace cannot have finished");
+
+    d = Daemon::start_args(&data, d.args.clone());
+    let status = d.ctl_ok(&["status"]);
+    assert!(status.contains("interrupted"), "{status}");
+    assert!(
+        status
+            .lines()
+            .any(|l| l.contains("new1.img") && l.contains("rebuilding")),
+        "{status}"
+    );
+    check_all(&d, "train", &files[..2]);
+    let out = d.ctl_ok(&["device", "replace", "1", new.to_str().unwrap()]);
+    assert!(
+        out.contains("(resumed)") && out.contains("0 units lost"),
+        "{out}"
+    );
+    let status = d.ctl_ok(&["status"]);
+    assert!(status.contains("health:      ok"), "{status}");
+    assert!(!status.contains("rebuild:"), "{status}");
+    check_all(&d, "train", &files);
+    let out = d.ctl_ok(&["scrub"]);
+    assert!(out.contains("0 corrupt"), "{out}");
+}
+
+// Guards the seeded fault layer end to end: with EIO, bit flips and delays
+// injected into a live daemon, every read returns the exact bytes or a
+// clean error, never wrong bytes, and the daemon counts what it rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn injected_faults_never_serve_a_wrong_byte() {
+    let seed: u64 = std::env::var("STORAGED_FAULT_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+                % 1_000_000
+        });
+    println!("fault seed {seed} (rerun with STORAGED_FAULT_SEED={seed})");
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let files = files();
+    write_tree(&src, &files);
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start(&data, &DaemonOpts::default());
+    d.ctl_ok(&["ingest", "train", src.to_str().unwrap()]);
+    d.stop();
+    let mut args = d.args.clone();
+    args.extend([
+        "--fault-inject".into(),
+        format!("seed={seed},read_eio=0.02,flip=0.02,latency_ms=1,latency=0.05"),
+    ]);
+    d = Daemon::start_args(&data, args);
+    let (mut exact, mut errors) = (0, 0);
+    for round in 0..3 {
+        for (p, want) in &files {
+            let out = d.ctl(&["cat", "train", p]);
+            if out.status.success() {
+                assert!(
+                    out.stdout == *want,
+                    "seed {seed} round {round}: wrong bytes for {p}"
+                );
+                exact += 1;
+            } else {
+                let err = String::from_utf8_lossy(&out.stderr);
+                assert!(
+                    err.contains("DATA_LOSS") || err.contains("UNAVAILABLE"),
+                    "seed {seed}: {err}"
+                );
+                errors += 1;
+            }
+        }
+    }
+    let st = d.client().await.status().await.unwrap();
+    println!(
+        "seed {seed}: {exact} exact reads, {errors} clean errors, {} rebuilds",
+        st.datasets[0].reconstructions
+    );
+    assert!(
+        exact > errors * 4,
+        "seed {seed}: {exact} exact vs {errors} errors"
+    );
+    assert!(
+        st.datasets[0].reconstructions > 0,
+        "seed {seed}: faults were injected and repaired"
+    );
+}
+
+// Guards the commit order: an fdatasync failure fails the ingest with a
+// clear error, and the dataset is never committed (not even after a
+// restart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fsync_failure_fails_the_ingest_and_commits_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("x".into(), pattern(1, 1 << 20))]);
+    let data = tmp.path().join("data");
+    let mut opts = DaemonOpts::default();
+    opts.extra = vec!["--fault-inject".into(), "seed=1,fsync_fail=1".into()];
+    let mut d = Daemon::start(&data, &opts);
+    let out = d.ctl(&["ingest", "ds", src.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("INTERNAL") && err.contains("fdatasync"),
+        "{err}"
+    );
+    let st = d.client().await.status().await.unwrap();
+    assert!(st.datasets.is_empty());
+    d.stop();
+    d = Daemon::start_args(&data, DaemonOpts::default().args(&data));
+    let st = d.client().await.status().await.unwrap();
+    assert!(st.datasets.is_empty() && st.used_bytes == 0, "{st:?}");
+}
