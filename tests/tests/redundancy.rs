@@ -153,8 +153,10 @@ async fn replace_resumes_after_kill9() {
     std::fs::create_dir_all(&data).unwrap();
     let config = data.join("storaged.toml");
     std::fs::write(&config, "replace_checkpoint = \"256KiB\"\n").unwrap();
-    let mut opts = DaemonOpts::default();
-    opts.extra = vec!["--config".into(), config.display().to_string()];
+    let opts = DaemonOpts {
+        extra: vec!["--config".into(), config.display().to_string()],
+        ..Default::default()
+    };
     let mut d = Daemon::start(&data, &opts);
     d.ctl_ok(&["ingest", "train", src.to_str().unwrap()]);
     d.stop();
@@ -282,8 +284,10 @@ async fn fsync_failure_fails_the_ingest_and_commits_nothing() {
     let src = tmp.path().join("src");
     write_tree(&src, &[("x".into(), pattern(1, 1 << 20))]);
     let data = tmp.path().join("data");
-    let mut opts = DaemonOpts::default();
-    opts.extra = vec!["--fault-inject".into(), "seed=1,fsync_fail=1".into()];
+    let opts = DaemonOpts {
+        extra: vec!["--fault-inject".into(), "seed=1,fsync_fail=1".into()],
+        ..Default::default()
+    };
     let mut d = Daemon::start(&data, &opts);
     let out = d.ctl(&["ingest", "ds", src.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
