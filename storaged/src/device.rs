@@ -220,6 +220,8 @@ pub struct OpenedPool {
     /// degraded without them (their `files` entry is a placeholder that is
     /// never read or written).
     pub missing: Vec<bool>,
+    /// Devices whose superblock copies disagreed and were rewritten.
+    pub superblocks_repaired: u32,
 }
 
 fn open_device(path: &Path, create_size: Option<u64>) -> Result<(File, u64), DeviceError> {
@@ -275,23 +277,56 @@ fn aligned_block() -> io::Result<MmapMut> {
     MmapMut::map_anon(SUPERBLOCK_BYTES)
 }
 
-fn read_superblock(file: &File, path: &Path) -> Result<Probe, DeviceError> {
+/// Where the second copy of the superblock lives.
+pub const SUPERBLOCK_COPY_OFFSET: u64 = SUPERBLOCK_BYTES as u64;
+
+fn read_block(file: &File, path: &Path, offset: u64) -> Result<MmapMut, DeviceError> {
     let mut block = aligned_block().map_err(io_err(path))?;
-    let n = file.read_at(&mut block[..], 0).map_err(io_err(path))?;
+    let n = file.read_at(&mut block[..], offset).map_err(io_err(path))?;
     if n < SUPERBLOCK_BYTES {
         return Err(DeviceError::TooSmall {
             path: path.to_owned(),
-            size: n as u64,
+            size: offset + n as u64,
             min: DATA_OFFSET_BYTES,
         });
     }
-    Superblock::probe(&block[..], path)
+    Ok(block)
+}
+
+fn read_superblock(file: &File, path: &Path) -> Result<Probe, DeviceError> {
+    read_superblock_copies(file, path).map(|(p, _)| p)
+}
+
+/// Probes both superblock copies. A damaged or zeroed primary next to a
+/// good copy is answered from the copy; the flag says the copies disagree
+/// and should be rewritten.
+fn read_superblock_copies(file: &File, path: &Path) -> Result<(Probe, bool), DeviceError> {
+    let primary = Superblock::probe(&read_block(file, path, 0)?[..], path);
+    let copy = match read_block(file, path, SUPERBLOCK_COPY_OFFSET) {
+        Ok(b) => Superblock::probe(&b[..], path),
+        Err(_) => Ok(Probe::Blank),
+    };
+    match (primary, copy) {
+        (Ok(Probe::Ours(a)), Ok(Probe::Ours(b))) => {
+            let same = a == b;
+            Ok((Probe::Ours(a), !same))
+        }
+        // A pool formatted before the copy existed, or a damaged copy.
+        (Ok(Probe::Ours(a)), _) => Ok((Probe::Ours(a), true)),
+        (Err(DeviceError::BadChecksum { .. }) | Ok(Probe::Blank), Ok(Probe::Ours(b))) => {
+            tracing::warn!(path = %path.display(), "primary superblock is damaged; using its copy");
+            Ok((Probe::Ours(b), true))
+        }
+        (primary, _) => primary.map(|p| (p, false)),
+    }
 }
 
 fn write_superblock(file: &File, path: &Path, sb: &Superblock) -> Result<(), DeviceError> {
     let mut block = aligned_block().map_err(io_err(path))?;
     sb.encode(&mut block[..]);
     file.write_all_at(&block[..], 0).map_err(io_err(path))?;
+    file.write_all_at(&block[..], SUPERBLOCK_COPY_OFFSET)
+        .map_err(io_err(path))?;
     file.sync_data().map_err(io_err(path))
 }
 
@@ -321,6 +356,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
     }
     let mut opened = Vec::with_capacity(spec.devices.len());
     let mut was_absent = Vec::with_capacity(spec.devices.len());
+    let mut stale_copy = Vec::with_capacity(spec.devices.len());
     for path in &spec.devices {
         if opened
             .iter()
@@ -335,10 +371,12 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
             matches!(std::fs::metadata(path), Err(e) if e.kind() == io::ErrorKind::NotFound);
         if absent {
             opened.push((path.clone(), placeholder()?, 0, Probe::Blank));
+            stale_copy.push(false);
         } else {
             let (file, size) = open_device(path, None)?;
-            let probe = read_superblock(&file, path)?;
+            let (probe, stale) = read_superblock_copies(&file, path)?;
             opened.push((path.clone(), file, size, probe));
+            stale_copy.push(stale);
         }
         was_absent.push(absent);
     }
@@ -502,6 +540,18 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
             });
         }
     }
+    // Superblock copies that disagree (one damaged, or a pool from before
+    // the copy existed) are rewritten from the good one.
+    let mut superblocks_repaired = 0;
+    if !formatted {
+        for (((path, file, _, _), sb), stale) in opened.iter().zip(&superblocks).zip(&stale_copy) {
+            if *stale {
+                write_superblock(file, path, sb)?;
+                superblocks_repaired += 1;
+                tracing::warn!(path = %path.display(), "superblock copies rewritten");
+            }
+        }
+    }
     let layout = superblocks[0].layout();
     let pool_id = superblocks[0].pool_id;
     let (paths, files) = opened.into_iter().map(|(p, f, _, _)| (p, f)).unzip();
@@ -513,6 +563,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         pool_id,
         formatted,
         missing,
+        superblocks_repaired,
     })
 }
 
@@ -679,6 +730,35 @@ mod tests {
         assert!(matches!(
             open_pool(&short).unwrap_err(),
             DeviceError::WrongCount { .. }
+        ));
+    }
+
+    #[test]
+    fn a_damaged_superblock_is_rebuilt_from_its_copy() {
+        // Guards metadata bit rot: one flipped superblock byte must not
+        // take a device out of the pool.
+        let dir = tempfile::tempdir().unwrap();
+        let s = spec(dir.path(), 2);
+        let first = open_pool(&s).unwrap();
+        assert_eq!(first.superblocks_repaired, 0);
+        drop(first);
+        let f = OpenOptions::new().write(true).open(&s.devices[1]).unwrap();
+        f.write_all_at(&[0x55], 40).unwrap();
+        drop(f);
+        let again = open_pool(&s).unwrap();
+        assert_eq!(again.superblocks_repaired, 1);
+        assert!(!again.missing.iter().any(|m| *m));
+        drop(again);
+        assert_eq!(open_pool(&s).unwrap().superblocks_repaired, 0, "rewritten");
+        // Both copies damaged: a clear error.
+        let f = OpenOptions::new().write(true).open(&s.devices[0]).unwrap();
+        f.write_all_at(&[0x55], 40).unwrap();
+        f.write_all_at(&[0x55], SUPERBLOCK_COPY_OFFSET + 40)
+            .unwrap();
+        drop(f);
+        assert!(matches!(
+            open_pool(&s).unwrap_err(),
+            DeviceError::BadChecksum { .. }
         ));
     }
 

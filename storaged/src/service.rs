@@ -121,7 +121,28 @@ fn status_response(store: &Store, s: StoreStatus) -> pb::StatusResponse {
     let rebuilt = store.device_reconstructions();
     let sc = &store.scrub_counters;
     let rebuild = store.rebuild_state();
+    let (faults_injected, fault_flips_injected) = store
+        .injected
+        .as_ref()
+        .map(|c| {
+            let flips = c.flips.load(Ordering::Relaxed);
+            let others = [
+                &c.read_eio,
+                &c.write_eio,
+                &c.torn,
+                &c.vanished_ops,
+                &c.fsync_failures,
+            ]
+            .iter()
+            .map(|x| x.load(Ordering::Relaxed))
+            .sum::<u64>();
+            (flips + others, flips)
+        })
+        .unwrap_or((0, 0));
     pb::StatusResponse {
+        superblocks_repaired: store.superblocks_repaired,
+        faults_injected,
+        fault_flips_injected,
         rebuild: rebuild.as_ref().map(|r| pb::RebuildStatus {
             device_index: r.index,
             new_path: r.new_path.display().to_string(),

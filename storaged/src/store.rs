@@ -162,6 +162,8 @@ pub struct Store {
     datasets: RwLock<BTreeMap<String, Arc<DatasetHandle>>>,
     ingesting: Mutex<HashSet<String>>,
     device_paths: RwLock<Vec<PathBuf>>,
+    /// Devices whose superblock was rebuilt from its copy at start.
+    pub superblocks_repaired: u32,
     /// A device replacement is running.
     replacing: AtomicBool,
     rebuild: Mutex<Option<replace::RebuildState>>,
@@ -249,6 +251,7 @@ impl Store {
             formatted,
             mut missing,
             superblocks,
+            superblocks_repaired,
         } = open_pool(&PoolSpec {
             devices,
             create_size_bytes: Some(cfg.device_size_bytes),
@@ -350,6 +353,7 @@ impl Store {
             )),
             scrub_counters: Default::default(),
             injected,
+            superblocks_repaired,
             replacing: AtomicBool::new(false),
             rebuild: Mutex::new(rebuild),
             superblock,
@@ -567,17 +571,75 @@ impl Store {
         if let Some(chunks) = self.read_ahead_hit(obj, lo, hi).await {
             return Ok(chunks);
         }
+        if let Some(ec) = &obj.dataset.ec {
+            let missing = self.slots.missing();
+            if missing.iter().any(|m| *m) {
+                let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
+                // A known-missing device: no point trying it first.
+                if self
+                    .object_segments(obj, w_start, dev_len)
+                    .iter()
+                    .any(|s| missing[s.device as usize])
+                {
+                    return self
+                        .read_window_rebuilt(
+                            obj,
+                            ec,
+                            (w_start, w_end),
+                            (want_start, want_end),
+                            &missing,
+                        )
+                        .await;
+                }
+            }
+        }
         match self
             .read_window_healthy(obj, w_start, w_end, want_start, want_end)
             .await
         {
             Err(e) if obj.dataset.ec.is_some() && e.is_device_fault() => {
                 tracing::debug!(dataset = %obj.dataset.name, path = %obj.path, error = %e, "rebuilding from parity");
-                self.read_window_degraded(obj, w_start, w_end, want_start, want_end)
-                    .await
+                let ec = obj.dataset.ec.as_ref().expect("checked");
+                let missing = self.slots.missing();
+                self.read_window_rebuilt(
+                    obj,
+                    ec,
+                    (w_start, w_end),
+                    (want_start, want_end),
+                    &missing,
+                )
+                .await
             }
             r => r,
         }
+    }
+
+    /// An `ec` window that cannot be read directly. Windows of half a unit
+    /// or more (streaming) are served from whole rebuilt stripes, which
+    /// their neighbours share (no more bytes read than a healthy read);
+    /// smaller ones (samples) rebuild just their byte range, falling back to
+    /// whole stripes if that does not verify.
+    async fn read_window_rebuilt(
+        &self,
+        obj: &ObjectRef,
+        ec: &redundancy::EcDataset,
+        (w_start, w_end): (u64, u64),
+        (want_start, want_end): (u64, u64),
+        missing: &[bool],
+    ) -> Result<Vec<Chunk>, StoreError> {
+        if (w_end - w_start) * 2 < ec.map.unit_bytes() {
+            match self
+                .read_window_partial(obj, w_start, w_end, want_start, want_end, missing)
+                .await
+            {
+                Ok(chunks) => return Ok(chunks),
+                Err(e) => {
+                    tracing::debug!(error = %e, "range rebuild did not verify; rebuilding whole stripes");
+                }
+            }
+        }
+        self.read_window_degraded(obj, w_start, w_end, want_start, want_end)
+            .await
     }
 
     /// [`read_window`](Self::read_window) from the units themselves.
@@ -608,13 +670,24 @@ impl Store {
             .map_err(move |e| StoreError::from_io(s.device, s.device_offset, e))
         });
         let bufs: Vec<BufLease> = futures::future::try_join_all(reads).await?;
+        let pieces = bufs.into_iter().map(BufLease::into_bytes).collect();
+        self.verified_parts(obj, (w_start, w_end), (want_start, want_end), pieces)
+    }
 
-        let pieces: Vec<&[u8]> = bufs.iter().map(BufLease::as_slice).collect();
-        self.verify_window(obj, w_start, w_end, &pieces)?;
-
-        // Hand out the wanted parts without copying.
+    /// Verifies window `[w_start, w_end)` of `obj`, whose bytes are
+    /// `pieces` back to back, and hands out the parts in `[want_start,
+    /// want_end)` without copying.
+    fn verified_parts(
+        &self,
+        obj: &ObjectRef,
+        (w_start, w_end): (u64, u64),
+        (want_start, want_end): (u64, u64),
+        pieces: Vec<Bytes>,
+    ) -> Result<Vec<Chunk>, StoreError> {
+        let views: Vec<&[u8]> = pieces.iter().map(|b| b.as_ref()).collect();
+        self.verify_window(obj, w_start, w_end, &views)?;
         Ok(wanted_parts(
-            bufs.into_iter().map(BufLease::into_bytes),
+            pieces.into_iter(),
             w_start,
             w_end,
             want_start,

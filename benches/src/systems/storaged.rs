@@ -32,6 +32,17 @@ impl Daemon {
         devices: &[PathBuf],
         device_size: u64,
     ) -> anyhow::Result<Daemon> {
+        Self::start_with(bin, data_dir, devices, device_size, &[])
+    }
+
+    /// [`start`](Self::start) with more `storaged serve` arguments.
+    pub fn start_with(
+        bin: &Path,
+        data_dir: &Path,
+        devices: &[PathBuf],
+        device_size: u64,
+        extra: &[String],
+    ) -> anyhow::Result<Daemon> {
         let mut cmd = Command::new(bin);
         cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -39,6 +50,7 @@ impl Daemon {
         for d in devices {
             cmd.arg("--device").arg(d);
         }
+        cmd.args(extra);
         let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(std::fs::File::create(
@@ -64,6 +76,14 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// SIGTERM, then waits for the exit.
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        // SAFETY: kill(2) on our own child's pid; it has not been reaped.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+        self.child.wait()?;
+        Ok(())
     }
 
     pub fn cpu_seconds(&self) -> f64 {

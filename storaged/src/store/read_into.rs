@@ -243,8 +243,10 @@ impl Store {
     ) -> Result<ReadIntoDone, StoreError> {
         let obj = &item.obj;
         let (w_start, w_end) = item.window();
+        let ec = obj.dataset.ec.as_ref().expect("an ec dataset");
+        let missing = self.missing_devices();
         let chunks = self
-            .read_window_degraded(obj, w_start, w_end, w_start, w_end)
+            .read_window_rebuilt(obj, ec, (w_start, w_end), (w_start, w_end), &missing)
             .await?;
         let base = item.region_offset as usize;
         for (offset, bytes) in &chunks {

@@ -160,6 +160,10 @@ type StripeKey = (u64, u64);
 pub struct StripeCache {
     bytes_max: u64,
     bytes: u64,
+    /// Rebuilds in progress: concurrent readers of one stripe (a stream's
+    /// windows in flight) wait for the same rebuild instead of each doing
+    /// their own.
+    pending: std::collections::HashMap<StripeKey, Arc<tokio::sync::OnceCell<Arc<Vec<Bytes>>>>>,
     /// ((dataset id, stripe), data units).
     entries: VecDeque<(StripeKey, Arc<Vec<Bytes>>)>,
 }
@@ -169,6 +173,7 @@ impl StripeCache {
         Self {
             bytes_max,
             bytes: 0,
+            pending: Default::default(),
             entries: VecDeque::new(),
         }
     }
@@ -221,6 +226,7 @@ impl Store {
         ds: &DatasetHandle,
         ec: &EcDataset,
         stripe: u64,
+        one_at_a_time: bool,
     ) -> Result<StripeRead, StoreError> {
         let width = ec.geometry().width() as usize;
         let unit = ec.map.unit_bytes() as usize;
@@ -234,7 +240,17 @@ impl Store {
             let (device, offset) = ec.map.unit_location(stripe, p as u32);
             engine::read_exact_keep(&*self.engine, device, offset, unit, lease)
         });
-        let results = futures::future::join_all(reads).await;
+        // Background work (scrub, rebuild) reads one unit at a time, so
+        // it never puts a whole stripe in front of foreground reads.
+        let results = if one_at_a_time {
+            let mut v = Vec::with_capacity(width);
+            for r in reads {
+                v.push(r.await);
+            }
+            v
+        } else {
+            futures::future::join_all(reads).await
+        };
         let mut units = Vec::with_capacity(width);
         let mut intact = Vec::with_capacity(width);
         let mut missing = Vec::with_capacity(width);
@@ -334,25 +350,160 @@ impl Store {
         stripe: u64,
     ) -> Result<Arc<Vec<Bytes>>, StoreError> {
         let key = (ds.record.id, stripe);
-        if let Some(hit) = self.stripe_cache.lock().expect("cache poisoned").get(key) {
-            return Ok(hit);
+        let cell = {
+            let mut cache = self.stripe_cache.lock().expect("cache poisoned");
+            if let Some(hit) = cache.get(key) {
+                return Ok(hit);
+            }
+            Arc::clone(cache.pending.entry(key).or_default())
+        };
+        let result = cell
+            .get_or_try_init(|| async {
+                let mut read = self.read_stripe(ds, ec, stripe, false).await?;
+                self.rebuild_stripe(ds, ec, stripe, &mut read)?;
+                // Copied out of the pool buffers so that the cache never
+                // holds buffers foreground reads are waiting for.
+                let data: Vec<Bytes> = read
+                    .units
+                    .into_iter()
+                    .take(ec.geometry().k())
+                    .map(|l| Bytes::copy_from_slice(l.as_slice()))
+                    .collect();
+                Ok::<_, StoreError>(Arc::new(data))
+            })
+            .await
+            .cloned();
+        let mut cache = self.stripe_cache.lock().expect("cache poisoned");
+        if cache
+            .pending
+            .get(&key)
+            .is_some_and(|c| Arc::ptr_eq(c, &cell))
+        {
+            cache.pending.remove(&key);
         }
-        let mut read = self.read_stripe(ds, ec, stripe).await?;
-        self.rebuild_stripe(ds, ec, stripe, &mut read)?;
-        // Copied out of the pool buffers so that the cache never holds
-        // buffers foreground reads are waiting for.
-        let data: Vec<Bytes> = read
-            .units
-            .into_iter()
-            .take(ec.geometry().k())
-            .map(|l| Bytes::copy_from_slice(l.as_slice()))
+        if let Ok(data) = &result {
+            cache.insert(key, Arc::clone(data));
+        }
+        result
+    }
+
+    /// A small window of an `ec` dataset with pieces on a missing or failing
+    /// device: each such piece is rebuilt from the same byte range of K
+    /// other units of its stripe (Reed-Solomon works column by column), so
+    /// a 100 KiB sample costs K reads of 100 KiB, not K whole units. The
+    /// survivors are not checked one by one here; the rebuilt window is
+    /// checked against the object's block CRCs, and any mismatch sends the
+    /// caller to the whole-stripe path, which checks every unit.
+    pub(super) async fn read_window_partial(
+        &self,
+        obj: &ObjectRef,
+        w_start: u64,
+        w_end: u64,
+        want_start: u64,
+        want_end: u64,
+        missing: &[bool],
+    ) -> Result<Vec<Chunk>, StoreError> {
+        let ec = obj.dataset.ec.as_ref().expect("an ec dataset");
+        let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
+        let segs = self.object_segments(obj, w_start, dev_len);
+        let reads = segs.iter().map(|s| async move {
+            if missing[s.device as usize] {
+                return None;
+            }
+            let lease = self.pool.acquire(s.len as usize).await.ok()?;
+            engine::read_exact(
+                &*self.engine,
+                s.device,
+                s.device_offset,
+                s.len as usize,
+                lease,
+            )
+            .await
+            .ok()
+            .map(BufLease::into_bytes)
+        });
+        let direct = futures::future::join_all(reads).await;
+        let mut pieces = Vec::with_capacity(segs.len());
+        for (s, got) in segs.iter().zip(direct) {
+            match got {
+                Some(b) => pieces.push(b),
+                None => pieces.push(self.rebuild_range(obj, ec, s, missing).await?),
+            }
+        }
+        self.verified_parts(obj, (w_start, w_end), (want_start, want_end), pieces)
+    }
+
+    /// The bytes of data segment `s` rebuilt from the same range of the
+    /// other units of its stripe.
+    async fn rebuild_range(
+        &self,
+        obj: &ObjectRef,
+        ec: &EcDataset,
+        s: &crate::layout::Segment,
+        missing: &[bool],
+    ) -> Result<Bytes, StoreError> {
+        let g = ec.geometry();
+        let unit = ec.map.unit_bytes();
+        let (stripe, position) = ec.map.data_unit_of(s.logical);
+        let within = s.logical % unit;
+        let len = s.len as usize;
+        let sources: Vec<u32> = (0..g.width())
+            .filter(|q| *q != position)
+            .filter(|q| !missing[ec.map.unit_location(stripe, *q).0 as usize])
+            .take(g.k())
             .collect();
-        let data = Arc::new(data);
-        self.stripe_cache
-            .lock()
-            .expect("cache poisoned")
-            .insert(key, Arc::clone(&data));
-        Ok(data)
+        let lost_devices = vec![s.device];
+        let unrecoverable = |io: bool| StoreError::Unrecoverable {
+            dataset: obj.dataset.name.clone(),
+            stripe,
+            devices: lost_devices.clone(),
+            parity: g.parity_units,
+            missing: io,
+        };
+        if sources.len() < g.k() {
+            return Err(unrecoverable(true));
+        }
+        let leases = self
+            .pool
+            .acquire_many(len, sources.len())
+            .await
+            .map_err(|e| StoreError::Limit(e.to_string()))?;
+        let reads = sources.iter().zip(leases).map(|(q, lease)| {
+            let (device, offset) = ec.map.unit_location(stripe, *q);
+            engine::read_exact(&*self.engine, device, offset + within, len, lease)
+        });
+        let mut got: Vec<BufLease> = futures::future::try_join_all(reads)
+            .await
+            .map_err(|_| unrecoverable(true))?;
+        let mut scratch: Vec<Vec<u8>> = (0..g.width() as usize - sources.len())
+            .map(|_| vec![0u8; len])
+            .collect();
+        let mut rebuilt = None;
+        {
+            let mut from_sources = got.iter_mut();
+            let mut from_scratch = scratch.iter_mut();
+            let mut shards: Vec<(&mut [u8], bool)> = (0..g.width())
+                .map(|q| {
+                    if sources.contains(&q) {
+                        let l = from_sources.next().expect("one lease per source");
+                        (&mut l.as_mut_full()[..len], true)
+                    } else {
+                        (from_scratch.next().expect("scratch").as_mut_slice(), false)
+                    }
+                })
+                .collect();
+            ec.codec
+                .reconstruct(stripe, &mut shards)
+                .map_err(|_| unrecoverable(false))?;
+            for (q, (bytes, _)) in shards.iter().enumerate() {
+                if q as u32 == position {
+                    rebuilt = Some(Bytes::copy_from_slice(bytes));
+                }
+            }
+        }
+        obj.dataset.reconstructions.fetch_add(1, Ordering::Relaxed);
+        self.device_reconstructions[s.device as usize].fetch_add(1, Ordering::Relaxed);
+        rebuilt.ok_or_else(|| unrecoverable(false))
     }
 
     /// `read_window` for an `ec` dataset whose direct read failed: the
@@ -385,15 +536,7 @@ impl Store {
             let at = (s.logical % unit) as usize;
             pieces.push(data[position as usize].slice(at..at + s.len as usize));
         }
-        let views: Vec<&[u8]> = pieces.iter().map(|b| b.as_ref()).collect();
-        self.verify_window(obj, w_start, w_end, &views)?;
-        Ok(super::wanted_parts(
-            pieces.into_iter(),
-            w_start,
-            w_end,
-            want_start,
-            want_end,
-        ))
+        self.verified_parts(obj, (w_start, w_end), (want_start, want_end), pieces)
     }
 
     /// Stripes rebuilt, by device that lost a unit.

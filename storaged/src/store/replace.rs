@@ -262,7 +262,7 @@ impl Store {
                     continue;
                 };
                 done += unit;
-                let mut read = self.read_stripe(ds, ec, stripe).await?;
+                let mut read = self.read_stripe(ds, ec, stripe, false).await?;
                 if let Err(e) = self.rebuild_stripe(ds, ec, stripe, &mut read) {
                     tracing::error!(error = %e, "replace: unit lost");
                     report.units_lost += 1;

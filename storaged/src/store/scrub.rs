@@ -189,7 +189,7 @@ impl Store {
                 return Ok(());
             }
             pacer.pace(unit * u64::from(width)).await;
-            let mut read = self.read_stripe(ds, ec, stripe).await?;
+            let mut read = self.read_stripe(ds, ec, stripe, true).await?;
             report.units_checked += u64::from(width);
             report.bytes_checked += unit * u64::from(width);
             let bad: Vec<u32> = (0..width)
