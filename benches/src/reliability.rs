@@ -377,6 +377,7 @@ async fn bitflips(setup: &Setup, args: &Args) -> anyhow::Result<serde_json::Valu
         "live_flips_injected": st.fault_flips_injected,
         "live_faults_injected": st.faults_injected,
         "live_stripes_rebuilt": live_rebuilt,
+        "live_checksum_mismatches_detected": st.checksum_mismatches,
         "live_read_errors": live_errors,
         "live_wrong_bytes_served": live_wrong,
         "final_scrub_corrupt": last.corrupt,

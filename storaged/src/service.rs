@@ -57,6 +57,7 @@ impl StoragedService {
         s.shm_bytes_served = c.shm_bytes_served.load(Ordering::Relaxed);
         s.shm_payload_bytes_copied = c.shm_payload_bytes_copied.load(Ordering::Relaxed);
         s.device_reads_merged = c.device_reads_merged.load(Ordering::Relaxed);
+        s.checksum_mismatches = c.checksum_mismatches.load(Ordering::Relaxed);
         let ra = &self.store.read_ahead.counters;
         s.hint_objects = ra.hinted.load(Ordering::Relaxed);
         s.read_ahead_objects = ra.prefetched.load(Ordering::Relaxed);

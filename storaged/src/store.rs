@@ -138,6 +138,9 @@ pub struct ReadCounters {
     /// Device read pieces that joined a neighbour's read instead of being
     /// issued on their own (see `schedule`).
     pub device_reads_merged: std::sync::atomic::AtomicU64,
+    /// Checksum blocks that failed verification on read (each one answered
+    /// by a rebuild, a re-read, or DATA_LOSS; never served).
+    pub checksum_mismatches: std::sync::atomic::AtomicU64,
 }
 
 /// One piece of a read: object offset and verified bytes.
@@ -736,6 +739,9 @@ impl Store {
             }
             let actual = h.finalize();
             if actual != expected {
+                self.read_counters
+                    .checksum_mismatches
+                    .fetch_add(1, Ordering::Relaxed);
                 let (device, device_offset) = self.locate(obj, b);
                 return Err(StoreError::Checksum {
                     dataset: obj.dataset.name.clone(),

@@ -430,6 +430,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.device_reads_merged
             );
             println!(
+                "integrity:   {} checksum mismatches caught on read, {} superblock copies repaired",
+                s.checksum_mismatches, s.superblocks_repaired
+            );
+            println!(
                 "read-ahead:  {} hinted, {} read ahead, {} served ({}), {} skipped, {} failed, {} expired, {} held",
                 s.hint_objects,
                 s.read_ahead_objects,
