@@ -111,7 +111,7 @@ impl Default for StoreLimits {
             hint_items_max: 4096,
             hint_cache_bytes_max: 96 << 20,
             hint_ttl_ms: 30_000,
-            degraded_cache_bytes_max: 64 << 20,
+            degraded_cache_bytes_max: 256 << 20,
             scrub_rate_mib_s: 64,
             scrub_interval_s: 24 * 3600,
             replace_checkpoint_bytes: 64 << 20,

@@ -578,12 +578,21 @@ impl Store {
             let missing = self.slots.missing();
             if missing.iter().any(|m| *m) {
                 let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
-                // A known-missing device: no point trying it first.
-                if self
-                    .object_segments(obj, w_start, dev_len)
-                    .iter()
-                    .any(|s| missing[s.device as usize])
-                {
+                let segs = self.object_segments(obj, w_start, dev_len);
+                // A known-missing device: no point trying it first. A
+                // large window whose stripes lost a unit anywhere joins the
+                // whole-stripe rebuild its neighbours share, rather than
+                // reading its units a second time.
+                let large = (w_end - w_start) * 2 >= ec.map.unit_bytes();
+                let g = ec.map.geometry;
+                if segs.iter().any(|s| {
+                    missing[s.device as usize]
+                        || (large && {
+                            let (stripe, _) = ec.map.data_unit_of(s.logical);
+                            (0..g.width())
+                                .any(|p| missing[ec.map.unit_location(stripe, p).0 as usize])
+                        })
+                }) {
                     return self
                         .read_window_rebuilt(
                             obj,
