@@ -5,6 +5,7 @@
 //! creates 5 device files, ingests about 1 GiB (`--quick`: 128 MiB) as
 //! `ec:4+1` (shards and small samples), and runs, in order:
 //!
+//! 0. **Ingest cost.** The tree ingested as `stripe` and as `ec:4+1`.
 //! 1. **Bit flips.** Rounds of flips written into the device files while
 //!    storaged is stopped (data and parity units, one unit per stripe per
 //!    round so that each is repairable, plus one superblock byte per round),
@@ -186,17 +187,28 @@ async fn run(args: Args) -> anyhow::Result<()> {
         setup.all_items().count(),
         total as f64 / (1u64 << 30) as f64
     );
+    // Ingest cost of the class: the same tree as `stripe` (then removed)
+    // and as ec:4+1, from the page cache, same run.
+    let mut ingest = serde_json::Map::new();
     {
         let d = setup.start(&[])?;
         let client = Client::connect(&d.url).await?;
-        client
-            .ingest_dir_as("train", &src, Some(CLASS.parse()?), |_| {})
-            .await?;
+        for (name, class) in [("train-stripe", "stripe"), ("train", CLASS)] {
+            let t0 = Instant::now();
+            client
+                .ingest_dir_as(name, &src, Some(class.parse()?), |_| {})
+                .await?;
+            let gib_s = total as f64 / t0.elapsed().as_secs_f64() / (1u64 << 30) as f64;
+            eprintln!("ingest as {class}: {gib_s:.2} GiB/s");
+            ingest.insert(format!("{class}_gib_s"), gib_s.into());
+        }
+        client.delete_dataset("train-stripe").await?;
         d.stop()?;
     }
     std::fs::remove_dir_all(&src)?;
 
     let mut out = serde_json::Map::new();
+    out.insert("ingest".into(), serde_json::Value::Object(ingest));
     out.insert("bitflip".into(), bitflips(&setup, &args).await?);
     out.insert("degraded".into(), degraded(&setup).await?);
     out.insert("rebuild".into(), rebuild(&setup).await?);

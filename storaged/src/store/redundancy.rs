@@ -406,41 +406,60 @@ impl Store {
         let ec = obj.dataset.ec.as_ref().expect("an ec dataset");
         let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
         let segs = self.object_segments(obj, w_start, dev_len);
-        let reads = segs.iter().map(|s| async move {
-            if missing[s.device as usize] {
-                return None;
-            }
-            let lease = self.pool.acquire(s.len as usize).await.ok()?;
-            engine::read_exact(
-                &*self.engine,
-                s.device,
-                s.device_offset,
-                s.len as usize,
-                lease,
-            )
+        // Every buffer the window needs, taken at once (one per piece read
+        // directly, K per piece rebuilt), so that windows never hold some
+        // buffers while waiting for more. A piece that fails to read
+        // directly fails the window: the caller rebuilds whole stripes.
+        let k = ec.geometry().k();
+        let lost: Vec<bool> = segs.iter().map(|s| missing[s.device as usize]).collect();
+        let need = lost.iter().map(|l| if *l { k } else { 1 }).sum();
+        let longest = segs.iter().map(|s| s.len).max().unwrap_or(0) as usize;
+        let mut leases = self
+            .pool
+            .acquire_many(longest, need)
             .await
-            .ok()
-            .map(BufLease::into_bytes)
-        });
-        let direct = futures::future::join_all(reads).await;
-        let mut pieces = Vec::with_capacity(segs.len());
-        for (s, got) in segs.iter().zip(direct) {
-            match got {
-                Some(b) => pieces.push(b),
-                None => pieces.push(self.rebuild_range(obj, ec, s, missing).await?),
-            }
+            .map_err(|e| StoreError::Limit(e.to_string()))?
+            .into_iter();
+        let mut plan = Vec::with_capacity(segs.len());
+        for (s, l) in segs.iter().zip(&lost) {
+            let n = if *l { k } else { 1 };
+            plan.push((s, *l, leases.by_ref().take(n).collect::<Vec<_>>()));
         }
+        let pieces = futures::future::try_join_all(plan.into_iter().map(
+            |(s, rebuild, leases)| async move {
+                if rebuild {
+                    return self.rebuild_range(obj, ec, s, missing, leases).await;
+                }
+                let lease = leases
+                    .into_iter()
+                    .next()
+                    .expect("one buffer per direct piece");
+                engine::read_exact(
+                    &*self.engine,
+                    s.device,
+                    s.device_offset,
+                    s.len as usize,
+                    lease,
+                )
+                .await
+                .map(BufLease::into_bytes)
+                .map_err(|e| StoreError::from_io(s.device, s.device_offset, e))
+            },
+        ))
+        .await?;
         self.verified_parts(obj, (w_start, w_end), (want_start, want_end), pieces)
     }
 
     /// The bytes of data segment `s` rebuilt from the same range of the
-    /// other units of its stripe.
+    /// other units of its stripe, read into `leases` (K buffers of at least
+    /// `s.len` bytes).
     async fn rebuild_range(
         &self,
         obj: &ObjectRef,
         ec: &EcDataset,
         s: &crate::layout::Segment,
         missing: &[bool],
+        leases: Vec<BufLease>,
     ) -> Result<Bytes, StoreError> {
         let g = ec.geometry();
         let unit = ec.map.unit_bytes();
@@ -463,11 +482,6 @@ impl Store {
         if sources.len() < g.k() {
             return Err(unrecoverable(true));
         }
-        let leases = self
-            .pool
-            .acquire_many(len, sources.len())
-            .await
-            .map_err(|e| StoreError::Limit(e.to_string()))?;
         let reads = sources.iter().zip(leases).map(|(q, lease)| {
             let (device, offset) = ec.map.unit_location(stripe, *q);
             engine::read_exact(&*self.engine, device, offset + within, len, lease)
