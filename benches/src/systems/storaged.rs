@@ -99,8 +99,9 @@ impl Drop for Daemon {
 }
 
 /// Where a dataset lives on each device: `(offset, length)` of the device
-/// byte range that holds it (its objects are contiguous in logical space,
-/// in path order).
+/// byte range that holds it, from the device extents of its first and last
+/// objects (objects are packed in path order, whatever the storage class),
+/// widened to whole stripe units.
 pub async fn device_region(
     client: &Client,
     dataset: &str,
@@ -112,11 +113,19 @@ pub async fn device_region(
     let a = ds.stat(first).await?;
     let b = ds.stat(last).await?;
     let unit = u64::from(status.stripe_unit_bytes);
-    let n = status.devices.len() as u64;
-    let row = unit * n;
-    let lo = a.logical_offset / row;
-    let hi = (b.logical_offset + b.object.map(|o| o.size).unwrap_or(0)).div_ceil(row);
-    Ok(((1 << 20) + lo * unit, (hi - lo).max(1) * unit))
+    let lo = a
+        .extents
+        .iter()
+        .map(|e| e.device_offset / unit * unit)
+        .min()
+        .context("first object has no extents")?;
+    let hi = b
+        .extents
+        .iter()
+        .map(|e| (e.device_offset + e.length).next_multiple_of(unit))
+        .max()
+        .context("last object has no extents")?;
+    Ok((lo, hi.saturating_sub(lo).max(unit)))
 }
 
 /// Whole objects, `concurrency` streams pulling from a shared queue.
