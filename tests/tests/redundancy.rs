@@ -429,7 +429,14 @@ async fn a_misdirected_unit_is_caught_and_repaired() {
     let data = tmp.path().join("data");
     let mut d = Daemon::start(&data, &DaemonOpts::default());
     d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
-    let st = d.client().await.dataset("ds").unwrap().stat("big").await.unwrap();
+    let st = d
+        .client()
+        .await
+        .dataset("ds")
+        .unwrap()
+        .stat("big")
+        .await
+        .unwrap();
     d.stop();
     // Whole 64 KiB data units of the object: copy unit 0 over unit 7.
     let (from, to) = (st.extents[0], st.extents[7]);
@@ -450,6 +457,9 @@ async fn a_misdirected_unit_is_caught_and_repaired() {
     d = Daemon::start_args(&data, d.args.clone());
     assert!(d.ctl(&["cat", "ds", "big"]).stdout == big);
     let out = d.ctl_ok(&["scrub"]);
-    assert!(out.contains("1 corrupt, 1 repaired, 0 unrecoverable"), "{out}");
+    assert!(
+        out.contains("1 corrupt, 1 repaired, 0 unrecoverable"),
+        "{out}"
+    );
     assert_ne!(read(&to), stray, "the right unit is back on the device");
 }
