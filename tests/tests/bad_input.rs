@@ -211,8 +211,8 @@ async fn full_pool_is_resource_exhausted_and_leaves_nothing() {
     d.ctl_ok(&["ingest", "fits", small.to_str().unwrap()]);
 }
 
-#[test]
-fn foreign_and_mismatched_devices_are_refused() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_and_mismatched_devices_are_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let data = tmp.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
@@ -264,15 +264,39 @@ fn foreign_and_mismatched_devices_are_refused() {
         .expect("must refuse another pool");
     assert!(f.stderr.contains("belongs to pool"), "{}", f.stderr);
 
-    // An unknown format version.
+    // A damaged primary superblock is rebuilt from its copy.
+    use std::os::unix::fs::FileExt;
     let dev0 = data.join("dev0.img");
-    let file = std::fs::OpenOptions::new().write(true).open(&dev0).unwrap();
-    std::os::unix::fs::FileExt::write_all_at(&file, &99u32.to_le_bytes(), 8).unwrap();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&dev0)
+        .unwrap();
+    file.write_all_at(&99u32.to_le_bytes(), 8).unwrap();
+    let mut d = Daemon::start_args(&data, opts.args(&data));
+    let st = d.client().await.status().await.unwrap();
+    assert_eq!(st.superblocks_repaired, 1);
+    d.stop();
+    // An unknown format version (a valid superblock, both copies).
+    let mut sb = vec![0u8; 4096];
+    file.read_exact_at(&mut sb, 0).unwrap();
+    sb[8..12].copy_from_slice(&99u32.to_le_bytes());
+    let crc = crc32fast::hash(&sb[..4092]);
+    sb[4092..].copy_from_slice(&crc.to_le_bytes());
+    file.write_all_at(&sb, 0).unwrap();
+    file.write_all_at(&sb, 4096).unwrap();
+    let f = Daemon::try_start_args(&data, opts.args(&data))
+        .err()
+        .expect("must refuse");
+    assert!(f.stderr.contains("format version 99"), "{}", f.stderr);
+    // Both copies damaged: a bad checksum, named.
+    file.write_all_at(&[1, 2, 3], 40).unwrap();
+    file.write_all_at(&[1, 2, 3], 4096 + 40).unwrap();
     let f = Daemon::try_start_args(&data, opts.args(&data))
         .err()
         .expect("must refuse");
     assert!(
-        f.stderr.contains("checksum") || f.stderr.contains("version"),
+        f.stderr.contains("checksum") && f.stderr.contains("dev0.img"),
         "{}",
         f.stderr
     );
