@@ -102,6 +102,27 @@ impl Plan {
         }
     }
 
+    /// This plan without its first `n` samples: what is left of one
+    /// worker's sequence after it consumed `n` (a per-worker resume, as a
+    /// framework that checkpoints each worker on its own does it; the
+    /// worker count must be the one the sequence was dealt for). Read-ahead
+    /// hints then cover this worker's own batches only.
+    pub fn skip(mut self, n: u64) -> Result<Self, PlanError> {
+        let available = self.indices.len() as u64;
+        if n > available {
+            return Err(PlanError::PositionPastEnd {
+                worker: self.spec.worker as usize,
+                position: n,
+                available,
+            });
+        }
+        self.indices.drain(..n as usize);
+        if n > 0 {
+            self.rank_order = None;
+        }
+        Ok(self)
+    }
+
     pub fn spec(&self) -> &PlanSpec {
         &self.spec
     }

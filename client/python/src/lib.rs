@@ -1,0 +1,635 @@
+//! `storaged._native`: the Rust client (`storaged-client`) for Python.
+//!
+//! Every call that waits on the network runs with the GIL released
+//! (`Python::detach`) on a tokio runtime owned by this module. Bytes come
+//! back as [`Buffer`]s: read-only views over the client's `Bytes`, exposed
+//! through the buffer protocol, so `memoryview(b)` and
+//! `numpy.frombuffer(b, dtype)` see the received bytes without a copy and
+//! keep them alive as long as they are referenced.
+//!
+//! **Fork safety.** A forked process (a DataLoader worker) inherits the
+//! parent's runtime and connections, but not their threads, so neither
+//! works there. The runtime and each client's connection remember the pid
+//! they were made in; the first call in a process with another pid makes
+//! fresh ones (the inherited ones are leaked, not dropped: dropping them
+//! would wait for threads that do not exist in the child).
+//!
+//! Errors are Python exceptions named after the gRPC status
+//! (`storaged.NotFound`, `storaged.DataLoss`, ...), all subclasses of
+//! `storaged.StoragedError`, with the status name and message as text and
+//! the name in `.code`.
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+use std::ffi::c_int;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use pyo3::exceptions::{PyBufferError, PyException, PyIndexError, PyTypeError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::{create_exception, ffi};
+use storaged_client::{
+    BatchItem, ClientError, LoaderOptions, ObjectInfo, Plan, PlanSpec, PlanTail,
+};
+use tonic::Code;
+
+create_exception!(storaged, StoragedError, PyException, "Any storaged error.");
+create_exception!(storaged, InvalidArgument, StoragedError, "INVALID_ARGUMENT");
+create_exception!(storaged, NotFound, StoragedError, "NOT_FOUND");
+create_exception!(storaged, AlreadyExists, StoragedError, "ALREADY_EXISTS");
+create_exception!(
+    storaged,
+    PermissionDenied,
+    StoragedError,
+    "PERMISSION_DENIED"
+);
+create_exception!(
+    storaged,
+    ResourceExhausted,
+    StoragedError,
+    "RESOURCE_EXHAUSTED"
+);
+create_exception!(
+    storaged,
+    FailedPrecondition,
+    StoragedError,
+    "FAILED_PRECONDITION"
+);
+create_exception!(storaged, OutOfRange, StoragedError, "OUT_OF_RANGE");
+create_exception!(storaged, Unavailable, StoragedError, "UNAVAILABLE");
+create_exception!(storaged, DataLoss, StoragedError, "DATA_LOSS");
+create_exception!(
+    storaged,
+    Internal,
+    StoragedError,
+    "INTERNAL (and other codes)"
+);
+
+/// The exception class for an error, by its gRPC code.
+fn to_py(e: ClientError) -> PyErr {
+    let text = e.to_string();
+    let code = match &e {
+        ClientError::Status(s) => s.code(),
+        ClientError::Connect { .. } => Code::Unavailable,
+        ClientError::InvalidName(_) | ClientError::InvalidArgument(_) | ClientError::Plan(_) => {
+            Code::InvalidArgument
+        }
+        _ => Code::Internal,
+    };
+    let err = match code {
+        Code::InvalidArgument => InvalidArgument::new_err(text),
+        Code::NotFound => NotFound::new_err(text),
+        Code::AlreadyExists => AlreadyExists::new_err(text),
+        Code::PermissionDenied | Code::Unauthenticated => PermissionDenied::new_err(text),
+        Code::ResourceExhausted => ResourceExhausted::new_err(text),
+        Code::FailedPrecondition => FailedPrecondition::new_err(text),
+        Code::OutOfRange => OutOfRange::new_err(text),
+        Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled | Code::Aborted => {
+            Unavailable::new_err(text)
+        }
+        Code::DataLoss => DataLoss::new_err(text),
+        _ => Internal::new_err(text),
+    };
+    Python::attach(|py| {
+        let _ = err
+            .value(py)
+            .setattr("code", storaged_client::code_name(code));
+    });
+    err
+}
+
+/// The tokio runtime of this process (see "Fork safety").
+struct Runtime {
+    pid: u32,
+    rt: tokio::runtime::Runtime,
+}
+
+static RUNTIME: Mutex<Option<Arc<Runtime>>> = Mutex::new(None);
+
+fn runtime() -> PyResult<Arc<Runtime>> {
+    let pid = std::process::id();
+    let mut slot = RUNTIME.lock().expect("runtime lock");
+    if let Some(rt) = slot.as_ref().filter(|rt| rt.pid == pid) {
+        return Ok(Arc::clone(rt));
+    }
+    if let Some(inherited) = slot.take() {
+        // From the parent, before a fork: its threads are not here.
+        std::mem::forget(inherited);
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("storaged-py")
+        .enable_all()
+        .build()
+        .map_err(|e| Internal::new_err(format!("cannot start the I/O runtime: {e}")))?;
+    let rt = Arc::new(Runtime { pid, rt });
+    *slot = Some(Arc::clone(&rt));
+    Ok(rt)
+}
+
+/// Runs `f` on the runtime with the GIL released.
+fn block_on<T: Send, F>(py: Python<'_>, f: F) -> PyResult<T>
+where
+    F: std::future::Future<Output = Result<T, ClientError>> + Send,
+{
+    let rt = runtime()?;
+    py.detach(|| rt.rt.block_on(f)).map_err(to_py)
+}
+
+/// A read-only buffer over received bytes (buffer protocol, no copy).
+#[pyclass(frozen, module = "storaged")]
+pub struct Buffer {
+    data: Bytes,
+}
+
+#[pymethods]
+impl Buffer {
+    /// # Safety
+    ///
+    /// Called by CPython with a valid `view` to fill.
+    unsafe fn __getbuffer__(
+        slf: Bound<'_, Self>,
+        view: *mut ffi::Py_buffer,
+        flags: c_int,
+    ) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("no buffer view to fill"));
+        }
+        if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
+            return Err(PyBufferError::new_err(
+                "storaged buffers are read-only (copy them to modify)",
+            ));
+        }
+        let data = &slf.get().data;
+        // SAFETY: `view` is valid (checked non-null, provided by CPython);
+        // the bytes are immutable and owned by `slf`, which the view keeps
+        // alive (PyBuffer_FillInfo stores a new reference in view.obj).
+        let rc = unsafe {
+            ffi::PyBuffer_FillInfo(
+                view,
+                slf.as_ptr(),
+                data.as_ptr() as *mut std::ffi::c_void,
+                data.len() as ffi::Py_ssize_t,
+                1,
+                flags,
+            )
+        };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(PyErr::fetch(slf.py()))
+        }
+    }
+
+    /// # Safety
+    ///
+    /// Called by CPython; nothing to release (the view's reference to
+    /// `self` is dropped by CPython).
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {}
+
+    fn __len__(&self) -> usize {
+        self.data.len()
+    }
+
+    /// A copy, as `bytes`.
+    fn __bytes__<'py>(&self, py: Python<'py>) -> Bound<'py, PyBytes> {
+        PyBytes::new(py, &self.data)
+    }
+
+    fn __repr__(&self) -> String {
+        format!("<storaged.Buffer of {} bytes>", self.data.len())
+    }
+}
+
+fn buffer(py: Python<'_>, data: Bytes) -> PyResult<Py<Buffer>> {
+    Py::new(py, Buffer { data })
+}
+
+/// A connection, remade in a process that forked after it was made.
+struct Conn {
+    pid: u32,
+    client: storaged_client::Client,
+}
+
+/// A storaged client: `Client("http://host:port")` or
+/// `Client("unix:///path/storaged.sock")`.
+#[pyclass(frozen, module = "storaged")]
+pub struct Client {
+    url: String,
+    conn: Mutex<Option<Conn>>,
+}
+
+impl Client {
+    fn client(&self, py: Python<'_>) -> PyResult<storaged_client::Client> {
+        let pid = std::process::id();
+        {
+            let conn = self.conn.lock().expect("conn lock");
+            if let Some(c) = conn.as_ref().filter(|c| c.pid == pid) {
+                return Ok(c.client.clone());
+            }
+        }
+        let url = self.url.clone();
+        let client = block_on(py, async move {
+            storaged_client::Client::connect_auto(&url).await
+        })?;
+        let mut conn = self.conn.lock().expect("conn lock");
+        if let Some(inherited) = conn.take().filter(|c| c.pid != pid) {
+            // Bound to the parent's runtime: leak it rather than wait on
+            // threads that are not in this process.
+            std::mem::forget(inherited);
+        }
+        *conn = Some(Conn {
+            pid,
+            client: client.clone(),
+        });
+        Ok(client)
+    }
+}
+
+fn dataset_info<'py>(
+    py: Python<'py>,
+    d: &storaged_proto::pb::DatasetInfo,
+) -> PyResult<Bound<'py, PyDict>> {
+    let class = storaged_proto::model::StorageClass::from_wire(
+        d.storage_class,
+        d.ec_data_units,
+        d.ec_parity_units,
+    )
+    .ok()
+    .flatten()
+    .map(|c| c.to_string())
+    .unwrap_or_else(|| "unknown".into());
+    let out = PyDict::new(py);
+    out.set_item("name", &d.name)?;
+    out.set_item("objects", d.object_count)?;
+    out.set_item("bytes", d.total_bytes)?;
+    out.set_item("storage_class", class)?;
+    out.set_item("created_unix_ms", d.created_unix_ms)?;
+    Ok(out)
+}
+
+#[pymethods]
+impl Client {
+    #[new]
+    fn new(py: Python<'_>, url: String) -> PyResult<Self> {
+        let c = Self {
+            url,
+            conn: Mutex::new(None),
+        };
+        c.client(py)?;
+        Ok(c)
+    }
+
+    #[getter]
+    fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether the connection is to this host's storaged over its Unix
+    /// socket (the zero-copy shared-memory path is available).
+    fn is_local(&self, py: Python<'_>) -> PyResult<bool> {
+        Ok(self.client(py)?.is_local())
+    }
+
+    /// Every dataset, as dicts (`name`, `objects`, `bytes`,
+    /// `storage_class`, `created_unix_ms`).
+    fn datasets<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let c = self.client(py)?;
+        let list = block_on(py, async move { c.list_datasets().await })?;
+        let items = list
+            .iter()
+            .map(|d| dataset_info(py, d))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+
+    /// A dataset by name (checked to exist).
+    fn dataset(slf: Bound<'_, Self>, name: String) -> PyResult<Dataset> {
+        let py = slf.py();
+        let c = slf.get().client(py)?;
+        let n = name.clone();
+        let exists = block_on(py, async move {
+            Ok(c.list_datasets().await?.iter().any(|d| d.name == n))
+        })?;
+        if !exists {
+            return Err(to_py(ClientError::Status(tonic::Status::not_found(
+                format!("dataset {name:?} not found"),
+            ))));
+        }
+        Ok(Dataset {
+            client: slf.unbind(),
+            name,
+            listing: Mutex::new(None),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("storaged.Client({:?})", self.url)
+    }
+}
+
+/// A dataset: `len(ds)`, `ds.read(path or index)`, `ds.objects()`, ...
+#[pyclass(frozen, module = "storaged")]
+pub struct Dataset {
+    client: Py<Client>,
+    name: String,
+    /// The whole listing, fetched on first use by index or `len`.
+    listing: Mutex<Option<Arc<[ObjectInfo]>>>,
+}
+
+/// A path, or an index into the dataset's listing.
+#[derive(FromPyObject)]
+enum PathOrIndex {
+    Index(i64),
+    Path(String),
+}
+
+impl Dataset {
+    fn ds(&self, py: Python<'_>) -> PyResult<storaged_client::Dataset> {
+        self.client
+            .get()
+            .client(py)?
+            .dataset(&self.name)
+            .map_err(to_py)
+    }
+
+    fn listing(&self, py: Python<'_>) -> PyResult<Arc<[ObjectInfo]>> {
+        if let Some(l) = self.listing.lock().expect("listing lock").as_ref() {
+            return Ok(Arc::clone(l));
+        }
+        let ds = self.ds(py)?;
+        let list: Arc<[ObjectInfo]> = block_on(py, async move { ds.list("").await })?.into();
+        *self.listing.lock().expect("listing lock") = Some(Arc::clone(&list));
+        Ok(list)
+    }
+
+    fn path_of(&self, py: Python<'_>, p: PathOrIndex) -> PyResult<String> {
+        match p {
+            PathOrIndex::Path(p) => Ok(p),
+            PathOrIndex::Index(i) => {
+                let l = self.listing(py)?;
+                let n = l.len() as i64;
+                let at = if i < 0 { i + n } else { i };
+                if !(0..n).contains(&at) {
+                    return Err(PyIndexError::new_err(format!(
+                        "index {i} is out of range for dataset {:?} of {n} objects",
+                        self.name
+                    )));
+                }
+                Ok(l[at as usize].path.clone())
+            }
+        }
+    }
+}
+
+fn object_info<'py>(py: Python<'py>, o: &ObjectInfo) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("path", &o.path)?;
+    d.set_item("size", o.size)?;
+    d.set_item("crc32", o.crc32)?;
+    Ok(d)
+}
+
+/// One `read_batch` item: a path, or `(path, offset, length)`.
+#[derive(FromPyObject)]
+enum BatchSpec {
+    Path(String),
+    Range(String, u64, u64),
+}
+
+#[pymethods]
+impl Dataset {
+    #[getter]
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Objects (dicts: `path`, `size`, `crc32`) in path order, optionally
+    /// only those under `prefix`.
+    #[pyo3(signature = (prefix=None))]
+    fn objects<'py>(
+        &self,
+        py: Python<'py>,
+        prefix: Option<String>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let list: Arc<[ObjectInfo]> = match prefix {
+            None => self.listing(py)?,
+            Some(p) => {
+                let ds = self.ds(py)?;
+                block_on(py, async move { ds.list(&p).await })?.into()
+            }
+        };
+        let items = list
+            .iter()
+            .map(|o| object_info(py, o))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, items)
+    }
+
+    /// `path`, `size`, `crc32` and the device extents of one object.
+    fn stat<'py>(&self, py: Python<'py>, path: String) -> PyResult<Bound<'py, PyDict>> {
+        let ds = self.ds(py)?;
+        let st = block_on(py, async move { ds.stat(&path).await })?;
+        let o = st.object.unwrap_or_default();
+        let d = object_info(py, &o)?;
+        let extents = st
+            .extents
+            .iter()
+            .map(|e| (e.object_offset, e.device_index, e.device_offset, e.length))
+            .collect::<Vec<_>>();
+        d.set_item("extents", extents)?;
+        Ok(d)
+    }
+
+    fn __len__(&self, py: Python<'_>) -> PyResult<usize> {
+        Ok(self.listing(py)?.len())
+    }
+
+    /// The whole object, by path or by index in the listing.
+    fn read(&self, py: Python<'_>, path: PathOrIndex) -> PyResult<Py<Buffer>> {
+        let path = self.path_of(py, path)?;
+        let ds = self.ds(py)?;
+        let data = block_on(py, async move { ds.read(&path).await })?;
+        buffer(py, data)
+    }
+
+    /// `length` bytes of `path` from `offset`.
+    fn read_range(
+        &self,
+        py: Python<'_>,
+        path: String,
+        offset: u64,
+        length: u64,
+    ) -> PyResult<Py<Buffer>> {
+        let ds = self.ds(py)?;
+        let data = block_on(
+            py,
+            async move { ds.read_range(&path, offset, length).await },
+        )?;
+        buffer(py, data)
+    }
+
+    /// Many objects or ranges in one call: a list of buffers in request
+    /// order. The first item that fails raises its error.
+    #[pyo3(signature = (items, max_in_flight=64))]
+    fn read_batch<'py>(
+        &self,
+        py: Python<'py>,
+        items: Vec<BatchSpec>,
+        max_in_flight: u32,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let ds = self.ds(py)?;
+        let items: Vec<BatchItem> = items
+            .into_iter()
+            .map(|s| match s {
+                BatchSpec::Path(path) => BatchItem {
+                    path,
+                    offset: 0,
+                    length: None,
+                },
+                BatchSpec::Range(path, offset, length) => BatchItem {
+                    path,
+                    offset,
+                    length: Some(length),
+                },
+            })
+            .collect();
+        let n = items.len();
+        let results = block_on(py, async move {
+            let mut out: Vec<Option<Bytes>> = vec![None; n];
+            let mut s = std::pin::pin!(ds.read_batch(items, max_in_flight.max(1)));
+            while let Some(r) = s.next().await {
+                let r = r?;
+                out[r.index as usize] = Some(r.data.map_err(ClientError::Status)?);
+            }
+            Ok(out)
+        })?;
+        let bufs = results
+            .into_iter()
+            .map(|b| buffer(py, b.unwrap_or_default()))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, bufs)
+    }
+
+    /// A prefetching reader of this (rank, worker)'s share of an epoch, in
+    /// the deterministic shuffled order of the Rust plan; see
+    /// `storaged.torch.IterableDataset`. Skips the first `start` samples
+    /// of the sequence (a resume).
+    #[pyo3(signature = (*, seed, epoch, rank, world_size, worker, num_workers, shuffle, drop_last, batch_size, prefetch_bytes, start=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn loader(
+        &self,
+        py: Python<'_>,
+        seed: u64,
+        epoch: u64,
+        rank: u32,
+        world_size: u32,
+        worker: u32,
+        num_workers: u32,
+        shuffle: bool,
+        drop_last: bool,
+        batch_size: usize,
+        prefetch_bytes: u64,
+        start: u64,
+    ) -> PyResult<Loader> {
+        let listing = self.listing(py)?;
+        let spec = PlanSpec {
+            seed,
+            epoch,
+            rank,
+            world_size,
+            worker,
+            num_workers,
+            shuffle,
+            tail: if drop_last {
+                PlanTail::DropLast
+            } else {
+                PlanTail::Pad
+            },
+            ..PlanSpec::default()
+        };
+        // A resume of this worker alone: skip what it consumed.
+        let plan = Plan::new(listing, spec, None)
+            .and_then(|p| p.skip(start))
+            .map_err(|e| to_py(ClientError::Plan(e)))?;
+        let ds = self.ds(py)?;
+        let rt = runtime()?;
+        let loader = {
+            let _guard = rt.rt.enter();
+            ds.loader_with(plan, batch_size, prefetch_bytes, LoaderOptions::default())
+                .map_err(to_py)?
+        };
+        Ok(Loader {
+            inner: Mutex::new(Some(loader)),
+            pid: std::process::id(),
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        format!("storaged.Dataset({:?})", self.name)
+    }
+}
+
+/// Batches of samples `[(object_index, path, Buffer), ...]` in plan order;
+/// iterate it.
+#[pyclass(module = "storaged")]
+pub struct Loader {
+    inner: Mutex<Option<storaged_client::Loader>>,
+    pid: u32,
+}
+
+#[pymethods]
+impl Loader {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+        if self.pid != std::process::id() {
+            return Err(PyTypeError::new_err(
+                "a storaged Loader cannot cross a fork; make it in the process that reads",
+            ));
+        }
+        let mut guard = self.inner.lock().expect("loader lock");
+        let Some(loader) = guard.as_mut() else {
+            return Ok(None);
+        };
+        let next = block_on(py, async { loader.next().await.transpose() })?;
+        let Some(batch) = next else {
+            *guard = None;
+            return Ok(None);
+        };
+        let items = batch
+            .samples
+            .into_iter()
+            .map(|s| Ok((s.object_index, s.path, buffer(py, s.data)?)))
+            .collect::<PyResult<Vec<_>>>()?;
+        Ok(Some(PyList::new(py, items)?))
+    }
+}
+
+#[pymodule]
+fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    let py = m.py();
+    m.add_class::<Client>()?;
+    m.add_class::<Dataset>()?;
+    m.add_class::<Buffer>()?;
+    m.add_class::<Loader>()?;
+    for (name, ty) in [
+        ("StoragedError", py.get_type::<StoragedError>()),
+        ("InvalidArgument", py.get_type::<InvalidArgument>()),
+        ("NotFound", py.get_type::<NotFound>()),
+        ("AlreadyExists", py.get_type::<AlreadyExists>()),
+        ("PermissionDenied", py.get_type::<PermissionDenied>()),
+        ("ResourceExhausted", py.get_type::<ResourceExhausted>()),
+        ("FailedPrecondition", py.get_type::<FailedPrecondition>()),
+        ("OutOfRange", py.get_type::<OutOfRange>()),
+        ("Unavailable", py.get_type::<Unavailable>()),
+        ("DataLoss", py.get_type::<DataLoss>()),
+        ("Internal", py.get_type::<Internal>()),
+    ] {
+        m.add(name, ty)?;
+    }
+    Ok(())
+}
