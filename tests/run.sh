@@ -41,3 +41,10 @@ cargo build --workspace --bins --locked
 
 step "cargo test (unit, proptest, integration on loopback, interop)"
 STORAGED_TEST_PYTHON="$PWD/.venv/bin/python" cargo test --workspace --locked --no-fail-fast
+
+step "python package: the storaged wheel (maturin) in the virtualenv, with torch; pytest"
+.venv/bin/python -m pip install -q -r client/python/requirements-test.txt
+rm -rf target/wheels
+(cd client/python && VIRTUAL_ENV="$PWD/../../.venv" ../../.venv/bin/maturin build -q -o ../../target/wheels)
+.venv/bin/python -m pip install -q --force-reinstall --no-deps target/wheels/storaged-*.whl
+STORAGED_BIN_DIR="$PWD/target/debug" .venv/bin/python -m pytest -q -p no:cacheprovider client/python/tests

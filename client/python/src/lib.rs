@@ -200,6 +200,16 @@ impl Buffer {
     fn __repr__(&self) -> String {
         format!("<storaged.Buffer of {} bytes>", self.data.len())
     }
+
+    /// Pickles as `bytes` (a copy): what crosses from a DataLoader worker
+    /// to the main process.
+    fn __reduce__<'py>(
+        &self,
+        py: Python<'py>,
+    ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
+        let bytes_type = py.import("builtins")?.getattr("bytes")?;
+        Ok((bytes_type, (PyBytes::new(py, &self.data),)))
+    }
 }
 
 fn buffer(py: Python<'_>, data: Bytes) -> PyResult<Py<Buffer>> {
@@ -308,6 +318,7 @@ impl Client {
     fn dataset(slf: Bound<'_, Self>, name: String) -> PyResult<Dataset> {
         let py = slf.py();
         let c = slf.get().client(py)?;
+        c.dataset(&name).map_err(to_py)?; // the name itself (INVALID_ARGUMENT)
         let n = name.clone();
         let exists = block_on(py, async move {
             Ok(c.list_datasets().await?.iter().any(|d| d.name == n))

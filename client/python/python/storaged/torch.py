@@ -1,0 +1,192 @@
+"""PyTorch datasets over storaged (needs torch; ``import storaged`` does not).
+
+- ``MapDataset(url, dataset, transform=None)``: ``len`` and ``[i]`` (the
+  object at index ``i`` in path order), for any sampler, including
+  ``DistributedSampler``.
+- ``IterableDataset(url, dataset, shuffle=True, seed=0, batch_size=None,
+  transform=None, rank=None, world_size=None, drop_last=False)``: each
+  (rank, DataLoader worker) reads its share of the epoch in the
+  deterministic block-shuffled order of the Rust plan, through the Rust
+  prefetching loader (the zero-copy shared-memory path when the server is
+  on this host). Every rank gets the same number of samples (padded by
+  repeating, or cut with ``drop_last``). ``set_epoch(e)`` changes the
+  order; ``state_dict()``/``load_state_dict()`` resume exactly mid-epoch and
+  work with torchdata's ``StatefulDataLoader`` (which checkpoints each
+  worker's state; resume with the same ``num_workers``).
+
+A ``transform`` receives a ``Sample`` (``path``, ``index``, ``data``: a
+zero-copy read-only buffer; ``torch.frombuffer(s.data, dtype=torch.uint8)``
+views it without copying) and returns what the dataset yields. Without one,
+samples are yielded as they are; a DataLoader then needs a ``collate_fn``
+that accepts them (for example ``collate_fn=list``).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, NamedTuple, Optional
+
+import torch
+import torch.utils.data as tud
+
+from . import Client
+
+_PREFETCH_BYTES = 64 << 20
+_LOADER_BATCH = 64
+
+
+class Sample(NamedTuple):
+    """One object: its path, its index in the dataset's path order, and
+    its bytes (a read-only buffer)."""
+
+    path: str
+    index: int
+    data: Any
+
+
+class _Connection:
+    """A client and dataset handle made lazily in the process that uses
+    them (DataLoader workers get their own after fork or spawn)."""
+
+    def __init__(self, url: str, dataset: str):
+        self.url = url
+        self.dataset_name = dataset
+        self._pid = None
+        self._ds = None
+
+    def dataset(self):
+        if self._ds is None or self._pid != os.getpid():
+            self._ds = Client(self.url).dataset(self.dataset_name)
+            self._pid = os.getpid()
+        return self._ds
+
+    def __getstate__(self):
+        return {"url": self.url, "dataset_name": self.dataset_name}
+
+    def __setstate__(self, state):
+        self.__init__(state["url"], state["dataset_name"])
+
+
+class MapDataset(tud.Dataset):
+    """Random access by index; see the module docs."""
+
+    def __init__(self, url: str, dataset: str, transform: Optional[Callable] = None):
+        self._conn = _Connection(url, dataset)
+        self.transform = transform
+        self._paths = [o["path"] for o in self._conn.dataset().objects()]
+
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def __getitem__(self, index: int):
+        n = len(self._paths)
+        if index < 0:
+            index += n
+        if not 0 <= index < n:
+            raise IndexError(f"index {index} is out of range for {n} samples")
+        path = self._paths[index]
+        sample = Sample(path, index, self._conn.dataset().read(path))
+        return self.transform(sample) if self.transform else sample
+
+
+def _distributed(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return (
+            torch.distributed.get_rank() if rank is None else rank,
+            torch.distributed.get_world_size() if world_size is None else world_size,
+        )
+    return (rank or 0), (world_size or 1)
+
+
+class IterableDataset(tud.IterableDataset):
+    """Sharded, shuffled, prefetched epochs; see the module docs."""
+
+    def __init__(
+        self,
+        url: str,
+        dataset: str,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: Optional[int] = None,
+        transform: Optional[Callable] = None,
+        rank: Optional[int] = None,
+        world_size: Optional[int] = None,
+        drop_last: bool = False,
+        prefetch_bytes: int = _PREFETCH_BYTES,
+    ):
+        if batch_size is not None and batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        self._conn = _Connection(url, dataset)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.batch_size = batch_size
+        self.transform = transform
+        self.rank, self.world_size = _distributed(rank, world_size)
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
+        self.drop_last = drop_last
+        self.prefetch_bytes = prefetch_bytes
+        self.epoch = 0
+        # Samples this copy (one worker, or the main process) has yielded
+        # in the current epoch, and where its next iteration starts.
+        self._consumed = 0
+        self._start = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """The epoch to read next (it changes the shuffle)."""
+        self.epoch = epoch
+        self._consumed = 0
+        self._start = 0
+
+    def state_dict(self) -> dict:
+        """Where this copy is: enough to continue exactly after the last
+        sample it yielded."""
+        return {
+            "epoch": self.epoch,
+            "seed": self.seed,
+            "consumed": self._consumed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.seed) != self.seed:
+            raise ValueError(
+                f"state is for seed {state['seed']}, this dataset has seed {self.seed}"
+            )
+        self.epoch = int(state["epoch"])
+        self._consumed = int(state["consumed"])
+        self._start = self._consumed
+
+    def _record(self, index: int, path: str, data):
+        s = Sample(path, index, data)
+        return self.transform(s) if self.transform else s
+
+    def __iter__(self):
+        info = tud.get_worker_info()
+        worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
+        start = self._start
+        self._consumed = start
+        loader = self._conn.dataset().loader(
+            seed=self.seed,
+            epoch=self.epoch,
+            rank=self.rank,
+            world_size=self.world_size,
+            worker=worker,
+            num_workers=num_workers,
+            shuffle=self.shuffle,
+            drop_last=self.drop_last,
+            batch_size=self.batch_size or _LOADER_BATCH,
+            prefetch_bytes=self.prefetch_bytes,
+            start=start,
+        )
+        for batch in loader:
+            if self.batch_size:
+                self._consumed += len(batch)
+                yield [self._record(i, p, d) for i, p, d in batch]
+            else:
+                for i, p, d in batch:
+                    self._consumed += 1
+                    yield self._record(i, p, d)
+        # The next iteration is the next epoch's unless set_epoch says so.
+        self._start = 0
