@@ -1,0 +1,175 @@
+#!/usr/bin/env python3
+"""samples/s of PyTorch DataLoaders over storaged, plain grpcio and a local
+folder, against the Rust loader, in one run (issue 6; BENCHMARKS.md).
+
+    cargo build --release --bins
+    .venv/bin/python benches/python/loader_bench.py [--quick] [--out bench-out/python]
+
+Creates an ImageNet-like tree (samples of 60-160 KiB), starts
+target/release/storaged on 4 device files, ingests it, then for each
+system, alternating, on a cold page cache (root drops the caches before each
+epoch): one epoch with DataLoader(batch 256, 4 workers, identity transform).
+
+- storaged.torch.IterableDataset (the Rust plan and prefetching loader,
+  zero-copy shared memory when local);
+- the pure-grpcio example's reader in an IterableDataset (ReadBatch of each
+  worker's batches);
+- a torchvision-style folder MapDataset reading the same files from a local
+  directory (open().read());
+- the Rust loader itself: `storagectl epoch --workers 4 --batch 256`.
+
+Medians of the repetitions; results.json in --out.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import pathlib
+import random
+import re
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+import storaged.torch as st
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tools" / "examples"))
+import grpc_client  # noqa: E402
+
+BATCH, WORKERS = 256, 4
+
+
+def drop_caches():
+    os.sync()
+    try:
+        pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        print("warning: cannot drop caches (not root): warm-cache figures", file=sys.stderr)
+
+
+def identity_collate(batch):
+    return batch
+
+
+class FolderDataset(Dataset):
+    """torchvision.datasets.DatasetFolder without decoding: bytes of each file."""
+
+    def __init__(self, root):
+        self.files = sorted(str(p) for p in pathlib.Path(root).rglob("*") if p.is_file())
+
+    def __len__(self):
+        return len(self.files)
+
+    def __getitem__(self, i):
+        with open(self.files[i], "rb") as f:
+            return f.read()
+
+
+class GrpcDataset(IterableDataset):
+    """Each worker reads its share of a shuffled order with ReadBatch."""
+
+    def __init__(self, target, dataset, paths, seed):
+        self.target, self.dataset, self.paths, self.seed = target, dataset, paths, seed
+
+    def __iter__(self):
+        info = get_worker_info()
+        w, n = (info.id, info.num_workers) if info else (0, 1)
+        order = list(self.paths)
+        random.Random(self.seed).shuffle(order)
+        mine = order[w::n]
+        reader = grpc_client.StoragedReader(self.target)
+        for at in range(0, len(mine), BATCH):
+            chunk = mine[at:at + BATCH]
+            got = reader.read_batch(self.dataset, chunk, max_in_flight=64, any_order=True)
+            yield [got[i] for i in range(len(chunk))]
+
+
+def epoch(loader):
+    t0 = time.perf_counter()
+    n = 0
+    for batch in loader:
+        n += len(batch)
+    return n / (time.perf_counter() - t0), n
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "bench-out" / "python"))
+    ap.add_argument("--reps", type=int, default=None)
+    args = ap.parse_args()
+    out = pathlib.Path(args.out)
+    work = out / "work"
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+    (work / "src").mkdir(parents=True)
+    count = 3000 if args.quick else 12000
+    reps = args.reps or (1 if args.quick else 3)
+    rnd = random.Random(1)
+    for i in range(count):
+        p = work / "src" / f"train/{i // 1000:03d}/img_{i:06d}.jpg"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(hashlib.sha256(str(i).encode()).digest() * (rnd.randint(60, 160) * 32))
+    bin_dir = ROOT / "target" / "release"
+    data = work / "data"
+    data.mkdir()
+    daemon = subprocess.Popen(
+        [str(bin_dir / "storaged"), "serve", "--listen", "127.0.0.1:0", "--data-dir", str(data),
+         "--device-size", "4GiB"], stdout=subprocess.PIPE, stderr=open(work / "storaged.log", "w"))
+    addr = daemon.stdout.readline().decode().split()[-1]
+    url = f"http://{addr}"
+    ctl = [str(bin_dir / "storagectl"), "--server", url]
+    try:
+        subprocess.run([*ctl, "ingest", "imagenet", str(work / "src")], check=True, capture_output=True)
+        paths = [o.path for o in grpc_client.StoragedReader(addr).objects("imagenet")]
+        kw = dict(num_workers=WORKERS, multiprocessing_context="fork", collate_fn=identity_collate)
+        systems = {
+            "storaged_torch": lambda e: DataLoader(_iterable(url, e), batch_size=None, **kw),
+            "grpcio_example": lambda e: DataLoader(GrpcDataset(addr, "imagenet", paths, e), batch_size=None, **kw),
+            "local_folder": lambda e: DataLoader(FolderDataset(work / "src"), batch_size=BATCH, shuffle=True, **kw),
+        }
+        results = {k: [] for k in [*systems, "rust_loader"]}
+        for rep in range(reps):
+            for name, make in systems.items():
+                drop_caches()
+                rate, n = epoch(make(rep))
+                assert n == count, f"{name} read {n} of {count}"
+                results[name].append(rate)
+                print(f"rep {rep} {name}: {rate:.0f} samples/s", flush=True)
+            drop_caches()
+            line = subprocess.run([*ctl, "epoch", "imagenet", "--workers", str(WORKERS), "--batch", str(BATCH),
+                                   "--epochs", "1", "--seed", str(rep)],
+                                  check=True, capture_output=True, text=True).stdout
+            rate = float(re.search(r"([0-9.]+) samples/s", line).group(1))
+            results["rust_loader"].append(rate)
+            print(f"rep {rep} rust_loader: {rate:.0f} samples/s", flush=True)
+    finally:
+        daemon.terminate()
+        daemon.wait()
+    med = {k: statistics.median(v) for k, v in results.items()}
+    summary = {
+        "samples": count, "reps": reps, "batch": BATCH, "workers": WORKERS,
+        "samples_per_s": results, "median": med,
+        "storaged_torch_vs_rust_loader": med["storaged_torch"] / med["rust_loader"],
+        "storaged_torch_vs_local_folder": med["storaged_torch"] / med["local_folder"],
+        "storaged_torch_vs_grpcio": med["storaged_torch"] / med["grpcio_example"],
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+
+
+def _iterable(url, e):
+    ds = st.IterableDataset(url, "imagenet", seed=e, batch_size=BATCH)
+    ds.set_epoch(e)
+    return ds
+
+
+if __name__ == "__main__":
+    main()
