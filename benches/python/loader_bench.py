@@ -11,7 +11,8 @@ system, alternating, on a cold page cache (root drops the caches before each
 epoch): one epoch with DataLoader(batch 256, 4 workers, identity transform).
 
 - storaged.torch.IterableDataset (the Rust plan and prefetching loader,
-  zero-copy shared memory when local);
+  zero-copy shared memory when local), and the same over gRPC
+  (`transport="as-given"`);
 - the pure-grpcio example's reader in an IterableDataset (ReadBatch of each
   worker's batches);
 - a torchvision-style folder MapDataset reading the same files from a local
@@ -129,7 +130,8 @@ def main():
         paths = [o.path for o in grpc_client.StoragedReader(addr).objects("imagenet")]
         kw = dict(num_workers=WORKERS, multiprocessing_context="fork", collate_fn=identity_collate)
         systems = {
-            "storaged_torch": lambda e: DataLoader(_iterable(url, e), batch_size=None, **kw),
+            "storaged_torch": lambda e: DataLoader(_iterable(url, e, "auto"), batch_size=None, **kw),
+            "storaged_torch_grpc": lambda e: DataLoader(_iterable(url, e, "as-given"), batch_size=None, **kw),
             "grpcio_example": lambda e: DataLoader(GrpcDataset(addr, "imagenet", paths, e), batch_size=None, **kw),
             "local_folder": lambda e: DataLoader(FolderDataset(work / "src"), batch_size=BATCH, shuffle=True, **kw),
         }
@@ -165,8 +167,8 @@ def main():
     subprocess.run(["rm", "-rf", str(work)], check=True)
 
 
-def _iterable(url, e):
-    ds = st.IterableDataset(url, "imagenet", seed=e, batch_size=BATCH)
+def _iterable(url, e, transport):
+    ds = st.IterableDataset(url, "imagenet", seed=e, batch_size=BATCH, transport=transport)
     ds.set_epoch(e)
     return ds
 

@@ -227,6 +227,9 @@ struct Conn {
 #[pyclass(frozen, module = "storaged")]
 pub struct Client {
     url: String,
+    /// Switch a loopback TCP url to the server's Unix socket (and so the
+    /// shared-memory read path) when it has one.
+    auto_local: bool,
     conn: Mutex<Option<Conn>>,
 }
 
@@ -240,8 +243,13 @@ impl Client {
             }
         }
         let url = self.url.clone();
+        let auto_local = self.auto_local;
         let client = block_on(py, async move {
-            storaged_client::Client::connect_auto(&url).await
+            if auto_local {
+                storaged_client::Client::connect_auto(&url).await
+            } else {
+                storaged_client::Client::connect(&url).await
+            }
         })?;
         let mut conn = self.conn.lock().expect("conn lock");
         if let Some(inherited) = conn.take().filter(|c| c.pid != pid) {
@@ -281,10 +289,24 @@ fn dataset_info<'py>(
 
 #[pymethods]
 impl Client {
+    /// `transport="auto"` (default) moves a loopback TCP url to the
+    /// server's Unix socket when it advertises one; `"as-given"` keeps the
+    /// url's transport.
     #[new]
-    fn new(py: Python<'_>, url: String) -> PyResult<Self> {
+    #[pyo3(signature = (url, transport="auto"))]
+    fn new(py: Python<'_>, url: String, transport: &str) -> PyResult<Self> {
+        let auto_local = match transport {
+            "auto" => true,
+            "as-given" => false,
+            other => {
+                return Err(InvalidArgument::new_err(format!(
+                    "transport {other:?} must be \"auto\" or \"as-given\""
+                )));
+            }
+        };
         let c = Self {
             url,
+            auto_local,
             conn: Mutex::new(None),
         };
         c.client(py)?;

@@ -48,23 +48,24 @@ class _Connection:
     """A client and dataset handle made lazily in the process that uses
     them (DataLoader workers get their own after fork or spawn)."""
 
-    def __init__(self, url: str, dataset: str):
+    def __init__(self, url: str, dataset: str, transport: str = "auto"):
         self.url = url
         self.dataset_name = dataset
+        self.transport = transport
         self._pid = None
         self._ds = None
 
     def dataset(self):
         if self._ds is None or self._pid != os.getpid():
-            self._ds = Client(self.url).dataset(self.dataset_name)
+            self._ds = Client(self.url, transport=self.transport).dataset(self.dataset_name)
             self._pid = os.getpid()
         return self._ds
 
     def __getstate__(self):
-        return {"url": self.url, "dataset_name": self.dataset_name}
+        return {"url": self.url, "dataset_name": self.dataset_name, "transport": self.transport}
 
     def __setstate__(self, state):
-        self.__init__(state["url"], state["dataset_name"])
+        self.__init__(state["url"], state["dataset_name"], state.get("transport", "auto"))
 
 
 class MapDataset(tud.Dataset):
@@ -115,10 +116,11 @@ class IterableDataset(tud.IterableDataset):
         world_size: Optional[int] = None,
         drop_last: bool = False,
         prefetch_bytes: int = _PREFETCH_BYTES,
+        transport: str = "auto",
     ):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
-        self._conn = _Connection(url, dataset)
+        self._conn = _Connection(url, dataset, transport)
         self.shuffle = shuffle
         self.seed = seed
         self.batch_size = batch_size
