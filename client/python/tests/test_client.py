@@ -116,3 +116,13 @@ def test_reads_survive_a_server_restart(fresh_daemon, tmp_path):
     fresh_daemon.stop()
     with pytest.raises(storaged.Unavailable):
         ds.read("x")
+
+
+def test_transport_auto_finds_the_unix_socket_and_as_given_keeps_tcp(daemon, files):
+    assert storaged.Client(daemon.url).is_local()
+    tcp = storaged.Client(daemon.url, transport="as-given")
+    assert not tcp.is_local()
+    assert bytes(tcp.dataset("ds").read("edge/4097")) == files["edge/4097"]
+    assert storaged.Client(daemon.unix_url, transport="as-given").is_local()
+    with pytest.raises(storaged.InvalidArgument, match="transport"):
+        storaged.Client(daemon.url, transport="carrier-pigeon")
