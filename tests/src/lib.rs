@@ -347,6 +347,22 @@ pub async fn eventually(timeout: Duration, mut f: impl AsyncFnMut() -> bool) -> 
     }
 }
 
+/// The seed of a randomized test: `$VAR` if set (to rerun a failure),
+/// else from the clock. Printed, so a failing run names it.
+pub fn test_seed(var: &str, what: &str) -> u64 {
+    let seed = std::env::var(var)
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64 % 1_000_000)
+                .unwrap_or(1)
+        });
+    println!("{what} seed {seed} (rerun with {var}={seed})");
+    seed
+}
+
 /// Messages of a raw Ingest stream, for tests that drive the protocol
 /// directly (disconnects, crashes, protocol violations).
 pub mod ingest_msg {

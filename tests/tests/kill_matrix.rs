@@ -28,17 +28,7 @@ async fn visible(d: &Daemon) -> (BTreeMap<String, u64>, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_at_random_points_during_ec_ingest_and_rm() {
-    let seed: u64 = std::env::var("STORAGED_KILL_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000
-        });
-    println!("kill matrix seed {seed} (rerun with STORAGED_KILL_SEED={seed})");
+    let seed = storaged_tests::test_seed("STORAGED_KILL_SEED", "kill matrix");
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
     let mut rnd = move |n: u64| {
         x ^= x << 13;

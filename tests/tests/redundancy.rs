@@ -19,6 +19,17 @@ fn files() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// A stopped daemon whose dataset "train" holds `files`, and its data dir.
+fn trained(tmp: &tempfile::TempDir, files: &[(String, Vec<u8>)]) -> (Daemon, std::path::PathBuf) {
+    let src = tmp.path().join("src");
+    write_tree(&src, files);
+    let data = tmp.path().join("data");
+    let mut d = Daemon::start(&data, &DaemonOpts::default());
+    d.ctl_ok(&["ingest", "train", src.to_str().unwrap()]);
+    d.stop();
+    (d, data)
+}
+
 fn check_all(d: &Daemon, ds: &str, files: &[(String, Vec<u8>)]) {
     for (p, data) in files {
         let out = d.ctl(&["cat", ds, p]);
@@ -215,25 +226,10 @@ async fn replace_resumes_after_kill9() {
 // clean error, never wrong bytes, and the daemon counts what it rebuilt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_faults_never_serve_a_wrong_byte() {
-    let seed: u64 = std::env::var("STORAGED_FAULT_SEED")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos() as u64
-                % 1_000_000
-        });
-    println!("fault seed {seed} (rerun with STORAGED_FAULT_SEED={seed})");
+    let seed = storaged_tests::test_seed("STORAGED_FAULT_SEED", "fault");
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
     let files = files();
-    write_tree(&src, &files);
-    let data = tmp.path().join("data");
-    let mut d = Daemon::start(&data, &DaemonOpts::default());
-    d.ctl_ok(&["ingest", "train", src.to_str().unwrap()]);
-    d.stop();
+    let (mut d, data) = trained(&tmp, &files);
     let mut args = d.args.clone();
     args.extend([
         "--fault-inject".into(),
@@ -345,13 +341,8 @@ async fn torn_writes_are_detected_rebuilt_and_repaired() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_device_vanishing_mid_run_is_read_around() {
     let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
     let files = files();
-    write_tree(&src, &files);
-    let data = tmp.path().join("data");
-    let mut d = Daemon::start(&data, &DaemonOpts::default());
-    d.ctl_ok(&["ingest", "train", src.to_str().unwrap()]);
-    d.stop();
+    let (mut d, data) = trained(&tmp, &files);
     let mut args = d.args.clone();
     args.extend(["--fault-inject".into(), "seed=5,vanish=3@20".into()]);
     d = Daemon::start_args(&data, args);
