@@ -574,35 +574,34 @@ impl Store {
         if let Some(chunks) = self.read_ahead_hit(obj, lo, hi).await {
             return Ok(chunks);
         }
-        if let Some(ec) = &obj.dataset.ec {
+        if let Some(ec) = &obj.dataset.ec
+            && self.slots.any_missing()
+        {
             let missing = self.slots.missing();
-            if missing.iter().any(|m| *m) {
-                let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
-                let segs = self.object_segments(obj, w_start, dev_len);
-                // A known-missing device: no point trying it first. A
-                // large window whose stripes lost a unit anywhere joins the
-                // whole-stripe rebuild its neighbours share, rather than
-                // reading its units a second time.
-                let large = (w_end - w_start) * 2 >= ec.map.unit_bytes();
-                let g = ec.map.geometry;
-                if segs.iter().any(|s| {
-                    missing[s.device as usize]
-                        || (large && {
-                            let (stripe, _) = ec.map.data_unit_of(s.logical);
-                            (0..g.width())
-                                .any(|p| missing[ec.map.unit_location(stripe, p).0 as usize])
-                        })
-                }) {
-                    return self
-                        .read_window_rebuilt(
-                            obj,
-                            ec,
-                            (w_start, w_end),
-                            (want_start, want_end),
-                            &missing,
-                        )
-                        .await;
-                }
+            let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
+            let segs = self.object_segments(obj, w_start, dev_len);
+            // A known-missing device: no point trying it first. A
+            // large window whose stripes lost a unit anywhere joins the
+            // whole-stripe rebuild its neighbours share, rather than
+            // reading its units a second time.
+            let large = (w_end - w_start) * 2 >= ec.map.unit_bytes();
+            let g = ec.map.geometry;
+            if segs.iter().any(|s| {
+                missing[s.device as usize]
+                    || (large && {
+                        let (stripe, _) = ec.map.data_unit_of(s.logical);
+                        (0..g.width()).any(|p| missing[ec.map.unit_location(stripe, p).0 as usize])
+                    })
+            }) {
+                return self
+                    .read_window_rebuilt(
+                        obj,
+                        ec,
+                        (w_start, w_end),
+                        (want_start, want_end),
+                        &missing,
+                    )
+                    .await;
             }
         }
         match self

@@ -30,6 +30,13 @@ fn trained(tmp: &tempfile::TempDir, files: &[(String, Vec<u8>)]) -> (Daemon, std
     (d, data)
 }
 
+/// Whether `storagectl status` shows device `path` in `state`.
+fn device_line(status: &str, path: &str, state: &str) -> bool {
+    status
+        .lines()
+        .any(|l| l.contains(path) && l.contains(state))
+}
+
 fn check_all(d: &Daemon, ds: &str, files: &[(String, Vec<u8>)]) {
     for (p, data) in files {
         let out = d.ctl(&["cat", ds, p]);
@@ -71,12 +78,7 @@ async fn lost_device_degraded_start_then_replace_while_reading() {
     d = Daemon::start_args(&data, d.args.clone());
     let status = d.ctl_ok(&["status"]);
     assert!(status.contains("DEGRADED"), "{status}");
-    assert!(
-        status
-            .lines()
-            .any(|l| l.contains("dev2.img") && l.contains("missing")),
-        "{status}"
-    );
+    assert!(device_line(&status, "dev2.img", "missing"), "{status}");
     assert!(status.contains("at risk"), "{status}");
     assert!(
         status.contains("more device loss(es) tolerated"),
@@ -201,12 +203,7 @@ async fn replace_resumes_after_kill9() {
     d = Daemon::start_args(&data, d.args.clone());
     let status = d.ctl_ok(&["status"]);
     assert!(status.contains("interrupted"), "{status}");
-    assert!(
-        status
-            .lines()
-            .any(|l| l.contains("new1.img") && l.contains("rebuilding")),
-        "{status}"
-    );
+    assert!(device_line(&status, "new1.img", "rebuilding"), "{status}");
     check_all(&d, "train", &files[..2]);
     let out = d.ctl_ok(&["device", "replace", "1", new.to_str().unwrap()]);
     assert!(

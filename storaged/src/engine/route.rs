@@ -30,6 +30,9 @@ pub enum Slot {
 pub struct DeviceSlots {
     primary: Arc<dyn IoBackend>,
     slots: RwLock<Vec<Slot>>,
+    /// Whether any slot is `Missing`: read on every read of an `ec`
+    /// dataset, so it must not take the lock or allocate.
+    any_missing: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for DeviceSlots {
@@ -82,6 +85,7 @@ impl DeviceSlots {
         Self {
             primary,
             slots: RwLock::new(slots),
+            any_missing: missing.iter().any(|m| *m).into(),
         }
     }
 
@@ -98,6 +102,14 @@ impl DeviceSlots {
         if let Some(x) = s.get_mut(device as usize) {
             *x = slot;
         }
+        let any = s.iter().any(|x| matches!(x, Slot::Missing));
+        self.any_missing
+            .store(any, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Whether any device is missing now (no lock, no allocation).
+    pub fn any_missing(&self) -> bool {
+        self.any_missing.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Flags of the devices that are missing now.
