@@ -27,13 +27,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use storaged_proto::model::{READ_INTO_ALIGN_BYTES, read_into_span};
 
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
 use futures::{Stream, StreamExt};
-use tonic::Status;
+use tonic::{Code, Status};
 
 use crate::plan::{PlanError, PlanSpec, PlanState, rank_sequence, worker_sequence};
 
@@ -215,6 +216,12 @@ pub struct LoaderOptions {
     /// way on the server.
     pub hints: bool,
     pub hint_bytes_max: u64,
+    /// How long one batch may keep failing with `UNAVAILABLE`, `CANCELLED`
+    /// or `ABORTED` (storaged restarting, a dropped connection) before the
+    /// loader gives up and
+    /// yields the error. The batch is read again whole, with the client's
+    /// backoff between attempts; other errors are never retried.
+    pub retry_budget: Duration,
 }
 
 impl Default for LoaderOptions {
@@ -222,9 +229,14 @@ impl Default for LoaderOptions {
         Self {
             hints: true,
             hint_bytes_max: LOADER_HINT_BYTES_MAX,
+            retry_budget: LOADER_RETRY_BUDGET,
         }
     }
 }
+
+/// Default [`LoaderOptions::retry_budget`]: long enough for storaged to
+/// restart on a busy node.
+pub const LOADER_RETRY_BUDGET: Duration = Duration::from_secs(30);
 
 /// Default read-ahead a loader asks of storaged beyond its own prefetch,
 /// counted over its hint windows (which hold every worker's samples).
@@ -290,6 +302,7 @@ impl Stream for Loader {
 
 /// What one batch call needs: its samples (index, path, size) and their
 /// bytes in all.
+#[derive(Clone)]
 struct BatchPlan {
     first_position: u64,
     samples: Vec<(u64, String, u64)>,
@@ -456,7 +469,10 @@ impl Dataset {
             if use_shm {
                 let count = (prefetch_bytes_max / region_bytes).max(1) + SHM_SLOTS_EXTRA;
                 for _ in 0..count.min(batches.len() as u64 + 1) {
-                    match dataset.client.region(region_bytes).await {
+                    let registered = Retrying::new(&dataset.client, options.retry_budget)
+                        .run(|| dataset.client.region(region_bytes))
+                        .await;
+                    match registered {
                         Ok(region) => slots.push(Arc::new(RegionSlot {
                             region: Some(region),
                             client: dataset.client.clone(),
@@ -494,17 +510,12 @@ impl Dataset {
                     };
                     let batch = pending.next().expect("peeked");
                     running_bytes += batch.bytes;
-                    let fetch: futures::future::BoxFuture<'static, _> = match slot {
-                        Some(slot) => Box::pin(fetch_shm(dataset.clone(), batch, slot)),
-                        None => {
-                            let dataset = dataset.clone();
-                            Box::pin(async move {
-                                let (bytes, result) = fetch(dataset, batch).await;
-                                (bytes, result, None)
-                            })
-                        }
-                    };
-                    running.push_back(fetch);
+                    running.push_back(fetch_retrying(
+                        dataset.clone(),
+                        batch,
+                        slot,
+                        options.retry_budget,
+                    ));
                     if let Some(h) = hints.as_mut() {
                         h.launched_one();
                     }
@@ -575,6 +586,117 @@ impl HintWindow {
                     Err(_) => {
                         self.stats.hints_failed.fetch_add(1, Ordering::Relaxed);
                     }
+                }
+            }
+        }
+    }
+}
+
+/// Whether an error is what a restart of storaged (or a dropped
+/// connection) looks like from here: worth the same call again later.
+/// CANCELLED and ABORTED come from a server shutting down under the call
+/// (the loader never cancels its own calls); INTERNAL or UNKNOWN with a
+/// source were made on this side from a broken HTTP/2 connection, not sent
+/// by the server.
+fn is_transient(e: &ClientError) -> bool {
+    match e {
+        ClientError::Connect { .. } => true,
+        ClientError::Status(s) => match s.code() {
+            Code::Unavailable | Code::Cancelled | Code::Aborted => true,
+            Code::Internal | Code::Unknown => std::error::Error::source(s).is_some(),
+            _ => false,
+        },
+        _ => false,
+    }
+}
+
+/// Calls again while they fail transiently, with the client's backoff,
+/// for at most a time budget; then the last error, saying so.
+struct Retrying {
+    started: Instant,
+    budget: Duration,
+    policy: crate::RetryPolicy,
+    attempt: u32,
+}
+
+impl Retrying {
+    fn new(client: &crate::Client, budget: Duration) -> Self {
+        Self {
+            started: Instant::now(),
+            budget,
+            policy: client.retry,
+            attempt: 0,
+        }
+    }
+
+    /// After a failed attempt: `Ok` once the backoff has passed (try
+    /// again), or the error to give up with.
+    async fn again(&mut self, e: ClientError) -> Result<(), ClientError> {
+        if !is_transient(&e) {
+            return Err(e);
+        }
+        let delay = self.policy.delay(self.attempt);
+        if self.started.elapsed() + delay > self.budget {
+            let gave_up = |message: &dyn std::fmt::Display| {
+                format!(
+                    "{message} (gave up after {} attempt(s) in {:.1} s)",
+                    self.attempt + 1,
+                    self.started.elapsed().as_secs_f64()
+                )
+            };
+            return Err(match e {
+                ClientError::Status(s) => {
+                    ClientError::Status(Status::new(s.code(), gave_up(&s.message())))
+                }
+                e => ClientError::Status(Status::unavailable(gave_up(&e))),
+            });
+        }
+        tracing::debug!(attempt = self.attempt, error = %e, "storaged away; trying again");
+        tokio::time::sleep(delay).await;
+        self.attempt += 1;
+        Ok(())
+    }
+
+    async fn run<T, F, Fut>(mut self, mut call: F) -> Result<T, ClientError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        loop {
+            match call().await {
+                Ok(v) => return Ok(v),
+                Err(e) => self.again(e).await?,
+            }
+        }
+    }
+}
+
+/// Reads one batch (into `slot` when there is one, else over gRPC), again
+/// while it fails transiently and `budget` allows: a restart of storaged
+/// costs the batch's reads, not the epoch. Gives back the batch's planned
+/// bytes and the slot with the result.
+async fn fetch_retrying(
+    dataset: Dataset,
+    batch: BatchPlan,
+    mut slot: Option<Arc<RegionSlot>>,
+    budget: Duration,
+) -> (u64, Result<Batch, ClientError>, Option<Arc<RegionSlot>>) {
+    let mut retrying = Retrying::new(&dataset.client, budget);
+    loop {
+        let attempt_plan = batch.clone();
+        let (bytes, result, back) = match slot {
+            Some(slot) => fetch_shm(dataset.clone(), attempt_plan, slot).await,
+            None => {
+                let (bytes, result) = fetch(dataset.clone(), attempt_plan).await;
+                (bytes, result, None)
+            }
+        };
+        slot = back;
+        match result {
+            Ok(batch) => return (bytes, Ok(batch), slot),
+            Err(e) => {
+                if let Err(e) = retrying.again(e).await {
+                    return (bytes, Err(e), slot);
                 }
             }
         }
@@ -665,17 +787,29 @@ async fn fetch_shm(
             let size = region.len() as u64;
             *region = dataset.client.register_region(size).await?;
         }
-        let read = dataset.read_into(region, &reads).await?;
-        let mut extents = vec![(0, 0); read.len()];
-        for (j, &i) in disk_order.iter().enumerate() {
-            extents[i] = read.extent(j).map_err(|s| {
-                ClientError::Status(tonic::Status::new(
-                    s.code(),
-                    format!("{}: {}", batch.samples[i].1, s.message()),
-                ))
-            })?;
+        let extents: Result<Vec<(usize, usize)>, ClientError> = async {
+            let read = dataset.read_into(region, &reads).await?;
+            let mut extents = vec![(0, 0); read.len()];
+            for (j, &i) in disk_order.iter().enumerate() {
+                extents[i] = read.extent(j).map_err(|s| {
+                    ClientError::Status(tonic::Status::new(
+                        s.code(),
+                        format!("{}: {}", batch.samples[i].1, s.message()),
+                    ))
+                })?;
+            }
+            Ok(extents)
         }
-        Ok(extents)
+        .await;
+        match extents {
+            // The region's registration ended under the read: storaged
+            // went away (a restart forgets regions). That is worth a retry
+            // with a fresh registration, whatever code the read got.
+            Err(e) if !region.is_registered() => Err(ClientError::Status(Status::unavailable(
+                format!("storaged dropped the region during the read ({e})"),
+            ))),
+            extents => extents,
+        }
     }
     .await;
     let result = extents.map(|extents| Batch {

@@ -205,6 +205,17 @@ impl Daemon {
         *self = Daemon::start_args(&self.data_dir.clone(), self.args.clone());
     }
 
+    /// Starts again on the port it has now, so TCP clients find it again.
+    pub fn restart_same_port(&mut self) {
+        let addr = self.url.trim_start_matches("http://").to_owned();
+        for (i, a) in self.args.iter_mut().enumerate() {
+            if a == "127.0.0.1:0" && i > 0 {
+                *a = addr.clone();
+            }
+        }
+        self.restart();
+    }
+
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use storaged_client::{
-    ClientError, Dataset, ObjectInfo, Plan, PlanSpec, PlanState, PlanTail, ReadPath,
+    ClientError, Dataset, LoaderOptions, ObjectInfo, Plan, PlanSpec, PlanState, PlanTail, ReadPath,
 };
 use storaged_tests::{Daemon, DaemonOpts, daemon_with_dataset, pattern, write_tree};
 
@@ -289,4 +289,84 @@ async fn a_client_outlives_a_storaged_restart_on_the_shm_path() {
     let plan = ds.plan(spec(1, 0, 0, 1)).await.unwrap();
     let (seen, _) = drain(&ds, plan, &expected, None).await;
     assert_eq!(seen.len(), SAMPLES / 2, "rank 0 of 2 reads half");
+}
+
+/// Reads `ds`'s rank-0 plan of epoch 0 in batches of 16 with `options`,
+/// restarting or stopping `daemon` after two batches; returns what the
+/// loader yielded: the samples (bytes checked) and the error that ended it,
+/// if any.
+async fn read_across(
+    daemon: &mut Daemon,
+    ds: &Dataset,
+    expected: &BTreeMap<String, Vec<u8>>,
+    options: LoaderOptions,
+    restart: bool,
+) -> (Vec<u64>, Option<ClientError>) {
+    let plan = ds.plan(spec(0, 0, 0, 1)).await.unwrap();
+    let planned = plan.indices().to_vec();
+    let mut loader = ds.loader_with(plan, 16, 64 << 10, options).unwrap();
+    let mut seen = Vec::new();
+    while let Some(batch) = loader.next().await {
+        let batch = match batch {
+            Ok(b) => b,
+            Err(e) => return (seen, Some(e)),
+        };
+        for s in &batch.samples {
+            assert_eq!(&s.data[..], &expected[&s.path][..], "{}", s.path);
+            seen.push(s.object_index);
+        }
+        if seen.len() == 32 {
+            tokio::task::block_in_place(|| {
+                if restart {
+                    daemon.restart_same_port();
+                } else {
+                    daemon.stop();
+                }
+            });
+        }
+    }
+    assert_eq!(seen, planned[..seen.len()], "plan order kept");
+    (seen, None)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_reads_on_across_a_storaged_restart_mid_epoch() {
+    // Guards against an epoch that dies with the server: batches that fail
+    // while storaged restarts are read again, on both transports, and the
+    // epoch completes exactly once in plan order.
+    for local in [true, false] {
+        let (_tmp, mut daemon, tcp, expected) = imagenet().await;
+        let ds = if local {
+            daemon.local_client().await.dataset("imagenet").unwrap()
+        } else {
+            tcp
+        };
+        let (seen, err) =
+            read_across(&mut daemon, &ds, &expected, LoaderOptions::default(), true).await;
+        assert!(err.is_none(), "local={local}: {err:?}");
+        assert_eq!(
+            seen.len(),
+            SAMPLES / 2,
+            "local={local}: rank 0 of 2 reads half"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_gives_up_with_unavailable_after_its_retry_budget() {
+    // Guards against a loader that retries forever (a hang) when storaged
+    // does not come back: the error names UNAVAILABLE and the budget spent.
+    let (_tmp, mut daemon, _tcp, expected) = imagenet().await;
+    let ds = daemon.local_client().await.dataset("imagenet").unwrap();
+    let options = LoaderOptions {
+        retry_budget: std::time::Duration::from_millis(800),
+        ..LoaderOptions::default()
+    };
+    let started = std::time::Instant::now();
+    let (seen, err) = read_across(&mut daemon, &ds, &expected, options, false).await;
+    let err = err.expect("the loader must fail once storaged is gone");
+    assert!(seen.len() >= 32 && seen.len() < SAMPLES / 2);
+    assert_eq!(err.code(), Some(tonic::Code::Unavailable), "{err}");
+    assert!(err.to_string().contains("gave up"), "{err}");
+    assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }

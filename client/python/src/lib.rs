@@ -548,8 +548,10 @@ impl Dataset {
     /// A prefetching reader of this (rank, worker)'s share of an epoch, in
     /// the deterministic shuffled order of the Rust plan; see
     /// `storaged.torch.IterableDataset`. Skips the first `start` samples
-    /// of the sequence (a resume).
-    #[pyo3(signature = (*, seed, epoch, rank, world_size, worker, num_workers, shuffle, drop_last, batch_size, prefetch_bytes, start=0))]
+    /// of the sequence (a resume). A batch that fails with `UNAVAILABLE`
+    /// (storaged restarting) is read again for up to `retry_budget_s`
+    /// seconds before the error is raised.
+    #[pyo3(signature = (*, seed, epoch, rank, world_size, worker, num_workers, shuffle, drop_last, batch_size, prefetch_bytes, start=0, retry_budget_s=30.0))]
     #[allow(clippy::too_many_arguments)]
     fn loader(
         &self,
@@ -565,7 +567,14 @@ impl Dataset {
         batch_size: usize,
         prefetch_bytes: u64,
         start: u64,
+        retry_budget_s: f64,
     ) -> PyResult<Loader> {
+        let retry_budget =
+            std::time::Duration::try_from_secs_f64(retry_budget_s).map_err(|_| {
+                InvalidArgument::new_err(format!(
+                    "retry_budget_s must be a finite number of seconds >= 0, not {retry_budget_s}"
+                ))
+            })?;
         let listing = self.listing(py)?;
         let spec = PlanSpec {
             seed,
@@ -590,7 +599,11 @@ impl Dataset {
         let rt = runtime()?;
         let loader = {
             let _guard = rt.rt.enter();
-            ds.loader_with(plan, batch_size, prefetch_bytes, LoaderOptions::default())
+            let options = LoaderOptions {
+                retry_budget,
+                ..LoaderOptions::default()
+            };
+            ds.loader_with(plan, batch_size, prefetch_bytes, options)
                 .map_err(to_py)?
         };
         Ok(Loader {

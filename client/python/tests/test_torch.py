@@ -126,3 +126,41 @@ def test_errors_reach_the_training_loop(daemon):
         st.MapDataset(daemon.url, "no-such-dataset")
     with pytest.raises(ValueError):
         st.IterableDataset(daemon.url, "samples", rank=2, world_size=2)
+
+
+def _epoch_across(daemon, files, restart, retry_budget_s=30.0):
+    """One epoch of a 2-worker DataLoader over the Unix socket, stopping
+    (and maybe restarting) storaged after the first batch arrives."""
+    from conftest import write_tree
+
+    samples = {k: v for k, v in files.items() if k.startswith("train/")}
+    src = daemon.data.parent / "restart-src"
+    write_tree(src, samples)
+    daemon.ctl("ingest", "samples", str(src))
+    ds = st.IterableDataset(daemon.unix_url, "samples", seed=3, batch_size=2, transform=ident,
+                            prefetch_bytes=1, retry_budget_s=retry_budget_s)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, collate_fn=list,
+                        multiprocessing_context="fork", prefetch_factor=1)
+    seen = []
+    for batch in loader:
+        if not seen:
+            daemon.stop()
+            if restart:
+                daemon.start()
+        seen += batch
+    return samples, seen
+
+
+def test_an_epoch_survives_a_server_restart(fresh_daemon, files):
+    # Guards against an epoch that dies when storaged restarts: each worker's
+    # loader reads its failed batches again, and every sample arrives once.
+    samples, seen = _epoch_across(fresh_daemon, files, restart=True)
+    assert sorted(p for _, p, _ in seen) == sorted(samples)
+    assert all(d == samples[p] for _, p, d in seen)
+
+
+def test_an_epoch_gives_up_when_the_server_stays_down(fresh_daemon, files):
+    # Guards against a hang when storaged does not come back: the training
+    # loop gets storaged.Unavailable once the retry budget is spent.
+    with pytest.raises(storaged.Unavailable, match="gave up"):
+        _epoch_across(fresh_daemon, files, restart=False, retry_budget_s=0.5)

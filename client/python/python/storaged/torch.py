@@ -1,10 +1,11 @@
 """PyTorch datasets over storaged (needs torch; ``import storaged`` does not).
 
-- ``MapDataset(url, dataset, transform=None)``: ``len`` and ``[i]`` (the
-  object at index ``i`` in path order), for any sampler, including
-  ``DistributedSampler``.
+- ``MapDataset(url, dataset, transform=None, retry_budget_s=30.0)``:
+  ``len`` and ``[i]`` (the object at index ``i`` in path order), for any
+  sampler, including ``DistributedSampler``.
 - ``IterableDataset(url, dataset, shuffle=True, seed=0, batch_size=None,
-  transform=None, rank=None, world_size=None, drop_last=False)``: each
+  transform=None, rank=None, world_size=None, drop_last=False,
+  prefetch_bytes=64 MiB, transport="auto", retry_budget_s=30.0)``: each
   (rank, DataLoader worker) reads its share of the epoch in the
   deterministic block-shuffled order of the Rust plan, through the Rust
   prefetching loader (the zero-copy shared-memory path when the server is
@@ -12,7 +13,11 @@
   repeating, or cut with ``drop_last``). ``set_epoch(e)`` changes the
   order; ``state_dict()``/``load_state_dict()`` resume exactly mid-epoch and
   work with torchdata's ``StatefulDataLoader`` (which checkpoints each
-  worker's state; resume with the same ``num_workers``).
+  worker's state; resume with the same ``num_workers``). A batch that
+  fails because storaged is unreachable (a restart) is read again for up
+  to ``retry_budget_s`` seconds, then ``storaged.Unavailable`` is raised;
+  the same holds for connecting and listing when an epoch starts, and for
+  ``MapDataset`` reads.
 
 A ``transform`` receives a ``Sample`` (``path``, ``index``, ``data``: a
 zero-copy read-only buffer; ``torch.frombuffer(s.data, dtype=torch.uint8)``
@@ -24,12 +29,13 @@ that accepts them (for example ``collate_fn=list``).
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import torch
 import torch.utils.data as tud
 
-from . import Client
+from . import Client, Unavailable
 
 _PREFETCH_BYTES = 64 << 20
 _LOADER_BATCH = 64
@@ -68,12 +74,35 @@ class _Connection:
         self.__init__(state["url"], state["dataset_name"], state.get("transport", "auto"))
 
 
+def _retrying(budget_s: float, what: str, call: Callable):
+    """``call()``, again while it raises ``Unavailable`` (storaged away or
+    restarting) and ``budget_s`` seconds allow; then the last error, saying
+    so."""
+    started = time.monotonic()
+    delay_s = 0.05
+    attempts = 1
+    while True:
+        try:
+            return call()
+        except Unavailable as e:
+            elapsed_s = time.monotonic() - started
+            if elapsed_s + delay_s > budget_s:
+                raise Unavailable(
+                    f"{e} ({what}: gave up after {attempts} attempts in {elapsed_s:.1f} s)"
+                ) from e
+            time.sleep(delay_s)
+            delay_s = min(delay_s * 2, 2.0)
+            attempts += 1
+
+
 class MapDataset(tud.Dataset):
     """Random access by index; see the module docs."""
 
-    def __init__(self, url: str, dataset: str, transform: Optional[Callable] = None):
+    def __init__(self, url: str, dataset: str, transform: Optional[Callable] = None,
+                 retry_budget_s: float = 30.0):
         self._conn = _Connection(url, dataset)
         self.transform = transform
+        self.retry_budget_s = retry_budget_s
         self._paths = [o["path"] for o in self._conn.dataset().objects()]
 
     def __len__(self) -> int:
@@ -86,7 +115,8 @@ class MapDataset(tud.Dataset):
         if not 0 <= index < n:
             raise IndexError(f"index {index} is out of range for {n} samples")
         path = self._paths[index]
-        sample = Sample(path, index, self._conn.dataset().read(path))
+        data = _retrying(self.retry_budget_s, f"reading {path!r}", lambda: self._conn.dataset().read(path))
+        sample = Sample(path, index, data)
         return self.transform(sample) if self.transform else sample
 
 
@@ -117,6 +147,7 @@ class IterableDataset(tud.IterableDataset):
         drop_last: bool = False,
         prefetch_bytes: int = _PREFETCH_BYTES,
         transport: str = "auto",
+        retry_budget_s: float = 30.0,
     ):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
@@ -130,6 +161,7 @@ class IterableDataset(tud.IterableDataset):
             raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
         self.drop_last = drop_last
         self.prefetch_bytes = prefetch_bytes
+        self.retry_budget_s = retry_budget_s
         self.epoch = 0
         # Samples this copy (one worker, or the main process) has yielded
         # in the current epoch, and where its next iteration starts.
@@ -169,7 +201,7 @@ class IterableDataset(tud.IterableDataset):
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
         start = self._start
         self._consumed = start
-        loader = self._conn.dataset().loader(
+        loader = _retrying(self.retry_budget_s, "starting the epoch", lambda: self._conn.dataset().loader(
             seed=self.seed,
             epoch=self.epoch,
             rank=self.rank,
@@ -181,7 +213,8 @@ class IterableDataset(tud.IterableDataset):
             batch_size=self.batch_size or _LOADER_BATCH,
             prefetch_bytes=self.prefetch_bytes,
             start=start,
-        )
+            retry_budget_s=self.retry_budget_s,
+        ))
         for batch in loader:
             if self.batch_size:
                 self._consumed += len(batch)
