@@ -20,12 +20,14 @@
 //! the name in `.code`.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+mod handoff;
+
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::StreamExt;
-use pyo3::exceptions::{PyBufferError, PyException, PyIndexError, PyTypeError};
+use pyo3::exceptions::{PyBufferError, PyException, PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use pyo3::{create_exception, ffi};
@@ -153,33 +155,15 @@ impl Buffer {
         view: *mut ffi::Py_buffer,
         flags: c_int,
     ) -> PyResult<()> {
-        if view.is_null() {
-            return Err(PyBufferError::new_err("no buffer view to fill"));
-        }
         if flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
             return Err(PyBufferError::new_err(
                 "storaged buffers are read-only (copy them to modify)",
             ));
         }
         let data = &slf.get().data;
-        // SAFETY: `view` is valid (checked non-null, provided by CPython);
-        // the bytes are immutable and owned by `slf`, which the view keeps
-        // alive (PyBuffer_FillInfo stores a new reference in view.obj).
-        let rc = unsafe {
-            ffi::PyBuffer_FillInfo(
-                view,
-                slf.as_ptr(),
-                data.as_ptr() as *mut std::ffi::c_void,
-                data.len() as ffi::Py_ssize_t,
-                1,
-                flags,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(PyErr::fetch(slf.py()))
-        }
+        // SAFETY: `view` comes from CPython; the bytes are immutable and owned by `slf`, which the view keeps
+        // alive.
+        unsafe { export_buffer(slf.as_any(), view, data.as_ptr(), data.len(), true, flags) }
     }
 
     /// # Safety
@@ -209,6 +193,43 @@ impl Buffer {
     ) -> PyResult<(Bound<'py, PyAny>, (Bound<'py, PyBytes>,))> {
         let bytes_type = py.import("builtins")?.getattr("bytes")?;
         Ok((bytes_type, (PyBytes::new(py, &self.data),)))
+    }
+}
+
+/// Fills `view` for `obj`'s buffer export of `len` bytes at `data`.
+///
+/// # Safety
+///
+/// `view` must be valid or null (as CPython passes it), and the `len`
+/// bytes at `data` must stay valid (and, unless `readonly`, writable by
+/// the viewer) as long as `obj` lives: the view holds a new reference to
+/// `obj` (PyBuffer_FillInfo stores it in `view.obj`).
+unsafe fn export_buffer(
+    obj: &Bound<'_, PyAny>,
+    view: *mut ffi::Py_buffer,
+    data: *const u8,
+    len: usize,
+    readonly: bool,
+    flags: c_int,
+) -> PyResult<()> {
+    if view.is_null() {
+        return Err(PyBufferError::new_err("no buffer view to fill"));
+    }
+    // SAFETY: the caller's contract above.
+    let rc = unsafe {
+        ffi::PyBuffer_FillInfo(
+            view,
+            obj.as_ptr(),
+            data as *mut std::ffi::c_void,
+            len as ffi::Py_ssize_t,
+            c_int::from(readonly),
+            flags,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(PyErr::fetch(obj.py()))
     }
 }
 
@@ -625,13 +646,8 @@ pub struct Loader {
     pid: u32,
 }
 
-#[pymethods]
 impl Loader {
-    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
-        slf
-    }
-
-    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+    fn next_batch(&self, py: Python<'_>) -> PyResult<Option<storaged_client::Batch>> {
         if self.pid != std::process::id() {
             return Err(PyTypeError::new_err(
                 "a storaged Loader cannot cross a fork; make it in the process that reads",
@@ -642,8 +658,21 @@ impl Loader {
             return Ok(None);
         };
         let next = block_on(py, async { loader.next().await.transpose() })?;
-        let Some(batch) = next else {
+        if next.is_none() {
             *guard = None;
+        }
+        Ok(next)
+    }
+}
+
+#[pymethods]
+impl Loader {
+    fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
+        slf
+    }
+
+    fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {
+        let Some(batch) = self.next_batch(py)? else {
             return Ok(None);
         };
         let items = batch
@@ -652,6 +681,44 @@ impl Loader {
             .map(|s| Ok((s.object_index, s.path, buffer(py, s.data)?)))
             .collect::<PyResult<Vec<_>>>()?;
         Ok(Some(PyList::new(py, items)?))
+    }
+
+    /// The next batch packed for another process: every sample's bytes
+    /// back to back in one shared-memory buffer (one copy, no pickling of
+    /// the bytes; see `Lent`). Returns `(data, indices, paths, offsets)`,
+    /// where sample `i` is `data[offsets[i]:offsets[i + 1]]`, or `None` at
+    /// the end.
+    #[allow(clippy::type_complexity)]
+    fn next_packed(
+        &self,
+        py: Python<'_>,
+    ) -> PyResult<Option<(handoff::Lent, Vec<u64>, Vec<String>, Vec<u64>)>> {
+        let Some(batch) = self.next_batch(py)? else {
+            return Ok(None);
+        };
+        let mut offsets = Vec::with_capacity(batch.samples.len() + 1);
+        let mut at = 0u64;
+        offsets.push(0);
+        for s in &batch.samples {
+            at += s.data.len() as u64;
+            offsets.push(at);
+        }
+        let total = usize::try_from(at)
+            .map_err(|_| PyValueError::new_err(format!("a batch of {at} bytes")))?;
+        let samples = &batch.samples;
+        let lent = handoff::lend(py, total, |dst| {
+            let mut at = 0;
+            for s in samples {
+                dst[at..at + s.data.len()].copy_from_slice(&s.data);
+                at += s.data.len();
+            }
+        })?;
+        let (indices, paths) = batch
+            .samples
+            .into_iter()
+            .map(|s| (s.object_index, s.path))
+            .unzip();
+        Ok(Some((lent, indices, paths, offsets)))
     }
 }
 
@@ -662,6 +729,8 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Dataset>()?;
     m.add_class::<Buffer>()?;
     m.add_class::<Loader>()?;
+    m.add_class::<handoff::Lent>()?;
+    m.add_function(wrap_pyfunction!(handoff::_attach_lent, m)?)?;
     for (name, ty) in [
         ("StoragedError", py.get_type::<StoragedError>()),
         ("InvalidArgument", py.get_type::<InvalidArgument>()),

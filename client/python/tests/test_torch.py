@@ -2,7 +2,9 @@
 storaged."""
 
 import json
+import gc
 import os
+import pathlib
 import subprocess
 import sys
 import textwrap
@@ -164,3 +166,81 @@ def test_an_epoch_gives_up_when_the_server_stays_down(fresh_daemon, files):
     # loop gets storaged.Unavailable once the retry budget is spent.
     with pytest.raises(storaged.Unavailable, match="gave up"):
         _epoch_across(fresh_daemon, files, restart=False, retry_budget_s=0.5)
+
+
+def _handoff_segments(pid):
+    """The batch handoff segments (memfds) process `pid` has open."""
+    fds = pathlib.Path(f"/proc/{pid}/fd")
+    return sum(1 for fd in fds.iterdir() if "storaged-handoff" in os.readlink(fd))
+
+
+def _check_batch(batch, files, listing):
+    assert isinstance(batch, st.Batch)
+    assert batch.data.dtype == torch.uint8 and len(batch.offsets) == len(batch) + 1
+    for s, view in zip(batch, batch.tensors()):
+        assert listing[s.index] == s.path
+        assert bytes(s.data.numpy()) == files[s.path] == bytes(view.numpy())
+
+
+def test_packed_batches_cross_from_workers_in_shared_memory(daemon, files):
+    # Guards the batch handoff: packed batches arrive intact from forked
+    # workers, stay intact while the main process holds them (the worker
+    # must not reuse their segments), outlive their workers, and segments
+    # are reused, not leaked, across epochs.
+    listing = [o["path"] for o in storaged.Client(daemon.url).dataset("samples").objects()]
+    ds = st.IterableDataset(daemon.url, "samples", seed=1, batch_size=4)
+    loader = DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork",
+                        persistent_workers=True, prefetch_factor=2)
+    kept = list(loader)
+    assert sorted(p for b in kept for p in b.paths) == sorted(listing)
+    for b in kept:
+        _check_batch(b, files, listing)
+    workers = [w.pid for w in loader._iterator._workers]
+    for _ in range(6):
+        for b in loader:
+            _check_batch(b, files, listing)
+    # What the main process kept through six more epochs is untouched.
+    for b in kept:
+        _check_batch(b, files, listing)
+    # Each worker lent its kept batches (8) plus at most a few in flight
+    # and free ones; dropping the batches lets the segments be reused.
+    assert all(_handoff_segments(pid) <= 8 + 2 + 4 for pid in workers)
+    view, want = kept[0].tensors()[0], files[kept[0].paths[0]]
+    del kept, b
+    gc.collect()
+    for _ in range(3):
+        for b in loader:
+            pass
+    assert all(_handoff_segments(pid) <= 2 + 4 + 1 for pid in workers), [
+        _handoff_segments(pid) for pid in workers]
+    # A view outlives its batch, and its worker.
+    del loader
+    gc.collect()
+    assert bytes(view.numpy()) == want
+
+
+def test_a_lent_batch_is_mapped_once_and_bad_handles_are_named(daemon, files):
+    # Guards against two processes writing one segment: a handed-over batch
+    # is mapped by one receiver; a second unpickle after it was given back
+    # fails, as does a handle to nothing.
+    import pickle
+
+    ds = st.IterableDataset(daemon.url, "samples", seed=1, batch_size=8, shuffle=False)
+    batch = next(iter(ds))
+    listing = [o["path"] for o in storaged.Client(daemon.url).dataset("samples").objects()]
+    _check_batch(batch, files, listing)
+    wire = pickle.dumps(batch)
+    del batch
+    gc.collect()
+    received = pickle.loads(wire)
+    _check_batch(received, files, listing)
+    del received
+    gc.collect()
+    with pytest.raises(OSError, match="no longer lent"):
+        pickle.loads(wire)
+    with pytest.raises(OSError, match="cannot map the batch"):
+        storaged._native._attach_lent(os.getpid(), 999_999, 1, 1, 10)
+    with pytest.raises(IndexError):
+        st.Batch(torch.empty(0, dtype=torch.uint8), [0], [], [])[0]
+    with pytest.raises(ValueError, match="offsets"):
+        st.Batch(torch.empty(0, dtype=torch.uint8), [], [], [])

@@ -19,11 +19,29 @@
   the same holds for connecting and listing when an epoch starts, and for
   ``MapDataset`` reads.
 
+What ``IterableDataset`` yields:
+
+- with ``batch_size`` and no ``transform``: one ``Batch`` per batch, the
+  fast path. Its samples' bytes are packed back to back in one
+  ``torch.uint8`` tensor (``batch.data``; sample ``i`` is
+  ``data[offsets[i]:offsets[i + 1]]``), in shared memory: a DataLoader
+  worker copies each batch once into a segment of its own, and the main
+  process maps the same pages when the batch arrives, instead of
+  unpickling its bytes (``storaged.Lent``). The worker reuses a segment
+  once the main process has dropped every view of the batch in it. A
+  ``Batch`` is also a sequence of ``Sample``s whose ``data`` are views of
+  ``batch.data``; ``batch.tensors()`` lists them, and ``pin_memory()``
+  (what ``DataLoader(pin_memory=True)`` calls) pins the packed tensor. Use
+  ``DataLoader(ds, batch_size=None)``; the default collate keeps it as is.
+- with ``batch_size`` and a ``transform``: a list of what the transform
+  returns, per sample;
+- without ``batch_size``: each sample (transformed, if there is one).
+
 A ``transform`` receives a ``Sample`` (``path``, ``index``, ``data``: a
 zero-copy read-only buffer; ``torch.frombuffer(s.data, dtype=torch.uint8)``
 views it without copying) and returns what the dataset yields. Without one,
-samples are yielded as they are; a DataLoader then needs a ``collate_fn``
-that accepts them (for example ``collate_fn=list``).
+single samples are yielded as they are; a DataLoader then needs a
+``collate_fn`` that accepts them (for example ``collate_fn=list``).
 """
 
 from __future__ import annotations
@@ -48,6 +66,66 @@ class Sample(NamedTuple):
     path: str
     index: int
     data: Any
+
+
+class Batch:
+    """Samples packed in one ``torch.uint8`` tensor; see the module docs.
+
+    ``data`` (the tensor), ``offsets`` (``len + 1`` byte offsets into it),
+    ``indices`` (each sample's index in the dataset's path order) and
+    ``paths``. Indexing and iterating give ``Sample``s whose ``data`` are
+    views of ``data``."""
+
+    __slots__ = ("data", "offsets", "indices", "paths", "_lent")
+
+    def __init__(self, data, offsets, indices, paths, lent=None):
+        if len(offsets) != len(paths) + 1 or len(indices) != len(paths):
+            raise ValueError(
+                f"a batch of {len(paths)} paths needs {len(paths)} indices and "
+                f"{len(paths) + 1} offsets, not {len(indices)} and {len(offsets)}"
+            )
+        self.data = data
+        self.offsets = offsets
+        self.indices = indices
+        self.paths = paths
+        self._lent = lent
+
+    @classmethod
+    def _from_lent(cls, lent, indices, paths, offsets):
+        # frombuffer keeps `lent` alive as long as any view of the tensor.
+        data = torch.frombuffer(lent, dtype=torch.uint8) if len(lent) else torch.empty(0, dtype=torch.uint8)
+        return cls(data, offsets, indices, paths, lent)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> Sample:
+        n = len(self.paths)
+        if not -n <= i < n:
+            raise IndexError(f"sample {i} is out of range for a batch of {n}")
+        i %= n
+        return Sample(self.paths[i], self.indices[i], self.data[self.offsets[i]:self.offsets[i + 1]])
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self.paths)))
+
+    def tensors(self) -> list:
+        """Each sample's bytes, as views of ``data``."""
+        return [self.data[a:b] for a, b in zip(self.offsets, self.offsets[1:])]
+
+    def pin_memory(self, device=None) -> "Batch":
+        """The same batch with ``data`` in pinned memory (a copy)."""
+        data = self.data.pin_memory(device) if device is not None else self.data.pin_memory()
+        return Batch(data, self.offsets, self.indices, self.paths)
+
+    def __reduce__(self):
+        if self._lent is not None:
+            # The shared-memory segment's address, not the bytes.
+            return (Batch._from_lent, (self._lent, self.indices, self.paths, self.offsets))
+        return (Batch, (self.data, self.offsets, self.indices, self.paths))
+
+    def __repr__(self) -> str:
+        return f"<storaged.torch.Batch of {len(self.paths)} samples, {self.offsets[-1]} bytes>"
 
 
 class _Connection:
@@ -215,6 +293,13 @@ class IterableDataset(tud.IterableDataset):
             start=start,
             retry_budget_s=self.retry_budget_s,
         ))
+        if self.batch_size and self.transform is None:
+            while (packed := loader.next_packed()) is not None:
+                lent, indices, paths, offsets = packed
+                self._consumed += len(paths)
+                yield Batch._from_lent(lent, indices, paths, offsets)
+            self._start = 0
+            return
         for batch in loader:
             if self.batch_size:
                 self._consumed += len(batch)
