@@ -11,13 +11,18 @@ system, alternating, on a cold page cache (root drops the caches before each
 epoch): one epoch with DataLoader(batch 256, 4 workers, identity transform).
 
 - storaged.torch.IterableDataset (the Rust plan and prefetching loader,
-  zero-copy shared memory when local), and the same over gRPC
-  (`transport="as-given"`);
+  zero-copy shared memory when local; packed batches cross the worker
+  queue as shared-memory segments, storaged.torch.Batch), and the same over
+  gRPC (`transport="as-given"`); and once more with a consumer that reads
+  a byte of every 4 KiB page of each batch (so mapping the segments in the
+  main process is counted, not left to a later consumer);
 - the pure-grpcio example's reader in an IterableDataset (ReadBatch of each
   worker's batches);
 - a torchvision-style folder MapDataset reading the same files from a local
   directory (open().read());
-- the Rust loader itself: `storagectl epoch --workers 4 --batch 256`.
+- the Rust loader itself: `storagectl epoch --workers 4 --batch 256`, on
+  the same two transports (`--transport auto`: shm; `as-given`: gRPC with
+  read-ahead hints).
 
 Medians of the repetitions; results.json in --out.
 """
@@ -91,11 +96,14 @@ class GrpcDataset(IterableDataset):
             yield [got[i] for i in range(len(chunk))]
 
 
-def epoch(loader):
+def epoch(loader, touch=False):
     t0 = time.perf_counter()
     n = 0
     for batch in loader:
         n += len(batch)
+        if touch:
+            # One byte of every page: the main process maps all of it.
+            int(batch.data[::4096].sum())
     return n / (time.perf_counter() - t0), n
 
 
@@ -132,24 +140,27 @@ def main():
         systems = {
             "storaged_torch": lambda e: DataLoader(_iterable(url, e, "auto"), batch_size=None, **kw),
             "storaged_torch_grpc": lambda e: DataLoader(_iterable(url, e, "as-given"), batch_size=None, **kw),
+            "storaged_torch_touched": lambda e: DataLoader(_iterable(url, e, "auto"), batch_size=None, **kw),
             "grpcio_example": lambda e: DataLoader(GrpcDataset(addr, "imagenet", paths, e), batch_size=None, **kw),
             "local_folder": lambda e: DataLoader(FolderDataset(work / "src"), batch_size=BATCH, shuffle=True, **kw),
         }
-        results = {k: [] for k in [*systems, "rust_loader"]}
+        results = {k: [] for k in [*systems, "rust_loader", "rust_loader_grpc"]}
         for rep in range(reps):
             for name, make in systems.items():
                 drop_caches()
-                rate, n = epoch(make(rep))
+                rate, n = epoch(make(rep), touch=name.endswith("_touched"))
                 assert n == count, f"{name} read {n} of {count}"
                 results[name].append(rate)
                 print(f"rep {rep} {name}: {rate:.0f} samples/s", flush=True)
-            drop_caches()
-            line = subprocess.run([*ctl, "epoch", "imagenet", "--workers", str(WORKERS), "--batch", str(BATCH),
-                                   "--epochs", "1", "--seed", str(rep)],
-                                  check=True, capture_output=True, text=True).stdout
-            rate = float(re.search(r"([0-9.]+) samples/s", line).group(1))
-            results["rust_loader"].append(rate)
-            print(f"rep {rep} rust_loader: {rate:.0f} samples/s", flush=True)
+            for name, transport in [("rust_loader", "auto"), ("rust_loader_grpc", "as-given")]:
+                drop_caches()
+                line = subprocess.run([*ctl, "--transport", transport, "epoch", "imagenet",
+                                       "--workers", str(WORKERS), "--batch", str(BATCH),
+                                       "--epochs", "1", "--seed", str(rep)],
+                                      check=True, capture_output=True, text=True).stdout
+                rate = float(re.search(r"([0-9.]+) samples/s", line).group(1))
+                results[name].append(rate)
+                print(f"rep {rep} {name}: {rate:.0f} samples/s", flush=True)
     finally:
         daemon.terminate()
         daemon.wait()
@@ -160,6 +171,9 @@ def main():
         "storaged_torch_vs_rust_loader": med["storaged_torch"] / med["rust_loader"],
         "storaged_torch_vs_local_folder": med["storaged_torch"] / med["local_folder"],
         "storaged_torch_vs_grpcio": med["storaged_torch"] / med["grpcio_example"],
+        "storaged_torch_touched_vs_rust_loader": med["storaged_torch_touched"] / med["rust_loader"],
+        "storaged_torch_touched_vs_local_folder": med["storaged_torch_touched"] / med["local_folder"],
+        "storaged_torch_grpc_vs_rust_loader_grpc": med["storaged_torch_grpc"] / med["rust_loader_grpc"],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))

@@ -103,8 +103,11 @@ impl Segment {
             .metadata()
             .map_err(|e| PyOSError::new_err(format!("stat of a handoff segment: {e}")))?
             .ino();
+        // Populated: the first batch writes every page anyway, and one
+        // call allocates them faster than faults one page at a time.
         let map = memmap2::MmapOptions::new()
             .len(len)
+            .populate()
             .map_raw(&file)
             .map_err(|e| PyOSError::new_err(format!("mapping a handoff segment: {e}")))?;
         let mapping = Arc::new(Mapping { map });
@@ -333,8 +336,11 @@ pub fn _attach_lent(
     if meta.ino() != inode || (meta.len() as usize) < map_len {
         return Err(gone(format!("{path} is not the segment it was")));
     }
+    // The pages exist (the sender wrote them): map them all now, in one
+    // call, rather than fault them in one by one as the consumer reads.
     let map = memmap2::MmapOptions::new()
         .len(map_len)
+        .populate()
         .map_raw(&file)
         .map_err(|e| gone(format!("mapping {path}: {e}")))?;
     let mapping = Arc::new(Mapping { map });
