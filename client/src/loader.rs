@@ -210,10 +210,11 @@ struct StatCounters {
 pub struct LoaderOptions {
     /// Send storaged the part of the plan beyond the batches being read
     /// (up to `hint_bytes_max`), so it reads those samples ahead, in
-    /// device order with neighbours merged. Used on the gRPC path; the
-    /// shm path's reads land in the client's regions, which exist only for
-    /// the batches in flight, and each of its calls is scheduled the same
-    /// way on the server.
+    /// device order with neighbours merged. On both paths: over gRPC the
+    /// read-ahead buffers are sent as they are; on the shm path storaged
+    /// copies them into the region (one memory copy on the server,
+    /// counted in `shm_payload_bytes_copied`) where it would otherwise read
+    /// each batch's samples on their own. Off, the shm path copies nothing.
     pub hints: bool,
     pub hint_bytes_max: u64,
     /// How long one batch may keep failing with `UNAVAILABLE`, `CANCELLED`
@@ -449,7 +450,7 @@ impl Dataset {
         let region_bytes = (span_max + span_max / 4).next_multiple_of(1 << 20);
         let use_shm = self.client.is_local() && region_bytes <= SHM_REGION_BYTES_MAX;
         let stats: Arc<StatCounters> = Arc::default();
-        let mut hints = (options.hints && !use_shm).then(|| HintWindow {
+        let mut hints = options.hints.then(|| HintWindow {
             paths: (0..batches.len())
                 .map(|b| {
                     let window = plan.hint_window(b, batch_size);

@@ -32,7 +32,7 @@ async fn dataset() -> (
     daemon_with_dataset("imagenet", samples()).await
 }
 
-/// One epoch through 2 workers of one rank over TCP; checks every byte and
+/// One epoch through 2 workers of one rank; checks every byte and
 /// that each sample came exactly once. Returns the hinted objects storaged
 /// accepted.
 async fn epoch(ds: &Dataset, expected: &Arc<BTreeMap<String, Vec<u8>>>, hints: bool) -> u64 {
@@ -84,39 +84,56 @@ async fn epoch(ds: &Dataset, expected: &Arc<BTreeMap<String, Vec<u8>>>, hints: b
     accepted
 }
 
-// Guards the hints end to end: with hints, samples come from read-ahead
-// (merged device reads) and are byte-identical; without, read-ahead serves
+// Guards the hints end to end, over gRPC and on the shm path: with hints,
+// samples come from read-ahead (merged device reads) and are
+// byte-identical, the shm path copying exactly what read-ahead served into
+// its regions; without, read-ahead serves nothing and the shm path copies
 // nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hinted_epochs_are_served_from_read_ahead_byte_for_byte() {
-    let (_tmp, daemon, ds, expected) = dataset().await;
-    let client = daemon.client().await;
+    for local in [false, true] {
+        let (_tmp, daemon, tcp, expected) = dataset().await;
+        let ds = if local {
+            daemon.local_client().await.dataset("imagenet").unwrap()
+        } else {
+            tcp
+        };
+        let client = daemon.client().await;
 
-    let accepted = epoch(&ds, &expected, true).await;
-    assert!(accepted > 0);
-    let s = client.status().await.unwrap();
-    assert!(s.hint_objects > 0, "{s:?}");
-    assert!(
-        s.read_ahead_hits > 100,
-        "most samples should come from read-ahead: {} hits of 600",
-        s.read_ahead_hits
-    );
-    assert_eq!(s.read_ahead_failed, 0);
-    assert!(
-        s.device_reads_merged > s.read_ahead_objects / 2,
-        "neighbours are merged: {} merged for {} objects",
-        s.device_reads_merged,
-        s.read_ahead_objects
-    );
+        let accepted = epoch(&ds, &expected, true).await;
+        assert!(accepted > 0);
+        let s = client.status().await.unwrap();
+        assert!(s.hint_objects > 0, "{s:?}");
+        assert!(
+            s.read_ahead_hits > 100,
+            "local={local}: most samples should come from read-ahead: {} hits of 600",
+            s.read_ahead_hits
+        );
+        assert_eq!(s.read_ahead_failed, 0);
+        assert!(
+            s.device_reads_merged > s.read_ahead_objects / 2,
+            "neighbours are merged: {} merged for {} objects",
+            s.device_reads_merged,
+            s.read_ahead_objects
+        );
+        if local {
+            assert_eq!(s.grpc_bytes_served, 0, "every batch went through regions");
+            assert_eq!(s.shm_payload_bytes_copied, s.read_ahead_hit_bytes);
+        }
 
-    let accepted = epoch(&ds, &expected, false).await;
-    assert_eq!(accepted, 0);
-    let after = client.status().await.unwrap();
-    assert_eq!(after.hint_objects, s.hint_objects, "no hints sent");
-    assert_eq!(
-        after.read_ahead_hits, s.read_ahead_hits,
-        "no read-ahead served"
-    );
+        let accepted = epoch(&ds, &expected, false).await;
+        assert_eq!(accepted, 0);
+        let after = client.status().await.unwrap();
+        assert_eq!(after.hint_objects, s.hint_objects, "no hints sent");
+        assert_eq!(
+            after.read_ahead_hits, s.read_ahead_hits,
+            "no read-ahead served"
+        );
+        assert_eq!(
+            after.shm_payload_bytes_copied, s.shm_payload_bytes_copied,
+            "without hints the shm path copies nothing"
+        );
+    }
 }
 
 // Guards the Hint RPC's contract: bad requests get the right status; objects

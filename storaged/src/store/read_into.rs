@@ -21,8 +21,8 @@
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 
-use futures::Stream;
 use futures::stream::{FuturesUnordered, StreamExt};
+use futures::{FutureExt, Stream};
 use storaged_proto::DatasetName;
 use storaged_proto::model::{RangeSpec, read_into_span};
 
@@ -90,9 +90,105 @@ impl Store {
         }
         Ok(futures::stream::iter(groups)
             .map(move |group| {
-                Box::pin(Arc::clone(&store).read_group_into(Arc::clone(&region), group))
+                let store = Arc::clone(&store);
+                let region = Arc::clone(&region);
+                Box::pin(
+                    async move {
+                        let (done, rest) = store.read_ahead_into(&region, group).await;
+                        futures::stream::iter(done).chain(store.read_group_into(region, rest))
+                    }
+                    .flatten_stream(),
+                )
             })
             .flatten_unordered(2))
+    }
+
+    /// Items of `group` that read-ahead holds (a loader hinted them, and
+    /// they are read or being read, verified, in storaged's buffers): their
+    /// spans are copied into the region from there, exactly as a device
+    /// read would have filled them, tail zeroed. Returns those items done,
+    /// and the rest to read from the devices. The copy is counted in
+    /// `shm_payload_bytes_copied`: the price of the merged, in-device-order
+    /// reads a hint buys, which a client that wants none turns hints off
+    /// to avoid.
+    async fn read_ahead_into(
+        &self,
+        region: &RegionMap,
+        group: Vec<(BatchItemPlan, u64)>,
+    ) -> (
+        Vec<(u32, Result<ReadIntoDone, StoreError>)>,
+        Vec<(BatchItemPlan, u64)>,
+    ) {
+        let lookups = group.iter().map(|(plan, at)| async move {
+            let BatchItemPlan::Read {
+                index,
+                obj,
+                start,
+                len,
+            } = plan
+            else {
+                return None;
+            };
+            let block = u64::from(obj.dataset.record.checksum_block_bytes);
+            let (span, lead) = read_into_span(*start, *len, obj.record.size, block);
+            let item = GroupItem {
+                index: *index,
+                obj: Arc::clone(obj),
+                start: *start,
+                len: *len,
+                span,
+                lead,
+                region_offset: *at,
+                pieces_left: 0,
+                error: None,
+            };
+            let (w_start, w_end) = item.window();
+            let chunks = self.read_ahead_hit(obj, w_start, w_end).await?;
+            Some((item, chunks))
+        });
+        let found = futures::future::join_all(lookups).await;
+        let mut done = Vec::new();
+        let mut rest = Vec::new();
+        for ((plan, at), hit) in group.into_iter().zip(found) {
+            match hit {
+                Some((item, chunks)) => {
+                    done.push((item.index, self.copy_into(region, &item, &chunks)))
+                }
+                None => rest.push((plan, at)),
+            }
+        }
+        (done, rest)
+    }
+
+    /// Delivers an item's window, held verified in `chunks` (from
+    /// read-ahead, or rebuilt from parity), into its span.
+    fn copy_into(
+        &self,
+        region: &RegionMap,
+        item: &GroupItem,
+        chunks: &[(u64, bytes::Bytes)],
+    ) -> Result<ReadIntoDone, StoreError> {
+        check_offset(region, item.index, item.region_offset, item.span)?;
+        let (w_start, w_end) = item.window();
+        let base = item.region_offset as usize;
+        for (offset, bytes) in chunks {
+            // SAFETY: callers copy an item no device read targets: one
+            // served from read-ahead (never read from the devices), or one
+            // whose reads have all completed.
+            unsafe { region.copy_in(base + (offset - w_start) as usize, bytes) };
+        }
+        let tail = (w_end - w_start) as usize;
+        // SAFETY: as above.
+        unsafe { region.zero(base + tail, item.span as usize - tail) };
+        let c = &self.read_counters;
+        c.shm_bytes_served.fetch_add(item.len, Ordering::Relaxed);
+        c.shm_payload_bytes_copied
+            .fetch_add(w_end - w_start, Ordering::Relaxed);
+        Ok(ReadIntoDone {
+            data_offset: item.region_offset + item.lead,
+            length: item.len,
+            span_bytes: item.span,
+        })
     }
 
     /// Reads one group of items into `region`: every item's device pieces
@@ -248,24 +344,9 @@ impl Store {
         let chunks = self
             .read_window_rebuilt(obj, ec, (w_start, w_end), (w_start, w_end), &missing)
             .await?;
-        let base = item.region_offset as usize;
-        for (offset, bytes) in &chunks {
-            // SAFETY: every read of this item has completed (it had no
-            // pieces left), so nothing else writes its span.
-            unsafe { region.copy_in(base + (offset - w_start) as usize, bytes) };
-        }
-        let tail = (w_end - w_start) as usize;
-        // SAFETY: as above.
-        unsafe { region.zero(base + tail, item.span as usize - tail) };
-        let c = &self.read_counters;
-        c.shm_bytes_served.fetch_add(item.len, Ordering::Relaxed);
-        c.shm_payload_bytes_copied
-            .fetch_add(w_end - w_start, Ordering::Relaxed);
-        Ok(ReadIntoDone {
-            data_offset: item.region_offset + item.lead,
-            length: item.len,
-            span_bytes: item.span,
-        })
+        // Every read of this item has completed (it had no pieces left), so
+        // nothing else writes its span.
+        self.copy_into(region, item, &chunks)
     }
 
     /// One scheduled device read into the region. Errors come back as
