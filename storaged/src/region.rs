@@ -156,9 +156,26 @@ unsafe impl ForeignMemory for RegionMap {
 impl RegionMap {
     /// Registers the mapping with `engine` for reads (io_uring fixed
     /// buffer) where it can; returns whether it is registered. Blocking:
-    /// pinning faults in every page.
+    /// every page is faulted in first.
     pub fn fix_with(&self, engine: &dyn crate::engine::IoBackend) -> bool {
         if self.fixed.get().is_none() {
+            // Pinning a fresh region allocates and zeroes its pages, and the
+            // kernel does that under the ring's lock, stalling every read
+            // submitted meanwhile (12 new 36 MiB regions of 4 DataLoader
+            // workers held it 265 ms). Faulted in here first, outside the
+            // lock (and in parallel with other regions), the pinning only
+            // finds the pages. MADV_POPULATE_WRITE leaves their contents
+            // alone, so reads already landing in the region are safe; on a
+            // kernel without it (before 5.14) pinning faults them in as
+            // before.
+            // SAFETY: the range is exactly this live mapping.
+            let _ = unsafe {
+                libc::madvise(
+                    self.map.as_mut_ptr().cast(),
+                    self.map.len(),
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
             // SAFETY: the mapping lives as long as `self`, and the
             // registration is stored in `self` and dropped before `map`.
             if let Some(f) = unsafe { engine.fix_foreign(self.map.as_mut_ptr(), self.map.len()) } {

@@ -46,7 +46,6 @@ single samples are yielded as they are; a DataLoader then needs a
 
 from __future__ import annotations
 
-import os
 import time
 from typing import Any, Callable, NamedTuple, Optional
 
@@ -129,20 +128,20 @@ class Batch:
 
 
 class _Connection:
-    """A client and dataset handle made lazily in the process that uses
-    them (DataLoader workers get their own after fork or spawn)."""
+    """A client and dataset handle, made on first use. A forked DataLoader
+    worker inherits them, listing included (the Rust client reconnects by
+    itself in a new process), so workers do not each list the dataset
+    again; a spawned worker (unpickled) makes its own."""
 
     def __init__(self, url: str, dataset: str, transport: str = "auto"):
         self.url = url
         self.dataset_name = dataset
         self.transport = transport
-        self._pid = None
         self._ds = None
 
     def dataset(self):
-        if self._ds is None or self._pid != os.getpid():
+        if self._ds is None:
             self._ds = Client(self.url, transport=self.transport).dataset(self.dataset_name)
-            self._pid = os.getpid()
         return self._ds
 
     def __getstate__(self):
@@ -240,6 +239,9 @@ class IterableDataset(tud.IterableDataset):
         self.drop_last = drop_last
         self.prefetch_bytes = prefetch_bytes
         self.retry_budget_s = retry_budget_s
+        # Checks the dataset now, in the caller's process, and lists it
+        # once for every worker forked from here.
+        len(self._conn.dataset())
         self.epoch = 0
         # Samples this copy (one worker, or the main process) has yielded
         # in the current epoch, and where its next iteration starts.
