@@ -253,3 +253,15 @@ def test_a_lent_batch_is_mapped_once_and_bad_handles_are_named(daemon, files):
         st.Batch(torch.empty(0, dtype=torch.uint8), [0], [], [])[0]
     with pytest.raises(ValueError, match="offsets"):
         st.Batch(torch.empty(0, dtype=torch.uint8), [], [], [])
+
+
+def test_packed_batches_with_spawned_workers(daemon, files):
+    # Guards the handoff when workers are spawned, not forked (nothing is
+    # inherited: the dataset is pickled over and each worker connects and
+    # lists on its own).
+    ds = st.IterableDataset(daemon.url, "samples", seed=2, batch_size=4)
+    seen = {}
+    for b in DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="spawn"):
+        for s in b:
+            seen[s.path] = bytes(s.data.numpy())
+    assert seen == {k: v for k, v in files.items() if k.startswith("train/")}
