@@ -354,6 +354,12 @@ impl AsRef<[u8]> for RegionView {
 /// the consumer holds and one waiting in the channel.
 const SHM_SLOTS_EXTRA: u64 = 2;
 
+/// Most batches in flight on the shm path (so at most 4 regions per
+/// loader): each is one `ReadInto` of a whole batch, and regions count
+/// against the server's per-uid limit, which the loaders of every
+/// DataLoader worker of every job of a user share.
+const SHM_PREFETCH_REGIONS_MAX: u64 = 2;
+
 /// Largest region the loader registers; a batch that needs more is read
 /// over gRPC.
 const SHM_REGION_BYTES_MAX: u64 = 1 << 30;
@@ -467,8 +473,10 @@ impl Dataset {
         });
         let stream = async_stream_bounded(1, move |tx| async move {
             let mut slots: Vec<Arc<RegionSlot>> = Vec::new();
+            let mut use_shm = use_shm;
             if use_shm {
-                let count = (prefetch_bytes_max / region_bytes).max(1) + SHM_SLOTS_EXTRA;
+                let count = (prefetch_bytes_max / region_bytes).clamp(1, SHM_PREFETCH_REGIONS_MAX)
+                    + SHM_SLOTS_EXTRA;
                 for _ in 0..count.min(batches.len() as u64 + 1) {
                     let registered = Retrying::new(&dataset.client, options.retry_budget)
                         .run(|| dataset.client.region(region_bytes))
@@ -479,11 +487,20 @@ impl Dataset {
                             client: dataset.client.clone(),
                         })),
                         Err(e) => {
-                            let _ = tx.send(Err(e)).await;
-                            return;
+                            // Regions only save copies: with fewer than
+                            // asked for (the server's region limits, no
+                            // /dev/shm), read with those there are, or over
+                            // gRPC (each batch says which path served it).
+                            tracing::warn!(
+                                error = %e,
+                                regions = slots.len(),
+                                "cannot register a loader region; reading with fewer"
+                            );
+                            break;
                         }
                     }
                 }
+                use_shm = !slots.is_empty();
             }
             let mut pending = batches.into_iter().peekable();
             let mut running = FuturesOrdered::new();

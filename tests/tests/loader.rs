@@ -376,3 +376,36 @@ async fn a_loader_gives_up_with_unavailable_after_its_retry_budget() {
     assert!(err.to_string().contains("gave up"), "{err}");
     assert!(started.elapsed() < std::time::Duration::from_secs(20));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loader_without_regions_to_spare_reads_with_fewer_or_over_grpc() {
+    // Guards against a loader that fails (or crawls at depth 1) when the
+    // server's per-uid region limit is used up by others: it reads with
+    // the regions it gets, or over gRPC at full depth.
+    let (_tmp, daemon, _tcp, expected) = imagenet().await;
+    let hog = daemon.local_client().await;
+    let mut held = Vec::new();
+    while let Ok(r) = hog.register_region(4096).await {
+        held.push(r);
+        assert!(held.len() <= 1024, "the server must limit regions per uid");
+    }
+    let ds = daemon.local_client().await.dataset("imagenet").unwrap();
+    for (spare, want_shm) in [(0, false), (2, true)] {
+        held.truncate(held.len() - spare);
+        let plan = ds.plan(spec(0, 0, 0, 1)).await.unwrap();
+        let mut loader = ds.loader(plan, 16, 64 << 20).unwrap();
+        let mut seen = 0;
+        while let Some(batch) = loader.next().await {
+            for s in batch.unwrap().samples {
+                assert_eq!(&s.data[..], &expected[&s.path][..], "{}", s.path);
+                seen += 1;
+            }
+        }
+        assert_eq!(seen, SAMPLES / 2);
+        let stats = loader.stats();
+        assert_eq!(stats.shm_batches > 0, want_shm, "{spare} spare: {stats:?}");
+        if !want_shm {
+            assert!(stats.grpc_batches > 0, "{spare} spare: {stats:?}");
+        }
+    }
+}

@@ -188,18 +188,9 @@ pub fn lend(py: Python<'_>, len: usize, fill: impl FnOnce(&mut [u8]) + Send) -> 
             outbox.segments.len() - 1
         }
     };
+    // Lent from here on, so no other lending takes it; the bytes are
+    // written below, before anyone can see the `Lent`.
     let segment = &mut outbox.segments[at];
-    let data = SendPtr(segment.mapping.data_ptr());
-    py.detach(move || {
-        let data = data;
-        // SAFETY: the segment is free: no process maps it as lent (the
-        // receiver of its last lending marked it free after its last view
-        // was gone), and this process hands out views only after `lend`
-        // returns, so nothing else reads or writes these `len` bytes, which
-        // are within its data area (capacity checked above).
-        let dst = unsafe { std::slice::from_raw_parts_mut(data.0, len) };
-        fill(dst);
-    });
     segment.generation += 1;
     let generation = segment.generation;
     segment
@@ -207,13 +198,30 @@ pub fn lend(py: Python<'_>, len: usize, fill: impl FnOnce(&mut [u8]) + Send) -> 
         .header()
         .state
         .store(generation << 1 | 1, Ordering::Release);
-    Ok(Lent {
+    let lent = Lent {
         mapping: Arc::clone(&segment.mapping),
         len,
         generation,
         origin: (pid, segment.file.as_raw_fd(), segment.inode),
         owns_lending: AtomicBool::new(true),
-    })
+    };
+    // The copy runs without the GIL, so not under the outbox lock either:
+    // a thread waiting for the lock while holding the GIL would deadlock
+    // with this one waiting for the GIL to return.
+    drop(guard);
+    let data = SendPtr(lent.mapping.data_ptr());
+    py.detach(move || {
+        let data = data;
+        // SAFETY: the segment was free (no process mapped it as lent: the
+        // receiver of its last lending marked it free after its last view
+        // was gone) and is now marked lent to `lent`, which nobody has seen
+        // yet, so nothing else reads or writes these `len` bytes, which
+        // are within its data area (capacity checked above); `lent` holds
+        // the mapping.
+        let dst = unsafe { std::slice::from_raw_parts_mut(data.0, len) };
+        fill(dst);
+    });
+    Ok(lent)
 }
 
 /// A raw pointer that may cross into `py.detach` (see the SAFETY above).

@@ -265,3 +265,30 @@ def test_packed_batches_with_spawned_workers(daemon, files):
         for s in b:
             seen[s.path] = bytes(s.data.numpy())
     assert seen == {k: v for k, v in files.items() if k.startswith("train/")}
+
+
+def test_threads_lending_packed_batches_at_once(daemon, files):
+    # Guards concurrent lending: threads of one process lending packed
+    # batches at once (the outbox is one per process, its lock never held
+    # across the GIL-free copy) each get every sample intact, and none hangs.
+    import threading
+
+    samples = {k: v for k, v in files.items() if k.startswith("train/")}
+    results = {}
+
+    def run(seed):
+        ds = st.IterableDataset(daemon.url, "samples", seed=seed, batch_size=2)
+        got = {}
+        for _ in range(5):
+            for b in ds:
+                for s in b:
+                    got[s.path] = bytes(s.data.numpy())
+        results[seed] = got
+
+    threads = [threading.Thread(target=run, args=(seed,), daemon=True) for seed in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert not any(t.is_alive() for t in threads), "lending threads hung"
+    assert all(results[seed] == samples for seed in range(4))
