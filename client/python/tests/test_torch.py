@@ -67,33 +67,40 @@ RESUME = textwrap.dedent("""
     import json, sys
     from torchdata.stateful_dataloader import StatefulDataLoader
     import storaged.torch as st
-    url, stop, state_in = sys.argv[1], int(sys.argv[2]), sys.argv[3]
-    ds = st.IterableDataset(url, "samples", seed=3, transform=lambda s: s.path)
+    mode, url, stop, state_in = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+    if mode == "packed":
+        ds = st.IterableDataset(url, "samples", seed=3, batch_size=4)
+        dl = StatefulDataLoader(ds, batch_size=None, num_workers=2,
+                                multiprocessing_context="fork")
+    else:
+        ds = st.IterableDataset(url, "samples", seed=3, transform=lambda s: s.path)
+        dl = StatefulDataLoader(ds, batch_size=4, num_workers=2, collate_fn=list,
+                                multiprocessing_context="fork")
     ds.set_epoch(2)
-    dl = StatefulDataLoader(ds, batch_size=4, num_workers=2, collate_fn=list,
-                            multiprocessing_context="fork")
     if state_in != "-":
         dl.load_state_dict(json.load(open(state_in)))
     out = []
     for i, batch in enumerate(dl):
-        out.extend(batch)
+        out.extend(batch.paths if mode == "packed" else batch)
         if stop and i + 1 == stop:
-            json.dump(dl.state_dict(), open(sys.argv[4], "w"))
+            json.dump(dl.state_dict(), open(sys.argv[5], "w"))
             break
     print(json.dumps(out))
 """)
 
 
-def test_resume_mid_epoch_in_a_new_process(daemon, tmp_path):
+@pytest.mark.parametrize("mode", ["per-sample", "packed"])
+def test_resume_mid_epoch_in_a_new_process(daemon, tmp_path, mode):
     # Guards exact resume: stop mid-epoch, save the state, and a new
-    # process continues with exactly the samples not yet seen.
+    # process continues with exactly the samples not yet seen (transformed
+    # samples, and packed batches).
     import torchdata.stateful_dataloader  # noqa: F401  (installed by the test command)
     script = tmp_path / "resume.py"
     script.write_text(RESUME)
     state = tmp_path / "state.json"
 
     def run(*args):
-        out = subprocess.run([sys.executable, str(script), daemon.url, *args],
+        out = subprocess.run([sys.executable, str(script), mode, daemon.url, *args],
                              capture_output=True, text=True, check=True)
         return json.loads(out.stdout.strip().splitlines()[-1])
 
