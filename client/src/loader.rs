@@ -29,7 +29,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use storaged_proto::model::{READ_INTO_ALIGN_BYTES, read_into_span};
+use storaged_proto::model::{READ_INTO_ALIGN_BYTES, REGION_UNKNOWN_METADATA_KEY, read_into_span};
 
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
@@ -773,6 +773,12 @@ async fn fetch(dataset: Dataset, batch: BatchPlan) -> (u64, Result<Batch, Client
     (batch.bytes, result)
 }
 
+/// Whether a call failed because storaged does not know the region it
+/// named (see [`REGION_UNKNOWN_METADATA_KEY`]).
+fn region_unknown(s: &Status) -> bool {
+    s.code() == Code::NotFound && s.metadata().contains_key(REGION_UNKNOWN_METADATA_KEY)
+}
+
 /// Reads one batch into `slot`'s region (the loader holds its only other
 /// `Arc`, so nothing reads the region meanwhile) and hands out the samples
 /// as views of it.
@@ -820,6 +826,18 @@ async fn fetch_shm(
         }
         .await;
         match extents {
+            // storaged does not know the region (it restarted after the
+            // registration, and this client has not yet seen the old
+            // registration end): register a fresh one now, and have the
+            // batch read again.
+            Err(ClientError::Status(s)) if region_unknown(&s) => {
+                let size = region.len() as u64;
+                *region = dataset.client.register_region(size).await?;
+                Err(ClientError::Status(Status::unavailable(format!(
+                    "storaged no longer knew the region ({})",
+                    s.message()
+                ))))
+            }
             // The region's registration ended under the read: storaged
             // went away (a restart forgets regions). That is worth a retry
             // with a fresh registration, whatever code the read got.

@@ -233,6 +233,13 @@ impl std::str::FromStr for StorageClass {
 /// Alignment of region offsets and spans on the `ReadInto` path.
 pub const READ_INTO_ALIGN_BYTES: u64 = 4096;
 
+/// Response metadata key storaged sets (to the region id, in hex) when a
+/// call names a region it does not know: deregistered, or registered with
+/// a storaged that has since restarted. A client that sees it registers a
+/// fresh region rather than treating the call's NOT_FOUND as a missing
+/// object or dataset.
+pub const REGION_UNKNOWN_METADATA_KEY: &str = "storaged-region-unknown";
+
 /// The `ReadInto` contract, shared by server and clients: reading object
 /// bytes `[start, start + len)` of an object of `object_size` bytes uses
 /// region bytes `[region_offset, region_offset + span)`, and byte `start`

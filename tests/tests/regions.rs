@@ -388,6 +388,14 @@ async fn bad_region_requests_get_clear_errors() {
         "{}",
         err.message()
     );
+    // Marked as a region the server does not know (not a missing object or
+    // dataset): a loader registers a fresh one on it.
+    assert_eq!(
+        err.metadata()
+            .get(storaged_proto::model::REGION_UNKNOWN_METADATA_KEY)
+            .and_then(|v| v.to_str().ok()),
+        Some(format!("{id:x}").as_str())
+    );
 
     // Over TCP there are no peer credentials: no regions.
     let tcp = d.client().await;
