@@ -115,12 +115,12 @@ impl RegionError {
 impl From<RegionError> for tonic::Status {
     fn from(e: RegionError) -> Self {
         let mut status = tonic::Status::new(e.code(), e.to_string());
-        if let RegionError::NotFound { id } = e {
-            if let Ok(v) = format!("{id:x}").parse() {
-                status
-                    .metadata_mut()
-                    .insert(storaged_proto::model::REGION_UNKNOWN_METADATA_KEY, v);
-            }
+        if let RegionError::NotFound { id } = e
+            && let Ok(v) = format!("{id:x}").parse()
+        {
+            status
+                .metadata_mut()
+                .insert(storaged_proto::model::REGION_UNKNOWN_METADATA_KEY, v);
         }
         status
     }
