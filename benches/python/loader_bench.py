@@ -15,14 +15,17 @@ epoch): one epoch with DataLoader(batch 256, 4 workers, identity transform).
   queue as shared-memory segments, storaged.torch.Batch), and the same over
   gRPC (`transport="as-given"`); and once more with a consumer that reads
   a byte of every 4 KiB page of each batch (so mapping the segments in the
-  main process is counted, not left to a later consumer);
+  main process is counted, not left to a later consumer); and the second
+  epoch of a DataLoader with persistent workers (steady state: regions and
+  segments reused);
 - the pure-grpcio example's reader in an IterableDataset (ReadBatch of each
   worker's batches);
 - a torchvision-style folder MapDataset reading the same files from a local
   directory (open().read());
 - the Rust loader itself: `storagectl epoch --workers 4 --batch 256`, on
   the same two transports (`--transport auto`: shm; `as-given`: gRPC with
-  read-ahead hints).
+  read-ahead hints), and the second of two epochs in one storagectl
+  process (steady state).
 
 Medians of the repetitions; results.json in --out.
 """
@@ -141,24 +144,34 @@ def main():
             "storaged_torch": lambda e: DataLoader(_iterable(url, e, "auto"), batch_size=None, **kw),
             "storaged_torch_grpc": lambda e: DataLoader(_iterable(url, e, "as-given"), batch_size=None, **kw),
             "storaged_torch_touched": lambda e: DataLoader(_iterable(url, e, "auto"), batch_size=None, **kw),
+            "storaged_torch_persistent": lambda e: DataLoader(_iterable(url, e, "auto"), batch_size=None,
+                                                              persistent_workers=True, **kw),
             "grpcio_example": lambda e: DataLoader(GrpcDataset(addr, "imagenet", paths, e), batch_size=None, **kw),
             "local_folder": lambda e: DataLoader(FolderDataset(work / "src"), batch_size=BATCH, shuffle=True, **kw),
         }
-        results = {k: [] for k in [*systems, "rust_loader", "rust_loader_grpc"]}
+        results = {k: [] for k in [*systems, "rust_loader", "rust_loader_grpc", "rust_loader_2nd_epoch"]}
         for rep in range(reps):
             for name, make in systems.items():
+                loader = make(rep)
+                if name.endswith("_persistent"):
+                    # Steady state: the workers, their regions and their
+                    # segments from a first epoch serve the measured one.
+                    epoch(loader)
                 drop_caches()
-                rate, n = epoch(make(rep), touch=name.endswith("_touched"))
+                rate, n = epoch(loader, touch=name.endswith("_touched"))
+                del loader
                 assert n == count, f"{name} read {n} of {count}"
                 results[name].append(rate)
                 print(f"rep {rep} {name}: {rate:.0f} samples/s", flush=True)
-            for name, transport in [("rust_loader", "auto"), ("rust_loader_grpc", "as-given")]:
+            for name, transport, epochs in [("rust_loader", "auto", 1), ("rust_loader_grpc", "as-given", 1),
+                                            ("rust_loader_2nd_epoch", "auto", 2)]:
                 drop_caches()
-                line = subprocess.run([*ctl, "--transport", transport, "epoch", "imagenet",
-                                       "--workers", str(WORKERS), "--batch", str(BATCH),
-                                       "--epochs", "1", "--seed", str(rep)],
-                                      check=True, capture_output=True, text=True).stdout
-                rate = float(re.search(r"([0-9.]+) samples/s", line).group(1))
+                text = subprocess.run([*ctl, "--transport", transport, "epoch", "imagenet",
+                                      "--workers", str(WORKERS), "--batch", str(BATCH),
+                                      "--epochs", str(epochs), "--seed", str(rep)],
+                                     check=True, capture_output=True, text=True).stdout
+                # The last epoch's line (the second one is the steady state).
+                rate = float(re.findall(r"([0-9.]+) samples/s", text)[-1])
                 results[name].append(rate)
                 print(f"rep {rep} {name}: {rate:.0f} samples/s", flush=True)
     finally:
@@ -174,6 +187,8 @@ def main():
         "storaged_torch_touched_vs_rust_loader": med["storaged_torch_touched"] / med["rust_loader"],
         "storaged_torch_touched_vs_local_folder": med["storaged_torch_touched"] / med["local_folder"],
         "storaged_torch_grpc_vs_rust_loader_grpc": med["storaged_torch_grpc"] / med["rust_loader_grpc"],
+        "storaged_torch_persistent_vs_rust_loader_2nd_epoch":
+            med["storaged_torch_persistent"] / med["rust_loader_2nd_epoch"],
     }
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(summary, indent=2))
