@@ -12,7 +12,10 @@
 //! sends only `(pid, fd, inode, generation, length)`. The receiving
 //! process opens `/proc/<pid>/fd/<fd>`, checks the inode (a reused fd
 //! number is refused) and the header (magic, still lent under that
-//! generation), and maps the same pages: nothing is copied. When the
+//! generation), and maps the same pages: nothing is copied. It keeps the
+//! mapping for the sender's next batches in that segment (a few per
+//! sender, dropped when the sender has exited), since mapping 28 MiB
+//! afresh costs ~3 ms of page-table work per batch. When the
 //! receiver's `Lent` is dropped (its last view gone: buffer exports hold a
 //! reference), it marks the header free; the worker reuses the segment
 //! only then. The sender's own `Lent` gave up that duty when it was
@@ -318,7 +321,104 @@ impl Lent {
 /// generation, length).
 type LentAddress = (u32, c_int, u64, u64, usize);
 
-/// The unpickler of a [`Lent`]: maps the sender's segment.
+/// A sending process's segment mapped here, kept for its next batches.
+struct Attached {
+    pid: u32,
+    fd: c_int,
+    inode: u64,
+    mapping: Arc<Mapping>,
+    last_used: u64,
+}
+
+/// Segments of other processes mapped in this one, for reuse: a worker
+/// cycles through a few segments, and mapping one again costs page-table
+/// entries for every page (about 3 ms per 28 MiB batch, in the training
+/// process, the one that must keep up with every worker), while a kept
+/// mapping costs nothing. At most `ATTACHED_PER_SENDER_MAX` per sending
+/// process (least recently used go first); those of processes that have
+/// exited go at the next attach, so a finished worker's memory is freed
+/// once its batches are.
+static ATTACHED: Mutex<(Vec<Attached>, u64)> = Mutex::new((Vec::new(), 0));
+const ATTACHED_PER_SENDER_MAX: usize = FREE_SEGMENTS_MAX + 2;
+
+fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 only checks that the process exists (and may be
+    // signalled); no memory is passed.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// The mapping of `pid`'s segment `fd` (checked to be `inode`), at least
+/// `len` data bytes long: a kept one, or a new one (then kept).
+fn attached_mapping(pid: u32, fd: c_int, inode: u64, len: usize) -> Result<Arc<Mapping>, String> {
+    let mut guard = ATTACHED.lock().expect("attached lock");
+    let (attached, tick) = &mut *guard;
+    *tick += 1;
+    let now = *tick;
+    let mut alive: Vec<u32> = Vec::new();
+    attached.retain(|a| {
+        if a.pid == pid || alive.contains(&a.pid) {
+            return true;
+        }
+        let exists = process_exists(a.pid);
+        if exists {
+            alive.push(a.pid);
+        }
+        exists
+    });
+    if let Some(a) = attached
+        .iter_mut()
+        .find(|a| (a.pid, a.fd, a.inode) == (pid, fd, inode) && a.mapping.data_capacity() >= len)
+    {
+        a.last_used = now;
+        return Ok(Arc::clone(&a.mapping));
+    }
+    let path = format!("/proc/{pid}/fd/{fd}");
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("{path}: {e}"))?;
+    let meta = file.metadata().map_err(|e| format!("{path}: {e}"))?;
+    let map_len = meta.len() as usize;
+    if meta.ino() != inode || map_len < HEADER_BYTES + len {
+        return Err(format!("{path} is not the segment it was"));
+    }
+    // The whole segment, so later batches in it fit. The pages exist (the
+    // sender wrote them): map them all now, in one call, rather than fault
+    // them in one by one as the consumer reads.
+    let map = memmap2::MmapOptions::new()
+        .len(map_len)
+        .populate()
+        .map_raw(&file)
+        .map_err(|e| format!("mapping {path}: {e}"))?;
+    let mapping = Arc::new(Mapping { map });
+    attached.push(Attached {
+        pid,
+        fd,
+        inode,
+        mapping: Arc::clone(&mapping),
+        last_used: now,
+    });
+    let mine = attached.iter().filter(|a| a.pid == pid).count();
+    if mine > ATTACHED_PER_SENDER_MAX {
+        let oldest = attached
+            .iter()
+            .enumerate()
+            .filter(|(_, a)| a.pid == pid)
+            .min_by_key(|(_, a)| a.last_used)
+            .map(|(i, _)| i)
+            .expect("this sender has entries");
+        attached.swap_remove(oldest);
+    }
+    Ok(mapping)
+}
+
+/// The unpickler of a [`Lent`]: maps the sender's segment (or reuses its
+/// mapping from an earlier batch).
 #[pyfunction]
 pub fn _attach_lent(
     pid: u32,
@@ -333,25 +433,7 @@ pub fn _attach_lent(
              a batch crosses between processes of one host, once"
         ))
     };
-    let path = format!("/proc/{pid}/fd/{fd}");
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)
-        .map_err(|e| gone(format!("{path}: {e}")))?;
-    let meta = file.metadata().map_err(|e| gone(format!("{path}: {e}")))?;
-    let map_len = HEADER_BYTES + len;
-    if meta.ino() != inode || (meta.len() as usize) < map_len {
-        return Err(gone(format!("{path} is not the segment it was")));
-    }
-    // The pages exist (the sender wrote them): map them all now, in one
-    // call, rather than fault them in one by one as the consumer reads.
-    let map = memmap2::MmapOptions::new()
-        .len(map_len)
-        .populate()
-        .map_raw(&file)
-        .map_err(|e| gone(format!("mapping {path}: {e}")))?;
-    let mapping = Arc::new(Mapping { map });
+    let mapping = attached_mapping(pid, fd, inode, len).map_err(gone)?;
     let header = mapping.header();
     let state = header.state.load(Ordering::Acquire);
     if header.magic.load(Ordering::Relaxed) != MAGIC || state != (generation << 1 | 1) {

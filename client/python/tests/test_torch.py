@@ -190,6 +190,12 @@ def _handoff_segments(pid):
     return sum(1 for fd in pathlib.Path(f"/proc/{pid}/fd").iterdir() if "storaged-handoff" in target(fd))
 
 
+def _handoff_mappings():
+    """Handoff segments (distinct memfds) this process has mapped."""
+    with open("/proc/self/maps") as f:
+        return len({line.split()[4] for line in f if "storaged-handoff" in line})
+
+
 def _check_batch(batch, files, listing):
     assert isinstance(batch, st.Batch)
     assert batch.data.dtype == torch.uint8 and len(batch.offsets) == len(batch) + 1
@@ -233,6 +239,15 @@ def test_packed_batches_cross_from_workers_in_shared_memory(daemon, files):
     del loader
     gc.collect()
     assert bytes(view.numpy()) == want
+    # The training process keeps a few mappings per live worker, and lets
+    # those of exited workers go (once no batch of theirs is referenced).
+    del view
+    gc.collect()
+    for _ in range(2):
+        for b in DataLoader(ds, batch_size=None, num_workers=2, multiprocessing_context="fork"):
+            _check_batch(b, files, listing)
+        del b
+    assert _handoff_mappings() <= 2 * 6, _handoff_mappings()
 
 
 def test_a_lent_batch_is_mapped_once_and_bad_handles_are_named(daemon, files):
