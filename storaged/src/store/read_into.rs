@@ -119,6 +119,10 @@ impl Store {
         Vec<(u32, Result<ReadIntoDone, StoreError>)>,
         Vec<(BatchItemPlan, u64)>,
     ) {
+        if self.read_ahead.is_empty() {
+            // The common case without hints: no per-item work at all.
+            return (Vec::new(), group);
+        }
         let lookups = group.iter().map(|(plan, at)| async move {
             let BatchItemPlan::Read {
                 index,

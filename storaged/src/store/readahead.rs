@@ -146,6 +146,11 @@ impl ReadAhead {
 
     /// The verified bytes of `obj` if it was read ahead, waiting for its
     /// read if that is still running. `consume` takes the entry out.
+    /// Nothing is read ahead (no lock taken): callers can skip lookups.
+    pub(super) fn is_empty(&self) -> bool {
+        self.len.load(Ordering::Relaxed) == 0
+    }
+
     async fn lookup(&self, obj: &ObjectRef, consume: bool) -> Option<Arc<[Chunk]>> {
         if self.len.load(Ordering::Relaxed) == 0 {
             return None;
