@@ -108,12 +108,14 @@ fn client_batch(c: &mut Criterion) {
     let endpoints = storaged::server::Endpoints {
         tcp: "127.0.0.1:0".parse().unwrap(),
         unix: dir.path().join("storaged.sock"),
+        unix_access: storaged::server::UnixAccess::default(),
     };
     rt.spawn(async move {
         let limits = ServerLimits::default();
+        let listeners = storaged::server::Listeners::bind(&endpoints).await.unwrap();
         storaged::server::serve(
             server_store,
-            &endpoints,
+            listeners,
             storaged::region::RegionLimits::default(),
             &limits,
             std::future::pending(),

@@ -39,8 +39,46 @@ fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> ClientError + '_ {
     }
 }
 
+/// How to ingest a tree.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IngestOptions {
+    /// Storage class; `None`: the server's default (the reply names it).
+    pub class: Option<storaged_proto::model::StorageClass>,
+    /// Leave out files and directories this process may not read (each is
+    /// named in [`Ingested::skipped`]) instead of failing the ingest.
+    pub skip_unreadable: bool,
+}
+
+/// What an ingest made.
+#[derive(Debug, Clone)]
+pub struct Ingested {
+    pub info: pb::DatasetInfo,
+    /// Local paths left out as unreadable (with `skip_unreadable`), with
+    /// why.
+    pub skipped: Vec<String>,
+}
+
+/// The files of a tree to upload, and what was left out.
+pub(crate) struct Walked {
+    pub files: Vec<(ObjectPath, PathBuf, u64)>,
+    pub skipped: Vec<String>,
+}
+
 /// Regular files under `root` with their object paths, sorted by path.
+#[cfg(test)]
 pub(crate) fn walk(root: &Path) -> Result<Vec<(ObjectPath, PathBuf, u64)>, ClientError> {
+    walk_with(root, false).map(|w| w.files)
+}
+
+/// Whether `e` is a permission problem that `skip_unreadable` may skip.
+fn unreadable(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::PermissionDenied
+}
+
+/// Regular files under `root`, sorted by object path; with
+/// `skip_unreadable`, files and directories that cannot be read are left
+/// out and listed instead of failing the walk.
+pub(crate) fn walk_with(root: &Path, skip_unreadable: bool) -> Result<Walked, ClientError> {
     let meta = std::fs::metadata(root).map_err(io_err(root))?;
     if !meta.is_dir() {
         return Err(ClientError::Io {
@@ -49,9 +87,18 @@ pub(crate) fn walk(root: &Path) -> Result<Vec<(ObjectPath, PathBuf, u64)>, Clien
         });
     }
     let mut out = Vec::new();
+    let mut skipped = Vec::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
-        for entry in std::fs::read_dir(&dir).map_err(io_err(&dir))? {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if skip_unreadable && unreadable(&e) && dir != root => {
+                skipped.push(format!("{}/: {e}", dir.display()));
+                continue;
+            }
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        for entry in entries {
             let entry = entry.map_err(io_err(&dir))?;
             let path = entry.path();
             let ft = entry.file_type().map_err(io_err(&path))?;
@@ -84,25 +131,36 @@ pub(crate) fn walk(root: &Path) -> Result<Vec<(ObjectPath, PathBuf, u64)>, Clien
                 ),
             })?;
             let object = ObjectPath::new(rel_str)?;
+            if skip_unreadable && let Err(e) = std::fs::File::open(&path) {
+                if unreadable(&e) {
+                    skipped.push(format!("{}: {e}", path.display()));
+                    continue;
+                }
+                return Err(io_err(&path)(e));
+            }
             out.push((object, path, meta.len()));
         }
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    Ok(out)
+    skipped.sort();
+    Ok(Walked {
+        files: out,
+        skipped,
+    })
 }
 
 pub(crate) async fn ingest_dir(
     mut rpc: StoragedClient<Channel>,
     name: DatasetName,
     root: &Path,
-    class: Option<storaged_proto::model::StorageClass>,
+    options: IngestOptions,
     mut progress: impl FnMut(IngestProgress) + Send + 'static,
-) -> Result<pb::DatasetInfo, ClientError> {
-    let (storage_class, ec_data_units, ec_parity_units) = match class {
+) -> Result<Ingested, ClientError> {
+    let (storage_class, ec_data_units, ec_parity_units) = match options.class {
         Some(c) => c.to_wire(),
         None => (pb::StorageClass::Unspecified, 0, 0),
     };
-    let files = walk(root)?;
+    let Walked { files, skipped } = walk_with(root, options.skip_unreadable)?;
     let mut p = IngestProgress {
         total_bytes: files.iter().map(|f| f.2).sum(),
         total_objects: files.len() as u64,
@@ -130,7 +188,17 @@ pub(crate) async fn ingest_dir(
         .await?;
         let mut total = 0u64;
         for (object, path, _) in &files {
-            let mut f = tokio::fs::File::open(path).await.map_err(io_err(path))?;
+            let mut f = tokio::fs::File::open(path).await.map_err(|e| {
+                let hint = if unreadable(&e) {
+                    " (--skip-unreadable leaves such files out)"
+                } else {
+                    ""
+                };
+                ClientError::Io {
+                    path: format!("{}{hint}", path.display()),
+                    source: e,
+                }
+            })?;
             let size = f.metadata().await.map_err(io_err(path))?.len();
             if size <= WHOLE_FILE_CRC_BYTES_MAX {
                 let mut buf = Vec::with_capacity(size as usize);
@@ -203,7 +271,7 @@ pub(crate) async fn ingest_dir(
         .into_inner()
         .dataset
         .ok_or_else(|| ClientError::Protocol("ingest response without dataset".into()))?;
-    Ok(info)
+    Ok(Ingested { info, skipped })
 }
 
 #[cfg(test)]

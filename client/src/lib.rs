@@ -30,7 +30,7 @@ use storaged_proto::{DatasetName, NameError, ObjectPath};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
-pub use ingest::IngestProgress;
+pub use ingest::{IngestOptions, IngestProgress, Ingested};
 pub use loader::{
     Batch, LOADER_HINT_BYTES_MAX, Loader, LoaderOptions, LoaderStats, Plan, ReadPath, Sample,
 };
@@ -43,11 +43,13 @@ pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        url: String,
-        source: tonic::transport::Error,
-    },
+    /// The reason is the transport's cause chain, each cause once, with
+    /// what to check (not a `source`: chains would print it twice).
+    #[error("cannot connect to {url}: {reason}")]
+    Connect { url: String, reason: String },
+    /// The URL cannot be used as given (unknown or unsupported scheme).
+    #[error("{url:?}: {reason}")]
+    BadUrl { url: String, reason: String },
     #[error("{}: {}", code_name(.0.code()), .0.message())]
     Status(Status),
     #[error(transparent)]
@@ -166,6 +168,9 @@ pub struct Client {
     /// Connected over storaged's Unix socket: same host, so memory regions
     /// (the zero-copy path) are available.
     local: bool,
+    /// Why `connect_auto` stayed on TCP (for the errors of calls that need
+    /// the Unix socket).
+    not_local_because: Option<std::sync::Arc<str>>,
     /// Idle regions, shared by clones, reused by loaders.
     regions: std::sync::Arc<region::RegionCache>,
 }
@@ -175,9 +180,13 @@ impl Client {
     /// `unix:///path/to/storaged.sock` for a server on this host, which
     /// also enables memory regions ([`Client::register_region`]).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
-        let connect_err = |source| ClientError::Connect {
+        check_url(url)?;
+        let connect_err = |source: tonic::transport::Error| ClientError::Connect {
             url: url.to_owned(),
-            source,
+            reason: format!(
+                "{} (is storaged running at {url}? start it with `storaged serve`)",
+                error_chain(&source)
+            ),
         };
         let unix_path = url.strip_prefix("unix://").map(std::path::PathBuf::from);
         // A Unix socket still needs an HTTP authority; it is not used.
@@ -218,6 +227,7 @@ impl Client {
             rpc,
             retry: RetryPolicy::default(),
             local: unix_path.is_some(),
+            not_local_because: None,
             regions: std::sync::Arc::default(),
         })
     }
@@ -231,23 +241,58 @@ impl Client {
     /// another server behind it) it is the TCP connection as given.
     pub async fn connect_auto(url: &str) -> Result<Self, ClientError> {
         let tcp = Self::connect(url).await?;
-        if tcp.is_local() || !is_loopback_url(url) {
+        if tcp.is_local() {
             return Ok(tcp);
         }
-        let Ok(advertised) = tcp.status().await else {
-            return Ok(tcp);
+        // Why the Unix socket was not taken, for errors that need it.
+        let tcp_because = |why: String| Self {
+            not_local_because: Some(std::sync::Arc::from(why)),
+            ..tcp.clone()
+        };
+        if !is_loopback_url(url) {
+            return Ok(tcp_because(format!("{url} is not a loopback address")));
+        }
+        let advertised = match tcp.status().await {
+            Ok(s) => s,
+            Err(e) => return Ok(tcp_because(format!("Status failed: {e}"))),
         };
         if advertised.unix_socket_path.is_empty() {
-            return Ok(tcp);
+            return Ok(tcp_because(
+                "the server advertises no Unix socket".to_owned(),
+            ));
         }
-        let unix_url = format!("unix://{}", advertised.unix_socket_path);
-        let Ok(local) = Self::connect(&unix_url).await else {
-            return Ok(tcp);
+        let socket = &advertised.unix_socket_path;
+        // Checked first for a clear message: connecting needs write
+        // permission on the socket file (storaged's `unix_mode` and
+        // `unix_group` say who has it).
+        if let Err(e) = unix_socket_writable(socket) {
+            return Ok(tcp_because(format!(
+                "this process may not use storaged's Unix socket {socket}: {e} (the server's unix_mode / unix_group decide who may)"
+            )));
+        }
+        let unix_url = format!("unix://{socket}");
+        let local = match Self::connect(&unix_url).await {
+            Ok(local) => local,
+            Err(e) => {
+                return Ok(tcp_because(format!(
+                    "cannot connect to storaged's Unix socket {socket}: {e}"
+                )));
+            }
         };
         match local.status().await {
             Ok(s) if s.pool_id == advertised.pool_id => Ok(local),
-            _ => Ok(tcp),
+            Ok(_) => Ok(tcp_because(format!(
+                "the server behind {socket} has another pool"
+            ))),
+            Err(e) => Ok(tcp_because(format!("Status over {socket} failed: {e}"))),
         }
+    }
+
+    /// Why this TCP connection is not on the server's Unix socket, when
+    /// [`connect_auto`](Self::connect_auto) tried; shown by calls that need
+    /// a same-host connection.
+    pub fn not_local_because(&self) -> Option<&str> {
+        self.not_local_because.as_deref()
     }
 
     /// Whether this connection is to a server on this host (Unix socket).
@@ -322,11 +367,30 @@ impl Client {
         class: Option<storaged_proto::model::StorageClass>,
         progress: impl FnMut(IngestProgress) + Send + 'static,
     ) -> Result<DatasetInfo, ClientError> {
+        let options = IngestOptions {
+            class,
+            ..IngestOptions::default()
+        };
+        Ok(self
+            .ingest_dir_with(name, dir, options, progress)
+            .await?
+            .info)
+    }
+
+    /// [`ingest_dir`](Self::ingest_dir) with every option; says what was
+    /// left out.
+    pub async fn ingest_dir_with(
+        &self,
+        name: &str,
+        dir: &std::path::Path,
+        options: IngestOptions,
+        progress: impl FnMut(IngestProgress) + Send + 'static,
+    ) -> Result<Ingested, ClientError> {
         ingest::ingest_dir(
             self.rpc.clone(),
             DatasetName::new(name)?,
             dir,
-            class,
+            options,
             progress,
         )
         .await
@@ -573,7 +637,9 @@ impl Dataset {
 
     /// Like [`read_batch`](Self::read_batch), but results come as items
     /// complete (each tagged with its index), so no item waits behind a
-    /// slower one. Items over 64 MiB fail in this mode.
+    /// slower one. Items over
+    /// [`BATCH_ANY_ORDER_ITEM_BYTES_MAX`](storaged_proto::model::BATCH_ANY_ORDER_ITEM_BYTES_MAX)
+    /// fail in this mode (RESOURCE_EXHAUSTED): read them in order.
     pub fn read_batch_any_order(
         &self,
         items: Vec<BatchItem>,
@@ -766,12 +832,101 @@ mod tests {
         assert_eq!(calls, 1, "only UNAVAILABLE is retried");
     }
 
+    // Guards against https:// URLs being used as plaintext and URLs without
+    // a scheme failing with an unclear message (issue 13, items 7 and 15).
+    #[tokio::test]
+    async fn urls_that_cannot_work_are_refused_by_name() {
+        let e = Client::connect("https://127.0.0.1:1").await.unwrap_err();
+        assert!(matches!(e, ClientError::BadUrl { .. }), "{e}");
+        assert!(e.to_string().contains("TLS is not supported"), "{e}");
+        let e = Client::connect("127.0.0.1:7400").await.unwrap_err();
+        assert!(e.to_string().contains("add http:// to the URL"), "{e}");
+        let e = Client::connect("ftp://x").await.unwrap_err();
+        assert!(e.to_string().contains("unknown scheme"), "{e}");
+    }
+
+    // Guards against connection errors repeating their causes
+    // ("transport error: transport error: tcp connect error: ...") and not
+    // saying what to check.
+    #[tokio::test]
+    async fn connect_errors_name_each_cause_once() {
+        // A port nothing listens on: bind, note the port, close.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let url = format!("http://127.0.0.1:{port}");
+        let e = Client::connect(&url).await.unwrap_err();
+        let text = error_chain(&e);
+        assert!(text.contains("is storaged running at"), "{text}");
+        for part in ["transport error", "tcp connect error"] {
+            assert!(text.matches(part).count() <= 1, "{part} repeated: {text}");
+        }
+    }
+
     #[test]
     fn error_display_names_the_code() {
         let e = ClientError::from(Status::new(Code::DataLoss, "bad block"));
         assert_eq!(e.to_string(), "DATA_LOSS: bad block");
         assert_eq!(e.code(), Some(Code::DataLoss));
     }
+}
+
+/// Refuses URLs the client cannot use as given, before any connection:
+/// `https://` (TLS does not exist yet, and silently sending plaintext to a
+/// URL that asks for TLS would be worse than failing), and addresses
+/// without a scheme.
+fn check_url(url: &str) -> Result<(), ClientError> {
+    let bad = |reason: &str| {
+        Err(ClientError::BadUrl {
+            url: url.to_owned(),
+            reason: reason.to_owned(),
+        })
+    };
+    match url.split_once("://") {
+        Some(("http" | "unix", _)) => Ok(()),
+        Some(("https", _)) => bad(
+            "TLS is not supported yet, and an https:// URL is never sent as plaintext; use http:// on a trusted network, or unix:// on this host",
+        ),
+        Some((scheme, _)) => bad(&format!(
+            "unknown scheme {scheme:?}: use http://HOST:PORT or unix:///path/storaged.sock"
+        )),
+        None => bad(&format!(
+            "no scheme: add http:// to the URL (http://{url}), or use unix:///path/storaged.sock"
+        )),
+    }
+}
+
+/// Whether this process may connect to the Unix socket at `path` (write
+/// permission on the socket file, as `connect(2)` checks it).
+fn unix_socket_writable(path: &str) -> std::io::Result<()> {
+    let c = std::ffi::CString::new(path)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "NUL in path"))?;
+    // SAFETY: `c` is a valid NUL-terminated string for the duration of the
+    // call; access(2) only reads it.
+    if unsafe { libc::access(c.as_ptr(), libc::W_OK) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// An error and its causes, each once: libraries often repeat their
+/// source's message in their own ("transport error: transport error"), so
+/// a cause already contained in the text so far is left out.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let part = c.to_string();
+        if !part.is_empty() && !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// Whether `url` names a loopback address (`localhost`, 127.0.0.0/8, ::1).

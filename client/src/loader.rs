@@ -29,7 +29,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use storaged_proto::model::{READ_INTO_ALIGN_BYTES, REGION_UNKNOWN_METADATA_KEY, read_into_span};
+use storaged_proto::model::{
+    BATCH_ANY_ORDER_ITEM_BYTES_MAX, READ_INTO_ALIGN_BYTES, REGION_UNKNOWN_METADATA_KEY,
+    read_into_span,
+};
 
 use bytes::Bytes;
 use futures::stream::FuturesOrdered;
@@ -85,9 +88,9 @@ impl Plan {
 
     /// Object indices of batch `batch` (of `batch_size` samples) of *every*
     /// worker of this rank: the window a read-ahead hint names. Workers
-    /// take the rank's order round-robin, so their batch `b`s together are
-    /// one contiguous stretch of it, whole shuffle blocks of neighbours on
-    /// disk, which storaged then reads with merged device reads. After a
+    /// take the rank's order round-robin (by sample, or by batch), so their
+    /// batch `b`s together are one contiguous stretch of it, which storaged
+    /// reads sorted by (device, offset) with neighbours merged. After a
     /// resume, only this worker's own batch.
     fn hint_window(&self, batch: usize, batch_size: usize) -> &[u64] {
         match &self.rank_order {
@@ -101,6 +104,37 @@ impl Plan {
                 &self.indices[start..(start + batch_size).min(self.indices.len())]
             }
         }
+    }
+
+    /// Like [`new`](Self::new), but dealing the rank's sequence to the
+    /// workers a batch at a time (batch `i` of `batch_size` samples to
+    /// worker `i % num_workers`), as PyTorch's DataLoader deals the batches
+    /// of a map-style dataset: the workers' batches, taken round-robin, are
+    /// then exactly the rank's sequence in order, and the rank's batch
+    /// count does not depend on the worker count.
+    pub fn batch_dealt(
+        objects: Arc<[ObjectInfo]>,
+        spec: PlanSpec,
+        batch_size: usize,
+    ) -> Result<Self, PlanError> {
+        // Validates the spec (worker in range, ...), and is the rank's
+        // sequence once dealt to a single worker.
+        worker_sequence(objects.len() as u64, &spec, None)?;
+        let order: Arc<[u64]> = rank_sequence(objects.len() as u64, &spec)?.into();
+        let workers = spec.num_workers as usize;
+        let indices = order
+            .chunks(batch_size.max(1))
+            .skip(spec.worker as usize)
+            .step_by(workers)
+            .flatten()
+            .copied()
+            .collect();
+        Ok(Self {
+            spec,
+            objects,
+            indices,
+            rank_order: Some(order),
+        })
     }
 
     /// This plan without its first `n` samples: what is left of one
@@ -721,31 +755,27 @@ async fn fetch_retrying(
     }
 }
 
-/// Reads one batch with a completion-order `ReadBatch` and puts the samples
-/// back in plan order. Returns the batch's planned bytes with the result.
+/// Reads one batch and puts the samples back in plan order. Objects up to
+/// [`BATCH_ANY_ORDER_ITEM_BYTES_MAX`] go in one completion-order
+/// `ReadBatch`; larger ones (shards), and any item storaged refuses in that
+/// mode (a server configured with a lower limit), are read with in-order
+/// `Read` streams, which storaged sends in message-sized pieces. Returns
+/// the batch's planned bytes with the result.
 async fn fetch(dataset: Dataset, batch: BatchPlan) -> (u64, Result<Batch, ClientError>) {
-    let items = batch
-        .samples
-        .iter()
-        .map(|(_, path, _)| BatchItem {
-            path: path.clone(),
-            offset: 0,
-            length: None,
-        })
-        .collect();
-    let in_flight = (batch.samples.len() as u32).min(LOADER_CALL_IN_FLIGHT_MAX);
+    let (large, small): (Vec<usize>, Vec<usize>) = (0..batch.samples.len())
+        .partition(|&i| batch.samples[i].2 > BATCH_ANY_ORDER_ITEM_BYTES_MAX);
     let mut data: Vec<Option<Bytes>> = vec![None; batch.samples.len()];
-    let mut results = Box::pin(dataset.read_batch_any_order(items, in_flight));
     let outcome: Result<(), ClientError> = async {
-        while let Some(result) = results.next().await {
-            let result = result?;
-            let slot = data.get_mut(result.index as usize).ok_or_else(|| {
-                ClientError::Protocol(format!("batch item {} does not exist", result.index))
+        let refused = fetch_any_order(&dataset, &batch, &small, &mut data).await?;
+        for i in large.into_iter().chain(refused) {
+            let (_, path, _) = &batch.samples[i];
+            let bytes = dataset.read(path).await.map_err(|e| match e {
+                ClientError::Status(s) => {
+                    ClientError::Status(Status::new(s.code(), format!("{path}: {}", s.message())))
+                }
+                e => e,
             })?;
-            let (_, path, _) = &batch.samples[result.index as usize];
-            *slot = Some(result.data.map_err(|s| {
-                ClientError::Status(Status::new(s.code(), format!("{path}: {}", s.message())))
-            })?);
+            data[i] = Some(bytes);
         }
         Ok(())
     }
@@ -771,6 +801,50 @@ async fn fetch(dataset: Dataset, batch: BatchPlan) -> (u64, Result<Batch, Client
         })
     });
     (batch.bytes, result)
+}
+
+/// Reads the samples `which` (positions in `batch`) with one
+/// completion-order `ReadBatch` into `data`. Returns the positions storaged
+/// refused as too large for that mode (RESOURCE_EXHAUSTED), for an
+/// in-order read.
+async fn fetch_any_order(
+    dataset: &Dataset,
+    batch: &BatchPlan,
+    which: &[usize],
+    data: &mut [Option<Bytes>],
+) -> Result<Vec<usize>, ClientError> {
+    if which.is_empty() {
+        return Ok(Vec::new());
+    }
+    let items = which
+        .iter()
+        .map(|&i| BatchItem {
+            path: batch.samples[i].1.clone(),
+            offset: 0,
+            length: None,
+        })
+        .collect();
+    let in_flight = (which.len() as u32).min(LOADER_CALL_IN_FLIGHT_MAX);
+    let mut results = Box::pin(dataset.read_batch_any_order(items, in_flight));
+    let mut refused = Vec::new();
+    while let Some(result) = results.next().await {
+        let result = result?;
+        let &i = which.get(result.index as usize).ok_or_else(|| {
+            ClientError::Protocol(format!("batch item {} does not exist", result.index))
+        })?;
+        let (_, path, _) = &batch.samples[i];
+        match result.data {
+            Ok(bytes) => data[i] = Some(bytes),
+            Err(s) if s.code() == Code::ResourceExhausted => refused.push(i),
+            Err(s) => {
+                return Err(ClientError::Status(Status::new(
+                    s.code(),
+                    format!("{path}: {}", s.message()),
+                )));
+            }
+        }
+    }
+    Ok(refused)
 }
 
 /// Whether a call failed because storaged does not know the region it

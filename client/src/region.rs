@@ -283,9 +283,13 @@ impl Client {
     /// to 4 KiB). Needs a `unix://` connection.
     pub async fn register_region(&self, size_bytes: u64) -> Result<Region, ClientError> {
         if !self.local {
-            return Err(ClientError::InvalidArgument(
-                "memory regions need a unix:// connection to a storaged on this host".into(),
-            ));
+            let because = match self.not_local_because() {
+                Some(why) => format!(" (this connection is TCP: {why})"),
+                None => String::new(),
+            };
+            return Err(ClientError::InvalidArgument(format!(
+                "memory regions need a unix:// connection to a storaged on this host{because}"
+            )));
         }
         let size_bytes = size_bytes.max(1).next_multiple_of(READ_INTO_ALIGN_BYTES);
         let dir = Path::new(REGION_DIR);

@@ -233,6 +233,13 @@ impl std::str::FromStr for StorageClass {
 /// Alignment of region offsets and spans on the `ReadInto` path.
 pub const READ_INTO_ALIGN_BYTES: u64 = 4096;
 
+/// Largest item of an any-order `ReadBatch` (storaged holds each such item
+/// whole while it waits to be sent); larger items fail with
+/// RESOURCE_EXHAUSTED and must be read in order (`Read`, or an in-order
+/// `ReadBatch`), which streams them in pieces. Shared so clients route
+/// large objects before asking.
+pub const BATCH_ANY_ORDER_ITEM_BYTES_MAX: u64 = 64 << 20;
+
 /// Response metadata key storaged sets (to the region id, in hex) when a
 /// call names a region it does not know: deregistered, or registered with
 /// a storaged that has since restarted. A client that sees it registers a

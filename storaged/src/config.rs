@@ -38,12 +38,18 @@ pub struct FileConfig {
     pub max_concurrent_streams: Option<u32>,
     pub worker_threads: Option<usize>,
     pub unix: Option<PathBuf>,
+    /// Octal permission bits of the Unix socket, e.g. "0660" or "0666".
+    pub unix_mode: Option<String>,
+    /// Group of the Unix socket (name or id).
+    pub unix_group: Option<String>,
     pub region_bytes_per_client: Option<String>,
     pub region_bytes_total: Option<String>,
     pub degraded_cache: Option<String>,
     pub scrub_rate_mib_s: Option<u64>,
     pub scrub_interval_s: Option<u64>,
     pub replace_checkpoint: Option<String>,
+    /// Give freed space back to the devices (hole punching, TRIM).
+    pub discard: Option<bool>,
 }
 
 impl FileConfig {
@@ -105,7 +111,7 @@ impl Default for StoreLimits {
             batch_in_flight_default: 64,
             batch_in_flight_max: 512,
             batch_reorder_bytes_max: 32 << 20,
-            batch_any_order_item_bytes_max: 64 << 20,
+            batch_any_order_item_bytes_max: storaged_proto::model::BATCH_ANY_ORDER_ITEM_BYTES_MAX,
             batch_items_max: 100_000,
             read_merge_bytes_max: 1 << 20,
             hint_items_max: 4096,
@@ -136,6 +142,9 @@ pub struct StoreConfig {
     pub queue_depth_per_device_max: u32,
     pub buffer_pool_bytes: u64,
     pub limits: StoreLimits,
+    /// Freed space is given back to the devices (punched holes in device
+    /// files, BLKDISCARD on block devices) by a background thread.
+    pub discard: bool,
     /// Seeded fault injection (hidden `--fault-inject SPEC`; tests and
     /// reliability campaigns only). See `engine::fault::FaultSpec`.
     pub fault_inject: Option<crate::engine::fault::FaultSpec>,
@@ -157,6 +166,7 @@ impl StoreConfig {
             queue_depth_per_device_max: 32,
             buffer_pool_bytes: 256 << 20,
             limits: StoreLimits::default(),
+            discard: true,
             fault_inject: None,
         }
     }
@@ -201,6 +211,8 @@ pub struct ServeConfig {
     /// Unix socket for same-host clients (and the only way to register
     /// memory regions).
     pub unix: PathBuf,
+    /// Who may use the Unix socket.
+    pub unix_access: crate::server::UnixAccess,
     pub regions: crate::region::RegionLimits,
     pub store: StoreConfig,
     pub server: ServerLimits,
@@ -223,6 +235,17 @@ pub struct ServeFlags {
     pub fault_inject: Option<String>,
 }
 
+/// Octal permission bits ("0660", "660", "0o666"), at most 0o777.
+fn parse_mode(v: &str) -> Result<u32, String> {
+    let digits = v.trim_start_matches("0o");
+    match u32::from_str_radix(digits, 8) {
+        Ok(m) if m <= 0o777 => Ok(m),
+        _ => Err(format!(
+            "unix_mode {v:?}: expected octal permission bits such as \"0660\" or \"0666\""
+        )),
+    }
+}
+
 fn size_field(name: &str, v: &str) -> Result<u64, String> {
     parse_size(v).map_err(|e| format!("{name}: {e}"))
 }
@@ -242,6 +265,11 @@ impl ServeConfig {
             .unix
             .or(file.unix)
             .unwrap_or_else(|| data_dir.join("storaged.sock"));
+        let mut unix_access = crate::server::UnixAccess::default();
+        if let Some(m) = &file.unix_mode {
+            unix_access.mode = parse_mode(m)?;
+        }
+        unix_access.group = file.unix_group.clone();
         let mut regions = crate::region::RegionLimits::default();
         if let Some(s) = file.region_bytes_per_client {
             regions.bytes_per_client_max = size_field("region_bytes_per_client", &s)?;
@@ -307,6 +335,9 @@ impl ServeConfig {
         if let Some(s) = file.replace_checkpoint {
             store.limits.replace_checkpoint_bytes = size_field("replace_checkpoint", &s)?.max(1);
         }
+        if let Some(d) = file.discard {
+            store.discard = d;
+        }
         if let Some(spec) = &flags.fault_inject {
             store.fault_inject = Some(
                 spec.parse()
@@ -328,6 +359,7 @@ impl ServeConfig {
         let cfg = Self {
             listen,
             unix,
+            unix_access,
             regions,
             store,
             server,
@@ -422,20 +454,39 @@ mod tests {
         );
     }
 
+    /// Resolves a config file holding `text` (written under `dir`).
+    fn resolve_file(dir: &Path, text: &str) -> Result<ServeConfig, String> {
+        let p = dir.join("c.toml");
+        std::fs::write(&p, text).unwrap();
+        ServeConfig::resolve(ServeFlags {
+            config: Some(p),
+            ..Default::default()
+        })
+    }
+
+    // Guards against the Unix socket's access being fixed (root-owned 0755
+    // locked every other user out of the same-host path): mode and group
+    // come from the config, bad modes are refused by name.
+    #[test]
+    fn unix_socket_access_is_configurable() {
+        let dir = tempfile::tempdir().unwrap();
+        let resolve = |text: &str| resolve_file(dir.path(), text);
+        assert_eq!(resolve("").unwrap().unix_access.mode, 0o660);
+        let c = resolve("unix_mode = \"0666\"\nunix_group = \"users\"\n").unwrap();
+        assert_eq!(c.unix_access.mode, 0o666);
+        assert_eq!(c.unix_access.group.as_deref(), Some("users"));
+        let err = resolve("unix_mode = \"rw\"\n").unwrap_err();
+        assert!(err.contains("unix_mode"), "{err}");
+        assert!(resolve("unix_mode = \"01777\"\n").is_err());
+    }
+
     // Guards against a small buffer_pool failing to start because of the
     // read-ahead default: the cache follows the pool unless set, and an
     // explicit one over half the pool is refused by name.
     #[test]
     fn read_ahead_cache_follows_the_pool() {
         let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("c.toml");
-        let resolve = |text: &str| {
-            std::fs::write(&p, text).unwrap();
-            ServeConfig::resolve(ServeFlags {
-                config: Some(p.clone()),
-                ..Default::default()
-            })
-        };
+        let resolve = |text: &str| resolve_file(dir.path(), text);
         let c = ServeConfig::resolve(ServeFlags::default()).unwrap();
         assert_eq!(c.store.limits.hint_cache_bytes_max, 96 << 20);
         let c = resolve("buffer_pool = \"16MiB\"\n").unwrap();

@@ -227,6 +227,12 @@ pub trait IoBackend: Send + Sync + 'static {
     fn read_foreign(&self, read: ForeignRead) -> ForeignReadFuture;
     /// Makes completed writes of `device` durable (fdatasync). Blocking.
     fn sync(&self, device: u32) -> io::Result<()>;
+    /// Gives `[offset, offset + len)` of `device` back to the device: a
+    /// punched hole in a regular file, a discard (TRIM) on a block device.
+    /// The range then reads as zeros or as whatever the device keeps; the
+    /// caller must own it (no data, no I/O in flight). Blocking.
+    /// `ErrorKind::Unsupported` where the device cannot do it.
+    fn discard(&self, device: u32, offset: u64, len: u64) -> io::Result<()>;
     fn device_count(&self) -> u32;
     /// Registers `[base, base + len)` with the kernel for reads, where the
     /// engine and the kernel allow it (io_uring fixed buffers; the pages
@@ -240,6 +246,52 @@ pub trait IoBackend: Send + Sync + 'static {
         let _ = (base, len);
         None
     }
+}
+
+/// [`IoBackend::discard`] for one opened device: `fallocate(PUNCH_HOLE)`
+/// on a regular file (its blocks go back to the file system), `BLKDISCARD`
+/// on a block device.
+pub fn discard_file(file: &File, offset: u64, len: u64) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileTypeExt;
+    if len == 0 {
+        return Ok(());
+    }
+    let kind = file.metadata()?.file_type();
+    let fd = file.as_raw_fd();
+    let rc = if kind.is_file() {
+        // SAFETY: fallocate on an fd this engine owns; no memory is passed.
+        unsafe {
+            libc::fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset as libc::off_t,
+                len as libc::off_t,
+            )
+        }
+    } else if kind.is_block_device() {
+        /// `_IO(0x12, 119)` from <linux/fs.h>.
+        const BLKDISCARD: libc::c_ulong = 0x1277;
+        let range: [u64; 2] = [offset, len];
+        // SAFETY: BLKDISCARD reads two u64 (start, length) from the
+        // pointer, which points at `range` for the whole call.
+        unsafe { libc::ioctl(fd, BLKDISCARD as _, range.as_ptr()) }
+    } else {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "neither a regular file nor a block device",
+        ));
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    Err(match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EINVAL) => {
+            io::Error::new(io::ErrorKind::Unsupported, e)
+        }
+        _ => e,
+    })
 }
 
 /// Which engine to build.

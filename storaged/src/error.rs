@@ -8,6 +8,18 @@ use crate::catalog::CatalogError;
 use crate::device::DeviceError;
 
 /// Why the store could not open. Start-up only; never a gRPC status.
+/// "offset O (length L) is past the end of P (S bytes)": the range asked
+/// for, never a derived one (its end), so the user finds their numbers.
+fn out_of_range_text(path: &str, offset: u64, length: Option<u64>, size: u64) -> String {
+    match length {
+        Some(l) => format!(
+            "range at offset {offset} with length {l} ends at {} past the end of {path:?} ({size} bytes)",
+            offset.saturating_add(l)
+        ),
+        None => format!("offset {offset} is past the end of {path:?} ({size} bytes)"),
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
     #[error("cannot create data dir {path}: {source}")]
@@ -52,10 +64,12 @@ pub enum StoreError {
     IngestInProgress(String),
     #[error("object {path:?} appears twice in the ingest of {dataset:?}")]
     DuplicateObject { dataset: String, path: String },
-    #[error("range at offset {offset} is past the end of {path:?} ({size} bytes)")]
+    /// The range as the client asked for it (`length: None`: to the end).
+    #[error("{}", out_of_range_text(path, *offset, *length, *size))]
     OutOfRange {
         path: String,
         offset: u64,
+        length: Option<u64>,
         size: u64,
     },
     #[error(

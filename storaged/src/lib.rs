@@ -13,6 +13,7 @@ pub mod buf;
 pub mod catalog;
 pub mod config;
 pub mod device;
+pub mod dirlock;
 pub mod ec;
 pub mod engine;
 pub mod error;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use storaged::config::{ServeConfig, ServeFlags};
+use storaged::dirlock::DataDirLock;
 use storaged::engine::EngineKind;
 use storaged::store::Store;
 
@@ -72,7 +73,18 @@ enum Command {
 
 fn main() {
     if let Err(e) = run() {
-        eprintln!("storaged: error: {e:#}");
+        // Each cause once: libraries often repeat their source's message.
+        let mut text = String::new();
+        for cause in e.chain() {
+            let part = cause.to_string();
+            if text.is_empty() {
+                text = part;
+            } else if !text.contains(&part) {
+                text.push_str(": ");
+                text.push_str(&part);
+            }
+        }
+        eprintln!("storaged: error: {text}");
         std::process::exit(1);
     }
 }
@@ -126,6 +138,16 @@ fn run() -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    // Nothing is written before the port is known to be ours: a port in
+    // use fails here, before the data dir or any device file exists.
+    let tcp = storaged::server::bind_tcp(cfg.listen).await?;
+    let _dir_lock = DataDirLock::acquire(&cfg.store.data_dir)?;
+    let endpoints = storaged::server::Endpoints {
+        tcp: cfg.listen,
+        unix: cfg.unix.clone(),
+        unix_access: cfg.unix_access.clone(),
+    };
+    let listeners = storaged::server::Listeners::with_tcp(tcp, &endpoints)?;
     let store = Store::open(&cfg.store)?;
     storaged::store::scrub::spawn_background(&store);
     let shutdown = async {
@@ -136,13 +158,9 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             _ = term.recv() => {}
         }
     };
-    let endpoints = storaged::server::Endpoints {
-        tcp: cfg.listen,
-        unix: cfg.unix.clone(),
-    };
     storaged::server::serve(
         store,
-        &endpoints,
+        listeners,
         cfg.regions,
         &cfg.server,
         shutdown,

@@ -45,6 +45,111 @@ pub enum ServeError {
 pub struct Endpoints {
     pub tcp: SocketAddr,
     pub unix: PathBuf,
+    /// Who may connect to the Unix socket (and so register memory
+    /// regions): the socket file's mode and group after binding.
+    pub unix_access: UnixAccess,
+}
+
+/// Owner, group and mode of the Unix socket file. Connecting needs write
+/// permission on it, so the mode decides which local users get the
+/// same-host (zero-copy) path; the others use TCP.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnixAccess {
+    /// Permission bits, e.g. 0o660 (owner and group) or 0o666 (every local
+    /// user: no more than TCP on loopback already allows).
+    pub mode: u32,
+    /// Group owning the socket (name or numeric id); `None`: storaged's.
+    pub group: Option<String>,
+}
+
+impl Default for UnixAccess {
+    fn default() -> Self {
+        Self {
+            mode: 0o660,
+            group: None,
+        }
+    }
+}
+
+/// Numeric id of group `name` (a name, or digits).
+fn group_id(name: &str) -> Result<libc::gid_t, String> {
+    if let Ok(gid) = name.parse::<libc::gid_t>() {
+        return Ok(gid);
+    }
+    let c = std::ffi::CString::new(name).map_err(|_| format!("group {name:?} contains NUL"))?;
+    // SAFETY: `c` is NUL-terminated and outlives the call; getgrnam returns
+    // a pointer to static storage (or NULL) that is read at once, before
+    // any other call could reuse it (storaged resolves groups only here, at
+    // start).
+    let entry = unsafe { libc::getgrnam(c.as_ptr()) };
+    if entry.is_null() {
+        return Err(format!("unix_group {name:?}: no such group"));
+    }
+    // SAFETY: non-NULL: a valid `group` record, see above.
+    Ok(unsafe { (*entry).gr_gid })
+}
+
+/// Sets the socket file's group and mode.
+fn apply_unix_access(path: &Path, access: &UnixAccess) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(group) = &access.group {
+        let gid = group_id(group)?;
+        std::os::unix::fs::chown(path, None, Some(gid))
+            .map_err(|e| format!("setting group {group:?}: {e}"))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(access.mode))
+        .map_err(|e| format!("setting mode {:o}: {e}", access.mode))
+}
+
+/// Binds the TCP listener (writes nothing anywhere).
+pub async fn bind_tcp(addr: SocketAddr) -> Result<tokio::net::TcpListener, ServeError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind { addr, source })
+}
+
+/// The bound listeners. Bound before storaged opens (and perhaps formats)
+/// its devices, so a port in use fails before anything is written.
+#[derive(Debug)]
+pub struct Listeners {
+    tcp: tokio::net::TcpListener,
+    unix: tokio::net::UnixListener,
+    unix_path: PathBuf,
+}
+
+impl Listeners {
+    /// Binds TCP first (nothing on disk changes if the port is taken),
+    /// then the Unix socket with its access applied.
+    pub async fn bind(endpoints: &Endpoints) -> Result<Self, ServeError> {
+        let tcp = bind_tcp(endpoints.tcp).await?;
+        Self::with_tcp(tcp, endpoints)
+    }
+
+    /// Adds the Unix socket to a TCP listener bound with [`bind_tcp`] (the
+    /// daemon locks its data dir in between).
+    pub fn with_tcp(
+        tcp: tokio::net::TcpListener,
+        endpoints: &Endpoints,
+    ) -> Result<Self, ServeError> {
+        let unix = bind_unix(&endpoints.unix)?;
+        if let Err(reason) = apply_unix_access(&endpoints.unix, &endpoints.unix_access) {
+            let _ = std::fs::remove_file(&endpoints.unix);
+            return Err(ServeError::BindUnix {
+                path: endpoints.unix.clone(),
+                reason,
+            });
+        }
+        Ok(Self {
+            tcp,
+            unix,
+            unix_path: endpoints.unix.clone(),
+        })
+    }
+
+    /// The bound TCP address (the real port when 0 was asked for).
+    pub fn tcp_addr(&self) -> std::io::Result<SocketAddr> {
+        self.tcp.local_addr()
+    }
 }
 
 /// Longest Unix socket path (`sun_path` minus its terminating NUL).
@@ -87,20 +192,17 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
 /// (useful with port 0).
 pub async fn serve(
     store: Arc<Store>,
-    endpoints: &Endpoints,
+    listeners: Listeners,
     region_limits: RegionLimits,
     limits: &ServerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
-    let listen = endpoints.tcp;
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|source| ServeError::Bind {
-            addr: listen,
-            source,
-        })?;
-    let unix_listener = bind_unix(&endpoints.unix)?;
+    let Listeners {
+        tcp: listener,
+        unix: unix_listener,
+        unix_path,
+    } = listeners;
     let bound = listener.local_addr()?;
     let incoming = TcpIncoming::from(listener)
         .with_nodelay(Some(true))
@@ -124,7 +226,7 @@ pub async fn serve(
         store,
         Regions::new(region_limits),
         stop_rx.clone(),
-        Some(&endpoints.unix),
+        Some(&unix_path),
     );
     let generated = StoragedServer::new(storaged.clone())
         .max_decoding_message_size(limits.max_decoding_message_bytes)
@@ -165,7 +267,7 @@ pub async fn serve(
         a.and(b)
     };
     on_bound(bound);
-    tracing::info!(%bound, unix = %endpoints.unix.display(), "serving gRPC");
+    tracing::info!(%bound, unix = %unix_path.display(), "serving gRPC");
     let mut server = Box::pin(server);
     let result = tokio::select! {
         r = &mut server => r.map_err(ServeError::from),
@@ -185,7 +287,7 @@ pub async fn serve(
             }
         }
     };
-    let _ = std::fs::remove_file(&endpoints.unix);
+    let _ = std::fs::remove_file(&unix_path);
     result?;
     Ok(())
 }

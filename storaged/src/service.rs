@@ -140,7 +140,14 @@ fn status_response(store: &Store, s: StoreStatus) -> pb::StatusResponse {
             (flips + others, flips)
         })
         .unwrap_or((0, 0));
+    let dc = store.discard_counters();
     pb::StatusResponse {
+        discard_enabled: dc.enabled.load(Ordering::Relaxed),
+        discarded_bytes: dc.discarded_bytes.load(Ordering::Relaxed),
+        discard_pending_bytes: dc.pending_bytes.load(Ordering::Relaxed),
+        discard_failures: dc.failures.load(Ordering::Relaxed),
+        discard_unsupported: dc.unsupported.load(Ordering::Relaxed),
+        discard_startup_pass_done: dc.startup_pass_done.load(Ordering::Relaxed),
         superblocks_repaired: store.superblocks_repaired,
         faults_injected,
         fault_flips_injected,

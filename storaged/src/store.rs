@@ -53,7 +53,7 @@ pub struct DatasetHandle {
     pub ec: Option<redundancy::EcDataset>,
     /// Reads served by rebuilding from parity (stripes rebuilt).
     pub reconstructions: std::sync::atomic::AtomicU64,
-    alloc: Arc<Mutex<ExtentAllocator>>,
+    space: Arc<discard::FreeSpace>,
     deleted: AtomicBool,
 }
 
@@ -62,7 +62,7 @@ impl DatasetHandle {
         name: String,
         record: DatasetRecord,
         layout: StripeLayout,
-        alloc: Arc<Mutex<ExtentAllocator>>,
+        space: Arc<discard::FreeSpace>,
     ) -> Self {
         let ec = redundancy::EcDataset::for_record(&record, layout);
         Self {
@@ -70,7 +70,7 @@ impl DatasetHandle {
             record,
             ec,
             reconstructions: Default::default(),
-            alloc,
+            space,
             deleted: AtomicBool::new(false),
         }
     }
@@ -87,12 +87,8 @@ impl std::fmt::Debug for DatasetHandle {
 impl Drop for DatasetHandle {
     fn drop(&mut self) {
         if self.deleted.load(Ordering::SeqCst) {
-            let mut a = self.alloc.lock().expect("allocator poisoned");
-            for e in &self.record.extents {
-                if let Err(err) = a.release(*e) {
-                    tracing::error!(dataset = %self.name, error = %err, "releasing deleted dataset space");
-                }
-            }
+            // No reader is left; the catalog no longer has the dataset.
+            self.space.release(self.record.extents.clone(), &self.name);
         }
     }
 }
@@ -162,6 +158,8 @@ pub struct Store {
     layout: StripeLayout,
     catalog: Catalog,
     alloc: Arc<Mutex<ExtentAllocator>>,
+    /// Where freed space goes: discarded, then back to `alloc`.
+    space: Arc<discard::FreeSpace>,
     datasets: RwLock<BTreeMap<String, Arc<DatasetHandle>>>,
     ingesting: Mutex<HashSet<String>>,
     device_paths: RwLock<Vec<PathBuf>>,
@@ -280,6 +278,8 @@ impl Store {
             }
         })?;
         let alloc = Arc::new(Mutex::new(alloc));
+        let (space, discard_worker) = discard::FreeSpace::new(Arc::clone(&alloc), cfg.discard);
+        let space = Arc::new(space);
         let datasets: BTreeMap<String, Arc<DatasetHandle>> = records
             .into_iter()
             .map(|(name, record)| {
@@ -287,7 +287,7 @@ impl Store {
                     name.clone(),
                     record,
                     layout,
-                    Arc::clone(&alloc),
+                    Arc::clone(&space),
                 ));
                 (name, h)
             })
@@ -333,6 +333,11 @@ impl Store {
             .unwrap_or_else(|| superblocks[0].clone());
         let slots = Arc::new(engine::route::DeviceSlots::new(engine, &missing));
         let engine: Arc<dyn IoBackend> = Arc::clone(&slots) as _;
+        if let Some(worker) = discard_worker {
+            worker
+                .start(Arc::clone(&engine), layout)
+                .map_err(OpenError::Engine)?;
+        }
         for (i, m) in missing.iter().enumerate() {
             if *m {
                 tracing::warn!(device = i, path = %paths[i].display(), "device missing: the pool is degraded");
@@ -366,6 +371,7 @@ impl Store {
             layout,
             catalog,
             alloc,
+            space,
             datasets: RwLock::new(datasets),
             ingesting: Mutex::new(HashSet::new()),
             device_paths: RwLock::new(paths),
@@ -516,16 +522,18 @@ impl Store {
             return Err(StoreError::OutOfRange {
                 path: obj.path.clone(),
                 offset,
+                length,
                 size,
             });
         }
         let len = match length {
             None => size - offset,
             Some(l) if l <= size - offset => l,
-            Some(l) => {
+            Some(_) => {
                 return Err(StoreError::OutOfRange {
                     path: obj.path.clone(),
-                    offset: offset.saturating_add(l),
+                    offset,
+                    length,
                     size,
                 });
             }
@@ -1127,6 +1135,11 @@ impl Store {
             h.deleted.store(true, Ordering::SeqCst);
         }
         Ok(record.allocated_bytes)
+    }
+
+    /// What the discard thread has done (and whether discards are on).
+    pub fn discard_counters(&self) -> &discard::DiscardCounters {
+        &self.space.counters
     }
 
     pub fn status(&self) -> StoreStatus {
@@ -1812,7 +1825,7 @@ impl IngestSession {
             self.name.to_string(),
             committed,
             store.layout,
-            Arc::clone(&store.alloc),
+            Arc::clone(&store.space),
         ));
         store
             .datasets
@@ -1845,15 +1858,12 @@ impl Drop for IngestSession {
             Some(ec) => std::mem::take(&mut ec.writer.writes),
             None => std::mem::take(&mut self.writer.writes),
         };
-        let alloc = Arc::clone(&self.store.alloc);
+        let free = Arc::clone(&self.store.space);
         let name = self.name.to_string();
         let release = move || {
-            let mut a = alloc.lock().expect("allocator poisoned");
-            for e in space {
-                if let Err(err) = a.release(e) {
-                    tracing::error!(dataset = %name, error = %err, "releasing aborted ingest space");
-                }
-            }
+            // Written bytes of an ingest nobody will commit: given back
+            // (discarded) like a deleted dataset's.
+            free.release(space, &name);
             tracing::info!(dataset = %name, "ingest aborted; space released");
         };
         if writes.is_empty() {
@@ -1897,6 +1907,7 @@ fn split_rows(extents: Vec<Extent>, mut rows: u64, row: u64) -> (Vec<Extent>, Ve
     (kept, spare)
 }
 
+pub mod discard;
 mod pipeline;
 pub mod read_into;
 pub mod readahead;

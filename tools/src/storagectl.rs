@@ -12,13 +12,22 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::IsTerminal;
 use storaged_client::region::RegionRead;
 use storaged_client::{
-    BatchItem, Client, IngestProgress, LoaderOptions, ObjectInfo, Plan, PlanSpec,
+    BatchItem, Client, IngestOptions, IngestProgress, LoaderOptions, ObjectInfo, Plan, PlanSpec,
 };
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+/// `println!` that fails with the write's error instead of panicking, so a
+/// closed pipe (`storagectl ls | head`) ends the command quietly.
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        writeln!(std::io::stdout(), $($arg)*)?
+    };
+}
 
 #[derive(Parser)]
 #[command(
@@ -27,7 +36,8 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
     about = "Command-line client for storaged"
 )]
 struct Cli {
-    /// storaged gRPC endpoint.
+    /// storaged's address: http://HOST:PORT, or unix:///path/storaged.sock
+    /// on the same host. `https://` is refused (no TLS yet).
     #[arg(
         long,
         env = "STORAGED_URL",
@@ -35,9 +45,11 @@ struct Cli {
         global = true
     )]
     server: String,
-    /// `auto`: a TCP address on this host switches to the server's Unix
-    /// socket when it has one (same pool), so loaders and `verify --via shm`
-    /// use the zero-copy path. `as-given`: always the --server transport.
+    /// `auto`: a loopback --server switches to the server's Unix socket
+    /// when this process may use it (same pool), so `epoch` and `verify
+    /// --via shm` take the zero-copy path; when it does not, commands that
+    /// need it say why. `as-given`: always the --server transport (TCP for
+    /// http://).
     #[arg(long, default_value = "auto", value_parser = ["auto", "as-given"], global = true)]
     transport: String,
     #[command(subcommand)]
@@ -49,20 +61,34 @@ enum DeviceCommand {
     /// Rebuild device OLD (an index or a path) onto the new device NEW from
     /// the other devices, while reads go on. Run it again with the same
     /// arguments to resume after a restart.
-    Replace { old: String, new: PathBuf },
+    Replace {
+        /// The device to replace: its index in the pool (see `status`) or
+        /// its path.
+        old: String,
+        /// The new device: a regular file (created and sized if missing) or
+        /// a block device. It must not hold data of another pool.
+        new: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
 enum Command {
     /// Upload a directory tree as a new dataset.
     Ingest {
+        /// Name of the new dataset: 1-128 bytes of [A-Za-z0-9._-].
         dataset: String,
+        /// Directory whose regular files become the dataset's objects
+        /// (paths relative to it; symlinks to files are followed).
         dir: PathBuf,
         /// Storage class: `stripe` (no redundancy) or `ec:K+M` (Reed-Solomon,
-        /// any M devices may fail). Default: the server's, ec:(N-1)+1 on a
-        /// pool of N >= 3 devices.
+        /// any M devices may fail). [default: the server's, ec:(N-1)+1 on a
+        /// pool of N >= 3 devices]
         #[arg(long)]
         class: Option<storaged_proto::model::StorageClass>,
+        /// Leave out files and directories that cannot be read (each is
+        /// named on stderr) instead of failing the ingest.
+        #[arg(long)]
+        skip_unreadable: bool,
     },
     /// Manage the pool's devices.
     Device {
@@ -73,13 +99,16 @@ enum Command {
     /// rewrite bad units of erasure-coded datasets from parity. Exits 1 if
     /// anything was unrecoverable.
     Scrub {
+        /// The dataset to scrub. [default: every dataset]
         dataset: Option<String>,
-        /// Read rate in MiB/s (default: the server's scrub_rate_mib_s).
+        /// Read rate in MiB/s. [default: the server's scrub_rate_mib_s, 64]
         #[arg(long)]
         rate_mib_s: Option<u64>,
     },
     /// List datasets, or the objects of one dataset.
     Ls {
+        /// List this dataset's objects (size, CRC-32, path). [default: list
+        /// the datasets]
         dataset: Option<String>,
         /// Only objects whose path starts with this.
         #[arg(long, default_value = "")]
@@ -87,24 +116,36 @@ enum Command {
         /// Objects per request page.
         #[arg(long, default_value_t = 1000)]
         page_size: u32,
-        /// Stop after this many objects.
+        /// Stop after this many objects. [default: no limit]
         #[arg(long)]
         limit: Option<u64>,
     },
     /// Write an object (or a range of it) to stdout.
     Cat {
+        /// The dataset.
         dataset: String,
+        /// The object's path in the dataset (as `ls DATASET` shows it).
         path: String,
+        /// First byte to write.
         #[arg(long, default_value_t = 0)]
         offset: u64,
+        /// Bytes to write. [default: to the end of the object]
         #[arg(long)]
         length: Option<u64>,
     },
     /// Show an object's size, checksum and device extents.
-    Stat { dataset: String, path: String },
+    Stat {
+        /// The dataset.
+        dataset: String,
+        /// The object's path in the dataset.
+        path: String,
+    },
     /// Write every object of a dataset under a directory.
     Export {
+        /// The dataset.
         dataset: String,
+        /// Where to write (created if missing; existing files are never
+        /// overwritten).
         dir: PathBuf,
         /// Objects downloaded at once.
         #[arg(long, default_value_t = 8)]
@@ -113,12 +154,13 @@ enum Command {
     /// Read every object of a dataset and check it against the whole-object
     /// CRC-32 recorded at ingest. Exits 1 naming the first bad object.
     Verify {
+        /// The dataset.
         dataset: String,
-        /// Read path: grpc (ReadBatch, works anywhere) or shm (registered
-        /// region, zero-copy; needs a same-host server: --server
+        /// Read path: grpc (ReadBatch and Read, works anywhere) or shm
+        /// (registered region, zero-copy; needs a same-host server: --server
         /// unix:///path/storaged.sock, or a loopback address with
         /// --transport auto).
-        #[arg(long, default_value = "grpc")]
+        #[arg(long, default_value = "grpc", value_parser = ["grpc", "shm"])]
         via: String,
         /// Times to read the whole dataset.
         #[arg(long, default_value_t = 1)]
@@ -127,10 +169,13 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         region_mib: u64,
     },
-    /// Read one shuffled epoch of a dataset the way a training job does
+    /// Read shuffled epochs of a dataset the way a training job does
     /// (deterministic plan, prefetching loaders) and report samples/s and
-    /// which path served the batches (shm on a unix:// server, else gRPC).
+    /// which path served the batches: shm when the connection is on the
+    /// server's Unix socket (a unix:// --server, or a loopback one with
+    /// --transport auto), else gRPC.
     Epoch {
+        /// The dataset.
         dataset: String,
         /// Data-loader workers (one loader each).
         #[arg(long, default_value_t = 4)]
@@ -141,6 +186,7 @@ enum Command {
         /// Read-ahead budget per worker, in MiB.
         #[arg(long, default_value_t = 64)]
         prefetch_mib: u64,
+        /// Shuffle seed (the same seed and epoch give the same order).
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// First epoch number.
@@ -149,12 +195,19 @@ enum Command {
         /// Epochs to run, one after another on the same connection.
         #[arg(long, default_value_t = 1)]
         epochs: u64,
-        /// Read-ahead hints to storaged (gRPC path): on or off.
+        /// Read-ahead hints to storaged, on both paths: on or off.
         #[arg(long, default_value = "on", value_parser = ["on", "off"])]
         hints: String,
     },
-    /// Delete a dataset and free its space.
-    Rm { dataset: String },
+    /// Delete a dataset and free its space (given back to the devices in
+    /// the background). Asks first on a terminal.
+    Rm {
+        /// The dataset.
+        dataset: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+    },
     /// Devices, capacity used and free, datasets.
     Status,
 }
@@ -180,10 +233,68 @@ fn main() {
         }
     };
     if let Err(e) = rt.block_on(run(cli)) {
-        let msg = format!("{e:#}").replace('\n', " ");
+        if stdout_closed(&e) {
+            // The reader went away (`| head`): what it wanted was printed.
+            std::process::exit(0);
+        }
+        let msg = error_text(&e).replace('\n', " ");
         eprintln!("storagectl: error: {msg}");
         std::process::exit(1);
     }
+}
+
+/// Whether `e` is a write to a stdout whose reader has gone.
+fn stdout_closed(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// The error and its causes, each cause once (libraries often repeat their
+/// source's message in their own).
+fn error_text(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain() {
+        let part = storaged_client::error_chain(cause);
+        if text.is_empty() {
+            text = part;
+        } else if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+    }
+    text
+}
+
+/// A spinner on stderr while a call runs (hidden when stderr is not a
+/// terminal).
+fn spinner(label: &str) -> ProgressBar {
+    let bar = if std::io::stderr().is_terminal() {
+        ProgressBar::new_spinner()
+    } else {
+        ProgressBar::hidden()
+    };
+    bar.set_message(label.to_owned());
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
+}
+
+/// A byte-progress bar on stderr for `total` bytes (hidden when stderr is
+/// not a terminal).
+fn bytes_bar(label: &str, total: u64) -> ProgressBar {
+    if !std::io::stderr().is_terminal() {
+        return ProgressBar::hidden();
+    }
+    let bar = ProgressBar::new(total);
+    bar.set_style(
+        ProgressStyle::with_template(&format!(
+            "{{spinner}} {label} [{{elapsed_precise}}] {{wide_bar}} {{bytes}}/{{total_bytes}} {{binary_bytes_per_sec}} ETA {{eta}}"
+        ))
+        .expect("valid template"),
+    );
+    bar.enable_steady_tick(Duration::from_millis(200));
+    bar
 }
 
 fn human(n: u64) -> String {
@@ -246,7 +357,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dataset,
             dir,
             class,
-        } => ingest(&client, &dataset, &dir, class).await,
+            skip_unreadable,
+        } => {
+            let options = IngestOptions {
+                class,
+                skip_unreadable,
+            };
+            ingest(&client, &dataset, &dir, options).await
+        }
         Command::Scrub {
             dataset,
             rate_mib_s,
@@ -256,12 +374,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => replace_device(&client, &old, &new).await,
         Command::Ls { dataset: None, .. } => {
             let datasets = client.list_datasets().await?;
-            println!(
+            outln!(
                 "{:<32} {:>10} {:>12} {:<8} CREATED",
-                "NAME", "OBJECTS", "BYTES", "CLASS"
+                "NAME",
+                "OBJECTS",
+                "BYTES",
+                "CLASS"
             );
             for d in datasets {
-                println!(
+                outln!(
                     "{:<32} {:>10} {:>12} {:<8} {}",
                     d.name,
                     d.object_count,
@@ -282,6 +403,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let mut token = String::new();
             let mut shown = 0u64;
             let mut out = std::io::stdout().lock();
+            writeln!(out, "{:>12}  {:<8}  PATH", "SIZE", "CRC32")?;
             loop {
                 let (objects, next) = ds.list_page(&prefix, page_size, &token).await?;
                 for o in objects {
@@ -320,16 +442,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stat { dataset, path } => {
             let st = client.dataset(&dataset)?.stat(&path).await?;
             let o = st.object.unwrap_or_default();
-            println!("path:            {}", o.path);
-            println!("size:            {} ({})", o.size, human(o.size));
-            println!("crc32:           {:08x}", o.crc32);
-            println!("logical offset:  {}", st.logical_offset);
-            println!("checksum block:  {}", st.checksum_block_bytes);
-            println!("extents:         object_offset device device_offset length");
+            outln!("path:            {}", o.path);
+            outln!("size:            {} ({})", o.size, human(o.size));
+            outln!("crc32:           {:08x}", o.crc32);
+            outln!("logical offset:  {}", st.logical_offset);
+            outln!("checksum block:  {}", st.checksum_block_bytes);
+            outln!("extents:         object_offset device device_offset length");
             for e in st.extents {
-                println!(
+                outln!(
                     "                 {:>13} {:>6} {:>13} {:>6}",
-                    e.object_offset, e.device_index, e.device_offset, e.length
+                    e.object_offset,
+                    e.device_index,
+                    e.device_offset,
+                    e.length
                 );
             }
             Ok(())
@@ -368,25 +493,45 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Rm { dataset } => {
-            let freed = client.delete_dataset(&dataset).await?;
-            println!("deleted {dataset}; freed {}", human(freed));
+        Command::Rm { dataset, yes } => {
+            if !yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
+                let info = client
+                    .list_datasets()
+                    .await?
+                    .into_iter()
+                    .find(|d| d.name == dataset)
+                    .ok_or_else(|| anyhow::anyhow!("NOT_FOUND: dataset {dataset:?} not found"))?;
+                eprint!(
+                    "delete dataset {dataset} ({} objects, {})? [y/N] ",
+                    info.object_count,
+                    human(info.total_bytes)
+                );
+                let mut answer = String::new();
+                std::io::stdin().read_line(&mut answer)?;
+                if !matches!(answer.trim(), "y" | "Y" | "yes") {
+                    bail!("not deleted: {dataset} (confirm with y, or pass --yes)");
+                }
+            }
+            let bar = spinner(&format!("deleting {dataset}"));
+            let freed = client.delete_dataset(&dataset).await;
+            bar.finish_and_clear();
+            outln!("deleted {dataset}; freed {}", human(freed?));
             Ok(())
         }
         Command::Status => {
             let s = client.status().await?;
-            println!("pool:        {}", s.pool_id);
-            println!("version:     {}", s.version);
-            println!("engine:      {}", s.engine);
-            println!("stripe unit: {}", human(u64::from(s.stripe_unit_bytes)));
-            println!(
+            outln!("pool:        {}", s.pool_id);
+            outln!("version:     {}", s.version);
+            outln!("engine:      {}", s.engine);
+            outln!("stripe unit: {}", human(u64::from(s.stripe_unit_bytes)));
+            outln!(
                 "capacity:    {}  used {}  free {}",
                 human(s.capacity_bytes),
                 human(s.used_bytes),
                 human(s.free_bytes)
             );
-            println!("used bytes:  {}", s.used_bytes);
-            println!(
+            outln!("used bytes:  {}", s.used_bytes);
+            outln!(
                 "health:      {}",
                 if s.degraded {
                     "DEGRADED (devices missing; see below)"
@@ -395,7 +540,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 }
             );
             if let Some(r) = &s.rebuild {
-                println!(
+                outln!(
                     "rebuild:     device {} onto {}: {} of {}{}",
                     r.device_index,
                     r.new_path,
@@ -408,7 +553,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     }
                 );
             }
-            println!(
+            outln!(
                 "scrub:       {} passes{}, {} checked, {} corrupt, {} repaired, {} unrecoverable",
                 s.scrub_passes,
                 if s.scrub_running { " (running)" } else { "" },
@@ -417,23 +562,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.scrub_repaired,
                 s.scrub_unrecoverable
             );
-            println!("ingests in progress: {}", s.ingests_in_progress);
-            println!(
+            outln!("ingests in progress: {}", s.ingests_in_progress);
+            outln!(
                 "served:      grpc {} ({} copied)  shm {} ({} copied)",
                 human(s.grpc_bytes_served),
                 human(s.grpc_payload_bytes_copied),
                 human(s.shm_bytes_served),
                 human(s.shm_payload_bytes_copied)
             );
-            println!(
+            outln!(
                 "scheduling:  {} device reads merged into neighbours",
                 s.device_reads_merged
             );
-            println!(
+            outln!(
                 "integrity:   {} checksum mismatches caught on read, {} superblock copies repaired",
-                s.checksum_mismatches, s.superblocks_repaired
+                s.checksum_mismatches,
+                s.superblocks_repaired
             );
-            println!(
+            outln!(
                 "read-ahead:  {} hinted, {} read ahead, {} served ({}), {} skipped, {} failed, {} expired, {} held",
                 s.hint_objects,
                 s.read_ahead_objects,
@@ -444,14 +590,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 s.read_ahead_expired,
                 human(s.read_ahead_cache_bytes)
             );
-            println!(
+            outln!(
+                "discard:     {}",
+                if s.discard_enabled {
+                    format!(
+                        "on: {} given back to the devices, {} waiting, {} failed, {} unsupported{}",
+                        human(s.discarded_bytes),
+                        human(s.discard_pending_bytes),
+                        s.discard_failures,
+                        s.discard_unsupported,
+                        if s.discard_startup_pass_done {
+                            ""
+                        } else {
+                            " (start-up pass over free space running)"
+                        }
+                    )
+                } else {
+                    "off (config discard = false): freed space stays allocated on the devices"
+                        .into()
+                }
+            );
+            outln!(
                 "regions:     {} registered, {}",
                 s.regions_registered,
                 human(s.region_bytes_registered)
             );
-            println!("devices:");
+            outln!("devices:");
             for d in &s.devices {
-                println!(
+                outln!(
                     "  {:>3}  {:<40} {:<8} capacity {:>10}  used {:>10}  rebuilt {}",
                     d.index,
                     d.path,
@@ -461,9 +627,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     d.reconstructions
                 );
             }
-            println!("datasets: {}", s.datasets.len());
+            outln!("datasets: {}", s.datasets.len());
             for d in &s.datasets {
-                println!(
+                outln!(
                     "  {:<32} {:>10} objects {:>12}  {:<8} rebuilt {}{}",
                     d.name,
                     d.object_count,
@@ -540,7 +706,7 @@ async fn run_epoch(client: &Client, run: &EpochRun, epoch: u64) -> anyhow::Resul
         hinted += stats.hint_objects_accepted;
     }
     let secs = started.elapsed().as_secs_f64();
-    println!(
+    outln!(
         "epoch {epoch}: {samples} samples, {} in {secs:.2} s: {:.0} samples/s, {}/s; batches via shm {shm}, via grpc {grpc}; samples read ahead on hint {hinted}",
         human(bytes),
         samples as f64 / secs,
@@ -589,28 +755,9 @@ async fn verify(
         other => bail!("--via {other:?}: expected grpc or shm"),
     };
     for pass in 1..=passes {
+        let bar = bytes_bar(&format!("verify pass {pass}"), total);
         match region.as_mut() {
-            None => {
-                let items = objects
-                    .iter()
-                    .map(|o| BatchItem {
-                        path: o.path.clone(),
-                        offset: 0,
-                        length: None,
-                    })
-                    .collect();
-                // In request order: any-order batches refuse items over
-                // 64 MiB, and a shard is larger.
-                let mut results = Box::pin(ds.read_batch(items, 64));
-                while let Some(r) = results.next().await {
-                    let r = r?;
-                    let info = &objects[r.index as usize];
-                    let data = r
-                        .data
-                        .map_err(|s| anyhow::anyhow!("{}: {}", info.path, s.message()))?;
-                    check_object(info, &data)?;
-                }
-            }
+            None => verify_grpc(&ds, &objects, &bar).await?,
             Some(region) => {
                 let mut next = 0;
                 while next < objects.len() {
@@ -619,6 +766,7 @@ async fn verify(
                         > region.len() as u64
                     {
                         verify_in_pieces(&ds, region, first).await?;
+                        bar.inc(first.size);
                         next += 1;
                         continue;
                     }
@@ -640,16 +788,89 @@ async fn verify(
                             .get(k)
                             .map_err(|s| anyhow::anyhow!("{}: {}", info.path, s.message()))?;
                         check_object(info, data)?;
+                        bar.inc(info.size);
                     }
                     next += reads.len();
                 }
             }
         }
-        println!(
+        bar.finish_and_clear();
+        outln!(
             "pass {pass}: {} objects, {} verified via {via}",
             objects.len(),
             human(total)
         );
+    }
+    Ok(())
+}
+
+/// Objects per in-order `ReadBatch` of `verify --via grpc`, and the bytes
+/// they may add up to: each item arrives whole, so the batches stay small.
+const VERIFY_BATCH_ITEMS_MAX: usize = 1024;
+const VERIFY_BATCH_BYTES_MAX: u64 = 256 << 20;
+
+/// Verifies `objects` over gRPC with bounded memory: small objects in
+/// in-order batches, objects over the any-order item limit streamed in
+/// pieces and hashed as they arrive (a shard is never held whole).
+async fn verify_grpc(
+    ds: &storaged_client::Dataset,
+    objects: &[ObjectInfo],
+    bar: &ProgressBar,
+) -> anyhow::Result<()> {
+    let streamed = |o: &ObjectInfo| o.size > storaged_proto::model::BATCH_ANY_ORDER_ITEM_BYTES_MAX;
+    let mut next = 0;
+    while next < objects.len() {
+        if streamed(&objects[next]) {
+            let info = &objects[next];
+            let mut stream = std::pin::pin!(ds.read_stream(&info.path, 0, None));
+            let mut hasher = crc32fast::Hasher::new();
+            let mut n = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.with_context(|| info.path.clone())?;
+                hasher.update(&chunk);
+                n += chunk.len() as u64;
+            }
+            if n != info.size {
+                bail!(
+                    "{}: read {n} bytes, the object has {}",
+                    info.path,
+                    info.size
+                );
+            }
+            check_crc(info, hasher.finalize())?;
+            bar.inc(info.size);
+            next += 1;
+            continue;
+        }
+        let mut end = next;
+        let mut bytes = 0u64;
+        while end < objects.len()
+            && !streamed(&objects[end])
+            && end - next < VERIFY_BATCH_ITEMS_MAX
+            && (end == next || bytes + objects[end].size <= VERIFY_BATCH_BYTES_MAX)
+        {
+            bytes += objects[end].size;
+            end += 1;
+        }
+        let items = objects[next..end]
+            .iter()
+            .map(|o| BatchItem {
+                path: o.path.clone(),
+                offset: 0,
+                length: None,
+            })
+            .collect();
+        let mut results = Box::pin(ds.read_batch(items, 64));
+        while let Some(r) = results.next().await {
+            let r = r?;
+            let info = &objects[next + r.index as usize];
+            let data = r
+                .data
+                .map_err(|s| anyhow::anyhow!("{}: {}", info.path, s.message()))?;
+            check_object(info, &data)?;
+            bar.inc(info.size);
+        }
+        next = end;
     }
     Ok(())
 }
@@ -727,6 +948,13 @@ async fn follow<E, R>(
 async fn replace_device(client: &Client, old: &str, new: &Path) -> anyhow::Result<()> {
     use storaged_proto::pb::replace_device_event::Event;
     let new = std::path::absolute(new).with_context(|| format!("resolving {}", new.display()))?;
+    // The old device's path, to say what becomes of it.
+    let old_path = client.status().await.ok().and_then(|s| {
+        s.devices
+            .into_iter()
+            .find(|d| d.index.to_string() == old || d.path == old)
+            .map(|d| d.path)
+    });
     let mut stream = client
         .raw()
         .replace_device(storaged_proto::pb::ReplaceDeviceRequest {
@@ -743,7 +971,7 @@ async fn replace_device(client: &Client, old: &str, new: &Path) -> anyhow::Resul
     })
     .await?;
     let r = report.context("the server ended the replacement without a report")?;
-    println!(
+    outln!(
         "device {old} replaced by {}{}: {} units ({}) rebuilt in {:.1} s, {} units lost, {} of stripe datasets lost",
         new.display(),
         if r.resumed { " (resumed)" } else { "" },
@@ -755,6 +983,11 @@ async fn replace_device(client: &Client, old: &str, new: &Path) -> anyhow::Resul
     );
     if r.units_lost > 0 {
         bail!("{} units could not be rebuilt", r.units_lost);
+    }
+    if let Some(p) = old_path.filter(|p| Path::new(p) != new && Path::new(p).exists()) {
+        outln!(
+            "{p} is no longer part of the pool and was left as it was: remove it, or reuse it as a new device (storaged then needs --force, since it still holds this pool's superblock)"
+        );
     }
     Ok(())
 }
@@ -781,7 +1014,7 @@ async fn scrub(
     })
     .await?;
     let r = report.context("the server ended the scrub without a report")?;
-    println!(
+    outln!(
         "scrubbed {} datasets, {}: {} units checked, {} corrupt, {} repaired, {} unrecoverable, {} on missing devices",
         r.datasets,
         human(r.bytes_checked),
@@ -792,7 +1025,7 @@ async fn scrub(
         r.missing
     );
     for p in &r.problems {
-        println!("  {p}");
+        outln!("  {p}");
     }
     if r.unrecoverable > 0 {
         bail!("{} units could not be repaired", r.unrecoverable);
@@ -804,7 +1037,7 @@ async fn ingest(
     client: &Client,
     dataset: &str,
     dir: &Path,
-    class: Option<storaged_proto::model::StorageClass>,
+    options: IngestOptions,
 ) -> anyhow::Result<()> {
     let bar = ProgressBar::new(0);
     bar.set_style(
@@ -815,22 +1048,38 @@ async fn ingest(
     );
     bar.enable_steady_tick(Duration::from_millis(200));
     let b2 = bar.clone();
-    let info = client
-        .ingest_dir_as(dataset, dir, class, move |p: IngestProgress| {
+    let ingested = client
+        .ingest_dir_with(dataset, dir, options, move |p: IngestProgress| {
             b2.set_length(p.total_bytes);
             b2.set_position(p.sent_bytes);
             b2.set_message(format!("{}/{} objects", p.sent_objects, p.total_objects));
         })
         .await;
     bar.finish_and_clear();
-    let info = info?;
-    println!(
+    let ingested = ingested?;
+    for s in &ingested.skipped {
+        eprintln!("storagectl: warning: skipped unreadable {s}");
+    }
+    let info = ingested.info;
+    if info.object_count == 0 {
+        eprintln!(
+            "storagectl: warning: {} holds no regular files{}: dataset {} is empty",
+            dir.display(),
+            if ingested.skipped.is_empty() {
+                ""
+            } else {
+                " that could be read"
+            },
+            info.name
+        );
+    }
+    outln!(
         "ingested {}: {} objects, {}, class {}{}",
         info.name,
         info.object_count,
         human(info.total_bytes),
         class_name(&info),
-        if class.is_none() {
+        if options.class.is_none() {
             " (the server's default for this pool)"
         } else {
             ""
@@ -844,6 +1093,7 @@ async fn export(client: &Client, dataset: &str, dir: &Path, parallel: usize) -> 
     let objects = ds.list("").await?;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let mut total = 0u64;
+    let bar = bytes_bar("export", objects.iter().map(|o| o.size).sum());
     let results = futures::stream::iter(objects.into_iter().map(|o| {
         let ds = ds.clone();
         // Paths were validated by the server (relative, no `..`), so the
@@ -891,10 +1141,13 @@ async fn export(client: &Client, dataset: &str, dir: &Path, parallel: usize) -> 
     let mut results = std::pin::pin!(results);
     let mut count = 0u64;
     while let Some(r) = results.next().await {
-        total += r?;
+        let n = r?;
+        bar.inc(n);
+        total += n;
         count += 1;
     }
-    println!(
+    bar.finish_and_clear();
+    outln!(
         "exported {count} objects, {} to {}",
         human(total),
         dir.display()

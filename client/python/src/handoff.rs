@@ -336,9 +336,63 @@ struct Attached {
 /// process, the one that must keep up with every worker), while a kept
 /// mapping costs nothing. At most `ATTACHED_PER_SENDER_MAX` per sending
 /// process (least recently used go first); those of processes that have
-/// exited go at the next attach, so a finished worker's memory is freed
-/// once its batches are.
+/// exited go at the next attach, or within [`REAP_INTERVAL`] (a reaper
+/// thread watches while any are kept), so a finished worker's memory is
+/// freed once its batches are, even when no batch follows.
 static ATTACHED: Mutex<(Vec<Attached>, u64)> = Mutex::new((Vec::new(), 0));
+
+/// How often the reaper looks for senders that have exited.
+const REAP_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// The process whose reaper thread runs (0: none). A pid, not a flag: a
+/// forked child inherits the value but not the thread.
+static REAPER_PID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// Drops the kept mappings of senders that have exited; whether any are
+/// left.
+fn reap_exited() -> bool {
+    let mut guard = ATTACHED.lock().expect("attached lock");
+    let mut alive: Vec<u32> = Vec::new();
+    guard.0.retain(|a| {
+        if alive.contains(&a.pid) {
+            return true;
+        }
+        let exists = process_exists(a.pid);
+        if exists {
+            alive.push(a.pid);
+        }
+        exists
+    });
+    !guard.0.is_empty()
+}
+
+/// Starts this process's reaper unless it runs; it ends once nothing is
+/// kept.
+fn ensure_reaper() {
+    let me = std::process::id();
+    if REAPER_PID.swap(me, Ordering::AcqRel) == me {
+        return;
+    }
+    let spawned = std::thread::Builder::new()
+        .name("storaged-handoff-reaper".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(REAP_INTERVAL);
+                if !reap_exited() {
+                    REAPER_PID.store(0, Ordering::Release);
+                    // An attach may have raced the store: look once more.
+                    if reap_exited() && REAPER_PID.swap(me, Ordering::AcqRel) != me {
+                        continue;
+                    }
+                    return;
+                }
+            }
+        });
+    if spawned.is_err() {
+        // No thread: mappings still go at the next attach.
+        REAPER_PID.store(0, Ordering::Release);
+    }
+}
 const ATTACHED_PER_SENDER_MAX: usize = FREE_SEGMENTS_MAX + 2;
 
 fn process_exists(pid: u32) -> bool {
@@ -414,6 +468,8 @@ fn attached_mapping(pid: u32, fd: c_int, inode: u64, len: usize) -> Result<Arc<M
             .expect("this sender has entries");
         attached.swap_remove(oldest);
     }
+    drop(guard);
+    ensure_reaper();
     Ok(mapping)
 }
 

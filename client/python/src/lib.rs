@@ -70,13 +70,14 @@ create_exception!(
 
 /// The exception class for an error, by its gRPC code.
 fn to_py(e: ClientError) -> PyErr {
-    let text = e.to_string();
+    let text = storaged_client::error_chain(&e);
     let code = match &e {
         ClientError::Status(s) => s.code(),
         ClientError::Connect { .. } => Code::Unavailable,
-        ClientError::InvalidName(_) | ClientError::InvalidArgument(_) | ClientError::Plan(_) => {
-            Code::InvalidArgument
-        }
+        ClientError::InvalidName(_)
+        | ClientError::InvalidArgument(_)
+        | ClientError::Plan(_)
+        | ClientError::BadUrl { .. } => Code::InvalidArgument,
         _ => Code::Internal,
     };
     let err = match code {
@@ -339,6 +340,12 @@ impl Client {
         &self.url
     }
 
+    /// The transport this client was made with: "auto" or "as-given".
+    #[getter]
+    fn transport(&self) -> &'static str {
+        if self.auto_local { "auto" } else { "as-given" }
+    }
+
     /// Whether the connection is to this host's storaged over its Unix
     /// socket (the zero-copy shared-memory path is available).
     fn is_local(&self, py: Python<'_>) -> PyResult<bool> {
@@ -572,7 +579,7 @@ impl Dataset {
     /// of the sequence (a resume). A batch that fails with `UNAVAILABLE`
     /// (storaged restarting) is read again for up to `retry_budget_s`
     /// seconds before the error is raised.
-    #[pyo3(signature = (*, seed, epoch, rank, world_size, worker, num_workers, shuffle, drop_last, batch_size, prefetch_bytes, start=0, retry_budget_s=30.0))]
+    #[pyo3(signature = (*, seed, epoch, rank, world_size, worker, num_workers, shuffle, drop_last, batch_size, prefetch_bytes, start=0, retry_budget_s=30.0, block_size=1, deal_batches=false))]
     #[allow(clippy::too_many_arguments)]
     fn loader(
         &self,
@@ -589,6 +596,8 @@ impl Dataset {
         prefetch_bytes: u64,
         start: u64,
         retry_budget_s: f64,
+        block_size: u32,
+        deal_batches: bool,
     ) -> PyResult<Loader> {
         let retry_budget =
             std::time::Duration::try_from_secs_f64(retry_budget_s).map_err(|_| {
@@ -610,10 +619,15 @@ impl Dataset {
             } else {
                 PlanTail::Pad
             },
-            ..PlanSpec::default()
+            block_size,
         };
         // A resume of this worker alone: skip what it consumed.
-        let plan = Plan::new(listing, spec, None)
+        let plan = if deal_batches {
+            Plan::batch_dealt(listing, spec, batch_size)
+        } else {
+            Plan::new(listing, spec, None)
+        };
+        let plan = plan
             .and_then(|p| p.skip(start))
             .map_err(|e| to_py(ClientError::Plan(e)))?;
         let ds = self.ds(py)?;

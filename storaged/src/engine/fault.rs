@@ -176,6 +176,10 @@ impl IoBackend for FaultyBackend {
         self.inner.sync(device)
     }
 
+    fn discard(&self, device: u32, offset: u64, len: u64) -> io::Result<()> {
+        self.inner.discard(device, offset, len)
+    }
+
     fn device_count(&self) -> u32 {
         self.inner.device_count()
     }
@@ -434,6 +438,14 @@ impl IoBackend for SeededBackend {
             return Err(io::Error::from_raw_os_error(libc::EIO));
         }
         self.inner.sync(device)
+    }
+
+    fn discard(&self, device: u32, offset: u64, len: u64) -> io::Result<()> {
+        let (_, gone) = self.next(device);
+        if gone {
+            return Err(io::Error::from_raw_os_error(libc::ENODEV));
+        }
+        self.inner.discard(device, offset, len)
     }
 
     fn device_count(&self) -> u32 {

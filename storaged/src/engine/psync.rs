@@ -159,6 +159,13 @@ impl IoBackend for PsyncEngine {
         self.files[device as usize].sync_data()
     }
 
+    fn discard(&self, device: u32, offset: u64, len: u64) -> io::Result<()> {
+        let file = self.files.get(device as usize).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("no device {device}"))
+        })?;
+        super::discard_file(file, offset, len)
+    }
+
     fn device_count(&self) -> u32 {
         self.files.len() as u32
     }

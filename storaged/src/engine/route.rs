@@ -159,6 +159,15 @@ impl IoBackend for DeviceSlots {
         }
     }
 
+    fn discard(&self, device: u32, offset: u64, len: u64) -> io::Result<()> {
+        match self.slot(device) {
+            Some(Slot::Primary) | None => self.primary.discard(device, offset, len),
+            // Nothing to give back on a device that is not there.
+            Some(Slot::Missing) => Ok(()),
+            Some(Slot::Replaced(e)) => e.discard(0, offset, len),
+        }
+    }
+
     fn device_count(&self) -> u32 {
         self.primary.device_count()
     }

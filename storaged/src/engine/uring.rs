@@ -317,6 +317,13 @@ impl IoBackend for UringEngine {
         self.files[device as usize].sync_data()
     }
 
+    fn discard(&self, device: u32, offset: u64, len: u64) -> io::Result<()> {
+        let file = self.files.get(device as usize).ok_or_else(|| {
+            io::Error::new(io::ErrorKind::InvalidInput, format!("no device {device}"))
+        })?;
+        super::discard_file(file, offset, len)
+    }
+
     unsafe fn fix_foreign(&self, base: *mut u8, len: usize) -> Option<super::FixedForeign> {
         let table = self.fixed_regions.as_ref()?;
         if len == 0 || len > FIXED_BUFFER_BYTES_MAX {

@@ -133,6 +133,18 @@ async fn ingest_read_ranges_across_stripes() {
         read_all(&store, "ds", "one", 0, Some(2)).await,
         Err(StoreError::OutOfRange { .. })
     ));
+    // Guards against the error naming the end of the range where the user
+    // gave an offset (`cat --offset 209715190 --length 100` said "offset
+    // 209715290"): the offset and length asked for are named.
+    let size = big.len() as u64;
+    let e = read_all(&store, "ds", "big/shard-0", size - 10, Some(100))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains(&format!("offset {} with length 100", size - 10)),
+        "{e}"
+    );
     assert!(matches!(
         read_all(&store, "ds", "nope", 0, None).await,
         Err(StoreError::ObjectNotFound { .. })
@@ -453,6 +465,9 @@ impl IoBackend for CountingBackend {
             .fetch_add(u64::from(read.len), Ordering::SeqCst);
         self.reads.fetch_add(1, Ordering::SeqCst);
         self.inner.read_foreign(read)
+    }
+    fn discard(&self, device: u32, offset: u64, len: u64) -> std::io::Result<()> {
+        self.inner.discard(device, offset, len)
     }
     fn sync(&self, device: u32) -> std::io::Result<()> {
         self.inner.sync(device)

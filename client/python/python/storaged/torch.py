@@ -1,23 +1,44 @@
 """PyTorch datasets over storaged (needs torch; ``import storaged`` does not).
 
+Wherever a URL is taken, a ``storaged.Client`` may be given instead (its URL
+and transport are used, and it is reused in the process that made it).
+
 - ``MapDataset(url, dataset, transform=None, retry_budget_s=30.0)``:
   ``len`` and ``[i]`` (the object at index ``i`` in path order), for any
-  sampler, including ``DistributedSampler``.
+  sampler, including ``DistributedSampler``. A DataLoader with a
+  ``batch_size`` fetches each batch with one call (``__getitems__``).
 - ``IterableDataset(url, dataset, shuffle=True, seed=0, batch_size=None,
   transform=None, rank=None, world_size=None, drop_last=False,
-  prefetch_bytes=64 MiB, transport="auto", retry_budget_s=30.0)``: each
-  (rank, DataLoader worker) reads its share of the epoch in the
-  deterministic block-shuffled order of the Rust plan, through the Rust
-  prefetching loader (the zero-copy shared-memory path when the server is
-  on this host). Every rank gets the same number of samples (padded by
-  repeating, or cut with ``drop_last``). ``set_epoch(e)`` changes the
-  order; ``state_dict()``/``load_state_dict()`` resume exactly mid-epoch and
-  work with torchdata's ``StatefulDataLoader`` (which checkpoints each
-  worker's state; resume with the same ``num_workers``). A batch that
-  fails because storaged is unreachable (a restart) is read again for up
-  to ``retry_budget_s`` seconds, then ``storaged.Unavailable`` is raised;
-  the same holds for connecting and listing when an epoch starts, and for
-  ``MapDataset`` reads.
+  prefetch_bytes=64 MiB, transport="auto", retry_budget_s=30.0,
+  shuffle_block_size=1)``: each (rank, DataLoader worker) reads its share of
+  the epoch in the deterministic shuffled order of the Rust plan, through
+  the Rust prefetching loader (the zero-copy shared-memory path when the
+  server is on this host). The default order is a uniform shuffle;
+  ``shuffle_block_size=K`` shuffles blocks of ``K`` path-adjacent objects
+  instead (clustered reads, but batches then hold few classes of
+  class-sorted data). Every rank gets the same number of samples (padded by
+  repeating, or cut with ``drop_last``); ``len()`` is that number, or the
+  number of batches per rank with ``batch_size`` (batches are dealt to
+  DataLoader workers whole, so the count does not depend on
+  ``num_workers``).
+
+**Epochs.** Each new iteration reads the next epoch (0, 1, 2, ...), in
+every DataLoader worker, persistent or not, forked or spawned: the epoch is
+kept in memory shared by the dataset and all its worker copies.
+``set_epoch(e)`` in the training process takes precedence: the next
+iteration reads epoch ``e``, the one after ``e + 1``.
+
+**Resume.** ``state_dict()``/``load_state_dict()`` continue exactly
+mid-epoch with torchdata's ``StatefulDataLoader``, which checkpoints each
+worker's state (resume with the same ``num_workers``). A plain
+``DataLoader`` with workers cannot be checkpointed this way: the training
+process's copy of the dataset does not know where its workers are, so its
+``state_dict()`` raises instead of returning a wrong position.
+
+A batch that fails because storaged is unreachable (a restart) is read
+again for up to ``retry_budget_s`` seconds, then ``storaged.Unavailable`` is
+raised; the same holds for connecting and listing when an epoch starts, and
+for ``MapDataset`` reads.
 
 What ``IterableDataset`` yields:
 
@@ -32,27 +53,32 @@ What ``IterableDataset`` yields:
   ``Batch`` is also a sequence of ``Sample``s whose ``data`` are views of
   ``batch.data``; ``batch.tensors()`` lists them, and ``pin_memory()``
   (what ``DataLoader(pin_memory=True)`` calls) pins the packed tensor. Use
-  ``DataLoader(ds, batch_size=None)``; the default collate keeps it as is.
+  ``DataLoader(ds, batch_size=None)``: a ``Batch`` is already a batch, and
+  collating batches again fails with an error that says so.
 - with ``batch_size`` and a ``transform``: a list of what the transform
   returns, per sample;
 - without ``batch_size``: each sample (transformed, if there is one).
 
 A ``transform`` receives a ``Sample`` (``path``, ``index``, ``data``: a
 zero-copy read-only buffer; ``torch.frombuffer(s.data, dtype=torch.uint8)``
-views it without copying) and returns what the dataset yields. Without one,
-single samples are yielded as they are; a DataLoader then needs a
-``collate_fn`` that accepts them (for example ``collate_fn=list``).
+views it without copying) and returns what the dataset yields. Untransformed
+samples work with PyTorch's default collate: a batch of them is one
+``Sample`` whose ``path`` is a list, ``index`` a tensor and ``data`` a list
+of buffers.
 """
 
 from __future__ import annotations
 
+import math
+import mmap
+import os
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Union
 
 import torch
 import torch.utils.data as tud
 
-from . import Client, Unavailable
+from . import Buffer, Client, Unavailable
 
 _PREFETCH_BYTES = 64 << 20
 _LOADER_BATCH = 64
@@ -133,15 +159,23 @@ class _Connection:
     itself in a new process), so workers do not each list the dataset
     again; a spawned worker (unpickled) makes its own."""
 
-    def __init__(self, url: str, dataset: str, transport: str = "auto"):
+    def __init__(self, url: Union[str, Client], dataset: str, transport: Optional[str] = None):
+        client = None
+        if isinstance(url, Client):
+            client, url = url, url.url
+            transport = transport or client.transport
+        elif not isinstance(url, str):
+            raise TypeError(f"url must be a URL string or a storaged.Client, not {type(url).__name__}")
         self.url = url
         self.dataset_name = dataset
-        self.transport = transport
+        self.transport = transport or "auto"
+        self._client = client
         self._ds = None
 
     def dataset(self):
         if self._ds is None:
-            self._ds = Client(self.url, transport=self.transport).dataset(self.dataset_name)
+            client = self._client or Client(self.url, transport=self.transport)
+            self._ds = client.dataset(self.dataset_name)
         return self._ds
 
     def __getstate__(self):
@@ -175,7 +209,7 @@ def _retrying(budget_s: float, what: str, call: Callable):
 class MapDataset(tud.Dataset):
     """Random access by index; see the module docs."""
 
-    def __init__(self, url: str, dataset: str, transform: Optional[Callable] = None,
+    def __init__(self, url: Union[str, Client], dataset: str, transform: Optional[Callable] = None,
                  retry_budget_s: float = 30.0):
         self._conn = _Connection(url, dataset)
         self.transform = transform
@@ -185,16 +219,32 @@ class MapDataset(tud.Dataset):
     def __len__(self) -> int:
         return len(self._paths)
 
-    def __getitem__(self, index: int):
+    def _index(self, index: int) -> int:
         n = len(self._paths)
         if index < 0:
             index += n
         if not 0 <= index < n:
             raise IndexError(f"index {index} is out of range for {n} samples")
+        return index
+
+    def _sample(self, index: int, data):
+        sample = Sample(self._paths[index], index, data)
+        return self.transform(sample) if self.transform else sample
+
+    def __getitem__(self, index: int):
+        index = self._index(index)
         path = self._paths[index]
         data = _retrying(self.retry_budget_s, f"reading {path!r}", lambda: self._conn.dataset().read(path))
-        sample = Sample(path, index, data)
-        return self.transform(sample) if self.transform else sample
+        return self._sample(index, data)
+
+    def __getitems__(self, indices) -> list:
+        """A DataLoader's whole batch in one call (one ReadBatch), instead
+        of one call per sample."""
+        indices = [self._index(int(i)) for i in indices]
+        paths = [self._paths[i] for i in indices]
+        datas = _retrying(self.retry_budget_s, f"reading a batch of {len(paths)}",
+                          lambda: self._conn.dataset().read_batch(paths))
+        return [self._sample(i, d) for i, d in zip(indices, datas)]
 
 
 def _distributed(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
@@ -208,12 +258,68 @@ def _distributed(rank: Optional[int], world_size: Optional[int]) -> tuple[int, i
     return (rank or 0), (world_size or 1)
 
 
+class _SharedEpoch:
+    """The epoch, in memory shared by a dataset and every copy of it that
+    DataLoader workers make (forked: inherited; spawned: mapped again from
+    the creating process's memfd when unpickled).
+
+    Slots (int64): the epoch ``set_epoch`` asked for and a generation that
+    each ``set_epoch`` bumps; then per worker id the generation it last saw
+    and the epoch its next iteration reads; last, whether a worker process
+    has iterated. Each process writes only its own worker's slots (and the
+    training process the first two), so no lock is needed."""
+
+    WORKERS_MAX = 1024
+    _SLOTS = 2 + 2 * WORKERS_MAX + 1
+    _ITERATED = _SLOTS - 1
+
+    def __init__(self, _attach=None):
+        size = self._SLOTS * 8
+        if _attach is None:
+            self._fd = os.memfd_create("storaged-epoch", os.MFD_CLOEXEC)
+            os.ftruncate(self._fd, size)
+        else:
+            pid, fd = _attach
+            self._fd = os.open(f"/proc/{pid}/fd/{fd}", os.O_RDWR | os.O_CLOEXEC)
+        self._pid = os.getpid()
+        self._map = mmap.mmap(self._fd, size)
+        self._slots = memoryview(self._map).cast("q")
+
+    def __reduce__(self):
+        return (_SharedEpoch, ((self._pid, self._fd),))
+
+    def set(self, epoch: int) -> None:
+        self._slots[0] = epoch
+        self._slots[1] += 1
+
+    def begin(self, worker: int, resumed_epoch: Optional[int], in_worker: bool) -> int:
+        """The epoch worker ``worker``'s new iteration reads."""
+        if not 0 <= worker < self.WORKERS_MAX:
+            raise ValueError(f"worker id {worker} is over the {self.WORKERS_MAX} workers supported")
+        generation = self._slots[1]
+        seen, upcoming = 2 + 2 * worker, 3 + 2 * worker
+        if resumed_epoch is not None:
+            epoch = resumed_epoch
+        elif self._slots[seen] != generation:
+            epoch = self._slots[0]
+        else:
+            epoch = self._slots[upcoming]
+        self._slots[upcoming] = epoch + 1
+        self._slots[seen] = generation
+        if in_worker:
+            self._slots[self._ITERATED] = 1
+        return epoch
+
+    def iterated_in_workers(self) -> bool:
+        return bool(self._slots[self._ITERATED])
+
+
 class IterableDataset(tud.IterableDataset):
     """Sharded, shuffled, prefetched epochs; see the module docs."""
 
     def __init__(
         self,
-        url: str,
+        url: Union[str, Client],
         dataset: str,
         shuffle: bool = True,
         seed: int = 0,
@@ -223,16 +329,20 @@ class IterableDataset(tud.IterableDataset):
         world_size: Optional[int] = None,
         drop_last: bool = False,
         prefetch_bytes: int = _PREFETCH_BYTES,
-        transport: str = "auto",
+        transport: Optional[str] = None,
         retry_budget_s: float = 30.0,
+        shuffle_block_size: int = 1,
     ):
         if batch_size is not None and batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, not {batch_size}")
+        if shuffle_block_size < 1:
+            raise ValueError(f"shuffle_block_size must be at least 1, not {shuffle_block_size}")
         self._conn = _Connection(url, dataset, transport)
         self.shuffle = shuffle
         self.seed = seed
         self.batch_size = batch_size
         self.transform = transform
+        self.shuffle_block_size = shuffle_block_size
         self.rank, self.world_size = _distributed(rank, world_size)
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is out of range for world_size {self.world_size}")
@@ -241,22 +351,45 @@ class IterableDataset(tud.IterableDataset):
         self.retry_budget_s = retry_budget_s
         # Checks the dataset now, in the caller's process, and lists it
         # once for every worker forked from here.
-        len(self._conn.dataset())
+        self._object_count = len(self._conn.dataset())
+        self._epoch = _SharedEpoch()
+        # The epoch this copy read last (or reads next, before any).
         self.epoch = 0
         # Samples this copy (one worker, or the main process) has yielded
-        # in the current epoch, and where its next iteration starts.
+        # in the current epoch; a resume's (epoch, start) for the next
+        # iteration; whether this copy has iterated.
         self._consumed = 0
-        self._start = 0
+        self._resume: Optional[tuple[int, int]] = None
+        self._iterated_here = False
 
     def set_epoch(self, epoch: int) -> None:
-        """The epoch to read next (it changes the shuffle)."""
-        self.epoch = epoch
+        """The epoch the next iteration reads (in every DataLoader worker,
+        persistent ones included); the ones after it follow on."""
+        self._epoch.set(int(epoch))
+        self.epoch = int(epoch)
         self._consumed = 0
-        self._start = 0
+        self._resume = None
+
+    def __len__(self) -> int:
+        """Samples per rank, or batches per rank with ``batch_size``."""
+        n, world = self._object_count, self.world_size
+        per_rank = n // world if self.drop_last else -(-n // world)
+        if self.batch_size:
+            return math.ceil(per_rank / self.batch_size)
+        return per_rank
 
     def state_dict(self) -> dict:
         """Where this copy is: enough to continue exactly after the last
-        sample it yielded."""
+        sample it yielded. Call it where the samples are read: in a
+        DataLoader worker (torchdata's ``StatefulDataLoader`` does), or in
+        the training process with ``num_workers=0``."""
+        if tud.get_worker_info() is None and not self._iterated_here and self._epoch.iterated_in_workers():
+            raise RuntimeError(
+                "state_dict() of the training process's copy of a storaged IterableDataset "
+                "read by DataLoader workers cannot know where those workers are: checkpoint "
+                "with torchdata's StatefulDataLoader (from torchdata.stateful_dataloader import "
+                "StatefulDataLoader), which saves each worker's state"
+            )
         return {
             "epoch": self.epoch,
             "seed": self.seed,
@@ -270,7 +403,7 @@ class IterableDataset(tud.IterableDataset):
             )
         self.epoch = int(state["epoch"])
         self._consumed = int(state["consumed"])
-        self._start = self._consumed
+        self._resume = (self.epoch, self._consumed)
 
     def _record(self, index: int, path: str, data):
         s = Sample(path, index, data)
@@ -279,7 +412,10 @@ class IterableDataset(tud.IterableDataset):
     def __iter__(self):
         info = tud.get_worker_info()
         worker, num_workers = (info.id, info.num_workers) if info else (0, 1)
-        start = self._start
+        resumed_epoch, start = self._resume if self._resume else (None, 0)
+        self._resume = None
+        self.epoch = self._epoch.begin(worker, resumed_epoch, in_worker=info is not None)
+        self._iterated_here = True
         self._consumed = start
         loader = _retrying(self.retry_budget_s, "starting the epoch", lambda: self._conn.dataset().loader(
             seed=self.seed,
@@ -294,13 +430,16 @@ class IterableDataset(tud.IterableDataset):
             prefetch_bytes=self.prefetch_bytes,
             start=start,
             retry_budget_s=self.retry_budget_s,
+            block_size=self.shuffle_block_size,
+            # Whole batches to each worker: the rank's batch count then
+            # does not depend on num_workers (what len() says).
+            deal_batches=bool(self.batch_size),
         ))
         if self.batch_size and self.transform is None:
             while (packed := loader.next_packed()) is not None:
                 lent, indices, paths, offsets = packed
                 self._consumed += len(paths)
                 yield Batch._from_lent(lent, indices, paths, offsets)
-            self._start = 0
             return
         for batch in loader:
             if self.batch_size:
@@ -310,5 +449,29 @@ class IterableDataset(tud.IterableDataset):
                 for i, p, d in batch:
                     self._consumed += 1
                     yield self._record(i, p, d)
-        # The next iteration is the next epoch's unless set_epoch says so.
-        self._start = 0
+
+
+def _collate_buffers(batch, *, collate_fn_map=None):
+    """Buffers of different lengths cannot be stacked: a batch keeps them
+    as a list (``torch.frombuffer`` views each)."""
+    return list(batch)
+
+
+def _collate_batches(batch, *, collate_fn_map=None):
+    raise TypeError(
+        "storaged.torch.Batch is already a batch of samples (the dataset was made with "
+        "batch_size); give the DataLoader batch_size=None: DataLoader(ds, batch_size=None, ...)"
+    )
+
+
+def _register_collate() -> None:
+    """Teaches PyTorch's default collate the types these datasets yield."""
+    try:
+        from torch.utils.data._utils.collate import default_collate_fn_map
+    except ImportError:  # torch < 2.0: collate_fn needed, as documented
+        return
+    default_collate_fn_map.setdefault(Buffer, _collate_buffers)
+    default_collate_fn_map.setdefault(Batch, _collate_batches)
+
+
+_register_collate()
