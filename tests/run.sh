@@ -2,8 +2,21 @@
 # The whole test suite, from a fresh clone: installs what the tests need,
 # then formatting, lints, unit, property, integration and interop tests.
 # .ci/run calls this; CI runs it as root on a clean checkout.
+#
+#   bash tests/run.sh           everything (what CI runs)
+#   bash tests/run.sh --quick   for development: the same without the
+#                               Python package stage (no torch download,
+#                               no wheel build, no pytest)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+QUICK=0
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=1 ;;
+    *) echo "usage: bash tests/run.sh [--quick]" >&2; exit 2 ;;
+  esac
+done
 
 step() { printf '\n==> %s\n' "$*"; }
 
@@ -41,6 +54,11 @@ cargo build --workspace --bins --locked
 
 step "cargo test (unit, proptest, integration on loopback, interop)"
 STORAGED_TEST_PYTHON="$PWD/.venv/bin/python" cargo test --workspace --locked --no-fail-fast
+
+if [ "$QUICK" = 1 ]; then
+  step "--quick: skipped the Python package stage (wheel, torch, pytest); run without --quick for all of it"
+  exit 0
+fi
 
 step "python package: the storaged wheel (maturin) in the virtualenv, with torch; pytest"
 .venv/bin/python -m pip install -q -r client/python/requirements-test.txt

@@ -22,8 +22,19 @@ use crate::stats::{children, self_cpu_seconds, tree_cpu_seconds};
 
 /// The nginx configuration the harness uses (also written to results.json).
 pub fn config(prefix: &Path, root: &Path, port: u16) -> String {
+    // nginx started as root runs its workers as `nobody`/`www-data`, who
+    // cannot read a --out under a private directory (mode 0700, as
+    // `mktemp -d` makes): every GET was 403. The workers then run as the
+    // harness's own user, who wrote the files. (Without root, nginx never
+    // switches users, and the directive would only draw a warning.)
+    // SAFETY: geteuid has no preconditions.
+    let user = if unsafe { libc::geteuid() } == 0 {
+        "user root root;\n"
+    } else {
+        ""
+    };
     format!(
-        r#"worker_processes 2;
+        r#"{user}worker_processes 2;
 daemon off;
 pid {prefix}/nginx.pid;
 error_log {prefix}/error.log warn;

@@ -954,3 +954,114 @@ async fn fixed_regions_read_exactly_and_give_their_entry_back() {
         }
     }
 }
+
+/// Holds every discard until opened, and records what was discarded.
+#[derive(Default)]
+struct DiscardGate {
+    closed: std::sync::Mutex<bool>,
+    opened: std::sync::Condvar,
+    calls: std::sync::Mutex<Vec<(u32, u64, u64)>>,
+}
+
+struct GatedBackend {
+    inner: Arc<dyn IoBackend>,
+    gate: Arc<DiscardGate>,
+}
+
+impl IoBackend for GatedBackend {
+    fn kind(&self) -> &'static str {
+        self.inner.kind()
+    }
+    fn submit(&self, op: crate::engine::IoOp, buf: BufLease) -> crate::buf::IoFuture {
+        self.inner.submit(op, buf)
+    }
+    fn read_foreign(&self, read: crate::engine::ForeignRead) -> crate::engine::ForeignReadFuture {
+        self.inner.read_foreign(read)
+    }
+    fn sync(&self, device: u32) -> std::io::Result<()> {
+        self.inner.sync(device)
+    }
+    fn discard(&self, device: u32, offset: u64, len: u64) -> std::io::Result<()> {
+        self.gate.calls.lock().unwrap().push((device, offset, len));
+        let mut closed = self.gate.closed.lock().unwrap();
+        while *closed {
+            closed = self.gate.opened.wait(closed).unwrap();
+        }
+        drop(closed);
+        self.inner.discard(device, offset, len)
+    }
+    fn device_count(&self) -> u32 {
+        self.inner.device_count()
+    }
+}
+
+fn overlaps(a: &[Extent], b: &[Extent]) -> bool {
+    a.iter()
+        .any(|x| b.iter().any(|y| x.offset < y.end() && y.offset < x.end()))
+}
+
+// Guards the discard's crash-safety rule: freed space stays out of the
+// allocator until its discard has run, so a discard can never hit bytes a
+// later ingest owns. With the discard held, a new ingest must be given
+// other space, and its bytes must read back intact once discards go on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_discard_never_touches_space_a_later_ingest_owns() {
+    let dir = tempfile::tempdir().unwrap();
+    let gate = Arc::new(DiscardGate::default());
+    let g2 = Arc::clone(&gate);
+    let store = Store::open_with(&config(dir.path(), 16, 64 << 10), move |e| {
+        Arc::new(GatedBackend { inner: e, gate: g2 })
+    })
+    .unwrap();
+    let counters = store.discard_counters();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !counters.startup_pass_done.load(Ordering::Relaxed) {
+        assert!(std::time::Instant::now() < deadline, "start-up pass hangs");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let a_data = pattern(1, 6 << 20);
+    let a = ingest(&store, "a", &[("x", a_data)]).await.unwrap();
+    let a_extents = a.record.extents.clone();
+    drop(a);
+    *gate.closed.lock().unwrap() = true;
+    gate.calls.lock().unwrap().clear();
+    store.delete(&DatasetName::new("a").unwrap()).await.unwrap();
+    // The discard thread is now held inside A's first discard.
+    while gate.calls.lock().unwrap().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "no discard started");
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(
+        counters.pending_bytes.load(Ordering::Relaxed),
+        a_extents.iter().map(|e| e.len).sum::<u64>()
+    );
+    let b_data = pattern(2, 6 << 20);
+    let b = ingest(&store, "b", &[("y", b_data.clone())]).await.unwrap();
+    assert!(
+        !overlaps(&a_extents, &b.record.extents),
+        "B was given space whose discard is pending: {a_extents:?} vs {:?}",
+        b.record.extents
+    );
+    *gate.closed.lock().unwrap() = false;
+    gate.opened.notify_all();
+    while counters.pending_bytes.load(Ordering::Relaxed) > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "discards do not finish"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert_eq!(read_all(&store, "b", "y", 0, None).await.unwrap(), b_data);
+    // A's space is free again, and every discard stayed inside it.
+    let layout = store.layout();
+    for &(device, offset, len) in gate.calls.lock().unwrap().iter() {
+        let inside = a_extents.iter().any(|e| {
+            super::discard::device_ranges(layout, *e)
+                .iter()
+                .any(|&(d, o, l)| d == device && o <= offset && offset + len <= o + l)
+        });
+        assert!(inside, "discard of {device}:{offset}+{len} outside A");
+    }
+    // Only B's space is in use: A's went back after its discard.
+    assert_eq!(store.status().used_bytes, b.record.allocated_bytes);
+}
