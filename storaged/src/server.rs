@@ -25,7 +25,7 @@ use crate::wire::{WireLimits, ZeroCopyReads};
 /// Why serving stopped with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", bind_hint(source))]
     Bind {
         addr: SocketAddr,
         source: std::io::Error,
@@ -38,6 +38,17 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+}
+
+/// What to do about a failed bind, where there is an obvious fix.
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another process has this port: stop it, or pick another with --listen)"
+        }
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+        _ => "",
+    }
 }
 
 /// Where to listen.

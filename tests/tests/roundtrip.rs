@@ -58,20 +58,24 @@ async fn ingest_list_read_export_is_byte_identical() {
 
     // Paginated listing returns every object once, in order.
     let objects = d.ctl_ok(&["ls", "imagenet-mini", "--page-size", "7"]);
-    let listed: Vec<&str> = objects
-        .lines()
-        .map(|l| l.split("  ").last().unwrap())
-        .collect();
+    let mut lines = objects.lines();
+    let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+    assert_eq!(header, ["SIZE", "CRC32", "PATH"]);
+    let listed: Vec<&str> = lines.map(|l| l.split("  ").last().unwrap()).collect();
     let mut expected: Vec<&str> = files.iter().map(|f| f.0.as_str()).collect();
     expected.sort();
     assert_eq!(listed, expected);
     let sizes = d.ctl_ok(&["ls", "imagenet-mini", "--prefix", "sizes/"]);
-    assert_eq!(sizes.lines().count(), 4, "{sizes}");
+    assert_eq!(
+        sizes.lines().count(),
+        1 + 4,
+        "header and 4 objects: {sizes}"
+    );
     assert_eq!(
         d.ctl_ok(&["ls", "imagenet-mini", "--limit", "3"])
             .lines()
             .count(),
-        3
+        1 + 3
     );
 
     // cat writes raw bytes.

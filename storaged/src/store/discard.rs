@@ -60,6 +60,10 @@ enum Job {
 /// through the discard thread when they are on.
 pub struct FreeSpace {
     pub alloc: Arc<Mutex<ExtentAllocator>>,
+    /// Extents out of the allocator for a discard (queued, or the start-up
+    /// pass's piece). Changed only while `alloc`'s lock is held, so a
+    /// reader holding it sees the allocator and this set agree.
+    held: Arc<Mutex<Vec<Extent>>>,
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     pub counters: Arc<DiscardCounters>,
 }
@@ -74,6 +78,7 @@ impl std::fmt::Debug for FreeSpace {
 pub struct DiscardWorker {
     jobs: std::sync::mpsc::Receiver<Job>,
     alloc: Arc<Mutex<ExtentAllocator>>,
+    held: Arc<Mutex<Vec<Extent>>>,
     counters: Arc<DiscardCounters>,
 }
 
@@ -83,9 +88,11 @@ impl FreeSpace {
     pub fn new(alloc: Arc<Mutex<ExtentAllocator>>, discard: bool) -> (Self, Option<DiscardWorker>) {
         let counters = Arc::new(DiscardCounters::default());
         counters.enabled.store(discard, Ordering::Relaxed);
+        let held: Arc<Mutex<Vec<Extent>>> = Arc::default();
         if !discard {
             let space = Self {
                 alloc,
+                held,
                 jobs: Mutex::new(None),
                 counters,
             };
@@ -95,16 +102,24 @@ impl FreeSpace {
         let worker = DiscardWorker {
             jobs: rx,
             alloc: Arc::clone(&alloc),
+            held: Arc::clone(&held),
             counters: Arc::clone(&counters),
         };
         // The start-up pass goes first.
         let _ = tx.send(Job::TrimFree);
         let space = Self {
             alloc,
+            held,
             jobs: Mutex::new(Some(tx)),
             counters,
         };
         (space, Some(worker))
+    }
+
+    /// Extents out of the allocator for a discard. Call with the
+    /// allocator's lock held for a view consistent with it.
+    pub fn held_extents(&self) -> Vec<Extent> {
+        self.held.lock().expect("held set poisoned").clone()
     }
 
     /// Gives `extents` (taken from the allocator, holding nothing anyone
@@ -114,26 +129,42 @@ impl FreeSpace {
         let jobs = self.jobs.lock().expect("discard queue poisoned");
         if let Some(tx) = jobs.as_ref() {
             let bytes: u64 = extents.iter().map(|e| e.len).sum();
+            {
+                let _alloc = self.alloc.lock().expect("allocator poisoned");
+                self.held
+                    .lock()
+                    .expect("held set poisoned")
+                    .extend_from_slice(&extents);
+            }
             self.counters
                 .pending_bytes
                 .fetch_add(bytes, Ordering::Relaxed);
-            match tx.send(Job::Extents(extents)) {
-                Ok(()) => return,
-                Err(std::sync::mpsc::SendError(Job::Extents(back))) => {
-                    // The thread is gone (it never dies while the store is
-                    // open; but never lose space over it).
-                    self.counters
-                        .pending_bytes
-                        .fetch_sub(bytes, Ordering::Relaxed);
-                    drop(jobs);
-                    self.release_now(back, what);
-                    return;
-                }
-                Err(_) => unreachable!("only extents are sent here"),
+            // The thread lives as long as this sender, so the send cannot
+            // fail; if it ever did, the space stays held until restart
+            // (where the start-up pass frees it), never handed out twice.
+            if tx.send(Job::Extents(extents)).is_err() {
+                tracing::error!(
+                    owner = what,
+                    "the discard thread is gone; freed space stays held until restart"
+                );
             }
+            return;
         }
         drop(jobs);
         self.release_now(extents, what);
+    }
+
+    /// Returns a discarded extent to the allocator and drops it from the
+    /// held set, together under the allocator's lock.
+    fn give_back_to(alloc: &Mutex<ExtentAllocator>, held: &Mutex<Vec<Extent>>, e: Extent) {
+        let mut alloc = alloc.lock().expect("allocator poisoned");
+        if let Err(err) = alloc.release(e) {
+            tracing::error!(error = %err, "releasing discarded space");
+        }
+        let mut held = held.lock().expect("held set poisoned");
+        if let Some(i) = held.iter().position(|h| *h == e) {
+            held.swap_remove(i);
+        }
     }
 
     fn release_now(&self, extents: Vec<Extent>, what: &str) {
@@ -153,6 +184,10 @@ impl FreeSpace {
 }
 
 impl DiscardWorker {
+    fn give_back(&self, e: Extent) {
+        FreeSpace::give_back_to(&self.alloc, &self.held, e);
+    }
+
     /// Starts the discard thread on `engine`.
     pub fn start(self, engine: Arc<dyn IoBackend>, layout: StripeLayout) -> std::io::Result<()> {
         std::thread::Builder::new()
@@ -167,10 +202,7 @@ impl DiscardWorker {
                 Job::Extents(extents) => {
                     for e in extents {
                         discard_extent(engine, layout, e, &self.counters);
-                        if let Err(err) = self.alloc.lock().expect("allocator poisoned").release(e)
-                        {
-                            tracing::error!(error = %err, "releasing discarded space");
-                        }
+                        self.give_back(e);
                         self.counters
                             .pending_bytes
                             .fetch_sub(e.len, Ordering::Relaxed);
@@ -203,25 +235,16 @@ impl DiscardWorker {
                     len: TRIM_PIECE_BYTES.min(e.end() - at),
                 };
                 at = piece.end();
-                // Taken meanwhile by an ingest: not ours to discard.
-                if self
-                    .alloc
-                    .lock()
-                    .expect("allocator poisoned")
-                    .mark_used(piece)
-                    .is_err()
                 {
-                    continue;
+                    let mut alloc = self.alloc.lock().expect("allocator poisoned");
+                    // Taken meanwhile by an ingest: not ours to discard.
+                    if alloc.mark_used(piece).is_err() {
+                        continue;
+                    }
+                    self.held.lock().expect("held set poisoned").push(piece);
                 }
                 discard_extent(engine, layout, piece, &self.counters);
-                if let Err(err) = self
-                    .alloc
-                    .lock()
-                    .expect("allocator poisoned")
-                    .release(piece)
-                {
-                    tracing::error!(error = %err, "releasing trimmed space");
-                }
+                self.give_back(piece);
             }
         }
     }

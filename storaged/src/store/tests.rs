@@ -71,6 +71,39 @@ pub(super) async fn ingest_class(
     s.commit(objects.len() as u64, total).await
 }
 
+/// Waits until `used_bytes` is `expected` (space of an aborted ingest goes
+/// back once its writes land and its discard ran), failing after 30 s.
+pub(super) async fn used_settles_to(store: &Store, expected: u64) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let used = store.status().used_bytes;
+        if used == expected {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "used_bytes stays {used}, expected {expected}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+/// Waits until the start-up discard pass is done and every freed extent
+/// has been discarded and is back in the allocator.
+pub(super) async fn discards_settled(store: &Store) {
+    let c = store.discard_counters();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.pending_bytes.load(Ordering::Relaxed) > 0
+        || (c.enabled.load(Ordering::Relaxed) && !c.startup_pass_done.load(Ordering::Relaxed))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "discards do not settle"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
 pub(super) async fn read_all(
     store: &Arc<Store>,
     ds: &str,
@@ -311,8 +344,7 @@ async fn failed_writes_and_sync_fail_the_ingest() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
     plan.clear();
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    assert_eq!(store.status().used_bytes, 0);
+    used_settles_to(&store, 0).await;
     assert!(store.list_datasets().is_empty());
     ingest(&store, "x", &[("a", pattern(1, 300_000))])
         .await
@@ -331,7 +363,7 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted);
-    assert_eq!(store.status().used_bytes, 0);
+    used_settles_to(&store, 0).await;
     // A hostile size is refused before any arithmetic on it.
     let mut s = store
         .begin_ingest(DatasetName::new("huge").unwrap(), StorageClass::Stripe)
@@ -357,8 +389,7 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
                 .is_err()
         );
     }
-    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    assert_eq!(store.status().used_bytes, 0);
+    used_settles_to(&store, 0).await;
     // Protocol errors.
     let mut s = store
         .begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe)
@@ -407,6 +438,7 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
         .delete(&DatasetName::new("gone").unwrap())
         .await
         .unwrap();
+    discards_settled(&store).await;
     assert_eq!(store.status().used_bytes, used - freed);
     assert!(
         store
