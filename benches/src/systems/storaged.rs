@@ -292,14 +292,16 @@ pub const LOADER_WORKERS: u32 = 4;
 const LOADER_PREFETCH_BYTES: u64 = 64 << 20;
 
 /// The whole dataset through `LOADER_WORKERS` loaders (the second epoch of
-/// a block-shuffled plan, one rank), connected at `url`: over TCP the loader
-/// uses gRPC (with read-ahead `hints` or without), over the Unix socket the
-/// zero-copy path. Every sample's length is checked against the listing.
+/// a plan shuffled in blocks of `block_size`, 1 being the uniform default,
+/// one rank), connected at `url`: over TCP the loader uses gRPC (with
+/// read-ahead `hints` or without), over the Unix socket the zero-copy path.
+/// Every sample's length is checked against the listing.
 pub async fn loader_epoch(
     daemon: &Daemon,
     url: &str,
     dataset: &str,
     hints: bool,
+    block_size: u32,
 ) -> anyhow::Result<Measurement> {
     let client = Client::connect(url).await?;
     let ds = client.dataset(dataset)?;
@@ -308,9 +310,9 @@ pub async fn loader_epoch(
     // whose pages are faulted in and pinned once) and is not timed: a
     // training job pays that once, and on this small dataset it would
     // dominate. Epoch 1, a different shuffle, is measured.
-    run_loader_epoch(&ds, &listing, 0, hints).await?;
+    run_loader_epoch(&ds, &listing, 0, hints, block_size).await?;
     let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
-    let (bytes, samples) = run_loader_epoch(&ds, &listing, 1, hints).await?;
+    let (bytes, samples) = run_loader_epoch(&ds, &listing, 1, hints, block_size).await?;
     let mut m = stream_measurement(daemon, &[], bytes, t0, (srv0, cli0));
     m.samples = samples;
     Ok(m)
@@ -323,6 +325,7 @@ async fn run_loader_epoch(
     listing: &Arc<[storaged_client::ObjectInfo]>,
     epoch: u64,
     hints: bool,
+    block_size: u32,
 ) -> anyhow::Result<(u64, u64)> {
     let mut tasks = Vec::new();
     for worker in 0..LOADER_WORKERS {
@@ -334,7 +337,7 @@ async fn run_loader_epoch(
             worker,
             num_workers: LOADER_WORKERS,
             shuffle: true,
-            block_size: 64,
+            block_size,
             tail: PlanTail::Pad,
         };
         let plan = Plan::new(Arc::clone(listing), spec, None)?;
