@@ -21,7 +21,9 @@ epoch): one epoch with DataLoader(batch 256, 4 workers, identity transform).
 - the pure-grpcio example's reader in an IterableDataset (ReadBatch of each
   worker's batches);
 - a torchvision-style folder MapDataset reading the same files from a local
-  directory (open().read());
+  directory (open().read()), and storaged.torch.MapDataset with the same
+  DataLoader (shuffle, batch 256: one read per batch, into shared memory
+  on this host);
 - the Rust loader itself: `storagectl epoch --workers 4 --batch 256`, on
   the same two transports (`--transport auto`: shm; `as-given`: gRPC with
   read-ahead hints), and the second of two epochs in one storagectl
@@ -115,6 +117,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "python"))
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--systems", default=None,
+                    help="only these systems (comma-separated), e.g. storaged_map,local_folder")
     args = ap.parse_args()
     out = pathlib.Path(args.out)
     work = out / "work"
@@ -148,8 +152,14 @@ def main():
                                                               persistent_workers=True, **kw),
             "grpcio_example": lambda e: DataLoader(GrpcDataset(addr, "imagenet", paths, e), batch_size=None, **kw),
             "local_folder": lambda e: DataLoader(FolderDataset(work / "src"), batch_size=BATCH, shuffle=True, **kw),
+            "storaged_map": lambda e: DataLoader(st.MapDataset(url, "imagenet"), batch_size=BATCH, shuffle=True, **kw),
         }
-        results = {k: [] for k in [*systems, "rust_loader", "rust_loader_grpc", "rust_loader_2nd_epoch"]}
+        rust = ["rust_loader", "rust_loader_grpc", "rust_loader_2nd_epoch"]
+        if args.systems:
+            wanted = set(args.systems.split(","))
+            systems = {k: v for k, v in systems.items() if k in wanted}
+            rust = [k for k in rust if k in wanted]
+        results = {k: [] for k in [*systems, *rust]}
         for rep in range(reps):
             for name, make in systems.items():
                 loader = make(rep)
@@ -163,8 +173,9 @@ def main():
                 assert n == count, f"{name} read {n} of {count}"
                 results[name].append(rate)
                 print(f"rep {rep} {name}: {rate:.0f} samples/s", flush=True)
-            for name, transport, epochs in [("rust_loader", "auto", 1), ("rust_loader_grpc", "as-given", 1),
-                                            ("rust_loader_2nd_epoch", "auto", 2)]:
+            for name, transport, epochs in [(k, t, e) for k, t, e in
+                                            [("rust_loader", "auto", 1), ("rust_loader_grpc", "as-given", 1),
+                                             ("rust_loader_2nd_epoch", "auto", 2)] if k in rust]:
                 drop_caches()
                 text = subprocess.run([*ctl, "--transport", transport, "epoch", "imagenet",
                                       "--workers", str(WORKERS), "--batch", str(BATCH),
@@ -178,9 +189,25 @@ def main():
         daemon.terminate()
         daemon.wait()
     med = {k: statistics.median(v) for k, v in results.items()}
+
+    def ratio(a, b):
+        return med[a] / med[b] if a in med and b in med else None
+
     summary = {
         "samples": count, "reps": reps, "batch": BATCH, "workers": WORKERS,
         "samples_per_s": results, "median": med,
+        "storaged_map_vs_local_folder": ratio("storaged_map", "local_folder"),
+    }
+    if not args.systems:
+        summary.update(_full_ratios(med))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2))
+    subprocess.run(["rm", "-rf", str(work)], check=True)
+
+
+def _full_ratios(med):
+    return {
         "storaged_torch_vs_rust_loader": med["storaged_torch"] / med["rust_loader"],
         "storaged_torch_vs_local_folder": med["storaged_torch"] / med["local_folder"],
         "storaged_torch_vs_grpcio": med["storaged_torch"] / med["grpcio_example"],
@@ -190,10 +217,6 @@ def main():
         "storaged_torch_persistent_vs_rust_loader_2nd_epoch":
             med["storaged_torch_persistent"] / med["rust_loader_2nd_epoch"],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(summary, indent=2))
-    print(json.dumps(summary, indent=2))
-    subprocess.run(["rm", "-rf", str(work)], check=True)
 
 
 def _iterable(url, e, transport):

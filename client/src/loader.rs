@@ -755,6 +755,47 @@ async fn fetch_retrying(
     }
 }
 
+impl Dataset {
+    /// Whole objects `(path, size)` (sizes from the listing), each as
+    /// `Bytes`: on a same-host connection read into one region (a cached
+    /// one when an idle region fits) and handed out as views of it, with
+    /// no copy on either side (the region goes back to the client's cache
+    /// when the last view is dropped); else one completion-order
+    /// `ReadBatch` (large objects streamed in order), as the loader does.
+    pub async fn read_objects(&self, objects: &[(String, u64)]) -> Result<Vec<Bytes>, ClientError> {
+        let batch = BatchPlan {
+            first_position: 0,
+            samples: objects
+                .iter()
+                .enumerate()
+                .map(|(i, (path, size))| (i as u64, path.clone(), *size))
+                .collect(),
+            bytes: objects.iter().map(|(_, size)| size).sum(),
+        };
+        let span: u64 = objects
+            .iter()
+            .map(|&(_, size)| read_into_span(0, size, size, CHECKSUM_BLOCK_BYTES).0)
+            .sum();
+        let region_bytes = span.max(READ_INTO_ALIGN_BYTES).next_multiple_of(1 << 20);
+        let region = if self.client.is_local() && region_bytes <= SHM_REGION_BYTES_MAX {
+            self.client.region(region_bytes).await.ok()
+        } else {
+            None
+        };
+        let result = match region {
+            Some(region) => {
+                let slot = Arc::new(RegionSlot {
+                    region: Some(region),
+                    client: self.client.clone(),
+                });
+                fetch_shm(self.clone(), batch, slot).await.1
+            }
+            None => fetch(self.clone(), batch).await.1,
+        };
+        Ok(result?.samples.into_iter().map(|s| s.data).collect())
+    }
+}
+
 /// Reads one batch and puts the samples back in plan order. Objects up to
 /// [`BATCH_ANY_ORDER_ITEM_BYTES_MAX`] go in one completion-order
 /// `ReadBatch`; larger ones (shards), and any item storaged refuses in that

@@ -531,6 +531,39 @@ impl Dataset {
         buffer(py, data)
     }
 
+    /// Whole objects by index in path order, in one call: a list of
+    /// buffers. On a same-host connection they are read straight into a
+    /// shared-memory region and the buffers are views of it (no copy);
+    /// else one ReadBatch. The first item that fails raises its error.
+    fn read_objects<'py>(
+        &self,
+        py: Python<'py>,
+        indices: Vec<i64>,
+    ) -> PyResult<Bound<'py, PyList>> {
+        let listing = self.listing(py)?;
+        let n = listing.len() as i64;
+        let objects = indices
+            .iter()
+            .map(|&i| {
+                let at = if i < 0 { i + n } else { i };
+                if !(0..n).contains(&at) {
+                    return Err(PyIndexError::new_err(format!(
+                        "index {i} is out of range for {n} objects"
+                    )));
+                }
+                let o = &listing[at as usize];
+                Ok((o.path.clone(), o.size))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        let ds = self.ds(py)?;
+        let datas = block_on(py, async move { ds.read_objects(&objects).await })?;
+        let bufs = datas
+            .into_iter()
+            .map(|b| buffer(py, b))
+            .collect::<PyResult<Vec<_>>>()?;
+        PyList::new(py, bufs)
+    }
+
     /// Many objects or ranges in one call: a list of buffers in request
     /// order. The first item that fails raises its error.
     #[pyo3(signature = (items, max_in_flight=64))]

@@ -169,3 +169,25 @@ def test_objects_over_the_any_order_limit_load_over_tcp(fresh_daemon, tmp_path):
             for s in (item if batch_size else [item]):
                 seen[s.path] = bytes(s.data.numpy() if batch_size else s.data)
         assert seen == files
+
+
+def _shm_served(daemon):
+    line = next(l for l in daemon.ctl("status").splitlines() if l.startswith("served:"))
+    return line.split(" shm ")[1].split(" (")[0]
+
+
+def test_map_dataset_reads_through_shared_memory_on_the_same_host(daemon, files):
+    # Guards against MapDataset reading every item over gRPC on the same
+    # host (0.81x a plain folder): batches land in shared memory, and the
+    # remote path still works.
+    samples = {k: v for k, v in files.items() if k.startswith("train/")}
+    before = _shm_served(daemon)
+    local = st.MapDataset(daemon.url, "samples")
+    got = {}
+    for batch in DataLoader(local, batch_size=8, collate_fn=list):
+        got.update((s.path, bytes(s.data)) for s in batch)
+    assert got == samples
+    assert _shm_served(daemon) != before, "no bytes were served over shared memory"
+    assert bytes(local[3].data) == samples[local[3].path]
+    remote = st.MapDataset(storaged.Client(daemon.url, transport="as-given"), "samples")
+    assert {s.path: bytes(s.data) for s in remote.__getitems__(range(len(remote)))} == samples
