@@ -466,3 +466,52 @@ fn ingest_warns_on_nothing_and_skips_unreadable_on_request() {
         "header and 2 objects: {listing}"
     );
 }
+
+/// Runs storagectl on a pseudo-terminal (`script`), with `input` typed.
+fn ctl_on_a_terminal(d: &Daemon, args: &str, input: &str) -> std::process::Output {
+    use std::io::Write;
+    let command = format!("{} --server {} {args}", storagectl_bin().display(), d.url);
+    let mut child = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("script(1) from util-linux");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+// Guards against `rm` deleting a dataset at once on a terminal (it asks
+// what would go; `n` keeps it, `y` deletes it) and against silent long
+// commands: verify and export draw progress on a terminal.
+#[test]
+fn on_a_terminal_rm_asks_first_and_long_commands_show_progress() {
+    let tmp = tempfile::tempdir().unwrap();
+    write_tree(&tmp.path().join("src"), &[("a".to_owned(), vec![1; 10])]);
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    d.ctl_ok(&["ingest", "ds", tmp.path().join("src").to_str().unwrap()]);
+    let out = ctl_on_a_terminal(&d, "rm ds", "n\n");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("delete dataset ds (1 objects"), "{text}");
+    assert!(text.contains("not deleted"), "{text}");
+    assert!(d.ctl_ok(&["ls"]).contains("ds"));
+    // verify and export show progress on a terminal (and only there).
+    let out = ctl_on_a_terminal(&d, "verify ds", "");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("verify pass 1 ["));
+    assert!(!d.ctl_ok(&["verify", "ds"]).contains("verify pass 1 ["));
+    let target = tmp.path().join("out");
+    let out = ctl_on_a_terminal(&d, &format!("export ds {}", target.display()), "");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("export ["));
+    let out = ctl_on_a_terminal(&d, "rm ds", "y\n");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("deleted ds"), "{text}");
+    assert!(!d.ctl_ok(&["ls"]).contains("ds "));
+}
