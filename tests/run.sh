@@ -33,6 +33,12 @@ fi
 fio --version
 nginx -v
 
+step "script(1) and runuser(1): terminal and other-user checks of storagectl"
+if ! command -v script >/dev/null || ! command -v runuser >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq bsdutils util-linux >/dev/null
+fi
+
 step "python virtualenv for the interop test (grpcio, health, reflection)"
 PY=${PYTHON:-python3}
 if ! "$PY" -m venv --help >/dev/null 2>&1; then
