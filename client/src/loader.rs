@@ -117,9 +117,7 @@ impl Plan {
         spec: PlanSpec,
         batch_size: usize,
     ) -> Result<Self, PlanError> {
-        // Validates the spec (worker in range, ...), and is the rank's
-        // sequence once dealt to a single worker.
-        worker_sequence(objects.len() as u64, &spec, None)?;
+        // rank_sequence validates the spec (worker in range, ...).
         let order: Arc<[u64]> = rank_sequence(objects.len() as u64, &spec)?.into();
         let workers = spec.num_workers as usize;
         let indices = order
@@ -344,6 +342,17 @@ struct BatchPlan {
     bytes: u64,
 }
 
+impl BatchPlan {
+    /// Region bytes one `ReadInto` of every sample whole takes (each
+    /// sample's span, see `read_into_span`).
+    fn region_span(&self) -> u64 {
+        self.samples
+            .iter()
+            .map(|&(_, _, size)| read_into_span(0, size, size, CHECKSUM_BLOCK_BYTES).0)
+            .sum()
+    }
+}
+
 /// A region the shm loader reads batches into. Sample views hold an `Arc`
 /// of it; the loader reuses it only when it holds the last one.
 struct RegionSlot {
@@ -475,12 +484,7 @@ impl Dataset {
         // size: the largest batch's spans, rounded for alignment.
         let span_max = batches
             .iter()
-            .map(|b| {
-                b.samples
-                    .iter()
-                    .map(|&(_, _, size)| read_into_span(0, size, size, CHECKSUM_BLOCK_BYTES).0)
-                    .sum::<u64>()
-            })
+            .map(BatchPlan::region_span)
             .max()
             .unwrap_or(0)
             .max(READ_INTO_ALIGN_BYTES);
@@ -772,11 +776,10 @@ impl Dataset {
                 .collect(),
             bytes: objects.iter().map(|(_, size)| size).sum(),
         };
-        let span: u64 = objects
-            .iter()
-            .map(|&(_, size)| read_into_span(0, size, size, CHECKSUM_BLOCK_BYTES).0)
-            .sum();
-        let region_bytes = span.max(READ_INTO_ALIGN_BYTES).next_multiple_of(1 << 20);
+        let region_bytes = batch
+            .region_span()
+            .max(READ_INTO_ALIGN_BYTES)
+            .next_multiple_of(1 << 20);
         let region = if self.client.is_local() && region_bytes <= SHM_REGION_BYTES_MAX {
             self.client.region(region_bytes).await.ok()
         } else {

@@ -19,6 +19,32 @@ fn stderr_of(out: &std::process::Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `storagectl --server URL ARGS...`, run as this user.
+fn ctl_at(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new(storagectl_bin())
+        .args(["--server", url])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// The same as user `nobody` (runuser; needs root).
+fn ctl_as_nobody(url: &str, args: &[&str]) -> std::process::Output {
+    Command::new("runuser")
+        .args(["-u", "nobody", "--"])
+        .arg(storagectl_bin())
+        .args(["--server", url])
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// Whether the tests run as root (the other-user checks need runuser).
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
 // Guards against remote epochs (and verify) failing on datasets holding an
 // object over the any-order batch item limit: the loader's gRPC path
 // asked for every object in one any-order ReadBatch, which refuses such
@@ -162,26 +188,15 @@ fn a_closed_pipe_ends_storagectl_quietly() {
 // scheme failing unclearly.
 #[test]
 fn urls_that_cannot_work_are_refused_with_the_fix() {
-    let out = Command::new(storagectl_bin())
-        .args(["--server", "https://127.0.0.1:7400", "ls"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr_of(&out).contains("TLS is not supported"),
-        "{}",
-        stderr_of(&out)
-    );
-    let out = Command::new(storagectl_bin())
-        .args(["--server", "127.0.0.1:7400", "ls"])
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        stderr_of(&out).contains("add http:// to the URL"),
-        "{}",
-        stderr_of(&out)
-    );
+    for (url, says) in [
+        ("https://127.0.0.1:7400", "TLS is not supported"),
+        ("127.0.0.1:7400", "add http:// to the URL"),
+    ] {
+        let out = ctl_at(url, &["ls"]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains(says), "{url}: {err}");
+    }
 }
 
 // Guards against connection errors repeating their causes and not saying
@@ -193,10 +208,7 @@ fn an_unreachable_server_is_named_once_with_the_fix() {
         .local_addr()
         .unwrap()
         .port();
-    let out = Command::new(storagectl_bin())
-        .args(["--server", &format!("http://127.0.0.1:{port}"), "ls"])
-        .output()
-        .unwrap();
+    let out = ctl_at(&format!("http://127.0.0.1:{port}"), &["ls"]);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("is storaged running at"), "{err}");
@@ -243,19 +255,9 @@ fn unix_socket_access_is_configured_and_explained() {
     let mut d = Daemon::start(&data, &DaemonOpts::default());
     assert_eq!(socket_mode(&d), 0o660);
     d.ctl_ok(&["ingest", "ds", tmp.path().join("src").to_str().unwrap()]);
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    let as_other_user = |args: &[&str]| {
-        let mut cmd = Command::new("runuser");
-        cmd.args(["-u", "nobody", "--"])
-            .arg(storagectl_bin())
-            .arg("--server")
-            .arg(&d.url)
-            .args(args);
-        cmd.output().unwrap()
-    };
+    let root = is_root();
     if root {
-        let out = as_other_user(&["verify", "ds", "--via", "shm"]);
+        let out = ctl_as_nobody(&d.url, &["verify", "ds", "--via", "shm"]);
         let err = stderr_of(&out);
         assert_eq!(out.status.code(), Some(1), "{err}");
         assert!(err.contains("may not use storaged's Unix socket"), "{err}");
@@ -271,14 +273,7 @@ fn unix_socket_access_is_configured_and_explained() {
     let d2 = Daemon::start_args(&data, args);
     assert_eq!(socket_mode(&d2), 0o666);
     if root {
-        let out = Command::new("runuser")
-            .args(["-u", "nobody", "--"])
-            .arg(storagectl_bin())
-            .arg("--server")
-            .arg(&d2.url)
-            .args(["verify", "ds", "--via", "shm"])
-            .output()
-            .unwrap();
+        let out = ctl_as_nobody(&d2.url, &["verify", "ds", "--via", "shm"]);
         assert!(out.status.success(), "{}", stderr_of(&out));
     }
 }
@@ -427,22 +422,12 @@ fn ingest_warns_on_nothing_and_skips_unreadable_on_request() {
             .collect::<Vec<_>>(),
         ["SIZE", "CRC32", "PATH"]
     );
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !is_root() {
         println!("not root: the unreadable-file half of this test needs root (runuser)");
         return;
     }
     std::fs::set_permissions(src.join("secret/c"), std::fs::Permissions::from_mode(0o600)).unwrap();
-    let as_nobody = |args: &[&str]| {
-        Command::new("runuser")
-            .args(["-u", "nobody", "--"])
-            .arg(storagectl_bin())
-            .arg("--server")
-            .arg(&d.url)
-            .args(args)
-            .output()
-            .unwrap()
-    };
+    let as_nobody = |args: &[&str]| ctl_as_nobody(&d.url, args);
     let out = as_nobody(&["ingest", "strict", src.to_str().unwrap()]);
     let err = stderr_of(&out);
     assert_eq!(out.status.code(), Some(1), "{err}");
