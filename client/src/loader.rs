@@ -527,7 +527,7 @@ impl Dataset {
                         Err(e) => {
                             // Regions only save copies: with fewer than
                             // asked for (the server's region limits, no
-                            // /dev/shm), read with those there are, or over
+                            // memfd), read with those there are, or over
                             // gRPC (each batch says which path served it).
                             tracing::warn!(
                                 error = %e,

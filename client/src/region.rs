@@ -1,12 +1,12 @@
 //! Memory regions: the same-host zero-copy read path.
 //!
-//! [`Client::register_region`] creates a file in `/dev/shm` named
-//! `storaged-<pid>-<random>` (mode 0600, `O_EXCL`), maps it, registers it
-//! with storaged over the Unix socket, and unlinks it as soon as the server
-//! has mapped it too, so nothing outlives the two processes. Files left by
-//! clients that crashed before the unlink are removed the next time any
-//! client registers a region (their pid is gone), and never block it (the
-//! name is new each time).
+//! [`Client::register_region`] creates a memfd, sizes it, allocates its
+//! pages (this process pays for its own region's memory, not storaged),
+//! seals it against shrinking (storaged refuses a region that could shrink
+//! under its mapping), maps it, and registers it with storaged over the
+//! Unix socket by its descriptor number. storaged opens it through
+//! `/proc/<our pid>/fd/<n>`; once it answers, the descriptor is closed and
+//! the memory lives as long as the two mappings. Nothing is ever on disk.
 //!
 //! [`Dataset::read_into`] lays the requested objects out in the region by
 //! the alignment rules (`storaged_proto::model::read_into_span`), asks the
@@ -20,17 +20,13 @@
 //! open `RegisterRegion` call, and dropping it ends the call, which
 //! deregisters the region on the server.
 
-use std::os::unix::fs::OpenOptionsExt;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use storaged_proto::model::{READ_INTO_ALIGN_BYTES, read_into_span};
 use storaged_proto::pb;
 use tonic::{Code, Status};
 
 use crate::{Client, ClientError, Dataset};
-
-/// Where region files are created.
-pub const REGION_DIR: &str = "/dev/shm";
 
 /// A registered region of this process's memory.
 pub struct Region {
@@ -172,56 +168,45 @@ impl Region {
     }
 }
 
-/// Removes region files whose creating process is gone.
-fn remove_stale_region_files(dir: &Path) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let name = entry.file_name();
-        let Some(rest) = name.to_str().and_then(|n| n.strip_prefix("storaged-")) else {
-            continue;
-        };
-        let Some(pid) = rest.split('-').next().and_then(|p| p.parse::<u32>().ok()) else {
-            continue;
-        };
-        if !Path::new(&format!("/proc/{pid}")).exists() {
-            // Best effort: another user's file fails (sticky /dev/shm).
-            if std::fs::remove_file(entry.path()).is_ok() {
-                tracing::info!(file = %entry.path().display(), "removed a stale region file");
-            }
-        }
-    }
-}
-
-fn create_region_file(
-    dir: &Path,
-    size_bytes: u64,
-) -> Result<(std::fs::File, PathBuf), ClientError> {
-    let io_err = |path: &Path, source| ClientError::Io {
-        path: path.display().to_string(),
+/// A memfd of `size_bytes`, every page allocated, sealed against
+/// shrinking.
+fn sealed_memfd(size_bytes: u64) -> Result<std::fs::File, ClientError> {
+    let io_err = |what: &str, source: std::io::Error| ClientError::Io {
+        path: format!("memfd ({what})"),
         source,
     };
-    let mut suffix = [0u8; 8];
-    getrandom::fill(&mut suffix).map_err(|e| io_err(dir, std::io::Error::other(e.to_string())))?;
-    let path = dir.join(format!(
-        "storaged-{}-{:016x}",
-        std::process::id(),
-        u64::from_le_bytes(suffix)
-    ));
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_CLOEXEC)
-        .open(&path)
-        .map_err(|e| io_err(&path, e))?;
-    if let Err(e) = file.set_len(size_bytes) {
-        let _ = std::fs::remove_file(&path);
-        return Err(io_err(&path, e));
+    // SAFETY: the name is a NUL-terminated literal; the flags are valid.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"storaged-region".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    if fd < 0 {
+        return Err(io_err("memfd_create", std::io::Error::last_os_error()));
     }
-    Ok((file, path))
+    // SAFETY: a fresh descriptor that nothing else owns.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(size_bytes).map_err(|e| io_err("sizing", e))?;
+    // Allocated here, by the client: storaged pins only regions without
+    // holes, and never allocates a client's pages itself.
+    // SAFETY: fallocate on the open memfd, within its size.
+    let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size_bytes as libc::off_t) };
+    if rc != 0 {
+        return Err(io_err("allocating", std::io::Error::last_os_error()));
+    }
+    // SAFETY: F_ADD_SEALS on an open memfd created with MFD_ALLOW_SEALING.
+    let rc = unsafe {
+        libc::fcntl(
+            file.as_raw_fd(),
+            libc::F_ADD_SEALS,
+            libc::F_SEAL_SHRINK | libc::F_SEAL_SEAL,
+        )
+    };
+    if rc != 0 {
+        return Err(io_err("sealing", std::io::Error::last_os_error()));
+    }
+    Ok(file)
 }
 
 /// Regions a client keeps for reuse (loaders take them and give them back),
@@ -292,22 +277,23 @@ impl Client {
             )));
         }
         let size_bytes = size_bytes.max(1).next_multiple_of(READ_INTO_ALIGN_BYTES);
-        let dir = Path::new(REGION_DIR);
-        remove_stale_region_files(dir);
-        let (file, path) = create_region_file(dir, size_bytes)?;
+        let file = sealed_memfd(size_bytes)?;
+        // The descriptor stays open until storaged has opened it (its
+        // first message); then the two mappings hold the memory.
         let registered = async {
             let map = memmap2::MmapOptions::new()
                 .len(size_bytes as usize)
                 .map_raw(&file)
                 .map_err(|e| ClientError::Io {
-                    path: path.display().to_string(),
+                    path: "memfd (mapping)".into(),
                     source: e,
                 })?;
             let mut rpc = self.rpc.clone();
             let mut call = rpc
                 .register_region(pb::RegisterRegionRequest {
-                    path: path.display().to_string(),
+                    path: String::new(),
                     size_bytes,
+                    memfd: Some(file.as_raw_fd()),
                 })
                 .await?
                 .into_inner();
@@ -323,8 +309,7 @@ impl Client {
             })
         }
         .await;
-        // Both sides have it mapped (or it failed): the name can go.
-        let _ = std::fs::remove_file(&path);
+        drop(file);
         registered
     }
 }

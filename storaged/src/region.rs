@@ -1,12 +1,23 @@
 //! Registered memory regions: client memory that device reads land in.
 //!
-//! A client on the same host creates a file on tmpfs (`/dev/shm`), maps it,
-//! and registers it by path over the Unix socket. storaged opens the file
-//! with `O_NOFOLLOW`, checks that it is a regular tmpfs file of the stated
-//! size owned by the peer's uid (from `SO_PEERCRED`), maps it shared, and
-//! hands out a random 64-bit id. The client then unlinks the file: both
-//! sides keep their mappings, nothing is left on disk, and a crashed client
-//! leaves nothing that could block the next one.
+//! A client on the same host creates a memfd, sizes it, fills its pages,
+//! seals it against shrinking (`F_SEAL_SHRINK`), maps it, and registers it
+//! by descriptor number over the Unix socket. storaged opens it through
+//! `/proc/<peer pid>/fd/<n>` (the pid comes from `SO_PEERCRED`, so it names
+//! the caller's own descriptor), checks that it is a sealed tmpfs file of
+//! the stated size owned by the peer's uid, maps it shared, and hands out a
+//! random 64-bit id. Nothing is left on disk, and a crashed client leaves
+//! nothing behind.
+//!
+//! The seal is what keeps the daemon alive: a mapping of a file that its
+//! owner truncates raises SIGBUS on the next access, and storaged's reads,
+//! checksums and read-ahead copies touch the region. With `F_SEAL_SHRINK`
+//! no process can make the file shorter than the mapping, so no access can
+//! fault. Files opened by path cannot carry seals and are refused.
+//!
+//! Pages of a region are the client's to allocate: storaged pins (registers
+//! with io_uring) only a region whose every page already exists, so a
+//! client cannot make storaged fill a sparse region with its own memory.
 //!
 //! A region lives as long as its registration (`RegisterRegion` is a
 //! streaming call kept open by the client; a disconnect ends it). Ending it
@@ -18,7 +29,7 @@
 use std::collections::HashMap;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::engine::{DIRECT_IO_ALIGN_BYTES, ForeignMemory};
@@ -53,6 +64,16 @@ pub enum RegionError {
         "memory regions need a same-host client on storaged's Unix socket; this call came over TCP"
     )]
     NotLocal,
+    #[error(
+        "regions registered by path are refused: a file opened by path cannot be sealed, and shrinking it would fault storaged; register a memfd sealed with F_SEAL_SHRINK"
+    )]
+    ByPath,
+    #[error(
+        "region {path} is not sealed against shrinking: add F_SEAL_SHRINK (fcntl F_ADD_SEALS) before registering"
+    )]
+    NotSealed { path: PathBuf },
+    #[error("the Unix socket peer's pid is unknown, so its memfd cannot be opened")]
+    NoPeerPid,
     #[error("cannot open region file {path}: {source}")]
     Open {
         path: PathBuf,
@@ -95,7 +116,8 @@ impl RegionError {
     pub fn code(&self) -> tonic::Code {
         use tonic::Code;
         match self {
-            RegionError::NotLocal => Code::FailedPrecondition,
+            RegionError::NotLocal | RegionError::NoPeerPid => Code::FailedPrecondition,
+            RegionError::ByPath | RegionError::NotSealed { .. } => Code::InvalidArgument,
             RegionError::Open { source, .. } => match source.kind() {
                 std::io::ErrorKind::NotFound => Code::NotFound,
                 std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
@@ -130,6 +152,8 @@ impl From<RegionError> for tonic::Status {
 pub struct RegionMap {
     pub id: u64,
     pub owner_uid: u32,
+    /// Every page existed at registration, so pinning allocates nothing.
+    populated: bool,
     /// Declared before `map` so it is dropped (unregistered) first.
     fixed: std::sync::OnceLock<crate::engine::FixedForeign>,
     map: memmap2::MmapRaw,
@@ -165,8 +189,11 @@ impl RegionMap {
     /// Registers the mapping with `engine` for reads (io_uring fixed
     /// buffer) where it can; returns whether it is registered. Blocking:
     /// every page is faulted in first.
+    /// A region with holes is never pinned: pinning would allocate its
+    /// pages in storaged's name (reads into it then go the plain way and
+    /// fault in only the pages they fill).
     pub fn fix_with(&self, engine: &dyn crate::engine::IoBackend) -> bool {
-        if self.fixed.get().is_none() {
+        if self.fixed.get().is_none() && self.populated {
             // Pinning a fresh region allocates and zeroes its pages, and the
             // kernel does that under the ring's lock, stalling every read
             // submitted meanwhile (12 new 36 MiB regions of 4 DataLoader
@@ -175,7 +202,8 @@ impl RegionMap {
             // finds the pages. MADV_POPULATE_WRITE leaves their contents
             // alone, so reads already landing in the region are safe; on a
             // kernel without it (before 5.14) pinning faults them in as
-            // before.
+            // before. The region has no holes (`populated`), so this maps
+            // the client's pages and allocates none.
             // SAFETY: the range is exactly this live mapping.
             let _ = unsafe {
                 libc::madvise(
@@ -293,10 +321,12 @@ impl Regions {
         self.registry.lock().expect("region registry poisoned")
     }
 
-    /// Opens, checks and maps `path` for the client `peer_uid`.
+    /// Opens, checks and maps the memfd `fd` of process `peer_pid` for the
+    /// client `peer_uid`.
     pub fn register(
         self: &Arc<Self>,
-        path: &Path,
+        peer_pid: i32,
+        fd: i32,
         size_bytes: u64,
         peer_uid: u32,
     ) -> Result<Registration, RegionError> {
@@ -311,10 +341,20 @@ impl Regions {
                 max: self.limits.region_bytes_max,
             });
         }
+        if fd < 0 || peer_pid <= 0 {
+            return Err(RegionError::Open {
+                path: PathBuf::from(format!("/proc/{peer_pid}/fd/{fd}")),
+                source: std::io::Error::from(std::io::ErrorKind::NotFound),
+            });
+        }
+        // /proc/PID/fd/N is a magic link: following it is the point (so no
+        // O_NOFOLLOW); the checks below are on what it leads to.
+        let path = PathBuf::from(format!("/proc/{peer_pid}/fd/{fd}"));
+        let path = path.as_path();
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .custom_flags(libc::O_CLOEXEC)
             .open(path)
             .map_err(|source| RegionError::Open {
                 path: path.to_owned(),
@@ -336,6 +376,11 @@ impl Regions {
                 peer: peer_uid,
             });
         }
+        if !sealed_against_shrinking(&file) {
+            return Err(RegionError::NotSealed {
+                path: path.to_owned(),
+            });
+        }
         if meta.len() != size_bytes {
             return Err(RegionError::SizeMismatch {
                 path: path.to_owned(),
@@ -343,6 +388,7 @@ impl Regions {
                 stated: size_bytes,
             });
         }
+        let populated = has_no_holes(&file, size_bytes);
         // Reserve before mapping, so concurrent registrations cannot both
         // pass the limit check.
         {
@@ -403,6 +449,7 @@ impl Regions {
         let region = Arc::new(RegionMap {
             id: u64::from_le_bytes(id_bytes) | 1,
             owner_uid: peer_uid,
+            populated,
             fixed: std::sync::OnceLock::new(),
             map,
         });
@@ -470,6 +517,22 @@ fn release(r: &mut Registry, uid: u32, bytes: u64) {
     }
 }
 
+/// Whether `file` carries `F_SEAL_SHRINK` (only memfds can).
+fn sealed_against_shrinking(file: &std::fs::File) -> bool {
+    // SAFETY: F_GET_SEALS takes no argument and only reads the open fd's
+    // seals; it fails (EINVAL) for files that cannot be sealed.
+    let seals = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GET_SEALS) };
+    seals >= 0 && seals & libc::F_SEAL_SHRINK != 0
+}
+
+/// Whether every page of `file`'s first `len` bytes is allocated: tmpfs
+/// counts allocated pages (written, faulted in or fallocated) in
+/// `st_blocks`.
+fn has_no_holes(file: &std::fs::File, len: u64) -> bool {
+    file.metadata()
+        .is_ok_and(|m| m.blocks().saturating_mul(512) >= len)
+}
+
 fn on_tmpfs(file: &std::fs::File) -> bool {
     let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
     // SAFETY: fstatfs(2) writes a `statfs` into the pointer on success; the
@@ -486,17 +549,39 @@ fn on_tmpfs(file: &std::fs::File) -> bool {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+    use std::os::fd::{FromRawFd, OwnedFd};
 
-    fn shm_file(len: u64) -> (tempfile::NamedTempFile, PathBuf) {
-        let f = tempfile::Builder::new()
-            .prefix("storaged-test-region-")
-            .tempfile_in("/dev/shm")
-            .unwrap();
-        f.as_file().set_len(len).unwrap();
-        let p = f.path().to_owned();
-        (f, p)
+    /// A memfd of `len` bytes, its pages filled, sealed against shrinking
+    /// when `seal`.
+    pub(crate) fn memfd(len: u64, seal: bool) -> OwnedFd {
+        // SAFETY: the name is a NUL-terminated literal.
+        let fd = unsafe {
+            libc::memfd_create(
+                c"storaged-test-region".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let file = std::fs::File::from(fd);
+        file.set_len(len).unwrap();
+        // SAFETY: fallocate on the open memfd, within its size.
+        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+        assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
+        if seal {
+            // SAFETY: F_ADD_SEALS on an open memfd made with ALLOW_SEALING.
+            let rc =
+                unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+            assert_eq!(rc, 0, "F_ADD_SEALS: {}", std::io::Error::last_os_error());
+        }
+        OwnedFd::from(file)
+    }
+
+    pub(crate) fn pid() -> i32 {
+        std::process::id() as i32
     }
 
     fn uid() -> u32 {
@@ -512,27 +597,31 @@ mod tests {
             bytes_total_max: 1 << 20,
             regions_per_client_max: 2,
         });
-        let (_f, path) = shm_file(256 << 10);
-        let a = regions.register(&path, 256 << 10, uid()).unwrap();
+        let f = memfd(256 << 10, true);
+        let fd = f.as_raw_fd();
+        let a = regions.register(pid(), fd, 256 << 10, uid()).unwrap();
+        assert!(a.region.populated);
         assert_eq!(regions.usage(), (1, 256 << 10));
         assert_eq!(regions.get(a.region.id, uid()).unwrap().id, a.region.id);
-        let (_g, path2) = shm_file(1 << 20);
-        let err = regions.register(&path2, 1 << 20, uid()).unwrap_err();
-        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
-        let err = regions.register(&path, 4096, uid()).unwrap_err();
-        assert!(matches!(err, RegionError::SizeMismatch { .. }), "{err}");
-        let err = regions.register(&path, 1000, uid()).unwrap_err();
-        assert!(matches!(err, RegionError::BadSize { .. }), "{err}");
+        let g = memfd(1 << 20, true);
         let err = regions
-            .register(Path::new("/dev/shm/storaged-no-such"), 4096, uid())
+            .register(pid(), g.as_raw_fd(), 1 << 20, uid())
             .unwrap_err();
-        assert_eq!(err.code(), tonic::Code::NotFound);
+        assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+        let err = regions.register(pid(), fd, 4096, uid()).unwrap_err();
+        assert!(matches!(err, RegionError::SizeMismatch { .. }), "{err}");
+        let err = regions.register(pid(), fd, 1000, uid()).unwrap_err();
+        assert!(matches!(err, RegionError::BadSize { .. }), "{err}");
+        let err = regions.register(pid(), 1 << 20, 4096, uid()).unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
         let on_disk = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         on_disk.as_file().set_len(4096).unwrap();
-        let err = regions.register(on_disk.path(), 4096, uid()).unwrap_err();
+        let err = regions
+            .register(pid(), on_disk.as_file().as_raw_fd(), 4096, uid())
+            .unwrap_err();
         assert!(matches!(err, RegionError::NotTmpfs { .. }), "{err}");
         if uid() != 12345 {
-            let err = regions.register(&path, 256 << 10, 12345).unwrap_err();
+            let err = regions.register(pid(), fd, 256 << 10, 12345).unwrap_err();
             assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
         }
         let id = a.region.id;
@@ -545,5 +634,80 @@ mod tests {
         );
         // A read in flight would still hold the mapping.
         assert_eq!(held.len(), 256 << 10);
+    }
+
+    #[test]
+    fn unsealed_and_path_regions_are_refused() {
+        // Guards against a region its owner can shrink under storaged's
+        // mapping (SIGBUS on the next read into it).
+        let regions = Regions::new(RegionLimits::default());
+        let f = memfd(64 << 10, false);
+        let err = regions
+            .register(pid(), f.as_raw_fd(), 64 << 10, uid())
+            .unwrap_err();
+        assert!(matches!(err, RegionError::NotSealed { .. }), "{err}");
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        // A /dev/shm file cannot be sealed at all.
+        let shm = tempfile::Builder::new()
+            .prefix("storaged-test-region-")
+            .tempfile_in("/dev/shm")
+            .unwrap();
+        shm.as_file().set_len(64 << 10).unwrap();
+        let err = regions
+            .register(pid(), shm.as_file().as_raw_fd(), 64 << 10, uid())
+            .unwrap_err();
+        assert!(matches!(err, RegionError::NotSealed { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_sealed_region_cannot_shrink_and_a_sparse_one_is_not_pinned() {
+        // Guards against storaged filling a client's sparse region with
+        // its own memory (pinning faults in every page).
+        let regions = Regions::new(RegionLimits::default());
+        let f = memfd(64 << 10, true);
+        let r = regions
+            .register(pid(), f.as_raw_fd(), 64 << 10, uid())
+            .unwrap();
+        // SAFETY: ftruncate on an open fd.
+        let rc = unsafe { libc::ftruncate(f.as_raw_fd(), 0) };
+        assert_eq!(rc, -1, "a sealed memfd must refuse to shrink");
+        // SAFETY: the region is live and no read is in flight.
+        unsafe { r.region.zero(0, 64 << 10) };
+        // Sparse: sized but never filled.
+        // SAFETY: the name is a NUL-terminated literal.
+        let raw = unsafe {
+            libc::memfd_create(
+                c"sparse".as_ptr(),
+                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+            )
+        };
+        // SAFETY: a fresh descriptor that nothing else owns.
+        let sparse = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
+        sparse.set_len(1 << 20).unwrap();
+        // SAFETY: F_ADD_SEALS on an open memfd made with ALLOW_SEALING.
+        unsafe { libc::fcntl(sparse.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        let s = regions
+            .register(pid(), sparse.as_raw_fd(), 1 << 20, uid())
+            .unwrap();
+        assert!(!s.region.populated);
+        let dir = tempfile::tempdir().unwrap();
+        let engine = crate::engine::build(
+            crate::engine::EngineKind::Auto,
+            crate::engine::tests::test_files(dir.path(), 1, 1 << 20),
+            crate::engine::tests::test_pool(),
+            crate::engine::EngineLimits {
+                queue_depth_per_device_max: 4,
+                psync_threads: 1,
+            },
+        )
+        .unwrap();
+        assert!(
+            !s.region.fix_with(&*engine),
+            "a sparse region is never pinned"
+        );
+        assert!(
+            !has_no_holes(&sparse, 1 << 20),
+            "storaged allocated the pages of a sparse region"
+        );
     }
 }

@@ -83,14 +83,19 @@ impl StoragedService {
     }
 }
 
-/// The uid of a caller on the Unix socket; regions are for them only.
-fn peer_uid<T>(request: &Request<T>) -> Result<u32, RegionError> {
+/// The credentials of a caller on the Unix socket; regions are for them
+/// only.
+fn peer_cred<T>(request: &Request<T>) -> Result<tokio::net::unix::UCred, RegionError> {
     request
         .extensions()
         .get::<tonic::transport::server::UdsConnectInfo>()
         .and_then(|info| info.peer_cred)
-        .map(|cred| cred.uid())
         .ok_or(RegionError::NotLocal)
+}
+
+/// The uid of a caller on the Unix socket.
+fn peer_uid<T>(request: &Request<T>) -> Result<u32, RegionError> {
+    peer_cred(request).map(|c| c.uid())
 }
 
 fn invalid(e: impl std::fmt::Display) -> Status {
@@ -508,16 +513,20 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::RegisterRegionRequest>,
     ) -> Result<Response<Self::RegisterRegionStream>, Status> {
-        let uid = peer_uid(&request)?;
+        let cred = peer_cred(&request)?;
         let r = request.into_inner();
-        let path = Path::new(&r.path);
-        if !path.is_absolute() {
-            return Err(invalid(format!(
-                "region path {:?} must be absolute",
-                r.path
-            )));
+        if !r.path.is_empty() {
+            return Err(RegionError::ByPath.into());
         }
-        let registration = self.regions.register(path, r.size_bytes, uid)?;
+        let Some(memfd) = r.memfd else {
+            return Err(invalid(
+                "RegisterRegion needs `memfd`: the caller's sealed memfd",
+            ));
+        };
+        let pid = cred.pid().ok_or(RegionError::NoPeerPid)?;
+        let registration = self
+            .regions
+            .register(pid, memfd, r.size_bytes, cred.uid())?;
         // Pinning faults in every page of the region, so it runs off the
         // runtime and in the background: reads that come first are plain
         // READs (and fault pages in themselves), later ones READ_FIXED. It

@@ -285,37 +285,172 @@ async fn two_clients_and_one_killed_mid_read() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stale_region_file_does_not_block_a_new_client() {
-    // Guards against leftovers of crashed clients: a region file whose
-    // process is gone is removed, and never stops a new registration.
+async fn regions_leave_no_files_behind() {
+    // Guards against region memory that outlives its processes: regions
+    // are memfds, never files in /dev/shm.
     let tmp = tempfile::tempdir().unwrap();
     let d = daemon(&tmp);
-    let dead_pid = (1..u32::MAX)
-        .map(|k| 4_000_000 - k)
-        .find(|p| !std::path::Path::new(&format!("/proc/{p}")).exists())
-        .unwrap();
-    let stale = std::path::PathBuf::from(format!("/dev/shm/storaged-{dead_pid}-00000000deadbeef"));
-    std::fs::write(&stale, vec![0u8; 4096]).unwrap();
+    let before = shm_entries();
     let client = d.local_client().await;
     let mut region = client.register_region(1 << 20).await.unwrap();
-    assert!(!stale.exists(), "the stale file was cleaned up");
     let ds = client.dataset("ds").unwrap();
     let batch = ds
         .read_into(&mut region, &[RegionRead::whole("part/001", 37_172)])
         .await
         .unwrap();
     assert_eq!(batch.get(0).unwrap(), &pattern(1, 37_172)[..]);
-    // And the region's own file is gone from /dev/shm already.
-    let own = std::fs::read_dir("/dev/shm")
+    assert_eq!(shm_entries(), before, "nothing was created in /dev/shm");
+}
+
+fn shm_entries() -> std::collections::BTreeSet<std::ffi::OsString> {
+    std::fs::read_dir("/dev/shm")
         .unwrap()
         .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("storaged-{}-", std::process::id()))
-        })
-        .count();
-    assert_eq!(own, 0, "region files are unlinked once registered");
+        .map(|e| e.file_name())
+        .filter(|n| n.to_string_lossy().starts_with("storaged-"))
+        .collect()
+}
+
+fn ftruncate(fd: i32, len: u64) -> i32 {
+    // SAFETY: a plain syscall on a descriptor the caller owns.
+    unsafe { libc::ftruncate(fd, len as libc::off_t) }
+}
+
+fn fallocate(fd: i32, mode: i32, len: u64) -> i32 {
+    // SAFETY: a plain syscall on a descriptor the caller owns.
+    unsafe { libc::fallocate(fd, mode, 0, len as libc::off_t) }
+}
+
+/// A memfd of `len` bytes, its pages allocated; sealed against shrinking
+/// when `seal`.
+fn memfd(len: u64, seal: bool) -> std::fs::File {
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    // SAFETY: the name is a NUL-terminated literal.
+    let fd = unsafe {
+        libc::memfd_create(
+            c"hostile-region".as_ptr(),
+            libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
+        )
+    };
+    assert!(fd >= 0);
+    // SAFETY: a fresh descriptor nothing else owns.
+    let file = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    file.set_len(len).unwrap();
+    assert_eq!(fallocate(file.as_raw_fd(), 0, len), 0);
+    if seal {
+        // SAFETY: F_ADD_SEALS on a memfd made with ALLOW_SEALING.
+        let rc = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        assert_eq!(rc, 0);
+    }
+    file
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_fault_storaged_through_its_region() {
+    // Guards against SIGBUS in storaged: a client that registered a region
+    // and then shrank, truncated, punched or unmapped its memory killed
+    // the daemon on the next ReadInto (fixed, unfixed and read-ahead).
+    use std::os::fd::AsRawFd;
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon_as(&tmp, Some("stripe"));
+    let local = d.local_client().await;
+    let register = |path: String, memfd: Option<i32>, size_bytes| {
+        let mut raw = local.raw();
+        async move {
+            raw.register_region(pb::RegisterRegionRequest {
+                path,
+                size_bytes,
+                memfd,
+            })
+            .await
+            .map(|r| r.into_inner())
+        }
+    };
+    let size = 8u64 << 20;
+    // Unsealed memfd: refused, naming the seal.
+    let unsealed = memfd(size, false);
+    let err = register(String::new(), Some(unsealed.as_raw_fd()), size)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("F_SEAL_SHRINK"), "{}", err.message());
+    // A /dev/shm file, by path or by descriptor: cannot be sealed, refused.
+    let shm = tempfile::Builder::new()
+        .prefix("storaged-hostile-")
+        .tempfile_in("/dev/shm")
+        .unwrap();
+    shm.as_file().set_len(size).unwrap();
+    let err = register(shm.path().display().to_string(), None, size)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(err.message().contains("memfd"), "{}", err.message());
+    let err = register(String::new(), Some(shm.as_file().as_raw_fd()), size)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+
+    // A sealed region, then every hostile move on it, with reads between.
+    let sealed = memfd(size, true);
+    let mut call = register(String::new(), Some(sealed.as_raw_fd()), size)
+        .await
+        .unwrap();
+    let id = call.message().await.unwrap().unwrap().region_id;
+    let fd = sealed.as_raw_fd();
+    let read_all = |step: &'static str| {
+        let mut raw = local.raw();
+        async move {
+            let items = (0..8u64)
+                .map(|i| pb::ReadIntoItem {
+                    path: format!("part/{i:03}"),
+                    offset: 0,
+                    length: None,
+                    region_offset: i << 20,
+                })
+                .collect();
+            let mut s = raw
+                .read_into(pb::ReadIntoRequest {
+                    region_id: id,
+                    dataset: "ds".into(),
+                    items,
+                    max_in_flight: 0,
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut n = 0;
+            while let Some(c) = s.message().await.unwrap() {
+                assert!(c.error.is_none(), "{step}: {:?}", c.error);
+                n += 1;
+            }
+            assert_eq!(n, 8, "{step}");
+        }
+    };
+    read_all("registered").await;
+    assert_eq!(ftruncate(fd, 0), -1, "shrinking is sealed off");
+    assert_eq!(ftruncate(fd, 4096), -1);
+    read_all("shrink refused").await;
+    let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+    assert_eq!(fallocate(fd, punch, size), 0);
+    read_all("punched").await;
+    // Growing is allowed and harmless.
+    assert_eq!(ftruncate(fd, size * 2), 0);
+    read_all("grown").await;
+    // The same region as read-ahead target: hint, then read into it.
+    local
+        .dataset("ds")
+        .unwrap()
+        .hint(&["part/000".into(), "part/001".into()])
+        .await
+        .unwrap();
+    read_all("hinted").await;
+    drop(sealed);
+    read_all("fd closed").await;
+    // storaged is alive and served every read.
+    let status = local.status().await.unwrap();
+    assert_eq!(status.regions_registered, 1);
+    drop(call);
+    assert_regions_drain_to(&d, 0).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -404,37 +539,41 @@ async fn bad_region_requests_get_clear_errors() {
     let err = tcp
         .raw()
         .register_region(pb::RegisterRegionRequest {
-            path: "/dev/shm/x".into(),
+            path: String::new(),
             size_bytes: 4096,
+            memfd: Some(0),
         })
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
     let err = read_into_tcp(&d, id).await;
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
-    // A file not on tmpfs, and a size that does not match.
-    let on_disk = tmp.path().join("region.img");
-    std::fs::write(&on_disk, vec![0u8; 4096]).unwrap();
-    let register = |path: String, size_bytes| {
+    // A file not on tmpfs, a missing memfd, and a size that does not match.
+    use std::os::fd::AsRawFd;
+    let register = |memfd: Option<i32>, size_bytes| {
         let mut raw = local.raw();
         async move {
-            raw.register_region(pb::RegisterRegionRequest { path, size_bytes })
-                .await
-                .map(|_| ())
+            raw.register_region(pb::RegisterRegionRequest {
+                path: String::new(),
+                size_bytes,
+                memfd,
+            })
+            .await
+            .map(|_| ())
         }
     };
-    let err = register(on_disk.display().to_string(), 4096)
-        .await
-        .unwrap_err();
+    let on_disk = std::fs::File::create(tmp.path().join("region.img")).unwrap();
+    on_disk.set_len(4096).unwrap();
+    let err = register(Some(on_disk.as_raw_fd()), 4096).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("tmpfs"), "{}", err.message());
-    let err = register("relative/path".into(), 4096).await.unwrap_err();
+    let err = register(None, 4096).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    let shm = tempfile::Builder::new().tempfile_in("/dev/shm").unwrap();
-    shm.as_file().set_len(8192).unwrap();
-    let err = register(shm.path().display().to_string(), 4096)
-        .await
-        .unwrap_err();
+    assert!(err.message().contains("memfd"), "{}", err.message());
+    let err = register(Some(100_000), 4096).await.unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{}", err.message());
+    let sealed = memfd(8192, true);
+    let err = register(Some(sealed.as_raw_fd()), 4096).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert!(err.message().contains("8192"), "{}", err.message());
 }

@@ -316,14 +316,25 @@ impl Store {
                     }
                     if item.pieces_left == 0 {
                         match st.store.finish_item_into(&st.region, item) {
-                            Err(e) if item.obj.dataset.ec.is_some() && e.is_device_fault() => {
-                                tracing::debug!(error = %e, "ReadInto item: rebuilding from parity");
+                            // A device fault of an ec dataset is rebuilt; a
+                            // checksum mismatch of any dataset is read
+                            // again in storaged's memory, because the bytes
+                            // in the region are the client's to spoil (a
+                            // region whose pages it punched or wrote during
+                            // the read): only a second mismatch there is the
+                            // device's.
+                            Err(e)
+                                if e.is_device_fault()
+                                    && (item.obj.dataset.ec.is_some()
+                                        || matches!(e, StoreError::Checksum { .. })) =>
+                            {
+                                tracing::debug!(error = %e, "ReadInto item: reading again in storaged's memory");
                                 let store = Arc::clone(&st.store);
                                 let region = Arc::clone(&st.region);
                                 let item = item.detach();
                                 st.fallbacks.push(Box::pin(async move {
                                     let index = item.index;
-                                    (index, store.read_item_into_degraded(&region, &item).await)
+                                    (index, store.read_item_into_via_memory(&region, &item).await)
                                 }));
                             }
                             done => st.ready.push_back((item.index, done)),
@@ -334,20 +345,27 @@ impl Store {
         })
     }
 
-    /// A `ReadInto` item of an `ec` dataset whose direct read failed: its
-    /// window is rebuilt in storaged's memory and copied into the region.
-    async fn read_item_into_degraded(
+    /// A `ReadInto` item whose direct read failed: its window is read
+    /// again (rebuilt from parity where it must be) and verified in
+    /// storaged's memory, then copied into the region.
+    async fn read_item_into_via_memory(
         &self,
         region: &RegionMap,
         item: &GroupItem,
     ) -> Result<ReadIntoDone, StoreError> {
         let obj = &item.obj;
         let (w_start, w_end) = item.window();
-        let ec = obj.dataset.ec.as_ref().expect("an ec dataset");
-        let missing = self.missing_devices();
-        let chunks = self
-            .read_window_rebuilt(obj, ec, (w_start, w_end), (w_start, w_end), &missing)
-            .await?;
+        let chunks = match &obj.dataset.ec {
+            Some(ec) => {
+                let missing = self.missing_devices();
+                self.read_window_rebuilt(obj, ec, (w_start, w_end), (w_start, w_end), &missing)
+                    .await?
+            }
+            None => {
+                self.read_window(obj, w_start, w_end, w_start, w_end)
+                    .await?
+            }
+        };
         // Every read of this item has completed (it had no pieces left), so
         // nothing else writes its span.
         self.copy_into(region, item, &chunks)

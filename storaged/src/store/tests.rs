@@ -1,6 +1,8 @@
 //! Store-level tests: ingest and read in-process, with faults injected
 //! through the engine trait.
 
+use std::os::fd::AsRawFd;
+
 use super::*;
 use crate::config::StoreConfig;
 use crate::engine::EngineKind;
@@ -851,19 +853,17 @@ async fn read_into_merges_neighbours() {
     let (store, counter) = counting_store(&config(dir.path(), 16, 64 << 10));
     let objs = ingest_samples(&store, 32, 10_000).await;
     let regions = Regions::new(RegionLimits::default());
-    let shm = tempfile::Builder::new()
-        .prefix("storaged-test-")
-        .tempfile_in("/dev/shm")
-        .unwrap();
     let size = 32 * 12288 * 2;
-    shm.as_file().set_len(size).unwrap();
+    let shm = std::fs::File::from(crate::region::tests::memfd(size, true));
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let reg = regions.register(shm.path(), size, uid).unwrap();
+    let reg = regions
+        .register(crate::region::tests::pid(), shm.as_raw_fd(), size, uid)
+        .unwrap();
     let region = Arc::clone(&reg.region);
-    // SAFETY: the file is ours and stays sized; it is only read after each
-    // ReadInto has completed.
-    let file_map = unsafe { memmap2::MmapOptions::new().map(shm.as_file()) }.unwrap();
+    // SAFETY: the memfd is ours and sealed against shrinking; it is only
+    // read after each ReadInto has completed.
+    let file_map = unsafe { memmap2::MmapOptions::new().map(&shm) }.unwrap();
 
     for (contiguous, max_reads) in [(true, 9u64), (false, 40)] {
         let before = counter.reads.load(Ordering::SeqCst);
@@ -938,13 +938,11 @@ async fn fixed_regions_read_exactly_and_give_their_entry_back() {
     // SAFETY: geteuid and getuid have no preconditions.
     let (root, uid) = unsafe { (libc::geteuid() == 0, libc::getuid()) };
     for round in 0..300 {
-        let shm = tempfile::Builder::new()
-            .prefix("storaged-test-")
-            .tempfile_in("/dev/shm")
-            .unwrap();
         let size = 8 * 12288;
-        shm.as_file().set_len(size).unwrap();
-        let reg = regions.register(shm.path(), size, uid).unwrap();
+        let shm = crate::region::tests::memfd(size, true);
+        let reg = regions
+            .register(crate::region::tests::pid(), shm.as_raw_fd(), size, uid)
+            .unwrap();
         let fixed = store.fix_region(&reg.region);
         assert!(
             fixed || !root,
@@ -978,7 +976,7 @@ async fn fixed_regions_read_exactly_and_give_their_entry_back() {
             .collect()
             .await;
         // SAFETY: the file is ours; every read into it has completed.
-        let map = unsafe { memmap2::MmapOptions::new().map(shm.as_file()) }.unwrap();
+        let map = unsafe { memmap2::MmapOptions::new().map(&shm) }.unwrap();
         for (i, r) in done {
             let r = r.unwrap();
             let at = r.data_offset as usize;
