@@ -124,7 +124,11 @@ fn bench_store(c: &mut Criterion) {
     let object_bytes: usize = 64 << 20;
     rt.block_on(async {
         let mut s = store
-            .begin_ingest(DatasetName::new("bench").unwrap(), StorageClass::Stripe)
+            .begin_ingest(
+                DatasetName::new("bench").unwrap(),
+                StorageClass::Stripe,
+                Default::default(),
+            )
             .unwrap();
         s.begin_object(ObjectPath::new("shard").unwrap(), object_bytes as u64, None)
             .await

@@ -117,6 +117,7 @@ fn client_batch(c: &mut Criterion) {
             server_store,
             listeners,
             storaged::region::RegionLimits::default(),
+            storaged::service::Access::open(),
             &limits,
             std::future::pending(),
             move |a| tx.send(a).unwrap(),

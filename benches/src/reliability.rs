@@ -458,6 +458,8 @@ async fn rebuild(setup: &Setup) -> anyhow::Result<serde_json::Value> {
     let daemon = setup.start(&[])?;
     let client = Client::connect(&daemon.url).await?;
     let new = lost.with_file_name("dev1-new.img");
+    // storaged never creates a replacement device: the operator does.
+    std::fs::File::create(&new)?.set_len(std::fs::metadata(&setup.devices[0])?.len())?;
     drop_caches();
     let started = Instant::now();
     let mut events = client
@@ -465,6 +467,7 @@ async fn rebuild(setup: &Setup) -> anyhow::Result<serde_json::Value> {
         .replace_device(pb::ReplaceDeviceRequest {
             old: "1".into(),
             new_path: new.display().to_string(),
+            ..Default::default()
         })
         .await?
         .into_inner();

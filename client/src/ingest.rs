@@ -12,11 +12,9 @@
 use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
-use storaged_proto::pb::storaged_client::StoragedClient;
 use storaged_proto::pb::{self, ingest_request::Msg};
 use storaged_proto::{DatasetName, ObjectPath};
 use tokio::io::AsyncReadExt;
-use tonic::transport::Channel;
 
 use crate::ClientError;
 
@@ -150,7 +148,7 @@ pub(crate) fn walk_with(root: &Path, skip_unreadable: bool) -> Result<Walked, Cl
 }
 
 pub(crate) async fn ingest_dir(
-    mut rpc: StoragedClient<Channel>,
+    mut rpc: crate::Rpc,
     name: DatasetName,
     root: &Path,
     options: IngestOptions,

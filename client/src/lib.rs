@@ -27,6 +27,7 @@ use futures::{Stream, StreamExt};
 use storaged_proto::pb::storaged_client::StoragedClient;
 use storaged_proto::pb::{self};
 use storaged_proto::{DatasetName, NameError, ObjectPath};
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -160,10 +161,95 @@ where
     }
 }
 
+/// The generated gRPC client with this client's credentials on every
+/// call: what [`Client::raw`] returns.
+pub type Rpc = StoragedClient<InterceptedService<Channel, Credentials>>;
+
+/// Adds `authorization: Bearer <token>` to every call, when there is a
+/// token.
+#[derive(Clone, Default)]
+pub struct Credentials {
+    bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("Credentials")
+            .field("token", &self.bearer.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl tonic::service::Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.bearer {
+            request
+                .metadata_mut()
+                .insert(storaged_proto::auth::AUTHORIZATION_METADATA_KEY, v.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// How to connect: credentials.
+#[derive(Clone, Default)]
+pub struct ConnectOptions {
+    /// Bearer token (`storagectl token new`); sent with every call.
+    pub token: Option<String>,
+}
+
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
+}
+
+impl ConnectOptions {
+    /// From the environment: the token in `STORAGED_TOKEN`, if set and not
+    /// empty.
+    pub fn from_env() -> Self {
+        Self {
+            token: std::env::var(storaged_proto::auth::TOKEN_ENV)
+                .ok()
+                .filter(|t| !t.is_empty()),
+        }
+    }
+
+    fn credentials(&self) -> Result<Credentials, ClientError> {
+        let bearer = match &self.token {
+            None => None,
+            Some(t) => Some(storaged_proto::auth::bearer(t).parse().map_err(|_| {
+                ClientError::InvalidArgument(
+                    "the token holds characters that cannot travel in gRPC metadata".into(),
+                )
+            })?),
+        };
+        Ok(Credentials { bearer })
+    }
+}
+
+/// A new random bearer token: `sdt_` and 64 hex digits (256 bits).
+pub fn new_token() -> Result<String, ClientError> {
+    let mut b = [0u8; 32];
+    getrandom::fill(&mut b).map_err(|e| ClientError::Io {
+        path: "getrandom".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    Ok(format!(
+        "{}{}",
+        storaged_proto::auth::TOKEN_PREFIX,
+        storaged_proto::auth::hex(&b)
+    ))
+}
+
 /// A connection to one storaged. Cheap to clone; clones share the channel.
 #[derive(Debug, Clone)]
 pub struct Client {
-    rpc: StoragedClient<Channel>,
+    rpc: Rpc,
+    options: ConnectOptions,
     retry: RetryPolicy,
     /// Connected over storaged's Unix socket: same host, so memory regions
     /// (the zero-copy path) are available.
@@ -179,8 +265,15 @@ impl Client {
     /// Connects to `url`: `http://127.0.0.1:7400` (TCP), or
     /// `unix:///path/to/storaged.sock` for a server on this host, which
     /// also enables memory regions ([`Client::register_region`]).
+    /// Credentials come from the environment ([`ConnectOptions::from_env`]).
     pub async fn connect(url: &str) -> Result<Self, ClientError> {
+        Self::connect_with(url, &ConnectOptions::from_env()).await
+    }
+
+    /// [`connect`](Self::connect) with explicit options.
+    pub async fn connect_with(url: &str, options: &ConnectOptions) -> Result<Self, ClientError> {
         check_url(url)?;
+        let credentials = options.credentials()?;
         let connect_err = |source: tonic::transport::Error| ClientError::Connect {
             url: url.to_owned(),
             reason: format!(
@@ -220,11 +313,12 @@ impl Client {
                     .map_err(connect_err)?
             }
         };
-        let rpc = StoragedClient::new(channel)
+        let rpc = StoragedClient::with_interceptor(channel, credentials)
             .max_decoding_message_size(MESSAGE_BYTES_MAX)
             .max_encoding_message_size(MESSAGE_BYTES_MAX);
         Ok(Self {
             rpc,
+            options: options.clone(),
             retry: RetryPolicy::default(),
             local: unix_path.is_some(),
             not_local_because: None,
@@ -240,7 +334,15 @@ impl Client {
     /// path. In every other case (remote host, no socket, no permission,
     /// another server behind it) it is the TCP connection as given.
     pub async fn connect_auto(url: &str) -> Result<Self, ClientError> {
-        let tcp = Self::connect(url).await?;
+        Self::connect_auto_with(url, &ConnectOptions::from_env()).await
+    }
+
+    /// [`connect_auto`](Self::connect_auto) with explicit options.
+    pub async fn connect_auto_with(
+        url: &str,
+        options: &ConnectOptions,
+    ) -> Result<Self, ClientError> {
+        let tcp = Self::connect_with(url, options).await?;
         if tcp.is_local() {
             return Ok(tcp);
         }
@@ -271,7 +373,7 @@ impl Client {
             )));
         }
         let unix_url = format!("unix://{socket}");
-        let local = match Self::connect(&unix_url).await {
+        let local = match Self::connect_with(&unix_url, options).await {
             Ok(local) => local,
             Err(e) => {
                 return Ok(tcp_because(format!(
@@ -397,7 +499,13 @@ impl Client {
     }
 
     /// The raw generated client, for calls this crate does not wrap.
-    pub fn raw(&self) -> StoragedClient<Channel> {
+    /// The options this client connected with (to connect again alike,
+    /// e.g. from a worker process).
+    pub fn connect_options(&self) -> &ConnectOptions {
+        &self.options
+    }
+
+    pub fn raw(&self) -> Rpc {
         self.rpc.clone()
     }
 }

@@ -6,6 +6,7 @@
 //! request is converted with `TryFrom` once, at the edge, and everything past
 //! that point can rely on names and ranges being well formed.
 
+pub mod auth;
 pub mod model;
 
 /// Generated protobuf and gRPC code for package `storaged.v1`.

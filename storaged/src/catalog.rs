@@ -33,7 +33,10 @@ const OBJECTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("objec
 const UNITS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("units");
 
 pub const CATALOG_VERSION: u32 = 1;
-const DATASET_RECORD_VERSION: u8 = 1;
+/// Version 2 added the owner (version 1 records read as owned by "").
+const DATASET_RECORD_VERSION: u8 = 2;
+/// Longest owner (tenant) name a record holds.
+pub const OWNER_BYTES_MAX: usize = 255;
 const OBJECT_RECORD_VERSION: u8 = 1;
 
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +67,8 @@ pub struct DatasetRecord {
     pub allocated_bytes: u64,
     /// Logical extents holding the dataset's objects, coalesced.
     pub extents: Vec<Extent>,
+    /// The tenant that created it ("" without tenants); quotas count it.
+    pub owner: String,
 }
 
 /// One stored object.
@@ -127,6 +132,9 @@ impl DatasetRecord {
             v.extend_from_slice(&e.offset.to_le_bytes());
             v.extend_from_slice(&e.len.to_le_bytes());
         }
+        let owner = &self.owner.as_bytes()[..self.owner.len().min(OWNER_BYTES_MAX)];
+        v.push(owner.len() as u8);
+        v.extend_from_slice(owner);
         v
     }
 
@@ -136,7 +144,7 @@ impl DatasetRecord {
             what: "dataset record",
         };
         let version = r.u8()?;
-        if version != DATASET_RECORD_VERSION {
+        if !(1..=DATASET_RECORD_VERSION).contains(&version) {
             return Err(CatalogError::Corrupt(
                 "dataset record".into(),
                 format!("unknown version {version}"),
@@ -171,7 +179,16 @@ impl DatasetRecord {
                 len: r.u64()?,
             });
         }
+        let owner = if version >= 2 {
+            let n = r.u8()? as usize;
+            String::from_utf8(r.take(n)?.to_vec()).map_err(|_| {
+                CatalogError::Corrupt("dataset record".into(), "owner is not UTF-8".into())
+            })?
+        } else {
+            String::new()
+        };
         Ok(Self {
+            owner,
             id,
             class,
             checksum_block_bytes,
@@ -261,6 +278,25 @@ impl std::fmt::Debug for Catalog {
     }
 }
 
+/// Creates `path` readable by its owner only (0600) if it is missing, and
+/// takes group and other permissions off an existing one: the catalog
+/// names every object of every tenant.
+fn create_private(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)?;
+    let mode = file.metadata()?.permissions().mode();
+    if mode & 0o077 != 0 {
+        file.set_permissions(std::fs::Permissions::from_mode(mode & 0o700))?;
+    }
+    Ok(())
+}
+
 impl Catalog {
     /// Opens or creates the catalog for pool `pool_id`. With `reset`, an
     /// existing catalog is discarded (the pool was just re-formatted).
@@ -268,6 +304,7 @@ impl Catalog {
         if reset && path.exists() {
             std::fs::remove_file(path).map_err(|e| dberr(redb::Error::Io(e)))?;
         }
+        create_private(path).map_err(|e| dberr(redb::Error::Io(e)))?;
         let db = Database::create(path).map_err(dberr)?;
         let txn = db.begin_write().map_err(dberr)?;
         {
@@ -619,13 +656,23 @@ mod tests {
                 offset: 0,
                 len: 12288,
             }],
+            owner: String::new(),
         }
     }
 
     #[test]
     fn records_round_trip() {
-        let d = DatasetRecord { id: 9, ..ds() };
+        let d = DatasetRecord {
+            id: 9,
+            owner: "vision".into(),
+            ..ds()
+        };
         assert_eq!(DatasetRecord::decode(&d.encode()).unwrap(), d);
+        // A version 1 record (no owner) still reads, owned by "".
+        let mut v1 = ds().encode();
+        v1[0] = 1;
+        v1.pop();
+        assert_eq!(DatasetRecord::decode(&v1).unwrap(), ds());
         let o = obj(70000, 8192);
         assert_eq!(ObjectRecord::decode(&o.encode()).unwrap(), o);
         assert!(ObjectRecord::decode(&o.encode()[..20]).is_err());

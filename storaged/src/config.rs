@@ -50,6 +50,13 @@ pub struct FileConfig {
     pub replace_checkpoint: Option<String>,
     /// Give freed space back to the devices (hole punching, TRIM).
     pub discard: Option<bool>,
+    /// Tenants (`[[tenant]]` tables); none: every caller is the operator.
+    pub tenant: Option<Vec<crate::auth::TenantSpec>>,
+    /// Append-only JSON-lines audit log of writes, admin operations and
+    /// denied requests.
+    pub audit_log: Option<PathBuf>,
+    /// Fail an operation whose audit line cannot be written (default true).
+    pub audit_required: Option<bool>,
 }
 
 impl FileConfig {
@@ -217,6 +224,12 @@ pub struct ServeConfig {
     pub store: StoreConfig,
     pub server: ServerLimits,
     pub worker_threads: usize,
+    pub tenants: std::sync::Arc<crate::auth::Tenants>,
+    pub audit_log: Option<PathBuf>,
+    pub audit_required: bool,
+    /// Listening on a non-loopback address without tenants and TLS was
+    /// asked for explicitly (`--insecure`).
+    pub insecure: bool,
 }
 
 /// Flag values; `None` means "not given".
@@ -233,6 +246,7 @@ pub struct ServeFlags {
     pub worker_threads: Option<usize>,
     pub unix: Option<PathBuf>,
     pub fault_inject: Option<String>,
+    pub insecure: bool,
 }
 
 /// Octal permission bits ("0660", "660", "0o666"), at most 0o777.
@@ -356,6 +370,7 @@ impl ServeConfig {
             .parse()
             .map_err(|e| format!("listen address {listen_s:?}: {e}"))?;
         let worker_threads = flags.worker_threads.or(file.worker_threads).unwrap_or(2);
+        let tenants = crate::auth::Tenants::from_specs(file.tenant.as_deref().unwrap_or_default())?;
         let cfg = Self {
             listen,
             unix,
@@ -364,6 +379,10 @@ impl ServeConfig {
             store,
             server,
             worker_threads,
+            tenants: std::sync::Arc::new(tenants),
+            audit_log: file.audit_log,
+            audit_required: file.audit_required.unwrap_or(true),
+            insecure: flags.insecure,
         };
         cfg.validate()?;
         Ok(cfg)
@@ -402,7 +421,31 @@ impl ServeConfig {
         if self.worker_threads == 0 || self.worker_threads > 64 {
             return Err("worker_threads must be 1 to 64".into());
         }
+        if let Some(why) = self.exposure()
+            && !self.insecure
+        {
+            return Err(format!(
+                "refusing to listen on {}: {why}. Listen on a loopback address (127.0.0.1), or pass --insecure to do it anyway",
+                self.listen
+            ));
+        }
         Ok(())
+    }
+
+    /// Why listening where configured exposes the pool, if it does: a
+    /// non-loopback address without tenants (every caller would be the
+    /// operator) or without TLS (tokens and data would cross the network
+    /// in the clear).
+    pub fn exposure(&self) -> Option<String> {
+        if self.listen.ip().is_loopback() {
+            return None;
+        }
+        Some(if self.tenants.enabled() {
+            "tokens and data would cross the network unencrypted (this storaged has no TLS)"
+                .to_owned()
+        } else {
+            "no tenants are configured, so every caller that reaches this address would have every right, including deleting datasets".to_owned()
+        })
     }
 }
 

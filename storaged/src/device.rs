@@ -247,11 +247,14 @@ fn open_device(path: &Path, create_size: Option<u64>) -> Result<(File, u64), Dev
     if create && let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io_err(path))?;
     }
+    // Created readable by storaged only: a device file holds every
+    // tenant's raw bytes.
     let mut file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(create)
         .truncate(false)
+        .mode(0o600)
         .custom_flags(libc::O_DIRECT)
         .open(path)
         .map_err(|source| {
@@ -576,12 +579,37 @@ pub fn prepare_replacement(
     path: &Path,
     reference: &Superblock,
     index: u32,
+    overwrite: bool,
 ) -> Result<File, DeviceError> {
     let need = reference.data_offset_bytes + reference.device_data_bytes;
-    let (file, size) = open_device(path, Some(need))?;
+    // Never created here: a typo must not become a file (or a directory
+    // tree) made by root, and the device's size is the operator's choice.
+    let (file, size) = open_device(path, None).map_err(|e| match e {
+        DeviceError::Missing { path } => DeviceError::Config(format!(
+            "{} does not exist; create it first (a block device, or a file: truncate -s {need} {})",
+            path.display(),
+            path.display()
+        )),
+        e => e,
+    })?;
+    if size < need {
+        return Err(DeviceError::TooSmall {
+            path: path.into(),
+            size,
+            min: need,
+        });
+    }
     match read_superblock(&file, path)? {
-        Probe::Blank => {}
         Probe::Ours(sb) if sb.pool_id == reference.pool_id && sb.device_index == index => {}
+        _ if overwrite => {}
+        Probe::Blank => {
+            if let Some(at) = first_nonzero(&file, path, REPLACEMENT_SCAN_BYTES.min(size))? {
+                return Err(DeviceError::Config(format!(
+                    "{} holds data (a non-zero byte at offset {at}); refusing to overwrite it (an admin may force it)",
+                    path.display()
+                )));
+            }
+        }
         Probe::Ours(sb) => {
             return Err(DeviceError::Config(format!(
                 "device {} already belongs to pool {} as device {}; refusing to overwrite it",
@@ -592,13 +620,6 @@ pub fn prepare_replacement(
         }
         Probe::Foreign => return Err(DeviceError::Foreign { path: path.into() }),
     }
-    if size < need {
-        return Err(DeviceError::TooSmall {
-            path: path.into(),
-            size,
-            min: need,
-        });
-    }
     let sb = Superblock {
         device_index: index,
         device_size_bytes: size,
@@ -606,6 +627,28 @@ pub fn prepare_replacement(
     };
     write_superblock(&file, path, &sb)?;
     Ok(file)
+}
+
+/// How much of a replacement device must read as zeros: partition tables,
+/// file system and volume headers all live in its first MiB.
+const REPLACEMENT_SCAN_BYTES: u64 = 1 << 20;
+
+/// The offset of the first non-zero byte in `[0, len)` of `file`.
+fn first_nonzero(file: &File, path: &Path, len: u64) -> Result<Option<u64>, DeviceError> {
+    let mut block = aligned_block().map_err(io_err(path))?;
+    let step = block.len() as u64;
+    let mut at = 0;
+    while at < len {
+        let n = file.read_at(&mut block[..], at).map_err(io_err(path))?;
+        if n == 0 {
+            break;
+        }
+        if let Some(i) = block[..n].iter().position(|b| *b != 0) {
+            return Ok(Some(at + i as u64));
+        }
+        at += step;
+    }
+    Ok(None)
 }
 
 /// Stands in for a missing device in the engine's file table; the device

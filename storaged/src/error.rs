@@ -134,6 +134,11 @@ pub enum StoreError {
     ShuttingDown,
     #[error(transparent)]
     Region(#[from] crate::region::RegionError),
+    #[error(transparent)]
+    Quota(#[from] crate::store::quota::QuotaError),
+    /// The operation finished but its audit line could not be written.
+    #[error("{0}")]
+    Audit(String),
     #[error("{0}")]
     RegionBounds(String),
 }
@@ -150,15 +155,18 @@ impl StoreError {
             | StoreError::DuplicateObject { .. } => Code::AlreadyExists,
             StoreError::OutOfRange { .. } | StoreError::RegionBounds(_) => Code::OutOfRange,
             StoreError::Region(e) => e.code(),
-            StoreError::NoSpace { .. } | StoreError::DeviceFull { .. } | StoreError::Limit(_) => {
-                Code::ResourceExhausted
-            }
+            StoreError::NoSpace { .. }
+            | StoreError::DeviceFull { .. }
+            | StoreError::Limit(_)
+            | StoreError::Quota(_) => Code::ResourceExhausted,
             StoreError::Checksum { .. } => Code::DataLoss,
             StoreError::DeviceMissing { .. } => Code::Unavailable,
             StoreError::Unrecoverable { missing: true, .. } => Code::Unavailable,
             StoreError::Unrecoverable { missing: false, .. } => Code::DataLoss,
             StoreError::Degraded(_) | StoreError::Busy(_) => Code::FailedPrecondition,
-            StoreError::Io { .. } | StoreError::ShuttingDown => Code::Unavailable,
+            StoreError::Io { .. } | StoreError::ShuttingDown | StoreError::Audit(_) => {
+                Code::Unavailable
+            }
             StoreError::Sync { .. } => Code::Internal,
             StoreError::Catalog(CatalogError::DatasetExists(_)) => Code::AlreadyExists,
             StoreError::Catalog(_) => Code::Internal,
@@ -198,7 +206,14 @@ impl StoreError {
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
-        Status::new(e.code(), e.to_string())
+        e.to_status()
+    }
+}
+
+impl StoreError {
+    /// The status this error is answered with.
+    pub fn to_status(&self) -> Status {
+        Status::new(self.code(), self.to_string())
     }
 }
 

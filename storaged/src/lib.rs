@@ -9,6 +9,8 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod alloc;
+pub mod audit;
+pub mod auth;
 pub mod buf;
 pub mod catalog;
 pub mod config;

@@ -6,9 +6,13 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use std::sync::Arc;
 use storaged::config::{ServeConfig, ServeFlags};
+
+use storaged::audit::AuditLog;
 use storaged::dirlock::DataDirLock;
 use storaged::engine::EngineKind;
+use storaged::service::Access;
 use storaged::store::Store;
 
 #[global_allocator]
@@ -68,6 +72,10 @@ enum Command {
         /// fsync_fail). Never for production.
         #[arg(long, hide = true)]
         fault_inject: Option<String>,
+        /// Listen on a non-loopback address even without tenants or TLS:
+        /// whoever reaches it gets what the config gives them, unencrypted.
+        #[arg(long)]
+        insecure: bool,
     },
 }
 
@@ -111,6 +119,7 @@ fn run() -> anyhow::Result<()> {
             worker_threads,
             unix,
             fault_inject,
+            insecure,
         } => {
             let cfg = ServeConfig::resolve(ServeFlags {
                 listen,
@@ -124,6 +133,7 @@ fn run() -> anyhow::Result<()> {
                 worker_threads,
                 unix,
                 fault_inject,
+                insecure,
             })
             .map_err(anyhow::Error::msg)?;
             let rt = tokio::runtime::Builder::new_multi_thread()
@@ -138,6 +148,30 @@ fn run() -> anyhow::Result<()> {
 }
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
+    if let Some(why) = cfg.exposure() {
+        // Only with --insecure (validation refuses it otherwise).
+        tracing::warn!(listen = %cfg.listen, "INSECURE: {why}");
+        eprintln!(
+            "storaged: WARNING: --insecure: listening on {}: {why}",
+            cfg.listen
+        );
+    }
+    let audit = match &cfg.audit_log {
+        Some(path) => AuditLog::open(path, cfg.audit_required)?,
+        None => AuditLog::disabled(),
+    };
+    let access = Access {
+        tenants: Arc::clone(&cfg.tenants),
+        audit: Arc::new(audit),
+    };
+    if access.tenants.enabled() {
+        tracing::info!(
+            tenants = access.tenants.list().len(),
+            "callers must authenticate"
+        );
+    } else {
+        tracing::info!("no tenants configured: every caller is the operator");
+    }
     // Nothing is written before the port is known to be ours: a port in
     // use fails here, before the data dir or any device file exists.
     let tcp = storaged::server::bind_tcp(cfg.listen).await?;
@@ -162,6 +196,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         store,
         listeners,
         cfg.regions,
+        access,
         &cfg.server,
         shutdown,
         |bound| {

@@ -152,6 +152,8 @@ impl From<RegionError> for tonic::Status {
 pub struct RegionMap {
     pub id: u64,
     pub owner_uid: u32,
+    /// The tenant that registered it ("" without tenants).
+    pub tenant: String,
     /// Every page existed at registration, so pinning allocates nothing.
     populated: bool,
     /// Declared before `map` so it is dropped (unregistered) first.
@@ -329,6 +331,7 @@ impl Regions {
         fd: i32,
         size_bytes: u64,
         peer_uid: u32,
+        tenant: &str,
     ) -> Result<Registration, RegionError> {
         let align = DIRECT_IO_ALIGN_BYTES;
         if size_bytes == 0
@@ -449,6 +452,7 @@ impl Regions {
         let region = Arc::new(RegionMap {
             id: u64::from_le_bytes(id_bytes) | 1,
             owner_uid: peer_uid,
+            tenant: tenant.to_owned(),
             populated,
             fixed: std::sync::OnceLock::new(),
             map,
@@ -474,13 +478,17 @@ impl Regions {
         }
     }
 
-    /// The region `id`, if `peer_uid` may use it.
-    pub fn get(&self, id: u64, peer_uid: u32) -> Result<Arc<RegionMap>, RegionError> {
+    /// The region `id`, if `may_use` says the caller may use it.
+    pub fn get(
+        &self,
+        id: u64,
+        may_use: impl FnOnce(&RegionMap) -> bool,
+    ) -> Result<Arc<RegionMap>, RegionError> {
         let r = self.lock();
         match r.by_id.get(&id) {
-            // Another uid's region reads as absent: ids are not a way to
+            // Another caller's region reads as absent: ids are not a way to
             // learn what other clients registered.
-            Some(region) if region.owner_uid == peer_uid || peer_uid == 0 => Ok(Arc::clone(region)),
+            Some(region) if may_use(region) => Ok(Arc::clone(region)),
             _ => Err(RegionError::NotFound { id }),
         }
     }
@@ -599,29 +607,33 @@ pub(crate) mod tests {
         });
         let f = memfd(256 << 10, true);
         let fd = f.as_raw_fd();
-        let a = regions.register(pid(), fd, 256 << 10, uid()).unwrap();
+        let a = regions.register(pid(), fd, 256 << 10, uid(), "").unwrap();
         assert!(a.region.populated);
         assert_eq!(regions.usage(), (1, 256 << 10));
-        assert_eq!(regions.get(a.region.id, uid()).unwrap().id, a.region.id);
+        assert_eq!(regions.get(a.region.id, |_| true).unwrap().id, a.region.id);
         let g = memfd(1 << 20, true);
         let err = regions
-            .register(pid(), g.as_raw_fd(), 1 << 20, uid())
+            .register(pid(), g.as_raw_fd(), 1 << 20, uid(), "")
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
-        let err = regions.register(pid(), fd, 4096, uid()).unwrap_err();
+        let err = regions.register(pid(), fd, 4096, uid(), "").unwrap_err();
         assert!(matches!(err, RegionError::SizeMismatch { .. }), "{err}");
-        let err = regions.register(pid(), fd, 1000, uid()).unwrap_err();
+        let err = regions.register(pid(), fd, 1000, uid(), "").unwrap_err();
         assert!(matches!(err, RegionError::BadSize { .. }), "{err}");
-        let err = regions.register(pid(), 1 << 20, 4096, uid()).unwrap_err();
+        let err = regions
+            .register(pid(), 1 << 20, 4096, uid(), "")
+            .unwrap_err();
         assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
         let on_disk = tempfile::NamedTempFile::new_in(env!("CARGO_MANIFEST_DIR")).unwrap();
         on_disk.as_file().set_len(4096).unwrap();
         let err = regions
-            .register(pid(), on_disk.as_file().as_raw_fd(), 4096, uid())
+            .register(pid(), on_disk.as_file().as_raw_fd(), 4096, uid(), "")
             .unwrap_err();
         assert!(matches!(err, RegionError::NotTmpfs { .. }), "{err}");
         if uid() != 12345 {
-            let err = regions.register(pid(), fd, 256 << 10, 12345).unwrap_err();
+            let err = regions
+                .register(pid(), fd, 256 << 10, 12345, "")
+                .unwrap_err();
             assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
         }
         let id = a.region.id;
@@ -629,7 +641,7 @@ pub(crate) mod tests {
         drop(a);
         assert_eq!(regions.usage(), (0, 0));
         assert_eq!(
-            regions.get(id, uid()).unwrap_err().code(),
+            regions.get(id, |_| true).unwrap_err().code(),
             tonic::Code::NotFound
         );
         // A read in flight would still hold the mapping.
@@ -643,7 +655,7 @@ pub(crate) mod tests {
         let regions = Regions::new(RegionLimits::default());
         let f = memfd(64 << 10, false);
         let err = regions
-            .register(pid(), f.as_raw_fd(), 64 << 10, uid())
+            .register(pid(), f.as_raw_fd(), 64 << 10, uid(), "")
             .unwrap_err();
         assert!(matches!(err, RegionError::NotSealed { .. }), "{err}");
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -654,7 +666,7 @@ pub(crate) mod tests {
             .unwrap();
         shm.as_file().set_len(64 << 10).unwrap();
         let err = regions
-            .register(pid(), shm.as_file().as_raw_fd(), 64 << 10, uid())
+            .register(pid(), shm.as_file().as_raw_fd(), 64 << 10, uid(), "")
             .unwrap_err();
         assert!(matches!(err, RegionError::NotSealed { .. }), "{err}");
     }
@@ -666,7 +678,7 @@ pub(crate) mod tests {
         let regions = Regions::new(RegionLimits::default());
         let f = memfd(64 << 10, true);
         let r = regions
-            .register(pid(), f.as_raw_fd(), 64 << 10, uid())
+            .register(pid(), f.as_raw_fd(), 64 << 10, uid(), "")
             .unwrap();
         // SAFETY: ftruncate on an open fd.
         let rc = unsafe { libc::ftruncate(f.as_raw_fd(), 0) };
@@ -687,7 +699,7 @@ pub(crate) mod tests {
         // SAFETY: F_ADD_SEALS on an open memfd made with ALLOW_SEALING.
         unsafe { libc::fcntl(sparse.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
         let s = regions
-            .register(pid(), sparse.as_raw_fd(), 1 << 20, uid())
+            .register(pid(), sparse.as_raw_fd(), 1 << 20, uid(), "")
             .unwrap();
         assert!(!s.region.populated);
         let dir = tempfile::tempdir().unwrap();

@@ -18,7 +18,7 @@ use tonic::transport::server::TcpIncoming;
 
 use crate::config::ServerLimits;
 use crate::region::{RegionLimits, Regions};
-use crate::service::StoragedService;
+use crate::service::{Access, StoragedService};
 use crate::store::Store;
 use crate::wire::{WireLimits, ZeroCopyReads};
 
@@ -205,6 +205,7 @@ pub async fn serve(
     store: Arc<Store>,
     listeners: Listeners,
     region_limits: RegionLimits,
+    access: Access,
     limits: &ServerLimits,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
@@ -238,6 +239,7 @@ pub async fn serve(
         Regions::new(region_limits),
         stop_rx.clone(),
         Some(&unix_path),
+        access,
     );
     let generated = StoragedServer::new(storaged.clone())
         .max_decoding_message_size(limits.max_decoding_message_bytes)

@@ -1,6 +1,7 @@
-//! The `storaged.v1.Storaged` gRPC service: converts wire messages to
-//! validated domain types at the edge, calls the store, and maps every
-//! `StoreError` to its one status code.
+//! The `storaged.v1.Storaged` gRPC service: authenticates each call,
+//! converts wire messages to validated domain types at the edge, checks the
+//! caller's rights, calls the store, audits writes, admin operations and
+//! denials, and maps every error to its one status code.
 
 use std::path::Path;
 use std::pin::Pin;
@@ -14,9 +15,15 @@ use storaged_proto::pb::{self, ingest_request};
 use storaged_proto::{DatasetName, ObjectPath};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::audit::{AuditEvent, AuditLog};
+use crate::auth::{
+    AuthError, CallPermit, Denied, Presented, Principal, QuotaExceeded, Right, Tenants, Via,
+};
 use crate::error::StoreError;
 use crate::region::{RegionError, Regions};
+use crate::store::quota::OwnerQuota;
 use crate::store::read_into::ReadIntoItem;
+use crate::store::replace::ReplaceOptions;
 use crate::store::{BatchEvent, DatasetHandle, Store, StoreStatus};
 
 /// The service; one per server, sharing the store and the region registry.
@@ -30,6 +37,83 @@ pub struct StoragedService {
     /// The Unix socket this server also listens on, advertised in `Status`
     /// so same-host clients that came over TCP can switch to it.
     unix_socket: Option<Arc<str>>,
+    tenants: Arc<Tenants>,
+    audit: Arc<AuditLog>,
+}
+
+/// Who may call, and where their calls are recorded.
+#[derive(Debug, Clone)]
+pub struct Access {
+    pub tenants: Arc<Tenants>,
+    pub audit: Arc<AuditLog>,
+}
+
+impl Access {
+    /// No tenants (everyone is the operator) and no audit log.
+    pub fn open() -> Self {
+        Self {
+            tenants: Arc::new(Tenants::default()),
+            audit: Arc::new(AuditLog::disabled()),
+        }
+    }
+}
+
+/// Who called, for one call: authenticated, holding one of its tenant's
+/// concurrent calls, and named for the audit log.
+#[derive(Debug)]
+pub struct Caller {
+    pub principal: Principal,
+    pub request_id: String,
+    /// The peer's address, or "unix".
+    pub peer: String,
+    permit: CallPermit,
+}
+
+impl Caller {
+    fn via(&self) -> String {
+        match self.principal.via {
+            Via::Open => "open".into(),
+            Via::Token => "token".into(),
+            Via::UnixUid(uid) => format!("uid:{uid}"),
+        }
+    }
+}
+
+/// Metadata key a client may set to name its request in the audit log.
+pub const REQUEST_ID_METADATA_KEY: &str = "x-request-id";
+const REQUEST_ID_BYTES_MAX: usize = 64;
+
+fn request_id<T>(request: &Request<T>) -> String {
+    let given = request
+        .metadata()
+        .get(REQUEST_ID_METADATA_KEY)
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| {
+            !v.is_empty()
+                && v.len() <= REQUEST_ID_BYTES_MAX
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+        });
+    match given {
+        Some(id) => id.to_owned(),
+        None => {
+            let mut b = [0u8; 8];
+            let _ = getrandom::fill(&mut b);
+            storaged_proto::auth::hex(&b)
+        }
+    }
+}
+
+fn peer_name<T>(request: &Request<T>) -> String {
+    match request.remote_addr() {
+        Some(addr) => addr.to_string(),
+        None => "unix".to_owned(),
+    }
+}
+
+/// The name of a status code, for the audit log.
+fn code_name(code: tonic::Code) -> String {
+    format!("{code:?}")
 }
 
 impl StoragedService {
@@ -38,11 +122,14 @@ impl StoragedService {
         regions: Arc<Regions>,
         stopping: tokio::sync::watch::Receiver<bool>,
         unix_socket: Option<&Path>,
+        access: Access,
     ) -> Self {
         Self {
             store,
             regions,
             stopping,
+            tenants: access.tenants,
+            audit: access.audit,
             unix_socket: unix_socket
                 .and_then(|p| std::path::absolute(p).ok())
                 .map(|p| p.to_string_lossy().into()),
@@ -73,6 +160,157 @@ impl StoragedService {
         s.regions_registered = regions as u32;
         s.region_bytes_registered = region_bytes;
         s
+    }
+
+    /// Authenticates the caller of `request` and takes one of its tenant's
+    /// concurrent calls. Failures are audited.
+    fn caller<T>(&self, request: &Request<T>, operation: &str) -> Result<Caller, Status> {
+        let request_id = request_id(request);
+        let peer = peer_name(request);
+        let authorization = request
+            .metadata()
+            .get(storaged_proto::auth::AUTHORIZATION_METADATA_KEY)
+            .map(|v| v.to_str().map_err(|_| AuthError::Malformed))
+            .transpose();
+        let authenticated = authorization.and_then(|authorization| {
+            self.tenants.authenticate(Presented {
+                authorization,
+                unix_uid: peer_uid(request).ok(),
+            })
+        });
+        let principal = match authenticated {
+            Ok(p) => p,
+            Err(e) => {
+                let status = Status::unauthenticated(e.to_string());
+                let _ = self.audit.record(&AuditEvent {
+                    time_unix_ms: crate::audit::now_unix_ms(),
+                    request_id: &request_id,
+                    principal: "unauthenticated",
+                    via: "none",
+                    peer: &peer,
+                    operation,
+                    dataset: None,
+                    result: &code_name(status.code()),
+                    message: Some(status.message()),
+                    bytes: 0,
+                });
+                return Err(status);
+            }
+        };
+        let permit = principal
+            .call_permit()
+            .map_err(|e: QuotaExceeded| Status::resource_exhausted(e.to_string()))?;
+        Ok(Caller {
+            principal,
+            request_id,
+            peer,
+            permit,
+        })
+    }
+
+    /// Writes `caller`'s `operation` and its outcome to the audit log. A
+    /// required log that cannot be written turns the outcome into
+    /// UNAVAILABLE.
+    fn audit(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        dataset: Option<&str>,
+        outcome: Result<u64, &Status>,
+    ) -> Result<(), Status> {
+        let (result, message, bytes) = match outcome {
+            Ok(bytes) => ("ok".to_owned(), None, bytes),
+            Err(s) => (code_name(s.code()), Some(s.message()), 0),
+        };
+        self.audit
+            .record(&AuditEvent {
+                time_unix_ms: crate::audit::now_unix_ms(),
+                request_id: &caller.request_id,
+                principal: caller.principal.name(),
+                via: &caller.via(),
+                peer: &caller.peer,
+                operation,
+                dataset,
+                result: &result,
+                message,
+                bytes,
+            })
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "{operation} finished ({result}) but could not be audited: {e}"
+                ))
+            })
+    }
+
+    /// `Ok` if `caller` may exercise `right` on `dataset`; a denial is
+    /// audited and answered PERMISSION_DENIED.
+    fn authorize(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        right: Right,
+        dataset: &str,
+    ) -> Result<(), Status> {
+        let checked = match right {
+            Right::Admin => caller.principal.check_admin(),
+            _ => caller.principal.check(right, dataset),
+        };
+        checked.map_err(|e: Denied| {
+            let status = Status::permission_denied(e.to_string());
+            let dataset = (!dataset.is_empty()).then_some(dataset);
+            let _ = self.audit(caller, operation, dataset, Err(&status));
+            status
+        })
+    }
+
+    /// Before a write or admin operation: the audit log must be able to
+    /// record it.
+    fn audit_ready(&self, caller: &Caller) -> Result<(), Status> {
+        self.audit
+            .ready(&caller.request_id)
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+
+    /// The objects and commit of an ingest whose `begin` was accepted.
+    async fn ingest_objects(
+        &self,
+        mut session: crate::store::IngestSession,
+        mut stream: Streaming<pb::IngestRequest>,
+    ) -> Result<pb::IngestResponse, Status> {
+        tracing::info!(dataset = %session.dataset(), "ingest started");
+        loop {
+            // A client that goes away surfaces here as an error; returning
+            // drops the session, which discards the ingest.
+            let msg = match stream.message().await {
+                Ok(Some(m)) => m,
+                Ok(None) => {
+                    return Err(invalid(
+                        "ingest stream ended without `commit`; nothing was stored",
+                    ));
+                }
+                Err(status) => {
+                    tracing::warn!(dataset = %session.dataset(), %status, "ingest stream broke; discarding");
+                    return Err(status);
+                }
+            };
+            match msg.msg {
+                Some(ingest_request::Msg::Object(o)) => {
+                    let path = ObjectPath::new(o.path).map_err(invalid)?;
+                    session.begin_object(path, o.size, o.crc32).await?;
+                }
+                Some(ingest_request::Msg::Data(d)) => session.data(&d).await?,
+                Some(ingest_request::Msg::Commit(c)) => {
+                    let handle = session.commit(c.object_count, c.total_bytes).await?;
+                    return Ok(pb::IngestResponse {
+                        dataset: Some(dataset_info(&self.store, &handle)),
+                    });
+                }
+                Some(ingest_request::Msg::Begin(_)) => {
+                    return Err(invalid("`begin` sent twice in one ingest"));
+                }
+                None => return Err(invalid("empty ingest message")),
+            }
+        }
     }
 
     fn count_grpc_bytes(&self, n: usize) {
@@ -230,10 +468,20 @@ fn drive_ahead<T: Send + 'static>(
     tokio_stream::wrappers::ReceiverStream::new(rx)
 }
 
-/// Runs `work` on a task of its own, so it finishes even if the client goes
-/// away, and streams its progress (at most every 200 ms, dropped when
-/// nobody listens) and then its final event or error.
+/// What happens to the work of [`with_progress`] when its caller goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OnCancel {
+    /// Finish it (a device rebuild: checkpointed, and worth finishing).
+    Finish,
+    /// Stop it (a scrub: cancelling it is how an operator stops it).
+    Stop,
+}
+
+/// Runs `work` on a task of its own and streams its progress (at most
+/// every 200 ms, dropped when nobody listens) and then its final event or
+/// error. `on_cancel` says whether the work outlives its caller.
 fn with_progress<E, Fut>(
+    on_cancel: OnCancel,
     progress_event: impl Fn(u64, u64) -> E + Send + 'static,
     work: impl FnOnce(Box<dyn FnMut(u64, u64) + Send>) -> Fut + Send + 'static,
 ) -> BoxStream<E>
@@ -251,8 +499,18 @@ where
         }
     });
     tokio::spawn(async move {
-        let end = work(progress).await.map_err(Status::from);
-        let _ = tx.send(end).await;
+        let work = work(progress);
+        let end = match on_cancel {
+            OnCancel::Finish => work.await,
+            OnCancel::Stop => tokio::select! {
+                end = work => end,
+                () = tx.closed() => {
+                    tracing::info!("caller went away; stopping");
+                    return;
+                }
+            },
+        };
+        let _ = tx.send(end.map_err(Status::from)).await;
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
@@ -266,6 +524,7 @@ impl Storaged for StoragedService {
         &self,
         request: Request<Streaming<pb::IngestRequest>>,
     ) -> Result<Response<pb::IngestResponse>, Status> {
+        let caller = self.caller(&request, "ingest")?;
         let mut stream = request.into_inner();
         let begin = match stream.message().await? {
             Some(pb::IngestRequest {
@@ -275,6 +534,12 @@ impl Storaged for StoragedService {
             None => return Err(invalid("empty ingest stream")),
         };
         let name = DatasetName::new(begin.dataset).map_err(invalid)?;
+        self.authorize(&caller, "ingest", Right::Write, name.as_str())?;
+        self.audit_ready(&caller)?;
+        let _ingesting = caller
+            .principal
+            .ingest_permit()
+            .map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let class = StorageClass::from_wire(
             begin.storage_class,
             begin.ec_data_units,
@@ -282,51 +547,41 @@ impl Storaged for StoragedService {
         )
         .map_err(invalid)?
         .unwrap_or_else(|| self.store.default_class());
-        let mut session = self.store.begin_ingest(name, class)?;
-        tracing::info!(dataset = %session.dataset(), "ingest started");
-        loop {
-            // A client that goes away surfaces here as an error; returning
-            // drops the session, which discards the ingest.
-            let msg = match stream.message().await {
-                Ok(Some(m)) => m,
-                Ok(None) => {
-                    return Err(invalid(
-                        "ingest stream ended without `commit`; nothing was stored",
-                    ));
-                }
-                Err(status) => {
-                    tracing::warn!(dataset = %session.dataset(), %status, "ingest stream broke; discarding");
-                    return Err(status);
-                }
-            };
-            match msg.msg {
-                Some(ingest_request::Msg::Object(o)) => {
-                    let path = ObjectPath::new(o.path).map_err(invalid)?;
-                    session.begin_object(path, o.size, o.crc32).await?;
-                }
-                Some(ingest_request::Msg::Data(d)) => session.data(&d).await?,
-                Some(ingest_request::Msg::Commit(c)) => {
-                    let handle = session.commit(c.object_count, c.total_bytes).await?;
-                    return Ok(Response::new(pb::IngestResponse {
-                        dataset: Some(dataset_info(&self.store, &handle)),
-                    }));
-                }
-                Some(ingest_request::Msg::Begin(_)) => {
-                    return Err(invalid("`begin` sent twice in one ingest"));
-                }
-                None => return Err(invalid("empty ingest message")),
-            }
-        }
+        let quota = caller
+            .principal
+            .tenant
+            .as_ref()
+            .map(|t| t.quota.clone())
+            .unwrap_or_default();
+        let owner = OwnerQuota {
+            owner: caller.principal.owner().to_owned(),
+            bytes_max: quota.bytes_max,
+            datasets_max: quota.datasets_max,
+        };
+        let result = match self.store.begin_ingest(name.clone(), class, owner) {
+            Ok(session) => self.ingest_objects(session, stream).await,
+            Err(e) => Err(Status::from(e)),
+        };
+        let bytes = result
+            .as_ref()
+            .map(|r| r.dataset.as_ref().map_or(0, |d| d.total_bytes));
+        let audited = self.audit(&caller, "ingest", Some(name.as_str()), bytes);
+        let response = result?;
+        audited?;
+        Ok(Response::new(response))
     }
 
     async fn list_datasets(
         &self,
-        _request: Request<pb::ListDatasetsRequest>,
+        request: Request<pb::ListDatasetsRequest>,
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
+        let caller = self.caller(&request, "list_datasets")?;
+        // Only what the caller may read: other tenants' names stay unseen.
         let datasets = self
             .store
             .list_datasets()
             .iter()
+            .filter(|h| caller.principal.allows(Right::Read, &h.name))
             .map(|h| dataset_info(&self.store, h))
             .collect();
         Ok(Response::new(pb::ListDatasetsResponse { datasets }))
@@ -336,8 +591,10 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::ListObjectsRequest>,
     ) -> Result<Response<pb::ListObjectsResponse>, Status> {
+        let caller = self.caller(&request, "list_objects")?;
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        self.authorize(&caller, "list_objects", Right::Read, name.as_str())?;
         if r.prefix.len() > storaged_proto::model::OBJECT_PATH_BYTES_MAX || r.prefix.contains('\0')
         {
             return Err(invalid("prefix is longer than 4096 bytes or contains NUL"));
@@ -362,8 +619,10 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::StatRequest>,
     ) -> Result<Response<pb::StatResponse>, Status> {
+        let caller = self.caller(&request, "stat")?;
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        self.authorize(&caller, "stat", Right::Read, name.as_str())?;
         let path = ObjectPath::new(r.path).map_err(invalid)?;
         let obj = self.store.lookup(&name, &path)?;
         let extents = if r.include_extents {
@@ -398,7 +657,9 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        let caller = self.caller(&request, "read")?;
         let spec = ReadSpec::try_from(request.get_ref()).map_err(invalid)?;
+        self.authorize(&caller, "read", Right::Read, spec.dataset.as_str())?;
         let obj = self.store.lookup(&spec.dataset, &spec.range.path)?;
         let (start, len) = Store::resolve_range(&obj, spec.range.offset, spec.range.length)?;
         let object_size = obj.record.size;
@@ -408,6 +669,8 @@ impl Storaged for StoragedService {
             .read_stream(Arc::new(obj), start, len)
             .map(move |r| match r {
                 Ok((offset, data)) => {
+                    // The call counts against its tenant until it ends.
+                    let _call = &caller.permit;
                     service.count_grpc_bytes(data.len());
                     Ok(pb::ReadResponse {
                         offset,
@@ -430,8 +693,10 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::ReadBatchRequest>,
     ) -> Result<Response<Self::ReadBatchStream>, Status> {
+        let caller = self.caller(&request, "read_batch")?;
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        self.authorize(&caller, "read_batch", Right::Read, name.as_str())?;
         let items = r
             .items
             .iter()
@@ -448,6 +713,8 @@ impl Storaged for StoragedService {
         };
         let service = self.clone();
         let stream = events.map(move |e| {
+            // The call counts against its tenant until it ends.
+            let _call = &caller.permit;
             Ok(match e {
                 BatchEvent::Data {
                     index,
@@ -494,17 +761,41 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::DeleteDatasetRequest>,
     ) -> Result<Response<pb::DeleteDatasetResponse>, Status> {
+        let caller = self.caller(&request, "delete_dataset")?;
         let name = DatasetName::new(request.into_inner().dataset).map_err(invalid)?;
-        let freed_bytes = self.store.delete(&name).await?;
-        tracing::info!(dataset = %name, freed_bytes, "dataset deleted");
+        self.authorize(&caller, "delete_dataset", Right::Write, name.as_str())?;
+        self.audit_ready(&caller)?;
+        let result = self.store.delete(&name).await.map_err(Status::from);
+        self.audit(
+            &caller,
+            "delete_dataset",
+            Some(name.as_str()),
+            result.as_ref().copied(),
+        )?;
+        let freed_bytes = result?;
+        tracing::info!(dataset = %name, freed_bytes, tenant = caller.principal.name(), "dataset deleted");
         Ok(Response::new(pb::DeleteDatasetResponse { freed_bytes }))
     }
 
     async fn status(
         &self,
-        _request: Request<pb::StatusRequest>,
+        request: Request<pb::StatusRequest>,
     ) -> Result<Response<pb::StatusResponse>, Status> {
-        Ok(Response::new(self.status()))
+        let caller = self.caller(&request, "status")?;
+        let mut status = self.status();
+        if !caller.principal.is_admin() {
+            // Device paths and other tenants' datasets are the operator's.
+            for d in &mut status.devices {
+                d.path.clear();
+            }
+            if let Some(r) = &mut status.rebuild {
+                r.new_path.clear();
+            }
+            status
+                .datasets
+                .retain(|d| caller.principal.allows(Right::Read, &d.name));
+        }
+        Ok(Response::new(status))
     }
 
     type RegisterRegionStream = BoxStream<pb::RegionEvent>;
@@ -513,6 +804,7 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::RegisterRegionRequest>,
     ) -> Result<Response<Self::RegisterRegionStream>, Status> {
+        let caller = self.caller(&request, "register_region")?;
         let cred = peer_cred(&request)?;
         let r = request.into_inner();
         if !r.path.is_empty() {
@@ -524,9 +816,13 @@ impl Storaged for StoragedService {
             ));
         };
         let pid = cred.pid().ok_or(RegionError::NoPeerPid)?;
-        let registration = self
-            .regions
-            .register(pid, memfd, r.size_bytes, cred.uid())?;
+        let registration = self.regions.register(
+            pid,
+            memfd,
+            r.size_bytes,
+            cred.uid(),
+            caller.principal.owner(),
+        )?;
         // Pinning faults in every page of the region, so it runs off the
         // runtime and in the background: reads that come first are plain
         // READs (and fault pages in themselves), later ones READ_FIXED. It
@@ -570,10 +866,19 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::ReadIntoRequest>,
     ) -> Result<Response<Self::ReadIntoStream>, Status> {
+        let caller = self.caller(&request, "read_into")?;
         let uid = peer_uid(&request)?;
         let r = request.into_inner();
-        let region = self.regions.get(r.region_id, uid)?;
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        self.authorize(&caller, "read_into", Right::Read, name.as_str())?;
+        let principal = &caller.principal;
+        let region = self
+            .regions
+            .get(r.region_id, |region| match &principal.tenant {
+                // Without tenants: the uid's own regions (root: any).
+                None => region.owner_uid == uid || uid == 0,
+                Some(t) => t.admin || (region.owner_uid == uid && region.tenant == t.name),
+            })?;
         let items = r
             .items
             .into_iter()
@@ -597,7 +902,9 @@ impl Storaged for StoragedService {
         let completions =
             self.store
                 .read_into(region, &name, items, in_flight)?
-                .map(|(index, result)| {
+                .map(move |(index, result)| {
+                    // The call counts against its tenant until it ends.
+                    let _call = &caller.permit;
                     Ok(match result {
                         Ok(done) => pb::ReadIntoCompletion {
                             index,
@@ -631,8 +938,10 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::HintRequest>,
     ) -> Result<Response<pb::HintResponse>, Status> {
+        let caller = self.caller(&request, "hint")?;
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
+        self.authorize(&caller, "hint", Right::Read, name.as_str())?;
         // The item limit is the store's to enforce; the message itself is
         // bounded by the server's decoding limit.
         let paths = r
@@ -654,6 +963,9 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::ScrubRequest>,
     ) -> Result<Response<Self::ScrubStream>, Status> {
+        let caller = self.caller(&request, "scrub")?;
+        self.authorize(&caller, "scrub", Right::Admin, "")?;
+        self.audit_ready(&caller)?;
         let r = request.into_inner();
         let name = if r.dataset.is_empty() {
             None
@@ -671,9 +983,11 @@ impl Storaged for StoragedService {
             return Err(StoreError::Busy("a scrub is already running".into()).into());
         }
         let store = Arc::clone(&self.store);
-        // The scrub runs to the end even if the client goes away (a
-        // half-done repair pass is worth finishing).
+        let service = self.clone();
+        // Cancelling the call stops the scrub (units already repaired stay
+        // repaired), so the next one can start.
         Ok(Response::new(with_progress(
+            OnCancel::Stop,
             |done, total| pb::ScrubEvent {
                 event: Some(pb::scrub_event::Event::Progress(pb::ScrubProgress {
                     bytes_done: done,
@@ -681,11 +995,22 @@ impl Storaged for StoragedService {
                 })),
             },
             move |mut progress| async move {
-                let rep = store
+                let scrubbed = store
                     .scrub(name.as_ref(), rate, move |(done, total)| {
                         progress(done, total)
                     })
-                    .await?;
+                    .await;
+                let dataset = name.as_ref().map(|n| n.as_str());
+                let outcome = scrubbed
+                    .as_ref()
+                    .map(|r| r.bytes_checked)
+                    .map_err(|e| e.to_status());
+                if let Err(status) =
+                    service.audit(&caller, "scrub", dataset, outcome.as_ref().copied())
+                {
+                    return Err(StoreError::Audit(status.message().to_owned()));
+                }
+                let rep = scrubbed?;
                 Ok(pb::ScrubEvent {
                     event: Some(pb::scrub_event::Event::Report(pb::ScrubReport {
                         datasets: rep.datasets,
@@ -708,14 +1033,23 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::ReplaceDeviceRequest>,
     ) -> Result<Response<Self::ReplaceDeviceStream>, Status> {
+        let caller = self.caller(&request, "replace_device")?;
+        self.authorize(&caller, "replace_device", Right::Admin, "")?;
+        self.audit_ready(&caller)?;
         let r = request.into_inner();
         if r.old.is_empty() || r.new_path.is_empty() {
             return Err(invalid("both the old device and the new path are needed"));
         }
         self.store.device_index(&r.old)?;
         let store = Arc::clone(&self.store);
+        let service = self.clone();
+        let options = ReplaceOptions {
+            allow_healthy: r.allow_healthy,
+            overwrite: r.overwrite,
+        };
         // The rebuild runs to the end even if the client goes away.
         Ok(Response::new(with_progress(
+            OnCancel::Finish,
             |done, total| pb::ReplaceDeviceEvent {
                 event: Some(pb::replace_device_event::Event::Progress(
                     pb::ReplaceProgress {
@@ -725,9 +1059,23 @@ impl Storaged for StoragedService {
                 )),
             },
             move |progress| async move {
-                let rep = store
-                    .replace_device(&r.old, Path::new(&r.new_path), progress)
-                    .await?;
+                let replaced = store
+                    .replace_device(&r.old, Path::new(&r.new_path), options, progress)
+                    .await;
+                let what = format!("device {} -> {}", r.old, r.new_path);
+                let outcome = replaced
+                    .as_ref()
+                    .map(|r| r.bytes_rebuilt)
+                    .map_err(|e| e.to_status());
+                if let Err(status) = service.audit(
+                    &caller,
+                    "replace_device",
+                    Some(&what),
+                    outcome.as_ref().copied(),
+                ) {
+                    return Err(StoreError::Audit(status.message().to_owned()));
+                }
+                let rep = replaced?;
                 Ok(pb::ReplaceDeviceEvent {
                     event: Some(pb::replace_device_event::Event::Report(pb::ReplaceReport {
                         units_rebuilt: rep.units_rebuilt,

@@ -162,6 +162,8 @@ pub struct Store {
     space: Arc<discard::FreeSpace>,
     datasets: RwLock<BTreeMap<String, Arc<DatasetHandle>>>,
     ingesting: Mutex<HashSet<String>>,
+    /// What ingests in progress declared, per owner (tenant quotas).
+    quota: quota::QuotaLedger,
     device_paths: RwLock<Vec<PathBuf>>,
     /// Devices whose superblock was rebuilt from its copy at start.
     pub superblocks_repaired: u32,
@@ -374,6 +376,7 @@ impl Store {
             space,
             datasets: RwLock::new(datasets),
             ingesting: Mutex::new(HashSet::new()),
+            quota: quota::QuotaLedger::default(),
             device_paths: RwLock::new(paths),
             pool_id,
             limits: cfg.limits.clone(),
@@ -402,6 +405,15 @@ impl Store {
 
     pub fn layout(&self) -> StripeLayout {
         self.layout
+    }
+
+    /// (bytes, datasets) committed by `owner`.
+    pub fn owner_usage(&self, owner: &str) -> (u64, u64) {
+        let datasets = self.datasets.read().expect("dataset map poisoned");
+        datasets
+            .values()
+            .filter(|h| h.record.owner == owner)
+            .fold((0, 0), |(b, n), h| (b + h.record.total_bytes, n + 1))
     }
 
     /// The class of an ingest that names none: `ec:(N-1)+1` on a pool of
@@ -1034,6 +1046,7 @@ impl Store {
         self: &Arc<Self>,
         name: DatasetName,
         class: StorageClass,
+        owner: quota::OwnerQuota,
     ) -> Result<IngestSession, StoreError> {
         let missing = self.missing_devices();
         if missing.iter().any(|m| *m) {
@@ -1073,6 +1086,8 @@ impl Store {
                     ing.len()
                 )));
             }
+            let (_, datasets) = self.owner_usage(&owner.owner);
+            self.quota.begin_dataset(&owner, datasets)?;
             ing.insert(name.to_string());
         }
         let ec = match geometry {
@@ -1085,6 +1100,7 @@ impl Store {
                             .lock()
                             .expect("ingest set poisoned")
                             .remove(name.as_str());
+                        self.quota.end_dataset(&owner.owner, 0);
                         return Err(e.into());
                     }
                 };
@@ -1101,11 +1117,15 @@ impl Store {
                 })
             }
         };
+        let owner_bytes = self.owner_usage(&owner.owner).0;
         Ok(IngestSession {
             ec,
             store: Arc::clone(self),
             name,
             class,
+            owner,
+            owner_bytes,
+            declared_bytes: 0,
             objects: Vec::new(),
             paths: HashSet::new(),
             extents: Vec::new(),
@@ -1512,6 +1532,12 @@ pub struct IngestSession {
     store: Arc<Store>,
     name: DatasetName,
     class: StorageClass,
+    /// Who creates it, and the quota its declared sizes count against.
+    owner: quota::OwnerQuota,
+    /// The owner's committed bytes when the ingest began.
+    owner_bytes: u64,
+    /// Object sizes declared so far (counted in the quota ledger).
+    declared_bytes: u64,
     objects: Vec<(String, ObjectRecord)>,
     paths: HashSet<String>,
     extents: Vec<Extent>,
@@ -1639,6 +1665,12 @@ impl IngestSession {
                 largest_free: capacity,
             });
         }
+        // Before any byte of it is written: a tenant over its quota fails
+        // here.
+        self.store
+            .quota
+            .add_bytes(&self.owner, self.owner_bytes, size)?;
+        self.declared_bytes += size;
         if !self.paths.insert(path.to_string()) {
             return Err(StoreError::DuplicateObject {
                 dataset: self.name.to_string(),
@@ -1812,6 +1844,7 @@ impl IngestSession {
             total_bytes,
             allocated_bytes,
             extents,
+            owner: self.owner.owner.clone(),
         };
         let objects = std::mem::take(&mut self.objects);
         let name = self.name.to_string();
@@ -1859,6 +1892,9 @@ impl Drop for IngestSession {
             .lock()
             .expect("ingest set poisoned")
             .remove(self.name.as_str());
+        self.store
+            .quota
+            .end_dataset(&self.owner.owner, self.declared_bytes);
         if self.committed {
             return;
         }
@@ -1919,6 +1955,7 @@ fn split_rows(extents: Vec<Extent>, mut rows: u64, row: u64) -> (Vec<Extent>, Ve
 
 pub mod discard;
 mod pipeline;
+pub mod quota;
 pub mod read_into;
 pub mod readahead;
 pub mod redundancy;

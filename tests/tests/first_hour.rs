@@ -378,7 +378,13 @@ fn replacing_a_present_device_says_what_to_do_with_the_old_one() {
     d.ctl_ok(&["ingest", "ds", tmp.path().join("src").to_str().unwrap()]);
     let old = d.data_dir.join("dev3.img");
     let new = tmp.path().join("new3.img");
-    let out = d.ctl_ok(&["device", "replace", "3", new.to_str().unwrap()]);
+    let len = std::fs::metadata(&old).unwrap().len();
+    std::fs::File::create(&new).unwrap().set_len(len).unwrap();
+    // A present, healthy device is replaced only when asked explicitly.
+    let out = d.ctl(&["device", "replace", "3", new.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("--healthy"), "{err}");
+    let out = d.ctl_ok(&["device", "replace", "3", "--healthy", new.to_str().unwrap()]);
     assert!(
         out.contains(&format!("{} is no longer part of the pool", old.display())),
         "{out}"

@@ -125,6 +125,7 @@ async fn lost_device_degraded_start_then_replace_while_reading() {
     };
     let new = tmp.path().join("spare").join("new2.img");
     std::fs::create_dir_all(new.parent().unwrap()).unwrap();
+    blank_device_like(&data.join("dev0.img"), &new);
     let out = d.ctl_ok(&["device", "replace", "2", new.to_str().unwrap()]);
     assert!(
         out.contains("replaced by") && out.contains("0 units lost"),
@@ -182,6 +183,7 @@ async fn replace_resumes_after_kill9() {
     ]);
     d = Daemon::start_args(&data, slow);
     let new = tmp.path().join("new1.img");
+    blank_device_like(&data.join("dev0.img"), &new);
     let replace = d.spawn_local_ctl(&["device", "replace", "1", new.to_str().unwrap()]);
     let client = d.client().await;
     assert!(
@@ -450,4 +452,11 @@ async fn a_misdirected_unit_is_caught_and_repaired() {
         "{out}"
     );
     assert_ne!(read(&to), stray, "the right unit is back on the device");
+}
+
+/// Creates `new` as a blank (sparse) file the size of `like`: storaged
+/// never creates replacement devices itself.
+fn blank_device_like(like: &std::path::Path, new: &std::path::Path) {
+    let len = std::fs::metadata(like).unwrap().len();
+    std::fs::File::create(new).unwrap().set_len(len).unwrap();
 }

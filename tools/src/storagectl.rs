@@ -15,7 +15,8 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
 use storaged_client::region::RegionRead;
 use storaged_client::{
-    BatchItem, Client, IngestOptions, IngestProgress, LoaderOptions, ObjectInfo, Plan, PlanSpec,
+    BatchItem, Client, ConnectOptions, IngestOptions, IngestProgress, LoaderOptions, ObjectInfo,
+    Plan, PlanSpec,
 };
 
 #[global_allocator]
@@ -52,8 +53,23 @@ struct Cli {
     /// http://).
     #[arg(long, default_value = "auto", value_parser = ["auto", "as-given"], global = true)]
     transport: String,
+    /// Bearer token for a storaged with tenants (`storagectl token new`).
+    #[arg(long, env = "STORAGED_TOKEN", hide_env_values = true, global = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Print a fresh random token, and the line that grants it to a tenant
+    /// in storaged's config (which stores only its SHA-256). Contacts no
+    /// server.
+    New {
+        /// The tenant the config line is for.
+        #[arg(long, default_value = "NAME")]
+        tenant: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -65,9 +81,18 @@ enum DeviceCommand {
         /// The device to replace: its index in the pool (see `status`) or
         /// its path.
         old: String,
-        /// The new device: a regular file (created and sized if missing) or
-        /// a block device. It must not hold data of another pool.
+        /// The new device: a block device, or an existing regular file at
+        /// least the pool's device size (`truncate -s SIZE FILE`). It must
+        /// be blank.
         new: PathBuf,
+        /// Replace a device that is present and healthy (its share is
+        /// unreadable until the rebuild ends).
+        #[arg(long)]
+        healthy: bool,
+        /// Overwrite a new device that holds data (a file system, another
+        /// pool).
+        #[arg(long)]
+        overwrite: bool,
     },
 }
 
@@ -94,6 +119,11 @@ enum Command {
     Device {
         #[command(subcommand)]
         command: DeviceCommand,
+    },
+    /// Make credentials for storaged's tenants.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
     },
     /// Read every unit of one dataset (or all), verify every checksum, and
     /// rewrite bad units of erasure-coded datasets from parity. Exits 1 if
@@ -347,10 +377,25 @@ fn class_name(d: &storaged_proto::pb::DatasetInfo) -> String {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Token {
+        command: TokenCommand::New { tenant },
+    } = &cli.command
+    {
+        let token = storaged_client::new_token()?;
+        let hash = storaged_proto::auth::token_sha256_hex(&token);
+        outln!("token:  {token}");
+        outln!("config: add to the [[tenant]] named {tenant:?} in storaged's config:");
+        outln!("        tokens_sha256 = [\"{hash}\"]");
+        outln!("use:    STORAGED_TOKEN={token} storagectl ...  (or --token)");
+        return Ok(());
+    }
+    let options = ConnectOptions {
+        token: cli.token.clone().filter(|t| !t.is_empty()),
+    };
     let client = if cli.transport == "auto" {
-        Client::connect_auto(&cli.server).await?
+        Client::connect_auto_with(&cli.server, &options).await?
     } else {
-        Client::connect(&cli.server).await?
+        Client::connect_with(&cli.server, &options).await?
     };
     match cli.command {
         Command::Ingest {
@@ -370,8 +415,15 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             rate_mib_s,
         } => scrub(&client, dataset, rate_mib_s).await,
         Command::Device {
-            command: DeviceCommand::Replace { old, new },
-        } => replace_device(&client, &old, &new).await,
+            command:
+                DeviceCommand::Replace {
+                    old,
+                    new,
+                    healthy,
+                    overwrite,
+                },
+        } => replace_device(&client, &old, &new, healthy, overwrite).await,
+        Command::Token { .. } => unreachable!("handled before connecting"),
         Command::Ls { dataset: None, .. } => {
             let datasets = client.list_datasets().await?;
             outln!(
@@ -945,7 +997,13 @@ async fn follow<E, R>(
     Ok(report)
 }
 
-async fn replace_device(client: &Client, old: &str, new: &Path) -> anyhow::Result<()> {
+async fn replace_device(
+    client: &Client,
+    old: &str,
+    new: &Path,
+    allow_healthy: bool,
+    overwrite: bool,
+) -> anyhow::Result<()> {
     use storaged_proto::pb::replace_device_event::Event;
     let new = std::path::absolute(new).with_context(|| format!("resolving {}", new.display()))?;
     // The old device's path, to say what becomes of it.
@@ -960,6 +1018,8 @@ async fn replace_device(client: &Client, old: &str, new: &Path) -> anyhow::Resul
         .replace_device(storaged_proto::pb::ReplaceDeviceRequest {
             old: old.to_owned(),
             new_path: new.display().to_string(),
+            allow_healthy,
+            overwrite,
         })
         .await
         .map_err(storaged_client::ClientError::from)?

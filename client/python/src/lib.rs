@@ -252,6 +252,8 @@ pub struct Client {
     /// Switch a loopback TCP url to the server's Unix socket (and so the
     /// shared-memory read path) when it has one.
     auto_local: bool,
+    /// Credentials (a token given, or STORAGED_TOKEN at construction).
+    options: storaged_client::ConnectOptions,
     conn: Mutex<Option<Conn>>,
 }
 
@@ -266,11 +268,12 @@ impl Client {
         }
         let url = self.url.clone();
         let auto_local = self.auto_local;
+        let options = self.options.clone();
         let client = block_on(py, async move {
             if auto_local {
-                storaged_client::Client::connect_auto(&url).await
+                storaged_client::Client::connect_auto_with(&url, &options).await
             } else {
-                storaged_client::Client::connect(&url).await
+                storaged_client::Client::connect_with(&url, &options).await
             }
         })?;
         let mut conn = self.conn.lock().expect("conn lock");
@@ -315,8 +318,8 @@ impl Client {
     /// server's Unix socket when it advertises one; `"as-given"` keeps the
     /// url's transport.
     #[new]
-    #[pyo3(signature = (url, transport="auto"))]
-    fn new(py: Python<'_>, url: String, transport: &str) -> PyResult<Self> {
+    #[pyo3(signature = (url, transport="auto", token=None))]
+    fn new(py: Python<'_>, url: String, transport: &str, token: Option<String>) -> PyResult<Self> {
         let auto_local = match transport {
             "auto" => true,
             "as-given" => false,
@@ -326,9 +329,14 @@ impl Client {
                 )));
             }
         };
+        let mut options = storaged_client::ConnectOptions::from_env();
+        if let Some(t) = token.filter(|t| !t.is_empty()) {
+            options.token = Some(t);
+        }
         let c = Self {
             url,
             auto_local,
+            options,
             conn: Mutex::new(None),
         };
         c.client(py)?;
@@ -338,6 +346,13 @@ impl Client {
     #[getter]
     fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The bearer token this client sends (None without one); workers
+    /// that connect again use it.
+    #[getter]
+    fn token(&self) -> Option<&str> {
+        self.options.token.as_deref()
     }
 
     /// The transport this client was made with: "auto" or "as-given".

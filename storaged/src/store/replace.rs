@@ -99,6 +99,15 @@ impl Drop for Replacing<'_> {
     }
 }
 
+/// Admin overrides of a device replacement's safety checks.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ReplaceOptions {
+    /// Replace a device that is present and healthy.
+    pub allow_healthy: bool,
+    /// Use a new device that holds data (another pool's, a file system).
+    pub overwrite: bool,
+}
+
 impl Store {
     /// Which device `old` names: an index, or a path of the pool.
     pub fn device_index(&self, old: &str) -> Result<u32, StoreError> {
@@ -137,6 +146,7 @@ impl Store {
         self: &Arc<Self>,
         old: &str,
         new_path: &Path,
+        options: ReplaceOptions,
         mut progress: impl FnMut(u64, u64) + Send,
     ) -> Result<ReplaceReport, StoreError> {
         let index = self.device_index(old)?;
@@ -173,6 +183,11 @@ impl Store {
                 )));
             }
         }
+        if !resume && !options.allow_healthy && !self.missing_devices()[index as usize] {
+            return Err(StoreError::Busy(format!(
+                "device {index} is healthy; replacing it makes its data unreadable until the rebuild ends (stripe datasets lose its share). Say so explicitly to go on (storagectl device replace --healthy)"
+            )));
+        }
         if self
             .replacing
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
@@ -185,8 +200,9 @@ impl Store {
 
         let reference = self.superblock.clone();
         let path = new_path.to_path_buf();
+        let overwrite = options.overwrite;
         let file = tokio::task::spawn_blocking(move || {
-            crate::device::prepare_replacement(&path, &reference, index)
+            crate::device::prepare_replacement(&path, &reference, index, overwrite)
         })
         .await
         .map_err(|e| StoreError::InvalidArgument(format!("prepare task failed: {e}")))?

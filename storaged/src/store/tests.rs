@@ -56,7 +56,7 @@ pub(super) async fn ingest_class(
     class: StorageClass,
     objects: &[(&str, Vec<u8>)],
 ) -> Result<Arc<DatasetHandle>, StoreError> {
-    let mut s = store.begin_ingest(DatasetName::new(name).unwrap(), class)?;
+    let mut s = store.begin_ingest(DatasetName::new(name).unwrap(), class, Default::default())?;
     let mut total = 0u64;
     for (path, data) in objects {
         s.begin_object(
@@ -368,7 +368,11 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
     used_settles_to(&store, 0).await;
     // A hostile size is refused before any arithmetic on it.
     let mut s = store
-        .begin_ingest(DatasetName::new("huge").unwrap(), StorageClass::Stripe)
+        .begin_ingest(
+            DatasetName::new("huge").unwrap(),
+            StorageClass::Stripe,
+            Default::default(),
+        )
         .unwrap();
     let err = s
         .begin_object(ObjectPath::new("x").unwrap(), u64::MAX, None)
@@ -379,7 +383,11 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
     // An aborted (dropped) session frees its space.
     {
         let mut s = store
-            .begin_ingest(DatasetName::new("half").unwrap(), StorageClass::Stripe)
+            .begin_ingest(
+                DatasetName::new("half").unwrap(),
+                StorageClass::Stripe,
+                Default::default(),
+            )
             .unwrap();
         s.begin_object(ObjectPath::new("x").unwrap(), 1 << 20, None)
             .await
@@ -387,14 +395,22 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
         s.data(&pattern(2, 500_000)).await.unwrap();
         assert!(
             store
-                .begin_ingest(DatasetName::new("half").unwrap(), StorageClass::Stripe)
+                .begin_ingest(
+                    DatasetName::new("half").unwrap(),
+                    StorageClass::Stripe,
+                    Default::default()
+                )
                 .is_err()
         );
     }
     used_settles_to(&store, 0).await;
     // Protocol errors.
     let mut s = store
-        .begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe)
+        .begin_ingest(
+            DatasetName::new("p").unwrap(),
+            StorageClass::Stripe,
+            Default::default(),
+        )
         .unwrap();
     s.begin_object(ObjectPath::new("x").unwrap(), 10, None)
         .await
@@ -405,7 +421,11 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
     ));
     drop(s);
     let mut s = store
-        .begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe)
+        .begin_ingest(
+            DatasetName::new("p").unwrap(),
+            StorageClass::Stripe,
+            Default::default(),
+        )
         .unwrap();
     s.begin_object(ObjectPath::new("x").unwrap(), 0, None)
         .await
@@ -416,7 +436,11 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
     ));
     drop(s);
     let mut s = store
-        .begin_ingest(DatasetName::new("p").unwrap(), StorageClass::Stripe)
+        .begin_ingest(
+            DatasetName::new("p").unwrap(),
+            StorageClass::Stripe,
+            Default::default(),
+        )
         .unwrap();
     s.begin_object(ObjectPath::new("x").unwrap(), 3, Some(1234))
         .await
@@ -858,7 +882,7 @@ async fn read_into_merges_neighbours() {
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
     let reg = regions
-        .register(crate::region::tests::pid(), shm.as_raw_fd(), size, uid)
+        .register(crate::region::tests::pid(), shm.as_raw_fd(), size, uid, "")
         .unwrap();
     let region = Arc::clone(&reg.region);
     // SAFETY: the memfd is ours and sealed against shrinking; it is only
@@ -941,7 +965,7 @@ async fn fixed_regions_read_exactly_and_give_their_entry_back() {
         let size = 8 * 12288;
         let shm = crate::region::tests::memfd(size, true);
         let reg = regions
-            .register(crate::region::tests::pid(), shm.as_raw_fd(), size, uid)
+            .register(crate::region::tests::pid(), shm.as_raw_fd(), size, uid, "")
             .unwrap();
         let fixed = store.fix_region(&reg.region);
         assert!(

@@ -386,8 +386,13 @@ async fn device_replace_rebuilds_resumes_and_heals_the_pool() {
         .await
         .unwrap();
     drop(store);
+    let device_bytes = std::fs::metadata(&cfg.devices[2]).unwrap().len();
     std::fs::remove_file(&cfg.devices[2]).unwrap();
     let new = dir.path().join("new2.img");
+    std::fs::File::create(&new)
+        .unwrap()
+        .set_len(device_bytes)
+        .unwrap();
 
     // First attempt: interrupted half way (the future is dropped, as when
     // storaged dies), after some checkpoints.
@@ -396,7 +401,7 @@ async fn device_replace_rebuilds_resumes_and_heals_the_pool() {
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let mut tx = Some(tx);
     {
-        let replace = store.replace_device("2", &new, move |done, total| {
+        let replace = store.replace_device("2", &new, Default::default(), move |done, total| {
             if done * 2 >= total
                 && let Some(tx) = tx.take()
             {
@@ -416,19 +421,27 @@ async fn device_replace_rebuilds_resumes_and_heals_the_pool() {
     check_all(&store, "e", &objs).await;
     // Another replacement is refused until this one is resumed.
     let other = store
-        .replace_device("1", &dir.path().join("x.img"), |_, _| {})
+        .replace_device(
+            "1",
+            &dir.path().join("x.img"),
+            Default::default(),
+            |_, _| {},
+        )
         .await
         .unwrap_err();
     assert_eq!(other.code(), tonic::Code::FailedPrecondition, "{other}");
     // Bad input.
     for (old, new_path) in [("9", new.clone()), ("2", "relative.img".into())] {
         let e = store
-            .replace_device(old, &new_path, |_, _| {})
+            .replace_device(old, &new_path, Default::default(), |_, _| {})
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
     }
-    let report = store.replace_device("2", &new, |_, _| {}).await.unwrap();
+    let report = store
+        .replace_device("2", &new, Default::default(), |_, _| {})
+        .await
+        .unwrap();
     assert!(report.resumed && report.units_lost == 0, "{report:?}");
     assert!(report.units_rebuilt > 0);
     assert!(store.rebuild_state().is_none());
@@ -456,4 +469,83 @@ async fn device_replace_rebuilds_resumes_and_heals_the_pool() {
     ingest_class(&store, "after", EC31, &[("x", pattern(1, 10_000))])
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replace_refuses_healthy_devices_missing_paths_and_used_devices() {
+    // Guards against ReplaceDevice destroying a healthy pool: storaged
+    // pointed a healthy device at any path, creating it and its parents.
+    use crate::store::replace::ReplaceOptions;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path(), 16, 64 << 10);
+    let store = Store::open(&cfg).unwrap();
+    let objs = objects();
+    ingest_class(&store, "e", EC31, &as_refs(&objs))
+        .await
+        .unwrap();
+    let device_bytes = std::fs::metadata(&cfg.devices[0]).unwrap().len();
+    let replace = |new: std::path::PathBuf, options: ReplaceOptions| {
+        let store = Arc::clone(&store);
+        async move { store.replace_device("0", &new, options, |_, _| {}).await }
+    };
+    // Missing: never created, nor its directories.
+    let nowhere = dir.path().join("no").join("such").join("dev.img");
+    let healthy_ok = ReplaceOptions {
+        allow_healthy: true,
+        overwrite: false,
+    };
+    let err = replace(nowhere.clone(), healthy_ok).await.unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(!dir.path().join("no").exists(), "no directory was created");
+    // Healthy device: refused without the explicit flag.
+    let blank = dir.path().join("blank.img");
+    std::fs::File::create(&blank)
+        .unwrap()
+        .set_len(device_bytes)
+        .unwrap();
+    let err = replace(blank.clone(), ReplaceOptions::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(err.to_string().contains("healthy"), "{err}");
+    // Too small, and holding data: refused even with the flag.
+    let small = dir.path().join("small.img");
+    std::fs::File::create(&small)
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+    let err = replace(small, healthy_ok).await.unwrap_err();
+    assert!(err.to_string().contains("small"), "{err}");
+    let used = dir.path().join("used.img");
+    std::fs::write(&used, b"a file system, say").unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&used)
+        .unwrap()
+        .set_len(device_bytes)
+        .unwrap();
+    let err = replace(used.clone(), healthy_ok).await.unwrap_err();
+    assert!(err.to_string().contains("holds data"), "{err}");
+    // Another device of a pool.
+    let err = replace(cfg.devices[1].clone(), healthy_ok)
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("already device 1"), "{err}");
+    assert!(
+        store.missing_devices().iter().all(|m| !m),
+        "nothing changed"
+    );
+    check_all(&store, "e", &objs).await;
+    // The admin's explicit flags: a healthy device onto a used file.
+    let report = replace(
+        used,
+        ReplaceOptions {
+            allow_healthy: true,
+            overwrite: true,
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.units_lost, 0, "{report:?}");
+    check_all(&store, "e", &objs).await;
 }

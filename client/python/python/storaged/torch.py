@@ -160,30 +160,37 @@ class _Connection:
     itself in a new process), so workers do not each list the dataset
     again; a spawned worker (unpickled) makes its own."""
 
-    def __init__(self, url: Union[str, Client], dataset: str, transport: Optional[str] = None):
+    def __init__(self, url: Union[str, Client], dataset: str, transport: Optional[str] = None,
+                 token: Optional[str] = None):
         client = None
         if isinstance(url, Client):
             client, url = url, url.url
             transport = transport or client.transport
+            token = token or client.token
         elif not isinstance(url, str):
             raise TypeError(f"url must be a URL string or a storaged.Client, not {type(url).__name__}")
         self.url = url
         self.dataset_name = dataset
         self.transport = transport or "auto"
+        # Workers connect again with it (a spawned worker's environment
+        # need not hold STORAGED_TOKEN).
+        self.token = token
         self._client = client
         self._ds = None
 
     def dataset(self):
         if self._ds is None:
-            client = self._client or Client(self.url, transport=self.transport)
+            client = self._client or Client(self.url, transport=self.transport, token=self.token)
             self._ds = client.dataset(self.dataset_name)
         return self._ds
 
     def __getstate__(self):
-        return {"url": self.url, "dataset_name": self.dataset_name, "transport": self.transport}
+        return {"url": self.url, "dataset_name": self.dataset_name, "transport": self.transport,
+                "token": self.token}
 
     def __setstate__(self, state):
-        self.__init__(state["url"], state["dataset_name"], state.get("transport", "auto"))
+        self.__init__(state["url"], state["dataset_name"], state.get("transport", "auto"),
+                      state.get("token"))
 
 
 def _retrying(budget_s: float, what: str, call: Callable):
