@@ -25,6 +25,10 @@ pub enum NameError {
     DatasetTooLong(usize),
     #[error("dataset name {0:?} contains {1:?}; only [A-Za-z0-9._-] are allowed")]
     DatasetBadChar(String, char),
+    #[error(
+        "dataset name {0:?} is not allowed: names may not be \".\" or \"..\" or start with '-'"
+    )]
+    DatasetReserved(String),
     #[error("object path is empty")]
     PathEmpty,
     #[error("object path is {0} bytes; the limit is {OBJECT_PATH_BYTES_MAX}")]
@@ -35,6 +39,8 @@ pub enum NameError {
     PathNul(String),
     #[error("object path {0:?} has a {1:?} component")]
     PathBadComponent(String, String),
+    #[error("object path {0:?} contains the control character {1:?}")]
+    PathControl(String, char),
     #[error("storage class {0} is not supported")]
     StorageClass(i32),
     #[error("storage class {0:?} is not valid: use stripe or ec:K+M (for example ec:4+1)")]
@@ -59,6 +65,11 @@ impl DatasetName {
             .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
         {
             return Err(NameError::DatasetBadChar(name, c));
+        }
+        // "." and ".." mean directories to every tool that meets the name
+        // (export, mount); a leading '-' reads as an option to them.
+        if name == "." || name == ".." || name.starts_with('-') {
+            return Err(NameError::DatasetReserved(name));
         }
         Ok(Self(name))
     }
@@ -96,6 +107,11 @@ impl ObjectPath {
         }
         if path.contains('\0') {
             return Err(NameError::PathNul(path));
+        }
+        // Control characters (escape sequences among them) would reach
+        // terminals and file names raw.
+        if let Some(c) = path.chars().find(|c| c.is_control()) {
+            return Err(NameError::PathControl(path, c));
         }
         if path.starts_with('/') {
             return Err(NameError::PathAbsolute(path));
@@ -334,6 +350,17 @@ mod tests {
         ));
         assert!(DatasetName::new("é").is_err());
         assert!(DatasetName::new("a b").is_err());
+        // Guards against names tools read as directories or options.
+        for reserved in [".", "..", "-rf", "--help", "-"] {
+            assert!(
+                matches!(
+                    DatasetName::new(reserved),
+                    Err(NameError::DatasetReserved(_))
+                ),
+                "{reserved}"
+            );
+        }
+        assert!(DatasetName::new("a-").is_ok() && DatasetName::new(".hidden").is_ok());
     }
 
     #[test]
@@ -356,6 +383,12 @@ mod tests {
             "a//b",
             "a/",
             "a\0b",
+            // Guards against names that reach terminals raw.
+            "a\x1b[2Jb",
+            "line\nbreak",
+            "tab\there",
+            "del\x7f",
+            "c1\u{9b}31m",
         ] {
             assert!(ObjectPath::new(bad).is_err(), "{bad:?}");
         }

@@ -20,7 +20,7 @@
 //! as `Bytes` without a copy. Windows are pipelined (`read_ahead_bytes` per
 //! stream), which keeps all devices busy on a sequential read.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -1128,6 +1128,7 @@ impl Store {
             declared_bytes: 0,
             objects: Vec::new(),
             paths: HashSet::new(),
+            dirs: HashMap::new(),
             extents: Vec::new(),
             reservation: None,
             current: None,
@@ -1540,6 +1541,9 @@ pub struct IngestSession {
     declared_bytes: u64,
     objects: Vec<(String, ObjectRecord)>,
     paths: HashSet<String>,
+    /// Directories the paths so far imply, each with one entry under it
+    /// (for the message when an object takes a directory's name).
+    dirs: HashMap<String, String>,
     extents: Vec<Extent>,
     reservation: Option<Extent>,
     current: Option<CurrentObject>,
@@ -1631,6 +1635,35 @@ impl IngestSession {
         Ok(got.offset)
     }
 
+    /// Refuses `path` if it would make a name both an object and a
+    /// directory (`a` and `a/b`): no file tree (export, mount) can hold
+    /// both. Records `path`'s directories otherwise.
+    fn check_tree(&mut self, path: &str) -> Result<(), StoreError> {
+        let conflict = |other: &str| {
+            StoreError::InvalidArgument(format!(
+                "object {path:?} conflicts with {other:?} in dataset {:?}: a name cannot be both an object and a directory",
+                self.name.as_str()
+            ))
+        };
+        if let Some(under) = self.dirs.get(path) {
+            return Err(conflict(&format!("{path}/{under}")));
+        }
+        let mut dirs = Vec::new();
+        for (i, _) in path.match_indices('/') {
+            let dir = &path[..i];
+            if self.paths.contains(dir) {
+                return Err(conflict(dir));
+            }
+            dirs.push(i);
+        }
+        for i in dirs {
+            self.dirs
+                .entry(path[..i].to_owned())
+                .or_insert_with(|| path[i + 1..].to_owned());
+        }
+        Ok(())
+    }
+
     /// Starts the next object. Its `size` bytes must follow in `data` calls.
     pub async fn begin_object(
         &mut self,
@@ -1665,18 +1698,21 @@ impl IngestSession {
                 largest_free: capacity,
             });
         }
-        // Before any byte of it is written: a tenant over its quota fails
-        // here.
+        // Before any byte of it is written (and before the tree check,
+        // so a refused object leaves no trace): a tenant over its quota
+        // fails here.
         self.store
             .quota
             .add_bytes(&self.owner, self.owner_bytes, size)?;
         self.declared_bytes += size;
-        if !self.paths.insert(path.to_string()) {
+        if self.paths.contains(path.as_str()) {
             return Err(StoreError::DuplicateObject {
                 dataset: self.name.to_string(),
                 path: path.to_string(),
             });
         }
+        self.check_tree(path.as_str())?;
+        self.paths.insert(path.to_string());
         let logical_offset = if size == 0 { 0 } else { self.carve(size)? };
         self.current = Some(CurrentObject {
             path: path.to_string(),

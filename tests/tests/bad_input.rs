@@ -312,3 +312,186 @@ async fn foreign_and_mismatched_devices_are_refused() {
         .expect("must refuse");
     assert!(f.stderr.contains("12XB"), "{}", f.stderr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_names_fail_on_every_rpc() {
+    // Guards against names tools misread (`.`, `..`, `-rf`, `--help`) and
+    // object paths with control characters and terminal escapes reaching
+    // the catalog, and so `ls`, export and terminals.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("ok".into(), b"x".to_vec())]);
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    let local = d.local_client().await;
+    let mut rpc = local.raw();
+    let region = local.register_region(4096).await.unwrap();
+    let corpus: Vec<(&str, &str)> = vec![
+        (".", "ok"),
+        ("..", "ok"),
+        ("-rf", "ok"),
+        ("--help", "ok"),
+        ("ds", "a\u{1b}[2J\u{1b}[31mred"),
+        ("ds", "line\nbreak"),
+        ("ds", "bell\u{7}"),
+        ("ds", "c1\u{9b}x"),
+        ("ds", "../../etc/passwd"),
+        ("ds", "a/../../b"),
+    ];
+    for (dataset, path) in corpus {
+        let what = format!("{dataset:?} {path:?}");
+        let check = |r: Result<(), tonic::Status>, rpc: &str| {
+            let e = r.expect_err(&format!("{rpc} {what}"));
+            assert_eq!(
+                e.code(),
+                Code::InvalidArgument,
+                "{rpc} {what}: {}",
+                e.message()
+            );
+        };
+        let item = pb::ReadItem {
+            path: path.into(),
+            offset: 0,
+            length: None,
+        };
+        check(
+            rpc.stat(pb::StatRequest {
+                dataset: dataset.into(),
+                path: path.into(),
+                include_extents: false,
+            })
+            .await
+            .map(drop),
+            "stat",
+        );
+        check(
+            rpc.read(pb::ReadRequest {
+                dataset: dataset.into(),
+                path: path.into(),
+                ..Default::default()
+            })
+            .await
+            .map(drop),
+            "read",
+        );
+        // ReadBatch: a bad dataset fails the call, a bad path its item.
+        match rpc
+            .read_batch(pb::ReadBatchRequest {
+                dataset: dataset.into(),
+                items: vec![item.clone()],
+                ..Default::default()
+            })
+            .await
+        {
+            Err(e) => assert_eq!(e.code(), Code::InvalidArgument, "read_batch {what}"),
+            Ok(r) => {
+                let first = r.into_inner().message().await.unwrap().unwrap();
+                let e = first.error.expect("the item fails");
+                assert_eq!(e.code, Code::InvalidArgument as i32, "read_batch {what}");
+            }
+        }
+        check(
+            rpc.hint(pb::HintRequest {
+                dataset: dataset.into(),
+                paths: vec![path.into()],
+            })
+            .await
+            .map(drop),
+            "hint",
+        );
+        match rpc
+            .read_into(pb::ReadIntoRequest {
+                region_id: region.id(),
+                dataset: dataset.into(),
+                items: vec![pb::ReadIntoItem {
+                    path: path.into(),
+                    offset: 0,
+                    length: None,
+                    region_offset: 0,
+                }],
+                max_in_flight: 0,
+            })
+            .await
+        {
+            Err(e) => assert_eq!(e.code(), Code::InvalidArgument, "read_into {what}"),
+            Ok(r) => {
+                let first = r.into_inner().message().await.unwrap().unwrap();
+                let e = first.error.expect("the item fails");
+                assert_eq!(e.code, Code::InvalidArgument as i32, "read_into {what}");
+            }
+        }
+        if dataset != "ds" {
+            check(
+                rpc.list_objects(pb::ListObjectsRequest {
+                    dataset: dataset.into(),
+                    ..Default::default()
+                })
+                .await
+                .map(drop),
+                "list_objects",
+            );
+            check(
+                rpc.delete_dataset(pb::DeleteDatasetRequest {
+                    dataset: dataset.into(),
+                })
+                .await
+                .map(drop),
+                "delete_dataset",
+            );
+        }
+        // Ingest: refused at `begin` or at the object header.
+        let open = OpenIngest::start(&local).await;
+        let target = if dataset == "ds" { "fresh" } else { dataset };
+        open.send(vec![
+            ingest_msg::begin(target, 0),
+            ingest_msg::object(path, 1),
+            ingest_msg::data(vec![0u8]),
+        ])
+        .await;
+        check(open.close().await.map(drop), "ingest");
+    }
+    // The CLI refuses an option-like name rather than reading it as one.
+    let out = d.ctl(&["ingest", "--", "-rf", src.to_str().unwrap()]);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not be"),
+        "{out:?}"
+    );
+    let names: Vec<String> = local
+        .list_datasets()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|d| d.name)
+        .collect();
+    assert_eq!(names, ["ds"], "nothing hostile was stored");
+}
+
+#[test]
+fn export_never_follows_a_planted_symlink() {
+    // Guards against `export` writing through a symlink already present
+    // in the target directory (out/sub -> somewhere else).
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    let src = tmp.path().join("src");
+    write_tree(
+        &src,
+        &[
+            ("sub/file".into(), b"data".to_vec()),
+            ("top".into(), b"t".to_vec()),
+        ],
+    );
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    let out_dir = tmp.path().join("out");
+    let elsewhere = tmp.path().join("elsewhere");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, out_dir.join("sub")).unwrap();
+    let out = d.ctl(&["export", "ds", out_dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("sub"), "{err}");
+    assert!(
+        std::fs::read_dir(&elsewhere).unwrap().next().is_none(),
+        "nothing was written through the symlink"
+    );
+}

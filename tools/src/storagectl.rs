@@ -13,6 +13,8 @@ use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::io::IsTerminal;
+mod safe_tree;
+use safe_tree::shown;
 use storaged_client::region::RegionRead;
 use storaged_client::{
     BatchItem, Client, ConnectOptions, IngestOptions, IngestProgress, LoaderOptions, ObjectInfo,
@@ -453,17 +455,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let ds = client.dataset(&name)?;
             let mut token = String::new();
-            let mut shown = 0u64;
+            let mut listed = 0u64;
             let mut out = std::io::stdout().lock();
             writeln!(out, "{:>12}  {:<8}  PATH", "SIZE", "CRC32")?;
             loop {
                 let (objects, next) = ds.list_page(&prefix, page_size, &token).await?;
                 for o in objects {
-                    if limit.is_some_and(|l| shown >= l) {
+                    if limit.is_some_and(|l| listed >= l) {
                         return Ok(());
                     }
-                    writeln!(out, "{:>12}  {:08x}  {}", o.size, o.crc32, o.path)?;
-                    shown += 1;
+                    writeln!(out, "{:>12}  {:08x}  {}", o.size, o.crc32, shown(&o.path))?;
+                    listed += 1;
                 }
                 match next {
                     Some(t) => token = t,
@@ -494,7 +496,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Stat { dataset, path } => {
             let st = client.dataset(&dataset)?.stat(&path).await?;
             let o = st.object.unwrap_or_default();
-            outln!("path:            {}", o.path);
+            outln!("path:            {}", shown(&o.path));
             outln!("size:            {} ({})", o.size, human(o.size));
             outln!("crc32:           {:08x}", o.crc32);
             outln!("logical offset:  {}", st.logical_offset);
@@ -1151,28 +1153,42 @@ async fn ingest(
 async fn export(client: &Client, dataset: &str, dir: &Path, parallel: usize) -> anyhow::Result<()> {
     let ds = client.dataset(dataset)?;
     let objects = ds.list("").await?;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    // Every path checked before anything is written: the server's are
+    // validated again, and names that cannot share one tree are reported.
+    for o in &objects {
+        storaged_proto::ObjectPath::new(o.path.as_str())
+            .with_context(|| format!("server sent an unsafe path {:?}", o.path))?;
+    }
+    let clashes = safe_tree::conflicts(objects.iter().map(|o| o.path.as_str()));
+    if !clashes.is_empty() {
+        let list: Vec<String> = clashes
+            .iter()
+            .take(10)
+            .map(|(file, under)| format!("{} and {}", shown(file), shown(under)))
+            .collect();
+        bail!(
+            "dataset {dataset:?} cannot be written as one file tree: {} name(s) are both an object and a directory ({}); nothing was written",
+            clashes.len(),
+            list.join("; ")
+        );
+    }
+    let root = std::sync::Arc::new(
+        safe_tree::Root::open(dir).with_context(|| format!("opening {}", dir.display()))?,
+    );
     let mut total = 0u64;
     let bar = bytes_bar("export", objects.iter().map(|o| o.size).sum());
     let results = futures::stream::iter(objects.into_iter().map(|o| {
         let ds = ds.clone();
-        // Paths were validated by the server (relative, no `..`), so the
-        // join cannot escape `dir`; check again rather than trust it.
-        let rel = storaged_proto::ObjectPath::new(o.path.as_str());
+        let root = std::sync::Arc::clone(&root);
         let target = dir.join(&o.path);
         async move {
-            rel.with_context(|| format!("server sent an unsafe path {:?}", o.path))?;
-            if let Some(parent) = target.parent() {
-                tokio::fs::create_dir_all(parent)
-                    .await
-                    .with_context(|| format!("creating {}", parent.display()))?;
-            }
-            let mut file = tokio::fs::OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .open(&target)
-                .await
-                .with_context(|| format!("creating {}", target.display()))?;
+            // Component by component under the root's descriptor, never
+            // following a symlink (validated above: relative, no `..`).
+            let rel = o.path.clone();
+            let file = tokio::task::spawn_blocking(move || root.create_file(&rel))
+                .await?
+                .with_context(|| format!("creating {}", shown(&target.display().to_string())))?;
+            let mut file = tokio::fs::File::from_std(file);
             let mut stream = std::pin::pin!(ds.read_stream(&o.path, 0, None));
             let mut crc = crc32fast::Hasher::new();
             let mut n = 0u64;

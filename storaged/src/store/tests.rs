@@ -435,6 +435,28 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
         Err(StoreError::DuplicateObject { .. })
     ));
     drop(s);
+    // Guards against a dataset no file tree can hold (`a` and `a/b`:
+    // export failed half-way), in either order.
+    for (first, second) in [("a", "a/b/c"), ("a/b/c", "a/b"), ("a/b/c", "a")] {
+        let mut s = store
+            .begin_ingest(
+                DatasetName::new("tree").unwrap(),
+                StorageClass::Stripe,
+                Default::default(),
+            )
+            .unwrap();
+        s.begin_object(ObjectPath::new(first).unwrap(), 0, None)
+            .await
+            .unwrap();
+        let err = s
+            .begin_object(ObjectPath::new(second).unwrap(), 0, None)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("both an object and a directory"),
+            "{first} then {second}: {err}"
+        );
+    }
     let mut s = store
         .begin_ingest(
             DatasetName::new("p").unwrap(),
