@@ -57,6 +57,8 @@ pub struct FileConfig {
     pub audit_log: Option<PathBuf>,
     /// Fail an operation whose audit line cannot be written (default true).
     pub audit_required: Option<bool>,
+    pub stream_stall_timeout_s: Option<u64>,
+    pub ingest_idle_timeout_s: Option<u64>,
 }
 
 impl FileConfig {
@@ -192,6 +194,12 @@ pub struct ServerLimits {
     pub keepalive_interval_s: u64,
     pub keepalive_timeout_s: u64,
     pub shutdown_grace_s: u64,
+    /// A response stream whose client reads nothing for this long is
+    /// ended and its buffers returned.
+    pub stream_stall_timeout_s: u64,
+    /// An ingest that receives nothing for this long is discarded (its
+    /// slot and space freed).
+    pub ingest_idle_timeout_s: u64,
 }
 
 impl Default for ServerLimits {
@@ -207,6 +215,8 @@ impl Default for ServerLimits {
             keepalive_interval_s: 30,
             keepalive_timeout_s: 20,
             shutdown_grace_s: 10,
+            stream_stall_timeout_s: 30,
+            ingest_idle_timeout_s: 60,
         }
     }
 }
@@ -362,6 +372,12 @@ impl ServeConfig {
         if let Some(m) = file.max_concurrent_streams {
             server.max_concurrent_streams = m;
         }
+        if let Some(t) = file.stream_stall_timeout_s {
+            server.stream_stall_timeout_s = t;
+        }
+        if let Some(t) = file.ingest_idle_timeout_s {
+            server.ingest_idle_timeout_s = t;
+        }
         let listen_s = flags
             .listen
             .or(file.listen)
@@ -420,6 +436,14 @@ impl ServeConfig {
         }
         if self.worker_threads == 0 || self.worker_threads > 64 {
             return Err("worker_threads must be 1 to 64".into());
+        }
+        for (name, v) in [
+            ("stream_stall_timeout_s", self.server.stream_stall_timeout_s),
+            ("ingest_idle_timeout_s", self.server.ingest_idle_timeout_s),
+        ] {
+            if !(1..=86_400).contains(&v) {
+                return Err(format!("{name} must be 1 to 86400 seconds"));
+            }
         }
         if let Some(why) = self.exposure()
             && !self.insecure

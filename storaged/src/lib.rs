@@ -8,6 +8,7 @@
 //! (zero-copy framing of the read responses) and `server` (limits, health, reflection, shutdown). ARCHITECTURE.md draws it.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod ahead;
 pub mod alloc;
 pub mod audit;
 pub mod auth;

@@ -240,6 +240,7 @@ pub async fn serve(
         stop_rx.clone(),
         Some(&unix_path),
         access,
+        limits,
     );
     let generated = StoragedServer::new(storaged.clone())
         .max_decoding_message_size(limits.max_decoding_message_bytes)

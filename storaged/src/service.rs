@@ -15,6 +15,7 @@ use storaged_proto::pb::{self, ingest_request};
 use storaged_proto::{DatasetName, ObjectPath};
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::ahead::drive_ahead;
 use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{
     AuthError, CallPermit, Denied, Presented, Principal, QuotaExceeded, Right, Tenants, Via,
@@ -39,6 +40,10 @@ pub struct StoragedService {
     unix_socket: Option<Arc<str>>,
     tenants: Arc<Tenants>,
     audit: Arc<AuditLog>,
+    /// A response stream whose client reads nothing for this long ends.
+    stream_stall: std::time::Duration,
+    /// An ingest that receives nothing for this long is discarded.
+    ingest_idle: std::time::Duration,
 }
 
 /// Who may call, and where their calls are recorded.
@@ -123,8 +128,11 @@ impl StoragedService {
         stopping: tokio::sync::watch::Receiver<bool>,
         unix_socket: Option<&Path>,
         access: Access,
+        limits: &crate::config::ServerLimits,
     ) -> Self {
         Self {
+            stream_stall: std::time::Duration::from_secs(limits.stream_stall_timeout_s),
+            ingest_idle: std::time::Duration::from_secs(limits.ingest_idle_timeout_s),
             store,
             regions,
             stopping,
@@ -279,9 +287,18 @@ impl StoragedService {
     ) -> Result<pb::IngestResponse, Status> {
         tracing::info!(dataset = %session.dataset(), "ingest started");
         loop {
-            // A client that goes away surfaces here as an error; returning
-            // drops the session, which discards the ingest.
-            let msg = match stream.message().await {
+            // A client that goes away surfaces here as an error, one that
+            // goes quiet as the idle timeout; returning drops the session,
+            // which discards the ingest and frees its slot and space.
+            let next = tokio::time::timeout(self.ingest_idle, stream.message()).await;
+            let Ok(next) = next else {
+                tracing::warn!(dataset = %session.dataset(), idle_s = self.ingest_idle.as_secs(), "ingest idle; discarding");
+                return Err(Status::deadline_exceeded(format!(
+                    "the ingest sent nothing for {} s (ingest_idle_timeout_s); it was discarded",
+                    self.ingest_idle.as_secs()
+                )));
+            };
+            let msg = match next {
                 Ok(Some(m)) => m,
                 Ok(None) => {
                     return Err(invalid(
@@ -441,33 +458,6 @@ fn status_response(store: &Store, s: StoreStatus) -> pb::StatusResponse {
     }
 }
 
-/// Polls `stream` on its own task, so that finished device reads are
-/// replaced by new ones while the HTTP/2 sender waits for the socket or for
-/// flow-control capacity (it does not poll the response body meanwhile).
-/// At most `depth` finished messages wait in the channel; dropping the
-/// returned stream (the client went away) stops the task, which drops
-/// `stream` and with it the reads in flight.
-fn drive_ahead<T: Send + 'static>(
-    stream: impl Stream<Item = T> + Send + 'static,
-    depth: usize,
-) -> impl Stream<Item = T> + Send + 'static {
-    let (tx, rx) = tokio::sync::mpsc::channel(depth.max(1));
-    tokio::spawn(async move {
-        let mut stream = std::pin::pin!(stream);
-        loop {
-            let item = tokio::select! {
-                item = stream.next() => item,
-                () = tx.closed() => return,
-            };
-            let Some(item) = item else { return };
-            if tx.send(item).await.is_err() {
-                return;
-            }
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
-}
-
 /// What happens to the work of [`with_progress`] when its caller goes away.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum OnCancel {
@@ -516,6 +506,13 @@ where
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// How a response stream whose client stopped reading ends.
+fn stalled_status<T>() -> Result<T, Status> {
+    Err(Status::resource_exhausted(
+        "this stream was ended: its client read nothing for stream_stall_timeout_s while storaged held buffers for it",
+    ))
+}
 
 #[tonic::async_trait]
 impl Storaged for StoragedService {
@@ -668,22 +665,28 @@ impl Storaged for StoragedService {
             .store
             .read_stream(Arc::new(obj), start, len)
             .map(move |r| match r {
-                Ok((offset, data)) => {
-                    // The call counts against its tenant until it ends.
-                    let _call = &caller.permit;
-                    service.count_grpc_bytes(data.len());
-                    Ok(pb::ReadResponse {
-                        offset,
-                        data,
-                        object_size,
-                        range_length: len,
-                    })
-                }
+                Ok((offset, data)) => Ok(pb::ReadResponse {
+                    offset,
+                    data,
+                    object_size,
+                    range_length: len,
+                }),
                 Err(e) => {
                     tracing::warn!(error = %e, "read failed");
                     Err(Status::from(e))
                 }
             });
+        // The stream's own read-ahead keeps the devices busy; two finished
+        // messages wait at most, and a client that stops reading loses the
+        // stream (and its buffers) after the stall timeout.
+        let stream = drive_ahead(stream, 2, self.stream_stall, stalled_status).inspect(move |r| {
+            // The call counts against its tenant until it ends.
+            let _call = &caller.permit;
+            if let Ok(m) = r {
+                // Counted when handed to HTTP/2, not when read.
+                service.count_grpc_bytes(m.data.len());
+            }
+        });
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -713,8 +716,6 @@ impl Storaged for StoragedService {
         };
         let service = self.clone();
         let stream = events.map(move |e| {
-            // The call counts against its tenant until it ends.
-            let _call = &caller.permit;
             Ok(match e {
                 BatchEvent::Data {
                     index,
@@ -722,17 +723,14 @@ impl Storaged for StoragedService {
                     data,
                     item_length,
                     last,
-                } => {
-                    service.count_grpc_bytes(data.len());
-                    pb::ReadBatchResponse {
-                        index,
-                        offset,
-                        data,
-                        last,
-                        error: None,
-                        item_length,
-                    }
-                }
+                } => pb::ReadBatchResponse {
+                    index,
+                    offset,
+                    data,
+                    last,
+                    error: None,
+                    item_length,
+                },
                 BatchEvent::Error { index, error } => {
                     if error.code() == tonic::Code::DataLoss {
                         tracing::warn!(%error, "batch item failed");
@@ -751,10 +749,21 @@ impl Storaged for StoragedService {
                 }
             })
         });
-        Ok(Response::new(Box::pin(drive_ahead(
+        let stream = drive_ahead(
             stream,
             in_flight as usize,
-        ))))
+            self.stream_stall,
+            stalled_status,
+        )
+        .inspect(move |r: &Result<pb::ReadBatchResponse, Status>| {
+            // The call counts against its tenant until it ends.
+            let _call = &caller.permit;
+            if let Ok(m) = r {
+                // Counted when handed to HTTP/2, not when read.
+                service.count_grpc_bytes(m.data.len());
+            }
+        });
+        Ok(Response::new(Box::pin(stream)))
     }
 
     async fn delete_dataset(
@@ -931,6 +940,8 @@ impl Storaged for StoragedService {
         Ok(Response::new(Box::pin(drive_ahead(
             completions,
             in_flight as usize,
+            self.stream_stall,
+            stalled_status,
         ))))
     }
 
