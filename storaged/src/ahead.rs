@@ -42,6 +42,9 @@ struct Shared<T> {
     to_consumer: tokio::sync::Notify,
     /// Room in the queue, or the consumer went away.
     to_producer: tokio::sync::Notify,
+    /// The consumer went away (kept apart from `to_producer`, so taking an
+    /// item does not wake a producer busy reading the next one).
+    consumer_dropped: tokio::sync::Notify,
 }
 
 impl<T> Shared<T> {
@@ -57,6 +60,7 @@ impl<T> Drop for ConsumerGuard<T> {
     fn drop(&mut self) {
         self.0.lock().consumer_gone = true;
         self.0.to_producer.notify_one();
+        self.0.consumer_dropped.notify_one();
     }
 }
 
@@ -83,6 +87,7 @@ pub fn drive_ahead<T: Send + 'static>(
         }),
         to_consumer: tokio::sync::Notify::new(),
         to_producer: tokio::sync::Notify::new(),
+        consumer_dropped: tokio::sync::Notify::new(),
     });
     let producer = Arc::clone(&shared);
     tokio::spawn(async move {
@@ -173,7 +178,7 @@ pub fn drive_ahead<T: Send + 'static>(
 /// Resolves when the consumer is gone.
 async fn gone<T>(shared: &Shared<T>) {
     loop {
-        let notified = shared.to_producer.notified();
+        let notified = shared.consumer_dropped.notified();
         if shared.lock().consumer_gone {
             return;
         }

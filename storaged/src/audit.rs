@@ -131,7 +131,7 @@ impl AuditLog {
     /// Before a write or admin operation: `Ok` unless the log is required
     /// and failing. A failing log is tried again with an `audit_resumed`
     /// line, so it recovers by itself once it can be written.
-    pub fn ready(&self, request_id: &str) -> Result<(), AuditError> {
+    pub fn ready(&self, request_id: impl FnOnce() -> String) -> Result<(), AuditError> {
         let Some((path, _)) = &self.sink else {
             return Ok(());
         };
@@ -140,7 +140,7 @@ impl AuditLog {
         }
         self.record(&AuditEvent {
             time_unix_ms: now_unix_ms(),
-            request_id,
+            request_id: &request_id(),
             principal: "storaged",
             via: "none",
             peer: "",
@@ -203,14 +203,17 @@ mod tests {
     fn a_full_disk_fails_required_records_and_recovers() {
         // Guards against unaudited writes: /dev/full refuses every write.
         let log = AuditLog::open(Path::new("/dev/full"), true).unwrap();
-        assert!(log.ready("r").is_ok());
+        assert!(log.ready(|| "r".into()).is_ok());
         assert!(matches!(
             log.record(&event("ingest")),
             Err(AuditError::Write { .. })
         ));
-        assert!(matches!(log.ready("r"), Err(AuditError::Failing { .. })));
+        assert!(matches!(
+            log.ready(|| "r".into()),
+            Err(AuditError::Failing { .. })
+        ));
         let optional = AuditLog::open(Path::new("/dev/full"), false).unwrap();
         assert!(optional.record(&event("ingest")).is_ok());
-        assert!(optional.ready("r").is_ok());
+        assert!(optional.ready(|| "r".into()).is_ok());
     }
 }

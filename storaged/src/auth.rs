@@ -431,31 +431,24 @@ mod tests {
         .unwrap()
     }
 
+    /// Who `token` (and, on the Unix socket, `uid`) is.
+    fn who(t: &Tenants, token: Option<&str>, uid: Option<u32>) -> Result<Principal, AuthError> {
+        let value = token.map(bearer);
+        t.authenticate(Presented {
+            authorization: value.as_deref(),
+            unix_uid: uid,
+        })
+    }
+
     #[test]
     fn credentials_map_to_tenants() {
         let t = tenants();
-        let a = bearer("sdt_a");
-        let p = t
-            .authenticate(Presented {
-                authorization: Some(&a),
-                unix_uid: None,
-            })
-            .unwrap();
-        assert_eq!(p.name(), "vision");
-        let p = t
-            .authenticate(Presented {
-                authorization: None,
-                unix_uid: Some(1000),
-            })
-            .unwrap();
+        assert_eq!(who(&t, Some("sdt_a"), None).unwrap().name(), "vision");
+        let p = who(&t, None, Some(1000)).unwrap();
         assert_eq!(p.via, Via::UnixUid(1000));
-        let bad = bearer("sdt_nope");
         // A wrong token is not rescued by a known uid.
         assert!(matches!(
-            t.authenticate(Presented {
-                authorization: Some(&bad),
-                unix_uid: Some(1000),
-            }),
+            who(&t, Some("sdt_nope"), Some(1000)),
             Err(AuthError::UnknownToken)
         ));
         assert!(matches!(
@@ -470,10 +463,7 @@ mod tests {
             Err(AuthError::Malformed)
         ));
         assert!(matches!(
-            t.authenticate(Presented {
-                authorization: None,
-                unix_uid: Some(0),
-            }),
+            who(&t, None, Some(0)),
             Err(AuthError::UnknownUid { uid: 0 })
         ));
         // No tenants: everyone is the operator.
@@ -485,14 +475,7 @@ mod tests {
 
     #[test]
     fn rights_follow_prefixes_and_quotas_fail_fast() {
-        let t = tenants();
-        let a = bearer("sdt_a");
-        let p = t
-            .authenticate(Presented {
-                authorization: Some(&a),
-                unix_uid: None,
-            })
-            .unwrap();
+        let p = who(&tenants(), Some("sdt_a"), None).unwrap();
         assert!(p.allows(Right::Read, "shared-imagenet"));
         assert!(!p.allows(Right::Write, "shared-imagenet"));
         assert!(p.allows(Right::Read, "vision-x") && p.allows(Right::Write, "vision-x"));

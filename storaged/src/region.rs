@@ -564,6 +564,11 @@ pub(crate) mod tests {
     /// A memfd of `len` bytes, its pages filled, sealed against shrinking
     /// when `seal`.
     pub(crate) fn memfd(len: u64, seal: bool) -> OwnedFd {
+        memfd_with(len, seal, true)
+    }
+
+    /// [`memfd`], its pages allocated only when `fill` (else sparse).
+    fn memfd_with(len: u64, seal: bool, fill: bool) -> OwnedFd {
         // SAFETY: the name is a NUL-terminated literal.
         let fd = unsafe {
             libc::memfd_create(
@@ -576,9 +581,11 @@ pub(crate) mod tests {
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let file = std::fs::File::from(fd);
         file.set_len(len).unwrap();
-        // SAFETY: fallocate on the open memfd, within its size.
-        let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
-        assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
+        if fill {
+            // SAFETY: fallocate on the open memfd, within its size.
+            let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len as libc::off_t) };
+            assert_eq!(rc, 0, "fallocate: {}", std::io::Error::last_os_error());
+        }
         if seal {
             // SAFETY: F_ADD_SEALS on an open memfd made with ALLOW_SEALING.
             let rc =
@@ -686,18 +693,7 @@ pub(crate) mod tests {
         // SAFETY: the region is live and no read is in flight.
         unsafe { r.region.zero(0, 64 << 10) };
         // Sparse: sized but never filled.
-        // SAFETY: the name is a NUL-terminated literal.
-        let raw = unsafe {
-            libc::memfd_create(
-                c"sparse".as_ptr(),
-                libc::MFD_CLOEXEC | libc::MFD_ALLOW_SEALING,
-            )
-        };
-        // SAFETY: a fresh descriptor that nothing else owns.
-        let sparse = std::fs::File::from(unsafe { OwnedFd::from_raw_fd(raw) });
-        sparse.set_len(1 << 20).unwrap();
-        // SAFETY: F_ADD_SEALS on an open memfd made with ALLOW_SEALING.
-        unsafe { libc::fcntl(sparse.as_raw_fd(), libc::F_ADD_SEALS, libc::F_SEAL_SHRINK) };
+        let sparse = std::fs::File::from(memfd_with(1 << 20, true, false));
         let s = regions
             .register(pid(), sparse.as_raw_fd(), 1 << 20, uid(), "")
             .unwrap();

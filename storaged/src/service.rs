@@ -68,19 +68,61 @@ impl Access {
 #[derive(Debug)]
 pub struct Caller {
     pub principal: Principal,
-    pub request_id: String,
-    /// The peer's address, or "unix".
-    pub peer: String,
+    pub call: CallId,
     permit: CallPermit,
 }
 
-impl Caller {
-    fn via(&self) -> String {
-        match self.principal.via {
-            Via::Open => "open".into(),
-            Via::Token => "token".into(),
-            Via::UnixUid(uid) => format!("uid:{uid}"),
+/// What names a call in the audit log. Kept raw: the strings are made only
+/// when a line is written, not on every read.
+#[derive(Debug)]
+pub struct CallId {
+    /// The client's `x-request-id`, when valid.
+    given: Option<String>,
+    /// This process's call counter, for calls that named none.
+    serial: u64,
+    /// The TCP peer; `None` on the Unix socket.
+    peer: Option<std::net::SocketAddr>,
+}
+
+impl CallId {
+    fn of<T>(request: &Request<T>) -> Self {
+        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        Self {
+            given: given_request_id(request),
+            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+            peer: request.remote_addr(),
         }
+    }
+
+    /// The client's id, or `<process prefix>-<serial>`: unique across
+    /// restarts (the prefix is random per process).
+    pub fn request_id(&self) -> String {
+        static PREFIX: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+        match &self.given {
+            Some(id) => id.clone(),
+            None => {
+                let prefix = PREFIX.get_or_init(|| {
+                    let mut b = [0u8; 4];
+                    let _ = getrandom::fill(&mut b);
+                    storaged_proto::auth::hex(&b)
+                });
+                format!("{prefix}-{}", self.serial)
+            }
+        }
+    }
+
+    /// The peer's address, or "unix".
+    pub fn peer(&self) -> String {
+        self.peer
+            .map_or_else(|| "unix".to_owned(), |a| a.to_string())
+    }
+}
+
+fn via_name(via: Via) -> String {
+    match via {
+        Via::Open => "open".into(),
+        Via::Token => "token".into(),
+        Via::UnixUid(uid) => format!("uid:{uid}"),
     }
 }
 
@@ -88,8 +130,8 @@ impl Caller {
 pub const REQUEST_ID_METADATA_KEY: &str = "x-request-id";
 const REQUEST_ID_BYTES_MAX: usize = 64;
 
-fn request_id<T>(request: &Request<T>) -> String {
-    let given = request
+fn given_request_id<T>(request: &Request<T>) -> Option<String> {
+    request
         .metadata()
         .get(REQUEST_ID_METADATA_KEY)
         .and_then(|v| v.to_str().ok())
@@ -98,22 +140,8 @@ fn request_id<T>(request: &Request<T>) -> String {
                 && v.len() <= REQUEST_ID_BYTES_MAX
                 && v.bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
-        });
-    match given {
-        Some(id) => id.to_owned(),
-        None => {
-            let mut b = [0u8; 8];
-            let _ = getrandom::fill(&mut b);
-            storaged_proto::auth::hex(&b)
-        }
-    }
-}
-
-fn peer_name<T>(request: &Request<T>) -> String {
-    match request.remote_addr() {
-        Some(addr) => addr.to_string(),
-        None => "unix".to_owned(),
-    }
+        })
+        .map(str::to_owned)
 }
 
 /// The name of a status code, for the audit log.
@@ -173,8 +201,7 @@ impl StoragedService {
     /// Authenticates the caller of `request` and takes one of its tenant's
     /// concurrent calls. Failures are audited.
     fn caller<T>(&self, request: &Request<T>, operation: &str) -> Result<Caller, Status> {
-        let request_id = request_id(request);
-        let peer = peer_name(request);
+        let call = CallId::of(request);
         let authorization = request
             .metadata()
             .get(storaged_proto::auth::AUTHORIZATION_METADATA_KEY)
@@ -190,18 +217,13 @@ impl StoragedService {
             Ok(p) => p,
             Err(e) => {
                 let status = Status::unauthenticated(e.to_string());
-                let _ = self.audit.record(&AuditEvent {
-                    time_unix_ms: crate::audit::now_unix_ms(),
-                    request_id: &request_id,
-                    principal: "unauthenticated",
-                    via: "none",
-                    peer: &peer,
+                let _ = self.record(
+                    ("unauthenticated", "none".into()),
+                    &call,
                     operation,
-                    dataset: None,
-                    result: &code_name(status.code()),
-                    message: Some(status.message()),
-                    bytes: 0,
-                });
+                    None,
+                    Err(&status),
+                );
                 return Err(status);
             }
         };
@@ -210,8 +232,7 @@ impl StoragedService {
             .map_err(|e: QuotaExceeded| Status::resource_exhausted(e.to_string()))?;
         Ok(Caller {
             principal,
-            request_id,
-            peer,
+            call,
             permit,
         })
     }
@@ -226,6 +247,22 @@ impl StoragedService {
         dataset: Option<&str>,
         outcome: Result<u64, &Status>,
     ) -> Result<(), Status> {
+        let who = (caller.principal.name(), via_name(caller.principal.via));
+        self.record(who, &caller.call, operation, dataset, outcome)
+    }
+
+    /// One audit line: `who` is (principal, how it authenticated).
+    fn record(
+        &self,
+        (principal, via): (&str, String),
+        call: &CallId,
+        operation: &str,
+        dataset: Option<&str>,
+        outcome: Result<u64, &Status>,
+    ) -> Result<(), Status> {
+        if !self.audit.enabled() {
+            return Ok(());
+        }
         let (result, message, bytes) = match outcome {
             Ok(bytes) => ("ok".to_owned(), None, bytes),
             Err(s) => (code_name(s.code()), Some(s.message()), 0),
@@ -233,10 +270,10 @@ impl StoragedService {
         self.audit
             .record(&AuditEvent {
                 time_unix_ms: crate::audit::now_unix_ms(),
-                request_id: &caller.request_id,
-                principal: caller.principal.name(),
-                via: &caller.via(),
-                peer: &caller.peer,
+                request_id: &call.request_id(),
+                principal,
+                via: &via,
+                peer: &call.peer(),
                 operation,
                 dataset,
                 result: &result,
@@ -275,7 +312,7 @@ impl StoragedService {
     /// record it.
     fn audit_ready(&self, caller: &Caller) -> Result<(), Status> {
         self.audit
-            .ready(&caller.request_id)
+            .ready(|| caller.call.request_id())
             .map_err(|e| Status::unavailable(e.to_string()))
     }
 

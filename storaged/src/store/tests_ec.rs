@@ -34,6 +34,23 @@ fn as_refs(v: &[(String, Vec<u8>)]) -> Vec<(&str, Vec<u8>)> {
     v.iter().map(|(p, d)| (p.as_str(), d.clone())).collect()
 }
 
+/// A 4-device store under `dir` holding `objects()` as ec:3+1 dataset "e".
+async fn store_with_ec_dataset(
+    dir: &std::path::Path,
+) -> (
+    crate::config::StoreConfig,
+    Arc<Store>,
+    Vec<(String, Vec<u8>)>,
+) {
+    let cfg = config(dir, 16, 64 << 10);
+    let store = Store::open(&cfg).unwrap();
+    let objs = objects();
+    ingest_class(&store, "e", EC31, &as_refs(&objs))
+        .await
+        .unwrap();
+    (cfg, store, objs)
+}
+
 async fn check_all(store: &Arc<Store>, ds: &str, objs: &[(String, Vec<u8>)]) {
     for (p, d) in objs {
         let got = read_all(store, ds, p, 0, None).await.unwrap();
@@ -306,12 +323,7 @@ async fn scrub_repairs_rot_torn_and_misdirected_units() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn degraded_start_serves_ec_and_names_the_lost_device() {
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 16, 64 << 10);
-    let store = Store::open(&cfg).unwrap();
-    let objs = objects();
-    ingest_class(&store, "e", EC31, &as_refs(&objs))
-        .await
-        .unwrap();
+    let (cfg, store, objs) = store_with_ec_dataset(dir.path()).await;
     let s_objs = vec![
         ("wide".to_string(), pattern(7, 600_000)),
         ("tiny".to_string(), pattern(8, 100)),
@@ -477,12 +489,7 @@ async fn replace_refuses_healthy_devices_missing_paths_and_used_devices() {
     // pointed a healthy device at any path, creating it and its parents.
     use crate::store::replace::ReplaceOptions;
     let dir = tempfile::tempdir().unwrap();
-    let cfg = config(dir.path(), 16, 64 << 10);
-    let store = Store::open(&cfg).unwrap();
-    let objs = objects();
-    ingest_class(&store, "e", EC31, &as_refs(&objs))
-        .await
-        .unwrap();
+    let (cfg, store, objs) = store_with_ec_dataset(dir.path()).await;
     let device_bytes = std::fs::metadata(&cfg.devices[0]).unwrap().len();
     let replace = |new: std::path::PathBuf, options: ReplaceOptions| {
         let store = Arc::clone(&store);
