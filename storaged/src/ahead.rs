@@ -66,13 +66,16 @@ impl<T> Drop for ConsumerGuard<T> {
 
 /// Polls `stream` on its own task, at most `depth` finished items ahead of
 /// the consumer. If the consumer takes nothing for `stall_timeout` while
-/// the queue is full, the queue and `stream` are dropped and the consumer
-/// gets `stalled()` then the end. Dropping the returned stream (the client
-/// went away) stops the task, which drops `stream` and its reads.
+/// the queue is full, the queue and `stream` are dropped, `on_stall` runs
+/// (at once, on the task: the consumer may never be polled again), and
+/// the consumer gets `stalled()` then the end. Dropping the returned
+/// stream (the client went away) stops the task, which drops `stream` and
+/// its reads.
 pub fn drive_ahead<T: Send + 'static>(
     stream: impl Stream<Item = T> + Send + 'static,
     depth: usize,
     stall_timeout: Duration,
+    on_stall: impl FnOnce() + Send + 'static,
     stalled: impl FnOnce() -> T + Send + 'static,
 ) -> impl Stream<Item = T> + Send + 'static {
     let depth = depth.max(1);
@@ -139,6 +142,7 @@ pub fn drive_ahead<T: Send + 'static>(
                 );
                 drop(dropped);
                 drop(pending);
+                on_stall();
                 producer.to_consumer.notify_one();
                 // Returning drops `stream` and the reads behind it.
                 return;
@@ -199,17 +203,24 @@ mod tests {
             let live = Arc::clone(&live);
             futures::stream::iter(0..1000).map(move |i| (i, Arc::clone(&live)))
         };
+        let told = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let on_stall = {
+            let told = Arc::clone(&told);
+            move || told.store(true, std::sync::atomic::Ordering::SeqCst)
+        };
         let s = drive_ahead(
             items.map(Ok::<_, &'static str>),
             4,
             Duration::from_millis(200),
+            on_stall,
             || Err("stalled"),
         );
         let mut s = std::pin::pin!(s);
         assert_eq!(s.next().await.unwrap().unwrap().0, 0);
-        // Stall: everything the task held is dropped.
+        // Stall: everything the task held is dropped, and `on_stall` runs
+        // without the consumer being polled.
         let waited = std::time::Instant::now();
-        while Arc::strong_count(&live) > 1 {
+        while Arc::strong_count(&live) > 1 || !told.load(std::sync::atomic::Ordering::SeqCst) {
             assert!(
                 waited.elapsed() < Duration::from_secs(10),
                 "items were not dropped"
@@ -226,6 +237,7 @@ mod tests {
             futures::stream::iter(0..500),
             3,
             Duration::from_secs(5),
+            || {},
             || -1,
         );
         let got: Vec<i32> = s.collect().await;
@@ -239,7 +251,13 @@ mod tests {
             let live = Arc::clone(&live);
             futures::stream::iter(0..).map(move |i: u64| (i, Arc::clone(&live)))
         };
-        let s = drive_ahead(items, 2, Duration::from_secs(60), || (0, Arc::new(())));
+        let s = drive_ahead(
+            items,
+            2,
+            Duration::from_secs(60),
+            || {},
+            || (0, Arc::new(())),
+        );
         drop(s);
         let waited = std::time::Instant::now();
         while Arc::strong_count(&live) > 1 {

@@ -58,6 +58,9 @@ pub struct QuotaSpec {
     pub requests: Option<u32>,
     /// Ingests in progress at once.
     pub ingests: Option<u32>,
+    /// Pool bytes this tenant's calls may hold at once ("64MiB"); default
+    /// `tenant_inflight` (half the buffer pool).
+    pub inflight: Option<String>,
 }
 
 /// A tenant's resolved quotas.
@@ -67,6 +70,7 @@ pub struct Quota {
     pub datasets_max: Option<u64>,
     pub requests_concurrent_max: Option<u32>,
     pub ingests_concurrent_max: Option<u32>,
+    pub inflight_bytes_max: u64,
 }
 
 /// One tenant, resolved.
@@ -81,6 +85,8 @@ pub struct Tenant {
     requests: Arc<tokio::sync::Semaphore>,
     /// Ingests in progress (bounded by `quota.ingests_concurrent_max`).
     ingests: Arc<tokio::sync::Semaphore>,
+    /// Pool bytes its calls hold (bounded by `quota.inflight_bytes_max`).
+    pub inflight: Arc<crate::budget::Account>,
 }
 
 /// Longest tenant name.
@@ -288,8 +294,9 @@ fn valid_tenant_name(name: &str) -> bool {
 
 impl Tenants {
     /// Resolves and checks the config's tenants: unique names, tokens and
-    /// uids; tokens given as 64 hex digits.
-    pub fn from_specs(specs: &[TenantSpec]) -> Result<Self, String> {
+    /// uids; tokens given as 64 hex digits. `inflight_bytes_default` is
+    /// the pool bytes a tenant without an `inflight` quota may hold.
+    pub fn from_specs(specs: &[TenantSpec], inflight_bytes_default: u64) -> Result<Self, String> {
         let mut t = Self::default();
         for spec in specs {
             let name = &spec.name;
@@ -318,6 +325,8 @@ impl Tenants {
                 datasets_max: spec.quota.datasets,
                 requests_concurrent_max: spec.quota.requests,
                 ingests_concurrent_max: spec.quota.ingests,
+                inflight_bytes_max: size("inflight", &spec.quota.inflight)?
+                    .unwrap_or(inflight_bytes_default),
             };
             let permits = |n: Option<u32>| {
                 Arc::new(tokio::sync::Semaphore::new(
@@ -331,6 +340,10 @@ impl Tenants {
                 admin: spec.admin,
                 requests: permits(quota.requests_concurrent_max),
                 ingests: permits(quota.ingests_concurrent_max),
+                inflight: crate::budget::Account::new(
+                    format!("tenant {name:?}"),
+                    usize::try_from(quota.inflight_bytes_max).unwrap_or(usize::MAX),
+                ),
                 quota,
             });
             for hex in &spec.tokens_sha256 {
@@ -408,26 +421,29 @@ mod tests {
     use storaged_proto::auth::{bearer, token_sha256_hex};
 
     fn tenants() -> Tenants {
-        Tenants::from_specs(&[
-            TenantSpec {
-                name: "vision".into(),
-                tokens_sha256: vec![token_sha256_hex("sdt_a")],
-                uids: vec![1000],
-                read: vec!["shared-".into()],
-                write: vec!["vision-".into()],
-                quota: QuotaSpec {
-                    requests: Some(1),
+        Tenants::from_specs(
+            &[
+                TenantSpec {
+                    name: "vision".into(),
+                    tokens_sha256: vec![token_sha256_hex("sdt_a")],
+                    uids: vec![1000],
+                    read: vec!["shared-".into()],
+                    write: vec!["vision-".into()],
+                    quota: QuotaSpec {
+                        requests: Some(1),
+                        ..Default::default()
+                    },
                     ..Default::default()
                 },
-                ..Default::default()
-            },
-            TenantSpec {
-                name: "ops".into(),
-                tokens_sha256: vec![token_sha256_hex("sdt_b")],
-                admin: true,
-                ..Default::default()
-            },
-        ])
+                TenantSpec {
+                    name: "ops".into(),
+                    tokens_sha256: vec![token_sha256_hex("sdt_b")],
+                    admin: true,
+                    ..Default::default()
+                },
+            ],
+            1 << 30,
+        )
         .unwrap()
     }
 
@@ -499,17 +515,20 @@ mod tests {
             tokens_sha256: vec![token.into()],
             ..Default::default()
         };
-        let err = Tenants::from_specs(&[spec("a b", &token_sha256_hex("x"))]).unwrap_err();
+        let err = Tenants::from_specs(&[spec("a b", &token_sha256_hex("x"))], 1 << 30).unwrap_err();
         assert!(err.contains("names are"), "{err}");
-        let err = Tenants::from_specs(&[spec("a", "nothex")]).unwrap_err();
+        let err = Tenants::from_specs(&[spec("a", "nothex")], 1 << 30).unwrap_err();
         assert!(err.contains("64 hex"), "{err}");
         let h = token_sha256_hex("x");
-        let err = Tenants::from_specs(&[spec("a", &h), spec("b", &h)]).unwrap_err();
+        let err = Tenants::from_specs(&[spec("a", &h), spec("b", &h)], 1 << 30).unwrap_err();
         assert!(err.contains("share a token"), "{err}");
-        let err = Tenants::from_specs(&[TenantSpec {
-            name: "c".into(),
-            ..Default::default()
-        }])
+        let err = Tenants::from_specs(
+            &[TenantSpec {
+                name: "c".into(),
+                ..Default::default()
+            }],
+            1 << 30,
+        )
         .unwrap_err();
         assert!(err.contains("no credentials"), "{err}");
     }

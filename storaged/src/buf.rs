@@ -28,6 +28,8 @@ use futures::task::AtomicWaker;
 use memmap2::MmapMut;
 use tokio::sync::Semaphore;
 
+use crate::budget::{Budget, Charge, ClassOfPool};
+
 /// O_DIRECT alignment for offsets, lengths and buffer addresses.
 pub const ALIGN_BYTES: usize = 4096;
 
@@ -65,6 +67,9 @@ pub struct BufferPool {
     region: MmapMut,
     classes: Vec<SizeClass>,
     slots: Vec<Slot>,
+    /// What each leased buffer holds of a connection's or tenant's budget
+    /// (see `budget`), given back with the buffer.
+    charges: Vec<Mutex<Option<Charge>>>,
 }
 
 impl std::fmt::Debug for BufferPool {
@@ -109,10 +114,12 @@ impl BufferPool {
                 waker: AtomicWaker::new(),
             })
             .collect();
+        let charges = (0..total_count).map(|_| Mutex::new(None)).collect();
         Ok(Arc::new(Self {
             region,
             classes,
             slots,
+            charges,
         }))
     }
 
@@ -190,7 +197,9 @@ impl BufferPool {
 
     /// Waits for `n` buffers that each hold at least `len` bytes, taken all
     /// at once so that two requests each holding part of what they need
-    /// cannot deadlock.
+    /// cannot deadlock. Inside a [`Budget`](crate::budget::Budget) scope
+    /// the buffers are charged to it first, so a connection or tenant over
+    /// its budget waits without taking pool buffers from anyone.
     pub async fn acquire_many(self: &Arc<Self>, len: usize, n: usize) -> io::Result<Vec<BufLease>> {
         let class = self.class_for(len)?;
         if n > class.count as usize {
@@ -202,6 +211,15 @@ impl BufferPool {
                 ),
             ));
         }
+        let mut charges = Budget::charge_current(
+            ClassOfPool {
+                buf_bytes: class.buf_bytes,
+                count: class.count as usize,
+                pool_bytes: self.region.len(),
+            },
+            n,
+        )
+        .await;
         let permits = class
             .permits
             .acquire_many(n as u32)
@@ -212,6 +230,11 @@ impl BufferPool {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let local = free.pop().expect("a permit guarantees a free buffer");
+            if let Some(charges) = &mut charges {
+                *self.charges[(class.first_index + local) as usize]
+                    .lock()
+                    .expect("buffer charge poisoned") = charges.pop();
+            }
             out.push(BufLease {
                 pool: Arc::clone(self),
                 index: class.first_index + local,
@@ -248,6 +271,13 @@ impl BufferPool {
     }
 
     fn release(&self, index: u32) {
+        // The budget first, so a holder waiting on it finds the buffer too.
+        drop(
+            self.charges[index as usize]
+                .lock()
+                .expect("buffer charge poisoned")
+                .take(),
+        );
         let class = self.class_of_index(index);
         let slot = &self.slots[index as usize];
         debug_assert_eq!(slot.state.load(Ordering::Acquire), SLOT_IDLE);

@@ -49,6 +49,17 @@ pub enum CatalogError {
     Corrupt(String, String),
     #[error("dataset {0} already exists")]
     DatasetExists(String),
+    /// The catalog's filesystem is full (ENOSPC, EDQUOT). The catalog is
+    /// reopened by the next operation, so it recovers once space returns.
+    #[error("the catalog's filesystem is full ({path}): {source}")]
+    Full {
+        path: String,
+        source: std::io::Error,
+    },
+    /// The catalog failed to read or write its file and could not be
+    /// reopened yet; each operation tries again.
+    #[error("the catalog is failing ({path}): {reason}")]
+    Failing { path: String, reason: String },
 }
 
 fn dberr<E: Into<redb::Error>>(e: E) -> CatalogError {
@@ -268,8 +279,20 @@ pub struct ObjectSummary {
 }
 
 /// The catalog; see the module docs.
+///
+/// An I/O error leaves redb refusing every later transaction ("Previous
+/// I/O error occurred") until it is opened again, so a failure is kept as
+/// a state (`fault`, shown by Status and logged once), and the next
+/// operation closes and reopens the database first: once the disk has room
+/// again, the catalog works again without a restart. redb's commit
+/// protocol leaves the file at its last durable commit, which the reopen
+/// finds.
 pub struct Catalog {
-    db: Database,
+    /// `None` between closing a failed database and reopening it.
+    db: std::sync::RwLock<Option<Database>>,
+    path: std::path::PathBuf,
+    /// Why the catalog is failing, while it is.
+    fault: std::sync::Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -346,12 +369,115 @@ impl Catalog {
             txn.open_table(UNITS).map_err(dberr)?;
         }
         txn.commit().map_err(dberr)?;
-        Ok(Self { db })
+        Ok(Self {
+            db: std::sync::RwLock::new(Some(db)),
+            path: path.to_owned(),
+            fault: std::sync::Mutex::new(None),
+        })
+    }
+
+    /// Why the catalog is failing, if it is.
+    pub fn fault(&self) -> Option<String> {
+        self.fault.lock().expect("catalog fault poisoned").clone()
+    }
+
+    /// For Status: tries to reopen a failing catalog first, so the state
+    /// shown is the state now, not the one of the last write.
+    pub fn health(&self) -> Option<String> {
+        let _ = self.recover();
+        self.fault()
+    }
+
+    fn begin_read(&self) -> Result<redb::ReadTransaction, CatalogError> {
+        self.recover()?;
+        let db = self.db.read().expect("catalog lock poisoned");
+        let db = db.as_ref().ok_or_else(|| self.failing())?;
+        db.begin_read().map_err(|e| self.observe(dberr(e)))
+    }
+
+    fn begin_write(&self) -> Result<redb::WriteTransaction, CatalogError> {
+        self.recover()?;
+        let db = self.db.read().expect("catalog lock poisoned");
+        let db = db.as_ref().ok_or_else(|| self.failing())?;
+        db.begin_write().map_err(|e| self.observe(dberr(e)))
+    }
+
+    fn commit(&self, txn: redb::WriteTransaction) -> Result<(), CatalogError> {
+        txn.commit().map_err(|e| self.observe(dberr(e)))
+    }
+
+    fn failing(&self) -> CatalogError {
+        CatalogError::Failing {
+            path: self.path.display().to_string(),
+            reason: self.fault().unwrap_or_else(|| "closed".into()),
+        }
+    }
+
+    /// Records an I/O failure as the catalog's state (logged when it
+    /// begins) and says what it means: full, or failing.
+    fn observe(&self, e: CatalogError) -> CatalogError {
+        let io = match e {
+            CatalogError::Db(redb::Error::Io(io)) => io,
+            CatalogError::Db(redb::Error::PreviousIo) => {
+                self.set_fault("an earlier write failed".into());
+                return self.failing();
+            }
+            other => return other,
+        };
+        let full = matches!(io.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT));
+        self.set_fault(io.to_string());
+        if full {
+            CatalogError::Full {
+                path: self.path.display().to_string(),
+                source: io,
+            }
+        } else {
+            CatalogError::Failing {
+                path: self.path.display().to_string(),
+                reason: io.to_string(),
+            }
+        }
+    }
+
+    fn set_fault(&self, reason: String) {
+        let mut fault = self.fault.lock().expect("catalog fault poisoned");
+        if fault.is_none() {
+            tracing::error!(
+                path = %self.path.display(),
+                "catalog failing: {reason}; new ingests and deletes fail until it can be reopened"
+            );
+        }
+        *fault = Some(reason);
+    }
+
+    /// Reopens a failed catalog; `Ok` when it is not failing (any more).
+    fn recover(&self) -> Result<(), CatalogError> {
+        if self.fault.lock().expect("catalog fault poisoned").is_none() {
+            return Ok(());
+        }
+        let mut db = self.db.write().expect("catalog lock poisoned");
+        if self.fault().is_none() {
+            return Ok(()); // another thread just reopened it
+        }
+        // The old handle holds the file's lock: close it first.
+        drop(db.take());
+        match Database::create(&self.path) {
+            Ok(reopened) => {
+                *db = Some(reopened);
+                *self.fault.lock().expect("catalog fault poisoned") = None;
+                tracing::info!(path = %self.path.display(), "catalog reopened; working again");
+                Ok(())
+            }
+            Err(e) => {
+                drop(db);
+                Err(self.observe(dberr(e)))
+            }
+        }
     }
 
     /// A `meta` value.
     pub fn meta(&self, key: &str) -> Result<Option<Vec<u8>>, CatalogError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(META).map_err(dberr)?;
         Ok(t.get(key).map_err(dberr)?.map(|g| g.value().to_vec()))
     }
@@ -359,7 +485,7 @@ impl Catalog {
     /// Sets (`Some`) or removes (`None`) `meta` values, in one durable
     /// transaction.
     pub fn set_meta(&self, entries: &[(&str, Option<&[u8]>)]) -> Result<(), CatalogError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
+        let txn = self.begin_write()?;
         {
             let mut t = txn.open_table(META).map_err(dberr)?;
             for (k, v) in entries {
@@ -369,7 +495,7 @@ impl Catalog {
                 };
             }
         }
-        txn.commit().map_err(dberr)
+        self.commit(txn)
     }
 
     /// Device paths recorded by `device replace` (index → path), read
@@ -411,7 +537,7 @@ impl Catalog {
     }
 
     pub fn datasets(&self) -> Result<Vec<(String, DatasetRecord)>, CatalogError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(DATASETS).map_err(dberr)?;
         let mut out = Vec::new();
         for item in t.iter().map_err(dberr)? {
@@ -435,7 +561,7 @@ impl Catalog {
         objects: &[(String, ObjectRecord)],
         unit_crcs: &[u32],
     ) -> Result<DatasetRecord, CatalogError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
+        let txn = self.begin_write()?;
         {
             let mut meta = txn.open_table(META).map_err(dberr)?;
             let mut datasets = txn.open_table(DATASETS).map_err(dberr)?;
@@ -465,7 +591,7 @@ impl Catalog {
             }
             datasets.insert(name, &record.encode()[..]).map_err(dberr)?;
         }
-        txn.commit().map_err(dberr)?;
+        self.commit(txn)?;
         Ok(record)
     }
 
@@ -473,13 +599,13 @@ impl Catalog {
     /// writes can be bound to the id before it commits. An id taken by an
     /// ingest that never commits is simply never used.
     pub fn reserve_dataset_id(&self) -> Result<u64, CatalogError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
+        let txn = self.begin_write()?;
         let id;
         {
             let mut meta = txn.open_table(META).map_err(dberr)?;
             id = take_dataset_id(&mut meta)?;
         }
-        txn.commit().map_err(dberr)?;
+        self.commit(txn)?;
         Ok(id)
     }
 
@@ -493,7 +619,7 @@ impl Catalog {
         first: u64,
         count: u64,
     ) -> Result<Vec<u32>, CatalogError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(UNITS).map_err(dberr)?;
         let mut out = Vec::with_capacity((count as usize).min(1 << 16) * width);
         let mut expect = first;
@@ -526,7 +652,7 @@ impl Catalog {
         dataset_id: u64,
         path: &str,
     ) -> Result<Option<ObjectRecord>, CatalogError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(OBJECTS).map_err(dberr)?;
         match t.get((dataset_id, path)).map_err(dberr)? {
             Some(g) => Ok(Some(ObjectRecord::decode(g.value())?)),
@@ -540,7 +666,7 @@ impl Catalog {
         dataset_id: u64,
         paths: &[&str],
     ) -> Result<Vec<Option<ObjectRecord>>, CatalogError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(OBJECTS).map_err(dberr)?;
         paths
             .iter()
@@ -561,7 +687,7 @@ impl Catalog {
         start_after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<ObjectSummary>, bool), CatalogError> {
-        let txn = self.db.begin_read().map_err(dberr)?;
+        let txn = self.begin_read()?;
         let t = txn.open_table(OBJECTS).map_err(dberr)?;
         let lower = match start_after {
             Some(after) if after >= prefix => Bound::Excluded((dataset_id, after)),
@@ -591,7 +717,7 @@ impl Catalog {
     /// Removes a dataset and all its objects in one transaction. Returns the
     /// record so the caller can free its extents, or None if absent.
     pub fn delete_dataset(&self, name: &str) -> Result<Option<DatasetRecord>, CatalogError> {
-        let txn = self.db.begin_write().map_err(dberr)?;
+        let txn = self.begin_write()?;
         let record;
         {
             let mut datasets = txn.open_table(DATASETS).map_err(dberr)?;
@@ -607,7 +733,7 @@ impl Catalog {
                 .retain_in::<(u64, u64), _>((record.id, 0)..(record.id + 1, 0), |_, _| false)
                 .map_err(dberr)?;
         }
-        txn.commit().map_err(dberr)?;
+        self.commit(txn)?;
         Ok(Some(record))
     }
 }

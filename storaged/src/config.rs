@@ -59,6 +59,14 @@ pub struct FileConfig {
     pub audit_required: Option<bool>,
     pub stream_stall_timeout_s: Option<u64>,
     pub ingest_idle_timeout_s: Option<u64>,
+    pub connections_max: Option<usize>,
+    pub connections_per_peer_max: Option<usize>,
+    pub preface_timeout_s: Option<u64>,
+    pub connection_idle_timeout_s: Option<u64>,
+    /// Pool bytes one connection's calls may hold ("128MiB").
+    pub connection_inflight: Option<String>,
+    /// Pool bytes one tenant's calls may hold, unless its quota says.
+    pub tenant_inflight: Option<String>,
 }
 
 impl FileConfig {
@@ -200,6 +208,18 @@ pub struct ServerLimits {
     /// An ingest that receives nothing for this long is discarded (its
     /// slot and space freed).
     pub ingest_idle_timeout_s: u64,
+    /// Connections open at once (TCP and Unix together), and from one
+    /// peer (IP address, or uid on the Unix socket).
+    pub connections_max: usize,
+    pub connections_per_peer_max: usize,
+    /// A connection must send its first 24 bytes (HTTP/2 preface, TLS
+    /// hello) within this.
+    pub preface_timeout_s: u64,
+    /// A connection with no call for this long is closed.
+    pub connection_idle_timeout_s: u64,
+    /// Pool bytes the calls of one connection may hold at once; 0 means
+    /// half the buffer pool (set when the config is resolved).
+    pub connection_inflight_bytes_max: u64,
 }
 
 impl Default for ServerLimits {
@@ -217,6 +237,11 @@ impl Default for ServerLimits {
             shutdown_grace_s: 10,
             stream_stall_timeout_s: 30,
             ingest_idle_timeout_s: 60,
+            connections_max: 1024,
+            connections_per_peer_max: 256,
+            preface_timeout_s: 10,
+            connection_idle_timeout_s: 300,
+            connection_inflight_bytes_max: 0,
         }
     }
 }
@@ -378,6 +403,28 @@ impl ServeConfig {
         if let Some(t) = file.ingest_idle_timeout_s {
             server.ingest_idle_timeout_s = t;
         }
+        if let Some(n) = file.connections_max {
+            server.connections_max = n;
+        }
+        if let Some(n) = file.connections_per_peer_max {
+            server.connections_per_peer_max = n;
+        }
+        if let Some(t) = file.preface_timeout_s {
+            server.preface_timeout_s = t;
+        }
+        if let Some(t) = file.connection_idle_timeout_s {
+            server.connection_idle_timeout_s = t;
+        }
+        // Unless set, one connection may hold half the pool, and so may
+        // one tenant: a client that stops reading cannot take it all.
+        server.connection_inflight_bytes_max = match file.connection_inflight {
+            Some(s) => size_field("connection_inflight", &s)?,
+            None => store.buffer_pool_bytes / 2,
+        };
+        let tenant_inflight_bytes = match file.tenant_inflight {
+            Some(s) => size_field("tenant_inflight", &s)?,
+            None => store.buffer_pool_bytes / 2,
+        };
         let listen_s = flags
             .listen
             .or(file.listen)
@@ -386,7 +433,10 @@ impl ServeConfig {
             .parse()
             .map_err(|e| format!("listen address {listen_s:?}: {e}"))?;
         let worker_threads = flags.worker_threads.or(file.worker_threads).unwrap_or(2);
-        let tenants = crate::auth::Tenants::from_specs(file.tenant.as_deref().unwrap_or_default())?;
+        let tenants = crate::auth::Tenants::from_specs(
+            file.tenant.as_deref().unwrap_or_default(),
+            tenant_inflight_bytes,
+        )?;
         let cfg = Self {
             listen,
             unix,

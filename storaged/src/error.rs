@@ -169,6 +169,8 @@ impl StoreError {
             }
             StoreError::Sync { .. } => Code::Internal,
             StoreError::Catalog(CatalogError::DatasetExists(_)) => Code::AlreadyExists,
+            StoreError::Catalog(CatalogError::Full { .. }) => Code::ResourceExhausted,
+            StoreError::Catalog(CatalogError::Failing { .. }) => Code::Unavailable,
             StoreError::Catalog(_) => Code::Internal,
         }
     }

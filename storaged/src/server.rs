@@ -14,9 +14,9 @@ use std::time::Duration;
 
 use storaged_proto::pb::storaged_server::StoragedServer;
 use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::ServerLimits;
+use crate::conn::{Admission, ConnLimits, TrackCallsLayer, fit_to_fd_limit};
 use crate::region::{RegionLimits, Regions};
 use crate::service::{Access, StoragedService};
 use crate::store::Store;
@@ -216,9 +216,15 @@ pub async fn serve(
         unix_path,
     } = listeners;
     let bound = listener.local_addr()?;
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    let admission = Admission::new(ConnLimits {
+        connections_max: fit_to_fd_limit(limits.connections_max),
+        connections_per_peer_max: limits.connections_per_peer_max,
+        preface_timeout: Duration::from_secs(limits.preface_timeout_s),
+        idle_timeout: Duration::from_secs(limits.connection_idle_timeout_s),
+        inflight_bytes_max: usize::try_from(limits.connection_inflight_bytes_max)
+            .unwrap_or(usize::MAX),
+    });
+    let incoming = admission.tcp(listener);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
@@ -241,7 +247,8 @@ pub async fn serve(
         Some(&unix_path),
         access,
         limits,
-    );
+    )
+    .with_admission(Arc::clone(&admission));
     let generated = StoragedServer::new(storaged.clone())
         .max_decoding_message_size(limits.max_decoding_message_bytes)
         .max_encoding_message_size(limits.max_encoding_message_bytes);
@@ -255,6 +262,7 @@ pub async fn serve(
     );
 
     let router = Server::builder()
+        .layer(TrackCallsLayer)
         .max_concurrent_streams(limits.max_concurrent_streams)
         .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
         .max_frame_size(limits.max_frame_bytes)
@@ -272,10 +280,7 @@ pub async fn serve(
     let tcp = router
         .clone()
         .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
-    let unix = router.serve_with_incoming_shutdown(
-        tokio_stream::wrappers::UnixListenerStream::new(unix_listener),
-        stopped(stop_rx),
-    );
+    let unix = router.serve_with_incoming_shutdown(admission.unix(unix_listener), stopped(stop_rx));
     let server = async move {
         let (a, b) = tokio::join!(tcp, unix);
         a.and(b)

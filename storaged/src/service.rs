@@ -20,6 +20,8 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::auth::{
     AuthError, CallPermit, Denied, Presented, Principal, QuotaExceeded, Right, Tenants, Via,
 };
+use crate::budget::Budget;
+use crate::conn::{CloseReason, ConnInfo, ConnState};
 use crate::error::StoreError;
 use crate::region::{RegionError, Regions};
 use crate::store::quota::OwnerQuota;
@@ -44,6 +46,8 @@ pub struct StoragedService {
     stream_stall: std::time::Duration,
     /// An ingest that receives nothing for this long is discarded.
     ingest_idle: std::time::Duration,
+    /// The server's connection admission (for Status), when serving.
+    admission: Option<Arc<crate::conn::Admission>>,
 }
 
 /// Who may call, and where their calls are recorded.
@@ -70,6 +74,12 @@ pub struct Caller {
     pub principal: Principal,
     pub call: CallId,
     permit: CallPermit,
+    /// The connection the call came on (`None` only in unit tests that
+    /// call the service directly).
+    conn: Option<Arc<ConnState>>,
+    /// Pool bytes the call's reads are charged to: its connection's and
+    /// its tenant's.
+    budget: Budget,
 }
 
 /// What names a call in the audit log. Kept raw: the strings are made only
@@ -90,7 +100,7 @@ impl CallId {
         Self {
             given: given_request_id(request),
             serial: SERIAL.fetch_add(1, Ordering::Relaxed),
-            peer: request.remote_addr(),
+            peer: ConnInfo::of(request.extensions()).and_then(ConnInfo::remote_addr),
         }
     }
 
@@ -169,7 +179,15 @@ impl StoragedService {
             unix_socket: unix_socket
                 .and_then(|p| std::path::absolute(p).ok())
                 .map(|p| p.to_string_lossy().into()),
+            admission: None,
         }
+    }
+
+    /// Reports the connections `admission` counts in Status.
+    #[must_use]
+    pub fn with_admission(mut self, admission: Arc<crate::conn::Admission>) -> Self {
+        self.admission = Some(admission);
+        self
     }
 
     fn status(&self) -> pb::StatusResponse {
@@ -191,6 +209,11 @@ impl StoragedService {
         s.read_ahead_failed = ra.failed.load(Ordering::Relaxed);
         s.read_ahead_cache_bytes = self.store.read_ahead.used_bytes();
         s.unix_socket_path = self.unix_socket.as_deref().unwrap_or_default().to_owned();
+        s.catalog_fault = self.store.catalog_fault().unwrap_or_default();
+        if let Some(a) = &self.admission {
+            s.connections_open = a.open() as u32;
+            s.connections_refused = a.refused.load(Ordering::Relaxed);
+        }
         s.regions_fixed = self.regions.fixed_count() as u32;
         let (regions, region_bytes) = self.regions.usage();
         s.regions_registered = regions as u32;
@@ -230,10 +253,20 @@ impl StoragedService {
         let permit = principal
             .call_permit()
             .map_err(|e: QuotaExceeded| Status::resource_exhausted(e.to_string()))?;
+        let conn = ConnInfo::of(request.extensions()).map(|c| Arc::clone(&c.state));
+        let mut budget = Budget::default();
+        if let Some(c) = &conn {
+            budget = budget.with(Arc::clone(&c.inflight));
+        }
+        if let Some(t) = &principal.tenant {
+            budget = budget.with(Arc::clone(&t.inflight));
+        }
         Ok(Caller {
             principal,
             call,
             permit,
+            conn,
+            budget,
         })
     }
 
@@ -367,6 +400,30 @@ impl StoragedService {
         }
     }
 
+    /// Serves `stream` as a response: its reads charged to `caller`'s
+    /// budget, driven up to `depth` messages ahead, and ended, with its
+    /// connection, when the client reads nothing for the stall timeout
+    /// (only closing the connection frees what HTTP/2 holds for it).
+    fn respond<T: Send + 'static>(
+        &self,
+        caller: &Caller,
+        stream: impl Stream<Item = Result<T, Status>> + Send + 'static,
+        depth: usize,
+    ) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
+        let conn = caller.conn.clone();
+        drive_ahead(
+            caller.budget.clone().scope_stream(stream),
+            depth,
+            self.stream_stall,
+            move || {
+                if let Some(c) = conn {
+                    c.close(CloseReason::StalledStream);
+                }
+            },
+            stalled_status,
+        )
+    }
+
     fn count_grpc_bytes(&self, n: usize) {
         self.store
             .read_counters
@@ -378,9 +435,8 @@ impl StoragedService {
 /// The credentials of a caller on the Unix socket; regions are for them
 /// only.
 fn peer_cred<T>(request: &Request<T>) -> Result<tokio::net::unix::UCred, RegionError> {
-    request
-        .extensions()
-        .get::<tonic::transport::server::UdsConnectInfo>()
+    ConnInfo::of(request.extensions())
+        .and_then(ConnInfo::unix)
         .and_then(|info| info.peer_cred)
         .ok_or(RegionError::NotLocal)
 }
@@ -716,7 +772,7 @@ impl Storaged for StoragedService {
         // The stream's own read-ahead keeps the devices busy; two finished
         // messages wait at most, and a client that stops reading loses the
         // stream (and its buffers) after the stall timeout.
-        let stream = drive_ahead(stream, 2, self.stream_stall, stalled_status).inspect(move |r| {
+        let stream = self.respond(&caller, stream, 2).inspect(move |r| {
             // The call counts against its tenant until it ends.
             let _call = &caller.permit;
             if let Ok(m) = r {
@@ -786,20 +842,16 @@ impl Storaged for StoragedService {
                 }
             })
         });
-        let stream = drive_ahead(
-            stream,
-            in_flight as usize,
-            self.stream_stall,
-            stalled_status,
-        )
-        .inspect(move |r: &Result<pb::ReadBatchResponse, Status>| {
-            // The call counts against its tenant until it ends.
-            let _call = &caller.permit;
-            if let Ok(m) = r {
-                // Counted when handed to HTTP/2, not when read.
-                service.count_grpc_bytes(m.data.len());
-            }
-        });
+        let stream = self.respond(&caller, stream, in_flight as usize).inspect(
+            move |r: &Result<pb::ReadBatchResponse, Status>| {
+                // The call counts against its tenant until it ends.
+                let _call = &caller.permit;
+                if let Ok(m) = r {
+                    // Counted when handed to HTTP/2, not when read.
+                    service.count_grpc_bytes(m.data.len());
+                }
+            },
+        );
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -945,12 +997,11 @@ impl Storaged for StoragedService {
             0 => self.store.limits().batch_in_flight_default,
             n => n,
         };
+        let respond = |completions| self.respond(&caller, completions, in_flight as usize);
         let completions =
             self.store
                 .read_into(region, &name, items, in_flight)?
                 .map(move |(index, result)| {
-                    // The call counts against its tenant until it ends.
-                    let _call = &caller.permit;
                     Ok(match result {
                         Ok(done) => pb::ReadIntoCompletion {
                             index,
@@ -974,12 +1025,11 @@ impl Storaged for StoragedService {
                         }
                     })
                 });
-        Ok(Response::new(Box::pin(drive_ahead(
-            completions,
-            in_flight as usize,
-            self.stream_stall,
-            stalled_status,
-        ))))
+        let completions = respond(completions).inspect(move |_| {
+            // The call counts against its tenant until it ends.
+            let _call = &caller.permit;
+        });
+        Ok(Response::new(Box::pin(completions)))
     }
 
     async fn hint(

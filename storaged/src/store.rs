@@ -1163,6 +1163,11 @@ impl Store {
         &self.space.counters
     }
 
+    /// Why the catalog is failing, while it is.
+    pub fn catalog_fault(&self) -> Option<String> {
+        self.catalog.health()
+    }
+
     pub fn status(&self) -> StoreStatus {
         let alloc = self.alloc.lock().expect("allocator poisoned");
         let n = self.layout.device_count as usize;

@@ -1,12 +1,16 @@
 //! Clients that hold on to what storaged gives them: ingests that go
-//! quiet. Real daemon, raw gRPC clients. (Streams that are never read are
-//! covered by `storaged::ahead`'s unit tests; the end-to-end victim test
-//! waits on per-connection buffer budgets.)
+//! quiet, connections that never speak, response streams that are never
+//! read. Real daemon, raw gRPC clients and raw sockets.
 
-use std::time::Duration;
+use std::io::Read;
+use std::time::{Duration, Instant};
 
+use storaged_proto::auth::{bearer, token_sha256_hex};
+use storaged_proto::pb;
+use storaged_proto::pb::storaged_client::StoragedClient;
 use storaged_tests::{Daemon, DaemonOpts, OpenIngest, eventually, ingest_msg, pattern, write_tree};
 use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
 
 fn daemon_with(tmp: &tempfile::TempDir, config: &str) -> Daemon {
     let path = tmp.path().join("storaged.toml");
@@ -67,4 +71,243 @@ async fn idle_ingests_time_out_and_free_their_slot_and_space() {
     let s = client.status().await.unwrap();
     assert_eq!(s.ingests_in_progress, 0);
     assert_eq!(s.datasets.len(), 1);
+}
+
+/// A gRPC connection of its own that never opens its flow-control window
+/// beyond the HTTP/2 minimum: a client that stops reading.
+async fn stingy_client(
+    url: &str,
+    token: Option<&str>,
+) -> StoragedClient<
+    tonic::service::interceptor::InterceptedService<
+        Channel,
+        impl tonic::service::Interceptor + Clone,
+    >,
+> {
+    let channel = Endpoint::from_shared(url.to_owned())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let auth: Option<tonic::metadata::MetadataValue<_>> = token.map(|t| bearer(t).parse().unwrap());
+    StoragedClient::with_interceptor(channel, move |mut req: tonic::Request<()>| {
+        if let Some(a) = &auth {
+            req.metadata_mut().insert("authorization", a.clone());
+        }
+        Ok(req)
+    })
+    .max_decoding_message_size(64 << 20)
+}
+
+fn read_request(dataset: &str, path: &str) -> pb::ReadRequest {
+    pb::ReadRequest {
+        dataset: dataset.into(),
+        path: path.into(),
+        offset: 0,
+        length: None,
+    }
+}
+
+const HOSTILE: &str = "sdt_hostile_0123456789abcdef0123456789abcdef0123456789abcdef0123456";
+const VICTIM: &str = "sdt_victim_0123456789abcdef0123456789abcdef0123456789abcdef01234567";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_streams_do_not_starve_other_tenants() {
+    // Guards against streams that never open their flow-control window
+    // holding the buffer pool, so that every other client's large reads
+    // hit their deadline for as long as the stalled streams stay: 50
+    // stalled 64 MiB reads (the pool is 256 MiB) over two connections,
+    // while another tenant's reads go on.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let big = pattern(7, 64 << 20);
+    write_tree(&src, &[("big".into(), big.clone())]);
+    let d = daemon_with(
+        &tmp,
+        &format!(
+            r#"
+stream_stall_timeout_s = 600
+
+[[tenant]]
+name = "hostile"
+tokens_sha256 = ["{}"]
+read = ["data"]
+
+[[tenant]]
+name = "victim"
+tokens_sha256 = ["{}"]
+read = ["data"]
+write = ["data"]
+"#,
+            token_sha256_hex(HOSTILE),
+            token_sha256_hex(VICTIM)
+        ),
+    );
+    let out = std::process::Command::new(storaged_tests::storagectl_bin())
+        .args(["--server", &d.url, "--token", VICTIM, "ingest", "data"])
+        .arg(&src)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let mut stalled = Vec::new();
+    for _ in 0..2 {
+        let mut c = stingy_client(&d.url, Some(HOSTILE)).await;
+        for _ in 0..25 {
+            // Headers come back; the data never gets read.
+            stalled.push(
+                c.read(read_request("data", "big"))
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+    }
+    let victim = storaged_client::Client::connect_with(
+        &d.url,
+        &storaged_client::ConnectOptions {
+            token: Some(VICTIM.into()),
+        },
+    )
+    .await
+    .unwrap();
+    let dataset = victim.dataset("data").unwrap();
+    for round in 0..5 {
+        let started = Instant::now();
+        let got = tokio::time::timeout(Duration::from_secs(60), dataset.read("big"))
+            .await
+            .unwrap_or_else(|_| panic!("victim read {round} starved behind stalled streams"))
+            .unwrap();
+        assert!(got == big, "victim read {round} returned wrong bytes");
+        eprintln!("victim read {round}: {:?}", started.elapsed());
+    }
+    let status = tokio::time::timeout(Duration::from_secs(10), victim.status())
+        .await
+        .expect("Status answered while streams are stalled")
+        .unwrap();
+    assert_eq!(status.datasets.len(), 1);
+    drop(stalled);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_stream_ends_its_connection_and_returns_its_buffers() {
+    // Guards against a stream whose client stopped reading keeping its
+    // buffers (a message handed to HTTP/2 stays there until its
+    // connection goes) after the stall timeout.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("big".into(), pattern(3, 32 << 20))]);
+    let d = daemon_with(&tmp, "stream_stall_timeout_s = 2\n");
+    d.ctl_ok(&["ingest", "data", src.to_str().unwrap()]);
+    let mut c = stingy_client(&d.url, None).await;
+    let mut stalled = Vec::new();
+    for _ in 0..4 {
+        stalled.push(
+            c.read(read_request("data", "big"))
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    // After the stall timeout the connection is gone: reading now gets
+    // the first (small) part that was in flight, then an error.
+    assert!(
+        eventually(Duration::from_secs(30), async || d.stderr().contains(
+            "closing connection: a response stream's client read nothing"
+        ))
+        .await,
+        "{}",
+        d.stderr()
+    );
+    let mut failed = false;
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(30), stalled[0].message())
+        .await
+        .expect("the stalled stream ended")
+        .transpose()
+    {
+        if m.is_err() {
+            failed = true;
+            break;
+        }
+    }
+    assert!(failed, "the stalled stream ended with an error");
+    // Everyone else is served (the whole pool is back).
+    let client = d.client().await;
+    let got = client.dataset("data").unwrap().read("big").await.unwrap();
+    assert_eq!(got.len(), 32 << 20);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_limited_per_peer_and_closed_after_the_preface_timeout() {
+    // Guards against 1000 half-open TCP connections (connect, then send
+    // nothing) making storaged unreachable: file descriptors ran out, the
+    // accept loop spun, nothing was logged.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon_with(
+        &tmp,
+        "connections_per_peer_max = 8\npreface_timeout_s = 2\n",
+    );
+    let addr = d.url.trim_start_matches("http://").to_owned();
+    let silent: Vec<std::net::TcpStream> = (0..8)
+        .map(|_| std::net::TcpStream::connect(&addr).unwrap())
+        .collect();
+    // The ninth from the same address is closed at once, with a log line.
+    // Closed: EOF or a reset within `within` (storaged's SETTINGS frame
+    // may come first).
+    let closed_soon = |mut s: std::net::TcpStream, within: Duration| {
+        let until = Instant::now() + within;
+        let mut b = [0u8; 256];
+        loop {
+            let left = until.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return false;
+            }
+            s.set_read_timeout(Some(left)).unwrap();
+            match s.read(&mut b) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) => {
+                    return !matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    );
+                }
+            }
+        }
+    };
+    let ninth = std::net::TcpStream::connect(&addr).unwrap();
+    assert!(
+        closed_soon(ninth, Duration::from_secs(10)),
+        "the ninth was closed"
+    );
+    assert!(
+        eventually(Duration::from_secs(10), async || d.stderr().contains(
+            "refusing a connection: 127.0.0.1 has 8 connections open (connections_per_peer_max)"
+        ))
+        .await,
+        "{}",
+        d.stderr()
+    );
+    // The Unix socket is another peer: still served.
+    let local = d.local_client().await;
+    local.status().await.unwrap();
+    // The silent ones are closed after the preface timeout...
+    for s in silent {
+        assert!(
+            closed_soon(s, Duration::from_secs(30)),
+            "a silent connection was closed"
+        );
+    }
+    assert!(
+        d.stderr()
+            .contains("no HTTP/2 preface within preface_timeout_s")
+    );
+    // ...and TCP clients get in again.
+    d.client().await.status().await.unwrap();
 }

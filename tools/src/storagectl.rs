@@ -589,9 +589,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "health:      {}",
                 if s.degraded {
                     "DEGRADED (devices missing; see below)"
+                } else if !s.catalog_fault.is_empty() {
+                    "CATALOG FAILING (see below)"
                 } else {
                     "ok"
                 }
+            );
+            if !s.catalog_fault.is_empty() {
+                outln!(
+                    "catalog:     failing: {} (ingests and deletes fail until storaged can reopen it)",
+                    s.catalog_fault
+                );
+            }
+            outln!(
+                "connections: {} open, {} refused since start",
+                s.connections_open,
+                s.connections_refused
             );
             if let Some(r) = &s.rebuild {
                 outln!(
