@@ -35,6 +35,9 @@ pub struct Account {
     /// Per size class (by buffer size): buffers it may hold, and the
     /// semaphore of what is left; made at first use.
     classes: Mutex<Vec<ClassShare>>,
+    /// KiB of heap copies (multi-window items of any-order batches) it may
+    /// hold: `bytes_max` too.
+    heap_kib: Arc<Semaphore>,
 }
 
 #[derive(Debug)]
@@ -58,6 +61,7 @@ impl Account {
             what,
             bytes_max,
             classes: Mutex::new(Vec::new()),
+            heap_kib: Arc::new(Semaphore::new((bytes_max / 1024).max(1))),
         })
     }
 
@@ -70,7 +74,12 @@ impl Account {
         self.bytes_max
     }
 
-    /// Bytes charged right now.
+    /// Heap bytes charged right now.
+    pub fn heap_bytes_held(&self) -> usize {
+        ((self.bytes_max / 1024).max(1) - self.heap_kib.available_permits()) * 1024
+    }
+
+    /// Pool bytes charged right now.
     pub fn bytes_held(&self) -> usize {
         self.lock()
             .iter()
@@ -171,6 +180,45 @@ impl Budget {
     }
 }
 
+impl Budget {
+    /// Charges a heap copy of `bytes` to the current budget, waiting for
+    /// room (a copy larger than an account waits for all of it); `None`
+    /// when no budget is current. Keep the charge with the copy (see
+    /// [`HeapCopy`]).
+    pub(crate) async fn charge_heap_current(bytes: usize) -> Option<Charge> {
+        let budget = CURRENT.try_with(Budget::clone).ok()?;
+        if budget.accounts.is_empty() {
+            return None;
+        }
+        let kib = bytes.div_ceil(1024).max(1);
+        let mut permits = Vec::with_capacity(budget.accounts.len());
+        for account in &budget.accounts {
+            let max = (account.bytes_max / 1024).max(1);
+            permits.push(
+                Arc::clone(&account.heap_kib)
+                    .acquire_many_owned(kib.min(max) as u32)
+                    .await
+                    .expect("budget semaphores are never closed"),
+            );
+        }
+        Some(Charge { _permits: permits })
+    }
+}
+
+/// Bytes copied to the heap, and their charge: as a `Bytes` owner, the
+/// charge lasts as long as any slice of the copy, even one HTTP/2 holds.
+#[derive(Debug)]
+pub struct HeapCopy {
+    pub data: Vec<u8>,
+    pub charge: Option<Charge>,
+}
+
+impl AsRef<[u8]> for HeapCopy {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
+    }
+}
+
 /// A stream polled with a budget current (see [`Budget::scope_stream`]).
 pub struct Scoped<S> {
     budget: Budget,
@@ -235,5 +283,35 @@ mod tests {
         assert_eq!(account.bytes_held(), 0);
         // Outside a scope nothing is charged.
         assert!(Budget::charge_current(CLASS, 9).await.is_none());
+    }
+
+    #[tokio::test]
+    async fn heap_copies_are_charged_while_any_slice_lives() {
+        // Guards against any-order batches holding unbounded heap copies
+        // (+3 GB at 48 stalled 64 MiB items).
+        let account = Account::new("connection 2".into(), 64 << 10);
+        let budget = Budget::default().with(Arc::clone(&account));
+        let copy = |bytes| {
+            budget
+                .clone()
+                .scope_stream(futures::stream::once(async move {
+                    let charge = Budget::charge_heap_current(bytes).await;
+                    bytes::Bytes::from_owner(HeapCopy {
+                        data: vec![7; bytes],
+                        charge,
+                    })
+                }))
+        };
+        let a = copy(40 << 10).next().await.unwrap();
+        let slice = a.slice(0..10);
+        drop(a);
+        assert_eq!(account.heap_bytes_held(), 40 << 10);
+        let mut b = Box::pin(copy(40 << 10));
+        assert!(futures::poll!(b.next()).is_pending());
+        drop(slice);
+        let b = b.next().await.unwrap();
+        assert_eq!(account.heap_bytes_held(), 40 << 10);
+        drop(b);
+        assert_eq!(account.heap_bytes_held(), 0);
     }
 }

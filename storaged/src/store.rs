@@ -819,11 +819,15 @@ impl Store {
     }
 
     /// Validates and looks up batch items (one catalog read transaction).
+    /// Checks a batch's size and dataset at once, and returns its items'
+    /// plans as an iterator that resolves them against the catalog a
+    /// chunk at a time, as the reads reach them: memory follows the
+    /// window in flight, not the item count.
     fn resolve_batch(
-        &self,
+        self: &Arc<Self>,
         dataset: &DatasetName,
         items: Vec<Result<RangeSpec, StoreError>>,
-    ) -> Result<Vec<BatchItemPlan>, StoreError> {
+    ) -> Result<LazyPlans, StoreError> {
         if items.len() > self.limits.batch_items_max {
             return Err(StoreError::Limit(format!(
                 "{} items in one ReadBatch; the limit is {}",
@@ -831,38 +835,68 @@ impl Store {
                 self.limits.batch_items_max
             )));
         }
-        let ds = self.dataset(dataset)?;
-        let paths: Vec<&str> = items
+        Ok(LazyPlans {
+            store: Arc::clone(self),
+            dataset: self.dataset(dataset)?,
+            items: items.into_iter().enumerate(),
+            ready: std::collections::VecDeque::new(),
+        })
+    }
+
+    /// Plans of `chunk`, items of dataset `ds` with their indices.
+    fn resolve_chunk(
+        &self,
+        ds: &Arc<DatasetHandle>,
+        chunk: Vec<(usize, Result<RangeSpec, StoreError>)>,
+    ) -> std::collections::VecDeque<BatchItemPlan> {
+        let paths: Vec<&str> = chunk
             .iter()
-            .filter_map(|i| i.as_ref().ok().map(|r| r.path.as_str()))
+            .filter_map(|(_, i)| i.as_ref().ok().map(|r| r.path.as_str()))
             .collect();
-        let mut records = self.catalog.get_objects(ds.record.id, &paths)?.into_iter();
-        let mut plans = Vec::with_capacity(items.len());
-        for (index, item) in items.into_iter().enumerate() {
+        let mut records = match self.catalog.get_objects(ds.record.id, &paths) {
+            Ok(r) => r.into_iter(),
+            Err(e) => {
+                let reason = e.to_string();
+                return chunk
+                    .into_iter()
+                    .map(|(index, _)| {
+                        BatchItemPlan::Fail(
+                            index as u32,
+                            StoreError::Catalog(crate::catalog::CatalogError::Failing {
+                                path: "catalog".into(),
+                                reason: reason.clone(),
+                            }),
+                        )
+                    })
+                    .collect();
+            }
+        };
+        let mut plans = std::collections::VecDeque::with_capacity(chunk.len());
+        for (index, item) in chunk {
             let index = index as u32;
             let spec = match item {
                 Ok(s) => s,
                 Err(e) => {
-                    plans.push(BatchItemPlan::Fail(index, e));
+                    plans.push_back(BatchItemPlan::Fail(index, e));
                     continue;
                 }
             };
             let Some(record) = records.next().expect("one record per valid item") else {
-                plans.push(BatchItemPlan::Fail(
+                plans.push_back(BatchItemPlan::Fail(
                     index,
                     StoreError::ObjectNotFound {
-                        dataset: dataset.to_string(),
+                        dataset: ds.name.clone(),
                         path: spec.path.to_string(),
                     },
                 ));
                 continue;
             };
             let obj = Arc::new(ObjectRef {
-                dataset: Arc::clone(&ds),
+                dataset: Arc::clone(ds),
                 path: spec.path.to_string(),
                 record,
             });
-            plans.push(match Self::resolve_range(&obj, spec.offset, spec.length) {
+            plans.push_back(match Self::resolve_range(&obj, spec.offset, spec.length) {
                 Err(e) => BatchItemPlan::Fail(index, e),
                 Ok((start, 0)) => BatchItemPlan::Empty(index, start),
                 Ok((start, len)) => BatchItemPlan::Read {
@@ -873,7 +907,7 @@ impl Store {
                 },
             });
         }
-        Ok(plans)
+        plans
     }
 
     /// Reads many ranges of one dataset. Yields, in item order, each item's
@@ -886,21 +920,25 @@ impl Store {
         in_flight: u32,
     ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, StoreError> {
         let plans = self.resolve_batch(dataset, items)?;
-        let mut tasks: Vec<BatchTask> = Vec::with_capacity(plans.len());
-        for plan in plans {
+        let planner = Arc::clone(self);
+        let tasks = plans.flat_map(move |plan| -> Vec<BatchTask> {
             match plan {
-                BatchItemPlan::Fail(i, e) => tasks.push(BatchTask::Fail(i, e)),
-                BatchItemPlan::Empty(i, at) => tasks.push(BatchTask::Empty(i, at)),
+                BatchItemPlan::Fail(i, e) => vec![BatchTask::Fail(i, e)],
+                BatchItemPlan::Empty(i, at) => vec![BatchTask::Empty(i, at)],
                 BatchItemPlan::Read {
                     index,
                     obj,
                     start,
                     len,
                 } => {
-                    let windows: Vec<(u64, u64)> = self.windows(&obj, start, len).collect();
+                    // One item's windows at a time (as many as the item
+                    // has messages), made when the pipeline reaches it.
+                    let windows: Vec<(u64, u64)> = planner.windows(&obj, start, len).collect();
                     let last = windows.len() - 1;
-                    for (k, (ws, we)) in windows.into_iter().enumerate() {
-                        tasks.push(BatchTask::Window {
+                    windows
+                        .into_iter()
+                        .enumerate()
+                        .map(|(k, (ws, we))| BatchTask::Window {
                             index,
                             obj: Arc::clone(&obj),
                             ws,
@@ -908,16 +946,16 @@ impl Store {
                             start,
                             len,
                             last: k == last,
-                        });
-                    }
+                        })
+                        .collect()
                 }
             }
-        }
+        });
         let store = Arc::clone(self);
         let depth = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
         // After an item fails mid-way, its remaining windows are skipped.
         let failed: Arc<Mutex<Option<u32>>> = Arc::new(Mutex::new(None));
-        let windows = tasks.into_iter().map(move |t| {
+        let windows = tasks.map(move |t| {
             let store = Arc::clone(&store);
             async move {
                 match t {
@@ -983,7 +1021,7 @@ impl Store {
         let store = Arc::clone(self);
         let depth = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
         let item_max = self.limits.batch_any_order_item_bytes_max;
-        let tasks = plans.into_iter().map(move |plan| {
+        let tasks = plans.map(move |plan| {
             let store = Arc::clone(&store);
             async move {
                 match plan {
@@ -1024,7 +1062,10 @@ impl Store {
         if let [(ws, we)] = windows[..] {
             return self.read_window(obj, ws, we, start, start + len).await;
         }
-        let mut buf = bytes::BytesMut::with_capacity(len as usize);
+        // The copy counts against the caller's budget for as long as any
+        // message of it lives (see `budget::HeapCopy`).
+        let charge = crate::budget::Budget::charge_heap_current(len as usize).await;
+        let mut buf = Vec::with_capacity(len as usize);
         for (ws, we) in windows {
             for (_, b) in self.read_window(obj, ws, we, start, start + len).await? {
                 buf.extend_from_slice(&b);
@@ -1033,7 +1074,7 @@ impl Store {
         self.read_counters
             .grpc_payload_bytes_copied
             .fetch_add(len, Ordering::Relaxed);
-        let all = buf.freeze();
+        let all = bytes::Bytes::from_owner(crate::budget::HeapCopy { data: buf, charge });
         let step = self.limits.message_bytes as usize;
         Ok((0..all.len())
             .step_by(step)
@@ -1223,6 +1264,32 @@ impl Store {
 }
 
 /// A batch item after validation and lookup.
+/// A batch's plans, resolved a chunk at a time (see `resolve_batch`).
+struct LazyPlans {
+    store: Arc<Store>,
+    dataset: Arc<DatasetHandle>,
+    items: std::iter::Enumerate<std::vec::IntoIter<Result<RangeSpec, StoreError>>>,
+    ready: std::collections::VecDeque<BatchItemPlan>,
+}
+
+/// Items resolved against the catalog at once by a lazy batch plan.
+const PLAN_CHUNK_ITEMS: usize = 256;
+
+impl Iterator for LazyPlans {
+    type Item = BatchItemPlan;
+
+    fn next(&mut self) -> Option<BatchItemPlan> {
+        if self.ready.is_empty() {
+            let chunk: Vec<_> = self.items.by_ref().take(PLAN_CHUNK_ITEMS).collect();
+            if chunk.is_empty() {
+                return None;
+            }
+            self.ready = self.store.resolve_chunk(&self.dataset, chunk);
+        }
+        self.ready.pop_front()
+    }
+}
+
 enum BatchItemPlan {
     Fail(u32, StoreError),
     Empty(u32, u64),
