@@ -170,6 +170,8 @@ pub type Rpc = StoragedClient<InterceptedService<Channel, Credentials>>;
 #[derive(Clone, Default)]
 pub struct Credentials {
     bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+    /// Deadline of every call that sets none of its own (`grpc-timeout`).
+    timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for Credentials {
@@ -188,21 +190,30 @@ impl tonic::service::Interceptor for Credentials {
                 .metadata_mut()
                 .insert(storaged_proto::auth::AUTHORIZATION_METADATA_KEY, v.clone());
         }
+        if let Some(t) = self.timeout
+            && !request.metadata().contains_key("grpc-timeout")
+        {
+            request.set_timeout(t);
+        }
         Ok(request)
     }
 }
 
-/// How to connect: credentials.
+/// How to connect: credentials, and a deadline for each call.
 #[derive(Clone, Default)]
 pub struct ConnectOptions {
     /// Bearer token (`storagectl token new`); sent with every call.
     pub token: Option<String>,
+    /// Deadline of each call (sent as `grpc-timeout`; storaged ends the
+    /// call, streams included, when it passes). `None`: no deadline.
+    pub call_timeout: Option<Duration>,
 }
 
 impl std::fmt::Debug for ConnectOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectOptions")
             .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .field("call_timeout", &self.call_timeout)
             .finish()
     }
 }
@@ -215,6 +226,7 @@ impl ConnectOptions {
             token: std::env::var(storaged_proto::auth::TOKEN_ENV)
                 .ok()
                 .filter(|t| !t.is_empty()),
+            call_timeout: None,
         }
     }
 
@@ -227,7 +239,10 @@ impl ConnectOptions {
                 )
             })?),
         };
-        Ok(Credentials { bearer })
+        Ok(Credentials {
+            bearer,
+            timeout: self.call_timeout,
+        })
     }
 }
 

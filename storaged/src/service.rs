@@ -80,6 +80,8 @@ pub struct Caller {
     /// Pool bytes the call's reads are charged to: its connection's and
     /// its tenant's.
     budget: Budget,
+    /// The client's deadline (`grpc-timeout`), if it set one.
+    deadline: Option<tokio::time::Instant>,
 }
 
 /// What names a call in the audit log. Kept raw: the strings are made only
@@ -261,12 +263,19 @@ impl StoragedService {
         if let Some(t) = &principal.tenant {
             budget = budget.with(Arc::clone(&t.inflight));
         }
+        let deadline = request
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout)
+            .map(|d| tokio::time::Instant::now() + d);
         Ok(Caller {
             principal,
             call,
             permit,
             conn,
             budget,
+            deadline,
         })
     }
 
@@ -411,6 +420,24 @@ impl StoragedService {
         depth: usize,
     ) -> impl Stream<Item = Result<T, Status>> + Send + 'static {
         let conn = caller.conn.clone();
+        // tonic's own deadline covers a call only until its response
+        // starts; a response stream ends at the deadline here.
+        let stream: Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>> = match caller.deadline {
+            None => Box::pin(stream),
+            Some(at) => Box::pin(
+                stream
+                    .map(Some)
+                    .take_until(tokio::time::sleep_until(at))
+                    .chain(futures::stream::once(async move {
+                        (tokio::time::Instant::now() >= at).then(|| {
+                            Err(Status::deadline_exceeded(
+                                "the call's deadline (grpc-timeout) passed before its response ended",
+                            ))
+                        })
+                    }))
+                    .filter_map(futures::future::ready),
+            ),
+        };
         drive_ahead(
             caller.budget.clone().scope_stream(stream),
             depth,
@@ -562,9 +589,12 @@ enum OnCancel {
 
 /// Runs `work` on a task of its own and streams its progress (at most
 /// every 200 ms, dropped when nobody listens) and then its final event or
-/// error. `on_cancel` says whether the work outlives its caller.
+/// error. `on_cancel` says whether the work outlives its caller, and so
+/// whether it stops or goes on when the caller's `deadline` passes (the
+/// caller gets DEADLINE_EXCEEDED either way).
 fn with_progress<E, Fut>(
     on_cancel: OnCancel,
+    deadline: Option<tokio::time::Instant>,
     progress_event: impl Fn(u64, u64) -> E + Send + 'static,
     work: impl FnOnce(Box<dyn FnMut(u64, u64) + Send>) -> Fut + Send + 'static,
 ) -> BoxStream<E>
@@ -582,23 +612,70 @@ where
         }
     });
     tokio::spawn(async move {
-        let work = work(progress);
+        let mut work = std::pin::pin!(work(progress));
+        let passed = || {
+            Err(Status::deadline_exceeded(
+                "the call's deadline (grpc-timeout) passed before the operation ended",
+            ))
+        };
         let end = match on_cancel {
-            OnCancel::Finish => work.await,
+            OnCancel::Finish => tokio::select! {
+                end = &mut work => end.map_err(Status::from),
+                () = deadline_passed(deadline) => {
+                    let _ = tx.send(passed()).await;
+                    tracing::info!("caller's deadline passed; the operation goes on");
+                    let _ = work.await;
+                    return;
+                }
+            },
             OnCancel::Stop => tokio::select! {
-                end = work => end,
+                end = &mut work => end.map_err(Status::from),
                 () = tx.closed() => {
                     tracing::info!("caller went away; stopping");
                     return;
                 }
+                () = deadline_passed(deadline) => {
+                    tracing::info!("caller's deadline passed; stopping");
+                    passed()
+                }
             },
         };
-        let _ = tx.send(end.map_err(Status::from)).await;
+        let _ = tx.send(end).await;
     });
     Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// Resolves when `deadline` passes; never without one.
+async fn deadline_passed(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// A `grpc-timeout` value: at most 8 digits and a unit (H, M, S, m, u, n).
+fn parse_grpc_timeout(v: &str) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
 
 /// How a response stream whose client stopped reading ends.
 fn stalled_status<T>() -> Result<T, Status> {
@@ -1086,6 +1163,7 @@ impl Storaged for StoragedService {
         // repaired), so the next one can start.
         Ok(Response::new(with_progress(
             OnCancel::Stop,
+            caller.deadline,
             |done, total| pb::ScrubEvent {
                 event: Some(pb::scrub_event::Event::Progress(pb::ScrubProgress {
                     bytes_done: done,
@@ -1148,6 +1226,7 @@ impl Storaged for StoragedService {
         // The rebuild runs to the end even if the client goes away.
         Ok(Response::new(with_progress(
             OnCancel::Finish,
+            caller.deadline,
             |done, total| pb::ReplaceDeviceEvent {
                 event: Some(pb::replace_device_event::Event::Progress(
                     pb::ReplaceProgress {
@@ -1186,5 +1265,27 @@ impl Storaged for StoragedService {
                 })
             },
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts_parse_by_the_spec_and_nothing_else_does() {
+        // Guards against a deadline a client set being ignored, or a
+        // malformed one being taken for a tiny or a huge one.
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
+        for bad in ["", "S", "5", "5s", "-5S", "123456789S", "5 S", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
     }
 }

@@ -199,6 +199,41 @@ fn urls_that_cannot_work_are_refused_with_the_fix() {
     }
 }
 
+// Guards against storagectl calls without a deadline (a stuck server hung
+// `status` forever) and against a deadline flag that takes anything.
+#[test]
+fn storagectl_calls_have_deadlines_and_the_flag_is_checked() {
+    for (bad, says) in [
+        ("soon", "expected a number"),
+        ("30", "no unit"),
+        ("5x", "unknown unit"),
+        ("0s", "use 0 for no deadline"),
+    ] {
+        let out = ctl_at("http://127.0.0.1:1", &["--timeout", bad, "status"]);
+        let err = stderr_of(&out);
+        assert_eq!(out.status.code(), Some(2), "{bad}: {err}");
+        assert!(err.contains(says), "{bad}: {err}");
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
+    for ok in ["30s", "2m", "0", "1500ms"] {
+        let out = d.ctl(&["--timeout", ok, "status"]);
+        assert!(out.status.success(), "{ok}: {}", stderr_of(&out));
+    }
+    // A deadline too short for the call fails it, by code (scrubbing 8
+    // MiB at the default 64 MiB/s takes over 100 ms).
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("a".into(), pattern(2, 8 << 20))]);
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    let out = d.ctl(&["--timeout", "20ms", "--transport", "as-given", "scrub"]);
+    let err = stderr_of(&out);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("DEADLINE_EXCEEDED") || err.contains("CANCELLED"),
+        "{err}"
+    );
+}
+
 // Guards against connection errors repeating their causes and not saying
 // what to check.
 #[test]

@@ -173,6 +173,7 @@ write = ["data"]
         &d.url,
         &storaged_client::ConnectOptions {
             token: Some(VICTIM.into()),
+            ..Default::default()
         },
     )
     .await
@@ -409,4 +410,50 @@ async fn huge_and_stalled_batches_hold_bounded_memory() {
     );
     drop(any);
     drop(held);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_stream_ends_at_the_callers_deadline() {
+    // Guards against deadlines honoured only until a stream's response
+    // began: a slow reader's Read went on long after its grpc-timeout.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("big".into(), pattern(5, 64 << 20))]);
+    let d = daemon_with(&tmp, "");
+    d.ctl_ok(&["ingest", "data", src.to_str().unwrap()]);
+    let client = storaged_client::Client::connect_with(
+        &d.url,
+        &storaged_client::ConnectOptions {
+            call_timeout: Some(Duration::from_secs(1)),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut stream = client
+        .raw()
+        .read(read_request("data", "big"))
+        .await
+        .unwrap()
+        .into_inner();
+    // 10 MiB/s against a 32 MiB window: the 64 MiB cannot all be sent
+    // within the deadline.
+    let mut received = 0usize;
+    let err = loop {
+        match stream.message().await {
+            Ok(Some(m)) => {
+                let before = received >> 20;
+                received += m.data.len();
+                if received >> 20 > before {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Ok(None) => panic!("the stream finished past its deadline"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(received < 64 << 20, "{received}");
+    // Unary calls carry the deadline too and succeed well within it.
+    client.status().await.unwrap();
 }

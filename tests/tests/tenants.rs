@@ -82,6 +82,7 @@ async fn as_tenant(d: &Daemon, token: &str) -> Client {
         &d.url,
         &ConnectOptions {
             token: Some(token.into()),
+            ..Default::default()
         },
     )
     .await
@@ -309,6 +310,7 @@ async fn uids_map_to_tenants_and_regions_stay_with_their_tenant() {
         &d.unix_url(),
         &ConnectOptions {
             token: Some(VISION.into()),
+            ..Default::default()
         },
     )
     .await
@@ -328,6 +330,7 @@ async fn uids_map_to_tenants_and_regions_stay_with_their_tenant() {
         &d.unix_url(),
         &ConnectOptions {
             token: Some(AUDIO.into()),
+            ..Default::default()
         },
     )
     .await

@@ -58,6 +58,12 @@ struct Cli {
     /// Bearer token for a storaged with tenants (`storagectl token new`).
     #[arg(long, env = "STORAGED_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
+    /// Deadline of each call: `30s`, `5m`, `1h`, `500ms`; `0` for none.
+    /// Default: 60s for calls that answer at once (status, ls, stat, rm,
+    /// device), none for those that move or check data (ingest, cat,
+    /// export, verify, epoch, scrub).
+    #[arg(long, value_parser = parse_timeout, global = true)]
+    timeout: Option<Duration>,
     #[command(subcommand)]
     command: Command,
 }
@@ -378,6 +384,50 @@ fn class_name(d: &storaged_proto::pb::DatasetInfo) -> String {
     }
 }
 
+/// Deadline of each call of a command without `--timeout`.
+fn default_timeout(command: &Command) -> Option<Duration> {
+    match command {
+        Command::Status
+        | Command::Ls { .. }
+        | Command::Stat { .. }
+        | Command::Rm { .. }
+        | Command::Device { .. }
+        | Command::Token { .. } => Some(Duration::from_secs(60)),
+        Command::Ingest { .. }
+        | Command::Cat { .. }
+        | Command::Export { .. }
+        | Command::Verify { .. }
+        | Command::Epoch { .. }
+        | Command::Scrub { .. } => None,
+    }
+}
+
+/// `--timeout`: a number and a unit (ms, s, m, h), or `0`.
+fn parse_timeout(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Duration::ZERO);
+    }
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("{s:?} has no unit: write 30s, 5m, 1h or 500ms"))?;
+    let (digits, unit) = s.split_at(split);
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?}: expected a number then ms, s, m or h"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        _ => return Err(format!("{s:?}: unknown unit {unit:?}; use ms, s, m or h")),
+    };
+    if d.is_zero() {
+        return Err("use 0 for no deadline".into());
+    }
+    Ok(d)
+}
+
 async fn run(cli: Cli) -> anyhow::Result<()> {
     if let Command::Token {
         command: TokenCommand::New { tenant },
@@ -393,6 +443,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let options = ConnectOptions {
         token: cli.token.clone().filter(|t| !t.is_empty()),
+        call_timeout: match cli.timeout {
+            Some(t) if t.is_zero() => None,
+            Some(t) => Some(t),
+            None => default_timeout(&cli.command),
+        },
     };
     let client = if cli.transport == "auto" {
         Client::connect_auto_with(&cli.server, &options).await?
