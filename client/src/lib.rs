@@ -51,7 +51,7 @@ pub enum ClientError {
     /// The URL cannot be used as given (unknown or unsupported scheme).
     #[error("{url:?}: {reason}")]
     BadUrl { url: String, reason: String },
-    #[error("{}: {}", code_name(.0.code()), .0.message())]
+    #[error("{}", status_text(.0))]
     Status(Status),
     #[error(transparent)]
     InvalidName(#[from] NameError),
@@ -78,6 +78,24 @@ pub enum ClientError {
 
 // Not `#[from]`: that would make the status a `source`, and error chains
 // would print its message twice.
+/// `CODE: message`, and the transport's causes when the status came from
+/// the client side (a TLS alert says why a handshake failed; "transport
+/// error" alone does not).
+fn status_text(s: &Status) -> String {
+    let mut text = format!("{}: {}", code_name(s.code()), s.message());
+    if let Some(source) = std::error::Error::source(s) {
+        let chain = error_chain(source);
+        if chain.starts_with(s.message()) {
+            return format!("{}: {chain}", code_name(s.code()));
+        }
+        if !text.contains(&chain) {
+            text.push_str(": ");
+            text.push_str(&chain);
+        }
+    }
+    text
+}
+
 impl From<Status> for ClientError {
     fn from(s: Status) -> Self {
         ClientError::Status(s)
@@ -207,27 +225,83 @@ pub struct ConnectOptions {
     /// Deadline of each call (sent as `grpc-timeout`; storaged ends the
     /// call, streams included, when it passes). `None`: no deadline.
     pub call_timeout: Option<Duration>,
+    /// For `https://`: the CA that signed storaged's certificate (PEM;
+    /// required), and this client's certificate and key (PEM) when
+    /// storaged asks for one (`tls_client_ca`).
+    pub tls_ca: Option<std::path::PathBuf>,
+    pub tls_cert: Option<std::path::PathBuf>,
+    pub tls_key: Option<std::path::PathBuf>,
 }
+
+/// Environment variables [`ConnectOptions::from_env`] reads for TLS.
+pub const TLS_CA_ENV: &str = "STORAGED_CA";
+pub const TLS_CERT_ENV: &str = "STORAGED_CERT";
+pub const TLS_KEY_ENV: &str = "STORAGED_KEY";
 
 impl std::fmt::Debug for ConnectOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConnectOptions")
             .field("token", &self.token.as_ref().map(|_| "<set>"))
             .field("call_timeout", &self.call_timeout)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
             .finish()
     }
 }
 
 impl ConnectOptions {
-    /// From the environment: the token in `STORAGED_TOKEN`, if set and not
-    /// empty.
+    /// From the environment: the token in `STORAGED_TOKEN`, and the TLS
+    /// files in `STORAGED_CA`, `STORAGED_CERT`, `STORAGED_KEY` (each if set
+    /// and not empty).
     pub fn from_env() -> Self {
+        let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
         Self {
-            token: std::env::var(storaged_proto::auth::TOKEN_ENV)
-                .ok()
-                .filter(|t| !t.is_empty()),
+            token: var(storaged_proto::auth::TOKEN_ENV),
             call_timeout: None,
+            tls_ca: var(TLS_CA_ENV).map(Into::into),
+            tls_cert: var(TLS_CERT_ENV).map(Into::into),
+            tls_key: var(TLS_KEY_ENV).map(Into::into),
         }
+    }
+
+    /// The TLS configuration of an `https://` connection to `url`.
+    fn tls_config(&self, url: &str) -> Result<tonic::transport::ClientTlsConfig, ClientError> {
+        use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+        let read = |what: &str, path: &std::path::Path| {
+            std::fs::read(path).map_err(|e| ClientError::BadUrl {
+                url: url.to_owned(),
+                reason: format!("cannot read the {what} {}: {e}", path.display()),
+            })
+        };
+        let Some(ca) = &self.tls_ca else {
+            return Err(ClientError::BadUrl {
+                url: url.to_owned(),
+                reason: format!(
+                    "https:// needs the CA certificate that signed storaged's (--ca, or {TLS_CA_ENV})"
+                ),
+            });
+        };
+        let mut config = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(read("CA certificate", ca)?));
+        match (&self.tls_cert, &self.tls_key) {
+            (Some(cert), Some(key)) => {
+                config = config.identity(Identity::from_pem(
+                    read("client certificate", cert)?,
+                    read("client key", key)?,
+                ));
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ClientError::BadUrl {
+                    url: url.to_owned(),
+                    reason: format!(
+                        "a client certificate needs both the certificate and its key (--cert and --key, or {TLS_CERT_ENV} and {TLS_KEY_ENV})"
+                    ),
+                });
+            }
+        }
+        Ok(config)
     }
 
     fn credentials(&self) -> Result<Credentials, ClientError> {
@@ -312,6 +386,13 @@ impl Client {
             .initial_connection_window_size(64u32 << 20)
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20));
+        let endpoint = if url.starts_with("https://") {
+            endpoint
+                .tls_config(options.tls_config(url)?)
+                .map_err(connect_err)?
+        } else {
+            endpoint
+        };
         let channel = match &unix_path {
             None => endpoint.connect().await.map_err(connect_err)?,
             Some(path) => {
@@ -1008,12 +1089,9 @@ fn check_url(url: &str) -> Result<(), ClientError> {
         })
     };
     match url.split_once("://") {
-        Some(("http" | "unix", _)) => Ok(()),
-        Some(("https", _)) => bad(
-            "TLS is not supported yet, and an https:// URL is never sent as plaintext; use http:// on a trusted network, or unix:// on this host",
-        ),
+        Some(("http" | "https" | "unix", _)) => Ok(()),
         Some((scheme, _)) => bad(&format!(
-            "unknown scheme {scheme:?}: use http://HOST:PORT or unix:///path/storaged.sock"
+            "unknown scheme {scheme:?}: use http://HOST:PORT, https://HOST:PORT or unix:///path/storaged.sock"
         )),
         None => bad(&format!(
             "no scheme: add http:// to the URL (http://{url}), or use unix:///path/storaged.sock"

@@ -32,6 +32,11 @@ pub struct TenantSpec {
     /// Unix socket peers with these uids are this tenant.
     #[serde(default)]
     pub uids: Vec<u32>,
+    /// TLS clients whose certificate (verified against `tls_client_ca`)
+    /// has one of these subject common names or URI subject alternative
+    /// names are this tenant.
+    #[serde(default)]
+    pub cert_names: Vec<String>,
     /// Dataset-name prefixes this tenant may read ("" is every name).
     #[serde(default)]
     pub read: Vec<String>,
@@ -105,6 +110,10 @@ pub enum AuthError {
     UnknownToken,
     #[error("uid {uid} on the Unix socket is not mapped to a tenant, and no token was sent")]
     UnknownUid { uid: u32 },
+    #[error(
+        "no tenant has a cert_names entry for this client certificate ({names}), and no token was sent"
+    )]
+    UnknownCert { names: String },
 }
 
 /// An operation a caller may or may not be allowed.
@@ -155,6 +164,8 @@ pub enum Via {
     Open,
     Token,
     UnixUid(u32),
+    /// A verified TLS client certificate.
+    Certificate,
 }
 
 /// An authenticated caller.
@@ -273,6 +284,7 @@ pub struct Tenants {
     list: Vec<Arc<Tenant>>,
     by_token: HashMap<[u8; 32], Arc<Tenant>>,
     by_uid: HashMap<u32, Arc<Tenant>>,
+    by_cert_name: HashMap<String, Arc<Tenant>>,
 }
 
 /// What a caller presented.
@@ -282,6 +294,8 @@ pub struct Presented<'a> {
     pub authorization: Option<&'a str>,
     /// The peer's uid, on the Unix socket.
     pub unix_uid: Option<u32>,
+    /// The names a verified client certificate proves (`tls::cert_names`).
+    pub cert_names: &'a [String],
 }
 
 fn valid_tenant_name(name: &str) -> bool {
@@ -308,9 +322,9 @@ impl Tenants {
             if t.list.iter().any(|o| &o.name == name) {
                 return Err(format!("tenant {name:?} is declared twice"));
             }
-            if spec.tokens_sha256.is_empty() && spec.uids.is_empty() {
+            if spec.tokens_sha256.is_empty() && spec.uids.is_empty() && spec.cert_names.is_empty() {
                 return Err(format!(
-                    "tenant {name:?} has no credentials: add tokens_sha256 or uids"
+                    "tenant {name:?} has no credentials: add tokens_sha256, uids or cert_names"
                 ));
             }
             let size = |what: &str, v: &Option<String>| -> Result<Option<u64>, String> {
@@ -359,6 +373,20 @@ impl Tenants {
                     ));
                 }
             }
+            for cert_name in &spec.cert_names {
+                if cert_name.is_empty() {
+                    return Err(format!("tenant {name:?}: an empty cert_names entry"));
+                }
+                if let Some(other) = t
+                    .by_cert_name
+                    .insert(cert_name.clone(), Arc::clone(&tenant))
+                {
+                    return Err(format!(
+                        "tenants {:?} and {name:?} both claim certificate name {cert_name:?}",
+                        other.name
+                    ));
+                }
+            }
             for uid in &spec.uids {
                 if let Some(other) = t.by_uid.insert(*uid, Arc::clone(&tenant)) {
                     return Err(format!(
@@ -401,6 +429,19 @@ impl Tenants {
                 })
                 .ok_or(AuthError::UnknownToken);
         }
+        if !p.cert_names.is_empty() {
+            return p
+                .cert_names
+                .iter()
+                .find_map(|n| self.by_cert_name.get(n))
+                .map(|t| Principal {
+                    tenant: Some(Arc::clone(t)),
+                    via: Via::Certificate,
+                })
+                .ok_or_else(|| AuthError::UnknownCert {
+                    names: p.cert_names.join(", "),
+                });
+        }
         match p.unix_uid {
             Some(uid) => self
                 .by_uid
@@ -441,6 +482,11 @@ mod tests {
                     admin: true,
                     ..Default::default()
                 },
+                TenantSpec {
+                    name: "audio".into(),
+                    cert_names: vec!["audio-cn".into(), "spiffe://x/audio".into()],
+                    ..Default::default()
+                },
             ],
             1 << 30,
         )
@@ -453,6 +499,7 @@ mod tests {
         t.authenticate(Presented {
             authorization: value.as_deref(),
             unix_uid: uid,
+            cert_names: &[],
         })
     }
 
@@ -474,10 +521,33 @@ mod tests {
         assert!(matches!(
             t.authenticate(Presented {
                 authorization: Some("Basic x"),
-                unix_uid: None,
+                ..Default::default()
             }),
             Err(AuthError::Malformed)
         ));
+        // A verified client certificate names its tenant; an unknown one
+        // is refused by its names, and a token still decides first.
+        let certified = |names: &[String]| {
+            t.authenticate(Presented {
+                cert_names: names,
+                ..Default::default()
+            })
+        };
+        let p = certified(&["spiffe://x/audio".into()]).unwrap();
+        assert_eq!((p.name(), p.via), ("audio", Via::Certificate));
+        assert_eq!(certified(&["audio-cn".into()]).unwrap().name(), "audio");
+        assert!(matches!(
+            certified(&["stranger".into()]),
+            Err(AuthError::UnknownCert { .. })
+        ));
+        let p = t
+            .authenticate(Presented {
+                authorization: Some(&bearer("sdt_a")),
+                cert_names: &["audio-cn".into()],
+                ..Default::default()
+            })
+            .unwrap();
+        assert_eq!(p.name(), "vision");
         assert!(matches!(
             who(&t, None, Some(0)),
             Err(AuthError::UnknownUid { uid: 0 })

@@ -292,7 +292,15 @@ pub struct Catalog {
     db: std::sync::RwLock<Option<Database>>,
     path: std::path::PathBuf,
     /// Why the catalog is failing, while it is.
-    fault: std::sync::Mutex<Option<String>>,
+    fault: std::sync::Mutex<Option<Fault>>,
+}
+
+/// A catalog failure: why, and whether the database must be reopened
+/// before the next transaction. It lasts until a write commits.
+#[derive(Debug, Clone)]
+struct Fault {
+    reason: String,
+    reopen: bool,
 }
 
 impl std::fmt::Debug for Catalog {
@@ -378,13 +386,20 @@ impl Catalog {
 
     /// Why the catalog is failing, if it is.
     pub fn fault(&self) -> Option<String> {
-        self.fault.lock().expect("catalog fault poisoned").clone()
+        self.lock_fault().as_ref().map(|f| f.reason.clone())
     }
 
-    /// For Status: tries to reopen a failing catalog first, so the state
-    /// shown is the state now, not the one of the last write.
+    fn lock_fault(&self) -> std::sync::MutexGuard<'_, Option<Fault>> {
+        self.fault.lock().expect("catalog fault poisoned")
+    }
+
+    /// For Status: while the catalog is failing, a write that changes
+    /// nothing tries it again, so the state shown is the state now, not
+    /// the one of the last ingest.
     pub fn health(&self) -> Option<String> {
-        let _ = self.recover();
+        if self.fault().is_some() {
+            let _ = self.set_meta(&[("health_probe", Some(&[]))]);
+        }
         self.fault()
     }
 
@@ -403,7 +418,11 @@ impl Catalog {
     }
 
     fn commit(&self, txn: redb::WriteTransaction) -> Result<(), CatalogError> {
-        txn.commit().map_err(|e| self.observe(dberr(e)))
+        txn.commit().map_err(|e| self.observe(dberr(e)))?;
+        if self.lock_fault().take().is_some() {
+            tracing::info!(path = %self.path.display(), "catalog writes work again");
+        }
+        Ok(())
     }
 
     fn failing(&self) -> CatalogError {
@@ -440,23 +459,28 @@ impl Catalog {
     }
 
     fn set_fault(&self, reason: String) {
-        let mut fault = self.fault.lock().expect("catalog fault poisoned");
+        let mut fault = self.lock_fault();
         if fault.is_none() {
             tracing::error!(
                 path = %self.path.display(),
-                "catalog failing: {reason}; new ingests and deletes fail until it can be reopened"
+                "catalog failing: {reason}; ingests and deletes fail until a write succeeds again"
             );
         }
-        *fault = Some(reason);
+        *fault = Some(Fault {
+            reason,
+            reopen: true,
+        });
     }
 
-    /// Reopens a failed catalog; `Ok` when it is not failing (any more).
+    /// Reopens the database after a failure (redb refuses everything after
+    /// one I/O error until then). The fault itself stays until a write
+    /// commits.
     fn recover(&self) -> Result<(), CatalogError> {
-        if self.fault.lock().expect("catalog fault poisoned").is_none() {
+        if !self.lock_fault().as_ref().is_some_and(|f| f.reopen) {
             return Ok(());
         }
         let mut db = self.db.write().expect("catalog lock poisoned");
-        if self.fault().is_none() {
+        if !self.lock_fault().as_ref().is_some_and(|f| f.reopen) {
             return Ok(()); // another thread just reopened it
         }
         // The old handle holds the file's lock: close it first.
@@ -464,8 +488,10 @@ impl Catalog {
         match Database::create(&self.path) {
             Ok(reopened) => {
                 *db = Some(reopened);
-                *self.fault.lock().expect("catalog fault poisoned") = None;
-                tracing::info!(path = %self.path.display(), "catalog reopened; working again");
+                if let Some(f) = self.lock_fault().as_mut() {
+                    f.reopen = false;
+                }
+                tracing::info!(path = %self.path.display(), "catalog reopened");
                 Ok(())
             }
             Err(e) => {

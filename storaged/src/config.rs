@@ -67,6 +67,11 @@ pub struct FileConfig {
     pub connection_inflight: Option<String>,
     /// Pool bytes one tenant's calls may hold, unless its quota says.
     pub tenant_inflight: Option<String>,
+    /// TLS on the TCP listener: the server's certificate chain and key
+    /// (PEM), and CAs of accepted client certificates (then required).
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -265,6 +270,8 @@ pub struct ServeConfig {
     /// Listening on a non-loopback address without tenants and TLS was
     /// asked for explicitly (`--insecure`).
     pub insecure: bool,
+    /// TLS on the TCP listener.
+    pub tls: Option<crate::tls::TlsFiles>,
 }
 
 /// Flag values; `None` means "not given".
@@ -437,7 +444,21 @@ impl ServeConfig {
             file.tenant.as_deref().unwrap_or_default(),
             tenant_inflight_bytes,
         )?;
+        let tls = match (file.tls_cert, file.tls_key, file.tls_client_ca) {
+            (None, None, None) => None,
+            (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles {
+                cert,
+                key,
+                client_ca,
+            }),
+            (None, _, Some(_)) | (Some(_), None, _) | (None, Some(_), None) => {
+                return Err(
+                    "TLS needs both tls_cert and tls_key (and tls_client_ca only with them)".into(),
+                );
+            }
+        };
         let cfg = Self {
+            tls,
             listen,
             unix,
             unix_access,
@@ -514,8 +535,11 @@ impl ServeConfig {
         if self.listen.ip().is_loopback() {
             return None;
         }
+        if self.tenants.enabled() && self.tls.is_some() {
+            return None;
+        }
         Some(if self.tenants.enabled() {
-            "tokens and data would cross the network unencrypted (this storaged has no TLS)"
+            "tokens and data would cross the network unencrypted (set tls_cert and tls_key)"
                 .to_owned()
         } else {
             "no tenants are configured, so every caller that reaches this address would have every right, including deleting datasets".to_owned()

@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use futures::task::AtomicWaker;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tonic::transport::server::{Connected, TcpConnectInfo, UdsConnectInfo};
+use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo, UdsConnectInfo};
 
 use crate::budget::Account;
 
@@ -429,9 +429,23 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    /// The connection a request arrived on.
+    /// The connection a request arrived on (under TLS or not).
     pub fn of(extensions: &http::Extensions) -> Option<&ConnInfo> {
-        extensions.get::<ConnInfo>()
+        extensions.get::<ConnInfo>().or_else(|| {
+            extensions
+                .get::<TlsConnectInfo<ConnInfo>>()
+                .map(TlsConnectInfo::get_ref)
+        })
+    }
+
+    /// The client's certificate chain (leaf first), on a TLS connection
+    /// where the client sent one.
+    pub fn peer_certs(
+        extensions: &http::Extensions,
+    ) -> Option<Arc<Vec<tonic::transport::CertificateDer<'static>>>> {
+        extensions
+            .get::<TlsConnectInfo<ConnInfo>>()
+            .and_then(TlsConnectInfo::peer_certs)
     }
 
     pub fn remote_addr(&self) -> Option<std::net::SocketAddr> {

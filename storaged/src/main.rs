@@ -160,9 +160,18 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         Some(path) => AuditLog::open(path, cfg.audit_required)?,
         None => AuditLog::disabled(),
     };
+    let tls = cfg.tls.as_ref().map(|t| t.server_config()).transpose()?;
+    if let Some(t) = &cfg.tls {
+        tracing::info!(
+            cert = %t.cert.display(),
+            client_certificates = if t.client_ca.is_some() { "required" } else { "not asked for" },
+            "TLS on TCP"
+        );
+    }
     let access = Access {
         tenants: Arc::clone(&cfg.tenants),
         audit: Arc::new(audit),
+        tls,
     };
     if access.tenants.enabled() {
         tracing::info!(

@@ -240,6 +240,7 @@ pub async fn serve(
         .build_v1alpha()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let tls = access.tls.clone();
     let storaged = StoragedService::new(
         store,
         Regions::new(region_limits),
@@ -261,15 +262,28 @@ pub async fn serve(
         },
     );
 
-    let router = Server::builder()
-        .layer(TrackCallsLayer)
-        .max_concurrent_streams(limits.max_concurrent_streams)
-        .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
-        .max_frame_size(limits.max_frame_bytes)
-        .initial_stream_window_size(limits.initial_stream_window_bytes)
-        .initial_connection_window_size(limits.initial_connection_window_bytes)
-        .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_s)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_s)))
+    let builder = || {
+        Server::builder()
+            .layer(TrackCallsLayer)
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
+            .max_frame_size(limits.max_frame_bytes)
+            .initial_stream_window_size(limits.initial_stream_window_bytes)
+            .initial_connection_window_size(limits.initial_connection_window_bytes)
+            .http2_keepalive_interval(Some(Duration::from_secs(limits.keepalive_interval_s)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(limits.keepalive_timeout_s)))
+    };
+    // TLS on TCP only: the Unix socket's peers are known by uid.
+    let mut tcp_builder = match tls {
+        Some(config) => builder().tls_config(config)?,
+        None => builder(),
+    };
+    let tcp_router = tcp_builder
+        .add_service(health_service.clone())
+        .add_service(reflection_v1.clone())
+        .add_service(reflection_v1alpha.clone())
+        .add_service(service.clone());
+    let router = builder()
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -277,9 +291,7 @@ pub async fn serve(
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let tcp = router
-        .clone()
-        .serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
+    let tcp = tcp_router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     let unix = router.serve_with_incoming_shutdown(admission.unix(unix_listener), stopped(stop_rx));
     let server = async move {
         let (a, b) = tokio::join!(tcp, unix);

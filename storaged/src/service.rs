@@ -55,14 +55,17 @@ pub struct StoragedService {
 pub struct Access {
     pub tenants: Arc<Tenants>,
     pub audit: Arc<AuditLog>,
+    /// TLS on the TCP listener (read and checked before serving).
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Access {
-    /// No tenants (everyone is the operator) and no audit log.
+    /// No tenants (everyone is the operator), no audit log, no TLS.
     pub fn open() -> Self {
         Self {
             tenants: Arc::new(Tenants::default()),
             audit: Arc::new(AuditLog::disabled()),
+            tls: None,
         }
     }
 }
@@ -135,6 +138,7 @@ fn via_name(via: Via) -> String {
         Via::Open => "open".into(),
         Via::Token => "token".into(),
         Via::UnixUid(uid) => format!("uid:{uid}"),
+        Via::Certificate => "certificate".into(),
     }
 }
 
@@ -232,10 +236,14 @@ impl StoragedService {
             .get(storaged_proto::auth::AUTHORIZATION_METADATA_KEY)
             .map(|v| v.to_str().map_err(|_| AuthError::Malformed))
             .transpose();
+        let cert_names = ConnInfo::peer_certs(request.extensions())
+            .and_then(|chain| chain.first().map(|leaf| crate::tls::cert_names(leaf)))
+            .unwrap_or_default();
         let authenticated = authorization.and_then(|authorization| {
             self.tenants.authenticate(Presented {
                 authorization,
                 unix_uid: peer_uid(request).ok(),
+                cert_names: &cert_names,
             })
         });
         let principal = match authenticated {

@@ -189,7 +189,10 @@ fn a_closed_pipe_ends_storagectl_quietly() {
 #[test]
 fn urls_that_cannot_work_are_refused_with_the_fix() {
     for (url, says) in [
-        ("https://127.0.0.1:7400", "TLS is not supported"),
+        (
+            "https://127.0.0.1:7400",
+            "https:// needs the CA certificate",
+        ),
         ("127.0.0.1:7400", "add http:// to the URL"),
     ] {
         let out = ctl_at(url, &["ls"]);

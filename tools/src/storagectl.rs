@@ -39,8 +39,8 @@ macro_rules! outln {
     about = "Command-line client for storaged"
 )]
 struct Cli {
-    /// storaged's address: http://HOST:PORT, or unix:///path/storaged.sock
-    /// on the same host. `https://` is refused (no TLS yet).
+    /// storaged's address: http://HOST:PORT, https://HOST:PORT (with --ca),
+    /// or unix:///path/storaged.sock on the same host.
     #[arg(
         long,
         env = "STORAGED_URL",
@@ -64,6 +64,16 @@ struct Cli {
     /// export, verify, epoch, scrub).
     #[arg(long, value_parser = parse_timeout, global = true)]
     timeout: Option<Duration>,
+    /// For https:// servers: the CA certificate (PEM) that signed
+    /// storaged's certificate.
+    #[arg(long, env = "STORAGED_CA", global = true)]
+    ca: Option<PathBuf>,
+    /// This client's certificate (PEM), when storaged requires one.
+    #[arg(long, env = "STORAGED_CERT", global = true)]
+    cert: Option<PathBuf>,
+    /// The key (PEM) of --cert.
+    #[arg(long, env = "STORAGED_KEY", global = true)]
+    key: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -448,6 +458,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Some(t) => Some(t),
             None => default_timeout(&cli.command),
         },
+        tls_ca: cli.ca.clone(),
+        tls_cert: cli.cert.clone(),
+        tls_key: cli.key.clone(),
     };
     let client = if cli.transport == "auto" {
         Client::connect_auto_with(&cli.server, &options).await?

@@ -318,8 +318,21 @@ impl Client {
     /// server's Unix socket when it advertises one; `"as-given"` keeps the
     /// url's transport.
     #[new]
-    #[pyo3(signature = (url, transport="auto", token=None))]
-    fn new(py: Python<'_>, url: String, transport: &str, token: Option<String>) -> PyResult<Self> {
+    /// `ca`, `cert`, `key`: PEM files for `https://` (the CA that signed
+    /// storaged's certificate; this client's certificate and key when
+    /// storaged requires one); default `STORAGED_CA`, `STORAGED_CERT`,
+    /// `STORAGED_KEY`.
+    #[pyo3(signature = (url, transport="auto", token=None, ca=None, cert=None, key=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        url: String,
+        transport: &str,
+        token: Option<String>,
+        ca: Option<std::path::PathBuf>,
+        cert: Option<std::path::PathBuf>,
+        key: Option<std::path::PathBuf>,
+    ) -> PyResult<Self> {
         let auto_local = match transport {
             "auto" => true,
             "as-given" => false,
@@ -333,6 +346,9 @@ impl Client {
         if let Some(t) = token.filter(|t| !t.is_empty()) {
             options.token = Some(t);
         }
+        options.tls_ca = ca.or(options.tls_ca);
+        options.tls_cert = cert.or(options.tls_cert);
+        options.tls_key = key.or(options.tls_key);
         let c = Self {
             url,
             auto_local,
@@ -353,6 +369,23 @@ impl Client {
     #[getter]
     fn token(&self) -> Option<&str> {
         self.options.token.as_deref()
+    }
+
+    /// The TLS files this client uses: `(ca, cert, key)`, each a path or
+    /// None; workers that connect again use them.
+    #[getter]
+    fn tls(
+        &self,
+    ) -> (
+        Option<std::path::PathBuf>,
+        Option<std::path::PathBuf>,
+        Option<std::path::PathBuf>,
+    ) {
+        (
+            self.options.tls_ca.clone(),
+            self.options.tls_cert.clone(),
+            self.options.tls_key.clone(),
+        )
     }
 
     /// The transport this client was made with: "auto" or "as-given".

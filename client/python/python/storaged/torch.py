@@ -161,12 +161,13 @@ class _Connection:
     again; a spawned worker (unpickled) makes its own."""
 
     def __init__(self, url: Union[str, Client], dataset: str, transport: Optional[str] = None,
-                 token: Optional[str] = None):
+                 token: Optional[str] = None, tls=None):
         client = None
         if isinstance(url, Client):
             client, url = url, url.url
             transport = transport or client.transport
             token = token or client.token
+            tls = tls or client.tls
         elif not isinstance(url, str):
             raise TypeError(f"url must be a URL string or a storaged.Client, not {type(url).__name__}")
         self.url = url
@@ -175,22 +176,26 @@ class _Connection:
         # Workers connect again with it (a spawned worker's environment
         # need not hold STORAGED_TOKEN).
         self.token = token
+        # (ca, cert, key) for https://, as paths; None: the environment's.
+        self.tls = tuple(str(p) if p is not None else None for p in tls) if tls else (None, None, None)
         self._client = client
         self._ds = None
 
     def dataset(self):
         if self._ds is None:
-            client = self._client or Client(self.url, transport=self.transport, token=self.token)
+            ca, cert, key = self.tls
+            client = self._client or Client(self.url, transport=self.transport, token=self.token,
+                                            ca=ca, cert=cert, key=key)
             self._ds = client.dataset(self.dataset_name)
         return self._ds
 
     def __getstate__(self):
         return {"url": self.url, "dataset_name": self.dataset_name, "transport": self.transport,
-                "token": self.token}
+                "token": self.token, "tls": self.tls}
 
     def __setstate__(self, state):
         self.__init__(state["url"], state["dataset_name"], state.get("transport", "auto"),
-                      state.get("token"))
+                      state.get("token"), state.get("tls"))
 
 
 def _retrying(budget_s: float, what: str, call: Callable):
