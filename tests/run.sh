@@ -39,6 +39,12 @@ if ! command -v script >/dev/null || ! command -v runuser >/dev/null; then
   apt-get install -y -qq bsdutils util-linux >/dev/null
 fi
 
+step "openssl(1): the JWT test makes an RS256 key with it"
+if ! command -v openssl >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq openssl >/dev/null
+fi
+
 step "python virtualenv for the interop test (grpcio, health, reflection)"
 PY=${PYTHON:-python3}
 if ! "$PY" -m venv --help >/dev/null 2>&1; then

@@ -1040,9 +1040,11 @@ mod tests {
     // a scheme failing with an unclear message (issue 13, items 7 and 15).
     #[tokio::test]
     async fn urls_that_cannot_work_are_refused_by_name() {
-        let e = Client::connect("https://127.0.0.1:1").await.unwrap_err();
+        let e = Client::connect_with("https://127.0.0.1:1", &ConnectOptions::default())
+            .await
+            .unwrap_err();
         assert!(matches!(e, ClientError::BadUrl { .. }), "{e}");
-        assert!(e.to_string().contains("TLS is not supported"), "{e}");
+        assert!(e.to_string().contains("needs the CA certificate"), "{e}");
         let e = Client::connect("127.0.0.1:7400").await.unwrap_err();
         assert!(e.to_string().contains("add http:// to the URL"), "{e}");
         let e = Client::connect("ftp://x").await.unwrap_err();

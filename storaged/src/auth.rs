@@ -94,6 +94,9 @@ pub struct Tenant {
     pub inflight: Arc<crate::budget::Account>,
 }
 
+/// Longest JWT accepted (a bearer token of storaged's own is far shorter).
+pub const JWT_BYTES_MAX: usize = 8192;
+
 /// Longest tenant name.
 pub const TENANT_NAME_BYTES_MAX: usize = 64;
 
@@ -114,6 +117,8 @@ pub enum AuthError {
         "no tenant has a cert_names entry for this client certificate ({names}), and no token was sent"
     )]
     UnknownCert { names: String },
+    #[error(transparent)]
+    Jwt(#[from] crate::jwt::JwtError),
 }
 
 /// An operation a caller may or may not be allowed.
@@ -157,6 +162,27 @@ pub enum QuotaExceeded {
     Ingests { tenant: String, limit: u32 },
 }
 
+/// Rights on dataset-name prefixes (a JWT may narrow its tenant's to these).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rights {
+    pub read: Vec<String>,
+    pub write: Vec<String>,
+    pub admin: bool,
+}
+
+impl Rights {
+    /// Whether these rights allow `right` on dataset `name` (write
+    /// implies read, as for tenants).
+    pub fn allows(&self, right: Right, name: &str) -> bool {
+        let under = |prefixes: &[String]| prefixes.iter().any(|p| name.starts_with(p.as_str()));
+        match right {
+            Right::Read => under(&self.read) || under(&self.write) || self.admin,
+            Right::Write => under(&self.write),
+            Right::Admin => self.admin,
+        }
+    }
+}
+
 /// How a principal proved itself.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Via {
@@ -166,6 +192,8 @@ pub enum Via {
     UnixUid(u32),
     /// A verified TLS client certificate.
     Certificate,
+    /// A JWT from the configured identity provider.
+    Jwt,
 }
 
 /// An authenticated caller.
@@ -174,6 +202,8 @@ pub struct Principal {
     /// `None`: the operator of a storaged without tenants (all rights).
     pub tenant: Option<Arc<Tenant>>,
     pub via: Via,
+    /// Rights this credential narrows its tenant's to (a JWT's claims).
+    pub narrowed: Option<Arc<Rights>>,
 }
 
 /// Held while a call is in progress: one of its tenant's `requests`.
@@ -188,6 +218,7 @@ impl Principal {
         Self {
             tenant: None,
             via: Via::Open,
+            narrowed: None,
         }
     }
 
@@ -198,19 +229,21 @@ impl Principal {
 
     pub fn is_admin(&self) -> bool {
         self.tenant.as_ref().is_none_or(|t| t.admin)
+            && self.narrowed.as_ref().is_none_or(|r| r.admin)
     }
 
-    /// Whether the caller may exercise `right` on dataset `name`.
+    /// Whether the caller may exercise `right` on dataset `name`: its
+    /// tenant may, and its credential does not narrow that away.
     pub fn allows(&self, right: Right, name: &str) -> bool {
         let Some(t) = &self.tenant else {
             return true;
         };
-        let under = |prefixes: &[String]| prefixes.iter().any(|p| name.starts_with(p.as_str()));
-        match right {
-            Right::Read => under(&t.read) || under(&t.write) || t.admin,
-            Right::Write => under(&t.write),
-            Right::Admin => t.admin,
-        }
+        let tenant = Rights {
+            read: t.read.clone(),
+            write: t.write.clone(),
+            admin: t.admin,
+        };
+        tenant.allows(right, name) && self.narrowed.as_ref().is_none_or(|r| r.allows(right, name))
     }
 
     /// `Ok` if the caller may exercise `right` on dataset `name`.
@@ -285,6 +318,7 @@ pub struct Tenants {
     by_token: HashMap<[u8; 32], Arc<Tenant>>,
     by_uid: HashMap<u32, Arc<Tenant>>,
     by_cert_name: HashMap<String, Arc<Tenant>>,
+    jwt: Option<Arc<crate::jwt::JwtVerifier>>,
 }
 
 /// What a caller presented.
@@ -310,7 +344,13 @@ impl Tenants {
     /// Resolves and checks the config's tenants: unique names, tokens and
     /// uids; tokens given as 64 hex digits. `inflight_bytes_default` is
     /// the pool bytes a tenant without an `inflight` quota may hold.
-    pub fn from_specs(specs: &[TenantSpec], inflight_bytes_default: u64) -> Result<Self, String> {
+    /// `accepts_jwt`: JWTs can name tenants, so a tenant needs no
+    /// credentials of its own.
+    pub fn from_specs(
+        specs: &[TenantSpec],
+        inflight_bytes_default: u64,
+        accepts_jwt: bool,
+    ) -> Result<Self, String> {
         let mut t = Self::default();
         for spec in specs {
             let name = &spec.name;
@@ -322,9 +362,13 @@ impl Tenants {
             if t.list.iter().any(|o| &o.name == name) {
                 return Err(format!("tenant {name:?} is declared twice"));
             }
-            if spec.tokens_sha256.is_empty() && spec.uids.is_empty() && spec.cert_names.is_empty() {
+            if !accepts_jwt
+                && spec.tokens_sha256.is_empty()
+                && spec.uids.is_empty()
+                && spec.cert_names.is_empty()
+            {
                 return Err(format!(
-                    "tenant {name:?} has no credentials: add tokens_sha256, uids or cert_names"
+                    "tenant {name:?} has no credentials: add tokens_sha256, uids or cert_names (or configure [jwt])"
                 ));
             }
             let size = |what: &str, v: &Option<String>| -> Result<Option<u64>, String> {
@@ -401,6 +445,13 @@ impl Tenants {
     }
 
     /// Whether any tenant is configured (else everyone is the operator).
+    /// Accepts JWTs from `verifier` as bearer tokens too.
+    #[must_use]
+    pub fn with_jwt(mut self, verifier: crate::jwt::JwtVerifier) -> Self {
+        self.jwt = Some(Arc::new(verifier));
+        self
+    }
+
     pub fn enabled(&self) -> bool {
         !self.list.is_empty()
     }
@@ -417,6 +468,24 @@ impl Tenants {
         }
         if let Some(value) = p.authorization {
             let token = storaged_proto::auth::parse_bearer(value).ok_or(AuthError::Malformed)?;
+            if let Some(jwt) = &self.jwt
+                && crate::jwt::JwtVerifier::looks_like_jwt(token)
+            {
+                if token.len() > JWT_BYTES_MAX {
+                    return Err(AuthError::Malformed);
+                }
+                let id = jwt.verify(token)?;
+                let tenant = self
+                    .list
+                    .iter()
+                    .find(|t| t.name == id.tenant)
+                    .ok_or(crate::jwt::JwtError::UnknownTenant(id.tenant))?;
+                return Ok(Principal {
+                    tenant: Some(Arc::clone(tenant)),
+                    via: Via::Jwt,
+                    narrowed: id.narrowed.map(Arc::new),
+                });
+            }
             if token.len() > TOKEN_BYTES_MAX {
                 return Err(AuthError::UnknownToken);
             }
@@ -426,6 +495,7 @@ impl Tenants {
                 .map(|t| Principal {
                     tenant: Some(Arc::clone(t)),
                     via: Via::Token,
+                    narrowed: None,
                 })
                 .ok_or(AuthError::UnknownToken);
         }
@@ -437,6 +507,7 @@ impl Tenants {
                 .map(|t| Principal {
                     tenant: Some(Arc::clone(t)),
                     via: Via::Certificate,
+                    narrowed: None,
                 })
                 .ok_or_else(|| AuthError::UnknownCert {
                     names: p.cert_names.join(", "),
@@ -449,6 +520,7 @@ impl Tenants {
                 .map(|t| Principal {
                     tenant: Some(Arc::clone(t)),
                     via: Via::UnixUid(uid),
+                    narrowed: None,
                 })
                 .ok_or(AuthError::UnknownUid { uid }),
             None => Err(AuthError::Missing),
@@ -489,6 +561,7 @@ mod tests {
                 },
             ],
             1 << 30,
+            false,
         )
         .unwrap()
     }
@@ -585,12 +658,13 @@ mod tests {
             tokens_sha256: vec![token.into()],
             ..Default::default()
         };
-        let err = Tenants::from_specs(&[spec("a b", &token_sha256_hex("x"))], 1 << 30).unwrap_err();
+        let err = Tenants::from_specs(&[spec("a b", &token_sha256_hex("x"))], 1 << 30, false)
+            .unwrap_err();
         assert!(err.contains("names are"), "{err}");
-        let err = Tenants::from_specs(&[spec("a", "nothex")], 1 << 30).unwrap_err();
+        let err = Tenants::from_specs(&[spec("a", "nothex")], 1 << 30, false).unwrap_err();
         assert!(err.contains("64 hex"), "{err}");
         let h = token_sha256_hex("x");
-        let err = Tenants::from_specs(&[spec("a", &h), spec("b", &h)], 1 << 30).unwrap_err();
+        let err = Tenants::from_specs(&[spec("a", &h), spec("b", &h)], 1 << 30, false).unwrap_err();
         assert!(err.contains("share a token"), "{err}");
         let err = Tenants::from_specs(
             &[TenantSpec {
@@ -598,6 +672,7 @@ mod tests {
                 ..Default::default()
             }],
             1 << 30,
+            false,
         )
         .unwrap_err();
         assert!(err.contains("no credentials"), "{err}");

@@ -72,6 +72,8 @@ pub struct FileConfig {
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub tls_client_ca: Option<PathBuf>,
+    /// JWTs from an identity provider as bearer tokens.
+    pub jwt: Option<crate::jwt::JwtSpec>,
 }
 
 impl FileConfig {
@@ -440,10 +442,17 @@ impl ServeConfig {
             .parse()
             .map_err(|e| format!("listen address {listen_s:?}: {e}"))?;
         let worker_threads = flags.worker_threads.or(file.worker_threads).unwrap_or(2);
-        let tenants = crate::auth::Tenants::from_specs(
+        let mut tenants = crate::auth::Tenants::from_specs(
             file.tenant.as_deref().unwrap_or_default(),
             tenant_inflight_bytes,
+            file.jwt.is_some(),
         )?;
+        if let Some(spec) = &file.jwt {
+            if !tenants.enabled() {
+                return Err("[jwt] names tenants: add [[tenant]] tables too".into());
+            }
+            tenants = tenants.with_jwt(crate::jwt::JwtVerifier::load(spec)?);
+        }
         let tls = match (file.tls_cert, file.tls_key, file.tls_client_ca) {
             (None, None, None) => None,
             (Some(cert), Some(key), client_ca) => Some(crate::tls::TlsFiles {

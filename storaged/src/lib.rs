@@ -22,6 +22,7 @@ pub mod dirlock;
 pub mod ec;
 pub mod engine;
 pub mod error;
+pub mod jwt;
 pub mod layout;
 pub mod region;
 pub mod server;

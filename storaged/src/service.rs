@@ -139,6 +139,7 @@ fn via_name(via: Via) -> String {
         Via::Token => "token".into(),
         Via::UnixUid(uid) => format!("uid:{uid}"),
         Via::Certificate => "certificate".into(),
+        Via::Jwt => "jwt".into(),
     }
 }
 
