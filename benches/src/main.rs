@@ -85,6 +85,8 @@ struct Ctx {
     plan: Plan,
     peers: bool,
     daemon: Daemon,
+    /// How to start the daemon again (the TLS workload restarts it).
+    restart: Restart,
     client: storaged_client::Client,
     nginx: Option<Nginx>,
     device_paths: Vec<String>,
@@ -95,7 +97,28 @@ struct Ctx {
     cdfs: Vec<Cdf>,
 }
 
+/// What starting the harness's storaged takes.
+struct Restart {
+    bin: PathBuf,
+    data_dir: PathBuf,
+    devices: Vec<PathBuf>,
+    device_size: u64,
+}
+
 impl Ctx {
+    /// Stops the daemon and starts it again with `extra` arguments; the
+    /// harness's client follows it (plain gRPC on the same pool).
+    async fn restart_daemon(&mut self, extra: &[String]) -> anyhow::Result<()> {
+        let r = &self.restart;
+        // Swap in a placeholder only after the old one stopped: the data
+        // dir is locked by its daemon.
+        let old = std::mem::replace(&mut self.daemon, Daemon::placeholder());
+        old.stop()?;
+        self.daemon = Daemon::start_with(&r.bin, &r.data_dir, &r.devices, r.device_size, extra)?;
+        self.client = storaged_client::Client::connect(&self.daemon.url).await?;
+        Ok(())
+    }
+
     fn finish(&mut self, workload: &str, c: u32, runs: &Runs) -> Vec<Row> {
         for (system, reps) in runs {
             if let Some(last) = reps.last() {
@@ -231,6 +254,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None
     };
     let mut ctx = Ctx {
+        restart: Restart {
+            bin: storaged_bin.clone(),
+            data_dir: work.join("storaged-data"),
+            devices: devices.clone(),
+            device_size,
+        },
         plan,
         peers,
         daemon,
@@ -261,6 +290,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     if wanted("list_1m") {
         rows.extend(listing(&mut ctx).await?);
+    }
+    if wanted("tls") {
+        let random_set = sets
+            .iter()
+            .find(|s| s.name == "fixed128k")
+            .expect("dataset");
+        rows.extend(tls_cost(&mut ctx, &work, shards, random_set).await?);
     }
     add_ratios(&mut rows);
 
@@ -459,6 +495,74 @@ async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<
         }
         rows.extend(ctx.finish(workload, c, &runs));
     }
+    Ok(rows)
+}
+
+/// What tenants and TLS cost: the same daemon (same build, same pool)
+/// restarted between plain gRPC without tenants, a bearer token on every
+/// call, and the token over TLS, in turn each repetition, on shard
+/// streaming and random 128 KiB reads.
+async fn tls_cost(
+    ctx: &mut Ctx,
+    work: &std::path::Path,
+    shards: &FileSet,
+    random_set: &FileSet,
+) -> anyhow::Result<Vec<Row>> {
+    let tls = sd::TlsSetup::create(&work.join("tls"))?;
+    let shard_items = items_of(shards);
+    let mut order = items_of(random_set);
+    datasets::Rng::new(42).shuffle(&mut order);
+    order.truncate(ctx.plan.random_items);
+    let streams = *ctx.plan.stream_concurrency.last().unwrap_or(&1);
+    let in_flight = 16;
+    let mut stream_runs: Runs = Vec::new();
+    let mut random_runs: Runs = Vec::new();
+    // Cheap runs, and the difference sought is a few percent: at least 5
+    // alternating repetitions, whatever the plan says.
+    let repetitions = ctx.plan.repetitions.max(5);
+    for rep in 0..repetitions {
+        eprintln!("tls, repetition {}/{repetitions}...", rep + 1);
+        for (system, auth, secured) in [
+            ("storaged_grpc", false, false),
+            ("storaged_grpc_token", true, false),
+            ("storaged_grpc_tls", true, true),
+        ] {
+            ctx.restart_daemon(&if auth {
+                tls.daemon_args(secured)
+            } else {
+                Vec::new()
+            })
+            .await?;
+            let client = if auth {
+                tls.client(&ctx.daemon.url, secured).await?
+            } else {
+                ctx.client.clone()
+            };
+            ctx.measure_cold(
+                &mut stream_runs,
+                system,
+                sd::stream_objects(&ctx.daemon, &client, &shards.name, &shard_items, streams),
+            )
+            .await?;
+            ctx.measure_cold(
+                &mut random_runs,
+                system,
+                sd::read_batch(
+                    &ctx.daemon,
+                    &client,
+                    &random_set.name,
+                    &order,
+                    in_flight,
+                    false,
+                ),
+            )
+            .await?;
+        }
+    }
+    // Back to the plain daemon for whatever runs next.
+    ctx.restart_daemon(&[]).await?;
+    let mut rows = ctx.finish("tls_shard_stream", streams, &stream_runs);
+    rows.extend(ctx.finish("tls_random_128k", in_flight, &random_runs));
     Ok(rows)
 }
 

@@ -19,6 +19,13 @@
 //!    shard streaming during the rebuild.
 //! 4. **Scrub.** Scrub GiB/s unthrottled; random-sample p99 with no scrub
 //!    and with a scrub at the default rate (64 MiB/s).
+//! 5. **Hostile clients.** With two tenants: a victim's shard read latency
+//!    idle and while the other tenant holds 50 streams it never reads
+//!    (two connections, windows never opened); storaged's resident memory
+//!    before and while two 100 000-item ReadBatches and a 48-item
+//!    any-order one sit unread.
+//!
+//! `--only hostile,scrub` runs some phases (after the ingest).
 //!
 //! Every figure is a median of the repetitions (3, or 1 with `--quick`),
 //! with page caches dropped before each measurement. Results go to
@@ -63,6 +70,9 @@ struct Args {
     /// The storaged binary (default: next to this one).
     #[arg(long)]
     storaged_bin: Option<PathBuf>,
+    /// Only these phases (bitflip, degraded, rebuild, scrub, hostile).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// xorshift64*: flip positions from the seed.
@@ -209,10 +219,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let mut out = serde_json::Map::new();
     out.insert("ingest".into(), serde_json::Value::Object(ingest));
-    out.insert("bitflip".into(), bitflips(&setup, &args).await?);
-    out.insert("degraded".into(), degraded(&setup).await?);
-    out.insert("rebuild".into(), rebuild(&setup).await?);
-    out.insert("scrub".into(), scrub(&setup).await?);
+    let wanted = |p: &str| args.only.is_empty() || args.only.iter().any(|o| o == p);
+    if wanted("bitflip") {
+        out.insert("bitflip".into(), bitflips(&setup, &args).await?);
+    }
+    if wanted("degraded") {
+        out.insert("degraded".into(), degraded(&setup).await?);
+    }
+    if wanted("rebuild") {
+        out.insert("rebuild".into(), rebuild(&setup).await?);
+    }
+    if wanted("scrub") {
+        out.insert("scrub".into(), scrub(&setup).await?);
+    }
+    if wanted("hostile") {
+        out.insert("hostile".into(), hostile(&setup, &work).await?);
+    }
     let json = serde_json::Value::Object(out);
     std::fs::write(
         args.out.join("reliability.json"),
@@ -579,5 +601,175 @@ async fn scrub(setup: &Setup) -> anyhow::Result<serde_json::Value> {
         "sample_p99_us_idle": idle_p99,
         "sample_p99_us_with_scrub_64mib_s": busy_p99,
         "p99_ratio": busy_p99 / idle_p99.max(1e-9),
+    }))
+}
+
+/// Resident memory of process `pid`, in bytes.
+fn rss_bytes(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        << 10
+}
+
+/// A gRPC client on a connection of its own whose flow-control windows
+/// stay at the HTTP/2 minimum, with `token`: a reader that stops reading.
+async fn stingy(
+    url: &str,
+    token: &str,
+) -> anyhow::Result<
+    pb::storaged_client::StoragedClient<
+        tonic::service::interceptor::InterceptedService<
+            tonic::transport::Channel,
+            impl tonic::service::Interceptor + Clone,
+        >,
+    >,
+> {
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await?;
+    let auth: tonic::metadata::MetadataValue<_> = storaged_proto::auth::bearer(token).parse()?;
+    Ok(pb::storaged_client::StoragedClient::with_interceptor(
+        channel,
+        move |mut r: tonic::Request<()>| {
+            r.metadata_mut().insert("authorization", auth.clone());
+            Ok(r)
+        },
+    ))
+}
+
+/// Phase 5: see the module docs.
+async fn hostile(setup: &Setup, work: &Path) -> anyhow::Result<serde_json::Value> {
+    let victim_token = storaged_client::new_token()?;
+    let hostile_token = storaged_client::new_token()?;
+    let config = work.join("hostile.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "stream_stall_timeout_s = 600\n\n[[tenant]]\nname = \"victim\"\ntokens_sha256 = [\"{}\"]\nread = [\"\"]\n\n[[tenant]]\nname = \"hostile\"\ntokens_sha256 = [\"{}\"]\nread = [\"\"]\n",
+            storaged_proto::auth::token_sha256_hex(&victim_token),
+            storaged_proto::auth::token_sha256_hex(&hostile_token)
+        ),
+    )?;
+    let d = setup.start(&["--config".into(), config.display().to_string()])?;
+    let victim = Client::connect_with(
+        &d.url,
+        &storaged_client::ConnectOptions {
+            token: Some(victim_token),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let ds = victim.dataset("train")?;
+    // Victim: each shard (16 MiB) read whole, one after another.
+    let shard_latencies = |ds: storaged_client::Dataset| async move {
+        let mut ms = Vec::new();
+        for _ in 0..setup.reps.max(2) {
+            for it in &setup.shards {
+                let t0 = Instant::now();
+                let got = ds.read(&it.path).await?;
+                anyhow::ensure!(got.len() as u64 == it.size, "short read of {}", it.path);
+                ms.push(t0.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        anyhow::Ok(ms)
+    };
+    let mut idle = shard_latencies(ds.clone()).await?;
+    let read = |path: &str| pb::ReadRequest {
+        dataset: "train".into(),
+        path: path.into(),
+        offset: 0,
+        length: None,
+    };
+    let mut held = Vec::new();
+    let mut stalled = Vec::new();
+    for c in 0..2 {
+        let mut client = stingy(&d.url, &hostile_token).await?;
+        for k in 0..25 {
+            let it = &setup.shards[(c * 25 + k) % setup.shards.len()];
+            stalled.push(client.read(read(&it.path)).await?.into_inner());
+        }
+        held.push(client);
+    }
+    let mut under_attack = shard_latencies(ds.clone()).await?;
+    drop(stalled);
+    drop(held);
+    let p = |v: &mut Vec<f64>, q: f64| percentile(v, q).unwrap_or(f64::NAN);
+    let (p50_idle, p50_attack) = (p(&mut idle, 0.5), p(&mut under_attack, 0.5));
+    let (p99_idle, p99_attack) = (p(&mut idle, 0.99), p(&mut under_attack, 0.99));
+    eprintln!(
+        "victim shard read p50 {p50_idle:.1} ms idle, {p50_attack:.1} ms beside 50 stalled streams ({:.2}x)",
+        p50_attack / p50_idle
+    );
+
+    // Amplification: huge and stalled batches, resident memory.
+    let pid = d.pid();
+    let rss_before = rss_bytes(pid);
+    let shard = &setup.shards[0].path;
+    let batch = |items: usize, any_order: bool| pb::ReadBatchRequest {
+        dataset: "train".into(),
+        items: (0..items)
+            .map(|_| pb::ReadItem {
+                path: shard.clone(),
+                offset: 0,
+                length: None,
+            })
+            .collect(),
+        max_in_flight: 512,
+        any_order,
+    };
+    let mut batches = Vec::new();
+    let mut first_message_ms = 0.0;
+    for (k, (items, any_order)) in [(100_000, false), (100_000, false), (48, true)]
+        .into_iter()
+        .enumerate()
+    {
+        let mut c = stingy(&d.url, &hostile_token).await?;
+        let t0 = Instant::now();
+        let mut s = c.read_batch(batch(items, any_order)).await?.into_inner();
+        if k == 0 {
+            // The first only: the others wait for the budget the first
+            // holds (one tenant's calls share its budget).
+            s.message().await?;
+            first_message_ms = t0.elapsed().as_secs_f64() * 1e3;
+        }
+        batches.push((c, s));
+    }
+    let mut rss_peak = rss_before;
+    let until = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < until {
+        rss_peak = rss_peak.max(rss_bytes(pid));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let t_status = Instant::now();
+    victim.status().await?;
+    let status_ms = t_status.elapsed().as_secs_f64() * 1e3;
+    drop(batches);
+    eprintln!(
+        "RSS {} MiB -> peak {} MiB with two 100 000-item batches and a stalled 48-item any-order batch; Status {status_ms:.1} ms",
+        rss_before >> 20,
+        rss_peak >> 20
+    );
+    d.stop()?;
+    Ok(serde_json::json!({
+        "victim_shard_read_ms": {
+            "idle_p50": p50_idle, "idle_p99": p99_idle,
+            "stalled50_p50": p50_attack, "stalled50_p99": p99_attack,
+            "p50_ratio": p50_attack / p50_idle,
+        },
+        "amplification": {
+            "rss_before_mib": rss_before >> 20,
+            "rss_peak_mib": rss_peak >> 20,
+            "first_message_of_100k_item_batch_ms": first_message_ms,
+            "status_ms": status_ms,
+        },
     }))
 }

@@ -74,6 +74,18 @@ impl Daemon {
         })
     }
 
+    /// A stand-in while the real daemon restarts: a finished `true`
+    /// process, never measured.
+    pub fn placeholder() -> Daemon {
+        let mut child = Command::new("true").spawn().expect("running true(1)");
+        let _ = child.wait();
+        Daemon {
+            child,
+            url: String::new(),
+            unix_url: String::new(),
+        }
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
@@ -95,6 +107,90 @@ impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A tenant with a token, and TLS with certificates made here (rcgen):
+/// what the `tls` workload runs the daemon with.
+pub struct TlsSetup {
+    config: PathBuf,
+    /// The same tenant and token without TLS (what authentication alone
+    /// costs).
+    token_config: PathBuf,
+    ca: PathBuf,
+    token: String,
+}
+
+impl TlsSetup {
+    pub fn create(dir: &Path) -> anyhow::Result<Self> {
+        use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+        std::fs::create_dir_all(dir)?;
+        let ca_key = KeyPair::generate()?;
+        let mut ca = CertificateParams::new(Vec::<String>::new())?;
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.distinguished_name
+            .push(DnType::CommonName, "storaged-bench CA");
+        let ca_pem = ca.self_signed(&ca_key)?.pem();
+        let key = KeyPair::generate()?;
+        let server = CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()])?
+            .signed_by(&key, &Issuer::from_params(&ca, &ca_key))?;
+        let w = |name: &str, text: String| -> anyhow::Result<PathBuf> {
+            let p = dir.join(name);
+            std::fs::write(&p, text)?;
+            Ok(p)
+        };
+        let ca_path = w("ca.pem", ca_pem)?;
+        let cert = w("server.pem", server.pem())?;
+        let key_path = w("server.key", key.serialize_pem())?;
+        let token = storaged_client::new_token()?;
+        let tenant = format!(
+            "[[tenant]]\nname = \"bench\"\ntokens_sha256 = [\"{}\"]\nread = [\"\"]\n",
+            storaged_proto::auth::token_sha256_hex(&token)
+        );
+        let config = w(
+            "storaged.toml",
+            format!(
+                "tls_cert = \"{}\"\ntls_key = \"{}\"\n\n{tenant}",
+                cert.display(),
+                key_path.display(),
+            ),
+        )?;
+        let token_config = w("storaged-token-only.toml", tenant)?;
+        Ok(Self {
+            config,
+            token_config,
+            ca: ca_path,
+            token,
+        })
+    }
+
+    /// `storaged serve` arguments: tenant and token, with TLS or without.
+    pub fn daemon_args(&self, tls: bool) -> Vec<String> {
+        let config = if tls {
+            &self.config
+        } else {
+            &self.token_config
+        };
+        vec!["--config".into(), config.display().to_string()]
+    }
+
+    /// A client of the daemon at `url` (given as http://) with the token,
+    /// over TLS or not.
+    pub async fn client(&self, url: &str, tls: bool) -> anyhow::Result<Client> {
+        let url = if tls {
+            url.replacen("http://", "https://", 1)
+        } else {
+            url.to_owned()
+        };
+        Ok(Client::connect_with(
+            &url,
+            &storaged_client::ConnectOptions {
+                token: Some(self.token.clone()),
+                tls_ca: tls.then(|| self.ca.clone()),
+                ..Default::default()
+            },
+        )
+        .await?)
     }
 }
 
