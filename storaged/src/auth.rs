@@ -32,6 +32,10 @@ pub struct TenantSpec {
     /// Unix socket peers with these uids are this tenant.
     #[serde(default)]
     pub uids: Vec<u32>,
+    /// Unix socket peers whose primary gid is one of these are this
+    /// tenant (when their uid is not mapped).
+    #[serde(default)]
+    pub gids: Vec<u32>,
     /// TLS clients whose certificate (verified against `tls_client_ca`)
     /// has one of these subject common names or URI subject alternative
     /// names are this tenant.
@@ -111,7 +115,9 @@ pub enum AuthError {
     Malformed,
     #[error("the bearer token is not known to this storaged")]
     UnknownToken,
-    #[error("uid {uid} on the Unix socket is not mapped to a tenant, and no token was sent")]
+    #[error(
+        "uid {uid} on the Unix socket (and its gid) is not mapped to a tenant, and no token was sent"
+    )]
     UnknownUid { uid: u32 },
     #[error(
         "no tenant has a cert_names entry for this client certificate ({names}), and no token was sent"
@@ -190,6 +196,8 @@ pub enum Via {
     Open,
     Token,
     UnixUid(u32),
+    /// The Unix socket peer's gid (its uid mapped to no tenant).
+    UnixGid(u32),
     /// A verified TLS client certificate.
     Certificate,
     /// A JWT from the configured identity provider.
@@ -317,6 +325,7 @@ pub struct Tenants {
     list: Vec<Arc<Tenant>>,
     by_token: HashMap<[u8; 32], Arc<Tenant>>,
     by_uid: HashMap<u32, Arc<Tenant>>,
+    by_gid: HashMap<u32, Arc<Tenant>>,
     by_cert_name: HashMap<String, Arc<Tenant>>,
     jwt: Option<Arc<crate::jwt::JwtVerifier>>,
 }
@@ -328,6 +337,8 @@ pub struct Presented<'a> {
     pub authorization: Option<&'a str>,
     /// The peer's uid, on the Unix socket.
     pub unix_uid: Option<u32>,
+    /// The peer's gid, on the Unix socket.
+    pub unix_gid: Option<u32>,
     /// The names a verified client certificate proves (`tls::cert_names`).
     pub cert_names: &'a [String],
 }
@@ -365,6 +376,7 @@ impl Tenants {
             if !accepts_jwt
                 && spec.tokens_sha256.is_empty()
                 && spec.uids.is_empty()
+                && spec.gids.is_empty()
                 && spec.cert_names.is_empty()
             {
                 return Err(format!(
@@ -435,6 +447,14 @@ impl Tenants {
                 if let Some(other) = t.by_uid.insert(*uid, Arc::clone(&tenant)) {
                     return Err(format!(
                         "tenants {:?} and {name:?} both claim uid {uid}",
+                        other.name
+                    ));
+                }
+            }
+            for gid in &spec.gids {
+                if let Some(other) = t.by_gid.insert(*gid, Arc::clone(&tenant)) {
+                    return Err(format!(
+                        "tenants {:?} and {name:?} both claim gid {gid}",
                         other.name
                     ));
                 }
@@ -513,18 +533,24 @@ impl Tenants {
                     names: p.cert_names.join(", "),
                 });
         }
-        match p.unix_uid {
-            Some(uid) => self
-                .by_uid
-                .get(&uid)
-                .map(|t| Principal {
-                    tenant: Some(Arc::clone(t)),
-                    via: Via::UnixUid(uid),
-                    narrowed: None,
-                })
-                .ok_or(AuthError::UnknownUid { uid }),
-            None => Err(AuthError::Missing),
+        let Some(uid) = p.unix_uid else {
+            return Err(AuthError::Missing);
+        };
+        if let Some(t) = self.by_uid.get(&uid) {
+            return Ok(Principal {
+                tenant: Some(Arc::clone(t)),
+                via: Via::UnixUid(uid),
+                narrowed: None,
+            });
         }
+        p.unix_gid
+            .and_then(|gid| self.by_gid.get(&gid).map(|t| (gid, t)))
+            .map(|(gid, t)| Principal {
+                tenant: Some(Arc::clone(t)),
+                via: Via::UnixGid(gid),
+                narrowed: None,
+            })
+            .ok_or(AuthError::UnknownUid { uid })
     }
 }
 
@@ -557,6 +583,7 @@ mod tests {
                 TenantSpec {
                     name: "audio".into(),
                     cert_names: vec!["audio-cn".into(), "spiffe://x/audio".into()],
+                    gids: vec![4000],
                     ..Default::default()
                 },
             ],
@@ -572,6 +599,7 @@ mod tests {
         t.authenticate(Presented {
             authorization: value.as_deref(),
             unix_uid: uid,
+            unix_gid: None,
             cert_names: &[],
         })
     }
@@ -625,6 +653,18 @@ mod tests {
             who(&t, None, Some(0)),
             Err(AuthError::UnknownUid { uid: 0 })
         ));
+        // A uid no tenant claims, in a group one does: that tenant; a
+        // mapped uid wins over its group.
+        let by_group = |uid| {
+            t.authenticate(Presented {
+                unix_uid: Some(uid),
+                unix_gid: Some(4000),
+                ..Default::default()
+            })
+        };
+        let p = by_group(0).unwrap();
+        assert_eq!((p.name(), p.via), ("audio", Via::UnixGid(4000)));
+        assert_eq!(by_group(1000).unwrap().name(), "vision");
         // No tenants: everyone is the operator.
         let open = Tenants::default()
             .authenticate(Presented::default())

@@ -138,6 +138,7 @@ fn via_name(via: Via) -> String {
         Via::Open => "open".into(),
         Via::Token => "token".into(),
         Via::UnixUid(uid) => format!("uid:{uid}"),
+        Via::UnixGid(gid) => format!("gid:{gid}"),
         Via::Certificate => "certificate".into(),
         Via::Jwt => "jwt".into(),
     }
@@ -244,6 +245,7 @@ impl StoragedService {
             self.tenants.authenticate(Presented {
                 authorization,
                 unix_uid: peer_uid(request).ok(),
+                unix_gid: peer_cred(request).ok().map(|c| c.gid()),
                 cert_names: &cert_names,
             })
         });
