@@ -17,6 +17,7 @@ use tonic::transport::Server;
 
 use crate::config::ServerLimits;
 use crate::conn::{Admission, ConnLimits, TrackCallsLayer, fit_to_fd_limit};
+use crate::deadline::DeadlineLayer;
 use crate::region::{RegionLimits, Regions};
 use crate::service::{Access, StoragedService};
 use crate::store::Store;
@@ -265,6 +266,7 @@ pub async fn serve(
     let builder = || {
         Server::builder()
             .layer(TrackCallsLayer)
+            .layer(DeadlineLayer)
             .max_concurrent_streams(limits.max_concurrent_streams)
             .http2_max_local_error_reset_streams(Some(limits.max_local_error_reset_streams))
             .max_frame_size(limits.max_frame_bytes)

@@ -456,4 +456,16 @@ async fn a_response_stream_ends_at_the_callers_deadline() {
     assert!(received < 64 << 20, "{received}");
     // Unary calls carry the deadline too and succeed well within it.
     client.status().await.unwrap();
+    // A call that has not answered by its deadline gets DEADLINE_EXCEEDED
+    // (tonic alone says CANCELLED), and the ingest behind it is dropped.
+    let open = OpenIngest::start(&client).await;
+    open.send(vec![ingest_msg::begin("slow", 0)]).await;
+    let err = open.call.await.unwrap().unwrap_err();
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err:?}");
+    assert!(
+        eventually(Duration::from_secs(10), async || {
+            client.status().await.unwrap().ingests_in_progress == 0
+        })
+        .await
+    );
 }
