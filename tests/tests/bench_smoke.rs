@@ -4,19 +4,23 @@
 
 use storaged_tests::bin_dir;
 
-const WORKLOADS: [&str; 5] = [
+const WORKLOADS: [&str; 7] = [
     "shard_stream",
     "random_4k",
     "random_128k",
     "random_imagenet",
     "list_1m",
+    "tls_shard_stream",
+    "tls_random_128k",
 ];
-const SYSTEMS: [&str; 5] = [
+const SYSTEMS: [&str; 7] = [
     "fio",
     "storaged_grpc",
     "nginx",
     "local_odirect",
     "local_buffered",
+    "storaged_grpc_token",
+    "storaged_grpc_tls",
 ];
 const ROW_KEYS: [&str; 11] = [
     "workload",
@@ -91,9 +95,12 @@ fn quick_run_writes_valid_results_json() {
     for r in rows.iter().filter(|r| r["system"] == "fio") {
         assert_eq!(r["ratio_to_fio"].as_f64(), Some(1.0), "{r}");
     }
-    let storaged_rows = rows
-        .iter()
-        .filter(|r| r["system"] == "storaged_grpc" && r["workload"] != "list_1m");
+    // (The tls workloads compare storaged with itself: no fio there.)
+    let storaged_rows = rows.iter().filter(|r| {
+        r["system"] == "storaged_grpc"
+            && r["workload"] != "list_1m"
+            && !r["workload"].as_str().unwrap().starts_with("tls_")
+    });
     for r in storaged_rows {
         assert!(r["gib_per_s"].as_f64().unwrap() > 0.0, "{r}");
         assert!(r["ratio_to_fio"].as_f64().is_some(), "{r}");
