@@ -138,6 +138,14 @@ impl Budget {
         self.accounts.is_empty()
     }
 
+    /// Runs `fut` with no budget current. For reads that take buffers
+    /// while their call's later windows already hold the budget and wait
+    /// for this one (rebuilding a degraded window): waiting on the budget
+    /// there would deadlock the call. The pool still bounds them.
+    pub async fn exempt<F: std::future::Future>(fut: F) -> F::Output {
+        CURRENT.scope(Budget::default(), fut).await
+    }
+
     /// Polls `stream` with this budget current, so the buffers its reads
     /// take are charged to it.
     pub fn scope_stream<S: Stream>(self, stream: S) -> Scoped<S> {

@@ -613,15 +613,15 @@ impl Store {
                         (0..g.width()).any(|p| missing[ec.map.unit_location(stripe, p).0 as usize])
                     })
             }) {
-                return self
-                    .read_window_rebuilt(
-                        obj,
-                        ec,
-                        (w_start, w_end),
-                        (want_start, want_end),
-                        &missing,
-                    )
-                    .await;
+                // Not charged to the call's budget: see `Budget::exempt`.
+                return crate::budget::Budget::exempt(self.read_window_rebuilt(
+                    obj,
+                    ec,
+                    (w_start, w_end),
+                    (want_start, want_end),
+                    &missing,
+                ))
+                .await;
             }
         }
         match self
@@ -632,13 +632,13 @@ impl Store {
                 tracing::debug!(dataset = %obj.dataset.name, path = %obj.path, error = %e, "rebuilding from parity");
                 let ec = obj.dataset.ec.as_ref().expect("checked");
                 let missing = self.slots.missing();
-                self.read_window_rebuilt(
+                crate::budget::Budget::exempt(self.read_window_rebuilt(
                     obj,
                     ec,
                     (w_start, w_end),
                     (want_start, want_end),
                     &missing,
-                )
+                ))
                 .await
             }
             r => r,
