@@ -534,7 +534,15 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Conn<IO> {
         let r = Pin::new(&mut self.io).poll_read(cx, buf);
         if let Poll::Ready(Ok(())) = r {
             let n = buf.filled().len() - before;
-            self.preface_left = self.preface_left.saturating_sub(n);
+            if self.preface_left > 0 && n > 0 {
+                self.preface_left = self.preface_left.saturating_sub(n);
+                if self.preface_left == 0 {
+                    // From now on the idle deadline applies (checked and
+                    // re-armed in `check`).
+                    let idle = tokio::time::Instant::now() + self.idle_timeout;
+                    self.deadline.as_mut().reset(idle);
+                }
+            }
         }
         r
     }

@@ -469,3 +469,27 @@ async fn a_response_stream_ends_at_the_callers_deadline() {
         .await
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_and_clients_come_back() {
+    // Guards against connections that stay open forever without a call
+    // (each holds a descriptor and a slot), and against the idle close
+    // breaking a well-behaved client's next call.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon_with(&tmp, "connection_idle_timeout_s = 1\n");
+    let sleeper = d.client().await;
+    sleeper.status().await.unwrap();
+    let watcher = d.local_client().await;
+    // The sleeper's connection goes; the watcher's (busy asking) stays.
+    assert!(
+        eventually(Duration::from_secs(30), async || {
+            let s = watcher.status().await.unwrap();
+            s.connections_open == 1
+        })
+        .await,
+        "the idle connection was closed"
+    );
+    // The sleeper's next call connects again.
+    let s = sleeper.status().await.unwrap();
+    assert!(s.connections_open >= 1);
+}
