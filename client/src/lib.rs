@@ -1080,9 +1080,9 @@ mod tests {
 }
 
 /// Refuses URLs the client cannot use as given, before any connection:
-/// `https://` (TLS does not exist yet, and silently sending plaintext to a
-/// URL that asks for TLS would be worse than failing), and addresses
-/// without a scheme.
+/// unknown schemes and addresses without a scheme. (`https://` is always
+/// TLS: without a CA it fails in `ConnectOptions::tls_config`, never
+/// falling back to plaintext.)
 fn check_url(url: &str) -> Result<(), ClientError> {
     let bad = |reason: &str| {
         Err(ClientError::BadUrl {
