@@ -26,7 +26,7 @@ use std::future::Future;
 use std::io;
 use std::net::IpAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -89,16 +89,31 @@ pub enum Refused {
     PerPeer { peer: PeerKey, open: usize },
 }
 
+/// `ConnState::closing` of an open connection.
+const OPEN: u8 = 0;
+
 /// Why storaged ended a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum CloseReason {
     /// Fewer than 24 bytes arrived within `preface_timeout_s`.
-    NoPreface,
+    NoPreface = 1,
     /// No call for `connection_idle_timeout_s`.
-    Idle,
+    Idle = 2,
     /// A response stream's client read nothing for
     /// `stream_stall_timeout_s`.
-    StalledStream,
+    StalledStream = 3,
+}
+
+impl CloseReason {
+    fn from_u8(v: u8) -> Option<Self> {
+        match v {
+            1 => Some(CloseReason::NoPreface),
+            2 => Some(CloseReason::Idle),
+            3 => Some(CloseReason::StalledStream),
+            _ => None,
+        }
+    }
 }
 
 impl std::fmt::Display for CloseReason {
@@ -237,7 +252,7 @@ impl Admission {
             peer: slot.peer,
             calls: AtomicUsize::new(0),
             last_call_end: Mutex::new(Instant::now()),
-            closing: Mutex::new(None),
+            closing: AtomicU8::new(OPEN),
             waker: AtomicWaker::new(),
             inflight: Account::new(format!("connection {id}"), self.limits.inflight_bytes_max),
         });
@@ -377,7 +392,9 @@ pub struct ConnState {
     pub peer: PeerKey,
     calls: AtomicUsize,
     last_call_end: Mutex<Instant>,
-    closing: Mutex<Option<CloseReason>>,
+    /// `OPEN`, or the `CloseReason` (as `u8`): read on every socket read
+    /// and write, so an atomic rather than a lock.
+    closing: AtomicU8,
     /// The task that reads the socket, woken to end the connection.
     waker: AtomicWaker,
     /// Pool bytes this connection's calls hold.
@@ -388,17 +405,21 @@ impl ConnState {
     /// Ends the connection: its next read or write fails, which drops
     /// every stream on it.
     pub fn close(&self, reason: CloseReason) {
-        let mut closing = self.closing.lock().expect("conn state poisoned");
-        if closing.is_none() {
-            *closing = Some(reason);
+        if self.set_closing(reason) {
             tracing::warn!(conn = self.id, peer = %self.peer, "closing connection: {reason}");
         }
-        drop(closing);
         self.waker.wake();
     }
 
     fn closing(&self) -> Option<CloseReason> {
-        *self.closing.lock().expect("conn state poisoned")
+        CloseReason::from_u8(self.closing.load(Ordering::Acquire))
+    }
+
+    /// Records why the connection closes; `false` if it already was.
+    fn set_closing(&self, reason: CloseReason) -> bool {
+        self.closing
+            .compare_exchange(OPEN, reason as u8, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
     }
 
     /// Counts a call until the guard is dropped.
@@ -509,7 +530,7 @@ impl<IO> Conn<IO> {
                 }
                 CloseReason::Idle
             };
-            *state.closing.lock().expect("conn state poisoned") = Some(reason);
+            state.set_closing(reason);
             if reason == CloseReason::NoPreface {
                 if let Some(held_back) = self.timeouts().pass() {
                     tracing::warn!(conn = state.id, peer = %state.peer, closed_since_last_line = held_back, "closing connection: {reason}");

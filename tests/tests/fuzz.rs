@@ -19,7 +19,7 @@ use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
 use storaged_proto::auth::{bearer, token_sha256_hex};
 use storaged_proto::pb;
-use storaged_tests::{Daemon, DaemonOpts, ingest_msg, pattern, test_seed, write_tree};
+use storaged_tests::{Daemon, DaemonOpts, ingest_msg, pattern, rss_bytes, test_seed, write_tree};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 
@@ -333,17 +333,6 @@ async fn send(ch: &Channel, method: &str, messages: Vec<Bytes>, as_operator: boo
     tokio::time::timeout(Duration::from_secs(10), call)
         .await
         .unwrap_or_else(|_| panic!("{method} hung past its deadline"));
-}
-
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse::<u64>().ok())
-        .expect("VmRSS")
-        << 10
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

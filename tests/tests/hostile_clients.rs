@@ -8,7 +8,9 @@ use std::time::{Duration, Instant};
 use storaged_proto::auth::{bearer, token_sha256_hex};
 use storaged_proto::pb;
 use storaged_proto::pb::storaged_client::StoragedClient;
-use storaged_tests::{Daemon, DaemonOpts, OpenIngest, eventually, ingest_msg, pattern, write_tree};
+use storaged_tests::{
+    Daemon, DaemonOpts, OpenIngest, eventually, ingest_msg, pattern, rss_bytes, write_tree,
+};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
@@ -311,18 +313,6 @@ async fn silent_connections_are_limited_per_peer_and_closed_after_the_preface_ti
     );
     // ...and TCP clients get in again.
     d.client().await.status().await.unwrap();
-}
-
-/// Resident memory of process `pid`.
-fn rss_bytes(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .expect("VmRSS in /proc/<pid>/status");
-    kib << 10
 }
 
 /// The most resident memory of `pid` seen over `window`, sampled.
