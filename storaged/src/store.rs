@@ -1650,19 +1650,22 @@ impl IngestSession {
             // Rows holding `short` data bytes, plus one for the stripe
             // that straddles the last row.
             let rows = (short * u64::from(g.width())).div_ceil(g.k() as u64 * row) + 1;
-            let mut alloc = self.store.alloc.lock().expect("allocator poisoned");
-            let got = alloc
-                .allocate_aligned(
-                    (rows * row).max(RESERVATION_BYTES.next_multiple_of(row)),
-                    row,
-                )
-                .or_else(|| alloc.allocate_aligned(rows * row, row))
-                .ok_or_else(|| StoreError::NoSpace {
+            let got = self
+                .store
+                .space
+                .allocate(|alloc| {
+                    alloc
+                        .allocate_aligned(
+                            (rows * row).max(RESERVATION_BYTES.next_multiple_of(row)),
+                            row,
+                        )
+                        .or_else(|| alloc.allocate_aligned(rows * row, row))
+                })
+                .map_err(|room| StoreError::NoSpace {
                     needed: rows * row,
-                    free: alloc.free_bytes(),
-                    largest_free: alloc.largest_free_bytes(),
+                    free: room.free_bytes,
+                    largest_free: room.largest_free_bytes,
                 })?;
-            drop(alloc);
             self.extents.push(got);
             ec.map = EcMap::new(g, layout, &self.extents);
         }
@@ -1683,19 +1686,27 @@ impl IngestSession {
             self.extents.push(Extent { offset: at, len });
             return Ok(at);
         }
-        let mut alloc = self.store.alloc.lock().expect("allocator poisoned");
         if let Some(r) = self.reservation.take() {
-            alloc.release(r).expect("reservation is ours");
+            self.store
+                .alloc
+                .lock()
+                .expect("allocator poisoned")
+                .release(r)
+                .expect("reservation is ours");
         }
-        let got = alloc
-            .allocate(len.max(RESERVATION_BYTES))
-            .or_else(|| alloc.allocate(len))
-            .ok_or_else(|| StoreError::NoSpace {
+        let got = self
+            .store
+            .space
+            .allocate(|alloc| {
+                alloc
+                    .allocate(len.max(RESERVATION_BYTES))
+                    .or_else(|| alloc.allocate(len))
+            })
+            .map_err(|room| StoreError::NoSpace {
                 needed: len,
-                free: alloc.free_bytes(),
-                largest_free: alloc.largest_free_bytes(),
+                free: room.free_bytes,
+                largest_free: room.largest_free_bytes,
             })?;
-        drop(alloc);
         self.extents.push(Extent {
             offset: got.offset,
             len,

@@ -12,7 +12,9 @@
 //! was committed in the catalog first, so the extent is free at the next
 //! start, where a pass over all free space ([`Job::TrimFree`]) discards it
 //! (piece by piece, each piece taken out of the allocator while it is
-//! discarded, for the same reason).
+//! discarded, for the same reason). Held space is free space that is
+//! late: an allocation that finds no room while some is held waits for it
+//! ([`FreeSpace::allocate`]) rather than report a full pool.
 //!
 //! Discards are advice to the device: one that fails is logged and
 //! counted, and the space is freed all the same. A device that cannot
@@ -21,7 +23,8 @@
 //! config, released space goes straight back to the allocator.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use crate::alloc::{Extent, ExtentAllocator};
 use crate::engine::IoBackend;
@@ -30,6 +33,11 @@ use crate::layout::StripeLayout;
 /// Largest piece of free space the start-up pass takes out of the
 /// allocator at a time (an ingest meanwhile sees at most this much less).
 const TRIM_PIECE_BYTES: u64 = 64 << 20;
+
+/// Longest an allocation waits for held space to come back from its
+/// discard before it reports the pool full (a discard that takes longer
+/// is a device in trouble).
+const HELD_WAIT_MAX: Duration = Duration::from_secs(30);
 
 /// What the discard thread has done, for `status`.
 #[derive(Debug, Default)]
@@ -46,6 +54,9 @@ pub struct DiscardCounters {
     pub unsupported: AtomicU64,
     /// The start-up pass over free space has finished.
     pub startup_pass_done: AtomicBool,
+    /// Allocations that found no room and waited for held space to come
+    /// back from its discard.
+    pub allocations_waited: AtomicU64,
 }
 
 /// Work for the discard thread.
@@ -64,8 +75,18 @@ pub struct FreeSpace {
     /// pass's piece). Changed only while `alloc`'s lock is held, so a
     /// reader holding it sees the allocator and this set agree.
     held: Arc<Mutex<Vec<Extent>>>,
+    /// Signalled, with `alloc`'s lock, whenever discarded space returns to
+    /// the allocator: allocations that found no room wait on it.
+    returned: Arc<Condvar>,
     jobs: Mutex<Option<std::sync::mpsc::Sender<Job>>>,
     pub counters: Arc<DiscardCounters>,
+}
+
+/// No room for an allocation, even after held space came back.
+#[derive(Debug, Clone, Copy)]
+pub struct NoRoom {
+    pub free_bytes: u64,
+    pub largest_free_bytes: u64,
 }
 
 impl std::fmt::Debug for FreeSpace {
@@ -79,6 +100,7 @@ pub struct DiscardWorker {
     jobs: std::sync::mpsc::Receiver<Job>,
     alloc: Arc<Mutex<ExtentAllocator>>,
     held: Arc<Mutex<Vec<Extent>>>,
+    returned: Arc<Condvar>,
     counters: Arc<DiscardCounters>,
 }
 
@@ -89,10 +111,12 @@ impl FreeSpace {
         let counters = Arc::new(DiscardCounters::default());
         counters.enabled.store(discard, Ordering::Relaxed);
         let held: Arc<Mutex<Vec<Extent>>> = Arc::default();
+        let returned: Arc<Condvar> = Arc::default();
         if !discard {
             let space = Self {
                 alloc,
                 held,
+                returned,
                 jobs: Mutex::new(None),
                 counters,
             };
@@ -103,6 +127,7 @@ impl FreeSpace {
             jobs: rx,
             alloc: Arc::clone(&alloc),
             held: Arc::clone(&held),
+            returned: Arc::clone(&returned),
             counters: Arc::clone(&counters),
         };
         // The start-up pass goes first.
@@ -110,6 +135,7 @@ impl FreeSpace {
         let space = Self {
             alloc,
             held,
+            returned,
             jobs: Mutex::new(Some(tx)),
             counters,
         };
@@ -120,6 +146,58 @@ impl FreeSpace {
     /// allocator's lock held for a view consistent with it.
     pub fn held_extents(&self) -> Vec<Extent> {
         self.held.lock().expect("held set poisoned").clone()
+    }
+
+    /// Runs `take` on the allocator. Space out for a discard is free space
+    /// the allocator cannot hand out yet, so when `take` finds no room
+    /// while some is held, this waits for it to come back (each returned
+    /// piece wakes it to try again), at most [`HELD_WAIT_MAX`]. Without
+    /// this, an ingest right after start (the start-up pass holds a piece)
+    /// or right after a delete (its space is queued) fails on a pool that
+    /// has room. The wait blocks the calling thread for as long as a
+    /// discard of one piece takes (milliseconds on a file, a device's TRIM
+    /// time on a drive); on a multi-threaded runtime its other tasks are
+    /// moved off it first.
+    pub fn allocate<T>(
+        &self,
+        mut take: impl FnMut(&mut ExtentAllocator) -> Option<T>,
+    ) -> Result<T, NoRoom> {
+        let deadline = Instant::now() + HELD_WAIT_MAX;
+        let mut waited = false;
+        let mut alloc = self.alloc.lock().expect("allocator poisoned");
+        loop {
+            if let Some(got) = take(&mut alloc) {
+                return Ok(got);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            // `held` changes only under `alloc`'s lock, which is held here.
+            if left.is_zero() || self.held.lock().expect("held set poisoned").is_empty() {
+                return Err(NoRoom {
+                    free_bytes: alloc.free_bytes(),
+                    largest_free_bytes: alloc.largest_free_bytes(),
+                });
+            }
+            if !waited {
+                waited = true;
+                self.counters
+                    .allocations_waited
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            let wait = || {
+                self.returned
+                    .wait_timeout(alloc, left)
+                    .expect("allocator poisoned")
+                    .0
+            };
+            // On a multi-threaded runtime the worker's other tasks move
+            // elsewhere while this one waits.
+            alloc = match tokio::runtime::Handle::try_current() {
+                Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                    tokio::task::block_in_place(wait)
+                }
+                _ => wait(),
+            };
+        }
     }
 
     /// Gives `extents` (taken from the allocator, holding nothing anyone
@@ -156,7 +234,12 @@ impl FreeSpace {
 
     /// Returns a discarded extent to the allocator and drops it from the
     /// held set, together under the allocator's lock.
-    fn give_back_to(alloc: &Mutex<ExtentAllocator>, held: &Mutex<Vec<Extent>>, e: Extent) {
+    fn give_back_to(
+        alloc: &Mutex<ExtentAllocator>,
+        held: &Mutex<Vec<Extent>>,
+        returned: &Condvar,
+        e: Extent,
+    ) {
         let mut alloc = alloc.lock().expect("allocator poisoned");
         if let Err(err) = alloc.release(e) {
             tracing::error!(error = %err, "releasing discarded space");
@@ -165,6 +248,7 @@ impl FreeSpace {
         if let Some(i) = held.iter().position(|h| *h == e) {
             held.swap_remove(i);
         }
+        returned.notify_all();
     }
 
     fn release_now(&self, extents: Vec<Extent>, what: &str) {
@@ -185,7 +269,7 @@ impl FreeSpace {
 
 impl DiscardWorker {
     fn give_back(&self, e: Extent) {
-        FreeSpace::give_back_to(&self.alloc, &self.held, e);
+        FreeSpace::give_back_to(&self.alloc, &self.held, &self.returned, e);
     }
 
     /// Starts the discard thread on `engine`.
