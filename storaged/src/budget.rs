@@ -110,10 +110,19 @@ impl Account {
     }
 }
 
-/// The accounts the current call's buffers are charged to.
-#[derive(Debug, Clone, Default)]
+/// The accounts the current call's buffers are charged to. Shared, so the
+/// clone each poll of a [`Scoped`] stream makes is one reference count.
+#[derive(Debug, Clone)]
 pub struct Budget {
-    accounts: Vec<Arc<Account>>,
+    accounts: Arc<[Arc<Account>]>,
+}
+
+impl Default for Budget {
+    fn default() -> Self {
+        Self {
+            accounts: Arc::new([]),
+        }
+    }
 }
 
 /// What one buffer holds of each account; dropping it gives it back.
@@ -129,9 +138,12 @@ tokio::task_local! {
 impl Budget {
     /// Adds an account (charged after those already added).
     #[must_use]
-    pub fn with(mut self, account: Arc<Account>) -> Self {
-        self.accounts.push(account);
-        self
+    pub fn with(self, account: Arc<Account>) -> Self {
+        let mut accounts = self.accounts.to_vec();
+        accounts.push(account);
+        Self {
+            accounts: accounts.into(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
@@ -165,7 +177,7 @@ impl Budget {
             return None;
         }
         let mut whole = Vec::with_capacity(budget.accounts.len());
-        for account in &budget.accounts {
+        for account in budget.accounts.iter() {
             let (left, share) = account.share_of(class);
             let permits = left
                 .acquire_many_owned(n.min(share) as u32)
@@ -200,7 +212,7 @@ impl Budget {
         }
         let kib = bytes.div_ceil(1024).max(1);
         let mut permits = Vec::with_capacity(budget.accounts.len());
-        for account in &budget.accounts {
+        for account in budget.accounts.iter() {
             let max = (account.bytes_max / 1024).max(1);
             permits.push(
                 Arc::clone(&account.heap_kib)
