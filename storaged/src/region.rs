@@ -156,9 +156,36 @@ pub struct RegionMap {
     pub tenant: String,
     /// Every page existed at registration, so pinning allocates nothing.
     populated: bool,
-    /// Declared before `map` so it is dropped (unregistered) first.
+    /// Unregistered before `map` is unmapped (see `Drop`).
     fixed: std::sync::OnceLock<crate::engine::FixedForeign>,
-    map: memmap2::MmapRaw,
+    /// Taken only by `Drop`.
+    map: std::mem::ManuallyDrop<memmap2::MmapRaw>,
+}
+
+impl Drop for RegionMap {
+    /// Unpinning and unmapping a region (and freeing its pages, when the
+    /// client has closed its memfd and this was the last mapping) takes
+    /// milliseconds per 16 MiB; on an async worker that would stall every
+    /// call it serves, so inside a runtime it runs on a blocking thread.
+    fn drop(&mut self) {
+        /// Fields drop in declaration order: the ring's registration
+        /// before the memory it names.
+        struct Teardown {
+            _fixed: Option<crate::engine::FixedForeign>,
+            _map: memmap2::MmapRaw,
+        }
+        let teardown = Teardown {
+            _fixed: self.fixed.take(),
+            // SAFETY: `map` is never used again: this is `drop`.
+            _map: unsafe { std::mem::ManuallyDrop::take(&mut self.map) },
+        };
+        match tokio::runtime::Handle::try_current() {
+            // A runtime shutting down drops the closure unrun, which drops
+            // `teardown` all the same.
+            Ok(h) => drop(h.spawn_blocking(move || drop(teardown))),
+            Err(_) => drop(teardown),
+        }
+    }
 }
 
 impl std::fmt::Debug for RegionMap {
@@ -455,7 +482,7 @@ impl Regions {
             tenant: tenant.to_owned(),
             populated,
             fixed: std::sync::OnceLock::new(),
-            map,
+            map: std::mem::ManuallyDrop::new(map),
         });
         self.lock().by_id.insert(region.id, Arc::clone(&region));
         tracing::info!(

@@ -331,9 +331,17 @@ pub async fn stream_objects_shm(
     // storaged pins each region (io_uring fixed buffer) in the background;
     // that is setup, as the registration is, so it is let finish before
     // the clock starts (up to 10 s: an unprivileged storaged may not pin).
+    // Only these regions may be registered then: an earlier run's, still
+    // being torn down, would count as fixed in their place.
     let wanted = regions.len() as u32;
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    while client.status().await?.regions_fixed < wanted && Instant::now() < deadline {
+    loop {
+        let s = client.status().await?;
+        if (s.regions_registered == wanted && s.regions_fixed >= wanted)
+            || Instant::now() >= deadline
+        {
+            break;
+        }
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let (srv0, cli0, t0) = (daemon.cpu_seconds(), self_cpu_seconds(), Instant::now());
@@ -365,14 +373,21 @@ pub async fn stream_objects_shm(
                         .len() as u64;
                 }
             }
-            Ok::<u64, anyhow::Error>(bytes)
+            // Kept until the clock stops: a loader keeps its regions for
+            // the whole job, and unmapping them (storaged frees the pages
+            // of the last mapping) is teardown, not streaming.
+            Ok::<_, anyhow::Error>((bytes, region))
         }));
     }
     let mut bytes = 0;
+    let mut regions = Vec::new();
     for t in tasks {
-        bytes += t.await??;
+        let (b, region) = t.await??;
+        bytes += b;
+        regions.push(region);
     }
     let m = stream_measurement(daemon, items, bytes, t0, (srv0, cli0));
+    drop(regions);
     let expected: u64 = items.iter().map(|i| i.size).sum();
     if bytes != expected {
         bail!("shm stream read {bytes} bytes of {expected}");
