@@ -34,7 +34,7 @@ const UNITS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("units");
 
 pub const CATALOG_VERSION: u32 = 1;
 /// Version 2 added the owner (version 1 records read as owned by "").
-const DATASET_RECORD_VERSION: u8 = 2;
+const DATASET_RECORD_VERSION: u8 = 3;
 /// Longest owner (tenant) name a record holds.
 pub const OWNER_BYTES_MAX: usize = 255;
 const OBJECT_RECORD_VERSION: u8 = 1;
@@ -80,6 +80,18 @@ pub struct DatasetRecord {
     pub extents: Vec<Extent>,
     /// The tenant that created it ("" without tenants); quotas count it.
     pub owner: String,
+    /// Whole rows holding a copy of the dataset's manifest on every device
+    /// (see `poolmeta`); `None` for records from before manifests.
+    pub manifest: Option<Extent>,
+}
+
+impl DatasetRecord {
+    /// Every extent the dataset owns: its data and its manifest.
+    pub fn owned_extents(&self) -> Vec<Extent> {
+        let mut v = self.extents.clone();
+        v.extend(self.manifest);
+        v
+    }
 }
 
 /// One stored object.
@@ -146,6 +158,14 @@ impl DatasetRecord {
         let owner = &self.owner.as_bytes()[..self.owner.len().min(OWNER_BYTES_MAX)];
         v.push(owner.len() as u8);
         v.extend_from_slice(owner);
+        match self.manifest {
+            None => v.push(0),
+            Some(e) => {
+                v.push(1);
+                v.extend_from_slice(&e.offset.to_le_bytes());
+                v.extend_from_slice(&e.len.to_le_bytes());
+            }
+        }
         v
     }
 
@@ -198,7 +218,25 @@ impl DatasetRecord {
         } else {
             String::new()
         };
+        let manifest = if version >= 3 {
+            match r.u8()? {
+                0 => None,
+                1 => Some(Extent {
+                    offset: r.u64()?,
+                    len: r.u64()?,
+                }),
+                f => {
+                    return Err(CatalogError::Corrupt(
+                        "dataset record".into(),
+                        format!("unknown manifest flag {f}"),
+                    ));
+                }
+            }
+        } else {
+            None
+        };
         Ok(Self {
+            manifest,
             owner,
             id,
             class,
@@ -562,6 +600,49 @@ impl Catalog {
         Ok((out, pending))
     }
 
+    /// Replaces dataset `name`'s record (its manifest was just written).
+    pub fn put_dataset_record(
+        &self,
+        name: &str,
+        record: &DatasetRecord,
+    ) -> Result<(), CatalogError> {
+        let txn = self.begin_write()?;
+        txn.open_table(DATASETS)
+            .map_err(dberr)?
+            .insert(name, &record.encode()[..])
+            .map_err(dberr)?;
+        self.commit(txn)
+    }
+
+    /// The devices' root generation this catalog matches (0: none yet).
+    pub fn root_generation(&self) -> Result<u64, CatalogError> {
+        Ok(self
+            .meta("root_generation")?
+            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(0))
+    }
+
+    /// The next dataset id an ingest will take.
+    pub fn next_dataset_id(&self) -> Result<u64, CatalogError> {
+        Ok(self
+            .meta("next_dataset_id")?
+            .and_then(|v| v.try_into().ok().map(u64::from_le_bytes))
+            .unwrap_or(1))
+    }
+
+    /// Every object of dataset `id` with its record, in path order (for
+    /// its manifest).
+    pub fn dataset_objects(&self, id: u64) -> Result<Vec<(String, ObjectRecord)>, CatalogError> {
+        let txn = self.begin_read()?;
+        let t = txn.open_table(OBJECTS).map_err(dberr)?;
+        let mut out = Vec::new();
+        for item in t.range((id, "")..(id + 1, "")).map_err(dberr)? {
+            let (k, v) = item.map_err(dberr)?;
+            out.push((k.value().1.to_owned(), ObjectRecord::decode(v.value())?));
+        }
+        Ok(out)
+    }
+
     pub fn datasets(&self) -> Result<Vec<(String, DatasetRecord)>, CatalogError> {
         let txn = self.begin_read()?;
         let t = txn.open_table(DATASETS).map_err(dberr)?;
@@ -583,9 +664,24 @@ impl Catalog {
     pub fn commit_dataset(
         &self,
         name: &str,
+        record: DatasetRecord,
+        objects: &[(String, ObjectRecord)],
+        unit_crcs: &[u32],
+    ) -> Result<DatasetRecord, CatalogError> {
+        self.commit_dataset_at(name, record, objects, unit_crcs, None)
+    }
+
+    /// As [`commit_dataset`](Self::commit_dataset), recording in the same
+    /// transaction that the catalog now matches the devices' root of
+    /// `root_generation`. A given id also moves `next_dataset_id` past it
+    /// (a dataset imported from the devices keeps its id).
+    pub fn commit_dataset_at(
+        &self,
+        name: &str,
         mut record: DatasetRecord,
         objects: &[(String, ObjectRecord)],
         unit_crcs: &[u32],
+        root_generation: Option<u64>,
     ) -> Result<DatasetRecord, CatalogError> {
         let txn = self.begin_write()?;
         {
@@ -596,6 +692,16 @@ impl Catalog {
             }
             if record.id == 0 {
                 record.id = take_dataset_id(&mut meta)?;
+            } else {
+                let next = meta_u64(&meta, "next_dataset_id")?;
+                if next <= record.id {
+                    meta.insert("next_dataset_id", &(record.id + 1).to_le_bytes()[..])
+                        .map_err(dberr)?;
+                }
+            }
+            if let Some(g) = root_generation {
+                meta.insert("root_generation", &g.to_le_bytes()[..])
+                    .map_err(dberr)?;
             }
             let id = record.id;
             if let StorageClass::Ec {
@@ -633,6 +739,19 @@ impl Catalog {
         }
         self.commit(txn)?;
         Ok(id)
+    }
+
+    /// Every stripe's unit CRCs of an erasure-coded dataset, `width` per
+    /// stripe, in stripe order (for its manifest).
+    pub fn all_unit_crcs(&self, dataset_id: u64, width: usize) -> Result<Vec<u32>, CatalogError> {
+        let stripes = {
+            let txn = self.begin_read()?;
+            let t = txn.open_table(UNITS).map_err(dberr)?;
+            t.range((dataset_id, 0)..(dataset_id + 1, 0))
+                .map_err(dberr)?
+                .count() as u64
+        };
+        self.unit_crcs(dataset_id, width, 0, stripes)
     }
 
     /// The unit CRCs of stripes `[first, first + count)` of an
@@ -743,9 +862,25 @@ impl Catalog {
     /// Removes a dataset and all its objects in one transaction. Returns the
     /// record so the caller can free its extents, or None if absent.
     pub fn delete_dataset(&self, name: &str) -> Result<Option<DatasetRecord>, CatalogError> {
+        self.delete_dataset_at(name, None)
+    }
+
+    /// As [`delete_dataset`](Self::delete_dataset), recording the devices'
+    /// root generation it matches in the same transaction.
+    pub fn delete_dataset_at(
+        &self,
+        name: &str,
+        root_generation: Option<u64>,
+    ) -> Result<Option<DatasetRecord>, CatalogError> {
         let txn = self.begin_write()?;
         let record;
         {
+            if let Some(g) = root_generation {
+                txn.open_table(META)
+                    .map_err(dberr)?
+                    .insert("root_generation", &g.to_le_bytes()[..])
+                    .map_err(dberr)?;
+            }
             let mut datasets = txn.open_table(DATASETS).map_err(dberr)?;
             record = match datasets.remove(name).map_err(dberr)? {
                 Some(g) => DatasetRecord::decode(g.value())?,
@@ -762,6 +897,15 @@ impl Catalog {
         self.commit(txn)?;
         Ok(Some(record))
     }
+}
+
+/// A u64 of `meta` (0 when absent or malformed).
+fn meta_u64(meta: &redb::Table<&str, &[u8]>, key: &str) -> Result<u64, CatalogError> {
+    Ok(meta
+        .get(key)
+        .map_err(dberr)?
+        .map(|g| u64::from_le_bytes(g.value().try_into().unwrap_or([0; 8])))
+        .unwrap_or(0))
 }
 
 /// Returns `next_dataset_id` and advances it, in the caller's transaction.
@@ -809,6 +953,7 @@ mod tests {
                 len: 12288,
             }],
             owner: String::new(),
+            manifest: None,
         }
     }
 
@@ -817,11 +962,19 @@ mod tests {
         let d = DatasetRecord {
             id: 9,
             owner: "vision".into(),
+            manifest: Some(Extent {
+                offset: 1 << 20,
+                len: 4 << 20,
+            }),
             ..ds()
         };
         assert_eq!(DatasetRecord::decode(&d.encode()).unwrap(), d);
-        // A version 1 record (no owner) still reads, owned by "".
-        let mut v1 = ds().encode();
+        // Version 1 (no owner) and 2 (no manifest) records still read.
+        let mut v2 = ds().encode();
+        v2[0] = 2;
+        v2.pop();
+        assert_eq!(DatasetRecord::decode(&v2).unwrap(), ds());
+        let mut v1 = v2.clone();
         v1[0] = 1;
         v1.pop();
         assert_eq!(DatasetRecord::decode(&v1).unwrap(), ds());

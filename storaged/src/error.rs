@@ -44,6 +44,8 @@ pub enum OpenError {
     Engine(std::io::Error),
     #[error("cannot start degraded: {0}")]
     TooDegraded(String),
+    #[error("the pool's metadata on the devices: {0}")]
+    PoolMeta(#[from] crate::poolmeta::PoolMetaError),
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +143,8 @@ pub enum StoreError {
     Audit(String),
     #[error("{0}")]
     RegionBounds(String),
+    #[error("the pool's metadata on the devices: {0}")]
+    PoolMeta(#[from] crate::poolmeta::PoolMetaError),
 }
 
 impl StoreError {
@@ -168,6 +172,11 @@ impl StoreError {
                 Code::Unavailable
             }
             StoreError::Sync { .. } => Code::Internal,
+            StoreError::PoolMeta(crate::poolmeta::PoolMetaError::RootFull { .. }) => {
+                Code::ResourceExhausted
+            }
+            StoreError::PoolMeta(crate::poolmeta::PoolMetaError::Io { .. }) => Code::Unavailable,
+            StoreError::PoolMeta(_) => Code::Internal,
             StoreError::Catalog(CatalogError::DatasetExists(_)) => Code::AlreadyExists,
             StoreError::Catalog(CatalogError::Full { .. }) => Code::ResourceExhausted,
             StoreError::Catalog(CatalogError::Failing { .. }) => Code::Unavailable,

@@ -25,6 +25,7 @@ pub mod engine;
 pub mod error;
 pub mod jwt;
 pub mod layout;
+pub mod poolmeta;
 pub mod region;
 pub mod server;
 pub mod service;

@@ -88,7 +88,7 @@ impl Drop for DatasetHandle {
     fn drop(&mut self) {
         if self.deleted.load(Ordering::SeqCst) {
             // No reader is left; the catalog no longer has the dataset.
-            self.space.release(self.record.extents.clone(), &self.name);
+            self.space.release(self.record.owned_extents(), &self.name);
         }
     }
 }
@@ -157,6 +157,10 @@ pub struct Store {
     pool: Arc<BufferPool>,
     layout: StripeLayout,
     catalog: Catalog,
+    /// The catalog's copy on the devices (root and manifests).
+    pool_root: pool_root::PoolRoot,
+    /// What start-up found on the devices (a rebuilt catalog, ...).
+    pub recovery: pool_root::Recovery,
     alloc: Arc<Mutex<ExtentAllocator>>,
     /// Where freed space goes: discarded, then back to `alloc`.
     space: Arc<discard::FreeSpace>,
@@ -268,10 +272,21 @@ impl Store {
             return Err(OpenError::StaleCatalog(catalog_path));
         }
         let catalog = Catalog::open(&catalog_path, pool_id, formatted)?;
+        let meta_devices = crate::poolmeta::MetaDevices {
+            files: files
+                .iter()
+                .zip(&missing)
+                .map(|(f, m)| if *m { None } else { f.try_clone().ok() })
+                .collect(),
+            layout,
+        };
+        // The devices' root is the truth; a catalog behind it (lost,
+        // damaged, restored) is brought up to it before anything uses it.
+        let (root, mut recovery) = pool_root::reconcile(&catalog, &meta_devices, pool_id)?;
         let records = catalog.datasets()?;
         let mut used = Vec::new();
         for (_, r) in &records {
-            used.extend_from_slice(&r.extents);
+            used.extend(r.owned_extents());
         }
         let alloc = ExtentAllocator::new(layout.capacity_bytes(), &used).map_err(|source| {
             OpenError::Inconsistent {
@@ -282,6 +297,9 @@ impl Store {
         let alloc = Arc::new(Mutex::new(alloc));
         let (space, discard_worker) = discard::FreeSpace::new(Arc::clone(&alloc), cfg.discard);
         let space = Arc::new(space);
+        let pool_root = pool_root::PoolRoot::new(meta_devices, root);
+        pool_root.adopt(&catalog, &space, &mut recovery)?;
+        let records = catalog.datasets()?;
         let datasets: BTreeMap<String, Arc<DatasetHandle>> = records
             .into_iter()
             .map(|(name, record)| {
@@ -372,6 +390,8 @@ impl Store {
             pool,
             layout,
             catalog,
+            pool_root,
+            recovery,
             alloc,
             space,
             datasets: RwLock::new(datasets),
@@ -1184,10 +1204,11 @@ impl Store {
     pub async fn delete(self: &Arc<Self>, name: &DatasetName) -> Result<u64, StoreError> {
         let store = Arc::clone(self);
         let n = name.to_string();
-        let record = tokio::task::spawn_blocking(move || store.catalog.delete_dataset(&n))
-            .await
-            .map_err(|e| StoreError::InvalidArgument(format!("delete task failed: {e}")))??
-            .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))?;
+        let record =
+            tokio::task::spawn_blocking(move || store.pool_root.delete(&store.catalog, &n))
+                .await
+                .map_err(|e| StoreError::InvalidArgument(format!("delete task failed: {e}")))??
+                .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))?;
         let handle = self
             .datasets
             .write()
@@ -1196,7 +1217,8 @@ impl Store {
         if let Some(h) = handle {
             h.deleted.store(true, Ordering::SeqCst);
         }
-        Ok(record.allocated_bytes)
+        // What it frees: its data and its manifest rows.
+        Ok(record.owned_extents().iter().map(|e| e.len).sum())
     }
 
     /// What the discard thread has done (and whether discards are on).
@@ -1951,7 +1973,28 @@ impl IngestSession {
             }
         };
         let allocated_bytes = extents.iter().map(|e| e.len).sum();
+        // The manifest names the dataset id: a stripe dataset takes its id
+        // now (an ec one took it when it started).
+        let id = if id == 0 {
+            let s2 = Arc::clone(&store);
+            match tokio::task::spawn_blocking(move || s2.catalog.reserve_dataset_id()).await {
+                Ok(Ok(id)) => id,
+                Ok(Err(e)) => {
+                    self.extents = extents;
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    self.extents = extents;
+                    return Err(StoreError::InvalidArgument(format!(
+                        "commit task failed: {e}"
+                    )));
+                }
+            }
+        } else {
+            id
+        };
         let record = DatasetRecord {
+            manifest: None,
             id,
             class: self.class,
             checksum_block_bytes: CHECKSUM_BLOCK_BYTES,
@@ -1965,21 +2008,42 @@ impl IngestSession {
             extents,
             owner: self.owner.owner.clone(),
         };
-        let objects = std::mem::take(&mut self.objects);
-        let name = self.name.to_string();
-        let s2 = Arc::clone(&store);
-        let rec2 = record.clone();
-        let committed = tokio::task::spawn_blocking(move || {
-            s2.catalog.commit_dataset(&name, rec2, &objects, &unit_crcs)
-        })
-        .await
-        .map_err(|e| StoreError::InvalidArgument(format!("commit task failed: {e}")));
-        let committed = match committed.and_then(|r| r.map_err(StoreError::from)) {
+        let mut manifest = crate::poolmeta::Manifest {
+            name: self.name.to_string(),
+            record,
+            objects: std::mem::take(&mut self.objects),
+            unit_crcs,
+        };
+        // Its length does not depend on where its rows are.
+        manifest.record.manifest = Some(Extent { offset: 0, len: 0 });
+        let bytes = manifest.encode().len() as u64;
+        let rows = match store.pool_root.allocate_rows(&store.space, bytes) {
             Ok(r) => r,
             Err(e) => {
-                // Put the extents back so Drop frees them.
-                self.extents = record.extents;
+                self.extents = std::mem::take(&mut manifest.record.extents);
                 return Err(e);
+            }
+        };
+        manifest.record.manifest = Some(rows);
+        let s2 = Arc::clone(&store);
+        let committed = tokio::task::spawn_blocking(move || {
+            let r = s2.pool_root.commit(&s2.catalog, &manifest);
+            (r, manifest.record)
+        })
+        .await;
+        let committed = match committed {
+            Ok((Ok(r), _)) => r,
+            Ok((Err(e), record)) => {
+                // Put the extents back so Drop frees them.
+                self.extents = record.owned_extents();
+                return Err(e);
+            }
+            Err(e) => {
+                // The task panicked: its rows are lost until restart (the
+                // catalog did not commit, so they are free then).
+                return Err(StoreError::InvalidArgument(format!(
+                    "commit task failed: {e}"
+                )));
             }
         };
         self.committed = true;
@@ -2074,6 +2138,7 @@ fn split_rows(extents: Vec<Extent>, mut rows: u64, row: u64) -> (Vec<Extent>, Ve
 
 pub mod discard;
 mod pipeline;
+pub mod pool_root;
 pub mod quota;
 pub mod read_into;
 pub mod readahead;
