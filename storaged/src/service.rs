@@ -540,6 +540,10 @@ fn status_response(store: &Store, s: StoreStatus) -> pb::StatusResponse {
         discard_unsupported: dc.unsupported.load(Ordering::Relaxed),
         discard_startup_pass_done: dc.startup_pass_done.load(Ordering::Relaxed),
         superblocks_repaired: store.superblocks_repaired,
+        pool_root_generation: store.pool_root_generation(),
+        catalog_rebuilt: store.recovery.catalog_behind,
+        catalog_datasets_imported: store.recovery.datasets_imported,
+        catalog_datasets_dropped: store.recovery.datasets_dropped,
         faults_injected,
         fault_flips_injected,
         rebuild: rebuild.as_ref().map(|r| pb::RebuildStatus {

@@ -1226,6 +1226,11 @@ impl Store {
         &self.space.counters
     }
 
+    /// The generation of the pool root on the devices now.
+    pub fn pool_root_generation(&self) -> u64 {
+        self.pool_root.generation()
+    }
+
     /// Why the catalog is failing, while it is.
     pub fn catalog_fault(&self) -> Option<String> {
         self.catalog.health()

@@ -669,6 +669,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     s.catalog_fault
                 );
             }
+            if s.catalog_rebuilt {
+                outln!(
+                    "catalog:     REBUILT FROM THE DEVICES at start ({} datasets imported, {} dropped as deleted): the data-dir catalog was missing, damaged, restored or behind",
+                    s.catalog_datasets_imported,
+                    s.catalog_datasets_dropped
+                );
+            }
+            outln!(
+                "pool root:   generation {} on every device",
+                s.pool_root_generation
+            );
             outln!(
                 "connections: {} open, {} refused since start",
                 s.connections_open,
