@@ -324,6 +324,23 @@ fn read_superblock_copies(file: &File, path: &Path) -> Result<(Probe, bool), Dev
     }
 }
 
+/// Opens `path` read-only (O_DIRECT) and reads its superblock, from the
+/// copy when the primary is damaged; writes nothing (`storaged recover`).
+pub fn probe_read_only(path: &Path) -> Result<(File, Probe), DeviceError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(path)
+        .map_err(|source| match source.kind() {
+            io::ErrorKind::NotFound => DeviceError::Missing {
+                path: path.to_owned(),
+            },
+            _ => io_err(path)(source),
+        })?;
+    let (probe, _) = read_superblock_copies(&file, path)?;
+    Ok((file, probe))
+}
+
 fn write_superblock(file: &File, path: &Path, sb: &Superblock) -> Result<(), DeviceError> {
     let mut block = aligned_block().map_err(io_err(path))?;
     sb.encode(&mut block[..]);

@@ -26,6 +26,7 @@ pub mod error;
 pub mod jwt;
 pub mod layout;
 pub mod poolmeta;
+pub mod recover;
 pub mod region;
 pub mod server;
 pub mod service;

@@ -77,6 +77,22 @@ enum Command {
         #[arg(long)]
         insecure: bool,
     },
+    /// Rebuild DATA_DIR/catalog.redb from the pool's devices alone (their
+    /// roots and manifests), opening them read-only. Devices may come in
+    /// any order and absent ones may be left out. An existing catalog is
+    /// moved aside, never deleted. storaged serve does this by itself when
+    /// its catalog is missing or behind the devices.
+    Recover {
+        /// Where to write catalog.redb.
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// A device of the pool (repeat).
+        #[arg(long = "device", required = true)]
+        devices: Vec<PathBuf>,
+        /// Only report what the devices hold; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
 }
 
 fn main() {
@@ -144,7 +160,49 @@ fn run() -> anyhow::Result<()> {
                 .context("building the tokio runtime")?;
             rt.block_on(serve(cfg))
         }
+        Command::Recover {
+            data_dir,
+            devices,
+            dry_run,
+        } => recover(&data_dir, &devices, dry_run),
     }
+}
+
+fn recover(data_dir: &std::path::Path, devices: &[PathBuf], dry_run: bool) -> anyhow::Result<()> {
+    // A running storaged owns the data dir; recovering under it would
+    // race its catalog.
+    let _dir_lock = if dry_run {
+        None
+    } else {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("creating {}", data_dir.display()))?;
+        Some(DataDirLock::acquire(data_dir)?)
+    };
+    let r = storaged::recover::recover(data_dir, devices, dry_run)?;
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "pool {} (root generation {})", r.pool_id, r.generation)?;
+    for (i, p) in &r.devices {
+        writeln!(out, "  device {i}: {}", p.display())?;
+    }
+    for i in &r.missing {
+        writeln!(out, "  device {i}: not given (missing)")?;
+    }
+    writeln!(out, "{} datasets:", r.datasets.len())?;
+    for (name, rec) in &r.datasets {
+        writeln!(
+            out,
+            "  {name}  {}  {} objects  {} bytes  id {}",
+            rec.class, rec.object_count, rec.total_bytes, rec.id
+        )?;
+    }
+    if let Some(aside) = &r.moved_aside {
+        writeln!(out, "the previous catalog was moved to {}", aside.display())?;
+    }
+    match &r.catalog {
+        Some(p) => writeln!(out, "wrote {}", p.display())?,
+        None => writeln!(out, "dry run: nothing written")?,
+    }
+    Ok(())
 }
 
 async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
