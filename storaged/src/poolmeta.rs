@@ -344,6 +344,23 @@ impl MetaDevices {
         Ok(())
     }
 
+    /// Writes `encoded` into device `device`'s share of `rows` only (a
+    /// replaced device catching up) and syncs it.
+    pub fn write_manifest_to(
+        &self,
+        device: u32,
+        rows: Extent,
+        encoded: &[u8],
+    ) -> Result<(), PoolMetaError> {
+        let Some(Some(f)) = self.files.get(device as usize) else {
+            return Ok(());
+        };
+        let buf = aligned(encoded).map_err(|source| PoolMetaError::Io { device, source })?;
+        f.write_all_at(&buf[..], self.share_offset(rows))
+            .and_then(|()| f.sync_data())
+            .map_err(|source| PoolMetaError::Io { device, source })
+    }
+
     /// The manifest `entry` names, from the first present device whose
     /// copy checks out.
     pub fn read_manifest(&self, entry: &RootEntry) -> Result<Manifest, PoolMetaError> {

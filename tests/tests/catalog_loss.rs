@@ -279,3 +279,38 @@ async fn storaged_recover_rebuilds_the_catalog_from_shuffled_devices() {
         "{err}"
     );
 }
+
+// Guards against manifests living only on the original devices: a device
+// rebuilt by `device replace` gets every manifest and the root too, so it
+// alone can give the catalog back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replaced_device_holds_the_pool_metadata_too() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let train = files(10, 20);
+    let mut d = Daemon::start(&data, &DaemonOpts::default());
+    ingest(&d, tmp.path(), "train", None, &train);
+    d.stop();
+    let old = data.join("dev2.img");
+    let size = std::fs::metadata(&old).unwrap().len();
+    std::fs::remove_file(&old).unwrap();
+    d = Daemon::start_args(&data, d.args.clone());
+    let new = tmp.path().join("new2.img");
+    std::fs::File::create(&new).unwrap().set_len(size).unwrap();
+    d.ctl_ok(&["device", "replace", "2", new.to_str().unwrap()]);
+    d.stop();
+    let out = storaged(&[
+        "recover",
+        "--dry-run",
+        "--data-dir",
+        tmp.path().join("elsewhere").to_str().unwrap(),
+        "--device",
+        new.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains("1 datasets") && text.contains("train"),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

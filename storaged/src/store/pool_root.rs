@@ -37,7 +37,9 @@ pub struct Recovery {
 /// The devices' metadata and the root they hold now.
 #[derive(Debug)]
 pub struct PoolRoot {
-    pub devices: MetaDevices,
+    /// Written only when a replaced device joins (under `root`'s lock).
+    devices: std::sync::RwLock<MetaDevices>,
+    layout: crate::layout::StripeLayout,
     /// The current root. Held across a change's root write and catalog
     /// transaction, which keeps the two in the same order.
     root: Mutex<Root>,
@@ -110,9 +112,39 @@ pub fn reconcile(
 impl PoolRoot {
     pub fn new(devices: MetaDevices, root: Root) -> Self {
         Self {
-            devices,
+            layout: devices.layout,
+            devices: std::sync::RwLock::new(devices),
             root: Mutex::new(root),
         }
+    }
+
+    fn devices(&self) -> std::sync::RwLockReadGuard<'_, MetaDevices> {
+        self.devices.read().expect("pool root devices poisoned")
+    }
+
+    /// A replaced device joins: it gets a copy of every manifest (read
+    /// from the others) and, with every device, the next root. Blocking.
+    pub fn add_device(&self, index: u32, file: std::fs::File) -> Result<(), StoreError> {
+        let mut root = self.lock();
+        let mut devices = self.devices.write().expect("pool root devices poisoned");
+        if let Some(slot) = devices.files.get_mut(index as usize) {
+            *slot = None;
+        }
+        let mut copies = Vec::with_capacity(root.entries.len());
+        for entry in &root.entries {
+            copies.push((entry.manifest_rows, devices.read_manifest(entry)?.encode()));
+        }
+        if let Some(slot) = devices.files.get_mut(index as usize) {
+            *slot = Some(file);
+        }
+        for (rows, encoded) in copies {
+            devices.write_manifest_to(index, rows, &encoded)?;
+        }
+        let mut next = root.clone();
+        next.generation += 1;
+        devices.write_root(&next)?;
+        *root = next;
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Root> {
@@ -125,7 +157,7 @@ impl PoolRoot {
 
     /// Rows for a manifest of `bytes`, from the allocator.
     pub fn allocate_rows(&self, space: &FreeSpace, bytes: u64) -> Result<Extent, StoreError> {
-        let layout = self.devices.layout;
+        let layout = self.layout;
         let row = layout.stripe_unit_bytes * u64::from(layout.device_count);
         let len = manifest_rows_len(layout, bytes);
         space
@@ -149,7 +181,7 @@ impl PoolRoot {
             .manifest
             .expect("a manifest's record names its rows");
         let encoded = manifest.encode();
-        self.devices.write_manifest(rows, &encoded)?;
+        self.devices().write_manifest(rows, &encoded)?;
         let mut root = self.lock();
         let mut next = root.clone();
         next.generation += 1;
@@ -162,7 +194,7 @@ impl PoolRoot {
             manifest_bytes: encoded.len() as u64,
             manifest_crc: crc32fast::hash(&encoded),
         });
-        self.devices.write_root(&next)?;
+        self.devices().write_root(&next)?;
         match catalog.commit_dataset_at(
             &manifest.name,
             manifest.record.clone(),
@@ -195,7 +227,7 @@ impl PoolRoot {
         next.generation += 1;
         next.entries.retain(|e| e.name != name);
         if next.entries.len() != root.entries.len() {
-            self.devices.write_root(&next)?;
+            self.devices().write_root(&next)?;
         }
         match catalog.delete_dataset_at(name, Some(next.generation)) {
             Ok(r) => {
@@ -218,7 +250,7 @@ impl PoolRoot {
     fn roll_back(&self, root: &mut Root, failed: u64) {
         let mut back = root.clone();
         back.generation = failed + 1;
-        match self.devices.write_root(&back) {
+        match self.devices().write_root(&back) {
             Ok(()) => *root = back,
             Err(e) => {
                 tracing::error!(error = %e, "could not roll the pool's root back after a failed catalog change; the next start follows the devices")
@@ -276,13 +308,13 @@ impl PoolRoot {
             manifest.record.manifest = Some(Extent { offset: 0, len: 0 });
             let bytes = manifest.encode().len() as u64;
             let rows = match record.manifest {
-                Some(r) if manifest_rows_len(self.devices.layout, bytes) <= r.len => r,
+                Some(r) if manifest_rows_len(self.layout, bytes) <= r.len => r,
                 _ => self.allocate_rows(space, bytes).map_err(store_err)?,
             };
             record.manifest = Some(rows);
             manifest.record = record.clone();
             let encoded = manifest.encode();
-            self.devices.write_manifest(rows, &encoded)?;
+            self.devices().write_manifest(rows, &encoded)?;
             catalog.put_dataset_record(&name, &record)?;
             entries.push(RootEntry {
                 name,
@@ -304,7 +336,7 @@ impl PoolRoot {
             next_dataset_id: catalog.next_dataset_id()?,
             entries,
         };
-        self.devices.write_root(&next)?;
+        self.devices().write_root(&next)?;
         catalog.set_meta(&[("root_generation", Some(&next.generation.to_le_bytes()[..]))])?;
         recovery.generation = next.generation;
         if recovery.manifests_written > 0 {

@@ -215,6 +215,10 @@ impl Store {
         });
         self.catalog
             .set_meta(&[("replace", Some(&record.encode()))])?;
+        // The pool's metadata reaches the new device once it is rebuilt.
+        let meta_file = file
+            .try_clone()
+            .map_err(|e| StoreError::Busy(format!("cannot use the new device: {e}")))?;
         // From here on, reads of the device's units are rebuilt.
         self.slots.set(index, Slot::Missing);
         let target = engine::build(
@@ -306,6 +310,12 @@ impl Store {
         }
         progress(total, total);
         sync_target(&target, index).await?;
+        // Every manifest and the root on the new device too, or a pool
+        // whose devices were all replaced in turn would hold none.
+        let store = Arc::clone(self);
+        tokio::task::spawn_blocking(move || store.pool_root.add_device(index, meta_file))
+            .await
+            .map_err(|e| StoreError::InvalidArgument(format!("replace task failed: {e}")))??;
         let key = format!("device_path/{index}");
         let path_bytes = new_path.to_string_lossy().into_owned();
         self.catalog.set_meta(&[
