@@ -20,7 +20,11 @@ use memmap2::MmapMut;
 use crate::layout::StripeLayout;
 
 pub const SUPERBLOCK_MAGIC: [u8; 8] = *b"STORAGED";
-pub const FORMAT_VERSION: u32 = 1;
+/// Version 2: pool roots and manifests on the devices (docs/FORMAT.md).
+pub const FORMAT_VERSION: u32 = 2;
+/// Version 1 pools are upgraded in place at start: manifests and a root
+/// are written first, then each superblock says 2.
+pub const FORMAT_VERSION_UPGRADABLE: u32 = 1;
 pub const SUPERBLOCK_BYTES: usize = 4096;
 /// The data area starts 1 MiB into each device, leaving room after the
 /// superblock for future metadata (a second superblock copy, EC tables).
@@ -52,7 +56,7 @@ pub enum DeviceError {
         computed: u32,
     },
     #[error(
-        "device {path} has on-disk format version {version}; this storaged reads version {FORMAT_VERSION}"
+        "device {path} has on-disk format version {version}; this storaged reads versions {FORMAT_VERSION_UPGRADABLE} (upgraded in place) and {FORMAT_VERSION}"
     )]
     UnknownVersion { path: PathBuf, version: u32 },
     #[error(
@@ -158,7 +162,7 @@ impl Superblock {
             });
         }
         let version = u32_at(8);
-        if version != FORMAT_VERSION {
+        if version != FORMAT_VERSION && version != FORMAT_VERSION_UPGRADABLE {
             return Err(DeviceError::UnknownVersion {
                 path: path.to_owned(),
                 version,
@@ -322,6 +326,40 @@ fn read_superblock_copies(file: &File, path: &Path) -> Result<(Probe, bool), Dev
         }
         (primary, _) => primary.map(|p| (p, false)),
     }
+}
+
+/// Finishes an upgrade: every present device whose superblock is of an
+/// older format gets one of this format (both copies, synced). Call only
+/// once what the new format promises is on the devices. Returns how many
+/// were rewritten.
+pub fn upgrade_superblocks(
+    files: &[File],
+    paths: &[PathBuf],
+    superblocks: &mut [Superblock],
+    missing: &[bool],
+) -> Result<u32, DeviceError> {
+    let mut n = 0;
+    for (((file, path), sb), gone) in files
+        .iter()
+        .zip(paths)
+        .zip(superblocks.iter_mut())
+        .zip(missing)
+    {
+        if *gone || sb.format_version == FORMAT_VERSION {
+            continue;
+        }
+        sb.format_version = FORMAT_VERSION;
+        write_superblock(file, path, sb)?;
+        n += 1;
+    }
+    if n > 0 {
+        tracing::info!(
+            devices = n,
+            version = FORMAT_VERSION,
+            "pool upgraded in place"
+        );
+    }
+    Ok(n)
 }
 
 /// Opens `path` read-only (O_DIRECT) and reads its superblock, from the

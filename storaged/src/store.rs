@@ -299,6 +299,9 @@ impl Store {
         let space = Arc::new(space);
         let pool_root = pool_root::PoolRoot::new(meta_devices, root);
         pool_root.adopt(&catalog, &space, &mut recovery)?;
+        // Everything format 2 promises is on the devices now.
+        let mut superblocks = superblocks;
+        crate::device::upgrade_superblocks(&files, &paths, &mut superblocks, &missing)?;
         let records = catalog.datasets()?;
         let datasets: BTreeMap<String, Arc<DatasetHandle>> = records
             .into_iter()
