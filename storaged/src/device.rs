@@ -60,7 +60,7 @@ pub enum DeviceError {
     )]
     UnknownVersion { path: PathBuf, version: u32 },
     #[error(
-        "device {path} belongs to pool {found}, but the other devices belong to pool {expected}"
+        "device {path} belongs to pool {found}, but the other devices belong to pool {expected}; leave it out, or pass --force to erase every device given"
     )]
     WrongPool {
         path: PathBuf,
@@ -68,19 +68,15 @@ pub enum DeviceError {
         found: String,
     },
     #[error(
-        "device {path} is device {found} of its pool but was given as device {expected}; pass devices in their original order"
+        "{first} and {second} both hold device {index} of pool {pool} (the same device given twice, or a copy of it); give one of them"
     )]
-    WrongIndex {
-        path: PathBuf,
-        expected: u32,
-        found: u32,
+    DuplicateIndex {
+        index: u32,
+        pool: String,
+        first: PathBuf,
+        second: PathBuf,
     },
-    #[error("device {path}: pool has {found} devices but {given} were given")]
-    WrongCount {
-        path: PathBuf,
-        found: u32,
-        given: u32,
-    },
+
     #[error("device {path} has a different pool geometry than device 0 ({detail})")]
     GeometryMismatch { path: PathBuf, detail: String },
     #[error("device {path} is {size} bytes; at least {min} are needed")]
@@ -208,6 +204,10 @@ pub struct PoolSpec {
     pub stripe_unit_bytes: u64,
     /// Erase devices that hold unrecognized data or another pool.
     pub force: bool,
+    /// Where `device replace` put device `index` (from the catalog): used
+    /// as well as `devices`, and preferred over any other device claiming
+    /// that index (the replaced one, if it is still there).
+    pub replacements: Vec<(u32, PathBuf)>,
 }
 
 /// An assembled pool: open O_DIRECT files in device-index order.
@@ -412,13 +412,19 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
             "stripe unit {unit} must be a power of two from 64 KiB to 16 MiB"
         )));
     }
-    let mut opened = Vec::with_capacity(spec.devices.len());
-    let mut was_absent = Vec::with_capacity(spec.devices.len());
-    let mut stale_copy = Vec::with_capacity(spec.devices.len());
-    for path in &spec.devices {
+    let mut given = spec.devices.clone();
+    for (_, p) in &spec.replacements {
+        if !given.iter().any(|g| same_file(g, p)) {
+            given.push(p.clone());
+        }
+    }
+    let mut opened = Vec::with_capacity(given.len());
+    let mut was_absent = Vec::with_capacity(given.len());
+    let mut stale_copy = Vec::with_capacity(given.len());
+    for path in &given {
         if opened
             .iter()
-            .any(|(p, _, _, _): &(PathBuf, File, u64, Probe)| p == path)
+            .any(|(p, _, _, _): &(PathBuf, File, u64, Probe)| same_file(p, path))
         {
             return Err(DeviceError::Config(format!(
                 "device {} is given twice",
@@ -438,95 +444,46 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         }
         was_absent.push(absent);
     }
-    let pool_exists = opened
-        .iter()
-        .any(|(_, _, _, p)| matches!(p, Probe::Ours(_)));
-    // Devices of an existing pool that are absent or blank are missing
-    // (the pool starts degraded); for a new pool, absent files are created.
-    let mut missing = vec![false; opened.len()];
-    for (i, entry) in opened.iter_mut().enumerate() {
-        if pool_exists && !spec.force {
-            missing[i] = matches!(entry.3, Probe::Blank);
-            if missing[i] {
-                tracing::warn!(
-                    device = i,
-                    path = %entry.0.display(),
-                    "device {} of the pool: starting without it",
-                    if was_absent[i] { "is absent" } else { "is blank" }
-                );
-            }
-        } else if was_absent[i] {
-            let (file, size) = open_device(&entry.0, spec.create_size_bytes)?;
-            let probe = read_superblock(&file, &entry.0)?;
-            *entry = (entry.0.clone(), file, size, probe);
-        }
-    }
-
     let first_ours = opened.iter().find_map(|(_, _, _, p)| match p {
         Probe::Ours(sb) => Some(sb.clone()),
         _ => None,
     });
+    if let Some(path) = opened
+        .iter()
+        .find(|(_, _, _, p)| matches!(p, Probe::Foreign))
+        .map(|(p, ..)| p.clone())
+        && !spec.force
+    {
+        return Err(DeviceError::Foreign { path });
+    }
+    let mut missing = Vec::new();
     let needs_format = match (&first_ours, spec.force) {
         (_, true) => {
-            let erase_existing = opened.iter().any(|(_, _, _, p)| !matches!(p, Probe::Blank));
-            if erase_existing {
+            if opened.iter().any(|(_, _, _, p)| !matches!(p, Probe::Blank)) {
                 tracing::warn!("--force: erasing every device and creating a new pool");
             }
             true
         }
-        (None, false) => {
-            if let Some((path, ..)) = opened
-                .iter()
-                .find(|(_, _, _, p)| matches!(p, Probe::Foreign))
-            {
-                return Err(DeviceError::Foreign { path: path.clone() });
-            }
-            true
-        }
-        (Some(reference), false) => {
-            let given = opened.len() as u32;
-            for (path, _, _, probe) in &opened {
-                if let Probe::Foreign = probe {
-                    return Err(DeviceError::Foreign { path: path.clone() });
-                }
-            }
-            for (i, (path, _, _, probe)) in opened.iter().enumerate() {
-                let Probe::Ours(sb) = probe else {
-                    continue; // missing
-                };
-                if sb.pool_id != reference.pool_id {
-                    return Err(DeviceError::WrongPool {
-                        path: path.clone(),
-                        expected: pool_id_hex(&reference.pool_id),
-                        found: pool_id_hex(&sb.pool_id),
-                    });
-                }
-                if sb.device_count != given {
-                    return Err(DeviceError::WrongCount {
-                        path: path.clone(),
-                        found: sb.device_count,
-                        given,
-                    });
-                }
-                if sb.device_index != i as u32 {
-                    return Err(DeviceError::WrongIndex {
-                        path: path.clone(),
-                        expected: i as u32,
-                        found: sb.device_index,
-                    });
-                }
-                if sb.layout() != reference.layout()
-                    || sb.checksum_block_bytes != reference.checksum_block_bytes
-                {
-                    return Err(DeviceError::GeometryMismatch {
-                        path: path.clone(),
-                        detail: format!("{:?} vs {:?}", sb.layout(), reference.layout()),
-                    });
-                }
-            }
+        (None, false) => true,
+        (Some(_), false) => {
+            let (assembled, gone) = assemble(opened, &was_absent, &stale_copy, &spec.replacements)?;
+            opened = assembled.0;
+            stale_copy = assembled.1;
+            missing = gone;
             false
         }
     };
+    if needs_format {
+        // A new pool: absent files are created, in the order given.
+        for (i, entry) in opened.iter_mut().enumerate() {
+            if was_absent[i] {
+                let (file, size) = open_device(&entry.0, spec.create_size_bytes)?;
+                let probe = read_superblock(&file, &entry.0)?;
+                *entry = (entry.0.clone(), file, size, probe);
+            }
+        }
+        missing = vec![false; opened.len()];
+    }
 
     let (superblocks, formatted) = if needs_format {
         let min_size = opened
@@ -708,6 +665,198 @@ fn first_nonzero(file: &File, path: &Path, len: u64) -> Result<Option<u64>, Devi
 
 /// Stands in for a missing device in the engine's file table; the device
 /// router never lets an operation reach it.
+/// A name of block device `path` that survives reboots: its
+/// `/dev/disk/by-id` link (the first in name order, `wwn-` links last)
+/// and its serial from sysfs, where the system has them. `None` for files.
+pub fn stable_name(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::metadata(path).ok()?;
+    if !meta.file_type().is_block_device() {
+        return None;
+    }
+    let mut ids: Vec<String> = std::fs::read_dir("/dev/disk/by-id")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            std::fs::metadata(e.path())
+                .is_ok_and(|m| m.file_type().is_block_device() && m.rdev() == meta.rdev())
+        })
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    ids.sort_by_key(|n| (n.starts_with("wwn-"), n.clone()));
+    let dev_name = std::fs::canonicalize(path)
+        .ok()?
+        .file_name()?
+        .to_string_lossy()
+        .into_owned();
+    let serial = std::fs::read_to_string(format!("/sys/class/block/{dev_name}/device/serial"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+        .filter(|s| !s.is_empty());
+    let parts: Vec<String> = ids
+        .into_iter()
+        .take(1)
+        .map(|id| format!("/dev/disk/by-id/{id}"))
+        .chain(serial.map(|s| format!("serial {s}")))
+        .collect();
+    (!parts.is_empty()).then(|| parts.join(", "))
+}
+
+/// Whether `a` and `b` name the same file or block device (through
+/// symlinks such as /dev/disk/by-id, or different spellings).
+fn same_file(a: &Path, b: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (std::fs::metadata(a), std::fs::metadata(b)) {
+        (Ok(x), Ok(y)) => {
+            (x.dev(), x.ino()) == (y.dev(), y.ino())
+                || (x.file_type().is_block_device() && x.rdev() == y.rdev())
+        }
+        _ => a == b,
+    }
+}
+
+type Opened = (PathBuf, File, u64, Probe);
+
+/// Orders the devices of an existing pool by the index in their
+/// superblocks, whatever order they were given in. Devices of another
+/// pool and two devices claiming one index are refused by name; blank or
+/// absent devices are left alone (logged). Indices no device
+/// claims are missing (placeholders; the pool starts degraded); a blank
+/// or absent device given at such an index's position is shown there.
+#[allow(clippy::type_complexity)]
+fn assemble(
+    opened: Vec<Opened>,
+    was_absent: &[bool],
+    stale_copy: &[bool],
+    replacements: &[(u32, PathBuf)],
+) -> Result<((Vec<Opened>, Vec<bool>), Vec<bool>), DeviceError> {
+    let replaces = |index: u32, path: &Path| {
+        replacements
+            .iter()
+            .any(|(i, p)| *i == index && same_file(p, path))
+    };
+    // The pool: the one most of the given devices belong to.
+    let mut counts: Vec<([u8; 16], usize)> = Vec::new();
+    for (_, _, _, p) in &opened {
+        if let Probe::Ours(sb) = p {
+            match counts.iter_mut().find(|(id, _)| *id == sb.pool_id) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((sb.pool_id, 1)),
+            }
+        }
+    }
+    // On a tie, the pool of the first device given.
+    let pool_id = counts
+        .iter()
+        .fold(None::<([u8; 16], usize)>, |best, &(id, n)| match best {
+            Some((_, m)) if m >= n => best,
+            _ => Some((id, n)),
+        })
+        .map(|(id, _)| id)
+        .expect("an existing pool");
+    let reference = opened
+        .iter()
+        .find_map(|(_, _, _, p)| match p {
+            Probe::Ours(sb) if sb.pool_id == pool_id => Some(sb.clone()),
+            _ => None,
+        })
+        .expect("a device of the pool");
+    let count = reference.device_count as usize;
+    let pool = pool_id_hex(&pool_id);
+    let mut slots: Vec<Option<(Opened, bool)>> = (0..count).map(|_| None).collect();
+    let mut unassigned: Vec<(usize, Opened)> = Vec::new();
+    for (given_at, (entry, stale)) in opened.into_iter().zip(stale_copy).enumerate() {
+        let sb = match &entry.3 {
+            Probe::Ours(sb) => sb.clone(),
+            _ => {
+                unassigned.push((given_at, entry));
+                continue;
+            }
+        };
+        if sb.pool_id != pool_id {
+            return Err(DeviceError::WrongPool {
+                path: entry.0,
+                expected: pool.clone(),
+                found: pool_id_hex(&sb.pool_id),
+            });
+        }
+        if sb.device_count as usize != count
+            || sb.device_index as usize >= count
+            || sb.layout() != reference.layout()
+            || sb.checksum_block_bytes != reference.checksum_block_bytes
+        {
+            return Err(DeviceError::GeometryMismatch {
+                path: entry.0,
+                detail: format!(
+                    "device {} of {} with {:?}, against device {} of {} with {:?}",
+                    sb.device_index,
+                    sb.device_count,
+                    sb.layout(),
+                    reference.device_index,
+                    reference.device_count,
+                    reference.layout()
+                ),
+            });
+        }
+        let slot = &mut slots[sb.device_index as usize];
+        if let Some((first, _)) = slot {
+            // A replaced device still there: its replacement wins.
+            if replaces(sb.device_index, &entry.0) {
+                tracing::info!(device = sb.device_index, old = %first.0.display(), new = %entry.0.display(), "device was replaced");
+                *slot = Some((entry, *stale));
+                continue;
+            }
+            if replaces(sb.device_index, &first.0) {
+                tracing::info!(device = sb.device_index, old = %entry.0.display(), "device was replaced; the old one is not used");
+                continue;
+            }
+            return Err(DeviceError::DuplicateIndex {
+                index: sb.device_index,
+                pool,
+                first: first.0.clone(),
+                second: entry.0,
+            });
+        }
+        *slot = Some((entry, *stale));
+    }
+    let mut files = Vec::with_capacity(count);
+    let mut stale = Vec::with_capacity(count);
+    let mut missing = Vec::with_capacity(count);
+    for (i, slot) in slots.into_iter().enumerate() {
+        match slot {
+            Some((entry, s)) => {
+                files.push(entry);
+                stale.push(s);
+                missing.push(false);
+            }
+            None => {
+                // Shown under the path given at its position, if that one
+                // is blank or absent.
+                let path = unassigned
+                    .iter()
+                    .position(|(at, _)| *at == i)
+                    .map(|k| unassigned.swap_remove(k).1.0)
+                    .unwrap_or_else(|| PathBuf::from(format!("(device {i} not given)")));
+                tracing::warn!(device = i, path = %path.display(), "device of the pool is absent, blank or not given: starting without it");
+                files.push((path, placeholder()?, 0, Probe::Blank));
+                stale.push(false);
+                missing.push(true);
+            }
+        }
+    }
+    for (at, (path, ..)) in unassigned {
+        // Not an error: an old, replaced device may stay in the list. It
+        // is left untouched; storaged does not grow pools.
+        tracing::warn!(
+            path = %path.display(),
+            state = if was_absent[at] { "absent" } else { "blank" },
+            "device given next to pool {pool} is not one of its devices; not used (storagectl device replace puts a device in)"
+        );
+    }
+    Ok(((files, stale), missing))
+}
+
 fn placeholder() -> Result<File, DeviceError> {
     File::open("/dev/null").map_err(io_err(Path::new("/dev/null")))
 }
@@ -722,6 +871,7 @@ mod tests {
             create_size_bytes: Some(8 << 20),
             stripe_unit_bytes: 1 << 20,
             force: false,
+            replacements: Vec::new(),
         }
     }
 
@@ -782,53 +932,83 @@ mod tests {
     }
 
     #[test]
-    fn refuses_wrong_order_other_pool_and_blank() {
+    // Guards assembly by identity: devices given in any order are put in
+    // superblock order; one left out is missing (degraded); a device of
+    // another pool or one device twice are refused by name; a blank or
+    // absent device next to a complete pool is left alone.
+    fn assembles_by_identity_and_refuses_strangers() {
         let dir = tempfile::tempdir().unwrap();
-        let s = spec(dir.path(), 2);
+        let s = spec(dir.path(), 3);
         open_pool(&s).unwrap();
         let swapped = PoolSpec {
-            devices: vec![s.devices[1].clone(), s.devices[0].clone()],
+            devices: vec![
+                s.devices[2].clone(),
+                s.devices[0].clone(),
+                s.devices[1].clone(),
+            ],
             ..s.clone()
         };
-        assert!(matches!(
-            open_pool(&swapped).unwrap_err(),
-            DeviceError::WrongIndex {
-                expected: 0,
-                found: 1,
-                ..
-            }
-        ));
+        let p = open_pool(&swapped).unwrap();
+        assert_eq!(p.paths, s.devices);
+        assert_eq!(p.missing, vec![false; 3]);
+        let short = PoolSpec {
+            devices: vec![s.devices[2].clone(), s.devices[0].clone()],
+            ..s.clone()
+        };
+        let p = open_pool(&short).unwrap();
+        assert_eq!(p.missing, vec![false, true, false]);
+        assert_eq!(p.paths[0], s.devices[0]);
+        assert_eq!(p.paths[2], s.devices[2]);
+
         let other_dir = tempfile::tempdir().unwrap();
         let other = spec(other_dir.path(), 2);
         open_pool(&other).unwrap();
         let mixed = PoolSpec {
-            devices: vec![s.devices[0].clone(), other.devices[1].clone()],
+            devices: vec![
+                s.devices[0].clone(),
+                s.devices[1].clone(),
+                other.devices[1].clone(),
+            ],
+            ..s.clone()
+        };
+        match open_pool(&mixed).unwrap_err() {
+            DeviceError::WrongPool { path, .. } => assert_eq!(path, other.devices[1]),
+            e => panic!("{e}"),
+        }
+        // The same device through another name (a symlink, as by-id).
+        let link = dir.path().join("link0");
+        std::os::unix::fs::symlink(&s.devices[0], &link).unwrap();
+        let twice = PoolSpec {
+            devices: vec![s.devices[0].clone(), link, s.devices[1].clone()],
+            ..s.clone()
+        };
+        assert!(
+            matches!(open_pool(&twice).unwrap_err(), DeviceError::Config(m) if m.contains("given twice"))
+        );
+        // A copy of a device claims the same index.
+        let copy = dir.path().join("copy1.img");
+        std::fs::copy(&s.devices[1], &copy).unwrap();
+        let dup = PoolSpec {
+            devices: vec![s.devices[0].clone(), s.devices[1].clone(), copy],
             ..s.clone()
         };
         assert!(matches!(
-            open_pool(&mixed).unwrap_err(),
-            DeviceError::WrongPool { .. }
+            open_pool(&dup).unwrap_err(),
+            DeviceError::DuplicateIndex { index: 1, .. }
         ));
         let grown = PoolSpec {
             devices: vec![
                 s.devices[0].clone(),
                 s.devices[1].clone(),
+                s.devices[2].clone(),
                 dir.path().join("new.img"),
             ],
             ..s.clone()
         };
-        assert!(matches!(
-            open_pool(&grown).unwrap_err(),
-            DeviceError::WrongCount { .. }
-        ));
-        let short = PoolSpec {
-            devices: vec![s.devices[0].clone()],
-            ..s.clone()
-        };
-        assert!(matches!(
-            open_pool(&short).unwrap_err(),
-            DeviceError::WrongCount { .. }
-        ));
+        // A device that is no member is left alone (and not created).
+        let p = open_pool(&grown).unwrap();
+        assert_eq!(p.paths, s.devices);
+        assert!(!dir.path().join("new.img").exists());
     }
 
     #[test]

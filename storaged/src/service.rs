@@ -583,6 +583,7 @@ fn status_response(store: &Store, s: StoreStatus) -> pb::StatusResponse {
                 }
                 .to_owned(),
                 reconstructions: rebuilt[d.index as usize],
+                stable_name: crate::device::stable_name(&d.path).unwrap_or_default(),
             })
             .collect(),
         datasets: s.datasets.iter().map(|h| dataset_info(store, h)).collect(),

@@ -238,17 +238,15 @@ impl Store {
         // Replaced devices are where `device replace` put them.
         let (overrides, pending) = Catalog::device_overrides(&catalog_path)?;
         let pending = pending.and_then(|b| replace::ReplaceRecord::decode(&b));
-        let mut devices = cfg.devices.clone();
+        // Devices are found by their superblocks; a replaced one where
+        // `device replace` put it, in preference to the old one.
+        let mut replacements: Vec<(u32, PathBuf)> = Vec::new();
         for (i, p) in overrides
             .into_iter()
             .chain(pending.iter().map(|r| (r.index, r.new_path.clone())))
         {
-            if let Some(d) = devices.get_mut(i as usize)
-                && *d != p
-            {
-                tracing::info!(device = i, configured = %d.display(), now = %p.display(), "device was replaced");
-                *d = p;
-            }
+            replacements.retain(|(j, _)| *j != i);
+            replacements.push((i, p));
         }
         let OpenedPool {
             files,
@@ -260,7 +258,8 @@ impl Store {
             superblocks,
             superblocks_repaired,
         } = open_pool(&PoolSpec {
-            devices,
+            devices: cfg.devices.clone(),
+            replacements,
             create_size_bytes: Some(cfg.device_size_bytes),
             stripe_unit_bytes: cfg.stripe_unit_bytes,
             force: cfg.force,

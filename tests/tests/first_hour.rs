@@ -497,19 +497,22 @@ fn ingest_warns_on_nothing_and_skips_unreadable_on_request() {
 fn ctl_on_a_terminal(d: &Daemon, args: &str, input: &str) -> std::process::Output {
     use std::io::Write;
     let command = format!("{} --server {} {args}", storagectl_bin().display(), d.url);
+    // Nothing to type: stdin is /dev/null. A pipe closed at once made
+    // script(1) lose the child's first output now and then under load.
     let mut child = Command::new("script")
         .args(["-qec", &command, "/dev/null"])
-        .stdin(Stdio::piped())
+        .stdin(if input.is_empty() {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .expect("script(1) from util-linux");
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
+    if let Some(mut stdin) = child.stdin.take() {
+        stdin.write_all(input.as_bytes()).unwrap();
+    }
     child.wait_with_output().unwrap()
 }
 
@@ -530,7 +533,12 @@ fn on_a_terminal_rm_asks_first_and_long_commands_show_progress() {
     assert!(d.ctl_ok(&["ls"]).contains("ds"));
     // verify and export show progress on a terminal (and only there).
     let out = ctl_on_a_terminal(&d, "verify ds", "");
-    assert!(String::from_utf8_lossy(&out.stdout).contains("verify pass 1 ["));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("verify pass 1 ["),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!d.ctl_ok(&["verify", "ds"]).contains("verify pass 1 ["));
     let target = tmp.path().join("out");
     let out = ctl_on_a_terminal(&d, &format!("export ds {}", target.display()), "");

@@ -325,6 +325,9 @@ fn spinner(label: &str) -> ProgressBar {
     };
     bar.set_message(label.to_owned());
     bar.enable_steady_tick(Duration::from_millis(200));
+    // Drawn at once: a command shorter than the first tick would
+    // otherwise show nothing.
+    bar.tick();
     bar
 }
 
@@ -772,6 +775,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     human(d.used_bytes),
                     d.reconstructions
                 );
+                if !d.stable_name.is_empty() {
+                    outln!("       {}", d.stable_name);
+                }
             }
             outln!("datasets: {}", s.datasets.len());
             for d in &s.datasets {
