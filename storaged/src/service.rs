@@ -496,7 +496,7 @@ fn dataset_info(store: &Store, h: &DatasetHandle) -> pb::DatasetInfo {
         total_bytes: h.record.total_bytes,
         storage_class: class as i32,
         created_unix_ms: h.record.created_unix_ms,
-        allocated_bytes: h.record.allocated_bytes,
+        allocated_bytes: h.record.owned_extents().iter().map(|e| e.len).sum(),
         ec_data_units,
         ec_parity_units,
         reconstructions: h.reconstructions.load(Ordering::Relaxed),
