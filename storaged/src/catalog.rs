@@ -235,6 +235,12 @@ impl DatasetRecord {
         } else {
             None
         };
+        if !r.b.is_empty() {
+            return Err(CatalogError::Corrupt(
+                "dataset record".into(),
+                format!("{} bytes after the record", r.b.len()),
+            ));
+        }
         Ok(Self {
             manifest,
             owner,
@@ -295,6 +301,12 @@ impl ObjectRecord {
         let raw = r.take(n.checked_mul(4).ok_or_else(|| {
             CatalogError::Corrupt("object record".into(), "block count overflows".into())
         })?)?;
+        if !r.b.is_empty() || b[1..4] != [0, 0, 0] {
+            return Err(CatalogError::Corrupt(
+                "object record".into(),
+                "reserved or trailing bytes are not empty".into(),
+            ));
+        }
         let block_crcs = raw
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes(c.try_into().expect("4")))
@@ -954,6 +966,42 @@ mod tests {
             }],
             owner: String::new(),
             manifest: None,
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(3000))]
+        // Guards the catalog's record decoders against damaged bytes: any
+        // input decodes to a record that encodes back to the same bytes
+        // (current version) or to itself, or is a named error; never a
+        // panic or a huge allocation.
+        #[test]
+        fn record_decoders_take_any_bytes(
+            bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..200),
+            seed in proptest::prelude::any::<u64>(),
+        ) {
+            // Mutations of valid records reach deeper than random bytes.
+            let mut mutated = ds().encode();
+            let mut objrec = obj(70000, 8192).encode();
+            if !mutated.is_empty() {
+                let i = (seed as usize) % mutated.len();
+                mutated[i] ^= (seed >> 32) as u8 | 1;
+                let j = (seed as usize >> 8) % objrec.len();
+                objrec[j] ^= (seed >> 40) as u8 | 1;
+            }
+            for b in [&bytes, &mutated, &objrec] {
+                if let Ok(r) = DatasetRecord::decode(b) {
+                    let again = r.encode();
+                    proptest::prop_assert_eq!(DatasetRecord::decode(&again).unwrap(), r);
+                    if b[0] == DATASET_RECORD_VERSION {
+                        proptest::prop_assert_eq!(&again, b);
+                    }
+                }
+                if let Ok(o) = ObjectRecord::decode(b) {
+                    proptest::prop_assert_eq!(&o.encode(), b);
+                }
+                let _ = ObjectRecord::decode_summary(b);
+            }
         }
     }
 

@@ -363,6 +363,16 @@ async fn sync_target(target: &Arc<dyn engine::IoBackend>, index: u32) -> Result<
 
 #[cfg(test)]
 mod tests {
+    proptest::proptest! {
+        // Guards the replace record's decoder against damaged bytes.
+        #[test]
+        fn replace_records_decode_or_refuse(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            if let Some(r) = super::ReplaceRecord::decode(&bytes) {
+                proptest::prop_assert_eq!(r.encode(), bytes);
+            }
+        }
+    }
+
     use super::*;
 
     #[test]
