@@ -83,6 +83,10 @@ pub struct DatasetRecord {
     /// Whole rows holding a copy of the dataset's manifest on every device
     /// (see `poolmeta`); `None` for records from before manifests.
     pub manifest: Option<Extent>,
+    /// Check values per `ec` unit: the rows of a unit each have a CRC
+    /// (`unit_bytes / ec::UNIT_ROW_BYTES` of them), or 1, one CRC over
+    /// the whole unit (records from before row CRCs, and `stripe`).
+    pub unit_rows: u32,
 }
 
 impl DatasetRecord {
@@ -166,6 +170,7 @@ impl DatasetRecord {
                 v.extend_from_slice(&e.len.to_le_bytes());
             }
         }
+        v.extend_from_slice(&self.unit_rows.to_le_bytes());
         v
     }
 
@@ -235,6 +240,13 @@ impl DatasetRecord {
         } else {
             None
         };
+        let unit_rows = if version >= 3 { r.u32()? } else { 1 };
+        if unit_rows == 0 || unit_rows > 512 {
+            return Err(CatalogError::Corrupt(
+                "dataset record".into(),
+                format!("{unit_rows} check values per unit"),
+            ));
+        }
         if !r.b.is_empty() {
             return Err(CatalogError::Corrupt(
                 "dataset record".into(),
@@ -242,6 +254,7 @@ impl DatasetRecord {
             ));
         }
         Ok(Self {
+            unit_rows,
             manifest,
             owner,
             id,
@@ -721,7 +734,8 @@ impl Catalog {
                 parity_units,
             } = record.class
             {
-                let width = usize::from(data_units) + usize::from(parity_units);
+                let width = (usize::from(data_units) + usize::from(parity_units))
+                    * record.unit_rows.max(1) as usize;
                 let mut units = txn.open_table(UNITS).map_err(dberr)?;
                 for (stripe, crcs) in unit_crcs.chunks(width).enumerate() {
                     let v: Vec<u8> = crcs.iter().flat_map(|c| c.to_le_bytes()).collect();
@@ -966,6 +980,7 @@ mod tests {
             }],
             owner: String::new(),
             manifest: None,
+            unit_rows: 1,
         }
     }
 
@@ -1020,7 +1035,7 @@ mod tests {
         // Version 1 (no owner) and 2 (no manifest) records still read.
         let mut v2 = ds().encode();
         v2[0] = 2;
-        v2.pop();
+        v2.truncate(v2.len() - 5);
         assert_eq!(DatasetRecord::decode(&v2).unwrap(), ds());
         let mut v1 = v2.clone();
         v1[0] = 1;

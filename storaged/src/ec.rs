@@ -99,6 +99,45 @@ impl EcGeometry {
 }
 
 /// CRC-32 of one stripe unit, bound to where it belongs.
+/// Bytes per checked row of a unit in datasets written by format 2: each
+/// row of each unit has its own CRC, so rot is rebuilt row by row from
+/// the same rows of the other units, whichever units rot elsewhere.
+pub const UNIT_ROW_BYTES: u64 = 32 * 1024;
+
+/// CRC-32 of row `row` of unit `position` of `stripe`: the ids and the
+/// row number are hashed with the bytes, so a row written to the wrong
+/// place (or left from another dataset) fails its check.
+pub fn row_crc(dataset_id: u64, stripe: u64, position: u32, row: u32, bytes: &[u8]) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(&dataset_id.to_le_bytes());
+    h.update(&stripe.to_le_bytes());
+    h.update(&position.to_le_bytes());
+    h.update(&row.to_le_bytes());
+    h.update(bytes);
+    h.finalize()
+}
+
+/// A unit's check values: one per row (`rows` of them, `rows > 1`), or
+/// one over the whole unit (`rows == 1`: datasets written before rows
+/// had CRCs, where [`unit_crc`] is the check).
+pub fn unit_checks(
+    dataset_id: u64,
+    stripe: u64,
+    position: u32,
+    bytes: &[u8],
+    rows: usize,
+) -> Vec<u32> {
+    if rows <= 1 {
+        return vec![unit_crc(dataset_id, stripe, position, bytes)];
+    }
+    let row_bytes = bytes.len() / rows;
+    bytes
+        .chunks(row_bytes)
+        .enumerate()
+        .map(|(r, b)| row_crc(dataset_id, stripe, position, r as u32, b))
+        .collect()
+}
+
 pub fn unit_crc(dataset_id: u64, stripe: u64, position: u32, bytes: &[u8]) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(&dataset_id.to_le_bytes());

@@ -485,6 +485,7 @@ mod tests {
                     offset: 1 << 20,
                     len: 1 << 20,
                 }),
+                unit_rows: 2,
             },
             objects: vec![
                 (

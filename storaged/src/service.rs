@@ -1191,6 +1191,8 @@ impl Storaged for StoragedService {
                         unrecoverable: rep.unrecoverable,
                         missing: rep.missing,
                         problems: rep.problems,
+                        rows_corrupt: rep.rows_corrupt,
+                        rows_repaired: rep.rows_repaired,
                     })),
                 })
             },

@@ -2000,8 +2000,10 @@ impl IngestSession {
         } else {
             id
         };
+        let unit_rows = self.ec.as_ref().map_or(1, |ec| ec.writer.rows);
         let record = DatasetRecord {
             manifest: None,
+            unit_rows,
             id,
             class: self.class,
             checksum_block_bytes: CHECKSUM_BLOCK_BYTES,

@@ -1175,14 +1175,16 @@ async fn scrub(
     .await?;
     let r = report.context("the server ended the scrub without a report")?;
     outln!(
-        "scrubbed {} datasets, {}: {} units checked, {} corrupt, {} repaired, {} unrecoverable, {} on missing devices",
+        "scrubbed {} datasets, {}: {} units checked, {} corrupt, {} repaired, {} unrecoverable, {} on missing devices; rows: {} corrupt, {} repaired",
         r.datasets,
         human(r.bytes_checked),
         r.units_checked,
         r.corrupt,
         r.repaired,
         r.unrecoverable,
-        r.missing
+        r.missing,
+        r.rows_corrupt,
+        r.rows_repaired
     );
     for p in &r.problems {
         outln!("  {p}");

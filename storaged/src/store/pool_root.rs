@@ -286,7 +286,8 @@ impl PoolRoot {
                     data_units,
                     parity_units,
                 } => {
-                    let width = usize::from(data_units) + usize::from(parity_units);
+                    let width = (usize::from(data_units) + usize::from(parity_units))
+                        * record.unit_rows.max(1) as usize;
                     catalog.all_unit_crcs(record.id, width)?
                 }
                 storaged_proto::model::StorageClass::Stripe => Vec::new(),

@@ -33,7 +33,7 @@ use super::{Chunk, DatasetHandle, ObjectRef, Store, WriteFuture};
 use crate::alloc::BLOCK_BYTES;
 use crate::buf::{BufLease, BufferPool};
 use crate::catalog::DatasetRecord;
-use crate::ec::{Codec, EcGeometry, EcMap, unit_crc};
+use crate::ec::{Codec, EcGeometry, EcMap, unit_checks};
 use crate::engine;
 use crate::error::{OpenError, StoreError};
 use crate::layout::StripeLayout;
@@ -209,12 +209,33 @@ impl StripeCache {
 /// A stripe's units as read and checked: `(unit, intact)` by position.
 pub(super) struct StripeRead {
     pub units: Vec<BufLease>,
+    /// Every row of the unit read and checked good.
     pub intact: Vec<bool>,
+    /// By position, by row: the row read and checked good.
+    pub rows_good: Vec<Vec<bool>>,
     /// Positions whose read failed (I/O error, not a checksum mismatch).
     pub io_failed: Vec<bool>,
     /// Positions whose device is missing (a kind of I/O failure).
     pub missing: Vec<bool>,
+    /// Check values, `rows` per position.
     pub crcs: Vec<u32>,
+    pub rows: usize,
+}
+
+/// Which rows of `bytes` (unit `position` of `stripe`) match `expected`
+/// (one check value per row).
+fn rows_matching(
+    dataset_id: u64,
+    stripe: u64,
+    position: u32,
+    bytes: &[u8],
+    expected: &[u32],
+) -> Vec<bool> {
+    unit_checks(dataset_id, stripe, position, bytes, expected.len())
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| a == b)
+        .collect()
 }
 
 impl Store {
@@ -230,7 +251,10 @@ impl Store {
     ) -> Result<StripeRead, StoreError> {
         let width = ec.geometry().width() as usize;
         let unit = ec.map.unit_bytes() as usize;
-        let crcs = self.catalog.unit_crcs(ds.record.id, width, stripe, 1)?;
+        let rows = ds.record.unit_rows.max(1) as usize;
+        let crcs = self
+            .catalog
+            .unit_crcs(ds.record.id, width * rows, stripe, 1)?;
         let leases = self
             .pool
             .acquire_many(unit, width)
@@ -253,34 +277,48 @@ impl Store {
         };
         let mut units = Vec::with_capacity(width);
         let mut intact = Vec::with_capacity(width);
+        let mut rows_good = Vec::with_capacity(width);
         let mut missing = Vec::with_capacity(width);
         let mut io_failed = Vec::with_capacity(width);
         for (p, (r, lease)) in results.into_iter().enumerate() {
             io_failed.push(r.is_err());
-            let ok = match &r {
-                Ok(()) => unit_crc(ds.record.id, stripe, p as u32, lease.as_slice()) == crcs[p],
-                Err(_) => false,
+            let good = match &r {
+                Ok(()) => rows_matching(
+                    ds.record.id,
+                    stripe,
+                    p as u32,
+                    lease.as_slice(),
+                    &crcs[p * rows..(p + 1) * rows],
+                ),
+                Err(_) => vec![false; rows],
             };
             missing.push(
                 r.as_ref()
                     .err()
                     .is_some_and(crate::engine::route::is_missing),
             );
-            intact.push(ok);
+            intact.push(good.iter().all(|g| *g));
+            rows_good.push(good);
             units.push(lease);
         }
         Ok(StripeRead {
             units,
             intact,
+            rows_good,
             io_failed,
             missing,
             crcs,
+            rows,
         })
     }
 
-    /// Rebuilds the units of `read` that are not intact, in place, and
-    /// checks each rebuilt unit against its CRC. Returns the positions
-    /// rebuilt. Counts the reconstruction.
+    /// Rebuilds the rows of `read` that are not good, in place, each from
+    /// the same row of the other units (Reed-Solomon works column by
+    /// column), and checks each rebuilt row against its CRC. Rot scattered
+    /// over every unit is repaired as long as each row keeps K good units
+    /// (datasets from before row CRCs have one row: the whole unit).
+    /// Returns the positions with a rebuilt row. Counts the
+    /// reconstruction.
     pub(super) fn rebuild_stripe(
         &self,
         ds: &DatasetHandle,
@@ -288,58 +326,79 @@ impl Store {
         stripe: u64,
         read: &mut StripeRead,
     ) -> Result<Vec<u32>, StoreError> {
-        let lost: Vec<u32> = (0..read.intact.len() as u32)
+        let width = read.intact.len();
+        let touched: Vec<u32> = (0..width as u32)
             .filter(|p| !read.intact[*p as usize])
             .collect();
-        if lost.is_empty() {
-            return Ok(lost);
-        }
-        let devices: Vec<u32> = lost
-            .iter()
-            .map(|p| ec.map.unit_location(stripe, *p).0)
-            .collect();
-        let unrecoverable = || StoreError::Unrecoverable {
-            dataset: ds.name.clone(),
-            stripe,
-            devices: devices.clone(),
-            parity: ec.geometry().parity_units,
-            missing: read.io_failed.iter().any(|m| *m),
-        };
-        if lost.len() > ec.geometry().m() {
-            return Err(unrecoverable());
+        if touched.is_empty() {
+            return Ok(touched);
         }
         let unit = ec.map.unit_bytes() as usize;
-        {
-            let mut shards: Vec<(&mut [u8], bool)> = read
-                .units
-                .iter_mut()
-                .zip(&read.intact)
-                .map(|(l, ok)| (&mut l.as_mut_full()[..unit], *ok))
-                .collect();
-            ec.codec
-                .reconstruct(stripe, &mut shards)
-                .map_err(|_| unrecoverable())?;
-        }
-        for p in &lost {
-            let l = &mut read.units[*p as usize];
+        let row_bytes = unit / read.rows;
+        let devices_of = |positions: &[u32]| -> Vec<u32> {
+            positions
+                .iter()
+                .map(|p| ec.map.unit_location(stripe, *p).0)
+                .collect()
+        };
+        for l in &mut read.units {
             l.set_len(unit);
-            if unit_crc(ds.record.id, stripe, *p, l.as_slice()) != read.crcs[*p as usize] {
-                // The survivors passed their own checks, so this means the
-                // catalog and the units disagree: never serve it.
-                return Err(StoreError::Unrecoverable {
-                    dataset: ds.name.clone(),
-                    stripe,
-                    devices: devices.clone(),
-                    parity: ec.geometry().parity_units,
-                    missing: false,
-                });
+        }
+        for row in 0..read.rows {
+            let lost: Vec<u32> = (0..width as u32)
+                .filter(|p| !read.rows_good[*p as usize][row])
+                .collect();
+            if lost.is_empty() {
+                continue;
+            }
+            let unrecoverable = |missing: bool| StoreError::Unrecoverable {
+                dataset: ds.name.clone(),
+                stripe,
+                devices: devices_of(&lost),
+                parity: ec.geometry().parity_units,
+                missing,
+            };
+            if lost.len() > ec.geometry().m() {
+                return Err(unrecoverable(
+                    lost.iter().any(|p| read.io_failed[*p as usize]),
+                ));
+            }
+            let span = row * row_bytes..(row + 1) * row_bytes;
+            {
+                let mut shards: Vec<(&mut [u8], bool)> = read
+                    .units
+                    .iter_mut()
+                    .zip(&read.rows_good)
+                    .map(|(l, good)| (&mut l.as_mut_full()[span.clone()], good[row]))
+                    .collect();
+                ec.codec
+                    .reconstruct(stripe, &mut shards)
+                    .map_err(|_| unrecoverable(false))?;
+            }
+            for p in &lost {
+                let p = *p as usize;
+                let bytes = &read.units[p].as_slice()[span.clone()];
+                let check = if read.rows == 1 {
+                    crate::ec::unit_crc(ds.record.id, stripe, p as u32, bytes)
+                } else {
+                    crate::ec::row_crc(ds.record.id, stripe, p as u32, row as u32, bytes)
+                };
+                if check != read.crcs[p * read.rows + row] {
+                    // The survivors passed their own checks, so this means
+                    // the catalog and the units disagree: never serve it.
+                    return Err(unrecoverable(false));
+                }
+                read.rows_good[p][row] = true;
             }
         }
-        ds.reconstructions.fetch_add(1, Ordering::Relaxed);
-        for d in &devices {
-            self.device_reconstructions[*d as usize].fetch_add(1, Ordering::Relaxed);
+        for p in &touched {
+            read.intact[*p as usize] = true;
         }
-        Ok(lost)
+        ds.reconstructions.fetch_add(1, Ordering::Relaxed);
+        for d in devices_of(&touched) {
+            self.device_reconstructions[d as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(touched)
     }
 
     /// The verified data units of `stripe`, rebuilt where needed.
@@ -579,7 +638,10 @@ pub(super) struct EcWriter {
     /// Data bytes in it so far.
     fill: usize,
     data: Vec<BufLease>,
+    /// Check values, `rows` per unit, stripe by stripe.
     pub unit_crcs: Vec<u32>,
+    /// Checked rows per unit (`DatasetRecord::unit_rows`).
+    pub rows: u32,
     pub writes: FuturesUnordered<WriteFuture>,
     depth_max: usize,
 }
@@ -595,6 +657,7 @@ impl EcWriter {
             fill: 0,
             data: Vec::with_capacity(geometry.k()),
             unit_crcs: Vec::new(),
+            rows: (unit_bytes / crate::ec::UNIT_ROW_BYTES).max(1) as u32,
             writes: FuturesUnordered::new(),
             depth_max: depth_max.max(geometry.width() as usize),
         }
@@ -718,11 +781,12 @@ impl EcWriter {
             }))
             .collect();
         for (p, lease) in units.into_iter().enumerate() {
-            self.unit_crcs.push(unit_crc(
+            self.unit_crcs.extend(unit_checks(
                 self.dataset_id,
                 stripe,
                 p as u32,
                 lease.as_slice(),
+                self.rows as usize,
             ));
             let (device, offset) = map.unit_location(stripe, p as u32);
             super::push_write(

@@ -49,6 +49,10 @@ pub struct ScrubReport {
     pub unrecoverable: u64,
     /// Units not checked because their device is missing.
     pub missing: u64,
+    /// `ec` unit rows (32 KiB) found bad and rebuilt: repairs are as fine
+    /// as the checks (a whole unit for datasets from before row CRCs).
+    pub rows_corrupt: u64,
+    pub rows_repaired: u64,
     /// The first problems found, one line each (at most 100).
     pub problems: Vec<String>,
 }
@@ -197,6 +201,11 @@ impl Store {
                 .collect();
             report.missing += read.missing.iter().filter(|m| **m).count() as u64;
             report.corrupt += bad.len() as u64;
+            let bad_rows: u64 = bad
+                .iter()
+                .map(|p| read.rows_good[*p as usize].iter().filter(|g| !**g).count() as u64)
+                .sum();
+            report.rows_corrupt += bad_rows;
             if !bad.is_empty() {
                 match self.rebuild_stripe(ds, ec, stripe, &mut read) {
                     Err(e) => {
@@ -204,6 +213,7 @@ impl Store {
                         report.problem(e.to_string());
                     }
                     Ok(_) => {
+                        let mut all_written = true;
                         for p in bad {
                             let (device, offset) = ec.map.unit_location(stripe, p);
                             match self
@@ -212,6 +222,7 @@ impl Store {
                             {
                                 Ok(()) => report.repaired += 1,
                                 Err(e) => {
+                                    all_written = false;
                                     report.unrecoverable += 1;
                                     report.problem(format!(
                                         "dataset {:?} stripe {stripe} unit {p} (device {device}): rebuilt but not written back: {e}",
@@ -219,6 +230,9 @@ impl Store {
                                     ));
                                 }
                             }
+                        }
+                        if all_written {
+                            report.rows_repaired += bad_rows;
                         }
                     }
                 }
@@ -257,14 +271,16 @@ impl Store {
         let back = engine::read_exact(&*self.engine, device, offset, len, lease)
             .await
             .map_err(|e| StoreError::from_io(device, offset, e))?;
+        let rows = ds.record.unit_rows.max(1) as usize;
         let crcs = self.catalog.unit_crcs(
             ds.record.id,
-            ds.ec.as_ref().expect("ec").geometry().width() as usize,
+            ds.ec.as_ref().expect("ec").geometry().width() as usize * rows,
             stripe,
             1,
         )?;
-        let crc = crate::ec::unit_crc(ds.record.id, stripe, position, back.as_slice());
-        if crc != crcs[position as usize] {
+        let at = position as usize * rows;
+        let checks = crate::ec::unit_checks(ds.record.id, stripe, position, back.as_slice(), rows);
+        if checks[..] != crcs[at..at + rows] {
             return Err(StoreError::Unrecoverable {
                 dataset: ds.name.clone(),
                 stripe,
