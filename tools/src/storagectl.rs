@@ -324,10 +324,10 @@ fn spinner(label: &str) -> ProgressBar {
         ProgressBar::hidden()
     };
     bar.set_message(label.to_owned());
-    bar.enable_steady_tick(Duration::from_millis(200));
-    // Drawn at once: a command shorter than the first tick would
-    // otherwise show nothing.
+    // Drawn at once (before the ticker, which makes `tick` a no-op): a
+    // command shorter than the ticker's first period would show nothing.
     bar.tick();
+    bar.enable_steady_tick(Duration::from_millis(200));
     bar
 }
 
