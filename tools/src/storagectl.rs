@@ -324,11 +324,16 @@ fn spinner(label: &str) -> ProgressBar {
         ProgressBar::hidden()
     };
     bar.set_message(label.to_owned());
-    // Drawn at once (before the ticker, which makes `tick` a no-op): a
-    // command shorter than the ticker's first period would show nothing.
+    start_ticking(&bar);
+    bar
+}
+
+/// Draws `bar` at once, then every 200 ms. The first draw comes before
+/// the ticker (which makes `tick` a no-op and first draws a period
+/// later): a command shorter than that would otherwise show nothing.
+fn start_ticking(bar: &ProgressBar) {
     bar.tick();
     bar.enable_steady_tick(Duration::from_millis(200));
-    bar
 }
 
 /// A byte-progress bar on stderr for `total` bytes (hidden when stderr is
@@ -344,7 +349,7 @@ fn bytes_bar(label: &str, total: u64) -> ProgressBar {
         ))
         .expect("valid template"),
     );
-    bar.enable_steady_tick(Duration::from_millis(200));
+    start_ticking(&bar);
     bar
 }
 
@@ -1073,7 +1078,7 @@ async fn follow<E, R>(
         ))
         .expect("valid template"),
     );
-    bar.enable_steady_tick(Duration::from_millis(200));
+    start_ticking(&bar);
     let mut report = None;
     loop {
         let ev = match stream.message().await {
@@ -1208,7 +1213,7 @@ async fn ingest(
         )
         .expect("valid template"),
     );
-    bar.enable_steady_tick(Duration::from_millis(200));
+    start_ticking(&bar);
     let b2 = bar.clone();
     let ingested = client
         .ingest_dir_with(dataset, dir, options, move |p: IngestProgress| {
