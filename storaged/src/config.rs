@@ -579,20 +579,23 @@ fn is_partition_link(name: &str) -> bool {
 /// Expands the device list: a last path component with `*` or `?` is
 /// matched against its directory's entries (sorted; `-partN` links
 /// skipped), and a directory stands for its block devices and `*.img`
-/// files. Entries that name the same device (several by-id links to one
-/// drive) are kept once. Anything else is kept as given.
+/// files. Expanded entries that name a device already listed (several
+/// by-id links to one drive) are kept once. Anything else is kept as
+/// given.
 pub fn expand_devices(list: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     let mut out: Vec<PathBuf> = Vec::new();
     let mut seen: Vec<(u64, u64, u64)> = Vec::new();
-    let mut push = |p: PathBuf, out: &mut Vec<PathBuf>| {
+    // An expanded entry that names a device already listed is dropped; one
+    // given explicitly twice stays, and the pool refuses it by name.
+    let mut push = |p: PathBuf, out: &mut Vec<PathBuf>, expanded: bool| {
         if let Ok(m) = std::fs::metadata(&p) {
             let id = if m.file_type().is_block_device() {
                 (0, 0, m.rdev())
             } else {
                 (m.dev(), m.ino(), 0)
             };
-            if seen.contains(&id) {
+            if expanded && seen.contains(&id) {
                 return;
             }
             seen.push(id);
@@ -633,7 +636,7 @@ pub fn expand_devices(list: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
                 ));
             }
             for p in matched {
-                push(p, &mut out);
+                push(p, &mut out, true);
             }
         } else if given.is_dir() {
             let matched: Vec<PathBuf> = entries(given)?
@@ -652,10 +655,10 @@ pub fn expand_devices(list: &[PathBuf]) -> Result<Vec<PathBuf>, String> {
                 ));
             }
             for p in matched {
-                push(p, &mut out);
+                push(p, &mut out, true);
             }
         } else {
-            push(given.clone(), &mut out);
+            push(given.clone(), &mut out, false);
         }
     }
     Ok(out)
