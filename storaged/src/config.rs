@@ -693,12 +693,15 @@ mod tests {
             vec![dir.path().join("dev0.img"), dir.path().join("dev1.img")]
         );
         let got =
-            expand_devices(&[dir.path().join("nvme-*"), dir.path().join("dev0.img")]).unwrap();
+            expand_devices(&[dir.path().join("dev0.img"), dir.path().join("nvme-*")]).unwrap();
         assert_eq!(
             got,
-            vec![dir.path().join("nvme-a"), dir.path().join("nvme-b")],
+            vec![dir.path().join("dev0.img"), dir.path().join("nvme-a")],
             "nvme-b is dev0.img"
         );
+        // Given explicitly twice: kept, for the pool to refuse by name.
+        let twice = vec![dir.path().join("dev1.img"), dir.path().join("dev1.img")];
+        assert_eq!(expand_devices(&twice).unwrap(), twice);
         assert!(
             expand_devices(&[dir.path().join("sd*")])
                 .unwrap_err()
