@@ -62,6 +62,23 @@ pub enum CatalogError {
     Failing { path: String, reason: String },
 }
 
+impl CatalogError {
+    /// The catalog file is damaged (not a redb file, a failed page check,
+    /// an unknown version), as opposed to unreachable or of another pool:
+    /// a start may rebuild it from the devices.
+    pub fn is_damage(&self) -> bool {
+        match self {
+            CatalogError::Corrupt(..) => true,
+            CatalogError::Db(redb::Error::Corrupted(_) | redb::Error::UpgradeRequired(_)) => true,
+            CatalogError::Db(redb::Error::Io(e)) => matches!(
+                e.kind(),
+                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof
+            ),
+            _ => false,
+        }
+    }
+}
+
 fn dberr<E: Into<redb::Error>>(e: E) -> CatalogError {
     CatalogError::Db(e.into())
 }

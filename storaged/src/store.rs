@@ -236,7 +236,12 @@ impl Store {
         })?;
         let catalog_path = cfg.data_dir.join("catalog.redb");
         // Replaced devices are where `device replace` put them.
-        let (overrides, pending) = Catalog::device_overrides(&catalog_path)?;
+        let (overrides, pending) = match Catalog::device_overrides(&catalog_path) {
+            Ok(v) => v,
+            // Dealt with once the devices are open (rebuilt from them).
+            Err(e) if e.is_damage() => (Vec::new(), None),
+            Err(e) => return Err(e.into()),
+        };
         let pending = pending.and_then(|b| replace::ReplaceRecord::decode(&b));
         // Devices are found by their superblocks; a replaced one where
         // `device replace` put it, in preference to the old one.
@@ -270,7 +275,6 @@ impl Store {
             // would hide the loss.
             return Err(OpenError::StaleCatalog(catalog_path));
         }
-        let catalog = Catalog::open(&catalog_path, pool_id, formatted)?;
         let meta_devices = crate::poolmeta::MetaDevices {
             files: files
                 .iter()
@@ -278,6 +282,25 @@ impl Store {
                 .map(|(f, m)| if *m { None } else { f.try_clone().ok() })
                 .collect(),
             layout,
+        };
+        let catalog = match Catalog::open(&catalog_path, pool_id, formatted) {
+            Ok(c) => c,
+            // A damaged catalog is set aside (never deleted) and rebuilt
+            // from the devices, if they describe the pool.
+            Err(e) if e.is_damage() && meta_devices.read_newest_root(pool_id).is_some() => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = cfg.data_dir.join(format!("catalog.redb.damaged-{stamp}"));
+                std::fs::rename(&catalog_path, &aside).map_err(|source| OpenError::DataDir {
+                    path: aside.clone(),
+                    source,
+                })?;
+                tracing::error!(error = %e, moved_to = %aside.display(), "the catalog is damaged; rebuilding it from the devices");
+                Catalog::open(&catalog_path, pool_id, false)?
+            }
+            Err(e) => return Err(e.into()),
         };
         // The devices' root is the truth; a catalog behind it (lost,
         // damaged, restored) is brought up to it before anything uses it.

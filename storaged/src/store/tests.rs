@@ -1279,15 +1279,29 @@ async fn a_lost_or_restored_catalog_is_rebuilt_from_the_devices() {
         discards_settled(&store).await;
     }
     std::fs::copy(&saved, &catalog).unwrap();
+    {
+        let store = Store::open(&cfg).unwrap();
+        assert!(store.recovery.catalog_behind);
+        assert_eq!(store.recovery.datasets_dropped, 1);
+        assert!(
+            store.dataset(&DatasetName::new("s").unwrap()).is_err(),
+            "deleted stays deleted"
+        );
+        assert_eq!(read_all(&store, "e", "x", 0, None).await.unwrap(), ec_data);
+        assert!(store.status().used_bytes < used_before + (3 << 20));
+        discards_settled(&store).await;
+    }
+    // Damaged: set aside, rebuilt.
+    std::fs::write(&catalog, pattern(9, 100_000)).unwrap();
     let store = Store::open(&cfg).unwrap();
     assert!(store.recovery.catalog_behind);
-    assert_eq!(store.recovery.datasets_dropped, 1);
-    assert!(
-        store.dataset(&DatasetName::new("s").unwrap()).is_err(),
-        "deleted stays deleted"
-    );
     assert_eq!(read_all(&store, "e", "x", 0, None).await.unwrap(), ec_data);
-    assert!(store.status().used_bytes < used_before + (3 << 20));
+    let aside = std::fs::read_dir(dir.path()).unwrap().flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with("catalog.redb.damaged-")
+    });
+    assert!(aside, "the damaged catalog is kept");
 }
 
 /// Sets the format version in both superblock copies of `dev`.
