@@ -250,6 +250,23 @@ impl Manifest {
         frame(&MANIFEST_MAGIC, &b)
     }
 
+    /// `encode().len()`, without encoding (sizing its rows).
+    pub fn encoded_len(&self) -> usize {
+        let str16 = |s: &str| 2 + s.len().min(u16::MAX as usize);
+        16 + str16(&self.name)
+            + 4
+            + self.record.encode().len()
+            + 8
+            + self
+                .objects
+                .iter()
+                .map(|(p, o)| str16(p) + 4 + 28 + 4 * o.block_crcs.len())
+                .sum::<usize>()
+            + 8
+            + 4 * self.unit_crcs.len()
+            + 4
+    }
+
     pub fn decode(b: &[u8]) -> Result<Self, PoolMetaError> {
         let body = unframe(b, &MANIFEST_MAGIC, "manifest")?;
         let mut r = Reader {
@@ -533,6 +550,7 @@ mod tests {
     fn round_trips() {
         let m = manifest();
         assert_eq!(Manifest::decode(&m.encode()).unwrap(), m);
+        assert_eq!(m.encoded_len(), m.encode().len());
         let r = root();
         assert_eq!(Root::decode(&r.encode()).unwrap(), r);
         // Trailing zero padding (a slot, a device share) is ignored.

@@ -2048,7 +2048,7 @@ impl IngestSession {
         };
         // Its length does not depend on where its rows are.
         manifest.record.manifest = Some(Extent { offset: 0, len: 0 });
-        let bytes = manifest.encode().len() as u64;
+        let bytes = manifest.encoded_len() as u64;
         let rows = match store.pool_root.allocate_rows(&store.space, bytes) {
             Ok(r) => r,
             Err(e) => {
@@ -2063,7 +2063,7 @@ impl IngestSession {
             (r, manifest.record)
         })
         .await;
-        let committed = match committed {
+        let (committed, times) = match committed {
             Ok((Ok(r), _)) => r,
             Ok((Err(e), record)) => {
                 // Put the extents back so Drop frees them.
@@ -2094,6 +2094,8 @@ impl IngestSession {
             dataset = %self.name,
             objects = object_count,
             bytes = total_bytes,
+            metadata_on_devices_ms = times.devices_ms as u64,
+            catalog_ms = times.catalog_ms as u64,
             "dataset committed"
         );
         Ok(handle)

@@ -34,6 +34,14 @@ pub struct Recovery {
     pub generation: u64,
 }
 
+/// Where a commit's time went: the manifest and root on the devices
+/// (encoding, writes, fdatasyncs), and the catalog transaction.
+#[derive(Debug, Clone, Copy)]
+pub struct CommitTimes {
+    pub devices_ms: f64,
+    pub catalog_ms: f64,
+}
+
 /// The devices' metadata and the root they hold now.
 #[derive(Debug)]
 pub struct PoolRoot {
@@ -175,7 +183,8 @@ impl PoolRoot {
         &self,
         catalog: &Catalog,
         manifest: &Manifest,
-    ) -> Result<DatasetRecord, StoreError> {
+    ) -> Result<(DatasetRecord, CommitTimes), StoreError> {
+        let started = std::time::Instant::now();
         let rows = manifest
             .record
             .manifest
@@ -195,6 +204,7 @@ impl PoolRoot {
             manifest_crc: crc32fast::hash(&encoded),
         });
         self.devices().write_root(&next)?;
+        let on_devices = started.elapsed();
         match catalog.commit_dataset_at(
             &manifest.name,
             manifest.record.clone(),
@@ -204,7 +214,11 @@ impl PoolRoot {
         ) {
             Ok(r) => {
                 *root = next;
-                Ok(r)
+                let times = CommitTimes {
+                    devices_ms: on_devices.as_secs_f64() * 1e3,
+                    catalog_ms: (started.elapsed() - on_devices).as_secs_f64() * 1e3,
+                };
+                Ok((r, times))
             }
             Err(e) => {
                 // The devices must not keep a dataset the catalog refused:
@@ -307,7 +321,7 @@ impl PoolRoot {
                 unit_crcs,
             };
             manifest.record.manifest = Some(Extent { offset: 0, len: 0 });
-            let bytes = manifest.encode().len() as u64;
+            let bytes = manifest.encoded_len() as u64;
             let rows = match record.manifest {
                 Some(r) if manifest_rows_len(self.layout, bytes) <= r.len => r,
                 _ => self.allocate_rows(space, bytes).map_err(store_err)?,
