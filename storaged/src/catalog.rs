@@ -620,6 +620,25 @@ impl Catalog {
         }
         let db = Database::create(path).map_err(dberr)?;
         let txn = db.begin_read().map_err(dberr)?;
+        read_overrides(&txn)
+    }
+
+    /// As [`device_overrides`](Self::device_overrides), from this open
+    /// catalog (for the pool root).
+    #[allow(clippy::type_complexity)]
+    pub fn replacements(
+        &self,
+    ) -> Result<(Vec<(u32, std::path::PathBuf)>, Option<Vec<u8>>), CatalogError> {
+        read_overrides(&self.begin_read()?)
+    }
+}
+
+/// `device_path/N` entries and the pending `replace` record of `meta`.
+#[allow(clippy::type_complexity)]
+fn read_overrides(
+    txn: &redb::ReadTransaction,
+) -> Result<(Vec<(u32, std::path::PathBuf)>, Option<Vec<u8>>), CatalogError> {
+    {
         let t = match txn.open_table(META) {
             Ok(t) => t,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok((Vec::new(), None)),
@@ -641,7 +660,9 @@ impl Catalog {
         let pending = t.get("replace").map_err(dberr)?.map(|g| g.value().to_vec());
         Ok((out, pending))
     }
+}
 
+impl Catalog {
     /// Replaces dataset `name`'s record (its manifest was just written).
     pub fn put_dataset_record(
         &self,

@@ -94,6 +94,10 @@ pub struct Root {
     pub pool_id: [u8; 16],
     pub next_dataset_id: u64,
     pub entries: Vec<RootEntry>,
+    /// Where `device replace` put each replaced device (index, path).
+    pub replaced: Vec<(u32, String)>,
+    /// The replacement under way, as the catalog's `replace` record.
+    pub replacing: Option<Vec<u8>>,
 }
 
 /// Little-endian reader that fails (never panics) on short input.
@@ -178,6 +182,19 @@ impl Root {
             b.extend_from_slice(&e.manifest_crc.to_le_bytes());
             put_str16(&mut b, &e.name);
         }
+        b.extend_from_slice(&(self.replaced.len() as u32).to_le_bytes());
+        for (index, path) in &self.replaced {
+            b.extend_from_slice(&index.to_le_bytes());
+            put_str16(&mut b, path);
+        }
+        match &self.replacing {
+            None => b.push(0),
+            Some(r) => {
+                b.push(1);
+                b.extend_from_slice(&(r.len() as u32).to_le_bytes());
+                b.extend_from_slice(r);
+            }
+        }
         frame(&ROOT_MAGIC, &b)
     }
 
@@ -204,6 +221,24 @@ impl Root {
                 name: r.str16()?,
             });
         }
+        let n = r.u32()? as usize;
+        let mut replaced = Vec::with_capacity(n.min(256));
+        for _ in 0..n {
+            replaced.push((r.u32()?, r.str16()?));
+        }
+        let replacing = match r.take(1)?[0] {
+            0 => None,
+            1 => {
+                let n = r.u32()? as usize;
+                Some(r.take(n)?.to_vec())
+            }
+            f => {
+                return Err(corrupt(
+                    "pool root",
+                    format!("unknown replacement flag {f}"),
+                ));
+            }
+        };
         if !r.b.is_empty() {
             return Err(corrupt("pool root", "bytes after the last entry"));
         }
@@ -212,6 +247,8 @@ impl Root {
             pool_id,
             next_dataset_id,
             entries,
+            replaced,
+            replacing,
         })
     }
 }
@@ -473,6 +510,31 @@ impl MetaDevices {
     }
 }
 
+/// The newest root on any of `paths` that holds a superblock of ours,
+/// read-only, before the pool is assembled (a start without its catalog
+/// learns from it where replaced devices are). `None` when none has one.
+pub fn peek_root(paths: &[std::path::PathBuf]) -> Option<Root> {
+    let mut best: Option<Root> = None;
+    for path in paths {
+        let Ok((file, crate::device::Probe::Ours(sb))) = crate::device::probe_read_only(path)
+        else {
+            continue;
+        };
+        let layout = sb.layout();
+        let mut files: Vec<Option<File>> = (0..layout.device_count).map(|_| None).collect();
+        if let Some(slot) = files.get_mut(sb.device_index as usize) {
+            *slot = Some(file);
+        }
+        let one = MetaDevices { files, layout };
+        if let Some(r) = one.read_newest_root(sb.pool_id)
+            && best.as_ref().is_none_or(|b| r.generation > b.generation)
+        {
+            best = Some(r);
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -543,6 +605,8 @@ mod tests {
                 manifest_bytes: 300,
                 manifest_crc: 0xabcd,
             }],
+            replaced: vec![(2, "/dev/disk/by-id/nvme-new".into())],
+            replacing: Some(vec![1, 2, 3]),
         }
     }
 

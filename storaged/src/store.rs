@@ -236,12 +236,31 @@ impl Store {
         })?;
         let catalog_path = cfg.data_dir.join("catalog.redb");
         // Replaced devices are where `device replace` put them.
-        let (overrides, pending) = match Catalog::device_overrides(&catalog_path) {
-            Ok(v) => v,
-            // Dealt with once the devices are open (rebuilt from them).
-            Err(e) if e.is_damage() => (Vec::new(), None),
-            Err(e) => return Err(e.into()),
+        let from_catalog = if catalog_path.exists() {
+            match Catalog::device_overrides(&catalog_path) {
+                Ok(v) => Some(v),
+                // Dealt with once the devices are open (rebuilt from them).
+                Err(e) if e.is_damage() => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
         };
+        // Without a usable catalog, the devices' root says where replaced
+        // devices are (and what replacement was under way).
+        let (overrides, pending) = from_catalog.unwrap_or_else(|| {
+            crate::poolmeta::peek_root(&cfg.devices)
+                .map(|r| {
+                    (
+                        r.replaced
+                            .into_iter()
+                            .map(|(i, p)| (i, PathBuf::from(p)))
+                            .collect(),
+                        r.replacing,
+                    )
+                })
+                .unwrap_or_default()
+        });
         let pending = pending.and_then(|b| replace::ReplaceRecord::decode(&b));
         // Devices are found by their superblocks; a replaced one where
         // `device replace` put it, in preference to the old one.

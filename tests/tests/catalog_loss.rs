@@ -282,7 +282,8 @@ async fn storaged_recover_rebuilds_the_catalog_from_shuffled_devices() {
 
 // Guards against manifests living only on the original devices: a device
 // rebuilt by `device replace` gets every manifest and the root too, so it
-// alone can give the catalog back.
+// alone can give the catalog back; and against a lost catalog forgetting
+// where a replaced device is (the root records it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replaced_device_holds_the_pool_metadata_too() {
     let tmp = tempfile::tempdir().unwrap();
@@ -313,4 +314,14 @@ async fn a_replaced_device_holds_the_pool_metadata_too() {
         "{text}{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // The catalog lost too: the devices remember where device 2 went,
+    // though the configuration still names the old, gone path.
+    std::fs::remove_file(data.join("catalog.redb")).unwrap();
+    d = Daemon::start_args(&data, d.args.clone());
+    let status = d.ctl_ok(&["status"]);
+    assert!(
+        status.contains("health:      ok") && status.contains("new2.img"),
+        "{status}"
+    );
+    check_all(&d, "train", &train);
 }

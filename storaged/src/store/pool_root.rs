@@ -102,10 +102,24 @@ pub fn reconcile(
         recovery.datasets_imported += 1;
     }
     let next = catalog.next_dataset_id()?.max(root.next_dataset_id);
-    catalog.set_meta(&[
-        ("next_dataset_id", Some(&next.to_le_bytes()[..])),
-        ("root_generation", Some(&root.generation.to_le_bytes()[..])),
-    ])?;
+    // Where replaced devices are, and a replacement under way, as the
+    // devices remember them.
+    let keys: Vec<String> = root
+        .replaced
+        .iter()
+        .map(|(i, _)| format!("device_path/{i}"))
+        .collect();
+    let next_bytes = next.to_le_bytes();
+    let generation_bytes = root.generation.to_le_bytes();
+    let mut entries: Vec<(&str, Option<&[u8]>)> = vec![
+        ("next_dataset_id", Some(&next_bytes[..])),
+        ("root_generation", Some(&generation_bytes[..])),
+        ("replace", root.replacing.as_deref()),
+    ];
+    for (k, (_, p)) in keys.iter().zip(&root.replaced) {
+        entries.push((k.as_str(), Some(p.as_bytes())));
+    }
+    catalog.set_meta(&entries)?;
     recovery.generation = root.generation;
     tracing::warn!(
         generation = root.generation,
@@ -259,6 +273,29 @@ impl PoolRoot {
         }
     }
 
+    /// Copies the catalog's replacement records (`device_path/N`, the
+    /// pending `replace`) into the next root on every device, so a lost
+    /// catalog does not forget where a replaced device is. Blocking.
+    pub fn record_replacements(&self, catalog: &Catalog) -> Result<(), StoreError> {
+        let (replaced, replacing) = catalog.replacements()?;
+        let replaced: Vec<(u32, String)> = replaced
+            .into_iter()
+            .map(|(i, p)| (i, p.to_string_lossy().into_owned()))
+            .collect();
+        let mut root = self.lock();
+        if root.replaced == replaced && root.replacing == replacing {
+            return Ok(());
+        }
+        let mut next = root.clone();
+        next.generation += 1;
+        next.replaced = replaced;
+        next.replacing = replacing;
+        self.devices().write_root(&next)?;
+        catalog.set_meta(&[("root_generation", Some(&next.generation.to_le_bytes()[..]))])?;
+        *root = next;
+        Ok(())
+    }
+
     /// Puts `root`'s contents back on the devices as a generation after
     /// `failed` (a change the catalog refused).
     fn roll_back(&self, root: &mut Root, failed: u64) {
@@ -345,11 +382,17 @@ impl PoolRoot {
         if !changed && root.generation > 0 && at == root.generation {
             return Ok(());
         }
+        let (replaced, replacing) = catalog.replacements()?;
         let next = Root {
             generation: root.generation.max(at) + 1,
             pool_id: root.pool_id,
             next_dataset_id: catalog.next_dataset_id()?,
             entries,
+            replaced: replaced
+                .into_iter()
+                .map(|(i, p)| (i, p.to_string_lossy().into_owned()))
+                .collect(),
+            replacing,
         };
         self.devices().write_root(&next)?;
         catalog.set_meta(&[("root_generation", Some(&next.generation.to_le_bytes()[..]))])?;

@@ -215,6 +215,7 @@ impl Store {
         });
         self.catalog
             .set_meta(&[("replace", Some(&record.encode()))])?;
+        self.pool_root.record_replacements(&self.catalog)?;
         // The pool's metadata reaches the new device once it is rebuilt.
         let meta_file = file
             .try_clone()
@@ -322,6 +323,7 @@ impl Store {
             (key.as_str(), Some(path_bytes.as_bytes())),
             ("replace", None),
         ])?;
+        self.pool_root.record_replacements(&self.catalog)?;
         self.device_paths.write().expect("paths poisoned")[index as usize] = new_path.to_path_buf();
         self.slots.set(index, Slot::Replaced(target));
         *self.rebuild.lock().expect("rebuild poisoned") = None;
@@ -340,6 +342,7 @@ impl Store {
         sync_target(target, index).await?;
         self.catalog
             .set_meta(&[("replace", Some(&record.encode()))])?;
+        self.pool_root.record_replacements(&self.catalog)?;
         Ok(())
     }
 
