@@ -331,6 +331,16 @@ impl PoolRoot {
         let mut entries = Vec::new();
         let mut changed = false;
         for (name, mut record) in catalog.datasets()? {
+            // Already on the devices: nothing to read (a start must not
+            // load every object of every dataset).
+            let existing = root
+                .entries
+                .iter()
+                .find(|e| e.name == name && e.dataset_id == record.id);
+            if let (Some(e), Some(_)) = (existing, record.manifest) {
+                entries.push(e.clone());
+                continue;
+            }
             let objects: Vec<(String, ObjectRecord)> = catalog.dataset_objects(record.id)?;
             let unit_crcs = match record.class {
                 storaged_proto::model::StorageClass::Ec {
@@ -343,14 +353,6 @@ impl PoolRoot {
                 }
                 storaged_proto::model::StorageClass::Stripe => Vec::new(),
             };
-            let existing = root
-                .entries
-                .iter()
-                .find(|e| e.name == name && e.dataset_id == record.id);
-            if let (Some(e), Some(_)) = (existing, record.manifest) {
-                entries.push(e.clone());
-                continue;
-            }
             let mut manifest = Manifest {
                 name: name.clone(),
                 record: record.clone(),
