@@ -282,6 +282,22 @@ impl Drop for Daemon {
     }
 }
 
+/// Flips bits `mask` of the byte at `at` in file `path` (a device file,
+/// behind storaged's back) and syncs it.
+pub fn flip_byte(path: &Path, at: u64, mask: u8) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .expect("open device file");
+    let mut b = [0u8; 1];
+    f.read_exact_at(&mut b, at).expect("read the byte");
+    b[0] ^= mask;
+    f.write_all_at(&b, at).expect("write the byte");
+    f.sync_all().expect("sync");
+}
+
 /// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
 pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;

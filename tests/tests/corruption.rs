@@ -2,8 +2,6 @@
 //! naming the dataset, object and device, while other objects still read
 //! (class stripe); an erasure-coded dataset serves the right bytes instead.
 
-use std::os::unix::fs::FileExt;
-
 use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -78,16 +76,7 @@ async fn rot(
     let e = st.extents[st.extents.len() / 2];
     let at = e.device_offset + e.length / 2;
     let dev = data.join(format!("dev{}.img", e.device_index));
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&dev)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x01;
-    f.write_all_at(&b, at).unwrap();
-    f.sync_all().unwrap();
+    storaged_tests::flip_byte(&dev, at, 0x01);
     e
 }
 

@@ -3,21 +3,10 @@
 //! several `ec:3+1` stripes are rebuilt row by row on read and repaired
 //! by scrub; two bad units in one row are DATA_LOSS, never wrong bytes.
 
-use std::os::unix::fs::FileExt;
-
-use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
+use storaged_tests::{Daemon, DaemonOpts, flip_byte, pattern, write_tree};
 
 fn flip(path: &std::path::Path, at: u64) {
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-        .unwrap();
-    let mut b = [0u8; 1];
-    f.read_exact_at(&mut b, at).unwrap();
-    b[0] ^= 0x08;
-    f.write_all_at(&b, at).unwrap();
-    f.sync_all().unwrap();
+    flip_byte(path, at, 0x08);
 }
 
 // Guards against whole-unit reconstruction: single flipped bytes in
