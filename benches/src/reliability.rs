@@ -8,7 +8,8 @@
 //! 0. **Ingest cost.** The tree ingested as `stripe` and as `ec:4+1`.
 //! 1. **Bit flips.** Rounds of flips written into the device files while
 //!    storaged is stopped (data and parity units, one unit per stripe per
-//!    round so that each is repairable, plus one superblock byte per round),
+//!    round; and stripes with a flip in every unit, each in a different
+//!    32 KiB row, repairable row by row; plus one superblock byte per round),
 //!    each followed by a start, a scrub and a byte-for-byte read of every
 //!    object; then a live phase with `--fault-inject` flipping bits and
 //!    failing reads. Counts injected, detected, repaired, unrecoverable and
@@ -326,6 +327,16 @@ async fn bitflips(setup: &Setup, args: &Args) -> anyhow::Result<serde_json::Valu
     let width = ec.map.geometry.width();
     let unit = ec.map.unit_bytes();
     let per_round = (stripes / 2).clamp(1, 100);
+    // Stripes per round whose every unit gets a flip, each in a different
+    // 32 KiB row (rebuilt row by row; one flip per unit used to lose the
+    // stripe).
+    let rows = (unit / storaged::ec::UNIT_ROW_BYTES).max(1);
+    let scattered_per_round = if rows >= u64::from(width) {
+        (stripes / 8).clamp(1, 20)
+    } else {
+        0
+    };
+    let (mut scattered_stripes, mut scattered_injected) = (0u64, 0u64);
     let (mut injected, mut metadata_injected) = (0u64, 0u64);
     let (mut detected, mut repaired, mut unrecoverable, mut wrong, mut read_errors) =
         (0, 0, 0, 0, 0);
@@ -346,6 +357,28 @@ async fn bitflips(setup: &Setup, args: &Args) -> anyhow::Result<serde_json::Valu
                 rng.below(8) as u8,
             )?;
             injected += 1;
+        }
+        let mut scattered = std::collections::BTreeSet::new();
+        while (scattered.len() as u64) < scattered_per_round.min(stripes - chosen.len() as u64) {
+            let s = rng.below(stripes);
+            if !chosen.contains(&s) {
+                scattered.insert(s);
+            }
+        }
+        for s in &scattered {
+            let first_row = rng.below(rows);
+            for p in 0..width {
+                let (d, off) = ec.map.unit_location(*s, p);
+                let row = (first_row + u64::from(p)) % rows;
+                flip(
+                    &setup.devices[d as usize],
+                    off + row * storaged::ec::UNIT_ROW_BYTES
+                        + rng.below(storaged::ec::UNIT_ROW_BYTES),
+                    rng.below(8) as u8,
+                )?;
+                scattered_injected += 1;
+            }
+            scattered_stripes += 1;
         }
         // Metadata: a byte of one superblock copy of one device.
         let d = rng.below(DEVICES as u64) as usize;
@@ -369,8 +402,9 @@ async fn bitflips(setup: &Setup, args: &Args) -> anyhow::Result<serde_json::Valu
         read_errors += failed;
         wrong += w;
         eprintln!(
-            "flip round {round}: {} flips + 1 superblock byte; scrub found {} corrupt, repaired {}, unrecoverable {}; wrong bytes {w}",
+            "flip round {round}: {} flips, {} stripes with a flip in every unit (distinct rows) + 1 superblock byte; scrub found {} corrupt, repaired {}, unrecoverable {}; wrong bytes {w}",
             chosen.len(),
+            scattered.len(),
             report.corrupt,
             report.repaired,
             report.unrecoverable
@@ -401,6 +435,8 @@ async fn bitflips(setup: &Setup, args: &Args) -> anyhow::Result<serde_json::Valu
     Ok(serde_json::json!({
         "rounds": rounds,
         "offline_flips_injected": injected,
+        "scattered_stripes": scattered_stripes,
+        "scattered_flips_injected": scattered_injected,
         "metadata_flips_injected": metadata_injected,
         "offline_units_detected": detected,
         "offline_units_repaired": repaired,

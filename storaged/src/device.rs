@@ -287,6 +287,10 @@ fn aligned_block() -> io::Result<MmapMut> {
     MmapMut::map_anon(SUPERBLOCK_BYTES)
 }
 
+/// Bytes a primary superblock may differ from its good copy in and still
+/// count as a damaged superblock of ours rather than foreign data.
+const SUPERBLOCK_ROT_BYTES_MAX: usize = 16;
+
 /// Where the second copy of the superblock lives.
 pub const SUPERBLOCK_COPY_OFFSET: u64 = SUPERBLOCK_BYTES as u64;
 
@@ -311,10 +315,34 @@ fn read_superblock(file: &File, path: &Path) -> Result<Probe, DeviceError> {
 /// good copy is answered from the copy; the flag says the copies disagree
 /// and should be rewritten.
 fn read_superblock_copies(file: &File, path: &Path) -> Result<(Probe, bool), DeviceError> {
-    let primary = Superblock::probe(&read_block(file, path, 0)?[..], path);
-    let copy = match read_block(file, path, SUPERBLOCK_COPY_OFFSET) {
-        Ok(b) => Superblock::probe(&b[..], path),
-        Err(_) => Ok(Probe::Blank),
+    let primary_block = read_block(file, path, 0)?;
+    let primary = Superblock::probe(&primary_block[..], path);
+    let copy_block = read_block(file, path, SUPERBLOCK_COPY_OFFSET).ok();
+    let copy = match &copy_block {
+        Some(b) => Superblock::probe(&b[..], path),
+        None => Ok(Probe::Blank),
+    };
+    // A primary that looks foreign only because a few of its bytes rotted
+    // (its magic, say) next to a good copy is ours, damaged; one that
+    // differs from the copy in more than a few bytes was overwritten by
+    // something else, and stays foreign.
+    let copy_is_ours = matches!(copy, Ok(Probe::Ours(_)));
+    let rotted = copy_is_ours
+        && copy_block.as_ref().is_some_and(|c| {
+            primary_block
+                .iter()
+                .zip(c.iter())
+                .filter(|(a, b)| a != b)
+                .count()
+                <= SUPERBLOCK_ROT_BYTES_MAX
+        });
+    let primary = match primary {
+        Ok(Probe::Foreign) if rotted => Err(DeviceError::BadChecksum {
+            path: path.to_owned(),
+            stored: 0,
+            computed: 0,
+        }),
+        other => other,
     };
     match (primary, copy) {
         (Ok(Probe::Ours(a)), Ok(Probe::Ours(b))) => {
@@ -1060,6 +1088,31 @@ mod tests {
         assert!(!again.missing.iter().any(|m| *m));
         drop(again);
         assert_eq!(open_pool(&s).unwrap().superblocks_repaired, 0, "rewritten");
+        // Guards against a rotted magic byte making a device "foreign":
+        // the reliability campaign's seeded flips hit one (storaged then
+        // refused to start).
+        let f = OpenOptions::new().write(true).open(&s.devices[1]).unwrap();
+        f.write_all_at(b"X", 2).unwrap();
+        drop(f);
+        let again = open_pool(&s).unwrap();
+        assert_eq!(again.superblocks_repaired, 1);
+        drop(again);
+        // Something else written over the primary stays foreign.
+        let f = OpenOptions::new().write(true).open(&s.devices[1]).unwrap();
+        f.write_all_at(&[0xAB; 512], 0).unwrap();
+        drop(f);
+        assert!(matches!(
+            open_pool(&s).unwrap_err(),
+            DeviceError::Foreign { .. }
+        ));
+        let f = OpenOptions::new().write(true).open(&s.devices[1]).unwrap();
+        let mut good = vec![0u8; 4096];
+        std::fs::File::open(&s.devices[1])
+            .unwrap()
+            .read_exact_at(&mut good, SUPERBLOCK_COPY_OFFSET)
+            .unwrap();
+        f.write_all_at(&good, 0).unwrap();
+        drop(f);
         // Both copies damaged: a clear error.
         let f = OpenOptions::new().write(true).open(&s.devices[0]).unwrap();
         f.write_all_at(&[0x55], 40).unwrap();
