@@ -282,6 +282,20 @@ impl Drop for Daemon {
     }
 }
 
+/// Reads every object of `files` from dataset `ds` with `storagectl cat`
+/// and checks it byte for byte.
+pub fn check_all(d: &Daemon, ds: &str, files: &[(String, Vec<u8>)]) {
+    for (p, data) in files {
+        let out = d.ctl(&["cat", ds, p]);
+        assert!(
+            out.status.success(),
+            "cat {ds}/{p}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout == *data, "{ds}/{p}: bytes differ");
+    }
+}
+
 /// Flips bits `mask` of the byte at `at` in file `path` (a device file,
 /// behind storaged's back) and syncs it.
 pub fn flip_byte(path: &Path, at: u64, mask: u8) {

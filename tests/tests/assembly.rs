@@ -2,7 +2,7 @@
 //! one left out, given through a glob; devices of another pool and one
 //! device given twice are refused by name.
 
-use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
+use storaged_tests::{Daemon, DaemonOpts, check_all, pattern, write_tree};
 
 fn args_with(data: &std::path::Path, devices: &[String]) -> Vec<String> {
     let mut a: Vec<String> = [
@@ -24,17 +24,6 @@ fn args_with(data: &std::path::Path, devices: &[String]) -> Vec<String> {
         a.push(d.clone());
     }
     a
-}
-
-fn check(d: &Daemon, files: &[(String, Vec<u8>)]) {
-    for (p, data) in files {
-        let out = d.ctl(&["cat", "train", p]);
-        assert!(
-            out.status.success() && out.stdout == *data,
-            "{p}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
 }
 
 // Guards against pools that only start with their devices in the original
@@ -66,7 +55,7 @@ async fn devices_are_found_by_identity_and_strangers_are_named() {
             "device {i} at its index: {status}"
         );
     }
-    check(&d, &files);
+    check_all(&d, "train", &files);
     d.stop();
 
     // One left out: degraded, every byte served.
@@ -76,14 +65,14 @@ async fn devices_are_found_by_identity_and_strangers_are_named() {
         status.contains("DEGRADED") && status.contains("device 2 not given"),
         "{status}"
     );
-    check(&d, &files);
+    check_all(&d, "train", &files);
     d.stop();
 
     // Through a glob.
     let glob = data.join("dev*.img").display().to_string();
     let mut d = Daemon::start_args(&data, args_with(&data, &[glob]));
     assert!(d.ctl_ok(&["status"]).contains("health:      ok"));
-    check(&d, &files);
+    check_all(&d, "train", &files);
     d.stop();
 
     // A device of another pool.

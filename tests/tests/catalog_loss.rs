@@ -2,7 +2,7 @@
 //! copy, or lost together with a device, and storaged serves exactly what
 //! was committed, from the manifests and roots on the devices.
 
-use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
+use storaged_tests::{Daemon, DaemonOpts, check_all, pattern, write_tree};
 
 fn files(seed: u64, n: u64) -> Vec<(String, Vec<u8>)> {
     (0..n)
@@ -13,18 +13,6 @@ fn files(seed: u64, n: u64) -> Vec<(String, Vec<u8>)> {
             )
         })
         .collect()
-}
-
-fn check_all(d: &Daemon, ds: &str, files: &[(String, Vec<u8>)]) {
-    for (p, data) in files {
-        let out = d.ctl(&["cat", ds, p]);
-        assert!(
-            out.status.success(),
-            "cat {ds}/{p}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.stdout == *data, "{ds}/{p}: bytes differ");
-    }
 }
 
 /// Ingests `files` as dataset `name` (`class` if given) from a tree under
@@ -161,6 +149,24 @@ fn storaged(args: &[&str]) -> std::process::Output {
         .unwrap()
 }
 
+/// `storaged recover` on `devices` into `data_dir` (`--dry-run` when
+/// `dry_run`); its stdout, and stderr, and whether it succeeded.
+fn recover(data_dir: &str, devices: &[&str], dry_run: bool) -> (bool, String, String) {
+    let mut args = vec!["recover", "--data-dir", data_dir];
+    if dry_run {
+        args.push("--dry-run");
+    }
+    for d in devices {
+        args.extend(["--device", d]);
+    }
+    let out = storaged(&args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 // Guards `storaged recover`: the catalog rebuilt explicitly from devices
 // given in any order with one left out, read-only on them, an existing
 // catalog moved aside; devices of two pools, or one device twice, are
@@ -178,24 +184,8 @@ async fn storaged_recover_rebuilds_the_catalog_from_shuffled_devices() {
     let sums: Vec<Vec<u8>> = (0..4).map(|i| std::fs::read(dev(i)).unwrap()).collect();
     let data_s = data.display().to_string();
 
-    let out = storaged(&[
-        "recover",
-        "--dry-run",
-        "--data-dir",
-        &data_s,
-        "--device",
-        &dev(3),
-        "--device",
-        &dev(1),
-        "--device",
-        &dev(2),
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, text, err) = recover(&data_s, &[&dev(3), &dev(1), &dev(2)], true);
+    assert!(ok, "{err}");
     assert!(
         text.contains("2 datasets") && text.contains("train") && text.contains("tiny"),
         "{text}"
@@ -205,25 +195,8 @@ async fn storaged_recover_rebuilds_the_catalog_from_shuffled_devices() {
         "{text}"
     );
 
-    let out = storaged(&[
-        "recover",
-        "--data-dir",
-        &data_s,
-        "--device",
-        &dev(2),
-        "--device",
-        &dev(0),
-        "--device",
-        &dev(3),
-        "--device",
-        &dev(1),
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (ok, text, err) = recover(&data_s, &[&dev(2), &dev(0), &dev(3), &dev(1)], false);
+    assert!(ok, "{err}");
     assert!(
         text.contains("moved to") && text.contains("wrote"),
         "{text}"
@@ -248,36 +221,10 @@ async fn storaged_recover_rebuilds_the_catalog_from_shuffled_devices() {
     let mut o = Daemon::start(&other, &DaemonOpts::default());
     o.stop();
     let foreign = other.join("dev0.img").display().to_string();
-    let out = storaged(&[
-        "recover",
-        "--dry-run",
-        "--data-dir",
-        &data_s,
-        "--device",
-        &dev(0),
-        "--device",
-        &foreign,
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("different pools"),
-        "{err}"
-    );
-    let out = storaged(&[
-        "recover",
-        "--dry-run",
-        "--data-dir",
-        &data_s,
-        "--device",
-        &dev(1),
-        "--device",
-        &dev(1),
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        !out.status.success() && err.contains("both device 1"),
-        "{err}"
-    );
+    let (ok, _, err) = recover(&data_s, &[&dev(0), &foreign], true);
+    assert!(!ok && err.contains("different pools"), "{err}");
+    let (ok, _, err) = recover(&data_s, &[&dev(1), &dev(1)], true);
+    assert!(!ok && err.contains("both device 1"), "{err}");
 }
 
 // Guards against manifests living only on the original devices: a device
@@ -300,19 +247,11 @@ async fn a_replaced_device_holds_the_pool_metadata_too() {
     std::fs::File::create(&new).unwrap().set_len(size).unwrap();
     d.ctl_ok(&["device", "replace", "2", new.to_str().unwrap()]);
     d.stop();
-    let out = storaged(&[
-        "recover",
-        "--dry-run",
-        "--data-dir",
-        tmp.path().join("elsewhere").to_str().unwrap(),
-        "--device",
-        new.to_str().unwrap(),
-    ]);
-    let text = String::from_utf8_lossy(&out.stdout);
+    let elsewhere = tmp.path().join("elsewhere").display().to_string();
+    let (ok, text, err) = recover(&elsewhere, &[new.to_str().unwrap()], true);
     assert!(
-        out.status.success() && text.contains("1 datasets") && text.contains("train"),
-        "{text}{}",
-        String::from_utf8_lossy(&out.stderr)
+        ok && text.contains("1 datasets") && text.contains("train"),
+        "{text}{err}"
     );
     // The catalog lost too: the devices remember where device 2 went,
     // though the configuration still names the old, gone path.

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use storaged_tests::{Daemon, DaemonOpts, eventually, pattern, write_tree};
+use storaged_tests::{Daemon, DaemonOpts, check_all, eventually, pattern, write_tree};
 
 fn files() -> Vec<(String, Vec<u8>)> {
     (0..24u64)
@@ -35,18 +35,6 @@ fn device_line(status: &str, path: &str, state: &str) -> bool {
     status
         .lines()
         .any(|l| l.contains(path) && l.contains(state))
-}
-
-fn check_all(d: &Daemon, ds: &str, files: &[(String, Vec<u8>)]) {
-    for (p, data) in files {
-        let out = d.ctl(&["cat", ds, p]);
-        assert!(
-            out.status.success(),
-            "cat {ds}/{p}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        assert!(out.stdout == *data, "{ds}/{p}: bytes differ");
-    }
 }
 
 // Guards degraded start and device replacement: with a device file gone,
