@@ -32,6 +32,45 @@ const DATASETS: TableDefinition<&str, &[u8]> = TableDefinition::new("datasets");
 const OBJECTS: TableDefinition<(u64, &str), &[u8]> = TableDefinition::new("objects");
 const UNITS: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("units");
 
+/// Makes the storage a catalog's database lives on, in place of redb's own
+/// file backend (tests simulate power loss this way, see `crash`). Called
+/// again whenever the catalog reopens its database after a failure.
+pub type BackendFactory =
+    std::sync::Arc<dyn Fn() -> std::io::Result<Box<dyn redb::StorageBackend>> + Send + Sync>;
+
+/// A boxed backend as redb's `impl StorageBackend`.
+#[derive(Debug)]
+struct BoxedBackend(Box<dyn redb::StorageBackend>);
+
+impl redb::StorageBackend for BoxedBackend {
+    fn len(&self) -> std::io::Result<u64> {
+        self.0.len()
+    }
+    fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+        self.0.read(offset, out)
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.0.set_len(len)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.0.sync_data()
+    }
+    fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+        self.0.write(offset, data)
+    }
+    fn close(&self) -> std::io::Result<()> {
+        self.0.close()
+    }
+}
+
+/// Opens the database at `path`, on `backend` if there is one.
+fn open_database(path: &Path, backend: Option<&BackendFactory>) -> Result<Database, redb::Error> {
+    match backend {
+        None => Ok(Database::create(path)?),
+        Some(make) => Ok(redb::Builder::new().create_with_backend(BoxedBackend(make()?))?),
+    }
+}
+
 pub const CATALOG_VERSION: u32 = 1;
 /// Version 2 added the owner (version 1 records read as owned by "").
 const DATASET_RECORD_VERSION: u8 = 3;
@@ -371,6 +410,8 @@ pub struct Catalog {
     /// `None` between closing a failed database and reopening it.
     db: std::sync::RwLock<Option<Database>>,
     path: std::path::PathBuf,
+    /// Where the database lives, if not in redb's own file backend.
+    backend: Option<BackendFactory>,
     /// Why the catalog is failing, while it is.
     fault: std::sync::Mutex<Option<Fault>>,
 }
@@ -412,11 +453,21 @@ impl Catalog {
     /// Opens or creates the catalog for pool `pool_id`. With `reset`, an
     /// existing catalog is discarded (the pool was just re-formatted).
     pub fn open(path: &Path, pool_id: [u8; 16], reset: bool) -> Result<Self, CatalogError> {
+        Self::open_on(path, pool_id, reset, None)
+    }
+
+    /// As [`open`](Self::open), on the storage `backend` makes.
+    pub fn open_on(
+        path: &Path,
+        pool_id: [u8; 16],
+        reset: bool,
+        backend: Option<BackendFactory>,
+    ) -> Result<Self, CatalogError> {
         if reset && path.exists() {
             std::fs::remove_file(path).map_err(|e| dberr(redb::Error::Io(e)))?;
         }
         create_private(path).map_err(|e| dberr(redb::Error::Io(e)))?;
-        let db = Database::create(path).map_err(dberr)?;
+        let db = open_database(path, backend.as_ref()).map_err(dberr)?;
         let txn = db.begin_write().map_err(dberr)?;
         {
             let mut meta = txn.open_table(META).map_err(dberr)?;
@@ -460,6 +511,7 @@ impl Catalog {
         Ok(Self {
             db: std::sync::RwLock::new(Some(db)),
             path: path.to_owned(),
+            backend,
             fault: std::sync::Mutex::new(None),
         })
     }
@@ -565,7 +617,7 @@ impl Catalog {
         }
         // The old handle holds the file's lock: close it first.
         drop(db.take());
-        match Database::create(&self.path) {
+        match open_database(&self.path, self.backend.as_ref()) {
             Ok(reopened) => {
                 *db = Some(reopened);
                 if let Some(f) = self.lock_fault().as_mut() {

@@ -248,6 +248,29 @@ pub trait IoBackend: Send + Sync + 'static {
     }
 }
 
+/// Synchronous I/O on one device outside the engine: the pool's metadata
+/// (roots and manifests), which is small, written rarely and must be
+/// durable when the call returns. The seam where tests simulate power loss
+/// (see `crash`); a plain [`File`] is the real thing.
+pub trait DeviceFile: Send + Sync + std::fmt::Debug {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()>;
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()>;
+    /// Makes the writes so far durable (fdatasync).
+    fn sync_data(&self) -> io::Result<()>;
+}
+
+impl DeviceFile for File {
+    fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::read_exact_at(self, buf, offset)
+    }
+    fn write_all_at(&self, buf: &[u8], offset: u64) -> io::Result<()> {
+        std::os::unix::fs::FileExt::write_all_at(self, buf, offset)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        File::sync_data(self)
+    }
+}
+
 /// [`IoBackend::discard`] for one opened device: `fallocate(PUNCH_HOLE)`
 /// on a regular file (its blocks go back to the file system), `BLKDISCARD`
 /// on a block device.

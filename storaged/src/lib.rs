@@ -17,6 +17,7 @@ pub mod buf;
 pub mod catalog;
 pub mod config;
 pub mod conn;
+pub mod crash;
 pub mod deadline;
 pub mod device;
 pub mod dirlock;

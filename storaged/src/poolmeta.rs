@@ -30,13 +30,14 @@
 //! delete, off the async workers (callers use `spawn_blocking`).
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::sync::Arc;
 
 use memmap2::MmapMut;
 
 use crate::alloc::Extent;
 use crate::catalog::{CatalogError, DatasetRecord, ObjectRecord};
 use crate::device::{DATA_OFFSET_BYTES, SUPERBLOCK_BYTES};
+use crate::engine::DeviceFile;
 use crate::layout::StripeLayout;
 
 /// Where the two root slots start: after the superblock and its copy.
@@ -365,16 +366,27 @@ fn aligned(bytes: &[u8]) -> std::io::Result<MmapMut> {
 /// The devices' O_DIRECT descriptors (`None`: missing), for metadata.
 #[derive(Debug)]
 pub struct MetaDevices {
-    pub files: Vec<Option<File>>,
+    pub files: Vec<Option<Arc<dyn DeviceFile>>>,
     pub layout: StripeLayout,
 }
 
 impl MetaDevices {
-    fn present(&self) -> impl Iterator<Item = (u32, &File)> {
+    /// Over plain files (`None`: missing).
+    pub fn from_files(files: Vec<Option<File>>, layout: StripeLayout) -> Self {
+        Self {
+            files: files
+                .into_iter()
+                .map(|f| f.map(|f| Arc::new(f) as Arc<dyn DeviceFile>))
+                .collect(),
+            layout,
+        }
+    }
+
+    fn present(&self) -> impl Iterator<Item = (u32, &dyn DeviceFile)> {
         self.files
             .iter()
             .enumerate()
-            .filter_map(|(i, f)| f.as_ref().map(|f| (i as u32, f)))
+            .filter_map(|(i, f)| f.as_deref().map(|f| (i as u32, f)))
     }
 
     /// Where device copies of `rows` start on each device.
@@ -525,7 +537,7 @@ pub fn peek_root(paths: &[std::path::PathBuf]) -> Option<Root> {
         if let Some(slot) = files.get_mut(sb.device_index as usize) {
             *slot = Some(file);
         }
-        let one = MetaDevices { files, layout };
+        let one = MetaDevices::from_files(files, layout);
         if let Some(r) = one.read_newest_root(sb.pool_id)
             && best.as_ref().is_none_or(|b| r.generation > b.generation)
         {

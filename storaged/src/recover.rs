@@ -111,7 +111,7 @@ pub fn recover(
         paths[i] = Some(path);
         files[i] = Some(file);
     }
-    let meta = MetaDevices { files, layout };
+    let meta = MetaDevices::from_files(files, layout);
     let root = meta.read_newest_root(pool_id).ok_or(RecoverError::NoRoot)?;
     let mut manifests = Vec::with_capacity(root.entries.len());
     for entry in &root.entries {

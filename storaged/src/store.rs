@@ -178,6 +178,8 @@ pub struct Store {
     superblock: crate::device::Superblock,
     engine_kind: engine::EngineKind,
     engine_limits: EngineLimits,
+    /// What wraps the pool's write paths (see `hooks`).
+    hooks: Arc<dyn hooks::IoHooks>,
     pool_id: [u8; 16],
     limits: StoreLimits,
     /// Reads into client regions in flight, at most what an engine accepts.
@@ -221,14 +223,23 @@ impl Store {
     /// Opens the devices, the engine and the catalog, and rebuilds the
     /// allocator from committed datasets.
     pub fn open(cfg: &StoreConfig) -> Result<Arc<Self>, OpenError> {
-        Self::open_with(cfg, |e| e)
+        Self::open_hooked(cfg, Arc::new(hooks::NoHooks))
     }
 
-    /// As [`open`](Self::open), with a hook to wrap the engine (tests inject
-    /// faults this way).
+    /// As [`open`](Self::open), with a hook to wrap the pool's engine
+    /// (tests inject faults this way).
     pub fn open_with(
         cfg: &StoreConfig,
-        wrap: impl FnOnce(Arc<dyn IoBackend>) -> Arc<dyn IoBackend>,
+        wrap: impl FnOnce(Arc<dyn IoBackend>) -> Arc<dyn IoBackend> + Send + 'static,
+    ) -> Result<Arc<Self>, OpenError> {
+        Self::open_hooked(cfg, Arc::new(hooks::WrapEngineOnce::new(wrap)))
+    }
+
+    /// As [`open`](Self::open), with every write path of the pool going
+    /// through `hooks` (tests simulate power loss this way).
+    pub fn open_hooked(
+        cfg: &StoreConfig,
+        hooks: Arc<dyn hooks::IoHooks>,
     ) -> Result<Arc<Self>, OpenError> {
         std::fs::create_dir_all(&cfg.data_dir).map_err(|source| OpenError::DataDir {
             path: cfg.data_dir.clone(),
@@ -298,11 +309,21 @@ impl Store {
             files: files
                 .iter()
                 .zip(&missing)
-                .map(|(f, m)| if *m { None } else { f.try_clone().ok() })
+                .zip(&paths)
+                .map(|((f, m), path)| match (m, f.try_clone()) {
+                    (false, Ok(f)) => Some(hooks.meta_file(f, path)),
+                    _ => None,
+                })
                 .collect(),
             layout,
         };
-        let catalog = match Catalog::open(&catalog_path, pool_id, formatted) {
+        let catalog_backend = hooks.catalog(&catalog_path);
+        let catalog = match Catalog::open_on(
+            &catalog_path,
+            pool_id,
+            formatted,
+            catalog_backend.clone(),
+        ) {
             Ok(c) => c,
             // A damaged catalog is set aside (never deleted) and rebuilt
             // from the devices, if they describe the pool.
@@ -317,7 +338,7 @@ impl Store {
                     source,
                 })?;
                 tracing::error!(error = %e, moved_to = %aside.display(), "the catalog is damaged; rebuilding it from the devices");
-                Catalog::open(&catalog_path, pool_id, false)?
+                Catalog::open_on(&catalog_path, pool_id, false, catalog_backend)?
             }
             Err(e) => return Err(e.into()),
         };
@@ -368,7 +389,7 @@ impl Store {
         };
         let engine = engine::build(cfg.engine, files, Arc::clone(&pool), engine_limits)
             .map_err(OpenError::Engine)?;
-        let mut engine = wrap(engine);
+        let mut engine = hooks.engine(engine, &paths);
         let mut injected = None;
         if let Some(spec) = &cfg.fault_inject {
             let seeded = engine::fault::SeededBackend::new(engine, spec.clone());
@@ -431,6 +452,7 @@ impl Store {
             superblock,
             engine_kind: cfg.engine,
             engine_limits,
+            hooks,
             pool,
             layout,
             catalog,
@@ -2190,6 +2212,7 @@ fn split_rows(extents: Vec<Extent>, mut rows: u64, row: u64) -> (Vec<Extent>, Ve
 }
 
 pub mod discard;
+pub mod hooks;
 mod pipeline;
 pub mod pool_root;
 pub mod quota;
@@ -2202,5 +2225,7 @@ pub mod scrub;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_crash;
 #[cfg(test)]
 mod tests_ec;

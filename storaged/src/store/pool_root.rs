@@ -10,7 +10,7 @@
 //! root.
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use crate::alloc::Extent;
 use crate::catalog::{Catalog, DatasetRecord, ObjectRecord};
@@ -146,7 +146,11 @@ impl PoolRoot {
 
     /// A replaced device joins: it gets a copy of every manifest (read
     /// from the others) and, with every device, the next root. Blocking.
-    pub fn add_device(&self, index: u32, file: std::fs::File) -> Result<(), StoreError> {
+    pub fn add_device(
+        &self,
+        index: u32,
+        file: Arc<dyn crate::engine::DeviceFile>,
+    ) -> Result<(), StoreError> {
         let mut root = self.lock();
         let mut devices = self.devices.write().expect("pool root devices poisoned");
         if let Some(slot) = devices.files.get_mut(index as usize) {

@@ -220,6 +220,7 @@ impl Store {
         let meta_file = file
             .try_clone()
             .map_err(|e| StoreError::Busy(format!("cannot use the new device: {e}")))?;
+        let meta_file = self.hooks.meta_file(meta_file, new_path);
         // From here on, reads of the device's units are rebuilt.
         self.slots.set(index, Slot::Missing);
         let target = engine::build(
@@ -229,6 +230,7 @@ impl Store {
             self.engine_limits,
         )
         .map_err(|e| StoreError::Busy(format!("cannot start I/O on the new device: {e}")))?;
+        let target = self.hooks.engine(target, &[new_path.to_path_buf()]);
 
         let mut datasets = self.list_datasets();
         datasets.sort_by_key(|d| d.record.id);

@@ -1305,7 +1305,7 @@ async fn a_lost_or_restored_catalog_is_rebuilt_from_the_devices() {
 }
 
 /// Sets the format version in both superblock copies of `dev`.
-fn set_superblock_version(dev: &std::path::Path, version: u32) {
+pub(super) fn set_superblock_version(dev: &std::path::Path, version: u32) {
     use std::os::unix::fs::FileExt;
     let f = std::fs::OpenOptions::new()
         .read(true)
@@ -1323,7 +1323,7 @@ fn set_superblock_version(dev: &std::path::Path, version: u32) {
     f.sync_all().unwrap();
 }
 
-fn superblock_version(dev: &std::path::Path) -> u32 {
+pub(super) fn superblock_version(dev: &std::path::Path) -> u32 {
     let b = std::fs::read(dev).unwrap();
     u32::from_le_bytes(b[8..12].try_into().unwrap())
 }
