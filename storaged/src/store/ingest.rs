@@ -1,0 +1,815 @@
+//! Ingest: a session writes objects back to back into space it reserves,
+//! through a writer that turns the byte stream into stripe-unit device
+//! writes (or `ec` stripes), and commits the dataset once every byte is
+//! durable.
+
+use super::*;
+
+/// Logical space an ingest takes from the allocator at a time.
+pub(super) const RESERVATION_BYTES: u64 = 64 << 20;
+
+impl Store {
+    /// Starts an ingest of a new dataset `name`.
+    pub fn begin_ingest(
+        self: &Arc<Self>,
+        name: DatasetName,
+        class: StorageClass,
+        owner: quota::OwnerQuota,
+    ) -> Result<IngestSession, StoreError> {
+        let missing = self.missing_devices();
+        if missing.iter().any(|m| *m) {
+            let gone: Vec<usize> = (0..missing.len()).filter(|d| missing[*d]).collect();
+            return Err(StoreError::Degraded(format!(
+                "device(s) {gone:?} missing; new data would have no redundancy"
+            )));
+        }
+        let geometry = match class {
+            StorageClass::Stripe => None,
+            StorageClass::Ec {
+                data_units,
+                parity_units,
+            } => {
+                let g = EcGeometry::new(u32::from(data_units), u32::from(parity_units))
+                    .and_then(|g| g.check_fits(self.layout.device_count).map(|()| g))
+                    .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+                Some(g)
+            }
+        };
+        if self
+            .datasets
+            .read()
+            .expect("dataset map poisoned")
+            .contains_key(name.as_str())
+        {
+            return Err(StoreError::DatasetExists(name.to_string()));
+        }
+        {
+            let mut ing = self.ingesting.lock().expect("ingest set poisoned");
+            if ing.contains(name.as_str()) {
+                return Err(StoreError::IngestInProgress(name.to_string()));
+            }
+            if ing.len() >= self.limits.ingests_concurrent_max {
+                return Err(StoreError::Limit(format!(
+                    "{} ingests are already running",
+                    ing.len()
+                )));
+            }
+            let (_, datasets) = self.owner_usage(&owner.owner);
+            self.quota.begin_dataset(&owner, datasets)?;
+            ing.insert(name.to_string());
+        }
+        let ec = match geometry {
+            None => None,
+            Some(geometry) => {
+                let dataset_id = match self.catalog.reserve_dataset_id() {
+                    Ok(id) => id,
+                    Err(e) => {
+                        self.ingesting
+                            .lock()
+                            .expect("ingest set poisoned")
+                            .remove(name.as_str());
+                        self.quota.end_dataset(&owner.owner, 0);
+                        return Err(e.into());
+                    }
+                };
+                Some(EcIngest {
+                    map: EcMap::new(geometry, self.layout, &[]),
+                    writer: redundancy::EcWriter::new(
+                        dataset_id,
+                        geometry,
+                        self.layout.stripe_unit_bytes,
+                        self.limits.ingest_write_depth,
+                    ),
+                    data_end: 0,
+                    dataset_id,
+                })
+            }
+        };
+        let owner_bytes = self.owner_usage(&owner.owner).0;
+        Ok(IngestSession {
+            ec,
+            store: Arc::clone(self),
+            name,
+            class,
+            owner,
+            owner_bytes,
+            declared_bytes: 0,
+            objects: Vec::new(),
+            paths: HashSet::new(),
+            dirs: HashMap::new(),
+            extents: Vec::new(),
+            reservation: None,
+            current: None,
+            writer: StripeWriter::new(self.layout, self.limits.ingest_write_depth),
+            total_bytes: 0,
+            committed: false,
+        })
+    }
+}
+
+pub(crate) type WriteFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), StoreError>> + Send>>;
+
+/// Queues the write of `lease` at `offset` of `device`, then waits while
+/// `depth_max` or more writes are in flight.
+pub(crate) async fn push_write(
+    writes: &mut FuturesUnordered<WriteFuture>,
+    depth_max: usize,
+    engine: &Arc<dyn IoBackend>,
+    device: u32,
+    offset: u64,
+    lease: BufLease,
+) -> Result<(), StoreError> {
+    let engine = Arc::clone(engine);
+    writes.push(Box::pin(async move {
+        engine::write_all(&*engine, device, offset, lease)
+            .await
+            .map(drop)
+            .map_err(|e| StoreError::from_io(device, offset, e))
+    }));
+    while writes.len() >= depth_max {
+        if let Some(r) = writes.next().await {
+            r?;
+        }
+    }
+    Ok(())
+}
+
+/// A pool buffer of `len` bytes for an ingest. Completed writes hold
+/// buffers until polled, so they are drained while waiting for a free one.
+pub(crate) async fn acquire_draining(
+    writes: &mut FuturesUnordered<WriteFuture>,
+    pool: &Arc<BufferPool>,
+    len: usize,
+) -> Result<BufLease, StoreError> {
+    loop {
+        tokio::select! {
+            biased;
+            Some(r) = writes.next(), if !writes.is_empty() => r?,
+            lease = pool.acquire(len) => {
+                return lease.map_err(|e| StoreError::Limit(e.to_string()));
+            }
+        }
+    }
+}
+
+/// Turns sequential logical writes into stripe-unit-sized device writes.
+pub(super) struct StripeWriter {
+    layout: StripeLayout,
+    depth_max: usize,
+    stage: Option<BufLease>,
+    stage_logical: u64,
+    stage_fill: usize,
+    writes: FuturesUnordered<WriteFuture>,
+}
+
+impl StripeWriter {
+    pub(super) fn new(layout: StripeLayout, depth_max: usize) -> Self {
+        Self {
+            layout,
+            depth_max: depth_max.max(1),
+            stage: None,
+            stage_logical: 0,
+            stage_fill: 0,
+            writes: FuturesUnordered::new(),
+        }
+    }
+
+    pub(super) fn stage_end(&self) -> u64 {
+        self.stage_logical + self.stage_fill as u64
+    }
+
+    pub(super) fn unit_end(&self, at: u64) -> u64 {
+        (at / self.layout.stripe_unit_bytes + 1) * self.layout.stripe_unit_bytes
+    }
+
+    pub(super) async fn acquire(&mut self, pool: &Arc<BufferPool>) -> Result<BufLease, StoreError> {
+        acquire_draining(
+            &mut self.writes,
+            pool,
+            self.layout.stripe_unit_bytes as usize,
+        )
+        .await
+    }
+
+    pub(super) async fn write_at(
+        &mut self,
+        store: &Arc<Store>,
+        mut logical: u64,
+        mut data: &[u8],
+    ) -> Result<(), StoreError> {
+        while !data.is_empty() {
+            if self.stage.is_some() && logical != self.stage_end() {
+                self.flush(store).await?;
+            }
+            if self.stage.is_none() {
+                assert_eq!(logical % BLOCK_BYTES, 0, "stages start 4 KiB aligned");
+                self.stage = Some(self.acquire(&store.pool).await?);
+                self.stage_logical = logical;
+                self.stage_fill = 0;
+            }
+            let room = (self.unit_end(self.stage_logical) - self.stage_end()) as usize;
+            let n = room.min(data.len());
+            let fill = self.stage_fill;
+            let stage = self.stage.as_mut().expect("staged");
+            stage.as_mut_full()[fill..fill + n].copy_from_slice(&data[..n]);
+            self.stage_fill += n;
+            logical += n as u64;
+            data = &data[n..];
+            if self.stage_end() == self.unit_end(self.stage_logical) {
+                self.flush(store).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Zero-fills the stage to the next 4 KiB boundary (end of an object).
+    pub(super) async fn pad_to_block(&mut self, store: &Arc<Store>) -> Result<(), StoreError> {
+        let Some(stage) = self.stage.as_mut() else {
+            return Ok(());
+        };
+        let padded = self.stage_fill.next_multiple_of(BLOCK_BYTES as usize);
+        stage.as_mut_full()[self.stage_fill..padded].fill(0);
+        self.stage_fill = padded;
+        if self.stage_end() == self.unit_end(self.stage_logical) {
+            self.flush(store).await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn flush(&mut self, store: &Arc<Store>) -> Result<(), StoreError> {
+        let Some(mut stage) = self.stage.take() else {
+            return Ok(());
+        };
+        let padded = self.stage_fill.next_multiple_of(BLOCK_BYTES as usize);
+        stage.as_mut_full()[self.stage_fill..padded].fill(0);
+        stage.set_len(padded);
+        let (device, offset) = self.layout.map(self.stage_logical);
+        debug_assert!(self.stage_logical + padded as u64 <= self.unit_end(self.stage_logical));
+        push_write(
+            &mut self.writes,
+            self.depth_max,
+            &store.engine,
+            device,
+            offset,
+            stage,
+        )
+        .await?;
+        Ok(())
+    }
+
+    pub(super) async fn finish(&mut self, store: &Arc<Store>) -> Result<(), StoreError> {
+        self.flush(store).await?;
+        while let Some(r) = self.writes.next().await {
+            r?;
+        }
+        Ok(())
+    }
+}
+
+pub(super) struct CurrentObject {
+    path: String,
+    size: u64,
+    received: u64,
+    logical_offset: u64,
+    client_crc: Option<u32>,
+    block: crc32fast::Hasher,
+    block_fill: u64,
+    block_crcs: Vec<u32>,
+    whole: crc32fast::Hasher,
+}
+
+/// The erasure-coding side of an ingest.
+pub(super) struct EcIngest {
+    map: EcMap,
+    writer: redundancy::EcWriter,
+    /// End of the data space carved so far.
+    data_end: u64,
+    dataset_id: u64,
+}
+
+/// An ingest in progress; see the module docs. Dropping it without
+/// [`commit`](Self::commit) discards everything.
+pub struct IngestSession {
+    /// Set for an erasure-coded dataset: its rows are `extents`, in data
+    /// order, and bytes go through its writer instead of `writer`.
+    ec: Option<EcIngest>,
+    store: Arc<Store>,
+    name: DatasetName,
+    class: StorageClass,
+    /// Who creates it, and the quota its declared sizes count against.
+    owner: quota::OwnerQuota,
+    /// The owner's committed bytes when the ingest began.
+    owner_bytes: u64,
+    /// Object sizes declared so far (counted in the quota ledger).
+    declared_bytes: u64,
+    objects: Vec<(String, ObjectRecord)>,
+    paths: HashSet<String>,
+    /// Directories the paths so far imply, each with one entry under it
+    /// (for the message when an object takes a directory's name).
+    dirs: HashMap<String, String>,
+    extents: Vec<Extent>,
+    reservation: Option<Extent>,
+    current: Option<CurrentObject>,
+    writer: StripeWriter,
+    total_bytes: u64,
+    committed: bool,
+}
+
+impl std::fmt::Debug for IngestSession {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestSession")
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl IngestSession {
+    pub fn dataset(&self) -> &DatasetName {
+        &self.name
+    }
+
+    /// Data-space room for `len` bytes of an `ec` dataset, taking more
+    /// whole rows when the current ones are full.
+    pub(super) fn carve_ec(&mut self, len: u64) -> Result<u64, StoreError> {
+        let len = len.next_multiple_of(BLOCK_BYTES);
+        let layout = self.store.layout;
+        let row = layout.stripe_unit_bytes * u64::from(layout.device_count);
+        let ec = self.ec.as_mut().expect("an ec ingest");
+        let g = ec.map.geometry;
+        while ec.data_end + len > ec.map.data_capacity_bytes() {
+            let short = ec.data_end + len - ec.map.data_capacity_bytes();
+            // Rows holding `short` data bytes, plus one for the stripe
+            // that straddles the last row.
+            let rows = (short * u64::from(g.width())).div_ceil(g.k() as u64 * row) + 1;
+            let got = self
+                .store
+                .space
+                .allocate(|alloc| {
+                    alloc
+                        .allocate_aligned(
+                            (rows * row).max(RESERVATION_BYTES.next_multiple_of(row)),
+                            row,
+                        )
+                        .or_else(|| alloc.allocate_aligned(rows * row, row))
+                })
+                .map_err(|room| StoreError::NoSpace {
+                    needed: rows * row,
+                    free: room.free_bytes,
+                    largest_free: room.largest_free_bytes,
+                })?;
+            self.extents.push(got);
+            ec.map = EcMap::new(g, layout, &self.extents);
+        }
+        let at = ec.data_end;
+        ec.data_end += len;
+        Ok(at)
+    }
+
+    pub(super) fn carve(&mut self, len: u64) -> Result<u64, StoreError> {
+        if self.ec.is_some() {
+            return self.carve_ec(len);
+        }
+        let len = len.next_multiple_of(BLOCK_BYTES);
+        if let Some(r) = self.reservation.as_mut().filter(|r| r.len >= len) {
+            let at = r.offset;
+            r.offset += len;
+            r.len -= len;
+            self.extents.push(Extent { offset: at, len });
+            return Ok(at);
+        }
+        if let Some(r) = self.reservation.take() {
+            self.store
+                .alloc
+                .lock()
+                .expect("allocator poisoned")
+                .release(r)
+                .expect("reservation is ours");
+        }
+        let got = self
+            .store
+            .space
+            .allocate(|alloc| {
+                alloc
+                    .allocate(len.max(RESERVATION_BYTES))
+                    .or_else(|| alloc.allocate(len))
+            })
+            .map_err(|room| StoreError::NoSpace {
+                needed: len,
+                free: room.free_bytes,
+                largest_free: room.largest_free_bytes,
+            })?;
+        self.extents.push(Extent {
+            offset: got.offset,
+            len,
+        });
+        self.reservation = Some(Extent {
+            offset: got.offset + len,
+            len: got.len - len,
+        });
+        Ok(got.offset)
+    }
+
+    /// Refuses `path` if it would make a name both an object and a
+    /// directory (`a` and `a/b`): no file tree (export, mount) can hold
+    /// both. Records `path`'s directories otherwise.
+    pub(super) fn check_tree(&mut self, path: &str) -> Result<(), StoreError> {
+        let conflict = |other: &str| {
+            StoreError::InvalidArgument(format!(
+                "object {path:?} conflicts with {other:?} in dataset {:?}: a name cannot be both an object and a directory",
+                self.name.as_str()
+            ))
+        };
+        if let Some(under) = self.dirs.get(path) {
+            return Err(conflict(&format!("{path}/{under}")));
+        }
+        let mut dirs = Vec::new();
+        for (i, _) in path.match_indices('/') {
+            let dir = &path[..i];
+            if self.paths.contains(dir) {
+                return Err(conflict(dir));
+            }
+            dirs.push(i);
+        }
+        for i in dirs {
+            self.dirs
+                .entry(path[..i].to_owned())
+                .or_insert_with(|| path[i + 1..].to_owned());
+        }
+        Ok(())
+    }
+
+    /// Starts the next object. Its `size` bytes must follow in `data` calls.
+    pub async fn begin_object(
+        &mut self,
+        path: ObjectPath,
+        size: u64,
+        client_crc: Option<u32>,
+    ) -> Result<(), StoreError> {
+        if let Some(cur) = &self.current {
+            return Err(StoreError::Protocol(format!(
+                "object {:?} got {} of {} bytes before the next object began",
+                cur.path, cur.received, cur.size
+            )));
+        }
+        if self.objects.len() >= self.store.limits.ingest_objects_max {
+            return Err(StoreError::Limit(format!(
+                "a dataset holds at most {} objects",
+                self.store.limits.ingest_objects_max
+            )));
+        }
+        let capacity = self.store.layout.capacity_bytes();
+        if size > capacity {
+            // Checked before any arithmetic on `size`: a hostile header must
+            // not overflow the rounding or size a huge checksum vector.
+            return Err(StoreError::NoSpace {
+                needed: size,
+                free: self
+                    .store
+                    .alloc
+                    .lock()
+                    .expect("allocator poisoned")
+                    .free_bytes(),
+                largest_free: capacity,
+            });
+        }
+        // Before any byte of it is written (and before the tree check,
+        // so a refused object leaves no trace): a tenant over its quota
+        // fails here.
+        self.store
+            .quota
+            .add_bytes(&self.owner, self.owner_bytes, size)?;
+        self.declared_bytes += size;
+        if self.paths.contains(path.as_str()) {
+            return Err(StoreError::DuplicateObject {
+                dataset: self.name.to_string(),
+                path: path.to_string(),
+            });
+        }
+        self.check_tree(path.as_str())?;
+        self.paths.insert(path.to_string());
+        let logical_offset = if size == 0 { 0 } else { self.carve(size)? };
+        self.current = Some(CurrentObject {
+            path: path.to_string(),
+            size,
+            received: 0,
+            logical_offset,
+            client_crc,
+            block: crc32fast::Hasher::new(),
+            block_fill: 0,
+            block_crcs: Vec::with_capacity(size.div_ceil(u64::from(CHECKSUM_BLOCK_BYTES)) as usize),
+            whole: crc32fast::Hasher::new(),
+        });
+        if size == 0 {
+            self.end_object().await?;
+        }
+        Ok(())
+    }
+
+    /// Appends bytes to the current object.
+    pub async fn data(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let Some(cur) = self.current.as_mut() else {
+            return Err(StoreError::Protocol(
+                "data arrived outside an object".into(),
+            ));
+        };
+        if cur.received + bytes.len() as u64 > cur.size {
+            return Err(StoreError::Protocol(format!(
+                "object {:?} declared {} bytes but more arrived",
+                cur.path, cur.size
+            )));
+        }
+        let block = u64::from(CHECKSUM_BLOCK_BYTES);
+        let mut rest = bytes;
+        while !rest.is_empty() {
+            let n = ((block - cur.block_fill) as usize).min(rest.len());
+            cur.block.update(&rest[..n]);
+            cur.block_fill += n as u64;
+            rest = &rest[n..];
+            if cur.block_fill == block {
+                let h = std::mem::replace(&mut cur.block, crc32fast::Hasher::new());
+                cur.whole.combine(&h);
+                cur.block_crcs.push(h.finalize());
+                cur.block_fill = 0;
+            }
+        }
+        let at = cur.logical_offset + cur.received;
+        cur.received += bytes.len() as u64;
+        let done = cur.received == cur.size;
+        self.total_bytes += bytes.len() as u64;
+        let store = Arc::clone(&self.store);
+        match self.ec.as_mut() {
+            Some(EcIngest { map, writer, .. }) => writer.write_at(&store, map, at, bytes).await?,
+            None => self.writer.write_at(&store, at, bytes).await?,
+        }
+        if done {
+            self.end_object().await?;
+        }
+        Ok(())
+    }
+
+    pub(super) async fn end_object(&mut self) -> Result<(), StoreError> {
+        let mut cur = self.current.take().expect("an object is open");
+        if cur.block_fill > 0 {
+            let h = std::mem::replace(&mut cur.block, crc32fast::Hasher::new());
+            cur.whole.combine(&h);
+            cur.block_crcs.push(h.finalize());
+        }
+        let crc32 = cur.whole.finalize();
+        if let Some(c) = cur.client_crc
+            && c != crc32
+        {
+            return Err(StoreError::Protocol(format!(
+                "object {:?}: client CRC {c:#010x} does not match received bytes ({crc32:#010x})",
+                cur.path
+            )));
+        }
+        if cur.size > 0 {
+            let store = Arc::clone(&self.store);
+            match self.ec.as_mut() {
+                Some(EcIngest { map, writer, .. }) => writer.pad_to_block(&store, map).await?,
+                None => self.writer.pad_to_block(&store).await?,
+            }
+        }
+        self.objects.push((
+            cur.path,
+            ObjectRecord {
+                size: cur.size,
+                logical_offset: cur.logical_offset,
+                crc32,
+                block_crcs: cur.block_crcs,
+            },
+        ));
+        Ok(())
+    }
+
+    /// Makes the dataset durable and visible. `object_count` and
+    /// `total_bytes` must match what was received.
+    pub async fn commit(
+        mut self,
+        object_count: u64,
+        total_bytes: u64,
+    ) -> Result<Arc<DatasetHandle>, StoreError> {
+        if let Some(cur) = &self.current {
+            return Err(StoreError::Protocol(format!(
+                "commit while object {:?} has {} of {} bytes",
+                cur.path, cur.received, cur.size
+            )));
+        }
+        if object_count != self.objects.len() as u64 || total_bytes != self.total_bytes {
+            return Err(StoreError::Protocol(format!(
+                "commit says {object_count} objects / {total_bytes} bytes, but {} objects / {} bytes arrived",
+                self.objects.len(),
+                self.total_bytes
+            )));
+        }
+        let store = Arc::clone(&self.store);
+        match self.ec.as_mut() {
+            Some(EcIngest { map, writer, .. }) => writer.finish(&store, map).await?,
+            None => self.writer.finish(&store).await?,
+        }
+        // Data durable before the catalog refers to it.
+        store.sync_all().await?;
+        if let Some(r) = self.reservation.take() {
+            store
+                .alloc
+                .lock()
+                .expect("allocator poisoned")
+                .release(r)
+                .expect("reservation is ours");
+        }
+        let (extents, unit_crcs, id) = match self.ec.as_mut() {
+            None => {
+                let mut extents = std::mem::take(&mut self.extents);
+                coalesce(&mut extents);
+                (extents, Vec::new(), 0)
+            }
+            Some(ec) => {
+                let layout = store.layout;
+                let row = layout.stripe_unit_bytes * u64::from(layout.device_count);
+                let units = ec.writer.stripes() * u64::from(ec.map.geometry.width());
+                let rows_used = units.div_ceil(u64::from(layout.device_count));
+                let (kept, spare) = split_rows(std::mem::take(&mut self.extents), rows_used, row);
+                let mut alloc = store.alloc.lock().expect("allocator poisoned");
+                for e in spare {
+                    alloc.release(e).expect("rows are ours");
+                }
+                drop(alloc);
+                (
+                    kept,
+                    std::mem::take(&mut ec.writer.unit_crcs),
+                    ec.dataset_id,
+                )
+            }
+        };
+        let allocated_bytes = extents.iter().map(|e| e.len).sum();
+        // The manifest names the dataset id: a stripe dataset takes its id
+        // now (an ec one took it when it started).
+        let id = if id == 0 {
+            let s2 = Arc::clone(&store);
+            match tokio::task::spawn_blocking(move || s2.catalog.reserve_dataset_id()).await {
+                Ok(Ok(id)) => id,
+                Ok(Err(e)) => {
+                    self.extents = extents;
+                    return Err(e.into());
+                }
+                Err(e) => {
+                    self.extents = extents;
+                    return Err(StoreError::InvalidArgument(format!(
+                        "commit task failed: {e}"
+                    )));
+                }
+            }
+        } else {
+            id
+        };
+        let unit_rows = self.ec.as_ref().map_or(1, |ec| ec.writer.rows);
+        let record = DatasetRecord {
+            manifest: None,
+            unit_rows,
+            id,
+            class: self.class,
+            checksum_block_bytes: CHECKSUM_BLOCK_BYTES,
+            created_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0),
+            object_count,
+            total_bytes,
+            allocated_bytes,
+            extents,
+            owner: self.owner.owner.clone(),
+        };
+        let mut manifest = crate::poolmeta::Manifest {
+            name: self.name.to_string(),
+            record,
+            objects: std::mem::take(&mut self.objects),
+            unit_crcs,
+        };
+        // Its length does not depend on where its rows are.
+        manifest.record.manifest = Some(Extent { offset: 0, len: 0 });
+        let bytes = manifest.encoded_len() as u64;
+        let rows = match store.pool_root.allocate_rows(&store.space, bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.extents = std::mem::take(&mut manifest.record.extents);
+                return Err(e);
+            }
+        };
+        manifest.record.manifest = Some(rows);
+        let s2 = Arc::clone(&store);
+        let committed = tokio::task::spawn_blocking(move || {
+            let r = s2.pool_root.commit(&s2.catalog, &manifest);
+            (r, manifest.record)
+        })
+        .await;
+        let (committed, times) = match committed {
+            Ok((Ok(r), _)) => r,
+            Ok((Err(e), record)) => {
+                // Put the extents back so Drop frees them.
+                self.extents = record.owned_extents();
+                return Err(e);
+            }
+            Err(e) => {
+                // The task panicked: its rows are lost until restart (the
+                // catalog did not commit, so they are free then).
+                return Err(StoreError::InvalidArgument(format!(
+                    "commit task failed: {e}"
+                )));
+            }
+        };
+        self.committed = true;
+        let handle = Arc::new(DatasetHandle::new(
+            self.name.to_string(),
+            committed,
+            store.layout,
+            Arc::clone(&store.space),
+        ));
+        store
+            .datasets
+            .write()
+            .expect("dataset map poisoned")
+            .insert(self.name.to_string(), Arc::clone(&handle));
+        tracing::info!(
+            dataset = %self.name,
+            objects = object_count,
+            bytes = total_bytes,
+            metadata_on_devices_ms = times.devices_ms as u64,
+            catalog_ms = times.catalog_ms as u64,
+            "dataset committed"
+        );
+        Ok(handle)
+    }
+}
+
+impl Drop for IngestSession {
+    fn drop(&mut self) {
+        self.store
+            .ingesting
+            .lock()
+            .expect("ingest set poisoned")
+            .remove(self.name.as_str());
+        self.store
+            .quota
+            .end_dataset(&self.owner.owner, self.declared_bytes);
+        if self.committed {
+            return;
+        }
+        let mut space = std::mem::take(&mut self.extents);
+        space.extend(self.reservation.take());
+        let writes = match self.ec.as_mut() {
+            Some(ec) => std::mem::take(&mut ec.writer.writes),
+            None => std::mem::take(&mut self.writer.writes),
+        };
+        let free = Arc::clone(&self.store.space);
+        let name = self.name.to_string();
+        let release = move || {
+            // Written bytes of an ingest nobody will commit: given back
+            // (discarded) like a deleted dataset's.
+            free.release(space, &name);
+            tracing::info!(dataset = %name, "ingest aborted; space released");
+        };
+        if writes.is_empty() {
+            release();
+        } else if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            // Writes still in flight target this space: free it only after
+            // they land, or a later ingest could be overwritten.
+            rt.spawn(async move {
+                let mut writes = writes;
+                while writes.next().await.is_some() {}
+                release();
+            });
+        } else {
+            tracing::warn!(dataset = %self.name, "ingest aborted outside a runtime; its space is reclaimed at restart");
+        }
+    }
+}
+
+/// The first `rows` rows of `extents` (whole rows of `row` bytes, in data
+/// order), coalesced in order, and the rest.
+pub(super) fn split_rows(
+    extents: Vec<Extent>,
+    mut rows: u64,
+    row: u64,
+) -> (Vec<Extent>, Vec<Extent>) {
+    let (mut kept, mut spare) = (Vec::new(), Vec::new());
+    for e in extents {
+        let n = e.len / row;
+        let take = n.min(rows);
+        rows -= take;
+        if take > 0 {
+            kept.push(Extent {
+                offset: e.offset,
+                len: take * row,
+            });
+        }
+        if take < n {
+            spare.push(Extent {
+                offset: e.offset + take * row,
+                len: e.len - take * row,
+            });
+        }
+    }
+    coalesce_in_order(&mut kept);
+    (kept, spare)
+}

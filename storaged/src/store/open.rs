@@ -1,0 +1,289 @@
+//! Opening a store: assembling the pool from its devices, reconciling the
+//! catalog with the devices' root, rebuilding the allocator from committed
+//! datasets, and starting the engine and the discard worker.
+
+use super::*;
+
+/// Buffer classes for a pool of `total` bytes: a quarter in 64 KiB buffers
+/// (4 KiB to 64 KiB sample reads), a quarter in 256 KiB, half in
+/// stripe-unit buffers (streaming and ingest).
+pub(super) fn buffer_classes(total: u64, stripe_unit: u64) -> Vec<ClassSpec> {
+    let mut v = vec![
+        ClassSpec {
+            buf_bytes: 64 << 10,
+            count: (total / 4 / (64 << 10)).max(1) as usize,
+        },
+        ClassSpec {
+            buf_bytes: stripe_unit as usize,
+            count: (total / 2 / stripe_unit).max(8) as usize,
+        },
+    ];
+    if stripe_unit > 256 << 10 {
+        v.push(ClassSpec {
+            buf_bytes: 256 << 10,
+            count: (total / 4 / (256 << 10)).max(1) as usize,
+        });
+    }
+    v
+}
+
+impl Store {
+    /// Opens the devices, the engine and the catalog, and rebuilds the
+    /// allocator from committed datasets.
+    pub fn open(cfg: &StoreConfig) -> Result<Arc<Self>, OpenError> {
+        Self::open_hooked(cfg, Arc::new(hooks::NoHooks))
+    }
+
+    /// As [`open`](Self::open), with a hook to wrap the pool's engine
+    /// (tests inject faults this way).
+    pub fn open_with(
+        cfg: &StoreConfig,
+        wrap: impl FnOnce(Arc<dyn IoBackend>) -> Arc<dyn IoBackend> + Send + 'static,
+    ) -> Result<Arc<Self>, OpenError> {
+        Self::open_hooked(cfg, Arc::new(hooks::WrapEngineOnce::new(wrap)))
+    }
+
+    /// As [`open`](Self::open), with every write path of the pool going
+    /// through `hooks` (tests simulate power loss this way).
+    pub fn open_hooked(
+        cfg: &StoreConfig,
+        hooks: Arc<dyn hooks::IoHooks>,
+    ) -> Result<Arc<Self>, OpenError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| OpenError::DataDir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let catalog_path = cfg.data_dir.join("catalog.redb");
+        // Replaced devices are where `device replace` put them.
+        let from_catalog = if catalog_path.exists() {
+            match Catalog::device_overrides(&catalog_path) {
+                Ok(v) => Some(v),
+                // Dealt with once the devices are open (rebuilt from them).
+                Err(e) if e.is_damage() => None,
+                Err(e) => return Err(e.into()),
+            }
+        } else {
+            None
+        };
+        // Without a usable catalog, the devices' root says where replaced
+        // devices are (and what replacement was under way).
+        let (overrides, pending) = from_catalog.unwrap_or_else(|| {
+            crate::poolmeta::peek_root(&cfg.devices)
+                .map(|r| {
+                    (
+                        r.replaced
+                            .into_iter()
+                            .map(|(i, p)| (i, PathBuf::from(p)))
+                            .collect(),
+                        r.replacing,
+                    )
+                })
+                .unwrap_or_default()
+        });
+        let pending = pending.and_then(|b| replace::ReplaceRecord::decode(&b));
+        // Devices are found by their superblocks; a replaced one where
+        // `device replace` put it, in preference to the old one.
+        let mut replacements: Vec<(u32, PathBuf)> = Vec::new();
+        for (i, p) in overrides
+            .into_iter()
+            .chain(pending.iter().map(|r| (r.index, r.new_path.clone())))
+        {
+            replacements.retain(|(j, _)| *j != i);
+            replacements.push((i, p));
+        }
+        let OpenedPool {
+            files,
+            paths,
+            layout,
+            pool_id,
+            formatted,
+            mut missing,
+            superblocks,
+            superblocks_repaired,
+        } = open_pool(&PoolSpec {
+            devices: cfg.devices.clone(),
+            replacements,
+            create_size_bytes: Some(cfg.device_size_bytes),
+            stripe_unit_bytes: cfg.stripe_unit_bytes,
+            force: cfg.force,
+        })?;
+        if formatted && catalog_path.exists() && !cfg.force {
+            // Blank devices next to a catalog: the catalog describes data that
+            // is gone. Keeping it would serve garbage; erasing it silently
+            // would hide the loss.
+            return Err(OpenError::StaleCatalog(catalog_path));
+        }
+        let meta_devices = crate::poolmeta::MetaDevices {
+            files: files
+                .iter()
+                .zip(&missing)
+                .zip(&paths)
+                .map(|((f, m), path)| match (m, f.try_clone()) {
+                    (false, Ok(f)) => Some(hooks.meta_file(f, path)),
+                    _ => None,
+                })
+                .collect(),
+            layout,
+        };
+        let catalog_backend = hooks.catalog(&catalog_path);
+        let catalog = match Catalog::open_on(
+            &catalog_path,
+            pool_id,
+            formatted,
+            catalog_backend.clone(),
+        ) {
+            Ok(c) => c,
+            // A damaged catalog is set aside (never deleted) and rebuilt
+            // from the devices, if they describe the pool.
+            Err(e) if e.is_damage() && meta_devices.read_newest_root(pool_id).is_some() => {
+                let stamp = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_secs())
+                    .unwrap_or(0);
+                let aside = cfg.data_dir.join(format!("catalog.redb.damaged-{stamp}"));
+                std::fs::rename(&catalog_path, &aside).map_err(|source| OpenError::DataDir {
+                    path: aside.clone(),
+                    source,
+                })?;
+                tracing::error!(error = %e, moved_to = %aside.display(), "the catalog is damaged; rebuilding it from the devices");
+                Catalog::open_on(&catalog_path, pool_id, false, catalog_backend)?
+            }
+            Err(e) => return Err(e.into()),
+        };
+        // The devices' root is the truth; a catalog behind it (lost,
+        // damaged, restored) is brought up to it before anything uses it.
+        let (root, mut recovery) = pool_root::reconcile(&catalog, &meta_devices, pool_id)?;
+        let records = catalog.datasets()?;
+        let mut used = Vec::new();
+        for (_, r) in &records {
+            used.extend(r.owned_extents());
+        }
+        let alloc = ExtentAllocator::new(layout.capacity_bytes(), &used).map_err(|source| {
+            OpenError::Inconsistent {
+                path: catalog_path.clone(),
+                source,
+            }
+        })?;
+        let alloc = Arc::new(Mutex::new(alloc));
+        let (space, discard_worker) = discard::FreeSpace::new(Arc::clone(&alloc), cfg.discard);
+        let space = Arc::new(space);
+        let pool_root = pool_root::PoolRoot::new(meta_devices, root);
+        pool_root.adopt(&catalog, &space, &mut recovery)?;
+        // Everything format 2 promises is on the devices now.
+        let mut superblocks = superblocks;
+        crate::device::upgrade_superblocks(&files, &paths, &mut superblocks, &missing)?;
+        let records = catalog.datasets()?;
+        let datasets: BTreeMap<String, Arc<DatasetHandle>> = records
+            .into_iter()
+            .map(|(name, record)| {
+                let h = Arc::new(DatasetHandle::new(
+                    name.clone(),
+                    record,
+                    layout,
+                    Arc::clone(&space),
+                ));
+                (name, h)
+            })
+            .collect();
+        redundancy::check_degraded_start(&datasets, layout, &missing, &paths)?;
+        let pool = BufferPool::new(buffer_classes(
+            cfg.buffer_pool_bytes,
+            layout.stripe_unit_bytes,
+        ))
+        .map_err(OpenError::Engine)?;
+        let engine_limits = EngineLimits {
+            queue_depth_per_device_max: cfg.queue_depth_per_device_max,
+            psync_threads: (layout.device_count * 2).clamp(2, 16),
+        };
+        let engine = engine::build(cfg.engine, files, Arc::clone(&pool), engine_limits)
+            .map_err(OpenError::Engine)?;
+        let mut engine = hooks.engine(engine, &paths);
+        let mut injected = None;
+        if let Some(spec) = &cfg.fault_inject {
+            let seeded = engine::fault::SeededBackend::new(engine, spec.clone());
+            injected = Some(Arc::clone(&seeded.injected));
+            engine = Arc::new(seeded);
+        }
+        // A replacement that did not finish: its device is not trusted
+        // until `device replace` resumes and completes it.
+        let rebuild = pending.as_ref().map(|r| {
+            tracing::warn!(device = r.index, path = %r.new_path.display(), "a device replacement was interrupted; run storagectl device replace again to resume it");
+            if let Some(m) = missing.get_mut(r.index as usize) {
+                *m = true;
+            }
+            replace::RebuildState {
+                index: r.index,
+                new_path: r.new_path.clone(),
+                running: false,
+                ..Default::default()
+            }
+        });
+        let superblock = superblocks
+            .iter()
+            .zip(&missing)
+            .find(|(_, m)| !**m)
+            .map(|(sb, _)| sb.clone())
+            .unwrap_or_else(|| superblocks[0].clone());
+        let slots = Arc::new(engine::route::DeviceSlots::new(engine, &missing));
+        let engine: Arc<dyn IoBackend> = Arc::clone(&slots) as _;
+        if let Some(worker) = discard_worker {
+            worker
+                .start(Arc::clone(&engine), layout)
+                .map_err(OpenError::Engine)?;
+        }
+        for (i, m) in missing.iter().enumerate() {
+            if *m {
+                tracing::warn!(device = i, path = %paths[i].display(), "device missing: the pool is degraded");
+            }
+        }
+        tracing::info!(
+            pool = %pool_id_hex(&pool_id),
+            engine = engine.kind(),
+            devices = layout.device_count,
+            capacity_bytes = layout.capacity_bytes(),
+            "store open"
+        );
+        Ok(Arc::new(Self {
+            engine,
+            slots,
+            device_reconstructions: (0..layout.device_count)
+                .map(|_| Default::default())
+                .collect(),
+            stripe_cache: Mutex::new(redundancy::StripeCache::new(
+                cfg.limits.degraded_cache_bytes_max,
+            )),
+            scrub_counters: Default::default(),
+            injected,
+            superblocks_repaired,
+            replacing: AtomicBool::new(false),
+            rebuild: Mutex::new(rebuild),
+            superblock,
+            engine_kind: cfg.engine,
+            engine_limits,
+            hooks,
+            pool,
+            layout,
+            catalog,
+            pool_root,
+            recovery,
+            alloc,
+            space,
+            datasets: RwLock::new(datasets),
+            ingesting: Mutex::new(HashSet::new()),
+            quota: quota::QuotaLedger::default(),
+            device_paths: RwLock::new(paths),
+            pool_id,
+            limits: cfg.limits.clone(),
+            foreign_reads: tokio::sync::Semaphore::new(engine::FOREIGN_READS_IN_FLIGHT_MAX),
+            read_counters: ReadCounters::default(),
+            // Never more than half the pool, whatever the limits say:
+            // foreground reads need the rest.
+            read_ahead: readahead::ReadAhead::new(
+                cfg.limits
+                    .hint_cache_bytes_max
+                    .min(cfg.buffer_pool_bytes / 2),
+                std::time::Duration::from_millis(cfg.limits.hint_ttl_ms),
+            ),
+        }))
+    }
+}
