@@ -33,6 +33,13 @@ fi
 fio --version
 nginx -v
 
+step "prometheus and promtool: the metrics test scrapes storaged with a real Prometheus"
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq prometheus >/dev/null
+fi
+promtool --version | head -1
+
 step "script(1) and runuser(1): terminal and other-user checks of storagectl"
 if ! command -v script >/dev/null || ! command -v runuser >/dev/null; then
   apt-get update -qq

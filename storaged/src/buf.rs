@@ -133,6 +133,19 @@ impl BufferPool {
             .collect()
     }
 
+    /// (bytes in all buffers, bytes in buffers leased now).
+    pub fn bytes_in_use(&self) -> (u64, u64) {
+        let mut total = 0u64;
+        let mut leased = 0u64;
+        for c in &self.classes {
+            let bytes = c.buf_bytes as u64;
+            total += u64::from(c.count) * bytes;
+            leased +=
+                (c.count as usize).saturating_sub(c.permits.available_permits()) as u64 * bytes;
+        }
+        (total, leased)
+    }
+
     /// Total number of buffers, which is also the most operations that can
     /// ever be in flight at once.
     pub fn buffer_count(&self) -> usize {

@@ -23,6 +23,8 @@ pub const DEFAULT_STRIPE_UNIT: &str = "1MiB";
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     pub listen: Option<String>,
+    /// Address of the Prometheus endpoint (`GET /metrics`); none: off.
+    pub metrics: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub devices: Option<Vec<PathBuf>>,
     pub device_size: Option<String>,
@@ -172,6 +174,9 @@ pub struct StoreConfig {
     /// Seeded fault injection (hidden `--fault-inject SPEC`; tests and
     /// reliability campaigns only). See `engine::fault::FaultSpec`.
     pub fault_inject: Option<crate::engine::fault::FaultSpec>,
+    /// Count and time every device operation for the metrics endpoint
+    /// (set when `--metrics` is given).
+    pub io_metrics: bool,
 }
 
 impl StoreConfig {
@@ -192,6 +197,7 @@ impl StoreConfig {
             limits: StoreLimits::default(),
             discard: true,
             fault_inject: None,
+            io_metrics: false,
         }
     }
 }
@@ -257,6 +263,8 @@ impl Default for ServerLimits {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// Where Prometheus scrapes `GET /metrics`; `None`: not served.
+    pub metrics: Option<SocketAddr>,
     /// Unix socket for same-host clients (and the only way to register
     /// memory regions).
     pub unix: PathBuf,
@@ -280,6 +288,7 @@ pub struct ServeConfig {
 #[derive(Debug, Default, Clone)]
 pub struct ServeFlags {
     pub listen: Option<String>,
+    pub metrics: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub devices: Vec<PathBuf>,
     pub device_size: Option<String>,
@@ -441,6 +450,15 @@ impl ServeConfig {
         let listen = listen_s
             .parse()
             .map_err(|e| format!("listen address {listen_s:?}: {e}"))?;
+        let metrics = flags
+            .metrics
+            .or(file.metrics)
+            .map(|m| {
+                m.parse::<SocketAddr>()
+                    .map_err(|e| format!("metrics address {m:?}: {e}"))
+            })
+            .transpose()?;
+        store.io_metrics = metrics.is_some();
         let worker_threads = flags.worker_threads.or(file.worker_threads).unwrap_or(2);
         let mut tenants = crate::auth::Tenants::from_specs(
             file.tenant.as_deref().unwrap_or_default(),
@@ -469,6 +487,7 @@ impl ServeConfig {
         let cfg = Self {
             tls,
             listen,
+            metrics,
             unix,
             unix_access,
             regions,
@@ -755,6 +774,31 @@ mod tests {
             })
             .is_err()
         );
+    }
+
+    /// Guards the metrics endpoint's settings: off by default, from the
+    /// file or the flag (the flag wins), device metrics on with it, and a
+    /// bad address refused by name.
+    #[test]
+    fn metrics_address_from_file_or_flag() {
+        let c = ServeConfig::resolve(ServeFlags::default()).unwrap();
+        assert!(c.metrics.is_none() && !c.store.io_metrics);
+        let dir = tempfile::tempdir().unwrap();
+        let c = resolve_file(dir.path(), "metrics = \"127.0.0.1:9464\"\n").unwrap();
+        assert_eq!(c.metrics.unwrap().port(), 9464);
+        assert!(c.store.io_metrics);
+        let c = ServeConfig::resolve(ServeFlags {
+            metrics: Some("127.0.0.1:9999".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        assert_eq!(c.metrics.unwrap().port(), 9999);
+        let err = ServeConfig::resolve(ServeFlags {
+            metrics: Some("nowhere".into()),
+            ..Default::default()
+        })
+        .unwrap_err();
+        assert!(err.contains("metrics address \"nowhere\""), "{err}");
     }
 
     /// Resolves a config file holding `text` (written under `dir`).

@@ -24,6 +24,7 @@
 
 mod elevator;
 pub mod fault;
+pub mod metered;
 pub mod psync;
 pub mod route;
 pub mod uring;

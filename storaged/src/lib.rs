@@ -26,6 +26,7 @@ pub mod engine;
 pub mod error;
 pub mod jwt;
 pub mod layout;
+pub mod metrics;
 pub mod poolmeta;
 pub mod recover;
 pub mod region;

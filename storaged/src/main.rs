@@ -37,6 +37,10 @@ enum Command {
         /// Address for gRPC (port 0 picks a free port).
         #[arg(long)]
         listen: Option<String>,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+        /// 127.0.0.1:9464; port 0 picks one). Off unless given.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<String>,
         /// Where the catalog (and the default devices) live.
         #[arg(long)]
         data_dir: Option<PathBuf>,
@@ -125,6 +129,7 @@ fn run() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve {
             listen,
+            metrics,
             data_dir,
             devices,
             device_size,
@@ -139,6 +144,7 @@ fn run() -> anyhow::Result<()> {
         } => {
             let cfg = ServeConfig::resolve(ServeFlags {
                 listen,
+                metrics,
                 data_dir,
                 devices,
                 device_size,
@@ -242,13 +248,21 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     // Nothing is written before the port is known to be ours: a port in
     // use fails here, before the data dir or any device file exists.
     let tcp = storaged::server::bind_tcp(cfg.listen).await?;
+    let metrics_listener = match cfg.metrics {
+        Some(addr) => Some(storaged::metrics::endpoint::bind(addr).await?),
+        None => None,
+    };
     let _dir_lock = DataDirLock::acquire(&cfg.store.data_dir)?;
     let endpoints = storaged::server::Endpoints {
         tcp: cfg.listen,
         unix: cfg.unix.clone(),
         unix_access: cfg.unix_access.clone(),
     };
-    let listeners = storaged::server::Listeners::with_tcp(tcp, &endpoints)?;
+    let mut listeners = storaged::server::Listeners::with_tcp(tcp, &endpoints)?;
+    if let Some(listener) = metrics_listener {
+        // Before the store opens: its device metrics record into it.
+        listeners = listeners.with_metrics(listener, storaged::metrics::install()?);
+    }
     let store = Store::open(&cfg.store)?;
     storaged::store::scrub::spawn_background(&store);
     let shutdown = async {

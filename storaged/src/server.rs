@@ -39,6 +39,8 @@ pub enum ServeError {
     Reflection(#[from] tonic_reflection::server::Error),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// What to do about a failed bind, where there is an obvious fix.
@@ -127,6 +129,11 @@ pub struct Listeners {
     tcp: tokio::net::TcpListener,
     unix: tokio::net::UnixListener,
     unix_path: PathBuf,
+    /// The Prometheus endpoint, if metrics are served.
+    metrics: Option<(
+        tokio::net::TcpListener,
+        metrics_exporter_prometheus::PrometheusHandle,
+    )>,
 }
 
 impl Listeners {
@@ -155,7 +162,20 @@ impl Listeners {
             tcp,
             unix,
             unix_path: endpoints.unix.clone(),
+            metrics: None,
         })
+    }
+
+    /// Serves the metrics `handle` records on `listener` too (see
+    /// `metrics::endpoint`).
+    #[must_use]
+    pub fn with_metrics(
+        mut self,
+        listener: tokio::net::TcpListener,
+        handle: metrics_exporter_prometheus::PrometheusHandle,
+    ) -> Self {
+        self.metrics = Some((listener, handle));
+        self
     }
 
     /// The bound TCP address (the real port when 0 was asked for).
@@ -215,6 +235,7 @@ pub async fn serve(
         tcp: listener,
         unix: unix_listener,
         unix_path,
+        metrics,
     } = listeners;
     let bound = listener.local_addr()?;
     let admission = Admission::new(ConnLimits {
@@ -251,6 +272,18 @@ pub async fn serve(
         limits,
     )
     .with_admission(Arc::clone(&admission));
+    let metrics_bound = match metrics {
+        Some((listener, handle)) => {
+            let status = storaged.clone();
+            let snapshot = Arc::new(move || status.status());
+            Some(crate::metrics::endpoint::serve(listener, handle, snapshot)?)
+        }
+        None => None,
+    };
+    let rpc_metrics = crate::metrics::rpc::RpcMetricsLayer::new(&[
+        storaged_proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ]);
     let generated = StoragedServer::new(storaged.clone())
         .max_decoding_message_size(limits.max_decoding_message_bytes)
         .max_encoding_message_size(limits.max_encoding_message_bytes);
@@ -265,6 +298,7 @@ pub async fn serve(
 
     let builder = || {
         Server::builder()
+            .layer(rpc_metrics.clone())
             .layer(TrackCallsLayer)
             .layer(DeadlineLayer)
             .max_concurrent_streams(limits.max_concurrent_streams)
@@ -300,6 +334,10 @@ pub async fn serve(
         a.and(b)
     };
     on_bound(bound);
+    if let Some(m) = metrics_bound {
+        // After the gRPC line, which launchers read first.
+        println!("storaged metrics on http://{m}/metrics");
+    }
     tracing::info!(%bound, unix = %unix_path.display(), "serving gRPC");
     let mut server = Box::pin(server);
     let result = tokio::select! {

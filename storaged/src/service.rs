@@ -198,7 +198,9 @@ impl StoragedService {
         self
     }
 
-    fn status(&self) -> pb::StatusResponse {
+    /// The whole status: what the Status RPC answers and what the metrics
+    /// endpoint publishes.
+    pub fn status(&self) -> pb::StatusResponse {
         let mut s = status_response(&self.store, self.store.status());
         let c = &self.store.read_counters;
         s.grpc_bytes_served = c.grpc_bytes_served.load(Ordering::Relaxed);
@@ -589,6 +591,8 @@ fn status_response(store: &Store, s: StoreStatus) -> pb::StatusResponse {
         datasets: s.datasets.iter().map(|h| dataset_info(store, h)).collect(),
         ingests_in_progress: s.ingests_in_progress as u32,
         version: env!("CARGO_PKG_VERSION").to_owned(),
+        buffer_pool_bytes: store.buffer_pool_usage().0,
+        buffer_pool_in_use_bytes: store.buffer_pool_usage().1,
         checksum_block_bytes: crate::device::CHECKSUM_BLOCK_BYTES,
         ..Default::default()
     }

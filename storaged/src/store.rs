@@ -326,6 +326,11 @@ impl Store {
     }
 
     /// What the discard thread has done (and whether discards are on).
+    /// The I/O buffer pool: (bytes in all, bytes leased now).
+    pub fn buffer_pool_usage(&self) -> (u64, u64) {
+        self.pool.bytes_in_use()
+    }
+
     pub fn discard_counters(&self) -> &discard::DiscardCounters {
         &self.space.counters
     }

@@ -204,6 +204,9 @@ impl Store {
             injected = Some(Arc::clone(&seeded.injected));
             engine = Arc::new(seeded);
         }
+        if cfg.io_metrics {
+            engine = Arc::new(engine::metered::MeteredBackend::new(engine));
+        }
         // A replacement that did not finish: its device is not trusted
         // until `device replace` resumes and completes it.
         let rebuild = pending.as_ref().map(|r| {
