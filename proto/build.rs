@@ -15,7 +15,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         &descriptor_path,
         prost::Message::encode_to_vec(&file_descriptors),
     )?;
-    tonic_prost_build::configure()
+    // The status, as `storagectl status --json` prints it: the proto's
+    // field names, the storage class by its name.
+    let mut config = tonic_prost_build::configure();
+    for message in [
+        "StatusResponse",
+        "DeviceStatus",
+        "DatasetInfo",
+        "RebuildStatus",
+    ] {
+        config = config.type_attribute(
+            format!("storaged.v1.{message}"),
+            "#[derive(serde::Serialize)]",
+        );
+    }
+    config
+        .field_attribute(
+            "storaged.v1.DatasetInfo.storage_class",
+            "#[serde(serialize_with = \"crate::json::storage_class\")]",
+        )
         .bytes(".")
         .skip_protoc_run()
         .file_descriptor_set_path(&descriptor_path)

@@ -231,6 +231,12 @@ impl Daemon {
     }
 
     /// Runs `storagectl`, asserting success; returns stdout.
+    /// `storagectl status --json`, parsed.
+    pub fn status_json(&self) -> serde_json::Value {
+        let out = self.ctl_ok(&["status", "--json"]);
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("status --json: {e}: {out}"))
+    }
+
     pub fn ctl_ok(&self, args: &[&str]) -> String {
         let out = self.ctl(args);
         assert!(

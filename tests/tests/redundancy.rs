@@ -121,9 +121,15 @@ async fn lost_device_degraded_start_then_replace_while_reading() {
     );
     stop.store(true, std::sync::atomic::Ordering::SeqCst);
     assert!(reader.join().unwrap() >= 1);
-    let status = d.ctl_ok(&["status"]);
-    assert!(status.contains("health:      ok"), "{status}");
-    assert!(status.contains("new2.img"), "{status}");
+    let status = d.status_json();
+    assert_eq!(status["degraded"], false, "{status}");
+    assert!(
+        status["devices"][2]["path"]
+            .as_str()
+            .unwrap()
+            .ends_with("new2.img"),
+        "{status}"
+    );
     // Replacing it again onto a device of the pool is refused.
     let out = d.ctl(&["device", "replace", "1", new.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("INVALID_ARGUMENT"));
@@ -191,18 +197,22 @@ async fn replace_resumes_after_kill9() {
     assert!(!out.status.success(), "the replace cannot have finished");
 
     d = Daemon::start_args(&data, d.args.clone());
-    let status = d.ctl_ok(&["status"]);
-    assert!(status.contains("interrupted"), "{status}");
-    assert!(device_line(&status, "new1.img", "rebuilding"), "{status}");
+    let status = d.status_json();
+    assert_eq!(status["rebuild"]["running"], false, "interrupted: {status}");
+    assert_eq!(status["rebuild"]["device_index"], 1, "{status}");
+    assert_eq!(status["devices"][1]["state"], "rebuilding", "{status}");
+    let text = d.ctl_ok(&["status"]);
+    assert!(text.contains("interrupted"), "{text}");
+    assert!(device_line(&text, "new1.img", "rebuilding"), "{text}");
     check_all(&d, "train", &files[..2]);
     let out = d.ctl_ok(&["device", "replace", "1", new.to_str().unwrap()]);
     assert!(
         out.contains("(resumed)") && out.contains("0 units lost"),
         "{out}"
     );
-    let status = d.ctl_ok(&["status"]);
-    assert!(status.contains("health:      ok"), "{status}");
-    assert!(!status.contains("rebuild:"), "{status}");
+    let status = d.status_json();
+    assert_eq!(status["degraded"], false, "{status}");
+    assert!(status["rebuild"].is_null(), "{status}");
     check_all(&d, "train", &files);
     let out = d.ctl_ok(&["scrub"]);
     assert!(out.contains("0 corrupt"), "{out}");

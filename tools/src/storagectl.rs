@@ -257,7 +257,12 @@ enum Command {
         yes: bool,
     },
     /// Devices, capacity used and free, datasets.
-    Status,
+    Status {
+        /// Print the whole Status response as one JSON object (the proto's
+        /// field names; fields are only ever added), for scripts.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -405,7 +410,7 @@ fn class_name(d: &storaged_proto::pb::DatasetInfo) -> String {
 /// Deadline of each call of a command without `--timeout`.
 fn default_timeout(command: &Command) -> Option<Duration> {
     match command {
-        Command::Status
+        Command::Status { .. }
         | Command::Ls { .. }
         | Command::Stat { .. }
         | Command::Rm { .. }
@@ -648,8 +653,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             outln!("deleted {dataset}; freed {}", human(freed?));
             Ok(())
         }
-        Command::Status => {
+        Command::Status { json } => {
             let s = client.status().await?;
+            if json {
+                outln!("{}", serde_json::to_string_pretty(&s)?);
+                return Ok(());
+            }
             outln!("pool:        {}", s.pool_id);
             outln!("version:     {}", s.version);
             outln!("engine:      {}", s.engine);
