@@ -40,6 +40,12 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
 fi
 promtool --version | head -1
 
+step "systemd-analyze: the operator test verifies the example systemd unit"
+if ! command -v systemd-analyze >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq systemd >/dev/null
+fi
+
 step "script(1) and runuser(1): terminal and other-user checks of storagectl"
 if ! command -v script >/dev/null || ! command -v runuser >/dev/null; then
   apt-get update -qq

@@ -22,7 +22,7 @@ use storaged_proto::auth::{TOKEN_BYTES_MAX, parse_sha256_hex, token_sha256};
 use crate::size::parse_size;
 
 /// A tenant as written in the config file (`[[tenant]]`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TenantSpec {
     pub name: String,
@@ -56,7 +56,7 @@ pub struct TenantSpec {
 }
 
 /// Quotas as written in the config file; absent means unlimited.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct QuotaSpec {
     /// Bytes of datasets this tenant created ("10TiB").

@@ -18,63 +18,108 @@ pub const DEFAULT_DEVICE_COUNT: usize = 4;
 pub const DEFAULT_DEVICE_SIZE: &str = "4GiB";
 pub const DEFAULT_STRIPE_UNIT: &str = "1MiB";
 
+/// What `--print-config` shows in place of a secret.
+pub const REDACTED: &str = "<redacted>";
+
 /// The TOML file. Every field is optional; sizes are strings like "4GiB".
-#[derive(Debug, Default, Deserialize)]
+/// (Tables come last: TOML writes plain keys before them.)
+#[derive(Debug, Default, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
     /// Address of the Prometheus endpoint (`GET /metrics`); none: off.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub data_dir: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub devices: Option<Vec<PathBuf>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub device_size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stripe_unit: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub force: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub engine: Option<EngineKind>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub queue_depth: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub buffer_pool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub message_size: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub read_ahead: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub hint_cache: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub read_merge: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub max_concurrent_streams: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub worker_threads: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub unix: Option<PathBuf>,
     /// Octal permission bits of the Unix socket, e.g. "0660" or "0666".
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub unix_mode: Option<String>,
     /// Group of the Unix socket (name or id).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub unix_group: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub region_bytes_per_client: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub region_bytes_total: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub degraded_cache: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub scrub_rate_mib_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub scrub_interval_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub replace_checkpoint: Option<String>,
     /// Give freed space back to the devices (hole punching, TRIM).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub discard: Option<bool>,
-    /// Tenants (`[[tenant]]` tables); none: every caller is the operator.
-    pub tenant: Option<Vec<crate::auth::TenantSpec>>,
     /// Append-only JSON-lines audit log of writes, admin operations and
     /// denied requests.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_log: Option<PathBuf>,
     /// Fail an operation whose audit line cannot be written (default true).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub audit_required: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub stream_stall_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub ingest_idle_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connections_max: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connections_per_peer_max: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub preface_timeout_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_idle_timeout_s: Option<u64>,
     /// Pool bytes one connection's calls may hold ("128MiB").
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub connection_inflight: Option<String>,
     /// Pool bytes one tenant's calls may hold, unless its quota says.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant_inflight: Option<String>,
     /// TLS on the TCP listener: the server's certificate chain and key
     /// (PEM), and CAs of accepted client certificates (then required).
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_cert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Tenants (`[[tenant]]` tables); none: every caller is the operator.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<Vec<crate::auth::TenantSpec>>,
     /// JWTs from an identity provider as bearer tokens.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub jwt: Option<crate::jwt::JwtSpec>,
 }
 
@@ -282,6 +327,11 @@ pub struct ServeConfig {
     pub insecure: bool,
     /// TLS on the TCP listener.
     pub tls: Option<crate::tls::TlsFiles>,
+    /// What the config file said of tenants and JWTs, and the default
+    /// in-flight bytes per tenant (for [`effective`](Self::effective)).
+    pub tenant_specs: Vec<crate::auth::TenantSpec>,
+    pub jwt_spec: Option<crate::jwt::JwtSpec>,
+    pub tenant_inflight_bytes: u64,
 }
 
 /// Flag values; `None` means "not given".
@@ -460,8 +510,9 @@ impl ServeConfig {
             .transpose()?;
         store.io_metrics = metrics.is_some();
         let worker_threads = flags.worker_threads.or(file.worker_threads).unwrap_or(2);
+        let tenant_specs = file.tenant.clone().unwrap_or_default();
         let mut tenants = crate::auth::Tenants::from_specs(
-            file.tenant.as_deref().unwrap_or_default(),
+            &tenant_specs,
             tenant_inflight_bytes,
             file.jwt.is_some(),
         )?;
@@ -498,9 +549,81 @@ impl ServeConfig {
             audit_log: file.audit_log,
             audit_required: file.audit_required.unwrap_or(true),
             insecure: flags.insecure,
+            tenant_specs,
+            jwt_spec: file.jwt,
+            tenant_inflight_bytes,
         };
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The configuration in force, as a config file with every key
+    /// (`storaged serve --print-config`). Token hashes are redacted.
+    pub fn effective(&self) -> FileConfig {
+        use crate::size::exact_size;
+        let s = &self.store;
+        let l = &s.limits;
+        let v = &self.server;
+        FileConfig {
+            listen: Some(self.listen.to_string()),
+            metrics: self.metrics.map(|m| m.to_string()),
+            data_dir: Some(s.data_dir.clone()),
+            devices: Some(s.devices.clone()),
+            device_size: Some(exact_size(s.device_size_bytes)),
+            stripe_unit: Some(exact_size(s.stripe_unit_bytes)),
+            force: Some(s.force),
+            engine: Some(s.engine),
+            queue_depth: Some(s.queue_depth_per_device_max),
+            buffer_pool: Some(exact_size(s.buffer_pool_bytes)),
+            message_size: Some(exact_size(l.message_bytes)),
+            read_ahead: Some(exact_size(l.read_ahead_bytes)),
+            hint_cache: Some(exact_size(l.hint_cache_bytes_max)),
+            read_merge: Some(exact_size(l.read_merge_bytes_max)),
+            max_concurrent_streams: Some(v.max_concurrent_streams),
+            worker_threads: Some(self.worker_threads),
+            unix: Some(self.unix.clone()),
+            unix_mode: Some(format!("{:04o}", self.unix_access.mode)),
+            unix_group: self.unix_access.group.clone(),
+            region_bytes_per_client: Some(exact_size(self.regions.bytes_per_client_max)),
+            region_bytes_total: Some(exact_size(self.regions.bytes_total_max)),
+            degraded_cache: Some(exact_size(l.degraded_cache_bytes_max)),
+            scrub_rate_mib_s: Some(l.scrub_rate_mib_s),
+            scrub_interval_s: Some(l.scrub_interval_s),
+            replace_checkpoint: Some(exact_size(l.replace_checkpoint_bytes)),
+            discard: Some(s.discard),
+            audit_log: self.audit_log.clone(),
+            audit_required: Some(self.audit_required),
+            stream_stall_timeout_s: Some(v.stream_stall_timeout_s),
+            ingest_idle_timeout_s: Some(v.ingest_idle_timeout_s),
+            connections_max: Some(v.connections_max),
+            connections_per_peer_max: Some(v.connections_per_peer_max),
+            preface_timeout_s: Some(v.preface_timeout_s),
+            connection_idle_timeout_s: Some(v.connection_idle_timeout_s),
+            connection_inflight: Some(exact_size(v.connection_inflight_bytes_max)),
+            tenant_inflight: Some(exact_size(self.tenant_inflight_bytes)),
+            tls_cert: self.tls.as_ref().map(|t| t.cert.clone()),
+            tls_key: self.tls.as_ref().map(|t| t.key.clone()),
+            tls_client_ca: self.tls.as_ref().and_then(|t| t.client_ca.clone()),
+            tenant: (!self.tenant_specs.is_empty()).then(|| {
+                self.tenant_specs
+                    .iter()
+                    .map(|t| crate::auth::TenantSpec {
+                        tokens_sha256: t
+                            .tokens_sha256
+                            .iter()
+                            .map(|_| REDACTED.to_owned())
+                            .collect(),
+                        ..t.clone()
+                    })
+                    .collect()
+            }),
+            jwt: self.jwt_spec.clone(),
+        }
+    }
+
+    /// [`effective`](Self::effective) as TOML.
+    pub fn effective_toml(&self) -> Result<String, String> {
+        toml::to_string(&self.effective()).map_err(|e| format!("printing the configuration: {e}"))
     }
 
     fn validate(&self) -> Result<(), String> {
@@ -799,6 +922,68 @@ mod tests {
         })
         .unwrap_err();
         assert!(err.contains("metrics address \"nowhere\""), "{err}");
+    }
+
+    /// Guards against the example config (tools/storaged.toml) drifting
+    /// from the code: it names every option, and as written it resolves
+    /// to exactly the defaults.
+    #[test]
+    fn the_example_config_is_every_option_at_its_default() {
+        let example = concat!(env!("CARGO_MANIFEST_DIR"), "/../tools/storaged.toml");
+        let from_example = ServeConfig::resolve(ServeFlags {
+            config: Some(example.into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let defaults = ServeConfig::resolve(ServeFlags::default()).unwrap();
+        assert_eq!(
+            from_example.effective_toml().unwrap(),
+            defaults.effective_toml().unwrap()
+        );
+        let text = std::fs::read_to_string(example).unwrap();
+        let table: toml::Table = toml::from_str(&defaults.effective_toml().unwrap()).unwrap();
+        for key in table.keys() {
+            assert!(
+                text.lines().any(|l| l.starts_with(&format!("{key} = "))),
+                "{key} is not in the example"
+            );
+        }
+        for optional in [
+            "metrics",
+            "unix_group",
+            "audit_log",
+            "tls_cert",
+            "tls_key",
+            "tls_client_ca",
+        ] {
+            assert!(text.contains(&format!("# {optional} = ")), "{optional}");
+        }
+        assert!(text.contains("# [[tenant]]") && text.contains("# [jwt]"));
+    }
+
+    /// Guards against --print-config leaking token hashes, or printing
+    /// something other than what is in force.
+    #[test]
+    fn print_config_shows_what_is_in_force_with_secrets_redacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let hash = "ab".repeat(32);
+        let c = resolve_file(
+            dir.path(),
+            &format!(
+                "buffer_pool = \"64MiB\"\nmetrics = \"127.0.0.1:9464\"\n[[tenant]]\nname = \"a\"\ntokens_sha256 = [\"{hash}\"]\nread = [\"\"]\n"
+            ),
+        )
+        .unwrap();
+        let text = c.effective_toml().unwrap();
+        assert!(!text.contains(&hash), "{text}");
+        assert!(text.contains(REDACTED), "{text}");
+        assert!(text.contains("buffer_pool = \"64MiB\""), "{text}");
+        assert!(text.contains("hint_cache = \"24MiB\""), "derived: {text}");
+        assert!(text.contains("metrics = \"127.0.0.1:9464\""), "{text}");
+        assert!(
+            text.contains("[[tenant]]") && text.contains("name = \"a\""),
+            "{text}"
+        );
     }
 
     /// Resolves a config file holding `text` (written under `dir`).

@@ -319,7 +319,7 @@ pub fn discard_file(file: &File, offset: u64, len: u64) -> io::Result<()> {
 }
 
 /// Which engine to build.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum EngineKind {
     /// io_uring if the kernel allows it, else psync with a warning.

@@ -23,7 +23,7 @@ fn default_tenant_claim() -> String {
 }
 
 /// `[jwt]` as written in the config file.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct JwtSpec {
     pub issuer: String,

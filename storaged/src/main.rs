@@ -80,6 +80,11 @@ enum Command {
         /// whoever reaches it gets what the config gives them, unencrypted.
         #[arg(long)]
         insecure: bool,
+        /// Print the configuration these flags and the config file give,
+        /// every key with the value in force (secrets redacted), as a
+        /// config file, and exit.
+        #[arg(long)]
+        print_config: bool,
     },
     /// Rebuild DATA_DIR/catalog.redb from the pool's devices alone (their
     /// roots and manifests), opening them read-only. Devices may come in
@@ -141,6 +146,7 @@ fn run() -> anyhow::Result<()> {
             unix,
             fault_inject,
             insecure,
+            print_config,
         } => {
             let cfg = ServeConfig::resolve(ServeFlags {
                 listen,
@@ -158,6 +164,10 @@ fn run() -> anyhow::Result<()> {
                 insecure,
             })
             .map_err(anyhow::Error::msg)?;
+            if print_config {
+                print!("{}", cfg.effective_toml().map_err(anyhow::Error::msg)?);
+                return Ok(());
+            }
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(cfg.worker_threads)
                 .thread_name("storaged-rt")
@@ -272,6 +282,8 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        // systemd (Type=notify) learns the stop is under way.
+        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     };
     storaged::server::serve(
         store,
@@ -285,6 +297,15 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "storaged listening on {bound}");
             let _ = out.flush();
+            // systemd (Type=notify) starts what depends on storaged now;
+            // without NOTIFY_SOCKET this does nothing.
+            let _ = sd_notify::notify(
+                false,
+                &[
+                    sd_notify::NotifyState::Ready,
+                    sd_notify::NotifyState::Status(&format!("serving on {bound}")),
+                ],
+            );
         },
     )
     .await?;

@@ -33,6 +33,17 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
+/// `bytes` exactly, in the largest binary unit that divides it (`256MiB`,
+/// `4GiB`, `4097`), as the config file takes it.
+pub fn exact_size(bytes: u64) -> String {
+    for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
+        if bytes != 0 && bytes.is_multiple_of(1u64 << shift) {
+            return format!("{}{unit}", bytes >> shift);
+        }
+    }
+    bytes.to_string()
+}
+
 /// Formats bytes with the largest binary unit that keeps 1 decimal.
 pub struct HumanBytes(pub u64);
 
