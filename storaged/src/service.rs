@@ -351,6 +351,10 @@ impl StoragedService {
         right: Right,
         dataset: &str,
     ) -> Result<(), Status> {
+        if !dataset.is_empty() {
+            // Into the call's `rpc` span (see `metrics::rpc`).
+            tracing::Span::current().record("dataset", dataset);
+        }
         let checked = match right {
             Right::Admin => caller.principal.check_admin(),
             _ => caller.principal.check(right, dataset),
@@ -789,6 +793,7 @@ impl Storaged for StoragedService {
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
         self.authorize(&caller, "stat", Right::Read, name.as_str())?;
         let path = ObjectPath::new(r.path).map_err(invalid)?;
+        tracing::Span::current().record("object", path.as_str());
         let obj = self.store.lookup(&name, &path)?;
         let extents = if r.include_extents {
             self.store
@@ -825,6 +830,7 @@ impl Storaged for StoragedService {
         let caller = self.caller(&request, "read")?;
         let spec = ReadSpec::try_from(request.get_ref()).map_err(invalid)?;
         self.authorize(&caller, "read", Right::Read, spec.dataset.as_str())?;
+        tracing::Span::current().record("object", spec.range.path.as_str());
         let obj = self.store.lookup(&spec.dataset, &spec.range.path)?;
         let (start, len) = Store::resolve_range(&obj, spec.range.offset, spec.range.length)?;
         let object_size = obj.record.size;

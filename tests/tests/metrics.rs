@@ -262,3 +262,65 @@ fn prometheus_scrapes_the_metrics_and_sees_reads() {
     );
     assert!(calls.is_some_and(|v| v >= 8.0), "{calls:?}");
 }
+
+// Guards against RPCs that leave no trace: each runs in an `rpc` span that
+// names its method, dataset and object, and ends with its bytes and code.
+#[test]
+fn every_rpc_is_traced_with_dataset_object_bytes_and_code() {
+    use std::io::BufRead;
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let stderr_path = tmp.path().join("stderr.log");
+    let mut child = Command::new(storaged_tests::storaged_bin())
+        .args(DaemonOpts::default().args(&data))
+        .env("RUST_LOG", "info,storaged::metrics::rpc=debug")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    let url = format!(
+        "http://{}",
+        first
+            .trim()
+            .strip_prefix("storaged listening on ")
+            .unwrap_or_else(|| panic!("{first:?}"))
+    );
+    let ctl = |args: &[&str]| {
+        Command::new(storaged_tests::storagectl_bin())
+            .arg("--server")
+            .arg(&url)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("a.bin".to_string(), pattern(7, 100_000))]);
+    assert!(
+        ctl(&["ingest", "ds", src.to_str().unwrap()])
+            .status
+            .success()
+    );
+    assert!(ctl(&["cat", "ds", "a.bin"]).status.success());
+    assert!(!ctl(&["cat", "ds", "nope"]).status.success());
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&stderr_path).unwrap();
+    let line = |needle: &str| {
+        log.lines()
+            .any(|l| l.contains(needle) && l.contains(" rpc "))
+    };
+    assert!(
+        line("rpc{method=Read dataset=\"ds\" object=\"a.bin\" bytes=1000") && line("code=\"OK\""),
+        "{log}"
+    );
+    assert!(
+        line("rpc{method=Read dataset=\"ds\" object=\"nope\"") && line("code=\"NOT_FOUND\""),
+        "{log}"
+    );
+    assert!(line("rpc{method=Ingest"), "{log}");
+}

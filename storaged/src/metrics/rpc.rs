@@ -1,4 +1,11 @@
-//! Per-RPC latency and result, as a tower layer around the gRPC server.
+//! Per-RPC latency and result, and a tracing span, as a tower layer
+//! around the gRPC server.
+//!
+//! Every call runs inside an `rpc` span with its method; the service
+//! records the dataset (when it authorizes the call) and the object into
+//! it, and the layer records the response's bytes and gRPC code when the
+//! response ends, then logs one `rpc` event at debug level
+//! (`RUST_LOG=storaged::metrics::rpc=debug`).
 //!
 //! The clock starts when the request arrives and stops when the response
 //! ends: at its trailers (where gRPC puts the status of a call that sent a
@@ -13,6 +20,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+use tracing::Instrument;
 
 /// Adds [`super::RPC_SECONDS`] to every call.
 #[derive(Debug, Clone)]
@@ -80,6 +89,7 @@ where
     S: tower_service::Service<http::Request<B>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
     ResBody: http_body::Body + Unpin,
+    ResBody::Data: bytes::Buf,
 {
     type Response = http::Response<Timed<ResBody>>;
     type Error = S::Error;
@@ -91,21 +101,38 @@ where
 
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         let method = self.layer.label(request.uri().path());
+        let span = tracing::info_span!(
+            "rpc",
+            method = %method,
+            dataset = tracing::field::Empty,
+            object = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            code = tracing::field::Empty,
+        );
         let started = Instant::now();
-        let response = self.inner.call(request);
-        Box::pin(async move {
-            let response = response.await?;
-            // A trailers-only answer carries the status in its headers.
-            let code = grpc_code(response.headers());
-            Ok(response.map(|body| Timed {
-                inner: body,
-                call: Some(Call {
-                    method,
-                    started,
-                    code,
-                }),
-            }))
-        })
+        let response = {
+            let _in = span.enter();
+            self.inner.call(request)
+        };
+        let call_span = span.clone();
+        Box::pin(
+            async move {
+                let response = response.await?;
+                // A trailers-only answer carries the status in its headers.
+                let code = grpc_code(response.headers());
+                Ok(response.map(|body| Timed {
+                    inner: body,
+                    call: Some(Call {
+                        method,
+                        started,
+                        code,
+                        bytes: 0,
+                        span: call_span,
+                    }),
+                }))
+            }
+            .instrument(span),
+        )
     }
 }
 
@@ -115,16 +142,24 @@ struct Call {
     method: String,
     started: Instant,
     code: Option<tonic::Code>,
+    /// Response body bytes so far (gRPC framing included).
+    bytes: u64,
+    span: tracing::Span,
 }
 
 impl Call {
     fn finish(self, code: tonic::Code) {
+        let seconds = self.started.elapsed().as_secs_f64();
+        let name = code_name(code);
+        self.span.record("bytes", self.bytes);
+        self.span.record("code", name);
+        tracing::debug!(parent: &self.span, seconds, "rpc");
         metrics::histogram!(
             super::RPC_SECONDS,
             "method" => self.method,
-            "code" => code_name(code),
+            "code" => name,
         )
-        .record(self.started.elapsed().as_secs_f64());
+        .record(seconds);
     }
 }
 
@@ -165,7 +200,10 @@ pub struct Timed<B> {
     call: Option<Call>,
 }
 
-impl<B: http_body::Body + Unpin> http_body::Body for Timed<B> {
+impl<B: http_body::Body + Unpin> http_body::Body for Timed<B>
+where
+    B::Data: bytes::Buf,
+{
     type Data = B::Data;
     type Error = B::Error;
 
@@ -176,6 +214,9 @@ impl<B: http_body::Body + Unpin> http_body::Body for Timed<B> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(call)) = (frame.data_ref(), self.call.as_mut()) {
+                    call.bytes += bytes::Buf::remaining(data) as u64;
+                }
                 if let Some(code) = frame.trailers_ref().and_then(grpc_code)
                     && let Some(call) = self.call.take()
                 {
