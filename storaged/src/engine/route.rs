@@ -43,21 +43,26 @@ impl std::fmt::Debug for DeviceSlots {
     }
 }
 
-fn missing(device: u32) -> io::Error {
-    io::Error::new(
-        io::ErrorKind::NotFound,
-        format!("device {device} is missing (No such device, ENODEV)"),
-    )
+/// The error of an operation on a missing device: ENODEV, as the kernel
+/// reports a device that went away (callers add which device and where).
+fn missing() -> io::Error {
+    io::Error::from_raw_os_error(libc::ENODEV)
 }
 
-/// Whether an engine error means "the device is not there".
+/// Whether an engine error means "the device is not there" (by its errno,
+/// never by its text).
 pub fn is_missing(e: &io::Error) -> bool {
-    if e.raw_os_error() == Some(libc::ENODEV) {
-        return true;
+    e.raw_os_error() == Some(libc::ENODEV)
+}
+
+/// A copy of an engine error for each of several waiters: the errno where
+/// there is one (so [`is_missing`] and ENOSPC still tell), else the kind
+/// and text.
+pub fn copy_error(e: &io::Error) -> io::Error {
+    match e.raw_os_error() {
+        Some(code) => io::Error::from_raw_os_error(code),
+        None => io::Error::new(e.kind(), e.to_string()),
     }
-    // Errors rebuilt from their parts (ReadInto runs) keep only the text.
-    let text = e.to_string();
-    text.contains("ENODEV") || text.contains(&format!("(os error {})", libc::ENODEV))
 }
 
 /// Foreign memory without its fixed-buffer index: the index belongs to the
@@ -141,7 +146,7 @@ impl IoBackend for DeviceSlots {
     fn read_foreign(&self, read: ForeignRead) -> ForeignReadFuture {
         match self.slot(read.device) {
             Some(Slot::Primary) | None => self.primary.read_foreign(read),
-            Some(Slot::Missing) => ForeignReadFuture::ready(Err(missing(read.device))),
+            Some(Slot::Missing) => ForeignReadFuture::ready(Err(missing())),
             Some(Slot::Replaced(e)) => e.read_foreign(ForeignRead {
                 device: 0,
                 memory: Arc::new(Unfixed(read.memory)),
@@ -181,6 +186,22 @@ impl IoBackend for DeviceSlots {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Guards against telling a missing device by an error's text: only
+    /// the errno says so, and copies for several waiters keep it (and
+    /// ENOSPC) while a message that merely mentions ENODEV does not count.
+    #[test]
+    fn missing_is_told_by_errno_and_survives_copies() {
+        assert!(is_missing(&missing()));
+        assert!(is_missing(&copy_error(&missing())));
+        assert!(!is_missing(&io::Error::other(
+            "device 3 is missing (No such device, ENODEV) (os error 19)"
+        )));
+        let full = copy_error(&io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(full.raw_os_error(), Some(libc::ENOSPC));
+        let other = copy_error(&io::Error::new(io::ErrorKind::UnexpectedEof, "short"));
+        assert_eq!(other.kind(), io::ErrorKind::UnexpectedEof);
+    }
     use crate::engine::tests::{test_files, test_pool};
     use crate::engine::{EngineKind, EngineLimits, OpKind, build};
 

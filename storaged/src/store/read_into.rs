@@ -305,12 +305,12 @@ impl Store {
                 for w in &st.wants[wants] {
                     let item = &mut st.items[w.tag];
                     item.pieces_left -= 1;
-                    if let Err((device, offset, kind, msg)) = &result {
+                    if let Err((device, offset, error)) = &result {
                         item.error.get_or_insert_with(|| {
                             StoreError::from_io(
                                 *device,
                                 *offset,
-                                std::io::Error::new(*kind, msg.clone()),
+                                crate::engine::route::copy_error(error),
                             )
                         });
                     }
@@ -378,7 +378,7 @@ impl Store {
         run: &Run,
         memory: Arc<dyn crate::engine::ForeignMemory>,
     ) -> RunResult {
-        let fail = |e: std::io::Error| (run.device, run.device_offset, e.kind(), e.to_string());
+        let fail = |e: std::io::Error| (run.device, run.device_offset, Arc::new(e));
         let permit = self
             .foreign_reads
             .acquire()
@@ -472,9 +472,9 @@ impl GroupItem {
     }
 }
 
-/// A run's failure as parts (device, offset, kind, message): every item the
-/// run covers gets its own `StoreError` from them.
-type RunResult = Result<(), (u32, u64, std::io::ErrorKind, String)>;
+/// A run's failure (device, offset, error): every item the run covers gets
+/// its own `StoreError` from it.
+type RunResult = Result<(), (u32, u64, Arc<std::io::Error>)>;
 
 type Fallback = std::pin::Pin<
     Box<dyn std::future::Future<Output = (u32, Result<ReadIntoDone, StoreError>)> + Send>,
