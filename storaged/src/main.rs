@@ -11,7 +11,6 @@ use storaged::config::{ServeConfig, ServeFlags};
 
 use storaged::audit::AuditLog;
 use storaged::dirlock::DataDirLock;
-use storaged::engine::EngineKind;
 use storaged::service::Access;
 use storaged::store::Store;
 
@@ -34,52 +33,8 @@ enum Command {
     /// Run the daemon. With no --device it uses 4 sparse file-backed devices
     /// under the data dir.
     Serve {
-        /// Address for gRPC (port 0 picks a free port).
-        #[arg(long)]
-        listen: Option<String>,
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
-        /// 127.0.0.1:9464; port 0 picks one). Off unless given.
-        #[arg(long, value_name = "ADDR")]
-        metrics: Option<String>,
-        /// Where the catalog (and the default devices) live.
-        #[arg(long)]
-        data_dir: Option<PathBuf>,
-        /// A device: a regular file (created if missing) or a block device.
-        /// Repeat for each device, in pool order.
-        #[arg(long = "device")]
-        devices: Vec<PathBuf>,
-        /// Size of device files that must be created, e.g. 640MiB, 16GiB.
-        #[arg(long)]
-        device_size: Option<String>,
-        /// Stripe unit of a new pool (64KiB to 16MiB, power of two).
-        #[arg(long)]
-        stripe_unit: Option<String>,
-        /// I/O engine: auto, uring or psync.
-        #[arg(long)]
-        engine: Option<EngineKind>,
-        /// TOML config file; flags override it.
-        #[arg(long)]
-        config: Option<PathBuf>,
-        /// Erase devices holding data storaged does not recognize.
-        #[arg(long)]
-        force: bool,
-        /// Tokio worker threads for gRPC.
-        #[arg(long)]
-        worker_threads: Option<usize>,
-        /// Unix socket for same-host clients and memory regions
-        /// (default: storaged.sock in the data dir).
-        #[arg(long)]
-        unix: Option<PathBuf>,
-        /// Seeded fault injection for tests and reliability campaigns, e.g.
-        /// `seed=7,read_eio=0.01,flip=0.01,vanish=2@1000` (keys: seed,
-        /// read_eio, write_eio, flip, latency_ms, latency, torn, vanish,
-        /// fsync_fail). Never for production.
-        #[arg(long, hide = true)]
-        fault_inject: Option<String>,
-        /// Listen on a non-loopback address even without tenants or TLS:
-        /// whoever reaches it gets what the config gives them, unencrypted.
-        #[arg(long)]
-        insecure: bool,
+        #[command(flatten)]
+        flags: ServeFlags,
         /// Print the configuration these flags and the config file give,
         /// every key with the value in force (secrets redacted), as a
         /// config file, and exit.
@@ -133,37 +88,10 @@ fn run() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve {
-            listen,
-            metrics,
-            data_dir,
-            devices,
-            device_size,
-            stripe_unit,
-            engine,
-            config,
-            force,
-            worker_threads,
-            unix,
-            fault_inject,
-            insecure,
+            flags,
             print_config,
         } => {
-            let cfg = ServeConfig::resolve(ServeFlags {
-                listen,
-                metrics,
-                data_dir,
-                devices,
-                device_size,
-                stripe_unit,
-                force,
-                engine,
-                config,
-                worker_threads,
-                unix,
-                fault_inject,
-                insecure,
-            })
-            .map_err(anyhow::Error::msg)?;
+            let cfg = ServeConfig::resolve(flags).map_err(anyhow::Error::msg)?;
             if print_config {
                 print!("{}", cfg.effective_toml().map_err(anyhow::Error::msg)?);
                 return Ok(());
@@ -275,11 +203,15 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     }
     let store = Store::open(&cfg.store)?;
     storaged::store::scrub::spawn_background(&store);
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing a SIGTERM handler");
+    // The handlers are installed now, before READY is announced: a
+    // SIGTERM that follows READY at once must stop storaged cleanly, not
+    // kill it with the default action.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut interrupt = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+    let shutdown = async move {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
+            _ = interrupt.recv() => {}
             _ = term.recv() => {}
         }
         // systemd (Type=notify) learns the stop is under way.
