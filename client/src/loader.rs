@@ -43,7 +43,7 @@ use crate::plan::{PlanError, PlanSpec, PlanState, rank_sequence, worker_sequence
 
 /// The server's checksum block, for laying out regions before one is
 /// registered (the registration reply confirms it).
-const CHECKSUM_BLOCK_BYTES: u64 = 32 * 1024;
+const CHECKSUM_BLOCK_BYTES: u64 = storaged_proto::model::CHECKSUM_BLOCK_BYTES as u64;
 use crate::region::{Region, RegionRead};
 use crate::{BatchItem, ClientError, Dataset, ObjectInfo, async_stream_bounded};
 

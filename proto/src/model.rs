@@ -246,8 +246,18 @@ impl std::str::FromStr for StorageClass {
     }
 }
 
+/// The O_DIRECT alignment of device offsets, lengths and memory addresses:
+/// the one 4 KiB constant that storaged's buffers, allocator, engines and
+/// the `ReadInto` path (client regions) all derive from.
+pub const DIRECT_IO_ALIGN_BYTES: usize = 4096;
+
+/// Granularity of data checksums (CRC-32 IEEE): every 32 KiB block of an
+/// object is verified before any of its bytes are served. Part of the wire
+/// contract (reads are widened to whole blocks; `ReadInto` spans follow).
+pub const CHECKSUM_BLOCK_BYTES: u32 = 32 * 1024;
+
 /// Alignment of region offsets and spans on the `ReadInto` path.
-pub const READ_INTO_ALIGN_BYTES: u64 = 4096;
+pub const READ_INTO_ALIGN_BYTES: u64 = DIRECT_IO_ALIGN_BYTES as u64;
 
 /// Largest item of an any-order `ReadBatch` (storaged holds each such item
 /// whole while it waits to be sent); larger items fail with

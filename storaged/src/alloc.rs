@@ -9,8 +9,8 @@
 
 use std::collections::BTreeMap;
 
-/// Allocation granularity: objects start on 4 KiB boundaries.
-pub const BLOCK_BYTES: u64 = 4096;
+/// Allocation granularity: objects start on O_DIRECT (4 KiB) boundaries.
+pub const BLOCK_BYTES: u64 = crate::buf::ALIGN_BYTES as u64;
 
 /// A logical byte range `[offset, offset + len)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -31,7 +31,7 @@ use tokio::sync::Semaphore;
 use crate::budget::{Budget, Charge, ClassOfPool};
 
 /// O_DIRECT alignment for offsets, lengths and buffer addresses.
-pub const ALIGN_BYTES: usize = 4096;
+pub const ALIGN_BYTES: usize = storaged_proto::model::DIRECT_IO_ALIGN_BYTES;
 
 /// One size class of the pool: `count` buffers of `buf_bytes` each.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

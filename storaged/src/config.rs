@@ -334,21 +334,55 @@ pub struct ServeConfig {
     pub tenant_inflight_bytes: u64,
 }
 
-/// Flag values; `None` means "not given".
-#[derive(Debug, Default, Clone)]
+/// The flags of `storaged serve` that the config file can also set;
+/// `None` means "not given" (the file, then the default, decides).
+#[derive(Debug, Default, Clone, clap::Args)]
 pub struct ServeFlags {
+    /// Address for gRPC (port 0 picks a free port).
+    #[arg(long)]
     pub listen: Option<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
+    /// 127.0.0.1:9464; port 0 picks one). Off unless given.
+    #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// Where the catalog (and the default devices) live.
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// A device: a regular file (created if missing) or a block device, in
+    /// any order; a glob or a directory is expanded. Repeat for each.
+    #[arg(long = "device")]
     pub devices: Vec<PathBuf>,
+    /// Size of device files that must be created, e.g. 640MiB, 16GiB.
+    #[arg(long)]
     pub device_size: Option<String>,
+    /// Stripe unit of a new pool (64KiB to 16MiB, power of two).
+    #[arg(long)]
     pub stripe_unit: Option<String>,
+    /// Erase devices holding data storaged does not recognize.
+    #[arg(long)]
     pub force: bool,
+    /// I/O engine: auto, uring or psync.
+    #[arg(long)]
     pub engine: Option<EngineKind>,
+    /// TOML config file; flags override it.
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Tokio worker threads for gRPC.
+    #[arg(long)]
     pub worker_threads: Option<usize>,
+    /// Unix socket for same-host clients and memory regions
+    /// (default: storaged.sock in the data dir).
+    #[arg(long)]
     pub unix: Option<PathBuf>,
+    /// Seeded fault injection for tests and reliability campaigns, e.g.
+    /// `seed=7,read_eio=0.01,flip=0.01,vanish=2@1000` (keys: seed,
+    /// read_eio, write_eio, flip, latency_ms, latency, torn, vanish,
+    /// fsync_fail). Never for production.
+    #[arg(long, hide = true)]
     pub fault_inject: Option<String>,
+    /// Listen on a non-loopback address even without tenants or TLS:
+    /// whoever reaches it gets what the config gives them, unencrypted.
+    #[arg(long)]
     pub insecure: bool,
 }
 

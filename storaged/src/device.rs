@@ -29,9 +29,10 @@ pub const SUPERBLOCK_BYTES: usize = 4096;
 /// The data area starts 1 MiB into each device, leaving room after the
 /// superblock for future metadata (a second superblock copy, EC tables).
 pub const DATA_OFFSET_BYTES: u64 = 1 << 20;
-/// Granularity of data checksums (CRC-32 IEEE, crc32fast). A 4 KiB read that
-/// straddles two blocks reads at most 2 × 32 KiB = 64 KiB.
-pub const CHECKSUM_BLOCK_BYTES: u32 = 32 * 1024;
+/// Granularity of data checksums (CRC-32 IEEE, crc32fast), from the wire
+/// contract. A 4 KiB read that straddles two blocks reads at most
+/// 2 × 32 KiB = 64 KiB.
+pub const CHECKSUM_BLOCK_BYTES: u32 = storaged_proto::model::CHECKSUM_BLOCK_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {

@@ -102,7 +102,7 @@ impl EcGeometry {
 /// Bytes per checked row of a unit in datasets written by format 2: each
 /// row of each unit has its own CRC, so rot is rebuilt row by row from
 /// the same rows of the other units, whichever units rot elsewhere.
-pub const UNIT_ROW_BYTES: u64 = 32 * 1024;
+pub const UNIT_ROW_BYTES: u64 = crate::device::CHECKSUM_BLOCK_BYTES as u64;
 
 /// CRC-32 of row `row` of unit `position` of `stripe`: the ids and the
 /// row number are hashed with the bytes, so a row written to the wrong

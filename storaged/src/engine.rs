@@ -60,7 +60,7 @@ pub struct IoOp {
 pub const FOREIGN_READS_IN_FLIGHT_MAX: usize = 1024;
 
 /// Alignment of device offsets, lengths and target addresses (O_DIRECT).
-pub const DIRECT_IO_ALIGN_BYTES: usize = 4096;
+pub const DIRECT_IO_ALIGN_BYTES: usize = crate::buf::ALIGN_BYTES;
 
 /// Memory outside the buffer pool that reads may target.
 ///

@@ -43,10 +43,11 @@ use crate::layout::StripeLayout;
 /// Where the two root slots start: after the superblock and its copy.
 pub const ROOT_AREA_OFFSET: u64 = 2 * SUPERBLOCK_BYTES as u64;
 /// Each slot's size: half of the reserved area, in whole 4 KiB blocks.
-pub const ROOT_SLOT_BYTES: u64 = ((DATA_OFFSET_BYTES - ROOT_AREA_OFFSET) / 2) & !4095;
+pub const ROOT_SLOT_BYTES: u64 =
+    ((DATA_OFFSET_BYTES - ROOT_AREA_OFFSET) / 2) & !(crate::buf::ALIGN_BYTES as u64 - 1);
 const ROOT_MAGIC: [u8; 8] = *b"SDROOT\0\x01";
 const MANIFEST_MAGIC: [u8; 8] = *b"SDMANIF1";
-const ALIGN: usize = 4096;
+const ALIGN: usize = crate::buf::ALIGN_BYTES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PoolMetaError {
