@@ -883,8 +883,14 @@ async fn read_ahead_is_bounded() {
     // Hinted, never read: gone after the TTL, budget given back.
     let outcome = store.hint(&name, &paths_of(&objs[..4])).unwrap();
     assert_eq!(outcome.accepted, 4);
-    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
-    store.hint(&name, &[]).unwrap();
+    // Each hint call sweeps expired entries; wait for the TTL to pass
+    // rather than sleeping a guess.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while c.expired.load(Ordering::SeqCst) < 4 {
+        assert!(std::time::Instant::now() < deadline, "entries never expire");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        store.hint(&name, &[]).unwrap();
+    }
     assert_eq!(c.expired.load(Ordering::SeqCst), 4);
     assert_eq!(store.read_ahead.used_bytes(), 0);
 }
