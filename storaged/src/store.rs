@@ -425,3 +425,5 @@ mod tests;
 mod tests_crash;
 #[cfg(test)]
 mod tests_ec;
+#[cfg(test)]
+mod tests_model;
