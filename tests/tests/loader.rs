@@ -392,6 +392,16 @@ async fn a_loader_without_regions_to_spare_reads_with_fewer_or_over_grpc() {
     let ds = daemon.local_client().await.dataset("imagenet").unwrap();
     for (spare, want_shm) in [(0, false), (2, true)] {
         held.truncate(held.len() - spare);
+        // The server frees a region when its stream ends: wait until it
+        // has, instead of hoping the loader starts late enough.
+        let left = held.len() as u32;
+        let freed = storaged_tests::eventually(std::time::Duration::from_secs(30), async || {
+            hog.status()
+                .await
+                .is_ok_and(|s| s.regions_registered == left)
+        })
+        .await;
+        assert!(freed, "the server frees dropped regions");
         let plan = ds.plan(spec(0, 0, 0, 1)).await.unwrap();
         let mut loader = ds.loader(plan, 16, 64 << 20).unwrap();
         let mut seen = 0;

@@ -232,13 +232,22 @@ async fn tenants_see_and_touch_only_their_own_datasets() {
         "{:?}",
         out
     );
+    // A path of this test's own, so nothing else on the machine decides
+    // whether it exists.
+    let target = d.data_dir.join("replacement.img");
     let out = ctl_as(
         &d,
         AUDIO,
-        &["device", "replace", "0", "/tmp/x", "--healthy"],
+        &[
+            "device",
+            "replace",
+            "0",
+            target.to_str().unwrap(),
+            "--healthy",
+        ],
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("PERMISSION_DENIED"));
-    assert!(!Path::new("/tmp/x").exists());
+    assert!(!target.exists());
     assert!(ctl_as(&d, OPS, &["scrub"]).status.success());
 
     // The owner deletes its own.
