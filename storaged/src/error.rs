@@ -1,7 +1,7 @@
-//! Errors of the store layer and the one gRPC status each maps to.
+//! Errors of the store layer. What gRPC status each is answered with is
+//! the service layer's choice (`service::codes`); nothing here knows gRPC.
 
 use storaged_proto::NameError;
-use tonic::{Code, Status};
 
 use crate::alloc::AllocError;
 use crate::catalog::CatalogError;
@@ -148,42 +148,6 @@ pub enum StoreError {
 }
 
 impl StoreError {
-    pub fn code(&self) -> Code {
-        match self {
-            StoreError::InvalidName(_)
-            | StoreError::InvalidArgument(_)
-            | StoreError::Protocol(_) => Code::InvalidArgument,
-            StoreError::DatasetNotFound(_) | StoreError::ObjectNotFound { .. } => Code::NotFound,
-            StoreError::DatasetExists(_)
-            | StoreError::IngestInProgress(_)
-            | StoreError::DuplicateObject { .. } => Code::AlreadyExists,
-            StoreError::OutOfRange { .. } | StoreError::RegionBounds(_) => Code::OutOfRange,
-            StoreError::Region(e) => e.code(),
-            StoreError::NoSpace { .. }
-            | StoreError::DeviceFull { .. }
-            | StoreError::Limit(_)
-            | StoreError::Quota(_) => Code::ResourceExhausted,
-            StoreError::Checksum { .. } => Code::DataLoss,
-            StoreError::DeviceMissing { .. } => Code::Unavailable,
-            StoreError::Unrecoverable { missing: true, .. } => Code::Unavailable,
-            StoreError::Unrecoverable { missing: false, .. } => Code::DataLoss,
-            StoreError::Degraded(_) | StoreError::Busy(_) => Code::FailedPrecondition,
-            StoreError::Io { .. } | StoreError::ShuttingDown | StoreError::Audit(_) => {
-                Code::Unavailable
-            }
-            StoreError::Sync { .. } => Code::Internal,
-            StoreError::PoolMeta(crate::poolmeta::PoolMetaError::RootFull { .. }) => {
-                Code::ResourceExhausted
-            }
-            StoreError::PoolMeta(crate::poolmeta::PoolMetaError::Io { .. }) => Code::Unavailable,
-            StoreError::PoolMeta(_) => Code::Internal,
-            StoreError::Catalog(CatalogError::DatasetExists(_)) => Code::AlreadyExists,
-            StoreError::Catalog(CatalogError::Full { .. }) => Code::ResourceExhausted,
-            StoreError::Catalog(CatalogError::Failing { .. }) => Code::Unavailable,
-            StoreError::Catalog(_) => Code::Internal,
-        }
-    }
-
     /// Whether a device misbehaved (gone, failed, short or bad bytes): the
     /// errors a read of an erasure-coded dataset answers by rebuilding.
     pub fn is_device_fault(&self) -> bool {
@@ -212,38 +176,5 @@ impl StoreError {
                 source,
             }
         }
-    }
-}
-
-impl From<StoreError> for Status {
-    fn from(e: StoreError) -> Self {
-        e.to_status()
-    }
-}
-
-impl StoreError {
-    /// The status this error is answered with.
-    pub fn to_status(&self) -> Status {
-        Status::new(self.code(), self.to_string())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn codes() {
-        assert_eq!(
-            StoreError::from_io(1, 0, std::io::Error::from_raw_os_error(libc::ENOSPC)).code(),
-            Code::ResourceExhausted
-        );
-        assert_eq!(
-            StoreError::from_io(1, 0, std::io::Error::from_raw_os_error(libc::EIO)).code(),
-            Code::Unavailable
-        );
-        let s: Status = StoreError::DatasetNotFound("x".into()).into();
-        assert_eq!(s.code(), Code::NotFound);
-        assert!(s.message().contains("\"x\""));
     }
 }

@@ -112,42 +112,6 @@ pub enum RegionError {
     NotFound { id: u64 },
 }
 
-impl RegionError {
-    pub fn code(&self) -> tonic::Code {
-        use tonic::Code;
-        match self {
-            RegionError::NotLocal | RegionError::NoPeerPid => Code::FailedPrecondition,
-            RegionError::ByPath | RegionError::NotSealed { .. } => Code::InvalidArgument,
-            RegionError::Open { source, .. } => match source.kind() {
-                std::io::ErrorKind::NotFound => Code::NotFound,
-                std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
-                _ => Code::InvalidArgument,
-            },
-            RegionError::NotOwner { .. } => Code::PermissionDenied,
-            RegionError::NotTmpfs { .. }
-            | RegionError::BadSize { .. }
-            | RegionError::SizeMismatch { .. } => Code::InvalidArgument,
-            RegionError::Map { .. } => Code::Internal,
-            RegionError::Limit(_) => Code::ResourceExhausted,
-            RegionError::NotFound { .. } => Code::NotFound,
-        }
-    }
-}
-
-impl From<RegionError> for tonic::Status {
-    fn from(e: RegionError) -> Self {
-        let mut status = tonic::Status::new(e.code(), e.to_string());
-        if let RegionError::NotFound { id } = e
-            && let Ok(v) = format!("{id:x}").parse()
-        {
-            status
-                .metadata_mut()
-                .insert(storaged_proto::model::REGION_UNKNOWN_METADATA_KEY, v);
-        }
-        status
-    }
-}
-
 /// One mapped region.
 pub struct RegionMap {
     pub id: u64,
@@ -586,6 +550,7 @@ fn on_tmpfs(file: &std::fs::File) -> bool {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::service::GrpcCode;
     use std::os::fd::{FromRawFd, OwnedFd};
 
     /// A memfd of `len` bytes, its pages filled, sealed against shrinking

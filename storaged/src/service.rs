@@ -207,10 +207,12 @@ fn invalid(e: impl std::fmt::Display) -> Status {
 }
 
 mod caller;
+pub mod codes;
 mod progress;
 mod status;
 use caller::*;
 pub use caller::{CallId, Caller, REQUEST_ID_METADATA_KEY};
+pub use codes::GrpcCode;
 use progress::*;
 use status::*;
 

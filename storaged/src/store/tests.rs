@@ -7,6 +7,7 @@ use super::*;
 use crate::config::StoreConfig;
 use crate::engine::EngineKind;
 use crate::engine::fault::{Fault, FaultPlan, FaultRule, FaultyBackend};
+use crate::service::GrpcCode;
 
 pub(super) fn config(dir: &std::path::Path, device_mib: u64, unit: u64) -> StoreConfig {
     let mut c = StoreConfig::with_defaults(dir.to_path_buf());

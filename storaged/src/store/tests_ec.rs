@@ -7,6 +7,7 @@ use super::tests::{config, ingest_class, pattern, read_all};
 use super::*;
 use crate::engine::OpKind;
 use crate::engine::fault::{Fault, FaultPlan, FaultRule, FaultyBackend};
+use crate::service::GrpcCode;
 
 const EC31: StorageClass = StorageClass::Ec {
     data_units: 3,

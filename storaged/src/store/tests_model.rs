@@ -13,6 +13,7 @@ use proptest::prelude::*;
 
 use super::tests::{config, discards_settled, ingest_class, pattern, read_all};
 use super::*;
+use crate::service::GrpcCode;
 
 /// One step of a sequence.
 #[derive(Debug, Clone)]

@@ -1,0 +1,117 @@
+//! The gRPC code of every error the layers below return: the one place
+//! where errors become statuses. The store and the regions know nothing of
+//! gRPC; their errors are structured, and this maps them.
+
+use tonic::{Code, Status};
+
+use crate::catalog::CatalogError;
+use crate::error::StoreError;
+use crate::region::RegionError;
+
+/// An error's gRPC code, and the status it is answered with.
+pub trait GrpcCode: std::fmt::Display {
+    fn code(&self) -> Code;
+
+    fn to_status(&self) -> Status {
+        Status::new(self.code(), self.to_string())
+    }
+}
+
+impl GrpcCode for StoreError {
+    fn code(&self) -> Code {
+        match self {
+            StoreError::InvalidName(_)
+            | StoreError::InvalidArgument(_)
+            | StoreError::Protocol(_) => Code::InvalidArgument,
+            StoreError::DatasetNotFound(_) | StoreError::ObjectNotFound { .. } => Code::NotFound,
+            StoreError::DatasetExists(_)
+            | StoreError::IngestInProgress(_)
+            | StoreError::DuplicateObject { .. } => Code::AlreadyExists,
+            StoreError::OutOfRange { .. } | StoreError::RegionBounds(_) => Code::OutOfRange,
+            StoreError::Region(e) => e.code(),
+            StoreError::NoSpace { .. }
+            | StoreError::DeviceFull { .. }
+            | StoreError::Limit(_)
+            | StoreError::Quota(_) => Code::ResourceExhausted,
+            StoreError::Checksum { .. } => Code::DataLoss,
+            StoreError::DeviceMissing { .. } => Code::Unavailable,
+            StoreError::Unrecoverable { missing: true, .. } => Code::Unavailable,
+            StoreError::Unrecoverable { missing: false, .. } => Code::DataLoss,
+            StoreError::Degraded(_) | StoreError::Busy(_) => Code::FailedPrecondition,
+            StoreError::Io { .. } | StoreError::ShuttingDown | StoreError::Audit(_) => {
+                Code::Unavailable
+            }
+            StoreError::Sync { .. } => Code::Internal,
+            StoreError::PoolMeta(crate::poolmeta::PoolMetaError::RootFull { .. }) => {
+                Code::ResourceExhausted
+            }
+            StoreError::PoolMeta(crate::poolmeta::PoolMetaError::Io { .. }) => Code::Unavailable,
+            StoreError::PoolMeta(_) => Code::Internal,
+            StoreError::Catalog(CatalogError::DatasetExists(_)) => Code::AlreadyExists,
+            StoreError::Catalog(CatalogError::Full { .. }) => Code::ResourceExhausted,
+            StoreError::Catalog(CatalogError::Failing { .. }) => Code::Unavailable,
+            StoreError::Catalog(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<StoreError> for Status {
+    fn from(e: StoreError) -> Self {
+        e.to_status()
+    }
+}
+
+impl GrpcCode for RegionError {
+    fn code(&self) -> Code {
+        match self {
+            RegionError::NotLocal | RegionError::NoPeerPid => Code::FailedPrecondition,
+            RegionError::ByPath | RegionError::NotSealed { .. } => Code::InvalidArgument,
+            RegionError::Open { source, .. } => match source.kind() {
+                std::io::ErrorKind::NotFound => Code::NotFound,
+                std::io::ErrorKind::PermissionDenied => Code::PermissionDenied,
+                _ => Code::InvalidArgument,
+            },
+            RegionError::NotOwner { .. } => Code::PermissionDenied,
+            RegionError::NotTmpfs { .. }
+            | RegionError::BadSize { .. }
+            | RegionError::SizeMismatch { .. } => Code::InvalidArgument,
+            RegionError::Map { .. } => Code::Internal,
+            RegionError::Limit(_) => Code::ResourceExhausted,
+            RegionError::NotFound { .. } => Code::NotFound,
+        }
+    }
+}
+
+impl From<RegionError> for Status {
+    fn from(e: RegionError) -> Self {
+        let mut status = Status::new(e.code(), e.to_string());
+        if let RegionError::NotFound { id } = e
+            && let Ok(v) = format!("{id:x}").parse()
+        {
+            status
+                .metadata_mut()
+                .insert(storaged_proto::model::REGION_UNKNOWN_METADATA_KEY, v);
+        }
+        status
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        assert_eq!(
+            StoreError::from_io(1, 0, std::io::Error::from_raw_os_error(libc::ENOSPC)).code(),
+            Code::ResourceExhausted
+        );
+        assert_eq!(
+            StoreError::from_io(1, 0, std::io::Error::from_raw_os_error(libc::EIO)).code(),
+            Code::Unavailable
+        );
+        let s: Status = StoreError::DatasetNotFound("x".into()).into();
+        assert_eq!(s.code(), Code::NotFound);
+        assert!(s.message().contains("\"x\""));
+    }
+}
