@@ -35,4 +35,5 @@ pub mod service;
 pub mod size;
 pub mod store;
 pub mod tls;
+pub mod verified;
 pub mod wire;

@@ -371,7 +371,8 @@ impl Storaged for StoragedService {
             .map(move |r| match r {
                 Ok((offset, data)) => Ok(pb::ReadResponse {
                     offset,
-                    data,
+                    // Verified in the store; plain bytes from here, on the wire.
+                    data: data.into_bytes(),
                     object_size,
                     range_length: len,
                 }),
@@ -430,7 +431,8 @@ impl Storaged for StoragedService {
                 } => pb::ReadBatchResponse {
                     index,
                     offset,
-                    data,
+                    // Verified in the store; plain bytes from here, on the wire.
+                    data: data.into_bytes(),
                     last,
                     error: None,
                     item_length,

@@ -143,7 +143,7 @@ pub struct ReadCounters {
 }
 
 /// One piece of a read: object offset and verified bytes.
-pub type Chunk = (u64, Bytes);
+pub type Chunk = (u64, crate::verified::VerifiedBytes);
 
 /// The store; see the module docs.
 pub struct Store {

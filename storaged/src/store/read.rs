@@ -224,10 +224,10 @@ impl Store {
         (want_start, want_end): (u64, u64),
         pieces: Vec<Bytes>,
     ) -> Result<Vec<Chunk>, StoreError> {
-        let views: Vec<&[u8]> = pieces.iter().map(|b| b.as_ref()).collect();
-        self.verify_window(obj, w_start, w_end, &views)?;
+        let verified = crate::verified::verify(pieces, (w_start, w_end), Self::blocks(obj))
+            .map_err(|e| self.verify_error(obj, e))?;
         Ok(wanted_parts(
-            pieces.into_iter(),
+            verified.into_iter(),
             w_start,
             w_end,
             want_start,
@@ -235,10 +235,52 @@ impl Store {
         ))
     }
 
+    /// What `obj`'s bytes are checked against.
+    pub(super) fn blocks(obj: &ObjectRef) -> crate::verified::Blocks<'_> {
+        crate::verified::Blocks {
+            block_bytes: u64::from(obj.dataset.record.checksum_block_bytes),
+            object_bytes: obj.record.size,
+            crcs: &obj.record.block_crcs,
+        }
+    }
+
+    /// A failed verification as the store reports it: a mismatch is
+    /// `DATA_LOSS` naming the object offset and the device address of the
+    /// bad block (and counted); a missing CRC is a corrupt record.
+    pub(super) fn verify_error(
+        &self,
+        obj: &ObjectRef,
+        e: crate::verified::VerifyError,
+    ) -> StoreError {
+        match e {
+            crate::verified::VerifyError::Mismatch(m) => {
+                self.read_counters
+                    .checksum_mismatches
+                    .fetch_add(1, Ordering::Relaxed);
+                let (device, device_offset) = self.locate(obj, m.object_offset);
+                StoreError::Checksum {
+                    dataset: obj.dataset.name.clone(),
+                    path: obj.path.clone(),
+                    object_offset: m.object_offset,
+                    device,
+                    device_offset,
+                    expected: m.expected,
+                    actual: m.actual,
+                }
+            }
+            crate::verified::VerifyError::NoChecksum { block } => {
+                StoreError::Catalog(crate::catalog::CatalogError::Corrupt(
+                    format!("object {}", obj.path),
+                    format!("no checksum for block {block}"),
+                ))
+            }
+        }
+    }
+
     /// Checks every checksum block of object bytes `[w_start, w_end)`
-    /// (`w_start` block aligned), which lie in `pieces` back to back (a
-    /// block may straddle two pieces). A mismatch is `DATA_LOSS` naming the
-    /// object offset and the device address of the bad block.
+    /// (`w_start` block aligned), which lie in `pieces` back to back, in
+    /// place (bytes in a client's region, or read ahead before they are
+    /// cut).
     pub(super) fn verify_window(
         &self,
         obj: &ObjectRef,
@@ -246,53 +288,8 @@ impl Store {
         w_end: u64,
         pieces: &[&[u8]],
     ) -> Result<(), StoreError> {
-        let block = u64::from(obj.dataset.record.checksum_block_bytes);
-        debug_assert_eq!(w_start % block, 0);
-        let mut piece_i = 0usize;
-        let mut piece_pos = 0u64; // window offset where pieces[piece_i] starts
-        let mut b = w_start;
-        while b < w_end {
-            let b_end = (b + block).min(obj.record.size);
-            let idx = (b / block) as usize;
-            let expected = *obj.record.block_crcs.get(idx).ok_or_else(|| {
-                StoreError::Catalog(crate::catalog::CatalogError::Corrupt(
-                    format!("object {}", obj.path),
-                    format!("no checksum for block {idx}"),
-                ))
-            })?;
-            let mut h = crc32fast::Hasher::new();
-            let mut at = b - w_start;
-            let stop = b_end - w_start;
-            while at < stop {
-                while at >= piece_pos + pieces[piece_i].len() as u64 {
-                    piece_pos += pieces[piece_i].len() as u64;
-                    piece_i += 1;
-                }
-                let piece = pieces[piece_i];
-                let in_piece = (at - piece_pos) as usize;
-                let take = ((piece_pos + piece.len() as u64).min(stop) - at) as usize;
-                h.update(&piece[in_piece..in_piece + take]);
-                at += take as u64;
-            }
-            let actual = h.finalize();
-            if actual != expected {
-                self.read_counters
-                    .checksum_mismatches
-                    .fetch_add(1, Ordering::Relaxed);
-                let (device, device_offset) = self.locate(obj, b);
-                return Err(StoreError::Checksum {
-                    dataset: obj.dataset.name.clone(),
-                    path: obj.path.clone(),
-                    object_offset: b,
-                    device,
-                    device_offset,
-                    expected,
-                    actual,
-                });
-            }
-            b = b_end;
-        }
-        Ok(())
+        crate::verified::check(pieces, (w_start, w_end), Self::blocks(obj))
+            .map_err(|e| self.verify_error(obj, e))
     }
 
     /// Verified bytes `[start, start + len)` of `obj`, in order, with up to
@@ -574,16 +571,18 @@ impl Store {
         // The copy counts against the caller's budget for as long as any
         // message of it lives (see `budget::HeapCopy`).
         let charge = crate::budget::Budget::charge_heap_current(len as usize).await;
-        let mut buf = Vec::with_capacity(len as usize);
+        // Window by window, so each window's pool buffers go back before
+        // the next is read.
+        let mut copy = crate::verified::VerifiedCopy::with_capacity(len as usize);
         for (ws, we) in windows {
             for (_, b) in self.read_window(obj, ws, we, start, start + len).await? {
-                buf.extend_from_slice(&b);
+                copy.push(&b);
             }
         }
         self.read_counters
             .grpc_payload_bytes_copied
             .fetch_add(len, Ordering::Relaxed);
-        let all = bytes::Bytes::from_owner(crate::budget::HeapCopy { data: buf, charge });
+        let all = copy.finish(|data| crate::budget::HeapCopy { data, charge });
         let step = self.limits.message_bytes as usize;
         Ok((0..all.len())
             .step_by(step)
@@ -649,7 +648,7 @@ pub enum BatchEvent {
     Data {
         index: u32,
         offset: u64,
-        data: Bytes,
+        data: crate::verified::VerifiedBytes,
         item_length: u64,
         last: bool,
     },
@@ -664,7 +663,7 @@ impl BatchEvent {
         BatchEvent::Data {
             index,
             offset,
-            data: Bytes::new(),
+            data: crate::verified::VerifiedBytes::empty(),
             item_length: 0,
             last: true,
         }
@@ -720,7 +719,7 @@ impl BatchEvent {
 /// The parts of verified window pieces (object bytes from `w_start`, back
 /// to back) that fall in `[want_start, want_end)`, as zero-copy slices.
 pub(super) fn wanted_parts(
-    pieces: impl Iterator<Item = Bytes>,
+    pieces: impl Iterator<Item = crate::verified::VerifiedBytes>,
     w_start: u64,
     w_end: u64,
     want_start: u64,

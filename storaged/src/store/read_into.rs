@@ -170,7 +170,7 @@ impl Store {
         &self,
         region: &RegionMap,
         item: &GroupItem,
-        chunks: &[(u64, bytes::Bytes)],
+        chunks: &[super::Chunk],
     ) -> Result<ReadIntoDone, StoreError> {
         check_offset(region, item.index, item.region_offset, item.span)?;
         let (w_start, w_end) = item.window();

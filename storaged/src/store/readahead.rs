@@ -411,15 +411,22 @@ impl Store {
         mut pieces: Vec<(u64, Option<Bytes>)>,
     ) -> Option<Arc<[Chunk]>> {
         pieces.sort_by_key(|p| p.0);
-        let mut chunks: Vec<Chunk> = Vec::with_capacity(pieces.len());
+        let mut offsets = Vec::with_capacity(pieces.len());
+        let mut bytes = Vec::with_capacity(pieces.len());
         for (at, b) in pieces {
-            chunks.push((at, b?));
+            offsets.push(at);
+            bytes.push(b?);
         }
-        let slices: Vec<&[u8]> = chunks.iter().map(|(_, b)| &b[..]).collect();
-        if let Err(e) = self.verify_window(obj, 0, obj.record.size, &slices) {
-            tracing::warn!(error = %e, "read-ahead failed verification; readers will re-read");
-            return None;
-        }
+        let verified = match crate::verified::verify(bytes, (0, obj.record.size), Self::blocks(obj))
+        {
+            Ok(v) => v,
+            Err(e) => {
+                let e = self.verify_error(obj, e);
+                tracing::warn!(error = %e, "read-ahead failed verification; readers will re-read");
+                return None;
+            }
+        };
+        let chunks: Vec<Chunk> = offsets.into_iter().zip(verified).collect();
         Some(slice_chunks(&chunks, 0, obj.record.size).into())
     }
 }
@@ -432,7 +439,14 @@ mod tests {
     fn slicing_chunks_keeps_offsets_and_shares_memory() {
         let a = Bytes::from_static(b"0123456789");
         let b = Bytes::from_static(b"abcdef");
-        let chunks = vec![(0u64, a.clone()), (10u64, b)];
+        let crc = crc32fast::hash(b"0123456789abcdef");
+        let blocks = crate::verified::Blocks {
+            block_bytes: 4096,
+            object_bytes: 16,
+            crcs: &[crc],
+        };
+        let v = crate::verified::verify(vec![a.clone(), b], (0, 16), blocks).unwrap();
+        let chunks: Vec<Chunk> = [0u64, 10].into_iter().zip(v).collect();
         let got = slice_chunks(&chunks, 8, 12);
         assert_eq!(got.len(), 2);
         assert_eq!((got[0].0, &got[0].1[..]), (8, &b"89"[..]));
