@@ -93,15 +93,7 @@ impl Rng {
 
 /// Deterministic content of object `i` (the check needs no copy on disk).
 fn content(i: u64, len: usize) -> Vec<u8> {
-    let mut x = i.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
+    storaged::testkit::pattern(i, len)
 }
 
 struct Setup {

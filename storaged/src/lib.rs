@@ -34,6 +34,7 @@ pub mod server;
 pub mod service;
 pub mod size;
 pub mod store;
+pub mod testkit;
 pub mod tls;
 pub mod verified;
 pub mod wire;

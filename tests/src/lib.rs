@@ -318,19 +318,9 @@ pub fn flip_byte(path: &Path, at: u64, mask: u8) {
     f.sync_all().expect("sync");
 }
 
-/// Deterministic pseudo-random bytes (xorshift), so failures reproduce.
-pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut v = Vec::with_capacity(len);
-    while v.len() < len {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        v.extend_from_slice(&x.to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
+/// Deterministic pseudo-random bytes (xorshift), so failures reproduce:
+/// the one generator of `storaged::testkit`.
+pub use storaged::testkit::pattern;
 
 /// Writes `files` (relative path, bytes) under `root`.
 /// A daemon (default options) with `files` ingested as dataset `name`,

@@ -29,13 +29,8 @@ async fn visible(d: &Daemon) -> (BTreeMap<String, u64>, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_at_random_points_during_ec_ingest_and_rm() {
     let seed = storaged_tests::test_seed("STORAGED_KILL_SEED", "kill matrix");
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let mut rnd = move |n: u64| {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        x % n
-    };
+    let mut rng = storaged::testkit::XorShift::new(seed);
+    let mut rnd = move |n: u64| rng.below(n);
 
     let tmp = tempfile::tempdir().unwrap();
     let base_src = tmp.path().join("base");

@@ -20,17 +20,7 @@ pub(super) fn config(dir: &std::path::Path, device_mib: u64, unit: u64) -> Store
     c
 }
 
-pub(super) fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
+pub(super) use crate::testkit::pattern;
 
 /// A store whose engine injects the faults of the returned plan.
 fn faulty_store(dir: &std::path::Path) -> (Arc<Store>, Arc<FaultPlan>) {
