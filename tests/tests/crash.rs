@@ -87,40 +87,44 @@ async fn kill9_during_storagectl_ingest() {
 
 // Guards against a silently short result: if the server dies while
 // `storagectl cat` streams an object, cat must fail, not exit 0 with a
-// truncated file.
+// truncated file. The kill always lands mid-stream: cat writes into a
+// pipe this test stops reading, so cat stops reading the server, whose
+// HTTP/2 windows (far below the object's 100 MiB) then hold the rest back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_death_mid_read_fails_the_reader() {
+    use std::io::Read;
+    const SIZE: usize = 100 << 20;
     let tmp = tempfile::tempdir().unwrap();
     let src = tmp.path().join("src");
-    write_tree(&src, &[("big".into(), pattern(3, 100 << 20))]);
+    write_tree(&src, &[("big".into(), pattern(3, SIZE))]);
     let mut d = Daemon::start(&tmp.path().join("data"), &DaemonOpts::default());
     d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
-    let out_path = tmp.path().join("out.bin");
     let mut cat = std::process::Command::new(storaged_tests::storagectl_bin())
         .args(["--server", &d.url, "cat", "ds", "big"])
-        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Kill the server once some, but not all, bytes have arrived.
-    let started = std::time::Instant::now();
-    while std::fs::metadata(&out_path).unwrap().len() == 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "cat produced nothing"
-        );
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    let mut out = cat.stdout.take().unwrap();
+    // The stream has begun: its first MiB is here.
+    let mut first = vec![0u8; 1 << 20];
+    out.read_exact(&mut first).unwrap();
     d.kill9();
+    let mut rest = Vec::new();
+    out.read_to_end(&mut rest).unwrap();
     let status = cat.wait().unwrap();
-    let written = std::fs::metadata(&out_path).unwrap().len();
-    if written == 100 << 20 {
-        // The whole object made it before the kill: nothing to check.
-        assert!(status.success());
-    } else {
-        assert!(
-            !status.success(),
-            "cat exited 0 after writing only {written} bytes"
-        );
-    }
+    let written = first.len() + rest.len();
+    assert!(
+        written < SIZE,
+        "the kill must land mid-stream, but all {written} bytes arrived"
+    );
+    assert!(
+        !status.success(),
+        "cat exited 0 after writing only {written} bytes"
+    );
+    let expected = pattern(3, written);
+    assert!(
+        first[..] == expected[..first.len()] && rest[..] == expected[first.len()..],
+        "what did arrive is the object's prefix"
+    );
 }
