@@ -373,27 +373,18 @@ fn human(n: u64) -> String {
     }
 }
 
-/// RFC 3339 UTC time of a unix timestamp in milliseconds.
+/// RFC 3339 UTC time of a unix timestamp in milliseconds, to the second.
 fn rfc3339(ms: i64) -> String {
-    let secs = ms.div_euclid(1000);
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil-from-days (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
+    let offset = std::time::Duration::from_millis(ms.unsigned_abs());
+    let at = if ms >= 0 {
+        std::time::UNIX_EPOCH.checked_add(offset)
+    } else {
+        std::time::UNIX_EPOCH.checked_sub(offset)
+    };
+    match at {
+        Some(t) => humantime::format_rfc3339_seconds(t).to_string(),
+        None => format!("{ms} ms since the epoch"),
+    }
 }
 
 fn class_name(d: &storaged_proto::pb::DatasetInfo) -> String {
