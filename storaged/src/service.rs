@@ -27,7 +27,7 @@ use crate::region::{RegionError, Regions};
 use crate::store::quota::OwnerQuota;
 use crate::store::read_into::ReadIntoItem;
 use crate::store::replace::ReplaceOptions;
-use crate::store::{BatchEvent, DatasetHandle, Store, StoreStatus};
+use crate::store::{BatchEvent, Store, StoreStatus};
 
 /// The service; one per server, sharing the store and the region registry.
 #[derive(Debug, Clone)]
@@ -141,7 +141,7 @@ impl StoragedService {
                 Some(ingest_request::Msg::Commit(c)) => {
                     let handle = session.commit(c.object_count, c.total_bytes).await?;
                     return Ok(pb::IngestResponse {
-                        dataset: Some(dataset_info(&self.store, &handle)),
+                        dataset: Some(dataset_info(&self.store.dataset_status(handle))),
                     });
                 }
                 Some(ingest_request::Msg::Begin(_)) => {
@@ -279,9 +279,9 @@ impl Storaged for StoragedService {
         let datasets = self
             .store
             .list_datasets()
-            .iter()
+            .into_iter()
             .filter(|h| caller.principal.allows(Right::Read, &h.name))
-            .map(|h| dataset_info(&self.store, h))
+            .map(|h| dataset_info(&self.store.dataset_status(h)))
             .collect();
         Ok(Response::new(pb::ListDatasetsResponse { datasets }))
     }

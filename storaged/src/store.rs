@@ -104,28 +104,6 @@ pub struct ObjectRef {
     pub record: ObjectRecord,
 }
 
-/// Per-device capacity as `status` reports it.
-#[derive(Debug, Clone)]
-pub struct DeviceUsage {
-    pub index: u32,
-    pub path: PathBuf,
-    pub capacity_bytes: u64,
-    pub used_bytes: u64,
-}
-
-/// Snapshot for the Status RPC.
-#[derive(Debug, Clone)]
-pub struct StoreStatus {
-    pub pool_id: String,
-    pub engine: &'static str,
-    pub stripe_unit_bytes: u64,
-    pub capacity_bytes: u64,
-    pub used_bytes: u64,
-    pub devices: Vec<DeviceUsage>,
-    pub datasets: Vec<Arc<DatasetHandle>>,
-    pub ingests_in_progress: usize,
-}
-
 /// Bytes served per read path, and payload bytes the server copied to
 /// serve them (zero-copy paths keep the copied counters at 0).
 #[derive(Debug, Default)]
@@ -345,44 +323,6 @@ impl Store {
         self.catalog.health()
     }
 
-    pub fn status(&self) -> StoreStatus {
-        let alloc = self.alloc.lock().expect("allocator poisoned");
-        let n = self.layout.device_count as usize;
-        let mut free_per_device = vec![0u64; n];
-        for e in alloc.free_extents() {
-            self.layout
-                .bytes_per_device(e.offset, e.len, &mut free_per_device);
-        }
-        // Freed space waiting for its discard (and the start-up pass's
-        // piece) belongs to nobody: reported free, though the allocator
-        // hands it out only after the discard. Read under the allocator's
-        // lock, which every change to it holds too.
-        let mut held_bytes = 0;
-        for e in self.space.held_extents() {
-            held_bytes += e.len;
-            self.layout
-                .bytes_per_device(e.offset, e.len, &mut free_per_device);
-        }
-        let devices = (0..n)
-            .map(|i| DeviceUsage {
-                index: i as u32,
-                path: self.device_paths.read().expect("paths poisoned")[i].clone(),
-                capacity_bytes: self.layout.device_data_bytes,
-                used_bytes: self.layout.device_data_bytes - free_per_device[i],
-            })
-            .collect();
-        StoreStatus {
-            pool_id: pool_id_hex(&self.pool_id),
-            engine: self.engine.kind(),
-            stripe_unit_bytes: self.layout.stripe_unit_bytes,
-            capacity_bytes: alloc.capacity_bytes(),
-            used_bytes: alloc.used_bytes() - held_bytes,
-            devices,
-            datasets: self.list_datasets(),
-            ingests_in_progress: self.ingesting.lock().expect("poisoned").len(),
-        }
-    }
-
     async fn sync_all(self: &Arc<Self>) -> Result<(), StoreError> {
         let store = Arc::clone(self);
         tokio::task::spawn_blocking(move || {
@@ -406,6 +346,8 @@ use read::BatchItemPlan;
 
 pub mod discard;
 pub mod hooks;
+pub mod status;
+pub use status::{DeviceState, DeviceUsage, StoreStatus};
 mod ingest;
 mod open;
 mod pipeline;
