@@ -1,6 +1,13 @@
-//! Deterministic test data, one generator for unit tests, integration
-//! tests, the power-loss matrix and the benchmark harness: the same seed
-//! gives the same bytes everywhere, so a failure names what to rerun.
+//! What unit tests, integration tests, the power-loss matrix and the
+//! benchmark harness share: one generator of deterministic data (the same
+//! seed gives the same bytes everywhere, so a failure names what to
+//! rerun), and one way to start a `storaged serve` process and learn its
+//! address.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
 
 /// xorshift64: fast, reproducible, never zero.
 #[derive(Debug, Clone)]
@@ -35,6 +42,96 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     v.truncate(len);
     v
+}
+
+/// The line `storaged serve` prints on stdout once it listens.
+pub const LISTENING_PREFIX: &str = "storaged listening on ";
+
+/// A started `storaged serve` and the gRPC address it printed.
+#[derive(Debug)]
+pub struct Launched {
+    pub child: Child,
+    pub addr: String,
+}
+
+/// Why a daemon did not come up.
+#[derive(Debug, thiserror::Error)]
+pub enum LaunchError {
+    #[error("starting {bin}: {source}")]
+    Spawn { bin: String, source: std::io::Error },
+    #[error("storaged exited before listening ({code:?})")]
+    Exited { code: Option<i32> },
+    #[error("storaged did not listen within {0:?}")]
+    Timeout(Duration),
+    #[error("unexpected first line from storaged: {0:?}")]
+    Unexpected(String),
+}
+
+/// Runs `bin` with `args` (a `serve` command line) and `env` added, its
+/// stderr into `stderr`, and waits up to `timeout` for its listening line.
+/// Its stdout is drained afterwards, so it never blocks on a full pipe.
+pub fn launch(
+    bin: &Path,
+    args: &[String],
+    env: &[(&str, &str)],
+    stderr: std::fs::File,
+    timeout: Duration,
+) -> Result<Launched, LaunchError> {
+    let mut child = Command::new(bin)
+        .args(args)
+        .envs(env.iter().copied())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .map_err(|source| LaunchError::Spawn {
+            bin: bin.display().to_string(),
+            source,
+        })?;
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        for _ in lines {}
+    });
+    let deadline = Instant::now() + timeout;
+    loop {
+        match rx.recv_timeout(Duration::from_millis(20)) {
+            Ok(line) => {
+                return match line.strip_prefix(LISTENING_PREFIX) {
+                    Some(addr) => Ok(Launched {
+                        child,
+                        addr: addr.trim().to_owned(),
+                    }),
+                    None => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        Err(LaunchError::Unexpected(line))
+                    }
+                };
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                // Stdout closed without a line: it exited (or is exiting).
+                let status = child.wait().ok();
+                return Err(LaunchError::Exited {
+                    code: status.and_then(|s| s.code()),
+                });
+            }
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(LaunchError::Exited {
+                code: status.code(),
+            });
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(LaunchError::Timeout(timeout));
+        }
+    }
 }
 
 #[cfg(test)]

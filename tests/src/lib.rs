@@ -7,7 +7,6 @@
 //! temporary data dir and listens on port 0; the harness reads the bound
 //! address from the daemon's first stdout line.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -125,46 +124,29 @@ impl Daemon {
                 .as_nanos()
         ));
         let stderr_file = std::fs::File::create(&stderr_path).expect("stderr file");
-        let mut child = Command::new(storaged_bin())
-            .args(&args)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(stderr_file)
-            .spawn()
-            .expect("spawning storaged");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            if let Some(Ok(line)) = lines.next() {
-                let _ = tx.send(line);
-            }
-            // Keep draining so the daemon never blocks on a full pipe.
-            for _ in lines {}
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(line) = rx.try_recv() {
-                let addr = line
-                    .strip_prefix("storaged listening on ")
-                    .unwrap_or_else(|| panic!("unexpected first line {line:?}"))
-                    .to_owned();
-                return Ok(Daemon {
-                    child: Some(child),
-                    url: format!("http://{addr}"),
-                    data_dir: data_dir.to_owned(),
-                    args,
-                    stderr_path,
-                });
-            }
-            if let Some(status) = child.try_wait().expect("try_wait") {
-                return Err(StartFailure {
-                    code: status.code(),
-                    stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
-                });
-            }
-            assert!(Instant::now() < deadline, "storaged did not start in 60 s");
-            std::thread::sleep(Duration::from_millis(20));
+        let launched = storaged::testkit::launch(
+            &storaged_bin(),
+            &args,
+            &[("RUST_LOG", "info")],
+            stderr_file,
+            Duration::from_secs(60),
+        );
+        match launched {
+            Ok(l) => Ok(Daemon {
+                child: Some(l.child),
+                url: format!("http://{}", l.addr),
+                data_dir: data_dir.to_owned(),
+                args,
+                stderr_path,
+            }),
+            Err(storaged::testkit::LaunchError::Exited { code }) => Err(StartFailure {
+                code,
+                stderr: std::fs::read_to_string(&stderr_path).unwrap_or_default(),
+            }),
+            Err(e) => panic!(
+                "{e}; stderr: {}",
+                std::fs::read_to_string(&stderr_path).unwrap_or_default()
+            ),
         }
     }
 

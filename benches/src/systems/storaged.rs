@@ -1,9 +1,8 @@
 //! storaged over gRPC through the Rust client: the daemon process, ingest,
 //! and the workloads.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -43,34 +42,33 @@ impl Daemon {
         device_size: u64,
         extra: &[String],
     ) -> anyhow::Result<Daemon> {
-        let mut cmd = Command::new(bin);
-        cmd.args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .args(["--device-size", &device_size.to_string()]);
+        let mut args: Vec<String> = vec![
+            "serve".into(),
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--data-dir".into(),
+            data_dir.display().to_string(),
+            "--device-size".into(),
+            device_size.to_string(),
+        ];
         for d in devices {
-            cmd.arg("--device").arg(d);
+            args.push("--device".into());
+            args.push(d.display().to_string());
         }
-        cmd.args(extra);
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(
-                data_dir.with_extension("stderr.log"),
-            )?)
-            .spawn()
-            .with_context(|| format!("starting {}", bin.display()))?;
-        let mut line = String::new();
-        BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-        let Some(addr) = line.trim().strip_prefix("storaged listening on ") else {
-            let _ = child.kill();
-            bail!(
-                "storaged did not start; see {}",
-                data_dir.with_extension("stderr.log").display()
-            );
-        };
+        args.extend(extra.iter().cloned());
+        let log = data_dir.with_extension("stderr.log");
+        let launched = storaged::testkit::launch(
+            bin,
+            &args,
+            &[],
+            std::fs::File::create(&log)?,
+            std::time::Duration::from_secs(600),
+        )
+        .with_context(|| format!("storaged did not start; see {}", log.display()))?;
         Ok(Daemon {
-            url: format!("http://{addr}"),
+            url: format!("http://{}", launched.addr),
             unix_url: format!("unix://{}", data_dir.join("storaged.sock").display()),
-            child,
+            child: launched.child,
         })
     }
 
