@@ -18,6 +18,45 @@ pub const DEFAULT_DEVICE_COUNT: usize = 4;
 pub const DEFAULT_DEVICE_SIZE: &str = "4GiB";
 pub const DEFAULT_STRIPE_UNIT: &str = "1MiB";
 
+/// Why a configuration was refused. Each names the setting (config key or
+/// flag) it is about, so callers can tell which without reading text.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {source}")]
+    Parse {
+        path: PathBuf,
+        source: Box<toml::de::Error>,
+    },
+    /// A value that is malformed, out of its range, or inconsistent with
+    /// another; `why` says which and what would do.
+    #[error("{why}")]
+    Invalid { key: &'static str, why: String },
+    #[error("printing the configuration: {0}")]
+    Print(#[from] toml::ser::Error),
+}
+
+impl ConfigError {
+    /// The setting a refusal is about.
+    pub fn key(&self) -> Option<&'static str> {
+        match self {
+            ConfigError::Invalid { key, .. } => Some(key),
+            _ => None,
+        }
+    }
+}
+
+fn invalid(key: &'static str, why: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key,
+        why: why.into(),
+    }
+}
+
 /// What `--print-config` shows in place of a secret.
 pub const REDACTED: &str = "<redacted>";
 
@@ -124,10 +163,15 @@ pub struct FileConfig {
 }
 
 impl FileConfig {
-    pub fn load(path: &Path) -> Result<Self, String> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| format!("cannot read config {}: {e}", path.display()))?;
-        toml::from_str(&text).map_err(|e| format!("config {}: {e}", path.display()))
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            source: Box::new(e),
+        })
     }
 }
 
@@ -387,23 +431,24 @@ pub struct ServeFlags {
 }
 
 /// Octal permission bits ("0660", "660", "0o666"), at most 0o777.
-fn parse_mode(v: &str) -> Result<u32, String> {
+fn parse_mode(v: &str) -> Result<u32, ConfigError> {
     let digits = v.trim_start_matches("0o");
     match u32::from_str_radix(digits, 8) {
         Ok(m) if m <= 0o777 => Ok(m),
-        _ => Err(format!(
-            "unix_mode {v:?}: expected octal permission bits such as \"0660\" or \"0666\""
+        _ => Err(invalid(
+            "unix_mode",
+            format!("unix_mode {v:?}: expected octal permission bits such as \"0660\" or \"0666\""),
         )),
     }
 }
 
-fn size_field(name: &str, v: &str) -> Result<u64, String> {
-    parse_size(v).map_err(|e| format!("{name}: {e}"))
+fn size_field(name: &'static str, v: &str) -> Result<u64, ConfigError> {
+    parse_size(v).map_err(|e| invalid(name, format!("{name}: {e}")))
 }
 
 impl ServeConfig {
     /// Resolves flags over the optional TOML file over defaults.
-    pub fn resolve(flags: ServeFlags) -> Result<Self, String> {
+    pub fn resolve(flags: ServeFlags) -> Result<Self, ConfigError> {
         let file = match &flags.config {
             Some(p) => FileConfig::load(p)?,
             None => FileConfig::default(),
@@ -436,9 +481,9 @@ impl ServeConfig {
         };
         if let Some(d) = devices {
             if d.is_empty() {
-                return Err("devices: at least one device is needed".into());
+                return Err(invalid("devices", "devices: at least one device is needed"));
             }
-            store.devices = expand_devices(&d)?;
+            store.devices = expand_devices(&d).map_err(|why| invalid("devices", why))?;
         }
         if let Some(s) = flags.device_size.or(file.device_size) {
             store.device_size_bytes = size_field("device size", &s)?;
@@ -452,7 +497,10 @@ impl ServeConfig {
         }
         if let Some(q) = file.queue_depth {
             if !(1..=1024).contains(&q) {
-                return Err(format!("queue_depth {q} must be 1 to 1024"));
+                return Err(invalid(
+                    "queue_depth",
+                    format!("queue_depth {q} must be 1 to 1024"),
+                ));
             }
             store.queue_depth_per_device_max = q;
         }
@@ -490,10 +538,10 @@ impl ServeConfig {
             store.discard = d;
         }
         if let Some(spec) = &flags.fault_inject {
-            store.fault_inject = Some(
-                spec.parse()
-                    .map_err(|e| format!("--fault-inject {spec:?}: {e}"))?,
-            );
+            store.fault_inject =
+                Some(spec.parse().map_err(|e| {
+                    invalid("fault_inject", format!("--fault-inject {spec:?}: {e}"))
+                })?);
         }
         let mut server = ServerLimits::default();
         if let Some(m) = file.max_concurrent_streams {
@@ -533,13 +581,13 @@ impl ServeConfig {
             .unwrap_or_else(|| DEFAULT_LISTEN.to_owned());
         let listen = listen_s
             .parse()
-            .map_err(|e| format!("listen address {listen_s:?}: {e}"))?;
+            .map_err(|e| invalid("listen", format!("listen address {listen_s:?}: {e}")))?;
         let metrics = flags
             .metrics
             .or(file.metrics)
             .map(|m| {
                 m.parse::<SocketAddr>()
-                    .map_err(|e| format!("metrics address {m:?}: {e}"))
+                    .map_err(|e| invalid("metrics", format!("metrics address {m:?}: {e}")))
             })
             .transpose()?;
         store.io_metrics = metrics.is_some();
@@ -549,12 +597,17 @@ impl ServeConfig {
             &tenant_specs,
             tenant_inflight_bytes,
             file.jwt.is_some(),
-        )?;
+        )
+        .map_err(|why| invalid("tenant", why))?;
         if let Some(spec) = &file.jwt {
             if !tenants.enabled() {
-                return Err("[jwt] names tenants: add [[tenant]] tables too".into());
+                return Err(invalid(
+                    "jwt",
+                    "[jwt] names tenants: add [[tenant]] tables too",
+                ));
             }
-            tenants = tenants.with_jwt(crate::jwt::JwtVerifier::load(spec)?);
+            tenants = tenants
+                .with_jwt(crate::jwt::JwtVerifier::load(spec).map_err(|why| invalid("jwt", why))?);
         }
         let tls = match (file.tls_cert, file.tls_key, file.tls_client_ca) {
             (None, None, None) => None,
@@ -564,9 +617,10 @@ impl ServeConfig {
                 client_ca,
             }),
             (None, _, Some(_)) | (Some(_), None, _) | (None, Some(_), None) => {
-                return Err(
-                    "TLS needs both tls_cert and tls_key (and tls_client_ca only with them)".into(),
-                );
+                return Err(invalid(
+                    "tls_cert",
+                    "TLS needs both tls_cert and tls_key (and tls_client_ca only with them)",
+                ));
             }
         };
         let cfg = Self {
@@ -656,57 +710,79 @@ impl ServeConfig {
     }
 
     /// [`effective`](Self::effective) as TOML.
-    pub fn effective_toml(&self) -> Result<String, String> {
-        toml::to_string(&self.effective()).map_err(|e| format!("printing the configuration: {e}"))
+    pub fn effective_toml(&self) -> Result<String, ConfigError> {
+        Ok(toml::to_string(&self.effective())?)
     }
 
-    fn validate(&self) -> Result<(), String> {
+    fn validate(&self) -> Result<(), ConfigError> {
         let s = &self.store;
         let block = u64::from(crate::device::CHECKSUM_BLOCK_BYTES);
         let m = s.limits.message_bytes;
         if m < block || !m.is_multiple_of(block) || m > 4 << 20 {
-            return Err(format!(
-                "message_size {m} must be a multiple of {block} bytes and at most 4 MiB"
+            return Err(invalid(
+                "message_size",
+                format!("message_size {m} must be a multiple of {block} bytes and at most 4 MiB"),
             ));
         }
         if s.limits.read_ahead_bytes < m {
-            return Err("read_ahead must be at least message_size".into());
+            return Err(invalid(
+                "read_ahead",
+                "read_ahead must be at least message_size",
+            ));
         }
         if s.buffer_pool_bytes < 16 << 20 {
-            return Err("buffer_pool must be at least 16 MiB".into());
+            return Err(invalid(
+                "buffer_pool",
+                "buffer_pool must be at least 16 MiB",
+            ));
         }
         if s.limits.hint_cache_bytes_max > s.buffer_pool_bytes / 2 {
-            return Err(format!(
-                "hint_cache ({} bytes) may take at most half of buffer_pool ({} bytes): foreground reads need the rest",
-                s.limits.hint_cache_bytes_max, s.buffer_pool_bytes
+            return Err(invalid(
+                "hint_cache",
+                format!(
+                    "hint_cache ({} bytes) may take at most half of buffer_pool ({} bytes): foreground reads need the rest",
+                    s.limits.hint_cache_bytes_max, s.buffer_pool_bytes
+                ),
             ));
         }
         if s.limits.read_merge_bytes_max > 16 << 20 {
-            return Err("read_merge must be at most 16 MiB (0 turns merging off)".into());
+            return Err(invalid(
+                "read_merge",
+                "read_merge must be at most 16 MiB (0 turns merging off)",
+            ));
         }
         if !(1..=100_000).contains(&s.limits.scrub_rate_mib_s) {
-            return Err("scrub_rate_mib_s must be 1 to 100000".into());
+            return Err(invalid(
+                "scrub_rate_mib_s",
+                "scrub_rate_mib_s must be 1 to 100000",
+            ));
         }
         if s.limits.degraded_cache_bytes_max > 4 << 30 {
-            return Err("degraded_cache must be at most 4 GiB".into());
+            return Err(invalid(
+                "degraded_cache",
+                "degraded_cache must be at most 4 GiB",
+            ));
         }
         if self.worker_threads == 0 || self.worker_threads > 64 {
-            return Err("worker_threads must be 1 to 64".into());
+            return Err(invalid("worker_threads", "worker_threads must be 1 to 64"));
         }
         for (name, v) in [
             ("stream_stall_timeout_s", self.server.stream_stall_timeout_s),
             ("ingest_idle_timeout_s", self.server.ingest_idle_timeout_s),
         ] {
             if !(1..=86_400).contains(&v) {
-                return Err(format!("{name} must be 1 to 86400 seconds"));
+                return Err(invalid(name, format!("{name} must be 1 to 86400 seconds")));
             }
         }
         if let Some(why) = self.exposure()
             && !self.insecure
         {
-            return Err(format!(
-                "refusing to listen on {}: {why}. Listen on a loopback address (127.0.0.1), or pass --insecure to do it anyway",
-                self.listen
+            return Err(invalid(
+                "listen",
+                format!(
+                    "refusing to listen on {}: {why}. Listen on a loopback address (127.0.0.1), or pass --insecure to do it anyway",
+                    self.listen
+                ),
             ));
         }
         Ok(())

@@ -91,9 +91,9 @@ fn run() -> anyhow::Result<()> {
             flags,
             print_config,
         } => {
-            let cfg = ServeConfig::resolve(flags).map_err(anyhow::Error::msg)?;
+            let cfg = ServeConfig::resolve(flags)?;
             if print_config {
-                print!("{}", cfg.effective_toml().map_err(anyhow::Error::msg)?);
+                print!("{}", cfg.effective_toml()?);
                 return Ok(());
             }
             let rt = tokio::runtime::Builder::new_multi_thread()
