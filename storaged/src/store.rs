@@ -104,6 +104,13 @@ pub struct ObjectRef {
     pub record: ObjectRecord,
 }
 
+/// What the writers of an ingest use of the store: the engine and the
+/// buffer pool, nothing else.
+pub(crate) struct WriteIo<'a> {
+    pub engine: &'a Arc<dyn IoBackend>,
+    pub pool: &'a Arc<BufferPool>,
+}
+
 /// Bytes served per read path, and payload bytes the server copied to
 /// serve them (zero-copy paths keep the copied counters at 0).
 #[derive(Debug, Default)]
@@ -304,6 +311,14 @@ impl Store {
     }
 
     /// What the discard thread has done (and whether discards are on).
+    /// The engine and pool, for writers.
+    pub(crate) fn write_io(&self) -> WriteIo<'_> {
+        WriteIo {
+            engine: &self.engine,
+            pool: &self.pool,
+        }
+    }
+
     /// The I/O buffer pool: (bytes in all, bytes leased now).
     pub fn buffer_pool_usage(&self) -> (u64, u64) {
         self.pool.bytes_in_use()

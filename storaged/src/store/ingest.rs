@@ -194,17 +194,17 @@ impl StripeWriter {
 
     pub(super) async fn write_at(
         &mut self,
-        store: &Arc<Store>,
+        io: &WriteIo<'_>,
         mut logical: u64,
         mut data: &[u8],
     ) -> Result<(), StoreError> {
         while !data.is_empty() {
             if self.stage.is_some() && logical != self.stage_end() {
-                self.flush(store).await?;
+                self.flush(io).await?;
             }
             if self.stage.is_none() {
                 assert_eq!(logical % BLOCK_BYTES, 0, "stages start 4 KiB aligned");
-                self.stage = Some(self.acquire(&store.pool).await?);
+                self.stage = Some(self.acquire(io.pool).await?);
                 self.stage_logical = logical;
                 self.stage_fill = 0;
             }
@@ -217,14 +217,14 @@ impl StripeWriter {
             logical += n as u64;
             data = &data[n..];
             if self.stage_end() == self.unit_end(self.stage_logical) {
-                self.flush(store).await?;
+                self.flush(io).await?;
             }
         }
         Ok(())
     }
 
     /// Zero-fills the stage to the next 4 KiB boundary (end of an object).
-    pub(super) async fn pad_to_block(&mut self, store: &Arc<Store>) -> Result<(), StoreError> {
+    pub(super) async fn pad_to_block(&mut self, io: &WriteIo<'_>) -> Result<(), StoreError> {
         let Some(stage) = self.stage.as_mut() else {
             return Ok(());
         };
@@ -232,12 +232,12 @@ impl StripeWriter {
         stage.as_mut_full()[self.stage_fill..padded].fill(0);
         self.stage_fill = padded;
         if self.stage_end() == self.unit_end(self.stage_logical) {
-            self.flush(store).await?;
+            self.flush(io).await?;
         }
         Ok(())
     }
 
-    pub(super) async fn flush(&mut self, store: &Arc<Store>) -> Result<(), StoreError> {
+    pub(super) async fn flush(&mut self, io: &WriteIo<'_>) -> Result<(), StoreError> {
         let Some(mut stage) = self.stage.take() else {
             return Ok(());
         };
@@ -249,7 +249,7 @@ impl StripeWriter {
         push_write(
             &mut self.writes,
             self.depth_max,
-            &store.engine,
+            io.engine,
             device,
             offset,
             stage,
@@ -258,8 +258,8 @@ impl StripeWriter {
         Ok(())
     }
 
-    pub(super) async fn finish(&mut self, store: &Arc<Store>) -> Result<(), StoreError> {
-        self.flush(store).await?;
+    pub(super) async fn finish(&mut self, io: &WriteIo<'_>) -> Result<(), StoreError> {
+        self.flush(io).await?;
         while let Some(r) = self.writes.next().await {
             r?;
         }
@@ -539,8 +539,10 @@ impl IngestSession {
         self.total_bytes += bytes.len() as u64;
         let store = Arc::clone(&self.store);
         match self.ec.as_mut() {
-            Some(EcIngest { map, writer, .. }) => writer.write_at(&store, map, at, bytes).await?,
-            None => self.writer.write_at(&store, at, bytes).await?,
+            Some(EcIngest { map, writer, .. }) => {
+                writer.write_at(&store.write_io(), map, at, bytes).await?
+            }
+            None => self.writer.write_at(&store.write_io(), at, bytes).await?,
         }
         if done {
             self.end_object().await?;
@@ -567,8 +569,10 @@ impl IngestSession {
         if cur.size > 0 {
             let store = Arc::clone(&self.store);
             match self.ec.as_mut() {
-                Some(EcIngest { map, writer, .. }) => writer.pad_to_block(&store, map).await?,
-                None => self.writer.pad_to_block(&store).await?,
+                Some(EcIngest { map, writer, .. }) => {
+                    writer.pad_to_block(&store.write_io(), map).await?
+                }
+                None => self.writer.pad_to_block(&store.write_io()).await?,
             }
         }
         self.objects.push((
@@ -605,8 +609,8 @@ impl IngestSession {
         }
         let store = Arc::clone(&self.store);
         match self.ec.as_mut() {
-            Some(EcIngest { map, writer, .. }) => writer.finish(&store, map).await?,
-            None => self.writer.finish(&store).await?,
+            Some(EcIngest { map, writer, .. }) => writer.finish(&store.write_io(), map).await?,
+            None => self.writer.finish(&store.write_io()).await?,
         }
         // Data durable before the catalog refers to it.
         store.sync_all().await?;

@@ -29,7 +29,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use storaged_proto::model::StorageClass;
 
-use super::{Chunk, DatasetHandle, ObjectRef, Store, WriteFuture};
+use super::{Chunk, DatasetHandle, ObjectRef, Store, WriteFuture, WriteIo};
 use crate::alloc::BLOCK_BYTES;
 use crate::buf::{BufLease, BufferPool};
 use crate::catalog::DatasetRecord;
@@ -680,7 +680,7 @@ impl EcWriter {
     /// written so far; a gap is zero-filled).
     pub async fn write_at(
         &mut self,
-        store: &Arc<Store>,
+        io: &WriteIo<'_>,
         map: &EcMap,
         at: u64,
         mut bytes: &[u8],
@@ -688,10 +688,10 @@ impl EcWriter {
         assert!(at >= self.position(), "ec writes go forward");
         while self.position() < at {
             let gap = (at - self.position()) as usize;
-            self.put(store, map, &vec![0u8; gap.min(1 << 20)]).await?;
+            self.put(io, map, &vec![0u8; gap.min(1 << 20)]).await?;
         }
         while !bytes.is_empty() {
-            let n = self.put(store, map, bytes).await?;
+            let n = self.put(io, map, bytes).await?;
             bytes = &bytes[n..];
         }
         Ok(())
@@ -701,13 +701,13 @@ impl EcWriter {
     /// much.
     async fn put(
         &mut self,
-        store: &Arc<Store>,
+        io: &WriteIo<'_>,
         map: &EcMap,
         bytes: &[u8],
     ) -> Result<usize, StoreError> {
         let unit_index = self.fill / self.unit_bytes;
         if self.data.len() == unit_index {
-            let l = self.acquire(&store.pool).await?;
+            let l = self.acquire(io.pool).await?;
             self.data.push(l);
         }
         let within = self.fill % self.unit_bytes;
@@ -715,33 +715,29 @@ impl EcWriter {
         self.data[unit_index].as_mut_full()[within..within + n].copy_from_slice(&bytes[..n]);
         self.fill += n;
         if self.fill == self.geometry.k() * self.unit_bytes {
-            self.seal(store, map).await?;
+            self.seal(io, map).await?;
         }
         Ok(n)
     }
 
     /// Zero-fills to the next 4 KiB boundary (the end of an object).
-    pub async fn pad_to_block(
-        &mut self,
-        store: &Arc<Store>,
-        map: &EcMap,
-    ) -> Result<(), StoreError> {
+    pub async fn pad_to_block(&mut self, io: &WriteIo<'_>, map: &EcMap) -> Result<(), StoreError> {
         let pad = (self.fill.next_multiple_of(BLOCK_BYTES as usize) - self.fill).min(4096);
         if pad > 0 {
-            self.write_at(store, map, self.position(), &[0u8; 4096][..pad])
+            self.write_at(io, map, self.position(), &[0u8; 4096][..pad])
                 .await?;
         }
         Ok(())
     }
 
     /// Encodes and writes the current stripe (zero-padded).
-    async fn seal(&mut self, store: &Arc<Store>, map: &EcMap) -> Result<(), StoreError> {
+    async fn seal(&mut self, io: &WriteIo<'_>, map: &EcMap) -> Result<(), StoreError> {
         if self.fill == 0 {
             return Ok(());
         }
         let unit = self.unit_bytes;
         while self.data.len() < self.geometry.k() {
-            let l = self.acquire(&store.pool).await?;
+            let l = self.acquire(io.pool).await?;
             self.data.push(l);
         }
         // Zero what no object filled: the tail of the partly filled unit
@@ -755,7 +751,7 @@ impl EcWriter {
         }
         let mut parity = Vec::with_capacity(self.geometry.m());
         for _ in 0..self.geometry.m() {
-            parity.push(self.acquire(&store.pool).await?);
+            parity.push(self.acquire(io.pool).await?);
         }
         {
             let data: Vec<&[u8]> = self
@@ -792,7 +788,7 @@ impl EcWriter {
             super::push_write(
                 &mut self.writes,
                 self.depth_max,
-                &store.engine,
+                io.engine,
                 device,
                 offset,
                 lease,
@@ -805,8 +801,8 @@ impl EcWriter {
     }
 
     /// Seals the last stripe and waits for every write.
-    pub async fn finish(&mut self, store: &Arc<Store>, map: &EcMap) -> Result<(), StoreError> {
-        self.seal(store, map).await?;
+    pub async fn finish(&mut self, io: &WriteIo<'_>, map: &EcMap) -> Result<(), StoreError> {
+        self.seal(io, map).await?;
         while let Some(r) = self.writes.next().await {
             r?;
         }
