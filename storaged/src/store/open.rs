@@ -54,43 +54,7 @@ impl Store {
             source,
         })?;
         let catalog_path = cfg.data_dir.join("catalog.redb");
-        // Replaced devices are where `device replace` put them.
-        let from_catalog = if catalog_path.exists() {
-            match Catalog::device_overrides(&catalog_path) {
-                Ok(v) => Some(v),
-                // Dealt with once the devices are open (rebuilt from them).
-                Err(e) if e.is_damage() => None,
-                Err(e) => return Err(e.into()),
-            }
-        } else {
-            None
-        };
-        // Without a usable catalog, the devices' root says where replaced
-        // devices are (and what replacement was under way).
-        let (overrides, pending) = from_catalog.unwrap_or_else(|| {
-            crate::poolmeta::peek_root(&cfg.devices)
-                .map(|r| {
-                    (
-                        r.replaced
-                            .into_iter()
-                            .map(|(i, p)| (i, PathBuf::from(p)))
-                            .collect(),
-                        r.replacing,
-                    )
-                })
-                .unwrap_or_default()
-        });
-        let pending = pending.and_then(|b| replace::ReplaceRecord::decode(&b));
-        // Devices are found by their superblocks; a replaced one where
-        // `device replace` put it, in preference to the old one.
-        let mut replacements: Vec<(u32, PathBuf)> = Vec::new();
-        for (i, p) in overrides
-            .into_iter()
-            .chain(pending.iter().map(|r| (r.index, r.new_path.clone())))
-        {
-            replacements.retain(|(j, _)| *j != i);
-            replacements.push((i, p));
-        }
+        let (replacements, pending) = replacement_paths(cfg, &catalog_path)?;
         let OpenedPool {
             files,
             paths,
@@ -125,31 +89,14 @@ impl Store {
                 .collect(),
             layout,
         };
-        let catalog_backend = hooks.catalog(&catalog_path);
-        let catalog = match Catalog::open_on(
+        let catalog = open_catalog(
+            cfg,
+            &*hooks,
             &catalog_path,
             pool_id,
             formatted,
-            catalog_backend.clone(),
-        ) {
-            Ok(c) => c,
-            // A damaged catalog is set aside (never deleted) and rebuilt
-            // from the devices, if they describe the pool.
-            Err(e) if e.is_damage() && meta_devices.read_newest_root(pool_id).is_some() => {
-                let stamp = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_secs())
-                    .unwrap_or(0);
-                let aside = cfg.data_dir.join(format!("catalog.redb.damaged-{stamp}"));
-                std::fs::rename(&catalog_path, &aside).map_err(|source| OpenError::DataDir {
-                    path: aside.clone(),
-                    source,
-                })?;
-                tracing::error!(error = %e, moved_to = %aside.display(), "the catalog is damaged; rebuilding it from the devices");
-                Catalog::open_on(&catalog_path, pool_id, false, catalog_backend)?
-            }
-            Err(e) => return Err(e.into()),
-        };
+            &meta_devices,
+        )?;
         // The devices' root is the truth; a catalog behind it (lost,
         // damaged, restored) is brought up to it before anything uses it.
         let (root, mut recovery) = pool_root::reconcile(&catalog, &meta_devices, pool_id)?;
@@ -186,27 +133,8 @@ impl Store {
             })
             .collect();
         redundancy::check_degraded_start(&datasets, layout, &missing, &paths)?;
-        let pool = BufferPool::new(buffer_classes(
-            cfg.buffer_pool_bytes,
-            layout.stripe_unit_bytes,
-        ))
-        .map_err(OpenError::Engine)?;
-        let engine_limits = EngineLimits {
-            queue_depth_per_device_max: cfg.queue_depth_per_device_max,
-            psync_threads: (layout.device_count * 2).clamp(2, 16),
-        };
-        let engine = engine::build(cfg.engine, files, Arc::clone(&pool), engine_limits)
-            .map_err(OpenError::Engine)?;
-        let mut engine = hooks.engine(engine, &paths);
-        let mut injected = None;
-        if let Some(spec) = &cfg.fault_inject {
-            let seeded = engine::fault::SeededBackend::new(engine, spec.clone());
-            injected = Some(Arc::clone(&seeded.injected));
-            engine = Arc::new(seeded);
-        }
-        if cfg.io_metrics {
-            engine = Arc::new(engine::metered::MeteredBackend::new(engine));
-        }
+        let (pool, engine_limits, engine, injected) =
+            start_engine(cfg, &*hooks, files, &paths, layout)?;
         // A replacement that did not finish: its device is not trusted
         // until `device replace` resumes and completes it.
         let rebuild = pending.as_ref().map(|r| {
@@ -289,4 +217,126 @@ impl Store {
             ),
         }))
     }
+}
+
+/// Where replaced devices are (index → path) and the replacement under
+/// way, if any: from the catalog, or, without a usable one, from the
+/// devices' root. Devices are found by their superblocks; a replaced one
+/// where `device replace` put it, in preference to the old one.
+#[allow(clippy::type_complexity)]
+fn replacement_paths(
+    cfg: &StoreConfig,
+    catalog_path: &std::path::Path,
+) -> Result<(Vec<(u32, PathBuf)>, Option<replace::ReplaceRecord>), OpenError> {
+    let from_catalog = if catalog_path.exists() {
+        match Catalog::device_overrides(catalog_path) {
+            Ok(v) => Some(v),
+            // Dealt with once the devices are open (rebuilt from them).
+            Err(e) if e.is_damage() => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    let (overrides, pending) = from_catalog.unwrap_or_else(|| {
+        crate::poolmeta::peek_root(&cfg.devices)
+            .map(|r| {
+                (
+                    r.replaced
+                        .into_iter()
+                        .map(|(i, p)| (i, PathBuf::from(p)))
+                        .collect(),
+                    r.replacing,
+                )
+            })
+            .unwrap_or_default()
+    });
+    let pending = pending.and_then(|b| replace::ReplaceRecord::decode(&b));
+    let mut replacements: Vec<(u32, PathBuf)> = Vec::new();
+    for (i, p) in overrides
+        .into_iter()
+        .chain(pending.iter().map(|r| (r.index, r.new_path.clone())))
+    {
+        replacements.retain(|(j, _)| *j != i);
+        replacements.push((i, p));
+    }
+    Ok((replacements, pending))
+}
+
+/// Opens the data-dir catalog (on `hooks`' storage). A damaged one is set
+/// aside as `catalog.redb.damaged-T` (never deleted) and a new one made,
+/// to be rebuilt from the devices, if they describe the pool.
+fn open_catalog(
+    cfg: &StoreConfig,
+    hooks: &dyn hooks::IoHooks,
+    catalog_path: &std::path::Path,
+    pool_id: [u8; 16],
+    formatted: bool,
+    meta_devices: &crate::poolmeta::MetaDevices,
+) -> Result<Catalog, OpenError> {
+    let catalog_backend = hooks.catalog(catalog_path);
+    let catalog = match Catalog::open_on(catalog_path, pool_id, formatted, catalog_backend.clone())
+    {
+        Ok(c) => c,
+        // A damaged catalog is set aside (never deleted) and rebuilt
+        // from the devices, if they describe the pool.
+        Err(e) if e.is_damage() && meta_devices.read_newest_root(pool_id).is_some() => {
+            let stamp = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            let aside = cfg.data_dir.join(format!("catalog.redb.damaged-{stamp}"));
+            std::fs::rename(catalog_path, &aside).map_err(|source| OpenError::DataDir {
+                path: aside.clone(),
+                source,
+            })?;
+            tracing::error!(error = %e, moved_to = %aside.display(), "the catalog is damaged; rebuilding it from the devices");
+            Catalog::open_on(catalog_path, pool_id, false, catalog_backend)?
+        }
+        Err(e) => return Err(e.into()),
+    };
+    Ok(catalog)
+}
+
+/// The engine of an opened pool: the buffer pool it reads into, its
+/// limits, and the engine itself with what wraps it (test hooks, seeded
+/// fault injection and its counts, metrics).
+#[allow(clippy::type_complexity)]
+fn start_engine(
+    cfg: &StoreConfig,
+    hooks: &dyn hooks::IoHooks,
+    files: Vec<std::fs::File>,
+    paths: &[PathBuf],
+    layout: StripeLayout,
+) -> Result<
+    (
+        Arc<BufferPool>,
+        EngineLimits,
+        Arc<dyn IoBackend>,
+        Option<Arc<engine::fault::InjectedCounts>>,
+    ),
+    OpenError,
+> {
+    let pool = BufferPool::new(buffer_classes(
+        cfg.buffer_pool_bytes,
+        layout.stripe_unit_bytes,
+    ))
+    .map_err(OpenError::Engine)?;
+    let engine_limits = EngineLimits {
+        queue_depth_per_device_max: cfg.queue_depth_per_device_max,
+        psync_threads: (layout.device_count * 2).clamp(2, 16),
+    };
+    let engine = engine::build(cfg.engine, files, Arc::clone(&pool), engine_limits)
+        .map_err(OpenError::Engine)?;
+    let mut engine = hooks.engine(engine, paths);
+    let mut injected = None;
+    if let Some(spec) = &cfg.fault_inject {
+        let seeded = engine::fault::SeededBackend::new(engine, spec.clone());
+        injected = Some(Arc::clone(&seeded.injected));
+        engine = Arc::new(seeded);
+    }
+    if cfg.io_metrics {
+        engine = Arc::new(engine::metered::MeteredBackend::new(engine));
+    }
+    Ok((pool, engine_limits, engine, injected))
 }
