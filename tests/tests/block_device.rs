@@ -78,9 +78,15 @@ async fn pool_on_loop_devices() {
         ],
     );
     d.ctl_ok(&["ingest", "onloop", src.to_str().unwrap()]);
-    let status = d.ctl_ok(&["status"]);
+    let status = d.status_json();
+    let paths: Vec<&str> = status["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|dev| dev["path"].as_str().unwrap())
+        .collect();
     for l in &loops {
-        assert!(status.contains(&l.0.display().to_string()), "{status}");
+        assert!(paths.contains(&l.0.to_str().unwrap()), "{status}");
     }
     d.restart();
     let out = tmp.path().join("out");

@@ -100,8 +100,13 @@ async fn a_full_catalog_disk_is_reported_and_recovers_without_a_restart() {
     assert!(!out.status.success());
     assert!(err.contains("RESOURCE_EXHAUSTED"), "{err}");
     assert!(err.contains("full"), "{err}");
-    let status = d.ctl_ok(&["status"]);
-    assert!(status.contains("CATALOG FAILING"), "{status}");
+    let status = d.status_json();
+    assert!(
+        !status["catalog_fault"].as_str().unwrap().is_empty(),
+        "{status}"
+    );
+    let text = d.ctl_ok(&["status"]);
+    assert!(text.contains("CATALOG FAILING"), "{text}");
     assert!(d.stderr().contains("catalog failing"), "{}", d.stderr());
     // Reads of what is committed go on.
     let got = d.ctl(&["cat", "first", "a"]);
@@ -118,8 +123,12 @@ async fn a_full_catalog_disk_is_reported_and_recovers_without_a_restart() {
         .await,
         "ingest works again without a restart"
     );
-    let status = d.ctl_ok(&["status"]);
-    assert!(status.contains("health:      ok"), "{status}");
+    let status = d.status_json();
+    assert_eq!(
+        status["catalog_fault"], "",
+        "the catalog works again: {status}"
+    );
+    assert_eq!(status["degraded"], false, "{status}");
     d.ctl_ok(&["rm", "first", "--yes"]);
     let ls = d.ctl_ok(&["ls"]);
     assert!(ls.contains("second") && !ls.contains("first"), "{ls}");

@@ -98,11 +98,13 @@ async fn ec_rot_is_served_correct_counted_and_scrubbed_away() {
     let st = d.client().await.status().await.unwrap();
     assert!(st.datasets[0].reconstructions > 0);
     assert!(st.devices[dev as usize].reconstructions > 0);
-    let status = d.ctl_ok(&["status"]);
+    let status = d.status_json();
     assert!(
-        status
-            .lines()
-            .any(|l| l.contains("ec:3+1") && l.contains("rebuilt 1")),
+        status["datasets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|ds| ds["storage_class"] == "STORAGE_CLASS_EC" && ds["reconstructions"] == 1),
         "{status}"
     );
 
