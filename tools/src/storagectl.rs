@@ -32,7 +32,8 @@ macro_rules! outln {
     };
 }
 
-// After `outln!`, which it uses.
+// After `outln!`, which they use.
+mod ls;
 mod status;
 
 #[derive(Parser)]
@@ -501,53 +502,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
         } => replace_device(&client, &old, &new, healthy, overwrite).await,
         Command::Token { .. } => unreachable!("handled before connecting"),
-        Command::Ls { dataset: None, .. } => {
-            let datasets = client.list_datasets().await?;
-            outln!(
-                "{:<32} {:>10} {:>12} {:<8} CREATED",
-                "NAME",
-                "OBJECTS",
-                "BYTES",
-                "CLASS"
-            );
-            for d in datasets {
-                outln!(
-                    "{:<32} {:>10} {:>12} {:<8} {}",
-                    d.name,
-                    d.object_count,
-                    human(d.total_bytes),
-                    class_name(&d),
-                    rfc3339(d.created_unix_ms)
-                );
-            }
-            Ok(())
-        }
+        Command::Ls { dataset: None, .. } => ls::datasets(&client).await,
         Command::Ls {
             dataset: Some(name),
             prefix,
             page_size,
             limit,
-        } => {
-            let ds = client.dataset(&name)?;
-            let mut token = String::new();
-            let mut listed = 0u64;
-            let mut out = std::io::stdout().lock();
-            writeln!(out, "{:>12}  {:<8}  PATH", "SIZE", "CRC32")?;
-            loop {
-                let (objects, next) = ds.list_page(&prefix, page_size, &token).await?;
-                for o in objects {
-                    if limit.is_some_and(|l| listed >= l) {
-                        return Ok(());
-                    }
-                    writeln!(out, "{:>12}  {:08x}  {}", o.size, o.crc32, shown(&o.path))?;
-                    listed += 1;
-                }
-                match next {
-                    Some(t) => token = t,
-                    None => return Ok(()),
-                }
-            }
-        }
+        } => ls::objects(&client, &name, &prefix, page_size, limit).await,
         Command::Cat {
             dataset,
             path,
