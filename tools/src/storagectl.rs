@@ -34,6 +34,8 @@ macro_rules! outln {
 
 // After `outln!`, which they use.
 mod ls;
+mod object;
+mod rm;
 mod status;
 
 #[derive(Parser)]
@@ -514,41 +516,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             path,
             offset,
             length,
-        } => {
-            let ds = client.dataset(&dataset)?;
-            let mut stream = std::pin::pin!(ds.read_stream(&path, offset, length));
-            // Raw bytes straight to fd 1: std's stdout is line-buffered and
-            // would scan every chunk for newlines.
-            let mut out = std::fs::File::from(
-                std::os::fd::AsFd::as_fd(&std::io::stdout())
-                    .try_clone_to_owned()
-                    .context("duplicating stdout")?,
-            );
-            while let Some(chunk) = stream.next().await {
-                out.write_all(&chunk?).context("writing to stdout")?;
-            }
-            Ok(())
-        }
-        Command::Stat { dataset, path } => {
-            let st = client.dataset(&dataset)?.stat(&path).await?;
-            let o = st.object.unwrap_or_default();
-            outln!("path:            {}", shown(&o.path));
-            outln!("size:            {} ({})", o.size, human(o.size));
-            outln!("crc32:           {:08x}", o.crc32);
-            outln!("logical offset:  {}", st.logical_offset);
-            outln!("checksum block:  {}", st.checksum_block_bytes);
-            outln!("extents:         object_offset device device_offset length");
-            for e in st.extents {
-                outln!(
-                    "                 {:>13} {:>6} {:>13} {:>6}",
-                    e.object_offset,
-                    e.device_index,
-                    e.device_offset,
-                    e.length
-                );
-            }
-            Ok(())
-        }
+        } => object::cat(&client, &dataset, &path, offset, length).await,
+        Command::Stat { dataset, path } => object::stat(&client, &dataset, &path).await,
         Command::Export {
             dataset,
             dir,
@@ -583,31 +552,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Rm { dataset, yes } => {
-            if !yes && std::io::stdin().is_terminal() && std::io::stderr().is_terminal() {
-                let info = client
-                    .list_datasets()
-                    .await?
-                    .into_iter()
-                    .find(|d| d.name == dataset)
-                    .ok_or_else(|| anyhow::anyhow!("NOT_FOUND: dataset {dataset:?} not found"))?;
-                eprint!(
-                    "delete dataset {dataset} ({} objects, {})? [y/N] ",
-                    info.object_count,
-                    human(info.total_bytes)
-                );
-                let mut answer = String::new();
-                std::io::stdin().read_line(&mut answer)?;
-                if !matches!(answer.trim(), "y" | "Y" | "yes") {
-                    bail!("not deleted: {dataset} (confirm with y, or pass --yes)");
-                }
-            }
-            let bar = spinner(&format!("deleting {dataset}"));
-            let freed = client.delete_dataset(&dataset).await;
-            bar.finish_and_clear();
-            outln!("deleted {dataset}; freed {}", human(freed?));
-            Ok(())
-        }
+        Command::Rm { dataset, yes } => rm::run(&client, &dataset, yes).await,
         Command::Status { json } => {
             let s = client.status().await?;
             status::print(&s, json)
