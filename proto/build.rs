@@ -23,6 +23,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "DeviceStatus",
         "DatasetInfo",
         "RebuildStatus",
+        "ReadStats",
+        "ReadAheadStats",
+        "RegionStats",
+        "ScrubStats",
+        "DiscardStats",
+        "CatalogStatus",
+        "ConnectionStats",
+        "BufferStats",
+        "FaultStats",
     ] {
         config = config.type_attribute(
             format!("storaged.v1.{message}"),

@@ -436,10 +436,10 @@ async fn bitflips(setup: &Setup, args: &Args) -> anyhow::Result<serde_json::Valu
         "superblocks_repaired": superblocks_repaired,
         "offline_read_errors": read_errors,
         "offline_wrong_bytes_served": wrong,
-        "live_flips_injected": st.fault_flips_injected,
-        "live_faults_injected": st.faults_injected,
+        "live_flips_injected": st.faults().flips_injected,
+        "live_faults_injected": st.faults().injected,
         "live_stripes_rebuilt": live_rebuilt,
-        "live_checksum_mismatches_detected": st.checksum_mismatches,
+        "live_checksum_mismatches_detected": st.reads().checksum_mismatches,
         "live_read_errors": live_errors,
         "live_wrong_bytes_served": live_wrong,
         "final_scrub_corrupt": last.corrupt,
@@ -617,7 +617,7 @@ async fn scrub(setup: &Setup) -> anyhow::Result<serde_json::Value> {
         busy.push(percentile(&mut l, 0.99));
         scrubbing.abort();
         // Wait for the running scrub to end before the next idle sample.
-        while client.status().await?.scrub_running {
+        while client.status().await?.scrub().running {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

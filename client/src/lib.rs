@@ -424,7 +424,7 @@ impl Client {
 
     /// Like [`connect`](Self::connect), and auto-detects a same-host
     /// server: when `url` is TCP on a loopback address and the server
-    /// advertises a Unix socket (`Status.unix_socket_path`) that this
+    /// advertises a Unix socket (`Status.connections().unix_socket_path`) that this
     /// process can connect to, and the server there has the same pool id,
     /// the client uses that socket instead, so loaders take the zero-copy
     /// path. In every other case (remote host, no socket, no permission,
@@ -454,12 +454,12 @@ impl Client {
             Ok(s) => s,
             Err(e) => return Ok(tcp_because(format!("Status failed: {e}"))),
         };
-        if advertised.unix_socket_path.is_empty() {
+        if advertised.connections().unix_socket_path.is_empty() {
             return Ok(tcp_because(
                 "the server advertises no Unix socket".to_owned(),
             ));
         }
-        let socket = &advertised.unix_socket_path;
+        let socket = &advertised.connections().unix_socket_path;
         // Checked first for a clear message: connecting needs write
         // permission on the socket file (storaged's `unix_mode` and
         // `unix_group` say who has it).

@@ -9,6 +9,7 @@
 pub mod auth;
 pub mod json;
 pub mod model;
+pub mod status;
 
 /// Generated protobuf and gRPC code for package `storaged.v1`.
 #[allow(clippy::all, missing_docs)]

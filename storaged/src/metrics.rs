@@ -309,29 +309,29 @@ pub fn publish_status(s: &pb::StatusResponse) {
     gauge!(DEGRADED).set(flag(s.degraded));
     gauge!(DATASETS).set(s.datasets.len() as f64);
     gauge!(INGESTS_IN_PROGRESS).set(f64::from(s.ingests_in_progress));
-    counter!(GRPC_SERVED_BYTES).absolute(s.grpc_bytes_served);
-    counter!(GRPC_COPIED_BYTES).absolute(s.grpc_payload_bytes_copied);
-    counter!(SHM_SERVED_BYTES).absolute(s.shm_bytes_served);
-    counter!(SHM_COPIED_BYTES).absolute(s.shm_payload_bytes_copied);
-    counter!(DEVICE_READS_MERGED).absolute(s.device_reads_merged);
-    counter!(CHECKSUM_MISMATCHES).absolute(s.checksum_mismatches);
-    gauge!(REGIONS).set(f64::from(s.regions_registered));
-    gauge!(REGION_BYTES).set(s.region_bytes_registered as f64);
-    gauge!(REGIONS_FIXED).set(f64::from(s.regions_fixed));
-    counter!(READ_AHEAD_HINTED).absolute(s.hint_objects);
-    counter!(READ_AHEAD_READ).absolute(s.read_ahead_objects);
-    counter!(READ_AHEAD_SKIPPED).absolute(s.read_ahead_skipped);
-    counter!(READ_AHEAD_FAILED).absolute(s.read_ahead_failed);
-    counter!(READ_AHEAD_HITS).absolute(s.read_ahead_hits);
-    counter!(READ_AHEAD_HIT_BYTES).absolute(s.read_ahead_hit_bytes);
-    counter!(READ_AHEAD_EXPIRED).absolute(s.read_ahead_expired);
-    gauge!(READ_AHEAD_CACHE_BYTES).set(s.read_ahead_cache_bytes as f64);
-    counter!(SCRUB_PASSES).absolute(s.scrub_passes);
-    counter!(SCRUB_CHECKED_BYTES).absolute(s.scrub_bytes_checked);
-    counter!(SCRUB_CORRUPT).absolute(s.scrub_corrupt);
-    counter!(SCRUB_REPAIRED).absolute(s.scrub_repaired);
-    counter!(SCRUB_UNRECOVERABLE).absolute(s.scrub_unrecoverable);
-    gauge!(SCRUB_RUNNING).set(flag(s.scrub_running));
+    counter!(GRPC_SERVED_BYTES).absolute(s.reads().grpc_bytes_served);
+    counter!(GRPC_COPIED_BYTES).absolute(s.reads().grpc_payload_bytes_copied);
+    counter!(SHM_SERVED_BYTES).absolute(s.reads().shm_bytes_served);
+    counter!(SHM_COPIED_BYTES).absolute(s.reads().shm_payload_bytes_copied);
+    counter!(DEVICE_READS_MERGED).absolute(s.reads().device_reads_merged);
+    counter!(CHECKSUM_MISMATCHES).absolute(s.reads().checksum_mismatches);
+    gauge!(REGIONS).set(f64::from(s.regions().registered));
+    gauge!(REGION_BYTES).set(s.regions().registered_bytes as f64);
+    gauge!(REGIONS_FIXED).set(f64::from(s.regions().fixed));
+    counter!(READ_AHEAD_HINTED).absolute(s.read_ahead().hinted_objects);
+    counter!(READ_AHEAD_READ).absolute(s.read_ahead().objects);
+    counter!(READ_AHEAD_SKIPPED).absolute(s.read_ahead().skipped);
+    counter!(READ_AHEAD_FAILED).absolute(s.read_ahead().failed);
+    counter!(READ_AHEAD_HITS).absolute(s.read_ahead().hits);
+    counter!(READ_AHEAD_HIT_BYTES).absolute(s.read_ahead().hit_bytes);
+    counter!(READ_AHEAD_EXPIRED).absolute(s.read_ahead().expired);
+    gauge!(READ_AHEAD_CACHE_BYTES).set(s.read_ahead().cache_bytes as f64);
+    counter!(SCRUB_PASSES).absolute(s.scrub().passes);
+    counter!(SCRUB_CHECKED_BYTES).absolute(s.scrub().bytes_checked);
+    counter!(SCRUB_CORRUPT).absolute(s.scrub().corrupt);
+    counter!(SCRUB_REPAIRED).absolute(s.scrub().repaired);
+    counter!(SCRUB_UNRECOVERABLE).absolute(s.scrub().unrecoverable);
+    gauge!(SCRUB_RUNNING).set(flag(s.scrub().running));
     let (done, total, running) = s
         .rebuild
         .as_ref()
@@ -339,15 +339,15 @@ pub fn publish_status(s: &pb::StatusResponse) {
     gauge!(REBUILD_DONE_BYTES).set(done as f64);
     gauge!(REBUILD_TOTAL_BYTES).set(total as f64);
     gauge!(REBUILD_RUNNING).set(flag(running));
-    counter!(DISCARDED_BYTES).absolute(s.discarded_bytes);
-    gauge!(DISCARD_PENDING_BYTES).set(s.discard_pending_bytes as f64);
-    counter!(DISCARD_FAILURES).absolute(s.discard_failures);
-    gauge!(CATALOG_FAILING).set(flag(!s.catalog_fault.is_empty()));
-    gauge!(POOL_ROOT_GENERATION).set(s.pool_root_generation as f64);
-    gauge!(CONNECTIONS_OPEN).set(f64::from(s.connections_open));
-    counter!(CONNECTIONS_REFUSED).absolute(s.connections_refused);
-    gauge!(BUFFER_POOL_BYTES).set(s.buffer_pool_bytes as f64);
-    gauge!(BUFFER_POOL_IN_USE_BYTES).set(s.buffer_pool_in_use_bytes as f64);
+    counter!(DISCARDED_BYTES).absolute(s.discard().discarded_bytes);
+    gauge!(DISCARD_PENDING_BYTES).set(s.discard().pending_bytes as f64);
+    counter!(DISCARD_FAILURES).absolute(s.discard().failures);
+    gauge!(CATALOG_FAILING).set(flag(!s.catalog().fault.is_empty()));
+    gauge!(POOL_ROOT_GENERATION).set(s.catalog().pool_root_generation as f64);
+    gauge!(CONNECTIONS_OPEN).set(f64::from(s.connections().open));
+    counter!(CONNECTIONS_REFUSED).absolute(s.connections().refused);
+    gauge!(BUFFER_POOL_BYTES).set(s.buffers().pool_bytes as f64);
+    gauge!(BUFFER_POOL_IN_USE_BYTES).set(s.buffers().in_use_bytes as f64);
 }
 
 #[cfg(test)]

@@ -102,7 +102,7 @@ async fn a_full_catalog_disk_is_reported_and_recovers_without_a_restart() {
     assert!(err.contains("full"), "{err}");
     let status = d.status_json();
     assert!(
-        !status["catalog_fault"].as_str().unwrap().is_empty(),
+        !status["catalog"]["fault"].as_str().unwrap().is_empty(),
         "{status}"
     );
     let text = d.ctl_ok(&["status"]);
@@ -125,7 +125,7 @@ async fn a_full_catalog_disk_is_reported_and_recovers_without_a_restart() {
     );
     let status = d.status_json();
     assert_eq!(
-        status["catalog_fault"], "",
+        status["catalog"]["fault"], "",
         "the catalog works again: {status}"
     );
     assert_eq!(status["degraded"], false, "{status}");

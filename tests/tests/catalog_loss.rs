@@ -48,17 +48,17 @@ async fn a_deleted_catalog_is_rebuilt_from_the_devices() {
     ingest(&d, tmp.path(), "scratch", Some("stripe"), &scratch);
     let status = d.status_json();
     assert!(
-        status["pool_root_generation"].as_u64() > Some(0),
+        status["catalog"]["pool_root_generation"].as_u64() > Some(0),
         "{status}"
     );
-    assert_eq!(status["catalog_rebuilt"], false, "{status}");
+    assert_eq!(status["catalog"]["rebuilt"], false, "{status}");
     d.stop();
     std::fs::remove_file(data.join("catalog.redb")).unwrap();
 
     d = Daemon::start_args(&data, d.args.clone());
     let status = d.status_json();
-    assert_eq!(status["catalog_rebuilt"], true, "{status}");
-    assert_eq!(status["catalog_datasets_imported"], 2, "{status}");
+    assert_eq!(status["catalog"]["rebuilt"], true, "{status}");
+    assert_eq!(status["catalog"]["datasets_imported"], 2, "{status}");
     // The human view says so too.
     let text = d.ctl_ok(&["status"]);
     assert!(
@@ -84,7 +84,7 @@ async fn a_deleted_catalog_is_rebuilt_from_the_devices() {
     d.restart();
     let status = d.status_json();
     assert_eq!(
-        status["catalog_rebuilt"], false,
+        status["catalog"]["rebuilt"], false,
         "in step after one start: {status}"
     );
     check_all(&d, "more", &more);
@@ -112,8 +112,8 @@ async fn an_older_catalog_restored_over_a_newer_pool_follows_the_devices() {
 
     d = Daemon::start_args(&data, d.args.clone());
     let status = d.status_json();
-    assert_eq!(status["catalog_datasets_imported"], 1, "{status}");
-    assert_eq!(status["catalog_datasets_dropped"], 1, "{status}");
+    assert_eq!(status["catalog"]["datasets_imported"], 1, "{status}");
+    assert_eq!(status["catalog"]["datasets_dropped"], 1, "{status}");
     let ls = d.ctl_ok(&["ls"]);
     assert!(
         ls.contains('b') && !ls.lines().any(|l| l.split_whitespace().next() == Some("a")),
@@ -141,7 +141,7 @@ async fn the_catalog_and_one_device_lost_together() {
     d = Daemon::start_args(&data, d.args.clone());
     let status = d.status_json();
     assert_eq!(status["degraded"], true, "{status}");
-    assert_eq!(status["catalog_rebuilt"], true, "{status}");
+    assert_eq!(status["catalog"]["rebuilt"], true, "{status}");
     check_all(&d, "train", &train);
 }
 
@@ -213,7 +213,7 @@ async fn storaged_recover_rebuilds_the_catalog_from_shuffled_devices() {
     d = Daemon::start_args(&data, d.args.clone());
     let status = d.status_json();
     assert_eq!(
-        status["catalog_rebuilt"], false,
+        status["catalog"]["rebuilt"], false,
         "the recovered catalog is in step: {status}"
     );
     check_all(&d, "train", &train);

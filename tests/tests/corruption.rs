@@ -119,7 +119,7 @@ async fn ec_rot_is_served_correct_counted_and_scrubbed_away() {
         "{out}"
     );
     let st = d.client().await.status().await.unwrap();
-    assert_eq!((st.scrub_passes, st.scrub_repaired), (2, 1));
+    assert_eq!((st.scrub().passes, st.scrub().repaired), (2, 1));
     // A stripe dataset with rot: scrub reports it and exits 1.
     let src2 = tmp.path().join("src2");
     write_tree(&src2, &[("x".into(), pattern(3, 300_000))]);

@@ -348,7 +348,7 @@ async fn deleting_gives_space_back_to_the_devices() {
     assert!(before_rm >= 16 << 20, "{before_rm}");
     d.ctl_ok(&["rm", "a", "--yes"]);
     let status = d.client().await.status().await.unwrap();
-    assert!(!status.discard_enabled);
+    assert!(!status.discard().enabled);
     assert!(d.ctl_ok(&["status"]).contains("discard:     off"));
     assert_eq!(allocated_bytes(&data), before_rm, "discard is off");
 
@@ -359,12 +359,15 @@ async fn deleting_gives_space_back_to_the_devices() {
     assert!(
         eventually(Duration::from_secs(60), async || {
             let s = client.status().await.unwrap();
-            s.discard_startup_pass_done
+            s.discard().startup_pass_done
         })
         .await
     );
     let s = client.status().await.unwrap();
-    assert!(s.discard_enabled && s.discarded_bytes >= 16 << 20, "{s:?}");
+    assert!(
+        s.discard().enabled && s.discard().discarded_bytes >= 16 << 20,
+        "{s:?}"
+    );
     let after_pass = allocated_bytes(&data);
     assert!(
         after_pass + (15 << 20) <= before_rm,
@@ -379,7 +382,7 @@ async fn deleting_gives_space_back_to_the_devices() {
     d.ctl_ok(&["ingest", "c", src.to_str().unwrap()]);
     assert!(
         eventually(Duration::from_secs(60), async || {
-            client.status().await.unwrap().discard_pending_bytes == 0
+            client.status().await.unwrap().discard().pending_bytes == 0
         })
         .await
     );
@@ -388,7 +391,7 @@ async fn deleting_gives_space_back_to_the_devices() {
     d.ctl_ok(&["rm", "c", "--yes"]);
     assert!(
         eventually(Duration::from_secs(60), async || {
-            client.status().await.unwrap().discard_pending_bytes == 0
+            client.status().await.unwrap().discard().pending_bytes == 0
                 && allocated_bytes(&data) + (15 << 20) <= with_b
         })
         .await,

@@ -103,34 +103,44 @@ async fn hinted_epochs_are_served_from_read_ahead_byte_for_byte() {
         let accepted = epoch(&ds, &expected, true).await;
         assert!(accepted > 0);
         let s = client.status().await.unwrap();
-        assert!(s.hint_objects > 0, "{s:?}");
+        assert!(s.read_ahead().hinted_objects > 0, "{s:?}");
         assert!(
-            s.read_ahead_hits > 100,
+            s.read_ahead().hits > 100,
             "local={local}: most samples should come from read-ahead: {} hits of 600",
-            s.read_ahead_hits
+            s.read_ahead().hits
         );
-        assert_eq!(s.read_ahead_failed, 0);
+        assert_eq!(s.read_ahead().failed, 0);
         assert!(
-            s.device_reads_merged > s.read_ahead_objects / 2,
+            s.reads().device_reads_merged > s.read_ahead().objects / 2,
             "neighbours are merged: {} merged for {} objects",
-            s.device_reads_merged,
-            s.read_ahead_objects
+            s.reads().device_reads_merged,
+            s.read_ahead().objects
         );
         if local {
-            assert_eq!(s.grpc_bytes_served, 0, "every batch went through regions");
-            assert_eq!(s.shm_payload_bytes_copied, s.read_ahead_hit_bytes);
+            assert_eq!(
+                s.reads().grpc_bytes_served,
+                0,
+                "every batch went through regions"
+            );
+            assert_eq!(s.reads().shm_payload_bytes_copied, s.read_ahead().hit_bytes);
         }
 
         let accepted = epoch(&ds, &expected, false).await;
         assert_eq!(accepted, 0);
         let after = client.status().await.unwrap();
-        assert_eq!(after.hint_objects, s.hint_objects, "no hints sent");
         assert_eq!(
-            after.read_ahead_hits, s.read_ahead_hits,
+            after.read_ahead().hinted_objects,
+            s.read_ahead().hinted_objects,
+            "no hints sent"
+        );
+        assert_eq!(
+            after.read_ahead().hits,
+            s.read_ahead().hits,
             "no read-ahead served"
         );
         assert_eq!(
-            after.shm_payload_bytes_copied, s.shm_payload_bytes_copied,
+            after.reads().shm_payload_bytes_copied,
+            s.reads().shm_payload_bytes_copied,
             "without hints the shm path copies nothing"
         );
     }

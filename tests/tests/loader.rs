@@ -254,8 +254,8 @@ async fn a_consumer_that_keeps_every_sample_still_gets_every_batch() {
         assert_eq!(&s.data[..], &expected[&s.path][..], "{}", s.path);
     }
     let status = daemon.client().await.status().await.unwrap();
-    assert_eq!(status.shm_payload_bytes_copied, 0);
-    assert_eq!(status.shm_bytes_served, stats.shm_bytes);
+    assert_eq!(status.reads().shm_payload_bytes_copied, 0);
+    assert_eq!(status.reads().shm_bytes_served, stats.shm_bytes);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -269,7 +269,7 @@ async fn loaders_of_one_client_reuse_its_regions() {
     for epoch in 0..3 {
         let plan = ds.plan(spec(epoch, 0, 0, 1)).await.unwrap();
         drain(&ds, plan, &expected, None).await;
-        registered.push(tcp.client().status().await.unwrap().regions_registered);
+        registered.push(tcp.client().status().await.unwrap().regions().registered);
     }
     assert!(registered[0] > 0, "{registered:?}");
     assert!(
@@ -289,7 +289,8 @@ async fn a_client_outlives_a_storaged_restart_on_the_shm_path() {
     tokio::task::block_in_place(|| daemon.restart());
     let status = daemon.client().await.status().await.unwrap();
     assert_eq!(
-        status.regions_registered, 0,
+        status.regions().registered,
+        0,
         "a new server knows no regions"
     );
     let plan = ds.plan(spec(1, 0, 0, 1)).await.unwrap();
@@ -398,7 +399,7 @@ async fn a_loader_without_regions_to_spare_reads_with_fewer_or_over_grpc() {
         let freed = storaged_tests::eventually(std::time::Duration::from_secs(30), async || {
             hog.status()
                 .await
-                .is_ok_and(|s| s.regions_registered == left)
+                .is_ok_and(|s| s.regions().registered == left)
         })
         .await;
         assert!(freed, "the server frees dropped regions");

@@ -315,7 +315,7 @@ async fn torn_writes_are_detected_rebuilt_and_repaired() {
     };
     let mut d = Daemon::start(&data, &opts);
     d.ctl_ok(&["ingest", "train", src.to_str().unwrap()]);
-    let torn = d.client().await.status().await.unwrap().faults_injected;
+    let torn = d.client().await.status().await.unwrap().faults().injected;
     println!("seed 11: {torn} torn writes");
     assert!(torn > 0, "the seed tears some writes");
     d.stop();
@@ -392,14 +392,14 @@ async fn background_scrub_repairs_rot_by_itself() {
             client
                 .status()
                 .await
-                .map(|s| s.scrub_repaired >= 1)
+                .map(|s| s.scrub().repaired >= 1)
                 .unwrap_or(false)
         })
         .await,
         "the background scrub repaired the unit"
     );
     let st = client.status().await.unwrap();
-    assert_eq!(st.scrub_unrecoverable, 0);
+    assert_eq!(st.scrub().unrecoverable, 0);
     assert!(d.ctl_ok(&["status"]).contains("1 repaired"));
 }
 

@@ -77,7 +77,13 @@ async fn rot_big(d: &Daemon, tmp: &tempfile::TempDir) {
 }
 
 async fn regions_registered(d: &Daemon) -> u32 {
-    d.client().await.status().await.unwrap().regions_registered
+    d.client()
+        .await
+        .status()
+        .await
+        .unwrap()
+        .regions()
+        .registered
 }
 
 /// Waits until the daemon's registered region count is `n`.
@@ -137,7 +143,8 @@ async fn reads_land_in_place_verified_and_uncopied() {
                 .status()
                 .await
                 .unwrap()
-                .regions_fixed
+                .regions()
+                .fixed
                 == 1)
             .await,
             "the region was not registered as a fixed buffer"
@@ -198,8 +205,8 @@ async fn reads_land_in_place_verified_and_uncopied() {
     }
 
     let status = client.status().await.unwrap();
-    assert_eq!(status.shm_payload_bytes_copied, 0);
-    assert_eq!(status.shm_bytes_served, served);
+    assert_eq!(status.reads().shm_payload_bytes_copied, 0);
+    assert_eq!(status.reads().shm_bytes_served, served);
     // The counter is real: an any-order gRPC read of a multi-window item
     // copies, and says so.
     let mut grpc = Box::pin(ds.read_batch_any_order(
@@ -214,8 +221,8 @@ async fn reads_land_in_place_verified_and_uncopied() {
     let r = grpc.next().await.unwrap().unwrap();
     assert_eq!(&r.data.unwrap()[..], &big[..]);
     let status = client.status().await.unwrap();
-    assert_eq!(status.grpc_payload_bytes_copied, big.len() as u64);
-    assert_eq!(status.shm_payload_bytes_copied, 0);
+    assert_eq!(status.reads().grpc_payload_bytes_copied, big.len() as u64);
+    assert_eq!(status.reads().shm_payload_bytes_copied, 0);
 
     drop(region);
     assert_regions_drain_to(&d, 0).await;
@@ -280,8 +287,8 @@ async fn two_clients_and_one_killed_mid_read() {
         .await
     );
     let status = d.client().await.status().await.unwrap();
-    assert_eq!(status.region_bytes_registered, 0);
-    assert_eq!(status.shm_payload_bytes_copied, 0);
+    assert_eq!(status.regions().registered_bytes, 0);
+    assert_eq!(status.reads().shm_payload_bytes_copied, 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -448,7 +455,7 @@ async fn a_client_cannot_fault_storaged_through_its_region() {
     read_all("fd closed").await;
     // storaged is alive and served every read.
     let status = local.status().await.unwrap();
-    assert_eq!(status.regions_registered, 1);
+    assert_eq!(status.regions().registered, 1);
     drop(call);
     assert_regions_drain_to(&d, 0).await;
 }
@@ -674,7 +681,13 @@ async fn a_loopback_client_finds_the_unix_socket_by_itself() {
     let d = daemon(&tmp);
     let tcp = storaged_client::Client::connect(&d.url).await.unwrap();
     assert!(!tcp.is_local());
-    let advertised = tcp.status().await.unwrap().unix_socket_path;
+    let advertised = tcp
+        .status()
+        .await
+        .unwrap()
+        .connections()
+        .unix_socket_path
+        .clone();
     assert_eq!(format!("unix://{advertised}"), d.unix_url());
 
     let auto = storaged_client::Client::connect_auto(&d.url).await.unwrap();

@@ -28,33 +28,33 @@ pub fn print(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
         "health:      {}",
         if s.degraded {
             "DEGRADED (devices missing; see below)"
-        } else if !s.catalog_fault.is_empty() {
+        } else if !s.catalog().fault.is_empty() {
             "CATALOG FAILING (see below)"
         } else {
             "ok"
         }
     );
-    if !s.catalog_fault.is_empty() {
+    if !s.catalog().fault.is_empty() {
         outln!(
             "catalog:     failing: {} (ingests and deletes fail until storaged can reopen it)",
-            s.catalog_fault
+            s.catalog().fault
         );
     }
-    if s.catalog_rebuilt {
+    if s.catalog().rebuilt {
         outln!(
             "catalog:     REBUILT FROM THE DEVICES at start ({} datasets imported, {} dropped as deleted): the data-dir catalog was missing, damaged, restored or behind",
-            s.catalog_datasets_imported,
-            s.catalog_datasets_dropped
+            s.catalog().datasets_imported,
+            s.catalog().datasets_dropped
         );
     }
     outln!(
         "pool root:   generation {} on every device",
-        s.pool_root_generation
+        s.catalog().pool_root_generation
     );
     outln!(
         "connections: {} open, {} refused since start",
-        s.connections_open,
-        s.connections_refused
+        s.connections().open,
+        s.connections().refused
     );
     if let Some(r) = &s.rebuild {
         outln!(
@@ -72,51 +72,51 @@ pub fn print(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
     }
     outln!(
         "scrub:       {} passes{}, {} checked, {} corrupt, {} repaired, {} unrecoverable",
-        s.scrub_passes,
-        if s.scrub_running { " (running)" } else { "" },
-        human(s.scrub_bytes_checked),
-        s.scrub_corrupt,
-        s.scrub_repaired,
-        s.scrub_unrecoverable
+        s.scrub().passes,
+        if s.scrub().running { " (running)" } else { "" },
+        human(s.scrub().bytes_checked),
+        s.scrub().corrupt,
+        s.scrub().repaired,
+        s.scrub().unrecoverable
     );
     outln!("ingests in progress: {}", s.ingests_in_progress);
     outln!(
         "served:      grpc {} ({} copied)  shm {} ({} copied)",
-        human(s.grpc_bytes_served),
-        human(s.grpc_payload_bytes_copied),
-        human(s.shm_bytes_served),
-        human(s.shm_payload_bytes_copied)
+        human(s.reads().grpc_bytes_served),
+        human(s.reads().grpc_payload_bytes_copied),
+        human(s.reads().shm_bytes_served),
+        human(s.reads().shm_payload_bytes_copied)
     );
     outln!(
         "scheduling:  {} device reads merged into neighbours",
-        s.device_reads_merged
+        s.reads().device_reads_merged
     );
     outln!(
         "integrity:   {} checksum mismatches caught on read, {} superblock copies repaired",
-        s.checksum_mismatches,
+        s.reads().checksum_mismatches,
         s.superblocks_repaired
     );
     outln!(
         "read-ahead:  {} hinted, {} read ahead, {} served ({}), {} skipped, {} failed, {} expired, {} held",
-        s.hint_objects,
-        s.read_ahead_objects,
-        s.read_ahead_hits,
-        human(s.read_ahead_hit_bytes),
-        s.read_ahead_skipped,
-        s.read_ahead_failed,
-        s.read_ahead_expired,
-        human(s.read_ahead_cache_bytes)
+        s.read_ahead().hinted_objects,
+        s.read_ahead().objects,
+        s.read_ahead().hits,
+        human(s.read_ahead().hit_bytes),
+        s.read_ahead().skipped,
+        s.read_ahead().failed,
+        s.read_ahead().expired,
+        human(s.read_ahead().cache_bytes)
     );
     outln!(
         "discard:     {}",
-        if s.discard_enabled {
+        if s.discard().enabled {
             format!(
                 "on: {} given back to the devices, {} waiting, {} failed, {} unsupported{}",
-                human(s.discarded_bytes),
-                human(s.discard_pending_bytes),
-                s.discard_failures,
-                s.discard_unsupported,
-                if s.discard_startup_pass_done {
+                human(s.discard().discarded_bytes),
+                human(s.discard().pending_bytes),
+                s.discard().failures,
+                s.discard().unsupported,
+                if s.discard().startup_pass_done {
                     ""
                 } else {
                     " (start-up pass over free space running)"
@@ -128,8 +128,8 @@ pub fn print(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
     );
     outln!(
         "regions:     {} registered, {}",
-        s.regions_registered,
-        human(s.region_bytes_registered)
+        s.regions().registered,
+        human(s.regions().registered_bytes)
     );
     outln!("devices:");
     for d in &s.devices {

@@ -335,7 +335,7 @@ pub async fn stream_objects_shm(
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let s = client.status().await?;
-        if (s.regions_registered == wanted && s.regions_fixed >= wanted)
+        if (s.regions().registered == wanted && s.regions().fixed >= wanted)
             || Instant::now() >= deadline
         {
             break;

@@ -10,15 +10,20 @@ impl StoragedService {
     /// knows (regions, connections, its Unix socket).
     pub fn status(&self) -> pb::StatusResponse {
         let mut s = status_response(self.store.status());
-        s.unix_socket_path = self.unix_socket.as_deref().unwrap_or_default().to_owned();
-        if let Some(a) = &self.admission {
-            s.connections_open = a.open() as u32;
-            s.connections_refused = a.refused.load(Ordering::Relaxed);
-        }
-        s.regions_fixed = self.regions.fixed_count() as u32;
-        let (regions, region_bytes) = self.regions.usage();
-        s.regions_registered = regions as u32;
-        s.region_bytes_registered = region_bytes;
+        let (open, refused) = self.admission.as_ref().map_or((0, 0), |a| {
+            (a.open() as u32, a.refused.load(Ordering::Relaxed))
+        });
+        s.connections = Some(pb::ConnectionStats {
+            open,
+            refused,
+            unix_socket_path: self.unix_socket.as_deref().unwrap_or_default().to_owned(),
+        });
+        let (registered, registered_bytes) = self.regions.usage();
+        s.regions = Some(pb::RegionStats {
+            registered: registered as u32,
+            registered_bytes,
+            fixed: self.regions.fixed_count() as u32,
+        });
         s
     }
 }
@@ -73,26 +78,32 @@ pub(super) fn status_response(s: StoreStatus) -> pb::StatusResponse {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         checksum_block_bytes: crate::device::CHECKSUM_BLOCK_BYTES,
         degraded: s.degraded,
-        grpc_bytes_served: s.reads.grpc_bytes_served,
-        grpc_payload_bytes_copied: s.reads.grpc_payload_bytes_copied,
-        shm_bytes_served: s.reads.shm_bytes_served,
-        shm_payload_bytes_copied: s.reads.shm_payload_bytes_copied,
-        device_reads_merged: s.reads.device_reads_merged,
-        checksum_mismatches: s.reads.checksum_mismatches,
-        hint_objects: s.read_ahead.hinted,
-        read_ahead_objects: s.read_ahead.prefetched,
-        read_ahead_skipped: s.read_ahead.skipped,
-        read_ahead_hits: s.read_ahead.hits,
-        read_ahead_hit_bytes: s.read_ahead.hit_bytes,
-        read_ahead_expired: s.read_ahead.expired,
-        read_ahead_cache_bytes: s.read_ahead.cache_bytes,
-        read_ahead_failed: s.read_ahead.failed,
-        scrub_passes: s.scrub.passes,
-        scrub_bytes_checked: s.scrub.bytes_checked,
-        scrub_corrupt: s.scrub.corrupt,
-        scrub_repaired: s.scrub.repaired,
-        scrub_unrecoverable: s.scrub.unrecoverable,
-        scrub_running: s.scrub.running,
+        reads: Some(pb::ReadStats {
+            grpc_bytes_served: s.reads.grpc_bytes_served,
+            grpc_payload_bytes_copied: s.reads.grpc_payload_bytes_copied,
+            shm_bytes_served: s.reads.shm_bytes_served,
+            shm_payload_bytes_copied: s.reads.shm_payload_bytes_copied,
+            device_reads_merged: s.reads.device_reads_merged,
+            checksum_mismatches: s.reads.checksum_mismatches,
+        }),
+        read_ahead: Some(pb::ReadAheadStats {
+            hinted_objects: s.read_ahead.hinted,
+            objects: s.read_ahead.prefetched,
+            skipped: s.read_ahead.skipped,
+            hits: s.read_ahead.hits,
+            hit_bytes: s.read_ahead.hit_bytes,
+            expired: s.read_ahead.expired,
+            cache_bytes: s.read_ahead.cache_bytes,
+            failed: s.read_ahead.failed,
+        }),
+        scrub: Some(pb::ScrubStats {
+            passes: s.scrub.passes,
+            bytes_checked: s.scrub.bytes_checked,
+            corrupt: s.scrub.corrupt,
+            repaired: s.scrub.repaired,
+            unrecoverable: s.scrub.unrecoverable,
+            running: s.scrub.running,
+        }),
         rebuild: s.rebuild.map(|r| pb::RebuildStatus {
             device_index: r.index,
             new_path: r.new_path.display().to_string(),
@@ -101,27 +112,31 @@ pub(super) fn status_response(s: StoreStatus) -> pb::StatusResponse {
             running: r.running,
         }),
         superblocks_repaired: s.superblocks_repaired,
-        faults_injected: s.faults_injected,
-        fault_flips_injected: s.fault_flips_injected,
-        discard_enabled: s.discard.enabled,
-        discarded_bytes: s.discard.discarded_bytes,
-        discard_pending_bytes: s.discard.pending_bytes,
-        discard_failures: s.discard.failures,
-        discard_unsupported: s.discard.unsupported,
-        discard_startup_pass_done: s.discard.startup_pass_done,
-        catalog_fault: s.catalog.fault.unwrap_or_default(),
-        pool_root_generation: s.catalog.pool_root_generation,
-        catalog_rebuilt: s.catalog.rebuilt,
-        catalog_datasets_imported: s.catalog.datasets_imported,
-        catalog_datasets_dropped: s.catalog.datasets_dropped,
-        buffer_pool_bytes: s.buffer_pool_bytes,
-        buffer_pool_in_use_bytes: s.buffer_pool_in_use_bytes,
+        faults: Some(pb::FaultStats {
+            injected: s.faults_injected,
+            flips_injected: s.fault_flips_injected,
+        }),
+        discard: Some(pb::DiscardStats {
+            enabled: s.discard.enabled,
+            discarded_bytes: s.discard.discarded_bytes,
+            pending_bytes: s.discard.pending_bytes,
+            failures: s.discard.failures,
+            unsupported: s.discard.unsupported,
+            startup_pass_done: s.discard.startup_pass_done,
+        }),
+        catalog: Some(pb::CatalogStatus {
+            fault: s.catalog.fault.unwrap_or_default(),
+            pool_root_generation: s.catalog.pool_root_generation,
+            rebuilt: s.catalog.rebuilt,
+            datasets_imported: s.catalog.datasets_imported,
+            datasets_dropped: s.catalog.datasets_dropped,
+        }),
+        buffers: Some(pb::BufferStats {
+            pool_bytes: s.buffer_pool_bytes,
+            in_use_bytes: s.buffer_pool_in_use_bytes,
+        }),
         // The server's own (see `StoragedService::status`).
-        unix_socket_path: String::new(),
-        regions_registered: 0,
-        region_bytes_registered: 0,
-        regions_fixed: 0,
-        connections_open: 0,
-        connections_refused: 0,
+        regions: None,
+        connections: None,
     }
 }
