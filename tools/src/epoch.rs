@@ -1,0 +1,71 @@
+//! `storagectl epoch`: shuffled epochs of a dataset read the way a
+//! training job reads them, with samples/s and the path each batch took.
+
+use super::*;
+
+/// What `storagectl epoch` runs.
+pub(crate) struct EpochRun {
+    pub(crate) dataset: String,
+    pub(crate) workers: u32,
+    pub(crate) batch: usize,
+    pub(crate) prefetch_bytes: u64,
+    pub(crate) seed: u64,
+    pub(crate) hints: bool,
+}
+
+pub(crate) async fn run_epoch(client: &Client, run: &EpochRun, epoch: u64) -> anyhow::Result<()> {
+    let EpochRun {
+        ref dataset,
+        workers,
+        batch,
+        prefetch_bytes,
+        seed,
+        hints,
+    } = *run;
+    let ds = client.dataset(dataset)?;
+    let listing: std::sync::Arc<[ObjectInfo]> = ds.list("").await?.into();
+    let started = std::time::Instant::now();
+    let mut tasks = Vec::new();
+    for worker in 0..workers.max(1) {
+        let spec = PlanSpec {
+            seed,
+            epoch,
+            worker,
+            num_workers: workers.max(1),
+            ..PlanSpec::default()
+        };
+        let plan = Plan::new(listing.clone(), spec, None)?;
+        let options = LoaderOptions {
+            hints,
+            ..LoaderOptions::default()
+        };
+        let mut loader = ds.loader_with(plan, batch, prefetch_bytes, options)?;
+        tasks.push(tokio::spawn(async move {
+            let (mut samples, mut bytes) = (0u64, 0u64);
+            while let Some(b) = loader.next().await {
+                for s in b?.samples {
+                    samples += 1;
+                    bytes += s.data.len() as u64;
+                }
+            }
+            Ok::<_, anyhow::Error>((samples, bytes, loader.stats()))
+        }));
+    }
+    let (mut samples, mut bytes, mut shm, mut grpc, mut hinted) = (0, 0, 0, 0, 0);
+    for t in tasks {
+        let (n, b, stats) = t.await??;
+        samples += n;
+        bytes += b;
+        shm += stats.shm_batches;
+        grpc += stats.grpc_batches;
+        hinted += stats.hint_objects_accepted;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    outln!(
+        "epoch {epoch}: {samples} samples, {} in {secs:.2} s: {:.0} samples/s, {}/s; batches via shm {shm}, via grpc {grpc}; samples read ahead on hint {hinted}",
+        human(bytes),
+        samples as f64 / secs,
+        human((bytes as f64 / secs) as u64)
+    );
+    Ok(())
+}
