@@ -64,6 +64,17 @@ pub(super) async fn ingest_class(
     s.commit(objects.len() as u64, total).await
 }
 
+/// Bytes the committed datasets own (their extents and manifest rows):
+/// what `used_bytes` must be once freed space is discarded.
+pub(super) fn owned_bytes(store: &Store) -> u64 {
+    store
+        .list_datasets()
+        .iter()
+        .flat_map(|d| d.record.owned_extents())
+        .map(|e| e.len)
+        .sum()
+}
+
 /// Waits until `used_bytes` is `expected` (space of an aborted ingest goes
 /// back once its writes land and its discard ran), failing after 30 s.
 pub(super) async fn used_settles_to(store: &Store, expected: u64) {

@@ -29,7 +29,7 @@
 use std::path::Path;
 
 use super::tests::{
-    config, discards_settled, ingest_class, pattern, read_all, set_superblock_version,
+    config, discards_settled, ingest_class, owned_bytes, pattern, read_all, set_superblock_version,
     superblock_version,
 };
 use super::*;
@@ -397,12 +397,7 @@ async fn run_case(golden: &Golden, scenario: Scenario, seed: u64, point: Option<
 
     // Space: exactly the committed datasets' extents are used ...
     discards_settled(&store).await;
-    let owned: u64 = store
-        .list_datasets()
-        .iter()
-        .flat_map(|d| d.record.owned_extents())
-        .map(|e| e.len)
-        .sum();
+    let owned = owned_bytes(&store);
     assert_eq!(store.status().used_bytes, owned, "space accounted exactly");
     // ... and the rest is free: filling some of it overwrites nothing.
     let filler = pattern(seed, 3 << 20);

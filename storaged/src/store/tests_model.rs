@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 
 use proptest::prelude::*;
 
-use super::tests::{config, discards_settled, ingest_class, pattern, read_all};
+use super::tests::{config, discards_settled, ingest_class, owned_bytes, pattern, read_all};
 use super::*;
 use crate::service::GrpcCode;
 
@@ -71,12 +71,7 @@ async fn check_invariants(store: &Arc<Store>, model: &Model) -> Result<(), TestC
     let want: Vec<String> = model.keys().cloned().collect();
     prop_assert_eq!(names, want);
     discards_settled(store).await;
-    let owned: u64 = store
-        .list_datasets()
-        .iter()
-        .flat_map(|d| d.record.owned_extents())
-        .map(|e| e.len)
-        .sum();
+    let owned = owned_bytes(store);
     prop_assert_eq!(store.status().used_bytes, owned, "space accounted exactly");
     Ok(())
 }
