@@ -52,8 +52,8 @@ use crate::layout::{Segment, StripeLayout};
 pub struct DatasetHandle {
     pub name: String,
     pub record: DatasetRecord,
-    /// Layout and codec of an erasure-coded dataset.
-    pub ec: Option<redundancy::EcDataset>,
+    /// How its bytes lie on the devices (its storage class).
+    pub layout: class::DatasetLayout,
     /// Reads served by rebuilding from parity (stripes rebuilt).
     pub reconstructions: std::sync::atomic::AtomicU64,
     space: Arc<discard::FreeSpace>,
@@ -67,11 +67,11 @@ impl DatasetHandle {
         layout: StripeLayout,
         space: Arc<discard::FreeSpace>,
     ) -> Self {
-        let ec = redundancy::EcDataset::for_record(&record, layout);
+        let layout = class::DatasetLayout::for_record(&record, layout);
         Self {
             name,
             record,
-            ec,
+            layout,
             reconstructions: Default::default(),
             space,
             deleted: AtomicBool::new(false),
@@ -359,9 +359,11 @@ pub(crate) use ingest::{WriteFuture, acquire_draining, push_write};
 pub use read::BatchEvent;
 use read::BatchItemPlan;
 
+pub mod class;
 pub mod discard;
 pub mod hooks;
 pub mod status;
+mod window;
 pub use status::{DeviceState, DeviceUsage, StoreStatus};
 mod ingest;
 mod open;

@@ -58,8 +58,11 @@ impl Store {
             self.quota.begin_dataset(&owner, datasets)?;
             ing.insert(name.to_string());
         }
-        let ec = match geometry {
-            None => None,
+        let writer = match geometry {
+            None => ClassWriter::Stripe(StripeWriter::new(
+                self.layout,
+                self.limits.ingest_write_depth,
+            )),
             Some(geometry) => {
                 let dataset_id = match self.catalog.reserve_dataset_id() {
                     Ok(id) => id,
@@ -72,7 +75,7 @@ impl Store {
                         return Err(e.into());
                     }
                 };
-                Some(EcIngest {
+                ClassWriter::Ec(Box::new(EcIngest {
                     map: EcMap::new(geometry, self.layout, &[]),
                     writer: redundancy::EcWriter::new(
                         dataset_id,
@@ -82,12 +85,12 @@ impl Store {
                     ),
                     data_end: 0,
                     dataset_id,
-                })
+                }))
             }
         };
         let owner_bytes = self.owner_usage(&owner.owner).0;
         Ok(IngestSession {
-            ec,
+            writer,
             store: Arc::clone(self),
             name,
             class,
@@ -100,7 +103,6 @@ impl Store {
             extents: Vec::new(),
             reservation: None,
             current: None,
-            writer: StripeWriter::new(self.layout, self.limits.ingest_write_depth),
             total_bytes: 0,
             committed: false,
         })
@@ -288,12 +290,67 @@ pub(super) struct EcIngest {
     dataset_id: u64,
 }
 
+/// The storage class's side of an ingest: the writer that turns the byte
+/// stream into device writes.
+pub(super) enum ClassWriter {
+    /// Stripe units, written as they fill.
+    Stripe(StripeWriter),
+    /// Whole `ec` stripes with their parity; the session's `extents` are
+    /// its rows, in data order.
+    Ec(Box<EcIngest>),
+}
+
+impl ClassWriter {
+    async fn write_at(
+        &mut self,
+        io: &WriteIo<'_>,
+        at: u64,
+        bytes: &[u8],
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Stripe(w) => w.write_at(io, at, bytes).await,
+            Self::Ec(ec) => ec.writer.write_at(io, &ec.map, at, bytes).await,
+        }
+    }
+
+    /// Zero-fills to the next 4 KiB boundary (the end of an object).
+    async fn pad_to_block(&mut self, io: &WriteIo<'_>) -> Result<(), StoreError> {
+        match self {
+            Self::Stripe(w) => w.pad_to_block(io).await,
+            Self::Ec(ec) => ec.writer.pad_to_block(io, &ec.map).await,
+        }
+    }
+
+    /// Writes what is staged and waits for every write.
+    async fn finish(&mut self, io: &WriteIo<'_>) -> Result<(), StoreError> {
+        match self {
+            Self::Stripe(w) => w.finish(io).await,
+            Self::Ec(ec) => ec.writer.finish(io, &ec.map).await,
+        }
+    }
+
+    /// The writes still in flight (an aborted ingest waits for them before
+    /// its space is freed).
+    fn take_writes(&mut self) -> FuturesUnordered<WriteFuture> {
+        match self {
+            Self::Stripe(w) => std::mem::take(&mut w.writes),
+            Self::Ec(ec) => std::mem::take(&mut ec.writer.writes),
+        }
+    }
+
+    /// Check values per unit the dataset record keeps (see `DatasetRecord`).
+    fn unit_rows(&self) -> u32 {
+        match self {
+            Self::Stripe(_) => 1,
+            Self::Ec(ec) => ec.writer.rows,
+        }
+    }
+}
+
 /// An ingest in progress; see the module docs. Dropping it without
 /// [`commit`](Self::commit) discards everything.
 pub struct IngestSession {
-    /// Set for an erasure-coded dataset: its rows are `extents`, in data
-    /// order, and bytes go through its writer instead of `writer`.
-    ec: Option<EcIngest>,
+    writer: ClassWriter,
     store: Arc<Store>,
     name: DatasetName,
     class: StorageClass,
@@ -311,7 +368,6 @@ pub struct IngestSession {
     extents: Vec<Extent>,
     reservation: Option<Extent>,
     current: Option<CurrentObject>,
-    writer: StripeWriter,
     total_bytes: u64,
     committed: bool,
 }
@@ -335,7 +391,9 @@ impl IngestSession {
         let len = len.next_multiple_of(BLOCK_BYTES);
         let layout = self.store.layout;
         let row = layout.stripe_unit_bytes * u64::from(layout.device_count);
-        let ec = self.ec.as_mut().expect("an ec ingest");
+        let ClassWriter::Ec(ec) = &mut self.writer else {
+            unreachable!("carve_ec is only called for an ec ingest")
+        };
         let g = ec.map.geometry;
         while ec.data_end + len > ec.map.data_capacity_bytes() {
             let short = ec.data_end + len - ec.map.data_capacity_bytes();
@@ -367,7 +425,7 @@ impl IngestSession {
     }
 
     pub(super) fn carve(&mut self, len: u64) -> Result<u64, StoreError> {
-        if self.ec.is_some() {
+        if let ClassWriter::Ec(_) = self.writer {
             return self.carve_ec(len);
         }
         let len = len.next_multiple_of(BLOCK_BYTES);
@@ -538,12 +596,7 @@ impl IngestSession {
         let done = cur.received == cur.size;
         self.total_bytes += bytes.len() as u64;
         let store = Arc::clone(&self.store);
-        match self.ec.as_mut() {
-            Some(EcIngest { map, writer, .. }) => {
-                writer.write_at(&store.write_io(), map, at, bytes).await?
-            }
-            None => self.writer.write_at(&store.write_io(), at, bytes).await?,
-        }
+        self.writer.write_at(&store.write_io(), at, bytes).await?;
         if done {
             self.end_object().await?;
         }
@@ -568,12 +621,7 @@ impl IngestSession {
         }
         if cur.size > 0 {
             let store = Arc::clone(&self.store);
-            match self.ec.as_mut() {
-                Some(EcIngest { map, writer, .. }) => {
-                    writer.pad_to_block(&store.write_io(), map).await?
-                }
-                None => self.writer.pad_to_block(&store.write_io()).await?,
-            }
+            self.writer.pad_to_block(&store.write_io()).await?;
         }
         self.objects.push((
             cur.path,
@@ -608,69 +656,26 @@ impl IngestSession {
             )));
         }
         let store = Arc::clone(&self.store);
-        match self.ec.as_mut() {
-            Some(EcIngest { map, writer, .. }) => writer.finish(&store.write_io(), map).await?,
-            None => self.writer.finish(&store.write_io()).await?,
-        }
+        self.writer.finish(&store.write_io()).await?;
         // Data durable before the catalog refers to it.
         store.sync_all().await?;
-        if let Some(r) = self.reservation.take() {
-            store
-                .alloc
-                .lock()
-                .expect("allocator poisoned")
-                .release(r)
-                .expect("reservation is ours");
-        }
-        let (extents, unit_crcs, id) = match self.ec.as_mut() {
-            None => {
-                let mut extents = std::mem::take(&mut self.extents);
-                coalesce(&mut extents);
-                (extents, Vec::new(), 0)
-            }
-            Some(ec) => {
-                let layout = store.layout;
-                let row = layout.stripe_unit_bytes * u64::from(layout.device_count);
-                let units = ec.writer.stripes() * u64::from(ec.map.geometry.width());
-                let rows_used = units.div_ceil(u64::from(layout.device_count));
-                let (kept, spare) = split_rows(std::mem::take(&mut self.extents), rows_used, row);
-                let mut alloc = store.alloc.lock().expect("allocator poisoned");
-                for e in spare {
-                    alloc.release(e).expect("rows are ours");
-                }
-                drop(alloc);
-                (
-                    kept,
-                    std::mem::take(&mut ec.writer.unit_crcs),
-                    ec.dataset_id,
-                )
-            }
-        };
+        let (extents, unit_crcs, id) = self.settle_extents();
         let allocated_bytes = extents.iter().map(|e| e.len).sum();
         // The manifest names the dataset id: a stripe dataset takes its id
         // now (an ec one took it when it started).
-        let id = if id == 0 {
-            let s2 = Arc::clone(&store);
-            match tokio::task::spawn_blocking(move || s2.catalog.reserve_dataset_id()).await {
-                Ok(Ok(id)) => id,
-                Ok(Err(e)) => {
-                    self.extents = extents;
-                    return Err(e.into());
-                }
+        let id = match id {
+            Some(id) => id,
+            None => match reserve_dataset_id(&store).await {
+                Ok(id) => id,
                 Err(e) => {
                     self.extents = extents;
-                    return Err(StoreError::InvalidArgument(format!(
-                        "commit task failed: {e}"
-                    )));
+                    return Err(e);
                 }
-            }
-        } else {
-            id
+            },
         };
-        let unit_rows = self.ec.as_ref().map_or(1, |ec| ec.writer.rows);
         let record = DatasetRecord {
             manifest: None,
-            unit_rows,
+            unit_rows: self.writer.unit_rows(),
             id,
             class: self.class,
             checksum_block_bytes: CHECKSUM_BLOCK_BYTES,
@@ -684,44 +689,13 @@ impl IngestSession {
             extents,
             owner: self.owner.owner.clone(),
         };
-        let mut manifest = crate::poolmeta::Manifest {
+        let manifest = crate::poolmeta::Manifest {
             name: self.name.to_string(),
             record,
             objects: std::mem::take(&mut self.objects),
             unit_crcs,
         };
-        // Its length does not depend on where its rows are.
-        manifest.record.manifest = Some(Extent { offset: 0, len: 0 });
-        let bytes = manifest.encoded_len() as u64;
-        let rows = match store.pool_root.allocate_rows(&store.space, bytes) {
-            Ok(r) => r,
-            Err(e) => {
-                self.extents = std::mem::take(&mut manifest.record.extents);
-                return Err(e);
-            }
-        };
-        manifest.record.manifest = Some(rows);
-        let s2 = Arc::clone(&store);
-        let committed = tokio::task::spawn_blocking(move || {
-            let r = s2.pool_root.commit(&s2.catalog, &manifest);
-            (r, manifest.record)
-        })
-        .await;
-        let (committed, times) = match committed {
-            Ok((Ok(r), _)) => r,
-            Ok((Err(e), record)) => {
-                // Put the extents back so Drop frees them.
-                self.extents = record.owned_extents();
-                return Err(e);
-            }
-            Err(e) => {
-                // The task panicked: its rows are lost until restart (the
-                // catalog did not commit, so they are free then).
-                return Err(StoreError::InvalidArgument(format!(
-                    "commit task failed: {e}"
-                )));
-            }
-        };
+        let (committed, times) = self.commit_manifest(manifest).await?;
         self.committed = true;
         let handle = Arc::new(DatasetHandle::new(
             self.name.to_string(),
@@ -744,6 +718,95 @@ impl IngestSession {
         );
         Ok(handle)
     }
+
+    /// Gives back the unused reservation (and an `ec` ingest's spare rows)
+    /// and returns the extents the dataset keeps, its unit CRCs, and its id
+    /// if it took one already.
+    fn settle_extents(&mut self) -> (Vec<Extent>, Vec<u32>, Option<u64>) {
+        let store = Arc::clone(&self.store);
+        if let Some(r) = self.reservation.take() {
+            store
+                .alloc
+                .lock()
+                .expect("allocator poisoned")
+                .release(r)
+                .expect("reservation is ours");
+        }
+        match &mut self.writer {
+            ClassWriter::Stripe(_) => {
+                let mut extents = std::mem::take(&mut self.extents);
+                coalesce(&mut extents);
+                (extents, Vec::new(), None)
+            }
+            ClassWriter::Ec(ec) => {
+                let layout = store.layout;
+                let row = layout.stripe_unit_bytes * u64::from(layout.device_count);
+                let units = ec.writer.stripes() * u64::from(ec.map.geometry.width());
+                let rows_used = units.div_ceil(u64::from(layout.device_count));
+                let (kept, spare) = split_rows(std::mem::take(&mut self.extents), rows_used, row);
+                let mut alloc = store.alloc.lock().expect("allocator poisoned");
+                for e in spare {
+                    alloc.release(e).expect("rows are ours");
+                }
+                drop(alloc);
+                (
+                    kept,
+                    std::mem::take(&mut ec.writer.unit_crcs),
+                    Some(ec.dataset_id),
+                )
+            }
+        }
+    }
+
+    /// Writes the manifest to rows of its own on every device and commits
+    /// the catalog: the moment the dataset exists. On failure the extents
+    /// go back to the session, whose drop frees them.
+    async fn commit_manifest(
+        &mut self,
+        mut manifest: crate::poolmeta::Manifest,
+    ) -> Result<(DatasetRecord, pool_root::CommitTimes), StoreError> {
+        let store = Arc::clone(&self.store);
+        // Its length does not depend on where its rows are.
+        manifest.record.manifest = Some(Extent { offset: 0, len: 0 });
+        let bytes = manifest.encoded_len() as u64;
+        let rows = match store.pool_root.allocate_rows(&store.space, bytes) {
+            Ok(r) => r,
+            Err(e) => {
+                self.extents = std::mem::take(&mut manifest.record.extents);
+                return Err(e);
+            }
+        };
+        manifest.record.manifest = Some(rows);
+        let committed = tokio::task::spawn_blocking(move || {
+            let r = store.pool_root.commit(&store.catalog, &manifest);
+            (r, manifest.record)
+        })
+        .await;
+        match committed {
+            Ok((Ok(r), _)) => Ok(r),
+            Ok((Err(e), record)) => {
+                // Put the extents back so Drop frees them.
+                self.extents = record.owned_extents();
+                Err(e)
+            }
+            // The task panicked: its rows are lost until restart (the
+            // catalog did not commit, so they are free then).
+            Err(e) => Err(StoreError::InvalidArgument(format!(
+                "commit task failed: {e}"
+            ))),
+        }
+    }
+}
+
+/// A new dataset id from the catalog, off the runtime's threads.
+async fn reserve_dataset_id(store: &Arc<Store>) -> Result<u64, StoreError> {
+    let store = Arc::clone(store);
+    match tokio::task::spawn_blocking(move || store.catalog.reserve_dataset_id()).await {
+        Ok(r) => r.map_err(StoreError::from),
+        Err(e) => Err(StoreError::InvalidArgument(format!(
+            "commit task failed: {e}"
+        ))),
+    }
 }
 
 impl Drop for IngestSession {
@@ -761,10 +824,7 @@ impl Drop for IngestSession {
         }
         let mut space = std::mem::take(&mut self.extents);
         space.extend(self.reservation.take());
-        let writes = match self.ec.as_mut() {
-            Some(ec) => std::mem::take(&mut ec.writer.writes),
-            None => std::mem::take(&mut self.writer.writes),
-        };
+        let writes = self.writer.take_writes();
         let free = Arc::clone(&self.store.space);
         let name = self.name.to_string();
         let release = move || {

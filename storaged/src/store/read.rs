@@ -2,6 +2,8 @@
 //! per window, every checksum block checked, rebuilt from parity where a
 //! unit is lost), streamed in order, in batches, or in any order.
 
+use super::class::FaultAction;
+use super::window::{ReadWindow, WindowPolicy};
 use super::*;
 
 impl Store {
@@ -17,11 +19,9 @@ impl Store {
     /// units. `Segment::logical` is in the dataset's address space (the
     /// pool's for `stripe`, the data space for `ec`).
     pub(crate) fn object_segments(&self, obj: &ObjectRef, start: u64, len: u64) -> Vec<Segment> {
-        let at = obj.record.logical_offset + start;
-        match &obj.dataset.ec {
-            None => self.layout.segments(at, len).collect(),
-            Some(ec) => ec.map.segments(at, len).collect(),
-        }
+        obj.dataset
+            .layout
+            .segments(obj.record.logical_offset + start, len)
     }
 
     /// Device and device offset of object byte `offset`.
@@ -62,95 +62,83 @@ impl Store {
         Ok((offset, len))
     }
 
-    /// Windows `(window_start, window_end)` of object bytes that cover
-    /// `[start, start + len)`, aligned to checksum blocks.
-    pub(super) fn windows(
-        &self,
-        obj: &ObjectRef,
-        start: u64,
-        len: u64,
-    ) -> impl Iterator<Item = (u64, u64)> + use<> {
-        let block = u64::from(obj.dataset.record.checksum_block_bytes);
-        let size = obj.record.size;
-        let end = start + len;
-        let step = self.limits.message_bytes;
-        let mut at = start / block * block;
-        std::iter::from_fn(move || {
-            if at >= end {
-                return None;
-            }
-            let w_end = (at + step).min(end.next_multiple_of(block)).min(size);
-            let w = (at, w_end);
-            at = w_end;
-            Some(w)
-        })
+    /// The one window policy of every read of `obj` (see `window`):
+    /// windows of at most `message_bytes`.
+    pub(super) fn window_policy(&self, obj: &ObjectRef) -> WindowPolicy {
+        WindowPolicy::new(obj, self.limits.message_bytes)
     }
 
-    /// Reads object bytes `[w_start, w_end)` (block aligned at the start),
-    /// verifies every checksum block, and returns the parts that intersect
-    /// `[want_start, want_end)`.
+    /// Reads window `w` of `obj`, verifies every checksum block of it, and
+    /// returns its wanted parts. A read that fails on the devices follows
+    /// the dataset's read-fault policy (see `class`).
     pub(super) async fn read_window(
         &self,
         obj: &ObjectRef,
-        w_start: u64,
-        w_end: u64,
-        want_start: u64,
-        want_end: u64,
+        w: ReadWindow,
     ) -> Result<Vec<Chunk>, StoreError> {
-        let block = u64::from(obj.dataset.record.checksum_block_bytes);
-        debug_assert_eq!(w_start % block, 0);
-        let (lo, hi) = (w_start.max(want_start), w_end.min(want_end));
+        debug_assert_eq!(
+            w.start % u64::from(obj.dataset.record.checksum_block_bytes),
+            0
+        );
+        let (lo, hi) = w.wanted();
         if let Some(chunks) = self.read_ahead_hit(obj, lo, hi).await {
             return Ok(chunks);
         }
-        if let Some(ec) = &obj.dataset.ec
+        if let Some(ec) = obj.dataset.layout.ec()
             && self.slots.any_missing()
+            && self.window_meets_missing(obj, ec, w)
         {
-            let missing = self.slots.missing();
-            let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
-            let segs = self.object_segments(obj, w_start, dev_len);
-            // A known-missing device: no point trying it first. A
-            // large window whose stripes lost a unit anywhere joins the
-            // whole-stripe rebuild its neighbours share, rather than
-            // reading its units a second time.
-            let large = (w_end - w_start) * 2 >= ec.map.unit_bytes();
-            let g = ec.map.geometry;
-            if segs.iter().any(|s| {
+            // Not charged to the call's budget: see `Budget::exempt`.
+            return crate::budget::Budget::exempt(self.read_window_recovering(obj, w)).await;
+        }
+        match self.read_window_healthy(obj, w).await {
+            Err(e) if obj.dataset.layout.on_read_fault(&e, false) != FaultAction::Fail => {
+                tracing::debug!(dataset = %obj.dataset.name, path = %obj.path, error = %e, "read failed; recovering");
+                crate::budget::Budget::exempt(self.read_window_recovering(obj, w)).await
+            }
+            r => r,
+        }
+    }
+
+    /// Whether window `w` of an `ec` dataset should skip its direct read:
+    /// a piece is on a known-missing device (no point trying it first), or
+    /// the window is large and its stripes lost a unit anywhere (it joins
+    /// the whole-stripe rebuild its neighbours share, rather than reading
+    /// its units a second time).
+    fn window_meets_missing(
+        &self,
+        obj: &ObjectRef,
+        ec: &redundancy::EcDataset,
+        w: ReadWindow,
+    ) -> bool {
+        let missing = self.slots.missing();
+        let large = w.len() * 2 >= ec.map.unit_bytes();
+        let g = ec.map.geometry;
+        self.object_segments(obj, w.start, w.device_len())
+            .iter()
+            .any(|s| {
                 missing[s.device as usize]
                     || (large && {
                         let (stripe, _) = ec.map.data_unit_of(s.logical);
                         (0..g.width()).any(|p| missing[ec.map.unit_location(stripe, p).0 as usize])
                     })
-            }) {
-                // Not charged to the call's budget: see `Budget::exempt`.
-                return crate::budget::Budget::exempt(self.read_window_rebuilt(
-                    obj,
-                    ec,
-                    (w_start, w_end),
-                    (want_start, want_end),
-                    &missing,
-                ))
-                .await;
-            }
-        }
-        match self
-            .read_window_healthy(obj, w_start, w_end, want_start, want_end)
-            .await
-        {
-            Err(e) if obj.dataset.ec.is_some() && e.is_device_fault() => {
-                tracing::debug!(dataset = %obj.dataset.name, path = %obj.path, error = %e, "rebuilding from parity");
-                let ec = obj.dataset.ec.as_ref().expect("checked");
+            })
+    }
+
+    /// Window `w` again after its direct read failed, the way its class
+    /// recovers: rebuilt from parity (`ec`), or read once more into
+    /// storaged's memory (`stripe`, after a read into a client's region).
+    pub(super) async fn read_window_recovering(
+        &self,
+        obj: &ObjectRef,
+        w: ReadWindow,
+    ) -> Result<Vec<Chunk>, StoreError> {
+        match obj.dataset.layout.ec() {
+            Some(ec) => {
                 let missing = self.slots.missing();
-                crate::budget::Budget::exempt(self.read_window_rebuilt(
-                    obj,
-                    ec,
-                    (w_start, w_end),
-                    (want_start, want_end),
-                    &missing,
-                ))
-                .await
+                self.read_window_rebuilt(obj, ec, w, &missing).await
             }
-            r => r,
+            None => self.read_window_healthy(obj, w).await,
         }
     }
 
@@ -163,36 +151,27 @@ impl Store {
         &self,
         obj: &ObjectRef,
         ec: &redundancy::EcDataset,
-        (w_start, w_end): (u64, u64),
-        (want_start, want_end): (u64, u64),
+        w: ReadWindow,
         missing: &[bool],
     ) -> Result<Vec<Chunk>, StoreError> {
-        if (w_end - w_start) * 2 < ec.map.unit_bytes() {
-            match self
-                .read_window_partial(obj, w_start, w_end, want_start, want_end, missing)
-                .await
-            {
+        if w.len() * 2 < ec.map.unit_bytes() {
+            match self.read_window_partial(obj, ec, w, missing).await {
                 Ok(chunks) => return Ok(chunks),
                 Err(e) => {
                     tracing::debug!(error = %e, "range rebuild did not verify; rebuilding whole stripes");
                 }
             }
         }
-        self.read_window_degraded(obj, w_start, w_end, want_start, want_end)
-            .await
+        self.read_window_degraded(obj, ec, w).await
     }
 
     /// [`read_window`](Self::read_window) from the units themselves.
     pub(super) async fn read_window_healthy(
         &self,
         obj: &ObjectRef,
-        w_start: u64,
-        w_end: u64,
-        want_start: u64,
-        want_end: u64,
+        w: ReadWindow,
     ) -> Result<Vec<Chunk>, StoreError> {
-        let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
-        let segs = self.object_segments(obj, w_start, dev_len);
+        let segs = self.object_segments(obj, w.start, w.device_len());
         let longest = segs.iter().map(|s| s.len).max().unwrap_or(0) as usize;
         let leases = self
             .pool
@@ -211,27 +190,25 @@ impl Store {
         });
         let bufs: Vec<BufLease> = futures::future::try_join_all(reads).await?;
         let pieces = bufs.into_iter().map(BufLease::into_bytes).collect();
-        self.verified_parts(obj, (w_start, w_end), (want_start, want_end), pieces)
+        self.verified_parts(obj, w, pieces)
     }
 
-    /// Verifies window `[w_start, w_end)` of `obj`, whose bytes are
-    /// `pieces` back to back, and hands out the parts in `[want_start,
-    /// want_end)` without copying.
+    /// Verifies window `w` of `obj`, whose bytes are `pieces` back to back,
+    /// and hands out its wanted parts without copying.
     pub(super) fn verified_parts(
         &self,
         obj: &ObjectRef,
-        (w_start, w_end): (u64, u64),
-        (want_start, want_end): (u64, u64),
+        w: ReadWindow,
         pieces: Vec<Bytes>,
     ) -> Result<Vec<Chunk>, StoreError> {
-        let verified = crate::verified::verify(pieces, (w_start, w_end), Self::blocks(obj))
+        let verified = crate::verified::verify(pieces, (w.start, w.end), Self::blocks(obj))
             .map_err(|e| self.verify_error(obj, e))?;
         Ok(wanted_parts(
             verified.into_iter(),
-            w_start,
-            w_end,
-            want_start,
-            want_end,
+            w.start,
+            w.end,
+            w.want_start,
+            w.want_end,
         ))
     }
 
@@ -277,18 +254,17 @@ impl Store {
         }
     }
 
-    /// Checks every checksum block of object bytes `[w_start, w_end)`
-    /// (`w_start` block aligned), which lie in `pieces` back to back, in
+    /// Checks every checksum block of window `w`, whose bytes lie in
+    /// `pieces` back to back, in
     /// place (bytes in a client's region, or read ahead before they are
     /// cut).
     pub(super) fn verify_window(
         &self,
         obj: &ObjectRef,
-        w_start: u64,
-        w_end: u64,
+        w: ReadWindow,
         pieces: &[&[u8]],
     ) -> Result<(), StoreError> {
-        crate::verified::check(pieces, (w_start, w_end), Self::blocks(obj))
+        crate::verified::check(pieces, (w.start, w.end), Self::blocks(obj))
             .map_err(|e| self.verify_error(obj, e))
     }
 
@@ -302,10 +278,10 @@ impl Store {
     ) -> impl Stream<Item = Result<Chunk, StoreError>> + Send + 'static {
         let depth = (self.limits.read_ahead_bytes / self.limits.message_bytes).max(1) as usize;
         let store = Arc::clone(self);
-        let windows = self.windows(&obj, start, len).map(move |(ws, we)| {
+        let windows = self.window_policy(&obj).windows(start, len).map(move |w| {
             let store = Arc::clone(&store);
             let obj = Arc::clone(&obj);
-            async move { store.read_window(&obj, ws, we, start, start + len).await }
+            async move { store.read_window(&obj, w).await }
         });
         let weigh = |r: &Result<Vec<Chunk>, StoreError>| -> u64 {
             r.as_ref()
@@ -439,17 +415,16 @@ impl Store {
                 } => {
                     // One item's windows at a time (as many as the item
                     // has messages), made when the pipeline reaches it.
-                    let windows: Vec<(u64, u64)> = planner.windows(&obj, start, len).collect();
+                    let windows: Vec<ReadWindow> =
+                        planner.window_policy(&obj).windows(start, len).collect();
                     let last = windows.len() - 1;
                     windows
                         .into_iter()
                         .enumerate()
-                        .map(|(k, (ws, we))| BatchTask::Window {
+                        .map(|(k, window)| BatchTask::Window {
                             index,
                             obj: Arc::clone(&obj),
-                            ws,
-                            we,
-                            start,
+                            window,
                             len,
                             last: k == last,
                         })
@@ -470,16 +445,14 @@ impl Store {
                     BatchTask::Window {
                         index,
                         obj,
-                        ws,
-                        we,
-                        start,
+                        window,
                         len,
                         last,
                     } => BatchEvent::from_read(
                         index,
                         len,
                         last,
-                        store.read_window(&obj, ws, we, start, start + len).await,
+                        store.read_window(&obj, window).await,
                     ),
                 }
             }
@@ -564,9 +537,9 @@ impl Store {
         start: u64,
         len: u64,
     ) -> Result<Vec<Chunk>, StoreError> {
-        let windows: Vec<(u64, u64)> = self.windows(obj, start, len).collect();
-        if let [(ws, we)] = windows[..] {
-            return self.read_window(obj, ws, we, start, start + len).await;
+        let windows: Vec<ReadWindow> = self.window_policy(obj).windows(start, len).collect();
+        if let [w] = windows[..] {
+            return self.read_window(obj, w).await;
         }
         // The copy counts against the caller's budget for as long as any
         // message of it lives (see `budget::HeapCopy`).
@@ -574,8 +547,8 @@ impl Store {
         // Window by window, so each window's pool buffers go back before
         // the next is read.
         let mut copy = crate::verified::VerifiedCopy::with_capacity(len as usize);
-        for (ws, we) in windows {
-            for (_, b) in self.read_window(obj, ws, we, start, start + len).await? {
+        for w in windows {
+            for (_, b) in self.read_window(obj, w).await? {
                 copy.push(&b);
             }
         }
@@ -634,9 +607,7 @@ pub(super) enum BatchTask {
     Window {
         index: u32,
         obj: Arc<ObjectRef>,
-        ws: u64,
-        we: u64,
-        start: u64,
+        window: ReadWindow,
         len: u64,
         last: bool,
     },

@@ -26,7 +26,9 @@ use futures::{FutureExt, Stream};
 use storaged_proto::DatasetName;
 use storaged_proto::model::{RangeSpec, read_into_span};
 
+use super::class::FaultAction;
 use super::schedule::{Run, Want, schedule};
+use super::window::{ReadWindow, WindowPolicy};
 use super::{BatchItemPlan, ObjectRef, Store};
 use crate::alloc::BLOCK_BYTES;
 use crate::engine::ForeignRead;
@@ -146,8 +148,8 @@ impl Store {
                 pieces_left: 0,
                 error: None,
             };
-            let (w_start, w_end) = item.window();
-            let chunks = self.read_ahead_hit(obj, w_start, w_end).await?;
+            let w = item.window();
+            let chunks = self.read_ahead_hit(obj, w.start, w.end).await?;
             Some((item, chunks))
         });
         let found = futures::future::join_all(lookups).await;
@@ -173,21 +175,21 @@ impl Store {
         chunks: &[super::Chunk],
     ) -> Result<ReadIntoDone, StoreError> {
         check_offset(region, item.index, item.region_offset, item.span)?;
-        let (w_start, w_end) = item.window();
+        let w = item.window();
         let base = item.region_offset as usize;
         for (offset, bytes) in chunks {
             // SAFETY: callers copy an item no device read targets: one
             // served from read-ahead (never read from the devices), or one
             // whose reads have all completed.
-            unsafe { region.copy_in(base + (offset - w_start) as usize, bytes) };
+            unsafe { region.copy_in(base + (offset - w.start) as usize, bytes) };
         }
-        let tail = (w_end - w_start) as usize;
+        let tail = w.len() as usize;
         // SAFETY: as above.
         unsafe { region.zero(base + tail, item.span as usize - tail) };
         let c = &self.read_counters;
         c.shm_bytes_served.fetch_add(item.len, Ordering::Relaxed);
         c.shm_payload_bytes_copied
-            .fetch_add(w_end - w_start, Ordering::Relaxed);
+            .fetch_add(w.len(), Ordering::Relaxed);
         Ok(ReadIntoDone {
             data_offset: item.region_offset + item.lead,
             length: item.len,
@@ -324,9 +326,8 @@ impl Store {
                             // the read): only a second mismatch there is the
                             // device's.
                             Err(e)
-                                if e.is_device_fault()
-                                    && (item.obj.dataset.ec.is_some()
-                                        || matches!(e, StoreError::Checksum { .. })) =>
+                                if item.obj.dataset.layout.on_read_fault(&e, true)
+                                    != FaultAction::Fail =>
                             {
                                 tracing::debug!(error = %e, "ReadInto item: reading again in storaged's memory");
                                 let store = Arc::clone(&st.store);
@@ -353,19 +354,10 @@ impl Store {
         region: &RegionMap,
         item: &GroupItem,
     ) -> Result<ReadIntoDone, StoreError> {
-        let obj = &item.obj;
-        let (w_start, w_end) = item.window();
-        let chunks = match &obj.dataset.ec {
-            Some(ec) => {
-                let missing = self.missing_devices();
-                self.read_window_rebuilt(obj, ec, (w_start, w_end), (w_start, w_end), &missing)
-                    .await?
-            }
-            None => {
-                self.read_window(obj, w_start, w_end, w_start, w_end)
-                    .await?
-            }
-        };
+        let w = item.window();
+        let chunks = self
+            .read_window_recovering(&item.obj, ReadWindow::whole(w.start, w.end))
+            .await?;
         // Every read of this item has completed (it had no pieces left), so
         // nothing else writes its span.
         self.copy_into(region, item, &chunks)
@@ -415,14 +407,13 @@ impl Store {
         if let Some(e) = item.error.take() {
             return Err(e);
         }
-        let obj = &item.obj;
-        let (w_start, w_end) = item.window();
+        let w = item.window();
         let base = item.region_offset as usize;
         // SAFETY: every read into [base, base + span) has completed (the
         // item has no pieces left).
-        let window = unsafe { region.completed(base, (w_end - w_start) as usize) };
-        self.verify_window(obj, w_start, w_end, &[window])?;
-        let tail = (w_end - w_start) as usize;
+        let window = unsafe { region.completed(base, w.len() as usize) };
+        self.verify_window(&item.obj, w, &[window])?;
+        let tail = w.len() as usize;
         // SAFETY: as above; the tail past the object's data is ours to zero.
         unsafe { region.zero(base + tail, item.span as usize - tail) };
         self.read_counters
@@ -453,12 +444,10 @@ struct GroupItem {
 impl GroupItem {
     /// The object bytes its span holds: whole checksum blocks, cut at the
     /// object's end.
-    fn window(&self) -> (u64, u64) {
-        let block = u64::from(self.obj.dataset.record.checksum_block_bytes);
-        let end = (self.start + self.len)
-            .next_multiple_of(block)
-            .min(self.obj.record.size);
-        (self.start - self.lead, end)
+    fn window(&self) -> ReadWindow {
+        let w = WindowPolicy::new(&self.obj, self.span).covering(self.start, self.len);
+        debug_assert_eq!(w.start, self.start - self.lead);
+        w
     }
 
     /// A copy for a task of its own (the item is finished in the group).

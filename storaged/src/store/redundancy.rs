@@ -29,6 +29,7 @@ use bytes::Bytes;
 use futures::stream::{FuturesUnordered, StreamExt};
 use storaged_proto::model::StorageClass;
 
+use super::window::ReadWindow;
 use super::{Chunk, DatasetHandle, ObjectRef, Store, WriteFuture, WriteIo};
 use crate::alloc::BLOCK_BYTES;
 use crate::buf::{BufLease, BufferPool};
@@ -69,7 +70,7 @@ impl EcDataset {
     }
 
     /// Devices holding at least one unit of this dataset.
-    fn devices_used(&self, device_count: u32) -> Vec<bool> {
+    pub(super) fn devices_used(&self, device_count: u32) -> Vec<bool> {
         let mut used = vec![false; device_count as usize];
         let stripes = self.map.stripes();
         for s in 0..stripes.min(u64::from(device_count)) {
@@ -83,16 +84,7 @@ impl EcDataset {
 
 /// Devices (of `missing`) that hold bytes of `ds`.
 pub fn devices_at_risk(ds: &DatasetHandle, layout: StripeLayout, missing: &[bool]) -> Vec<u32> {
-    let used: Vec<bool> = match &ds.ec {
-        Some(ec) => ec.devices_used(layout.device_count),
-        None => {
-            let mut per_device = vec![0u64; layout.device_count as usize];
-            for e in &ds.record.extents {
-                layout.bytes_per_device(e.offset, e.len, &mut per_device);
-            }
-            per_device.iter().map(|b| *b > 0).collect()
-        }
-    };
+    let used = ds.layout.devices_used(&ds.record, layout.device_count);
     (0..layout.device_count)
         .filter(|d| missing[*d as usize] && used[*d as usize])
         .collect()
@@ -105,20 +97,7 @@ pub fn dataset_health(ds: &DatasetHandle, layout: StripeLayout, missing: &[bool]
     if gone.is_empty() {
         return String::new();
     }
-    match &ds.ec {
-        Some(ec) if gone.len() <= ec.geometry().m() => format!(
-            "degraded: device(s) {gone:?} missing; reads rebuild from parity; {} more device loss(es) tolerated",
-            ec.geometry().m() - gone.len()
-        ),
-        Some(ec) => format!(
-            "unavailable: device(s) {gone:?} missing, {} can rebuild at most {}",
-            ds.record.class,
-            ec.geometry().m()
-        ),
-        None => format!(
-            "at risk: objects with bytes on missing device(s) {gone:?} are unavailable (class stripe has no redundancy)"
-        ),
-    }
+    ds.layout.health(ds.record.class, &gone)
 }
 
 /// Refuses a degraded start that would leave a redundant dataset
@@ -133,9 +112,11 @@ pub fn check_degraded_start(
         return Ok(());
     }
     for ds in datasets.values() {
-        if let Some(ec) = &ds.ec {
+        // A class without redundancy starts regardless (and reports the
+        // objects at risk); one with redundancy must keep every byte.
+        if ds.layout.losses_tolerated() > 0 {
             let gone = devices_at_risk(ds, layout, missing);
-            if gone.len() > ec.geometry().m() {
+            if gone.len() > ds.layout.losses_tolerated() {
                 let names: Vec<String> = gone
                     .iter()
                     .map(|d| format!("{d} ({})", paths[*d as usize].display()))
@@ -145,7 +126,7 @@ pub fn check_degraded_start(
                     ds.name,
                     ds.record.class,
                     names.join(", "),
-                    ec.geometry().m()
+                    ds.layout.losses_tolerated()
                 )));
             }
         }
@@ -456,15 +437,11 @@ impl Store {
     pub(super) async fn read_window_partial(
         &self,
         obj: &ObjectRef,
-        w_start: u64,
-        w_end: u64,
-        want_start: u64,
-        want_end: u64,
+        ec: &EcDataset,
+        w: ReadWindow,
         missing: &[bool],
     ) -> Result<Vec<Chunk>, StoreError> {
-        let ec = obj.dataset.ec.as_ref().expect("an ec dataset");
-        let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
-        let segs = self.object_segments(obj, w_start, dev_len);
+        let segs = self.object_segments(obj, w.start, w.device_len());
         // Every buffer the window needs, taken at once (one per piece read
         // directly, K per piece rebuilt), so that windows never hold some
         // buffers while waiting for more. A piece that fails to read
@@ -506,7 +483,7 @@ impl Store {
             },
         ))
         .await?;
-        self.verified_parts(obj, (w_start, w_end), (want_start, want_end), pieces)
+        self.verified_parts(obj, w, pieces)
     }
 
     /// The bytes of data segment `s` rebuilt from the same range of the
@@ -585,14 +562,10 @@ impl Store {
     pub(super) async fn read_window_degraded(
         &self,
         obj: &ObjectRef,
-        w_start: u64,
-        w_end: u64,
-        want_start: u64,
-        want_end: u64,
+        ec: &EcDataset,
+        w: ReadWindow,
     ) -> Result<Vec<Chunk>, StoreError> {
-        let ec = obj.dataset.ec.as_ref().expect("an ec dataset");
-        let dev_len = (w_end - w_start).next_multiple_of(BLOCK_BYTES);
-        let segs = self.object_segments(obj, w_start, dev_len);
+        let segs = self.object_segments(obj, w.start, w.device_len());
         let unit = ec.map.unit_bytes();
         let mut stripes: BTreeMap<u64, Arc<Vec<Bytes>>> = BTreeMap::new();
         let mut pieces: Vec<Bytes> = Vec::with_capacity(segs.len());
@@ -609,7 +582,7 @@ impl Store {
             let at = (s.logical % unit) as usize;
             pieces.push(data[position as usize].slice(at..at + s.len as usize));
         }
-        self.verified_parts(obj, (w_start, w_end), (want_start, want_end), pieces)
+        self.verified_parts(obj, w, pieces)
     }
 
     /// Stripes rebuilt, by device that lost a unit.

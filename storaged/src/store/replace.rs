@@ -24,7 +24,9 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
-use super::Store;
+use super::class::DatasetLayout;
+use super::redundancy::EcDataset;
+use super::{DatasetHandle, Store};
 use crate::engine::{self, route::Slot};
 use crate::error::StoreError;
 
@@ -150,6 +152,88 @@ impl Store {
         mut progress: impl FnMut(u64, u64) + Send,
     ) -> Result<ReplaceReport, StoreError> {
         let index = self.device_index(old)?;
+        let pending = self.check_replace(index, new_path, options)?;
+        if self
+            .replacing
+            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
+            .is_err()
+        {
+            return Err(StoreError::Busy("a device replacement is running".into()));
+        }
+        let _replacing = Replacing(self);
+        let started = Instant::now();
+        let mut report = ReplaceReport {
+            resumed: pending.is_some(),
+            ..Default::default()
+        };
+        let mut record = pending.unwrap_or(ReplaceRecord {
+            index,
+            new_path: new_path.to_path_buf(),
+            dataset_id: 0,
+            stripe: 0,
+        });
+        let (target, meta_file) = self.start_target(&record, options.overwrite).await?;
+
+        let mut datasets = self.list_datasets();
+        datasets.sort_by_key(|d| d.record.id);
+        // Bytes to rebuild: the device's share of every dataset with
+        // redundancy; a stripe dataset's share is lost.
+        let mut total = 0;
+        for ds in &datasets {
+            let mut per_device = vec![0u64; self.layout.device_count as usize];
+            for e in &ds.record.extents {
+                self.layout
+                    .bytes_per_device(e.offset, e.len, &mut per_device);
+            }
+            match &ds.layout {
+                DatasetLayout::Ec(_) => total += per_device[index as usize],
+                DatasetLayout::Stripe(_) => report.stripe_bytes_lost += per_device[index as usize],
+            }
+        }
+        *self.rebuild.lock().expect("rebuild poisoned") = Some(RebuildState {
+            index,
+            new_path: new_path.to_path_buf(),
+            bytes_done: 0,
+            bytes_total: total,
+            running: true,
+        });
+        let mut done = 0u64;
+        let mut rebuilt = |done: u64| {
+            if let Some(r) = self.rebuild.lock().expect("rebuild poisoned").as_mut() {
+                r.bytes_done = done;
+            }
+            progress(done, total);
+        };
+        for ds in &datasets {
+            if let DatasetLayout::Ec(ec) = &ds.layout {
+                self.rebuild_dataset_onto(
+                    &target,
+                    ds,
+                    ec,
+                    &mut record,
+                    &mut report,
+                    &mut done,
+                    &mut rebuilt,
+                )
+                .await?;
+            }
+        }
+        rebuilt(total);
+        sync_target(&target, index).await?;
+        self.finish_replace(&record, target, meta_file).await?;
+        report.seconds = started.elapsed().as_secs_f64();
+        tracing::info!(?report, device = index, path = %new_path.display(), "device replaced");
+        Ok(report)
+    }
+
+    /// Refuses a replacement that cannot start; returns the one under way
+    /// that this call resumes, if any.
+    fn check_replace(
+        &self,
+        index: u32,
+        new_path: &Path,
+        options: ReplaceOptions,
+    ) -> Result<Option<ReplaceRecord>, StoreError> {
         if !new_path.is_absolute() {
             return Err(StoreError::InvalidArgument(format!(
                 "the new device {} must be an absolute path (the daemon resolves it, not the client)",
@@ -188,31 +272,32 @@ impl Store {
                 "device {index} is healthy; replacing it makes its data unreadable until the rebuild ends (stripe datasets lose its share). Say so explicitly to go on (storagectl device replace --healthy)"
             )));
         }
-        if self
-            .replacing
-            .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
-            .is_err()
-        {
-            return Err(StoreError::Busy("a device replacement is running".into()));
-        }
-        let _replacing = Replacing(self);
-        let started = Instant::now();
+        Ok(pending)
+    }
 
+    /// Prepares the new device, records the replacement in the catalog and
+    /// on the devices, and from then on rebuilds reads of the old one.
+    /// Returns the engine that writes the new device and its metadata file.
+    async fn start_target(
+        &self,
+        record: &ReplaceRecord,
+        overwrite: bool,
+    ) -> Result<
+        (
+            Arc<dyn engine::IoBackend>,
+            Arc<dyn crate::engine::DeviceFile>,
+        ),
+        StoreError,
+    > {
+        let (index, new_path) = (record.index, record.new_path.clone());
         let reference = self.superblock.clone();
-        let path = new_path.to_path_buf();
-        let overwrite = options.overwrite;
+        let path = new_path.clone();
         let file = tokio::task::spawn_blocking(move || {
             crate::device::prepare_replacement(&path, &reference, index, overwrite)
         })
         .await
         .map_err(|e| StoreError::InvalidArgument(format!("prepare task failed: {e}")))?
         .map_err(|e| StoreError::Busy(format!("cannot use the new device: {e}")))?;
-        let mut record = pending.unwrap_or(ReplaceRecord {
-            index,
-            new_path: new_path.to_path_buf(),
-            dataset_id: 0,
-            stripe: 0,
-        });
         self.catalog
             .set_meta(&[("replace", Some(&record.encode()))])?;
         self.pool_root.record_replacements(&self.catalog)?;
@@ -220,7 +305,7 @@ impl Store {
         let meta_file = file
             .try_clone()
             .map_err(|e| StoreError::Busy(format!("cannot use the new device: {e}")))?;
-        let meta_file = self.hooks.meta_file(meta_file, new_path);
+        let meta_file = self.hooks.meta_file(meta_file, &new_path);
         // From here on, reads of the device's units are rebuilt.
         self.slots.set(index, Slot::Missing);
         let target = engine::build(
@@ -230,89 +315,83 @@ impl Store {
             self.engine_limits,
         )
         .map_err(|e| StoreError::Busy(format!("cannot start I/O on the new device: {e}")))?;
-        let target = self.hooks.engine(target, &[new_path.to_path_buf()]);
+        Ok((self.hooks.engine(target, &[new_path]), meta_file))
+    }
 
-        let mut datasets = self.list_datasets();
-        datasets.sort_by_key(|d| d.record.id);
-        let mut report = ReplaceReport {
-            resumed: resume,
-            ..Default::default()
-        };
-        // Bytes to rebuild: the device's share of every ec dataset.
+    /// Rebuilds the units of `ds` that lived on the replaced device onto
+    /// `target`, from where `record` says the last checkpoint was,
+    /// checkpointing every `replace_checkpoint_bytes`. `done` counts bytes
+    /// of the whole replacement, reported through `rebuilt`.
+    #[allow(clippy::too_many_arguments)]
+    async fn rebuild_dataset_onto(
+        &self,
+        target: &Arc<dyn engine::IoBackend>,
+        ds: &Arc<DatasetHandle>,
+        ec: &EcDataset,
+        record: &mut ReplaceRecord,
+        report: &mut ReplaceReport,
+        done: &mut u64,
+        rebuilt: &mut (impl FnMut(u64) + Send),
+    ) -> Result<(), StoreError> {
+        let index = record.index;
         let unit = self.layout.stripe_unit_bytes;
-        let mut total = 0;
-        for ds in &datasets {
-            let mut per_device = vec![0u64; self.layout.device_count as usize];
-            for e in &ds.record.extents {
-                self.layout
-                    .bytes_per_device(e.offset, e.len, &mut per_device);
-            }
-            if ds.ec.is_some() {
-                total += per_device[index as usize];
-            } else {
-                report.stripe_bytes_lost += per_device[index as usize];
-            }
+        if ds.record.id < record.dataset_id {
+            // Rebuilt before the checkpoint this run resumes from.
+            *done += (ec.map.stripes() * u64::from(ec.geometry().width()))
+                .div_ceil(u64::from(self.layout.device_count))
+                * unit;
+            return Ok(());
         }
-        *self.rebuild.lock().expect("rebuild poisoned") = Some(RebuildState {
-            index,
-            new_path: new_path.to_path_buf(),
-            bytes_done: 0,
-            bytes_total: total,
-            running: true,
-        });
-        let mut done = 0u64;
+        let first = if ds.record.id == record.dataset_id {
+            record.stripe
+        } else {
+            0
+        };
         let mut since_checkpoint = 0u64;
-        for ds in &datasets {
-            let Some(ec) = ds.ec.as_ref() else { continue };
-            if ds.record.id < record.dataset_id {
-                done += (ec.map.stripes() * u64::from(ec.geometry().width()))
-                    .div_ceil(u64::from(self.layout.device_count))
-                    * unit;
+        for stripe in first..ec.map.stripes() {
+            if ds.deleted.load(Ordering::SeqCst) {
+                break;
+            }
+            let Some(p) =
+                (0..ec.geometry().width()).find(|p| ec.map.unit_location(stripe, *p).0 == index)
+            else {
+                continue;
+            };
+            *done += unit;
+            let mut read = self.read_stripe(ds, ec, stripe, false).await?;
+            if let Err(e) = self.rebuild_stripe(ds, ec, stripe, &mut read) {
+                tracing::error!(error = %e, "replace: unit lost");
+                report.units_lost += 1;
                 continue;
             }
-            let first = if ds.record.id == record.dataset_id {
-                record.stripe
-            } else {
-                0
-            };
-            for stripe in first..ec.map.stripes() {
-                if ds.deleted.load(Ordering::SeqCst) {
-                    break;
-                }
-                let Some(p) = (0..ec.geometry().width())
-                    .find(|p| ec.map.unit_location(stripe, *p).0 == index)
-                else {
-                    continue;
-                };
-                done += unit;
-                let mut read = self.read_stripe(ds, ec, stripe, false).await?;
-                if let Err(e) = self.rebuild_stripe(ds, ec, stripe, &mut read) {
-                    tracing::error!(error = %e, "replace: unit lost");
-                    report.units_lost += 1;
-                    continue;
-                }
-                let (_, offset) = ec.map.unit_location(stripe, p);
-                let lease = read.units.swap_remove(p as usize);
-                engine::write_all(&*target, 0, offset, lease)
-                    .await
-                    .map_err(|e| StoreError::from_io(index, offset, e))?;
-                report.units_rebuilt += 1;
-                report.bytes_rebuilt += unit;
-                since_checkpoint += unit;
-                if since_checkpoint >= self.limits.replace_checkpoint_bytes {
-                    since_checkpoint = 0;
-                    record.dataset_id = ds.record.id;
-                    record.stripe = stripe + 1;
-                    self.checkpoint(&target, index, &record).await?;
-                }
-                if let Some(r) = self.rebuild.lock().expect("rebuild poisoned").as_mut() {
-                    r.bytes_done = done;
-                }
-                progress(done, total);
+            let (_, offset) = ec.map.unit_location(stripe, p);
+            let lease = read.units.swap_remove(p as usize);
+            engine::write_all(&**target, 0, offset, lease)
+                .await
+                .map_err(|e| StoreError::from_io(index, offset, e))?;
+            report.units_rebuilt += 1;
+            report.bytes_rebuilt += unit;
+            since_checkpoint += unit;
+            if since_checkpoint >= self.limits.replace_checkpoint_bytes {
+                since_checkpoint = 0;
+                record.dataset_id = ds.record.id;
+                record.stripe = stripe + 1;
+                self.checkpoint(target, index, record).await?;
             }
+            rebuilt(*done);
         }
-        progress(total, total);
-        sync_target(&target, index).await?;
+        Ok(())
+    }
+
+    /// Puts the pool's metadata on the rebuilt device, records it as the
+    /// device's path, and serves reads from it again.
+    async fn finish_replace(
+        self: &Arc<Self>,
+        record: &ReplaceRecord,
+        target: Arc<dyn engine::IoBackend>,
+        meta_file: Arc<dyn crate::engine::DeviceFile>,
+    ) -> Result<(), StoreError> {
+        let index = record.index;
         // Every manifest and the root on the new device too, or a pool
         // whose devices were all replaced in turn would hold none.
         let store = Arc::clone(self);
@@ -320,18 +399,17 @@ impl Store {
             .await
             .map_err(|e| StoreError::InvalidArgument(format!("replace task failed: {e}")))??;
         let key = format!("device_path/{index}");
-        let path_bytes = new_path.to_string_lossy().into_owned();
+        let path_bytes = record.new_path.to_string_lossy().into_owned();
         self.catalog.set_meta(&[
             (key.as_str(), Some(path_bytes.as_bytes())),
             ("replace", None),
         ])?;
         self.pool_root.record_replacements(&self.catalog)?;
-        self.device_paths.write().expect("paths poisoned")[index as usize] = new_path.to_path_buf();
+        self.device_paths.write().expect("paths poisoned")[index as usize] =
+            record.new_path.clone();
         self.slots.set(index, Slot::Replaced(target));
         *self.rebuild.lock().expect("rebuild poisoned") = None;
-        report.seconds = started.elapsed().as_secs_f64();
-        tracing::info!(?report, device = index, path = %new_path.display(), "device replaced");
-        Ok(report)
+        Ok(())
     }
 
     /// Makes the new device's writes durable, then the checkpoint.

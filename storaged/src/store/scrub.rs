@@ -21,8 +21,10 @@ use std::time::{Duration, Instant};
 
 use storaged_proto::DatasetName;
 
+use super::class::DatasetLayout;
+use super::redundancy::EcDataset;
+use super::window::{ReadWindow, WindowPolicy};
 use super::{DatasetHandle, ObjectRef, Store};
-use crate::alloc::BLOCK_BYTES;
 use crate::engine;
 use crate::error::StoreError;
 
@@ -150,12 +152,18 @@ impl Store {
         let mut report = ScrubReport::default();
         for ds in datasets {
             report.datasets += 1;
-            if ds.ec.is_some() {
-                self.scrub_ec(&ds, &mut pacer, &mut report, total, &mut progress)
-                    .await?;
-            } else {
-                self.scrub_stripe(&ds, &mut pacer, &mut report, total, &mut progress)
-                    .await?;
+            // The class's scrub strategy: stripes against their unit
+            // CRCs (and repaired) where there is parity, objects against
+            // their block CRCs where there is not.
+            match &ds.layout {
+                DatasetLayout::Ec(ec) => {
+                    self.scrub_ec(&ds, ec, &mut pacer, &mut report, total, &mut progress)
+                        .await?
+                }
+                DatasetLayout::Stripe(_) => {
+                    self.scrub_stripe(&ds, &mut pacer, &mut report, total, &mut progress)
+                        .await?
+                }
             }
         }
         let c = &self.scrub_counters;
@@ -180,12 +188,12 @@ impl Store {
     async fn scrub_ec(
         self: &Arc<Self>,
         ds: &Arc<DatasetHandle>,
+        ec: &EcDataset,
         pacer: &mut Pacer,
         report: &mut ScrubReport,
         total: u64,
         progress: &mut (impl FnMut(ScrubProgress) + Send),
     ) -> Result<(), StoreError> {
-        let ec = ds.ec.as_ref().expect("an ec dataset");
         let width = ec.geometry().width();
         let unit = ec.map.unit_bytes();
         for stripe in 0..ec.map.stripes() {
@@ -215,9 +223,9 @@ impl Store {
                     Ok(_) => {
                         let mut all_written = true;
                         for p in bad {
-                            let (device, offset) = ec.map.unit_location(stripe, p);
+                            let (device, _) = ec.map.unit_location(stripe, p);
                             match self
-                                .write_back(ds, stripe, p, device, offset, &read.units[p as usize])
+                                .write_back(ds, ec, stripe, p, &read.units[p as usize])
                                 .await
                             {
                                 Ok(()) => report.repaired += 1,
@@ -246,12 +254,12 @@ impl Store {
     async fn write_back(
         &self,
         ds: &DatasetHandle,
+        ec: &EcDataset,
         stripe: u64,
         position: u32,
-        device: u32,
-        offset: u64,
         unit: &crate::buf::BufLease,
     ) -> Result<(), StoreError> {
+        let (device, offset) = ec.map.unit_location(stripe, position);
         let len = unit.len();
         let mut lease = self
             .pool
@@ -274,7 +282,7 @@ impl Store {
         let rows = ds.record.unit_rows.max(1) as usize;
         let crcs = self.catalog.unit_crcs(
             ds.record.id,
-            ds.ec.as_ref().expect("ec").geometry().width() as usize * rows,
+            ec.geometry().width() as usize * rows,
             stripe,
             1,
         )?;
@@ -321,22 +329,17 @@ impl Store {
                     path: summary.path.clone(),
                     record,
                 };
-                let size = obj.record.size;
-                let mut at = 0;
-                while at < size {
-                    let end = (at + self.limits.message_bytes).min(size);
-                    pacer.pace((end - at).next_multiple_of(BLOCK_BYTES)).await;
-                    let blocks = (end - at).div_ceil(block);
-                    report.units_checked += blocks;
-                    report.bytes_checked += end - at;
-                    if let Err(e) = self.read_window_healthy(&obj, at, end, at, end).await {
+                for w in self.window_policy(&obj).windows(0, obj.record.size) {
+                    pacer.pace(w.device_len()).await;
+                    report.units_checked += w.len().div_ceil(block);
+                    report.bytes_checked += w.len();
+                    if let Err(e) = self.read_window_healthy(&obj, w).await {
                         // Count each bad block of the window.
-                        let bad = self.bad_blocks(&obj, at, end).await;
+                        let bad = self.bad_blocks(&obj, w).await;
                         report.corrupt += bad.max(1);
                         report.unrecoverable += bad.max(1);
                         report.problem(e.to_string());
                     }
-                    at = end;
                 }
                 progress((pacer.done, total));
             }
@@ -347,22 +350,15 @@ impl Store {
         }
     }
 
-    /// Checksum blocks of object bytes `[start, end)` that fail, one read
-    /// per block (only after a window failed).
-    async fn bad_blocks(&self, obj: &ObjectRef, start: u64, end: u64) -> u64 {
+    /// Checksum blocks of window `w` that fail, one read per block (only
+    /// after the window failed).
+    async fn bad_blocks(&self, obj: &ObjectRef, w: ReadWindow) -> u64 {
         let block = u64::from(obj.dataset.record.checksum_block_bytes);
         let mut bad = 0;
-        let mut b = start;
-        while b < end {
-            let b_end = (b + block).min(end);
-            if self
-                .read_window_healthy(obj, b, b_end, b, b_end)
-                .await
-                .is_err()
-            {
+        for b in WindowPolicy::new(obj, block).windows(w.start, w.len()) {
+            if self.read_window_healthy(obj, b).await.is_err() {
                 bad += 1;
             }
-            b = b_end;
         }
         bad
     }

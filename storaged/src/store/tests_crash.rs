@@ -114,7 +114,7 @@ async fn golden(datasets: Vec<Expected>) -> Golden {
     let mut rot = Vec::new();
     if let Some(e) = datasets.iter().find(|d| d.class == EC31) {
         let ds = store.dataset(&DatasetName::new(e.name).unwrap()).unwrap();
-        let ec = ds.ec.as_ref().unwrap();
+        let ec = ds.layout.ec().unwrap();
         for stripe in 0..ec.map.stripes().min(4) {
             let position = (stripe % 4) as u32;
             let (device, offset) = ec.map.unit_location(stripe, position);

@@ -105,7 +105,7 @@ async fn ec_round_trip_reopen_and_delete() {
     )
     .await
     .unwrap();
-    assert!(h22.ec.is_some());
+    assert!(h22.layout.ec().is_some());
     let err = ingest_class(
         &store,
         "wide",
@@ -272,7 +272,7 @@ async fn scrub_repairs_rot_torn_and_misdirected_units() {
         "{clean:?}"
     );
     assert!(clean.units_checked > 0);
-    let ec = h.ec.as_ref().unwrap();
+    let ec = h.layout.ec().unwrap();
     let unit = 64 << 10;
     let stripes = ec.map.stripes();
     assert!(stripes >= 3);
@@ -575,7 +575,7 @@ async fn rot_scattered_over_every_unit_is_rebuilt_row_by_row() {
         .await
         .unwrap();
     assert_eq!(h.record.unit_rows, 4, "128 KiB units, 32 KiB rows");
-    let ec = h.ec.as_ref().unwrap();
+    let ec = h.layout.ec().unwrap();
     let stripes = ec.map.stripes().min(3);
     assert!(stripes >= 2);
     for stripe in 0..stripes {
