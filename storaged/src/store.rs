@@ -130,48 +130,66 @@ pub struct ReadCounters {
 /// One piece of a read: object offset and verified bytes.
 pub type Chunk = (u64, crate::verified::VerifiedBytes);
 
-/// The store; see the module docs.
-pub struct Store {
-    engine: Arc<dyn IoBackend>,
+/// The I/O side of the store: the engine behind its device slots, the
+/// buffer pool, and what a replacement device's engine is built from.
+pub(crate) struct DeviceIo {
+    pub engine: Arc<dyn IoBackend>,
     /// The same engine, as the router that knows missing devices.
-    slots: Arc<engine::route::DeviceSlots>,
-    /// Units rebuilt from parity, by the device that lost them.
-    device_reconstructions: Vec<std::sync::atomic::AtomicU64>,
-    /// Recently rebuilt stripes (degraded reads of neighbours reuse them).
-    stripe_cache: Mutex<redundancy::StripeCache>,
-    pub scrub_counters: scrub::ScrubCounters,
-    /// What `--fault-inject` injected so far (None without it).
-    pub injected: Option<Arc<engine::fault::InjectedCounts>>,
-    pool: Arc<BufferPool>,
-    layout: StripeLayout,
-    catalog: Catalog,
-    /// The catalog's copy on the devices (root and manifests).
-    pool_root: pool_root::PoolRoot,
-    /// What start-up found on the devices (a rebuilt catalog, ...).
-    pub recovery: pool_root::Recovery,
-    alloc: Arc<Mutex<ExtentAllocator>>,
-    /// Where freed space goes: discarded, then back to `alloc`.
-    space: Arc<discard::FreeSpace>,
-    datasets: RwLock<BTreeMap<String, Arc<DatasetHandle>>>,
-    ingesting: Mutex<HashSet<String>>,
-    /// What ingests in progress declared, per owner (tenant quotas).
-    quota: quota::QuotaLedger,
-    device_paths: RwLock<Vec<PathBuf>>,
-    /// Devices whose superblock was rebuilt from its copy at start.
-    pub superblocks_repaired: u32,
-    /// A device replacement is running.
-    replacing: AtomicBool,
-    rebuild: Mutex<Option<replace::RebuildState>>,
-    /// A superblock of this pool (template for replacement devices).
-    superblock: crate::device::Superblock,
-    engine_kind: engine::EngineKind,
-    engine_limits: EngineLimits,
+    pub slots: Arc<engine::route::DeviceSlots>,
+    pub pool: Arc<BufferPool>,
+    pub engine_kind: engine::EngineKind,
+    pub engine_limits: EngineLimits,
     /// What wraps the pool's write paths (see `hooks`).
-    hooks: Arc<dyn hooks::IoHooks>,
+    pub hooks: Arc<dyn hooks::IoHooks>,
+    /// Reads into client regions in flight, at most what an engine accepts.
+    pub foreign_reads: tokio::sync::Semaphore,
+}
+
+/// The dataset side of the store: what is stored where.
+pub(crate) struct DatasetSide {
+    pub catalog: Catalog,
+    /// The catalog's copy on the devices (root and manifests).
+    pub pool_root: pool_root::PoolRoot,
+    pub alloc: Arc<Mutex<ExtentAllocator>>,
+    /// Where freed space goes: discarded, then back to `alloc`.
+    pub space: Arc<discard::FreeSpace>,
+    pub datasets: RwLock<BTreeMap<String, Arc<DatasetHandle>>>,
+    pub ingesting: Mutex<HashSet<String>>,
+    /// What ingests in progress declared, per owner (tenant quotas).
+    pub quota: quota::QuotaLedger,
+}
+
+/// The redundancy side of the store: rebuilds, the stripe cache, and
+/// device replacement.
+pub(crate) struct RedundancyState {
+    /// Units rebuilt from parity, by the device that lost them.
+    pub device_reconstructions: Vec<std::sync::atomic::AtomicU64>,
+    /// Recently rebuilt stripes (degraded reads of neighbours reuse them).
+    pub stripe_cache: Mutex<redundancy::StripeCache>,
+    /// A device replacement is running.
+    pub replacing: AtomicBool,
+    pub rebuild: Mutex<Option<replace::RebuildState>>,
+    /// A superblock of this pool (template for replacement devices).
+    pub superblock: crate::device::Superblock,
+    pub device_paths: RwLock<Vec<PathBuf>>,
+}
+
+/// The store; see the module docs. A façade over its owned parts: the I/O
+/// side, the dataset side, the redundancy state, read-ahead and counters.
+pub struct Store {
+    io: DeviceIo,
+    data: DatasetSide,
+    redundancy: RedundancyState,
+    layout: StripeLayout,
     pool_id: [u8; 16],
     limits: StoreLimits,
-    /// Reads into client regions in flight, at most what an engine accepts.
-    foreign_reads: tokio::sync::Semaphore,
+    /// What start-up found on the devices (a rebuilt catalog, ...).
+    pub recovery: pool_root::Recovery,
+    /// Devices whose superblock was rebuilt from its copy at start.
+    pub superblocks_repaired: u32,
+    /// What `--fault-inject` injected so far (None without it).
+    pub injected: Option<Arc<engine::fault::InjectedCounts>>,
+    pub scrub_counters: scrub::ScrubCounters,
     pub read_counters: ReadCounters,
     pub read_ahead: readahead::ReadAhead,
 }
@@ -192,7 +210,7 @@ impl Store {
     /// Registers a client region with the engine for reads where it can
     /// (see `RegionMap::fix_with`). Blocking.
     pub fn fix_region(&self, region: &crate::region::RegionMap) -> bool {
-        region.fix_with(&*self.engine)
+        region.fix_with(&*self.io.engine)
     }
 
     pub fn layout(&self) -> StripeLayout {
@@ -201,11 +219,7 @@ impl Store {
 
     /// (bytes, datasets) committed by `owner`.
     pub fn owner_usage(&self, owner: &str) -> (u64, u64) {
-        let datasets = self.datasets.read().expect("dataset map poisoned");
-        datasets
-            .values()
-            .filter(|h| h.record.owner == owner)
-            .fold((0, 0), |(b, n), h| (b + h.record.total_bytes, n + 1))
+        self.data.owner_usage(owner)
     }
 
     /// The class of an ingest that names none: `ec:(N-1)+1` on a pool of
@@ -223,21 +237,11 @@ impl Store {
     }
 
     pub fn dataset(&self, name: &DatasetName) -> Result<Arc<DatasetHandle>, StoreError> {
-        self.datasets
-            .read()
-            .expect("dataset map poisoned")
-            .get(name.as_str())
-            .cloned()
-            .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))
+        self.data.dataset(name)
     }
 
     pub fn list_datasets(&self) -> Vec<Arc<DatasetHandle>> {
-        self.datasets
-            .read()
-            .expect("dataset map poisoned")
-            .values()
-            .cloned()
-            .collect()
+        self.data.list()
     }
 
     /// One page of a dataset's objects. The page token is the last path of
@@ -262,7 +266,8 @@ impl Store {
         };
         let after = (!page_token.is_empty()).then_some(page_token);
         let (objects, more) =
-            self.catalog
+            self.data
+                .catalog
                 .list_objects(ds.record.id, prefix, after, page_size as usize)?;
         let next = if more {
             objects.last().map(|o| o.path.clone())
@@ -275,6 +280,7 @@ impl Store {
     pub fn lookup(&self, name: &DatasetName, path: &ObjectPath) -> Result<ObjectRef, StoreError> {
         let ds = self.dataset(name)?;
         let record = self
+            .data
             .catalog
             .get_object(ds.record.id, path.as_str())?
             .ok_or_else(|| StoreError::ObjectNotFound {
@@ -293,12 +299,14 @@ impl Store {
     pub async fn delete(self: &Arc<Self>, name: &DatasetName) -> Result<u64, StoreError> {
         let store = Arc::clone(self);
         let n = name.to_string();
-        let record =
-            tokio::task::spawn_blocking(move || store.pool_root.delete(&store.catalog, &n))
-                .await
-                .map_err(|e| StoreError::InvalidArgument(format!("delete task failed: {e}")))??
-                .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))?;
+        let record = tokio::task::spawn_blocking(move || {
+            store.data.pool_root.delete(&store.data.catalog, &n)
+        })
+        .await
+        .map_err(|e| StoreError::InvalidArgument(format!("delete task failed: {e}")))??
+        .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))?;
         let handle = self
+            .data
             .datasets
             .write()
             .expect("dataset map poisoned")
@@ -313,37 +321,40 @@ impl Store {
     /// What the discard thread has done (and whether discards are on).
     /// The engine and pool, for writers.
     pub(crate) fn write_io(&self) -> WriteIo<'_> {
-        WriteIo {
-            engine: &self.engine,
-            pool: &self.pool,
-        }
+        self.io.write_io()
     }
 
     /// The I/O buffer pool: (bytes in all, bytes leased now).
     pub fn buffer_pool_usage(&self) -> (u64, u64) {
-        self.pool.bytes_in_use()
+        self.io.pool.bytes_in_use()
     }
 
     pub fn discard_counters(&self) -> &discard::DiscardCounters {
-        &self.space.counters
+        &self.data.space.counters
     }
 
     /// The generation of the pool root on the devices now.
     pub fn pool_root_generation(&self) -> u64 {
-        self.pool_root.generation()
+        self.data.pool_root.generation()
     }
 
     /// Why the catalog is failing, while it is.
     pub fn catalog_fault(&self) -> Option<String> {
-        self.catalog.health()
+        self.data.catalog.health()
     }
 
     async fn sync_all(self: &Arc<Self>) -> Result<(), StoreError> {
-        let store = Arc::clone(self);
+        self.io.sync_all(self.layout.device_count).await
+    }
+}
+
+impl DeviceIo {
+    /// Makes every write to devices `0..device_count` durable.
+    async fn sync_all(&self, device_count: u32) -> Result<(), StoreError> {
+        let engine = Arc::clone(&self.engine);
         tokio::task::spawn_blocking(move || {
-            for d in 0..store.layout.device_count {
-                store
-                    .engine
+            for d in 0..device_count {
+                engine
                     .sync(d)
                     .map_err(|source| StoreError::Sync { device: d, source })?;
             }
@@ -351,6 +362,43 @@ impl Store {
         })
         .await
         .map_err(|e| StoreError::InvalidArgument(format!("sync task failed: {e}")))?
+    }
+
+    /// What the writers of an ingest use.
+    pub(crate) fn write_io(&self) -> WriteIo<'_> {
+        WriteIo {
+            engine: &self.engine,
+            pool: &self.pool,
+        }
+    }
+}
+
+impl DatasetSide {
+    pub fn dataset(&self, name: &DatasetName) -> Result<Arc<DatasetHandle>, StoreError> {
+        self.datasets
+            .read()
+            .expect("dataset map poisoned")
+            .get(name.as_str())
+            .cloned()
+            .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))
+    }
+
+    pub fn list(&self) -> Vec<Arc<DatasetHandle>> {
+        self.datasets
+            .read()
+            .expect("dataset map poisoned")
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// (bytes, datasets) committed by `owner`.
+    pub fn owner_usage(&self, owner: &str) -> (u64, u64) {
+        let datasets = self.datasets.read().expect("dataset map poisoned");
+        datasets
+            .values()
+            .filter(|h| h.record.owner == owner)
+            .fold((0, 0), |(b, n), h| (b + h.record.total_bytes, n + 1))
     }
 }
 

@@ -36,6 +36,7 @@ impl Store {
             }
         };
         if self
+            .data
             .datasets
             .read()
             .expect("dataset map poisoned")
@@ -44,7 +45,7 @@ impl Store {
             return Err(StoreError::DatasetExists(name.to_string()));
         }
         {
-            let mut ing = self.ingesting.lock().expect("ingest set poisoned");
+            let mut ing = self.data.ingesting.lock().expect("ingest set poisoned");
             if ing.contains(name.as_str()) {
                 return Err(StoreError::IngestInProgress(name.to_string()));
             }
@@ -55,7 +56,7 @@ impl Store {
                 )));
             }
             let (_, datasets) = self.owner_usage(&owner.owner);
-            self.quota.begin_dataset(&owner, datasets)?;
+            self.data.quota.begin_dataset(&owner, datasets)?;
             ing.insert(name.to_string());
         }
         let writer = match geometry {
@@ -64,14 +65,15 @@ impl Store {
                 self.limits.ingest_write_depth,
             )),
             Some(geometry) => {
-                let dataset_id = match self.catalog.reserve_dataset_id() {
+                let dataset_id = match self.data.catalog.reserve_dataset_id() {
                     Ok(id) => id,
                     Err(e) => {
-                        self.ingesting
+                        self.data
+                            .ingesting
                             .lock()
                             .expect("ingest set poisoned")
                             .remove(name.as_str());
-                        self.quota.end_dataset(&owner.owner, 0);
+                        self.data.quota.end_dataset(&owner.owner, 0);
                         return Err(e.into());
                     }
                 };
@@ -402,6 +404,7 @@ impl IngestSession {
             let rows = (short * u64::from(g.width())).div_ceil(g.k() as u64 * row) + 1;
             let got = self
                 .store
+                .data
                 .space
                 .allocate(|alloc| {
                     alloc
@@ -438,6 +441,7 @@ impl IngestSession {
         }
         if let Some(r) = self.reservation.take() {
             self.store
+                .data
                 .alloc
                 .lock()
                 .expect("allocator poisoned")
@@ -446,6 +450,7 @@ impl IngestSession {
         }
         let got = self
             .store
+            .data
             .space
             .allocate(|alloc| {
                 alloc
@@ -524,6 +529,7 @@ impl IngestSession {
                 needed: size,
                 free: self
                     .store
+                    .data
                     .alloc
                     .lock()
                     .expect("allocator poisoned")
@@ -535,6 +541,7 @@ impl IngestSession {
         // so a refused object leaves no trace): a tenant over its quota
         // fails here.
         self.store
+            .data
             .quota
             .add_bytes(&self.owner, self.owner_bytes, size)?;
         self.declared_bytes += size;
@@ -701,9 +708,10 @@ impl IngestSession {
             self.name.to_string(),
             committed,
             store.layout,
-            Arc::clone(&store.space),
+            Arc::clone(&store.data.space),
         ));
         store
+            .data
             .datasets
             .write()
             .expect("dataset map poisoned")
@@ -726,6 +734,7 @@ impl IngestSession {
         let store = Arc::clone(&self.store);
         if let Some(r) = self.reservation.take() {
             store
+                .data
                 .alloc
                 .lock()
                 .expect("allocator poisoned")
@@ -744,7 +753,7 @@ impl IngestSession {
                 let units = ec.writer.stripes() * u64::from(ec.map.geometry.width());
                 let rows_used = units.div_ceil(u64::from(layout.device_count));
                 let (kept, spare) = split_rows(std::mem::take(&mut self.extents), rows_used, row);
-                let mut alloc = store.alloc.lock().expect("allocator poisoned");
+                let mut alloc = store.data.alloc.lock().expect("allocator poisoned");
                 for e in spare {
                     alloc.release(e).expect("rows are ours");
                 }
@@ -769,7 +778,7 @@ impl IngestSession {
         // Its length does not depend on where its rows are.
         manifest.record.manifest = Some(Extent { offset: 0, len: 0 });
         let bytes = manifest.encoded_len() as u64;
-        let rows = match store.pool_root.allocate_rows(&store.space, bytes) {
+        let rows = match store.data.pool_root.allocate_rows(&store.data.space, bytes) {
             Ok(r) => r,
             Err(e) => {
                 self.extents = std::mem::take(&mut manifest.record.extents);
@@ -778,7 +787,7 @@ impl IngestSession {
         };
         manifest.record.manifest = Some(rows);
         let committed = tokio::task::spawn_blocking(move || {
-            let r = store.pool_root.commit(&store.catalog, &manifest);
+            let r = store.data.pool_root.commit(&store.data.catalog, &manifest);
             (r, manifest.record)
         })
         .await;
@@ -801,7 +810,7 @@ impl IngestSession {
 /// A new dataset id from the catalog, off the runtime's threads.
 async fn reserve_dataset_id(store: &Arc<Store>) -> Result<u64, StoreError> {
     let store = Arc::clone(store);
-    match tokio::task::spawn_blocking(move || store.catalog.reserve_dataset_id()).await {
+    match tokio::task::spawn_blocking(move || store.data.catalog.reserve_dataset_id()).await {
         Ok(r) => r.map_err(StoreError::from),
         Err(e) => Err(StoreError::InvalidArgument(format!(
             "commit task failed: {e}"
@@ -812,11 +821,13 @@ async fn reserve_dataset_id(store: &Arc<Store>) -> Result<u64, StoreError> {
 impl Drop for IngestSession {
     fn drop(&mut self) {
         self.store
+            .data
             .ingesting
             .lock()
             .expect("ingest set poisoned")
             .remove(self.name.as_str());
         self.store
+            .data
             .quota
             .end_dataset(&self.owner.owner, self.declared_bytes);
         if self.committed {
@@ -825,7 +836,7 @@ impl Drop for IngestSession {
         let mut space = std::mem::take(&mut self.extents);
         space.extend(self.reservation.take());
         let writes = self.writer.take_writes();
-        let free = Arc::clone(&self.store.space);
+        let free = Arc::clone(&self.store.data.space);
         let name = self.name.to_string();
         let release = move || {
             // Written bytes of an ingest nobody will commit: given back

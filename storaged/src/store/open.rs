@@ -97,64 +97,27 @@ impl Store {
             formatted,
             &meta_devices,
         )?;
-        // The devices' root is the truth; a catalog behind it (lost,
-        // damaged, restored) is brought up to it before anything uses it.
-        let (root, mut recovery) = pool_root::reconcile(&catalog, &meta_devices, pool_id)?;
-        let records = catalog.datasets()?;
-        let mut used = Vec::new();
-        for (_, r) in &records {
-            used.extend(r.owned_extents());
-        }
-        let alloc = ExtentAllocator::new(layout.capacity_bytes(), &used).map_err(|source| {
-            OpenError::Inconsistent {
-                path: catalog_path.clone(),
-                source,
-            }
-        })?;
-        let alloc = Arc::new(Mutex::new(alloc));
-        let (space, discard_worker) = discard::FreeSpace::new(Arc::clone(&alloc), cfg.discard);
-        let space = Arc::new(space);
-        let pool_root = pool_root::PoolRoot::new(meta_devices, root);
-        pool_root.adopt(&catalog, &space, &mut recovery)?;
+        let (data, recovery, discard_worker) =
+            open_dataset_side(cfg, &catalog_path, catalog, meta_devices, layout, pool_id)?;
         // Everything format 2 promises is on the devices now.
         let mut superblocks = superblocks;
         crate::device::upgrade_superblocks(&files, &paths, &mut superblocks, &missing)?;
-        let records = catalog.datasets()?;
-        let datasets: BTreeMap<String, Arc<DatasetHandle>> = records
-            .into_iter()
-            .map(|(name, record)| {
-                let h = Arc::new(DatasetHandle::new(
-                    name.clone(),
-                    record,
-                    layout,
-                    Arc::clone(&space),
-                ));
-                (name, h)
-            })
-            .collect();
-        redundancy::check_degraded_start(&datasets, layout, &missing, &paths)?;
+        redundancy::check_degraded_start(
+            &data.datasets.read().expect("dataset map poisoned"),
+            layout,
+            &missing,
+            &paths,
+        )?;
         let (pool, engine_limits, engine, injected) =
             start_engine(cfg, &*hooks, files, &paths, layout)?;
-        // A replacement that did not finish: its device is not trusted
-        // until `device replace` resumes and completes it.
-        let rebuild = pending.as_ref().map(|r| {
-            tracing::warn!(device = r.index, path = %r.new_path.display(), "a device replacement was interrupted; run storagectl device replace again to resume it");
-            if let Some(m) = missing.get_mut(r.index as usize) {
-                *m = true;
-            }
-            replace::RebuildState {
-                index: r.index,
-                new_path: r.new_path.clone(),
-                running: false,
-                ..Default::default()
-            }
-        });
-        let superblock = superblocks
-            .iter()
-            .zip(&missing)
-            .find(|(_, m)| !**m)
-            .map(|(sb, _)| sb.clone())
-            .unwrap_or_else(|| superblocks[0].clone());
+        let redundancy = RedundancyState::open(
+            cfg,
+            layout,
+            pending,
+            &superblocks,
+            &mut missing,
+            paths.clone(),
+        );
         let slots = Arc::new(engine::route::DeviceSlots::new(engine, &missing));
         let engine: Arc<dyn IoBackend> = Arc::clone(&slots) as _;
         if let Some(worker) = discard_worker {
@@ -175,37 +138,24 @@ impl Store {
             "store open"
         );
         Ok(Arc::new(Self {
-            engine,
-            slots,
-            device_reconstructions: (0..layout.device_count)
-                .map(|_| Default::default())
-                .collect(),
-            stripe_cache: Mutex::new(redundancy::StripeCache::new(
-                cfg.limits.degraded_cache_bytes_max,
-            )),
+            io: DeviceIo {
+                engine,
+                slots,
+                pool,
+                engine_kind: cfg.engine,
+                engine_limits,
+                hooks,
+                foreign_reads: tokio::sync::Semaphore::new(engine::FOREIGN_READS_IN_FLIGHT_MAX),
+            },
+            data,
+            redundancy,
             scrub_counters: Default::default(),
             injected,
             superblocks_repaired,
-            replacing: AtomicBool::new(false),
-            rebuild: Mutex::new(rebuild),
-            superblock,
-            engine_kind: cfg.engine,
-            engine_limits,
-            hooks,
-            pool,
             layout,
-            catalog,
-            pool_root,
             recovery,
-            alloc,
-            space,
-            datasets: RwLock::new(datasets),
-            ingesting: Mutex::new(HashSet::new()),
-            quota: quota::QuotaLedger::default(),
-            device_paths: RwLock::new(paths),
             pool_id,
             limits: cfg.limits.clone(),
-            foreign_reads: tokio::sync::Semaphore::new(engine::FOREIGN_READS_IN_FLIGHT_MAX),
             read_counters: ReadCounters::default(),
             // Never more than half the pool, whatever the limits say:
             // foreground reads need the rest.
@@ -217,6 +167,114 @@ impl Store {
             ),
         }))
     }
+}
+
+impl RedundancyState {
+    /// The redundancy side of a store being opened. A replacement that did
+    /// not finish (`pending`) leaves its device marked missing: it is not
+    /// trusted until `device replace` resumes and completes it.
+    fn open(
+        cfg: &StoreConfig,
+        layout: StripeLayout,
+        pending: Option<replace::ReplaceRecord>,
+        superblocks: &[crate::device::Superblock],
+        missing: &mut [bool],
+        paths: Vec<PathBuf>,
+    ) -> Self {
+        let rebuild = pending.as_ref().map(|r| {
+            tracing::warn!(device = r.index, path = %r.new_path.display(), "a device replacement was interrupted; run storagectl device replace again to resume it");
+            if let Some(m) = missing.get_mut(r.index as usize) {
+                *m = true;
+            }
+            replace::RebuildState {
+                index: r.index,
+                new_path: r.new_path.clone(),
+                running: false,
+                ..Default::default()
+            }
+        });
+        // A superblock of a device that is there: the template for
+        // replacement devices.
+        let superblock = superblocks
+            .iter()
+            .zip(missing.iter())
+            .find(|(_, m)| !**m)
+            .map(|(sb, _)| sb.clone())
+            .unwrap_or_else(|| superblocks[0].clone());
+        Self {
+            device_reconstructions: (0..layout.device_count)
+                .map(|_| Default::default())
+                .collect(),
+            stripe_cache: Mutex::new(redundancy::StripeCache::new(
+                cfg.limits.degraded_cache_bytes_max,
+            )),
+            replacing: AtomicBool::new(false),
+            rebuild: Mutex::new(rebuild),
+            superblock,
+            device_paths: RwLock::new(paths),
+        }
+    }
+}
+
+/// The dataset side of a store being opened: the catalog brought up to
+/// the devices' root (the truth; a catalog behind it, lost, damaged or
+/// restored, is brought up to it before anything uses it), the allocator
+/// rebuilt from every extent a dataset owns, and a handle per dataset.
+fn open_dataset_side(
+    cfg: &StoreConfig,
+    catalog_path: &std::path::Path,
+    catalog: Catalog,
+    meta_devices: crate::poolmeta::MetaDevices,
+    layout: StripeLayout,
+    pool_id: [u8; 16],
+) -> Result<
+    (
+        DatasetSide,
+        pool_root::Recovery,
+        Option<discard::DiscardWorker>,
+    ),
+    OpenError,
+> {
+    let (root, mut recovery) = pool_root::reconcile(&catalog, &meta_devices, pool_id)?;
+    let records = catalog.datasets()?;
+    let mut used = Vec::new();
+    for (_, r) in &records {
+        used.extend(r.owned_extents());
+    }
+    let alloc = ExtentAllocator::new(layout.capacity_bytes(), &used).map_err(|source| {
+        OpenError::Inconsistent {
+            path: catalog_path.to_path_buf(),
+            source,
+        }
+    })?;
+    let alloc = Arc::new(Mutex::new(alloc));
+    let (space, discard_worker) = discard::FreeSpace::new(Arc::clone(&alloc), cfg.discard);
+    let space = Arc::new(space);
+    let pool_root = pool_root::PoolRoot::new(meta_devices, root);
+    pool_root.adopt(&catalog, &space, &mut recovery)?;
+    let datasets: BTreeMap<String, Arc<DatasetHandle>> = catalog
+        .datasets()?
+        .into_iter()
+        .map(|(name, record)| {
+            let h = Arc::new(DatasetHandle::new(
+                name.clone(),
+                record,
+                layout,
+                Arc::clone(&space),
+            ));
+            (name, h)
+        })
+        .collect();
+    let data = DatasetSide {
+        catalog,
+        pool_root,
+        alloc,
+        space,
+        datasets: RwLock::new(datasets),
+        ingesting: Mutex::new(HashSet::new()),
+        quota: quota::QuotaLedger::default(),
+    };
+    Ok((data, recovery, discard_worker))
 }
 
 /// Where replaced devices are (index → path) and the replacement under

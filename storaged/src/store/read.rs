@@ -85,7 +85,7 @@ impl Store {
             return Ok(chunks);
         }
         if let Some(ec) = obj.dataset.layout.ec()
-            && self.slots.any_missing()
+            && self.io.slots.any_missing()
             && self.window_meets_missing(obj, ec, w)
         {
             // Not charged to the call's budget: see `Budget::exempt`.
@@ -111,7 +111,7 @@ impl Store {
         ec: &redundancy::EcDataset,
         w: ReadWindow,
     ) -> bool {
-        let missing = self.slots.missing();
+        let missing = self.io.slots.missing();
         let large = w.len() * 2 >= ec.map.unit_bytes();
         let g = ec.map.geometry;
         self.object_segments(obj, w.start, w.device_len())
@@ -135,7 +135,7 @@ impl Store {
     ) -> Result<Vec<Chunk>, StoreError> {
         match obj.dataset.layout.ec() {
             Some(ec) => {
-                let missing = self.slots.missing();
+                let missing = self.io.slots.missing();
                 self.read_window_rebuilt(obj, ec, w, &missing).await
             }
             None => self.read_window_healthy(obj, w).await,
@@ -174,13 +174,14 @@ impl Store {
         let segs = self.object_segments(obj, w.start, w.device_len());
         let longest = segs.iter().map(|s| s.len).max().unwrap_or(0) as usize;
         let leases = self
+            .io
             .pool
             .acquire_many(longest, segs.len())
             .await
             .map_err(|e| StoreError::Limit(e.to_string()))?;
         let reads = segs.iter().zip(leases).map(|(s, lease)| {
             engine::read_exact(
-                &*self.engine,
+                &*self.io.engine,
                 s.device,
                 s.device_offset,
                 s.len as usize,
@@ -335,7 +336,7 @@ impl Store {
             .iter()
             .filter_map(|(_, i)| i.as_ref().ok().map(|r| r.path.as_str()))
             .collect();
-        let mut records = match self.catalog.get_objects(ds.record.id, &paths) {
+        let mut records = match self.data.catalog.get_objects(ds.record.id, &paths) {
             Ok(r) => r.into_iter(),
             Err(e) => {
                 let reason = e.to_string();

@@ -372,12 +372,14 @@ impl Store {
     ) -> RunResult {
         let fail = |e: std::io::Error| (run.device, run.device_offset, Arc::new(e));
         let permit = self
+            .io
             .foreign_reads
             .acquire()
             .await
             .map_err(|_| fail(std::io::Error::other("storaged is shutting down")))?;
         let want = run.len as usize;
         let n = self
+            .io
             .engine
             .read_foreign(ForeignRead {
                 device: run.device,

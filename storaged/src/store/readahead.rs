@@ -222,7 +222,7 @@ impl Store {
         c.hinted.fetch_add(paths.len() as u64, Ordering::Relaxed);
         let ds = self.dataset(dataset)?;
         let names: Vec<&str> = paths.iter().map(|p| p.as_str()).collect();
-        let records = self.catalog.get_objects(ds.record.id, &names)?;
+        let records = self.data.catalog.get_objects(ds.record.id, &names)?;
 
         // Objects worth reading ahead: found, small enough to serve from
         // one message, not cached already, named once.
@@ -275,7 +275,7 @@ impl Store {
         let merge_max = self
             .limits
             .read_merge_bytes_max
-            .min(self.pool.buf_bytes_max() as u64);
+            .min(self.io.pool.buf_bytes_max() as u64);
         let runs = schedule(&mut wants, merge_max, false);
 
         // Buffers for the runs, only from what is free and within budget.
@@ -284,7 +284,7 @@ impl Store {
         let mut leases = Vec::with_capacity(runs.len());
         for run in &runs {
             let lease = (ra.used_bytes() + run.len <= ra.budget_bytes)
-                .then(|| self.pool.try_acquire(run.len as usize))
+                .then(|| self.io.pool.try_acquire(run.len as usize))
                 .flatten();
             match &lease {
                 Some(l) => {
@@ -358,7 +358,7 @@ impl Store {
             let store = Arc::clone(self);
             reads.push(async move {
                 let result = engine::read_exact(
-                    &*store.engine,
+                    &*store.io.engine,
                     run.device,
                     run.device_offset,
                     run.len as usize,

@@ -234,16 +234,18 @@ impl Store {
         let unit = ec.map.unit_bytes() as usize;
         let rows = ds.record.unit_rows.max(1) as usize;
         let crcs = self
+            .data
             .catalog
             .unit_crcs(ds.record.id, width * rows, stripe, 1)?;
         let leases = self
+            .io
             .pool
             .acquire_many(unit, width)
             .await
             .map_err(|e| StoreError::Limit(e.to_string()))?;
         let reads = leases.into_iter().enumerate().map(|(p, lease)| {
             let (device, offset) = ec.map.unit_location(stripe, p as u32);
-            engine::read_exact_keep(&*self.engine, device, offset, unit, lease)
+            engine::read_exact_keep(&*self.io.engine, device, offset, unit, lease)
         });
         // Background work (scrub, rebuild) reads one unit at a time, so
         // it never puts a whole stripe in front of foreground reads.
@@ -377,7 +379,7 @@ impl Store {
         }
         ds.reconstructions.fetch_add(1, Ordering::Relaxed);
         for d in devices_of(&touched) {
-            self.device_reconstructions[d as usize].fetch_add(1, Ordering::Relaxed);
+            self.redundancy.device_reconstructions[d as usize].fetch_add(1, Ordering::Relaxed);
         }
         Ok(touched)
     }
@@ -391,7 +393,7 @@ impl Store {
     ) -> Result<Arc<Vec<Bytes>>, StoreError> {
         let key = (ds.record.id, stripe);
         let cell = {
-            let mut cache = self.stripe_cache.lock().expect("cache poisoned");
+            let mut cache = self.redundancy.stripe_cache.lock().expect("cache poisoned");
             if let Some(hit) = cache.get(key) {
                 return Ok(hit);
             }
@@ -413,7 +415,7 @@ impl Store {
             })
             .await
             .cloned();
-        let mut cache = self.stripe_cache.lock().expect("cache poisoned");
+        let mut cache = self.redundancy.stripe_cache.lock().expect("cache poisoned");
         if cache
             .pending
             .get(&key)
@@ -451,6 +453,7 @@ impl Store {
         let need = lost.iter().map(|l| if *l { k } else { 1 }).sum();
         let longest = segs.iter().map(|s| s.len).max().unwrap_or(0) as usize;
         let mut leases = self
+            .io
             .pool
             .acquire_many(longest, need)
             .await
@@ -471,7 +474,7 @@ impl Store {
                     .next()
                     .expect("one buffer per direct piece");
                 engine::read_exact(
-                    &*self.engine,
+                    &*self.io.engine,
                     s.device,
                     s.device_offset,
                     s.len as usize,
@@ -520,7 +523,7 @@ impl Store {
         }
         let reads = sources.iter().zip(leases).map(|(q, lease)| {
             let (device, offset) = ec.map.unit_location(stripe, *q);
-            engine::read_exact(&*self.engine, device, offset + within, len, lease)
+            engine::read_exact(&*self.io.engine, device, offset + within, len, lease)
         });
         let mut got: Vec<BufLease> = futures::future::try_join_all(reads)
             .await
@@ -552,7 +555,7 @@ impl Store {
             }
         }
         obj.dataset.reconstructions.fetch_add(1, Ordering::Relaxed);
-        self.device_reconstructions[s.device as usize].fetch_add(1, Ordering::Relaxed);
+        self.redundancy.device_reconstructions[s.device as usize].fetch_add(1, Ordering::Relaxed);
         rebuilt.ok_or_else(|| unrecoverable(false))
     }
 
@@ -587,7 +590,8 @@ impl Store {
 
     /// Stripes rebuilt, by device that lost a unit.
     pub fn device_reconstructions(&self) -> Vec<u64> {
-        self.device_reconstructions
+        self.redundancy
+            .device_reconstructions
             .iter()
             .map(|c| c.load(Ordering::Relaxed))
             .collect()
@@ -595,7 +599,7 @@ impl Store {
 
     /// Devices missing now.
     pub fn missing_devices(&self) -> Vec<bool> {
-        self.slots.missing()
+        self.io.slots.missing()
     }
 }
 

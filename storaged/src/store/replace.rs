@@ -94,8 +94,15 @@ struct Replacing<'a>(&'a Store);
 
 impl Drop for Replacing<'_> {
     fn drop(&mut self) {
-        self.0.replacing.store(false, Ordering::SeqCst);
-        if let Some(r) = self.0.rebuild.lock().expect("rebuild poisoned").as_mut() {
+        self.0.redundancy.replacing.store(false, Ordering::SeqCst);
+        if let Some(r) = self
+            .0
+            .redundancy
+            .rebuild
+            .lock()
+            .expect("rebuild poisoned")
+            .as_mut()
+        {
             r.running = false;
         }
     }
@@ -123,7 +130,7 @@ impl Store {
                 n - 1
             )));
         }
-        let paths = self.device_paths.read().expect("paths poisoned");
+        let paths = self.redundancy.device_paths.read().expect("paths poisoned");
         paths
             .iter()
             .position(|p| p == Path::new(old))
@@ -138,6 +145,7 @@ impl Store {
     /// The replacement recorded in the catalog, if one is under way.
     fn replace_record(&self) -> Result<Option<ReplaceRecord>, StoreError> {
         Ok(self
+            .data
             .catalog
             .meta("replace")?
             .and_then(|b| ReplaceRecord::decode(&b)))
@@ -154,6 +162,7 @@ impl Store {
         let index = self.device_index(old)?;
         let pending = self.check_replace(index, new_path, options)?;
         if self
+            .redundancy
             .replacing
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
@@ -190,7 +199,7 @@ impl Store {
                 DatasetLayout::Stripe(_) => report.stripe_bytes_lost += per_device[index as usize],
             }
         }
-        *self.rebuild.lock().expect("rebuild poisoned") = Some(RebuildState {
+        *self.redundancy.rebuild.lock().expect("rebuild poisoned") = Some(RebuildState {
             index,
             new_path: new_path.to_path_buf(),
             bytes_done: 0,
@@ -199,7 +208,13 @@ impl Store {
         });
         let mut done = 0u64;
         let mut rebuilt = |done: u64| {
-            if let Some(r) = self.rebuild.lock().expect("rebuild poisoned").as_mut() {
+            if let Some(r) = self
+                .redundancy
+                .rebuild
+                .lock()
+                .expect("rebuild poisoned")
+                .as_mut()
+            {
                 r.bytes_done = done;
             }
             progress(done, total);
@@ -255,7 +270,7 @@ impl Store {
             None => false,
         };
         {
-            let paths = self.device_paths.read().expect("paths poisoned");
+            let paths = self.redundancy.device_paths.read().expect("paths poisoned");
             if let Some(i) = paths
                 .iter()
                 .position(|p| p == new_path)
@@ -290,7 +305,7 @@ impl Store {
         StoreError,
     > {
         let (index, new_path) = (record.index, record.new_path.clone());
-        let reference = self.superblock.clone();
+        let reference = self.redundancy.superblock.clone();
         let path = new_path.clone();
         let file = tokio::task::spawn_blocking(move || {
             crate::device::prepare_replacement(&path, &reference, index, overwrite)
@@ -298,24 +313,27 @@ impl Store {
         .await
         .map_err(|e| StoreError::InvalidArgument(format!("prepare task failed: {e}")))?
         .map_err(|e| StoreError::Busy(format!("cannot use the new device: {e}")))?;
-        self.catalog
+        self.data
+            .catalog
             .set_meta(&[("replace", Some(&record.encode()))])?;
-        self.pool_root.record_replacements(&self.catalog)?;
+        self.data
+            .pool_root
+            .record_replacements(&self.data.catalog)?;
         // The pool's metadata reaches the new device once it is rebuilt.
         let meta_file = file
             .try_clone()
             .map_err(|e| StoreError::Busy(format!("cannot use the new device: {e}")))?;
-        let meta_file = self.hooks.meta_file(meta_file, &new_path);
+        let meta_file = self.io.hooks.meta_file(meta_file, &new_path);
         // From here on, reads of the device's units are rebuilt.
-        self.slots.set(index, Slot::Missing);
+        self.io.slots.set(index, Slot::Missing);
         let target = engine::build(
-            self.engine_kind,
+            self.io.engine_kind,
             vec![file],
-            Arc::clone(&self.pool),
-            self.engine_limits,
+            Arc::clone(&self.io.pool),
+            self.io.engine_limits,
         )
         .map_err(|e| StoreError::Busy(format!("cannot start I/O on the new device: {e}")))?;
-        Ok((self.hooks.engine(target, &[new_path]), meta_file))
+        Ok((self.io.hooks.engine(target, &[new_path]), meta_file))
     }
 
     /// Rebuilds the units of `ds` that lived on the replaced device onto
@@ -395,20 +413,24 @@ impl Store {
         // Every manifest and the root on the new device too, or a pool
         // whose devices were all replaced in turn would hold none.
         let store = Arc::clone(self);
-        tokio::task::spawn_blocking(move || store.pool_root.add_device(index, meta_file))
+        tokio::task::spawn_blocking(move || store.data.pool_root.add_device(index, meta_file))
             .await
             .map_err(|e| StoreError::InvalidArgument(format!("replace task failed: {e}")))??;
         let key = format!("device_path/{index}");
         let path_bytes = record.new_path.to_string_lossy().into_owned();
-        self.catalog.set_meta(&[
+        self.data.catalog.set_meta(&[
             (key.as_str(), Some(path_bytes.as_bytes())),
             ("replace", None),
         ])?;
-        self.pool_root.record_replacements(&self.catalog)?;
-        self.device_paths.write().expect("paths poisoned")[index as usize] =
-            record.new_path.clone();
-        self.slots.set(index, Slot::Replaced(target));
-        *self.rebuild.lock().expect("rebuild poisoned") = None;
+        self.data
+            .pool_root
+            .record_replacements(&self.data.catalog)?;
+        self.redundancy
+            .device_paths
+            .write()
+            .expect("paths poisoned")[index as usize] = record.new_path.clone();
+        self.io.slots.set(index, Slot::Replaced(target));
+        *self.redundancy.rebuild.lock().expect("rebuild poisoned") = None;
         Ok(())
     }
 
@@ -420,15 +442,22 @@ impl Store {
         record: &ReplaceRecord,
     ) -> Result<(), StoreError> {
         sync_target(target, index).await?;
-        self.catalog
+        self.data
+            .catalog
             .set_meta(&[("replace", Some(&record.encode()))])?;
-        self.pool_root.record_replacements(&self.catalog)?;
+        self.data
+            .pool_root
+            .record_replacements(&self.data.catalog)?;
         Ok(())
     }
 
     /// The replacement under way or waiting to be resumed, if any.
     pub fn rebuild_state(&self) -> Option<RebuildState> {
-        self.rebuild.lock().expect("rebuild poisoned").clone()
+        self.redundancy
+            .rebuild
+            .lock()
+            .expect("rebuild poisoned")
+            .clone()
     }
 }
 

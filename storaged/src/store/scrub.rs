@@ -262,25 +262,26 @@ impl Store {
         let (device, offset) = ec.map.unit_location(stripe, position);
         let len = unit.len();
         let mut lease = self
+            .io
             .pool
             .acquire(len)
             .await
             .map_err(|e| StoreError::Limit(e.to_string()))?;
         lease.as_mut_full()[..len].copy_from_slice(unit.as_slice());
         lease.set_len(len);
-        let lease = engine::write_all(&*self.engine, device, offset, lease)
+        let lease = engine::write_all(&*self.io.engine, device, offset, lease)
             .await
             .map_err(|e| StoreError::from_io(device, offset, e))?;
-        let engine = Arc::clone(&self.engine);
+        let engine = Arc::clone(&self.io.engine);
         tokio::task::spawn_blocking(move || engine.sync(device))
             .await
             .map_err(|e| StoreError::InvalidArgument(format!("sync task failed: {e}")))?
             .map_err(|source| StoreError::Sync { device, source })?;
-        let back = engine::read_exact(&*self.engine, device, offset, len, lease)
+        let back = engine::read_exact(&*self.io.engine, device, offset, len, lease)
             .await
             .map_err(|e| StoreError::from_io(device, offset, e))?;
         let rows = ds.record.unit_rows.max(1) as usize;
-        let crcs = self.catalog.unit_crcs(
+        let crcs = self.data.catalog.unit_crcs(
             ds.record.id,
             ec.geometry().width() as usize * rows,
             stripe,
@@ -311,14 +312,14 @@ impl Store {
         let block = u64::from(ds.record.checksum_block_bytes);
         let mut after: Option<String> = None;
         loop {
-            let (page, more) = self.catalog.list_objects(
+            let (page, more) = self.data.catalog.list_objects(
                 ds.record.id,
                 "",
                 after.as_deref(),
                 self.limits.list_page_size_max as usize,
             )?;
             let paths: Vec<&str> = page.iter().map(|o| o.path.as_str()).collect();
-            let records = self.catalog.get_objects(ds.record.id, &paths)?;
+            let records = self.data.catalog.get_objects(ds.record.id, &paths)?;
             for (summary, record) in page.iter().zip(records) {
                 if ds.deleted.load(Ordering::SeqCst) {
                     return Ok(());

@@ -135,7 +135,12 @@ impl Store {
         let missing = self.missing_devices();
         let rebuilt = self.device_reconstructions();
         let rebuild = self.rebuild_state();
-        let paths = self.device_paths.read().expect("paths poisoned").clone();
+        let paths = self
+            .redundancy
+            .device_paths
+            .read()
+            .expect("paths poisoned")
+            .clone();
         let devices = paths
             .into_iter()
             .enumerate()
@@ -184,13 +189,13 @@ impl Store {
         let (buffer_pool_bytes, buffer_pool_in_use_bytes) = self.buffer_pool_usage();
         StoreStatus {
             pool_id: pool_id_hex(&self.pool_id),
-            engine: self.engine.kind(),
+            engine: self.io.engine.kind(),
             stripe_unit_bytes: self.layout.stripe_unit_bytes,
             capacity_bytes,
             used_bytes,
             devices,
             datasets,
-            ingests_in_progress: self.ingesting.lock().expect("poisoned").len(),
+            ingests_in_progress: self.data.ingesting.lock().expect("poisoned").len(),
             degraded: missing.iter().any(|m| *m),
             reads: ReadStats {
                 grpc_bytes_served: load(&c.grpc_bytes_served),
@@ -260,7 +265,7 @@ impl Store {
     /// discard. Read under the allocator's lock, which every change to it
     /// holds too.
     fn space_used(&self) -> (u64, u64, Vec<u64>) {
-        let alloc = self.alloc.lock().expect("allocator poisoned");
+        let alloc = self.data.alloc.lock().expect("allocator poisoned");
         let n = self.layout.device_count as usize;
         let mut free_per_device = vec![0u64; n];
         for e in alloc.free_extents() {
@@ -268,7 +273,7 @@ impl Store {
                 .bytes_per_device(e.offset, e.len, &mut free_per_device);
         }
         let mut held_bytes = 0;
-        for e in self.space.held_extents() {
+        for e in self.data.space.held_extents() {
             held_bytes += e.len;
             self.layout
                 .bytes_per_device(e.offset, e.len, &mut free_per_device);

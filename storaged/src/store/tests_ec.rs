@@ -163,7 +163,7 @@ async fn failed_device_and_bad_bytes_are_rebuilt_from_parity() {
     assert_eq!(per_device[0] + per_device[2] + per_device[3], 0);
     plan.clear();
     // Rebuilt stripes are cached; start the next case from the devices.
-    store.stripe_cache.lock().unwrap().clear();
+    store.redundancy.stripe_cache.lock().unwrap().clear();
 
     // Bit rot in a data unit: the checksum catches it, parity repairs it.
     let obj = store
@@ -186,7 +186,7 @@ async fn failed_device_and_bad_bytes_are_rebuilt_from_parity() {
     );
     assert!(h.reconstructions.load(Ordering::Relaxed) > rebuilt);
     plan.clear();
-    store.stripe_cache.lock().unwrap().clear();
+    store.redundancy.stripe_cache.lock().unwrap().clear();
 
     // Two units of a stripe gone is more than ec:3+1 can rebuild: an error
     // naming the devices, never wrong bytes.
@@ -203,7 +203,7 @@ async fn failed_device_and_bad_bytes_are_rebuilt_from_parity() {
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
     assert!(matches!(err, StoreError::Unrecoverable { .. }), "{err}");
     plan.clear();
-    store.stripe_cache.lock().unwrap().clear();
+    store.redundancy.stripe_cache.lock().unwrap().clear();
     // Bad bytes (not I/O errors) on two devices: DATA_LOSS.
     let segs = store.object_extents(&obj);
     for (_, s) in segs.iter().take(1) {
@@ -460,7 +460,7 @@ async fn device_replace_rebuilds_resumes_and_heals_the_pool() {
     assert!(store.rebuild_state().is_none());
     assert!(!store.missing_devices().iter().any(|m| *m), "healthy");
     assert_eq!(store.status().devices[2].path, new);
-    store.stripe_cache.lock().unwrap().clear();
+    store.redundancy.stripe_cache.lock().unwrap().clear();
     let before = store.device_reconstructions()[2];
     check_all(&store, "e", &objs).await;
     check_all(&store, "e2", &more).await;
