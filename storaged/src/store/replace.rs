@@ -89,22 +89,22 @@ pub struct ReplaceReport {
     pub resumed: bool,
 }
 
+impl super::RedundancyState {
+    /// Changes the state of the rebuild under way, if there is one.
+    fn update_rebuild(&self, change: impl FnOnce(&mut RebuildState)) {
+        if let Some(r) = self.rebuild.lock().expect("rebuild poisoned").as_mut() {
+            change(r);
+        }
+    }
+}
+
 /// Clears the "replacing" flag however the rebuild ends.
 struct Replacing<'a>(&'a Store);
 
 impl Drop for Replacing<'_> {
     fn drop(&mut self) {
         self.0.redundancy.replacing.store(false, Ordering::SeqCst);
-        if let Some(r) = self
-            .0
-            .redundancy
-            .rebuild
-            .lock()
-            .expect("rebuild poisoned")
-            .as_mut()
-        {
-            r.running = false;
-        }
+        self.0.redundancy.update_rebuild(|r| r.running = false);
     }
 }
 
@@ -208,15 +208,7 @@ impl Store {
         });
         let mut done = 0u64;
         let mut rebuilt = |done: u64| {
-            if let Some(r) = self
-                .redundancy
-                .rebuild
-                .lock()
-                .expect("rebuild poisoned")
-                .as_mut()
-            {
-                r.bytes_done = done;
-            }
+            self.redundancy.update_rebuild(|r| r.bytes_done = done);
             progress(done, total);
         };
         for ds in &datasets {
