@@ -277,21 +277,11 @@ fn flip(path: &Path, offset: u64, bit: u8) -> anyhow::Result<()> {
 }
 
 async fn scrub_once(client: &Client, rate_mib_s: u64) -> anyhow::Result<pb::ScrubReport> {
-    let mut s = client
-        .raw()
-        .scrub(pb::ScrubRequest {
-            dataset: String::new(),
-            rate_mib_s,
-        })
+    Ok(client
+        .scrub(None, rate_mib_s)
         .await?
-        .into_inner();
-    let mut report = None;
-    while let Some(ev) = s.message().await? {
-        if let Some(pb::scrub_event::Event::Report(r)) = ev.event {
-            report = Some(r);
-        }
-    }
-    report.context("scrub ended without a report")
+        .report(|_, _| {})
+        .await?)
 }
 
 async fn bitflips(setup: &Setup, args: &Args) -> anyhow::Result<serde_json::Value> {
@@ -512,15 +502,9 @@ async fn rebuild(setup: &Setup) -> anyhow::Result<serde_json::Value> {
     std::fs::File::create(&new)?.set_len(std::fs::metadata(&setup.devices[0])?.len())?;
     drop_caches();
     let started = Instant::now();
-    let mut events = client
-        .raw()
-        .replace_device(pb::ReplaceDeviceRequest {
-            old: "1".into(),
-            new_path: new.display().to_string(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let job = client
+        .replace_device("1", &new.display().to_string(), Default::default())
+        .await?;
     // Foreground streaming for as long as the rebuild runs.
     let reader = {
         let client = client.clone();
@@ -549,15 +533,9 @@ async fn rebuild(setup: &Setup) -> anyhow::Result<serde_json::Value> {
             anyhow::Ok(bytes as f64 / t0.elapsed().as_secs_f64() / (1u64 << 30) as f64)
         })
     };
-    let mut report = None;
-    while let Some(ev) = events.message().await? {
-        if let Some(pb::replace_device_event::Event::Report(r)) = ev.event {
-            report = Some(r);
-        }
-    }
+    let r = job.report(|_, _| {}).await?;
     let seconds = started.elapsed().as_secs_f64();
     let during = reader.await??;
-    let r = report.context("replace ended without a report")?;
     let gib = r.bytes_rebuilt as f64 / (1u64 << 30) as f64;
     let (exact, failed, wrong) = check_all(setup, &client).await?;
     daemon.stop()?;

@@ -15,10 +15,12 @@
 //! resumes from the last byte received. A stream that ends before the length
 //! the server announced is an error, never a short result.
 
+pub mod admin;
 mod ingest;
 pub mod loader;
 pub mod plan;
 pub mod region;
+pub mod retry;
 
 use std::time::Duration;
 
@@ -26,7 +28,7 @@ use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 use storaged_proto::pb::storaged_client::StoragedClient;
 use storaged_proto::pb::{self};
-use storaged_proto::{DatasetName, NameError, ObjectPath};
+use storaged_proto::{DatasetName, NameError, ObjectPath, http2};
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
@@ -37,6 +39,7 @@ pub use loader::{
 };
 pub use plan::{PlanError, PlanSpec, PlanState, PlanTail};
 pub use region::{Region, RegionBatch, RegionRead};
+pub use retry::RetryPolicy;
 pub use storaged_proto::pb::{DatasetInfo, ObjectInfo, StatResponse, StatusResponse};
 
 /// Largest message the client accepts or sends.
@@ -135,48 +138,14 @@ pub fn code_name(code: Code) -> &'static str {
     }
 }
 
-/// Retry policy for `UNAVAILABLE`.
-#[derive(Debug, Clone, Copy)]
-pub struct RetryPolicy {
-    pub attempts_max: u32,
-    pub backoff_initial: Duration,
-    pub backoff_max: Duration,
-}
-
-impl Default for RetryPolicy {
-    fn default() -> Self {
-        Self {
-            attempts_max: 5,
-            backoff_initial: Duration::from_millis(50),
-            backoff_max: Duration::from_secs(2),
-        }
-    }
-}
-
-impl RetryPolicy {
-    fn delay(&self, attempt: u32) -> Duration {
-        let d = self.backoff_initial.saturating_mul(1u32 << attempt.min(16));
-        d.min(self.backoff_max)
-    }
-}
-
-/// Runs `f` again while it fails with UNAVAILABLE, within the policy.
-async fn with_retry<T, F, Fut>(policy: RetryPolicy, mut f: F) -> Result<T, Status>
+/// Runs `f` again while it fails transiently, within the policy (see
+/// `retry`).
+async fn with_retry<T, F, Fut>(policy: RetryPolicy, f: F) -> Result<T, Status>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, Status>>,
 {
-    let mut attempt = 0;
-    loop {
-        match f().await {
-            Err(s) if s.code() == Code::Unavailable && attempt + 1 < policy.attempts_max => {
-                tracing::debug!(attempt, status = %s, "retrying after UNAVAILABLE");
-                tokio::time::sleep(policy.delay(attempt)).await;
-                attempt += 1;
-            }
-            r => return r,
-        }
-    }
+    retry::Retrying::new(policy).run(f).await
 }
 
 /// The generated gRPC client with this client's credentials on every
@@ -379,13 +348,13 @@ impl Client {
         };
         let endpoint = Endpoint::from_shared(http_url)
             .map_err(connect_err)?
-            .connect_timeout(Duration::from_secs(5))
+            .connect_timeout(http2::CONNECT_TIMEOUT)
             .tcp_nodelay(true)
-            .max_frame_size((1u32 << 24) - 1)
-            .initial_stream_window_size(32u32 << 20)
-            .initial_connection_window_size(64u32 << 20)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20));
+            .max_frame_size(http2::MAX_FRAME_BYTES)
+            .initial_stream_window_size(http2::STREAM_WINDOW_BYTES)
+            .initial_connection_window_size(http2::CONNECTION_WINDOW_BYTES)
+            .http2_keep_alive_interval(http2::KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(http2::KEEPALIVE_TIMEOUT);
         let endpoint = if url.starts_with("https://") {
             endpoint
                 .tls_config(options.tls_config(url)?)
@@ -768,7 +737,7 @@ impl Dataset {
             }
             let mut received = 0u64;
             let mut expected: Option<u64> = None;
-            let mut attempt = 0u32;
+            let mut retrying = retry::Retrying::new(retry);
             loop {
                 let req = pb::ReadRequest {
                     dataset: dataset.clone(),
@@ -816,13 +785,12 @@ impl Dataset {
                         }
                         return;
                     }
-                    Err(s) if s.code() == Code::Unavailable && attempt + 1 < retry.attempts_max => {
-                        tokio::time::sleep(retry.delay(attempt)).await;
-                        attempt += 1;
-                    }
                     Err(s) => {
-                        let _ = tx.send(Err(s.into())).await;
-                        return;
+                        // Resumed after the bytes already delivered.
+                        if let Err(s) = retrying.again(s).await {
+                            let _ = tx.send(Err(s.into())).await;
+                            return;
+                        }
                     }
                 }
             }
@@ -1002,39 +970,6 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn backoff_is_bounded() {
-        let p = RetryPolicy::default();
-        assert_eq!(p.delay(0), Duration::from_millis(50));
-        assert_eq!(p.delay(1), Duration::from_millis(100));
-        assert_eq!(p.delay(30), Duration::from_secs(2));
-    }
-
-    #[tokio::test]
-    async fn retry_stops_at_the_bound() {
-        let mut calls = 0;
-        let policy = RetryPolicy {
-            attempts_max: 3,
-            backoff_initial: Duration::from_millis(1),
-            backoff_max: Duration::from_millis(1),
-        };
-        let r: Result<(), Status> = with_retry(policy, || {
-            calls += 1;
-            async { Err(Status::unavailable("down")) }
-        })
-        .await;
-        assert_eq!(r.unwrap_err().code(), Code::Unavailable);
-        assert_eq!(calls, 3);
-        let mut calls = 0;
-        let r: Result<(), Status> = with_retry(policy, || {
-            calls += 1;
-            async { Err(Status::not_found("x")) }
-        })
-        .await;
-        assert!(r.is_err());
-        assert_eq!(calls, 1, "only UNAVAILABLE is retried");
-    }
 
     // Guards against https:// URLs being used as plaintext and URLs without
     // a scheme failing with an unclear message (issue 13, items 7 and 15).

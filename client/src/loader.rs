@@ -27,7 +27,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use storaged_proto::model::{
     BATCH_ANY_ORDER_ITEM_BYTES_MAX, READ_INTO_ALIGN_BYTES, REGION_UNKNOWN_METADATA_KEY,
@@ -45,7 +45,11 @@ use crate::plan::{PlanError, PlanSpec, PlanState, rank_sequence, worker_sequence
 /// registered (the registration reply confirms it).
 const CHECKSUM_BLOCK_BYTES: u64 = storaged_proto::model::CHECKSUM_BLOCK_BYTES as u64;
 use crate::region::{Region, RegionRead};
+use crate::retry::Retrying;
+
+mod scheduler;
 use crate::{BatchItem, ClientError, Dataset, ObjectInfo, async_stream_bounded};
+use scheduler::Scheduler;
 
 /// Largest batch a loader accepts: one `ReadBatch` call per batch.
 pub const LOADER_BATCH_ITEMS_MAX: usize = 16_384;
@@ -459,26 +463,7 @@ impl Dataset {
             ));
         }
         let total = plan.len() as u64;
-        let batches: Vec<BatchPlan> = plan
-            .indices
-            .chunks(batch_size)
-            .enumerate()
-            .map(|(b, chunk)| {
-                let samples: Vec<(u64, String, u64)> = chunk
-                    .iter()
-                    .map(|&i| {
-                        let o = &plan.objects[i as usize];
-                        (i, o.path.clone(), o.size)
-                    })
-                    .collect();
-                let bytes = chunk.iter().map(|&i| plan.objects[i as usize].size).sum();
-                BatchPlan {
-                    first_position: (b * batch_size) as u64,
-                    samples,
-                    bytes,
-                }
-            })
-            .collect();
+        let batches = batch_plans(&plan, batch_size);
         let dataset = self.clone();
         // The shm path needs a same-host connection and regions of a sane
         // size: the largest batch's spans, rounded for alignment.
@@ -515,57 +500,22 @@ impl Dataset {
             if use_shm {
                 let count = (prefetch_bytes_max / region_bytes).clamp(1, SHM_PREFETCH_REGIONS_MAX)
                     + SHM_SLOTS_EXTRA;
-                for _ in 0..count.min(batches.len() as u64 + 1) {
-                    let registered = Retrying::new(&dataset.client, options.retry_budget)
-                        .run(|| dataset.client.region(region_bytes))
-                        .await;
-                    match registered {
-                        Ok(region) => slots.push(Arc::new(RegionSlot {
-                            region: Some(region),
-                            client: dataset.client.clone(),
-                        })),
-                        Err(e) => {
-                            // Regions only save copies: with fewer than
-                            // asked for (the server's region limits, no
-                            // memfd), read with those there are, or over
-                            // gRPC (each batch says which path served it).
-                            tracing::warn!(
-                                error = %e,
-                                regions = slots.len(),
-                                "cannot register a loader region; reading with fewer"
-                            );
-                            break;
-                        }
-                    }
-                }
+                slots = register_slots(
+                    &dataset,
+                    count.min(batches.len() as u64 + 1),
+                    region_bytes,
+                    options.retry_budget,
+                )
+                .await;
                 use_shm = !slots.is_empty();
             }
-            let mut pending = batches.into_iter().peekable();
+            let mut scheduler =
+                Scheduler::new(batches, prefetch_bytes_max, use_shm.then_some(slots));
             let mut running = FuturesOrdered::new();
-            let mut running_bytes = 0u64;
             loop {
-                while let Some(next) = pending.peek() {
-                    let fits = running_bytes.saturating_add(next.bytes) <= prefetch_bytes_max;
-                    if !running.is_empty() && !fits {
-                        break;
-                    }
-                    // A region no sample refers to any more; it travels with
-                    // its fetch and comes back with the result.
-                    let slot = if use_shm {
-                        match slots.iter().position(|s| Arc::strong_count(s) == 1) {
-                            Some(i) => Some(slots.swap_remove(i)),
-                            // Every region still holds samples the consumer
-                            // kept. With nothing running, waiting could be
-                            // forever (a consumer may keep them all), so
-                            // this batch goes over gRPC instead.
-                            None if running.is_empty() => None,
-                            None => break,
-                        }
-                    } else {
-                        None
-                    };
-                    let batch = pending.next().expect("peeked");
-                    running_bytes += batch.bytes;
+                while let Some((batch, slot)) = scheduler.start_next() {
+                    // A region travels with its fetch and comes back with
+                    // the result.
                     running.push_back(fetch_retrying(
                         dataset.clone(),
                         batch,
@@ -582,8 +532,7 @@ impl Dataset {
                 let Some((bytes, result, slot)) = running.next().await else {
                     return;
                 };
-                slots.extend(slot);
-                running_bytes -= bytes;
+                scheduler.finished(bytes, slot);
                 let failed = result.is_err();
                 if tx.send(result).await.is_err() || failed {
                     return;
@@ -648,83 +597,66 @@ impl HintWindow {
     }
 }
 
-/// Whether an error is what a restart of storaged (or a dropped
-/// connection) looks like from here: worth the same call again later.
-/// CANCELLED and ABORTED come from a server shutting down under the call
-/// (the loader never cancels its own calls); INTERNAL or UNKNOWN with a
-/// source were made on this side from a broken HTTP/2 connection, not sent
-/// by the server.
-fn is_transient(e: &ClientError) -> bool {
-    match e {
-        ClientError::Connect { .. } => true,
-        ClientError::Status(s) => match s.code() {
-            Code::Unavailable | Code::Cancelled | Code::Aborted => true,
-            Code::Internal | Code::Unknown => std::error::Error::source(s).is_some(),
-            _ => false,
-        },
-        _ => false,
-    }
+/// `plan` cut into batches of `batch_size` samples (the last may be
+/// shorter).
+fn batch_plans(plan: &Plan, batch_size: usize) -> Vec<BatchPlan> {
+    plan.indices
+        .chunks(batch_size)
+        .enumerate()
+        .map(|(b, chunk)| {
+            let samples: Vec<(u64, String, u64)> = chunk
+                .iter()
+                .map(|&i| {
+                    let o = &plan.objects[i as usize];
+                    (i, o.path.clone(), o.size)
+                })
+                .collect();
+            let bytes = chunk.iter().map(|&i| plan.objects[i as usize].size).sum();
+            BatchPlan {
+                first_position: (b * batch_size) as u64,
+                samples,
+                bytes,
+            }
+        })
+        .collect()
 }
 
-/// Calls again while they fail transiently, with the client's backoff,
-/// for at most a time budget; then the last error, saying so.
-struct Retrying {
-    started: Instant,
-    budget: Duration,
-    policy: crate::RetryPolicy,
-    attempt: u32,
-}
-
-impl Retrying {
-    fn new(client: &crate::Client, budget: Duration) -> Self {
-        Self {
-            started: Instant::now(),
-            budget,
-            policy: client.retry,
-            attempt: 0,
-        }
-    }
-
-    /// After a failed attempt: `Ok` once the backoff has passed (try
-    /// again), or the error to give up with.
-    async fn again(&mut self, e: ClientError) -> Result<(), ClientError> {
-        if !is_transient(&e) {
-            return Err(e);
-        }
-        let delay = self.policy.delay(self.attempt);
-        if self.started.elapsed() + delay > self.budget {
-            let gave_up = |message: &dyn std::fmt::Display| {
-                format!(
-                    "{message} (gave up after {} attempt(s) in {:.1} s)",
-                    self.attempt + 1,
-                    self.started.elapsed().as_secs_f64()
-                )
-            };
-            return Err(match e {
-                ClientError::Status(s) => {
-                    ClientError::Status(Status::new(s.code(), gave_up(&s.message())))
-                }
-                e => ClientError::Status(Status::unavailable(gave_up(&e))),
-            });
-        }
-        tracing::debug!(attempt = self.attempt, error = %e, "storaged away; trying again");
-        tokio::time::sleep(delay).await;
-        self.attempt += 1;
-        Ok(())
-    }
-
-    async fn run<T, F, Fut>(mut self, mut call: F) -> Result<T, ClientError>
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Result<T, ClientError>>,
-    {
-        loop {
-            match call().await {
-                Ok(v) => return Ok(v),
-                Err(e) => self.again(e).await?,
+/// Up to `count` regions of `region_bytes` for the loader to read into.
+/// Regions only save copies: with fewer than asked for (the server's
+/// region limits, no memfd), the loader reads with those there are, or
+/// over gRPC (each batch says which path served it).
+async fn register_slots(
+    dataset: &Dataset,
+    count: u64,
+    region_bytes: u64,
+    retry_budget: Duration,
+) -> Vec<Arc<RegionSlot>> {
+    let mut slots = Vec::new();
+    for _ in 0..count {
+        let registered = retrying(&dataset.client, retry_budget)
+            .run(|| dataset.client.region(region_bytes))
+            .await;
+        match registered {
+            Ok(region) => slots.push(Arc::new(RegionSlot {
+                region: Some(region),
+                client: dataset.client.clone(),
+            })),
+            Err(e) => {
+                tracing::warn!(
+                    error = %e,
+                    regions = slots.len(),
+                    "cannot register a loader region; reading with fewer"
+                );
+                break;
             }
         }
     }
+    slots
+}
+
+/// The client's retry policy, bounded by the loader's time budget alone.
+fn retrying(client: &crate::Client, budget: Duration) -> Retrying {
+    Retrying::new(client.retry.with_budget_only(budget))
 }
 
 /// Reads one batch (into `slot` when there is one, else over gRPC), again
@@ -737,7 +669,7 @@ async fn fetch_retrying(
     mut slot: Option<Arc<RegionSlot>>,
     budget: Duration,
 ) -> (u64, Result<Batch, ClientError>, Option<Arc<RegionSlot>>) {
-    let mut retrying = Retrying::new(&dataset.client, budget);
+    let mut retrying = retrying(&dataset.client, budget);
     loop {
         let attempt_plan = batch.clone();
         let (bytes, result, back) = match slot {

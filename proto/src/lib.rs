@@ -18,6 +18,8 @@ pub mod pb {
 }
 
 /// Encoded `FileDescriptorSet` of the storaged protos, for gRPC reflection.
+pub mod http2;
+
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("storaged_descriptor");
 
 pub use model::{DatasetName, NameError, ObjectPath};

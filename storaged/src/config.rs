@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
+use storaged_proto::http2;
 
 use crate::engine::EngineKind;
 use crate::size::parse_size;
@@ -331,11 +332,11 @@ impl Default for ServerLimits {
             max_local_error_reset_streams: 1024,
             max_decoding_message_bytes: 8 << 20,
             max_encoding_message_bytes: 8 << 20,
-            max_frame_bytes: (1 << 24) - 1,
-            initial_stream_window_bytes: 32 << 20,
-            initial_connection_window_bytes: 64 << 20,
-            keepalive_interval_s: 30,
-            keepalive_timeout_s: 20,
+            max_frame_bytes: http2::MAX_FRAME_BYTES,
+            initial_stream_window_bytes: http2::STREAM_WINDOW_BYTES,
+            initial_connection_window_bytes: http2::CONNECTION_WINDOW_BYTES,
+            keepalive_interval_s: http2::KEEPALIVE_INTERVAL.as_secs(),
+            keepalive_timeout_s: http2::KEEPALIVE_TIMEOUT.as_secs(),
             shutdown_grace_s: 10,
             stream_stall_timeout_s: 30,
             ingest_idle_timeout_s: 60,

@@ -3,14 +3,12 @@
 
 use super::*;
 
-/// Shows a progress bar for a server-side job's event stream until it
-/// ends; `split` turns an event into progress `Err((done, total))` or the
-/// final report `Ok(Some(report))`. Returns the last report.
-pub(crate) async fn follow<E, R>(
-    stream: &mut tonic::Streaming<E>,
+/// Shows a progress bar for a server-side job until it ends, and returns
+/// its report.
+pub(crate) async fn follow<R: Send + 'static>(
+    job: storaged_client::admin::Job<R>,
     label: &str,
-    split: impl Fn(E) -> Result<Option<R>, (u64, u64)>,
-) -> anyhow::Result<Option<R>> {
+) -> anyhow::Result<R> {
     let bar = ProgressBar::new(0);
     bar.set_style(
         ProgressStyle::with_template(&format!(
@@ -19,27 +17,14 @@ pub(crate) async fn follow<E, R>(
         .expect("valid template"),
     );
     start_ticking(&bar);
-    let mut report = None;
-    loop {
-        let ev = match stream.message().await {
-            Ok(Some(ev)) => ev,
-            Ok(None) => break,
-            Err(s) => {
-                bar.finish_and_clear();
-                return Err(storaged_client::ClientError::from(s).into());
-            }
-        };
-        match split(ev) {
-            Err((done, total)) => {
-                bar.set_length(total);
-                bar.set_position(done);
-            }
-            Ok(Some(r)) => report = Some(r),
-            Ok(None) => {}
-        }
-    }
+    let report = job
+        .report(|done, total| {
+            bar.set_length(total);
+            bar.set_position(done);
+        })
+        .await;
     bar.finish_and_clear();
-    Ok(report)
+    Ok(report?)
 }
 
 pub(crate) async fn replace_device(
@@ -49,7 +34,6 @@ pub(crate) async fn replace_device(
     allow_healthy: bool,
     overwrite: bool,
 ) -> anyhow::Result<()> {
-    use storaged_proto::pb::replace_device_event::Event;
     let new = std::path::absolute(new).with_context(|| format!("resolving {}", new.display()))?;
     // The old device's path, to say what becomes of it.
     let old_path = client.status().await.ok().and_then(|s| {
@@ -58,24 +42,17 @@ pub(crate) async fn replace_device(
             .find(|d| d.index.to_string() == old || d.path == old)
             .map(|d| d.path)
     });
-    let mut stream = client
-        .raw()
-        .replace_device(storaged_proto::pb::ReplaceDeviceRequest {
-            old: old.to_owned(),
-            new_path: new.display().to_string(),
-            allow_healthy,
-            overwrite,
-        })
-        .await
-        .map_err(storaged_client::ClientError::from)?
-        .into_inner();
-    let report = follow(&mut stream, "rebuild", |ev| match ev.event {
-        Some(Event::Progress(p)) => Err((p.bytes_done, p.bytes_total)),
-        Some(Event::Report(r)) => Ok(Some(r)),
-        None => Ok(None),
-    })
-    .await?;
-    let r = report.context("the server ended the replacement without a report")?;
+    let job = client
+        .replace_device(
+            old,
+            &new.display().to_string(),
+            storaged_client::admin::ReplaceOptions {
+                allow_healthy,
+                overwrite,
+            },
+        )
+        .await?;
+    let r = follow(job, "rebuild").await?;
     outln!(
         "device {old} replaced by {}{}: {} units ({}) rebuilt in {:.1} s, {} units lost, {} of stripe datasets lost",
         new.display(),
@@ -102,23 +79,10 @@ pub(crate) async fn scrub(
     dataset: Option<String>,
     rate_mib_s: Option<u64>,
 ) -> anyhow::Result<()> {
-    use storaged_proto::pb::scrub_event::Event;
-    let mut stream = client
-        .raw()
-        .scrub(storaged_proto::pb::ScrubRequest {
-            dataset: dataset.unwrap_or_default(),
-            rate_mib_s: rate_mib_s.unwrap_or(0),
-        })
-        .await
-        .map_err(storaged_client::ClientError::from)?
-        .into_inner();
-    let report = follow(&mut stream, "scrub", |ev| match ev.event {
-        Some(Event::Progress(p)) => Err((p.bytes_done, p.bytes_total)),
-        Some(Event::Report(r)) => Ok(Some(r)),
-        None => Ok(None),
-    })
-    .await?;
-    let r = report.context("the server ended the scrub without a report")?;
+    let job = client
+        .scrub(dataset.as_deref(), rate_mib_s.unwrap_or(0))
+        .await?;
+    let r = follow(job, "scrub").await?;
     outln!(
         "scrubbed {} datasets, {}: {} units checked, {} corrupt, {} repaired, {} unrecoverable, {} on missing devices; rows: {} corrupt, {} repaired",
         r.datasets,

@@ -71,6 +71,9 @@ create_exception!(
 /// The exception class for an error, by its gRPC code.
 fn to_py(e: ClientError) -> PyErr {
     let text = storaged_client::error_chain(&e);
+    // The client's one classifier of transient errors: Python's retries
+    // (`storaged.torch`) ask it rather than guessing from the class.
+    let transient = storaged_client::retry::is_transient(&e);
     let code = match &e {
         ClientError::Status(s) => s.code(),
         ClientError::Connect { .. } => Code::Unavailable,
@@ -95,9 +98,9 @@ fn to_py(e: ClientError) -> PyErr {
         _ => Internal::new_err(text),
     };
     Python::attach(|py| {
-        let _ = err
-            .value(py)
-            .setattr("code", storaged_client::code_name(code));
+        let value = err.value(py);
+        let _ = value.setattr("code", storaged_client::code_name(code));
+        let _ = value.setattr("transient", transient);
     });
     err
 }
@@ -826,6 +829,15 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Loader>()?;
     m.add_class::<handoff::Lent>()?;
     m.add_function(wrap_pyfunction!(handoff::_attach_lent, m)?)?;
+    // The client's retry backoff, for retries made in Python.
+    m.add(
+        "RETRY_BACKOFF_INITIAL_S",
+        storaged_client::retry::RETRY_BACKOFF_INITIAL.as_secs_f64(),
+    )?;
+    m.add(
+        "RETRY_BACKOFF_MAX_S",
+        storaged_client::retry::RETRY_BACKOFF_MAX.as_secs_f64(),
+    )?;
     for (name, ty) in [
         ("StoragedError", py.get_type::<StoragedError>()),
         ("InvalidArgument", py.get_type::<InvalidArgument>()),

@@ -56,6 +56,9 @@ def test_errors_are_exceptions_named_after_the_status(daemon, fresh_daemon, tmp_
     with pytest.raises(storaged.NotFound) as e:
         client.dataset("no-such-dataset")
     assert isinstance(e.value, storaged.StoragedError) and e.value.code == "NOT_FOUND"
+    # Guards against Python retrying what the Rust client would not: every
+    # error says whether the client's one classifier calls it transient.
+    assert e.value.transient is False
     assert "no-such-dataset" in str(e.value)
     ds = client.dataset("ds")
     with pytest.raises(storaged.NotFound, match="nope"):
@@ -66,8 +69,9 @@ def test_errors_are_exceptions_named_after_the_status(daemon, fresh_daemon, tmp_
         client.dataset("bad name!")
     with pytest.raises(IndexError):
         ds.read(len(ds))
-    with pytest.raises(storaged.Unavailable):
+    with pytest.raises(storaged.Unavailable) as e:
         storaged.Client("http://127.0.0.1:1")
+    assert e.value.transient is True
 
     # A corrupt object (class stripe: nothing to rebuild from) is DataLoss.
     write_tree(tmp_path / "c", {"victim": pattern(5, 200_000), "other": b"fine"})

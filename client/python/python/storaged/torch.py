@@ -79,7 +79,8 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 import torch
 import torch.utils.data as tud
 
-from . import Buffer, Client, Unavailable
+from . import Buffer, Client, StoragedError
+from ._native import RETRY_BACKOFF_INITIAL_S, RETRY_BACKOFF_MAX_S
 
 _PREFETCH_BYTES = 64 << 20
 _LOADER_BATCH = 64
@@ -199,23 +200,26 @@ class _Connection:
 
 
 def _retrying(budget_s: float, what: str, call: Callable):
-    """``call()``, again while it raises ``Unavailable`` (storaged away or
-    restarting) and ``budget_s`` seconds allow; then the last error, saying
-    so."""
+    """``call()``, again while it raises an error the client calls transient
+    (``e.transient``: storaged away or restarting; the Rust client's one
+    classifier) and ``budget_s`` seconds allow, with the client's backoff;
+    then the last error, saying so."""
     started = time.monotonic()
-    delay_s = 0.05
+    delay_s = RETRY_BACKOFF_INITIAL_S
     attempts = 1
     while True:
         try:
             return call()
-        except Unavailable as e:
+        except StoragedError as e:
+            if not getattr(e, "transient", False):
+                raise
             elapsed_s = time.monotonic() - started
             if elapsed_s + delay_s > budget_s:
-                raise Unavailable(
+                raise type(e)(
                     f"{e} ({what}: gave up after {attempts} attempts in {elapsed_s:.1f} s)"
                 ) from e
             time.sleep(delay_s)
-            delay_s = min(delay_s * 2, 2.0)
+            delay_s = min(delay_s * 2, RETRY_BACKOFF_MAX_S)
             attempts += 1
 
 
