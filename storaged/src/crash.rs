@@ -394,19 +394,10 @@ impl IoBackend for CrashEngine {
     }
 
     fn read_foreign(&self, read: ForeignRead) -> ForeignReadFuture {
-        if let Err(e) = read.check(self.device_count()) {
-            return ForeignReadFuture::ready(Err(e));
-        }
-        let len = read.len as usize;
-        // SAFETY: `check` established that the `len` bytes at the target
-        // are inside the memory, which its `ForeignMemory` contract keeps
-        // mapped and writable while `read` (holding it) lives, and which
-        // nothing reads as Rust data while reads may land.
-        let target = unsafe { std::slice::from_raw_parts_mut(read.target(0), len) };
-        let result = self
-            .file(read.device)
-            .and_then(|f| f.read_at(target, read.device_offset));
-        ForeignReadFuture::ready(result)
+        read.complete_in_place(self.device_count(), |target| {
+            self.file(read.device)
+                .and_then(|f| f.read_at(target, read.device_offset))
+        })
     }
 
     fn sync(&self, device: u32) -> io::Result<()> {

@@ -24,6 +24,7 @@
 
 mod elevator;
 pub mod fault;
+pub mod memory;
 pub mod metered;
 pub mod psync;
 pub mod route;
@@ -162,6 +163,25 @@ impl ForeignRead {
                 ),
             ))
         }
+    }
+
+    /// Does the read at once, in the calling thread: checks it, then lets
+    /// `read` fill the whole target (engines that simulate devices).
+    pub fn complete_in_place(
+        &self,
+        device_count: u32,
+        read: impl FnOnce(&mut [u8]) -> io::Result<usize>,
+    ) -> ForeignReadFuture {
+        if let Err(e) = self.check(device_count) {
+            return ForeignReadFuture::ready(Err(e));
+        }
+        // SAFETY: `check` established that the `len` bytes at the target
+        // are inside the memory, which its `ForeignMemory` contract keeps
+        // mapped and writable while `self` (holding it) lives, and which
+        // nothing reads as Rust data while reads may land; the slice does
+        // not outlive this call.
+        let target = unsafe { std::slice::from_raw_parts_mut(self.target(0), self.len as usize) };
+        ForeignReadFuture::ready(read(target))
     }
 
     /// The target address of byte `done` of this read.

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use crate::catalog::BackendFactory;
+use crate::engine::memory::MemoryDisk;
 use crate::engine::{DeviceFile, IoBackend};
 
 pub trait IoHooks: Send + Sync {
@@ -38,6 +39,16 @@ pub trait IoHooks: Send + Sync {
 pub struct NoHooks;
 
 impl IoHooks for NoHooks {}
+
+/// Every engine on a [`MemoryDisk`] (store tests that need no kernel I/O);
+/// metadata and catalog on their files as usual.
+pub struct MemoryHooks(pub Arc<MemoryDisk>);
+
+impl IoHooks for MemoryHooks {
+    fn engine(&self, _engine: Arc<dyn IoBackend>, paths: &[PathBuf]) -> Arc<dyn IoBackend> {
+        Arc::new(self.0.engine(paths))
+    }
+}
 
 /// Wraps the pool's engine with a closure, once ([`super::Store::open_with`]);
 /// nothing else.

@@ -1,6 +1,7 @@
 //! A proptest reference model of the store: random sequences of ingest,
-//! read, rm and reopen against a real store (4 small device files), each
-//! result checked against an in-memory map of what must be there.
+//! read, rm and reopen against a real store (4 small devices, in memory or
+//! on files), each result checked against an in-memory map of what must be
+//! there.
 //!
 //! After every step: the datasets listed are the model's, every read
 //! returns the model's bytes or the model's error, and the space used is
@@ -76,10 +77,29 @@ async fn check_invariants(store: &Arc<Store>, model: &Model) -> Result<(), TestC
     Ok(())
 }
 
-async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
+/// Where a model run's device I/O goes.
+#[derive(Debug, Clone, Copy)]
+enum Devices {
+    /// The real engine on device files.
+    Files,
+    /// A `MemoryDisk`: fast, and the same order every run.
+    Memory,
+}
+
+async fn run(steps: Vec<Step>, devices: Devices) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
     let cfg = config(dir.path(), 16, 64 << 10);
-    let mut store = Store::open(&cfg).unwrap();
+    let disk = Arc::new(crate::engine::memory::MemoryDisk::default());
+    let open = |cfg: &StoreConfig| match devices {
+        Devices::Files => Store::open(cfg).unwrap(),
+        Devices::Memory => {
+            Store::open_hooked(cfg, Arc::new(hooks::MemoryHooks(Arc::clone(&disk)))).unwrap()
+        }
+    };
+    let mut store = open(&cfg);
+    if let Devices::Memory = devices {
+        prop_assert_eq!(store.status().engine, "memory");
+    }
     let mut model = Model::new();
     for step in steps {
         match step {
@@ -164,14 +184,14 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
             Step::Reopen => {
                 discards_settled(&store).await;
                 drop(store);
-                store = Store::open(&cfg).unwrap();
+                store = open(&cfg);
             }
         }
         check_invariants(&store, &model).await?;
     }
     // Everything reads back whole at the end, after one more reopen.
     drop(store);
-    let store = Store::open(&cfg).unwrap();
+    let store = open(&cfg);
     check_invariants(&store, &model).await?;
     for (name, objs) in &model {
         for (path, want) in objs {
@@ -182,9 +202,18 @@ async fn run(steps: Vec<Step>) -> Result<(), TestCaseError> {
     Ok(())
 }
 
+fn run_on(steps: Vec<Step>, devices: Devices) -> Result<(), TestCaseError> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(run(steps, devices))
+}
+
 proptest! {
     #![proptest_config(ProptestConfig {
-        cases: 48,
+        cases: 64,
         max_shrink_iters: 64,
         ..ProptestConfig::default()
     })]
@@ -192,14 +221,24 @@ proptest! {
     // Guards the store's contract as a whole: whatever the order of
     // ingests, reads, deletes and restarts, it holds exactly what was
     // committed and not deleted, reads it back byte for byte, refuses what
-    // the model refuses, and accounts space exactly.
+    // the model refuses, and accounts space exactly. Device I/O in memory,
+    // so many sequences run quickly.
     #[test]
     fn the_store_behaves_like_a_map(steps in prop::collection::vec(step(), 1..24)) {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(run(steps))?;
+        run_on(steps, Devices::Memory)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig {
+        cases: 16,
+        max_shrink_iters: 64,
+        ..ProptestConfig::default()
+    })]
+
+    // Guards the same contract on the real engine and device files.
+    #[test]
+    fn the_store_behaves_like_a_map_on_device_files(steps in prop::collection::vec(step(), 1..24)) {
+        run_on(steps, Devices::Files)?;
     }
 }
