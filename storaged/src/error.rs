@@ -48,6 +48,95 @@ pub enum OpenError {
     PoolMeta(#[from] crate::poolmeta::PoolMetaError),
 }
 
+/// Why an admin job (scrub, device replacement) could not run or finish.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("a scrub is already running")]
+    ScrubRunning,
+    #[error("a device replacement is running")]
+    ReplaceRunning,
+    #[error(
+        "device {index} is being replaced by {}; resume that first (storagectl device replace {index} {})",
+        .path.display(),
+        .path.display()
+    )]
+    OtherReplacePending {
+        index: u32,
+        path: std::path::PathBuf,
+    },
+    #[error(
+        "device {0} is healthy; replacing it makes its data unreadable until the rebuild ends (stripe datasets lose its share). Say so explicitly to go on (storagectl device replace --healthy)"
+    )]
+    DeviceHealthy(u32),
+    #[error("device {index} does not exist (the pool has devices 0 to {})", .device_count - 1)]
+    NoSuchIndex { index: u32, device_count: u32 },
+    #[error("{0:?} is neither a device index nor a device path of this pool")]
+    NoSuchDevice(String),
+    #[error(
+        "the new device {} must be an absolute path (the daemon resolves it, not the client)",
+        .0.display()
+    )]
+    RelativePath(std::path::PathBuf),
+    #[error("{} is already device {index} of this pool", .path.display())]
+    AlreadyInPool {
+        path: std::path::PathBuf,
+        index: usize,
+    },
+    /// The new device cannot be used (missing, too small, holding data).
+    #[error("cannot use the new device: {0}")]
+    NewDevice(#[from] DeviceError),
+    #[error("cannot start I/O on the new device: {0}")]
+    NewDeviceEngine(std::io::Error),
+    /// What the job met on the way: device faults, the catalog.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<CatalogError> for AdminError {
+    fn from(e: CatalogError) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+impl From<crate::poolmeta::PoolMetaError> for AdminError {
+    fn from(e: crate::poolmeta::PoolMetaError) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+/// A limit of the store that a request ran into (ARCHITECTURE.md lists
+/// them all).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// Items of one ReadBatch (`batch_items_max`).
+    BatchItems,
+    /// Bytes of one item of an any-order batch
+    /// (`batch_any_order_item_bytes_max`).
+    AnyOrderItemBytes,
+    /// Ingests running at once (`ingests_concurrent_max`).
+    IngestsConcurrent,
+    /// Objects of one dataset (`ingest_objects_max`).
+    DatasetObjects,
+    /// Objects of one hint (`hint_items_max`).
+    HintItems,
+}
+
+impl Limit {
+    fn text(self, asked: u64, max: u64) -> String {
+        match self {
+            Limit::BatchItems => format!("{asked} items in one ReadBatch; the limit is {max}"),
+            Limit::AnyOrderItemBytes => format!(
+                "item of {asked} bytes exceeds {max} bytes for any-order batches; read it in order"
+            ),
+            Limit::IngestsConcurrent => {
+                format!("{asked} ingests are already running; the limit is {max}")
+            }
+            Limit::DatasetObjects => format!("a dataset holds at most {max} objects"),
+            Limit::HintItems => format!("{asked} objects in one hint; the limit is {max}"),
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
@@ -88,8 +177,12 @@ pub enum StoreError {
         offset: u64,
         source: std::io::Error,
     },
+    #[error("limit exceeded: {}", .limit.text(*.asked, *.max))]
+    Limit { limit: Limit, asked: u64, max: u64 },
+    /// No pool buffer can hold what the request needs (larger than the
+    /// largest buffer class, or more buffers than the class has).
     #[error("limit exceeded: {0}")]
-    Limit(String),
+    Buffers(std::io::Error),
     #[error(
         "checksum mismatch in dataset {dataset:?} object {path:?} at object offset {object_offset} (device {device} offset {device_offset}): stored {expected:#010x}, read {actual:#010x}"
     )]
@@ -106,10 +199,10 @@ pub enum StoreError {
         "device {device} is missing (absent at start or gone): the bytes at its offset {offset} are unavailable"
     )]
     DeviceMissing { device: u32, offset: u64 },
-    #[error("the pool is degraded ({0}); replace the device first (storagectl device replace)")]
-    Degraded(String),
-    #[error("{0}")]
-    Busy(String),
+    #[error(
+        "the pool is degraded (device(s) {missing:?} missing; new data would have no redundancy); replace the device first (storagectl device replace)"
+    )]
+    Degraded { missing: Vec<u32> },
     #[error(
         "dataset {dataset:?} stripe {stripe}: units on devices {devices:?} are lost or corrupt, more than its {parity} parity units can rebuild"
     )]
@@ -138,9 +231,6 @@ pub enum StoreError {
     Region(#[from] crate::region::RegionError),
     #[error(transparent)]
     Quota(#[from] crate::store::quota::QuotaError),
-    /// The operation finished but its audit line could not be written.
-    #[error("{0}")]
-    Audit(String),
     #[error("{0}")]
     RegionBounds(String),
     #[error("the pool's metadata on the devices: {0}")]

@@ -22,7 +22,7 @@ use crate::auth::{
 };
 use crate::budget::Budget;
 use crate::conn::{CloseReason, ConnInfo, ConnState};
-use crate::error::StoreError;
+use crate::error::{AdminError, StoreError};
 use crate::region::{RegionError, Regions};
 use crate::store::quota::OwnerQuota;
 use crate::store::read_into::ReadIntoItem;
@@ -691,7 +691,7 @@ impl Storaged for StoragedService {
             r.rate_mib_s.min(100_000)
         };
         if self.store.scrub_counters.running.load(Ordering::SeqCst) {
-            return Err(StoreError::Busy("a scrub is already running".into()).into());
+            return Err(AdminError::ScrubRunning.to_status());
         }
         let store = Arc::clone(&self.store);
         let service = self.clone();
@@ -720,9 +720,11 @@ impl Storaged for StoragedService {
                 if let Err(status) =
                     service.audit(&caller, "scrub", dataset, outcome.as_ref().copied())
                 {
-                    return Err(StoreError::Audit(status.message().to_owned()));
+                    // Done, but not on the record: the caller must not
+                    // take it as done.
+                    return Err(Status::unavailable(status.message().to_owned()));
                 }
-                let rep = scrubbed?;
+                let rep = scrubbed.map_err(|e| e.to_status())?;
                 Ok(pb::ScrubEvent {
                     event: Some(pb::scrub_event::Event::Report(pb::ScrubReport {
                         datasets: rep.datasets,
@@ -754,7 +756,7 @@ impl Storaged for StoragedService {
         if r.old.is_empty() || r.new_path.is_empty() {
             return Err(invalid("both the old device and the new path are needed"));
         }
-        self.store.device_index(&r.old)?;
+        self.store.device_index(&r.old).map_err(|e| e.to_status())?;
         let store = Arc::clone(&self.store);
         let service = self.clone();
         let options = ReplaceOptions {
@@ -788,9 +790,9 @@ impl Storaged for StoragedService {
                     Some(&what),
                     outcome.as_ref().copied(),
                 ) {
-                    return Err(StoreError::Audit(status.message().to_owned()));
+                    return Err(Status::unavailable(status.message().to_owned()));
                 }
-                let rep = replaced?;
+                let rep = replaced.map_err(|e| e.to_status())?;
                 Ok(pb::ReplaceDeviceEvent {
                     event: Some(pb::replace_device_event::Event::Report(pb::ReplaceReport {
                         units_rebuilt: rep.units_rebuilt,

@@ -5,7 +5,7 @@
 use tonic::{Code, Status};
 
 use crate::catalog::CatalogError;
-use crate::error::StoreError;
+use crate::error::{AdminError, StoreError};
 use crate::region::RegionError;
 
 /// An error's gRPC code, and the status it is answered with.
@@ -31,16 +31,15 @@ impl GrpcCode for StoreError {
             StoreError::Region(e) => e.code(),
             StoreError::NoSpace { .. }
             | StoreError::DeviceFull { .. }
-            | StoreError::Limit(_)
+            | StoreError::Limit { .. }
+            | StoreError::Buffers(_)
             | StoreError::Quota(_) => Code::ResourceExhausted,
             StoreError::Checksum { .. } => Code::DataLoss,
             StoreError::DeviceMissing { .. } => Code::Unavailable,
             StoreError::Unrecoverable { missing: true, .. } => Code::Unavailable,
             StoreError::Unrecoverable { missing: false, .. } => Code::DataLoss,
-            StoreError::Degraded(_) | StoreError::Busy(_) => Code::FailedPrecondition,
-            StoreError::Io { .. } | StoreError::ShuttingDown | StoreError::Audit(_) => {
-                Code::Unavailable
-            }
+            StoreError::Degraded { .. } => Code::FailedPrecondition,
+            StoreError::Io { .. } | StoreError::ShuttingDown => Code::Unavailable,
             StoreError::Sync { .. } => Code::Internal,
             StoreError::PoolMeta(crate::poolmeta::PoolMetaError::RootFull { .. }) => {
                 Code::ResourceExhausted
@@ -51,6 +50,24 @@ impl GrpcCode for StoreError {
             StoreError::Catalog(CatalogError::Full { .. }) => Code::ResourceExhausted,
             StoreError::Catalog(CatalogError::Failing { .. }) => Code::Unavailable,
             StoreError::Catalog(_) => Code::Internal,
+        }
+    }
+}
+
+impl GrpcCode for AdminError {
+    fn code(&self) -> Code {
+        match self {
+            AdminError::ScrubRunning
+            | AdminError::ReplaceRunning
+            | AdminError::OtherReplacePending { .. }
+            | AdminError::DeviceHealthy(_)
+            | AdminError::NewDevice(_)
+            | AdminError::NewDeviceEngine(_) => Code::FailedPrecondition,
+            AdminError::NoSuchIndex { .. }
+            | AdminError::NoSuchDevice(_)
+            | AdminError::RelativePath(_)
+            | AdminError::AlreadyInPool { .. } => Code::InvalidArgument,
+            AdminError::Store(e) => e.code(),
         }
     }
 }

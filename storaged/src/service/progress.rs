@@ -26,7 +26,7 @@ pub(super) fn with_progress<E, Fut>(
 ) -> BoxStream<E>
 where
     E: Send + 'static,
-    Fut: std::future::Future<Output = Result<E, StoreError>> + Send + 'static,
+    Fut: std::future::Future<Output = Result<E, Status>> + Send + 'static,
 {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let ptx = tx.clone();
@@ -46,7 +46,7 @@ where
         };
         let end = match on_cancel {
             OnCancel::Finish => tokio::select! {
-                end = &mut work => end.map_err(Status::from),
+                end = &mut work => end,
                 () = deadline_passed(deadline) => {
                     let _ = tx.send(passed()).await;
                     tracing::info!("caller's deadline passed; the operation goes on");
@@ -55,7 +55,7 @@ where
                 }
             },
             OnCancel::Stop => tokio::select! {
-                end = &mut work => end.map_err(Status::from),
+                end = &mut work => end,
                 () = tx.closed() => {
                     tracing::info!("caller went away; stopping");
                     return;

@@ -4,6 +4,7 @@
 //! durable.
 
 use super::*;
+use crate::error::Limit;
 
 /// Logical space an ingest takes from the allocator at a time.
 pub(super) const RESERVATION_BYTES: u64 = 64 << 20;
@@ -18,10 +19,11 @@ impl Store {
     ) -> Result<IngestSession, StoreError> {
         let missing = self.missing_devices();
         if missing.iter().any(|m| *m) {
-            let gone: Vec<usize> = (0..missing.len()).filter(|d| missing[*d]).collect();
-            return Err(StoreError::Degraded(format!(
-                "device(s) {gone:?} missing; new data would have no redundancy"
-            )));
+            return Err(StoreError::Degraded {
+                missing: (0..missing.len() as u32)
+                    .filter(|d| missing[*d as usize])
+                    .collect(),
+            });
         }
         let geometry = match class {
             StorageClass::Stripe => None,
@@ -50,10 +52,11 @@ impl Store {
                 return Err(StoreError::IngestInProgress(name.to_string()));
             }
             if ing.len() >= self.limits.ingests_concurrent_max {
-                return Err(StoreError::Limit(format!(
-                    "{} ingests are already running",
-                    ing.len()
-                )));
+                return Err(StoreError::Limit {
+                    limit: Limit::IngestsConcurrent,
+                    asked: ing.len() as u64,
+                    max: self.limits.ingests_concurrent_max as u64,
+                });
             }
             let (_, datasets) = self.owner_usage(&owner.owner);
             self.data.quota.begin_dataset(&owner, datasets)?;
@@ -151,7 +154,7 @@ pub(crate) async fn acquire_draining(
             biased;
             Some(r) = writes.next(), if !writes.is_empty() => r?,
             lease = pool.acquire(len) => {
-                return lease.map_err(|e| StoreError::Limit(e.to_string()));
+                return lease.map_err(StoreError::Buffers);
             }
         }
     }
@@ -516,10 +519,11 @@ impl IngestSession {
             )));
         }
         if self.objects.len() >= self.store.limits.ingest_objects_max {
-            return Err(StoreError::Limit(format!(
-                "a dataset holds at most {} objects",
-                self.store.limits.ingest_objects_max
-            )));
+            return Err(StoreError::Limit {
+                limit: Limit::DatasetObjects,
+                asked: self.objects.len() as u64 + 1,
+                max: self.store.limits.ingest_objects_max as u64,
+            });
         }
         let capacity = self.store.layout.capacity_bytes();
         if size > capacity {

@@ -5,6 +5,7 @@
 use super::class::FaultAction;
 use super::window::{ReadWindow, WindowPolicy};
 use super::*;
+use crate::error::Limit;
 
 impl Store {
     /// Device extents of an object's bytes, in object order.
@@ -178,7 +179,7 @@ impl Store {
             .pool
             .acquire_many(longest, segs.len())
             .await
-            .map_err(|e| StoreError::Limit(e.to_string()))?;
+            .map_err(StoreError::Buffers)?;
         let reads = segs.iter().zip(leases).map(|(s, lease)| {
             engine::read_exact(
                 &*self.io.engine,
@@ -312,11 +313,11 @@ impl Store {
         items: Vec<Result<RangeSpec, StoreError>>,
     ) -> Result<LazyPlans, StoreError> {
         if items.len() > self.limits.batch_items_max {
-            return Err(StoreError::Limit(format!(
-                "{} items in one ReadBatch; the limit is {}",
-                items.len(),
-                self.limits.batch_items_max
-            )));
+            return Err(StoreError::Limit {
+                limit: Limit::BatchItems,
+                asked: items.len() as u64,
+                max: self.limits.batch_items_max as u64,
+            });
         }
         Ok(LazyPlans {
             store: Arc::clone(self),
@@ -510,9 +511,11 @@ impl Store {
                     BatchItemPlan::Read { index, len, .. } if len > item_max => {
                         vec![BatchEvent::Error {
                             index,
-                            error: StoreError::Limit(format!(
-                                "item of {len} bytes exceeds {item_max} bytes for any-order batches; read it in order"
-                            )),
+                            error: StoreError::Limit {
+                                limit: Limit::AnyOrderItemBytes,
+                                asked: len,
+                                max: item_max,
+                            },
                         }]
                     }
                     BatchItemPlan::Read {
@@ -520,7 +523,12 @@ impl Store {
                         obj,
                         start,
                         len,
-                    } => BatchEvent::from_read(index, len, true, store.read_whole(&obj, start, len).await),
+                    } => BatchEvent::from_read(
+                        index,
+                        len,
+                        true,
+                        store.read_whole(&obj, start, len).await,
+                    ),
                 }
             }
         });

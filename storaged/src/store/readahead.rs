@@ -43,7 +43,7 @@ use super::schedule::{Want, schedule};
 use super::{Chunk, ObjectRef, Store};
 use crate::alloc::BLOCK_BYTES;
 use crate::engine;
-use crate::error::StoreError;
+use crate::error::{Limit, StoreError};
 
 type Key = (u64, u64);
 
@@ -211,10 +211,11 @@ impl Store {
     ) -> Result<HintOutcome, StoreError> {
         let limit = self.limits.hint_items_max;
         if paths.len() > limit {
-            return Err(StoreError::Limit(format!(
-                "{} objects in one hint; the limit is {limit}",
-                paths.len()
-            )));
+            return Err(StoreError::Limit {
+                limit: Limit::HintItems,
+                asked: paths.len() as u64,
+                max: limit as u64,
+            });
         }
         let now = Instant::now();
         self.read_ahead.sweep(now);

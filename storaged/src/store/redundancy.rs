@@ -242,7 +242,7 @@ impl Store {
             .pool
             .acquire_many(unit, width)
             .await
-            .map_err(|e| StoreError::Limit(e.to_string()))?;
+            .map_err(StoreError::Buffers)?;
         let reads = leases.into_iter().enumerate().map(|(p, lease)| {
             let (device, offset) = ec.map.unit_location(stripe, p as u32);
             engine::read_exact_keep(&*self.io.engine, device, offset, unit, lease)
@@ -457,7 +457,7 @@ impl Store {
             .pool
             .acquire_many(longest, need)
             .await
-            .map_err(|e| StoreError::Limit(e.to_string()))?
+            .map_err(StoreError::Buffers)?
             .into_iter();
         let mut plan = Vec::with_capacity(segs.len());
         for (s, l) in segs.iter().zip(&lost) {

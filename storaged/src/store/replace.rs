@@ -28,7 +28,7 @@ use super::class::DatasetLayout;
 use super::redundancy::EcDataset;
 use super::{DatasetHandle, Store};
 use crate::engine::{self, route::Slot};
-use crate::error::StoreError;
+use crate::error::{AdminError, StoreError};
 
 /// A replacement under way, as the catalog records it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,27 +119,23 @@ pub struct ReplaceOptions {
 
 impl Store {
     /// Which device `old` names: an index, or a path of the pool.
-    pub fn device_index(&self, old: &str) -> Result<u32, StoreError> {
+    pub fn device_index(&self, old: &str) -> Result<u32, AdminError> {
         let n = self.layout.device_count;
-        if let Ok(i) = old.parse::<u32>() {
-            if i < n {
-                return Ok(i);
+        if let Ok(index) = old.parse::<u32>() {
+            if index < n {
+                return Ok(index);
             }
-            return Err(StoreError::InvalidArgument(format!(
-                "device {i} does not exist (the pool has devices 0 to {})",
-                n - 1
-            )));
+            return Err(AdminError::NoSuchIndex {
+                index,
+                device_count: n,
+            });
         }
         let paths = self.redundancy.device_paths.read().expect("paths poisoned");
         paths
             .iter()
             .position(|p| p == Path::new(old))
             .map(|i| i as u32)
-            .ok_or_else(|| {
-                StoreError::InvalidArgument(format!(
-                    "{old:?} is neither a device index nor a device path of this pool"
-                ))
-            })
+            .ok_or_else(|| AdminError::NoSuchDevice(old.to_owned()))
     }
 
     /// The replacement recorded in the catalog, if one is under way.
@@ -158,7 +154,7 @@ impl Store {
         new_path: &Path,
         options: ReplaceOptions,
         mut progress: impl FnMut(u64, u64) + Send,
-    ) -> Result<ReplaceReport, StoreError> {
+    ) -> Result<ReplaceReport, AdminError> {
         let index = self.device_index(old)?;
         let pending = self.check_replace(index, new_path, options)?;
         if self
@@ -167,7 +163,7 @@ impl Store {
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
-            return Err(StoreError::Busy("a device replacement is running".into()));
+            return Err(AdminError::ReplaceRunning);
         }
         let _replacing = Replacing(self);
         let started = Instant::now();
@@ -240,24 +236,18 @@ impl Store {
         index: u32,
         new_path: &Path,
         options: ReplaceOptions,
-    ) -> Result<Option<ReplaceRecord>, StoreError> {
+    ) -> Result<Option<ReplaceRecord>, AdminError> {
         if !new_path.is_absolute() {
-            return Err(StoreError::InvalidArgument(format!(
-                "the new device {} must be an absolute path (the daemon resolves it, not the client)",
-                new_path.display()
-            )));
+            return Err(AdminError::RelativePath(new_path.to_path_buf()));
         }
         let pending = self.replace_record()?;
         let resume = match &pending {
             Some(r) if r.index == index && r.new_path == new_path => true,
             Some(r) => {
-                return Err(StoreError::Busy(format!(
-                    "device {} is being replaced by {}; resume that first (storagectl device replace {} {})",
-                    r.index,
-                    r.new_path.display(),
-                    r.index,
-                    r.new_path.display()
-                )));
+                return Err(AdminError::OtherReplacePending {
+                    index: r.index,
+                    path: r.new_path.clone(),
+                });
             }
             None => false,
         };
@@ -268,16 +258,14 @@ impl Store {
                 .position(|p| p == new_path)
                 .filter(|i| !(resume && *i == index as usize))
             {
-                return Err(StoreError::InvalidArgument(format!(
-                    "{} is already device {i} of this pool",
-                    new_path.display()
-                )));
+                return Err(AdminError::AlreadyInPool {
+                    path: new_path.to_path_buf(),
+                    index: i,
+                });
             }
         }
         if !resume && !options.allow_healthy && !self.missing_devices()[index as usize] {
-            return Err(StoreError::Busy(format!(
-                "device {index} is healthy; replacing it makes its data unreadable until the rebuild ends (stripe datasets lose its share). Say so explicitly to go on (storagectl device replace --healthy)"
-            )));
+            return Err(AdminError::DeviceHealthy(index));
         }
         Ok(pending)
     }
@@ -294,7 +282,7 @@ impl Store {
             Arc<dyn engine::IoBackend>,
             Arc<dyn crate::engine::DeviceFile>,
         ),
-        StoreError,
+        AdminError,
     > {
         let (index, new_path) = (record.index, record.new_path.clone());
         let reference = self.redundancy.superblock.clone();
@@ -303,8 +291,7 @@ impl Store {
             crate::device::prepare_replacement(&path, &reference, index, overwrite)
         })
         .await
-        .map_err(|e| StoreError::InvalidArgument(format!("prepare task failed: {e}")))?
-        .map_err(|e| StoreError::Busy(format!("cannot use the new device: {e}")))?;
+        .map_err(|e| StoreError::InvalidArgument(format!("prepare task failed: {e}")))??;
         self.data
             .catalog
             .set_meta(&[("replace", Some(&record.encode()))])?;
@@ -314,7 +301,10 @@ impl Store {
         // The pool's metadata reaches the new device once it is rebuilt.
         let meta_file = file
             .try_clone()
-            .map_err(|e| StoreError::Busy(format!("cannot use the new device: {e}")))?;
+            .map_err(|source| crate::device::DeviceError::Io {
+                path: new_path.clone(),
+                source,
+            })?;
         let meta_file = self.io.hooks.meta_file(meta_file, &new_path);
         // From here on, reads of the device's units are rebuilt.
         self.io.slots.set(index, Slot::Missing);
@@ -324,7 +314,7 @@ impl Store {
             Arc::clone(&self.io.pool),
             self.io.engine_limits,
         )
-        .map_err(|e| StoreError::Busy(format!("cannot start I/O on the new device: {e}")))?;
+        .map_err(AdminError::NewDeviceEngine)?;
         Ok((self.io.hooks.engine(target, &[new_path]), meta_file))
     }
 

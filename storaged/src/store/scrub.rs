@@ -26,7 +26,7 @@ use super::redundancy::EcDataset;
 use super::window::{ReadWindow, WindowPolicy};
 use super::{DatasetHandle, ObjectRef, Store};
 use crate::engine;
-use crate::error::StoreError;
+use crate::error::{AdminError, StoreError};
 
 /// Totals over every scrub since start (Status).
 #[derive(Debug, Default)]
@@ -129,7 +129,7 @@ impl Store {
         name: Option<&DatasetName>,
         rate_mib_s: u64,
         mut progress: impl FnMut(ScrubProgress) + Send,
-    ) -> Result<ScrubReport, StoreError> {
+    ) -> Result<ScrubReport, AdminError> {
         let datasets = match name {
             Some(n) => vec![self.dataset(n)?],
             None => self.list_datasets(),
@@ -140,7 +140,7 @@ impl Store {
             .compare_exchange(false, true, Ordering::SeqCst, Ordering::SeqCst)
             .is_err()
         {
-            return Err(StoreError::Busy("a scrub is already running".into()));
+            return Err(AdminError::ScrubRunning);
         }
         let _running = Running(&self.scrub_counters.running);
         let total: u64 = datasets.iter().map(|d| d.record.allocated_bytes).sum();
@@ -266,7 +266,7 @@ impl Store {
             .pool
             .acquire(len)
             .await
-            .map_err(|e| StoreError::Limit(e.to_string()))?;
+            .map_err(StoreError::Buffers)?;
         lease.as_mut_full()[..len].copy_from_slice(unit.as_slice());
         lease.set_len(len);
         let lease = engine::write_all(&*self.io.engine, device, offset, lease)

@@ -661,6 +661,18 @@ async fn any_order_batch_delivers_each_item_once() {
                 open = if last { None } else { Some(idx) };
             }
             BatchEvent::Error { error, .. } => {
+                if error.code() == tonic::Code::ResourceExhausted {
+                    assert!(
+                        matches!(
+                            error,
+                            StoreError::Limit {
+                                limit: crate::error::Limit::AnyOrderItemBytes,
+                                ..
+                            }
+                        ),
+                        "{error:?}"
+                    );
+                }
                 got.insert(idx, Err(error.code()));
                 open = None;
             }
@@ -877,9 +889,18 @@ async fn read_ahead_is_bounded() {
     let too_many: Vec<ObjectPath> = (0..101)
         .map(|i| ObjectPath::new(format!("s{i}")).unwrap())
         .collect();
-    assert_eq!(
-        store.hint(&name, &too_many).unwrap_err().code(),
-        tonic::Code::ResourceExhausted
+    let err = store.hint(&name, &too_many).unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        matches!(
+            err,
+            StoreError::Limit {
+                limit: crate::error::Limit::HintItems,
+                asked: 101,
+                max: 100
+            }
+        ),
+        "{err:?}"
     );
 
     // Hinted, never read: gone after the TTL, budget given back.

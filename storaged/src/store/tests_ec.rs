@@ -7,6 +7,7 @@ use super::tests::{config, ingest_class, pattern, read_all};
 use super::*;
 use crate::engine::OpKind;
 use crate::engine::fault::{Fault, FaultPlan, FaultRule, FaultyBackend};
+use crate::error::AdminError;
 use crate::service::GrpcCode;
 
 const EC31: StorageClass = StorageClass::Ec {
@@ -371,6 +372,10 @@ async fn degraded_start_serves_ec_and_names_the_lost_device() {
     assert!(health_s.starts_with("at risk"), "{health_s}");
     let err = ingest_class(&store, "new", EC31, &[]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
+    assert!(
+        matches!(&err, StoreError::Degraded { missing } if missing == &[2]),
+        "{err:?}"
+    );
     drop((e, s));
     drop(store);
 
@@ -443,14 +448,32 @@ async fn device_replace_rebuilds_resumes_and_heals_the_pool() {
         .await
         .unwrap_err();
     assert_eq!(other.code(), tonic::Code::FailedPrecondition, "{other}");
+    assert!(
+        matches!(other, AdminError::OtherReplacePending { index: 2, .. }),
+        "{other:?}"
+    );
     // Bad input.
-    for (old, new_path) in [("9", new.clone()), ("2", "relative.img".into())] {
-        let e = store
-            .replace_device(old, &new_path, Default::default(), |_, _| {})
-            .await
-            .unwrap_err();
-        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
-    }
+    let e = store
+        .replace_device("9", &new, Default::default(), |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(
+        matches!(
+            e,
+            AdminError::NoSuchIndex {
+                index: 9,
+                device_count: 4
+            }
+        ),
+        "{e:?}"
+    );
+    let e = store
+        .replace_device("2", "relative.img".as_ref(), Default::default(), |_, _| {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e}");
+    assert!(matches!(e, AdminError::RelativePath(_)), "{e:?}");
     let report = store
         .replace_device("2", &new, Default::default(), |_, _| {})
         .await
@@ -515,7 +538,7 @@ async fn replace_refuses_healthy_devices_missing_paths_and_used_devices() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
-    assert!(err.to_string().contains("healthy"), "{err}");
+    assert!(matches!(err, AdminError::DeviceHealthy(0)), "{err:?}");
     // Too small, and holding data: refused even with the flag.
     let small = dir.path().join("small.img");
     std::fs::File::create(&small)
@@ -524,6 +547,13 @@ async fn replace_refuses_healthy_devices_missing_paths_and_used_devices() {
         .unwrap();
     let err = replace(small, healthy_ok).await.unwrap_err();
     assert!(err.to_string().contains("small"), "{err}");
+    assert!(
+        matches!(
+            err,
+            AdminError::NewDevice(crate::device::DeviceError::TooSmall { .. })
+        ),
+        "{err:?}"
+    );
     let used = dir.path().join("used.img");
     std::fs::write(&used, b"a file system, say").unwrap();
     std::fs::OpenOptions::new()
@@ -539,6 +569,10 @@ async fn replace_refuses_healthy_devices_missing_paths_and_used_devices() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("already device 1"), "{err}");
+    assert!(
+        matches!(err, AdminError::AlreadyInPool { index: 1, .. }),
+        "{err:?}"
+    );
     assert!(
         store.missing_devices().iter().all(|m| !m),
         "nothing changed"
