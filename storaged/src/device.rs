@@ -427,8 +427,20 @@ fn now_unix_ms() -> u64 {
         .unwrap_or(0)
 }
 
-/// Opens (creating missing files) and validates or formats the devices.
-pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
+/// A device as `open_pool` found it: path, file, size, what it holds.
+type Probed = (PathBuf, File, u64, Probe);
+
+/// What `probe_devices` found, device by device in the order given.
+struct Probes {
+    opened: Vec<Probed>,
+    /// No file at its path.
+    was_absent: Vec<bool>,
+    /// Its superblock copies disagree (rewritten once the pool is known).
+    stale_copy: Vec<bool>,
+}
+
+/// Refuses a pool spec no pool can have.
+fn check_spec(spec: &PoolSpec) -> Result<(), DeviceError> {
     if spec.devices.is_empty() {
         return Err(DeviceError::Config("no devices given".into()));
     }
@@ -444,19 +456,20 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
             "stripe unit {unit} must be a power of two from 64 KiB to 16 MiB"
         )));
     }
-    let mut given = spec.devices.clone();
-    for (_, p) in &spec.replacements {
-        if !given.iter().any(|g| same_file(g, p)) {
-            given.push(p.clone());
-        }
-    }
+    Ok(())
+}
+
+/// Opens every device given that exists and reads what it holds; an
+/// absent one is a blank placeholder. Returns the devices, which were
+/// absent, and which had superblock copies that disagree.
+fn probe_devices(given: &[PathBuf]) -> Result<Probes, DeviceError> {
     let mut opened = Vec::with_capacity(given.len());
     let mut was_absent = Vec::with_capacity(given.len());
     let mut stale_copy = Vec::with_capacity(given.len());
-    for path in &given {
+    for path in given {
         if opened
             .iter()
-            .any(|(p, _, _, _): &(PathBuf, File, u64, Probe)| same_file(p, path))
+            .any(|(p, _, _, _): &Probed| same_file(p, path))
         {
             return Err(DeviceError::Config(format!(
                 "device {} is given twice",
@@ -476,6 +489,28 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         }
         was_absent.push(absent);
     }
+    Ok(Probes {
+        opened,
+        was_absent,
+        stale_copy,
+    })
+}
+
+/// Opens (creating missing files) and validates or formats the devices.
+pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
+    check_spec(spec)?;
+    let unit = spec.stripe_unit_bytes;
+    let mut given = spec.devices.clone();
+    for (_, p) in &spec.replacements {
+        if !given.iter().any(|g| same_file(g, p)) {
+            given.push(p.clone());
+        }
+    }
+    let Probes {
+        mut opened,
+        was_absent,
+        mut stale_copy,
+    } = probe_devices(&given)?;
     let first_ours = opened.iter().find_map(|(_, _, _, p)| match p {
         Probe::Ours(sb) => Some(sb.clone()),
         _ => None,
@@ -518,49 +553,7 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
     }
 
     let (superblocks, formatted) = if needs_format {
-        let min_size = opened
-            .iter()
-            .map(|(_, _, s, _)| *s)
-            .min()
-            .expect("non-empty");
-        let need = DATA_OFFSET_BYTES + unit;
-        if let Some((path, _, size, _)) = opened.iter().find(|(_, _, s, _)| *s < need) {
-            return Err(DeviceError::TooSmall {
-                path: path.clone(),
-                size: *size,
-                min: need,
-            });
-        }
-        let device_data_bytes = (min_size - DATA_OFFSET_BYTES) / unit * unit;
-        let mut pool_id = [0u8; 16];
-        getrandom::fill(&mut pool_id)
-            .map_err(|e| DeviceError::Config(format!("no randomness for a pool id: {e}")))?;
-        let created = now_unix_ms();
-        let mut sbs = Vec::with_capacity(opened.len());
-        for (i, (path, file, size, _)) in opened.iter().enumerate() {
-            let sb = Superblock {
-                format_version: FORMAT_VERSION,
-                pool_id,
-                device_index: i as u32,
-                device_count: opened.len() as u32,
-                stripe_unit_bytes: unit,
-                data_offset_bytes: DATA_OFFSET_BYTES,
-                device_data_bytes,
-                device_size_bytes: *size,
-                created_unix_ms: created,
-                checksum_block_bytes: CHECKSUM_BLOCK_BYTES,
-                block_bytes: 4096,
-            };
-            write_superblock(file, path, &sb)?;
-            sbs.push(sb);
-        }
-        tracing::info!(
-            pool = %pool_id_hex(&pool_id),
-            devices = opened.len(),
-            stripe_unit_bytes = unit,
-            "formatted a new pool"
-        );
-        (sbs, true)
+        (format_pool(&opened, unit)?, true)
     } else {
         let reference = first_ours.as_ref().expect("an existing pool");
         let sbs = opened
@@ -612,6 +605,54 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         missing,
         superblocks_repaired,
     })
+}
+
+/// Writes a new pool's superblock on every device (a new pool id; data
+/// bytes per device from the smallest).
+fn format_pool(opened: &[Probed], unit: u64) -> Result<Vec<Superblock>, DeviceError> {
+    let min_size = opened
+        .iter()
+        .map(|(_, _, s, _)| *s)
+        .min()
+        .expect("non-empty");
+    let need = DATA_OFFSET_BYTES + unit;
+    if let Some((path, _, size, _)) = opened.iter().find(|(_, _, s, _)| *s < need) {
+        return Err(DeviceError::TooSmall {
+            path: path.clone(),
+            size: *size,
+            min: need,
+        });
+    }
+    let device_data_bytes = (min_size - DATA_OFFSET_BYTES) / unit * unit;
+    let mut pool_id = [0u8; 16];
+    getrandom::fill(&mut pool_id)
+        .map_err(|e| DeviceError::Config(format!("no randomness for a pool id: {e}")))?;
+    let created = now_unix_ms();
+    let mut sbs = Vec::with_capacity(opened.len());
+    for (i, (path, file, size, _)) in opened.iter().enumerate() {
+        let sb = Superblock {
+            format_version: FORMAT_VERSION,
+            pool_id,
+            device_index: i as u32,
+            device_count: opened.len() as u32,
+            stripe_unit_bytes: unit,
+            data_offset_bytes: DATA_OFFSET_BYTES,
+            device_data_bytes,
+            device_size_bytes: *size,
+            created_unix_ms: created,
+            checksum_block_bytes: CHECKSUM_BLOCK_BYTES,
+            block_bytes: 4096,
+        };
+        write_superblock(file, path, &sb)?;
+        sbs.push(sb);
+    }
+    tracing::info!(
+        pool = %pool_id_hex(&pool_id),
+        devices = opened.len(),
+        stripe_unit_bytes = unit,
+        "formatted a new pool"
+    );
+    Ok(sbs)
 }
 
 /// Opens (creating if absent) the device that replaces device `index` of

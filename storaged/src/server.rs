@@ -219,6 +219,45 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     tokio::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))
 }
 
+/// The admission limits of connections, from the server's limits (no more
+/// connections than the process may open files).
+fn conn_limits(limits: &ServerLimits) -> ConnLimits {
+    ConnLimits {
+        connections_max: fit_to_fd_limit(limits.connections_max),
+        connections_per_peer_max: limits.connections_per_peer_max,
+        preface_timeout: Duration::from_secs(limits.preface_timeout_s),
+        idle_timeout: Duration::from_secs(limits.connection_idle_timeout_s),
+        inflight_bytes_max: usize::try_from(limits.connection_inflight_bytes_max)
+            .unwrap_or(usize::MAX),
+    }
+}
+
+/// Runs `server` until it ends or `shutdown` resolves; then `stop` (health
+/// NOT_SERVING, listeners told to stop) and at most `grace_s` seconds of
+/// draining before the remaining streams are closed.
+async fn until_shutdown(
+    server: impl std::future::Future<Output = Result<(), tonic::transport::Error>>,
+    shutdown: impl std::future::Future<Output = ()>,
+    stop: impl std::future::Future<Output = ()>,
+    grace_s: u64,
+) -> Result<(), ServeError> {
+    let mut server = std::pin::pin!(server);
+    tokio::select! {
+        r = &mut server => r.map_err(ServeError::from),
+        () = shutdown => {
+            tracing::info!("shutting down");
+            stop.await;
+            match tokio::time::timeout(Duration::from_secs(grace_s), server).await {
+                Ok(r) => r.map_err(ServeError::from),
+                Err(_) => {
+                    tracing::warn!(grace_s, "drain deadline passed; closing remaining streams");
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
 /// Serves until `shutdown` resolves, then drains for at most
 /// `limits.shutdown_grace_s`. `on_bound` gets the bound TCP address
 /// (useful with port 0).
@@ -238,28 +277,20 @@ pub async fn serve(
         metrics,
     } = listeners;
     let bound = listener.local_addr()?;
-    let admission = Admission::new(ConnLimits {
-        connections_max: fit_to_fd_limit(limits.connections_max),
-        connections_per_peer_max: limits.connections_per_peer_max,
-        preface_timeout: Duration::from_secs(limits.preface_timeout_s),
-        idle_timeout: Duration::from_secs(limits.connection_idle_timeout_s),
-        inflight_bytes_max: usize::try_from(limits.connection_inflight_bytes_max)
-            .unwrap_or(usize::MAX),
-    });
+    let admission = Admission::new(conn_limits(limits));
     let incoming = admission.tcp(listener);
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<StoragedServer<StoragedService>>()
         .await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(storaged_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(storaged_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()?;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(storaged_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1()?;
+    let reflection_v1alpha = reflection().build_v1alpha()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tls = access.tls.clone();
@@ -339,25 +370,18 @@ pub async fn serve(
         println!("storaged metrics on http://{m}/metrics");
     }
     tracing::info!(%bound, unix = %unix_path.display(), "serving gRPC");
-    let mut server = Box::pin(server);
-    let result = tokio::select! {
-        r = &mut server => r.map_err(ServeError::from),
-        () = shutdown => {
-            tracing::info!("shutting down");
+    let result = until_shutdown(
+        server,
+        shutdown,
+        async move {
             health_reporter
                 .set_not_serving::<StoragedServer<StoragedService>>()
                 .await;
             let _ = stop_tx.send(true);
-            let grace = Duration::from_secs(limits.shutdown_grace_s);
-            match tokio::time::timeout(grace, server).await {
-                Ok(r) => r.map_err(ServeError::from),
-                Err(_) => {
-                    tracing::warn!(grace_s = limits.shutdown_grace_s, "drain deadline passed; closing remaining streams");
-                    Ok(())
-                }
-            }
-        }
-    };
+        },
+        limits.shutdown_grace_s,
+    )
+    .await;
     let _ = std::fs::remove_file(&unix_path);
     result?;
     Ok(())

@@ -76,32 +76,8 @@ pub(super) fn assemble(
             .iter()
             .any(|(i, p)| *i == index && same_file(p, path))
     };
-    // The pool: the one most of the given devices belong to.
-    let mut counts: Vec<([u8; 16], usize)> = Vec::new();
-    for (_, _, _, p) in &opened {
-        if let Probe::Ours(sb) = p {
-            match counts.iter_mut().find(|(id, _)| *id == sb.pool_id) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((sb.pool_id, 1)),
-            }
-        }
-    }
-    // On a tie, the pool of the first device given.
-    let pool_id = counts
-        .iter()
-        .fold(None::<([u8; 16], usize)>, |best, &(id, n)| match best {
-            Some((_, m)) if m >= n => best,
-            _ => Some((id, n)),
-        })
-        .map(|(id, _)| id)
-        .expect("an existing pool");
-    let reference = opened
-        .iter()
-        .find_map(|(_, _, _, p)| match p {
-            Probe::Ours(sb) if sb.pool_id == pool_id => Some(sb.clone()),
-            _ => None,
-        })
-        .expect("a device of the pool");
+    let reference = majority_pool(&opened);
+    let pool_id = reference.pool_id;
     let count = reference.device_count as usize;
     let pool = pool_id_hex(&pool_id);
     let mut slots: Vec<Option<(Opened, bool)>> = (0..count).map(|_| None).collect();
@@ -114,31 +90,7 @@ pub(super) fn assemble(
                 continue;
             }
         };
-        if sb.pool_id != pool_id {
-            return Err(DeviceError::WrongPool {
-                path: entry.0,
-                expected: pool.clone(),
-                found: pool_id_hex(&sb.pool_id),
-            });
-        }
-        if sb.device_count as usize != count
-            || sb.device_index as usize >= count
-            || sb.layout() != reference.layout()
-            || sb.checksum_block_bytes != reference.checksum_block_bytes
-        {
-            return Err(DeviceError::GeometryMismatch {
-                path: entry.0,
-                detail: format!(
-                    "device {} of {} with {:?}, against device {} of {} with {:?}",
-                    sb.device_index,
-                    sb.device_count,
-                    sb.layout(),
-                    reference.device_index,
-                    reference.device_count,
-                    reference.layout()
-                ),
-            });
-        }
+        check_member(&entry.0, &sb, &reference)?;
         let slot = &mut slots[sb.device_index as usize];
         if let Some((first, _)) = slot {
             // A replaced device still there: its replacement wins.
@@ -195,6 +147,68 @@ pub(super) fn assemble(
         );
     }
     Ok(((files, stale), missing))
+}
+
+/// A superblock of the pool most of the given devices belong to (on a
+/// tie, the pool of the first device given). At least one device holds a
+/// superblock of ours.
+fn majority_pool(opened: &[Opened]) -> Superblock {
+    let mut counts: Vec<([u8; 16], usize)> = Vec::new();
+    for (_, _, _, p) in opened {
+        if let Probe::Ours(sb) = p {
+            match counts.iter_mut().find(|(id, _)| *id == sb.pool_id) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((sb.pool_id, 1)),
+            }
+        }
+    }
+    let pool_id = counts
+        .iter()
+        .fold(None::<([u8; 16], usize)>, |best, &(id, n)| match best {
+            Some((_, m)) if m >= n => best,
+            _ => Some((id, n)),
+        })
+        .map(|(id, _)| id)
+        .expect("an existing pool");
+    opened
+        .iter()
+        .find_map(|(_, _, _, p)| match p {
+            Probe::Ours(sb) if sb.pool_id == pool_id => Some(sb.clone()),
+            _ => None,
+        })
+        .expect("a device of the pool")
+}
+
+/// Refuses the device at `path` (superblock `sb`) unless it belongs to the
+/// pool of `reference`, with the same geometry.
+fn check_member(path: &Path, sb: &Superblock, reference: &Superblock) -> Result<(), DeviceError> {
+    if sb.pool_id != reference.pool_id {
+        return Err(DeviceError::WrongPool {
+            path: path.to_path_buf(),
+            expected: pool_id_hex(&reference.pool_id),
+            found: pool_id_hex(&sb.pool_id),
+        });
+    }
+    let count = reference.device_count;
+    if sb.device_count != count
+        || sb.device_index >= count
+        || sb.layout() != reference.layout()
+        || sb.checksum_block_bytes != reference.checksum_block_bytes
+    {
+        return Err(DeviceError::GeometryMismatch {
+            path: path.to_path_buf(),
+            detail: format!(
+                "device {} of {} with {:?}, against device {} of {} with {:?}",
+                sb.device_index,
+                sb.device_count,
+                sb.layout(),
+                reference.device_index,
+                reference.device_count,
+                reference.layout()
+            ),
+        });
+    }
+    Ok(())
 }
 
 /// Stands in for a missing device in the engine's file table; the device

@@ -39,9 +39,10 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use storaged_proto::{DatasetName, ObjectPath};
 use tokio::sync::watch;
 
-use super::schedule::{Want, schedule};
+use super::schedule::{Run, Want, schedule};
 use super::{Chunk, ObjectRef, Store};
 use crate::alloc::BLOCK_BYTES;
+use crate::buf::BufLease;
 use crate::engine;
 use crate::error::{Limit, StoreError};
 
@@ -219,41 +220,12 @@ impl Store {
         }
         let now = Instant::now();
         self.read_ahead.sweep(now);
-        let c = &self.read_ahead.counters;
-        c.hinted.fetch_add(paths.len() as u64, Ordering::Relaxed);
-        let ds = self.dataset(dataset)?;
-        let names: Vec<&str> = paths.iter().map(|p| p.as_str()).collect();
-        let records = self.data.catalog.get_objects(ds.record.id, &names)?;
-
-        // Objects worth reading ahead: found, small enough to serve from
-        // one message, not cached already, named once.
-        let size_max = self.limits.message_bytes;
-        let mut objects: Vec<Arc<ObjectRef>> = Vec::new();
+        self.read_ahead
+            .counters
+            .hinted
+            .fetch_add(paths.len() as u64, Ordering::Relaxed);
         let mut accepted = HintOutcome::default();
-        {
-            let entries = self.read_ahead.entries.lock().expect("read-ahead poisoned");
-            let mut seen = std::collections::HashSet::new();
-            for (path, record) in paths.iter().zip(records) {
-                let Some(record) = record.filter(|r| r.size > 0 && r.size <= size_max) else {
-                    c.skipped.fetch_add(1, Ordering::Relaxed);
-                    continue;
-                };
-                let key = (ds.record.id, record.logical_offset);
-                if !seen.insert(key) {
-                    continue;
-                }
-                if entries.contains_key(&key) {
-                    accepted.accepted += 1;
-                    accepted.accepted_bytes += record.size;
-                    continue;
-                }
-                objects.push(Arc::new(ObjectRef {
-                    dataset: Arc::clone(&ds),
-                    path: path.to_string(),
-                    record,
-                }));
-            }
-        }
+        let objects = self.hint_candidates(dataset, paths, &mut accepted)?;
 
         // Every piece of every object, scheduled together. `dest` is the
         // piece's offset in its object, which orders the pieces again.
@@ -278,74 +250,19 @@ impl Store {
             .read_merge_bytes_max
             .min(self.io.pool.buf_bytes_max() as u64);
         let runs = schedule(&mut wants, merge_max, false);
+        let (leases, admitted) = self.lease_runs(&runs, &wants, objects.len());
+        let senders = self.admit_entries(
+            &objects,
+            &runs,
+            &wants,
+            &leases,
+            &admitted,
+            now,
+            &mut accepted,
+        );
 
-        // Buffers for the runs, only from what is free and within budget.
-        let ra = &self.read_ahead;
-        let mut admitted = vec![true; objects.len()];
-        let mut leases = Vec::with_capacity(runs.len());
-        for run in &runs {
-            let lease = (ra.used_bytes() + run.len <= ra.budget_bytes)
-                .then(|| self.io.pool.try_acquire(run.len as usize))
-                .flatten();
-            match &lease {
-                Some(l) => {
-                    ra.used_bytes
-                        .fetch_add(l.capacity() as u64, Ordering::Relaxed);
-                }
-                None => {
-                    for w in &wants[run.wants.clone()] {
-                        admitted[w.tag] = false;
-                    }
-                }
-            }
-            leases.push(lease.map(|l| {
-                let charge = Arc::new(Charge {
-                    bytes: l.capacity() as u64,
-                    used: Arc::clone(&ra.used_bytes),
-                });
-                (l, charge)
-            }));
-        }
-
-        // Entries for the admitted objects; runs that serve none of them are
-        // not read at all.
-        let mut senders: Vec<Option<watch::Sender<Slot>>> = Vec::with_capacity(objects.len());
-        {
-            let mut charges: Vec<Vec<Arc<Charge>>> = vec![Vec::new(); objects.len()];
-            for (run, lease) in runs.iter().zip(&leases) {
-                if let Some((_, charge)) = lease {
-                    for w in &wants[run.wants.clone()] {
-                        if admitted[w.tag] {
-                            charges[w.tag].push(Arc::clone(charge));
-                        }
-                    }
-                }
-            }
-            let mut entries = ra.entries.lock().expect("read-ahead poisoned");
-            for (tag, obj) in objects.iter().enumerate() {
-                if !admitted[tag] {
-                    c.skipped.fetch_add(1, Ordering::Relaxed);
-                    senders.push(None);
-                    continue;
-                }
-                let (tx, rx) = watch::channel(None);
-                entries.insert(
-                    ReadAhead::key(obj),
-                    Entry {
-                        size: obj.record.size,
-                        inserted: now,
-                        data: rx,
-                        _charges: std::mem::take(&mut charges[tag]),
-                    },
-                );
-                accepted.accepted += 1;
-                accepted.accepted_bytes += obj.record.size;
-                senders.push(Some(tx));
-            }
-            ra.len.store(entries.len(), Ordering::Relaxed);
-        }
-
-        let mut reads = FuturesUnordered::new();
+        // Runs that serve none of the admitted objects are not read at all.
+        let reads = FuturesUnordered::new();
         let mut merged = 0u64;
         for (run, lease) in runs.into_iter().zip(leases) {
             let Some((lease, _charge)) = lease else {
@@ -372,35 +289,182 @@ impl Store {
         self.read_counters
             .device_reads_merged
             .fetch_add(merged, Ordering::Relaxed);
+        tokio::spawn(Arc::clone(self).deliver_read_ahead(
+            reads,
+            wants,
+            objects,
+            senders,
+            pieces_left,
+        ));
+        Ok(accepted)
+    }
 
-        let store = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut pieces: Vec<Vec<(u64, Option<Bytes>)>> = vec![Vec::new(); objects.len()];
-            while let Some((run_wants, bytes)) = reads.next().await {
-                let mut at = 0usize;
-                for w in &wants[run_wants] {
-                    let piece = bytes.as_ref().map(|b| b.slice(at..at + w.len as usize));
-                    at += w.len as usize;
-                    let Some(tx) = senders[w.tag].as_ref() else {
-                        continue;
-                    };
-                    pieces[w.tag].push((w.dest, piece));
-                    pieces_left[w.tag] -= 1;
-                    if pieces_left[w.tag] == 0 {
-                        let obj = &objects[w.tag];
-                        let got = std::mem::take(&mut pieces[w.tag]);
-                        let chunks = store.finish_read_ahead(obj, got);
-                        let c = &store.read_ahead.counters;
-                        match chunks {
-                            Some(_) => c.prefetched.fetch_add(1, Ordering::Relaxed),
-                            None => c.failed.fetch_add(1, Ordering::Relaxed),
-                        };
-                        tx.send_replace(Some(chunks));
+    /// The objects of a hint worth reading ahead: found, small enough to
+    /// serve from one message, not cached already, named once. Those
+    /// cached already count as accepted; the others are skipped.
+    fn hint_candidates(
+        &self,
+        dataset: &DatasetName,
+        paths: &[ObjectPath],
+        accepted: &mut HintOutcome,
+    ) -> Result<Vec<Arc<ObjectRef>>, StoreError> {
+        let c = &self.read_ahead.counters;
+        let ds = self.dataset(dataset)?;
+        let names: Vec<&str> = paths.iter().map(|p| p.as_str()).collect();
+        let records = self.data.catalog.get_objects(ds.record.id, &names)?;
+        let size_max = self.limits.message_bytes;
+        let mut objects: Vec<Arc<ObjectRef>> = Vec::new();
+        let entries = self.read_ahead.entries.lock().expect("read-ahead poisoned");
+        let mut seen = std::collections::HashSet::new();
+        for (path, record) in paths.iter().zip(records) {
+            let Some(record) = record.filter(|r| r.size > 0 && r.size <= size_max) else {
+                c.skipped.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let key = (ds.record.id, record.logical_offset);
+            if !seen.insert(key) {
+                continue;
+            }
+            if entries.contains_key(&key) {
+                accepted.accepted += 1;
+                accepted.accepted_bytes += record.size;
+                continue;
+            }
+            objects.push(Arc::new(ObjectRef {
+                dataset: Arc::clone(&ds),
+                path: path.to_string(),
+                record,
+            }));
+        }
+        Ok(objects)
+    }
+
+    /// Buffers for the runs, only from what is free and within the
+    /// read-ahead budget, each with the charge that gives its bytes back;
+    /// and which of `objects` objects have every run they need.
+    #[allow(clippy::type_complexity)]
+    fn lease_runs(
+        &self,
+        runs: &[Run],
+        wants: &[Want],
+        objects: usize,
+    ) -> (Vec<Option<(BufLease, Arc<Charge>)>>, Vec<bool>) {
+        let ra = &self.read_ahead;
+        let mut admitted = vec![true; objects];
+        let mut leases = Vec::with_capacity(runs.len());
+        for run in runs {
+            let lease = (ra.used_bytes() + run.len <= ra.budget_bytes)
+                .then(|| self.io.pool.try_acquire(run.len as usize))
+                .flatten();
+            match &lease {
+                Some(l) => {
+                    ra.used_bytes
+                        .fetch_add(l.capacity() as u64, Ordering::Relaxed);
+                }
+                None => {
+                    for w in &wants[run.wants.clone()] {
+                        admitted[w.tag] = false;
                     }
                 }
             }
-        });
-        Ok(accepted)
+            leases.push(lease.map(|l| {
+                let charge = Arc::new(Charge {
+                    bytes: l.capacity() as u64,
+                    used: Arc::clone(&ra.used_bytes),
+                });
+                (l, charge)
+            }));
+        }
+        (leases, admitted)
+    }
+
+    /// A cache entry for each admitted object, holding the charges of the
+    /// runs it uses; returns the senders that complete them (`None` for an
+    /// object not admitted, which is skipped).
+    #[allow(clippy::too_many_arguments)]
+    fn admit_entries(
+        &self,
+        objects: &[Arc<ObjectRef>],
+        runs: &[Run],
+        wants: &[Want],
+        leases: &[Option<(BufLease, Arc<Charge>)>],
+        admitted: &[bool],
+        now: Instant,
+        accepted: &mut HintOutcome,
+    ) -> Vec<Option<watch::Sender<Slot>>> {
+        let ra = &self.read_ahead;
+        let mut charges: Vec<Vec<Arc<Charge>>> = vec![Vec::new(); objects.len()];
+        for (run, lease) in runs.iter().zip(leases) {
+            if let Some((_, charge)) = lease {
+                for w in &wants[run.wants.clone()] {
+                    if admitted[w.tag] {
+                        charges[w.tag].push(Arc::clone(charge));
+                    }
+                }
+            }
+        }
+        let mut senders = Vec::with_capacity(objects.len());
+        let mut entries = ra.entries.lock().expect("read-ahead poisoned");
+        for (tag, obj) in objects.iter().enumerate() {
+            if !admitted[tag] {
+                ra.counters.skipped.fetch_add(1, Ordering::Relaxed);
+                senders.push(None);
+                continue;
+            }
+            let (tx, rx) = watch::channel(None);
+            entries.insert(
+                ReadAhead::key(obj),
+                Entry {
+                    size: obj.record.size,
+                    inserted: now,
+                    data: rx,
+                    _charges: std::mem::take(&mut charges[tag]),
+                },
+            );
+            accepted.accepted += 1;
+            accepted.accepted_bytes += obj.record.size;
+            senders.push(Some(tx));
+        }
+        ra.len.store(entries.len(), Ordering::Relaxed);
+        senders
+    }
+
+    /// Completes each admitted object's entry as its last run lands:
+    /// verified chunks, or `None` if it failed.
+    async fn deliver_read_ahead(
+        self: Arc<Self>,
+        mut reads: FuturesUnordered<
+            impl std::future::Future<Output = (std::ops::Range<usize>, Option<Bytes>)>,
+        >,
+        wants: Vec<Want>,
+        objects: Vec<Arc<ObjectRef>>,
+        senders: Vec<Option<watch::Sender<Slot>>>,
+        mut pieces_left: Vec<usize>,
+    ) {
+        let mut pieces: Vec<Vec<(u64, Option<Bytes>)>> = vec![Vec::new(); objects.len()];
+        while let Some((run_wants, bytes)) = reads.next().await {
+            let mut at = 0usize;
+            for w in &wants[run_wants] {
+                let piece = bytes.as_ref().map(|b| b.slice(at..at + w.len as usize));
+                at += w.len as usize;
+                let Some(tx) = senders[w.tag].as_ref() else {
+                    continue;
+                };
+                pieces[w.tag].push((w.dest, piece));
+                pieces_left[w.tag] -= 1;
+                if pieces_left[w.tag] == 0 {
+                    let obj = &objects[w.tag];
+                    let got = std::mem::take(&mut pieces[w.tag]);
+                    let chunks = self.finish_read_ahead(obj, got);
+                    let c = &self.read_ahead.counters;
+                    match chunks {
+                        Some(_) => c.prefetched.fetch_add(1, Ordering::Relaxed),
+                        None => c.failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                    tx.send_replace(Some(chunks));
+                }
+            }
+        }
     }
 
     /// Orders an object's pieces, verifies them and cuts them to the
