@@ -13,6 +13,16 @@ pub fn print(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
         outln!("{}", serde_json::to_string_pretty(&s)?);
         return Ok(());
     }
+    print_pool(s)?;
+    print_jobs(s)?;
+    print_activity(s)?;
+    print_devices(s)?;
+    print_datasets(s)?;
+    Ok(())
+}
+
+/// Identity, space, health, the catalog and connections.
+fn print_pool(s: &StatusResponse) -> anyhow::Result<()> {
     outln!("pool:        {}", s.pool_id);
     outln!("version:     {}", s.version);
     outln!("engine:      {}", s.engine);
@@ -56,6 +66,11 @@ pub fn print(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
         s.connections().open,
         s.connections().refused
     );
+    Ok(())
+}
+
+/// Rebuild, scrub and ingests under way or done.
+fn print_jobs(s: &StatusResponse) -> anyhow::Result<()> {
     if let Some(r) = &s.rebuild {
         outln!(
             "rebuild:     device {} onto {}: {} of {}{}",
@@ -80,6 +95,12 @@ pub fn print(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
         s.scrub().unrecoverable
     );
     outln!("ingests in progress: {}", s.ingests_in_progress);
+    Ok(())
+}
+
+/// What was served and how: copies, merged reads, integrity, read-ahead,
+/// discard and regions.
+fn print_activity(s: &StatusResponse) -> anyhow::Result<()> {
     outln!(
         "served:      grpc {} ({} copied)  shm {} ({} copied)",
         human(s.reads().grpc_bytes_served),
@@ -131,6 +152,10 @@ pub fn print(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
         s.regions().registered,
         human(s.regions().registered_bytes)
     );
+    Ok(())
+}
+
+fn print_devices(s: &StatusResponse) -> anyhow::Result<()> {
     outln!("devices:");
     for d in &s.devices {
         outln!(
@@ -146,6 +171,10 @@ pub fn print(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
             outln!("       {}", d.stable_name);
         }
     }
+    Ok(())
+}
+
+fn print_datasets(s: &StatusResponse) -> anyhow::Result<()> {
     outln!("datasets: {}", s.datasets.len());
     for d in &s.datasets {
         outln!(

@@ -372,19 +372,9 @@ fn bytes_bar(label: &str, total: u64) -> ProgressBar {
     bar
 }
 
+/// Bytes in binary units ("1.50 MiB"), as the progress bars show them.
 fn human(n: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut v = n as f64;
-    let mut u = 0;
-    while v >= 1024.0 && u + 1 < UNITS.len() {
-        v /= 1024.0;
-        u += 1;
-    }
-    if u == 0 {
-        format!("{n} B")
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    indicatif::BinaryBytes(n).to_string()
 }
 
 /// RFC 3339 UTC time of a unix timestamp in milliseconds, to the second.
@@ -456,19 +446,8 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Token {
-        command: TokenCommand::New { tenant },
-    } = &cli.command
-    {
-        let token = storaged_client::new_token()?;
-        let hash = storaged_proto::auth::token_sha256_hex(&token);
-        outln!("token:  {token}");
-        outln!("config: add to the [[tenant]] named {tenant:?} in storaged's config:");
-        outln!("        tokens_sha256 = [\"{hash}\"]");
-        outln!("use:    STORAGED_TOKEN={token} storagectl ...  (or --token)");
-        return Ok(());
-    }
+/// A client for the server and credentials on the command line.
+async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let options = ConnectOptions {
         token: cli.token.clone().filter(|t| !t.is_empty()),
         call_timeout: match cli.timeout {
@@ -485,6 +464,29 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     } else {
         Client::connect_with(&cli.server, &options).await?
     };
+    Ok(client)
+}
+
+/// `storagectl token new`: a new token and the hash storaged's config
+/// names it by.
+fn new_token(tenant: &str) -> anyhow::Result<()> {
+    let token = storaged_client::new_token()?;
+    let hash = storaged_proto::auth::token_sha256_hex(&token);
+    outln!("token:  {token}");
+    outln!("config: add to the [[tenant]] named {tenant:?} in storaged's config:");
+    outln!("        tokens_sha256 = [\"{hash}\"]");
+    outln!("use:    STORAGED_TOKEN={token} storagectl ...  (or --token)");
+    Ok(())
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Token {
+        command: TokenCommand::New { tenant },
+    } = &cli.command
+    {
+        return new_token(tenant);
+    }
+    let client = connect(&cli).await?;
     match cli.command {
         Command::Ingest {
             dataset,
@@ -578,6 +580,6 @@ mod tests {
         assert_eq!(rfc3339(1_795_000_000_000), "2026-11-18T11:06:40Z");
         assert_eq!(rfc3339(951_782_400_000), "2000-02-29T00:00:00Z");
         assert_eq!(human(5), "5 B");
-        assert_eq!(human(3 << 20), "3.0 MiB");
+        assert_eq!(human(3 << 20), "3.00 MiB");
     }
 }
