@@ -74,6 +74,14 @@ cargo fmt --all -- --check
 step "cargo clippy --all-targets -- -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo deny: licenses, banned and duplicate crates, sources (deny.toml)"
+# Advisories need the RustSec database from GitHub, which this machine
+# cannot reach; licenses, bans and sources are checked offline.
+if ! cargo deny --version 2>/dev/null | grep -q '^cargo-deny 0\.20\.'; then
+  cargo install cargo-deny --locked --version '^0.20'
+fi
+cargo deny --offline check licenses bans sources
+
 step "build the binaries the integration tests run"
 cargo build --workspace --bins --locked
 
