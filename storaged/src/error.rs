@@ -104,6 +104,86 @@ impl From<crate::poolmeta::PoolMetaError> for AdminError {
     }
 }
 
+/// Why an ingest (begin, objects, data, commit) was refused or failed.
+/// The ingest protocol's violations name what the client did; what the
+/// shared layers met on the way (devices, catalog, buffers, space,
+/// limits) is `Store`.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(
+        "the pool is degraded (device(s) {missing:?} missing; new data would have no redundancy); replace the device first (storagectl device replace)"
+    )]
+    Degraded { missing: Vec<u32> },
+    /// A storage class the pool cannot hold.
+    #[error("{0}")]
+    Class(#[from] crate::ec::EcError),
+    #[error("dataset {0:?} already exists")]
+    DatasetExists(String),
+    #[error("dataset {0:?} is being ingested right now")]
+    InProgress(String),
+    #[error("object {path:?} appears twice in the ingest of {dataset:?}")]
+    DuplicateObject { dataset: String, path: String },
+    #[error(
+        "object {path:?} conflicts with {other:?} in dataset {dataset:?}: a name cannot be both an object and a directory"
+    )]
+    TreeConflict {
+        dataset: String,
+        path: String,
+        other: String,
+    },
+    #[error(
+        "ingest protocol violation: object {path:?} got {received} of {size} bytes before the next object began"
+    )]
+    ObjectIncomplete {
+        path: String,
+        received: u64,
+        size: u64,
+    },
+    #[error("ingest protocol violation: data arrived outside an object")]
+    DataOutsideObject,
+    #[error("ingest protocol violation: object {path:?} declared {size} bytes but more arrived")]
+    TooMuchData { path: String, size: u64 },
+    #[error(
+        "ingest protocol violation: object {path:?}: client CRC {client:#010x} does not match received bytes ({actual:#010x})"
+    )]
+    CrcMismatch {
+        path: String,
+        client: u32,
+        actual: u32,
+    },
+    #[error(
+        "ingest protocol violation: commit while object {path:?} has {received} of {size} bytes"
+    )]
+    CommitWhileOpen {
+        path: String,
+        received: u64,
+        size: u64,
+    },
+    #[error(
+        "ingest protocol violation: commit says {said_objects} objects / {said_bytes} bytes, but {objects} objects / {bytes} bytes arrived"
+    )]
+    CommitMismatch {
+        said_objects: u64,
+        said_bytes: u64,
+        objects: u64,
+        bytes: u64,
+    },
+    /// The commit's blocking task died (a bug): nothing was committed.
+    #[error("commit task failed: {0}")]
+    TaskFailed(#[from] tokio::task::JoinError),
+    #[error(transparent)]
+    Quota(#[from] crate::store::quota::QuotaError),
+    /// What the shared layers met on the way.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<CatalogError> for IngestError {
+    fn from(e: CatalogError) -> Self {
+        Self::Store(e.into())
+    }
+}
+
 /// A limit of the store that a request ran into (ARCHITECTURE.md lists
 /// them all).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,18 +223,10 @@ pub enum StoreError {
     InvalidName(#[from] NameError),
     #[error("{0}")]
     InvalidArgument(String),
-    #[error("ingest protocol violation: {0}")]
-    Protocol(String),
     #[error("dataset {0:?} not found")]
     DatasetNotFound(String),
     #[error("object {path:?} not found in dataset {dataset:?}")]
     ObjectNotFound { dataset: String, path: String },
-    #[error("dataset {0:?} already exists")]
-    DatasetExists(String),
-    #[error("dataset {0:?} is being ingested right now")]
-    IngestInProgress(String),
-    #[error("object {path:?} appears twice in the ingest of {dataset:?}")]
-    DuplicateObject { dataset: String, path: String },
     /// The range as the client asked for it (`length: None`: to the end).
     #[error("{}", out_of_range_text(path, *offset, *length, *size))]
     OutOfRange {
@@ -200,10 +272,6 @@ pub enum StoreError {
     )]
     DeviceMissing { device: u32, offset: u64 },
     #[error(
-        "the pool is degraded (device(s) {missing:?} missing; new data would have no redundancy); replace the device first (storagectl device replace)"
-    )]
-    Degraded { missing: Vec<u32> },
-    #[error(
         "dataset {dataset:?} stripe {stripe}: units on devices {devices:?} are lost or corrupt, more than its {parity} parity units can rebuild"
     )]
     Unrecoverable {
@@ -229,8 +297,6 @@ pub enum StoreError {
     ShuttingDown,
     #[error(transparent)]
     Region(#[from] crate::region::RegionError),
-    #[error(transparent)]
-    Quota(#[from] crate::store::quota::QuotaError),
     #[error("{0}")]
     RegionBounds(String),
     #[error("the pool's metadata on the devices: {0}")]

@@ -5,7 +5,7 @@
 use tonic::{Code, Status};
 
 use crate::catalog::CatalogError;
-use crate::error::{AdminError, StoreError};
+use crate::error::{AdminError, IngestError, StoreError};
 use crate::region::RegionError;
 
 /// An error's gRPC code, and the status it is answered with.
@@ -20,25 +20,18 @@ pub trait GrpcCode: std::fmt::Display {
 impl GrpcCode for StoreError {
     fn code(&self) -> Code {
         match self {
-            StoreError::InvalidName(_)
-            | StoreError::InvalidArgument(_)
-            | StoreError::Protocol(_) => Code::InvalidArgument,
+            StoreError::InvalidName(_) | StoreError::InvalidArgument(_) => Code::InvalidArgument,
             StoreError::DatasetNotFound(_) | StoreError::ObjectNotFound { .. } => Code::NotFound,
-            StoreError::DatasetExists(_)
-            | StoreError::IngestInProgress(_)
-            | StoreError::DuplicateObject { .. } => Code::AlreadyExists,
             StoreError::OutOfRange { .. } | StoreError::RegionBounds(_) => Code::OutOfRange,
             StoreError::Region(e) => e.code(),
             StoreError::NoSpace { .. }
             | StoreError::DeviceFull { .. }
             | StoreError::Limit { .. }
-            | StoreError::Buffers(_)
-            | StoreError::Quota(_) => Code::ResourceExhausted,
+            | StoreError::Buffers(_) => Code::ResourceExhausted,
             StoreError::Checksum { .. } => Code::DataLoss,
             StoreError::DeviceMissing { .. } => Code::Unavailable,
             StoreError::Unrecoverable { missing: true, .. } => Code::Unavailable,
             StoreError::Unrecoverable { missing: false, .. } => Code::DataLoss,
-            StoreError::Degraded { .. } => Code::FailedPrecondition,
             StoreError::Io { .. } | StoreError::ShuttingDown => Code::Unavailable,
             StoreError::Sync { .. } => Code::Internal,
             StoreError::PoolMeta(crate::poolmeta::PoolMetaError::RootFull { .. }) => {
@@ -69,6 +62,34 @@ impl GrpcCode for AdminError {
             | AdminError::AlreadyInPool { .. } => Code::InvalidArgument,
             AdminError::Store(e) => e.code(),
         }
+    }
+}
+
+impl GrpcCode for IngestError {
+    fn code(&self) -> Code {
+        match self {
+            IngestError::Degraded { .. } => Code::FailedPrecondition,
+            IngestError::Class(_)
+            | IngestError::TreeConflict { .. }
+            | IngestError::ObjectIncomplete { .. }
+            | IngestError::DataOutsideObject
+            | IngestError::TooMuchData { .. }
+            | IngestError::CrcMismatch { .. }
+            | IngestError::CommitWhileOpen { .. }
+            | IngestError::CommitMismatch { .. } => Code::InvalidArgument,
+            IngestError::DatasetExists(_)
+            | IngestError::InProgress(_)
+            | IngestError::DuplicateObject { .. } => Code::AlreadyExists,
+            IngestError::Quota(_) => Code::ResourceExhausted,
+            IngestError::TaskFailed(_) => Code::Internal,
+            IngestError::Store(e) => e.code(),
+        }
+    }
+}
+
+impl From<IngestError> for Status {
+    fn from(e: IngestError) -> Self {
+        e.to_status()
     }
 }
 

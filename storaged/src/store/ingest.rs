@@ -4,7 +4,7 @@
 //! durable.
 
 use super::*;
-use crate::error::Limit;
+use crate::error::{IngestError, Limit};
 
 /// Logical space an ingest takes from the allocator at a time.
 pub(super) const RESERVATION_BYTES: u64 = 64 << 20;
@@ -16,10 +16,10 @@ impl Store {
         name: DatasetName,
         class: StorageClass,
         owner: quota::OwnerQuota,
-    ) -> Result<IngestSession, StoreError> {
+    ) -> Result<IngestSession, IngestError> {
         let missing = self.missing_devices();
         if missing.iter().any(|m| *m) {
-            return Err(StoreError::Degraded {
+            return Err(IngestError::Degraded {
                 missing: (0..missing.len() as u32)
                     .filter(|d| missing[*d as usize])
                     .collect(),
@@ -32,8 +32,7 @@ impl Store {
                 parity_units,
             } => {
                 let g = EcGeometry::new(u32::from(data_units), u32::from(parity_units))
-                    .and_then(|g| g.check_fits(self.layout.device_count).map(|()| g))
-                    .map_err(|e| StoreError::InvalidArgument(e.to_string()))?;
+                    .and_then(|g| g.check_fits(self.layout.device_count).map(|()| g))?;
                 Some(g)
             }
         };
@@ -44,19 +43,20 @@ impl Store {
             .expect("dataset map poisoned")
             .contains_key(name.as_str())
         {
-            return Err(StoreError::DatasetExists(name.to_string()));
+            return Err(IngestError::DatasetExists(name.to_string()));
         }
         {
             let mut ing = self.data.ingesting.lock().expect("ingest set poisoned");
             if ing.contains(name.as_str()) {
-                return Err(StoreError::IngestInProgress(name.to_string()));
+                return Err(IngestError::InProgress(name.to_string()));
             }
             if ing.len() >= self.limits.ingests_concurrent_max {
                 return Err(StoreError::Limit {
                     limit: Limit::IngestsConcurrent,
                     asked: ing.len() as u64,
                     max: self.limits.ingests_concurrent_max as u64,
-                });
+                }
+                .into());
             }
             let (_, datasets) = self.owner_usage(&owner.owner);
             self.data.quota.begin_dataset(&owner, datasets)?;
@@ -479,12 +479,11 @@ impl IngestSession {
     /// Refuses `path` if it would make a name both an object and a
     /// directory (`a` and `a/b`): no file tree (export, mount) can hold
     /// both. Records `path`'s directories otherwise.
-    pub(super) fn check_tree(&mut self, path: &str) -> Result<(), StoreError> {
-        let conflict = |other: &str| {
-            StoreError::InvalidArgument(format!(
-                "object {path:?} conflicts with {other:?} in dataset {:?}: a name cannot be both an object and a directory",
-                self.name.as_str()
-            ))
+    pub(super) fn check_tree(&mut self, path: &str) -> Result<(), IngestError> {
+        let conflict = |other: &str| IngestError::TreeConflict {
+            dataset: self.name.to_string(),
+            path: path.to_owned(),
+            other: other.to_owned(),
         };
         if let Some(under) = self.dirs.get(path) {
             return Err(conflict(&format!("{path}/{under}")));
@@ -511,19 +510,21 @@ impl IngestSession {
         path: ObjectPath,
         size: u64,
         client_crc: Option<u32>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<(), IngestError> {
         if let Some(cur) = &self.current {
-            return Err(StoreError::Protocol(format!(
-                "object {:?} got {} of {} bytes before the next object began",
-                cur.path, cur.received, cur.size
-            )));
+            return Err(IngestError::ObjectIncomplete {
+                path: cur.path.clone(),
+                received: cur.received,
+                size: cur.size,
+            });
         }
         if self.objects.len() >= self.store.limits.ingest_objects_max {
             return Err(StoreError::Limit {
                 limit: Limit::DatasetObjects,
                 asked: self.objects.len() as u64 + 1,
                 max: self.store.limits.ingest_objects_max as u64,
-            });
+            }
+            .into());
         }
         let capacity = self.store.layout.capacity_bytes();
         if size > capacity {
@@ -539,7 +540,8 @@ impl IngestSession {
                     .expect("allocator poisoned")
                     .free_bytes(),
                 largest_free: capacity,
-            });
+            }
+            .into());
         }
         // Before any byte of it is written (and before the tree check,
         // so a refused object leaves no trace): a tenant over its quota
@@ -550,7 +552,7 @@ impl IngestSession {
             .add_bytes(&self.owner, self.owner_bytes, size)?;
         self.declared_bytes += size;
         if self.paths.contains(path.as_str()) {
-            return Err(StoreError::DuplicateObject {
+            return Err(IngestError::DuplicateObject {
                 dataset: self.name.to_string(),
                 path: path.to_string(),
             });
@@ -576,17 +578,15 @@ impl IngestSession {
     }
 
     /// Appends bytes to the current object.
-    pub async fn data(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+    pub async fn data(&mut self, bytes: &[u8]) -> Result<(), IngestError> {
         let Some(cur) = self.current.as_mut() else {
-            return Err(StoreError::Protocol(
-                "data arrived outside an object".into(),
-            ));
+            return Err(IngestError::DataOutsideObject);
         };
         if cur.received + bytes.len() as u64 > cur.size {
-            return Err(StoreError::Protocol(format!(
-                "object {:?} declared {} bytes but more arrived",
-                cur.path, cur.size
-            )));
+            return Err(IngestError::TooMuchData {
+                path: cur.path.clone(),
+                size: cur.size,
+            });
         }
         let block = u64::from(CHECKSUM_BLOCK_BYTES);
         let mut rest = bytes;
@@ -614,7 +614,7 @@ impl IngestSession {
         Ok(())
     }
 
-    pub(super) async fn end_object(&mut self) -> Result<(), StoreError> {
+    pub(super) async fn end_object(&mut self) -> Result<(), IngestError> {
         let mut cur = self.current.take().expect("an object is open");
         if cur.block_fill > 0 {
             let h = std::mem::replace(&mut cur.block, crc32fast::Hasher::new());
@@ -625,10 +625,11 @@ impl IngestSession {
         if let Some(c) = cur.client_crc
             && c != crc32
         {
-            return Err(StoreError::Protocol(format!(
-                "object {:?}: client CRC {c:#010x} does not match received bytes ({crc32:#010x})",
-                cur.path
-            )));
+            return Err(IngestError::CrcMismatch {
+                path: cur.path,
+                client: c,
+                actual: crc32,
+            });
         }
         if cur.size > 0 {
             let store = Arc::clone(&self.store);
@@ -652,19 +653,21 @@ impl IngestSession {
         mut self,
         object_count: u64,
         total_bytes: u64,
-    ) -> Result<Arc<DatasetHandle>, StoreError> {
+    ) -> Result<Arc<DatasetHandle>, IngestError> {
         if let Some(cur) = &self.current {
-            return Err(StoreError::Protocol(format!(
-                "commit while object {:?} has {} of {} bytes",
-                cur.path, cur.received, cur.size
-            )));
+            return Err(IngestError::CommitWhileOpen {
+                path: cur.path.clone(),
+                received: cur.received,
+                size: cur.size,
+            });
         }
         if object_count != self.objects.len() as u64 || total_bytes != self.total_bytes {
-            return Err(StoreError::Protocol(format!(
-                "commit says {object_count} objects / {total_bytes} bytes, but {} objects / {} bytes arrived",
-                self.objects.len(),
-                self.total_bytes
-            )));
+            return Err(IngestError::CommitMismatch {
+                said_objects: object_count,
+                said_bytes: total_bytes,
+                objects: self.objects.len() as u64,
+                bytes: self.total_bytes,
+            });
         }
         let store = Arc::clone(&self.store);
         self.writer.finish(&store.write_io()).await?;
@@ -777,7 +780,7 @@ impl IngestSession {
     async fn commit_manifest(
         &mut self,
         mut manifest: crate::poolmeta::Manifest,
-    ) -> Result<(DatasetRecord, pool_root::CommitTimes), StoreError> {
+    ) -> Result<(DatasetRecord, pool_root::CommitTimes), IngestError> {
         let store = Arc::clone(&self.store);
         // Its length does not depend on where its rows are.
         manifest.record.manifest = Some(Extent { offset: 0, len: 0 });
@@ -786,7 +789,7 @@ impl IngestSession {
             Ok(r) => r,
             Err(e) => {
                 self.extents = std::mem::take(&mut manifest.record.extents);
-                return Err(e);
+                return Err(e.into());
             }
         };
         manifest.record.manifest = Some(rows);
@@ -800,25 +803,21 @@ impl IngestSession {
             Ok((Err(e), record)) => {
                 // Put the extents back so Drop frees them.
                 self.extents = record.owned_extents();
-                Err(e)
+                Err(e.into())
             }
             // The task panicked: its rows are lost until restart (the
             // catalog did not commit, so they are free then).
-            Err(e) => Err(StoreError::InvalidArgument(format!(
-                "commit task failed: {e}"
-            ))),
+            Err(e) => Err(IngestError::TaskFailed(e)),
         }
     }
 }
 
 /// A new dataset id from the catalog, off the runtime's threads.
-async fn reserve_dataset_id(store: &Arc<Store>) -> Result<u64, StoreError> {
+async fn reserve_dataset_id(store: &Arc<Store>) -> Result<u64, IngestError> {
     let store = Arc::clone(store);
     match tokio::task::spawn_blocking(move || store.data.catalog.reserve_dataset_id()).await {
-        Ok(r) => r.map_err(StoreError::from),
-        Err(e) => Err(StoreError::InvalidArgument(format!(
-            "commit task failed: {e}"
-        ))),
+        Ok(r) => Ok(r?),
+        Err(e) => Err(IngestError::TaskFailed(e)),
     }
 }
 

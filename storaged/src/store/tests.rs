@@ -7,6 +7,7 @@ use super::*;
 use crate::config::StoreConfig;
 use crate::engine::EngineKind;
 use crate::engine::fault::{Fault, FaultPlan, FaultRule, FaultyBackend};
+use crate::error::IngestError;
 use crate::service::GrpcCode;
 
 pub(super) fn config(dir: &std::path::Path, device_mib: u64, unit: u64) -> StoreConfig {
@@ -37,7 +38,7 @@ async fn ingest(
     store: &Arc<Store>,
     name: &str,
     objects: &[(&str, Vec<u8>)],
-) -> Result<Arc<DatasetHandle>, StoreError> {
+) -> Result<Arc<DatasetHandle>, IngestError> {
     ingest_class(store, name, StorageClass::Stripe, objects).await
 }
 
@@ -46,7 +47,7 @@ pub(super) async fn ingest_class(
     name: &str,
     class: StorageClass,
     objects: &[(&str, Vec<u8>)],
-) -> Result<Arc<DatasetHandle>, StoreError> {
+) -> Result<Arc<DatasetHandle>, IngestError> {
     let mut s = store.begin_ingest(DatasetName::new(name).unwrap(), class, Default::default())?;
     let mut total = 0u64;
     for (path, data) in objects {
@@ -334,7 +335,10 @@ async fn failed_writes_and_sync_fail_the_ingest() {
     let err = ingest(&store, "x", &[("a", pattern(1, 100_000))])
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Sync { .. }), "{err}");
+    assert!(
+        matches!(err, IngestError::Store(StoreError::Sync { .. })),
+        "{err}"
+    );
     plan.clear();
     plan.add(FaultRule {
         device: None,
@@ -419,7 +423,7 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
         .unwrap();
     assert!(matches!(
         s.data(&[0; 11]).await,
-        Err(StoreError::Protocol(_))
+        Err(IngestError::TooMuchData { size: 10, .. })
     ));
     drop(s);
     let mut s = store
@@ -434,7 +438,7 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
         .unwrap();
     assert!(matches!(
         s.begin_object(ObjectPath::new("x").unwrap(), 0, None).await,
-        Err(StoreError::DuplicateObject { .. })
+        Err(IngestError::DuplicateObject { .. })
     ));
     drop(s);
     // Guards against a dataset no file tree can hold (`a` and `a/b`:
@@ -458,6 +462,10 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
             err.to_string().contains("both an object and a directory"),
             "{first} then {second}: {err}"
         );
+        assert!(
+            matches!(&err, IngestError::TreeConflict { path, .. } if path == second),
+            "{err:?}"
+        );
     }
     let mut s = store
         .begin_ingest(
@@ -469,7 +477,10 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
     s.begin_object(ObjectPath::new("x").unwrap(), 3, Some(1234))
         .await
         .unwrap();
-    assert!(matches!(s.data(b"abc").await, Err(StoreError::Protocol(_))));
+    assert!(matches!(
+        s.data(b"abc").await,
+        Err(IngestError::CrcMismatch { client: 1234, .. })
+    ));
     drop(s);
 
     let keep = pattern(3, 1_000_000);
@@ -481,7 +492,7 @@ async fn full_pool_aborted_ingest_delete_and_restart() {
         .unwrap();
     assert!(matches!(
         ingest(&store, "keep", &[]).await,
-        Err(StoreError::DatasetExists(_))
+        Err(IngestError::DatasetExists(_))
     ));
     let used = store.status().used_bytes;
     let freed = store

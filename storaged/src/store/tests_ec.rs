@@ -7,7 +7,7 @@ use super::tests::{config, ingest_class, pattern, read_all};
 use super::*;
 use crate::engine::OpKind;
 use crate::engine::fault::{Fault, FaultPlan, FaultRule, FaultyBackend};
-use crate::error::AdminError;
+use crate::error::{AdminError, IngestError};
 use crate::service::GrpcCode;
 
 const EC31: StorageClass = StorageClass::Ec {
@@ -231,7 +231,10 @@ async fn ec_ingest_fails_cleanly_on_fsync_failure() {
     let err = ingest_class(&store, "e", EC31, &[("x", pattern(1, 500_000))])
         .await
         .unwrap_err();
-    assert!(matches!(err, StoreError::Sync { .. }), "{err}");
+    assert!(
+        matches!(err, IngestError::Store(StoreError::Sync { .. })),
+        "{err}"
+    );
     assert!(store.list_datasets().is_empty(), "never committed");
     super::tests::used_settles_to(&store, 0).await;
 }
@@ -373,7 +376,7 @@ async fn degraded_start_serves_ec_and_names_the_lost_device() {
     let err = ingest_class(&store, "new", EC31, &[]).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err}");
     assert!(
-        matches!(&err, StoreError::Degraded { missing } if missing == &[2]),
+        matches!(&err, IngestError::Degraded { missing } if missing == &[2]),
         "{err:?}"
     );
     drop((e, s));
