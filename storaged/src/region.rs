@@ -302,6 +302,65 @@ impl Drop for Registration {
     }
 }
 
+/// Opens memfd `fd` of process `peer_pid` through /proc and checks it is
+/// a region `peer_uid` may register: a tmpfs file it owns, sealed against
+/// shrinking, of exactly `size_bytes`.
+fn open_client_memfd(
+    peer_pid: i32,
+    fd: i32,
+    size_bytes: u64,
+    peer_uid: u32,
+) -> Result<(std::fs::File, PathBuf), RegionError> {
+    if fd < 0 || peer_pid <= 0 {
+        return Err(RegionError::Open {
+            path: PathBuf::from(format!("/proc/{peer_pid}/fd/{fd}")),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    // /proc/PID/fd/N is a magic link: following it is the point (so no
+    // O_NOFOLLOW); the checks below are on what it leads to.
+    let owned = PathBuf::from(format!("/proc/{peer_pid}/fd/{fd}"));
+    let path = owned.as_path();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| RegionError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+    let meta = file.metadata().map_err(|source| RegionError::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    if !meta.is_file() || !on_tmpfs(&file) {
+        return Err(RegionError::NotTmpfs {
+            path: path.to_owned(),
+        });
+    }
+    if meta.uid() != peer_uid && peer_uid != 0 {
+        return Err(RegionError::NotOwner {
+            path: path.to_owned(),
+            owner: meta.uid(),
+            peer: peer_uid,
+        });
+    }
+    if !sealed_against_shrinking(&file) {
+        return Err(RegionError::NotSealed {
+            path: path.to_owned(),
+        });
+    }
+    if meta.len() != size_bytes {
+        return Err(RegionError::SizeMismatch {
+            path: path.to_owned(),
+            actual: meta.len(),
+            stated: size_bytes,
+        });
+    }
+    Ok((file, owned))
+}
+
 impl Regions {
     pub fn new(limits: RegionLimits) -> Arc<Self> {
         Arc::new(Self {
@@ -335,82 +394,12 @@ impl Regions {
                 max: self.limits.region_bytes_max,
             });
         }
-        if fd < 0 || peer_pid <= 0 {
-            return Err(RegionError::Open {
-                path: PathBuf::from(format!("/proc/{peer_pid}/fd/{fd}")),
-                source: std::io::Error::from(std::io::ErrorKind::NotFound),
-            });
-        }
-        // /proc/PID/fd/N is a magic link: following it is the point (so no
-        // O_NOFOLLOW); the checks below are on what it leads to.
-        let path = PathBuf::from(format!("/proc/{peer_pid}/fd/{fd}"));
+        let (file, path) = open_client_memfd(peer_pid, fd, size_bytes, peer_uid)?;
         let path = path.as_path();
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open(path)
-            .map_err(|source| RegionError::Open {
-                path: path.to_owned(),
-                source,
-            })?;
-        let meta = file.metadata().map_err(|source| RegionError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
-        if !meta.is_file() || !on_tmpfs(&file) {
-            return Err(RegionError::NotTmpfs {
-                path: path.to_owned(),
-            });
-        }
-        if meta.uid() != peer_uid && peer_uid != 0 {
-            return Err(RegionError::NotOwner {
-                path: path.to_owned(),
-                owner: meta.uid(),
-                peer: peer_uid,
-            });
-        }
-        if !sealed_against_shrinking(&file) {
-            return Err(RegionError::NotSealed {
-                path: path.to_owned(),
-            });
-        }
-        if meta.len() != size_bytes {
-            return Err(RegionError::SizeMismatch {
-                path: path.to_owned(),
-                actual: meta.len(),
-                stated: size_bytes,
-            });
-        }
         let populated = has_no_holes(&file, size_bytes);
         // Reserve before mapping, so concurrent registrations cannot both
         // pass the limit check.
-        {
-            let mut r = self.lock();
-            let uid_bytes = r.bytes_by_uid.get(&peer_uid).copied().unwrap_or(0);
-            let uid_regions = r.regions_by_uid.get(&peer_uid).copied().unwrap_or(0);
-            if uid_regions + 1 > self.limits.regions_per_client_max {
-                return Err(RegionError::Limit(format!(
-                    "uid {peer_uid} already has {uid_regions} regions; the limit is {}",
-                    self.limits.regions_per_client_max
-                )));
-            }
-            if uid_bytes + size_bytes > self.limits.bytes_per_client_max {
-                return Err(RegionError::Limit(format!(
-                    "uid {peer_uid} has {uid_bytes} bytes registered; {size_bytes} more would pass the per-client limit of {}",
-                    self.limits.bytes_per_client_max
-                )));
-            }
-            if r.bytes_total + size_bytes > self.limits.bytes_total_max {
-                return Err(RegionError::Limit(format!(
-                    "{} bytes are registered; {size_bytes} more would pass the total limit of {}",
-                    r.bytes_total, self.limits.bytes_total_max
-                )));
-            }
-            *r.bytes_by_uid.entry(peer_uid).or_default() += size_bytes;
-            *r.regions_by_uid.entry(peer_uid).or_default() += 1;
-            r.bytes_total += size_bytes;
-        }
+        self.reserve(peer_uid, size_bytes)?;
         let unreserve = |regions: &Self| {
             let mut r = regions.lock();
             release(&mut r, peer_uid, size_bytes);
@@ -459,6 +448,37 @@ impl Regions {
             regions: Arc::clone(self),
             region,
         })
+    }
+
+    /// Counts `size_bytes` more for `peer_uid` against the region limits,
+    /// or refuses them.
+    fn reserve(&self, peer_uid: u32, size_bytes: u64) -> Result<(), RegionError> {
+        let mut r = self.lock();
+        let uid_bytes = r.bytes_by_uid.get(&peer_uid).copied().unwrap_or(0);
+        let uid_regions = r.regions_by_uid.get(&peer_uid).copied().unwrap_or(0);
+        if uid_regions + 1 > self.limits.regions_per_client_max {
+            return Err(RegionError::Limit(format!(
+                "uid {peer_uid} already has {uid_regions} regions; the limit is {}",
+                self.limits.regions_per_client_max
+            )));
+        }
+        if uid_bytes + size_bytes > self.limits.bytes_per_client_max {
+            return Err(RegionError::Limit(format!(
+                "uid {peer_uid} has {uid_bytes} bytes registered; {size_bytes} more would pass the per-client limit of {}",
+                self.limits.bytes_per_client_max
+            )));
+        }
+        if r.bytes_total + size_bytes > self.limits.bytes_total_max {
+            return Err(RegionError::Limit(format!(
+                "{} bytes are registered; {size_bytes} more would pass the total limit of {}",
+                r.bytes_total, self.limits.bytes_total_max
+            )));
+        }
+        *r.bytes_by_uid.entry(peer_uid).or_default() += size_bytes;
+        *r.regions_by_uid.entry(peer_uid).or_default() += 1;
+        r.bytes_total += size_bytes;
+
+        Ok(())
     }
 
     fn remove(&self, id: u64) {

@@ -4,6 +4,7 @@
 //! durable.
 
 use super::*;
+use crate::catalog::CatalogError;
 use crate::error::{IngestError, Limit};
 
 /// Logical space an ingest takes from the allocator at a time.
@@ -62,35 +63,16 @@ impl Store {
             self.data.quota.begin_dataset(&owner, datasets)?;
             ing.insert(name.to_string());
         }
-        let writer = match geometry {
-            None => ClassWriter::Stripe(StripeWriter::new(
-                self.layout,
-                self.limits.ingest_write_depth,
-            )),
-            Some(geometry) => {
-                let dataset_id = match self.data.catalog.reserve_dataset_id() {
-                    Ok(id) => id,
-                    Err(e) => {
-                        self.data
-                            .ingesting
-                            .lock()
-                            .expect("ingest set poisoned")
-                            .remove(name.as_str());
-                        self.data.quota.end_dataset(&owner.owner, 0);
-                        return Err(e.into());
-                    }
-                };
-                ClassWriter::Ec(Box::new(EcIngest {
-                    map: EcMap::new(geometry, self.layout, &[]),
-                    writer: redundancy::EcWriter::new(
-                        dataset_id,
-                        geometry,
-                        self.layout.stripe_unit_bytes,
-                        self.limits.ingest_write_depth,
-                    ),
-                    data_end: 0,
-                    dataset_id,
-                }))
+        let writer = match self.class_writer(geometry) {
+            Ok(w) => w,
+            Err(e) => {
+                self.data
+                    .ingesting
+                    .lock()
+                    .expect("ingest set poisoned")
+                    .remove(name.as_str());
+                self.data.quota.end_dataset(&owner.owner, 0);
+                return Err(e.into());
             }
         };
         let owner_bytes = self.owner_usage(&owner.owner).0;
@@ -110,6 +92,33 @@ impl Store {
             current: None,
             total_bytes: 0,
             committed: false,
+        })
+    }
+}
+
+impl Store {
+    /// The writer of a new ingest: stripe units, or `ec` stripes of
+    /// `geometry` (which take their dataset id now: it is in their CRCs).
+    fn class_writer(&self, geometry: Option<EcGeometry>) -> Result<ClassWriter, CatalogError> {
+        Ok(match geometry {
+            None => ClassWriter::Stripe(StripeWriter::new(
+                self.layout,
+                self.limits.ingest_write_depth,
+            )),
+            Some(geometry) => {
+                let dataset_id = self.data.catalog.reserve_dataset_id()?;
+                ClassWriter::Ec(Box::new(EcIngest {
+                    map: EcMap::new(geometry, self.layout, &[]),
+                    writer: redundancy::EcWriter::new(
+                        dataset_id,
+                        geometry,
+                        self.layout.stripe_unit_bytes,
+                        self.limits.ingest_write_depth,
+                    ),
+                    data_end: 0,
+                    dataset_id,
+                }))
+            }
         })
     }
 }

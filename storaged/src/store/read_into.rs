@@ -197,15 +197,19 @@ impl Store {
         })
     }
 
-    /// Reads one group of items into `region`: every item's device pieces
-    /// are scheduled together, merged where both the device addresses and
-    /// the region offsets are contiguous, and each item completes (verified
-    /// in place, tail zeroed) once its last piece has landed.
-    fn read_group_into(
-        self: Arc<Self>,
-        region: Arc<RegionMap>,
+    /// Each item of a group as its device pieces (`wants`, tagged with
+    /// the item) into its span of the region; items that fail their checks
+    /// (or are empty) are ready at once.
+    #[allow(clippy::type_complexity)]
+    fn plan_group(
+        &self,
+        region: &RegionMap,
         group: Vec<(BatchItemPlan, u64)>,
-    ) -> impl Stream<Item = (u32, Result<ReadIntoDone, StoreError>)> + Send + 'static {
+    ) -> (
+        std::collections::VecDeque<(u32, Result<ReadIntoDone, StoreError>)>,
+        Vec<GroupItem>,
+        Vec<Want>,
+    ) {
         let mut ready = std::collections::VecDeque::new();
         let mut items: Vec<GroupItem> = Vec::new();
         let mut wants: Vec<Want> = Vec::new();
@@ -218,7 +222,7 @@ impl Store {
                         length: 0,
                         span_bytes: 0,
                     };
-                    ready.push_back((i, check_offset(&region, i, at, 0).map(|()| done)));
+                    ready.push_back((i, check_offset(region, i, at, 0).map(|()| done)));
                 }
                 BatchItemPlan::Read {
                     index,
@@ -228,7 +232,7 @@ impl Store {
                 } => {
                     let block = u64::from(obj.dataset.record.checksum_block_bytes);
                     let (span, lead) = read_into_span(start, len, obj.record.size, block);
-                    if let Err(e) = check_offset(&region, index, at, span) {
+                    if let Err(e) = check_offset(region, index, at, span) {
                         ready.push_back((index, Err(e)));
                         continue;
                     }
@@ -261,6 +265,19 @@ impl Store {
                 }
             }
         }
+        (ready, items, wants)
+    }
+
+    /// Reads one group of items into `region`: every item's device pieces
+    /// are scheduled together, merged where both the device addresses and
+    /// the region offsets are contiguous, and each item completes (verified
+    /// in place, tail zeroed) once its last piece has landed.
+    fn read_group_into(
+        self: Arc<Self>,
+        region: Arc<RegionMap>,
+        group: Vec<(BatchItemPlan, u64)>,
+    ) -> impl Stream<Item = (u32, Result<ReadIntoDone, StoreError>)> + Send + 'static {
+        let (ready, items, mut wants) = self.plan_group(&region, group);
         let runs = schedule(&mut wants, self.limits.read_merge_bytes_max, true);
         self.read_counters
             .device_reads_merged
@@ -304,44 +321,7 @@ impl Store {
                         continue;
                     }
                 };
-                for w in &st.wants[wants] {
-                    let item = &mut st.items[w.tag];
-                    item.pieces_left -= 1;
-                    if let Err((device, offset, error)) = &result {
-                        item.error.get_or_insert_with(|| {
-                            StoreError::from_io(
-                                *device,
-                                *offset,
-                                crate::engine::route::copy_error(error),
-                            )
-                        });
-                    }
-                    if item.pieces_left == 0 {
-                        match st.store.finish_item_into(&st.region, item) {
-                            // A device fault of an ec dataset is rebuilt; a
-                            // checksum mismatch of any dataset is read
-                            // again in storaged's memory, because the bytes
-                            // in the region are the client's to spoil (a
-                            // region whose pages it punched or wrote during
-                            // the read): only a second mismatch there is the
-                            // device's.
-                            Err(e)
-                                if item.obj.dataset.layout.on_read_fault(&e, true)
-                                    != FaultAction::Fail =>
-                            {
-                                tracing::debug!(error = %e, "ReadInto item: reading again in storaged's memory");
-                                let store = Arc::clone(&st.store);
-                                let region = Arc::clone(&st.region);
-                                let item = item.detach();
-                                st.fallbacks.push(Box::pin(async move {
-                                    let index = item.index;
-                                    (index, store.read_item_into_via_memory(&region, &item).await)
-                                }));
-                            }
-                            done => st.ready.push_back((item.index, done)),
-                        }
-                    }
-                }
+                st.land(wants, result);
             }
         })
     }
@@ -480,6 +460,47 @@ struct GroupState<F> {
     /// Items being rebuilt from parity after their direct read failed.
     fallbacks: FuturesUnordered<Fallback>,
     ready: std::collections::VecDeque<(u32, Result<ReadIntoDone, StoreError>)>,
+}
+
+impl<F> GroupState<F> {
+    /// A device read of the group landed (or failed): each item it served
+    /// has one piece less, and an item with none left is verified and
+    /// ready, or read again where its class's read-fault policy says so.
+    fn land(&mut self, wants: std::ops::Range<usize>, result: RunResult) {
+        for w in &self.wants[wants] {
+            let item = &mut self.items[w.tag];
+            item.pieces_left -= 1;
+            if let Err((device, offset, error)) = &result {
+                item.error.get_or_insert_with(|| {
+                    StoreError::from_io(*device, *offset, crate::engine::route::copy_error(error))
+                });
+            }
+            if item.pieces_left == 0 {
+                match self.store.finish_item_into(&self.region, item) {
+                    // A device fault of an ec dataset is rebuilt; a
+                    // checksum mismatch of any dataset is read
+                    // again in storaged's memory, because the bytes
+                    // in the region are the client's to spoil (a
+                    // region whose pages it punched or wrote during
+                    // the read): only a second mismatch there is the
+                    // device's.
+                    Err(e)
+                        if item.obj.dataset.layout.on_read_fault(&e, true) != FaultAction::Fail =>
+                    {
+                        tracing::debug!(error = %e, "ReadInto item: reading again in storaged's memory");
+                        let store = Arc::clone(&self.store);
+                        let region = Arc::clone(&self.region);
+                        let item = item.detach();
+                        self.fallbacks.push(Box::pin(async move {
+                            let index = item.index;
+                            (index, store.read_item_into_via_memory(&region, &item).await)
+                        }));
+                    }
+                    done => self.ready.push_back((item.index, done)),
+                }
+            }
+        }
+    }
 }
 
 /// Checks that `[region_offset, region_offset + span)` is aligned and
