@@ -263,6 +263,23 @@ pub struct InjectedCounts {
     pub fsync_failures: AtomicU64,
 }
 
+impl InjectedCounts {
+    /// Faults injected in all (delays are not faults).
+    pub fn total(&self) -> u64 {
+        [
+            &self.read_eio,
+            &self.write_eio,
+            &self.flips,
+            &self.torn,
+            &self.vanished_ops,
+            &self.fsync_failures,
+        ]
+        .into_iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
+    }
+}
+
 /// splitmix64: a well-mixed 64-bit value from a counter.
 fn mix(mut z: u64) -> u64 {
     z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);

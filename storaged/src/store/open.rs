@@ -118,11 +118,10 @@ impl Store {
             &mut missing,
             paths.clone(),
         );
-        let slots = Arc::new(engine::route::DeviceSlots::new(engine, &missing));
-        let engine: Arc<dyn IoBackend> = Arc::clone(&slots) as _;
+        let io = DeviceIo::new(cfg, hooks, pool, engine_limits, engine, &missing);
         if let Some(worker) = discard_worker {
             worker
-                .start(Arc::clone(&engine), layout)
+                .start(Arc::clone(&io.engine), layout)
                 .map_err(OpenError::Engine)?;
         }
         for (i, m) in missing.iter().enumerate() {
@@ -132,21 +131,13 @@ impl Store {
         }
         tracing::info!(
             pool = %pool_id_hex(&pool_id),
-            engine = engine.kind(),
+            engine = io.engine.kind(),
             devices = layout.device_count,
             capacity_bytes = layout.capacity_bytes(),
             "store open"
         );
         Ok(Arc::new(Self {
-            io: DeviceIo {
-                engine,
-                slots,
-                pool,
-                engine_kind: cfg.engine,
-                engine_limits,
-                hooks,
-                foreign_reads: tokio::sync::Semaphore::new(engine::FOREIGN_READS_IN_FLIGHT_MAX),
-            },
+            io,
             data,
             redundancy,
             scrub_counters: Default::default(),
@@ -166,6 +157,30 @@ impl Store {
                 std::time::Duration::from_millis(cfg.limits.hint_ttl_ms),
             ),
         }))
+    }
+}
+
+impl DeviceIo {
+    /// The I/O side of a store being opened: `engine` behind the device
+    /// slots that know which devices are `missing`.
+    fn new(
+        cfg: &StoreConfig,
+        hooks: Arc<dyn hooks::IoHooks>,
+        pool: Arc<BufferPool>,
+        engine_limits: EngineLimits,
+        engine: Arc<dyn IoBackend>,
+        missing: &[bool],
+    ) -> Self {
+        let slots = Arc::new(engine::route::DeviceSlots::new(engine, missing));
+        Self {
+            engine: Arc::clone(&slots) as _,
+            slots,
+            pool,
+            engine_kind: cfg.engine,
+            engine_limits,
+            hooks,
+            foreign_reads: tokio::sync::Semaphore::new(engine::FOREIGN_READS_IN_FLIGHT_MAX),
+        }
     }
 }
 

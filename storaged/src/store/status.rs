@@ -128,6 +128,79 @@ pub struct StoreStatus {
     pub buffer_pool_in_use_bytes: u64,
 }
 
+fn load(a: &std::sync::atomic::AtomicU64) -> u64 {
+    a.load(Ordering::Relaxed)
+}
+
+impl DeviceState {
+    /// Device `index`'s state, given whether it is missing and which device
+    /// is being rebuilt.
+    fn of(index: u32, missing: bool, rebuilding: Option<u32>) -> Self {
+        if rebuilding == Some(index) {
+            DeviceState::Rebuilding
+        } else if missing {
+            DeviceState::Missing
+        } else {
+            DeviceState::Ok
+        }
+    }
+}
+
+impl super::ReadCounters {
+    fn snapshot(&self) -> ReadStats {
+        ReadStats {
+            grpc_bytes_served: load(&self.grpc_bytes_served),
+            grpc_payload_bytes_copied: load(&self.grpc_payload_bytes_copied),
+            shm_bytes_served: load(&self.shm_bytes_served),
+            shm_payload_bytes_copied: load(&self.shm_payload_bytes_copied),
+            device_reads_merged: load(&self.device_reads_merged),
+            checksum_mismatches: load(&self.checksum_mismatches),
+        }
+    }
+}
+
+impl super::readahead::ReadAhead {
+    fn snapshot(&self) -> ReadAheadStats {
+        let ra = &self.counters;
+        ReadAheadStats {
+            hinted: load(&ra.hinted),
+            prefetched: load(&ra.prefetched),
+            skipped: load(&ra.skipped),
+            failed: load(&ra.failed),
+            hits: load(&ra.hits),
+            hit_bytes: load(&ra.hit_bytes),
+            expired: load(&ra.expired),
+            cache_bytes: self.used_bytes(),
+        }
+    }
+}
+
+impl super::scrub::ScrubCounters {
+    fn snapshot(&self) -> ScrubStats {
+        ScrubStats {
+            passes: load(&self.passes),
+            bytes_checked: load(&self.bytes_checked),
+            corrupt: load(&self.corrupt),
+            repaired: load(&self.repaired),
+            unrecoverable: load(&self.unrecoverable),
+            running: self.running.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl super::discard::DiscardCounters {
+    fn snapshot(&self) -> DiscardStats {
+        DiscardStats {
+            enabled: self.enabled.load(Ordering::Relaxed),
+            discarded_bytes: load(&self.discarded_bytes),
+            pending_bytes: load(&self.pending_bytes),
+            failures: load(&self.failures),
+            unsupported: load(&self.unsupported),
+            startup_pass_done: self.startup_pass_done.load(Ordering::Relaxed),
+        }
+    }
+}
+
 impl Store {
     /// The whole status now; see the module docs.
     pub fn status(&self) -> StoreStatus {
@@ -141,6 +214,7 @@ impl Store {
             .read()
             .expect("paths poisoned")
             .clone();
+        let rebuilding = rebuild.as_ref().map(|r| r.index);
         let devices = paths
             .into_iter()
             .enumerate()
@@ -149,13 +223,7 @@ impl Store {
                 path,
                 capacity_bytes: self.layout.device_data_bytes,
                 used_bytes: per_device_used[i],
-                state: if rebuild.as_ref().is_some_and(|r| r.index == i as u32) {
-                    DeviceState::Rebuilding
-                } else if missing[i] {
-                    DeviceState::Missing
-                } else {
-                    DeviceState::Ok
-                },
+                state: DeviceState::of(i as u32, missing[i], rebuilding),
                 reconstructions: rebuilt[i],
             })
             .collect();
@@ -167,25 +235,10 @@ impl Store {
                 handle: h,
             })
             .collect();
-        let c = &self.read_counters;
-        let ra = &self.read_ahead.counters;
-        let sc = &self.scrub_counters;
-        let dc = self.discard_counters();
-        let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
-        let (faults_injected, fault_flips_injected) = self.injected.as_ref().map_or((0, 0), |f| {
-            let flips = load(&f.flips);
-            let others: u64 = [
-                &f.read_eio,
-                &f.write_eio,
-                &f.torn,
-                &f.vanished_ops,
-                &f.fsync_failures,
-            ]
-            .into_iter()
-            .map(load)
-            .sum();
-            (flips + others, flips)
-        });
+        let (faults_injected, fault_flips_injected) = self
+            .injected
+            .as_ref()
+            .map_or((0, 0), |f| (f.total(), load(&f.flips)));
         let (buffer_pool_bytes, buffer_pool_in_use_bytes) = self.buffer_pool_usage();
         StoreStatus {
             pool_id: pool_id_hex(&self.pool_id),
@@ -197,41 +250,11 @@ impl Store {
             datasets,
             ingests_in_progress: self.data.ingesting.lock().expect("poisoned").len(),
             degraded: missing.iter().any(|m| *m),
-            reads: ReadStats {
-                grpc_bytes_served: load(&c.grpc_bytes_served),
-                grpc_payload_bytes_copied: load(&c.grpc_payload_bytes_copied),
-                shm_bytes_served: load(&c.shm_bytes_served),
-                shm_payload_bytes_copied: load(&c.shm_payload_bytes_copied),
-                device_reads_merged: load(&c.device_reads_merged),
-                checksum_mismatches: load(&c.checksum_mismatches),
-            },
-            read_ahead: ReadAheadStats {
-                hinted: load(&ra.hinted),
-                prefetched: load(&ra.prefetched),
-                skipped: load(&ra.skipped),
-                failed: load(&ra.failed),
-                hits: load(&ra.hits),
-                hit_bytes: load(&ra.hit_bytes),
-                expired: load(&ra.expired),
-                cache_bytes: self.read_ahead.used_bytes(),
-            },
-            scrub: ScrubStats {
-                passes: load(&sc.passes),
-                bytes_checked: load(&sc.bytes_checked),
-                corrupt: load(&sc.corrupt),
-                repaired: load(&sc.repaired),
-                unrecoverable: load(&sc.unrecoverable),
-                running: sc.running.load(Ordering::Relaxed),
-            },
+            reads: self.read_counters.snapshot(),
+            read_ahead: self.read_ahead.snapshot(),
+            scrub: self.scrub_counters.snapshot(),
             rebuild,
-            discard: DiscardStats {
-                enabled: dc.enabled.load(Ordering::Relaxed),
-                discarded_bytes: load(&dc.discarded_bytes),
-                pending_bytes: load(&dc.pending_bytes),
-                failures: load(&dc.failures),
-                unsupported: load(&dc.unsupported),
-                startup_pass_done: dc.startup_pass_done.load(Ordering::Relaxed),
-            },
+            discard: self.discard_counters().snapshot(),
             catalog: CatalogStatus {
                 fault: self.catalog_fault(),
                 pool_root_generation: self.pool_root_generation(),
