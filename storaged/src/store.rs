@@ -403,9 +403,9 @@ impl DatasetSide {
 }
 
 pub use ingest::IngestSession;
-pub(crate) use ingest::{WriteFuture, acquire_draining, push_write};
 pub use read::BatchEvent;
 use read::BatchItemPlan;
+pub(crate) use writer::{WriteFuture, acquire_draining, push_write};
 
 pub mod class;
 pub mod discard;
@@ -425,6 +425,7 @@ pub mod redundancy;
 pub mod replace;
 mod schedule;
 pub mod scrub;
+mod writer;
 
 #[cfg(test)]
 mod tests;
