@@ -221,8 +221,33 @@ impl Limit {
 pub enum StoreError {
     #[error(transparent)]
     InvalidName(#[from] NameError),
-    #[error("{0}")]
-    InvalidArgument(String),
+    #[error("page_size {page_size} exceeds the limit of {max}")]
+    PageTooLarge { page_size: u32, max: u32 },
+    /// A ReadInto item's place in the region is not O_DIRECT aligned.
+    #[error("item {index}: region_offset {region_offset} is not a multiple of {align}")]
+    RegionOffsetUnaligned {
+        index: u32,
+        region_offset: u64,
+        align: u64,
+    },
+    #[error(
+        "item {index} needs region bytes [{region_offset}, {}) but region {region:#x} holds {size} bytes",
+        .region_offset.saturating_add(*.span)
+    )]
+    RegionBounds {
+        index: u32,
+        region_offset: u64,
+        span: u64,
+        region: u64,
+        size: u64,
+    },
+    /// A blocking task of the operation died (a bug); what it was doing
+    /// did not finish.
+    #[error("{what} task failed: {source}")]
+    TaskFailed {
+        what: &'static str,
+        source: tokio::task::JoinError,
+    },
     #[error("dataset {0:?} not found")]
     DatasetNotFound(String),
     #[error("object {path:?} not found in dataset {dataset:?}")]
@@ -297,8 +322,6 @@ pub enum StoreError {
     ShuttingDown,
     #[error(transparent)]
     Region(#[from] crate::region::RegionError),
-    #[error("{0}")]
-    RegionBounds(String),
     #[error("the pool's metadata on the devices: {0}")]
     PoolMeta(#[from] crate::poolmeta::PoolMetaError),
 }

@@ -257,10 +257,10 @@ impl Store {
         let page_size = match page_size {
             0 => self.limits.list_page_size_default,
             n if n > self.limits.list_page_size_max => {
-                return Err(StoreError::InvalidArgument(format!(
-                    "page_size {n} exceeds the limit of {}",
-                    self.limits.list_page_size_max
-                )));
+                return Err(StoreError::PageTooLarge {
+                    page_size: n,
+                    max: self.limits.list_page_size_max,
+                });
             }
             n => n,
         };
@@ -303,7 +303,10 @@ impl Store {
             store.data.pool_root.delete(&store.data.catalog, &n)
         })
         .await
-        .map_err(|e| StoreError::InvalidArgument(format!("delete task failed: {e}")))??
+        .map_err(|source| StoreError::TaskFailed {
+            what: "delete",
+            source,
+        })??
         .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))?;
         let handle = self
             .data
@@ -361,7 +364,10 @@ impl DeviceIo {
             Ok(())
         })
         .await
-        .map_err(|e| StoreError::InvalidArgument(format!("sync task failed: {e}")))?
+        .map_err(|source| StoreError::TaskFailed {
+            what: "sync",
+            source,
+        })?
     }
 
     /// What the writers of an ingest use.

@@ -20,9 +20,12 @@ pub trait GrpcCode: std::fmt::Display {
 impl GrpcCode for StoreError {
     fn code(&self) -> Code {
         match self {
-            StoreError::InvalidName(_) | StoreError::InvalidArgument(_) => Code::InvalidArgument,
+            StoreError::InvalidName(_)
+            | StoreError::PageTooLarge { .. }
+            | StoreError::RegionOffsetUnaligned { .. } => Code::InvalidArgument,
+            StoreError::TaskFailed { .. } => Code::Internal,
             StoreError::DatasetNotFound(_) | StoreError::ObjectNotFound { .. } => Code::NotFound,
-            StoreError::OutOfRange { .. } | StoreError::RegionBounds(_) => Code::OutOfRange,
+            StoreError::OutOfRange { .. } | StoreError::RegionBounds { .. } => Code::OutOfRange,
             StoreError::Region(e) => e.code(),
             StoreError::NoSpace { .. }
             | StoreError::DeviceFull { .. }

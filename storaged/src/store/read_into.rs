@@ -513,17 +513,21 @@ fn check_offset(
 ) -> Result<(), StoreError> {
     use crate::engine::ForeignMemory;
     if !region_offset.is_multiple_of(BLOCK_BYTES) {
-        return Err(StoreError::InvalidArgument(format!(
-            "item {index}: region_offset {region_offset} is not a multiple of {BLOCK_BYTES}"
-        )));
+        return Err(StoreError::RegionOffsetUnaligned {
+            index,
+            region_offset,
+            align: BLOCK_BYTES,
+        });
     }
     let size = region.len() as u64;
     if region_offset.checked_add(span).is_none_or(|end| end > size) {
-        return Err(StoreError::RegionBounds(format!(
-            "item {index} needs region bytes [{region_offset}, {}) but region {:#x} holds {size} bytes",
-            region_offset.saturating_add(span),
-            region.id
-        )));
+        return Err(StoreError::RegionBounds {
+            index,
+            region_offset,
+            span,
+            region: region.id,
+            size,
+        });
     }
     Ok(())
 }

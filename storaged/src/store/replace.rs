@@ -291,7 +291,10 @@ impl Store {
             crate::device::prepare_replacement(&path, &reference, index, overwrite)
         })
         .await
-        .map_err(|e| StoreError::InvalidArgument(format!("prepare task failed: {e}")))??;
+        .map_err(|source| StoreError::TaskFailed {
+            what: "prepare",
+            source,
+        })??;
         self.data
             .catalog
             .set_meta(&[("replace", Some(&record.encode()))])?;
@@ -397,7 +400,10 @@ impl Store {
         let store = Arc::clone(self);
         tokio::task::spawn_blocking(move || store.data.pool_root.add_device(index, meta_file))
             .await
-            .map_err(|e| StoreError::InvalidArgument(format!("replace task failed: {e}")))??;
+            .map_err(|source| StoreError::TaskFailed {
+                what: "replace",
+                source,
+            })??;
         let key = format!("device_path/{index}");
         let path_bytes = record.new_path.to_string_lossy().into_owned();
         self.data.catalog.set_meta(&[
@@ -448,7 +454,10 @@ async fn sync_target(target: &Arc<dyn engine::IoBackend>, index: u32) -> Result<
     let t = Arc::clone(target);
     tokio::task::spawn_blocking(move || t.sync(0))
         .await
-        .map_err(|e| StoreError::InvalidArgument(format!("sync task failed: {e}")))?
+        .map_err(|source| StoreError::TaskFailed {
+            what: "sync",
+            source,
+        })?
         .map_err(|source| StoreError::Sync {
             device: index,
             source,

@@ -275,7 +275,10 @@ impl Store {
         let engine = Arc::clone(&self.io.engine);
         tokio::task::spawn_blocking(move || engine.sync(device))
             .await
-            .map_err(|e| StoreError::InvalidArgument(format!("sync task failed: {e}")))?
+            .map_err(|source| StoreError::TaskFailed {
+                what: "sync",
+                source,
+            })?
             .map_err(|source| StoreError::Sync { device, source })?;
         let back = engine::read_exact(&*self.io.engine, device, offset, len, lease)
             .await

@@ -225,7 +225,9 @@ async fn batch_reads_in_order_with_inband_errors() {
             offset: 100,
             length: Some(500_000),
         }),
-        Err(StoreError::InvalidArgument("bad".into())),
+        Err(StoreError::InvalidName(
+            storaged_proto::ObjectPath::new("").unwrap_err(),
+        )),
         Ok(RangeSpec {
             path: ObjectPath::new("b").unwrap(),
             offset: 4999,
