@@ -147,6 +147,84 @@ pub(crate) fn walk_with(root: &Path, skip_unreadable: bool) -> Result<Walked, Cl
     })
 }
 
+/// The sending side of an ingest stream.
+struct IngestSender(tokio::sync::mpsc::Sender<pb::IngestRequest>);
+
+impl IngestSender {
+    async fn send(&self, m: Msg) -> Result<(), ClientError> {
+        self.0
+            .send(pb::IngestRequest { msg: Some(m) })
+            .await
+            .map_err(|_| ClientError::Protocol("the server closed the ingest stream".into()))
+    }
+
+    /// Sends the file at `path` as object `object`, in messages of
+    /// `DATA_MESSAGE_BYTES`, calling `sent` with each one's bytes. A file up
+    /// to `WHOLE_FILE_CRC_BYTES_MAX` is read whole first, so its CRC goes
+    /// with its header (and the server checks it); a larger one streams.
+    /// Returns its size.
+    async fn send_file(
+        &self,
+        object: &str,
+        path: &Path,
+        sent: &mut (impl FnMut(u64) + Send),
+    ) -> Result<u64, ClientError> {
+        let mut f = tokio::fs::File::open(path).await.map_err(|e| {
+            let hint = if unreadable(&e) {
+                " (--skip-unreadable leaves such files out)"
+            } else {
+                ""
+            };
+            ClientError::Io {
+                path: format!("{}{hint}", path.display()),
+                source: e,
+            }
+        })?;
+        let size = f.metadata().await.map_err(io_err(path))?.len();
+        if size <= WHOLE_FILE_CRC_BYTES_MAX {
+            let mut buf = Vec::with_capacity(size as usize);
+            f.read_to_end(&mut buf).await.map_err(io_err(path))?;
+            if buf.len() as u64 != size {
+                return Err(ClientError::Protocol(format!(
+                    "{} changed size while being read",
+                    path.display()
+                )));
+            }
+            self.send(Msg::Object(pb::ObjectBegin {
+                path: object.to_string(),
+                size,
+                crc32: Some(crc32fast::hash(&buf)),
+            }))
+            .await?;
+            let buf = Bytes::from(buf);
+            let mut at = 0;
+            while at < buf.len() {
+                let end = (at + DATA_MESSAGE_BYTES).min(buf.len());
+                self.send(Msg::Data(buf.slice(at..end))).await?;
+                sent((end - at) as u64);
+                at = end;
+            }
+        } else {
+            self.send(Msg::Object(pb::ObjectBegin {
+                path: object.to_string(),
+                size,
+                crc32: None,
+            }))
+            .await?;
+            let mut left = size;
+            while left > 0 {
+                let n = (left as usize).min(DATA_MESSAGE_BYTES);
+                let mut buf = vec![0u8; n];
+                f.read_exact(&mut buf).await.map_err(io_err(path))?;
+                self.send(Msg::Data(Bytes::from(buf))).await?;
+                left -= n as u64;
+                sent(n as u64);
+            }
+        }
+        Ok(size)
+    }
+}
+
 pub(crate) async fn ingest_dir(
     mut rpc: crate::Rpc,
     name: DatasetName,
@@ -167,88 +245,33 @@ pub(crate) async fn ingest_dir(
     progress(p);
     let (tx, rx) = tokio::sync::mpsc::channel::<pb::IngestRequest>(8);
     let producer = tokio::spawn(async move {
-        let send = |m: Msg| {
-            let tx = tx.clone();
-            async move {
-                tx.send(pb::IngestRequest { msg: Some(m) })
-                    .await
-                    .map_err(|_| {
-                        ClientError::Protocol("the server closed the ingest stream".into())
-                    })
-            }
-        };
-        send(Msg::Begin(pb::IngestBegin {
-            dataset: name.to_string(),
-            storage_class: storage_class as i32,
-            ec_data_units,
-            ec_parity_units,
-        }))
-        .await?;
+        let sender = IngestSender(tx);
+        sender
+            .send(Msg::Begin(pb::IngestBegin {
+                dataset: name.to_string(),
+                storage_class: storage_class as i32,
+                ec_data_units,
+                ec_parity_units,
+            }))
+            .await?;
         let mut total = 0u64;
         for (object, path, _) in &files {
-            let mut f = tokio::fs::File::open(path).await.map_err(|e| {
-                let hint = if unreadable(&e) {
-                    " (--skip-unreadable leaves such files out)"
-                } else {
-                    ""
-                };
-                ClientError::Io {
-                    path: format!("{}{hint}", path.display()),
-                    source: e,
-                }
-            })?;
-            let size = f.metadata().await.map_err(io_err(path))?.len();
-            if size <= WHOLE_FILE_CRC_BYTES_MAX {
-                let mut buf = Vec::with_capacity(size as usize);
-                f.read_to_end(&mut buf).await.map_err(io_err(path))?;
-                if buf.len() as u64 != size {
-                    return Err(ClientError::Protocol(format!(
-                        "{} changed size while being read",
-                        path.display()
-                    )));
-                }
-                send(Msg::Object(pb::ObjectBegin {
-                    path: object.to_string(),
-                    size,
-                    crc32: Some(crc32fast::hash(&buf)),
-                }))
-                .await?;
-                let buf = Bytes::from(buf);
-                let mut at = 0;
-                while at < buf.len() {
-                    let end = (at + DATA_MESSAGE_BYTES).min(buf.len());
-                    send(Msg::Data(buf.slice(at..end))).await?;
-                    p.sent_bytes += (end - at) as u64;
+            let size = sender
+                .send_file(object.as_str(), path, &mut |n| {
+                    p.sent_bytes += n;
                     progress(p);
-                    at = end;
-                }
-            } else {
-                send(Msg::Object(pb::ObjectBegin {
-                    path: object.to_string(),
-                    size,
-                    crc32: None,
-                }))
+                })
                 .await?;
-                let mut left = size;
-                while left > 0 {
-                    let n = (left as usize).min(DATA_MESSAGE_BYTES);
-                    let mut buf = vec![0u8; n];
-                    f.read_exact(&mut buf).await.map_err(io_err(path))?;
-                    send(Msg::Data(Bytes::from(buf))).await?;
-                    left -= n as u64;
-                    p.sent_bytes += n as u64;
-                    progress(p);
-                }
-            }
             total += size;
             p.sent_objects += 1;
             progress(p);
         }
-        send(Msg::Commit(pb::IngestCommit {
-            object_count: files.len() as u64,
-            total_bytes: total,
-        }))
-        .await?;
+        sender
+            .send(Msg::Commit(pb::IngestCommit {
+                object_count: files.len() as u64,
+                total_bytes: total,
+            }))
+            .await?;
         Ok::<(), ClientError>(())
     });
     let call = rpc

@@ -845,90 +845,119 @@ impl Dataset {
             };
             let result: Result<(), ClientError> = async {
                 let mut stream = rpc.read_batch(req).await?.into_inner();
-                let mut next_index = 0u32;
-                let mut delivered = 0usize;
-                let mut seen = vec![false; n];
-                // The item whose messages are arriving (they come together).
-                let mut open_index: Option<u32> = None;
-                let mut cur: Option<BytesMut> = None;
-                let mut cur_len = 0u64;
+                let mut items = BatchAssembler::new(n, any_order);
                 while let Some(msg) = stream.message().await? {
-                    let expected = if any_order {
-                        open_index.unwrap_or(msg.index)
-                    } else {
-                        next_index
-                    };
-                    let fresh = seen.get(msg.index as usize).is_some_and(|s| !*s)
-                        || open_index == Some(msg.index);
-                    if msg.index != expected || !fresh {
-                        return Err(ClientError::Protocol(format!(
-                            "batch item {} arrived out of place (expected {expected})",
-                            msg.index
-                        )));
-                    }
-                    open_index = Some(msg.index);
-                    let data = if let Some(err) = msg.error {
-                        cur = None;
-                        Err(Status::new(Code::from(err.code), err.message))
-                    } else if cur.is_none() && msg.last {
-                        // The whole item in one message: hand out the
-                        // decoded buffer itself, no copy.
-                        if msg.data.len() as u64 != msg.item_length {
-                            return Err(ClientError::Protocol(format!(
-                                "batch item {} has {} bytes; {} were announced",
-                                msg.index,
-                                msg.data.len(),
-                                msg.item_length
-                            )));
-                        }
-                        Ok(msg.data)
-                    } else {
-                        if cur.is_none() {
-                            cur_len = msg.item_length;
-                            cur = Some(BytesMut::with_capacity(msg.item_length as usize));
-                        }
-                        cur.as_mut().expect("set").extend_from_slice(&msg.data);
-                        if !msg.last {
-                            continue;
-                        }
-                        let b = cur.take().expect("set").freeze();
-                        if b.len() as u64 != cur_len {
-                            return Err(ClientError::Protocol(format!(
-                                "batch item {} has {} bytes; {} were announced",
-                                msg.index,
-                                b.len(),
-                                cur_len
-                            )));
-                        }
-                        Ok(b)
-                    };
-                    if tx
-                        .send(Ok(BatchResult {
-                            index: msg.index,
-                            data,
-                        }))
-                        .await
-                        .is_err()
+                    if let Some(item) = items.accept(msg)?
+                        && tx.send(Ok(item)).await.is_err()
                     {
                         return Ok(());
                     }
-                    seen[msg.index as usize] = true;
-                    open_index = None;
-                    delivered += 1;
-                    next_index += 1;
                 }
-                if delivered < n {
-                    return Err(ClientError::Protocol(format!(
-                        "batch stream ended after {delivered} of {n} items"
-                    )));
-                }
-                Ok(())
+                items.finish()
             }
             .await;
             if let Err(e) = result {
                 let _ = tx.send(Err(e)).await;
             }
         })
+    }
+}
+
+/// Puts a ReadBatch response stream back into items: checks that each
+/// item's messages come together, in request order unless `any_order`,
+/// each item once, with the bytes announced; an item of one message is
+/// handed out without a copy.
+struct BatchAssembler {
+    items: usize,
+    any_order: bool,
+    next_index: u32,
+    delivered: usize,
+    seen: Vec<bool>,
+    /// The item whose messages are arriving (they come together).
+    open_index: Option<u32>,
+    cur: Option<BytesMut>,
+    cur_len: u64,
+}
+
+impl BatchAssembler {
+    fn new(items: usize, any_order: bool) -> Self {
+        Self {
+            items,
+            any_order,
+            next_index: 0,
+            delivered: 0,
+            seen: vec![false; items],
+            open_index: None,
+            cur: None,
+            cur_len: 0,
+        }
+    }
+
+    /// Takes the next message: a finished item, `None` while one is still
+    /// arriving, or the protocol violation.
+    fn accept(&mut self, msg: pb::ReadBatchResponse) -> Result<Option<BatchResult>, ClientError> {
+        let expected = if self.any_order {
+            self.open_index.unwrap_or(msg.index)
+        } else {
+            self.next_index
+        };
+        let fresh = self.seen.get(msg.index as usize).is_some_and(|s| !*s)
+            || self.open_index == Some(msg.index);
+        if msg.index != expected || !fresh {
+            return Err(ClientError::Protocol(format!(
+                "batch item {} arrived out of place (expected {expected})",
+                msg.index
+            )));
+        }
+        self.open_index = Some(msg.index);
+        let announced = |len: usize, want: u64| {
+            if len as u64 == want {
+                Ok(())
+            } else {
+                Err(ClientError::Protocol(format!(
+                    "batch item {} has {len} bytes; {want} were announced",
+                    msg.index
+                )))
+            }
+        };
+        let data = if let Some(err) = msg.error {
+            self.cur = None;
+            Err(Status::new(Code::from(err.code), err.message))
+        } else if self.cur.is_none() && msg.last {
+            announced(msg.data.len(), msg.item_length)?;
+            Ok(msg.data)
+        } else {
+            if self.cur.is_none() {
+                self.cur_len = msg.item_length;
+                self.cur = Some(BytesMut::with_capacity(msg.item_length as usize));
+            }
+            self.cur.as_mut().expect("set").extend_from_slice(&msg.data);
+            if !msg.last {
+                return Ok(None);
+            }
+            let b = self.cur.take().expect("set").freeze();
+            announced(b.len(), self.cur_len)?;
+            Ok(b)
+        };
+        self.seen[msg.index as usize] = true;
+        self.open_index = None;
+        self.delivered += 1;
+        self.next_index += 1;
+        Ok(Some(BatchResult {
+            index: msg.index,
+            data,
+        }))
+    }
+
+    /// At the end of the stream: every item must have come.
+    fn finish(&self) -> Result<(), ClientError> {
+        if self.delivered < self.items {
+            return Err(ClientError::Protocol(format!(
+                "batch stream ended after {} of {} items",
+                self.delivered, self.items
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -970,6 +999,53 @@ impl Drop for AbortOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn chunk(index: u32, data: &[u8], last: bool, item_length: u64) -> pb::ReadBatchResponse {
+        pb::ReadBatchResponse {
+            index,
+            offset: 0,
+            data: Bytes::copy_from_slice(data),
+            last,
+            error: None,
+            item_length,
+        }
+    }
+
+    // Guards against a ReadBatch stream the client accepts though the
+    // server broke its contract: items out of order, twice, interleaved,
+    // with other than the announced bytes, or missing at the end.
+    #[test]
+    fn batch_streams_are_checked_item_by_item() {
+        let mut a = BatchAssembler::new(3, false);
+        let whole = a.accept(chunk(0, b"abc", true, 3)).unwrap().unwrap();
+        assert_eq!(
+            (whole.index, whole.data.unwrap()),
+            (0, Bytes::from_static(b"abc"))
+        );
+        assert!(a.accept(chunk(1, b"ab", false, 4)).unwrap().is_none());
+        let two = a.accept(chunk(1, b"cd", true, 4)).unwrap().unwrap();
+        assert_eq!(two.data.unwrap(), Bytes::from_static(b"abcd"));
+        assert!(a.finish().is_err(), "item 2 never came");
+        assert!(a.accept(chunk(0, b"x", true, 1)).is_err(), "item 0 twice");
+
+        let mut a = BatchAssembler::new(2, false);
+        assert!(a.accept(chunk(1, b"x", true, 1)).is_err(), "out of order");
+        let mut a = BatchAssembler::new(2, true);
+        assert!(a.accept(chunk(1, b"x", true, 1)).unwrap().is_some());
+        assert!(a.accept(chunk(0, b"ab", false, 2)).unwrap().is_none());
+        assert!(a.accept(chunk(1, b"y", true, 1)).is_err(), "interleaved");
+        let mut a = BatchAssembler::new(1, true);
+        assert!(a.accept(chunk(0, b"abc", true, 4)).is_err(), "short item");
+        let mut a = BatchAssembler::new(1, false);
+        let mut failed = chunk(0, b"", true, 0);
+        failed.error = Some(pb::ItemError {
+            code: Code::NotFound as i32,
+            message: "gone".into(),
+        });
+        let r = a.accept(failed).unwrap().unwrap();
+        assert_eq!(r.data.unwrap_err().code(), Code::NotFound);
+        a.finish().unwrap();
+    }
 
     // Guards against https:// URLs being used as plaintext and URLs without
     // a scheme failing with an unclear message (issue 13, items 7 and 15).
