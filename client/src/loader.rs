@@ -466,17 +466,8 @@ impl Dataset {
         let batches = batch_plans(&plan, batch_size);
         let dataset = self.clone();
         // The shm path needs a same-host connection and regions of a sane
-        // size: the largest batch's spans, rounded for alignment.
-        let span_max = batches
-            .iter()
-            .map(BatchPlan::region_span)
-            .max()
-            .unwrap_or(0)
-            .max(READ_INTO_ALIGN_BYTES);
-        // A quarter more, in whole MiB: the next epoch's batches differ a
-        // little in size, and should still fit the regions this one leaves
-        // in the client's cache.
-        let region_bytes = (span_max + span_max / 4).next_multiple_of(1 << 20);
+        // size.
+        let region_bytes = region_bytes_for(&batches);
         let use_shm = self.client.is_local() && region_bytes <= SHM_REGION_BYTES_MAX;
         let stats: Arc<StatCounters> = Arc::default();
         let mut hints = options.hints.then(|| HintWindow {
@@ -595,6 +586,20 @@ impl HintWindow {
             }
         }
     }
+}
+
+/// The size of the loader's regions: the largest batch's spans, rounded
+/// for alignment, and a quarter more in whole MiB (the next epoch's batches
+/// differ a little in size, and should still fit the regions this one
+/// leaves in the client's cache).
+fn region_bytes_for(batches: &[BatchPlan]) -> u64 {
+    let span_max = batches
+        .iter()
+        .map(BatchPlan::region_span)
+        .max()
+        .unwrap_or(0)
+        .max(READ_INTO_ALIGN_BYTES);
+    (span_max + span_max / 4).next_multiple_of(1 << 20)
 }
 
 /// `plan` cut into batches of `batch_size` samples (the last may be

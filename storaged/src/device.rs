@@ -570,28 +570,14 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
             .collect::<Vec<_>>();
         (sbs, false)
     };
-    // A device that shrank since it was formatted would lose data.
-    for (((path, _, size, _), sb), gone) in opened.iter().zip(&superblocks).zip(&missing) {
-        if !gone && *size < sb.data_offset_bytes + sb.device_data_bytes {
-            return Err(DeviceError::TooSmall {
-                path: path.clone(),
-                size: *size,
-                min: sb.data_offset_bytes + sb.device_data_bytes,
-            });
-        }
-    }
+    check_sizes(&opened, &superblocks, &missing)?;
     // Superblock copies that disagree (one damaged, or a pool from before
     // the copy existed) are rewritten from the good one.
-    let mut superblocks_repaired = 0;
-    if !formatted {
-        for (((path, file, _, _), sb), stale) in opened.iter().zip(&superblocks).zip(&stale_copy) {
-            if *stale {
-                write_superblock(file, path, sb)?;
-                superblocks_repaired += 1;
-                tracing::warn!(path = %path.display(), "superblock copies rewritten");
-            }
-        }
-    }
+    let superblocks_repaired = if formatted {
+        0
+    } else {
+        repair_superblock_copies(&opened, &superblocks, &stale_copy)?
+    };
     let layout = superblocks[0].layout();
     let pool_id = superblocks[0].pool_id;
     let (paths, files) = opened.into_iter().map(|(p, f, _, _)| (p, f)).unzip();
@@ -605,6 +591,43 @@ pub fn open_pool(spec: &PoolSpec) -> Result<OpenedPool, DeviceError> {
         missing,
         superblocks_repaired,
     })
+}
+
+/// Refuses a device that shrank since it was formatted (it would lose
+/// data); missing ones are not checked.
+fn check_sizes(
+    opened: &[Probed],
+    superblocks: &[Superblock],
+    missing: &[bool],
+) -> Result<(), DeviceError> {
+    for (((path, _, size, _), sb), gone) in opened.iter().zip(superblocks).zip(missing) {
+        if !gone && *size < sb.data_offset_bytes + sb.device_data_bytes {
+            return Err(DeviceError::TooSmall {
+                path: path.clone(),
+                size: *size,
+                min: sb.data_offset_bytes + sb.device_data_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Rewrites both superblock copies of each device whose copies disagree;
+/// returns how many.
+fn repair_superblock_copies(
+    opened: &[Probed],
+    superblocks: &[Superblock],
+    stale_copy: &[bool],
+) -> Result<u32, DeviceError> {
+    let mut repaired = 0;
+    for (((path, file, _, _), sb), stale) in opened.iter().zip(superblocks).zip(stale_copy) {
+        if *stale {
+            write_superblock(file, path, sb)?;
+            repaired += 1;
+            tracing::warn!(path = %path.display(), "superblock copies rewritten");
+        }
+    }
+    Ok(repaired)
 }
 
 /// Writes a new pool's superblock on every device (a new pool id; data
