@@ -219,6 +219,38 @@ fn bind_unix(path: &Path) -> Result<tokio::net::UnixListener, ServeError> {
     tokio::net::UnixListener::bind(path).map_err(|e| fail(e.to_string()))
 }
 
+/// Serves the Prometheus endpoint on `listener`, each scrape taking the
+/// service's status snapshot; returns where it listens.
+fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+    storaged: &StoragedService,
+) -> Result<SocketAddr, ServeError> {
+    let status = storaged.clone();
+    let snapshot = Arc::new(move || status.status());
+    Ok(crate::metrics::endpoint::serve(listener, handle, snapshot)?)
+}
+
+/// The storaged service as served: tonic's generated router with the
+/// message size limits, and Read and ReadBatch taken off it for the
+/// zero-copy framing (`wire`).
+fn storaged_routes(
+    storaged: StoragedService,
+    limits: &ServerLimits,
+) -> ZeroCopyReads<StoragedServer<StoragedService>> {
+    let generated = StoragedServer::new(storaged.clone())
+        .max_decoding_message_size(limits.max_decoding_message_bytes)
+        .max_encoding_message_size(limits.max_encoding_message_bytes);
+    ZeroCopyReads::new(
+        generated,
+        storaged,
+        WireLimits {
+            max_decoding_message_bytes: limits.max_decoding_message_bytes,
+            max_encoding_message_bytes: limits.max_encoding_message_bytes,
+        },
+    )
+}
+
 /// The admission limits of connections, from the server's limits (no more
 /// connections than the process may open files).
 fn conn_limits(limits: &ServerLimits) -> ConnLimits {
@@ -304,28 +336,14 @@ pub async fn serve(
     )
     .with_admission(Arc::clone(&admission));
     let metrics_bound = match metrics {
-        Some((listener, handle)) => {
-            let status = storaged.clone();
-            let snapshot = Arc::new(move || status.status());
-            Some(crate::metrics::endpoint::serve(listener, handle, snapshot)?)
-        }
+        Some((listener, handle)) => Some(serve_metrics(listener, handle, &storaged)?),
         None => None,
     };
     let rpc_metrics = crate::metrics::rpc::RpcMetricsLayer::new(&[
         storaged_proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
     ]);
-    let generated = StoragedServer::new(storaged.clone())
-        .max_decoding_message_size(limits.max_decoding_message_bytes)
-        .max_encoding_message_size(limits.max_encoding_message_bytes);
-    let service = ZeroCopyReads::new(
-        generated,
-        storaged,
-        WireLimits {
-            max_decoding_message_bytes: limits.max_decoding_message_bytes,
-            max_encoding_message_bytes: limits.max_encoding_message_bytes,
-        },
-    );
+    let service = storaged_routes(storaged, limits);
 
     let builder = || {
         Server::builder()
