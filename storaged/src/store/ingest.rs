@@ -226,15 +226,7 @@ impl IngestSession {
             self.extents.push(Extent { offset: at, len });
             return Ok(at);
         }
-        if let Some(r) = self.reservation.take() {
-            self.store
-                .data
-                .alloc
-                .lock()
-                .expect("allocator poisoned")
-                .release(r)
-                .expect("reservation is ours");
-        }
+        self.release_reservation();
         let got = self
             .store
             .data
@@ -518,13 +510,11 @@ impl IngestSession {
         Ok(handle)
     }
 
-    /// Gives back the unused reservation (and an `ec` ingest's spare rows)
-    /// and returns the extents the dataset keeps, its unit CRCs, and its id
-    /// if it took one already.
-    fn settle_extents(&mut self) -> (Vec<Extent>, Vec<u32>, Option<u64>) {
-        let store = Arc::clone(&self.store);
+    /// Gives the unused part of the current reservation back to the
+    /// allocator (it was never written).
+    fn release_reservation(&mut self) {
         if let Some(r) = self.reservation.take() {
-            store
+            self.store
                 .data
                 .alloc
                 .lock()
@@ -532,6 +522,14 @@ impl IngestSession {
                 .release(r)
                 .expect("reservation is ours");
         }
+    }
+
+    /// Gives back the unused reservation (and an `ec` ingest's spare rows)
+    /// and returns the extents the dataset keeps, its unit CRCs, and its id
+    /// if it took one already.
+    fn settle_extents(&mut self) -> (Vec<Extent>, Vec<u32>, Option<u64>) {
+        self.release_reservation();
+        let store = Arc::clone(&self.store);
         match &mut self.writer {
             ClassWriter::Stripe(_) => {
                 let mut extents = std::mem::take(&mut self.extents);

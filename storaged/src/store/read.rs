@@ -87,10 +87,17 @@ impl Store {
         }
         if let Some(ec) = obj.dataset.layout.ec()
             && self.io.slots.any_missing()
-            && self.window_meets_missing(obj, ec, w)
         {
-            // Not charged to the call's budget: see `Budget::exempt`.
-            return crate::budget::Budget::exempt(self.read_window_recovering(obj, w)).await;
+            // One snapshot of the missing devices for the check and the
+            // rebuild.
+            let missing = self.io.slots.missing();
+            if self.window_meets_missing(obj, ec, w, &missing) {
+                // Not charged to the call's budget: see `Budget::exempt`.
+                return crate::budget::Budget::exempt(
+                    self.read_window_rebuilt(obj, ec, w, &missing),
+                )
+                .await;
+            }
         }
         match self.read_window_healthy(obj, w).await {
             Err(e) if obj.dataset.layout.on_read_fault(&e, false) != FaultAction::Fail => {
@@ -111,8 +118,8 @@ impl Store {
         obj: &ObjectRef,
         ec: &redundancy::EcDataset,
         w: ReadWindow,
+        missing: &[bool],
     ) -> bool {
-        let missing = self.io.slots.missing();
         let large = w.len() * 2 >= ec.map.unit_bytes();
         let g = ec.map.geometry;
         self.object_segments(obj, w.start, w.device_len())
