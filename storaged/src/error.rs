@@ -51,6 +51,8 @@ pub enum OpenError {
 /// Why an admin job (scrub, device replacement) could not run or finish.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
+    #[error("dataset {0:?} not found")]
+    DatasetNotFound(String),
     #[error("a scrub is already running")]
     ScrubRunning,
     #[error("a device replacement is running")]
@@ -217,12 +219,28 @@ impl Limit {
     }
 }
 
+/// Why a lookup or read (List, Stat, Read, ReadBatch, ReadInto, Hint) was
+/// refused or failed: what the request named that does not exist or does
+/// not fit. What the shared layers met on the way (devices, checksums,
+/// buffers, limits, the catalog) is `Store`.
 #[derive(Debug, thiserror::Error)]
-pub enum StoreError {
+pub enum ReadError {
     #[error(transparent)]
     InvalidName(#[from] NameError),
     #[error("page_size {page_size} exceeds the limit of {max}")]
     PageTooLarge { page_size: u32, max: u32 },
+    #[error("dataset {0:?} not found")]
+    DatasetNotFound(String),
+    #[error("object {path:?} not found in dataset {dataset:?}")]
+    ObjectNotFound { dataset: String, path: String },
+    /// The range as the client asked for it (`length: None`: to the end).
+    #[error("{}", out_of_range_text(path, *offset, *length, *size))]
+    OutOfRange {
+        path: String,
+        offset: u64,
+        length: Option<u64>,
+        size: u64,
+    },
     /// A ReadInto item's place in the region is not O_DIRECT aligned.
     #[error("item {index}: region_offset {region_offset} is not a multiple of {align}")]
     RegionOffsetUnaligned {
@@ -241,24 +259,61 @@ pub enum StoreError {
         region: u64,
         size: u64,
     },
+    /// What the shared layers met on the way.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<CatalogError> for ReadError {
+    fn from(e: CatalogError) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+impl ReadError {
+    /// The shared-layer fault under this error, if that is what it is.
+    pub fn store(&self) -> Option<&StoreError> {
+        match self {
+            ReadError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// Why a dataset could not be removed.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoveError {
+    #[error("dataset {0:?} not found")]
+    DatasetNotFound(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<CatalogError> for RemoveError {
+    fn from(e: CatalogError) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+impl From<crate::poolmeta::PoolMetaError> for RemoveError {
+    fn from(e: crate::poolmeta::PoolMetaError) -> Self {
+        Self::Store(e.into())
+    }
+}
+
+/// What any operation can meet in the layers it shares with the others:
+/// device faults (errno, device and offset kept), checksum mismatches,
+/// stripes past repair, buffers, space and limits, the catalog and the
+/// pool's metadata. Each operation's error wraps it (`ReadError::Store`,
+/// `IngestError::Store`, `AdminError::Store`, `RemoveError::Store`).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
     /// A blocking task of the operation died (a bug); what it was doing
     /// did not finish.
     #[error("{what} task failed: {source}")]
     TaskFailed {
         what: &'static str,
         source: tokio::task::JoinError,
-    },
-    #[error("dataset {0:?} not found")]
-    DatasetNotFound(String),
-    #[error("object {path:?} not found in dataset {dataset:?}")]
-    ObjectNotFound { dataset: String, path: String },
-    /// The range as the client asked for it (`length: None`: to the end).
-    #[error("{}", out_of_range_text(path, *offset, *length, *size))]
-    OutOfRange {
-        path: String,
-        offset: u64,
-        length: Option<u64>,
-        size: u64,
     },
     #[error(
         "pool is full: the ingest needs {needed} contiguous bytes but the largest free extent is {largest_free} bytes ({free} bytes free in all)"
@@ -320,8 +375,6 @@ pub enum StoreError {
     Catalog(#[from] CatalogError),
     #[error("storaged is shutting down")]
     ShuttingDown,
-    #[error(transparent)]
-    Region(#[from] crate::region::RegionError),
     #[error("the pool's metadata on the devices: {0}")]
     PoolMeta(#[from] crate::poolmeta::PoolMetaError),
 }

@@ -22,7 +22,7 @@ use crate::auth::{
 };
 use crate::budget::Budget;
 use crate::conn::{CloseReason, ConnInfo, ConnState};
-use crate::error::{AdminError, StoreError};
+use crate::error::{AdminError, ReadError};
 use crate::region::{RegionError, Regions};
 use crate::store::quota::OwnerQuota;
 use crate::store::read_into::ReadIntoItem;
@@ -408,7 +408,7 @@ impl Storaged for StoragedService {
         let items = r
             .items
             .iter()
-            .map(|i| RangeSpec::try_from(i).map_err(StoreError::from))
+            .map(|i| RangeSpec::try_from(i).map_err(ReadError::from))
             .collect();
         let in_flight = match r.max_in_flight {
             0 => self.store.limits().batch_in_flight_default,
@@ -599,7 +599,7 @@ impl Storaged for StoragedService {
                     offset: i.offset,
                     length: i.length,
                 })
-                .map_err(StoreError::from)?;
+                .map_err(ReadError::from)?;
                 Ok(ReadIntoItem {
                     range,
                     region_offset: i.region_offset,

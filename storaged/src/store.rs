@@ -44,7 +44,7 @@ use crate::config::{StoreConfig, StoreLimits};
 use crate::device::{CHECKSUM_BLOCK_BYTES, OpenedPool, PoolSpec, open_pool, pool_id_hex};
 use crate::ec::{EcGeometry, EcMap};
 use crate::engine::{self, EngineLimits, IoBackend};
-use crate::error::{OpenError, StoreError};
+use crate::error::{OpenError, ReadError, RemoveError, StoreError};
 use crate::layout::{Segment, StripeLayout};
 
 /// A committed dataset as readers see it. When deleted, its space returns
@@ -236,7 +236,7 @@ impl Store {
         }
     }
 
-    pub fn dataset(&self, name: &DatasetName) -> Result<Arc<DatasetHandle>, StoreError> {
+    pub fn dataset(&self, name: &DatasetName) -> Result<Arc<DatasetHandle>, ReadError> {
         self.data.dataset(name)
     }
 
@@ -252,12 +252,12 @@ impl Store {
         prefix: &str,
         page_size: u32,
         page_token: &str,
-    ) -> Result<(Vec<ObjectSummary>, Option<String>), StoreError> {
+    ) -> Result<(Vec<ObjectSummary>, Option<String>), ReadError> {
         let ds = self.dataset(name)?;
         let page_size = match page_size {
             0 => self.limits.list_page_size_default,
             n if n > self.limits.list_page_size_max => {
-                return Err(StoreError::PageTooLarge {
+                return Err(ReadError::PageTooLarge {
                     page_size: n,
                     max: self.limits.list_page_size_max,
                 });
@@ -277,13 +277,13 @@ impl Store {
         Ok((objects, next))
     }
 
-    pub fn lookup(&self, name: &DatasetName, path: &ObjectPath) -> Result<ObjectRef, StoreError> {
+    pub fn lookup(&self, name: &DatasetName, path: &ObjectPath) -> Result<ObjectRef, ReadError> {
         let ds = self.dataset(name)?;
         let record = self
             .data
             .catalog
             .get_object(ds.record.id, path.as_str())?
-            .ok_or_else(|| StoreError::ObjectNotFound {
+            .ok_or_else(|| ReadError::ObjectNotFound {
                 dataset: name.to_string(),
                 path: path.to_string(),
             })?;
@@ -296,7 +296,7 @@ impl Store {
 
     /// Deletes a dataset; its space is freed once no reader holds it.
     /// Returns the bytes freed.
-    pub async fn delete(self: &Arc<Self>, name: &DatasetName) -> Result<u64, StoreError> {
+    pub async fn delete(self: &Arc<Self>, name: &DatasetName) -> Result<u64, RemoveError> {
         let store = Arc::clone(self);
         let n = name.to_string();
         let record = tokio::task::spawn_blocking(move || {
@@ -307,7 +307,7 @@ impl Store {
             what: "delete",
             source,
         })??
-        .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))?;
+        .ok_or_else(|| RemoveError::DatasetNotFound(name.to_string()))?;
         let handle = self
             .data
             .datasets
@@ -380,13 +380,13 @@ impl DeviceIo {
 }
 
 impl DatasetSide {
-    pub fn dataset(&self, name: &DatasetName) -> Result<Arc<DatasetHandle>, StoreError> {
+    pub fn dataset(&self, name: &DatasetName) -> Result<Arc<DatasetHandle>, ReadError> {
         self.datasets
             .read()
             .expect("dataset map poisoned")
             .get(name.as_str())
             .cloned()
-            .ok_or_else(|| StoreError::DatasetNotFound(name.to_string()))
+            .ok_or_else(|| ReadError::DatasetNotFound(name.to_string()))
     }
 
     pub fn list(&self) -> Vec<Arc<DatasetHandle>> {

@@ -5,7 +5,7 @@
 use tonic::{Code, Status};
 
 use crate::catalog::CatalogError;
-use crate::error::{AdminError, IngestError, StoreError};
+use crate::error::{AdminError, IngestError, ReadError, RemoveError, StoreError};
 use crate::region::RegionError;
 
 /// An error's gRPC code, and the status it is answered with.
@@ -17,16 +17,32 @@ pub trait GrpcCode: std::fmt::Display {
     }
 }
 
+impl GrpcCode for ReadError {
+    fn code(&self) -> Code {
+        match self {
+            ReadError::InvalidName(_)
+            | ReadError::PageTooLarge { .. }
+            | ReadError::RegionOffsetUnaligned { .. } => Code::InvalidArgument,
+            ReadError::DatasetNotFound(_) | ReadError::ObjectNotFound { .. } => Code::NotFound,
+            ReadError::OutOfRange { .. } | ReadError::RegionBounds { .. } => Code::OutOfRange,
+            ReadError::Store(e) => e.code(),
+        }
+    }
+}
+
+impl GrpcCode for RemoveError {
+    fn code(&self) -> Code {
+        match self {
+            RemoveError::DatasetNotFound(_) => Code::NotFound,
+            RemoveError::Store(e) => e.code(),
+        }
+    }
+}
+
 impl GrpcCode for StoreError {
     fn code(&self) -> Code {
         match self {
-            StoreError::InvalidName(_)
-            | StoreError::PageTooLarge { .. }
-            | StoreError::RegionOffsetUnaligned { .. } => Code::InvalidArgument,
             StoreError::TaskFailed { .. } => Code::Internal,
-            StoreError::DatasetNotFound(_) | StoreError::ObjectNotFound { .. } => Code::NotFound,
-            StoreError::OutOfRange { .. } | StoreError::RegionBounds { .. } => Code::OutOfRange,
-            StoreError::Region(e) => e.code(),
             StoreError::NoSpace { .. }
             | StoreError::DeviceFull { .. }
             | StoreError::Limit { .. }
@@ -53,6 +69,7 @@ impl GrpcCode for StoreError {
 impl GrpcCode for AdminError {
     fn code(&self) -> Code {
         match self {
+            AdminError::DatasetNotFound(_) => Code::NotFound,
             AdminError::ScrubRunning
             | AdminError::ReplaceRunning
             | AdminError::OtherReplacePending { .. }
@@ -98,6 +115,18 @@ impl From<IngestError> for Status {
 
 impl From<StoreError> for Status {
     fn from(e: StoreError) -> Self {
+        e.to_status()
+    }
+}
+
+impl From<ReadError> for Status {
+    fn from(e: ReadError) -> Self {
+        e.to_status()
+    }
+}
+
+impl From<RemoveError> for Status {
+    fn from(e: RemoveError) -> Self {
         e.to_status()
     }
 }
@@ -151,7 +180,7 @@ mod tests {
             StoreError::from_io(1, 0, std::io::Error::from_raw_os_error(libc::EIO)).code(),
             Code::Unavailable
         );
-        let s: Status = StoreError::DatasetNotFound("x".into()).into();
+        let s: Status = ReadError::DatasetNotFound("x".into()).into();
         assert_eq!(s.code(), Code::NotFound);
         assert!(s.message().contains("\"x\""));
     }

@@ -170,16 +170,16 @@ mod tests {
         });
         let ec = DatasetLayout::for_record(&record, layout());
         let mismatch = checksum_error();
-        let not_found = StoreError::DatasetNotFound("x".into());
+        let not_a_fault = StoreError::ShuttingDown;
         assert_eq!(ec.on_read_fault(&mismatch, false), FaultAction::Rebuild);
         assert_eq!(ec.on_read_fault(&mismatch, true), FaultAction::Rebuild);
-        assert_eq!(ec.on_read_fault(&not_found, false), FaultAction::Fail);
+        assert_eq!(ec.on_read_fault(&not_a_fault, false), FaultAction::Fail);
         assert_eq!(stripe.on_read_fault(&mismatch, false), FaultAction::Fail);
         assert_eq!(
             stripe.on_read_fault(&mismatch, true),
             FaultAction::ReadAgain
         );
-        assert_eq!(stripe.on_read_fault(&not_found, true), FaultAction::Fail);
+        assert_eq!(stripe.on_read_fault(&not_a_fault, true), FaultAction::Fail);
         assert_eq!(stripe.losses_tolerated(), 0);
         assert_eq!(ec.losses_tolerated(), 1);
         assert!(ec.health(record.class, &[1]).starts_with("degraded"));

@@ -5,7 +5,7 @@
 use super::class::FaultAction;
 use super::window::{ReadWindow, WindowPolicy};
 use super::*;
-use crate::error::Limit;
+use crate::error::{Limit, ReadError};
 
 impl Store {
     /// Device extents of an object's bytes, in object order.
@@ -38,10 +38,10 @@ impl Store {
         obj: &ObjectRef,
         offset: u64,
         length: Option<u64>,
-    ) -> Result<(u64, u64), StoreError> {
+    ) -> Result<(u64, u64), ReadError> {
         let size = obj.record.size;
         if offset > size {
-            return Err(StoreError::OutOfRange {
+            return Err(ReadError::OutOfRange {
                 path: obj.path.clone(),
                 offset,
                 length,
@@ -52,7 +52,7 @@ impl Store {
             None => size - offset,
             Some(l) if l <= size - offset => l,
             Some(_) => {
-                return Err(StoreError::OutOfRange {
+                return Err(ReadError::OutOfRange {
                     path: obj.path.clone(),
                     offset,
                     length,
@@ -317,14 +317,15 @@ impl Store {
     pub(super) fn resolve_batch(
         self: &Arc<Self>,
         dataset: &DatasetName,
-        items: Vec<Result<RangeSpec, StoreError>>,
-    ) -> Result<LazyPlans, StoreError> {
+        items: Vec<Result<RangeSpec, ReadError>>,
+    ) -> Result<LazyPlans, ReadError> {
         if items.len() > self.limits.batch_items_max {
             return Err(StoreError::Limit {
                 limit: Limit::BatchItems,
                 asked: items.len() as u64,
                 max: self.limits.batch_items_max as u64,
-            });
+            }
+            .into());
         }
         Ok(LazyPlans {
             store: Arc::clone(self),
@@ -338,7 +339,7 @@ impl Store {
     pub(super) fn resolve_chunk(
         &self,
         ds: &Arc<DatasetHandle>,
-        chunk: Vec<(usize, Result<RangeSpec, StoreError>)>,
+        chunk: Vec<(usize, Result<RangeSpec, ReadError>)>,
     ) -> std::collections::VecDeque<BatchItemPlan> {
         let paths: Vec<&str> = chunk
             .iter()
@@ -356,7 +357,8 @@ impl Store {
                             StoreError::Catalog(crate::catalog::CatalogError::Failing {
                                 path: "catalog".into(),
                                 reason: reason.clone(),
-                            }),
+                            })
+                            .into(),
                         )
                     })
                     .collect();
@@ -375,7 +377,7 @@ impl Store {
             let Some(record) = records.next().expect("one record per valid item") else {
                 plans.push_back(BatchItemPlan::Fail(
                     index,
-                    StoreError::ObjectNotFound {
+                    ReadError::ObjectNotFound {
                         dataset: ds.name.clone(),
                         path: spec.path.to_string(),
                     },
@@ -407,9 +409,9 @@ impl Store {
     pub fn read_batch(
         self: &Arc<Self>,
         dataset: &DatasetName,
-        items: Vec<Result<RangeSpec, StoreError>>,
+        items: Vec<Result<RangeSpec, ReadError>>,
         in_flight: u32,
-    ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, StoreError> {
+    ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, ReadError> {
         let plans = self.resolve_batch(dataset, items)?;
         let planner = Arc::clone(self);
         let tasks = plans.flat_map(move |plan| -> Vec<BatchTask> {
@@ -502,9 +504,9 @@ impl Store {
     pub fn read_batch_any_order(
         self: &Arc<Self>,
         dataset: &DatasetName,
-        items: Vec<Result<RangeSpec, StoreError>>,
+        items: Vec<Result<RangeSpec, ReadError>>,
         in_flight: u32,
-    ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, StoreError> {
+    ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, ReadError> {
         let plans = self.resolve_batch(dataset, items)?;
         let store = Arc::clone(self);
         let depth = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
@@ -522,7 +524,8 @@ impl Store {
                                 limit: Limit::AnyOrderItemBytes,
                                 asked: len,
                                 max: item_max,
-                            },
+                            }
+                            .into(),
                         }]
                     }
                     BatchItemPlan::Read {
@@ -584,7 +587,7 @@ impl Store {
 pub(super) struct LazyPlans {
     store: Arc<Store>,
     dataset: Arc<DatasetHandle>,
-    items: std::iter::Enumerate<std::vec::IntoIter<Result<RangeSpec, StoreError>>>,
+    items: std::iter::Enumerate<std::vec::IntoIter<Result<RangeSpec, ReadError>>>,
     ready: std::collections::VecDeque<BatchItemPlan>,
 }
 
@@ -607,7 +610,7 @@ impl Iterator for LazyPlans {
 }
 
 pub(super) enum BatchItemPlan {
-    Fail(u32, StoreError),
+    Fail(u32, ReadError),
     Empty(u32, u64),
     Read {
         index: u32,
@@ -618,7 +621,7 @@ pub(super) enum BatchItemPlan {
 }
 
 pub(super) enum BatchTask {
-    Fail(u32, StoreError),
+    Fail(u32, ReadError),
     Empty(u32, u64),
     Window {
         index: u32,
@@ -641,7 +644,7 @@ pub enum BatchEvent {
     },
     Error {
         index: u32,
-        error: StoreError,
+        error: ReadError,
     },
 }
 
@@ -679,7 +682,10 @@ impl BatchEvent {
                     })
                     .collect()
             }
-            Err(error) => vec![BatchEvent::Error { index, error }],
+            Err(error) => vec![BatchEvent::Error {
+                index,
+                error: error.into(),
+            }],
         }
     }
 

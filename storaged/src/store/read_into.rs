@@ -32,7 +32,7 @@ use super::window::{ReadWindow, WindowPolicy};
 use super::{BatchItemPlan, ObjectRef, Store};
 use crate::alloc::BLOCK_BYTES;
 use crate::engine::ForeignRead;
-use crate::error::StoreError;
+use crate::error::{ReadError, StoreError};
 use crate::region::RegionMap;
 
 /// One item of a `ReadInto`: a range and where its span starts in the
@@ -63,11 +63,11 @@ impl Store {
         self: &Arc<Self>,
         region: Arc<RegionMap>,
         dataset: &DatasetName,
-        items: Vec<Result<ReadIntoItem, StoreError>>,
+        items: Vec<Result<ReadIntoItem, ReadError>>,
         in_flight: u32,
     ) -> Result<
-        impl Stream<Item = (u32, Result<ReadIntoDone, StoreError>)> + Send + 'static,
-        StoreError,
+        impl Stream<Item = (u32, Result<ReadIntoDone, ReadError>)> + Send + 'static,
+        ReadError,
     > {
         let region_offsets: Vec<Option<u64>> = items
             .iter()
@@ -118,7 +118,7 @@ impl Store {
         region: &RegionMap,
         group: Vec<(BatchItemPlan, u64)>,
     ) -> (
-        Vec<(u32, Result<ReadIntoDone, StoreError>)>,
+        Vec<(u32, Result<ReadIntoDone, ReadError>)>,
         Vec<(BatchItemPlan, u64)>,
     ) {
         if self.read_ahead.is_empty() {
@@ -173,7 +173,7 @@ impl Store {
         region: &RegionMap,
         item: &GroupItem,
         chunks: &[super::Chunk],
-    ) -> Result<ReadIntoDone, StoreError> {
+    ) -> Result<ReadIntoDone, ReadError> {
         check_offset(region, item.index, item.region_offset, item.span)?;
         let w = item.window();
         let base = item.region_offset as usize;
@@ -206,7 +206,7 @@ impl Store {
         region: &RegionMap,
         group: Vec<(BatchItemPlan, u64)>,
     ) -> (
-        std::collections::VecDeque<(u32, Result<ReadIntoDone, StoreError>)>,
+        std::collections::VecDeque<(u32, Result<ReadIntoDone, ReadError>)>,
         Vec<GroupItem>,
         Vec<Want>,
     ) {
@@ -276,7 +276,7 @@ impl Store {
         self: Arc<Self>,
         region: Arc<RegionMap>,
         group: Vec<(BatchItemPlan, u64)>,
-    ) -> impl Stream<Item = (u32, Result<ReadIntoDone, StoreError>)> + Send + 'static {
+    ) -> impl Stream<Item = (u32, Result<ReadIntoDone, ReadError>)> + Send + 'static {
         let (ready, items, mut wants) = self.plan_group(&region, group);
         let runs = schedule(&mut wants, self.limits.read_merge_bytes_max, true);
         self.read_counters
@@ -333,7 +333,7 @@ impl Store {
         &self,
         region: &RegionMap,
         item: &GroupItem,
-    ) -> Result<ReadIntoDone, StoreError> {
+    ) -> Result<ReadIntoDone, ReadError> {
         let w = item.window();
         let chunks = self
             .read_window_recovering(&item.obj, ReadWindow::whole(w.start, w.end))
@@ -444,11 +444,11 @@ impl GroupItem {
 }
 
 /// A run's failure (device, offset, error): every item the run covers gets
-/// its own `StoreError` from it.
+/// its own error from it.
 type RunResult = Result<(), (u32, u64, Arc<std::io::Error>)>;
 
 type Fallback = std::pin::Pin<
-    Box<dyn std::future::Future<Output = (u32, Result<ReadIntoDone, StoreError>)> + Send>,
+    Box<dyn std::future::Future<Output = (u32, Result<ReadIntoDone, ReadError>)> + Send>,
 >;
 
 struct GroupState<F> {
@@ -459,7 +459,7 @@ struct GroupState<F> {
     running: FuturesUnordered<F>,
     /// Items being rebuilt from parity after their direct read failed.
     fallbacks: FuturesUnordered<Fallback>,
-    ready: std::collections::VecDeque<(u32, Result<ReadIntoDone, StoreError>)>,
+    ready: std::collections::VecDeque<(u32, Result<ReadIntoDone, ReadError>)>,
 }
 
 impl<F> GroupState<F> {
@@ -496,7 +496,9 @@ impl<F> GroupState<F> {
                             (index, store.read_item_into_via_memory(&region, &item).await)
                         }));
                     }
-                    done => self.ready.push_back((item.index, done)),
+                    done => self
+                        .ready
+                        .push_back((item.index, done.map_err(ReadError::from))),
                 }
             }
         }
@@ -510,10 +512,10 @@ fn check_offset(
     index: u32,
     region_offset: u64,
     span: u64,
-) -> Result<(), StoreError> {
+) -> Result<(), ReadError> {
     use crate::engine::ForeignMemory;
     if !region_offset.is_multiple_of(BLOCK_BYTES) {
-        return Err(StoreError::RegionOffsetUnaligned {
+        return Err(ReadError::RegionOffsetUnaligned {
             index,
             region_offset,
             align: BLOCK_BYTES,
@@ -521,7 +523,7 @@ fn check_offset(
     }
     let size = region.len() as u64;
     if region_offset.checked_add(span).is_none_or(|end| end > size) {
-        return Err(StoreError::RegionBounds {
+        return Err(ReadError::RegionBounds {
             index,
             region_offset,
             span,

@@ -44,7 +44,7 @@ use super::{Chunk, ObjectRef, Store};
 use crate::alloc::BLOCK_BYTES;
 use crate::buf::BufLease;
 use crate::engine;
-use crate::error::{Limit, StoreError};
+use crate::error::{Limit, ReadError, StoreError};
 
 type Key = (u64, u64);
 
@@ -209,14 +209,15 @@ impl Store {
         self: &Arc<Self>,
         dataset: &DatasetName,
         paths: &[ObjectPath],
-    ) -> Result<HintOutcome, StoreError> {
+    ) -> Result<HintOutcome, ReadError> {
         let limit = self.limits.hint_items_max;
         if paths.len() > limit {
             return Err(StoreError::Limit {
                 limit: Limit::HintItems,
                 asked: paths.len() as u64,
                 max: limit as u64,
-            });
+            }
+            .into());
         }
         let now = Instant::now();
         self.read_ahead.sweep(now);
@@ -307,7 +308,7 @@ impl Store {
         dataset: &DatasetName,
         paths: &[ObjectPath],
         accepted: &mut HintOutcome,
-    ) -> Result<Vec<Arc<ObjectRef>>, StoreError> {
+    ) -> Result<Vec<Arc<ObjectRef>>, ReadError> {
         let c = &self.read_ahead.counters;
         let ds = self.dataset(dataset)?;
         let names: Vec<&str> = paths.iter().map(|p| p.as_str()).collect();

@@ -131,7 +131,10 @@ impl Store {
         mut progress: impl FnMut(ScrubProgress) + Send,
     ) -> Result<ScrubReport, AdminError> {
         let datasets = match name {
-            Some(n) => vec![self.dataset(n)?],
+            Some(n) => vec![
+                self.dataset(n)
+                    .map_err(|_| AdminError::DatasetNotFound(n.to_string()))?,
+            ],
             None => self.list_datasets(),
         };
         if self

@@ -7,7 +7,7 @@ use super::*;
 use crate::config::StoreConfig;
 use crate::engine::EngineKind;
 use crate::engine::fault::{Fault, FaultPlan, FaultRule, FaultyBackend};
-use crate::error::IngestError;
+use crate::error::{IngestError, ReadError};
 use crate::service::GrpcCode;
 
 pub(super) fn config(dir: &std::path::Path, device_mib: u64, unit: u64) -> StoreConfig {
@@ -115,7 +115,7 @@ pub(super) async fn read_all(
     path: &str,
     off: u64,
     len: Option<u64>,
-) -> Result<Vec<u8>, StoreError> {
+) -> Result<Vec<u8>, ReadError> {
     let obj = Arc::new(store.lookup(
         &DatasetName::new(ds).unwrap(),
         &ObjectPath::new(path).unwrap(),
@@ -165,11 +165,11 @@ async fn ingest_read_ranges_across_stripes() {
     }
     assert!(matches!(
         read_all(&store, "ds", "big/shard-0", big.len() as u64 + 1, None).await,
-        Err(StoreError::OutOfRange { .. })
+        Err(ReadError::OutOfRange { .. })
     ));
     assert!(matches!(
         read_all(&store, "ds", "one", 0, Some(2)).await,
-        Err(StoreError::OutOfRange { .. })
+        Err(ReadError::OutOfRange { .. })
     ));
     // Guards against the error naming the end of the range where the user
     // gave an offset (`cat --offset 209715190 --length 100` said "offset
@@ -185,11 +185,11 @@ async fn ingest_read_ranges_across_stripes() {
     );
     assert!(matches!(
         read_all(&store, "ds", "nope", 0, None).await,
-        Err(StoreError::ObjectNotFound { .. })
+        Err(ReadError::ObjectNotFound { .. })
     ));
     assert!(matches!(
         read_all(&store, "nods", "one", 0, None).await,
-        Err(StoreError::DatasetNotFound(_))
+        Err(ReadError::DatasetNotFound(_))
     ));
     let st = store.status();
     assert_eq!(st.datasets.len(), 1);
@@ -225,7 +225,7 @@ async fn batch_reads_in_order_with_inband_errors() {
             offset: 100,
             length: Some(500_000),
         }),
-        Err(StoreError::InvalidName(
+        Err(ReadError::InvalidName(
             storaged_proto::ObjectPath::new("").unwrap_err(),
         )),
         Ok(RangeSpec {
@@ -629,7 +629,7 @@ async fn any_order_batch_delivers_each_item_once() {
         .collect();
     let refs: Vec<(&str, Vec<u8>)> = objs.iter().map(|(p, d)| (p.as_str(), d.clone())).collect();
     ingest(&store, "ds", &refs).await.unwrap();
-    let mut items: Vec<Result<RangeSpec, StoreError>> = objs
+    let mut items: Vec<Result<RangeSpec, ReadError>> = objs
         .iter()
         .map(|(p, _)| {
             Ok(RangeSpec {
@@ -678,10 +678,10 @@ async fn any_order_batch_delivers_each_item_once() {
                     assert!(
                         matches!(
                             error,
-                            StoreError::Limit {
+                            ReadError::Store(StoreError::Limit {
                                 limit: crate::error::Limit::AnyOrderItemBytes,
                                 ..
-                            }
+                            })
                         ),
                         "{error:?}"
                     );
@@ -907,11 +907,11 @@ async fn read_ahead_is_bounded() {
     assert!(
         matches!(
             err,
-            StoreError::Limit {
+            ReadError::Store(StoreError::Limit {
                 limit: crate::error::Limit::HintItems,
                 asked: 101,
                 max: 100
-            }
+            })
         ),
         "{err:?}"
     );
@@ -976,7 +976,7 @@ async fn read_into_merges_neighbours() {
                 })
             })
             .collect();
-        let done: Vec<(u32, Result<read_into::ReadIntoDone, StoreError>)> = store
+        let done: Vec<(u32, Result<read_into::ReadIntoDone, ReadError>)> = store
             .read_into(
                 Arc::clone(&region),
                 &DatasetName::new("ds").unwrap(),

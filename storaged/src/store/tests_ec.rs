@@ -202,7 +202,13 @@ async fn failed_device_and_bad_bytes_are_rebuilt_from_parity() {
     }
     let err = read_all(&store, "e", "big", 0, None).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err}");
-    assert!(matches!(err, StoreError::Unrecoverable { .. }), "{err}");
+    assert!(
+        matches!(
+            err,
+            crate::error::ReadError::Store(StoreError::Unrecoverable { .. })
+        ),
+        "{err}"
+    );
     plan.clear();
     store.redundancy.stripe_cache.lock().unwrap().clear();
     // Bad bytes (not I/O errors) on two devices: DATA_LOSS.
