@@ -153,7 +153,7 @@ impl Store {
         old: &str,
         new_path: &Path,
         options: ReplaceOptions,
-        mut progress: impl FnMut(u64, u64) + Send,
+        progress: impl FnMut(u64, u64) + Send,
     ) -> Result<ReplaceReport, AdminError> {
         let index = self.device_index(old)?;
         let pending = self.check_replace(index, new_path, options)?;
@@ -171,7 +171,7 @@ impl Store {
             resumed: pending.is_some(),
             ..Default::default()
         };
-        let mut record = pending.unwrap_or(ReplaceRecord {
+        let record = pending.unwrap_or(ReplaceRecord {
             index,
             new_path: new_path.to_path_buf(),
             dataset_id: 0,
@@ -202,26 +202,22 @@ impl Store {
             bytes_total: total,
             running: true,
         });
-        let mut done = 0u64;
-        let mut rebuilt = |done: u64| {
-            self.redundancy.update_rebuild(|r| r.bytes_done = done);
-            progress(done, total);
+        let mut rebuild = Rebuild {
+            store: self,
+            target: &target,
+            record,
+            report,
+            done: 0,
+            total,
+            progress,
         };
         for ds in &datasets {
             if let DatasetLayout::Ec(ec) = &ds.layout {
-                self.rebuild_dataset_onto(
-                    &target,
-                    ds,
-                    ec,
-                    &mut record,
-                    &mut report,
-                    &mut done,
-                    &mut rebuilt,
-                )
-                .await?;
+                rebuild.dataset(ds, ec).await?;
             }
         }
-        rebuilt(total);
+        rebuild.progress(total);
+        let (record, mut report) = (rebuild.record, rebuild.report);
         sync_target(&target, index).await?;
         self.finish_replace(&record, target, meta_file).await?;
         report.seconds = started.elapsed().as_secs_f64();
@@ -321,71 +317,6 @@ impl Store {
         Ok((self.io.hooks.engine(target, &[new_path]), meta_file))
     }
 
-    /// Rebuilds the units of `ds` that lived on the replaced device onto
-    /// `target`, from where `record` says the last checkpoint was,
-    /// checkpointing every `replace_checkpoint_bytes`. `done` counts bytes
-    /// of the whole replacement, reported through `rebuilt`.
-    #[allow(clippy::too_many_arguments)]
-    async fn rebuild_dataset_onto(
-        &self,
-        target: &Arc<dyn engine::IoBackend>,
-        ds: &Arc<DatasetHandle>,
-        ec: &EcDataset,
-        record: &mut ReplaceRecord,
-        report: &mut ReplaceReport,
-        done: &mut u64,
-        rebuilt: &mut (impl FnMut(u64) + Send),
-    ) -> Result<(), StoreError> {
-        let index = record.index;
-        let unit = self.layout.stripe_unit_bytes;
-        if ds.record.id < record.dataset_id {
-            // Rebuilt before the checkpoint this run resumes from.
-            *done += (ec.map.stripes() * u64::from(ec.geometry().width()))
-                .div_ceil(u64::from(self.layout.device_count))
-                * unit;
-            return Ok(());
-        }
-        let first = if ds.record.id == record.dataset_id {
-            record.stripe
-        } else {
-            0
-        };
-        let mut since_checkpoint = 0u64;
-        for stripe in first..ec.map.stripes() {
-            if ds.deleted.load(Ordering::SeqCst) {
-                break;
-            }
-            let Some(p) =
-                (0..ec.geometry().width()).find(|p| ec.map.unit_location(stripe, *p).0 == index)
-            else {
-                continue;
-            };
-            *done += unit;
-            let mut read = self.read_stripe(ds, ec, stripe, false).await?;
-            if let Err(e) = self.rebuild_stripe(ds, ec, stripe, &mut read) {
-                tracing::error!(error = %e, "replace: unit lost");
-                report.units_lost += 1;
-                continue;
-            }
-            let (_, offset) = ec.map.unit_location(stripe, p);
-            let lease = read.units.swap_remove(p as usize);
-            engine::write_all(&**target, 0, offset, lease)
-                .await
-                .map_err(|e| StoreError::from_io(index, offset, e))?;
-            report.units_rebuilt += 1;
-            report.bytes_rebuilt += unit;
-            since_checkpoint += unit;
-            if since_checkpoint >= self.limits.replace_checkpoint_bytes {
-                since_checkpoint = 0;
-                record.dataset_id = ds.record.id;
-                record.stripe = stripe + 1;
-                self.checkpoint(target, index, record).await?;
-            }
-            rebuilt(*done);
-        }
-        Ok(())
-    }
-
     /// Puts the pool's metadata on the rebuilt device, records it as the
     /// device's path, and serves reads from it again.
     async fn finish_replace(
@@ -422,23 +353,6 @@ impl Store {
         Ok(())
     }
 
-    /// Makes the new device's writes durable, then the checkpoint.
-    async fn checkpoint(
-        &self,
-        target: &Arc<dyn engine::IoBackend>,
-        index: u32,
-        record: &ReplaceRecord,
-    ) -> Result<(), StoreError> {
-        sync_target(target, index).await?;
-        self.data
-            .catalog
-            .set_meta(&[("replace", Some(&record.encode()))])?;
-        self.data
-            .pool_root
-            .record_replacements(&self.data.catalog)?;
-        Ok(())
-    }
-
     /// The replacement under way or waiting to be resumed, if any.
     pub fn rebuild_state(&self) -> Option<RebuildState> {
         self.redundancy
@@ -446,6 +360,93 @@ impl Store {
             .lock()
             .expect("rebuild poisoned")
             .clone()
+    }
+}
+
+/// One replacement's rebuild: where it writes, how far it got (the
+/// checkpoint record), what it did, and its progress.
+struct Rebuild<'a, P> {
+    store: &'a Store,
+    target: &'a Arc<dyn engine::IoBackend>,
+    record: ReplaceRecord,
+    report: ReplaceReport,
+    /// Bytes of the whole replacement done, of `total`.
+    done: u64,
+    total: u64,
+    progress: P,
+}
+
+impl<P: FnMut(u64, u64) + Send> Rebuild<'_, P> {
+    fn progress(&mut self, done: u64) {
+        self.store
+            .redundancy
+            .update_rebuild(|r| r.bytes_done = done);
+        (self.progress)(done, self.total);
+    }
+
+    /// Rebuilds the units of `ds` that lived on the replaced device onto
+    /// the target, from where the record says the last checkpoint was,
+    /// checkpointing every `replace_checkpoint_bytes`.
+    async fn dataset(&mut self, ds: &Arc<DatasetHandle>, ec: &EcDataset) -> Result<(), StoreError> {
+        let store = self.store;
+        let index = self.record.index;
+        let unit = store.layout.stripe_unit_bytes;
+        if ds.record.id < self.record.dataset_id {
+            // Rebuilt before the checkpoint this run resumes from.
+            self.done += (ec.map.stripes() * u64::from(ec.geometry().width()))
+                .div_ceil(u64::from(store.layout.device_count))
+                * unit;
+            return Ok(());
+        }
+        let first = if ds.record.id == self.record.dataset_id {
+            self.record.stripe
+        } else {
+            0
+        };
+        let mut since_checkpoint = 0u64;
+        for stripe in first..ec.map.stripes() {
+            if ds.deleted.load(Ordering::SeqCst) {
+                break;
+            }
+            let Some(p) =
+                (0..ec.geometry().width()).find(|p| ec.map.unit_location(stripe, *p).0 == index)
+            else {
+                continue;
+            };
+            self.done += unit;
+            let mut read = store.read_stripe(ds, ec, stripe, false).await?;
+            if let Err(e) = store.rebuild_stripe(ds, ec, stripe, &mut read) {
+                tracing::error!(error = %e, "replace: unit lost");
+                self.report.units_lost += 1;
+                continue;
+            }
+            let (_, offset) = ec.map.unit_location(stripe, p);
+            let lease = read.units.swap_remove(p as usize);
+            engine::write_all(&**self.target, 0, offset, lease)
+                .await
+                .map_err(|e| StoreError::from_io(index, offset, e))?;
+            self.report.units_rebuilt += 1;
+            self.report.bytes_rebuilt += unit;
+            since_checkpoint += unit;
+            if since_checkpoint >= store.limits.replace_checkpoint_bytes {
+                since_checkpoint = 0;
+                self.record.dataset_id = ds.record.id;
+                self.record.stripe = stripe + 1;
+                self.checkpoint().await?;
+            }
+            self.progress(self.done);
+        }
+        Ok(())
+    }
+
+    /// Makes the new device's writes durable, then the checkpoint.
+    async fn checkpoint(&mut self) -> Result<(), StoreError> {
+        sync_target(self.target, self.record.index).await?;
+        let data = &self.store.data;
+        data.catalog
+            .set_meta(&[("replace", Some(&self.record.encode()))])?;
+        data.pool_root.record_replacements(&data.catalog)?;
+        Ok(())
     }
 }
 

@@ -128,7 +128,7 @@ impl Store {
         self: &Arc<Self>,
         name: Option<&DatasetName>,
         rate_mib_s: u64,
-        mut progress: impl FnMut(ScrubProgress) + Send,
+        progress: impl FnMut(ScrubProgress) + Send,
     ) -> Result<ScrubReport, AdminError> {
         let datasets = match name {
             Some(n) => vec![
@@ -146,29 +146,18 @@ impl Store {
             return Err(AdminError::ScrubRunning);
         }
         let _running = Running(&self.scrub_counters.running);
-        let total: u64 = datasets.iter().map(|d| d.record.allocated_bytes).sum();
-        let mut pacer = Pacer {
-            start: Instant::now(),
-            bytes_per_s: (rate_mib_s.max(1) << 20) as f64,
-            done: 0,
+        let pass = ScrubPass {
+            store: self,
+            total: datasets.iter().map(|d| d.record.allocated_bytes).sum(),
+            pacer: Pacer {
+                start: Instant::now(),
+                bytes_per_s: (rate_mib_s.max(1) << 20) as f64,
+                done: 0,
+            },
+            report: ScrubReport::default(),
+            progress,
         };
-        let mut report = ScrubReport::default();
-        for ds in datasets {
-            report.datasets += 1;
-            // The class's scrub strategy: stripes against their unit
-            // CRCs (and repaired) where there is parity, objects against
-            // their block CRCs where there is not.
-            match &ds.layout {
-                DatasetLayout::Ec(ec) => {
-                    self.scrub_ec(&ds, ec, &mut pacer, &mut report, total, &mut progress)
-                        .await?
-                }
-                DatasetLayout::Stripe(_) => {
-                    self.scrub_stripe(&ds, &mut pacer, &mut report, total, &mut progress)
-                        .await?
-                }
-            }
-        }
+        let report = pass.run(datasets).await?;
         let c = &self.scrub_counters;
         c.passes.fetch_add(1, Ordering::Relaxed);
         c.bytes_checked
@@ -187,15 +176,41 @@ impl Store {
         );
         Ok(report)
     }
+}
 
-    async fn scrub_ec(
-        self: &Arc<Self>,
+/// One scrub pass: the store it reads, its pace, and what it has found.
+struct ScrubPass<'a, P> {
+    store: &'a Arc<Store>,
+    /// Bytes the pass will check in all (for progress).
+    total: u64,
+    pacer: Pacer,
+    report: ScrubReport,
+    progress: P,
+}
+
+impl<P: FnMut(ScrubProgress) + Send> ScrubPass<'_, P> {
+    async fn run(mut self, datasets: Vec<Arc<DatasetHandle>>) -> Result<ScrubReport, StoreError> {
+        for ds in datasets {
+            self.report.datasets += 1;
+            // The class's scrub strategy: stripes against their unit
+            // CRCs (and repaired) where there is parity, objects against
+            // their block CRCs where there is not.
+            match &ds.layout {
+                DatasetLayout::Ec(ec) => self.ec_dataset(&ds, ec).await?,
+                DatasetLayout::Stripe(_) => self.stripe_dataset(&ds).await?,
+            }
+        }
+        Ok(self.report)
+    }
+
+    fn progress(&mut self) {
+        (self.progress)((self.pacer.done, self.total));
+    }
+
+    async fn ec_dataset(
+        &mut self,
         ds: &Arc<DatasetHandle>,
         ec: &EcDataset,
-        pacer: &mut Pacer,
-        report: &mut ScrubReport,
-        total: u64,
-        progress: &mut (impl FnMut(ScrubProgress) + Send),
     ) -> Result<(), StoreError> {
         let width = ec.geometry().width();
         let unit = ec.map.unit_bytes();
@@ -203,8 +218,9 @@ impl Store {
             if ds.deleted.load(Ordering::SeqCst) {
                 return Ok(());
             }
-            pacer.pace(unit * u64::from(width)).await;
-            let mut read = self.read_stripe(ds, ec, stripe, true).await?;
+            self.pacer.pace(unit * u64::from(width)).await;
+            let mut read = self.store.read_stripe(ds, ec, stripe, true).await?;
+            let report = &mut self.report;
             report.units_checked += u64::from(width);
             report.bytes_checked += unit * u64::from(width);
             let bad: Vec<u32> = (0..width)
@@ -218,41 +234,99 @@ impl Store {
                 .sum();
             report.rows_corrupt += bad_rows;
             if !bad.is_empty() {
-                match self.rebuild_stripe(ds, ec, stripe, &mut read) {
+                match self.store.rebuild_stripe(ds, ec, stripe, &mut read) {
                     Err(e) => {
                         report.unrecoverable += bad.len() as u64;
                         report.problem(e.to_string());
                     }
-                    Ok(_) => {
-                        let mut all_written = true;
-                        for p in bad {
-                            let (device, _) = ec.map.unit_location(stripe, p);
-                            match self
-                                .write_back(ds, ec, stripe, p, &read.units[p as usize])
-                                .await
-                            {
-                                Ok(()) => report.repaired += 1,
-                                Err(e) => {
-                                    all_written = false;
-                                    report.unrecoverable += 1;
-                                    report.problem(format!(
-                                        "dataset {:?} stripe {stripe} unit {p} (device {device}): rebuilt but not written back: {e}",
-                                        ds.name
-                                    ));
-                                }
-                            }
-                        }
-                        if all_written {
-                            report.rows_repaired += bad_rows;
-                        }
-                    }
+                    Ok(_) => self.repair(ds, ec, stripe, &bad, &read, bad_rows).await,
                 }
             }
-            progress((pacer.done, total));
+            self.progress();
         }
         Ok(())
     }
 
+    /// Writes the rebuilt units `bad` of `stripe` back in place.
+    async fn repair(
+        &mut self,
+        ds: &DatasetHandle,
+        ec: &EcDataset,
+        stripe: u64,
+        bad: &[u32],
+        read: &super::redundancy::StripeRead,
+        bad_rows: u64,
+    ) {
+        let mut all_written = true;
+        for &p in bad {
+            let (device, _) = ec.map.unit_location(stripe, p);
+            match self
+                .store
+                .write_back(ds, ec, stripe, p, &read.units[p as usize])
+                .await
+            {
+                Ok(()) => self.report.repaired += 1,
+                Err(e) => {
+                    all_written = false;
+                    self.report.unrecoverable += 1;
+                    self.report.problem(format!(
+                        "dataset {:?} stripe {stripe} unit {p} (device {device}): rebuilt but not written back: {e}",
+                        ds.name
+                    ));
+                }
+            }
+        }
+        if all_written {
+            self.report.rows_repaired += bad_rows;
+        }
+    }
+
+    async fn stripe_dataset(&mut self, ds: &Arc<DatasetHandle>) -> Result<(), StoreError> {
+        let store = self.store;
+        let block = u64::from(ds.record.checksum_block_bytes);
+        let mut after: Option<String> = None;
+        loop {
+            let (page, more) = store.data.catalog.list_objects(
+                ds.record.id,
+                "",
+                after.as_deref(),
+                store.limits.list_page_size_max as usize,
+            )?;
+            let paths: Vec<&str> = page.iter().map(|o| o.path.as_str()).collect();
+            let records = store.data.catalog.get_objects(ds.record.id, &paths)?;
+            for (summary, record) in page.iter().zip(records) {
+                if ds.deleted.load(Ordering::SeqCst) {
+                    return Ok(());
+                }
+                let Some(record) = record else { continue };
+                let obj = ObjectRef {
+                    dataset: Arc::clone(ds),
+                    path: summary.path.clone(),
+                    record,
+                };
+                for w in store.window_policy(&obj).windows(0, obj.record.size) {
+                    self.pacer.pace(w.device_len()).await;
+                    self.report.units_checked += w.len().div_ceil(block);
+                    self.report.bytes_checked += w.len();
+                    if let Err(e) = store.read_window_healthy(&obj, w).await {
+                        // Count each bad block of the window.
+                        let bad = store.bad_blocks(&obj, w).await;
+                        self.report.corrupt += bad.max(1);
+                        self.report.unrecoverable += bad.max(1);
+                        self.report.problem(e.to_string());
+                    }
+                }
+                self.progress();
+            }
+            if !more {
+                return Ok(());
+            }
+            after = page.last().map(|o| o.path.clone());
+        }
+    }
+}
+
+impl Store {
     /// Writes a rebuilt unit in place, makes it durable and reads it back.
     async fn write_back(
         &self,
@@ -305,56 +379,6 @@ impl Store {
             });
         }
         Ok(())
-    }
-
-    async fn scrub_stripe(
-        self: &Arc<Self>,
-        ds: &Arc<DatasetHandle>,
-        pacer: &mut Pacer,
-        report: &mut ScrubReport,
-        total: u64,
-        progress: &mut (impl FnMut(ScrubProgress) + Send),
-    ) -> Result<(), StoreError> {
-        let block = u64::from(ds.record.checksum_block_bytes);
-        let mut after: Option<String> = None;
-        loop {
-            let (page, more) = self.data.catalog.list_objects(
-                ds.record.id,
-                "",
-                after.as_deref(),
-                self.limits.list_page_size_max as usize,
-            )?;
-            let paths: Vec<&str> = page.iter().map(|o| o.path.as_str()).collect();
-            let records = self.data.catalog.get_objects(ds.record.id, &paths)?;
-            for (summary, record) in page.iter().zip(records) {
-                if ds.deleted.load(Ordering::SeqCst) {
-                    return Ok(());
-                }
-                let Some(record) = record else { continue };
-                let obj = ObjectRef {
-                    dataset: Arc::clone(ds),
-                    path: summary.path.clone(),
-                    record,
-                };
-                for w in self.window_policy(&obj).windows(0, obj.record.size) {
-                    pacer.pace(w.device_len()).await;
-                    report.units_checked += w.len().div_ceil(block);
-                    report.bytes_checked += w.len();
-                    if let Err(e) = self.read_window_healthy(&obj, w).await {
-                        // Count each bad block of the window.
-                        let bad = self.bad_blocks(&obj, w).await;
-                        report.corrupt += bad.max(1);
-                        report.unrecoverable += bad.max(1);
-                        report.problem(e.to_string());
-                    }
-                }
-                progress((pacer.done, total));
-            }
-            if !more {
-                return Ok(());
-            }
-            after = page.last().map(|o| o.path.clone());
-        }
     }
 
     /// Checksum blocks of window `w` that fail, one read per block (only
