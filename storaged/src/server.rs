@@ -290,6 +290,28 @@ async fn until_shutdown(
     }
 }
 
+/// gRPC server reflection (v1 and v1alpha) over storaged's and the health
+/// service's descriptors, so grpcurl and friends need no .proto files.
+#[allow(clippy::type_complexity)]
+fn reflection_services() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServeError,
+> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(storaged_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok((reflection().build_v1()?, reflection().build_v1alpha()?))
+}
+
 /// Serves until `shutdown` resolves, then drains for at most
 /// `limits.shutdown_grace_s`. `on_bound` gets the bound TCP address
 /// (useful with port 0).
@@ -316,13 +338,7 @@ pub async fn serve(
     health_reporter
         .set_serving::<StoragedServer<StoragedService>>()
         .await;
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(storaged_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-    };
-    let reflection_v1 = reflection().build_v1()?;
-    let reflection_v1alpha = reflection().build_v1alpha()?;
+    let (reflection_v1, reflection_v1alpha) = reflection_services()?;
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let tls = access.tls.clone();

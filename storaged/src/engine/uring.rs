@@ -445,155 +445,206 @@ impl RingThread {
     }
 
     fn run(mut self) {
-        let n_devices = self.fds.len();
-        let mut in_flight: Vec<Option<InFlight>> = vec![None; self.pool.buffer_count()];
-        let mut foreign: Vec<Option<ForeignInFlight>> =
-            (0..FOREIGN_READS_IN_FLIGHT_MAX).map(|_| None).collect();
-        let mut foreign_free: Vec<usize> = (0..FOREIGN_READS_IN_FLIGHT_MAX).rev().collect();
-        let mut device_in_flight = vec![0u32; n_devices];
-        let mut total_in_flight = 0usize;
-        // Operations waiting for their device's queue depth, one backlog
-        // per device, served in C-SCAN order (see `elevator`): submitting
-        // looks only at devices with room, and refills each with the
-        // nearest next work of every request in flight.
-        let mut deferred: Vec<Elevator> = (0..n_devices).map(|_| Elevator::default()).collect();
-        let mut deferred_total = 0usize;
-        let mut completions: Vec<(u64, i32)> =
-            Vec::with_capacity(self.pool.buffer_count() + FOREIGN_READS_IN_FLIGHT_MAX + 1);
-        // Target of the armed eventfd read; boxed so its address is stable
-        // while the kernel may write it.
-        let mut bell_buf = Box::new(0u64);
-        let mut bell_armed = false;
-
+        let mut st = RingState::new(self.fds.len(), self.pool.buffer_count());
         loop {
             let shutting_down = self.wake.shutdown.load(Ordering::SeqCst);
-            if !bell_armed && !shutting_down {
-                let sqe = opcode::Read::new(
-                    types::Fd(self.wake.eventfd.as_raw_fd()),
-                    (&mut *bell_buf as *mut u64).cast(),
-                    8,
-                )
-                .build()
-                .user_data(WAKE_TOKEN);
-                // SAFETY: `bell_buf` outlives the ring (the ring is dropped
-                // when `self` is, at the end of this function, and the loop
-                // only exits once this read has completed).
-                if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                    bell_armed = true;
-                }
+            if !st.bell_armed && !shutting_down {
+                self.arm_bell(&mut st);
             }
-            while let Ok(s) = self.rx.try_recv() {
-                in_flight[s.index as usize] = Some(InFlight { op: s.op, done: 0 });
-                deferred[s.op.device as usize].push(s.op.offset, u64::from(s.index));
-                deferred_total += 1;
-            }
-            while let Some(&slot) = foreign_free.last() {
-                let Ok(s) = self.foreign_rx.try_recv() else {
-                    break;
-                };
-                foreign_free.pop();
-                let op = IoOp {
-                    kind: OpKind::Read,
-                    device: s.read.device,
-                    offset: s.read.device_offset,
-                    len: s.read.len,
-                };
-                foreign[slot] = Some(ForeignInFlight {
-                    f: InFlight { op, done: 0 },
-                    read: s.read,
-                    done: s.done,
-                });
-                deferred[op.device as usize].push(op.offset, FOREIGN_TOKEN_BASE + slot as u64);
-                deferred_total += 1;
-            }
-            // Push what the queue depth allows, in sweep order per device.
-            'devices: for (dev, queue) in deferred.iter_mut().enumerate() {
-                while device_in_flight[dev] < self.queue_depth_per_device_max {
-                    let Some(token) = queue.peek() else {
-                        break;
-                    };
-                    let f = recorded(&in_flight, &foreign, token);
-                    let sqe = self.build_sqe(token, &f, &foreign);
-                    // SAFETY: the memory behind the SQE is lent to this
-                    // operation (a pool buffer whose lease the slot machinery
-                    // holds, or foreign memory whose `Arc` its slot holds)
-                    // until we complete it below.
-                    if unsafe { self.ring.submission().push(&sqe) }.is_err() {
-                        break 'devices;
-                    }
-                    queue.pop();
-                    deferred_total -= 1;
-                    device_in_flight[dev] += 1;
-                    total_in_flight += 1;
-                }
-            }
-
+            self.take_submissions(&mut st);
+            self.submit_deferred(&mut st);
             debug_assert_eq!(
-                deferred_total,
-                deferred.iter().map(Elevator::len).sum::<usize>(),
+                st.deferred_total,
+                st.deferred.iter().map(Elevator::len).sum::<usize>(),
                 "every waiting operation is in exactly one backlog"
             );
-            if shutting_down && total_in_flight == 0 && deferred_total == 0 && !bell_armed {
+            if shutting_down && st.total_in_flight == 0 && st.deferred_total == 0 && !st.bell_armed
+            {
                 break;
             }
+            self.wait();
+            self.reap(&mut st);
+        }
+    }
 
-            self.wake.sleeping.store(true, Ordering::SeqCst);
-            let wait_for = if self.rx.is_empty() && self.foreign_rx.is_empty() {
-                1
-            } else {
-                0
+    /// Arms the read of the wake eventfd, so a submission from another
+    /// thread ends the wait.
+    fn arm_bell(&mut self, st: &mut RingState) {
+        let sqe = opcode::Read::new(
+            types::Fd(self.wake.eventfd.as_raw_fd()),
+            (&mut *st.bell_buf as *mut u64).cast(),
+            8,
+        )
+        .build()
+        .user_data(WAKE_TOKEN);
+        // SAFETY: `bell_buf` outlives the ring's use of it: `run` only
+        // returns once this read has completed (`bell_armed` is false),
+        // and `st` lives until then.
+        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+            st.bell_armed = true;
+        }
+    }
+
+    /// Moves new operations from the channels into their devices'
+    /// backlogs (foreign reads only while a slot is free for them).
+    fn take_submissions(&self, st: &mut RingState) {
+        while let Ok(s) = self.rx.try_recv() {
+            st.in_flight[s.index as usize] = Some(InFlight { op: s.op, done: 0 });
+            st.deferred[s.op.device as usize].push(s.op.offset, u64::from(s.index));
+            st.deferred_total += 1;
+        }
+        while let Some(&slot) = st.foreign_free.last() {
+            let Ok(s) = self.foreign_rx.try_recv() else {
+                break;
             };
-            let res = self.ring.submit_and_wait(wait_for);
-            self.wake.sleeping.store(false, Ordering::SeqCst);
-            if let Err(e) = res {
-                match e.raw_os_error() {
-                    Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
-                    _ => {
-                        tracing::error!(error = %e, "io_uring_enter failed");
-                        std::thread::sleep(std::time::Duration::from_millis(1));
-                    }
+            st.foreign_free.pop();
+            let op = IoOp {
+                kind: OpKind::Read,
+                device: s.read.device,
+                offset: s.read.device_offset,
+                len: s.read.len,
+            };
+            st.foreign[slot] = Some(ForeignInFlight {
+                f: InFlight { op, done: 0 },
+                read: s.read,
+                done: s.done,
+            });
+            st.deferred[op.device as usize].push(op.offset, FOREIGN_TOKEN_BASE + slot as u64);
+            st.deferred_total += 1;
+        }
+    }
+
+    /// Pushes what the queue depth allows, in sweep order per device.
+    fn submit_deferred(&mut self, st: &mut RingState) {
+        'devices: for (dev, queue) in st.deferred.iter_mut().enumerate() {
+            while st.device_in_flight[dev] < self.queue_depth_per_device_max {
+                let Some(token) = queue.peek() else {
+                    break;
+                };
+                let f = recorded(&st.in_flight, &st.foreign, token);
+                let sqe = self.build_sqe(token, &f, &st.foreign);
+                // SAFETY: the memory behind the SQE is lent to this
+                // operation (a pool buffer whose lease the slot machinery
+                // holds, or foreign memory whose `Arc` its slot holds)
+                // until `reap` completes it.
+                if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                    break 'devices;
+                }
+                queue.pop();
+                st.deferred_total -= 1;
+                st.device_in_flight[dev] += 1;
+                st.total_in_flight += 1;
+            }
+        }
+    }
+
+    /// Submits, and sleeps until a completion or a wake when nothing new
+    /// waits in the channels.
+    fn wait(&mut self) {
+        self.wake.sleeping.store(true, Ordering::SeqCst);
+        let wait_for = if self.rx.is_empty() && self.foreign_rx.is_empty() {
+            1
+        } else {
+            0
+        };
+        let res = self.ring.submit_and_wait(wait_for);
+        self.wake.sleeping.store(false, Ordering::SeqCst);
+        if let Err(e) = res {
+            match e.raw_os_error() {
+                Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
+                _ => {
+                    tracing::error!(error = %e, "io_uring_enter failed");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
                 }
             }
+        }
+    }
 
-            completions.clear();
-            completions.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-            for &(token, result) in &completions {
-                if token == WAKE_TOKEN {
-                    bell_armed = false;
+    /// Handles every completion: a short transfer goes on from where it
+    /// stopped; anything else completes its operation and frees its slot.
+    fn reap(&mut self, st: &mut RingState) {
+        st.completions.clear();
+        st.completions
+            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        for k in 0..st.completions.len() {
+            let (token, result) = st.completions[k];
+            if token == WAKE_TOKEN {
+                st.bell_armed = false;
+                continue;
+            }
+            let mut f = recorded(&st.in_flight, &st.foreign, token);
+            let dev = f.op.device as usize;
+            let outcome = if result > 0 && f.done + (result as u32) < f.op.len {
+                // Short transfer: go on from where it stopped.
+                f.done += result as u32;
+                record(&mut st.in_flight, &mut st.foreign, token, f);
+                let sqe = self.build_sqe(token, &f, &st.foreign);
+                // SAFETY: as in `submit_deferred`; the memory is still lent
+                // to this op.
+                if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                     continue;
                 }
-                let mut f = recorded(&in_flight, &foreign, token);
-                let dev = f.op.device as usize;
-                let outcome = if result > 0 && f.done + (result as u32) < f.op.len {
-                    // Short transfer: go on from where it stopped.
-                    f.done += result as u32;
-                    record(&mut in_flight, &mut foreign, token, f);
-                    let sqe = self.build_sqe(token, &f, &foreign);
-                    // SAFETY: as above; the memory is still lent to this op.
-                    if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-                        continue;
-                    }
-                    // Queue full: complete with what we have; the caller
-                    // sees a short transfer and fails the request.
-                    Ok(f.done as usize)
-                } else if result < 0 {
-                    Err(io::Error::from_raw_os_error(-result))
-                } else {
-                    Ok((f.done + result as u32) as usize)
-                };
-                if token >= FOREIGN_TOKEN_BASE {
-                    let slot = (token - FOREIGN_TOKEN_BASE) as usize;
-                    let done = foreign[slot].take().expect("completion of a recorded op");
-                    // The kernel is done with the target: its `Arc` may go.
-                    let _ = done.done.send(outcome);
-                    foreign_free.push(slot);
-                } else {
-                    self.pool.complete(token as u32, outcome);
-                    in_flight[token as usize] = None;
-                }
-                device_in_flight[dev] -= 1;
-                total_in_flight -= 1;
+                // Queue full: complete with what we have; the caller
+                // sees a short transfer and fails the request.
+                Ok(f.done as usize)
+            } else if result < 0 {
+                Err(io::Error::from_raw_os_error(-result))
+            } else {
+                Ok((f.done + result as u32) as usize)
+            };
+            if token >= FOREIGN_TOKEN_BASE {
+                let slot = (token - FOREIGN_TOKEN_BASE) as usize;
+                let done = st.foreign[slot]
+                    .take()
+                    .expect("completion of a recorded op");
+                // The kernel is done with the target: its `Arc` may go.
+                let _ = done.done.send(outcome);
+                st.foreign_free.push(slot);
+            } else {
+                self.pool.complete(token as u32, outcome);
+                st.in_flight[token as usize] = None;
             }
+            st.device_in_flight[dev] -= 1;
+            st.total_in_flight -= 1;
+        }
+    }
+}
+
+/// What the ring thread tracks between turns of its loop.
+struct RingState {
+    /// Progress of each pool-buffer operation, by buffer index.
+    in_flight: Vec<Option<InFlight>>,
+    /// Foreign reads by slot, and the free slots.
+    foreign: Vec<Option<ForeignInFlight>>,
+    foreign_free: Vec<usize>,
+    device_in_flight: Vec<u32>,
+    total_in_flight: usize,
+    /// Operations waiting for their device's queue depth, one backlog
+    /// per device, served in C-SCAN order (see `elevator`): submitting
+    /// looks only at devices with room, and refills each with the
+    /// nearest next work of every request in flight.
+    deferred: Vec<Elevator>,
+    deferred_total: usize,
+    completions: Vec<(u64, i32)>,
+    /// Target of the armed eventfd read; boxed so its address is stable
+    /// while the kernel may write it.
+    bell_buf: Box<u64>,
+    bell_armed: bool,
+}
+
+impl RingState {
+    fn new(n_devices: usize, buffer_count: usize) -> Self {
+        Self {
+            in_flight: vec![None; buffer_count],
+            foreign: (0..FOREIGN_READS_IN_FLIGHT_MAX).map(|_| None).collect(),
+            foreign_free: (0..FOREIGN_READS_IN_FLIGHT_MAX).rev().collect(),
+            device_in_flight: vec![0u32; n_devices],
+            total_in_flight: 0,
+            deferred: (0..n_devices).map(|_| Elevator::default()).collect(),
+            deferred_total: 0,
+            completions: Vec::with_capacity(buffer_count + FOREIGN_READS_IN_FLIGHT_MAX + 1),
+            bell_buf: Box::new(0u64),
+            bell_armed: false,
         }
     }
 }

@@ -77,18 +77,7 @@ impl Store {
             // would hide the loss.
             return Err(OpenError::StaleCatalog(catalog_path));
         }
-        let meta_devices = crate::poolmeta::MetaDevices {
-            files: files
-                .iter()
-                .zip(&missing)
-                .zip(&paths)
-                .map(|((f, m), path)| match (m, f.try_clone()) {
-                    (false, Ok(f)) => Some(hooks.meta_file(f, path)),
-                    _ => None,
-                })
-                .collect(),
-            layout,
-        };
+        let meta_devices = meta_devices(&*hooks, &files, &missing, &paths, layout);
         let catalog = open_catalog(
             cfg,
             &*hooks,
@@ -124,18 +113,7 @@ impl Store {
                 .start(Arc::clone(&io.engine), layout)
                 .map_err(OpenError::Engine)?;
         }
-        for (i, m) in missing.iter().enumerate() {
-            if *m {
-                tracing::warn!(device = i, path = %paths[i].display(), "device missing: the pool is degraded");
-            }
-        }
-        tracing::info!(
-            pool = %pool_id_hex(&pool_id),
-            engine = io.engine.kind(),
-            devices = layout.device_count,
-            capacity_bytes = layout.capacity_bytes(),
-            "store open"
-        );
+        log_open(&io, layout, &pool_id, &missing, &paths);
         Ok(Arc::new(Self {
             io,
             data,
@@ -158,6 +136,51 @@ impl Store {
             ),
         }))
     }
+}
+
+/// The pool's metadata files on the devices that are present, through
+/// `hooks`.
+fn meta_devices(
+    hooks: &dyn hooks::IoHooks,
+    files: &[std::fs::File],
+    missing: &[bool],
+    paths: &[std::path::PathBuf],
+    layout: StripeLayout,
+) -> crate::poolmeta::MetaDevices {
+    crate::poolmeta::MetaDevices {
+        files: files
+            .iter()
+            .zip(missing)
+            .zip(paths)
+            .map(|((f, m), path)| match (m, f.try_clone()) {
+                (false, Ok(f)) => Some(hooks.meta_file(f, path)),
+                _ => None,
+            })
+            .collect(),
+        layout,
+    }
+}
+
+/// Says what opened, and warns of every missing device.
+fn log_open(
+    io: &DeviceIo,
+    layout: StripeLayout,
+    pool_id: &[u8; 16],
+    missing: &[bool],
+    paths: &[std::path::PathBuf],
+) {
+    for (i, m) in missing.iter().enumerate() {
+        if *m {
+            tracing::warn!(device = i, path = %paths[i].display(), "device missing: the pool is degraded");
+        }
+    }
+    tracing::info!(
+        pool = %pool_id_hex(pool_id),
+        engine = io.engine.kind(),
+        devices = layout.device_count,
+        capacity_bytes = layout.capacity_bytes(),
+        "store open"
+    );
 }
 
 impl DeviceIo {
