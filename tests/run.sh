@@ -58,6 +58,16 @@ if ! command -v openssl >/dev/null; then
   apt-get install -y -qq openssl >/dev/null
 fi
 
+step "fuse3: the mount test mounts through /dev/fuse (fusermount3 for non-root use)"
+if ! command -v fusermount3 >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq fuse3 >/dev/null
+fi
+if [ ! -c /dev/fuse ]; then
+  echo "/dev/fuse is missing: the mount test needs FUSE (modprobe fuse, or run the container with --device /dev/fuse)" >&2
+  exit 1
+fi
+
 step "python virtualenv for the interop test (grpcio, health, reflection)"
 PY=${PYTHON:-python3}
 if ! "$PY" -m venv --help >/dev/null 2>&1; then
@@ -80,6 +90,9 @@ step "cargo deny: licenses, banned and duplicate crates, sources (deny.toml)"
 if ! cargo deny --version 2>/dev/null | grep -q '^cargo-deny 0\.20\.'; then
   cargo install cargo-deny --locked --version '^0.20'
 fi
+# Every platform's crates (deny reads the whole graph; a Linux build
+# downloads only Linux's).
+cargo fetch --locked
 cargo deny --offline check licenses bans sources
 
 step "build the binaries the integration tests run"

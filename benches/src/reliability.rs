@@ -694,6 +694,7 @@ async fn hostile(setup: &Setup, work: &Path) -> anyhow::Result<serde_json::Value
         path: path.into(),
         offset: 0,
         length: None,
+        dataset_id: None,
     };
     let mut held = Vec::new();
     let mut stalled = Vec::new();

@@ -467,6 +467,11 @@ impl Client {
         self.local
     }
 
+    /// The policy this client's calls are tried again under.
+    pub fn retry_policy(&self) -> RetryPolicy {
+        self.retry
+    }
+
     pub fn with_retry_policy(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
@@ -478,6 +483,18 @@ impl Client {
         Ok(Dataset {
             client: self.clone(),
             name: DatasetName::new(name)?,
+            id: None,
+        })
+    }
+
+    /// A handle on the dataset `name` whose id is `id`
+    /// (`DatasetInfo::dataset_id`): its reads fail with NOT_FOUND once the
+    /// name belongs to another dataset (removed and created again), and
+    /// never return that one's bytes.
+    pub fn dataset_pinned(&self, name: &str, id: u64) -> Result<Dataset, ClientError> {
+        Ok(Dataset {
+            id: Some(id),
+            ..self.dataset(name)?
         })
     }
 
@@ -595,6 +612,8 @@ pub struct BatchResult {
 pub struct Dataset {
     client: Client,
     name: DatasetName,
+    /// The dataset's id, when the handle is pinned to it.
+    id: Option<u64>,
 }
 
 impl Dataset {
@@ -729,6 +748,7 @@ impl Dataset {
         let rpc = self.client.rpc.clone();
         let retry = self.client.retry;
         let dataset = self.name.to_string();
+        let dataset_id = self.id;
         let path = path.to_owned();
         async_stream(move |tx| async move {
             if let Err(e) = ObjectPath::new(path.as_str()) {
@@ -747,6 +767,7 @@ impl Dataset {
                         (Some(total), _) => Some(total - received),
                         (None, l) => l,
                     },
+                    dataset_id,
                 };
                 let mut rpc = rpc.clone();
                 let result: Result<(), Status> = async {

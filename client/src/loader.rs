@@ -736,6 +736,93 @@ impl Dataset {
     }
 }
 
+impl Dataset {
+    /// Bytes `[offset, offset + length)` of object `path`, whose size
+    /// (from a listing) is `object_size`; the range is clamped to the
+    /// object's end. On a same-host connection they are read into a
+    /// region (a cached one when an idle region fits) and handed out as a
+    /// view of it, with no copy on either side; otherwise, or when no
+    /// region can be had, by an in-order `Read`. Returns the bytes and the
+    /// path that served them. Tried once: a failure that a restart of
+    /// storaged explains comes back transient ([`crate::retry::is_transient`]).
+    pub async fn read_range_sized(
+        &self,
+        path: &str,
+        object_size: u64,
+        offset: u64,
+        length: u64,
+    ) -> Result<(Bytes, ReadPath), ClientError> {
+        let read = RegionRead {
+            path: path.to_owned(),
+            offset,
+            length: Some(length),
+            object_size,
+        };
+        let (start, len) = read.range();
+        if len == 0 {
+            return Ok((Bytes::new(), ReadPath::Grpc));
+        }
+        if self.client.is_local() {
+            // Powers of two: few size classes, so the client's cache of
+            // idle regions serves every later read. Room for the widening
+            // to whole checksum blocks at both ends, at the usual block
+            // size; a region too small for the server's gets replaced.
+            let block = u64::from(storaged_proto::model::CHECKSUM_BLOCK_BYTES);
+            let mut region_bytes = (len + 2 * block).next_power_of_two().max(1 << 20);
+            while region_bytes <= SHM_REGION_BYTES_MAX {
+                let Ok(region) = self.client.region(region_bytes).await else {
+                    break;
+                };
+                let span = region.span(&read);
+                if span <= region.len() as u64 {
+                    return self.read_range_into(region, read).await;
+                }
+                self.client.give_back_region(region);
+                region_bytes = span.next_power_of_two();
+            }
+        }
+        let bytes = self.read_range(path, start, len).await?;
+        Ok((bytes, ReadPath::Grpc))
+    }
+
+    /// [`read_range_sized`](Self::read_range_sized) into `region`.
+    async fn read_range_into(
+        &self,
+        mut region: Region,
+        read: RegionRead,
+    ) -> Result<(Bytes, ReadPath), ClientError> {
+        let result = self
+            .read_into(&mut region, std::slice::from_ref(&read))
+            .await
+            .map(|batch| batch.extent(0).map_err(Status::clone));
+        let extent = match result {
+            Ok(extent) => extent.map_err(|s| {
+                ClientError::Status(Status::new(
+                    s.code(),
+                    format!("{}: {}", read.path, s.message()),
+                ))
+            }),
+            Err(ClientError::Status(s)) if region_unknown(&s) => {
+                Err(ClientError::Status(Status::unavailable(format!(
+                    "storaged no longer knew the region ({})",
+                    s.message()
+                ))))
+            }
+            Err(e) if !region.is_registered() => Err(ClientError::Status(Status::unavailable(
+                format!("storaged dropped the region during the read ({e})"),
+            ))),
+            Err(e) => Err(e),
+        };
+        let slot = Arc::new(RegionSlot {
+            region: Some(region),
+            client: self.client.clone(),
+        });
+        let (offset, len) = extent?;
+        let view = RegionView { slot, offset, len };
+        Ok((Bytes::from_owner(view), ReadPath::Shm))
+    }
+}
+
 /// Reads one batch and puts the samples back in plan order. Objects up to
 /// [`BATCH_ANY_ORDER_ITEM_BYTES_MAX`] go in one completion-order
 /// `ReadBatch`; larger ones (shards), and any item storaged refuses in that

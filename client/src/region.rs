@@ -72,7 +72,7 @@ impl RegionRead {
         }
     }
 
-    fn range(&self) -> (u64, u64) {
+    pub(crate) fn range(&self) -> (u64, u64) {
         let start = self.offset.min(self.object_size);
         let len = self
             .length
@@ -370,6 +370,7 @@ impl Dataset {
                 dataset: self.name.to_string(),
                 items,
                 max_in_flight: (reads.len() as u32).clamp(1, READ_INTO_IN_FLIGHT_MAX),
+                dataset_id: self.id,
             })
             .await?
             .into_inner();

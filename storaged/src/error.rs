@@ -231,6 +231,16 @@ pub enum ReadError {
     PageTooLarge { page_size: u32, max: u32 },
     #[error("dataset {0:?} not found")]
     DatasetNotFound(String),
+    /// The caller named a dataset by id too, and the name now belongs to
+    /// another one (removed and created again).
+    #[error(
+        "dataset {name:?} is not the one asked for: it has id {id}, the caller expected {expected} (it was removed and created again)"
+    )]
+    DatasetReplaced {
+        name: String,
+        id: u64,
+        expected: u64,
+    },
     #[error("object {path:?} not found in dataset {dataset:?}")]
     ObjectNotFound { dataset: String, path: String },
     /// The range as the client asked for it (`length: None`: to the end).

@@ -361,7 +361,11 @@ impl Storaged for StoragedService {
         let spec = ReadSpec::try_from(request.get_ref()).map_err(invalid)?;
         self.authorize(&caller, "read", Right::Read, spec.dataset.as_str())?;
         tracing::Span::current().record("object", spec.range.path.as_str());
-        let obj = self.store.lookup(&spec.dataset, &spec.range.path)?;
+        let obj = self.store.lookup_pinned(
+            &spec.dataset,
+            request.get_ref().dataset_id,
+            &spec.range.path,
+        )?;
         let (start, len) = Store::resolve_range(&obj, spec.range.offset, spec.range.length)?;
         let object_size = obj.record.size;
         let service = self.clone();
@@ -611,33 +615,33 @@ impl Storaged for StoragedService {
             n => n,
         };
         let respond = |completions| self.respond(&caller, completions, in_flight as usize);
-        let completions =
-            self.store
-                .read_into(region, &name, items, in_flight)?
-                .map(move |(index, result)| {
-                    Ok(match result {
-                        Ok(done) => pb::ReadIntoCompletion {
-                            index,
-                            error: None,
-                            data_offset: done.data_offset,
-                            length: done.length,
-                            span_bytes: done.span_bytes,
-                        },
-                        Err(error) => {
-                            if error.code() == tonic::Code::DataLoss {
-                                tracing::warn!(%error, "ReadInto item failed");
-                            }
-                            pb::ReadIntoCompletion {
-                                index,
-                                error: Some(pb::ItemError {
-                                    code: error.code() as i32,
-                                    message: error.to_string(),
-                                }),
-                                ..Default::default()
-                            }
+        let completions = self
+            .store
+            .read_into(region, &name, r.dataset_id, items, in_flight)?
+            .map(move |(index, result)| {
+                Ok(match result {
+                    Ok(done) => pb::ReadIntoCompletion {
+                        index,
+                        error: None,
+                        data_offset: done.data_offset,
+                        length: done.length,
+                        span_bytes: done.span_bytes,
+                    },
+                    Err(error) => {
+                        if error.code() == tonic::Code::DataLoss {
+                            tracing::warn!(%error, "ReadInto item failed");
                         }
-                    })
-                });
+                        pb::ReadIntoCompletion {
+                            index,
+                            error: Some(pb::ItemError {
+                                code: error.code() as i32,
+                                message: error.to_string(),
+                            }),
+                            ..Default::default()
+                        }
+                    }
+                })
+            });
         let completions = respond(completions).inspect(move |_| {
             // The call counts against its tenant until it ends.
             let _call = &caller.permit;

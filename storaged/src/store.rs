@@ -278,7 +278,36 @@ impl Store {
     }
 
     pub fn lookup(&self, name: &DatasetName, path: &ObjectPath) -> Result<ObjectRef, ReadError> {
+        self.lookup_pinned(name, None, path)
+    }
+
+    /// Dataset `name`, which must have id `expected` when one is given
+    /// (a reader that knew it before keeps reading that one, never a
+    /// dataset created again under its name).
+    pub fn dataset_pinned(
+        &self,
+        name: &DatasetName,
+        expected: Option<u64>,
+    ) -> Result<Arc<DatasetHandle>, ReadError> {
         let ds = self.dataset(name)?;
+        match expected {
+            Some(expected) if expected != ds.record.id => Err(ReadError::DatasetReplaced {
+                name: name.to_string(),
+                id: ds.record.id,
+                expected,
+            }),
+            _ => Ok(ds),
+        }
+    }
+
+    /// [`lookup`](Self::lookup) in the dataset of id `expected`, if given.
+    pub fn lookup_pinned(
+        &self,
+        name: &DatasetName,
+        expected: Option<u64>,
+        path: &ObjectPath,
+    ) -> Result<ObjectRef, ReadError> {
+        let ds = self.dataset_pinned(name, expected)?;
         let record = self
             .data
             .catalog

@@ -462,6 +462,7 @@ mod tests {
             path: "a/b".into(),
             offset: 5,
             length: Some(9),
+            dataset_id: None,
         };
         let mut framed = vec![0u8];
         framed.extend_from_slice(&(request.encoded_len() as u32).to_be_bytes());

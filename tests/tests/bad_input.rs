@@ -418,6 +418,7 @@ async fn hostile_names_fail_on_every_rpc() {
                     region_offset: 0,
                 }],
                 max_in_flight: 0,
+                dataset_id: None,
             })
             .await
         {

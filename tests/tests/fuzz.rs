@@ -141,6 +141,7 @@ fn valid(method: &str, rng: &mut Rng) -> Vec<Bytes> {
                 path: "f1".into(),
                 offset: 10,
                 length: Some(100_000),
+                dataset_id: None,
             }
             .encode_to_vec()
             .into()
@@ -189,6 +190,7 @@ fn valid(method: &str, rng: &mut Rng) -> Vec<Bytes> {
                     region_offset: 0,
                 }],
                 max_in_flight: 2,
+                dataset_id: None,
             }
             .encode_to_vec()
             .into()

@@ -109,6 +109,7 @@ fn read_request(dataset: &str, path: &str) -> pb::ReadRequest {
         path: path.into(),
         offset: 0,
         length: None,
+        dataset_id: None,
     }
 }
 

@@ -421,6 +421,7 @@ async fn a_client_cannot_fault_storaged_through_its_region() {
                     dataset: "ds".into(),
                     items,
                     max_in_flight: 0,
+                    dataset_id: None,
                 })
                 .await
                 .unwrap()
@@ -476,6 +477,7 @@ async fn bad_region_requests_get_clear_errors() {
                     dataset: "ds".into(),
                     items,
                     max_in_flight: 0,
+                    dataset_id: None,
                 })
                 .await?
                 .into_inner();
@@ -594,6 +596,7 @@ async fn read_into_tcp(d: &Daemon, region_id: u64) -> tonic::Status {
             dataset: "ds".into(),
             items: vec![],
             max_in_flight: 0,
+            dataset_id: None,
         })
         .await
         .unwrap_err()

@@ -351,6 +351,7 @@ async fn uids_map_to_tenants_and_regions_stay_with_their_tenant() {
             dataset: "audio-none".into(),
             items: vec![],
             max_in_flight: 0,
+            dataset_id: None,
         })
         .await
         .unwrap_err();

@@ -36,6 +36,7 @@ macro_rules! outln {
 mod admin;
 mod epoch;
 mod ls;
+mod mount;
 mod object;
 mod rm;
 mod status;
@@ -270,6 +271,10 @@ enum Command {
         #[arg(long, short = 'y')]
         yes: bool,
     },
+    /// Mount every dataset (or one) as a read-only file tree, in the
+    /// foreground: prints a line ending in "ready" once mounted; SIGINT or
+    /// SIGTERM unmounts.
+    Mount(mount::MountArgs),
     /// Devices, capacity used and free, datasets.
     Status {
         /// Print the whole Status response as one JSON object (the proto's
@@ -288,8 +293,14 @@ fn main() {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    // A mount answers many reads at once; other commands need little.
+    let workers = if matches!(cli.command, Command::Mount(_)) {
+        4
+    } else {
+        2
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(workers)
         .enable_all()
         .build()
     {
@@ -410,6 +421,7 @@ fn default_timeout(command: &Command) -> Option<Duration> {
         | Command::Stat { .. }
         | Command::Rm { .. }
         | Command::Device { .. }
+        | Command::Mount(_)
         | Command::Token { .. } => Some(Duration::from_secs(60)),
         Command::Ingest { .. }
         | Command::Cat { .. }
@@ -563,6 +575,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Rm { dataset, yes } => rm::run(&client, &dataset, yes).await,
+        Command::Mount(args) => mount::run(client, args).await,
         Command::Status { json } => {
             let s = client.status().await?;
             status::print(&s, json)

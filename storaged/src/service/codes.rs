@@ -23,7 +23,9 @@ impl GrpcCode for ReadError {
             ReadError::InvalidName(_)
             | ReadError::PageTooLarge { .. }
             | ReadError::RegionOffsetUnaligned { .. } => Code::InvalidArgument,
-            ReadError::DatasetNotFound(_) | ReadError::ObjectNotFound { .. } => Code::NotFound,
+            ReadError::DatasetNotFound(_)
+            | ReadError::DatasetReplaced { .. }
+            | ReadError::ObjectNotFound { .. } => Code::NotFound,
             ReadError::OutOfRange { .. } | ReadError::RegionBounds { .. } => Code::OutOfRange,
             ReadError::Store(e) => e.code(),
         }

@@ -42,6 +42,7 @@ pub(super) fn dataset_info(d: &crate::store::status::DatasetStatus) -> pb::Datas
         ec_parity_units,
         reconstructions: h.reconstructions.load(Ordering::Relaxed),
         health: d.health.clone(),
+        dataset_id: h.record.id,
     }
 }
 

@@ -317,6 +317,7 @@ impl Store {
     pub(super) fn resolve_batch(
         self: &Arc<Self>,
         dataset: &DatasetName,
+        dataset_id: Option<u64>,
         items: Vec<Result<RangeSpec, ReadError>>,
     ) -> Result<LazyPlans, ReadError> {
         if items.len() > self.limits.batch_items_max {
@@ -329,7 +330,7 @@ impl Store {
         }
         Ok(LazyPlans {
             store: Arc::clone(self),
-            dataset: self.dataset(dataset)?,
+            dataset: self.dataset_pinned(dataset, dataset_id)?,
             items: items.into_iter().enumerate(),
             ready: std::collections::VecDeque::new(),
         })
@@ -412,7 +413,7 @@ impl Store {
         items: Vec<Result<RangeSpec, ReadError>>,
         in_flight: u32,
     ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, ReadError> {
-        let plans = self.resolve_batch(dataset, items)?;
+        let plans = self.resolve_batch(dataset, None, items)?;
         let planner = Arc::clone(self);
         let tasks = plans.flat_map(move |plan| -> Vec<BatchTask> {
             match plan {
@@ -507,7 +508,7 @@ impl Store {
         items: Vec<Result<RangeSpec, ReadError>>,
         in_flight: u32,
     ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, ReadError> {
-        let plans = self.resolve_batch(dataset, items)?;
+        let plans = self.resolve_batch(dataset, None, items)?;
         let store = Arc::clone(self);
         let depth = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
         let item_max = self.limits.batch_any_order_item_bytes_max;

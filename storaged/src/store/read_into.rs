@@ -55,7 +55,8 @@ pub struct ReadIntoDone {
 }
 
 impl Store {
-    /// Reads `items` of `dataset` into `region`, yielding `(index, result)`
+    /// Reads `items` of `dataset` (of id `dataset_id`, if given) into
+    /// `region`, yielding `(index, result)`
     /// as items complete. Items are taken in groups of `in_flight`; each
     /// group's device reads are scheduled together (see `schedule`), and
     /// the next group is queued while one finishes.
@@ -63,6 +64,7 @@ impl Store {
         self: &Arc<Self>,
         region: Arc<RegionMap>,
         dataset: &DatasetName,
+        dataset_id: Option<u64>,
         items: Vec<Result<ReadIntoItem, ReadError>>,
         in_flight: u32,
     ) -> Result<
@@ -74,7 +76,7 @@ impl Store {
             .map(|i| i.as_ref().ok().map(|i| i.region_offset))
             .collect();
         let ranges = items.into_iter().map(|i| i.map(|i| i.range)).collect();
-        let plans = self.resolve_batch(dataset, ranges)?;
+        let plans = self.resolve_batch(dataset, dataset_id, ranges)?;
         let store = Arc::clone(self);
         let group_items = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
         let mut groups: Vec<Vec<(BatchItemPlan, u64)>> = Vec::new();

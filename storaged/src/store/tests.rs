@@ -980,6 +980,7 @@ async fn read_into_merges_neighbours() {
             .read_into(
                 Arc::clone(&region),
                 &DatasetName::new("ds").unwrap(),
+                None,
                 items,
                 64,
             )
@@ -1057,6 +1058,7 @@ async fn fixed_regions_read_exactly_and_give_their_entry_back() {
             .read_into(
                 Arc::clone(&reg.region),
                 &DatasetName::new("ds").unwrap(),
+                None,
                 items,
                 8,
             )

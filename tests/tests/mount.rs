@@ -1,0 +1,598 @@
+//! `storagectl mount` end to end: the real daemon, the real mount (FUSE,
+//! /dev/fuse; the test command installs fuse3), and the tools training
+//! code uses on it (find, sha256sum, Python, mmap, pread).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
+
+/// A running `storagectl mount`, unmounted (SIGTERM) when dropped.
+struct Mounted {
+    child: Option<Child>,
+    path: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Mounted {
+    /// Mounts with `args` (before the mount point) and waits for "ready".
+    fn start(d: &Daemon, path: &Path, args: &[&str]) -> Mounted {
+        // A dead mount (kill -9) exists but cannot be stat'ed.
+        if let Err(e) = std::fs::create_dir_all(path) {
+            assert_eq!(e.kind(), std::io::ErrorKind::AlreadyExists, "{e}");
+        }
+        let stderr = path.with_extension(format!(
+            "{}.stderr",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut child = Command::new(storaged_tests::storagectl_bin())
+            .arg("--server")
+            .arg(&d.url)
+            .arg("mount")
+            .args(args)
+            .arg(path)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("spawning storagectl mount");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let _ = tx.send(line);
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match rx.recv_timeout(Duration::from_millis(100)) {
+                Ok(line) if line.ends_with("ready") => break,
+                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => {}
+            }
+            if let Some(status) = child.try_wait().unwrap() {
+                panic!(
+                    "storagectl mount exited with {status}: {}",
+                    std::fs::read_to_string(&stderr).unwrap_or_default()
+                );
+            }
+            assert!(Instant::now() < deadline, "the mount never said ready");
+        }
+        Mounted {
+            child: Some(child),
+            path: path.to_path_buf(),
+            stderr,
+        }
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    fn signal(&mut self, signal: i32) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        // SAFETY: our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, signal) };
+        wait_exit(&mut child, Duration::from_secs(30))
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: our own child, not yet reaped.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            if c.try_wait().ok().flatten().is_none() {
+                let deadline = Instant::now() + Duration::from_secs(10);
+                while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+        if is_mounted(&self.path) {
+            let _ = Command::new("umount").arg("-l").arg(&self.path).status();
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "process did not exit in {timeout:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Whether /proc/mounts lists `path`.
+fn is_mounted(path: &Path) -> bool {
+    let want = path.to_str().unwrap();
+    std::fs::read_to_string("/proc/mounts")
+        .unwrap()
+        .lines()
+        .any(|l| l.split(' ').nth(1) == Some(want))
+}
+
+/// Runs a shell command, asserting success; returns stdout.
+fn sh(cmd: &str) -> String {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a Python script with `args`; returns (success, stdout + stderr).
+fn python(script: &str, args: &[&str]) -> (bool, String) {
+    let out = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .args(args)
+        .output()
+        .expect("python3");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn daemon(tmp: &Path) -> Daemon {
+    Daemon::start(
+        &tmp.join("data"),
+        &DaemonOpts {
+            device_size: "256MiB".into(),
+            ..DaemonOpts::default()
+        },
+    )
+}
+
+/// The generated tree: empty files, odd sizes, unicode and deep names, a
+/// 1-file and a 10 000-file directory.
+fn generated_tree() -> Vec<(String, Vec<u8>)> {
+    let mut files = vec![
+        ("empty".to_owned(), Vec::new()),
+        ("one/only".to_owned(), pattern(1, 1)),
+        ("données/ñandú 🦙.txt".to_owned(), pattern(2, 4095)),
+        ("données/日本語".to_owned(), pattern(3, 4097)),
+        ("sizes/block_plus_one".to_owned(), pattern(4, 32 * 1024 + 1)),
+        ("sizes/mib_plus_three".to_owned(), pattern(5, (1 << 20) + 3)),
+        (
+            "sizes/three_mib_odd".to_owned(),
+            pattern(6, 3 * (1 << 20) + 12_345),
+        ),
+        ("sizes/empty_too".to_owned(), Vec::new()),
+    ];
+    let deep: Vec<String> = (0..24).map(|i| format!("level{i}")).collect();
+    files.push((format!("{}/leaf", deep.join("/")), pattern(7, 777)));
+    for i in 0..10_000u64 {
+        files.push((
+            format!("many/f{i:05}"),
+            pattern(100 + i, (i as usize * 37) % 700),
+        ));
+    }
+    files
+}
+
+#[test]
+fn the_mount_serves_the_tree_exactly() {
+    // Guards the mount's tree and bytes: find lists exactly the source,
+    // every file hashes the same, preads and mmap match, Python works,
+    // stat shows sizes, modes, stable inodes and the creation time, and
+    // statfs and the xattrs say what storaged says.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let files = generated_tree();
+    write_tree(&src, &files);
+    let d = daemon(tmp.path());
+    d.ctl_ok(&["ingest", "--class", "stripe", "tree", src.to_str().unwrap()]);
+    let mnt = tmp.path().join("mnt");
+    let m = Mounted::start(&d, &mnt, &[]);
+    let root = mnt.join("tree");
+
+    // find: the same paths, files and directories alike.
+    let list = |dir: &Path| {
+        let mut v: Vec<String> = sh(&format!("cd '{}' && find . -mindepth 1", dir.display()))
+            .lines()
+            .map(str::to_owned)
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(list(&root), list(&src));
+    // sha256sum of every file.
+    let sums = |dir: &Path| {
+        sh(&format!(
+            "cd '{}' && find . -type f -print0 | sort -z | xargs -0 sha256sum",
+            dir.display()
+        ))
+    };
+    assert_eq!(sums(&root), sums(&src));
+
+    // Random preads against the source bytes.
+    let mut rng = storaged::testkit::XorShift::new(42);
+    for (path, data) in files.iter().filter(|(_, d)| d.len() > 1000).take(6) {
+        let f = std::fs::File::open(root.join(path)).unwrap();
+        for _ in 0..50 {
+            let at = rng.below(data.len() as u64) as usize;
+            let len = 1 + rng.below(200_000) as usize;
+            let mut buf = vec![0u8; len];
+            let n = f.read_at(&mut buf, at as u64).unwrap();
+            let want = &data[at..(at + len).min(data.len())];
+            assert_eq!(&buf[..n], want, "{path} at {at}");
+        }
+    }
+
+    // Python: listdir, open().read(), mmap, xattrs, statvfs.
+    let script = r#"
+import mmap, os, sys, zlib
+root, src = sys.argv[1], sys.argv[2]
+assert sorted(os.listdir(os.path.join(root, "many"))) == sorted(os.listdir(os.path.join(src, "many")))
+for rel in ["données/ñandú 🦙.txt", "sizes/three_mib_odd", "empty"]:
+    data = open(os.path.join(root, rel), "rb").read()
+    assert data == open(os.path.join(src, rel), "rb").read(), rel
+    assert os.getxattr(os.path.join(root, rel), "user.storaged.crc32").decode() == "%08x" % zlib.crc32(data), rel
+    assert os.getxattr(os.path.join(root, rel), "user.storaged.class") == b"stripe"
+with open(os.path.join(root, "sizes/mib_plus_three"), "rb") as f:
+    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+    assert m[:] == open(os.path.join(src, "sizes/mib_plus_three"), "rb").read()
+st = os.statvfs(root)
+print(st.f_blocks * st.f_frsize)
+"#;
+    let (ok, out) = python(script, &[root.to_str().unwrap(), src.to_str().unwrap()]);
+    assert!(ok, "python on the mount: {out}");
+    let status = d.status_json();
+    let capacity = status["capacity_bytes"].as_u64().unwrap();
+    assert_eq!(
+        out.trim().parse::<u64>().unwrap(),
+        capacity,
+        "statfs is the pool's capacity"
+    );
+
+    // stat: sizes, modes, the dataset's creation time, stable inodes.
+    let created_ms = status["datasets"][0]["created_unix_ms"]
+        .as_str()
+        .map(|s| s.parse::<i64>().unwrap())
+        .or_else(|| status["datasets"][0]["created_unix_ms"].as_i64())
+        .unwrap();
+    let meta = std::fs::metadata(root.join("sizes/three_mib_odd")).unwrap();
+    assert_eq!(meta.len(), 3 * (1 << 20) + 12_345);
+    assert_eq!(meta.permissions().mode() & 0o7777, 0o444);
+    assert_eq!(
+        meta.mtime() * 1000 + meta.mtime_nsec() / 1_000_000,
+        created_ms
+    );
+    let dir = std::fs::metadata(root.join("données")).unwrap();
+    assert!(dir.is_dir());
+    assert_eq!(dir.permissions().mode() & 0o7777, 0o555);
+    let ino = meta.ino();
+    assert_eq!(
+        std::fs::metadata(root.join("sizes/three_mib_odd"))
+            .unwrap()
+            .ino(),
+        ino
+    );
+    drop(m);
+    let _m = Mounted::start(&d, &mnt, &[]);
+    assert_eq!(
+        std::fs::metadata(root.join("sizes/three_mib_odd"))
+            .unwrap()
+            .ino(),
+        ino,
+        "the same inode at the next mount"
+    );
+}
+
+#[test]
+fn eight_concurrent_readers_get_the_right_bytes() {
+    // Guards concurrent reads: 8 processes hash different and the same
+    // files at once, through read-ahead windows and exact reads alike.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let files: Vec<(String, Vec<u8>)> = (0..4)
+        .map(|i| {
+            (
+                format!("f{i}"),
+                pattern(50 + i, 6 * (1 << 20) + i as usize * 4099),
+            )
+        })
+        .collect();
+    write_tree(&src, &files);
+    let d = daemon(tmp.path());
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    let mnt = tmp.path().join("mnt");
+    let _m = Mounted::start(&d, &mnt, &["--dataset", "ds", "--read-ahead-mib", "2"]);
+    let readers: Vec<(usize, Child)> = (0..8)
+        .map(|k| {
+            // Readers 0-3 each their own file; 4-7 all on f0.
+            let i = if k < 4 { k } else { 0 };
+            let child = Command::new("sha256sum")
+                .arg(mnt.join(format!("f{i}")))
+                .stdout(Stdio::piped())
+                .spawn()
+                .unwrap();
+            (i, child)
+        })
+        .collect();
+    for (i, child) in readers {
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        let got = String::from_utf8(out.stdout).unwrap();
+        let want = sh(&format!(
+            "sha256sum '{}'",
+            src.join(format!("f{i}")).display()
+        ));
+        assert_eq!(got.split(' ').next(), want.split(' ').next(), "f{i}");
+    }
+}
+
+#[test]
+fn every_kind_of_write_fails_with_erofs() {
+    // Guards the read-only promise: every call that would change the tree
+    // fails with EROFS, and the mount stays up.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("dir/file".into(), pattern(9, 100))]);
+    let d = daemon(tmp.path());
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    let mnt = tmp.path().join("mnt");
+    let _m = Mounted::start(&d, &mnt, &[]);
+    let script = r#"
+import errno, os, sys
+root = sys.argv[1]
+f = os.path.join(root, "ds/dir/file")
+d = os.path.join(root, "ds/dir")
+attempts = {
+    "open w": lambda: open(f, "wb"),
+    "open a": lambda: open(f, "ab"),
+    "open r+": lambda: open(f, "r+b"),
+    "create": lambda: open(os.path.join(d, "new"), "xb"),
+    "O_CREAT": lambda: os.open(os.path.join(d, "new2"), os.O_CREAT | os.O_WRONLY),
+    "O_TRUNC": lambda: os.open(f, os.O_RDONLY | os.O_TRUNC),
+    "mkdir": lambda: os.mkdir(os.path.join(d, "sub")),
+    "mkdir top": lambda: os.mkdir(os.path.join(root, "newds")),
+    "rename": lambda: os.rename(f, os.path.join(d, "moved")),
+    "unlink": lambda: os.remove(f),
+    "rmdir": lambda: os.rmdir(d),
+    "symlink": lambda: os.symlink("file", os.path.join(d, "link")),
+    "link": lambda: os.link(f, os.path.join(d, "hard")),
+    "chmod": lambda: os.chmod(f, 0o644),
+    "chown": lambda: os.chown(f, 1, 1),
+    "truncate": lambda: os.truncate(f, 0),
+    "utime": lambda: os.utime(f, (1, 1)),
+    "setxattr": lambda: os.setxattr(f, "user.x", b"1"),
+    "removexattr": lambda: os.removexattr(f, "user.storaged.crc32"),
+    "mknod": lambda: os.mkfifo(os.path.join(d, "fifo")),
+}
+bad = []
+for name, call in attempts.items():
+    try:
+        call()
+        bad.append(name + ": succeeded")
+    except OSError as e:
+        if e.errno != errno.EROFS:
+            bad.append("%s: %s" % (name, e))
+assert open(f, "rb").read() == open(sys.argv[2], "rb").read()
+print("\n".join(bad))
+sys.exit(1 if bad else 0)
+"#;
+    let (ok, out) = python(
+        script,
+        &[
+            mnt.to_str().unwrap(),
+            src.join("dir/file").to_str().unwrap(),
+        ],
+    );
+    assert!(ok, "writes that did not fail with EROFS:\n{out}");
+}
+
+#[test]
+fn a_read_waits_out_a_storaged_restart_and_fails_with_eio_past_the_budget() {
+    // Guards reads across a restart: a reader paused mid-file carries on
+    // after storaged restarts and gets every byte right; with storaged
+    // gone past the retry budget, reads fail with EIO instead of hanging.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    let big = pattern(11, 40 << 20);
+    let other = pattern(12, 3 << 20);
+    write_tree(
+        &src,
+        &[("big".into(), big.clone()), ("other".into(), other)],
+    );
+    let mut d = daemon(tmp.path());
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    d.stop();
+    d.restart_same_port();
+    let mnt = tmp.path().join("mnt");
+    let m = Mounted::start(&d, &mnt, &["--dataset", "ds", "--retry-budget-s", "20"]);
+    // The reader reads 1 MiB, then waits for a line on stdin before the
+    // rest, and prints the SHA-256 of all it read.
+    let script = r#"
+import hashlib, sys
+h = hashlib.sha256()
+with open(sys.argv[1], "rb") as f:
+    h.update(f.read(1 << 20))
+    print("paused", flush=True)
+    sys.stdin.readline()
+    while True:
+        b = f.read(1 << 20)
+        if not b:
+            break
+        h.update(b)
+print(h.hexdigest(), flush=True)
+"#;
+    let mut reader = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(mnt.join("big"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(reader.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "paused");
+    d.stop();
+    d.restart_same_port();
+    writeln!(reader.stdin.take().unwrap(), "go").unwrap();
+    let digest = lines.next().unwrap().unwrap();
+    assert!(wait_exit(&mut reader, Duration::from_secs(120)).success());
+    let want = sh(&format!("sha256sum '{}'", src.join("big").display()));
+    assert_eq!(
+        Some(digest.as_str()),
+        want.split(' ').next(),
+        "bytes across the restart"
+    );
+
+    // Gone for good: a file never read fails with EIO within the budget.
+    d.stop();
+    let started = Instant::now();
+    let (ok, out) = python(
+        "import errno, sys\ntry:\n    open(sys.argv[1], 'rb').read()\nexcept OSError as e:\n    print(e.errno == errno.EIO)\n    sys.exit(0)\nsys.exit(1)",
+        &[mnt.join("other").to_str().unwrap()],
+    );
+    assert!(ok && out.trim() == "True", "expected EIO: {out}");
+    assert!(
+        started.elapsed() < Duration::from_secs(90),
+        "EIO took {:?}",
+        started.elapsed()
+    );
+    assert!(m.stderr().contains("read failed"), "{}", m.stderr());
+}
+
+#[test]
+fn a_corrupt_stripe_object_reads_as_eio() {
+    // Guards verification through the mount: a flipped bit under a stripe
+    // object is EIO (DATA_LOSS logged), never wrong bytes.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(
+        &src,
+        &[
+            ("victim".into(), pattern(13, 700_000)),
+            ("fine".into(), pattern(14, 5000)),
+        ],
+    );
+    let d = daemon(tmp.path());
+    d.ctl_ok(&["ingest", "--class", "stripe", "ds", src.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let extent = rt.block_on(async {
+        let st = d
+            .client()
+            .await
+            .dataset("ds")
+            .unwrap()
+            .stat("victim")
+            .await
+            .unwrap();
+        st.extents[0]
+    });
+    storaged_tests::flip_byte(
+        &d.data_dir.join(format!("dev{}.img", extent.device_index)),
+        extent.device_offset + 100,
+        0x40,
+    );
+    let mnt = tmp.path().join("mnt");
+    let m = Mounted::start(&d, &mnt, &["--dataset", "ds"]);
+    let err = std::fs::read(mnt.join("victim")).expect_err("corrupt bytes must not be served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert_eq!(std::fs::read(mnt.join("fine")).unwrap(), pattern(14, 5000));
+    assert!(
+        m.stderr().contains("DATA_LOSS") || m.stderr().contains("checksum mismatch"),
+        "{}",
+        m.stderr()
+    );
+}
+
+#[test]
+fn datasets_come_and_go_while_mounted_and_never_serve_wrong_bytes() {
+    // Guards a dataset removed (and created again) while mounted: its open
+    // file gets ENOENT or EIO, never the new dataset's bytes; the top
+    // level follows within the refresh interval.
+    let tmp = tempfile::tempdir().unwrap();
+    let a = tmp.path().join("a");
+    let b = tmp.path().join("b");
+    write_tree(&a, &[("f".into(), pattern(20, 300_000))]);
+    write_tree(&b, &[("f".into(), pattern(21, 300_000))]);
+    let d = daemon(tmp.path());
+    d.ctl_ok(&["ingest", "gone", a.to_str().unwrap()]);
+    let mnt = tmp.path().join("mnt");
+    let _m = Mounted::start(&d, &mnt, &["--refresh-s", "1"]);
+    let old = std::fs::File::open(mnt.join("gone/f")).unwrap();
+    d.ctl_ok(&["rm", "-y", "gone"]);
+    d.ctl_ok(&["ingest", "gone", b.to_str().unwrap()]);
+    d.ctl_ok(&["ingest", "new", b.to_str().unwrap()]);
+    let mut buf = vec![0u8; 4096];
+    let err = old
+        .read_at(&mut buf, 0)
+        .expect_err("the old dataset's open file must not read the new one");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::ENOENT) | Some(libc::EIO)),
+        "{err}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let names: Vec<String> = std::fs::read_dir(&mnt)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        let fresh = std::fs::read(mnt.join("gone/f")).ok();
+        if names.contains(&"new".to_owned()) && fresh.as_deref() == Some(&pattern(21, 300_000)[..])
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "top level never caught up: {names:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    d.ctl_ok(&["rm", "-y", "new"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while mnt.join("new").exists() {
+        assert!(Instant::now() < deadline, "removed dataset still listed");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn sigterm_and_sigint_unmount_and_a_killed_mount_does_not_block_the_next() {
+    // Guards the mount's life cycle: SIGTERM and SIGINT unmount cleanly
+    // (exit 0, gone from /proc/mounts); after kill -9 the next mount at
+    // the same path works.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("f".into(), pattern(30, 1000))]);
+    let d = daemon(tmp.path());
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    let mnt = tmp.path().join("mnt");
+    for signal in [libc::SIGTERM, libc::SIGINT] {
+        let mut m = Mounted::start(&d, &mnt, &[]);
+        assert!(is_mounted(&mnt));
+        assert!(m.signal(signal).success(), "{}", m.stderr());
+        assert!(!is_mounted(&mnt), "still mounted after signal {signal}");
+    }
+    let mut m = Mounted::start(&d, &mnt, &[]);
+    let status = m.signal(libc::SIGKILL);
+    assert!(!status.success());
+    let again = Mounted::start(&d, &mnt, &[]);
+    assert_eq!(std::fs::read(mnt.join("ds/f")).unwrap(), pattern(30, 1000));
+    assert!(again.stderr().contains("dead mount"), "{}", again.stderr());
+}

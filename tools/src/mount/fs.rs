@@ -1,0 +1,616 @@
+//! The FUSE file system: the kernel's requests answered from the
+//! namespace (metadata, no round trip) and the reader (data).
+//!
+//! Read-only by construction: every request that would change anything is
+//! answered EROFS, whatever the mount options. Entries and attributes
+//! inside a dataset are cached by the kernel for `attr_ttl` (datasets are
+//! immutable), negative entries too; the top level for the refresh
+//! interval, so datasets come and go within it. Files open with
+//! `FOPEN_KEEP_CACHE`: the page cache survives a reopen.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use fuser::{
+    Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
+    Request, TimeOrNow, WriteFlags,
+};
+use storaged_client::Client;
+
+use super::index::{NodeKind, TREE_ROOT, Tree};
+use super::namespace::{DatasetEntry, Inode, Namespace};
+use super::reader::{OpenFile, Reader};
+
+/// `st_blksize` of every file: tools size their reads by it.
+const BLOCK_SIZE_BYTES: u32 = 1 << 20;
+/// The largest read-ahead the kernel is asked for (its own limit is
+/// lower on some kernels).
+const KERNEL_READAHEAD_BYTES_MAX: u32 = 1 << 20;
+/// `statfs` answers are reused this long.
+const STATFS_TTL: Duration = Duration::from_secs(5);
+const XATTR_CRC32: &str = "user.storaged.crc32";
+const XATTR_CLASS: &str = "user.storaged.class";
+
+pub struct MountFs {
+    ns: Namespace,
+    reader: Arc<Reader>,
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    next_fh: AtomicU64,
+    attr_ttl: Duration,
+    refresh: Duration,
+    uid: u32,
+    gid: u32,
+    /// When the mount began: the top level's times.
+    started: SystemTime,
+    statfs: Mutex<Option<(Instant, [u64; 3])>>,
+    /// Called once the kernel has finished the handshake.
+    on_ready: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+pub struct MountFsOptions {
+    pub attr_ttl: Duration,
+    pub refresh: Duration,
+}
+
+impl MountFs {
+    pub fn new(
+        ns: Namespace,
+        reader: Arc<Reader>,
+        client: Client,
+        runtime: tokio::runtime::Handle,
+        options: MountFsOptions,
+        on_ready: Box<dyn FnOnce() + Send>,
+    ) -> Self {
+        // SAFETY: getuid and getgid cannot fail and touch no memory.
+        let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+        Self {
+            ns,
+            reader,
+            client,
+            runtime,
+            files: Mutex::default(),
+            next_fh: AtomicU64::new(1),
+            attr_ttl: options.attr_ttl,
+            refresh: options.refresh,
+            uid,
+            gid,
+            started: SystemTime::now(),
+            statfs: Mutex::default(),
+            on_ready: Mutex::new(Some(on_ready)),
+        }
+    }
+
+    fn dir_attr(&self, ino: u64, time: SystemTime) -> FileAttr {
+        self.attr(ino, FileType::Directory, 0, time)
+    }
+
+    fn attr(&self, ino: u64, kind: FileType, size: u64, time: SystemTime) -> FileAttr {
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: time,
+            mtime: time,
+            ctime: time,
+            crtime: time,
+            kind,
+            perm: if kind == FileType::Directory {
+                0o555
+            } else {
+                0o444
+            },
+            // Directories: "unknown" (find then never guesses subdirectory
+            // counts from it).
+            nlink: 1,
+            uid: self.uid,
+            gid: self.gid,
+            rdev: 0,
+            blksize: BLOCK_SIZE_BYTES,
+            flags: 0,
+        }
+    }
+
+    /// Attributes of `node` of `dataset`, whose tree is `tree`.
+    fn node_attr(&self, dataset: &DatasetEntry, tree: &Tree, node: u32) -> Option<FileAttr> {
+        let ino = self.ns.ino(dataset, node);
+        Some(match &tree.node(node)?.kind {
+            NodeKind::Dir { .. } => self.dir_attr(ino, dataset.created),
+            NodeKind::File { size, .. } => {
+                self.attr(ino, FileType::RegularFile, *size, dataset.created)
+            }
+        })
+    }
+
+    /// Attributes of `ino` and how long the kernel may keep them.
+    fn inode_attr(&self, ino: u64) -> Result<(FileAttr, Duration), Errno> {
+        match self.ns.resolve(ino).ok_or(Errno::ENOENT)? {
+            Inode::Root => Ok((self.dir_attr(ino, self.started), self.refresh)),
+            Inode::Node {
+                dataset,
+                node: TREE_ROOT,
+            } => Ok((
+                self.dir_attr(self.ns.ino(&dataset, TREE_ROOT), dataset.created),
+                self.attr_ttl,
+            )),
+            Inode::Node { dataset, node } => {
+                let tree = self.ns.tree(&dataset)?;
+                let attr = self.node_attr(&dataset, &tree, node).ok_or(Errno::ENOENT)?;
+                Ok((attr, self.attr_ttl))
+            }
+        }
+    }
+
+    fn lookup_inner(
+        &self,
+        parent: u64,
+        name: &OsStr,
+    ) -> Result<(Option<FileAttr>, Duration), Errno> {
+        let Some(name) = name.to_str() else {
+            return Ok((None, self.attr_ttl));
+        };
+        match self.ns.resolve(parent).ok_or(Errno::ENOENT)? {
+            Inode::Root => {
+                self.ns.refresh_if_stale();
+                let attr = self
+                    .ns
+                    .dataset(name)
+                    .map(|d| self.dir_attr(self.ns.ino(&d, TREE_ROOT), d.created));
+                Ok((attr, self.refresh))
+            }
+            Inode::Node { dataset, node } => {
+                let tree = self.ns.tree(&dataset)?;
+                let child = tree.child(node, name);
+                let attr = child.and_then(|c| self.node_attr(&dataset, &tree, c));
+                Ok((attr, self.attr_ttl))
+            }
+        }
+    }
+
+    /// The entries of directory `ino` after `.` and `..`: (ino, kind, name).
+    fn dir_entries(&self, ino: u64) -> Result<Vec<(u64, FileType, String)>, Errno> {
+        match self.ns.resolve(ino).ok_or(Errno::ENOENT)? {
+            Inode::Root => {
+                self.ns.refresh_if_stale();
+                Ok(self
+                    .ns
+                    .datasets()
+                    .iter()
+                    .map(|d| {
+                        (
+                            self.ns.ino(d, TREE_ROOT),
+                            FileType::Directory,
+                            d.name.clone(),
+                        )
+                    })
+                    .collect())
+            }
+            Inode::Node { dataset, node } => {
+                let tree = self.ns.tree(&dataset)?;
+                let children = tree.children(node).ok_or(Errno::ENOTDIR)?;
+                Ok(children
+                    .iter()
+                    .filter_map(|&c| {
+                        let n = tree.node(c)?;
+                        let kind = match n.kind {
+                            NodeKind::Dir { .. } => FileType::Directory,
+                            NodeKind::File { .. } => FileType::RegularFile,
+                        };
+                        Some((self.ns.ino(&dataset, c), kind, n.name.to_string()))
+                    })
+                    .collect())
+            }
+        }
+    }
+
+    fn open_inner(&self, ino: u64, flags: OpenFlags) -> Result<u64, Errno> {
+        if flags.acc_mode() != fuser::OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
+            return Err(Errno::EROFS);
+        }
+        let Inode::Node { dataset, node } = self.ns.resolve(ino).ok_or(Errno::ENOENT)? else {
+            return Err(Errno::EISDIR);
+        };
+        let tree = self.ns.tree(&dataset)?;
+        let size = match tree.node(node).ok_or(Errno::ENOENT)?.kind {
+            NodeKind::File { size, .. } => size,
+            NodeKind::Dir { .. } => return Err(Errno::EISDIR),
+        };
+        let file = self
+            .reader
+            .open(dataset.handle.clone(), tree.path(node), size);
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.files
+            .lock()
+            .expect("files poisoned")
+            .insert(fh, Arc::new(file));
+        Ok(fh)
+    }
+
+    /// The value of extended attribute `name` of `ino`.
+    fn xattr(&self, ino: u64, name: &str) -> Result<String, Errno> {
+        let Inode::Node { dataset, node } = self.ns.resolve(ino).ok_or(Errno::ENOENT)? else {
+            return Err(Errno::NO_XATTR);
+        };
+        match name {
+            XATTR_CLASS => Ok(dataset.class.clone()),
+            XATTR_CRC32 => {
+                let tree = self.ns.tree(&dataset)?;
+                match tree.node(node).ok_or(Errno::ENOENT)?.kind {
+                    NodeKind::File { crc32, .. } => Ok(format!("{crc32:08x}")),
+                    NodeKind::Dir { .. } => Err(Errno::NO_XATTR),
+                }
+            }
+            _ => Err(Errno::NO_XATTR),
+        }
+    }
+
+    /// Pool capacity, free bytes and objects, cached for `STATFS_TTL`.
+    fn capacity(&self) -> Result<[u64; 3], Errno> {
+        let mut cached = self.statfs.lock().expect("statfs poisoned");
+        if let Some((at, v)) = *cached
+            && at.elapsed() < STATFS_TTL
+        {
+            return Ok(v);
+        }
+        let status = self.runtime.block_on(self.client.status()).map_err(|e| {
+            tracing::warn!(error = %e, "statfs: cannot reach storaged");
+            Errno::EIO
+        })?;
+        let objects = status.datasets.iter().map(|d| d.object_count).sum();
+        let v = [status.capacity_bytes, status.free_bytes, objects];
+        *cached = Some((Instant::now(), v));
+        Ok(v)
+    }
+}
+
+/// Answers `reply` with `size` bytes of `value` (or its length when
+/// `size` is 0), as getxattr and listxattr want.
+fn reply_xattr(reply: ReplyXattr, size: u32, value: &[u8]) {
+    if size == 0 {
+        reply.size(value.len() as u32);
+    } else if value.len() > size as usize {
+        reply.error(Errno::ERANGE);
+    } else {
+        reply.data(value);
+    }
+}
+
+impl Filesystem for MountFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        if let Err(max) = config.set_max_readahead(KERNEL_READAHEAD_BYTES_MAX) {
+            let _ = config.set_max_readahead(max);
+        }
+        let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        if let Some(ready) = self.on_ready.lock().expect("ready poisoned").take() {
+            ready();
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.lookup_inner(parent.0, name) {
+            Ok((Some(attr), ttl)) => reply.entry(&ttl, &attr, Generation(0)),
+            // Node 0 with a TTL: the kernel keeps the negative entry.
+            Ok((None, ttl)) => {
+                let mut none = self.dir_attr(0, self.started);
+                none.ino = INodeNo(0);
+                reply.entry(&ttl, &none, Generation(0));
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode_attr(ino.0) {
+            Ok((attr, ttl)) => reply.attr(&ttl, &attr),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        match self.open_inner(ino.0, flags) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let Some(file) = self
+            .files
+            .lock()
+            .expect("files poisoned")
+            .get(&fh.0)
+            .cloned()
+        else {
+            reply.error(Errno::EBADF);
+            return;
+        };
+        let reader = Arc::clone(&self.reader);
+        // Answered from the runtime: the FUSE thread takes the next request
+        // while this one reads.
+        self.runtime.spawn(async move {
+            match reader.read(&file, offset, size).await {
+                Ok(bytes) => reply.data(&bytes),
+                Err(e) => {
+                    tracing::error!(path = %file.path(), offset, size, error = e.message(), "read failed");
+                    reply.error(e.errno());
+                }
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.files.lock().expect("files poisoned").remove(&fh.0);
+        reply.ok();
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let entries = match self.dir_entries(ino.0) {
+            Ok(e) => e,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
+        };
+        // Offsets: 1 and 2 for `.` and `..`, then 3 + the child's index.
+        let dots = [
+            (ino.0, FileType::Directory, "."),
+            (ino.0, FileType::Directory, ".."),
+        ];
+        let all = dots
+            .iter()
+            .map(|(i, k, n)| (*i, *k, *n))
+            .chain(entries.iter().map(|(i, k, n)| (*i, *k, n.as_str())));
+        for (k, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(ino), k as u64 + 1, kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    /// Nothing is buffered for writing: nothing to flush.
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    /// No ioctls (a terminal check by `isatty`, say): ENOTTY.
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        reply.error(Errno::ENOTTY);
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.capacity() {
+            Ok([capacity, free, objects]) => {
+                let block = 4096u64;
+                reply.statfs(
+                    capacity / block,
+                    free / block,
+                    free / block,
+                    objects,
+                    0,
+                    block as u32,
+                    storaged_proto::model::OBJECT_PATH_BYTES_MAX as u32,
+                    block as u32,
+                );
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        match self.xattr(ino.0, &name.to_string_lossy()) {
+            Ok(value) => reply_xattr(reply, size, value.as_bytes()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut names = Vec::new();
+        for name in [XATTR_CRC32, XATTR_CLASS] {
+            if self.xattr(ino.0, name).is_ok() {
+                names.extend_from_slice(name.as_bytes());
+                names.push(0);
+            }
+        }
+        reply_xattr(reply, size, &names);
+    }
+
+    // Everything below would change the tree: refused.
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _mode: Option<u32>,
+        _uid: Option<u32>,
+        _gid: Option<u32>,
+        _size: Option<u64>,
+        _atime: Option<TimeOrNow>,
+        _mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mknod(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn mkdir(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn unlink(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn symlink(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _link_name: &OsStr,
+        _target: &std::path::Path,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        _flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _newparent: INodeNo,
+        _newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn create(
+        &self,
+        _req: &Request,
+        _parent: INodeNo,
+        _name: &OsStr,
+        _mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _name: &OsStr,
+        _value: &[u8],
+        _flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
+        reply.error(Errno::EROFS);
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _offset: u64,
+        _length: u64,
+        _mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply.error(Errno::EROFS);
+    }
+}

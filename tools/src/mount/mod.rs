@@ -1,0 +1,224 @@
+//! `storagectl mount`: every dataset (or one) as a read-only POSIX tree,
+//! through FUSE (the `fuser` crate, pure Rust: no libfuse needed; as root
+//! it mounts with mount(2), otherwise through `fusermount3`).
+//!
+//! The mount runs in the foreground until it is unmounted (`umount`,
+//! `fusermount3 -u`) or gets SIGINT/SIGTERM, which unmount it cleanly
+//! (lazily when something still uses it). A mount whose process died
+//! leaves a dead mount point; the next mount at that path detaches it
+//! first. Metadata comes from `namespace` and `index`, data from `reader`;
+//! `fs` answers the kernel.
+
+mod fs;
+mod index;
+mod namespace;
+mod reader;
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use storaged_client::Client;
+
+/// The options of `storagectl mount`.
+#[derive(clap::Args, Debug)]
+pub struct MountArgs {
+    /// Where to mount (an existing directory).
+    pub mountpoint: PathBuf,
+    /// Mount only this dataset, at the root. [default: every dataset, each
+    /// a top-level directory]
+    #[arg(long)]
+    pub dataset: Option<String>,
+    /// Threads taking requests from the kernel (each with its own
+    /// /dev/fuse descriptor); reads then run concurrently on the runtime.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Seconds after which a dataset created or removed while mounted
+    /// shows at the top level.
+    #[arg(long, default_value_t = 5)]
+    pub refresh_s: u64,
+    /// Seconds the kernel keeps entries and attributes inside a dataset
+    /// (datasets never change).
+    #[arg(long, default_value_t = 3600)]
+    pub attr_ttl_s: u64,
+    /// Largest read-ahead window of one sequentially read file, in MiB.
+    #[arg(long, default_value_t = 8)]
+    pub read_ahead_mib: u64,
+    /// Read-ahead of all open files together, in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub read_ahead_budget_mib: u64,
+    /// Objects and directories one dataset's index may hold.
+    #[arg(long, default_value_t = 20_000_000)]
+    pub index_entries_max: usize,
+    /// Seconds a read waits for storaged to come back (a restart) before
+    /// it fails with EIO.
+    #[arg(long, default_value_t = 60)]
+    pub retry_budget_s: u64,
+    /// Let other users (and root) use the mount (needs `user_allow_other`
+    /// in /etc/fuse.conf unless run as root).
+    #[arg(long)]
+    pub allow_other: bool,
+}
+
+/// Mounts, serves until unmounted or signalled, and unmounts.
+pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
+    if args.threads == 0 || args.read_ahead_mib == 0 {
+        bail!("--threads and --read-ahead-mib must be at least 1");
+    }
+    let mountpoint = args.mountpoint.clone();
+    detach_dead_mount(&mountpoint)?;
+    let meta = std::fs::metadata(&mountpoint)
+        .with_context(|| format!("mount point {}", mountpoint.display()))?;
+    if !meta.is_dir() {
+        bail!("mount point {} is not a directory", mountpoint.display());
+    }
+    // Before mounting: a signal that comes as soon as the mount is ready
+    // must find its handler in place.
+    let signals = StopSignals::new().context("installing the SIGINT/SIGTERM handlers")?;
+    let runtime = tokio::runtime::Handle::current();
+    let retry_budget = Duration::from_secs(args.retry_budget_s);
+    let refresh = Duration::from_secs(args.refresh_s);
+    let ns_options = namespace::NamespaceOptions {
+        dataset: args.dataset.clone(),
+        refresh,
+        entries_max: args.index_entries_max.max(1),
+        retry_budget,
+    };
+    let reader = Arc::new(reader::Reader::new(
+        runtime.clone(),
+        reader::ReadAheadOptions {
+            window_bytes_max: args.read_ahead_mib << 20,
+            budget_bytes: args.read_ahead_budget_mib << 20,
+            retry_budget,
+        },
+    ));
+    let (ns_client, rt) = (client.clone(), runtime.clone());
+    let ns =
+        tokio::task::spawn_blocking(move || namespace::Namespace::new(ns_client, rt, ns_options))
+            .await??;
+    let shown = mountpoint.display().to_string();
+    let path = if client.is_local() { "shm" } else { "grpc" };
+    let ready = Box::new(move || {
+        println!("storagectl: mounted on {shown} (reads via {path}); ready");
+    });
+    let fs = fs::MountFs::new(
+        ns,
+        reader,
+        client,
+        runtime,
+        fs::MountFsOptions {
+            attr_ttl: Duration::from_secs(args.attr_ttl_s),
+            refresh,
+        },
+        ready,
+    );
+    let mut config = fuser::Config::default();
+    config.mount_options = vec![
+        fuser::MountOption::RO,
+        fuser::MountOption::FSName("storaged".into()),
+        fuser::MountOption::Subtype("storaged".into()),
+        fuser::MountOption::NoDev,
+        fuser::MountOption::NoSuid,
+        fuser::MountOption::NoAtime,
+        fuser::MountOption::DefaultPermissions,
+    ];
+    if args.allow_other {
+        config.acl = fuser::SessionACL::All;
+    }
+    config.n_threads = Some(args.threads);
+    config.clone_fd = true;
+    let mp = mountpoint.clone();
+    let mut session = tokio::task::spawn_blocking(move || fuser::Session::new(fs, &mp, &config))
+        .await?
+        .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+    let mut unmounter = session.unmount_callable();
+    let detach_at = mountpoint.clone();
+    tokio::spawn(async move {
+        let why = signals.next().await;
+        tracing::info!(signal = why, "unmounting");
+        if let Err(e) = unmounter.unmount() {
+            // Busy (a process still has a file or its cwd there): detach
+            // now, the kernel finishes when the last user lets go.
+            tracing::warn!(error = %e, "unmount failed; detaching lazily");
+            if let Err(e) = detach(&detach_at) {
+                tracing::error!(error = %e, "cannot detach the mount");
+            }
+        }
+    });
+    let served = tokio::task::spawn_blocking(move || session.run()).await?;
+    served.with_context(|| format!("serving {}", mountpoint.display()))?;
+    eprintln!("storagectl: unmounted {}", mountpoint.display());
+    Ok(())
+}
+
+/// SIGINT and SIGTERM, caught from creation on.
+struct StopSignals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn new() -> std::io::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    /// Waits for either and says which.
+    async fn next(mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// A mount point whose FUSE process died answers ENOTCONN ("transport
+/// endpoint is not connected") and cannot be mounted on: detach it.
+fn detach_dead_mount(mountpoint: &Path) -> anyhow::Result<()> {
+    match std::fs::metadata(mountpoint) {
+        Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
+            eprintln!(
+                "storagectl: {} is a dead mount (its process died); detaching it",
+                mountpoint.display()
+            );
+            detach(mountpoint).with_context(|| {
+                format!(
+                    "cannot detach the dead mount at {0}; run `fusermount3 -uz {0}` or `umount -l {0}`",
+                    mountpoint.display()
+                )
+            })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Lazy unmount: umount2(MNT_DETACH) as root, `fusermount3 -uz` otherwise.
+fn detach(mountpoint: &Path) -> std::io::Result<()> {
+    let c = CString::new(mountpoint.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: a valid NUL-terminated path; umount2 reads it only.
+    if unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) } == 0 {
+        return Ok(());
+    }
+    let err = std::io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EPERM) {
+        return Err(err);
+    }
+    let status = std::process::Command::new("fusermount3")
+        .arg("-uz")
+        .arg(mountpoint)
+        .status()?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!(
+            "fusermount3 -uz exited with {status}"
+        )))
+    }
+}

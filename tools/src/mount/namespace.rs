@@ -1,0 +1,288 @@
+//! What the mount shows: the datasets (every one as a top-level directory,
+//! or one at the root), their trees, and the inode numbers of both.
+//!
+//! Each dataset the mount sees gets a slot, and its nodes the inode
+//! `slot << 40 | (node + 1)`: numbers never repeat within a mount, and a
+//! dataset removed and created again under the same name gets a new slot
+//! (it is another dataset, with another id). The dataset list is fetched
+//! again when it is older than the refresh interval and someone looks at
+//! the top level; a tree is listed once, on first use, and kept (datasets
+//! are immutable).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use fuser::Errno;
+use storaged_client::retry::Retrying;
+use storaged_client::{Client, ClientError, Dataset};
+
+use super::index::{NodeId, TREE_ROOT, Tree};
+
+/// The mount's root directory.
+pub const ROOT_INO: u64 = 1;
+/// Inode bits of a node within its dataset.
+const SLOT_SHIFT: u32 = 40;
+/// Objects per page of the listing a tree is built from (storaged's
+/// largest page).
+const LIST_PAGE_SIZE: u32 = 10_000;
+
+/// A dataset as the mount knows it.
+pub struct DatasetEntry {
+    pub name: String,
+    pub id: u64,
+    pub created: SystemTime,
+    /// Its storage class as storagectl writes it (`stripe`, `ec:4+2`).
+    pub class: String,
+    slot: u32,
+    /// Reads go to this id only: never to a dataset created again under
+    /// the name.
+    pub handle: Dataset,
+    tree: Mutex<Option<Arc<Tree>>>,
+    /// No longer in storaged's list (or its name now has another id).
+    pub removed: AtomicBool,
+}
+
+/// What an inode number names.
+pub enum Inode {
+    /// The top level of a mount of every dataset.
+    Root,
+    Node {
+        dataset: Arc<DatasetEntry>,
+        node: NodeId,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct NamespaceOptions {
+    /// Mount this dataset at the root instead of every one below it.
+    pub dataset: Option<String>,
+    /// How old the dataset list may be when the top level is read.
+    pub refresh: Duration,
+    /// Largest tree (objects and directories) of one dataset.
+    pub entries_max: usize,
+    /// How long listings wait for storaged to come back.
+    pub retry_budget: Duration,
+}
+
+#[derive(Default)]
+struct State {
+    /// By slot - 1.
+    slots: Vec<Arc<DatasetEntry>>,
+    by_name: BTreeMap<String, u32>,
+    refreshed: Option<Instant>,
+}
+
+pub struct Namespace {
+    client: Client,
+    runtime: tokio::runtime::Handle,
+    options: NamespaceOptions,
+    state: RwLock<State>,
+}
+
+impl Namespace {
+    /// Lists the datasets once; with `options.dataset`, fails unless that
+    /// one exists.
+    pub fn new(
+        client: Client,
+        runtime: tokio::runtime::Handle,
+        options: NamespaceOptions,
+    ) -> Result<Self, ClientError> {
+        let ns = Self {
+            client,
+            runtime,
+            options,
+            state: RwLock::default(),
+        };
+        ns.refresh()?;
+        if let Some(name) = &ns.options.dataset
+            && ns.dataset(name).is_none()
+        {
+            return Err(ClientError::Status(tonic::Status::not_found(format!(
+                "dataset {name:?} not found"
+            ))));
+        }
+        Ok(ns)
+    }
+
+    pub fn single(&self) -> bool {
+        self.options.dataset.is_some()
+    }
+
+    /// The inode of `node` of the dataset in `slot`.
+    pub fn ino(&self, dataset: &DatasetEntry, node: NodeId) -> u64 {
+        if self.single() && node == TREE_ROOT {
+            return ROOT_INO;
+        }
+        (u64::from(dataset.slot) << SLOT_SHIFT) | (u64::from(node) + 1)
+    }
+
+    /// What `ino` names, if anything.
+    pub fn resolve(&self, ino: u64) -> Option<Inode> {
+        if ino == ROOT_INO {
+            return match &self.options.dataset {
+                None => Some(Inode::Root),
+                Some(name) => Some(Inode::Node {
+                    dataset: self.dataset_any(name)?,
+                    node: TREE_ROOT,
+                }),
+            };
+        }
+        let slot = (ino >> SLOT_SHIFT) as u32;
+        let node = ((ino & ((1 << SLOT_SHIFT) - 1)) as u32).checked_sub(1)?;
+        let state = self.state.read().expect("namespace poisoned");
+        let dataset = Arc::clone(state.slots.get((slot as usize).checked_sub(1)?)?);
+        Some(Inode::Node { dataset, node })
+    }
+
+    /// The live dataset called `name`.
+    pub fn dataset(&self, name: &str) -> Option<Arc<DatasetEntry>> {
+        let state = self.state.read().expect("namespace poisoned");
+        let slot = *state.by_name.get(name)?;
+        Some(Arc::clone(&state.slots[slot as usize - 1]))
+    }
+
+    /// The dataset called `name` when the mount began, removed or not (a
+    /// single-dataset mount keeps its root).
+    fn dataset_any(&self, name: &str) -> Option<Arc<DatasetEntry>> {
+        let state = self.state.read().expect("namespace poisoned");
+        state.slots.iter().find(|d| d.name == name).cloned()
+    }
+
+    /// The live datasets in name order.
+    pub fn datasets(&self) -> Vec<Arc<DatasetEntry>> {
+        let state = self.state.read().expect("namespace poisoned");
+        state
+            .by_name
+            .values()
+            .map(|slot| Arc::clone(&state.slots[*slot as usize - 1]))
+            .collect()
+    }
+
+    /// Lists the datasets again when the list is older than the refresh
+    /// interval. A failure keeps the old list (logged).
+    pub fn refresh_if_stale(&self) {
+        let stale = self
+            .state
+            .read()
+            .expect("namespace poisoned")
+            .refreshed
+            .is_none_or(|at| at.elapsed() >= self.options.refresh);
+        if stale && let Err(e) = self.refresh() {
+            tracing::warn!(error = %e, "cannot list the datasets; showing the last list");
+        }
+    }
+
+    fn refresh(&self) -> Result<(), ClientError> {
+        let policy = self
+            .client
+            .retry_policy()
+            .with_budget_only(self.options.retry_budget);
+        let list = self
+            .runtime
+            .block_on(Retrying::new(policy).run(|| self.client.list_datasets()))?;
+        let mut state = self.state.write().expect("namespace poisoned");
+        let mut live = BTreeMap::new();
+        for info in list {
+            if let Some(only) = &self.options.dataset
+                && *only != info.name
+            {
+                continue;
+            }
+            let known = state
+                .by_name
+                .get(&info.name)
+                .map(|slot| &state.slots[*slot as usize - 1])
+                .filter(|d| d.id == info.dataset_id);
+            let slot = match known {
+                Some(d) => d.slot,
+                None => {
+                    let slot = state.slots.len() as u32 + 1;
+                    let handle = self.client.dataset_pinned(&info.name, info.dataset_id)?;
+                    state.slots.push(Arc::new(DatasetEntry {
+                        class: crate::class_name(&info),
+                        created: std::time::UNIX_EPOCH
+                            + Duration::from_millis(info.created_unix_ms.max(0) as u64),
+                        id: info.dataset_id,
+                        name: info.name.clone(),
+                        slot,
+                        handle,
+                        tree: Mutex::new(None),
+                        removed: AtomicBool::new(false),
+                    }));
+                    slot
+                }
+            };
+            live.insert(info.name, slot);
+        }
+        for (name, slot) in &state.by_name {
+            if live.get(name) != Some(slot) {
+                state.slots[*slot as usize - 1]
+                    .removed
+                    .store(true, Ordering::Relaxed);
+                tracing::info!(dataset = %name, "dataset removed (or created again); leaving the mount");
+            }
+        }
+        state.by_name = live;
+        state.refreshed = Some(Instant::now());
+        Ok(())
+    }
+
+    /// The tree of `dataset`, listed on first use.
+    pub fn tree(&self, dataset: &DatasetEntry) -> Result<Arc<Tree>, Errno> {
+        let mut tree = dataset.tree.lock().expect("tree poisoned");
+        if let Some(t) = &*tree {
+            return Ok(Arc::clone(t));
+        }
+        let started = Instant::now();
+        let objects = self
+            .runtime
+            .block_on(self.list_all(&dataset.handle))
+            .map_err(|e| {
+                tracing::error!(dataset = %dataset.name, error = %e, "cannot list the dataset");
+                match e.code() {
+                    Some(tonic::Code::NotFound) => Errno::ENOENT,
+                    _ => Errno::EIO,
+                }
+            })?;
+        let built = Tree::build(objects, self.options.entries_max).map_err(|e| {
+            tracing::error!(dataset = %dataset.name, error = %e, "cannot index the dataset");
+            Errno::EIO
+        })?;
+        tracing::info!(
+            dataset = %dataset.name,
+            files = built.files(),
+            entries = built.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "dataset indexed"
+        );
+        let built = Arc::new(built);
+        *tree = Some(Arc::clone(&built));
+        Ok(built)
+    }
+
+    /// Every object of `dataset` (path, size, CRC-32), page by page.
+    async fn list_all(&self, dataset: &Dataset) -> Result<Vec<(String, u64, u32)>, ClientError> {
+        let policy = self
+            .client
+            .retry_policy()
+            .with_budget_only(self.options.retry_budget);
+        let mut out = Vec::new();
+        let mut token = String::new();
+        loop {
+            let (page, next) = Retrying::new(policy)
+                .run(|| dataset.list_page("", LIST_PAGE_SIZE, &token))
+                .await?;
+            out.extend(page.into_iter().map(|o| (o.path, o.size, o.crc32)));
+            if out.len() > self.options.entries_max {
+                // Tree::build says so; no need to list the rest.
+                return Ok(out);
+            }
+            match next {
+                Some(t) => token = t,
+                None => return Ok(out),
+            }
+        }
+    }
+}

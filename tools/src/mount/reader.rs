@@ -1,0 +1,375 @@
+//! Reads of open files: exact ranges for random access, large windows read
+//! ahead for sequential access.
+//!
+//! Each open file keeps where its last read ended. A read that starts near
+//! there continues a sequential run; once a run is long enough the file
+//! reads in windows that double from `WINDOW_MIN_BYTES` up to the
+//! configured window, and starts the next window while the current one is
+//! half consumed, so a streaming reader finds its bytes already here. Any
+//! other read is served exactly as asked (clamped to the object's end):
+//! random small reads are never inflated. Windows count against one budget
+//! for the whole mount; without room, reads are exact.
+//!
+//! Every byte comes from the client library's verified paths (a region
+//! filled and verified in place by storaged when it is on this host, a
+//! gRPC Read otherwise), pinned to the dataset id the mount listed, and a
+//! failure that a restart of storaged explains is tried again within the
+//! retry budget.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::{BoxFuture, Shared};
+use storaged_client::retry::Retrying;
+use storaged_client::{ClientError, Dataset};
+
+/// The first read-ahead window of a sequential run.
+pub const WINDOW_MIN_BYTES: u64 = 1 << 20;
+/// Reads in a row near the last one's end before windows start (the
+/// first read of a file counts as one).
+const SEQUENTIAL_READS_MIN: u32 = 2;
+/// Windows ahead of the reader per file, the one being read included.
+const WINDOWS_PER_FILE_MAX: usize = 2;
+
+/// Read-ahead settings of a mount.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadAheadOptions {
+    /// Largest window of one file.
+    pub window_bytes_max: u64,
+    /// Bytes of all windows of the mount at once.
+    pub budget_bytes: u64,
+    /// How long a read waits for storaged to come back before EIO.
+    pub retry_budget: Duration,
+}
+
+/// Why a read failed, as the mount answers it.
+#[derive(Debug, Clone)]
+pub enum ReadFailure {
+    /// The object or its dataset is gone (removed, or removed and created
+    /// again): ENOENT.
+    Gone(String),
+    /// Anything else (corrupt bytes, storaged away past the budget): EIO,
+    /// with the message logged.
+    Failed(String),
+}
+
+impl ReadFailure {
+    fn from_client(e: ClientError) -> Self {
+        match e.code() {
+            Some(tonic::Code::NotFound) => ReadFailure::Gone(e.to_string()),
+            _ => ReadFailure::Failed(e.to_string()),
+        }
+    }
+
+    pub fn errno(&self) -> fuser::Errno {
+        match self {
+            ReadFailure::Gone(_) => fuser::Errno::ENOENT,
+            ReadFailure::Failed(_) => fuser::Errno::EIO,
+        }
+    }
+
+    pub fn message(&self) -> &str {
+        match self {
+            ReadFailure::Gone(m) | ReadFailure::Failed(m) => m,
+        }
+    }
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Bytes, ReadFailure>>>;
+
+/// Bytes of the mount's windows, charged while a window lives.
+#[derive(Debug, Default)]
+pub struct Budget {
+    used: AtomicU64,
+}
+
+/// One window's share of the budget, given back on drop.
+struct Charge {
+    budget: Arc<Budget>,
+    bytes: u64,
+}
+
+impl Drop for Charge {
+    fn drop(&mut self) {
+        self.budget.used.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl Budget {
+    fn charge(self: &Arc<Self>, bytes: u64, max: u64) -> Option<Charge> {
+        self.used
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |u| {
+                (u + bytes <= max).then_some(u + bytes)
+            })
+            .ok()?;
+        Some(Charge {
+            budget: Arc::clone(self),
+            bytes,
+        })
+    }
+
+    /// Bytes held by windows now.
+    #[cfg(test)]
+    fn used(&self) -> u64 {
+        self.used.load(Ordering::Relaxed)
+    }
+}
+
+/// A range of the file read (or being read) ahead.
+struct Window {
+    start: u64,
+    len: u64,
+    data: Fetch,
+    /// Stops the read when the window is dropped unread.
+    task: tokio::task::AbortHandle,
+    _charge: Charge,
+}
+
+impl Window {
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+impl Drop for Window {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Default)]
+struct Sequence {
+    /// Where the last read ended.
+    next: u64,
+    /// Reads in a row that started near `next`.
+    run: u32,
+    /// The size of the next window (0: none yet).
+    window_bytes: u64,
+    windows: VecDeque<Window>,
+}
+
+/// One open file of the mount.
+pub struct OpenFile {
+    dataset: Dataset,
+    path: Arc<str>,
+    size: u64,
+    sequence: Mutex<Sequence>,
+}
+
+impl OpenFile {
+    /// The object's path in its dataset.
+    pub fn path(&self) -> &str {
+        &self.path
+    }
+}
+
+/// The reads of a mount: its runtime, read-ahead settings and budget.
+pub struct Reader {
+    runtime: tokio::runtime::Handle,
+    options: ReadAheadOptions,
+    budget: Arc<Budget>,
+}
+
+impl Reader {
+    pub fn new(runtime: tokio::runtime::Handle, options: ReadAheadOptions) -> Self {
+        Self {
+            runtime,
+            options,
+            budget: Arc::default(),
+        }
+    }
+
+    pub fn open(&self, dataset: Dataset, path: String, size: u64) -> OpenFile {
+        OpenFile {
+            dataset,
+            path: path.into(),
+            size,
+            sequence: Mutex::default(),
+        }
+    }
+
+    /// Bytes `[offset, offset + size)` of `file` (fewer at its end).
+    pub async fn read(
+        &self,
+        file: &OpenFile,
+        offset: u64,
+        size: u32,
+    ) -> Result<Bytes, ReadFailure> {
+        let end = offset.saturating_add(u64::from(size)).min(file.size);
+        if offset >= end {
+            return Ok(Bytes::new());
+        }
+        let windows = self.plan(file, offset, end);
+        if windows.is_empty() {
+            return self.fetch(file, offset, end - offset).await;
+        }
+        // Usually one window covers the read; a read across two is joined.
+        let mut parts = Vec::with_capacity(windows.len());
+        for (start, data) in windows {
+            let bytes = data.await?;
+            let from = offset.max(start) - start;
+            let to = (end.min(start + bytes.len() as u64) - start).max(from);
+            parts.push(bytes.slice(from as usize..to as usize));
+        }
+        if let [one] = &parts[..] {
+            return Ok(one.clone());
+        }
+        let mut joined = Vec::with_capacity((end - offset) as usize);
+        for p in parts {
+            joined.extend_from_slice(&p);
+        }
+        Ok(joined.into())
+    }
+
+    /// The windows (start, data) that cover `[offset, end)`, starting and
+    /// dropping windows as the sequence goes; empty for an exact read.
+    fn plan(&self, file: &OpenFile, offset: u64, end: u64) -> Vec<(u64, Fetch)> {
+        let mut seq = file.sequence.lock().expect("sequence poisoned");
+        // Reads of one run can arrive slightly out of order (the kernel
+        // sends several at once): near the last end still counts.
+        let near = WINDOW_MIN_BYTES.max(seq.window_bytes);
+        if offset + near >= seq.next && offset <= seq.next + near {
+            seq.run = seq.run.saturating_add(1);
+        } else {
+            seq.run = 1;
+            seq.window_bytes = 0;
+            seq.windows.clear();
+        }
+        seq.next = seq.next.max(end);
+        seq.windows.retain(|w| w.end() > offset);
+        if seq.run < SEQUENTIAL_READS_MIN {
+            return Vec::new();
+        }
+        let covered = |seq: &Sequence| {
+            let mut at = offset;
+            for w in &seq.windows {
+                if w.start <= at && at < w.end() {
+                    at = w.end();
+                }
+            }
+            at >= end
+        };
+        if !covered(&seq) {
+            // Start over from this read.
+            seq.windows.clear();
+            if !self.push_window(file, &mut seq, offset) || !covered(&seq) {
+                seq.windows.clear();
+                return Vec::new();
+            }
+        }
+        // The next window, once the reader is half way through the last.
+        if let Some(last) = seq.windows.back()
+            && end >= last.start + last.len / 2
+            && last.end() < file.size
+            && seq.windows.len() < WINDOWS_PER_FILE_MAX
+        {
+            let at = last.end();
+            self.push_window(file, &mut seq, at);
+        }
+        seq.windows
+            .iter()
+            .filter(|w| w.start < end && w.end() > offset)
+            .map(|w| (w.start, w.data.clone()))
+            .collect()
+    }
+
+    /// Starts reading the window at `start`; false without budget.
+    fn push_window(&self, file: &OpenFile, seq: &mut Sequence, start: u64) -> bool {
+        let bytes = if seq.window_bytes == 0 {
+            WINDOW_MIN_BYTES
+        } else {
+            (seq.window_bytes * 2).min(self.options.window_bytes_max)
+        }
+        .max(WINDOW_MIN_BYTES.min(self.options.window_bytes_max));
+        let len = bytes.min(file.size - start);
+        let Some(charge) = self.budget.charge(len, self.options.budget_bytes) else {
+            return false;
+        };
+        seq.window_bytes = bytes;
+        let task = self.runtime.spawn(self.fetch(file, start, len));
+        let abort = task.abort_handle();
+        let data = async move {
+            task.await
+                .unwrap_or_else(|e| Err(ReadFailure::Failed(format!("read-ahead task: {e}"))))
+        }
+        .boxed()
+        .shared();
+        seq.windows.push_back(Window {
+            start,
+            len,
+            data,
+            task: abort,
+            _charge: charge,
+        });
+        true
+    }
+
+    /// `len` bytes at `offset` of `file`, retried within the budget.
+    fn fetch(
+        &self,
+        file: &OpenFile,
+        offset: u64,
+        len: u64,
+    ) -> impl Future<Output = Result<Bytes, ReadFailure>> + Send + 'static {
+        fetch_retrying(
+            file.dataset.clone(),
+            Arc::clone(&file.path),
+            file.size,
+            offset,
+            len,
+            self.options.retry_budget,
+        )
+    }
+}
+
+/// `len` bytes at `offset` of the object, tried again while storaged is
+/// away and `budget` allows.
+async fn fetch_retrying(
+    dataset: Dataset,
+    path: Arc<str>,
+    size: u64,
+    offset: u64,
+    len: u64,
+    budget: Duration,
+) -> Result<Bytes, ReadFailure> {
+    let policy = dataset.client().retry_policy().with_budget_only(budget);
+    let mut retrying = Retrying::new(policy);
+    loop {
+        match dataset.read_range_sized(&path, size, offset, len).await {
+            Ok((bytes, _)) if bytes.len() as u64 == len => return Ok(bytes),
+            Ok((bytes, _)) => {
+                return Err(ReadFailure::Failed(format!(
+                    "{path}: {} bytes at offset {offset} where {len} were expected",
+                    bytes.len()
+                )));
+            }
+            Err(e) => {
+                if let Err(e) = retrying.again(e).await {
+                    return Err(ReadFailure::from_client(e));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn budget_charges_until_full_and_gives_back_on_drop() {
+        let budget = Arc::new(Budget::default());
+        let a = budget.charge(6, 10).expect("room");
+        assert!(budget.charge(5, 10).is_none(), "over the budget");
+        let b = budget.charge(4, 10).expect("exactly full");
+        assert_eq!(budget.used(), 10);
+        drop(a);
+        assert_eq!(budget.used(), 4);
+        drop(b);
+        assert_eq!(budget.used(), 0);
+    }
+}
