@@ -17,6 +17,7 @@ use storaged_bench::datasets::{FileSet, Plan, generate, layouts};
 use storaged_bench::results::{Measurement, Row, add_ratios, summarize};
 use storaged_bench::stats::drop_caches;
 use storaged_bench::systems::fio::{self, FioJob};
+use storaged_bench::systems::mount::{self, Mount};
 use storaged_bench::systems::nginx::{self, Nginx};
 use storaged_bench::systems::storaged::{self as sd, Daemon};
 use storaged_bench::systems::{Item, local};
@@ -44,6 +45,10 @@ struct Args {
     /// Run without fio and nginx (storaged and local files only).
     #[arg(long)]
     skip_peers: bool,
+    /// Run without the `storagectl mount` rows (they need root and
+    /// /dev/fuse).
+    #[arg(long)]
+    skip_mount: bool,
     /// Only these workloads (comma-separated), e.g. `shard_stream,list_1m`.
     #[arg(long, value_delimiter = ',')]
     workloads: Vec<String>,
@@ -89,6 +94,11 @@ struct Ctx {
     restart: Restart,
     client: storaged_client::Client,
     nginx: Option<Nginx>,
+    /// Every dataset through `storagectl mount` (same-host path).
+    mount: Option<Mount>,
+    /// For the listing workload's fresh mounts.
+    storagectl: PathBuf,
+    work: PathBuf,
     device_paths: Vec<String>,
     fio_commands: Vec<String>,
     /// Whether every phase so far ran with the page cache dropped.
@@ -133,6 +143,24 @@ impl Ctx {
 }
 
 impl Ctx {
+    /// `items` of `set` read through the mount (when there is one), as
+    /// `storaged_mount`, on a cold cache.
+    async fn measure_mount(
+        &self,
+        runs: &mut Runs,
+        set: &FileSet,
+        items: &[Item],
+        c: u32,
+    ) -> anyhow::Result<()> {
+        let Some(m) = &self.mount else {
+            return Ok(());
+        };
+        let read = async {
+            tokio::task::block_in_place(|| mount::read_items(m, &self.daemon, &set.name, items, c))
+        };
+        self.measure_cold(runs, "storaged_mount", read).await
+    }
+
     fn cold(&self) {
         self.cold.set(self.cold.get() & drop_caches());
     }
@@ -198,11 +226,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .context("binary dir")?
             .join("storaged"),
     };
-    if !storaged_bin.exists() {
-        bail!(
-            "{} is missing: cargo build --release --bins",
-            storaged_bin.display()
-        );
+    let storagectl = storaged_bin.with_file_name("storagectl");
+    for bin in [&storaged_bin, &storagectl] {
+        if !bin.exists() {
+            bail!("{} is missing: cargo build --release --bins", bin.display());
+        }
+    }
+    if !args.skip_mount && !mount::available() {
+        bail!("the storaged_mount rows need root and /dev/fuse: run as root, or pass --skip-mount");
     }
     // nginx resolves relative paths against its prefix: use absolute ones.
     let out_dir = std::path::absolute(&args.out)?;
@@ -247,6 +278,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         plan.list_objects
     );
     sd::ingest_empty_objects(&client, "list", plan.list_objects).await?;
+    let mount = if args.skip_mount {
+        None
+    } else {
+        eprintln!("mounting every dataset with storagectl mount...");
+        Some(Mount::start(&storagectl, &daemon.url, &work.join("mnt"))?)
+    };
     let machine = machine::describe(&devices);
     let nginx = if peers {
         Some(Nginx::start(&work.join("nginx"), &files_root)?)
@@ -265,6 +302,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         daemon,
         client,
         nginx,
+        mount,
+        storagectl: storagectl.clone(),
+        work: work.clone(),
         device_paths: devices.iter().map(|d| d.display().to_string()).collect(),
         fio_commands: Vec::new(),
         cold: std::cell::Cell::new(true),
@@ -402,6 +442,7 @@ async fn shard_stream(ctx: &mut Ctx, set: &FileSet) -> anyhow::Result<Vec<Row>> 
                 sd::stream_objects_shm(&ctx.daemon, &set.name, &items, c),
             )
             .await?;
+            ctx.measure_mount(&mut runs, set, &items, c).await?;
             run_peers(ctx, &mut runs, set, &items, c).await?;
             if c == 1 {
                 // The socket floor: the same bytes through bare loopback TCP.
@@ -468,6 +509,7 @@ async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<
                 sd::read_batch(&ctx.daemon, &ctx.client, &set.name, &order, c, true),
             )
             .await?;
+            ctx.measure_mount(&mut runs, set, &order, c).await?;
             run_peers(ctx, &mut runs, set, &order, c).await?;
             if workload == "random_imagenet" && Some(&c) == ctx.plan.concurrency.last() {
                 // A training job's view: 4 loader workers, batches of 256,
@@ -588,7 +630,30 @@ async fn listing(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
     list_row.p50_us = stat_row.p50_us;
     list_row.p99_us = stat_row.p99_us;
     list_row.p999_us = stat_row.p999_us;
-    Ok(vec![list_row])
+    let mut rows = vec![list_row];
+    if ctx.mount.is_some() {
+        // Each listing on a fresh mount: the dataset's index is built
+        // from nothing, as at a user's first `ls`.
+        let mut runs: Runs = Vec::new();
+        for _ in 0..ctx.plan.repetitions {
+            for (system, command) in [
+                ("storaged_mount_ls", "ls -fR {}/list | wc -l"),
+                ("storaged_mount_find", "find {}/list | wc -l"),
+            ] {
+                let m = Mount::start(&ctx.storagectl, &ctx.daemon.url, &ctx.work.join("mnt-list"))?;
+                let command = command.replace("{}", &m.path.display().to_string());
+                let pid = m.pid();
+                let listed =
+                    async { tokio::task::block_in_place(|| mount::time_listing(&command, pid)) };
+                ctx.measure_cold(&mut runs, system, listed).await?;
+            }
+        }
+        rows.extend(
+            runs.iter()
+                .map(|(s, reps)| summarize("list_1m", s, 1, reps)),
+        );
+    }
+    Ok(rows)
 }
 
 /// Throughput-against-concurrency and latency-CDF PNGs; returns the files.

@@ -1,8 +1,10 @@
 //! The systems measured side by side: fio (the physical limit), storaged
-//! over gRPC, nginx over HTTP, and local files read with pread.
+//! over gRPC, through its FUSE mount, nginx over HTTP, and local files read
+//! with pread.
 
 pub mod fio;
 pub mod local;
+pub mod mount;
 pub mod nginx;
 pub mod storaged;
 pub mod tcp;

@@ -218,7 +218,15 @@ const REGION_CACHE_BYTES_MAX: u64 = 2 << 30;
 #[derive(Debug, Default)]
 pub(crate) struct RegionCache {
     idle: std::sync::Mutex<Vec<Region>>,
+    /// Until when storaged is known to refuse more regions (its region
+    /// limits): callers fall back to gRPC without paying for a refused
+    /// registration (a memfd, its pages and a call) every time.
+    refused_until: std::sync::Mutex<Option<std::time::Instant>>,
 }
+
+/// How long a refused registration (RESOURCE_EXHAUSTED) keeps this client
+/// from asking again when no idle region fits.
+const REGION_REFUSED_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
 
 impl RegionCache {
     /// An idle region of at least `size_bytes`, the smallest that fits.
@@ -251,11 +259,27 @@ impl Client {
     /// A registered region of at least `size_bytes`: an idle one this
     /// client registered before (see [`Client::give_back_region`]), or a
     /// new one.
+    /// Right after storaged refused a registration for its region limits,
+    /// this fails at once (RESOURCE_EXHAUSTED) for a second unless an idle
+    /// region fits.
     pub async fn region(&self, size_bytes: u64) -> Result<Region, ClientError> {
-        match self.regions.take(size_bytes) {
-            Some(region) => Ok(region),
-            None => self.register_region(size_bytes).await,
+        if let Some(region) = self.regions.take(size_bytes) {
+            return Ok(region);
         }
+        let refused = *self.regions.refused_until.lock().expect("poisoned");
+        if refused.is_some_and(|until| std::time::Instant::now() < until) {
+            return Err(ClientError::Status(Status::resource_exhausted(
+                "storaged refused a region a moment ago (its region limits); not asking again yet",
+            )));
+        }
+        let registered = self.register_region(size_bytes).await;
+        if let Err(ClientError::Status(s)) = &registered
+            && s.code() == Code::ResourceExhausted
+        {
+            *self.regions.refused_until.lock().expect("poisoned") =
+                Some(std::time::Instant::now() + REGION_REFUSED_BACKOFF);
+        }
+        registered
     }
 
     /// Keeps `region` registered for a later [`Client::region`] (bounded;

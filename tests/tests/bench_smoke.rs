@@ -13,9 +13,12 @@ const WORKLOADS: [&str; 7] = [
     "tls_shard_stream",
     "tls_random_128k",
 ];
-const SYSTEMS: [&str; 7] = [
+const SYSTEMS: [&str; 10] = [
     "fio",
     "storaged_grpc",
+    "storaged_mount",
+    "storaged_mount_ls",
+    "storaged_mount_find",
     "nginx",
     "local_odirect",
     "local_buffered",

@@ -24,7 +24,7 @@ use storaged_client::Client;
 
 use super::index::{NodeKind, TREE_ROOT, Tree};
 use super::namespace::{DatasetEntry, Inode, Namespace};
-use super::reader::{OpenFile, Reader};
+use super::reader::{OpenFile, Pending, ReadFailure, Reader};
 
 /// `st_blksize` of every file: tools size their reads by it.
 const BLOCK_SIZE_BYTES: u32 = 1 << 20;
@@ -341,18 +341,23 @@ impl Filesystem for MountFs {
             reply.error(Errno::EBADF);
             return;
         };
-        let reader = Arc::clone(&self.reader);
-        // Answered from the runtime: the FUSE thread takes the next request
-        // while this one reads.
-        self.runtime.spawn(async move {
-            match reader.read(&file, offset, size).await {
-                Ok(bytes) => reply.data(&bytes),
-                Err(e) => {
-                    tracing::error!(path = %file.path(), offset, size, error = e.message(), "read failed");
-                    reply.error(e.errno());
-                }
+        let pending = self.reader.start_read(&file, offset, size);
+        let answer = move |result: Result<bytes::Bytes, ReadFailure>| match result {
+            Ok(bytes) => reply.data(&bytes),
+            Err(e) => {
+                tracing::error!(path = %file.path(), offset, size, error = e.message(), "read failed");
+                reply.error(e.errno());
             }
-        });
+        };
+        match pending {
+            // Read ahead already: answered from this thread.
+            Pending::Ready(result) => answer(result),
+            // From the runtime: this thread takes the next request while
+            // storaged reads.
+            Pending::Wait(read) => {
+                self.runtime.spawn(async move { answer(read.await) });
+            }
+        }
     }
 
     fn release(
@@ -401,7 +406,8 @@ impl Filesystem for MountFs {
         reply.ok();
     }
 
-    /// Nothing is buffered for writing: nothing to flush.
+    /// Nothing is buffered for writing. ENOSYS tells the kernel never to
+    /// send FLUSH again: one request less at every close.
     fn flush(
         &self,
         _req: &Request,
@@ -410,7 +416,7 @@ impl Filesystem for MountFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        reply.error(Errno::ENOSYS);
     }
 
     /// No ioctls (a terminal check by `isatty`, say): ENOTTY.

@@ -50,6 +50,10 @@ pub struct MountArgs {
     /// Read-ahead of all open files together, in MiB.
     #[arg(long, default_value_t = 256)]
     pub read_ahead_budget_mib: u64,
+    /// Requests to storaged at once (on the same host each holds a
+    /// memory region; storaged allows 64 per user by default).
+    #[arg(long, default_value_t = 32)]
+    pub fetches_max: usize,
     /// Objects and directories one dataset's index may hold.
     #[arg(long, default_value_t = 20_000_000)]
     pub index_entries_max: usize,
@@ -57,6 +61,10 @@ pub struct MountArgs {
     /// it fails with EIO.
     #[arg(long, default_value_t = 60)]
     pub retry_budget_s: u64,
+    /// The kernel's read-ahead for the mount, in KiB (its own default is
+    /// 128: 128 KiB requests to this process); 0 leaves it. Needs root.
+    #[arg(long, default_value_t = 4096)]
+    pub kernel_read_ahead_kib: u64,
     /// Let other users (and root) use the mount (needs `user_allow_other`
     /// in /etc/fuse.conf unless run as root).
     #[arg(long)]
@@ -93,16 +101,17 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
             window_bytes_max: args.read_ahead_mib << 20,
             budget_bytes: args.read_ahead_budget_mib << 20,
             retry_budget,
+            fetches_max: args.fetches_max,
         },
     ));
     let (ns_client, rt) = (client.clone(), runtime.clone());
     let ns =
         tokio::task::spawn_blocking(move || namespace::Namespace::new(ns_client, rt, ns_options))
             .await??;
-    let shown = mountpoint.display().to_string();
     let path = if client.is_local() { "shm" } else { "grpc" };
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let ready = Box::new(move || {
-        println!("storagectl: mounted on {shown} (reads via {path}); ready");
+        let _ = ready_tx.send(());
     });
     let fs = fs::MountFs::new(
         ns,
@@ -148,10 +157,53 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
             }
         }
     });
-    let served = tokio::task::spawn_blocking(move || session.run()).await?;
-    served.with_context(|| format!("serving {}", mountpoint.display()))?;
+    let mut served = tokio::task::spawn_blocking(move || session.run());
+    tokio::select! {
+        _ = ready_rx => {
+            let at = mountpoint.clone();
+            let kib = args.kernel_read_ahead_kib;
+            tokio::task::spawn_blocking(move || set_kernel_read_ahead(&at, kib)).await?;
+            println!(
+                "storagectl: mounted on {} (reads via {path}); ready",
+                mountpoint.display()
+            );
+        }
+        ended = &mut served => {
+            ended?.with_context(|| format!("serving {}", mountpoint.display()))?;
+            bail!("the mount at {} ended before it was ready", mountpoint.display());
+        }
+    }
+    served
+        .await?
+        .with_context(|| format!("serving {}", mountpoint.display()))?;
     eprintln!("storagectl: unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// Sets the read-ahead of the mount's backing device (`/sys/class/bdi`):
+/// FUSE starts at 128 KiB, so sequential readers would see only 128 KiB
+/// requests; larger read-ahead sends up to 1 MiB each. After the kernel's
+/// handshake (which would lower it again); a failure (not root) is logged.
+fn set_kernel_read_ahead(mountpoint: &Path, kib: u64) {
+    use std::os::unix::fs::MetadataExt;
+    if kib == 0 {
+        return;
+    }
+    let dev = match std::fs::metadata(mountpoint) {
+        Ok(m) => m.dev(),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot stat the mount to set its read-ahead");
+            return;
+        }
+    };
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let knob = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    match std::fs::write(&knob, kib.to_string()) {
+        Ok(()) => tracing::info!(kib, "kernel read-ahead set"),
+        Err(e) => {
+            tracing::warn!(%knob, error = %e, "cannot set the kernel's read-ahead; sequential reads arrive in 128 KiB requests")
+        }
+    }
 }
 
 /// SIGINT and SIGTERM, caught from creation on.
@@ -179,9 +231,23 @@ impl StopSignals {
 }
 
 /// A mount point whose FUSE process died answers ENOTCONN ("transport
-/// endpoint is not connected") and cannot be mounted on: detach it.
+/// endpoint is not connected") and cannot be mounted on: detach it. Asked
+/// with statfs, which the kernel never answers from its caches (a stat
+/// of the mount point may still come from cached attributes).
 fn detach_dead_mount(mountpoint: &Path) -> anyhow::Result<()> {
-    match std::fs::metadata(mountpoint) {
+    let path = CString::new(mountpoint.as_os_str().as_bytes())?;
+    // SAFETY: a zeroed statfs is a valid out-buffer; the path is a valid
+    // NUL-terminated string; statfs writes only the buffer.
+    let rc = unsafe {
+        let mut buf: libc::statfs = std::mem::zeroed();
+        libc::statfs(path.as_ptr(), &mut buf)
+    };
+    let status = if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    };
+    match status {
         Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {
             eprintln!(
                 "storagectl: {} is a dead mount (its process died); detaching it",

@@ -7,7 +7,9 @@
 //! configured window, and starts the next window while the current one is
 //! half consumed, so a streaming reader finds its bytes already here. Any
 //! other read is served exactly as asked (clamped to the object's end):
-//! random small reads are never inflated. Windows count against one budget
+//! random small reads are never inflated, except that a file of at most
+//! `WHOLE_FILE_BYTES_MAX` read from its start is read whole (a sample: the
+//! kernel asks for it in 128 KiB pieces). Windows count against one budget
 //! for the whole mount; without room, reads are exact.
 //!
 //! Every byte comes from the client library's verified paths (a region
@@ -34,6 +36,8 @@ pub const WINDOW_MIN_BYTES: u64 = 1 << 20;
 const SEQUENTIAL_READS_MIN: u32 = 2;
 /// Windows ahead of the reader per file, the one being read included.
 const WINDOWS_PER_FILE_MAX: usize = 2;
+/// Files up to this size read from their start are read whole at once.
+const WHOLE_FILE_BYTES_MAX: u64 = 1 << 20;
 
 /// Read-ahead settings of a mount.
 #[derive(Debug, Clone, Copy)]
@@ -44,6 +48,9 @@ pub struct ReadAheadOptions {
     pub budget_bytes: u64,
     /// How long a read waits for storaged to come back before EIO.
     pub retry_budget: Duration,
+    /// Requests to storaged at once (each holds a region on the same
+    /// host, and storaged limits regions per client).
+    pub fetches_max: usize,
 }
 
 /// Why a read failed, as the mount answers it.
@@ -79,7 +86,14 @@ impl ReadFailure {
     }
 }
 
-type Fetch = Shared<BoxFuture<'static, Result<Bytes, ReadFailure>>>;
+/// A window's bytes, and their share of the budget (given back when the
+/// last reader of them lets go).
+pub struct WindowData {
+    bytes: Bytes,
+    _charge: Charge,
+}
+
+type Fetch = Shared<BoxFuture<'static, Result<Arc<WindowData>, ReadFailure>>>;
 
 /// Bytes of the mount's windows, charged while a window lives.
 #[derive(Debug, Default)]
@@ -119,25 +133,19 @@ impl Budget {
     }
 }
 
-/// A range of the file read (or being read) ahead.
+/// A range of the file read (or being read) ahead. Dropping it does not
+/// stop its read: a reader may still wait for it (the kernel sends reads
+/// of one run at once, in any order), and the bytes stay charged to the
+/// budget until the last holder lets go.
 struct Window {
     start: u64,
     len: u64,
     data: Fetch,
-    /// Stops the read when the window is dropped unread.
-    task: tokio::task::AbortHandle,
-    _charge: Charge,
 }
 
 impl Window {
     fn end(&self) -> u64 {
         self.start + self.len
-    }
-}
-
-impl Drop for Window {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 
@@ -172,12 +180,14 @@ pub struct Reader {
     runtime: tokio::runtime::Handle,
     options: ReadAheadOptions,
     budget: Arc<Budget>,
+    fetches: Arc<tokio::sync::Semaphore>,
 }
 
 impl Reader {
     pub fn new(runtime: tokio::runtime::Handle, options: ReadAheadOptions) -> Self {
         Self {
             runtime,
+            fetches: Arc::new(tokio::sync::Semaphore::new(options.fetches_max.max(1))),
             options,
             budget: Arc::default(),
         }
@@ -192,37 +202,35 @@ impl Reader {
         }
     }
 
-    /// Bytes `[offset, offset + size)` of `file` (fewer at its end).
-    pub async fn read(
-        &self,
-        file: &OpenFile,
-        offset: u64,
-        size: u32,
-    ) -> Result<Bytes, ReadFailure> {
+    /// Bytes `[offset, offset + size)` of `file` (fewer at its end): at
+    /// once when read-ahead already holds them (the caller answers
+    /// without a hop to the runtime), else a future to await.
+    pub fn start_read(&self, file: &OpenFile, offset: u64, size: u32) -> Pending {
         let end = offset.saturating_add(u64::from(size)).min(file.size);
         if offset >= end {
-            return Ok(Bytes::new());
+            return Pending::Ready(Ok(Bytes::new()));
         }
         let windows = self.plan(file, offset, end);
         if windows.is_empty() {
-            return self.fetch(file, offset, end - offset).await;
+            return Pending::Wait(self.fetch(file, offset, end - offset).boxed());
         }
-        // Usually one window covers the read; a read across two is joined.
-        let mut parts = Vec::with_capacity(windows.len());
-        for (start, data) in windows {
-            let bytes = data.await?;
-            let from = offset.max(start) - start;
-            let to = (end.min(start + bytes.len() as u64) - start).max(from);
-            parts.push(bytes.slice(from as usize..to as usize));
+        let ready: Option<Vec<_>> = windows
+            .iter()
+            .map(|(start, data)| data.peek().cloned().map(|d| (*start, d)))
+            .collect();
+        match ready {
+            Some(done) => Pending::Ready(assemble(offset, end, done)),
+            None => Pending::Wait(
+                async move {
+                    let mut done = Vec::with_capacity(windows.len());
+                    for (start, data) in windows {
+                        done.push((start, data.await));
+                    }
+                    assemble(offset, end, done)
+                }
+                .boxed(),
+            ),
         }
-        if let [one] = &parts[..] {
-            return Ok(one.clone());
-        }
-        let mut joined = Vec::with_capacity((end - offset) as usize);
-        for p in parts {
-            joined.extend_from_slice(&p);
-        }
-        Ok(joined.into())
     }
 
     /// The windows (start, data) that cover `[offset, end)`, starting and
@@ -241,6 +249,18 @@ impl Reader {
         }
         seq.next = seq.next.max(end);
         seq.windows.retain(|w| w.end() > offset);
+        if offset == 0 && end < file.size && file.size <= WHOLE_FILE_BYTES_MAX {
+            // A small file read from its start is read whole (a sample):
+            // one request to storaged instead of one per kernel read.
+            seq.windows.clear();
+            if self.push_window(file, &mut seq, 0, Some(file.size)) {
+                return seq
+                    .windows
+                    .iter()
+                    .map(|w| (w.start, w.data.clone()))
+                    .collect();
+            }
+        }
         if seq.run < SEQUENTIAL_READS_MIN {
             return Vec::new();
         }
@@ -256,7 +276,7 @@ impl Reader {
         if !covered(&seq) {
             // Start over from this read.
             seq.windows.clear();
-            if !self.push_window(file, &mut seq, offset) || !covered(&seq) {
+            if !self.push_window(file, &mut seq, offset, None) || !covered(&seq) {
                 seq.windows.clear();
                 return Vec::new();
             }
@@ -268,43 +288,55 @@ impl Reader {
             && seq.windows.len() < WINDOWS_PER_FILE_MAX
         {
             let at = last.end();
-            self.push_window(file, &mut seq, at);
+            self.push_window(file, &mut seq, at, None);
         }
-        seq.windows
+        let covering = seq
+            .windows
             .iter()
             .filter(|w| w.start < end && w.end() > offset)
             .map(|w| (w.start, w.data.clone()))
-            .collect()
+            .collect();
+        // A window read to its end has served its run: its bytes go back
+        // to the budget once this read is answered.
+        seq.windows.retain(|w| w.end() > end);
+        covering
     }
 
-    /// Starts reading the window at `start`; false without budget.
-    fn push_window(&self, file: &OpenFile, seq: &mut Sequence, start: u64) -> bool {
+    /// Starts reading the window at `start` (the next size of the run,
+    /// or `len` when given); false without budget.
+    fn push_window(
+        &self,
+        file: &OpenFile,
+        seq: &mut Sequence,
+        start: u64,
+        len: Option<u64>,
+    ) -> bool {
         let bytes = if seq.window_bytes == 0 {
             WINDOW_MIN_BYTES
         } else {
             (seq.window_bytes * 2).min(self.options.window_bytes_max)
         }
         .max(WINDOW_MIN_BYTES.min(self.options.window_bytes_max));
-        let len = bytes.min(file.size - start);
+        let len = len.unwrap_or(bytes).min(file.size - start);
         let Some(charge) = self.budget.charge(len, self.options.budget_bytes) else {
             return false;
         };
         seq.window_bytes = bytes;
-        let task = self.runtime.spawn(self.fetch(file, start, len));
-        let abort = task.abort_handle();
+        let fetch = self.fetch(file, start, len);
+        let task = self.runtime.spawn(async move {
+            let bytes = fetch.await?;
+            Ok(Arc::new(WindowData {
+                bytes,
+                _charge: charge,
+            }))
+        });
         let data = async move {
             task.await
                 .unwrap_or_else(|e| Err(ReadFailure::Failed(format!("read-ahead task: {e}"))))
         }
         .boxed()
         .shared();
-        seq.windows.push_back(Window {
-            start,
-            len,
-            data,
-            task: abort,
-            _charge: charge,
-        });
+        seq.windows.push_back(Window { start, len, data });
         true
     }
 
@@ -315,15 +347,53 @@ impl Reader {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<Bytes, ReadFailure>> + Send + 'static {
-        fetch_retrying(
+        let fetch = fetch_retrying(
             file.dataset.clone(),
             Arc::clone(&file.path),
             file.size,
             offset,
             len,
             self.options.retry_budget,
-        )
+        );
+        let fetches = Arc::clone(&self.fetches);
+        async move {
+            let _permit = fetches
+                .acquire_owned()
+                .await
+                .map_err(|_| ReadFailure::Failed("the mount is closing".into()))?;
+            fetch.await
+        }
     }
+}
+
+/// A read's outcome: at hand, or to wait for.
+pub enum Pending {
+    Ready(Result<Bytes, ReadFailure>),
+    Wait(BoxFuture<'static, Result<Bytes, ReadFailure>>),
+}
+
+/// Bytes `[offset, end)` out of windows (start, data) that cover them:
+/// a view of the one window that usually does, or the pieces joined.
+fn assemble(
+    offset: u64,
+    end: u64,
+    windows: Vec<(u64, Result<Arc<WindowData>, ReadFailure>)>,
+) -> Result<Bytes, ReadFailure> {
+    let mut parts = Vec::with_capacity(windows.len());
+    for (start, data) in windows {
+        let bytes = &data?.bytes;
+        let from = offset.max(start) - start;
+        let to = (end.min(start + bytes.len() as u64) - start).max(from);
+        parts.push(bytes.slice(from as usize..to as usize));
+    }
+    if let [one] = &parts[..] {
+        return Ok(one.clone());
+    }
+    let mut joined = Vec::with_capacity((end - offset) as usize);
+    for p in parts {
+        joined.extend_from_slice(&p);
+    }
+    Ok(joined.into())
 }
 
 /// `len` bytes at `offset` of the object, tried again while storaged is
@@ -339,7 +409,17 @@ async fn fetch_retrying(
     let policy = dataset.client().retry_policy().with_budget_only(budget);
     let mut retrying = Retrying::new(policy);
     loop {
-        match dataset.read_range_sized(&path, size, offset, len).await {
+        let started = std::time::Instant::now();
+        let result = dataset.read_range_sized(&path, size, offset, len).await;
+        // Where a mount's time goes: RUST_LOG=storagectl=debug.
+        tracing::debug!(
+            %path,
+            offset,
+            len,
+            us = started.elapsed().as_micros() as u64,
+            "fetched"
+        );
+        match result {
             Ok((bytes, _)) if bytes.len() as u64 == len => return Ok(bytes),
             Ok((bytes, _)) => {
                 return Err(ReadFailure::Failed(format!(
