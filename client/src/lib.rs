@@ -36,6 +36,7 @@ use tonic::{Code, Status};
 pub use ingest::{IngestOptions, IngestProgress, Ingested};
 pub use loader::{
     Batch, LOADER_HINT_BYTES_MAX, Loader, LoaderOptions, LoaderStats, Plan, ReadPath, Sample,
+    SizedRange,
 };
 pub use plan::{PlanError, PlanSpec, PlanState, PlanTail};
 pub use region::{Region, RegionBatch, RegionRead};

@@ -736,15 +736,30 @@ impl Dataset {
     }
 }
 
+/// One range of [`Dataset::read_ranges_sized`]: `length` bytes at `offset`
+/// of object `path`, whose size (from a listing) is `object_size`; the
+/// range is clamped to the object's end.
+#[derive(Debug, Clone)]
+pub struct SizedRange {
+    pub path: String,
+    pub object_size: u64,
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl SizedRange {
+    fn region_read(&self) -> RegionRead {
+        RegionRead {
+            path: self.path.clone(),
+            offset: self.offset,
+            length: Some(self.length),
+            object_size: self.object_size,
+        }
+    }
+}
+
 impl Dataset {
-    /// Bytes `[offset, offset + length)` of object `path`, whose size
-    /// (from a listing) is `object_size`; the range is clamped to the
-    /// object's end. On a same-host connection they are read into a
-    /// region (a cached one when an idle region fits) and handed out as a
-    /// view of it, with no copy on either side; otherwise, or when no
-    /// region can be had, by an in-order `Read`. Returns the bytes and the
-    /// path that served them. Tried once: a failure that a restart of
-    /// storaged explains comes back transient ([`crate::retry::is_transient`]).
+    /// [`read_ranges_sized`](Self::read_ranges_sized) of one range.
     pub async fn read_range_sized(
         &self,
         path: &str,
@@ -752,74 +767,160 @@ impl Dataset {
         offset: u64,
         length: u64,
     ) -> Result<(Bytes, ReadPath), ClientError> {
-        let read = RegionRead {
+        let range = SizedRange {
             path: path.to_owned(),
-            offset,
-            length: Some(length),
             object_size,
+            offset,
+            length,
         };
-        let (start, len) = read.range();
-        if len == 0 {
-            return Ok((Bytes::new(), ReadPath::Grpc));
+        let (mut results, via) = self.read_ranges_sized(std::slice::from_ref(&range)).await?;
+        let bytes = results.pop().expect("one result per range")?;
+        Ok((bytes, via))
+    }
+
+    /// Many ranges of this dataset in one call, each with its own result.
+    /// On a same-host connection they are read into one region (a cached
+    /// one when an idle region fits) and handed out as views of it, with
+    /// no copy on either side; otherwise, or when no region can be had, by
+    /// one completion-order `ReadBatch` (ranges of at most
+    /// `BATCH_ANY_ORDER_ITEM_BYTES_MAX`). Returns the results in `ranges`
+    /// order and the path that served them. Tried once: a failure that a
+    /// restart of storaged explains comes back transient
+    /// ([`crate::retry::is_transient`]).
+    pub async fn read_ranges_sized(
+        &self,
+        ranges: &[SizedRange],
+    ) -> Result<(Vec<Result<Bytes, ClientError>>, ReadPath), ClientError> {
+        let reads: Vec<RegionRead> = ranges.iter().map(SizedRange::region_read).collect();
+        let wanted: u64 = reads.iter().map(|r| r.range().1).sum();
+        if wanted == 0 {
+            return Ok((
+                ranges.iter().map(|_| Ok(Bytes::new())).collect(),
+                ReadPath::Grpc,
+            ));
         }
         if self.client.is_local() {
             // Powers of two: few size classes, so the client's cache of
             // idle regions serves every later read. Room for the widening
-            // to whole checksum blocks at both ends, at the usual block
-            // size; a region too small for the server's gets replaced.
+            // to whole checksum blocks at both ends of each range, at the
+            // usual block size; a region too small for the server's gets
+            // replaced.
             let block = u64::from(storaged_proto::model::CHECKSUM_BLOCK_BYTES);
-            let mut region_bytes = (len + 2 * block).next_power_of_two().max(1 << 20);
+            let mut region_bytes = (wanted + 2 * block * reads.len() as u64)
+                .next_power_of_two()
+                .max(1 << 20);
             while region_bytes <= SHM_REGION_BYTES_MAX {
                 let Ok(region) = self.client.region(region_bytes).await else {
                     break;
                 };
-                let span = region.span(&read);
+                let span: u64 = reads.iter().map(|r| region.span(r)).sum();
                 if span <= region.len() as u64 {
-                    return self.read_range_into(region, read).await;
+                    return self.read_ranges_into(region, &reads).await;
                 }
                 self.client.give_back_region(region);
                 region_bytes = span.next_power_of_two();
             }
         }
-        let bytes = self.read_range(path, start, len).await?;
-        Ok((bytes, ReadPath::Grpc))
+        self.read_ranges_grpc(&reads).await
     }
 
-    /// [`read_range_sized`](Self::read_range_sized) into `region`.
-    async fn read_range_into(
+    /// [`read_ranges_sized`](Self::read_ranges_sized) into `region`.
+    async fn read_ranges_into(
         &self,
         mut region: Region,
-        read: RegionRead,
-    ) -> Result<(Bytes, ReadPath), ClientError> {
-        let result = self
-            .read_into(&mut region, std::slice::from_ref(&read))
-            .await
-            .map(|batch| batch.extent(0).map_err(Status::clone));
-        let extent = match result {
-            Ok(extent) => extent.map_err(|s| {
-                ClientError::Status(Status::new(
-                    s.code(),
-                    format!("{}: {}", read.path, s.message()),
-                ))
-            }),
+        reads: &[RegionRead],
+    ) -> Result<(Vec<Result<Bytes, ClientError>>, ReadPath), ClientError> {
+        let result = self.read_into(&mut region, reads).await.map(|batch| {
+            (0..batch.len())
+                .map(|i| batch.extent(i).map_err(Status::clone))
+                .collect::<Vec<_>>()
+        });
+        let extents = match result {
+            Ok(extents) => extents,
             Err(ClientError::Status(s)) if region_unknown(&s) => {
-                Err(ClientError::Status(Status::unavailable(format!(
+                return Err(ClientError::Status(Status::unavailable(format!(
                     "storaged no longer knew the region ({})",
                     s.message()
-                ))))
+                ))));
             }
-            Err(e) if !region.is_registered() => Err(ClientError::Status(Status::unavailable(
-                format!("storaged dropped the region during the read ({e})"),
-            ))),
-            Err(e) => Err(e),
+            Err(e) if !region.is_registered() => {
+                return Err(ClientError::Status(Status::unavailable(format!(
+                    "storaged dropped the region during the read ({e})"
+                ))));
+            }
+            Err(e) => return Err(e),
         };
         let slot = Arc::new(RegionSlot {
             region: Some(region),
             client: self.client.clone(),
         });
-        let (offset, len) = extent?;
-        let view = RegionView { slot, offset, len };
-        Ok((Bytes::from_owner(view), ReadPath::Shm))
+        let results = extents
+            .into_iter()
+            .zip(reads)
+            .map(|(extent, read)| match extent {
+                Ok((offset, len)) => Ok(Bytes::from_owner(RegionView {
+                    slot: Arc::clone(&slot),
+                    offset,
+                    len,
+                })),
+                Err(s) => Err(ClientError::Status(Status::new(
+                    s.code(),
+                    format!("{}: {}", read.path, s.message()),
+                ))),
+            })
+            .collect();
+        Ok((results, ReadPath::Shm))
+    }
+
+    /// [`read_ranges_sized`](Self::read_ranges_sized) over gRPC: one
+    /// completion-order `ReadBatch`.
+    async fn read_ranges_grpc(
+        &self,
+        reads: &[RegionRead],
+    ) -> Result<(Vec<Result<Bytes, ClientError>>, ReadPath), ClientError> {
+        let items: Vec<BatchItem> = reads
+            .iter()
+            .map(|r| {
+                let (offset, length) = r.range();
+                BatchItem {
+                    path: r.path.clone(),
+                    offset,
+                    length: Some(length),
+                }
+            })
+            .collect();
+        let in_flight = (items.len() as u32).min(LOADER_CALL_IN_FLIGHT_MAX);
+        let mut results: Vec<Option<Result<Bytes, ClientError>>> =
+            reads.iter().map(|_| None).collect();
+        let mut stream = Box::pin(self.read_batch_any_order(items, in_flight));
+        while let Some(result) = stream.next().await {
+            let result = result?;
+            let i = result.index as usize;
+            let Some(slot) = results.get_mut(i) else {
+                return Err(ClientError::Protocol(format!(
+                    "batch item {i} does not exist"
+                )));
+            };
+            *slot = Some(result.data.map_err(|s| {
+                ClientError::Status(Status::new(
+                    s.code(),
+                    format!("{}: {}", reads[i].path, s.message()),
+                ))
+            }));
+        }
+        let results = results
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| {
+                r.unwrap_or_else(|| {
+                    Err(ClientError::Protocol(format!(
+                        "{}: no data arrived",
+                        reads[i].path
+                    )))
+                })
+            })
+            .collect();
+        Ok((results, ReadPath::Grpc))
     }
 }
 

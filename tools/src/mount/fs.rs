@@ -223,7 +223,7 @@ impl MountFs {
         };
         let file = self
             .reader
-            .open(dataset.handle.clone(), tree.path(node), size);
+            .open(dataset.handle.clone(), dataset.id, tree.path(node), size);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.files
             .lock()

@@ -6,9 +6,11 @@
 //! `fusermount3 -u`) or gets SIGINT/SIGTERM, which unmount it cleanly
 //! (lazily when something still uses it). A mount whose process died
 //! leaves a dead mount point; the next mount at that path detaches it
-//! first. Metadata comes from `namespace` and `index`, data from `reader`;
-//! `fs` answers the kernel.
+//! first. Metadata comes from `namespace` and `index`, data from `reader`
+//! (concurrent small reads of a dataset leave together: `batch`); `fs`
+//! answers the kernel.
 
+mod batch;
 mod fs;
 mod index;
 mod namespace;

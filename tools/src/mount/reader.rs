@@ -27,7 +27,9 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use storaged_client::retry::Retrying;
-use storaged_client::{ClientError, Dataset};
+use storaged_client::{ClientError, Dataset, SizedRange};
+
+use super::batch::{BATCH_ITEM_BYTES_MAX, BatchFailure, Batcher};
 
 /// The first read-ahead window of a sequential run.
 pub const WINDOW_MIN_BYTES: u64 = 1 << 20;
@@ -65,10 +67,14 @@ pub enum ReadFailure {
 }
 
 impl ReadFailure {
-    fn from_client(e: ClientError) -> Self {
-        match e.code() {
-            Some(tonic::Code::NotFound) => ReadFailure::Gone(e.to_string()),
-            _ => ReadFailure::Failed(e.to_string()),
+    pub fn from_client(e: ClientError) -> Self {
+        Self::from_client_code(e.code(), e.to_string())
+    }
+
+    pub fn from_client_code(code: Option<tonic::Code>, message: String) -> Self {
+        match code {
+            Some(tonic::Code::NotFound) => ReadFailure::Gone(message),
+            _ => ReadFailure::Failed(message),
         }
     }
 
@@ -163,6 +169,7 @@ struct Sequence {
 /// One open file of the mount.
 pub struct OpenFile {
     dataset: Dataset,
+    dataset_id: u64,
     path: Arc<str>,
     size: u64,
     sequence: Mutex<Sequence>,
@@ -181,21 +188,25 @@ pub struct Reader {
     options: ReadAheadOptions,
     budget: Arc<Budget>,
     fetches: Arc<tokio::sync::Semaphore>,
+    batcher: Arc<Batcher>,
 }
 
 impl Reader {
     pub fn new(runtime: tokio::runtime::Handle, options: ReadAheadOptions) -> Self {
+        let fetches = Arc::new(tokio::sync::Semaphore::new(options.fetches_max.max(1)));
         Self {
+            batcher: Arc::new(Batcher::new(runtime.clone(), Arc::clone(&fetches))),
             runtime,
-            fetches: Arc::new(tokio::sync::Semaphore::new(options.fetches_max.max(1))),
+            fetches,
             options,
             budget: Arc::default(),
         }
     }
 
-    pub fn open(&self, dataset: Dataset, path: String, size: u64) -> OpenFile {
+    pub fn open(&self, dataset: Dataset, dataset_id: u64, path: String, size: u64) -> OpenFile {
         OpenFile {
             dataset,
+            dataset_id,
             path: path.into(),
             size,
             sequence: Mutex::default(),
@@ -347,7 +358,7 @@ impl Reader {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<Bytes, ReadFailure>> + Send + 'static {
-        let fetch = fetch_retrying(
+        let retried = fetch_retrying(
             file.dataset.clone(),
             Arc::clone(&file.path),
             file.size,
@@ -356,12 +367,40 @@ impl Reader {
             self.options.retry_budget,
         );
         let fetches = Arc::clone(&self.fetches);
+        let batched = (len <= BATCH_ITEM_BYTES_MAX).then(|| {
+            let batcher = Arc::clone(&self.batcher);
+            let dataset = file.dataset.clone();
+            let dataset_id = file.dataset_id;
+            let range = SizedRange {
+                path: file.path.to_string(),
+                object_size: file.size,
+                offset,
+                length: len,
+            };
+            async move { batcher.read(&dataset, dataset_id, range).await }
+        });
         async move {
+            if let Some(batched) = batched {
+                match batched.await {
+                    Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes),
+                    Ok(bytes) => {
+                        return Err(ReadFailure::Failed(format!(
+                            "{} bytes where {len} were expected",
+                            bytes.len()
+                        )));
+                    }
+                    Err(BatchFailure::Final(failure)) => return Err(failure),
+                    // Again on its own, within the retry budget.
+                    Err(BatchFailure::Transient(e)) => {
+                        tracing::debug!(error = %e, "batched read failed; trying alone");
+                    }
+                }
+            }
             let _permit = fetches
                 .acquire_owned()
                 .await
                 .map_err(|_| ReadFailure::Failed("the mount is closing".into()))?;
-            fetch.await
+            retried.await
         }
     }
 }
