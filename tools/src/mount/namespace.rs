@@ -1,15 +1,17 @@
 //! What the mount shows: the datasets (every one as a top-level directory,
 //! or one at the root), their trees, and the inode numbers of both.
 //!
-//! Each dataset the mount sees gets a slot, and its nodes the inode
-//! `slot << 40 | (node + 1)`: numbers never repeat within a mount, and a
-//! dataset removed and created again under the same name gets a new slot
-//! (it is another dataset, with another id). The dataset list is fetched
+//! Each dataset the mount sees gets a slot, its id (which a pool never
+//! reuses), and its nodes the inode `slot << 40 | (node + 1)`: node numbers
+//! follow the listing, so an object has the same inode at every mount, and
+//! a dataset removed and created again under the same name has another
+//! slot (it is another dataset, with another id). Ids past the slot bits
+//! (2^23 datasets) take slots from above them, in order of discovery. The dataset list is fetched
 //! again when it is older than the refresh interval and someone looks at
 //! the top level; a tree is listed once, on first use, and kept (datasets
 //! are immutable).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
@@ -24,6 +26,9 @@ use super::index::{NodeId, TREE_ROOT, Tree};
 pub const ROOT_INO: u64 = 1;
 /// Inode bits of a node within its dataset.
 const SLOT_SHIFT: u32 = 40;
+/// Dataset ids below this are their own slots; the slots above are
+/// handed out to larger ids.
+const SLOT_BY_ID_MAX: u64 = 1 << 23;
 /// Objects per page of the listing a tree is built from (storaged's
 /// largest page).
 const LIST_PAGE_SIZE: u32 = 10_000;
@@ -68,8 +73,10 @@ pub struct NamespaceOptions {
 
 #[derive(Default)]
 struct State {
-    /// By slot - 1.
-    slots: Vec<Arc<DatasetEntry>>,
+    /// Every dataset seen, by slot.
+    slots: HashMap<u32, Arc<DatasetEntry>>,
+    /// The next slot for an id of `SLOT_BY_ID_MAX` or more.
+    next_high_slot: u32,
     by_name: BTreeMap<String, u32>,
     refreshed: Option<Instant>,
 }
@@ -132,22 +139,22 @@ impl Namespace {
         let slot = (ino >> SLOT_SHIFT) as u32;
         let node = ((ino & ((1 << SLOT_SHIFT) - 1)) as u32).checked_sub(1)?;
         let state = self.state.read().expect("namespace poisoned");
-        let dataset = Arc::clone(state.slots.get((slot as usize).checked_sub(1)?)?);
+        let dataset = Arc::clone(state.slots.get(&slot)?);
         Some(Inode::Node { dataset, node })
     }
 
     /// The live dataset called `name`.
     pub fn dataset(&self, name: &str) -> Option<Arc<DatasetEntry>> {
         let state = self.state.read().expect("namespace poisoned");
-        let slot = *state.by_name.get(name)?;
-        Some(Arc::clone(&state.slots[slot as usize - 1]))
+        let slot = state.by_name.get(name)?;
+        state.slots.get(slot).cloned()
     }
 
     /// The dataset called `name` when the mount began, removed or not (a
     /// single-dataset mount keeps its root).
     fn dataset_any(&self, name: &str) -> Option<Arc<DatasetEntry>> {
         let state = self.state.read().expect("namespace poisoned");
-        state.slots.iter().find(|d| d.name == name).cloned()
+        state.slots.values().find(|d| d.name == name).cloned()
     }
 
     /// The live datasets in name order.
@@ -156,7 +163,7 @@ impl Namespace {
         state
             .by_name
             .values()
-            .map(|slot| Arc::clone(&state.slots[*slot as usize - 1]))
+            .filter_map(|slot| state.slots.get(slot).cloned())
             .collect()
     }
 
@@ -193,24 +200,37 @@ impl Namespace {
             let known = state
                 .by_name
                 .get(&info.name)
-                .map(|slot| &state.slots[*slot as usize - 1])
+                .and_then(|slot| state.slots.get(slot))
                 .filter(|d| d.id == info.dataset_id);
             let slot = match known {
                 Some(d) => d.slot,
                 None => {
-                    let slot = state.slots.len() as u32 + 1;
-                    let handle = self.client.dataset_pinned(&info.name, info.dataset_id)?;
-                    state.slots.push(Arc::new(DatasetEntry {
-                        class: crate::class_name(&info),
-                        created: std::time::UNIX_EPOCH
-                            + Duration::from_millis(info.created_unix_ms.max(0) as u64),
-                        id: info.dataset_id,
-                        name: info.name.clone(),
+                    let slot = if (1..SLOT_BY_ID_MAX).contains(&info.dataset_id) {
+                        info.dataset_id as u32
+                    } else {
+                        state.next_high_slot = state.next_high_slot.max(SLOT_BY_ID_MAX as u32) + 1;
+                        state.next_high_slot
+                    };
+                    // A server from before dataset ids sends 0: reads
+                    // then go by name alone.
+                    let handle = match info.dataset_id {
+                        0 => self.client.dataset(&info.name)?,
+                        id => self.client.dataset_pinned(&info.name, id)?,
+                    };
+                    state.slots.insert(
                         slot,
-                        handle,
-                        tree: Mutex::new(None),
-                        removed: AtomicBool::new(false),
-                    }));
+                        Arc::new(DatasetEntry {
+                            class: crate::class_name(&info),
+                            created: std::time::UNIX_EPOCH
+                                + Duration::from_millis(info.created_unix_ms.max(0) as u64),
+                            id: info.dataset_id,
+                            name: info.name.clone(),
+                            slot,
+                            handle,
+                            tree: Mutex::new(None),
+                            removed: AtomicBool::new(false),
+                        }),
+                    );
                     slot
                 }
             };
@@ -218,9 +238,9 @@ impl Namespace {
         }
         for (name, slot) in &state.by_name {
             if live.get(name) != Some(slot) {
-                state.slots[*slot as usize - 1]
-                    .removed
-                    .store(true, Ordering::Relaxed);
+                if let Some(d) = state.slots.get(slot) {
+                    d.removed.store(true, Ordering::Relaxed);
+                }
                 tracing::info!(dataset = %name, "dataset removed (or created again); leaving the mount");
             }
         }
