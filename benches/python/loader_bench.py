@@ -24,6 +24,8 @@ epoch): one epoch with DataLoader(batch 256, 4 workers, identity transform).
   directory (open().read()), and storaged.torch.MapDataset with the same
   DataLoader (shuffle, batch 256: one read per batch, into shared memory
   on this host);
+- the folder MapDataset again over `storagectl mount` of the same dataset
+  (`mount_folder`; needs root and /dev/fuse);
 - the Rust loader itself: `storagectl epoch --workers 4 --batch 256`, on
   the same two transports (`--transport auto`: shm; `as-given`: gRPC with
   read-ahead hints), and the second of two epochs in one storagectl
@@ -62,6 +64,20 @@ def drop_caches():
         pathlib.Path("/proc/sys/vm/drop_caches").write_text("3\n")
     except OSError:
         print("warning: cannot drop caches (not root): warm-cache figures", file=sys.stderr)
+
+
+def start_mount(ctl, where):
+    """`storagectl mount` of every dataset at `where`, once it says ready;
+    None without root or /dev/fuse."""
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        return None
+    where.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.Popen([*ctl, "mount", str(where)], stdout=subprocess.PIPE,
+                            stderr=open(str(where) + ".log", "w"), text=True)
+    for line in proc.stdout:
+        if line.rstrip().endswith("ready"):
+            return proc
+    raise RuntimeError(f"storagectl mount exited with {proc.wait()}; see {where}.log")
 
 
 def identity_collate(batch):
@@ -143,6 +159,7 @@ def main():
     try:
         subprocess.run([*ctl, "ingest", "imagenet", str(work / "src")], check=True, capture_output=True)
         paths = [o.path for o in grpc_client.StoragedReader(addr).objects("imagenet")]
+        mount = start_mount(ctl, work / "mnt")
         kw = dict(num_workers=WORKERS, multiprocessing_context="fork", collate_fn=identity_collate)
         systems = {
             "storaged_torch": lambda e: DataLoader(_iterable(url, e, "auto"), batch_size=None, **kw),
@@ -153,7 +170,13 @@ def main():
             "grpcio_example": lambda e: DataLoader(GrpcDataset(addr, "imagenet", paths, e), batch_size=None, **kw),
             "local_folder": lambda e: DataLoader(FolderDataset(work / "src"), batch_size=BATCH, shuffle=True, **kw),
             "storaged_map": lambda e: DataLoader(st.MapDataset(url, "imagenet"), batch_size=BATCH, shuffle=True, **kw),
+            # The same folder dataset as local_folder, through `storagectl mount`.
+            "mount_folder": lambda e: DataLoader(FolderDataset(work / "mnt" / "imagenet"), batch_size=BATCH,
+                                                 shuffle=True, **kw),
         }
+        if mount is None:
+            print("mount_folder left out: `storagectl mount` needs root and /dev/fuse", flush=True)
+            systems.pop("mount_folder")
         rust = ["rust_loader", "rust_loader_grpc", "rust_loader_2nd_epoch"]
         if args.systems:
             wanted = set(args.systems.split(","))
@@ -186,6 +209,9 @@ def main():
                 results[name].append(rate)
                 print(f"rep {rep} {name}: {rate:.0f} samples/s", flush=True)
     finally:
+        if mount is not None:
+            mount.terminate()
+            mount.wait()
         daemon.terminate()
         daemon.wait()
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -197,6 +223,7 @@ def main():
         "samples": count, "reps": reps, "batch": BATCH, "workers": WORKERS,
         "samples_per_s": results, "median": med,
         "storaged_map_vs_local_folder": ratio("storaged_map", "local_folder"),
+        "mount_folder_vs_local_folder": ratio("mount_folder", "local_folder"),
     }
     if not args.systems:
         summary.update(_full_ratios(med))
