@@ -810,7 +810,7 @@ impl Dataset {
                 .next_power_of_two()
                 .max(1 << 20);
             while region_bytes <= SHM_REGION_BYTES_MAX {
-                let Ok(region) = self.client.region(region_bytes).await else {
+                let Ok(region) = self.client.region_unless_refused(region_bytes).await else {
                     break;
                 };
                 let span: u64 = reads.iter().map(|r| region.span(r)).sum();

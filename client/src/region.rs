@@ -259,10 +259,24 @@ impl Client {
     /// A registered region of at least `size_bytes`: an idle one this
     /// client registered before (see [`Client::give_back_region`]), or a
     /// new one.
-    /// Right after storaged refused a registration for its region limits,
-    /// this fails at once (RESOURCE_EXHAUSTED) for a second unless an idle
-    /// region fits.
     pub async fn region(&self, size_bytes: u64) -> Result<Region, ClientError> {
+        match self.regions.take(size_bytes) {
+            Some(region) => Ok(region),
+            None => self.register_region(size_bytes).await,
+        }
+    }
+
+    /// [`region`](Self::region) for reads that can go over gRPC instead
+    /// (`Dataset::read_ranges_sized`): right after storaged refused a
+    /// registration for its region limits, this fails at once
+    /// (RESOURCE_EXHAUSTED) for a second unless an idle region fits, rather
+    /// than paying for another refused registration on every read. Loaders
+    /// keep asking with [`region`](Self::region): a region freed by others
+    /// is theirs at once.
+    pub(crate) async fn region_unless_refused(
+        &self,
+        size_bytes: u64,
+    ) -> Result<Region, ClientError> {
         if let Some(region) = self.regions.take(size_bytes) {
             return Ok(region);
         }
