@@ -166,6 +166,25 @@ struct Sequence {
     windows: VecDeque<Window>,
 }
 
+impl Sequence {
+    /// Counts a read of `[offset, end)` into the run, or starts a new run
+    /// (dropping the windows) when it jumps away. Reads of one run can
+    /// arrive slightly out of order (the kernel sends several at once):
+    /// near the last end still counts.
+    fn note_read(&mut self, offset: u64, end: u64) {
+        let near = WINDOW_MIN_BYTES.max(self.window_bytes);
+        if offset + near >= self.next && offset <= self.next + near {
+            self.run = self.run.saturating_add(1);
+            self.next = self.next.max(end);
+        } else {
+            self.run = 1;
+            self.window_bytes = 0;
+            self.windows.clear();
+            self.next = end;
+        }
+    }
+}
+
 /// One open file of the mount.
 pub struct OpenFile {
     dataset: Dataset,
@@ -248,17 +267,7 @@ impl Reader {
     /// dropping windows as the sequence goes; empty for an exact read.
     fn plan(&self, file: &OpenFile, offset: u64, end: u64) -> Vec<(u64, Fetch)> {
         let mut seq = file.sequence.lock().expect("sequence poisoned");
-        // Reads of one run can arrive slightly out of order (the kernel
-        // sends several at once): near the last end still counts.
-        let near = WINDOW_MIN_BYTES.max(seq.window_bytes);
-        if offset + near >= seq.next && offset <= seq.next + near {
-            seq.run = seq.run.saturating_add(1);
-        } else {
-            seq.run = 1;
-            seq.window_bytes = 0;
-            seq.windows.clear();
-        }
-        seq.next = seq.next.max(end);
+        seq.note_read(offset, end);
         seq.windows.retain(|w| w.end() > offset);
         if offset == 0 && end < file.size && file.size <= WHOLE_FILE_BYTES_MAX {
             // A small file read from its start is read whole (a sample):
@@ -478,6 +487,29 @@ async fn fetch_retrying(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_jump_starts_a_new_run_that_can_grow_again() {
+        // Guards against a run that never restarts after a jump back: the
+        // end of the last run must not stay the reference.
+        let mut seq = Sequence::default();
+        let k128 = 128 << 10;
+        for i in 0..4 {
+            seq.note_read(i * k128, (i + 1) * k128);
+        }
+        assert_eq!(seq.run, 4);
+        seq.note_read(100 << 20, (100 << 20) + k128);
+        assert_eq!(seq.run, 1, "a jump forward starts over");
+        seq.note_read(0, k128);
+        assert_eq!(seq.run, 1, "a jump back starts over");
+        seq.note_read(k128, 2 * k128);
+        seq.note_read(2 * k128, 3 * k128);
+        assert_eq!(seq.run, 3, "and the new run grows");
+        // Slightly out of order still counts.
+        seq.note_read(4 * k128, 5 * k128);
+        seq.note_read(3 * k128, 4 * k128);
+        assert_eq!(seq.run, 5);
+    }
 
     #[test]
     fn budget_charges_until_full_and_gives_back_on_drop() {
