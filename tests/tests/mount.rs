@@ -596,3 +596,27 @@ fn sigterm_and_sigint_unmount_and_a_killed_mount_does_not_block_the_next() {
     assert_eq!(std::fs::read(mnt.join("ds/f")).unwrap(), pattern(30, 1000));
     assert!(again.stderr().contains("dead mount"), "{}", again.stderr());
 }
+
+#[test]
+fn the_top_level_answers_quickly_while_storaged_is_away() {
+    // Guards against a top-level `ls` that hangs for the whole retry
+    // budget (60 s) when storaged is away: the mount tries briefly, then
+    // shows the datasets it knew.
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(&src, &[("f".into(), pattern(40, 100))]);
+    let mut d = daemon(tmp.path());
+    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
+    let mnt = tmp.path().join("mnt");
+    let _m = Mounted::start(&d, &mnt, &["--refresh-s", "0", "--retry-budget-s", "60"]);
+    assert_eq!(sh(&format!("ls '{}'", mnt.display())).trim(), "ds");
+    d.stop();
+    let started = Instant::now();
+    let listed = sh(&format!("ls '{}'", mnt.display()));
+    assert_eq!(listed.trim(), "ds", "the last list it had");
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "ls took {:?} with storaged away",
+        started.elapsed()
+    );
+}

@@ -29,6 +29,8 @@ const SLOT_SHIFT: u32 = 40;
 /// Dataset ids below this are their own slots; the slots above are
 /// handed out to larger ids.
 const SLOT_BY_ID_MAX: u64 = 1 << 23;
+/// How long a refresh of the dataset list tries while storaged is away.
+const REFRESH_BUDGET: Duration = Duration::from_secs(2);
 /// Objects per page of the listing a tree is built from (storaged's
 /// largest page).
 const LIST_PAGE_SIZE: u32 = 10_000;
@@ -86,6 +88,8 @@ pub struct Namespace {
     runtime: tokio::runtime::Handle,
     options: NamespaceOptions,
     state: RwLock<State>,
+    /// Held by the one caller refreshing the list.
+    refreshing: Mutex<()>,
 }
 
 impl Namespace {
@@ -101,8 +105,9 @@ impl Namespace {
             runtime,
             options,
             state: RwLock::default(),
+            refreshing: Mutex::default(),
         };
-        ns.refresh()?;
+        ns.refresh(ns.options.retry_budget)?;
         if let Some(name) = &ns.options.dataset
             && ns.dataset(name).is_none()
         {
@@ -168,7 +173,10 @@ impl Namespace {
     }
 
     /// Lists the datasets again when the list is older than the refresh
-    /// interval. A failure keeps the old list (logged).
+    /// interval. One caller refreshes while the others go on with the
+    /// list they have; with storaged away it tries for `REFRESH_BUDGET`
+    /// at most (a top-level `ls` must not hang for the whole retry
+    /// budget), then keeps the old list (logged) until the next interval.
     pub fn refresh_if_stale(&self) {
         let stale = self
             .state
@@ -176,16 +184,20 @@ impl Namespace {
             .expect("namespace poisoned")
             .refreshed
             .is_none_or(|at| at.elapsed() >= self.options.refresh);
-        if stale && let Err(e) = self.refresh() {
+        if !stale {
+            return;
+        }
+        let Ok(_refreshing) = self.refreshing.try_lock() else {
+            return;
+        };
+        if let Err(e) = self.refresh(REFRESH_BUDGET.min(self.options.retry_budget)) {
             tracing::warn!(error = %e, "cannot list the datasets; showing the last list");
+            self.state.write().expect("namespace poisoned").refreshed = Some(Instant::now());
         }
     }
 
-    fn refresh(&self) -> Result<(), ClientError> {
-        let policy = self
-            .client
-            .retry_policy()
-            .with_budget_only(self.options.retry_budget);
+    fn refresh(&self, budget: Duration) -> Result<(), ClientError> {
+        let policy = self.client.retry_policy().with_budget_only(budget);
         let list = self
             .runtime
             .block_on(Retrying::new(policy).run(|| self.client.list_datasets()))?;
