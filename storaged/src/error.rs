@@ -280,16 +280,6 @@ impl From<CatalogError> for ReadError {
     }
 }
 
-impl ReadError {
-    /// The shared-layer fault under this error, if that is what it is.
-    pub fn store(&self) -> Option<&StoreError> {
-        match self {
-            ReadError::Store(e) => Some(e),
-            _ => None,
-        }
-    }
-}
-
 /// Why a dataset could not be removed.
 #[derive(Debug, thiserror::Error)]
 pub enum RemoveError {

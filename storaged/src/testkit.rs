@@ -54,16 +54,16 @@ pub struct Launched {
     pub addr: String,
 }
 
-/// Why a daemon did not come up.
+/// Why a process did not come up.
 #[derive(Debug, thiserror::Error)]
 pub enum LaunchError {
     #[error("starting {bin}: {source}")]
     Spawn { bin: String, source: std::io::Error },
-    #[error("storaged exited before listening ({code:?})")]
+    #[error("it exited before it was ready ({code:?})")]
     Exited { code: Option<i32> },
-    #[error("storaged did not listen within {0:?}")]
+    #[error("it was not ready within {0:?}")]
     Timeout(Duration),
-    #[error("unexpected first line from storaged: {0:?}")]
+    #[error("unexpected line on its stdout: {0:?}")]
     Unexpected(String),
 }
 
@@ -77,44 +77,62 @@ pub fn launch(
     stderr: std::fs::File,
     timeout: Duration,
 ) -> Result<Launched, LaunchError> {
-    let mut child = Command::new(bin)
-        .args(args)
-        .envs(env.iter().copied())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .map_err(|source| LaunchError::Spawn {
-            bin: bin.display().to_string(),
-            source,
-        })?;
+    let mut command = Command::new(bin);
+    command.args(args).envs(env.iter().copied()).stderr(stderr);
+    // The first line must be the listening line.
+    let (child, addr) = spawn_until_ready(command, timeout, |line| {
+        match line.strip_prefix(LISTENING_PREFIX) {
+            Some(addr) => Ok(Some(addr.trim().to_owned())),
+            None => Err(line.to_owned()),
+        }
+    })?;
+    Ok(Launched { child, addr })
+}
+
+/// Spawns `command` with its stdout piped and reads its lines until
+/// `ready` takes one (`Ok(Some(value))`; `Ok(None)` reads on, `Err(line)`
+/// gives up with it), for at most `timeout`. Its stdout is drained
+/// afterwards, so it never blocks on a full pipe. The launcher of the
+/// daemon, and of `storagectl mount` (whose line ends in "ready"), for
+/// tests and benches.
+pub fn spawn_until_ready<T>(
+    mut command: Command,
+    timeout: Duration,
+    mut ready: impl FnMut(&str) -> Result<Option<T>, String>,
+) -> Result<(Child, T), LaunchError> {
+    let mut child =
+        command
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|source| LaunchError::Spawn {
+                bin: command.get_program().to_string_lossy().into_owned(),
+                source,
+            })?;
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(line)) = lines.next() {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            // Once the waiter has its line, the rest is only drained.
             let _ = tx.send(line);
         }
-        for _ in lines {}
     });
     let deadline = Instant::now() + timeout;
+    let fail = |child: &mut Child, e: LaunchError| {
+        let _ = child.kill();
+        let _ = child.wait();
+        Err(e)
+    };
     loop {
         match rx.recv_timeout(Duration::from_millis(20)) {
-            Ok(line) => {
-                return match line.strip_prefix(LISTENING_PREFIX) {
-                    Some(addr) => Ok(Launched {
-                        child,
-                        addr: addr.trim().to_owned(),
-                    }),
-                    None => {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        Err(LaunchError::Unexpected(line))
-                    }
-                };
-            }
+            Ok(line) => match ready(&line) {
+                Ok(Some(value)) => return Ok((child, value)),
+                Ok(None) => continue,
+                Err(line) => return fail(&mut child, LaunchError::Unexpected(line)),
+            },
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {}
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                // Stdout closed without a line: it exited (or is exiting).
+                // Stdout closed before the line: it exited (or is exiting).
                 let status = child.wait().ok();
                 return Err(LaunchError::Exited {
                     code: status.and_then(|s| s.code()),
@@ -127,9 +145,7 @@ pub fn launch(
             });
         }
         if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return Err(LaunchError::Timeout(timeout));
+            return fail(&mut child, LaunchError::Timeout(timeout));
         }
     }
 }

@@ -6,7 +6,6 @@ use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
@@ -32,40 +31,24 @@ impl Mounted {
                 .unwrap()
                 .as_nanos()
         ));
-        let mut child = Command::new(storaged_tests::storagectl_bin())
+        let mut command = Command::new(storaged_tests::storagectl_bin());
+        command
             .arg("--server")
             .arg(&d.url)
             .arg("mount")
             .args(args)
             .arg(path)
             .env("RUST_LOG", "info")
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("spawning storagectl mount");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) if line.ends_with("ready") => break,
-                Ok(_) | Err(mpsc::RecvTimeoutError::Timeout) => {}
-                Err(mpsc::RecvTimeoutError::Disconnected) => {}
-            }
-            if let Some(status) = child.try_wait().unwrap() {
-                panic!(
-                    "storagectl mount exited with {status}: {}",
-                    std::fs::read_to_string(&stderr).unwrap_or_default()
-                );
-            }
-            assert!(Instant::now() < deadline, "the mount never said ready");
-        }
+            .stderr(std::fs::File::create(&stderr).unwrap());
+        let ready = |line: &str| Ok(line.ends_with("ready").then_some(()));
+        let (child, ()) =
+            storaged::testkit::spawn_until_ready(command, Duration::from_secs(60), ready)
+                .unwrap_or_else(|e| {
+                    panic!(
+                        "storagectl mount: {e}: {}",
+                        std::fs::read_to_string(&stderr).unwrap_or_default()
+                    )
+                });
         Mounted {
             child: Some(child),
             path: path.to_path_buf(),

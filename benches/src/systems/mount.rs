@@ -2,10 +2,8 @@
 //! read, read with the same pread loop (`local::read_items`) from the FUSE
 //! mount, and the mount's listings timed with `ls -f` and `find`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -38,46 +36,24 @@ impl Mount {
     pub fn start(storagectl: &Path, url: &str, path: &Path) -> anyhow::Result<Mount> {
         std::fs::create_dir_all(path)?;
         let log = path.with_extension("stderr.log");
-        let mut child = Command::new(storagectl)
+        let mut command = Command::new(storagectl);
+        command
             .args(["--server", url, "mount", "--threads", MOUNT_THREADS])
             .arg(path)
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(&log)?)
-            .spawn()
-            .with_context(|| format!("running {}", storagectl.display()))?;
-        let stdout = child.stdout.take().context("mount stdout")?;
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            if let Ok(line) = rx.recv_timeout(Duration::from_millis(100))
-                && line.ends_with("ready")
-            {
-                return Ok(Mount {
-                    child: Some(child),
-                    path: path.to_path_buf(),
-                });
-            }
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "storagectl mount exited with {status}: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                bail!(
-                    "storagectl mount was not ready within 120 s; see {}",
-                    log.display()
-                );
-            }
-        }
+            .stderr(std::fs::File::create(&log)?);
+        let ready = |line: &str| Ok(line.ends_with("ready").then_some(()));
+        let (child, ()) =
+            storaged::testkit::spawn_until_ready(command, Duration::from_secs(120), ready)
+                .with_context(|| {
+                    format!(
+                        "storagectl mount: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    )
+                })?;
+        Ok(Mount {
+            child: Some(child),
+            path: path.to_path_buf(),
+        })
     }
 
     /// The process serving the mount (its CPU is the client side's).

@@ -109,29 +109,18 @@ impl GrpcCode for IngestError {
     }
 }
 
-impl From<IngestError> for Status {
-    fn from(e: IngestError) -> Self {
-        e.to_status()
-    }
+/// `?` from an operation's error to the status it is answered with.
+macro_rules! status_from {
+    ($($error:ty),*) => {
+        $(impl From<$error> for Status {
+            fn from(e: $error) -> Self {
+                e.to_status()
+            }
+        })*
+    };
 }
 
-impl From<StoreError> for Status {
-    fn from(e: StoreError) -> Self {
-        e.to_status()
-    }
-}
-
-impl From<ReadError> for Status {
-    fn from(e: ReadError) -> Self {
-        e.to_status()
-    }
-}
-
-impl From<RemoveError> for Status {
-    fn from(e: RemoveError) -> Self {
-        e.to_status()
-    }
-}
+status_from!(IngestError, StoreError, ReadError, RemoveError);
 
 impl GrpcCode for RegionError {
     fn code(&self) -> Code {
