@@ -9,7 +9,7 @@
 //! that says how to install it, unless `--skip-peers`.
 
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -161,8 +161,20 @@ impl Ctx {
         self.measure_cold(runs, "storaged_mount", read).await
     }
 
+    /// Drops the page cache and lets storaged go idle: a region the last
+    /// system gave back is unpinned and freed in the background, CPU that
+    /// would otherwise be charged to the next system measured.
     fn cold(&self) {
         self.cold.set(self.cold.get() & drop_caches());
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let before = self.daemon.cpu_seconds();
+            std::thread::sleep(Duration::from_millis(100));
+            // At most one 10 ms tick in 100 ms: idle.
+            if self.daemon.cpu_seconds() - before <= 0.011 || Instant::now() >= deadline {
+                break;
+            }
+        }
     }
 
     /// Drops the page cache, then runs `measure` and records it as

@@ -801,14 +801,21 @@ impl Dataset {
         }
         if self.client.is_local() {
             // Powers of two: few size classes, so the client's cache of
-            // idle regions serves every later read. Room for the widening
-            // to whole checksum blocks at both ends of each range, at the
-            // usual block size; a region too small for the server's gets
-            // replaced.
+            // idle regions serves every later read. Sized by the exact span
+            // (the ranges widened to whole checksum blocks) at the usual
+            // block size, so an aligned 8 MiB read takes an 8 MiB region,
+            // not 16 (every fresh region is memory storaged must fault in
+            // and pin); a region too small for the server's block size
+            // gets replaced below.
             let block = u64::from(storaged_proto::model::CHECKSUM_BLOCK_BYTES);
-            let mut region_bytes = (wanted + 2 * block * reads.len() as u64)
-                .next_power_of_two()
-                .max(1 << 20);
+            let span: u64 = reads
+                .iter()
+                .map(|r| {
+                    let (start, len) = r.range();
+                    read_into_span(start, len, r.object_size, block).0
+                })
+                .sum();
+            let mut region_bytes = span.next_power_of_two().max(1 << 20);
             while region_bytes <= SHM_REGION_BYTES_MAX {
                 let Ok(region) = self.client.region_unless_refused(region_bytes).await else {
                     break;

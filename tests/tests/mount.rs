@@ -188,7 +188,8 @@ fn the_mount_serves_the_tree_exactly() {
     let d = daemon(tmp.path());
     d.ctl_ok(&["ingest", "--class", "stripe", "tree", src.to_str().unwrap()]);
     let mnt = tmp.path().join("mnt");
-    let m = Mounted::start(&d, &mnt, &[]);
+    // Files over 2 MiB bypass the page cache: both read paths are served.
+    let m = Mounted::start(&d, &mnt, &["--cache-files-up-to-mib", "2"]);
     let root = mnt.join("tree");
 
     // find: the same paths, files and directories alike.
@@ -209,6 +210,20 @@ fn the_mount_serves_the_tree_exactly() {
         ))
     };
     assert_eq!(sums(&root), sums(&src));
+    // Guards against large files going through the page cache (a copy and
+    // a page allocation per 4 KiB more than direct reads): after the reads
+    // above, the 3 MiB file has no cached pages, the 1 MiB one does.
+    let resident = |rel: &str| -> u64 {
+        sh(&format!(
+            "fincore --bytes --noheadings --output RES '{}'",
+            root.join(rel).display()
+        ))
+        .trim()
+        .parse()
+        .unwrap()
+    };
+    assert_eq!(resident("sizes/three_mib_odd"), 0, "a direct file");
+    assert!(resident("sizes/mib_plus_three") > 0, "a cached file");
 
     // Random preads against the source bytes.
     let mut rng = storaged::testkit::XorShift::new(42);
@@ -234,9 +249,11 @@ for rel in ["données/ñandú 🦙.txt", "sizes/three_mib_odd", "empty"]:
     assert data == open(os.path.join(src, rel), "rb").read(), rel
     assert os.getxattr(os.path.join(root, rel), "user.storaged.crc32").decode() == "%08x" % zlib.crc32(data), rel
     assert os.getxattr(os.path.join(root, rel), "user.storaged.class") == b"stripe"
-with open(os.path.join(root, "sizes/mib_plus_three"), "rb") as f:
-    m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
-    assert m[:] == open(os.path.join(src, "sizes/mib_plus_three"), "rb").read()
+for rel in ["sizes/mib_plus_three", "sizes/three_mib_odd"]:
+    with open(os.path.join(root, rel), "rb") as f:
+        # Shared, as numpy's memmap maps: a direct file too.
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
+        assert m[:] == open(os.path.join(src, rel), "rb").read(), rel
 st = os.statvfs(root)
 print(st.f_blocks * st.f_frsize)
 "#;
@@ -274,7 +291,7 @@ print(st.f_blocks * st.f_frsize)
         ino
     );
     drop(m);
-    let _m = Mounted::start(&d, &mnt, &[]);
+    let _m = Mounted::start(&d, &mnt, &["--cache-files-up-to-mib", "2"]);
     assert_eq!(
         std::fs::metadata(root.join("sizes/three_mib_odd"))
             .unwrap()
@@ -302,7 +319,29 @@ fn eight_concurrent_readers_get_the_right_bytes() {
     let d = daemon(tmp.path());
     d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
     let mnt = tmp.path().join("mnt");
-    let _m = Mounted::start(&d, &mnt, &["--dataset", "ds", "--read-ahead-mib", "2"]);
+    // Through the page cache (6 MiB files are under the default), then
+    // straight into the readers' buffers.
+    for cache_mib in ["16", "1"] {
+        let m = Mounted::start(
+            &d,
+            &mnt,
+            &[
+                "--dataset",
+                "ds",
+                "--read-ahead-mib",
+                "2",
+                "--cache-files-up-to-mib",
+                cache_mib,
+            ],
+        );
+        hash_with_eight_readers(&mnt, &src);
+        drop(m);
+    }
+}
+
+/// Eight `sha256sum`s at once, 0-3 of f0-f3 and 4-7 all of f0, each
+/// checked against the source.
+fn hash_with_eight_readers(mnt: &Path, src: &Path) {
     let readers: Vec<(usize, Child)> = (0..8)
         .map(|k| {
             // Readers 0-3 each their own file; 4-7 all on f0.

@@ -322,6 +322,7 @@ pub async fn stream_objects_shm(
         .collect();
     let windows = Arc::new(windows);
     let next = Arc::new(AtomicUsize::new(0));
+    let registered_before = client.status().await?.regions().registered;
     let mut regions = Vec::new();
     for _ in 0..concurrency * readers {
         regions.push(client.register_region(window_bytes).await?);
@@ -386,6 +387,14 @@ pub async fn stream_objects_shm(
     }
     let m = stream_measurement(daemon, items, bytes, t0, (srv0, cli0));
     drop(regions);
+    // storaged unpins and frees them in the background: let it finish
+    // (up to 10 s) so the next system measured does not pay for it.
+    let deadline = Instant::now() + std::time::Duration::from_secs(10);
+    while client.status().await?.regions().registered > registered_before
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let expected: u64 = items.iter().map(|i| i.size).sum();
     if bytes != expected {
         bail!("shm stream read {bytes} bytes of {expected}");

@@ -5,8 +5,16 @@
 //! answered EROFS, whatever the mount options. Entries and attributes
 //! inside a dataset are cached by the kernel for `attr_ttl` (datasets are
 //! immutable), negative entries too; the top level for the refresh
-//! interval, so datasets come and go within it. Files open with
-//! `FOPEN_KEEP_CACHE`: the page cache survives a reopen.
+//! interval, so datasets come and go within it. Files up to
+//! `cached_file_bytes_max` open with `FOPEN_KEEP_CACHE`: the page cache
+//! survives a reopen. Larger files open with `FOPEN_DIRECT_IO`: a read goes
+//! to this process at the reader's size and the reply lands in the
+//! reader's buffer, where the page cache would add a copy, a page
+//! allocation per 4 KiB and its own read-ahead on top of the mount's
+//! windows (streaming 4 shards at once measured 0.7 GiB/s through the page
+//! cache, 1.4-1.7 direct). Such files still mmap (through the page cache)
+//! where the kernel offers `FUSE_DIRECT_IO_ALLOW_MMAP`; where it does not,
+//! every file uses the page cache.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -45,6 +53,9 @@ pub struct MountFs {
     next_fh: AtomicU64,
     attr_ttl: Duration,
     refresh: Duration,
+    /// Larger files bypass the page cache (`u64::MAX` after `init` on a
+    /// kernel that could not mmap them then).
+    cached_file_bytes_max: u64,
     uid: u32,
     gid: u32,
     /// When the mount began: the top level's times.
@@ -57,6 +68,7 @@ pub struct MountFs {
 pub struct MountFsOptions {
     pub attr_ttl: Duration,
     pub refresh: Duration,
+    pub cached_file_bytes_max: u64,
 }
 
 impl MountFs {
@@ -79,6 +91,7 @@ impl MountFs {
             next_fh: AtomicU64::new(1),
             attr_ttl: options.attr_ttl,
             refresh: options.refresh,
+            cached_file_bytes_max: options.cached_file_bytes_max,
             uid,
             gid,
             started: SystemTime::now(),
@@ -209,7 +222,8 @@ impl MountFs {
         }
     }
 
-    fn open_inner(&self, ino: u64, flags: OpenFlags) -> Result<u64, Errno> {
+    /// Opens `ino`: its file handle and size.
+    fn open_inner(&self, ino: u64, flags: OpenFlags) -> Result<(u64, u64), Errno> {
         if flags.acc_mode() != fuser::OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return Err(Errno::EROFS);
         }
@@ -229,7 +243,7 @@ impl MountFs {
             .lock()
             .expect("files poisoned")
             .insert(fh, Arc::new(file));
-        Ok(fh)
+        Ok((fh, size))
     }
 
     /// The value of extended attribute `name` of `ino`.
@@ -287,6 +301,17 @@ impl Filesystem for MountFs {
             let _ = config.set_max_readahead(max);
         }
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
+        if config
+            .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
+            .is_err()
+        {
+            // A shared mmap of a direct file would fail (ENODEV): every
+            // file through the page cache instead.
+            tracing::info!(
+                "the kernel cannot mmap direct-I/O files; every file uses the page cache"
+            );
+            self.cached_file_bytes_max = u64::MAX;
+        }
         if let Some(ready) = self.on_ready.lock().expect("ready poisoned").take() {
             ready();
         }
@@ -315,7 +340,10 @@ impl Filesystem for MountFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.open_inner(ino.0, flags) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((fh, size)) if size > self.cached_file_bytes_max => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
+            }
+            Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
     }

@@ -67,6 +67,12 @@ pub struct MountArgs {
     /// 128: 128 KiB requests to this process); 0 leaves it. Needs root.
     #[arg(long, default_value_t = 4096)]
     pub kernel_read_ahead_kib: u64,
+    /// Files up to this size, in MiB, go through the kernel's page cache
+    /// (a reopen or a second epoch reads them from memory); larger ones
+    /// are read straight into the reader's buffer (no page-cache copy;
+    /// the mount's own windows read ahead), the way shards are streamed.
+    #[arg(long, default_value_t = 16)]
+    pub cache_files_up_to_mib: u64,
     /// Let other users (and root) use the mount (needs `user_allow_other`
     /// in /etc/fuse.conf unless run as root).
     #[arg(long)]
@@ -123,6 +129,7 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
         fs::MountFsOptions {
             attr_ttl: Duration::from_secs(args.attr_ttl_s),
             refresh,
+            cached_file_bytes_max: args.cache_files_up_to_mib.saturating_mul(1 << 20),
         },
         ready,
     );

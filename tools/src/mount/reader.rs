@@ -2,10 +2,11 @@
 //! ahead for sequential access.
 //!
 //! Each open file keeps where its last read ended. A read that starts near
-//! there continues a sequential run; once a run is long enough the file
-//! reads in windows that double from `WINDOW_MIN_BYTES` up to the
-//! configured window, and starts the next window while the current one is
-//! half consumed, so a streaming reader finds its bytes already here. Any
+//! there continues a sequential run; once a run is long enough (at once
+//! for a large file read from its start) the file reads in windows that
+//! double from `WINDOW_MIN_BYTES` up to the configured window, keeping
+//! `WINDOWS_PER_FILE_MAX` of them in flight so that storaged reads several
+//! at once and a streaming reader finds its bytes already here. Any
 //! other read is served exactly as asked (clamped to the object's end):
 //! random small reads are never inflated, except that a file of at most
 //! `WHOLE_FILE_BYTES_MAX` read from its start is read whole (a sample: the
@@ -37,7 +38,7 @@ pub const WINDOW_MIN_BYTES: u64 = 1 << 20;
 /// first read of a file counts as one).
 const SEQUENTIAL_READS_MIN: u32 = 2;
 /// Windows ahead of the reader per file, the one being read included.
-const WINDOWS_PER_FILE_MAX: usize = 2;
+const WINDOWS_PER_FILE_MAX: usize = 4;
 /// Files up to this size read from their start are read whole at once.
 const WHOLE_FILE_BYTES_MAX: u64 = 1 << 20;
 
@@ -268,6 +269,13 @@ impl Reader {
     fn plan(&self, file: &OpenFile, offset: u64, end: u64) -> Vec<(u64, Fetch)> {
         let mut seq = file.sequence.lock().expect("sequence poisoned");
         seq.note_read(offset, end);
+        if offset == 0 && seq.run == 1 && file.size > WHOLE_FILE_BYTES_MAX {
+            // A large file read from its start is nearly always streamed
+            // (a shard, `cp`, `sha256sum`): windows from the first read,
+            // rather than one round trip per read until the run is seen.
+            // Direct files get no kernel read-ahead to hide that ramp.
+            seq.run = SEQUENTIAL_READS_MIN;
+        }
         seq.windows.retain(|w| w.end() > offset);
         if offset == 0 && end < file.size && file.size <= WHOLE_FILE_BYTES_MAX {
             // A small file read from its start is read whole (a sample):
@@ -301,14 +309,16 @@ impl Reader {
                 return Vec::new();
             }
         }
-        // The next window, once the reader is half way through the last.
-        if let Some(last) = seq.windows.back()
-            && end >= last.start + last.len / 2
+        // Windows ahead up to the per-file count: storaged reads them at
+        // once, so the devices see several requests per stream.
+        while let Some(last) = seq.windows.back()
             && last.end() < file.size
             && seq.windows.len() < WINDOWS_PER_FILE_MAX
         {
             let at = last.end();
-            self.push_window(file, &mut seq, at, None);
+            if !self.push_window(file, &mut seq, at, None) {
+                break;
+            }
         }
         let covering = seq
             .windows
