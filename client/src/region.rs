@@ -212,6 +212,10 @@ fn sealed_memfd(size_bytes: u64) -> Result<std::fs::File, ClientError> {
 /// Regions a client keeps for reuse (loaders take them and give them back),
 /// at most this many bytes in all.
 const REGION_CACHE_BYTES_MAX: u64 = 2 << 30;
+/// ... and at most this many: storaged limits regions per user (64 by
+/// default), and idle ones held here would keep the same user's other
+/// clients (a second job, a loader beside a mount) from registering theirs.
+const REGION_CACHE_COUNT_MAX: usize = 8;
 
 /// Idle registered regions of one client, for reuse: a region costs a
 /// registration and, on first use, fresh pages for both processes.
@@ -242,16 +246,46 @@ impl RegionCache {
         Some(idle.swap_remove(best))
     }
 
-    /// Keeps `region` for reuse, unless it is retired or the cache is full.
+    /// Keeps `region` for reuse unless it is retired; past the cache's
+    /// limits the smallest idle regions are deregistered (a large one
+    /// serves any read a small one would).
     pub(crate) fn give_back(&self, region: Region) {
         if region.abandoned {
             return;
         }
-        let mut idle = self.idle.lock().expect("region cache poisoned");
-        let held: u64 = idle.iter().map(|r| r.len() as u64).sum();
-        if held + region.len() as u64 <= REGION_CACHE_BYTES_MAX {
+        let evicted = {
+            let mut idle = self.idle.lock().expect("region cache poisoned");
             idle.push(region);
+            evict_smallest(
+                &mut idle,
+                |r| r.len() as u64,
+                REGION_CACHE_COUNT_MAX,
+                REGION_CACHE_BYTES_MAX,
+            )
+        };
+        // Deregistered outside the lock.
+        drop(evicted);
+    }
+}
+
+/// Removes the smallest of `items` until at most `count_max` remain and
+/// their sizes (`len`) add up to at most `bytes_max`; returns the removed.
+fn evict_smallest<T>(
+    items: &mut Vec<T>,
+    len: impl Fn(&T) -> u64,
+    count_max: usize,
+    bytes_max: u64,
+) -> Vec<T> {
+    let mut evicted = Vec::new();
+    loop {
+        let held: u64 = items.iter().map(&len).sum();
+        if items.len() <= count_max && held <= bytes_max {
+            return evicted;
         }
+        let smallest = (0..items.len())
+            .min_by_key(|&i| len(&items[i]))
+            .expect("over a limit, so not empty");
+        evicted.push(items.swap_remove(smallest));
     }
 }
 
@@ -450,5 +484,29 @@ impl Dataset {
             region: &*region,
             items,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_idle_cache_keeps_the_largest_within_both_limits() {
+        // Guards against a client hoarding its user's region slots: past
+        // the count or the bytes, the smallest idle regions go.
+        let mut idle: Vec<u64> = vec![8, 1, 4, 2, 16];
+        let gone = evict_smallest(&mut idle, |&n| n, 3, 100);
+        assert_eq!(sorted(gone), vec![1, 2]);
+        assert_eq!(sorted(idle.clone()), vec![4, 8, 16]);
+        let gone = evict_smallest(&mut idle, |&n| n, 3, 24);
+        assert_eq!(gone, vec![4], "then by bytes");
+        assert_eq!(sorted(idle.clone()), vec![8, 16]);
+        assert!(evict_smallest(&mut idle, |&n| n, 3, 24).is_empty());
+    }
+
+    fn sorted(mut v: Vec<u64>) -> Vec<u64> {
+        v.sort_unstable();
+        v
     }
 }

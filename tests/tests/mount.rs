@@ -335,6 +335,23 @@ fn eight_concurrent_readers_get_the_right_bytes() {
             ],
         );
         hash_with_eight_readers(&mnt, &src);
+        // Guards against a mount hoarding its user's region slots (64 by
+        // default) once idle: another client of the same user must still
+        // get regions.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let registered = d.status_json()["regions"]["registered"]
+                .as_u64()
+                .unwrap_or(0);
+            if registered <= 8 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "an idle mount still holds {registered} regions"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
         drop(m);
     }
 }
