@@ -12,7 +12,7 @@
 //! reader's buffer, where the page cache would add a copy, a page
 //! allocation per 4 KiB and its own read-ahead on top of the mount's
 //! windows (streaming 4 shards at once measured 0.7 GiB/s through the page
-//! cache, 1.4-1.7 direct). Such files still mmap (through the page cache)
+//! cache, 1.3-1.7 direct). Such files still mmap (through the page cache)
 //! where the kernel offers `FUSE_DIRECT_IO_ALLOW_MMAP`; where it does not,
 //! every file uses the page cache.
 
