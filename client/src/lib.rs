@@ -388,7 +388,7 @@ impl Client {
             retry: RetryPolicy::default(),
             local: unix_path.is_some(),
             not_local_because: None,
-            regions: std::sync::Arc::default(),
+            regions: region::RegionCache::new(),
         })
     }
 

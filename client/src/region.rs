@@ -21,6 +21,7 @@
 //! deregisters the region on the server.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
 
 use storaged_proto::model::{READ_INTO_ALIGN_BYTES, read_into_span};
 use storaged_proto::pb;
@@ -212,42 +213,66 @@ fn sealed_memfd(size_bytes: u64) -> Result<std::fs::File, ClientError> {
 /// Regions a client keeps for reuse (loaders take them and give them back),
 /// at most this many bytes in all.
 const REGION_CACHE_BYTES_MAX: u64 = 2 << 30;
-/// ... and at most this many: storaged limits regions per user (64 by
-/// default), and idle ones held here would keep the same user's other
-/// clients (a second job, a loader beside a mount) from registering theirs.
-const REGION_CACHE_COUNT_MAX: usize = 8;
+/// Idle regions kept however long they wait. More are kept only while the
+/// client is busy: storaged limits regions per user (64 by default), and
+/// idle ones held here would keep the same user's other clients (a second
+/// job, a loader beside a mount) from registering theirs, while giving
+/// them back at once would make a busy client register them again (a
+/// registration, fresh pages, a pin) for every request.
+const REGION_IDLE_KEEP_COUNT: usize = 8;
+/// How long a region past `REGION_IDLE_KEEP_COUNT` may stay idle.
+const REGION_IDLE_MAX: Duration = Duration::from_secs(2);
 
 /// Idle registered regions of one client, for reuse: a region costs a
 /// registration and, on first use, fresh pages for both processes.
 #[derive(Debug, Default)]
 pub(crate) struct RegionCache {
-    idle: std::sync::Mutex<Vec<Region>>,
+    /// Each with when it was given back.
+    idle: std::sync::Mutex<Vec<(Region, Instant)>>,
     /// Until when storaged is known to refuse more regions (its region
     /// limits): callers fall back to gRPC without paying for a refused
     /// registration (a memfd, its pages and a call) every time.
-    refused_until: std::sync::Mutex<Option<std::time::Instant>>,
+    refused_until: std::sync::Mutex<Option<Instant>>,
 }
 
 /// How long a refused registration (RESOURCE_EXHAUSTED) keeps this client
 /// from asking again when no idle region fits.
-const REGION_REFUSED_BACKOFF: std::time::Duration = std::time::Duration::from_secs(1);
+const REGION_REFUSED_BACKOFF: Duration = Duration::from_secs(1);
 
 impl RegionCache {
+    /// A cache whose regions idle past `REGION_IDLE_MAX` (beyond
+    /// `REGION_IDLE_KEEP_COUNT`) are deregistered by a task on the
+    /// current runtime, which ends with the cache.
+    pub(crate) fn new() -> std::sync::Arc<Self> {
+        let cache = std::sync::Arc::new(Self::default());
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            let weak = std::sync::Arc::downgrade(&cache);
+            runtime.spawn(async move {
+                loop {
+                    tokio::time::sleep(REGION_IDLE_MAX / 2).await;
+                    let Some(cache) = weak.upgrade() else { return };
+                    cache.sweep(Instant::now());
+                }
+            });
+        }
+        cache
+    }
+
     /// An idle region of at least `size_bytes`, the smallest that fits.
     pub(crate) fn take(&self, size_bytes: u64) -> Option<Region> {
         let mut idle = self.idle.lock().expect("region cache poisoned");
-        idle.retain_mut(Region::is_registered);
+        idle.retain_mut(|(r, _)| r.is_registered());
         let best = idle
             .iter()
             .enumerate()
-            .filter(|(_, r)| r.len() as u64 >= size_bytes)
-            .min_by_key(|(_, r)| r.len())
+            .filter(|(_, (r, _))| r.len() as u64 >= size_bytes)
+            .min_by_key(|(_, (r, _))| r.len())
             .map(|(i, _)| i)?;
-        Some(idle.swap_remove(best))
+        Some(idle.swap_remove(best).0)
     }
 
-    /// Keeps `region` for reuse unless it is retired; past the cache's
-    /// limits the smallest idle regions are deregistered (a large one
+    /// Keeps `region` for reuse unless it is retired; past the bytes
+    /// limit the smallest idle regions are deregistered (a large one
     /// serves any read a small one would).
     pub(crate) fn give_back(&self, region: Region) {
         if region.abandoned {
@@ -255,38 +280,56 @@ impl RegionCache {
         }
         let evicted = {
             let mut idle = self.idle.lock().expect("region cache poisoned");
-            idle.push(region);
-            evict_smallest(
-                &mut idle,
-                |r| r.len() as u64,
-                REGION_CACHE_COUNT_MAX,
-                REGION_CACHE_BYTES_MAX,
-            )
+            idle.push((region, Instant::now()));
+            evict_smallest(&mut idle, |(r, _)| r.len() as u64, REGION_CACHE_BYTES_MAX)
         };
         // Deregistered outside the lock.
         drop(evicted);
     }
+
+    /// Deregisters the regions idle too long, beyond the few kept.
+    fn sweep(&self, now: Instant) {
+        let evicted = {
+            let mut idle = self.idle.lock().expect("region cache poisoned");
+            evict_stale(&mut idle, now, REGION_IDLE_KEEP_COUNT, REGION_IDLE_MAX)
+        };
+        drop(evicted);
+    }
 }
 
-/// Removes the smallest of `items` until at most `count_max` remain and
-/// their sizes (`len`) add up to at most `bytes_max`; returns the removed.
-fn evict_smallest<T>(
-    items: &mut Vec<T>,
-    len: impl Fn(&T) -> u64,
-    count_max: usize,
-    bytes_max: u64,
-) -> Vec<T> {
+/// Removes the smallest of `items` until their sizes (`len`) add up to at
+/// most `bytes_max`; returns the removed.
+fn evict_smallest<T>(items: &mut Vec<T>, len: impl Fn(&T) -> u64, bytes_max: u64) -> Vec<T> {
     let mut evicted = Vec::new();
-    loop {
-        let held: u64 = items.iter().map(&len).sum();
-        if items.len() <= count_max && held <= bytes_max {
-            return evicted;
-        }
+    while items.iter().map(&len).sum::<u64>() > bytes_max {
         let smallest = (0..items.len())
             .min_by_key(|&i| len(&items[i]))
-            .expect("over a limit, so not empty");
+            .expect("over the limit, so not empty");
         evicted.push(items.swap_remove(smallest));
     }
+    evicted
+}
+
+/// Removes from `items` (each with when it became idle) those idle for
+/// `idle_max` or longer, the longest idle first, while more than `keep`
+/// remain; returns the removed.
+fn evict_stale<T>(
+    items: &mut Vec<(T, Instant)>,
+    now: Instant,
+    keep: usize,
+    idle_max: Duration,
+) -> Vec<T> {
+    let mut evicted = Vec::new();
+    while items.len() > keep {
+        let oldest = (0..items.len())
+            .min_by_key(|&i| items[i].1)
+            .expect("more than `keep`, so not empty");
+        if now.duration_since(items[oldest].1) < idle_max {
+            break;
+        }
+        evicted.push(items.swap_remove(oldest).0);
+    }
+    evicted
 }
 
 impl Client {
@@ -315,7 +358,7 @@ impl Client {
             return Ok(region);
         }
         let refused = *self.regions.refused_until.lock().expect("poisoned");
-        if refused.is_some_and(|until| std::time::Instant::now() < until) {
+        if refused.is_some_and(|until| Instant::now() < until) {
             return Err(ClientError::Status(Status::resource_exhausted(
                 "storaged refused a region a moment ago (its region limits); not asking again yet",
             )));
@@ -325,7 +368,7 @@ impl Client {
             && s.code() == Code::ResourceExhausted
         {
             *self.regions.refused_until.lock().expect("poisoned") =
-                Some(std::time::Instant::now() + REGION_REFUSED_BACKOFF);
+                Some(Instant::now() + REGION_REFUSED_BACKOFF);
         }
         registered
     }
@@ -492,17 +535,33 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_idle_cache_keeps_the_largest_within_both_limits() {
-        // Guards against a client hoarding its user's region slots: past
-        // the count or the bytes, the smallest idle regions go.
+    fn past_the_bytes_limit_the_smallest_go() {
         let mut idle: Vec<u64> = vec![8, 1, 4, 2, 16];
-        let gone = evict_smallest(&mut idle, |&n| n, 3, 100);
-        assert_eq!(sorted(gone), vec![1, 2]);
-        assert_eq!(sorted(idle.clone()), vec![4, 8, 16]);
-        let gone = evict_smallest(&mut idle, |&n| n, 3, 24);
-        assert_eq!(gone, vec![4], "then by bytes");
+        let gone = evict_smallest(&mut idle, |&n| n, 24);
+        assert_eq!(sorted(gone), vec![1, 2, 4]);
         assert_eq!(sorted(idle.clone()), vec![8, 16]);
-        assert!(evict_smallest(&mut idle, |&n| n, 3, 24).is_empty());
+        assert!(evict_smallest(&mut idle, |&n| n, 24).is_empty());
+    }
+
+    #[test]
+    fn regions_idle_too_long_go_beyond_the_few_kept() {
+        // Guards against a client hoarding its user's region slots once
+        // idle, and against a busy one giving back what it reuses at once.
+        let t0 = Instant::now();
+        let second = Duration::from_secs(1);
+        let at = |s: u64| t0 + second * s as u32;
+        let mut idle: Vec<(u64, Instant)> = (0..6).map(|i| (i, at(i))).collect();
+        // At 3 s, regions 0 and 1 have been idle 2 s or more.
+        let gone = evict_stale(&mut idle, at(3), 2, 2 * second);
+        assert_eq!(sorted(gone), vec![0, 1], "the stale ones, oldest first");
+        assert_eq!(idle.len(), 4, "the recent ones stay, busy or not");
+        // Much later, all are stale: down to the two kept.
+        let gone = evict_stale(&mut idle, at(100), 2, 2 * second);
+        assert_eq!(sorted(gone), vec![2, 3]);
+        assert_eq!(
+            sorted(idle.into_iter().map(|(r, _)| r).collect()),
+            vec![4, 5]
+        );
     }
 
     fn sorted(mut v: Vec<u64>) -> Vec<u64> {
