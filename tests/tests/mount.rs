@@ -138,6 +138,29 @@ fn python(script: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// A storaged in a fresh temporary directory with `files` written under
+/// `src` and ingested as dataset `name` (`ingest_args` go before the
+/// name: `--class stripe`), and where to mount. The daemon goes first.
+struct Setup {
+    d: Daemon,
+    src: PathBuf,
+    mnt: PathBuf,
+    tmp: tempfile::TempDir,
+}
+
+fn with_dataset(name: &str, ingest_args: &[&str], files: &[(String, Vec<u8>)]) -> Setup {
+    let tmp = tempfile::tempdir().unwrap();
+    let src = tmp.path().join("src");
+    write_tree(&src, files);
+    let d = daemon(tmp.path());
+    let mut args = vec!["ingest"];
+    args.extend_from_slice(ingest_args);
+    args.extend([name, src.to_str().unwrap()]);
+    d.ctl_ok(&args);
+    let mnt = tmp.path().join("mnt");
+    Setup { d, src, mnt, tmp }
+}
+
 fn daemon(tmp: &Path) -> Daemon {
     Daemon::start(
         &tmp.join("data"),
@@ -181,13 +204,13 @@ fn the_mount_serves_the_tree_exactly() {
     // every file hashes the same, preads and mmap match, Python works,
     // stat shows sizes, modes, stable inodes and the creation time, and
     // statfs and the xattrs say what storaged says.
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
     let files = generated_tree();
-    write_tree(&src, &files);
-    let d = daemon(tmp.path());
-    d.ctl_ok(&["ingest", "--class", "stripe", "tree", src.to_str().unwrap()]);
-    let mnt = tmp.path().join("mnt");
+    let Setup {
+        d,
+        src,
+        mnt,
+        tmp: _tmp,
+    } = with_dataset("tree", &["--class", "stripe"], &files);
     // Files over 2 MiB bypass the page cache: both read paths are served.
     let m = Mounted::start(&d, &mnt, &["--cache-files-up-to-mib", "2"]);
     let root = mnt.join("tree");
@@ -305,8 +328,6 @@ print(st.f_blocks * st.f_frsize)
 fn eight_concurrent_readers_get_the_right_bytes() {
     // Guards concurrent reads: 8 processes hash different and the same
     // files at once, through read-ahead windows and exact reads alike.
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
     let files: Vec<(String, Vec<u8>)> = (0..4)
         .map(|i| {
             (
@@ -315,10 +336,12 @@ fn eight_concurrent_readers_get_the_right_bytes() {
             )
         })
         .collect();
-    write_tree(&src, &files);
-    let d = daemon(tmp.path());
-    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
-    let mnt = tmp.path().join("mnt");
+    let Setup {
+        d,
+        src,
+        mnt,
+        tmp: _tmp,
+    } = with_dataset("ds", &[], &files);
     // Through the page cache (6 MiB files are under the default), then
     // straight into the readers' buffers.
     for cache_mib in ["16", "1"] {
@@ -387,12 +410,12 @@ fn hash_with_eight_readers(mnt: &Path, src: &Path) {
 fn every_kind_of_write_fails_with_erofs() {
     // Guards the read-only promise: every call that would change the tree
     // fails with EROFS, and the mount stays up.
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    write_tree(&src, &[("dir/file".into(), pattern(9, 100))]);
-    let d = daemon(tmp.path());
-    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
-    let mnt = tmp.path().join("mnt");
+    let Setup {
+        d,
+        src,
+        mnt,
+        tmp: _tmp,
+    } = with_dataset("ds", &[], &[("dir/file".into(), pattern(9, 100))]);
     let _m = Mounted::start(&d, &mnt, &[]);
     let script = r#"
 import errno, os, sys
@@ -448,19 +471,20 @@ fn a_read_waits_out_a_storaged_restart_and_fails_with_eio_past_the_budget() {
     // Guards reads across a restart: a reader paused mid-file carries on
     // after storaged restarts and gets every byte right; with storaged
     // gone past the retry budget, reads fail with EIO instead of hanging.
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
     let big = pattern(11, 40 << 20);
     let other = pattern(12, 3 << 20);
-    write_tree(
-        &src,
+    let Setup {
+        mut d,
+        src,
+        mnt,
+        tmp: _tmp,
+    } = with_dataset(
+        "ds",
+        &[],
         &[("big".into(), big.clone()), ("other".into(), other)],
     );
-    let mut d = daemon(tmp.path());
-    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
     d.stop();
     d.restart_same_port();
-    let mnt = tmp.path().join("mnt");
     let m = Mounted::start(&d, &mnt, &["--dataset", "ds", "--retry-budget-s", "20"]);
     // The reader reads 1 MiB, then waits for a line on stdin before the
     // rest, and prints the SHA-256 of all it read.
@@ -520,17 +544,16 @@ print(h.hexdigest(), flush=True)
 fn a_corrupt_stripe_object_reads_as_eio() {
     // Guards verification through the mount: a flipped bit under a stripe
     // object is EIO (DATA_LOSS logged), never wrong bytes.
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    write_tree(
-        &src,
+    let Setup {
+        d, mnt, tmp: _tmp, ..
+    } = with_dataset(
+        "ds",
+        &["--class", "stripe"],
         &[
             ("victim".into(), pattern(13, 700_000)),
             ("fine".into(), pattern(14, 5000)),
         ],
     );
-    let d = daemon(tmp.path());
-    d.ctl_ok(&["ingest", "--class", "stripe", "ds", src.to_str().unwrap()]);
     let rt = tokio::runtime::Runtime::new().unwrap();
     let extent = rt.block_on(async {
         let st = d
@@ -548,7 +571,6 @@ fn a_corrupt_stripe_object_reads_as_eio() {
         extent.device_offset + 100,
         0x40,
     );
-    let mnt = tmp.path().join("mnt");
     let m = Mounted::start(&d, &mnt, &["--dataset", "ds"]);
     let err = std::fs::read(mnt.join("victim")).expect_err("corrupt bytes must not be served");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
@@ -616,12 +638,9 @@ fn sigterm_and_sigint_unmount_and_a_killed_mount_does_not_block_the_next() {
     // Guards the mount's life cycle: SIGTERM and SIGINT unmount cleanly
     // (exit 0, gone from /proc/mounts); after kill -9 the next mount at
     // the same path works.
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    write_tree(&src, &[("f".into(), pattern(30, 1000))]);
-    let d = daemon(tmp.path());
-    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
-    let mnt = tmp.path().join("mnt");
+    let Setup {
+        d, mnt, tmp: _tmp, ..
+    } = with_dataset("ds", &[], &[("f".into(), pattern(30, 1000))]);
     for signal in [libc::SIGTERM, libc::SIGINT] {
         let mut m = Mounted::start(&d, &mnt, &[]);
         assert!(is_mounted(&mnt));
@@ -641,12 +660,12 @@ fn the_top_level_answers_quickly_while_storaged_is_away() {
     // Guards against a top-level `ls` that hangs for the whole retry
     // budget (60 s) when storaged is away: the mount tries briefly, then
     // shows the datasets it knew.
-    let tmp = tempfile::tempdir().unwrap();
-    let src = tmp.path().join("src");
-    write_tree(&src, &[("f".into(), pattern(40, 100))]);
-    let mut d = daemon(tmp.path());
-    d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
-    let mnt = tmp.path().join("mnt");
+    let Setup {
+        mut d,
+        mnt,
+        tmp: _tmp,
+        ..
+    } = with_dataset("ds", &[], &[("f".into(), pattern(40, 100))]);
     let _m = Mounted::start(&d, &mnt, &["--refresh-s", "0", "--retry-budget-s", "60"]);
     assert_eq!(sh(&format!("ls '{}'", mnt.display())).trim(), "ds");
     d.stop();

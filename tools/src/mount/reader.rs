@@ -377,30 +377,19 @@ impl Reader {
         offset: u64,
         len: u64,
     ) -> impl Future<Output = Result<Bytes, ReadFailure>> + Send + 'static {
-        let retried = fetch_retrying(
-            file.dataset.clone(),
-            Arc::clone(&file.path),
-            file.size,
-            offset,
-            len,
-            self.options.retry_budget,
-        );
         let fetches = Arc::clone(&self.fetches);
-        let batched = (len <= BATCH_ITEM_BYTES_MAX).then(|| {
-            let batcher = Arc::clone(&self.batcher);
-            let dataset = file.dataset.clone();
-            let dataset_id = file.dataset_id;
-            let range = SizedRange {
-                path: file.path.to_string(),
-                object_size: file.size,
-                offset,
-                length: len,
-            };
-            async move { batcher.read(&dataset, dataset_id, range).await }
-        });
+        let batcher = (len <= BATCH_ITEM_BYTES_MAX).then(|| Arc::clone(&self.batcher));
+        let (dataset, dataset_id) = (file.dataset.clone(), file.dataset_id);
+        let (path, size, budget) = (Arc::clone(&file.path), file.size, self.options.retry_budget);
         async move {
-            if let Some(batched) = batched {
-                match batched.await {
+            if let Some(batcher) = batcher {
+                let range = SizedRange {
+                    path: path.to_string(),
+                    object_size: size,
+                    offset,
+                    length: len,
+                };
+                match batcher.read(&dataset, dataset_id, range).await {
                     Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes),
                     Ok(bytes) => {
                         return Err(ReadFailure::Failed(format!(
@@ -419,7 +408,7 @@ impl Reader {
                 .acquire_owned()
                 .await
                 .map_err(|_| ReadFailure::Failed("the mount is closing".into()))?;
-            retried.await
+            fetch_retrying(dataset, path, size, offset, len, budget).await
         }
     }
 }
