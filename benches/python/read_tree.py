@@ -1,0 +1,100 @@
+"""Reads every file of a directory tree the way a sample loader does, on a
+cold page cache, for hand measurements of the mount against a local folder
+(BENCHMARKS.md, "The mount, second pass").
+
+    python3 benches/python/read_tree.py DIR --threads 16     # files/s, GiB/s
+    python3 benches/python/read_tree.py DIR --latency        # per-call medians
+
+Files are shuffled (fixed seed) and stat'ed first (a training job has
+listed its dataset), then the page cache is dropped (needs root): each
+file is opened, read with 1 MiB reads to its end, and closed, by
+--threads threads. --latency reads 1000 files with one thread and prints
+the median of each call (open, first read, the read at end of file,
+close).
+"""
+
+import argparse
+import os
+import random
+import statistics
+import threading
+import time
+
+
+def files_of(root):
+    files = [os.path.join(d, f) for d, _, fs in os.walk(root) for f in fs]
+    files.sort()
+    random.Random(7).shuffle(files)
+    for f in files:
+        os.stat(f)
+    return files
+
+
+def drop_page_cache():
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("1\n")
+
+
+def throughput(files, threads):
+    next_file = iter(files)
+    lock = threading.Lock()
+    total = [0]
+
+    def work():
+        read = 0
+        while True:
+            with lock:
+                path = next(next_file, None)
+            if path is None:
+                break
+            fd = os.open(path, os.O_RDONLY)
+            while chunk := os.read(fd, 1 << 20):
+                read += len(chunk)
+            os.close(fd)
+        with lock:
+            total[0] += read
+
+    start = time.perf_counter()
+    workers = [threading.Thread(target=work) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    seconds = time.perf_counter() - start
+    print(f"{len(files) / seconds:.0f} files/s {total[0] / seconds / 2**30:.2f} GiB/s")
+
+
+def latency(files):
+    calls = {"open": [], "read": [], "read at end": [], "close": []}
+    for path in files[:1000]:
+        t0 = time.perf_counter()
+        fd = os.open(path, os.O_RDONLY)
+        t1 = time.perf_counter()
+        os.read(fd, 1 << 20)
+        t2 = time.perf_counter()
+        os.read(fd, 1 << 20)
+        t3 = time.perf_counter()
+        os.close(fd)
+        t4 = time.perf_counter()
+        for name, us in zip(calls, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            calls[name].append(us * 1e6)
+    print(" ".join(f"{name} {statistics.median(v):.0f} us" for name, v in calls.items()))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root")
+    parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--latency", action="store_true")
+    args = parser.parse_args()
+    files = files_of(args.root)
+    drop_page_cache()
+    if args.latency:
+        latency(files)
+    else:
+        throughput(files, args.threads)
+
+
+if __name__ == "__main__":
+    main()
