@@ -12,7 +12,6 @@
 //! are immutable).
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -47,8 +46,6 @@ pub struct DatasetEntry {
     /// the name.
     pub handle: Dataset,
     tree: Mutex<Option<Arc<Tree>>>,
-    /// No longer in storaged's list (or its name now has another id).
-    pub removed: AtomicBool,
 }
 
 /// What an inode number names.
@@ -240,7 +237,6 @@ impl Namespace {
                             slot,
                             handle,
                             tree: Mutex::new(None),
-                            removed: AtomicBool::new(false),
                         }),
                     );
                     slot
@@ -250,9 +246,8 @@ impl Namespace {
         }
         for (name, slot) in &state.by_name {
             if live.get(name) != Some(slot) {
-                if let Some(d) = state.slots.get(slot) {
-                    d.removed.store(true, Ordering::Relaxed);
-                }
+                // Its open files read NOT_FOUND from storaged (the reads
+                // are pinned to its id): nothing to mark here.
                 tracing::info!(dataset = %name, "dataset removed (or created again); leaving the mount");
             }
         }
