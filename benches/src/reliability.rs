@@ -732,6 +732,7 @@ async fn hostile(setup: &Setup, work: &Path) -> anyhow::Result<serde_json::Value
             .collect(),
         max_in_flight: 512,
         any_order,
+        dataset_id: None,
     };
     let mut batches = Vec::new();
     let mut first_message_ms = 0.0;

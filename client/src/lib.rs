@@ -850,10 +850,12 @@ impl Dataset {
     ) -> impl Stream<Item = Result<BatchResult, ClientError>> + Send + 'static {
         let mut rpc = self.client.rpc.clone();
         let dataset = self.name.to_string();
+        let dataset_id = self.id;
         async_stream(move |tx| async move {
             let n = items.len();
             let req = pb::ReadBatchRequest {
                 dataset,
+                dataset_id,
                 items: items
                     .into_iter()
                     .map(|i| pb::ReadItem {

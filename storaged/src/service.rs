@@ -419,9 +419,15 @@ impl Storaged for StoragedService {
             n => n,
         };
         let events: std::pin::Pin<Box<dyn Stream<Item = BatchEvent> + Send>> = if r.any_order {
-            Box::pin(self.store.read_batch_any_order(&name, items, in_flight)?)
+            Box::pin(
+                self.store
+                    .read_batch_any_order(&name, r.dataset_id, items, in_flight)?,
+            )
         } else {
-            Box::pin(self.store.read_batch(&name, items, in_flight)?)
+            Box::pin(
+                self.store
+                    .read_batch(&name, r.dataset_id, items, in_flight)?,
+            )
         };
         let service = self.clone();
         let stream = events.map(move |e| {

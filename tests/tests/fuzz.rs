@@ -158,6 +158,7 @@ fn valid(method: &str, rng: &mut Rng) -> Vec<Bytes> {
                     .collect(),
                 max_in_flight: 4,
                 any_order: true,
+                dataset_id: None,
             }
             .encode_to_vec()
             .into()

@@ -339,6 +339,7 @@ fn batch(items: usize, any_order: bool) -> pb::ReadBatchRequest {
             .collect(),
         max_in_flight: 512,
         any_order,
+        dataset_id: None,
     }
 }
 

@@ -410,10 +410,11 @@ impl Store {
     pub fn read_batch(
         self: &Arc<Self>,
         dataset: &DatasetName,
+        dataset_id: Option<u64>,
         items: Vec<Result<RangeSpec, ReadError>>,
         in_flight: u32,
     ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, ReadError> {
-        let plans = self.resolve_batch(dataset, None, items)?;
+        let plans = self.resolve_batch(dataset, dataset_id, items)?;
         let planner = Arc::clone(self);
         let tasks = plans.flat_map(move |plan| -> Vec<BatchTask> {
             match plan {
@@ -505,10 +506,11 @@ impl Store {
     pub fn read_batch_any_order(
         self: &Arc<Self>,
         dataset: &DatasetName,
+        dataset_id: Option<u64>,
         items: Vec<Result<RangeSpec, ReadError>>,
         in_flight: u32,
     ) -> Result<impl Stream<Item = BatchEvent> + Send + 'static, ReadError> {
-        let plans = self.resolve_batch(dataset, None, items)?;
+        let plans = self.resolve_batch(dataset, dataset_id, items)?;
         let store = Arc::clone(self);
         let depth = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
         let item_max = self.limits.batch_any_order_item_bytes_max;

@@ -240,7 +240,7 @@ async fn batch_reads_in_order_with_inband_errors() {
         }),
     ];
     let events: Vec<BatchEvent> = store
-        .read_batch(&DatasetName::new("ds").unwrap(), items, 3)
+        .read_batch(&DatasetName::new("ds").unwrap(), None, items, 3)
         .unwrap()
         .collect()
         .await;
@@ -649,7 +649,7 @@ async fn any_order_batch_delivers_each_item_once() {
     // pool buffer and starve the reads still to come.
     let mut events = std::pin::pin!(
         store
-            .read_batch_any_order(&DatasetName::new("ds").unwrap(), items, 8)
+            .read_batch_any_order(&DatasetName::new("ds").unwrap(), None, items, 8)
             .unwrap()
     );
     let mut got: BTreeMap<u32, Result<Vec<u8>, tonic::Code>> = BTreeMap::new();
@@ -733,7 +733,7 @@ async fn batch_bytes(store: &Arc<Store>, paths: &[&str]) -> Vec<Result<Vec<u8>, 
     let mut out: Vec<Result<Vec<u8>, tonic::Code>> = vec![Ok(Vec::new()); paths.len()];
     let mut events = std::pin::pin!(
         store
-            .read_batch_any_order(&DatasetName::new("ds").unwrap(), items, 16)
+            .read_batch_any_order(&DatasetName::new("ds").unwrap(), None, items, 16)
             .unwrap()
     );
     while let Some(e) = tokio::time::timeout(std::time::Duration::from_secs(30), events.next())
