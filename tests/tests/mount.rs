@@ -111,6 +111,26 @@ fn is_mounted(path: &Path) -> bool {
         .any(|l| l.split(' ').nth(1) == Some(want))
 }
 
+/// A setting of the FUSE connection behind the mount at `mnt`, from the
+/// fusectl file system (mounted here if it is not yet).
+fn fuse_connection_setting(mnt: &Path, name: &str) -> u64 {
+    use std::os::linux::fs::MetadataExt;
+    let connections = Path::new("/sys/fs/fuse/connections");
+    if std::fs::read_dir(connections).unwrap().next().is_none() {
+        sh("mount -t fusectl none /sys/fs/fuse/connections");
+    }
+    // A FUSE mount's device is anonymous (major 0); its minor names the
+    // connection.
+    let dev = std::fs::metadata(mnt).unwrap().st_dev();
+    let minor = (dev & 0xff) | ((dev >> 12) & !0xff);
+    let file = connections.join(minor.to_string()).join(name);
+    std::fs::read_to_string(&file)
+        .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+        .trim()
+        .parse()
+        .unwrap()
+}
+
 /// Runs a shell command, asserting success; returns stdout.
 fn sh(cmd: &str) -> String {
     let out = Command::new("sh").arg("-c").arg(cmd).output().unwrap();
@@ -233,6 +253,9 @@ fn the_mount_serves_the_tree_exactly() {
         ))
     };
     assert_eq!(sums(&root), sums(&src));
+    // Guards against the kernel's default of 16 read-ahead requests at
+    // once (cold small files, one request each, waited in line).
+    assert_eq!(fuse_connection_setting(&mnt, "max_background"), 64);
     // Guards against large files going through the page cache (a copy and
     // a page allocation per 4 KiB more than direct reads): after the reads
     // above, the 3 MiB file has no cached pages, the 1 MiB one does.
