@@ -16,6 +16,7 @@
 //! the server announced is an error, never a short result.
 
 pub mod admin;
+mod bulk;
 mod ingest;
 pub mod loader;
 pub mod plan;
@@ -201,6 +202,9 @@ pub struct ConnectOptions {
     pub tls_ca: Option<std::path::PathBuf>,
     pub tls_cert: Option<std::path::PathBuf>,
     pub tls_key: Option<std::path::PathBuf>,
+    /// Send `ReadInto` over gRPC even where storaged offers its bulk
+    /// channel (the faster same-host path); for comparing the two.
+    pub read_into_over_grpc: bool,
 }
 
 /// Environment variables [`ConnectOptions::from_env`] reads for TLS.
@@ -216,6 +220,7 @@ impl std::fmt::Debug for ConnectOptions {
             .field("tls_ca", &self.tls_ca)
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
+            .field("read_into_over_grpc", &self.read_into_over_grpc)
             .finish()
     }
 }
@@ -232,6 +237,7 @@ impl ConnectOptions {
             tls_ca: var(TLS_CA_ENV).map(Into::into),
             tls_cert: var(TLS_CERT_ENV).map(Into::into),
             tls_key: var(TLS_KEY_ENV).map(Into::into),
+            read_into_over_grpc: false,
         }
     }
 
@@ -318,6 +324,9 @@ pub struct Client {
     not_local_because: Option<std::sync::Arc<str>>,
     /// Idle regions, shared by clones, reused by loaders.
     regions: std::sync::Arc<region::RegionCache>,
+    /// The bulk channel, once asked for (`None` inside: not offered, or
+    /// not on this host).
+    bulk: std::sync::Arc<tokio::sync::OnceCell<Option<std::sync::Arc<bulk::BulkPool>>>>,
 }
 
 impl Client {
@@ -389,6 +398,7 @@ impl Client {
             local: unix_path.is_some(),
             not_local_because: None,
             regions: region::RegionCache::new(),
+            bulk: std::sync::Arc::default(),
         })
     }
 
@@ -506,6 +516,36 @@ impl Client {
         })
         .await?;
         Ok(r.into_inner().datasets)
+    }
+
+    /// The bulk channel of this host's storaged, when it offers one and
+    /// this client is on its Unix socket (asked once; a failed ask is
+    /// asked again by the next call).
+    pub(crate) async fn bulk(&self) -> Option<std::sync::Arc<bulk::BulkPool>> {
+        if !self.local || self.options.read_into_over_grpc {
+            return None;
+        }
+        let pool = self
+            .bulk
+            .get_or_try_init(|| async {
+                // Not retried: a caller that waits out a restart asks again.
+                let status = self.rpc.clone().status(pb::StatusRequest {}).await?;
+                let path = status
+                    .into_inner()
+                    .connections
+                    .map(|c| c.bulk_socket_path)
+                    .unwrap_or_default();
+                Ok::<_, ClientError>((!path.is_empty()).then(|| {
+                    let authorization = self
+                        .options
+                        .token
+                        .as_deref()
+                        .map(storaged_proto::auth::bearer);
+                    std::sync::Arc::new(bulk::BulkPool::new(path.into(), authorization))
+                }))
+            })
+            .await;
+        pool.ok().cloned().flatten()
     }
 
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {

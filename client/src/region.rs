@@ -24,9 +24,10 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use storaged_proto::model::{READ_INTO_ALIGN_BYTES, read_into_span};
-use storaged_proto::pb;
+use storaged_proto::{bulk, pb};
 use tonic::{Code, Status};
 
+use crate::bulk::BulkError;
 use crate::{Client, ClientError, Dataset};
 
 /// A registered region of this process's memory.
@@ -87,8 +88,11 @@ impl RegionRead {
 /// region or its own error.
 pub struct RegionBatch<'r> {
     region: &'r Region,
-    items: Vec<Result<(usize, usize), Status>>,
+    items: Vec<ItemExtent>,
 }
+
+/// Where an item's bytes are in its region (offset, length), or its error.
+type ItemExtent = Result<(usize, usize), Status>;
 
 impl std::fmt::Debug for RegionBatch<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -478,13 +482,47 @@ impl Dataset {
                 region.len()
             )));
         }
+        let max_in_flight = (reads.len() as u32).clamp(1, READ_INTO_IN_FLIGHT_MAX);
+        if let Some(bulk) = self.client.bulk().await {
+            let frame = bulk::ReadIntoFrame {
+                region_id: region.id,
+                dataset: self.name.to_string(),
+                dataset_id: self.id,
+                max_in_flight,
+                items: items
+                    .iter()
+                    .map(|i| bulk::ReadIntoFrameItem {
+                        path: i.path.clone(),
+                        offset: i.offset,
+                        length: i.length,
+                        region_offset: i.region_offset,
+                    })
+                    .collect(),
+            };
+            // As below: until the reply, storaged may be writing the region.
+            region.abandoned = true;
+            match bulk.read_into(&frame).await {
+                Ok(reply) => {
+                    let items = bulk_items(reply, &expected)?;
+                    // A reply comes after the last of the call's reads.
+                    region.abandoned = false;
+                    return Ok(RegionBatch {
+                        region: &*region,
+                        items,
+                    });
+                }
+                Err(BulkError::Call(e)) => return Err(e),
+                // Nothing was sent: over gRPC instead.
+                Err(BulkError::Unreachable) => region.abandoned = false,
+            }
+        }
         let mut rpc = self.client.rpc.clone();
         let mut completions = rpc
             .read_into(pb::ReadIntoRequest {
                 region_id: region.id,
                 dataset: self.name.to_string(),
                 items,
-                max_in_flight: (reads.len() as u32).clamp(1, READ_INTO_IN_FLIGHT_MAX),
+                max_in_flight,
                 dataset_id: self.id,
             })
             .await?
@@ -493,7 +531,7 @@ impl Dataset {
         // region; if this future is dropped (or fails) first, the region is
         // retired.
         region.abandoned = true;
-        let mut results: Vec<Option<Result<(usize, usize), Status>>> = vec![None; reads.len()];
+        let mut results: Vec<Option<ItemExtent>> = vec![None; reads.len()];
         while let Some(c) = completions.message().await? {
             let i = c.index as usize;
             let Some(slot) = results.get_mut(i).filter(|s| s.is_none()) else {
@@ -528,6 +566,49 @@ impl Dataset {
             items,
         })
     }
+}
+
+/// The items of a bulk channel reply, each checked against where the
+/// layout put it (`expected`: data offset and length per item).
+fn bulk_items(
+    reply: bulk::ReadIntoReply,
+    expected: &[(u64, u64)],
+) -> Result<Vec<ItemExtent>, ClientError> {
+    if reply.code != 0 {
+        let mut status = Status::new(Code::from(reply.code as i32), reply.message);
+        if reply.region_unknown {
+            status.metadata_mut().insert(
+                storaged_proto::model::REGION_UNKNOWN_METADATA_KEY,
+                tonic::metadata::MetadataValue::from_static("1"),
+            );
+        }
+        return Err(ClientError::Status(status));
+    }
+    if reply.items.len() != expected.len() {
+        return Err(ClientError::Protocol(format!(
+            "the bulk channel answered {} items of {}",
+            reply.items.len(),
+            expected.len()
+        )));
+    }
+    reply
+        .items
+        .into_iter()
+        .zip(expected)
+        .enumerate()
+        .map(|(i, (item, &(offset, len)))| {
+            if item.code != 0 {
+                return Ok(Err(Status::new(Code::from(item.code as i32), item.message)));
+            }
+            if (item.data_offset, item.length) != (offset, len) {
+                return Err(ClientError::Protocol(format!(
+                    "item {i} landed at {}+{}; the layout put it at {offset}+{len}",
+                    item.data_offset, item.length
+                )));
+            }
+            Ok(Ok((offset as usize, len as usize)))
+        })
+        .collect()
 }
 
 #[cfg(test)]

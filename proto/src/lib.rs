@@ -7,6 +7,7 @@
 //! that point can rely on names and ranges being well formed.
 
 pub mod auth;
+pub mod bulk;
 pub mod json;
 pub mod model;
 pub mod status;

@@ -8,8 +8,9 @@
 //! (EMFILE) back off instead of spinning.
 //!
 //! An admitted socket is wrapped in [`Conn`], which enforces two deadlines
-//! on what it reads: the client's first 24 bytes (the HTTP/2 preface, or a
-//! TLS hello) within `preface_timeout`, and, once no call is in progress,
+//! on what it reads: the client's first 24 bytes (the HTTP/2 preface, a
+//! TLS hello, or the bulk channel's hello) within `preface_timeout`, and,
+//! once no call is in progress,
 //! the next call within `idle_timeout`. Calls are counted by
 //! [`TrackCallsLayer`]. Failing the socket's next read or write is how a
 //! connection is ended: HTTP/2 then drops every stream of it, and with
@@ -119,7 +120,9 @@ impl CloseReason {
 impl std::fmt::Display for CloseReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
-            CloseReason::NoPreface => "the client sent no HTTP/2 preface within preface_timeout_s",
+            CloseReason::NoPreface => {
+                "the client sent no HTTP/2 preface (or bulk channel hello) within preface_timeout_s"
+            }
             CloseReason::Idle => "no call for connection_idle_timeout_s",
             CloseReason::StalledStream => {
                 "a response stream's client read nothing for stream_stall_timeout_s"

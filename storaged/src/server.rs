@@ -129,6 +129,10 @@ pub struct Listeners {
     tcp: tokio::net::TcpListener,
     unix: tokio::net::UnixListener,
     unix_path: PathBuf,
+    /// The bulk channel's socket (`service/bulk.rs`), beside the Unix
+    /// socket: `<unix>.bulk`.
+    bulk: tokio::net::UnixListener,
+    bulk_path: PathBuf,
     /// The Prometheus endpoint, if metrics are served.
     metrics: Option<(
         tokio::net::TcpListener,
@@ -150,18 +154,28 @@ impl Listeners {
         tcp: tokio::net::TcpListener,
         endpoints: &Endpoints,
     ) -> Result<Self, ServeError> {
-        let unix = bind_unix(&endpoints.unix)?;
-        if let Err(reason) = apply_unix_access(&endpoints.unix, &endpoints.unix_access) {
+        let bind = |path: &Path| {
+            let listener = bind_unix(path)?;
+            if let Err(reason) = apply_unix_access(path, &endpoints.unix_access) {
+                let _ = std::fs::remove_file(path);
+                return Err(ServeError::BindUnix {
+                    path: path.to_path_buf(),
+                    reason,
+                });
+            }
+            Ok(listener)
+        };
+        let unix = bind(&endpoints.unix)?;
+        let bulk_path = bulk_socket_path(&endpoints.unix);
+        let bulk = bind(&bulk_path).inspect_err(|_| {
             let _ = std::fs::remove_file(&endpoints.unix);
-            return Err(ServeError::BindUnix {
-                path: endpoints.unix.clone(),
-                reason,
-            });
-        }
+        })?;
         Ok(Self {
             tcp,
             unix,
             unix_path: endpoints.unix.clone(),
+            bulk,
+            bulk_path,
             metrics: None,
         })
     }
@@ -182,6 +196,13 @@ impl Listeners {
     pub fn tcp_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
+}
+
+/// The bulk channel's socket beside the Unix socket at `unix`.
+pub fn bulk_socket_path(unix: &Path) -> PathBuf {
+    let mut path = unix.as_os_str().to_owned();
+    path.push(".bulk");
+    path.into()
 }
 
 /// Longest Unix socket path (`sun_path` minus its terminating NUL).
@@ -328,6 +349,8 @@ pub async fn serve(
         tcp: listener,
         unix: unix_listener,
         unix_path,
+        bulk: bulk_listener,
+        bulk_path,
         metrics,
     } = listeners;
     let bound = listener.local_addr()?;
@@ -350,7 +373,9 @@ pub async fn serve(
         access,
         limits,
     )
-    .with_admission(Arc::clone(&admission));
+    .with_admission(Arc::clone(&admission))
+    .with_bulk_socket(&bulk_path);
+    let bulk = storaged.clone().serve_bulk(admission.unix(bulk_listener));
     let metrics_bound = match metrics {
         Some((listener, handle)) => Some(serve_metrics(listener, handle, &storaged)?),
         None => None,
@@ -395,7 +420,7 @@ pub async fn serve(
     let tcp = tcp_router.serve_with_incoming_shutdown(incoming, stopped(stop_rx.clone()));
     let unix = router.serve_with_incoming_shutdown(admission.unix(unix_listener), stopped(stop_rx));
     let server = async move {
-        let (a, b) = tokio::join!(tcp, unix);
+        let (a, b, ()) = tokio::join!(tcp, unix, bulk);
         a.and(b)
     };
     on_bound(bound);
@@ -417,6 +442,7 @@ pub async fn serve(
     )
     .await;
     let _ = std::fs::remove_file(&unix_path);
+    let _ = std::fs::remove_file(&bulk_path);
     result?;
     Ok(())
 }

@@ -13,7 +13,7 @@ use storaged_proto::model::{RangeSpec, ReadSpec, StorageClass};
 use storaged_proto::pb::storaged_server::Storaged;
 use storaged_proto::pb::{self, ingest_request};
 use storaged_proto::{DatasetName, ObjectPath};
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Code, Request, Response, Status, Streaming};
 
 use crate::ahead::drive_ahead;
 use crate::audit::{AuditEvent, AuditLog};
@@ -48,6 +48,12 @@ pub struct StoragedService {
     ingest_idle: std::time::Duration,
     /// The server's connection admission (for Status), when serving.
     admission: Option<Arc<crate::conn::Admission>>,
+    /// The bulk channel's socket, advertised in `Status`.
+    bulk_socket: Option<Arc<str>>,
+    /// Largest request frame on the bulk channel (gRPC's decoding limit).
+    bulk_frame_bytes_max: usize,
+    /// Requests the bulk channel answered (for Status).
+    bulk_requests: Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Who may call, and where their calls are recorded.
@@ -91,7 +97,19 @@ impl StoragedService {
                 .and_then(|p| std::path::absolute(p).ok())
                 .map(|p| p.to_string_lossy().into()),
             admission: None,
+            bulk_socket: None,
+            bulk_frame_bytes_max: limits.max_decoding_message_bytes,
+            bulk_requests: Arc::default(),
         }
+    }
+
+    /// Advertises the bulk channel's socket at `path` in Status.
+    #[must_use]
+    pub fn with_bulk_socket(mut self, path: &Path) -> Self {
+        self.bulk_socket = std::path::absolute(path)
+            .ok()
+            .map(|p| p.to_string_lossy().into());
+        self
     }
 
     /// Reports the connections `admission` counts in Status.
@@ -206,6 +224,8 @@ fn invalid(e: impl std::fmt::Display) -> Status {
     Status::invalid_argument(e.to_string())
 }
 
+mod bulk;
+use bulk::ReadIntoCall;
 mod caller;
 pub mod codes;
 mod progress;
@@ -590,64 +610,39 @@ impl Storaged for StoragedService {
         let caller = self.caller(&request, "read_into")?;
         let uid = peer_uid(&request)?;
         let r = request.into_inner();
-        let name = DatasetName::new(r.dataset).map_err(invalid)?;
-        self.authorize(&caller, "read_into", Right::Read, name.as_str())?;
-        let principal = &caller.principal;
-        let region = self
-            .regions
-            .get(r.region_id, |region| match &principal.tenant {
-                // Without tenants: the uid's own regions (root: any).
-                None => region.owner_uid == uid || uid == 0,
-                Some(t) => t.admin || (region.owner_uid == uid && region.tenant == t.name),
-            })?;
-        let items = r
-            .items
-            .into_iter()
-            .map(|i| {
-                let range = RangeSpec::try_from(&pb::ReadItem {
-                    path: i.path,
-                    offset: i.offset,
-                    length: i.length,
-                })
-                .map_err(ReadError::from)?;
-                Ok(ReadIntoItem {
-                    range,
-                    region_offset: i.region_offset,
-                })
-            })
-            .collect();
-        let in_flight = match r.max_in_flight {
-            0 => self.store.limits().batch_in_flight_default,
-            n => n,
+        let call = ReadIntoCall {
+            dataset: r.dataset,
+            dataset_id: r.dataset_id,
+            region_id: r.region_id,
+            max_in_flight: r.max_in_flight,
+            items: r.items,
         };
+        let (completions, in_flight) = self.start_read_into(&caller, uid, call)?;
         let respond = |completions| self.respond(&caller, completions, in_flight as usize);
-        let completions = self
-            .store
-            .read_into(region, &name, r.dataset_id, items, in_flight)?
-            .map(move |(index, result)| {
-                Ok(match result {
-                    Ok(done) => pb::ReadIntoCompletion {
-                        index,
-                        error: None,
-                        data_offset: done.data_offset,
-                        length: done.length,
-                        span_bytes: done.span_bytes,
-                    },
-                    Err(error) => {
-                        if error.code() == tonic::Code::DataLoss {
-                            tracing::warn!(%error, "ReadInto item failed");
-                        }
-                        pb::ReadIntoCompletion {
-                            index,
-                            error: Some(pb::ItemError {
-                                code: error.code() as i32,
-                                message: error.to_string(),
-                            }),
-                            ..Default::default()
-                        }
+        let completions = completions.map(move |(index, result)| {
+            Ok(match result {
+                Ok(done) => pb::ReadIntoCompletion {
+                    index,
+                    error: None,
+                    data_offset: done.data_offset,
+                    length: done.length,
+                    span_bytes: done.span_bytes,
+                },
+                Err(error) => {
+                    if error.code() == tonic::Code::DataLoss {
+                        tracing::warn!(%error, "ReadInto item failed");
                     }
-                })
-            });
+                    pb::ReadIntoCompletion {
+                        index,
+                        error: Some(pb::ItemError {
+                            code: error.code() as i32,
+                            message: error.to_string(),
+                        }),
+                        ..Default::default()
+                    }
+                }
+            })
+        });
         let completions = respond(completions).inspect(move |_| {
             // The call counts against its tenant until it ends.
             let _call = &caller.permit;

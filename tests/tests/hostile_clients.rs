@@ -310,7 +310,7 @@ async fn silent_connections_are_limited_per_peer_and_closed_after_the_preface_ti
     }
     assert!(
         d.stderr()
-            .contains("no HTTP/2 preface within preface_timeout_s")
+            .contains("no HTTP/2 preface (or bulk channel hello) within preface_timeout_s")
     );
     // ...and TCP clients get in again.
     d.client().await.status().await.unwrap();

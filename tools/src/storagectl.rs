@@ -70,6 +70,11 @@ struct Cli {
     /// http://).
     #[arg(long, default_value = "auto", value_parser = ["auto", "as-given"], global = true)]
     transport: String,
+    /// On the same host, send reads into memory regions as gRPC calls
+    /// instead of on storaged's bulk channel (its leaner framing); for
+    /// comparing the two.
+    #[arg(long, global = true)]
+    read_into_over_grpc: bool,
     /// Bearer token for a storaged with tenants (`storagectl token new`).
     #[arg(long, env = "STORAGED_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
@@ -470,6 +475,7 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         tls_ca: cli.ca.clone(),
         tls_cert: cli.cert.clone(),
         tls_key: cli.key.clone(),
+        read_into_over_grpc: cli.read_into_over_grpc,
     };
     let client = if cli.transport == "auto" {
         Client::connect_auto_with(&cli.server, &options).await?

@@ -163,6 +163,16 @@ impl Call {
     }
 }
 
+/// Records a call served outside gRPC (the bulk channel) under `method`.
+pub fn record_call(method: &'static str, code: tonic::Code, seconds: f64) {
+    metrics::histogram!(
+        super::RPC_SECONDS,
+        "method" => method,
+        "code" => code_name(code),
+    )
+    .record(seconds);
+}
+
 fn grpc_code(headers: &http::HeaderMap) -> Option<tonic::Code> {
     headers
         .get("grpc-status")

@@ -35,11 +35,19 @@ pub struct CallId {
 
 impl CallId {
     pub(super) fn of<T>(request: &Request<T>) -> Self {
-        static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Self {
             given: given_request_id(request),
-            serial: SERIAL.fetch_add(1, Ordering::Relaxed),
+            serial: next_call_serial(),
             peer: ConnInfo::of(request.extensions()).and_then(ConnInfo::remote_addr),
+        }
+    }
+
+    /// A call on the bulk channel (Unix socket, no request id).
+    pub(super) fn bulk() -> Self {
+        Self {
+            given: None,
+            serial: next_call_serial(),
+            peer: None,
         }
     }
 
@@ -65,6 +73,11 @@ impl CallId {
         self.peer
             .map_or_else(|| "unix".to_owned(), |a| a.to_string())
     }
+}
+
+fn next_call_serial() -> u64 {
+    static SERIAL: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    SERIAL.fetch_add(1, Ordering::Relaxed)
 }
 
 pub(super) fn via_name(via: Via) -> String {

@@ -17,6 +17,8 @@ impl StoragedService {
             open,
             refused,
             unix_socket_path: self.unix_socket.as_deref().unwrap_or_default().to_owned(),
+            bulk_socket_path: self.bulk_socket.as_deref().unwrap_or_default().to_owned(),
+            bulk_requests: self.bulk_requests.load(Ordering::Relaxed),
         });
         let (registered, registered_bytes) = self.regions.usage();
         s.regions = Some(pb::RegionStats {

@@ -1,0 +1,178 @@
+//! The bulk channel's client side: `ReadInto` without HTTP/2 on the same
+//! host (wire format: `storaged_proto::bulk`).
+//!
+//! One request per connection at a time, written and answered on the
+//! caller's own task: no connection task, no stream task, no buffer task
+//! in between, which is where a gRPC call's wakeups went. Concurrent
+//! callers each take an idle connection from the pool or open one (a
+//! connect and a hello, about as much as one small read); a finished call
+//! gives its connection back. A call dropped before its reply drops its
+//! connection, so no reply can ever be read by the wrong call.
+
+use std::path::PathBuf;
+use std::sync::Mutex;
+
+use storaged_proto::bulk::{
+    Hello, HelloReply, REPLY_FRAME_BYTES_MAX, ReadIntoFrame, ReadIntoReply, VERSION,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tonic::{Code, Status};
+
+use crate::ClientError;
+
+/// Connections of one client at once: calls beyond wait for one to come
+/// free. storaged counts each against the uid's connections
+/// (`connections_per_peer_max`, 256 by default), which several processes
+/// of one user share.
+const CONNECTIONS_MAX: usize = 32;
+/// Idle connections kept for later calls (more are closed when given
+/// back).
+const IDLE_CONNECTIONS_MAX: usize = 16;
+
+/// Connections to one storaged's bulk socket.
+#[derive(Debug)]
+pub(crate) struct BulkPool {
+    path: PathBuf,
+    /// The `authorization` value gRPC calls carry, if any.
+    authorization: Option<String>,
+    idle: Mutex<Vec<UnixStream>>,
+    slots: tokio::sync::Semaphore,
+    /// A failed connect was logged (once per pool).
+    unreachable_logged: std::sync::atomic::AtomicBool,
+}
+
+/// Why a bulk channel call did not answer.
+pub(crate) enum BulkError {
+    /// No connection could be opened or greeted (socket gone, refused,
+    /// another version, credentials refused): nothing was sent, so the
+    /// call can go over gRPC instead (the first such error is logged).
+    Unreachable,
+    /// The call was sent and failed.
+    Call(ClientError),
+}
+
+impl BulkPool {
+    pub(crate) fn new(path: PathBuf, authorization: Option<String>) -> Self {
+        Self {
+            path,
+            authorization,
+            idle: Mutex::default(),
+            slots: tokio::sync::Semaphore::new(CONNECTIONS_MAX),
+            unreachable_logged: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// Sends `frame` and returns storaged's reply. A pooled connection
+    /// that storaged closed while it sat idle (its idle deadline) fails at
+    /// once; the call then goes once more on a new connection.
+    pub(crate) async fn read_into(
+        &self,
+        frame: &ReadIntoFrame,
+    ) -> Result<ReadIntoReply, BulkError> {
+        let request = frame.encode().map_err(|e| {
+            BulkError::Call(ClientError::InvalidArgument(format!(
+                "bulk channel request: {e}"
+            )))
+        })?;
+        let _slot = self
+            .slots
+            .acquire()
+            .await
+            .expect("the semaphore is never closed");
+        let mut pooled = self.idle.lock().expect("bulk pool poisoned").pop();
+        loop {
+            let reused = pooled.is_some();
+            let mut conn = match pooled.take() {
+                Some(conn) => conn,
+                None => self.connect().await.map_err(|e| {
+                    let logged = std::sync::atomic::Ordering::Relaxed;
+                    if !self.unreachable_logged.swap(true, logged) {
+                        tracing::warn!(error = %e, "bulk channel unreachable; reading over gRPC");
+                    }
+                    BulkError::Unreachable
+                })?,
+            };
+            match exchange(&mut conn, &request).await {
+                Ok(reply) => {
+                    self.give_back(conn);
+                    return Ok(reply);
+                }
+                Err(Exchange::Io(_)) if reused => continue,
+                Err(Exchange::Io(e)) => {
+                    let message = format!("bulk channel {}: {e}", self.path.display());
+                    return Err(BulkError::Call(ClientError::Status(Status::unavailable(
+                        message,
+                    ))));
+                }
+                Err(Exchange::Protocol(m)) => {
+                    return Err(BulkError::Call(ClientError::Protocol(m)));
+                }
+            }
+        }
+    }
+
+    fn give_back(&self, conn: UnixStream) {
+        let mut idle = self.idle.lock().expect("bulk pool poisoned");
+        if idle.len() < IDLE_CONNECTIONS_MAX {
+            idle.push(conn);
+        }
+    }
+
+    /// A new connection, past its hello.
+    async fn connect(&self) -> Result<UnixStream, ClientError> {
+        let unavailable = |e: std::io::Error| {
+            ClientError::Status(Status::unavailable(format!(
+                "bulk channel {}: {e}",
+                self.path.display()
+            )))
+        };
+        let mut conn = UnixStream::connect(&self.path).await.map_err(unavailable)?;
+        let hello = Hello {
+            version: VERSION,
+            token: self.authorization.clone(),
+        }
+        .encode()
+        .map_err(|e| ClientError::InvalidArgument(format!("bulk channel hello: {e}")))?;
+        conn.write_all(&hello).await.map_err(unavailable)?;
+        let mut fixed = [0u8; HelloReply::FIXED_BYTES];
+        conn.read_exact(&mut fixed).await.map_err(unavailable)?;
+        let (version, code, message_len) = HelloReply::decode_fixed(&fixed)
+            .map_err(|e| ClientError::Protocol(format!("bulk channel hello reply: {e}")))?;
+        let mut message = vec![0u8; message_len];
+        conn.read_exact(&mut message).await.map_err(unavailable)?;
+        if code != 0 {
+            return Err(ClientError::Status(Status::new(
+                Code::from(code as i32),
+                format!(
+                    "bulk channel (server version {version}): {}",
+                    String::from_utf8_lossy(&message)
+                ),
+            )));
+        }
+        Ok(conn)
+    }
+}
+
+/// How one request and reply failed.
+enum Exchange {
+    /// The socket broke (storaged gone, or the connection closed).
+    Io(std::io::Error),
+    /// storaged answered something that is not a reply.
+    Protocol(String),
+}
+
+async fn exchange(conn: &mut UnixStream, request: &[u8]) -> Result<ReadIntoReply, Exchange> {
+    conn.write_all(request).await.map_err(Exchange::Io)?;
+    let mut len = [0u8; 4];
+    conn.read_exact(&mut len).await.map_err(Exchange::Io)?;
+    let len = u32::from_le_bytes(len);
+    if len > REPLY_FRAME_BYTES_MAX {
+        return Err(Exchange::Protocol(format!(
+            "bulk channel reply of {len} bytes; the limit is {REPLY_FRAME_BYTES_MAX}"
+        )));
+    }
+    let mut body = vec![0u8; len as usize];
+    conn.read_exact(&mut body).await.map_err(Exchange::Io)?;
+    ReadIntoReply::decode(&body).map_err(|e| Exchange::Protocol(format!("bulk channel reply: {e}")))
+}

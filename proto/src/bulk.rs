@@ -1,0 +1,654 @@
+//! The bulk channel's wire format (version 1): requests and replies with
+//! a fixed binary framing instead of HTTP/2, on a socket of their own.
+//!
+//! A gRPC call over HTTP/2 costs several task hops and thread wakeups on
+//! each side (connection task, stream task, response driver); on the same
+//! host that is most of a small read's CPU. The bulk channel is strictly
+//! one request, then its reply, per connection: the task that asks writes
+//! and reads its own socket, the server reads a frame, runs it and writes
+//! the reply, and a client wanting many reads at once opens several
+//! connections (nconnect-style). Version 1 carries `ReadInto` (bytes into
+//! a registered region on the same host); the layout is versioned so that
+//! a later version can carry payload over TCP. Byte-level description:
+//! docs/FORMAT.md, "The bulk channel". Everything here is little-endian.
+//!
+//! Decoding never trusts a length: every count and string is checked
+//! against the bytes actually present before anything is allocated for it.
+
+/// First bytes of a connection (the client's hello) and of the server's
+/// answer to it.
+pub const MAGIC: [u8; 8] = *b"SDBULK\r\n";
+/// The version this build speaks.
+pub const VERSION: u16 = 1;
+/// The fixed part of a hello (the token follows it). At least the 24 bytes
+/// the server's connection admission waits for before its preface deadline
+/// is met.
+pub const HELLO_BYTES: usize = 32;
+/// Longest token a hello may carry.
+pub const TOKEN_BYTES_MAX: usize = 4096;
+/// Longest message a reply carries (longer ones are cut).
+pub const MESSAGE_BYTES_MAX: usize = 1024;
+/// Frame kind of a `ReadInto` request.
+pub const KIND_READ_INTO: u8 = 1;
+/// Frame kind of its reply.
+pub const KIND_READ_INTO_REPLY: u8 = 0x81;
+/// Largest reply frame a client accepts (an item's reply is at most
+/// `ITEM_REPLY_FIXED_BYTES + MESSAGE_BYTES_MAX`; 4096 items fit).
+pub const REPLY_FRAME_BYTES_MAX: u32 = 8 << 20;
+
+/// `ReadIntoFrame::length` on the wire for "to the object's end".
+const LENGTH_TO_END: u64 = u64::MAX;
+/// Request flag: `dataset_id` is set.
+const FLAG_DATASET_ID: u8 = 1;
+/// Reply flag: see `ReadIntoReply::region_unknown`.
+const FLAG_REGION_UNKNOWN: u8 = 1;
+/// Request header bytes before the dataset name.
+const REQUEST_FIXED_BYTES: usize = 30;
+/// An item's bytes before its path.
+const ITEM_FIXED_BYTES: usize = 26;
+/// Reply header bytes before the message.
+const REPLY_FIXED_BYTES: usize = 14;
+/// An item reply's bytes before its message.
+const ITEM_REPLY_FIXED_BYTES: usize = 30;
+
+/// What was wrong with bytes that claimed to be a frame.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("the connection did not start with the bulk channel's magic bytes")]
+    BadMagic,
+    #[error("{what} needs {needed} bytes; {present} are present")]
+    Truncated {
+        what: &'static str,
+        needed: usize,
+        present: usize,
+    },
+    #[error("{what} is {bytes} bytes; the limit is {max}")]
+    TooLong {
+        what: &'static str,
+        bytes: usize,
+        max: usize,
+    },
+    #[error("frame kind {0:#04x} is unknown")]
+    UnknownKind(u8),
+    #[error("{what} is not UTF-8")]
+    NotUtf8 { what: &'static str },
+    #[error("{0} bytes follow the frame's last field")]
+    Trailing(usize),
+    #[error("reserved bits or bytes are set ({0:#x})")]
+    Reserved(u64),
+}
+
+/// The client's first message on a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    /// The `authorization` value a gRPC call would carry (`Bearer ...`).
+    pub token: Option<String>,
+}
+
+/// The server's answer to a hello: `code` 0 means the connection is
+/// ready for requests; anything else is a gRPC status code, and the
+/// server closes the connection after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HelloReply {
+    /// The version the server speaks.
+    pub version: u16,
+    pub code: u32,
+    pub message: String,
+}
+
+/// A `ReadInto` request: the items' widened spans land back to back where
+/// each `region_offset` says (see docs/FORMAT.md, "ReadInto").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadIntoFrame {
+    pub region_id: u64,
+    pub dataset: String,
+    pub dataset_id: Option<u64>,
+    /// Items the server keeps in flight; 0: its default.
+    pub max_in_flight: u32,
+    pub items: Vec<ReadIntoFrameItem>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadIntoFrameItem {
+    pub path: String,
+    pub offset: u64,
+    /// `None`: to the object's end.
+    pub length: Option<u64>,
+    pub region_offset: u64,
+}
+
+/// The reply to a `ReadInto` frame: the call's status and, when it is OK,
+/// one entry per item in request order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadIntoReply {
+    pub code: u32,
+    pub message: String,
+    /// The call failed because storaged does not know the region (it
+    /// restarted, or the region was never this caller's): register anew.
+    /// As `model::REGION_UNKNOWN_METADATA_KEY` on gRPC.
+    pub region_unknown: bool,
+    pub items: Vec<ItemReply>,
+}
+
+/// One item's outcome: where its bytes are in the region, or its error.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ItemReply {
+    pub code: u32,
+    pub message: String,
+    pub data_offset: u64,
+    pub length: u64,
+    pub span_bytes: u64,
+}
+
+impl Hello {
+    /// The hello's bytes: the fixed part, then the token.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let token = self.token.as_deref().unwrap_or("").as_bytes();
+        if token.len() > TOKEN_BYTES_MAX {
+            return Err(FrameError::TooLong {
+                what: "the token",
+                bytes: token.len(),
+                max: TOKEN_BYTES_MAX,
+            });
+        }
+        let mut b = Vec::with_capacity(HELLO_BYTES + token.len());
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&(token.len() as u16).to_le_bytes());
+        b.resize(HELLO_BYTES, 0);
+        b.extend_from_slice(token);
+        Ok(b)
+    }
+
+    /// The version and token length of a hello's fixed part.
+    pub fn decode_fixed(fixed: &[u8; HELLO_BYTES]) -> Result<(u16, usize), FrameError> {
+        if fixed[..8] != MAGIC {
+            return Err(FrameError::BadMagic);
+        }
+        let version = u16::from_le_bytes([fixed[8], fixed[9]]);
+        let flags = u16::from_le_bytes([fixed[10], fixed[11]]);
+        let token_len = usize::from(u16::from_le_bytes([fixed[12], fixed[13]]));
+        let reserved = fixed[14..].iter().fold(0u64, |a, &b| a | u64::from(b));
+        if flags != 0 || reserved != 0 {
+            return Err(FrameError::Reserved(u64::from(flags) | reserved));
+        }
+        if token_len > TOKEN_BYTES_MAX {
+            return Err(FrameError::TooLong {
+                what: "the token",
+                bytes: token_len,
+                max: TOKEN_BYTES_MAX,
+            });
+        }
+        Ok((version, token_len))
+    }
+}
+
+impl HelloReply {
+    pub fn encode(&self) -> Vec<u8> {
+        let message = cut(&self.message);
+        let mut b = Vec::with_capacity(16 + message.len());
+        b.extend_from_slice(&MAGIC);
+        b.extend_from_slice(&self.version.to_le_bytes());
+        b.extend_from_slice(&(message.len() as u16).to_le_bytes());
+        b.extend_from_slice(&self.code.to_le_bytes());
+        b.extend_from_slice(message.as_bytes());
+        b
+    }
+
+    /// Bytes of the fixed part (the message follows).
+    pub const FIXED_BYTES: usize = 16;
+
+    /// The fixed part's version, code and message length.
+    pub fn decode_fixed(fixed: &[u8; Self::FIXED_BYTES]) -> Result<(u16, u32, usize), FrameError> {
+        if fixed[..8] != MAGIC {
+            return Err(FrameError::BadMagic);
+        }
+        let version = u16::from_le_bytes([fixed[8], fixed[9]]);
+        let message_len = usize::from(u16::from_le_bytes([fixed[10], fixed[11]]));
+        let code = u32::from_le_bytes([fixed[12], fixed[13], fixed[14], fixed[15]]);
+        Ok((version, code, message_len))
+    }
+}
+
+impl ReadIntoFrame {
+    /// The frame's bytes, length prefix included.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let mut b = Vec::with_capacity(
+            4 + REQUEST_FIXED_BYTES
+                + self.dataset.len()
+                + self
+                    .items
+                    .iter()
+                    .map(|i| ITEM_FIXED_BYTES + i.path.len())
+                    .sum::<usize>(),
+        );
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.push(KIND_READ_INTO);
+        b.push(if self.dataset_id.is_some() {
+            FLAG_DATASET_ID
+        } else {
+            0
+        });
+        b.extend_from_slice(&0u16.to_le_bytes());
+        b.extend_from_slice(&self.region_id.to_le_bytes());
+        b.extend_from_slice(&self.dataset_id.unwrap_or(0).to_le_bytes());
+        b.extend_from_slice(&self.max_in_flight.to_le_bytes());
+        let count = u32::try_from(self.items.len()).map_err(|_| FrameError::TooLong {
+            what: "the item count",
+            bytes: self.items.len(),
+            max: u32::MAX as usize,
+        })?;
+        b.extend_from_slice(&count.to_le_bytes());
+        put_str(&mut b, "the dataset name", &self.dataset)?;
+        for item in &self.items {
+            b.extend_from_slice(&item.offset.to_le_bytes());
+            b.extend_from_slice(&item.length.unwrap_or(LENGTH_TO_END).to_le_bytes());
+            b.extend_from_slice(&item.region_offset.to_le_bytes());
+            put_str(&mut b, "an object path", &item.path)?;
+        }
+        finish_frame(b)
+    }
+
+    /// Decodes a request frame's body (the bytes after its length).
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(body);
+        let kind = r.u8("the frame kind")?;
+        if kind != KIND_READ_INTO {
+            return Err(FrameError::UnknownKind(kind));
+        }
+        let flags = r.u8("the flags")?;
+        let reserved = r.u16("the reserved bytes")?;
+        if flags & !FLAG_DATASET_ID != 0 || reserved != 0 {
+            return Err(FrameError::Reserved(
+                u64::from(flags & !FLAG_DATASET_ID) | u64::from(reserved) << 8,
+            ));
+        }
+        let region_id = r.u64("the region id")?;
+        let dataset_id = r.u64("the dataset id")?;
+        let max_in_flight = r.u32("max_in_flight")?;
+        let count = r.u32("the item count")? as usize;
+        let dataset = r.string("the dataset name")?;
+        // Each item takes at least its fixed bytes: a count the frame
+        // cannot hold fails here, before anything is allocated for it.
+        if count > r.left() / ITEM_FIXED_BYTES {
+            return Err(FrameError::Truncated {
+                what: "the items",
+                needed: count.saturating_mul(ITEM_FIXED_BYTES),
+                present: r.left(),
+            });
+        }
+        let mut items = Vec::with_capacity(count);
+        for _ in 0..count {
+            let offset = r.u64("an item's offset")?;
+            let length = r.u64("an item's length")?;
+            let region_offset = r.u64("an item's region offset")?;
+            let path = r.string("an object path")?;
+            items.push(ReadIntoFrameItem {
+                path,
+                offset,
+                length: (length != LENGTH_TO_END).then_some(length),
+                region_offset,
+            });
+        }
+        r.end()?;
+        Ok(Self {
+            region_id,
+            dataset,
+            dataset_id: (flags & FLAG_DATASET_ID != 0).then_some(dataset_id),
+            max_in_flight,
+            items,
+        })
+    }
+}
+
+impl ReadIntoReply {
+    /// A reply that fails the whole call.
+    pub fn failed(code: u32, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            region_unknown: false,
+            items: Vec::new(),
+        }
+    }
+
+    /// The frame's bytes, length prefix included.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let mut b =
+            Vec::with_capacity(4 + REPLY_FIXED_BYTES + self.items.len() * ITEM_REPLY_FIXED_BYTES);
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.push(KIND_READ_INTO_REPLY);
+        b.push(if self.region_unknown {
+            FLAG_REGION_UNKNOWN
+        } else {
+            0
+        });
+        b.extend_from_slice(&[0; 2]);
+        b.extend_from_slice(&self.code.to_le_bytes());
+        b.extend_from_slice(&(self.items.len() as u32).to_le_bytes());
+        put_str(&mut b, "the message", cut(&self.message))?;
+        for item in &self.items {
+            b.extend_from_slice(&item.code.to_le_bytes());
+            b.extend_from_slice(&item.data_offset.to_le_bytes());
+            b.extend_from_slice(&item.length.to_le_bytes());
+            b.extend_from_slice(&item.span_bytes.to_le_bytes());
+            put_str(&mut b, "an item's message", cut(&item.message))?;
+        }
+        finish_frame(b)
+    }
+
+    /// Decodes a reply frame's body (the bytes after its length).
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(body);
+        let kind = r.u8("the frame kind")?;
+        if kind != KIND_READ_INTO_REPLY {
+            return Err(FrameError::UnknownKind(kind));
+        }
+        let flags = r.u8("the flags")?;
+        let reserved = r.u16("the reserved bytes")?;
+        if flags & !FLAG_REGION_UNKNOWN != 0 || reserved != 0 {
+            return Err(FrameError::Reserved(
+                u64::from(flags & !FLAG_REGION_UNKNOWN) | u64::from(reserved) << 8,
+            ));
+        }
+        let code = r.u32("the status code")?;
+        let count = r.u32("the item count")? as usize;
+        let message = r.string("the message")?;
+        if count > r.left() / ITEM_REPLY_FIXED_BYTES {
+            return Err(FrameError::Truncated {
+                what: "the item replies",
+                needed: count.saturating_mul(ITEM_REPLY_FIXED_BYTES),
+                present: r.left(),
+            });
+        }
+        let mut items = Vec::with_capacity(count);
+        for _ in 0..count {
+            let code = r.u32("an item's code")?;
+            let data_offset = r.u64("an item's data offset")?;
+            let length = r.u64("an item's length")?;
+            let span_bytes = r.u64("an item's span")?;
+            let message = r.string("an item's message")?;
+            items.push(ItemReply {
+                code,
+                message,
+                data_offset,
+                length,
+                span_bytes,
+            });
+        }
+        r.end()?;
+        Ok(Self {
+            code,
+            message,
+            region_unknown: flags & FLAG_REGION_UNKNOWN != 0,
+            items,
+        })
+    }
+}
+
+/// The frame length prefix of `b` (whose first 4 bytes are its place).
+fn finish_frame(mut b: Vec<u8>) -> Result<Vec<u8>, FrameError> {
+    let body = u32::try_from(b.len() - 4).map_err(|_| FrameError::TooLong {
+        what: "the frame",
+        bytes: b.len(),
+        max: u32::MAX as usize,
+    })?;
+    b[..4].copy_from_slice(&body.to_le_bytes());
+    Ok(b)
+}
+
+/// `s` cut to `MESSAGE_BYTES_MAX` at a character boundary.
+fn cut(s: &str) -> &str {
+    if s.len() <= MESSAGE_BYTES_MAX {
+        return s;
+    }
+    let mut end = MESSAGE_BYTES_MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+fn put_str(b: &mut Vec<u8>, what: &'static str, s: &str) -> Result<(), FrameError> {
+    let len = u16::try_from(s.len()).map_err(|_| FrameError::TooLong {
+        what,
+        bytes: s.len(),
+        max: usize::from(u16::MAX),
+    })?;
+    b.extend_from_slice(&len.to_le_bytes());
+    b.extend_from_slice(s.as_bytes());
+    Ok(())
+}
+
+/// Reads fields off a frame body, checking each against what is left.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Self {
+        Self { bytes, at: 0 }
+    }
+
+    fn left(&self) -> usize {
+        self.bytes.len() - self.at
+    }
+
+    fn take(&mut self, what: &'static str, n: usize) -> Result<&'a [u8], FrameError> {
+        if self.left() < n {
+            return Err(FrameError::Truncated {
+                what,
+                needed: n,
+                present: self.left(),
+            });
+        }
+        let s = &self.bytes[self.at..self.at + n];
+        self.at += n;
+        Ok(s)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N], FrameError> {
+        let s = self.take(what, N)?;
+        Ok(s.try_into().expect("took N bytes"))
+    }
+
+    fn u8(&mut self, what: &'static str) -> Result<u8, FrameError> {
+        Ok(self.array::<1>(what)?[0])
+    }
+
+    fn u16(&mut self, what: &'static str) -> Result<u16, FrameError> {
+        Ok(u16::from_le_bytes(self.array(what)?))
+    }
+
+    fn u32(&mut self, what: &'static str) -> Result<u32, FrameError> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+
+    fn u64(&mut self, what: &'static str) -> Result<u64, FrameError> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    fn string(&mut self, what: &'static str) -> Result<String, FrameError> {
+        let len = usize::from(self.u16(what)?);
+        let bytes = self.take(what, len)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| FrameError::NotUtf8 { what })
+    }
+
+    fn end(&self) -> Result<(), FrameError> {
+        match self.left() {
+            0 => Ok(()),
+            n => Err(FrameError::Trailing(n)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request() -> ReadIntoFrame {
+        ReadIntoFrame {
+            region_id: 0x1234_5678_9abc,
+            dataset: "imagenet".into(),
+            dataset_id: Some(7),
+            max_in_flight: 16,
+            items: vec![
+                ReadIntoFrameItem {
+                    path: "train/ñ/0001.jpg".into(),
+                    offset: 5,
+                    length: Some(110_000),
+                    region_offset: 0,
+                },
+                ReadIntoFrameItem {
+                    path: "x".into(),
+                    offset: 0,
+                    length: None,
+                    region_offset: 131_072,
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn a_request_comes_back_as_sent() {
+        let bytes = request().encode().unwrap();
+        let len = u32::from_le_bytes(bytes[..4].try_into().unwrap()) as usize;
+        assert_eq!(len, bytes.len() - 4);
+        assert_eq!(ReadIntoFrame::decode(&bytes[4..]).unwrap(), request());
+        let unpinned = ReadIntoFrame {
+            dataset_id: None,
+            ..request()
+        };
+        let bytes = unpinned.encode().unwrap();
+        assert_eq!(ReadIntoFrame::decode(&bytes[4..]).unwrap(), unpinned);
+    }
+
+    #[test]
+    fn a_reply_comes_back_as_sent_with_long_messages_cut() {
+        let reply = ReadIntoReply {
+            code: 0,
+            message: String::new(),
+            region_unknown: false,
+            items: vec![
+                ItemReply {
+                    code: 0,
+                    message: String::new(),
+                    data_offset: 4096,
+                    length: 100,
+                    span_bytes: 8192,
+                },
+                ItemReply {
+                    code: 15,
+                    message: "é".repeat(MESSAGE_BYTES_MAX),
+                    ..ItemReply::default()
+                },
+            ],
+        };
+        let bytes = reply.encode().unwrap();
+        let back = ReadIntoReply::decode(&bytes[4..]).unwrap();
+        assert_eq!(back.items[0], reply.items[0]);
+        assert!(!back.region_unknown);
+        let unknown = ReadIntoReply {
+            region_unknown: true,
+            ..ReadIntoReply::failed(5, "region 0x7 is not registered")
+        };
+        let bytes = unknown.encode().unwrap();
+        assert_eq!(ReadIntoReply::decode(&bytes[4..]).unwrap(), unknown);
+        assert_eq!(back.items[1].code, 15);
+        assert_eq!(back.items[1].message.len(), MESSAGE_BYTES_MAX);
+        assert!(back.items[1].message.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn hellos_come_back_as_sent_and_bad_ones_are_named() {
+        let hello = Hello {
+            version: VERSION,
+            token: Some("Bearer sdt_abc".into()),
+        };
+        let bytes = hello.encode().unwrap();
+        let fixed: [u8; HELLO_BYTES] = bytes[..HELLO_BYTES].try_into().unwrap();
+        assert_eq!(Hello::decode_fixed(&fixed).unwrap(), (VERSION, 14));
+        assert_eq!(&bytes[HELLO_BYTES..], b"Bearer sdt_abc");
+        let mut bad = fixed;
+        bad[0] = b'P'; // an HTTP/2 preface, say
+        assert_eq!(Hello::decode_fixed(&bad), Err(FrameError::BadMagic));
+        let mut bad = fixed;
+        bad[20] = 1;
+        assert!(matches!(
+            Hello::decode_fixed(&bad),
+            Err(FrameError::Reserved(_))
+        ));
+        let mut bad = fixed;
+        bad[12..14].copy_from_slice(&u16::MAX.to_le_bytes());
+        assert!(matches!(
+            Hello::decode_fixed(&bad),
+            Err(FrameError::TooLong { .. })
+        ));
+        let reply = HelloReply {
+            version: VERSION,
+            code: 9,
+            message: "nope".into(),
+        }
+        .encode();
+        let fixed: [u8; HelloReply::FIXED_BYTES] = reply[..16].try_into().unwrap();
+        assert_eq!(HelloReply::decode_fixed(&fixed).unwrap(), (VERSION, 9, 4));
+    }
+
+    #[test]
+    fn every_cut_of_a_request_fails_cleanly() {
+        // Guards against a hostile frame: any truncation is an error (never
+        // a panic or a huge allocation), and so is a byte too many.
+        let bytes = request().encode().unwrap();
+        let body = &bytes[4..];
+        for end in 0..body.len() {
+            assert!(ReadIntoFrame::decode(&body[..end]).is_err(), "cut at {end}");
+        }
+        let mut long = body.to_vec();
+        long.push(0);
+        assert_eq!(ReadIntoFrame::decode(&long), Err(FrameError::Trailing(1)));
+    }
+
+    #[test]
+    fn a_huge_item_count_fails_before_allocating() {
+        // Guards against a frame claiming 4 billion items in a few bytes.
+        let mut bytes = ReadIntoFrame {
+            items: vec![],
+            ..request()
+        }
+        .encode()
+        .unwrap();
+        bytes[4 + 24..4 + 28].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            ReadIntoFrame::decode(&bytes[4..]),
+            Err(FrameError::Truncated {
+                what: "the items",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn unknown_kinds_flags_and_bad_utf8_are_refused() {
+        let bytes = request().encode().unwrap();
+        let mut b = bytes[4..].to_vec();
+        b[0] = 9;
+        assert_eq!(ReadIntoFrame::decode(&b), Err(FrameError::UnknownKind(9)));
+        let mut b = bytes[4..].to_vec();
+        b[1] |= 0x80;
+        assert!(matches!(
+            ReadIntoFrame::decode(&b),
+            Err(FrameError::Reserved(_))
+        ));
+        let mut b = bytes[4..].to_vec();
+        b[REQUEST_FIXED_BYTES] = 0xff; // first byte of the dataset name
+        assert_eq!(
+            ReadIntoFrame::decode(&b),
+            Err(FrameError::NotUtf8 {
+                what: "the dataset name"
+            })
+        );
+    }
+}
