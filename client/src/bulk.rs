@@ -12,9 +12,7 @@
 use std::path::PathBuf;
 use std::sync::Mutex;
 
-use storaged_proto::bulk::{
-    Hello, HelloReply, REPLY_FRAME_BYTES_MAX, ReadIntoFrame, ReadIntoReply, VERSION,
-};
+use storaged_proto::bulk::{Hello, HelloReply, ReadIntoFrame, ReadIntoReply, VERSION};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tonic::{Code, Status};
@@ -93,7 +91,7 @@ impl BulkPool {
                     BulkError::Unreachable
                 })?,
             };
-            match exchange(&mut conn, &request).await {
+            match exchange(&mut conn, &request, frame.items.len()).await {
                 Ok(reply) => {
                     self.give_back(conn);
                     return Ok(reply);
@@ -162,14 +160,20 @@ enum Exchange {
     Protocol(String),
 }
 
-async fn exchange(conn: &mut UnixStream, request: &[u8]) -> Result<ReadIntoReply, Exchange> {
+/// Sends `request` (of `items` items) and reads its reply.
+async fn exchange(
+    conn: &mut UnixStream,
+    request: &[u8],
+    items: usize,
+) -> Result<ReadIntoReply, Exchange> {
     conn.write_all(request).await.map_err(Exchange::Io)?;
     let mut len = [0u8; 4];
     conn.read_exact(&mut len).await.map_err(Exchange::Io)?;
     let len = u32::from_le_bytes(len);
-    if len > REPLY_FRAME_BYTES_MAX {
+    let max = ReadIntoReply::frame_bytes_max(items);
+    if u64::from(len) > max {
         return Err(Exchange::Protocol(format!(
-            "bulk channel reply of {len} bytes; the limit is {REPLY_FRAME_BYTES_MAX}"
+            "bulk channel reply of {len} bytes to {items} items; at most {max} can be right"
         )));
     }
     let mut body = vec![0u8; len as usize];

@@ -32,9 +32,6 @@ pub const MESSAGE_BYTES_MAX: usize = 1024;
 pub const KIND_READ_INTO: u8 = 1;
 /// Frame kind of its reply.
 pub const KIND_READ_INTO_REPLY: u8 = 0x81;
-/// Largest reply frame a client accepts (an item's reply is at most
-/// `ITEM_REPLY_FIXED_BYTES + MESSAGE_BYTES_MAX`; 4096 items fit).
-pub const REPLY_FRAME_BYTES_MAX: u32 = 8 << 20;
 
 /// `ReadIntoFrame::length` on the wire for "to the object's end".
 const LENGTH_TO_END: u64 = u64::MAX;
@@ -304,6 +301,15 @@ impl ReadIntoFrame {
 }
 
 impl ReadIntoReply {
+    /// The longest reply (frame length prefix excluded) to a request of
+    /// `items` items: what a client may accept, and no more.
+    pub fn frame_bytes_max(items: usize) -> u64 {
+        let message = (2 + MESSAGE_BYTES_MAX) as u64;
+        (REPLY_FIXED_BYTES - 2) as u64
+            + message
+            + items as u64 * ((ITEM_REPLY_FIXED_BYTES - 2) as u64 + message)
+    }
+
     /// A reply that fails the whole call.
     pub fn failed(code: u32, message: impl Into<String>) -> Self {
         Self {
@@ -548,6 +554,7 @@ mod tests {
             ],
         };
         let bytes = reply.encode().unwrap();
+        assert!((bytes.len() - 4) as u64 <= ReadIntoReply::frame_bytes_max(2));
         let back = ReadIntoReply::decode(&bytes[4..]).unwrap();
         assert_eq!(back.items[0], reply.items[0]);
         assert!(!back.region_unknown);

@@ -359,7 +359,8 @@ async fn the_bulk_channel_authenticates_like_grpc_and_closes_silent_peers() {
 async fn a_peer_that_stops_reading_replies_is_closed() {
     // Guards against a peer that sends requests and never reads a reply:
     // storaged stops reading its requests once its replies fill the
-    // socket, and closes it after the stall timeout, holding nothing more.
+    // socket, and closes it after the stall timeout, holding nothing more;
+    // and against one that sends a frame's length and then trickles.
     let tmp = tempfile::tempdir().unwrap();
     let d = daemon_with(&tmp, "stream_stall_timeout_s = 2\n");
     let socket = bulk_socket(&d);
@@ -398,6 +399,13 @@ async fn a_peer_that_stops_reading_replies_is_closed() {
     );
     assert!(sink.len() > 64 << 10, "replies were sent: {}", sink.len());
     writer.abort();
+    // A frame whose length came but whose bytes never do is no hold
+    // either: closed after the stall timeout.
+    let (mut s, code, _) = hello(&socket, VERSION, None).await;
+    assert_eq!(code, 0);
+    s.write_all(&1000u32.to_le_bytes()).await.unwrap();
+    s.write_all(&[1, 0, 0, 0]).await.unwrap();
+    assert!(closed(&mut s).await, "a trickled frame was closed");
     // storaged still serves.
     assert_eq!(read_all(&local).await, files());
 }

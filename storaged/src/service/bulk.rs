@@ -94,8 +94,11 @@ impl StoragedService {
                     max: self.bulk_frame_bytes_max,
                 })
             } else {
+                // Once its length is in, a frame arrives within the stall
+                // timeout: a peer cannot hold its buffer by trickling.
                 let mut body = vec![0u8; len];
-                if conn.read_exact(&mut body).await.is_err() {
+                let read = tokio::time::timeout(self.stream_stall, conn.read_exact(&mut body));
+                if !matches!(read.await, Ok(Ok(_))) {
                     return;
                 }
                 ReadIntoFrame::decode(&body)
