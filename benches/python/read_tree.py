@@ -4,13 +4,16 @@ cold page cache, for hand measurements of the mount against a local folder
 
     python3 benches/python/read_tree.py DIR --threads 16     # files/s, GiB/s
     python3 benches/python/read_tree.py DIR --latency        # per-call medians
+    python3 benches/python/read_tree.py DIR --cpu-of PID ...  # and CPU per file
 
 Files are shuffled (fixed seed) and stat'ed first (a training job has
 listed its dataset), then the page cache is dropped (needs root): each
 file is opened, read with 1 MiB reads to its end, and closed, by
 --threads threads. --latency reads 1000 files with one thread and prints
 the median of each call (open, first read, the read at end of file,
-close).
+close). --cpu-of adds, per file read, the CPU time of each PID given
+(storaged, the mount), of the whole machine, and its context switches,
+all counted over the reading alone.
 """
 
 import argparse
@@ -36,7 +39,27 @@ def drop_page_cache():
         f.write("1\n")
 
 
-def throughput(files, threads):
+def cpu_ticks(pid):
+    """utime + stime of `pid`, in clock ticks."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def machine():
+    """(busy ticks of all CPUs, context switches) so far."""
+    busy, switches = 0, 0
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu "):
+                t = list(map(int, line.split()[1:]))
+                busy = sum(t) - t[3] - t[4]
+            elif line.startswith("ctxt "):
+                switches = int(line.split()[1])
+    return busy, switches
+
+
+def throughput(files, threads, cpu_of=()):
     next_file = iter(files)
     lock = threading.Lock()
     total = [0]
@@ -55,6 +78,7 @@ def throughput(files, threads):
         with lock:
             total[0] += read
 
+    before = [cpu_ticks(p) for p in cpu_of], machine()
     start = time.perf_counter()
     workers = [threading.Thread(target=work) for _ in range(threads)]
     for w in workers:
@@ -62,7 +86,16 @@ def throughput(files, threads):
     for w in workers:
         w.join()
     seconds = time.perf_counter() - start
+    after = [cpu_ticks(p) for p in cpu_of], machine()
     print(f"{len(files) / seconds:.0f} files/s {total[0] / seconds / 2**30:.2f} GiB/s")
+    if cpu_of:
+        us = 1e6 / os.sysconf("SC_CLK_TCK") / len(files)
+        per_pid = " ".join(
+            f"pid {p} {(b - a) * us:.0f} us" for p, a, b in zip(cpu_of, before[0], after[0])
+        )
+        busy = (after[1][0] - before[1][0]) * us
+        switches = (after[1][1] - before[1][1]) / len(files)
+        print(f"CPU per file: {per_pid}, machine {busy:.0f} us; {switches:.1f} context switches")
 
 
 def latency(files):
@@ -87,13 +120,14 @@ def main():
     parser.add_argument("root")
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--cpu-of", type=int, nargs="*", default=[], metavar="PID")
     args = parser.parse_args()
     files = files_of(args.root)
     drop_page_cache()
     if args.latency:
         latency(files)
     else:
-        throughput(files, args.threads)
+        throughput(files, args.threads, args.cpu_of)
 
 
 if __name__ == "__main__":
