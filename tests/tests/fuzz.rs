@@ -8,7 +8,9 @@
 //! bounded memory, and still serve the protected dataset byte for byte.
 //!
 //! Admin-only methods are also sent over the Unix socket without a token,
-//! as the operator (uid), to reach past the rights check.
+//! as the operator (uid), to reach past the rights check. Then hellos and
+//! `ReadInto` frames of the bulk channel, mutated the same way, raw on its
+//! socket.
 //!
 //! Bounded by rounds and by time (`STORAGED_FUZZ_ROUNDS`, default 4000;
 //! at most 60 s); `STORAGED_FUZZ_SEED` replays a run.
@@ -338,6 +340,56 @@ async fn send(ch: &Channel, method: &str, messages: Vec<Bytes>, as_operator: boo
         .unwrap_or_else(|_| panic!("{method} hung past its deadline"));
 }
 
+/// One round on the bulk channel: a hello (mutated one time in four;
+/// the fuzzer's token or none, as the operator's uid), then a ReadInto
+/// frame into `region_id`, mutated, then whatever comes back within a
+/// moment.
+async fn send_bulk(socket: &std::path::Path, region_id: u64, rng: &mut Rng) {
+    use storaged_proto::bulk::{Hello, ReadIntoFrame, ReadIntoFrameItem, VERSION};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let Ok(mut s) = tokio::net::UnixStream::connect(socket).await else {
+        return;
+    };
+    let token = (rng.below(2) == 0).then(|| bearer(FUZZER));
+    let hello = Bytes::from(
+        Hello {
+            version: VERSION,
+            token,
+        }
+        .encode()
+        .unwrap(),
+    );
+    let hello = if rng.below(4) == 0 {
+        mutate(&hello, rng)
+    } else {
+        hello
+    };
+    let items = (0..=rng.below(4))
+        .map(|i| ReadIntoFrameItem {
+            path: format!("f{}", rng.below(4)),
+            offset: [0, 1, 4096, 299_999, u64::MAX][rng.below(5)],
+            length: [None, Some(0), Some(1), Some(100_000), Some(u64::MAX)][rng.below(5)],
+            region_offset: [0, 4096 * i as u64, 1 << 20, u64::MAX - 4095][rng.below(4)],
+        })
+        .collect();
+    let frame = ReadIntoFrame {
+        region_id,
+        dataset: ["data", "fz-x", ""][rng.below(3)].into(),
+        dataset_id: (rng.below(2) == 0).then(|| rng.next() % 4),
+        max_in_flight: [0, 1, u32::MAX][rng.below(3)],
+        items,
+    };
+    let frame = mutate(&Bytes::from(frame.encode().unwrap()), rng);
+    let mut sink = vec![0u8; 1 << 16];
+    let exchange = async {
+        s.write_all(&hello).await?;
+        s.write_all(&frame).await?;
+        while s.read(&mut sink).await? > 0 {}
+        Ok::<_, std::io::Error>(())
+    };
+    let _ = tokio::time::timeout(Duration::from_millis(100), exchange).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutated_requests_to_every_method_leave_storaged_whole() {
     // Guards against a request any client can send crashing, hanging or
@@ -437,6 +489,25 @@ async fn mutated_requests_to_every_method_leave_storaged_whole() {
     eprintln!("fuzz: seed {seed}, requests per method {sent:?}");
     assert!(sent.iter().all(|n| *n > 0), "every method was fuzzed");
 
+    // The bulk channel: mutated hellos and ReadInto frames, raw, each on
+    // a connection of its own, into a region the operator registered.
+    let operator = storaged_client::Client::connect_with(
+        &d.unix_url(),
+        &storaged_client::ConnectOptions::default(),
+    )
+    .await
+    .unwrap();
+    let region = operator.register_region(1 << 20).await.unwrap();
+    let bulk_socket = tmp.path().join("data").join("storaged.sock.bulk");
+    let bulk_started = Instant::now();
+    let mut bulk_sent = 0;
+    while bulk_sent < rounds / 8 && bulk_started.elapsed() < Duration::from_secs(30) {
+        send_bulk(&bulk_socket, region.id(), &mut rng).await;
+        bulk_sent += 1;
+    }
+    eprintln!("fuzz: {bulk_sent} bulk channel rounds");
+    drop(region);
+
     // Alive, no panic, bounded, and the protected data intact.
     let client = storaged_client::Client::connect_with(
         &d.unix_url(),
@@ -446,6 +517,12 @@ async fn mutated_requests_to_every_method_leave_storaged_whole() {
     .unwrap();
     let status = client.status().await.unwrap();
     assert!(status.datasets.iter().any(|ds| ds.name == "data"));
+    let bulk_answered = status.connections.as_ref().map_or(0, |c| c.bulk_requests);
+    assert!(
+        bulk_answered > 0,
+        "no bulk channel frame got past the hello"
+    );
+    eprintln!("fuzz: the bulk channel answered {bulk_answered} frames");
     let ds = client.dataset("data").unwrap();
     for (name, bytes) in &files {
         assert!(
