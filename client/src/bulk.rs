@@ -29,7 +29,6 @@ const CONNECTIONS_MAX: usize = 32;
 const IDLE_CONNECTIONS_MAX: usize = 16;
 
 /// Connections to one storaged's bulk socket.
-#[derive(Debug)]
 pub(crate) struct BulkPool {
     path: PathBuf,
     /// The `authorization` value gRPC calls carry, if any.
@@ -38,6 +37,16 @@ pub(crate) struct BulkPool {
     slots: tokio::sync::Semaphore,
     /// A failed connect was logged (once per pool).
     unreachable_logged: std::sync::atomic::AtomicBool,
+}
+
+impl std::fmt::Debug for BulkPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("BulkPool")
+            .field("path", &self.path)
+            .field("token", &self.authorization.as_ref().map(|_| "<set>"))
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why a bulk channel call did not answer.
@@ -179,4 +188,19 @@ async fn exchange(
     let mut body = vec![0u8; len as usize];
     conn.read_exact(&mut body).await.map_err(Exchange::Io)?;
     ReadIntoReply::decode(&body).map_err(|e| Exchange::Protocol(format!("bulk channel reply: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_output_never_shows_the_token() {
+        // Guards against a client's `{:?}` (logs, panics) printing its
+        // bearer token through the bulk pool it holds.
+        let pool = BulkPool::new("/run/x.bulk".into(), Some("Bearer sdt_secret".into()));
+        let shown = format!("{pool:?}");
+        assert!(!shown.contains("sdt_secret"), "{shown}");
+        assert!(shown.contains("<set>"), "{shown}");
+    }
 }

@@ -76,11 +76,21 @@ pub enum FrameError {
 }
 
 /// The client's first message on a connection.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct Hello {
     pub version: u16,
     /// The `authorization` value a gRPC call would carry (`Bearer ...`).
     pub token: Option<String>,
+}
+
+impl std::fmt::Debug for Hello {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the token itself.
+        f.debug_struct("Hello")
+            .field("version", &self.version)
+            .field("token", &self.token.as_ref().map(|_| "<set>"))
+            .finish()
+    }
 }
 
 /// The server's answer to a hello: `code` 0 means the connection is
@@ -579,6 +589,8 @@ mod tests {
         let fixed: [u8; HELLO_BYTES] = bytes[..HELLO_BYTES].try_into().unwrap();
         assert_eq!(Hello::decode_fixed(&fixed).unwrap(), (VERSION, 14));
         assert_eq!(&bytes[HELLO_BYTES..], b"Bearer sdt_abc");
+        // Guards against logs printing the token.
+        assert!(!format!("{hello:?}").contains("sdt_abc"));
         let mut bad = fixed;
         bad[0] = b'P'; // an HTTP/2 preface, say
         assert_eq!(Hello::decode_fixed(&bad), Err(FrameError::BadMagic));
