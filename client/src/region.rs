@@ -489,15 +489,7 @@ impl Dataset {
                 dataset: self.name.to_string(),
                 dataset_id: self.id,
                 max_in_flight,
-                items: items
-                    .iter()
-                    .map(|i| bulk::ReadIntoFrameItem {
-                        path: i.path.clone(),
-                        offset: i.offset,
-                        length: i.length,
-                        region_offset: i.region_offset,
-                    })
-                    .collect(),
+                items: items.drain(..).map(Into::into).collect(),
             };
             // As below: until the reply, storaged may be writing the region.
             region.abandoned = true;
@@ -513,7 +505,10 @@ impl Dataset {
                 }
                 Err(BulkError::Call(e)) => return Err(e),
                 // Nothing was sent: over gRPC instead.
-                Err(BulkError::Unreachable) => region.abandoned = false,
+                Err(BulkError::Unreachable) => {
+                    region.abandoned = false;
+                    items = frame.items.into_iter().map(Into::into).collect();
+                }
             }
         }
         let mut rpc = self.client.rpc.clone();

@@ -125,6 +125,28 @@ pub struct ReadIntoFrameItem {
     pub region_offset: u64,
 }
 
+impl From<ReadIntoFrameItem> for crate::pb::ReadIntoItem {
+    fn from(i: ReadIntoFrameItem) -> Self {
+        Self {
+            path: i.path,
+            offset: i.offset,
+            length: i.length,
+            region_offset: i.region_offset,
+        }
+    }
+}
+
+impl From<crate::pb::ReadIntoItem> for ReadIntoFrameItem {
+    fn from(i: crate::pb::ReadIntoItem) -> Self {
+        Self {
+            path: i.path,
+            offset: i.offset,
+            length: i.length,
+            region_offset: i.region_offset,
+        }
+    }
+}
+
 /// The reply to a `ReadInto` frame: the call's status and, when it is OK,
 /// one entry per item in request order.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -231,37 +231,19 @@ impl StoragedService {
         uid: u32,
         frame: ReadIntoFrame,
     ) -> Result<ReadIntoReply, Status> {
-        let permit = principal
-            .call_permit()
-            .map_err(|e: QuotaExceeded| Status::resource_exhausted(e.to_string()))?;
-        let mut budget = Budget::default().with(Arc::clone(&conn.inflight));
-        if let Some(t) = &principal.tenant {
-            budget = budget.with(Arc::clone(&t.inflight));
-        }
-        let caller = Caller {
-            principal: principal.clone(),
-            call: CallId::bulk(),
-            permit,
-            conn: Some(Arc::clone(conn)),
-            budget,
-            deadline: None,
-        };
+        let caller = Caller::admit(
+            principal.clone(),
+            CallId::bulk(),
+            Some(Arc::clone(conn)),
+            None,
+        )?;
         let count = frame.items.len();
         let call = ReadIntoCall {
             dataset: frame.dataset,
             dataset_id: frame.dataset_id,
             region_id: frame.region_id,
             max_in_flight: frame.max_in_flight,
-            items: frame
-                .items
-                .into_iter()
-                .map(|i| pb::ReadIntoItem {
-                    path: i.path,
-                    offset: i.offset,
-                    length: i.length,
-                    region_offset: i.region_offset,
-                })
-                .collect(),
+            items: frame.items.into_iter().map(Into::into).collect(),
         };
         let (completions, _) = self.start_read_into(&caller, uid, call)?;
         let mut replies = vec![None; count];

@@ -21,6 +21,37 @@ pub struct Caller {
     pub(super) deadline: Option<tokio::time::Instant>,
 }
 
+impl Caller {
+    /// A call of `principal` on `conn` (gRPC or the bulk channel): it takes
+    /// one of its tenant's concurrent calls, and its reads are charged to
+    /// its connection's and its tenant's byte budgets.
+    pub(super) fn admit(
+        principal: Principal,
+        call: CallId,
+        conn: Option<Arc<ConnState>>,
+        deadline: Option<tokio::time::Instant>,
+    ) -> Result<Self, Status> {
+        let permit = principal
+            .call_permit()
+            .map_err(|e: QuotaExceeded| Status::resource_exhausted(e.to_string()))?;
+        let mut budget = Budget::default();
+        if let Some(c) = &conn {
+            budget = budget.with(Arc::clone(&c.inflight));
+        }
+        if let Some(t) = &principal.tenant {
+            budget = budget.with(Arc::clone(&t.inflight));
+        }
+        Ok(Caller {
+            principal,
+            call,
+            permit,
+            conn,
+            budget,
+            deadline,
+        })
+    }
+}
+
 /// What names a call in the audit log. Kept raw: the strings are made only
 /// when a line is written, not on every read.
 #[derive(Debug)]
@@ -153,31 +184,14 @@ impl StoragedService {
                 return Err(status);
             }
         };
-        let permit = principal
-            .call_permit()
-            .map_err(|e: QuotaExceeded| Status::resource_exhausted(e.to_string()))?;
         let conn = ConnInfo::of(request.extensions()).map(|c| Arc::clone(&c.state));
-        let mut budget = Budget::default();
-        if let Some(c) = &conn {
-            budget = budget.with(Arc::clone(&c.inflight));
-        }
-        if let Some(t) = &principal.tenant {
-            budget = budget.with(Arc::clone(&t.inflight));
-        }
         let deadline = request
             .metadata()
             .get("grpc-timeout")
             .and_then(|v| v.to_str().ok())
             .and_then(crate::deadline::parse_grpc_timeout)
             .map(|d| tokio::time::Instant::now() + d);
-        Ok(Caller {
-            principal,
-            call,
-            permit,
-            conn,
-            budget,
-            deadline,
-        })
+        Caller::admit(principal, call, conn, deadline)
     }
 
     /// Writes `caller`'s `operation` and its outcome to the audit log. A
