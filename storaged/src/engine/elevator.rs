@@ -1,4 +1,4 @@
-//! The per-device backlog of the ring thread: operations waiting for room in
+//! The per-device backlog of the io_uring engine: operations waiting for room in
 //! their device's queue depth, served in C-SCAN order.
 //!
 //! Whatever the store submits (reads of many requests, read-ahead, ingest
@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 
-/// See the module docs. Tokens are the ring thread's operation ids.
+/// See the module docs. Tokens are the engine's operation ids.
 #[derive(Debug, Default)]
 pub struct Elevator {
     waiting: BTreeMap<(u64, u64), u64>,

@@ -1,28 +1,30 @@
-//! The io_uring engine: one thread owns one ring for all devices.
+//! The io_uring engine: one ring for all devices, with no thread of its
+//! own.
 //!
 //! Operations beyond a device's queue depth wait in a per-device backlog
 //! served in C-SCAN order (`elevator`), so the device always gets the
 //! nearest next piece of all the work in flight, not the oldest.
 //!
-//! On a 2-core machine a single ring thread keeps every device busy; more
-//! threads would only compete with the tonic runtime. The thread registers the
-//! pool's buffers (fixed buffers, `READ_FIXED`/`WRITE_FIXED`) and the device
-//! files once, then loops: take new operations from the channel, push as many
-//! as the per-device queue depth allows, submit them in one `io_uring_enter`,
-//! and hand completions back to their buffers' slots.
+//! The thread that submits an operation pushes it into the ring itself,
+//! under one lock that guards the ring's queues and the bookkeeping, and
+//! makes the `io_uring_enter` that starts it. Completions are reaped by a
+//! task on the runtime that opened the engine: the ring signals a
+//! registered eventfd, which the runtime's poller watches. So a read
+//! costs one thread wakeup (the runtime worker that polls) where a ring
+//! thread cost three (its bell, the completion, the waiting task), about
+//! 50 us of a small read on this VM (BENCHMARKS.md, "The mount, third
+//! pass"), and nothing spins. The kernel finishes a read in the context of
+//! the thread that submitted it (task work), which is a runtime worker
+//! too. An engine opened outside any runtime (a tool) reaps on a thread
+//! of its own.
 //!
-//! When idle the thread sleeps in `io_uring_enter` with an `eventfd` read
-//! armed. A submitter writes the eventfd only if the thread said it is
-//! sleeping, so a busy ring costs no extra syscall per operation.
-//!
-//! Reads into foreign memory (client regions) come on a second channel and
-//! share the per-device queue depth; their user data is
+//! Reads into foreign memory (client regions) have a slot table of their
+//! own and share the per-device queue depth; their user data is
 //! `FOREIGN_TOKEN_BASE + slot`. The buffer table is registered sparse, with
 //! `REGION_FIXED_SLOTS` spare entries after the pool's: a region is
 //! registered into one when it is registered with storaged
 //! (`fix_foreign`, an `IORING_REGISTER_BUFFERS_UPDATE` on the ring's fd,
-//! safe beside `io_uring_enter` on the ring thread since the kernel
-//! serialises both), and its reads are then `READ_FIXED`, which skips
+//! safe beside `io_uring_enter` since the kernel serialises both), and its reads are then `READ_FIXED`, which skips
 //! pinning the client's pages for every I/O (15% of the server's CPU on
 //! this path when they were plain `READ`s). A region that does not fit
 //! (over 1 GiB, no free entry, the memlock limit) is read with plain
@@ -31,11 +33,13 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use io_uring::{IoUring, opcode, squeue, types};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 
 use super::elevator::Elevator;
 use super::{
@@ -44,7 +48,6 @@ use super::{
 };
 use crate::buf::{BufLease, BufferPool, IoFuture};
 
-const WAKE_TOKEN: u64 = u64::MAX;
 /// Tokens at or above this are foreign reads; below, pool buffer indexes.
 const FOREIGN_TOKEN_BASE: u64 = 1 << 32;
 
@@ -105,16 +108,6 @@ impl FixedTable {
     }
 }
 
-struct Submission {
-    op: IoOp,
-    index: u32,
-}
-
-struct ForeignSubmission {
-    read: ForeignRead,
-    done: futures::channel::oneshot::Sender<io::Result<usize>>,
-}
-
 /// A foreign read in the ring: it owns its target until completion.
 struct ForeignInFlight {
     f: InFlight,
@@ -122,37 +115,14 @@ struct ForeignInFlight {
     done: futures::channel::oneshot::Sender<io::Result<usize>>,
 }
 
-struct Wake {
-    eventfd: OwnedFd,
-    sleeping: AtomicBool,
-    shutdown: AtomicBool,
-}
-
-impl Wake {
-    fn ring_bell(&self) {
-        let one: u64 = 1;
-        // SAFETY: writes 8 bytes from a live local to an eventfd we own; the
-        // fd stays open for the life of `self`.
-        let _ = unsafe {
-            libc::write(
-                self.eventfd.as_raw_fd(),
-                (&one as *const u64).cast(),
-                std::mem::size_of::<u64>(),
-            )
-        };
-    }
-}
-
 /// io_uring engine; see the module docs.
 pub struct UringEngine {
-    tx: crossbeam_channel::Sender<Submission>,
-    foreign_tx: crossbeam_channel::Sender<ForeignSubmission>,
-    wake: Arc<Wake>,
+    shared: Arc<Shared>,
     files: Vec<File>,
-    pool: Arc<BufferPool>,
-    thread: Option<JoinHandle<()>>,
     fixed_buffers: bool,
     fixed_regions: Option<Arc<FixedTable>>,
+    /// The reaper's own thread, where no runtime was running at start.
+    reaper_thread: Option<JoinHandle<()>>,
 }
 
 impl UringEngine {
@@ -171,7 +141,8 @@ impl UringEngine {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `efd` is a freshly created descriptor nobody else owns.
-        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        let completions_fd = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(efd)?;
 
         let fds: Vec<RawFd> = files.iter().map(AsRawFd::as_raw_fd).collect();
         let fixed_files = ring.submitter().register_files(&fds).is_ok();
@@ -184,8 +155,8 @@ impl UringEngine {
                 .submitter()
                 .register_buffers_sparse((buffers + REGION_FIXED_SLOTS) as u32)
                 .is_ok()
-            // SAFETY: every iovec points into the pool's mapping, which the
-            // ring thread keeps alive (it holds an `Arc<BufferPool>`) until
+            // SAFETY: every iovec points into the pool's mapping, which
+            // `Shared` keeps alive (it holds an `Arc<BufferPool>`) until
             // after the ring is dropped and the registration released.
             && match unsafe { ring.submitter().register_buffers_update(0, &iovecs, None) } {
                 Ok(()) => {
@@ -221,45 +192,56 @@ impl UringEngine {
                         false
                     }
                 };
+        let runtime = tokio::runtime::Handle::try_current().ok();
         tracing::info!(
             ring_entries = entries,
             fixed_buffers,
             fixed_regions = fixed_regions.is_some(),
             fixed_files,
             devices = files.len(),
+            reaper = if runtime.is_some() {
+                "runtime task"
+            } else {
+                "own thread"
+            },
             "io_uring engine started"
         );
 
-        let (tx, rx) = crossbeam_channel::bounded(buffers);
-        let (foreign_tx, foreign_rx) = crossbeam_channel::bounded(FOREIGN_READS_IN_FLIGHT_MAX);
-        let wake = Arc::new(Wake {
-            eventfd,
-            sleeping: AtomicBool::new(false),
-            shutdown: AtomicBool::new(false),
-        });
-        let ring_thread = RingThread {
+        let shared = Arc::new(Shared {
+            core: Mutex::new(RingState::new(fds.len(), buffers)),
             ring,
-            rx,
-            foreign_rx,
-            wake: Arc::clone(&wake),
-            pool: Arc::clone(&pool),
+            completions_fd,
+            shutdown: AtomicBool::new(false),
+            pool,
             fds,
             fixed_files,
             fixed_buffers,
             queue_depth_per_device_max: limits.queue_depth_per_device_max.max(1),
+        });
+        let reaper_thread = match runtime {
+            Some(runtime) => {
+                let reaper = Reaper::new(Arc::clone(&shared), &runtime)?;
+                runtime.spawn(reaper.run());
+                None
+            }
+            None => {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_io()
+                    .build()?;
+                let reaper = Reaper::new(Arc::clone(&shared), rt.handle())?;
+                Some(
+                    std::thread::Builder::new()
+                        .name("storaged-reaper".into())
+                        .spawn(move || rt.block_on(reaper.run()))?,
+                )
+            }
         };
-        let thread = std::thread::Builder::new()
-            .name("storaged-uring".into())
-            .spawn(move || ring_thread.run())?;
         Ok(Self {
-            tx,
-            foreign_tx,
-            wake,
+            shared,
             files,
-            pool,
-            thread: Some(thread),
             fixed_buffers,
             fixed_regions,
+            reaper_thread,
         })
     }
 
@@ -280,16 +262,14 @@ impl IoBackend for UringEngine {
         }
         let index = buf.index();
         let fut = buf.lend_to_kernel();
-        if self.tx.try_send(Submission { op, index }).is_err() {
-            // Only reachable if the ring thread died; the slot must still be
-            // completed exactly once.
-            self.pool
-                .complete(index, Err(io::Error::other("io_uring thread is gone")));
-            return fut;
+        {
+            let mut st = self.shared.lock();
+            st.in_flight[index as usize] = Some(InFlight { op, done: 0 });
+            st.deferred[op.device as usize].push(op.offset, u64::from(index));
+            st.deferred_total += 1;
+            self.shared.push_deferred(&mut st);
         }
-        if self.wake.sleeping.swap(false, Ordering::SeqCst) {
-            self.wake.ring_bell();
-        }
+        self.shared.enter();
         fut
     }
 
@@ -298,18 +278,32 @@ impl IoBackend for UringEngine {
             return ForeignReadFuture::ready(Err(e));
         }
         let (done, fut) = ForeignReadFuture::channel();
-        if self
-            .foreign_tx
-            .try_send(ForeignSubmission { read, done })
-            .is_err()
         {
-            return ForeignReadFuture::ready(Err(io::Error::other(
-                "io_uring foreign-read queue is full or its thread is gone",
-            )));
+            let mut st = self.shared.lock();
+            // Callers bound themselves to the table's size (see
+            // `FOREIGN_READS_IN_FLIGHT_MAX`), so this holds unless one
+            // does not.
+            let Some(slot) = st.foreign_free.pop() else {
+                return ForeignReadFuture::ready(Err(io::Error::other(
+                    "io_uring foreign-read table is full",
+                )));
+            };
+            let op = IoOp {
+                kind: OpKind::Read,
+                device: read.device,
+                offset: read.device_offset,
+                len: read.len,
+            };
+            st.foreign[slot] = Some(ForeignInFlight {
+                f: InFlight { op, done: 0 },
+                read,
+                done,
+            });
+            st.deferred[op.device as usize].push(op.offset, FOREIGN_TOKEN_BASE + slot as u64);
+            st.deferred_total += 1;
+            self.shared.push_deferred(&mut st);
         }
-        if self.wake.sleeping.swap(false, Ordering::SeqCst) {
-            self.wake.ring_bell();
-        }
+        self.shared.enter();
         fut
     }
 
@@ -365,10 +359,15 @@ impl IoBackend for UringEngine {
 }
 
 impl Drop for UringEngine {
+    /// Waits for every operation in the ring to complete, so no buffer
+    /// or region is released while the kernel may still write it, then
+    /// stops the reaper (a runtime task ends by itself; a runtime that is
+    /// gone already took it).
     fn drop(&mut self) {
-        self.wake.shutdown.store(true, Ordering::SeqCst);
-        self.wake.ring_bell();
-        if let Some(t) = self.thread.take() {
+        self.shared.shutdown.store(true, Ordering::SeqCst);
+        self.shared.drain();
+        self.shared.ring_completions_bell();
+        if let Some(t) = self.reaper_thread.take() {
             let _ = t.join();
         }
     }
@@ -380,11 +379,19 @@ struct InFlight {
     done: u32,
 }
 
-struct RingThread {
+/// The ring and everything about its operations. Only the holder of
+/// `core` touches the ring's submission and completion queues, so any
+/// thread may submit and the reaper may reap; the `io_uring_enter` that
+/// hands new entries to the kernel runs outside the lock (the kernel
+/// serialises it).
+struct Shared {
+    core: Mutex<RingState>,
     ring: IoUring,
-    rx: crossbeam_channel::Receiver<Submission>,
-    foreign_rx: crossbeam_channel::Receiver<ForeignSubmission>,
-    wake: Arc<Wake>,
+    /// Registered with the ring: the kernel adds to it for every
+    /// completion, and the reaper waits on it.
+    completions_fd: OwnedFd,
+    shutdown: AtomicBool,
+    /// The pool's mapping outlives the ring's registration of it.
     pool: Arc<BufferPool>,
     fds: Vec<RawFd>,
     fixed_files: bool,
@@ -392,7 +399,13 @@ struct RingThread {
     queue_depth_per_device_max: u32,
 }
 
-impl RingThread {
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, RingState> {
+        // Nothing under the lock panics but broken invariants (asserts),
+        // after which the state must not be trusted.
+        self.core.lock().expect("io_uring state poisoned")
+    }
+
     /// The SQE that moves the rest of `f` (from `f.done` on) for `token`.
     fn build_sqe(
         &self,
@@ -444,78 +457,12 @@ impl RingThread {
         sqe.user_data(token)
     }
 
-    fn run(mut self) {
-        let mut st = RingState::new(self.fds.len(), self.pool.buffer_count());
-        loop {
-            let shutting_down = self.wake.shutdown.load(Ordering::SeqCst);
-            if !st.bell_armed && !shutting_down {
-                self.arm_bell(&mut st);
-            }
-            self.take_submissions(&mut st);
-            self.submit_deferred(&mut st);
-            debug_assert_eq!(
-                st.deferred_total,
-                st.deferred.iter().map(Elevator::len).sum::<usize>(),
-                "every waiting operation is in exactly one backlog"
-            );
-            if shutting_down && st.total_in_flight == 0 && st.deferred_total == 0 && !st.bell_armed
-            {
-                break;
-            }
-            self.wait();
-            self.reap(&mut st);
-        }
-    }
-
-    /// Arms the read of the wake eventfd, so a submission from another
-    /// thread ends the wait.
-    fn arm_bell(&mut self, st: &mut RingState) {
-        let sqe = opcode::Read::new(
-            types::Fd(self.wake.eventfd.as_raw_fd()),
-            (&mut *st.bell_buf as *mut u64).cast(),
-            8,
-        )
-        .build()
-        .user_data(WAKE_TOKEN);
-        // SAFETY: `bell_buf` outlives the ring's use of it: `run` only
-        // returns once this read has completed (`bell_armed` is false),
-        // and `st` lives until then.
-        if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
-            st.bell_armed = true;
-        }
-    }
-
-    /// Moves new operations from the channels into their devices'
-    /// backlogs (foreign reads only while a slot is free for them).
-    fn take_submissions(&self, st: &mut RingState) {
-        while let Ok(s) = self.rx.try_recv() {
-            st.in_flight[s.index as usize] = Some(InFlight { op: s.op, done: 0 });
-            st.deferred[s.op.device as usize].push(s.op.offset, u64::from(s.index));
-            st.deferred_total += 1;
-        }
-        while let Some(&slot) = st.foreign_free.last() {
-            let Ok(s) = self.foreign_rx.try_recv() else {
-                break;
-            };
-            st.foreign_free.pop();
-            let op = IoOp {
-                kind: OpKind::Read,
-                device: s.read.device,
-                offset: s.read.device_offset,
-                len: s.read.len,
-            };
-            st.foreign[slot] = Some(ForeignInFlight {
-                f: InFlight { op, done: 0 },
-                read: s.read,
-                done: s.done,
-            });
-            st.deferred[op.device as usize].push(op.offset, FOREIGN_TOKEN_BASE + slot as u64);
-            st.deferred_total += 1;
-        }
-    }
-
     /// Pushes what the queue depth allows, in sweep order per device.
-    fn submit_deferred(&mut self, st: &mut RingState) {
+    /// Needs the lock (`st` is its guard's content).
+    fn push_deferred(&self, st: &mut RingState) {
+        // SAFETY: the caller holds `core`, the only way to reach either
+        // queue, so no other handle to the submission queue exists.
+        let mut sq = unsafe { self.ring.submission_shared() };
         'devices: for (dev, queue) in st.deferred.iter_mut().enumerate() {
             while st.device_in_flight[dev] < self.queue_depth_per_device_max {
                 let Some(token) = queue.peek() else {
@@ -527,7 +474,7 @@ impl RingThread {
                 // operation (a pool buffer whose lease the slot machinery
                 // holds, or foreign memory whose `Arc` its slot holds)
                 // until `reap` completes it.
-                if unsafe { self.ring.submission().push(&sqe) }.is_err() {
+                if unsafe { sq.push(&sqe) }.is_err() {
                     break 'devices;
                 }
                 queue.pop();
@@ -536,42 +483,47 @@ impl RingThread {
                 st.total_in_flight += 1;
             }
         }
+        debug_assert_eq!(
+            st.deferred_total,
+            st.deferred.iter().map(Elevator::len).sum::<usize>(),
+            "every waiting operation is in exactly one backlog"
+        );
     }
 
-    /// Submits, and sleeps until a completion or a wake when nothing new
-    /// waits in the channels.
-    fn wait(&mut self) {
-        self.wake.sleeping.store(true, Ordering::SeqCst);
-        let wait_for = if self.rx.is_empty() && self.foreign_rx.is_empty() {
-            1
-        } else {
-            0
-        };
-        let res = self.ring.submit_and_wait(wait_for);
-        self.wake.sleeping.store(false, Ordering::SeqCst);
-        if let Err(e) = res {
-            match e.raw_os_error() {
-                Some(libc::EINTR) | Some(libc::EAGAIN) | Some(libc::EBUSY) => {}
-                _ => {
+    /// Hands the pushed entries to the kernel. The ring holds fewer
+    /// operations than it has entries, so the kernel takes them all; a
+    /// transient refusal leaves them queued for the next enter (the
+    /// reaper enters after every completion).
+    fn enter(&self) {
+        loop {
+            match self.ring.submitter().submit() {
+                Ok(_) => return,
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
+                    tracing::debug!(error = %e, "io_uring_enter: busy; entries stay queued");
+                    return;
+                }
+                Err(e) => {
                     tracing::error!(error = %e, "io_uring_enter failed");
-                    std::thread::sleep(std::time::Duration::from_millis(1));
+                    return;
                 }
             }
         }
     }
 
     /// Handles every completion: a short transfer goes on from where it
-    /// stopped; anything else completes its operation and frees its slot.
-    fn reap(&mut self, st: &mut RingState) {
+    /// stopped; anything else completes its operation and frees its
+    /// slot. Then refills the devices from their backlogs.
+    fn reap(&self, st: &mut RingState) {
         st.completions.clear();
-        st.completions
-            .extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
+        {
+            // SAFETY: the caller holds `core` (see `push_deferred`).
+            let cq = unsafe { self.ring.completion_shared() };
+            st.completions
+                .extend(cq.map(|c| (c.user_data(), c.result())));
+        }
         for k in 0..st.completions.len() {
             let (token, result) = st.completions[k];
-            if token == WAKE_TOKEN {
-                st.bell_armed = false;
-                continue;
-            }
             let mut f = recorded(&st.in_flight, &st.foreign, token);
             let dev = f.op.device as usize;
             let outcome = if result > 0 && f.done + (result as u32) < f.op.len {
@@ -579,9 +531,9 @@ impl RingThread {
                 f.done += result as u32;
                 record(&mut st.in_flight, &mut st.foreign, token, f);
                 let sqe = self.build_sqe(token, &f, &st.foreign);
-                // SAFETY: as in `submit_deferred`; the memory is still lent
-                // to this op.
-                if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
+                // SAFETY: as in `push_deferred`; the memory is still lent
+                // to this op, and the caller holds `core`.
+                if unsafe { self.ring.submission_shared().push(&sqe) }.is_ok() {
                     continue;
                 }
                 // Queue full: complete with what we have; the caller
@@ -607,10 +559,137 @@ impl RingThread {
             st.device_in_flight[dev] -= 1;
             st.total_in_flight -= 1;
         }
+        self.push_deferred(st);
+    }
+
+    /// One turn of the reaper: completions handled, backlogs refilled,
+    /// new entries handed to the kernel.
+    fn turn(&self) {
+        {
+            let mut st = self.lock();
+            self.reap(&mut st);
+        }
+        self.enter();
+    }
+
+    /// Completes every operation, waiting for the kernel in this thread
+    /// (at shutdown: the reaper may be gone with its runtime).
+    fn drain(&self) {
+        let wait = types::Timespec::new().nsec(10_000_000);
+        loop {
+            {
+                let mut st = self.lock();
+                self.reap(&mut st);
+                if st.total_in_flight == 0 && st.deferred_total == 0 {
+                    return;
+                }
+            }
+            // Bounded: a reaper still running may take the completion
+            // this wait is for.
+            let args = types::SubmitArgs::new().timespec(&wait);
+            match self.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ETIME | libc::EINTR)) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring_enter failed while draining");
+                    std::thread::sleep(std::time::Duration::from_millis(1));
+                }
+            }
+        }
+    }
+
+    /// Wakes the reaper (at shutdown).
+    fn ring_completions_bell(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a live local to an eventfd we own;
+        // the fd stays open for the life of `self`.
+        let _ = unsafe {
+            libc::write(
+                self.completions_fd.as_raw_fd(),
+                (&one as *const u64).cast(),
+                std::mem::size_of::<u64>(),
+            )
+        };
     }
 }
 
-/// What the ring thread tracks between turns of its loop.
+/// Borrows the completions eventfd for `AsyncFd` (the fd belongs to
+/// `Shared`, which the reaper holds).
+struct CompletionsFd(RawFd);
+
+impl AsRawFd for CompletionsFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// The task that reaps completions: woken through the runtime's poller
+/// when the kernel signals the ring's eventfd.
+struct Reaper {
+    /// Declared first, so it is deregistered before `shared` (which owns
+    /// the descriptor) can go.
+    fd: AsyncFd<CompletionsFd>,
+    shared: Arc<Shared>,
+}
+
+impl Reaper {
+    /// Registers the eventfd with `runtime`'s poller (hence the handle).
+    fn new(shared: Arc<Shared>, runtime: &tokio::runtime::Handle) -> io::Result<Self> {
+        let _entered = runtime.enter();
+        // SAFETY: the descriptor belongs to `shared.completions_fd`, open
+        // and the same for as long as `shared` lives; the returned
+        // `AsyncFd` is dropped before this reaper's `shared` (field order).
+        let fd = unsafe {
+            AsyncFd::register_with_interest(
+                CompletionsFd(shared.completions_fd.as_raw_fd()),
+                Interest::READABLE,
+            )
+        }
+        .map_err(|e| e.into_parts().1)?;
+        Ok(Self { fd, shared })
+    }
+
+    async fn run(self) {
+        loop {
+            if self.shared.shutdown.load(Ordering::SeqCst) {
+                return;
+            }
+            let mut ready = match self.fd.readable().await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring reaper cannot poll its eventfd");
+                    return;
+                }
+            };
+            let mut counter = 0u64;
+            let read = ready.try_io(|fd| {
+                // SAFETY: reads 8 bytes into a live local from the
+                // eventfd, which `Shared` keeps open while `self` lives.
+                let r = unsafe {
+                    libc::read(
+                        fd.get_ref().0,
+                        (&mut counter as *mut u64).cast(),
+                        std::mem::size_of::<u64>(),
+                    )
+                };
+                if r < 0 {
+                    Err(io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            });
+            if let Ok(Err(e)) = read {
+                tracing::error!(error = %e, "io_uring reaper cannot read its eventfd");
+                return;
+            }
+            // Completions may be there even when the read found the
+            // counter already taken (a drain reaped them): cheap to look.
+            self.shared.turn();
+        }
+    }
+}
+
+/// The ring's bookkeeping, behind `Shared::core`.
 struct RingState {
     /// Progress of each pool-buffer operation, by buffer index.
     in_flight: Vec<Option<InFlight>>,
@@ -626,10 +705,6 @@ struct RingState {
     deferred: Vec<Elevator>,
     deferred_total: usize,
     completions: Vec<(u64, i32)>,
-    /// Target of the armed eventfd read; boxed so its address is stable
-    /// while the kernel may write it.
-    bell_buf: Box<u64>,
-    bell_armed: bool,
 }
 
 impl RingState {
@@ -642,9 +717,7 @@ impl RingState {
             total_in_flight: 0,
             deferred: (0..n_devices).map(|_| Elevator::default()).collect(),
             deferred_total: 0,
-            completions: Vec::with_capacity(buffer_count + FOREIGN_READS_IN_FLIGHT_MAX + 1),
-            bell_buf: Box::new(0u64),
-            bell_armed: false,
+            completions: Vec::with_capacity(buffer_count + FOREIGN_READS_IN_FLIGHT_MAX),
         }
     }
 }
@@ -701,5 +774,95 @@ mod tests {
         .expect("io_uring is available on the test machine");
         assert!(engine.uses_fixed_buffers());
         conformance(Arc::new(engine), pool).await;
+    }
+
+    fn engine_in(dir: &std::path::Path, pool: &Arc<BufferPool>) -> UringEngine {
+        UringEngine::new(
+            test_files(dir, 2, 1 << 20),
+            Arc::clone(pool),
+            EngineLimits {
+                queue_depth_per_device_max: 4,
+                psync_threads: 1,
+            },
+        )
+        .expect("io_uring is available on the test machine")
+    }
+
+    /// Guards against an engine that completes nothing when its reaper
+    /// shares one thread with the tasks waiting on it.
+    #[tokio::test(flavor = "current_thread")]
+    async fn uring_engine_conforms_on_a_current_thread_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = test_pool();
+        let engine = engine_in(dir.path(), &pool);
+        conformance(Arc::new(engine), pool).await;
+    }
+
+    /// Guards against an engine that needs a runtime to be opened in (a
+    /// tool opening the pool from plain threads): it reaps on its own
+    /// thread then, and serves futures awaited on any runtime.
+    #[test]
+    fn uring_engine_conforms_when_opened_outside_a_runtime() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = test_pool();
+        let engine: Arc<dyn IoBackend> = Arc::new(engine_in(dir.path(), &pool));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(conformance(engine, pool));
+    }
+
+    /// Guards against memory released while the kernel may still write
+    /// it: dropping the engine with reads in flight (their futures gone
+    /// too) returns only once every read has completed and let its
+    /// target go. The device is a pipe, so the reads wait until the test
+    /// writes.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dropping_the_engine_waits_for_reads_in_flight() {
+        let mut ends = [0 as libc::c_int; 2];
+        // SAFETY: pipe2(2) fills the two-element array it is given.
+        let made = unsafe { libc::pipe2(ends.as_mut_ptr(), libc::O_CLOEXEC) };
+        assert_eq!(made, 0);
+        // SAFETY: both descriptors are fresh and owned only here.
+        let (device, mut writer) =
+            unsafe { (File::from_raw_fd(ends[0]), File::from_raw_fd(ends[1])) };
+        let dropped = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let memory = crate::engine::tests::TestMemory::new(1 << 20, Arc::clone(&dropped));
+        let engine = UringEngine::new(
+            vec![device],
+            test_pool(),
+            EngineLimits {
+                queue_depth_per_device_max: 4,
+                psync_threads: 1,
+            },
+        )
+        .unwrap();
+        for k in 0..4 {
+            drop(engine.read_foreign(ForeignRead {
+                device: 0,
+                device_offset: 0,
+                len: 4096,
+                memory: memory.clone(),
+                memory_offset: k * 4096,
+            }));
+        }
+        let dropping = std::thread::spawn(move || drop(engine));
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(
+            !dropping.is_finished(),
+            "the engine went while its reads were waiting for data"
+        );
+        assert!(Arc::strong_count(&memory) > 1);
+        use std::io::Write;
+        writer.write_all(&[7u8; 4 * 4096]).unwrap();
+        dropping.join().unwrap();
+        assert_eq!(
+            Arc::strong_count(&memory),
+            1,
+            "every read let its target go before the engine was gone"
+        );
+        assert_eq!(dropped.load(Ordering::SeqCst), 0);
+        assert!(memory.bytes()[..4 * 4096].iter().all(|&b| b == 7));
     }
 }
