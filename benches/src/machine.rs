@@ -16,10 +16,28 @@ pub struct Machine {
     pub cores: usize,
     pub ram_bytes: u64,
     pub kernel: String,
+    /// Transparent huge pages for anonymous memory (storaged's buffer
+    /// pool) and for shared memory (client regions), as the kernel's
+    /// bracketed choice: device reads into huge pages are markedly faster
+    /// on virtio disks (BENCHMARKS.md, "Huge pages").
+    pub thp_anon: String,
+    pub thp_shmem: String,
+    /// `thp_shmem` before this run set it (`--shmem-thp`).
+    pub thp_shmem_before_run: String,
     pub filesystem_of_devices: String,
     pub devices: Vec<DeviceInfo>,
     pub storaged_version: String,
     pub started_unix_s: u64,
+}
+
+/// The bracketed (current) choice of a kernel setting such as
+/// `always [madvise] never`.
+pub fn kernel_choice(path: &str) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    text.split_whitespace()
+        .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+        .unwrap_or("unknown")
+        .to_owned()
 }
 
 fn first_line_with(path: &str, key: &str) -> Option<String> {
@@ -47,7 +65,40 @@ fn fs_type(path: &std::path::Path) -> String {
     best.0
 }
 
-pub fn describe(devices: &[std::path::PathBuf]) -> Machine {
+/// Where the kernel lets shared memory (client regions) be huge.
+pub const SHMEM_THP_PATH: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// A kernel setting changed for the run and put back when dropped.
+pub struct KernelSetting {
+    path: &'static str,
+    before: String,
+}
+
+impl KernelSetting {
+    /// Writes `value` into `path` (needs root) unless it is the current
+    /// choice already; `before` is what it was.
+    pub fn apply(path: &'static str, value: &str) -> std::io::Result<Self> {
+        let before = kernel_choice(path);
+        if before != value {
+            std::fs::write(path, value)?;
+        }
+        Ok(Self { path, before })
+    }
+
+    pub fn before(&self) -> &str {
+        &self.before
+    }
+}
+
+impl Drop for KernelSetting {
+    fn drop(&mut self) {
+        if kernel_choice(self.path) != self.before {
+            let _ = std::fs::write(self.path, &self.before);
+        }
+    }
+}
+
+pub fn describe(devices: &[std::path::PathBuf], thp_shmem_before_run: &str) -> Machine {
     use std::os::unix::fs::FileTypeExt;
     let ram_kib: u64 = first_line_with("/proc/meminfo", "MemTotal")
         .and_then(|v| v.split_whitespace().next().and_then(|n| n.parse().ok()))
@@ -62,6 +113,9 @@ pub fn describe(devices: &[std::path::PathBuf]) -> Machine {
         kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .map(|s| s.trim().to_owned())
             .unwrap_or_default(),
+        thp_anon: kernel_choice("/sys/kernel/mm/transparent_hugepage/enabled"),
+        thp_shmem: kernel_choice(SHMEM_THP_PATH),
+        thp_shmem_before_run: thp_shmem_before_run.to_owned(),
         filesystem_of_devices: devices
             .first()
             .and_then(|d| d.parent())

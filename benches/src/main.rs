@@ -58,6 +58,13 @@ struct Args {
     /// The storaged binary (default: next to this one).
     #[arg(long)]
     storaged_bin: Option<PathBuf>,
+    /// Huge pages for shared memory (client regions) during the run, the
+    /// deployment tuning README.md recommends: written into
+    /// /sys/kernel/mm/transparent_hugepage/shmem_enabled and put back
+    /// afterwards; `as-is` leaves the kernel's setting alone. Both are
+    /// recorded in results.json (`machine.thp_shmem*`).
+    #[arg(long, default_value = "advise")]
+    shmem_thp: String,
 }
 
 fn main() {
@@ -231,6 +238,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             );
         }
     }
+    let shmem_thp = match args.shmem_thp.as_str() {
+        "as-is" => None,
+        value => Some(
+            machine::KernelSetting::apply(machine::SHMEM_THP_PATH, value).with_context(|| {
+                format!(
+                    "setting {} to {value} (needs root; --shmem-thp as-is leaves it)",
+                    machine::SHMEM_THP_PATH
+                )
+            })?,
+        ),
+    };
+    let thp_shmem_before_run = match &shmem_thp {
+        Some(setting) => setting.before().to_owned(),
+        None => machine::kernel_choice(machine::SHMEM_THP_PATH),
+    };
     let storaged_bin = match args.storaged_bin {
         Some(b) => b,
         None => std::env::current_exe()?
@@ -300,7 +322,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         eprintln!("mounting every dataset with storagectl mount...");
         Some(Mount::start(&storagectl, &daemon.url, &work.join("mnt"))?)
     };
-    let machine = machine::describe(&devices);
+    let machine = machine::describe(&devices, &thp_shmem_before_run);
     let nginx = if peers {
         Some(Nginx::start(&work.join("nginx"), &files_root)?)
     } else {

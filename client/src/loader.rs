@@ -815,7 +815,9 @@ impl Dataset {
                     read_into_span(start, len, r.object_size, block).0
                 })
                 .sum();
-            let mut region_bytes = span.next_power_of_two().max(1 << 20);
+            let mut region_bytes = span
+                .next_power_of_two()
+                .max(crate::region::REGION_BYTES_MIN);
             while region_bytes <= SHM_REGION_BYTES_MAX {
                 let Ok(region) = self.client.region_unless_refused(region_bytes).await else {
                     break;

@@ -361,8 +361,24 @@ fn open_client_memfd(
     Ok((file, owned))
 }
 
+/// Where the kernel lets shared memory be huge
+/// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`).
+const SHMEM_THP_SETTING: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
 impl Regions {
     pub fn new(limits: RegionLimits) -> Arc<Self> {
+        // Clients ask for huge pages in their regions; a kernel that never
+        // grants them to shared memory makes every device read into a
+        // region one segment per 4 KiB page, markedly slower on virtio
+        // disks (BENCHMARKS.md, "Huge pages"). Said once, for operators.
+        if let Ok(setting) = std::fs::read_to_string(SHMEM_THP_SETTING)
+            && (setting.contains("[never]") || setting.contains("[deny]"))
+        {
+            tracing::info!(
+                setting = SHMEM_THP_SETTING,
+                "client regions get 4 KiB pages here; `echo advise` into the setting lets them be huge (faster device reads into regions)"
+            );
+        }
         Arc::new(Self {
             limits,
             registry: Mutex::default(),
