@@ -609,12 +609,28 @@ fn a_corrupt_stripe_object_reads_as_eio() {
 fn datasets_come_and_go_while_mounted_and_never_serve_wrong_bytes() {
     // Guards a dataset removed (and created again) while mounted: its open
     // file gets ENOENT or EIO, never the new dataset's bytes; the top
-    // level follows within the refresh interval.
+    // level follows within the refresh interval. `f` is over the size a
+    // mount fetches whole at its open, so its read goes to storaged; `s`
+    // is under it: its bytes may already have been fetched when the
+    // dataset goes, and then it reads exactly as it was, never the new one.
     let tmp = tempfile::tempdir().unwrap();
     let a = tmp.path().join("a");
     let b = tmp.path().join("b");
-    write_tree(&a, &[("f".into(), pattern(20, 300_000))]);
-    write_tree(&b, &[("f".into(), pattern(21, 300_000))]);
+    let size = 2 << 20;
+    write_tree(
+        &a,
+        &[
+            ("f".into(), pattern(20, size)),
+            ("s".into(), pattern(22, 300_000)),
+        ],
+    );
+    write_tree(
+        &b,
+        &[
+            ("f".into(), pattern(21, size)),
+            ("s".into(), pattern(23, 300_000)),
+        ],
+    );
     let d = daemon(tmp.path());
     let mnt = tmp.path().join("mnt");
     // Over gRPC (ReadBatch: it had no pin to the dataset's id and read the
@@ -629,8 +645,20 @@ fn datasets_come_and_go_while_mounted_and_never_serve_wrong_bytes() {
         d.ctl_ok(&["ingest", "gone", a.to_str().unwrap()]);
         let m = Mounted::start(&d, &mnt, &["--refresh-s", "1", "--transport", transport]);
         let old = std::fs::File::open(mnt.join("gone/f")).unwrap();
+        let old_small = std::fs::File::open(mnt.join("gone/s")).unwrap();
         d.ctl_ok(&["rm", "-y", "gone"]);
         d.ctl_ok(&["ingest", "gone", b.to_str().unwrap()]);
+        let mut small = vec![0u8; 300_000];
+        match old_small.read_exact_at(&mut small, 0) {
+            Ok(()) => assert!(
+                small == pattern(22, 300_000),
+                "over {transport}: an open small file read other bytes than its own"
+            ),
+            Err(e) => assert!(
+                matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::EIO)),
+                "over {transport}: {e}"
+            ),
+        }
         let mut buf = vec![0u8; 4096];
         let err = old
             .read_at(&mut buf, 0)
@@ -650,8 +678,7 @@ fn datasets_come_and_go_while_mounted_and_never_serve_wrong_bytes() {
             .map(|e| e.unwrap().file_name().into_string().unwrap())
             .collect();
         let fresh = std::fs::read(mnt.join("gone/f")).ok();
-        if names.contains(&"new".to_owned()) && fresh.as_deref() == Some(&pattern(21, 300_000)[..])
-        {
+        if names.contains(&"new".to_owned()) && fresh.as_deref() == Some(&pattern(21, size)[..]) {
             break;
         }
         assert!(
@@ -666,6 +693,91 @@ fn datasets_come_and_go_while_mounted_and_never_serve_wrong_bytes() {
         assert!(Instant::now() < deadline, "removed dataset still listed");
         std::thread::sleep(Duration::from_millis(200));
     }
+}
+
+#[test]
+fn a_small_file_is_fetched_as_it_opens_unless_the_page_cache_holds_it() {
+    // Guards the fetch at open: the read that follows uses it (one request
+    // to storaged for the file, not two); an open whose fetch went unused
+    // (the page cache held the file) makes the next open skip it; a file
+    // opened and never read is fetched all the same, and once a read
+    // reaches the mount again, fetching at open resumes.
+    let files = vec![
+        ("a".to_owned(), pattern(30, 150_000)),
+        ("b".to_owned(), pattern(31, 90_000)),
+    ];
+    let Setup {
+        d,
+        src: _src,
+        mnt,
+        tmp: _tmp,
+    } = with_dataset("ds", &[], &files);
+    let _m = Mounted::start(&d, &mnt, &["--dataset", "ds"]);
+    let served = || {
+        d.status_json()["connections"]["bulk_requests"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let wait_for = |want: u64| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let got = served();
+            if got == want {
+                return;
+            }
+            assert!(
+                got < want && Instant::now() < deadline,
+                "storaged served {got} bulk requests, expected {want}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    // The kernel sends a close's RELEASE in the background: each step
+    // waits until the mount has answered every request (fusectl's
+    // `waiting`), so the next open sees what the release told.
+    let settled = || {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while fuse_connection_setting(&mnt, "waiting") != 0 {
+            assert!(Instant::now() < deadline, "requests stay unanswered");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    let read = |name: &str, want: &[u8]| {
+        assert!(std::fs::read(mnt.join(name)).unwrap() == want, "{name}");
+        settled();
+    };
+    // Opened, fetched at the open (waited for while open), read from the
+    // page cache, closed.
+    let read_held = |name: &str, want: &[u8], fetches: u64| {
+        let mut f = std::fs::File::open(mnt.join(name)).unwrap();
+        wait_for(fetches);
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut f, &mut got).unwrap();
+        assert!(got == want, "{name}");
+        drop(f);
+        settled();
+    };
+    let before = served();
+    read("a", &files[0].1);
+    wait_for(before + 1);
+    // From the page cache: the open's fetch goes unused...
+    read_held("a", &files[0].1, before + 2);
+    // ...so the next open fetches nothing.
+    read("a", &files[0].1);
+    let opened = std::fs::File::open(mnt.join("b")).unwrap();
+    wait_for(before + 3);
+    drop(opened);
+    settled();
+    // b's fetch went unused too: its next open skips it, and its read
+    // fetches.
+    read("b", &files[1].1);
+    wait_for(before + 4);
+    // That read reached the mount: b is fetched at its opens again (the
+    // page cache holds it now, so this one goes unused).
+    read_held("b", &files[1].1, before + 5);
+    read("a", &files[0].1);
+    read("b", &files[1].1);
+    assert_eq!(served(), before + 5);
 }
 
 #[test]

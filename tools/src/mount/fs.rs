@@ -15,10 +15,16 @@
 //! cache, 1.3-1.7 direct). Such files still mmap (through the page cache)
 //! where the kernel offers `FUSE_DIRECT_IO_ALLOW_MMAP`; where it does not,
 //! every file uses the page cache.
+//!
+//! A small file's open starts fetching it whole right after the answer
+//! (`Reader::fetch_whole_at_open`), unless its last such fetch went
+//! unused: the open, its reads and its release each note what they saw
+//! (`Opened::note`), and a release with no read after a fetch at open
+//! tells the index the page cache holds the file.
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -30,7 +36,7 @@ use fuser::{
 };
 use storaged_client::Client;
 
-use super::index::{NodeKind, TREE_ROOT, Tree};
+use super::index::{NodeId, NodeKind, TREE_ROOT, Tree};
 use super::namespace::{DatasetEntry, Inode, Namespace};
 use super::reader::{OpenFile, Pending, ReadFailure, Reader};
 
@@ -55,7 +61,7 @@ pub struct MountFs {
     reader: Arc<Reader>,
     client: Client,
     runtime: tokio::runtime::Handle,
-    files: Mutex<HashMap<u64, Arc<OpenFile>>>,
+    files: Mutex<HashMap<u64, Arc<Opened>>>,
     next_fh: AtomicU64,
     attr_ttl: Duration,
     refresh: Duration,
@@ -69,6 +75,47 @@ pub struct MountFs {
     statfs: Mutex<Option<(Instant, [u64; 3])>>,
     /// Called once the kernel has finished the handshake.
     on_ready: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+}
+
+/// An open file, and what its open and reads tell about the page cache.
+struct Opened {
+    file: OpenFile,
+    tree: Arc<Tree>,
+    node: NodeId,
+    /// `FETCHED_AT_OPEN`, `READ`, `RELEASED`: set by the open's answer,
+    /// its reads and its release, which may run in any order on the
+    /// kernel's threads.
+    state: AtomicU8,
+}
+
+/// The open started fetching the file whole (`Tree::fetch_at_open`).
+const FETCHED_AT_OPEN: u8 = 1;
+/// A read of it reached the mount.
+const READ: u8 = 2;
+/// The kernel released it.
+const RELEASED: u8 = 4;
+
+impl Opened {
+    /// Records `event`; the last of a fetch at open and the release, with
+    /// no read between, tells the tree the page cache held the file.
+    fn note(&self, event: u8) {
+        let before = self.state.fetch_or(event, Ordering::AcqRel);
+        let after = before | event;
+        if event == READ && before & READ == 0 {
+            // The page cache does not hold all of it (now).
+            self.tree.note_fetch_at_open(self.node, true);
+        } else if event != READ
+            && before & event == 0
+            && after & (FETCHED_AT_OPEN | RELEASED) == FETCHED_AT_OPEN | RELEASED
+            && after & READ == 0
+        {
+            self.tree.note_fetch_at_open(self.node, false);
+        }
+    }
+
+    fn released(&self) -> bool {
+        self.state.load(Ordering::Acquire) & RELEASED != 0
+    }
 }
 
 pub struct MountFsOptions {
@@ -228,8 +275,8 @@ impl MountFs {
         }
     }
 
-    /// Opens `ino`: its file handle and size.
-    fn open_inner(&self, ino: u64, flags: OpenFlags) -> Result<(u64, u64), Errno> {
+    /// Opens `ino`: the open file, its handle and size.
+    fn open_inner(&self, ino: u64, flags: OpenFlags) -> Result<(Arc<Opened>, u64, u64), Errno> {
         if flags.acc_mode() != fuser::OpenAccMode::O_RDONLY || flags.0 & libc::O_TRUNC != 0 {
             return Err(Errno::EROFS);
         }
@@ -245,11 +292,17 @@ impl MountFs {
             .reader
             .open(dataset.handle.clone(), dataset.id, tree.path(node), size);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        let opened = Arc::new(Opened {
+            file,
+            tree,
+            node,
+            state: AtomicU8::new(0),
+        });
         self.files
             .lock()
             .expect("files poisoned")
-            .insert(fh, Arc::new(file));
-        Ok((fh, size))
+            .insert(fh, Arc::clone(&opened));
+        Ok((opened, fh, size))
     }
 
     /// The value of extended attribute `name` of `ino`.
@@ -348,10 +401,23 @@ impl Filesystem for MountFs {
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         match self.open_inner(ino.0, flags) {
-            Ok((fh, size)) if size > self.cached_file_bytes_max => {
+            Ok((_, fh, size)) if size > self.cached_file_bytes_max => {
                 reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
             }
-            Ok((fh, _)) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE),
+            Ok((opened, fh, _)) => {
+                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+                // After the answer, which the fetch's start would delay:
+                // a small file is fetched whole as it opens, unless its
+                // last such fetch went unused (the page cache held it).
+                // Not for a file closed already (it was read from the page
+                // cache in the meantime).
+                if opened.tree.fetch_at_open(opened.node)
+                    && !opened.released()
+                    && self.reader.fetch_whole_at_open(&opened.file)
+                {
+                    opened.note(FETCHED_AT_OPEN);
+                }
+            }
             Err(e) => reply.error(e),
         }
     }
@@ -367,7 +433,7 @@ impl Filesystem for MountFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(file) = self
+        let Some(opened) = self
             .files
             .lock()
             .expect("files poisoned")
@@ -377,11 +443,13 @@ impl Filesystem for MountFs {
             reply.error(Errno::EBADF);
             return;
         };
-        let pending = self.reader.start_read(&file, offset, size);
+        opened.note(READ);
+        let pending = self.reader.start_read(&opened.file, offset, size);
         let answer = move |result: Result<bytes::Bytes, ReadFailure>| match result {
             Ok(bytes) => reply.data(&bytes),
             Err(e) => {
-                tracing::error!(path = %file.path(), offset, size, error = e.message(), "read failed");
+                let path = opened.file.path();
+                tracing::error!(path, offset, size, error = e.message(), "read failed");
                 reply.error(e.errno());
             }
         };
@@ -406,7 +474,13 @@ impl Filesystem for MountFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.files.lock().expect("files poisoned").remove(&fh.0);
+        let opened = self.files.lock().expect("files poisoned").remove(&fh.0);
+        if let Some(o) = opened {
+            // Closed without a read reaching the mount after a fetch at
+            // open: the page cache held it, so its next open does not
+            // fetch.
+            o.note(RELEASED);
+        }
         reply.ok();
     }
 

@@ -9,6 +9,7 @@
 //! binary search and readdir offsets stable across calls.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// A node of a dataset's tree: node 0 is the dataset's root directory.
 pub type NodeId = u32;
@@ -53,6 +54,10 @@ pub enum TreeError {
 pub struct Tree {
     nodes: Vec<Node>,
     files: u64,
+    /// One bit per node: the file's last fetch at open went unused, so the
+    /// kernel's page cache most likely holds it (see
+    /// [`Tree::fetch_at_open`]).
+    cached: Box<[AtomicU64]>,
 }
 
 impl Tree {
@@ -108,7 +113,14 @@ impl Tree {
         }
         // Children in name order; a file and a directory of the same name
         // in one directory would now be neighbours.
-        let mut tree = Tree { nodes, files };
+        let cached = (0..nodes.len().div_ceil(64))
+            .map(|_| AtomicU64::new(0))
+            .collect();
+        let mut tree = Tree {
+            nodes,
+            files,
+            cached,
+        };
         for i in 0..tree.nodes.len() {
             let mut children = match &mut tree.nodes[i].kind {
                 NodeKind::Dir { children } => std::mem::take(children),
@@ -136,6 +148,33 @@ impl Tree {
 
     fn name(&self, id: NodeId) -> &str {
         &self.nodes[id as usize].name
+    }
+
+    /// Whether an open of `id` should fetch the file whole at once:
+    /// unless the last such fetch went unused (the file was closed without
+    /// a read reaching the mount, so the kernel's page cache held it).
+    pub fn fetch_at_open(&self, id: NodeId) -> bool {
+        let (word, bit) = self.cached_bit(id);
+        word.is_some_and(|w| w.load(Ordering::Relaxed) & bit == 0)
+    }
+
+    /// Records how the fetch at an open of `id` went: `used` by a read
+    /// (the file is not in the page cache) or not (it is, most likely).
+    /// A read of a file whose open did not fetch counts as used: the page
+    /// cache no longer holds it, so its next open fetches again.
+    pub fn note_fetch_at_open(&self, id: NodeId, used: bool) {
+        let (word, bit) = self.cached_bit(id);
+        if let Some(word) = word {
+            if used {
+                word.fetch_and(!bit, Ordering::Relaxed);
+            } else {
+                word.fetch_or(bit, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn cached_bit(&self, id: NodeId) -> (Option<&AtomicU64>, u64) {
+        (self.cached.get(id as usize / 64), 1u64 << (id % 64))
     }
 
     /// Nodes in all (directories and files, the root included).
@@ -195,6 +234,27 @@ fn push(nodes: &mut Vec<Node>, parent: NodeId, name: &str, kind: NodeKind) -> No
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_fetch_at_open_stops_while_the_page_cache_holds_the_file() {
+        // Guards against fetching at every open a file the page cache
+        // holds (its fetch goes unused), and against never fetching again
+        // once the page cache has let it go (a read reaches the mount).
+        let tree = Tree::build(objects(&["a/x", "a/y", "z"]), 100).unwrap();
+        let ids: Vec<NodeId> = (0..tree.len() as NodeId).collect();
+        assert!(ids.iter().all(|&id| tree.fetch_at_open(id)));
+        tree.note_fetch_at_open(2, false);
+        assert!(!tree.fetch_at_open(2));
+        assert!(
+            ids.iter()
+                .filter(|&&id| id != 2)
+                .all(|&id| tree.fetch_at_open(id))
+        );
+        tree.note_fetch_at_open(2, true);
+        assert!(tree.fetch_at_open(2));
+        assert!(!tree.fetch_at_open(64 * 1000), "past the nodes");
+        tree.note_fetch_at_open(64 * 1000, false);
+    }
 
     fn objects(paths: &[&str]) -> Vec<(String, u64, u32)> {
         paths

@@ -10,7 +10,8 @@
 //! other read is served exactly as asked (clamped to the object's end):
 //! random small reads are never inflated, except that a file of at most
 //! `WHOLE_FILE_BYTES_MAX` read from its start is read whole (a sample: the
-//! kernel asks for it in 128 KiB pieces). Windows count against one budget
+//! kernel asks for it in 128 KiB pieces), and the first open of such a file
+//! starts that fetch at once, before the kernel's read arrives. Windows count against one budget
 //! for the whole mount; without room, reads are exact.
 //!
 //! Every byte comes from the client library's verified paths (a region
@@ -233,6 +234,22 @@ impl Reader {
         }
     }
 
+    /// Starts fetching a small file whole as it is opened: its bytes are on
+    /// their way while the open's answer goes back and the kernel sends
+    /// the read (a sample's open is nearly always followed by reading all
+    /// of it). Within the read-ahead budget; false when nothing started
+    /// (an empty or large file, no room).
+    pub fn fetch_whole_at_open(&self, file: &OpenFile) -> bool {
+        if file.size == 0 || file.size > WHOLE_FILE_BYTES_MAX {
+            return false;
+        }
+        let mut seq = file.sequence.lock().expect("sequence poisoned");
+        // Not once a read came first (the open was answered before this).
+        seq.run == 0
+            && seq.windows.is_empty()
+            && self.push_window(file, &mut seq, 0, Some(file.size))
+    }
+
     /// Bytes `[offset, offset + size)` of `file` (fewer at its end): at
     /// once when read-ahead already holds them (the caller answers
     /// without a hop to the runtime), else a future to await.
@@ -277,16 +294,29 @@ impl Reader {
             seq.run = SEQUENTIAL_READS_MIN;
         }
         seq.windows.retain(|w| w.end() > offset);
-        if offset == 0 && end < file.size && file.size <= WHOLE_FILE_BYTES_MAX {
-            // A small file read from its start is read whole (a sample):
-            // one request to storaged instead of one per kernel read.
-            seq.windows.clear();
-            if self.push_window(file, &mut seq, 0, Some(file.size)) {
-                return seq
+        if file.size <= WHOLE_FILE_BYTES_MAX {
+            // A small file is read whole (a sample): one request to
+            // storaged instead of one per kernel read, started at its open
+            // (`fetch_whole_at_open`) or at its first read from its start.
+            let whole = |seq: &Sequence| {
+                seq.windows
+                    .front()
+                    .is_some_and(|w| w.start == 0 && w.len == file.size)
+            };
+            if !whole(&seq) && offset == 0 && end < file.size {
+                seq.windows.clear();
+                self.push_window(file, &mut seq, 0, Some(file.size));
+            }
+            if whole(&seq) {
+                let covering = seq
                     .windows
                     .iter()
                     .map(|w| (w.start, w.data.clone()))
                     .collect();
+                // Read to its end: the bytes go back to the budget once
+                // this read is answered.
+                seq.windows.retain(|w| w.end() > end);
+                return covering;
             }
         }
         if seq.run < SEQUENTIAL_READS_MIN {
