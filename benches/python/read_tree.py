@@ -5,6 +5,7 @@ cold page cache, for hand measurements of the mount against a local folder
     python3 benches/python/read_tree.py DIR --threads 16     # files/s, GiB/s
     python3 benches/python/read_tree.py DIR --latency        # per-call medians
     python3 benches/python/read_tree.py DIR --cpu-of PID ...  # and CPU per file
+    python3 benches/python/read_tree.py DIR --drop 3 --exact  # as the harness reads
 
 Files are shuffled (fixed seed) and stat'ed first (a training job has
 listed its dataset), then the page cache is dropped (needs root): each
@@ -33,10 +34,12 @@ def files_of(root):
     return files
 
 
-def drop_page_cache():
+def drop_page_cache(what=1):
+    """1: the page cache; 3: dentries and inodes too (the benchmark
+    harness's cold start)."""
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("1\n")
+        f.write(f"{what}\n")
 
 
 def cpu_ticks(pid):
@@ -59,7 +62,7 @@ def machine():
     return busy, switches
 
 
-def throughput(files, threads, cpu_of=()):
+def throughput(files, threads, cpu_of=(), exact=False):
     next_file = iter(files)
     lock = threading.Lock()
     total = [0]
@@ -72,8 +75,11 @@ def throughput(files, threads, cpu_of=()):
             if path is None:
                 break
             fd = os.open(path, os.O_RDONLY)
-            while chunk := os.read(fd, 1 << 20):
-                read += len(chunk)
+            if exact:
+                read += len(os.pread(fd, os.fstat(fd).st_size, 0))
+            else:
+                while chunk := os.read(fd, 1 << 20):
+                    read += len(chunk)
             os.close(fd)
         with lock:
             total[0] += read
@@ -121,13 +127,17 @@ def main():
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--cpu-of", type=int, nargs="*", default=[], metavar="PID")
+    parser.add_argument("--drop", type=int, choices=[1, 3], default=1,
+                        help="drop_caches value: 3 drops dentries and inodes too")
+    parser.add_argument("--exact", action="store_true",
+                        help="one pread of each file's size (the harness's way)")
     args = parser.parse_args()
     files = files_of(args.root)
-    drop_page_cache()
+    drop_page_cache(args.drop)
     if args.latency:
         latency(files)
     else:
-        throughput(files, args.threads, args.cpu_of)
+        throughput(files, args.threads, args.cpu_of, args.exact)
 
 
 if __name__ == "__main__":
