@@ -492,19 +492,25 @@ impl Shared {
 
     /// Hands the pushed entries to the kernel. The ring holds fewer
     /// operations than it has entries, so the kernel takes them all; a
-    /// transient refusal leaves them queued for the next enter (the
-    /// reaper enters after every completion).
+    /// transient refusal (no memory for requests) is tried again a few
+    /// times, and past that the entries stay queued for the next enter
+    /// (every submission and every reaper turn makes one).
     fn enter(&self) {
+        const BUSY_TRIES_MAX: u32 = 64;
+        let mut busy_tries = 0;
         loop {
             match self.ring.submitter().submit() {
                 Ok(_) => return,
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
-                Err(e) if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY)) => {
-                    tracing::debug!(error = %e, "io_uring_enter: busy; entries stay queued");
-                    return;
+                Err(e)
+                    if matches!(e.raw_os_error(), Some(libc::EAGAIN | libc::EBUSY))
+                        && busy_tries < BUSY_TRIES_MAX =>
+                {
+                    busy_tries += 1;
+                    std::thread::yield_now();
                 }
                 Err(e) => {
-                    tracing::error!(error = %e, "io_uring_enter failed");
+                    tracing::warn!(error = %e, "io_uring_enter failed; entries stay queued");
                     return;
                 }
             }
