@@ -9,6 +9,7 @@
 //! gives its connection back. A call dropped before its reply drops its
 //! connection, so no reply can ever be read by the wrong call.
 
+use std::io::ErrorKind;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
@@ -128,37 +129,87 @@ impl BulkPool {
 
     /// A new connection, past its hello.
     async fn connect(&self) -> Result<UnixStream, ClientError> {
-        let unavailable = |e: std::io::Error| {
-            ClientError::Status(Status::unavailable(format!(
-                "bulk channel {}: {e}",
-                self.path.display()
-            )))
-        };
-        let mut conn = UnixStream::connect(&self.path).await.map_err(unavailable)?;
-        let hello = Hello {
+        let mut conn = UnixStream::connect(&self.path)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        conn.write_all(&self.hello()?)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let mut fixed = [0u8; HelloReply::FIXED_BYTES];
+        conn.read_exact(&mut fixed)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        let (version, code, message_len) = decode_hello_reply(&fixed)?;
+        let mut message = vec![0u8; message_len];
+        conn.read_exact(&mut message)
+            .await
+            .map_err(|e| self.unavailable(e))?;
+        hello_answer(version, code, &message)?;
+        Ok(conn)
+    }
+
+    /// A new connection that blocks, past its hello, for a thread of its
+    /// own: each call then costs one write and the reads of its reply on
+    /// the calling thread, with no task or thread between (`timeout`
+    /// bounds each read and write: a storaged that stops answering fails
+    /// the call instead of holding the thread).
+    pub(crate) fn connect_blocking(
+        &self,
+        timeout: std::time::Duration,
+    ) -> Result<std::os::unix::net::UnixStream, ClientError> {
+        use std::io::{Read, Write};
+        let mut conn =
+            std::os::unix::net::UnixStream::connect(&self.path).map_err(|e| self.unavailable(e))?;
+        let timeout = Some(timeout.max(std::time::Duration::from_millis(1)));
+        conn.set_read_timeout(timeout)
+            .and_then(|()| conn.set_write_timeout(timeout))
+            .map_err(|e| self.unavailable(e))?;
+        conn.write_all(&self.hello()?).map_err(blocking_io)?;
+        let mut fixed = [0u8; HelloReply::FIXED_BYTES];
+        conn.read_exact(&mut fixed).map_err(blocking_io)?;
+        let (version, code, message_len) = decode_hello_reply(&fixed)?;
+        let mut message = vec![0u8; message_len];
+        conn.read_exact(&mut message).map_err(blocking_io)?;
+        hello_answer(version, code, &message)?;
+        Ok(conn)
+    }
+
+    fn hello(&self) -> Result<Vec<u8>, ClientError> {
+        Hello {
             version: VERSION,
             token: self.authorization.clone(),
         }
         .encode()
-        .map_err(|e| ClientError::InvalidArgument(format!("bulk channel hello: {e}")))?;
-        conn.write_all(&hello).await.map_err(unavailable)?;
-        let mut fixed = [0u8; HelloReply::FIXED_BYTES];
-        conn.read_exact(&mut fixed).await.map_err(unavailable)?;
-        let (version, code, message_len) = HelloReply::decode_fixed(&fixed)
-            .map_err(|e| ClientError::Protocol(format!("bulk channel hello reply: {e}")))?;
-        let mut message = vec![0u8; message_len];
-        conn.read_exact(&mut message).await.map_err(unavailable)?;
-        if code != 0 {
-            return Err(ClientError::Status(Status::new(
-                Code::from(code as i32),
-                format!(
-                    "bulk channel (server version {version}): {}",
-                    String::from_utf8_lossy(&message)
-                ),
-            )));
-        }
-        Ok(conn)
+        .map_err(|e| ClientError::InvalidArgument(format!("bulk channel hello: {e}")))
     }
+
+    fn unavailable(&self, e: std::io::Error) -> ClientError {
+        ClientError::Status(Status::unavailable(format!(
+            "bulk channel {}: {e}",
+            self.path.display()
+        )))
+    }
+}
+
+fn decode_hello_reply(
+    fixed: &[u8; HelloReply::FIXED_BYTES],
+) -> Result<(u16, u32, usize), ClientError> {
+    HelloReply::decode_fixed(fixed)
+        .map_err(|e| ClientError::Protocol(format!("bulk channel hello reply: {e}")))
+}
+
+/// The hello's answer as a result: code 0 admits the connection.
+fn hello_answer(version: u16, code: u32, message: &[u8]) -> Result<(), ClientError> {
+    if code == 0 {
+        return Ok(());
+    }
+    Err(ClientError::Status(Status::new(
+        Code::from(code as i32),
+        format!(
+            "bulk channel (server version {version}): {}",
+            String::from_utf8_lossy(message)
+        ),
+    )))
 }
 
 /// How one request and reply failed.
@@ -178,6 +229,29 @@ async fn exchange(
     conn.write_all(request).await.map_err(Exchange::Io)?;
     let mut len = [0u8; 4];
     conn.read_exact(&mut len).await.map_err(Exchange::Io)?;
+    let mut body = vec![0u8; reply_bytes(len, items)?];
+    conn.read_exact(&mut body).await.map_err(Exchange::Io)?;
+    decode_reply(&body)
+}
+
+/// [`exchange`] on a connection that blocks.
+fn exchange_blocking(
+    conn: &mut std::os::unix::net::UnixStream,
+    request: &[u8],
+    items: usize,
+) -> Result<ReadIntoReply, Exchange> {
+    use std::io::{Read, Write};
+    conn.write_all(request).map_err(Exchange::Io)?;
+    let mut len = [0u8; 4];
+    conn.read_exact(&mut len).map_err(Exchange::Io)?;
+    let mut body = vec![0u8; reply_bytes(len, items)?];
+    conn.read_exact(&mut body).map_err(Exchange::Io)?;
+    decode_reply(&body)
+}
+
+/// The reply's length from its prefix, refused when no reply to `items`
+/// items can be that long.
+fn reply_bytes(len: [u8; 4], items: usize) -> Result<usize, Exchange> {
     let len = u32::from_le_bytes(len);
     let max = ReadIntoReply::frame_bytes_max(items);
     if u64::from(len) > max {
@@ -185,9 +259,39 @@ async fn exchange(
             "bulk channel reply of {len} bytes to {items} items; at most {max} can be right"
         )));
     }
-    let mut body = vec![0u8; len as usize];
-    conn.read_exact(&mut body).await.map_err(Exchange::Io)?;
-    ReadIntoReply::decode(&body).map_err(|e| Exchange::Protocol(format!("bulk channel reply: {e}")))
+    Ok(len as usize)
+}
+
+fn decode_reply(body: &[u8]) -> Result<ReadIntoReply, Exchange> {
+    ReadIntoReply::decode(body).map_err(|e| Exchange::Protocol(format!("bulk channel reply: {e}")))
+}
+
+/// One `ReadInto` on a blocking connection (see
+/// [`BulkPool::connect_blocking`]). Any failure leaves the connection in
+/// an unknown state: the caller drops it.
+pub(crate) fn read_into_blocking(
+    conn: &mut std::os::unix::net::UnixStream,
+    frame: &ReadIntoFrame,
+) -> Result<ReadIntoReply, ClientError> {
+    let request = frame
+        .encode()
+        .map_err(|e| ClientError::InvalidArgument(format!("bulk channel request: {e}")))?;
+    exchange_blocking(conn, &request, frame.items.len()).map_err(|e| match e {
+        Exchange::Io(e) => blocking_io(e),
+        Exchange::Protocol(m) => ClientError::Protocol(m),
+    })
+}
+
+/// A blocking connection's I/O error: its timeout running out means
+/// storaged is there but did not answer in time (DEADLINE_EXCEEDED, not
+/// worth waiting for again); anything else, that the connection broke.
+fn blocking_io(e: std::io::Error) -> ClientError {
+    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+        return ClientError::Status(Status::deadline_exceeded(format!(
+            "bulk channel: storaged did not answer in time ({e})"
+        )));
+    }
+    ClientError::Status(Status::unavailable(format!("bulk channel: {e}")))
 }
 
 #[cfg(test)]

@@ -40,7 +40,7 @@ pub use loader::{
     SizedRange,
 };
 pub use plan::{PlanError, PlanSpec, PlanState, PlanTail};
-pub use region::{Region, RegionBatch, RegionRead};
+pub use region::{BlockingReader, Region, RegionBatch, RegionRead};
 pub use retry::RetryPolicy;
 pub use storaged_proto::pb::{DatasetInfo, ObjectInfo, StatResponse, StatusResponse};
 

@@ -474,30 +474,7 @@ impl Dataset {
                 region.id
             )));
         }
-        let mut items = Vec::with_capacity(reads.len());
-        let mut expected = Vec::with_capacity(reads.len());
-        let mut at = 0u64;
-        for r in reads {
-            let (start, len) = r.range();
-            let (span, lead) =
-                read_into_span(start, len, r.object_size, region.checksum_block_bytes);
-            items.push(pb::ReadIntoItem {
-                path: r.path.clone(),
-                offset: start,
-                length: Some(len),
-                region_offset: at,
-            });
-            expected.push((at + lead, len));
-            at += span;
-        }
-        if at > region.len() as u64 {
-            return Err(ClientError::InvalidArgument(format!(
-                "{} reads need {at} bytes of region; region {:#x} has {}",
-                reads.len(),
-                region.id,
-                region.len()
-            )));
-        }
+        let (mut items, expected) = lay_out(region, reads)?;
         let max_in_flight = (reads.len() as u32).clamp(1, READ_INTO_IN_FLIGHT_MAX);
         if let Some(bulk) = self.client.bulk().await {
             let frame = bulk::ReadIntoFrame {
@@ -574,6 +551,128 @@ impl Dataset {
         region.abandoned = false;
         Ok(RegionBatch {
             region: &*region,
+            items,
+        })
+    }
+}
+
+/// Where an item's exact bytes land in the region: data offset, length.
+type Landing = (u64, u64);
+
+/// The items of a `ReadInto` of `reads` into `region`, back to back from
+/// its start, and where each item's exact bytes will be (data offset,
+/// length); refused when they do not fit.
+fn lay_out(
+    region: &Region,
+    reads: &[RegionRead],
+) -> Result<(Vec<pb::ReadIntoItem>, Vec<Landing>), ClientError> {
+    let mut items = Vec::with_capacity(reads.len());
+    let mut expected = Vec::with_capacity(reads.len());
+    let mut at = 0u64;
+    for r in reads {
+        let (start, len) = r.range();
+        let (span, lead) = read_into_span(start, len, r.object_size, region.checksum_block_bytes);
+        items.push(pb::ReadIntoItem {
+            path: r.path.clone(),
+            offset: start,
+            length: Some(len),
+            region_offset: at,
+        });
+        expected.push((at + lead, len));
+        at += span;
+    }
+    if at > region.len() as u64 {
+        return Err(ClientError::InvalidArgument(format!(
+            "{} reads need {at} bytes of region; region {:#x} has {}",
+            reads.len(),
+            region.id,
+            region.len()
+        )));
+    }
+    Ok((items, expected))
+}
+
+/// A region and a connection of its own to storaged's bulk channel, for
+/// one thread that reads by blocking calls (the mount's FUSE threads):
+/// a read is one write and one reply on the calling thread, with no task,
+/// runtime or other thread between, so a small read costs the two
+/// wakeups of storaged and of this thread and nothing more. Same host
+/// only; storaged verifies every byte in place, as for
+/// [`Dataset::read_into`].
+pub struct BlockingReader {
+    region: Region,
+    conn: std::os::unix::net::UnixStream,
+}
+
+impl std::fmt::Debug for BlockingReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BlockingReader")
+            .field("region", &self.region)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// A [`BlockingReader`] with a region of at least `region_bytes`, whose
+    /// calls each wait at most `timeout` for storaged. Fails
+    /// (FAILED_PRECONDITION) where storaged is not on this host or offers
+    /// no bulk channel.
+    pub async fn blocking_reader(
+        &self,
+        region_bytes: u64,
+        timeout: Duration,
+    ) -> Result<BlockingReader, ClientError> {
+        let Some(bulk) = self.bulk().await else {
+            return Err(ClientError::Status(Status::failed_precondition(
+                "blocking reads need storaged's bulk channel on this host",
+            )));
+        };
+        let region = self.region(region_bytes).await?;
+        let conn = bulk.connect_blocking(timeout)?;
+        Ok(BlockingReader { region, conn })
+    }
+}
+
+impl BlockingReader {
+    /// The reader's region: what one call can read is bounded by its
+    /// length (each read widened to whole checksum blocks, see
+    /// [`Region::span`]).
+    pub fn region(&self) -> &Region {
+        &self.region
+    }
+
+    /// Reads `reads` of `dataset` into the region, blocking this thread
+    /// until storaged answers, as [`Dataset::read_into`] does; a call
+    /// storaged leaves unanswered past the reader's timeout fails
+    /// DEADLINE_EXCEEDED. After an error of the call as a whole the reader
+    /// is spent (its connection or region may be in any state): drop it
+    /// and make another.
+    pub fn read_into(
+        &mut self,
+        dataset: &Dataset,
+        reads: &[RegionRead],
+    ) -> Result<RegionBatch<'_>, ClientError> {
+        if self.region.abandoned {
+            return Err(ClientError::InvalidArgument(format!(
+                "region {:#x}: an earlier call failed; make a new reader",
+                self.region.id
+            )));
+        }
+        let (items, expected) = lay_out(&self.region, reads)?;
+        let frame = bulk::ReadIntoFrame {
+            region_id: self.region.id,
+            dataset: dataset.name.to_string(),
+            dataset_id: dataset.id,
+            max_in_flight: (reads.len() as u32).clamp(1, READ_INTO_IN_FLIGHT_MAX),
+            items: items.into_iter().map(Into::into).collect(),
+        };
+        // Until the reply, storaged may be writing the region.
+        self.region.abandoned = true;
+        let reply = crate::bulk::read_into_blocking(&mut self.conn, &frame)?;
+        let items = bulk_items(reply, &expected)?;
+        self.region.abandoned = false;
+        Ok(RegionBatch {
+            region: &self.region,
             items,
         })
     }

@@ -409,3 +409,90 @@ async fn a_peer_that_stops_reading_replies_is_closed() {
     // storaged still serves.
     assert_eq!(read_all(&local).await, files());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blocking_reader_reads_exactly_and_gives_up_on_a_silent_server_in_time() {
+    // Guards the blocking reads of the mount's FUSE threads: every size
+    // class lands exact through a thread's own connection and region, a
+    // missing object is that item's NOT_FOUND, and a storaged that stops
+    // answering (SIGSTOP) fails the call DEADLINE_EXCEEDED after the
+    // reader's timeout instead of holding the thread forever.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon_with(&tmp, "");
+    let client = d.local_client().await;
+    let ds = client.dataset("ds").unwrap();
+    let timeout = Duration::from_millis(800);
+    let mut reader = client.blocking_reader(16 << 20, timeout).await.unwrap();
+    let served = || {
+        d.status_json()["connections"]["bulk_requests"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let before = served();
+    let (mut reader, got) = tokio::task::spawn_blocking({
+        let ds = ds.clone();
+        move || {
+            let mut got = Vec::new();
+            for (path, bytes) in files() {
+                let read = RegionRead::whole(path.clone(), bytes.len() as u64);
+                let batch = reader.read_into(&ds, &[read]).unwrap();
+                got.push((path, batch.get(0).unwrap().to_vec()));
+            }
+            // A range: exactly its bytes.
+            let (path, bytes) = &files()[7];
+            let range = RegionRead {
+                path: path.clone(),
+                offset: 70_001,
+                length: Some(5),
+                object_size: bytes.len() as u64,
+            };
+            let batch = reader.read_into(&ds, &[range]).unwrap();
+            assert_eq!(batch.get(0).unwrap(), &bytes[70_001..70_006]);
+            // A missing object: its own error; the reader goes on.
+            let missing = RegionRead::whole("nope", 10);
+            let batch = reader.read_into(&ds, &[missing]).unwrap();
+            assert_eq!(batch.get(0).unwrap_err().code(), Code::NotFound);
+            (reader, got)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, files());
+    assert_eq!(served() - before, files().len() as u64 + 2);
+
+    let pid = d.child.as_ref().unwrap().id() as i32;
+    // SAFETY: signals a child process of this test; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let waited = tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let read = RegionRead::whole("f1", 1);
+        let err = reader.read_into(&ds, &[read]).map(|_| ()).unwrap_err();
+        (err, started.elapsed())
+    })
+    .await
+    .unwrap();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    let (err, elapsed) = waited;
+    assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
+    assert!(
+        elapsed >= timeout && elapsed < timeout * 10,
+        "gave up after {elapsed:?}"
+    );
+    // Running again, a new reader reads.
+    let mut reader = client.blocking_reader(4 << 20, timeout).await.unwrap();
+    let ds = client.dataset("ds").unwrap();
+    let (path, bytes) = files()[5].clone();
+    let got = tokio::task::spawn_blocking(move || {
+        let read = RegionRead::whole(path, bytes.len() as u64);
+        reader
+            .read_into(&ds, &[read])
+            .unwrap()
+            .get(0)
+            .unwrap()
+            .to_vec()
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, files()[5].1);
+}
