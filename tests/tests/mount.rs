@@ -158,6 +158,10 @@ fn python(script: &str, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Reads the file `argv[1]` whole, printing `True` when it fails with
+/// EIO (and failing when it reads).
+const READ_EXPECTING_EIO: &str = "import errno, sys\ntry:\n    open(sys.argv[1], 'rb').read()\nexcept OSError as e:\n    print(e.errno == errno.EIO)\n    sys.exit(0)\nsys.exit(1)";
+
 /// A storaged in a fresh temporary directory with `files` written under
 /// `src` and ingested as dataset `name` (`ingest_args` go before the
 /// name: `--class stripe`), and where to mount. The daemon goes first.
@@ -550,10 +554,7 @@ print(h.hexdigest(), flush=True)
     // Gone for good: a file never read fails with EIO within the budget.
     d.stop();
     let started = Instant::now();
-    let (ok, out) = python(
-        "import errno, sys\ntry:\n    open(sys.argv[1], 'rb').read()\nexcept OSError as e:\n    print(e.errno == errno.EIO)\n    sys.exit(0)\nsys.exit(1)",
-        &[mnt.join("other").to_str().unwrap()],
-    );
+    let (ok, out) = python(READ_EXPECTING_EIO, &[mnt.join("other").to_str().unwrap()]);
     assert!(ok && out.trim() == "True", "expected EIO: {out}");
     assert!(
         started.elapsed() < Duration::from_secs(90),
@@ -561,6 +562,63 @@ print(h.hexdigest(), flush=True)
         started.elapsed()
     );
     assert!(m.stderr().contains("read failed"), "{}", m.stderr());
+}
+
+#[test]
+fn a_storaged_that_stops_answering_fails_reads_with_eio_in_time_and_reads_resume() {
+    // Guards against a storaged that is there but silent (stopped, as a
+    // hung process is) holding readers and the kernel's threads forever: a
+    // small file (read on a FUSE thread of its own), a large one (read
+    // ahead on the runtime) and a dataset not listed yet all fail with EIO
+    // once the retry budget has passed, `df` answers, and everything reads
+    // exactly once storaged runs again.
+    let small = pattern(13, 150_000);
+    let large = pattern(14, 24 << 20);
+    let Setup {
+        d,
+        src: _src,
+        mnt,
+        tmp,
+    } = with_dataset(
+        "ds",
+        &[],
+        &[
+            ("small".into(), small.clone()),
+            ("large".into(), large.clone()),
+        ],
+    );
+    let more = tmp.path().join("more");
+    write_tree(&more, &[("m".to_owned(), pattern(15, 1000))]);
+    d.ctl_ok(&["ingest", "more", more.to_str().unwrap()]);
+    let _m = Mounted::start(&d, &mnt, &["--retry-budget-s", "2"]);
+    // Listed while storaged answers: the reads below reach it.
+    assert_eq!(
+        std::fs::metadata(mnt.join("ds/small")).unwrap().len(),
+        150_000
+    );
+    let pid = d.child.as_ref().unwrap().id() as i32;
+    // SAFETY: signals a child process of this test; no memory involved.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+    let started = Instant::now();
+    let failed: Vec<_> = ["ds/small", "ds/large", "more/m"]
+        .iter()
+        .map(|f| python(READ_EXPECTING_EIO, &[mnt.join(f).to_str().unwrap()]))
+        .collect();
+    let df = Command::new("df").arg(&mnt).output().unwrap();
+    let waited = started.elapsed();
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+    for (file, result) in ["ds/small", "ds/large", "more/m"].iter().zip(failed) {
+        assert_eq!(result, (true, "True\n".to_owned()), "{file}");
+    }
+    assert!(!df.status.success(), "df without storaged");
+    assert!(waited < Duration::from_secs(60), "EIO took {waited:?}");
+    assert_eq!(std::fs::read(mnt.join("ds/small")).unwrap(), small);
+    assert_eq!(std::fs::read(mnt.join("ds/large")).unwrap(), large);
+    assert_eq!(
+        std::fs::read(mnt.join("more/m")).unwrap(),
+        pattern(15, 1000)
+    );
 }
 
 #[test]
@@ -712,7 +770,9 @@ fn a_small_file_is_fetched_as_it_opens_unless_the_page_cache_holds_it() {
         mnt,
         tmp: _tmp,
     } = with_dataset("ds", &[], &files);
-    let _m = Mounted::start(&d, &mnt, &["--dataset", "ds"]);
+    // The fetch at open is the runtime's path (storaged on another host);
+    // on this host reads go directly unless asked not to.
+    let _m = Mounted::start(&d, &mnt, &["--dataset", "ds", "--no-direct-reads"]);
     let served = || {
         d.status_json()["connections"]["bulk_requests"]
             .as_u64()

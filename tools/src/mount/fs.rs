@@ -37,7 +37,7 @@ use fuser::{
 use storaged_client::Client;
 
 use super::index::{NodeId, NodeKind, TREE_ROOT, Tree};
-use super::namespace::{DatasetEntry, Inode, Namespace};
+use super::namespace::{DatasetEntry, Inode, Namespace, within};
 use super::reader::{OpenFile, Pending, ReadFailure, Reader};
 
 /// `st_blksize` of every file: tools size their reads by it.
@@ -53,6 +53,8 @@ const KERNEL_READAHEAD_BYTES_MAX: u32 = 1 << 20;
 const KERNEL_BACKGROUND_REQUESTS_MAX: u16 = 64;
 /// `statfs` answers are reused this long.
 const STATFS_TTL: Duration = Duration::from_secs(5);
+/// How long `statfs` waits for storaged (`df` must not hang on it).
+const STATFS_WAIT_MAX: Duration = Duration::from_secs(2);
 const XATTR_CRC32: &str = "user.storaged.crc32";
 const XATTR_CLASS: &str = "user.storaged.class";
 
@@ -86,6 +88,23 @@ struct Opened {
     /// its reads and its release, which may run in any order on the
     /// kernel's threads.
     state: AtomicU8,
+}
+
+/// Answers the kernel's read of `[offset, offset + size)` of `path`.
+fn answer_read(
+    reply: ReplyData,
+    path: &str,
+    offset: u64,
+    size: u32,
+    result: Result<&[u8], ReadFailure>,
+) {
+    match result {
+        Ok(bytes) => reply.data(bytes),
+        Err(e) => {
+            tracing::error!(path, offset, size, error = e.message(), "read failed");
+            reply.error(e.errno());
+        }
+    }
 }
 
 /// The open started fetching the file whole (`Tree::fetch_at_open`).
@@ -331,7 +350,10 @@ impl MountFs {
         {
             return Ok(v);
         }
-        let status = self.runtime.block_on(self.client.status()).map_err(|e| {
+        let status = self
+            .runtime
+            .block_on(within(STATFS_WAIT_MAX, self.client.status()));
+        let status = status.map_err(|e| {
             tracing::warn!(error = %e, "statfs: cannot reach storaged");
             Errno::EIO
         })?;
@@ -444,22 +466,25 @@ impl Filesystem for MountFs {
             return;
         };
         opened.note(READ);
-        let pending = self.reader.start_read(&opened.file, offset, size);
-        let answer = move |result: Result<bytes::Bytes, ReadFailure>| match result {
-            Ok(bytes) => reply.data(&bytes),
-            Err(e) => {
-                let path = opened.file.path();
-                tracing::error!(path, offset, size, error = e.message(), "read failed");
-                reply.error(e.errno());
+        let mut reply = Some(reply);
+        let file = &opened.file;
+        let pending = self.reader.start_read(file, offset, size, &mut |result| {
+            if let Some(reply) = reply.take() {
+                answer_read(reply, file.path(), offset, size, result);
             }
-        };
-        match pending {
-            // Read ahead already: answered from this thread.
-            Pending::Ready(result) => answer(result),
+        });
+        match (pending, reply) {
+            // Answered from this thread (read ahead already, or read
+            // directly).
+            (Pending::Answered, _) | (Pending::Wait(_), None) => {}
             // From the runtime: this thread takes the next request while
             // storaged reads.
-            Pending::Wait(read) => {
-                self.runtime.spawn(async move { answer(read.await) });
+            (Pending::Wait(read), Some(reply)) => {
+                self.runtime.spawn(async move {
+                    let result = read.await;
+                    let result = result.as_ref().map(|b| &b[..]).map_err(Clone::clone);
+                    answer_read(reply, opened.file.path(), offset, size, result);
+                });
             }
         }
     }

@@ -6,11 +6,14 @@
 //! `fusermount3 -u`) or gets SIGINT/SIGTERM, which unmount it cleanly
 //! (lazily when something still uses it). A mount whose process died
 //! leaves a dead mount point; the next mount at that path detaches it
-//! first. Metadata comes from `namespace` and `index`, data from `reader`
+//! first. Metadata comes from `namespace` and `index`, data from `reader`:
+//! exact reads on the kernel's own thread when storaged is on this host
+//! (`direct`), read-ahead windows and remote reads on the runtime
 //! (concurrent small reads of a dataset leave together: `batch`); `fs`
 //! answers the kernel.
 
 mod batch;
+mod direct;
 mod fs;
 mod index;
 mod namespace;
@@ -35,8 +38,10 @@ pub struct MountArgs {
     #[arg(long)]
     pub dataset: Option<String>,
     /// Threads taking requests from the kernel (each with its own
-    /// /dev/fuse descriptor); reads then run concurrently on the runtime.
-    #[arg(long, default_value_t = 4)]
+    /// /dev/fuse descriptor). On the same host each serves exact reads
+    /// itself, one at a time (a memory region each); read-ahead and
+    /// remote reads run concurrently on the runtime.
+    #[arg(long, default_value_t = 8)]
     pub threads: usize,
     /// Seconds after which a dataset created or removed while mounted
     /// shows at the top level.
@@ -73,6 +78,11 @@ pub struct MountArgs {
     /// the mount's own windows read ahead), the way shards are streamed.
     #[arg(long, default_value_t = 16)]
     pub cache_files_up_to_mib: u64,
+    /// Serve every read on the runtime, also on the same host (exact reads
+    /// otherwise go from the kernel's thread straight to storaged: fewer
+    /// thread wakeups; this is for comparing the two).
+    #[arg(long)]
+    pub no_direct_reads: bool,
     /// Let other users (and root) use the mount (needs `user_allow_other`
     /// in /etc/fuse.conf unless run as root).
     #[arg(long)]
@@ -103,6 +113,11 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
         entries_max: args.index_entries_max.max(1),
         retry_budget,
     };
+    // Exact reads on the kernel's threads where storaged is on this host
+    // (`direct`), unless asked not to.
+    let direct = (client.is_local() && !args.no_direct_reads).then(|| {
+        direct::DirectReads::new(client.clone(), runtime.clone(), retry_budget, args.threads)
+    });
     let reader = Arc::new(reader::Reader::new(
         runtime.clone(),
         reader::ReadAheadOptions {
@@ -111,6 +126,7 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
             retry_budget,
             fetches_max: args.fetches_max,
         },
+        direct,
     ));
     let (ns_client, rt) = (client.clone(), runtime.clone());
     let ns =

@@ -195,9 +195,10 @@ impl Namespace {
 
     fn refresh(&self, budget: Duration) -> Result<(), ClientError> {
         let policy = self.client.retry_policy().with_budget_only(budget);
-        let list = self
-            .runtime
-            .block_on(Retrying::new(policy).run(|| self.client.list_datasets()))?;
+        let list = self.runtime.block_on(within(
+            budget,
+            Retrying::new(policy).run(|| self.client.list_datasets()),
+        ))?;
         let mut state = self.state.write().expect("namespace poisoned");
         let mut live = BTreeMap::new();
         for info in list {
@@ -298,9 +299,8 @@ impl Namespace {
         let mut out = Vec::new();
         let mut token = String::new();
         loop {
-            let (page, next) = Retrying::new(policy)
-                .run(|| dataset.list_page("", LIST_PAGE_SIZE, &token))
-                .await?;
+            let page = Retrying::new(policy).run(|| dataset.list_page("", LIST_PAGE_SIZE, &token));
+            let (page, next) = within(self.options.retry_budget, page).await?;
             out.extend(page.into_iter().map(|o| (o.path, o.size, o.crc32)));
             if out.len() > self.options.entries_max {
                 // Tree::build says so; no need to list the rest.
@@ -312,4 +312,20 @@ impl Namespace {
             }
         }
     }
+}
+
+/// `call`, failed DEADLINE_EXCEEDED once `budget` has passed: retries
+/// bound how long storaged may be away, this how long it may be there and
+/// silent (a hung process answers nothing, and fails nothing).
+pub(super) async fn within<T>(
+    budget: Duration,
+    call: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    tokio::time::timeout(budget, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(ClientError::Status(tonic::Status::deadline_exceeded(
+                format!("storaged did not answer within {budget:?}"),
+            )))
+        })
 }

@@ -29,9 +29,10 @@ use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
 use storaged_client::retry::Retrying;
-use storaged_client::{ClientError, Dataset, SizedRange};
+use storaged_client::{ClientError, Dataset, RegionRead, SizedRange};
 
 use super::batch::{BATCH_ITEM_BYTES_MAX, BatchFailure, Batcher};
+use super::direct::{Direct, DirectReads};
 
 /// The first read-ahead window of a sequential run.
 pub const WINDOW_MIN_BYTES: u64 = 1 << 20;
@@ -56,6 +57,10 @@ pub struct ReadAheadOptions {
     /// host, and storaged limits regions per client).
     pub fetches_max: usize,
 }
+
+/// Takes a read's bytes (or why it failed) on the thread that has them,
+/// and answers the kernel.
+pub type Answer<'a> = dyn FnMut(Result<&[u8], ReadFailure>) + 'a;
 
 /// Why a read failed, as the mount answers it.
 #[derive(Debug, Clone)]
@@ -206,6 +211,9 @@ impl OpenFile {
 /// The reads of a mount: its runtime, read-ahead settings and budget.
 pub struct Reader {
     runtime: tokio::runtime::Handle,
+    /// Set where storaged is on this host: reads the windows do not cover
+    /// are served on the kernel's thread (`direct`).
+    direct: Option<DirectReads>,
     options: ReadAheadOptions,
     budget: Arc<Budget>,
     fetches: Arc<tokio::sync::Semaphore>,
@@ -213,11 +221,18 @@ pub struct Reader {
 }
 
 impl Reader {
-    pub fn new(runtime: tokio::runtime::Handle, options: ReadAheadOptions) -> Self {
+    /// Reads with read-ahead `options` on `runtime`; exact reads on the
+    /// caller's thread through `direct` when given.
+    pub fn new(
+        runtime: tokio::runtime::Handle,
+        options: ReadAheadOptions,
+        direct: Option<DirectReads>,
+    ) -> Self {
         let fetches = Arc::new(tokio::sync::Semaphore::new(options.fetches_max.max(1)));
         Self {
             batcher: Arc::new(Batcher::new(runtime.clone(), Arc::clone(&fetches))),
             runtime,
+            direct,
             fetches,
             options,
             budget: Arc::default(),
@@ -240,7 +255,8 @@ impl Reader {
     /// of it). Within the read-ahead budget; false when nothing started
     /// (an empty or large file, no room).
     pub fn fetch_whole_at_open(&self, file: &OpenFile) -> bool {
-        if file.size == 0 || file.size > WHOLE_FILE_BYTES_MAX {
+        // Direct reads serve it on the read's own thread instead.
+        if self.direct.is_some() || file.size == 0 || file.size > WHOLE_FILE_BYTES_MAX {
             return false;
         }
         let mut seq = file.sequence.lock().expect("sequence poisoned");
@@ -250,16 +266,35 @@ impl Reader {
             && self.push_window(file, &mut seq, 0, Some(file.size))
     }
 
-    /// Bytes `[offset, offset + size)` of `file` (fewer at its end): at
-    /// once when read-ahead already holds them (the caller answers
-    /// without a hop to the runtime), else a future to await.
-    pub fn start_read(&self, file: &OpenFile, offset: u64, size: u32) -> Pending {
+    /// Bytes `[offset, offset + size)` of `file` (fewer at its end), handed
+    /// to `answer` on this thread when read-ahead already holds them or a
+    /// direct read can serve them (no hop to the runtime); else a future to
+    /// await.
+    pub fn start_read(
+        &self,
+        file: &OpenFile,
+        offset: u64,
+        size: u32,
+        answer: &mut Answer<'_>,
+    ) -> Pending {
         let end = offset.saturating_add(u64::from(size)).min(file.size);
         if offset >= end {
-            return Pending::Ready(Ok(Bytes::new()));
+            answer(Ok(&[]));
+            return Pending::Answered;
         }
         let windows = self.plan(file, offset, end);
         if windows.is_empty() {
+            if let Some(direct) = &self.direct {
+                let read = RegionRead {
+                    path: file.path.to_string(),
+                    offset,
+                    length: Some(end - offset),
+                    object_size: file.size,
+                };
+                if direct.read(&file.dataset, &read, answer) == Direct::Answered {
+                    return Pending::Answered;
+                }
+            }
             return Pending::Wait(self.fetch(file, offset, end - offset).boxed());
         }
         let ready: Option<Vec<_>> = windows
@@ -267,7 +302,13 @@ impl Reader {
             .map(|(start, data)| data.peek().cloned().map(|d| (*start, d)))
             .collect();
         match ready {
-            Some(done) => Pending::Ready(assemble(offset, end, done)),
+            Some(done) => {
+                match assemble(offset, end, done) {
+                    Ok(bytes) => answer(Ok(&bytes)),
+                    Err(e) => answer(Err(e)),
+                }
+                Pending::Answered
+            }
             None => Pending::Wait(
                 async move {
                     let mut done = Vec::with_capacity(windows.len());
@@ -303,7 +344,9 @@ impl Reader {
                     .front()
                     .is_some_and(|w| w.start == 0 && w.len == file.size)
             };
-            if !whole(&seq) && offset == 0 && end < file.size {
+            // Not with direct reads: an exact read on the kernel's thread
+            // costs less than a window fetched on the runtime.
+            if !whole(&seq) && offset == 0 && end < file.size && self.direct.is_none() {
                 seq.windows.clear();
                 self.push_window(file, &mut seq, 0, Some(file.size));
             }
@@ -400,7 +443,9 @@ impl Reader {
         true
     }
 
-    /// `len` bytes at `offset` of `file`, retried within the budget.
+    /// `len` bytes at `offset` of `file`, retried within the budget; a
+    /// storaged that stops answering (hung, not gone) fails it once the
+    /// budget has passed.
     fn fetch(
         &self,
         file: &OpenFile,
@@ -411,7 +456,7 @@ impl Reader {
         let batcher = (len <= BATCH_ITEM_BYTES_MAX).then(|| Arc::clone(&self.batcher));
         let (dataset, dataset_id) = (file.dataset.clone(), file.dataset_id);
         let (path, size, budget) = (Arc::clone(&file.path), file.size, self.options.retry_budget);
-        async move {
+        let fetch = async move {
             if let Some(batcher) = batcher {
                 let range = SizedRange {
                     path: path.to_string(),
@@ -439,13 +484,25 @@ impl Reader {
                 .await
                 .map_err(|_| ReadFailure::Failed("the mount is closing".into()))?;
             fetch_retrying(dataset, path, size, offset, len, budget).await
+        };
+        async move {
+            // Dropping a read in flight is safe: its region is retired.
+            tokio::time::timeout(budget, fetch)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(ReadFailure::Failed(format!(
+                        "storaged did not answer within the retry budget ({budget:?})"
+                    )))
+                })
         }
     }
 }
 
 /// A read's outcome: at hand, or to wait for.
 pub enum Pending {
-    Ready(Result<Bytes, ReadFailure>),
+    /// The read was answered on the caller's thread.
+    Answered,
+    /// Its bytes come when this is done.
     Wait(BoxFuture<'static, Result<Bytes, ReadFailure>>),
 }
 
