@@ -65,6 +65,10 @@ struct Args {
     /// recorded in results.json (`machine.thp_shmem*`).
     #[arg(long, default_value = "advise")]
     shmem_thp: String,
+    /// An option for `storagectl mount` (repeatable, e.g.
+    /// `--mount-arg=--no-direct-reads`), to measure the mount's settings.
+    #[arg(long = "mount-arg", allow_hyphen_values = true)]
+    mount_args: Vec<String>,
 }
 
 fn main() {
@@ -105,6 +109,8 @@ struct Ctx {
     mount: Option<Mount>,
     /// For the listing workload's fresh mounts.
     storagectl: PathBuf,
+    /// `--mount-arg`s, for every mount.
+    mount_args: Vec<String>,
     work: PathBuf,
     device_paths: Vec<String>,
     fio_commands: Vec<String>,
@@ -320,7 +326,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None
     } else {
         eprintln!("mounting every dataset with storagectl mount...");
-        Some(Mount::start(&storagectl, &daemon.url, &work.join("mnt"))?)
+        Some(Mount::start(
+            &storagectl,
+            &daemon.url,
+            &work.join("mnt"),
+            &args.mount_args,
+        )?)
     };
     let machine = machine::describe(&devices, &thp_shmem_before_run);
     let nginx = if peers {
@@ -342,6 +353,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         nginx,
         mount,
         storagectl: storagectl.clone(),
+        mount_args: args.mount_args.clone(),
         work: work.clone(),
         device_paths: devices.iter().map(|d| d.display().to_string()).collect(),
         fio_commands: Vec::new(),
@@ -678,7 +690,12 @@ async fn listing(ctx: &mut Ctx) -> anyhow::Result<Vec<Row>> {
                 ("storaged_mount_ls", "ls -fR {}/list | wc -l"),
                 ("storaged_mount_find", "find {}/list | wc -l"),
             ] {
-                let m = Mount::start(&ctx.storagectl, &ctx.daemon.url, &ctx.work.join("mnt-list"))?;
+                let m = Mount::start(
+                    &ctx.storagectl,
+                    &ctx.daemon.url,
+                    &ctx.work.join("mnt-list"),
+                    &ctx.mount_args,
+                )?;
                 let command = command.replace("{}", &m.path.display().to_string());
                 let pid = m.pid();
                 let listed =

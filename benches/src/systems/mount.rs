@@ -32,13 +32,19 @@ pub fn available() -> bool {
 impl Mount {
     /// Mounts every dataset of the storaged at `url` on `path` (the
     /// same-host path: `--transport auto` switches a loopback URL to the
-    /// Unix socket) and waits until it is ready.
-    pub fn start(storagectl: &Path, url: &str, path: &Path) -> anyhow::Result<Mount> {
+    /// Unix socket) with `extra` options, and waits until it is ready.
+    pub fn start(
+        storagectl: &Path,
+        url: &str,
+        path: &Path,
+        extra: &[String],
+    ) -> anyhow::Result<Mount> {
         std::fs::create_dir_all(path)?;
         let log = path.with_extension("stderr.log");
         let mut command = Command::new(storagectl);
         command
             .args(["--server", url, "mount", "--threads", MOUNT_THREADS])
+            .args(extra)
             .arg(path)
             .stderr(std::fs::File::create(&log)?);
         let ready = |line: &str| Ok(line.ends_with("ready").then_some(()));
