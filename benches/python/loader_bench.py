@@ -66,13 +66,13 @@ def drop_caches():
         print("warning: cannot drop caches (not root): warm-cache figures", file=sys.stderr)
 
 
-def start_mount(ctl, where):
-    """`storagectl mount` of every dataset at `where`, once it says ready;
-    None without root or /dev/fuse."""
+def start_mount(ctl, where, extra=()):
+    """`storagectl mount` of every dataset at `where` with the options
+    `extra`, once it says ready; None without root or /dev/fuse."""
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         return None
     where.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.Popen([*ctl, "mount", str(where)], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*ctl, "mount", *extra, str(where)], stdout=subprocess.PIPE,
                             stderr=open(str(where) + ".log", "w"), text=True)
     for line in proc.stdout:
         if line.rstrip().endswith("ready"):
@@ -133,6 +133,8 @@ def main():
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "bench-out" / "python"))
     ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--mount-arg", action="append", default=[],
+                    help="an option for `storagectl mount` (repeatable), e.g. --mount-arg=--no-direct-reads")
     ap.add_argument("--systems", default=None,
                     help="only these systems (comma-separated), e.g. storaged_map,local_folder")
     args = ap.parse_args()
@@ -159,7 +161,7 @@ def main():
     try:
         subprocess.run([*ctl, "ingest", "imagenet", str(work / "src")], check=True, capture_output=True)
         paths = [o.path for o in grpc_client.StoragedReader(addr).objects("imagenet")]
-        mount = start_mount(ctl, work / "mnt")
+        mount = start_mount(ctl, work / "mnt", args.mount_arg)
         kw = dict(num_workers=WORKERS, multiprocessing_context="fork", collate_fn=identity_collate)
         systems = {
             "storaged_torch": lambda e: DataLoader(_iterable(url, e, "auto"), batch_size=None, **kw),
