@@ -11,8 +11,11 @@
 //! random small reads are never inflated, except that a file of at most
 //! `WHOLE_FILE_BYTES_MAX` read from its start is read whole (a sample: the
 //! kernel asks for it in 128 KiB pieces), and the first open of such a file
-//! starts that fetch at once, before the kernel's read arrives. Windows count against one budget
-//! for the whole mount; without room, reads are exact.
+//! starts that fetch at once, before the kernel's read arrives (both only
+//! where reads go through the runtime: on the same host an exact read is
+//! served on the kernel's own thread, see `direct`, and costs less).
+//! Windows count against one budget for the whole mount; without room,
+//! reads are exact.
 //!
 //! Every byte comes from the client library's verified paths (a region
 //! filled and verified in place by storaged when it is on this host, a
