@@ -22,6 +22,7 @@
 //! Each connection also has a byte budget of pool buffers
 //! ([`ConnState::inflight`], see `budget`).
 
+pub mod read_interest;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -500,6 +501,27 @@ pub struct Conn<IO> {
 }
 
 impl<IO> Conn<IO> {
+    /// The same admitted connection over `f(io)`: another way of driving
+    /// the same socket (see [`read_interest`]).
+    pub fn map_io<T>(self, f: impl FnOnce(IO) -> io::Result<T>) -> io::Result<Conn<T>> {
+        let Conn {
+            io,
+            info,
+            preface_left,
+            deadline,
+            idle_timeout,
+            slot,
+        } = self;
+        Ok(Conn {
+            io: f(io)?,
+            info,
+            preface_left,
+            deadline,
+            idle_timeout,
+            slot,
+        })
+    }
+
     fn timeouts(&self) -> &LogGate {
         &self.slot.admission.timeouts
     }

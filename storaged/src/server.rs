@@ -375,7 +375,13 @@ pub async fn serve(
     )
     .with_admission(Arc::clone(&admission))
     .with_bulk_socket(&bulk_path);
-    let bulk = storaged.clone().serve_bulk(admission.unix(bulk_listener));
+    // Registered for reading only: the bulk channel's replies are small
+    // and taken at once, and EPOLLOUT after each would wake the reactor
+    // for nothing.
+    let bulk_conns = futures::StreamExt::map(admission.unix(bulk_listener), |conn| {
+        conn.and_then(|c| c.map_io(crate::conn::read_interest::ReadInterestStream::new))
+    });
+    let bulk = storaged.clone().serve_bulk(bulk_conns);
     let metrics_bound = match metrics {
         Some((listener, handle)) => Some(serve_metrics(listener, handle, &storaged)?),
         None => None,
