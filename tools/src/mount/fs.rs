@@ -45,12 +45,6 @@ const BLOCK_SIZE_BYTES: u32 = 1 << 20;
 /// The largest read-ahead the kernel is asked for (its own limit is
 /// lower on some kernels).
 const KERNEL_READAHEAD_BYTES_MAX: u32 = 1 << 20;
-/// Read-ahead requests the kernel keeps outstanding to the mount (its
-/// `max_background`; fuser asks for 16, and the kernel skips read-ahead
-/// past three quarters of it). Each cold small file is one such request,
-/// so this bounds how many files many readers fetch at once: 64 measured
-/// +8 % files/s at 16 readers (BENCHMARKS.md, "The mount, third pass").
-const KERNEL_BACKGROUND_REQUESTS_MAX: u16 = 64;
 /// `statfs` answers are reused this long.
 const STATFS_TTL: Duration = Duration::from_secs(5);
 /// How long `statfs` waits for storaged (`df` must not hang on it).
@@ -70,6 +64,7 @@ pub struct MountFs {
     /// Larger files bypass the page cache (`u64::MAX` after `init` on a
     /// kernel that could not mmap them then).
     cached_file_bytes_max: u64,
+    kernel_background_max: u16,
     uid: u32,
     gid: u32,
     /// When the mount began: the top level's times.
@@ -141,6 +136,14 @@ pub struct MountFsOptions {
     pub attr_ttl: Duration,
     pub refresh: Duration,
     pub cached_file_bytes_max: u64,
+    /// Read-ahead requests the kernel keeps outstanding to the mount (its
+    /// `max_background`; fuser asks for 16, and the kernel skips
+    /// read-ahead past three quarters of it). Each cold small file is one
+    /// such request, so this bounds how many files many readers fetch at
+    /// once: 64 measured +8 % files/s at 16 readers over 16 (BENCHMARKS.md,
+    /// "The mount, third pass"), 256 +70 % at 256 readers over 64 with
+    /// 4-64 readers unchanged ("fifth pass").
+    pub kernel_background_max: u16,
 }
 
 impl MountFs {
@@ -164,6 +167,7 @@ impl MountFs {
             attr_ttl: options.attr_ttl,
             refresh: options.refresh,
             cached_file_bytes_max: options.cached_file_bytes_max,
+            kernel_background_max: options.kernel_background_max,
             uid,
             gid,
             started: SystemTime::now(),
@@ -383,7 +387,7 @@ impl Filesystem for MountFs {
         }
         let _ = config.add_capabilities(fuser::InitFlags::FUSE_PARALLEL_DIROPS);
         // Refused only for 0; fuser sets the congestion threshold to 3/4.
-        let _ = config.set_max_background(KERNEL_BACKGROUND_REQUESTS_MAX);
+        let _ = config.set_max_background(self.kernel_background_max.max(1));
         if config
             .add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP)
             .is_err()

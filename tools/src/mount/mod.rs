@@ -78,6 +78,11 @@ pub struct MountArgs {
     /// the mount's own windows read ahead), the way shards are streamed.
     #[arg(long, default_value_t = 16)]
     pub cache_files_up_to_mib: u64,
+    /// Read-ahead requests the kernel keeps outstanding to the mount (its
+    /// `max_background`): about how many cold small files many readers
+    /// fetch at once.
+    #[arg(long, default_value_t = 256)]
+    pub kernel_background_max: u16,
     /// Serve every read on the runtime, also on the same host (exact reads
     /// otherwise go from the kernel's thread straight to storaged: fewer
     /// thread wakeups; this is for comparing the two).
@@ -146,6 +151,7 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
             attr_ttl: Duration::from_secs(args.attr_ttl_s),
             refresh,
             cached_file_bytes_max: args.cache_files_up_to_mib.saturating_mul(1 << 20),
+            kernel_background_max: args.kernel_background_max,
         },
         ready,
     );
