@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use storaged_client::retry::is_transient_status;
 use storaged_client::{BlockingReader, Client, ClientError, Dataset, RegionRead};
 
+use super::namespace::within;
 use super::reader::{Answer, ReadFailure};
 
 /// Region of each thread's reader: the kernel's largest read (1 MiB)
@@ -153,16 +154,8 @@ impl DirectReads {
     /// A new reader; the region's registration is a gRPC call, made on
     /// the runtime within the budget.
     fn make_reader(&self) -> Result<BlockingReader, ClientError> {
-        self.runtime.block_on(async {
-            let make = self.client.blocking_reader(REGION_BYTES, self.timeout);
-            tokio::time::timeout(self.timeout, make)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(ClientError::Status(tonic::Status::deadline_exceeded(
-                        "storaged did not register a region in time",
-                    )))
-                })
-        })
+        let make = self.client.blocking_reader(REGION_BYTES, self.timeout);
+        self.runtime.block_on(within(self.timeout, make))
     }
 
     fn put_back(&self, reader: BlockingReader) {

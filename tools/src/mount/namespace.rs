@@ -316,7 +316,9 @@ impl Namespace {
 
 /// `call`, failed DEADLINE_EXCEEDED once `budget` has passed: retries
 /// bound how long storaged may be away, this how long it may be there and
-/// silent (a hung process answers nothing, and fails nothing).
+/// silent (a hung process answers nothing, and fails nothing). Every call
+/// the mount blocks a kernel request on goes through it (listings,
+/// statfs, a direct reader's registration).
 pub(super) async fn within<T>(
     budget: Duration,
     call: impl Future<Output = Result<T, ClientError>>,
