@@ -237,6 +237,126 @@ fn the_mount_serves_the_tree_exactly() {
     } = with_dataset("tree", &["--class", "stripe"], &files);
     // Files over 2 MiB bypass the page cache: both read paths are served.
     let m = Mounted::start(&d, &mnt, &["--cache-files-up-to-mib", "2"]);
+    let ino = check_tree(&d, &src, &mnt, &files);
+    drop(m);
+    let _m = Mounted::start(&d, &mnt, &["--cache-files-up-to-mib", "2"]);
+    let root = mnt.join("tree");
+    assert_eq!(
+        std::fs::metadata(root.join("sizes/three_mib_odd"))
+            .unwrap()
+            .ino(),
+        ino,
+        "the same inode at the next mount"
+    );
+}
+
+/// The fuse module's `enable_uring`, set for a test and put back after.
+struct EnableUring {
+    before: String,
+}
+
+const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
+
+impl EnableUring {
+    fn set(on: bool) -> EnableUring {
+        let before = std::fs::read_to_string(ENABLE_URING).unwrap_or_else(|e| {
+            panic!(
+                "{ENABLE_URING}: {e} (this kernel lacks CONFIG_FUSE_IO_URING; the test needs it)"
+            )
+        });
+        std::fs::write(ENABLE_URING, if on { "1" } else { "0" }).unwrap();
+        EnableUring { before }
+    }
+}
+
+impl Drop for EnableUring {
+    fn drop(&mut self) {
+        let _ = std::fs::write(ENABLE_URING, self.before.trim());
+    }
+}
+
+/// Voluntary context switches of `pid`'s threads whose name starts with
+/// `prefix`: each request a thread waits for costs it one.
+fn thread_switches(pid: u32, prefix: &str) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let task = task.unwrap().path();
+        let comm = std::fs::read_to_string(task.join("comm")).unwrap_or_default();
+        if !comm.starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.join("status")).unwrap_or_default();
+        total += status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .map_or(0, |v| v.trim().parse::<u64>().unwrap());
+    }
+    total
+}
+
+#[test]
+fn the_mount_serves_the_tree_exactly_through_fuse_over_io_uring() {
+    // Guards the io_uring queues (`--fuse-io-uring on`): the same tree,
+    // bytes, preads, mmap, xattrs, statfs and stat as through /dev/fuse,
+    // with the requests taken by the queue threads; and `on` where the
+    // kernel does not offer it fails the mount with a clear message.
+    let files = generated_tree();
+    let Setup {
+        d,
+        src,
+        mnt,
+        tmp: _tmp,
+    } = with_dataset("tree", &["--class", "stripe"], &files);
+    std::fs::create_dir_all(&mnt).unwrap();
+    {
+        let _off = EnableUring::set(false);
+        let out = Command::new(storaged_tests::storagectl_bin())
+            .arg("--server")
+            .arg(&d.url)
+            .args(["mount", "--fuse-io-uring", "on"])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "mounted without io_uring: {stderr}");
+        assert!(
+            stderr.contains("does not offer FUSE over io_uring") && stderr.contains("enable_uring"),
+            "{stderr}"
+        );
+        assert!(!is_mounted(&mnt), "the refused mount is gone");
+    }
+    let _on = EnableUring::set(true);
+    let m = Mounted::start(
+        &d,
+        &mnt,
+        &["--cache-files-up-to-mib", "2", "--fuse-io-uring", "on"],
+    );
+    let pid = m.child.as_ref().unwrap().id();
+    let before = (
+        thread_switches(pid, "fuse-ring"),
+        thread_switches(pid, "fuser"),
+    );
+    check_tree(&d, &src, &mnt, &files);
+    let after = (
+        thread_switches(pid, "fuse-ring"),
+        thread_switches(pid, "fuser"),
+    );
+    let ring = after.0 - before.0;
+    let dev = after.1 - before.1;
+    // Thousands of requests (10 000 files looked up, opened, read): the
+    // queue threads took them; /dev/fuse carries forgets at most.
+    assert!(ring > 10_000, "ring threads woke {ring} times");
+    assert!(
+        dev < ring / 10,
+        "fuser threads woke {dev} times, ring {ring}"
+    );
+    assert!(m.stderr().contains("FUSE over io_uring"), "{}", m.stderr());
+}
+
+/// Checks the mounted `tree` dataset at `mnt` against `src` and `files`
+/// (find, sha256sum, fincore, preads, Python, statfs, stat); returns the
+/// inode of `sizes/three_mib_odd`.
+fn check_tree(d: &Daemon, src: &Path, mnt: &Path, files: &[(String, Vec<u8>)]) -> u64 {
     let root = mnt.join("tree");
 
     // find: the same paths, files and directories alike.
@@ -248,7 +368,7 @@ fn the_mount_serves_the_tree_exactly() {
         v.sort();
         v
     };
-    assert_eq!(list(&root), list(&src));
+    assert_eq!(list(&root), list(src));
     // sha256sum of every file.
     let sums = |dir: &Path| {
         sh(&format!(
@@ -256,11 +376,11 @@ fn the_mount_serves_the_tree_exactly() {
             dir.display()
         ))
     };
-    assert_eq!(sums(&root), sums(&src));
+    assert_eq!(sums(&root), sums(src));
     // Guards against the kernel's default of 16 read-ahead requests at
     // once (cold small files, one request each, waited in line; 256
     // readers read at half the rate with 64).
-    assert_eq!(fuse_connection_setting(&mnt, "max_background"), 256);
+    assert_eq!(fuse_connection_setting(mnt, "max_background"), 256);
     // Guards against large files going through the page cache (a copy and
     // a page allocation per 4 KiB more than direct reads): after the reads
     // above, the 3 MiB file has no cached pages, the 1 MiB one does.
@@ -341,15 +461,7 @@ print(st.f_blocks * st.f_frsize)
             .ino(),
         ino
     );
-    drop(m);
-    let _m = Mounted::start(&d, &mnt, &["--cache-files-up-to-mib", "2"]);
-    assert_eq!(
-        std::fs::metadata(root.join("sizes/three_mib_odd"))
-            .unwrap()
-            .ino(),
-        ino,
-        "the same inode at the next mount"
-    );
+    ino
 }
 
 #[test]

@@ -24,7 +24,7 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -38,13 +38,17 @@ use storaged_client::Client;
 
 use super::index::{NodeId, NodeKind, TREE_ROOT, Tree};
 use super::namespace::{DatasetEntry, Inode, Namespace, within};
-use super::reader::{OpenFile, Pending, ReadFailure, Reader};
+use super::reader::{Answer, OpenFile, Pending, ReadFailure, Reader};
 
 /// `st_blksize` of every file: tools size their reads by it.
 const BLOCK_SIZE_BYTES: u32 = 1 << 20;
 /// The largest read-ahead the kernel is asked for (its own limit is
 /// lower on some kernels).
 const KERNEL_READAHEAD_BYTES_MAX: u32 = 1 << 20;
+/// The payload buffer of one FUSE io_uring entry: the largest request
+/// or answer (reads and read-ahead up to 1 MiB; `max_write` is lowered to
+/// it when the ring is accepted).
+pub const RING_PAYLOAD_BYTES: usize = KERNEL_READAHEAD_BYTES_MAX as usize;
 /// `statfs` answers are reused this long.
 const STATFS_TTL: Duration = Duration::from_secs(5);
 /// How long `statfs` waits for storaged (`df` must not hang on it).
@@ -52,7 +56,27 @@ const STATFS_WAIT_MAX: Duration = Duration::from_secs(2);
 const XATTR_CRC32: &str = "user.storaged.crc32";
 const XATTR_CLASS: &str = "user.storaged.class";
 
+/// The FUSE file system as fuser serves it: the shared [`Core`] and the
+/// handshake's one-time callback.
 pub struct MountFs {
+    core: Arc<Core>,
+    /// Called once the kernel has finished the handshake.
+    on_ready: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Offer the kernel FUSE over io_uring (`ring.rs` serves it).
+    offer_io_uring: bool,
+}
+
+impl std::ops::Deref for MountFs {
+    type Target = Core;
+
+    fn deref(&self) -> &Core {
+        &self.core
+    }
+}
+
+/// What every request is answered from, whichever way it came (fuser's
+/// threads reading `/dev/fuse`, or the io_uring queues of `ring.rs`).
+pub struct Core {
     ns: Namespace,
     reader: Arc<Reader>,
     client: Client,
@@ -63,19 +87,19 @@ pub struct MountFs {
     refresh: Duration,
     /// Larger files bypass the page cache (`u64::MAX` after `init` on a
     /// kernel that could not mmap them then).
-    cached_file_bytes_max: u64,
+    cached_file_bytes_max: AtomicU64,
     kernel_background_max: u16,
     uid: u32,
     gid: u32,
     /// When the mount began: the top level's times.
     started: SystemTime,
     statfs: Mutex<Option<(Instant, [u64; 3])>>,
-    /// Called once the kernel has finished the handshake.
-    on_ready: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// The kernel accepted FUSE over io_uring in the handshake.
+    io_uring: AtomicBool,
 }
 
 /// An open file, and what its open and reads tell about the page cache.
-struct Opened {
+pub struct Opened {
     file: OpenFile,
     tree: Arc<Tree>,
     node: NodeId,
@@ -96,10 +120,15 @@ fn answer_read(
     match result {
         Ok(bytes) => reply.data(bytes),
         Err(e) => {
-            tracing::error!(path, offset, size, error = e.message(), "read failed");
+            log_read_failure(path, offset, size, &e);
             reply.error(e.errno());
         }
     }
+}
+
+/// Logs a read that is answered with an error.
+pub fn log_read_failure(path: &str, offset: u64, size: u32, e: &ReadFailure) {
+    tracing::error!(path, offset, size, error = e.message(), "read failed");
 }
 
 /// The open started fetching the file whole (`Tree::fetch_at_open`).
@@ -127,6 +156,11 @@ impl Opened {
         }
     }
 
+    /// The object's path in its dataset.
+    pub fn path(&self) -> &str {
+        self.file.path()
+    }
+
     fn released(&self) -> bool {
         self.state.load(Ordering::Acquire) & RELEASED != 0
     }
@@ -144,6 +178,8 @@ pub struct MountFsOptions {
     /// "The mount, third pass"), 256 +70 % at 256 readers over 64 with
     /// 4-64 readers unchanged ("fifth pass").
     pub kernel_background_max: u16,
+    /// Offer the kernel FUSE over io_uring in the handshake.
+    pub offer_io_uring: bool,
 }
 
 impl MountFs {
@@ -157,7 +193,7 @@ impl MountFs {
     ) -> Self {
         // SAFETY: getuid and getgid cannot fail and touch no memory.
         let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
-        Self {
+        let core = Core {
             ns,
             reader,
             client,
@@ -166,16 +202,28 @@ impl MountFs {
             next_fh: AtomicU64::new(1),
             attr_ttl: options.attr_ttl,
             refresh: options.refresh,
-            cached_file_bytes_max: options.cached_file_bytes_max,
+            cached_file_bytes_max: AtomicU64::new(options.cached_file_bytes_max),
             kernel_background_max: options.kernel_background_max,
             uid,
             gid,
             started: SystemTime::now(),
             statfs: Mutex::default(),
+            io_uring: AtomicBool::new(false),
+        };
+        Self {
+            core: Arc::new(core),
             on_ready: Mutex::new(Some(on_ready)),
+            offer_io_uring: options.offer_io_uring,
         }
     }
 
+    /// The core, for the io_uring queues.
+    pub fn core(&self) -> Arc<Core> {
+        Arc::clone(&self.core)
+    }
+}
+
+impl Core {
     fn dir_attr(&self, ino: u64, time: SystemTime) -> FileAttr {
         self.attr(ino, FileType::Directory, 0, time)
     }
@@ -366,6 +414,140 @@ impl MountFs {
         *cached = Some((Instant::now(), v));
         Ok(v)
     }
+
+    /// The answer to a lookup of `name` in `parent`: its attributes (node
+    /// 0 for a name that is not there, which the kernel keeps as a
+    /// negative entry) and how long they hold.
+    pub fn lookup_entry(&self, parent: u64, name: &OsStr) -> Result<(FileAttr, Duration), Errno> {
+        let (attr, ttl) = self.lookup_inner(parent, name)?;
+        let attr = attr.unwrap_or_else(|| {
+            let mut none = self.dir_attr(0, self.started);
+            none.ino = INodeNo(0);
+            none
+        });
+        Ok((attr, ttl))
+    }
+
+    /// Opens `ino` for the kernel: the open file, its handle and the open
+    /// flags to answer (direct I/O past `cached_file_bytes_max`).
+    pub fn open_file(
+        &self,
+        ino: u64,
+        flags: OpenFlags,
+    ) -> Result<(Arc<Opened>, u64, FopenFlags), Errno> {
+        let (opened, fh, size) = self.open_inner(ino, flags)?;
+        let flags = if size > self.cached_file_bytes_max.load(Ordering::Relaxed) {
+            FopenFlags::FOPEN_DIRECT_IO
+        } else {
+            FopenFlags::FOPEN_KEEP_CACHE
+        };
+        Ok((opened, fh, flags))
+    }
+
+    /// After the open's answer, which the fetch's start would delay: a
+    /// small file is fetched whole as it opens, unless its last such fetch
+    /// went unused (the page cache held it). Not for a file closed already
+    /// (it was read from the page cache in the meantime).
+    pub fn after_open(&self, opened: &Opened, flags: FopenFlags) {
+        if flags.contains(FopenFlags::FOPEN_KEEP_CACHE)
+            && opened.tree.fetch_at_open(opened.node)
+            && !opened.released()
+            && self.reader.fetch_whole_at_open(&opened.file)
+        {
+            opened.note(FETCHED_AT_OPEN);
+        }
+    }
+
+    /// The open file behind handle `fh`, about to be read.
+    pub fn opened_for_read(&self, fh: u64) -> Result<Arc<Opened>, Errno> {
+        let opened = self.files.lock().expect("files poisoned").get(&fh).cloned();
+        let opened = opened.ok_or(Errno::EBADF)?;
+        opened.note(READ);
+        Ok(opened)
+    }
+
+    /// Starts reading `[offset, offset + size)` of `opened` (`Reader::start_read`).
+    pub fn start_read(
+        &self,
+        opened: &Opened,
+        offset: u64,
+        size: u32,
+        answer: &mut Answer<'_>,
+    ) -> Pending {
+        self.reader.start_read(&opened.file, offset, size, answer)
+    }
+
+    /// The kernel released handle `fh`.
+    pub fn release_file(&self, fh: u64) {
+        let opened = self.files.lock().expect("files poisoned").remove(&fh);
+        if let Some(o) = opened {
+            // Closed without a read reaching the mount after a fetch at
+            // open: the page cache held it, so its next open does not
+            // fetch.
+            o.note(RELEASED);
+        }
+    }
+
+    /// The entries of directory `ino` from readdir offset `offset` on:
+    /// (ino, the offset of the entry after it, kind, name). Offsets are 1
+    /// and 2 for `.` and `..`, then 3 + the child's index: stable across
+    /// calls, as the tree never changes.
+    pub fn dir_page(
+        &self,
+        ino: u64,
+        offset: u64,
+    ) -> Result<Vec<(u64, u64, FileType, String)>, Errno> {
+        let entries = self.dir_entries(ino)?;
+        let dots = [
+            (ino, FileType::Directory, ".".to_string()),
+            (ino, FileType::Directory, "..".to_string()),
+        ];
+        Ok(dots
+            .into_iter()
+            .chain(entries)
+            .enumerate()
+            .skip(usize::try_from(offset).unwrap_or(usize::MAX))
+            .map(|(k, (ino, kind, name))| (ino, k as u64 + 1, kind, name))
+            .collect())
+    }
+
+    /// The value of extended attribute `name` of `ino`, as bytes.
+    pub fn xattr_value(&self, ino: u64, name: &OsStr) -> Result<Vec<u8>, Errno> {
+        self.xattr(ino, &name.to_string_lossy())
+            .map(String::into_bytes)
+    }
+
+    /// The names of `ino`'s extended attributes, each NUL-terminated.
+    pub fn xattr_names(&self, ino: u64) -> Vec<u8> {
+        let mut names = Vec::new();
+        for name in [XATTR_CRC32, XATTR_CLASS] {
+            if self.xattr(ino, name).is_ok() {
+                names.extend_from_slice(name.as_bytes());
+                names.push(0);
+            }
+        }
+        names
+    }
+
+    /// Pool capacity, free bytes and objects (`statfs`).
+    pub fn pool_capacity(&self) -> Result<[u64; 3], Errno> {
+        self.capacity()
+    }
+
+    /// Attributes of `ino` and how long they hold (`getattr`).
+    pub fn attributes(&self, ino: u64) -> Result<(FileAttr, Duration), Errno> {
+        self.inode_attr(ino)
+    }
+
+    /// The runtime storaged's answers arrive on.
+    pub fn runtime(&self) -> &tokio::runtime::Handle {
+        &self.runtime
+    }
+
+    /// The kernel accepted FUSE over io_uring in the handshake.
+    pub fn io_uring_accepted(&self) -> bool {
+        self.io_uring.load(Ordering::Acquire)
+    }
 }
 
 /// Answers `reply` with `size` bytes of `value` (or its length when
@@ -397,7 +579,20 @@ impl Filesystem for MountFs {
             tracing::info!(
                 "the kernel cannot mmap direct-I/O files; every file uses the page cache"
             );
-            self.cached_file_bytes_max = u64::MAX;
+            self.cached_file_bytes_max
+                .store(u64::MAX, Ordering::Relaxed);
+        }
+        // FUSE over io_uring where asked for and the kernel offers it
+        // (`enable_uring`); its queues start once the mount is ready.
+        if self.offer_io_uring
+            && config
+                .add_capabilities(fuser::InitFlags::FUSE_OVER_IO_URING)
+                .is_ok()
+        {
+            // The ring's buffers are sized by the largest request: reads
+            // and read-ahead up to 1 MiB; nothing is ever written.
+            let _ = config.set_max_write(KERNEL_READAHEAD_BYTES_MAX);
+            self.io_uring.store(true, Ordering::Release);
         }
         if let Some(ready) = self.on_ready.lock().expect("ready poisoned").take() {
             ready();
@@ -406,43 +601,24 @@ impl Filesystem for MountFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.lookup_inner(parent.0, name) {
-            Ok((Some(attr), ttl)) => reply.entry(&ttl, &attr, Generation(0)),
-            // Node 0 with a TTL: the kernel keeps the negative entry.
-            Ok((None, ttl)) => {
-                let mut none = self.dir_attr(0, self.started);
-                none.ino = INodeNo(0);
-                reply.entry(&ttl, &none, Generation(0));
-            }
+        match self.lookup_entry(parent.0, name) {
+            Ok((attr, ttl)) => reply.entry(&ttl, &attr, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.inode_attr(ino.0) {
+        match self.attributes(ino.0) {
             Ok((attr, ttl)) => reply.attr(&ttl, &attr),
             Err(e) => reply.error(e),
         }
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        match self.open_inner(ino.0, flags) {
-            Ok((_, fh, size)) if size > self.cached_file_bytes_max => {
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_DIRECT_IO)
-            }
-            Ok((opened, fh, _)) => {
-                reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
-                // After the answer, which the fetch's start would delay:
-                // a small file is fetched whole as it opens, unless its
-                // last such fetch went unused (the page cache held it).
-                // Not for a file closed already (it was read from the page
-                // cache in the meantime).
-                if opened.tree.fetch_at_open(opened.node)
-                    && !opened.released()
-                    && self.reader.fetch_whole_at_open(&opened.file)
-                {
-                    opened.note(FETCHED_AT_OPEN);
-                }
+        match self.open_file(ino.0, flags) {
+            Ok((opened, fh, flags)) => {
+                reply.opened(FileHandle(fh), flags);
+                self.after_open(&opened, flags);
             }
             Err(e) => reply.error(e),
         }
@@ -459,22 +635,18 @@ impl Filesystem for MountFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let Some(opened) = self
-            .files
-            .lock()
-            .expect("files poisoned")
-            .get(&fh.0)
-            .cloned()
-        else {
-            reply.error(Errno::EBADF);
-            return;
+        let opened = match self.opened_for_read(fh.0) {
+            Ok(o) => o,
+            Err(e) => {
+                reply.error(e);
+                return;
+            }
         };
-        opened.note(READ);
         let mut reply = Some(reply);
-        let file = &opened.file;
-        let pending = self.reader.start_read(file, offset, size, &mut |result| {
+        let path = opened.path();
+        let pending = self.start_read(&opened, offset, size, &mut |result| {
             if let Some(reply) = reply.take() {
-                answer_read(reply, file.path(), offset, size, result);
+                answer_read(reply, path, offset, size, result);
             }
         });
         match (pending, reply) {
@@ -487,7 +659,7 @@ impl Filesystem for MountFs {
                 self.runtime.spawn(async move {
                     let result = read.await;
                     let result = result.as_ref().map(|b| &b[..]).map_err(Clone::clone);
-                    answer_read(reply, opened.file.path(), offset, size, result);
+                    answer_read(reply, opened.path(), offset, size, result);
                 });
             }
         }
@@ -503,13 +675,7 @@ impl Filesystem for MountFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        let opened = self.files.lock().expect("files poisoned").remove(&fh.0);
-        if let Some(o) = opened {
-            // Closed without a read reaching the mount after a fetch at
-            // open: the page cache held it, so its next open does not
-            // fetch.
-            o.note(RELEASED);
-        }
+        self.release_file(fh.0);
         reply.ok();
     }
 
@@ -521,28 +687,17 @@ impl Filesystem for MountFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.dir_entries(ino.0) {
-            Ok(e) => e,
-            Err(e) => {
-                reply.error(e);
-                return;
+        match self.dir_page(ino.0, offset) {
+            Ok(page) => {
+                for (ino, next, kind, name) in page {
+                    if reply.add(INodeNo(ino), next, kind, &name) {
+                        break;
+                    }
+                }
+                reply.ok();
             }
-        };
-        // Offsets: 1 and 2 for `.` and `..`, then 3 + the child's index.
-        let dots = [
-            (ino.0, FileType::Directory, "."),
-            (ino.0, FileType::Directory, ".."),
-        ];
-        let all = dots
-            .iter()
-            .map(|(i, k, n)| (*i, *k, *n))
-            .chain(entries.iter().map(|(i, k, n)| (*i, *k, n.as_str())));
-        for (k, (ino, kind, name)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(ino), k as u64 + 1, kind, name) {
-                break;
-            }
+            Err(e) => reply.error(e),
         }
-        reply.ok();
     }
 
     /// Nothing is buffered for writing. ENOSYS tells the kernel never to
@@ -574,7 +729,7 @@ impl Filesystem for MountFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.capacity() {
+        match self.pool_capacity() {
             Ok([capacity, free, objects]) => {
                 let block = 4096u64;
                 reply.statfs(
@@ -593,21 +748,14 @@ impl Filesystem for MountFs {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.xattr(ino.0, &name.to_string_lossy()) {
-            Ok(value) => reply_xattr(reply, size, value.as_bytes()),
+        match self.xattr_value(ino.0, name) {
+            Ok(value) => reply_xattr(reply, size, &value),
             Err(e) => reply.error(e),
         }
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let mut names = Vec::new();
-        for name in [XATTR_CRC32, XATTR_CLASS] {
-            if self.xattr(ino.0, name).is_ok() {
-                names.extend_from_slice(name.as_bytes());
-                names.push(0);
-            }
-        }
-        reply_xattr(reply, size, &names);
+        reply_xattr(reply, size, &self.xattr_names(ino.0));
     }
 
     // Everything below would change the tree: refused.

@@ -17,7 +17,9 @@ mod direct;
 mod fs;
 mod index;
 mod namespace;
+mod ops;
 mod reader;
+mod ring;
 
 use std::ffi::CString;
 use std::os::unix::ffi::OsStrExt;
@@ -88,10 +90,27 @@ pub struct MountArgs {
     /// thread wakeups; this is for comparing the two).
     #[arg(long)]
     pub no_direct_reads: bool,
+    /// Take the kernel's requests through FUSE over io_uring: one queue
+    /// per CPU, each request answered on its caller's CPU (Linux 6.14+
+    /// with the fuse module's `enable_uring` set: `echo 1 >
+    /// /sys/module/fuse/parameters/enable_uring`). `on` fails the mount
+    /// where the kernel does not offer it, `auto` uses it where it does,
+    /// `off` reads /dev/fuse (measured as fast or faster on a 2-CPU VM;
+    /// BENCHMARKS.md, "The mount, sixth pass").
+    #[arg(long, value_enum, default_value_t = FuseIoUring::Off)]
+    pub fuse_io_uring: FuseIoUring,
     /// Let other users (and root) use the mount (needs `user_allow_other`
     /// in /etc/fuse.conf unless run as root).
     #[arg(long)]
     pub allow_other: bool,
+}
+
+/// Whether the mount takes requests through FUSE over io_uring.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FuseIoUring {
+    Auto,
+    On,
+    Off,
 }
 
 /// Mounts, serves until unmounted or signalled, and unmounts.
@@ -100,6 +119,9 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
         bail!("--threads and --read-ahead-mib must be at least 1");
     }
     let mountpoint = args.mountpoint.clone();
+    if args.fuse_io_uring == FuseIoUring::On && !ring::offered() {
+        bail!("{}", ring_refused());
+    }
     detach_dead_mount(&mountpoint)?;
     let meta = std::fs::metadata(&mountpoint)
         .with_context(|| format!("mount point {}", mountpoint.display()))?;
@@ -152,9 +174,11 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
             refresh,
             cached_file_bytes_max: args.cache_files_up_to_mib.saturating_mul(1 << 20),
             kernel_background_max: args.kernel_background_max,
+            offer_io_uring: args.fuse_io_uring != FuseIoUring::Off,
         },
         ready,
     );
+    let core = fs.core();
     let mut config = fuser::Config::default();
     config.mount_options = vec![
         fuser::MountOption::RO,
@@ -174,6 +198,9 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
     let mut session = tokio::task::spawn_blocking(move || fuser::Session::new(fs, &mp, &config))
         .await?
         .with_context(|| format!("cannot mount on {}", mountpoint.display()))?;
+    let dev = std::os::fd::AsFd::as_fd(&session)
+        .try_clone_to_owned()
+        .context("duplicating the /dev/fuse descriptor")?;
     let mut unmounter = session.unmount_callable();
     let detach_at = mountpoint.clone();
     tokio::spawn(async move {
@@ -191,11 +218,26 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
     let mut served = tokio::task::spawn_blocking(move || session.run());
     tokio::select! {
         _ = ready_rx => {
+            // The ring first: once the kernel has accepted it, every
+            // request waits until each queue has an entry.
+            let queues = if core.io_uring_accepted() {
+                ring::start(core, &dev, args.threads, fs::RING_PAYLOAD_BYTES)
+                    .context("starting the FUSE io_uring queues")?;
+                "io_uring"
+            } else if args.fuse_io_uring == FuseIoUring::On {
+                // Offered when checked above, withdrawn since: leave no
+                // mount behind.
+                let _ = detach(&mountpoint);
+                bail!("{}", ring_refused());
+            } else {
+                "/dev/fuse"
+            };
             let at = mountpoint.clone();
             let kib = args.kernel_read_ahead_kib;
             tokio::task::spawn_blocking(move || set_kernel_read_ahead(&at, kib)).await?;
+            drop(dev);
             println!(
-                "storagectl: mounted on {} (reads via {path}); ready",
+                "storagectl: mounted on {} (reads via {path}, requests via {queues}); ready",
                 mountpoint.display()
             );
         }
@@ -209,6 +251,15 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
         .with_context(|| format!("serving {}", mountpoint.display()))?;
     eprintln!("storagectl: unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// Why `--fuse-io-uring on` cannot mount here.
+fn ring_refused() -> String {
+    format!(
+        "the kernel does not offer FUSE over io_uring (needs Linux 6.14+ with \
+         CONFIG_FUSE_IO_URING and `echo 1 > {}`); mount with --fuse-io-uring auto or off",
+        ring::ENABLE_URING
+    )
 }
 
 /// Sets the read-ahead of the mount's backing device (`/sys/class/bdi`):
