@@ -1,6 +1,10 @@
 //! The FUSE file system: the kernel's requests answered from the
 //! namespace (metadata, no round trip) and the reader (data).
 //!
+//! [`Core`] holds the answers; fuser's threads reach it through
+//! [`MountFs`] (the `fuser::Filesystem`), the io_uring queues through
+//! `ring.rs` and `ops.rs`, so both ways answer alike.
+//!
 //! Read-only by construction: every request that would change anything is
 //! answered EROFS, whatever the mount options. Entries and attributes
 //! inside a dataset are cached by the kernel for `attr_ttl` (datasets are

@@ -221,8 +221,12 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
             // The ring first: once the kernel has accepted it, every
             // request waits until each queue has an entry.
             let queues = if core.io_uring_accepted() {
-                ring::start(core, &dev, args.threads, fs::RING_PAYLOAD_BYTES)
-                    .context("starting the FUSE io_uring queues")?;
+                if let Err(e) = start_ring(core, &dev, args.threads, &mountpoint).await {
+                    // Requests would wait for the ring for ever: leave no
+                    // mount behind.
+                    let _ = detach(&mountpoint);
+                    return Err(e);
+                }
                 "io_uring"
             } else if args.fuse_io_uring == FuseIoUring::On {
                 // Offered when checked above, withdrawn since: leave no
@@ -251,6 +255,36 @@ pub async fn run(client: Client, args: MountArgs) -> anyhow::Result<()> {
         .with_context(|| format!("serving {}", mountpoint.display()))?;
     eprintln!("storagectl: unmounted {}", mountpoint.display());
     Ok(())
+}
+
+/// How long the io_uring queues may take to register once started.
+const RING_READY_WAIT: Duration = Duration::from_secs(10);
+
+/// Starts the FUSE io_uring queues and waits until the mount answers
+/// through them (a `stat` of the mount point, which the kernel holds
+/// until every queue has an entry).
+async fn start_ring(
+    core: Arc<fs::Core>,
+    dev: &std::os::fd::OwnedFd,
+    threads: usize,
+    mountpoint: &Path,
+) -> anyhow::Result<()> {
+    ring::start(core, dev, threads, fs::RING_PAYLOAD_BYTES)
+        .context("starting the FUSE io_uring queues")?;
+    let at = mountpoint.to_path_buf();
+    let answered = tokio::time::timeout(
+        RING_READY_WAIT,
+        tokio::task::spawn_blocking(move || std::fs::metadata(at)),
+    )
+    .await;
+    match answered {
+        Ok(Ok(Ok(_))) => Ok(()),
+        Ok(Ok(Err(e))) => Err(e).context("the mount does not answer through its io_uring queues"),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => {
+            bail!("the FUSE io_uring queues did not start within {RING_READY_WAIT:?} (see the log)")
+        }
+    }
 }
 
 /// Why `--fuse-io-uring on` cannot mount here.

@@ -55,6 +55,9 @@ pub const ENT_IN_OUT_AT: usize = 256;
 const REGISTER_TRIES_MAX: u32 = 50;
 const REGISTER_RETRY_WAIT: Duration = Duration::from_millis(20);
 
+/// The exit status of a mount whose io_uring queue failed.
+const EXIT_RING_FAILED: i32 = 70;
+
 /// The fuse module's switch for FUSE over io_uring.
 pub const ENABLE_URING: &str = "/sys/module/fuse/parameters/enable_uring";
 
@@ -96,11 +99,14 @@ pub fn start(
         std::thread::Builder::new()
             .name(format!("fuse-ring-{qid}"))
             .spawn(move || {
-                if std::env::var_os("XNOPIN").is_none() {
-                    pin_to_cpu(qid);
-                }
+                pin_to_cpu(qid);
                 if let Err(e) = serve(&core, &dev, qid as u16, payload_bytes) {
-                    tracing::error!(qid, error = %e, "FUSE io_uring queue stopped");
+                    // Requests from this CPU could wait for ever on a
+                    // queue with no entries left: fail stop, as a killed
+                    // mount does (callers get ENOTCONN; the next mount
+                    // here detaches it).
+                    tracing::error!(qid, error = %e, "FUSE io_uring queue failed; exiting");
+                    std::process::exit(EXIT_RING_FAILED);
                 }
             })
             .map_err(RingError::Thread)?;
@@ -136,10 +142,7 @@ fn serve(core: &Core, dev: &OwnedFd, qid: u16, payload_bytes: usize) -> std::io:
         // and `payload`, all leaked above, so they stay valid for as long
         // as the kernel may use them.
         unsafe { ring.submission().push(&next) }.map_err(std::io::Error::other)?;
-        ring.submit_and_wait(1)?;
-        let Some(done) = ring.completion().next() else {
-            continue;
-        };
+        let done = submit_and_complete(&mut ring)?;
         match done.result() {
             0 => {}
             r if r == -libc::EAGAIN && tries < REGISTER_TRIES_MAX => {
@@ -157,6 +160,31 @@ fn serve(core: &Core, dev: &OwnedFd, qid: u16, payload_bytes: usize) -> std::io:
         }
         let unique = ops::answer(core, header, payload);
         next = command(fd, CMD_COMMIT_AND_FETCH, qid, unique, None);
+    }
+}
+
+/// Hands the queued entry to the kernel and waits for the ring's next
+/// completion. A signal (the mount's SIGTERM lands on any thread) only
+/// restarts the wait: the entry is submitted once.
+fn submit_and_complete(
+    ring: &mut IoUring<squeue::Entry128, cqueue::Entry>,
+) -> std::io::Result<cqueue::Entry> {
+    while !ring.submission().is_empty() {
+        match ring.submit() {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
+    }
+    loop {
+        if let Some(done) = ring.completion().next() {
+            return Ok(done);
+        }
+        match ring.submit_and_wait(1) {
+            Ok(_) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
