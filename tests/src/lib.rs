@@ -112,6 +112,17 @@ impl Daemon {
         Self::start_args(data_dir, opts.args(data_dir))
     }
 
+    /// Starts storaged with the default options and `--config config`.
+    pub fn start_with_config(data_dir: &Path, config: &Path) -> Daemon {
+        Self::start(
+            data_dir,
+            &DaemonOpts {
+                extra: vec!["--config".into(), config.display().to_string()],
+                ..Default::default()
+            },
+        )
+    }
+
     /// Starts storaged; returns its exit status and stderr if it exits
     /// before listening.
     pub fn try_start_args(data_dir: &Path, args: Vec<String>) -> Result<Daemon, StartFailure> {

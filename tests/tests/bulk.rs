@@ -9,7 +9,7 @@ use storaged_client::{Client, ConnectOptions};
 use storaged_proto::bulk::{
     HELLO_BYTES, Hello, HelloReply, ReadIntoFrame, ReadIntoFrameItem, ReadIntoReply, VERSION,
 };
-use storaged_tests::{Daemon, DaemonOpts, eventually, pattern, write_tree};
+use storaged_tests::{Daemon, eventually, pattern, write_tree};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tonic::Code;
@@ -39,13 +39,7 @@ fn daemon_with(tmp: &tempfile::TempDir, config: &str) -> Daemon {
     write_tree(&src, &files());
     let path = tmp.path().join("storaged.toml");
     std::fs::write(&path, config).unwrap();
-    let d = Daemon::start(
-        &tmp.path().join("data"),
-        &DaemonOpts {
-            extra: vec!["--config".into(), path.display().to_string()],
-            ..Default::default()
-        },
-    );
+    let d = Daemon::start_with_config(&tmp.path().join("data"), &path);
     d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
     d
 }
@@ -333,13 +327,7 @@ async fn the_bulk_channel_authenticates_like_grpc_and_closes_silent_peers() {
     let cfg = tmp.path().join("storaged.toml");
     std::fs::write(&cfg, config).unwrap();
     let data = tmp.path().join("data");
-    let _d = Daemon::start(
-        &data,
-        &DaemonOpts {
-            extra: vec!["--config".into(), cfg.display().to_string()],
-            ..Default::default()
-        },
-    );
+    let _d = Daemon::start_with_config(&data, &cfg);
     let socket = data.join("storaged.sock.bulk").display().to_string();
     let (mut s, code, message) = hello(&socket, VERSION, None).await;
     assert_eq!(code, Code::Unauthenticated as u32, "{message}");

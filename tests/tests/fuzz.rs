@@ -21,7 +21,7 @@ use bytes::{Buf, BufMut, Bytes};
 use prost::Message;
 use storaged_proto::auth::{bearer, token_sha256_hex};
 use storaged_proto::pb;
-use storaged_tests::{Daemon, DaemonOpts, ingest_msg, pattern, rss_bytes, test_seed, write_tree};
+use storaged_tests::{Daemon, ingest_msg, pattern, rss_bytes, test_seed, write_tree};
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::transport::{Channel, Endpoint};
 
@@ -415,13 +415,7 @@ async fn mutated_requests_to_every_method_leave_storaged_whole() {
         ),
     )
     .unwrap();
-    let d = Daemon::start(
-        &tmp.path().join("data"),
-        &DaemonOpts {
-            extra: vec!["--config".into(), config.display().to_string()],
-            ..Default::default()
-        },
-    );
+    let d = Daemon::start_with_config(&tmp.path().join("data"), &config);
     let src = tmp.path().join("src");
     let files: Vec<(String, Vec<u8>)> = (0..3)
         .map(|i| (format!("f{i}"), pattern(i, 300_000 + i as usize)))

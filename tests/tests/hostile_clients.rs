@@ -8,22 +8,14 @@ use std::time::{Duration, Instant};
 use storaged_proto::auth::{bearer, token_sha256_hex};
 use storaged_proto::pb;
 use storaged_proto::pb::storaged_client::StoragedClient;
-use storaged_tests::{
-    Daemon, DaemonOpts, OpenIngest, eventually, ingest_msg, pattern, rss_bytes, write_tree,
-};
+use storaged_tests::{Daemon, OpenIngest, eventually, ingest_msg, pattern, rss_bytes, write_tree};
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 fn daemon_with(tmp: &tempfile::TempDir, config: &str) -> Daemon {
     let path = tmp.path().join("storaged.toml");
     std::fs::write(&path, config).unwrap();
-    Daemon::start(
-        &tmp.path().join("data"),
-        &DaemonOpts {
-            extra: vec!["--config".into(), path.display().to_string()],
-            ..Default::default()
-        },
-    )
+    Daemon::start_with_config(&tmp.path().join("data"), &path)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

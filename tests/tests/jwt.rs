@@ -7,7 +7,7 @@ use std::process::{Command, Output};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::json;
-use storaged_tests::{Daemon, DaemonOpts, pattern, write_tree};
+use storaged_tests::{Daemon, pattern, write_tree};
 
 fn ed25519(dir: &Path, name: &str) -> (EncodingKey, std::path::PathBuf) {
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
@@ -120,13 +120,7 @@ admin = true
         ),
     )
     .unwrap();
-    let d = Daemon::start(
-        &dir.join("data"),
-        &DaemonOpts {
-            extra: vec!["--config".into(), config.display().to_string()],
-            ..Default::default()
-        },
-    );
+    let d = Daemon::start_with_config(&dir.join("data"), &config);
     let claims = |tenant: &str| json!({"iss": "https://idp.test", "aud": "storaged", "exp": now() + 600, "storaged_tenant": tenant});
     let ops = sign(Algorithm::RS256, &rs, claims("ops"));
     let vision = sign(Algorithm::EdDSA, &ed, claims("vision"));

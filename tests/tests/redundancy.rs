@@ -479,13 +479,7 @@ async fn degraded_batches_finish_under_a_small_connection_budget() {
     let data = tmp.path().join("data");
     let config = tmp.path().join("storaged.toml");
     std::fs::write(&config, "connection_inflight = \"4MiB\"\n").unwrap();
-    let mut d = Daemon::start(
-        &data,
-        &DaemonOpts {
-            extra: vec!["--config".into(), config.display().to_string()],
-            ..Default::default()
-        },
-    );
+    let mut d = Daemon::start_with_config(&data, &config);
     d.ctl_ok(&["ingest", "train", src.to_str().unwrap()]);
     d.stop();
     std::fs::remove_file(data.join("dev1.img")).unwrap();

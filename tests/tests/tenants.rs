@@ -68,13 +68,7 @@ read = ["shared-"]
 
 fn daemon(tmp: &tempfile::TempDir) -> Daemon {
     let config = config(tmp.path());
-    Daemon::start(
-        &tmp.path().join("data"),
-        &DaemonOpts {
-            extra: vec!["--config".into(), config.display().to_string()],
-            ..Default::default()
-        },
-    )
+    Daemon::start_with_config(&tmp.path().join("data"), &config)
 }
 
 async fn as_tenant(d: &Daemon, token: &str) -> Client {
