@@ -998,3 +998,90 @@ fn the_top_level_answers_quickly_while_storaged_is_away() {
         started.elapsed()
     );
 }
+
+#[test]
+fn a_mount_with_a_tenants_token_shows_and_reads_only_what_the_token_may() {
+    // Guards the mount's credentials: against a storaged with tenants, a
+    // mount without credentials fails at once with storaged's reason and
+    // leaves nothing mounted; one with a token lists the datasets that
+    // token may read and no others, and reads them exactly, small files
+    // through the bulk channel (its hello carries the token) and a large
+    // one through read-ahead.
+    const VISION: &str = "sdt_vision_0123456789abcdef0123456789abcdef0123456789abcdef01234567";
+    const OPS: &str = "sdt_ops_0123456789abcdef0123456789abcdef0123456789abcdef0123456789a";
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("storaged.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[tenant]]\nname = \"vision\"\ntokens_sha256 = [\"{}\"]\nread = [\"shared-\"]\n\n\
+             [[tenant]]\nname = \"ops\"\ntokens_sha256 = [\"{}\"]\nwrite = [\"\"]\nadmin = true\n",
+            storaged_proto::auth::token_sha256_hex(VISION),
+            storaged_proto::auth::token_sha256_hex(OPS),
+        ),
+    )
+    .unwrap();
+    let d = Daemon::start_with_config(&tmp.path().join("data"), &config);
+    let files: Vec<(String, Vec<u8>)> = (0..40)
+        .map(|i| {
+            (
+                format!("s/{i:03}.bin"),
+                pattern(i, 50_000 + 997 * i as usize),
+            )
+        })
+        .chain([("big.bin".to_string(), pattern(99, 5 << 20))])
+        .collect();
+    let src = tmp.path().join("src");
+    write_tree(&src, &files);
+    for name in ["shared-a", "secret-b"] {
+        d.ctl_ok(&["--token", OPS, "ingest", name, src.to_str().unwrap()]);
+    }
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+
+    // No credentials: storaged's refusal, nothing mounted.
+    let out = d.ctl(&["mount", mnt.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "mounted without credentials");
+    assert!(
+        stderr.to_lowercase().contains("unauthenticated"),
+        "{stderr}"
+    );
+    assert!(!is_mounted(&mnt));
+
+    let bulk_requests = || {
+        let out = d.ctl_ok(&["--token", OPS, "status", "--json"]);
+        let status: serde_json::Value = serde_json::from_str(&out).unwrap();
+        status["connections"]["bulk_requests"].as_u64().unwrap()
+    };
+    let before = bulk_requests();
+    let _m = Mounted::start(&d, &mnt, &["--token", VISION]);
+    let top: Vec<String> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        top,
+        vec!["shared-a".to_string()],
+        "only what vision may read"
+    );
+    assert_eq!(
+        std::fs::metadata(mnt.join("secret-b")).unwrap_err().kind(),
+        std::io::ErrorKind::NotFound
+    );
+    let root = mnt.join("shared-a");
+    assert_eq!(
+        sh(&format!(
+            "cd '{}' && find . -type f | sort | xargs sha256sum",
+            root.display()
+        )),
+        sh(&format!(
+            "cd '{}' && find . -type f | sort | xargs sha256sum",
+            src.display()
+        ))
+    );
+    assert!(
+        bulk_requests() >= before + 40,
+        "the small files went through the bulk channel with the token"
+    );
+}
