@@ -120,16 +120,19 @@ pub fn start(
 fn serve(core: &Core, dev: &OwnedFd, qid: u16, payload_bytes: usize) -> std::io::Result<()> {
     // Never freed: the kernel may write into them until the connection
     // (which outlives this thread's ring only at process exit) lets go.
-    let header: &'static mut [u8] = Box::leak(vec![0u8; HEADER_BYTES].into_boxed_slice());
-    let payload: &'static mut [u8] = Box::leak(vec![0u8; payload_bytes].into_boxed_slice());
-    let iov: &'static mut [libc::iovec; 2] = Box::leak(Box::new([
+    // Kept as raw pointers: the kernel writes through them while a
+    // command is out, so a Rust reference to them lives only between a
+    // completion and the next submission.
+    let header: *mut u8 = Box::leak(vec![0u8; HEADER_BYTES].into_boxed_slice()).as_mut_ptr();
+    let payload: *mut u8 = Box::leak(vec![0u8; payload_bytes].into_boxed_slice()).as_mut_ptr();
+    let iov: &'static [libc::iovec; 2] = Box::leak(Box::new([
         libc::iovec {
-            iov_base: header.as_mut_ptr().cast(),
-            iov_len: header.len(),
+            iov_base: header.cast(),
+            iov_len: HEADER_BYTES,
         },
         libc::iovec {
-            iov_base: payload.as_mut_ptr().cast(),
-            iov_len: payload.len(),
+            iov_base: payload.cast(),
+            iov_len: payload_bytes,
         },
     ]));
     let iov_addr = iov.as_ptr() as u64;
@@ -158,7 +161,17 @@ fn serve(core: &Core, dev: &OwnedFd, qid: u16, payload_bytes: usize) -> std::io:
             }
             r => return Err(std::io::Error::from_raw_os_error(-r)),
         }
-        let unique = ops::answer(core, header, payload);
+        // SAFETY: the completion says the kernel has written the request
+        // and holds the entry's buffers no longer until the next command
+        // is submitted, after these slices are gone; both point into the
+        // leaked allocations above, of these lengths.
+        let (header_buf, payload_buf) = unsafe {
+            (
+                std::slice::from_raw_parts_mut(header, HEADER_BYTES),
+                std::slice::from_raw_parts_mut(payload, payload_bytes),
+            )
+        };
+        let unique = ops::answer(core, header_buf, payload_buf);
         next = command(fd, CMD_COMMIT_AND_FETCH, qid, unique, None);
     }
 }
