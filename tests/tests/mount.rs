@@ -197,6 +197,14 @@ fn daemon(tmp: &Path) -> Daemon {
 
 /// The generated tree: empty files, odd sizes, unicode and deep names, a
 /// 1-file and a 10 000-file directory.
+/// The generated tree ingested as dataset `tree` (stripe class), which
+/// `check_tree` checks a mount of.
+fn with_generated_tree() -> (Vec<(String, Vec<u8>)>, Setup) {
+    let files = generated_tree();
+    let setup = with_dataset("tree", &["--class", "stripe"], &files);
+    (files, setup)
+}
+
 fn generated_tree() -> Vec<(String, Vec<u8>)> {
     let mut files = vec![
         ("empty".to_owned(), Vec::new()),
@@ -228,18 +236,13 @@ fn the_mount_serves_the_tree_exactly() {
     // every file hashes the same, preads and mmap match, Python works,
     // stat shows sizes, modes, stable inodes and the creation time, and
     // statfs and the xattrs say what storaged says.
-    let files = generated_tree();
-    let Setup {
-        d,
-        src,
-        mnt,
-        tmp: _tmp,
-    } = with_dataset("tree", &["--class", "stripe"], &files);
+    let (files, setup) = with_generated_tree();
+    let Setup { d, src, mnt, .. } = &setup;
     // Files over 2 MiB bypass the page cache: both read paths are served.
-    let m = Mounted::start(&d, &mnt, &["--cache-files-up-to-mib", "2"]);
-    let ino = check_tree(&d, &src, &mnt, &files);
+    let m = Mounted::start(d, mnt, &["--cache-files-up-to-mib", "2"]);
+    let ino = check_tree(d, src, mnt, &files);
     drop(m);
-    let _m = Mounted::start(&d, &mnt, &["--cache-files-up-to-mib", "2"]);
+    let _m = Mounted::start(d, mnt, &["--cache-files-up-to-mib", "2"]);
     let root = mnt.join("tree");
     assert_eq!(
         std::fs::metadata(root.join("sizes/three_mib_odd"))
@@ -300,21 +303,16 @@ fn the_mount_serves_the_tree_exactly_through_fuse_over_io_uring() {
     // bytes, preads, mmap, xattrs, statfs and stat as through /dev/fuse,
     // with the requests taken by the queue threads; and `on` where the
     // kernel does not offer it fails the mount with a clear message.
-    let files = generated_tree();
-    let Setup {
-        d,
-        src,
-        mnt,
-        tmp: _tmp,
-    } = with_dataset("tree", &["--class", "stripe"], &files);
-    std::fs::create_dir_all(&mnt).unwrap();
+    let (files, setup) = with_generated_tree();
+    let Setup { d, src, mnt, .. } = &setup;
+    std::fs::create_dir_all(mnt).unwrap();
     {
         let _off = EnableUring::set(false);
         let out = Command::new(storaged_tests::storagectl_bin())
             .arg("--server")
             .arg(&d.url)
             .args(["mount", "--fuse-io-uring", "on"])
-            .arg(&mnt)
+            .arg(mnt)
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -323,12 +321,12 @@ fn the_mount_serves_the_tree_exactly_through_fuse_over_io_uring() {
             stderr.contains("does not offer FUSE over io_uring") && stderr.contains("enable_uring"),
             "{stderr}"
         );
-        assert!(!is_mounted(&mnt), "the refused mount is gone");
+        assert!(!is_mounted(mnt), "the refused mount is gone");
     }
     let _on = EnableUring::set(true);
     let m = Mounted::start(
-        &d,
-        &mnt,
+        d,
+        mnt,
         &["--cache-files-up-to-mib", "2", "--fuse-io-uring", "on"],
     );
     let pid = m.child.as_ref().unwrap().id();
@@ -336,7 +334,7 @@ fn the_mount_serves_the_tree_exactly_through_fuse_over_io_uring() {
         thread_switches(pid, "fuse-ring"),
         thread_switches(pid, "fuser"),
     );
-    check_tree(&d, &src, &mnt, &files);
+    check_tree(d, src, mnt, &files);
     let after = (
         thread_switches(pid, "fuse-ring"),
         thread_switches(pid, "fuser"),

@@ -270,7 +270,7 @@ impl Core {
     }
 
     /// Attributes of `ino` and how long the kernel may keep them.
-    fn inode_attr(&self, ino: u64) -> Result<(FileAttr, Duration), Errno> {
+    pub fn attributes(&self, ino: u64) -> Result<(FileAttr, Duration), Errno> {
         match self.ns.resolve(ino).ok_or(Errno::ENOENT)? {
             Inode::Root => Ok((self.dir_attr(ino, self.started), self.refresh)),
             Inode::Node {
@@ -399,7 +399,7 @@ impl Core {
     }
 
     /// Pool capacity, free bytes and objects, cached for `STATFS_TTL`.
-    fn capacity(&self) -> Result<[u64; 3], Errno> {
+    pub fn pool_capacity(&self) -> Result<[u64; 3], Errno> {
         let mut cached = self.statfs.lock().expect("statfs poisoned");
         if let Some((at, v)) = *cached
             && at.elapsed() < STATFS_TTL
@@ -531,16 +531,6 @@ impl Core {
             }
         }
         names
-    }
-
-    /// Pool capacity, free bytes and objects (`statfs`).
-    pub fn pool_capacity(&self) -> Result<[u64; 3], Errno> {
-        self.capacity()
-    }
-
-    /// Attributes of `ino` and how long they hold (`getattr`).
-    pub fn attributes(&self, ino: u64) -> Result<(FileAttr, Duration), Errno> {
-        self.inode_attr(ino)
     }
 
     /// The runtime storaged's answers arrive on.
