@@ -107,6 +107,7 @@ fn client_batch(c: &mut Criterion) {
     let server_store = Arc::clone(&store);
     let endpoints = storaged::server::Endpoints {
         tcp: "127.0.0.1:0".parse().unwrap(),
+        bulk_tcp: None,
         unix: dir.path().join("storaged.sock"),
         unix_access: storaged::server::UnixAccess::default(),
     };

@@ -51,6 +51,7 @@ impl std::fmt::Debug for BulkPool {
 }
 
 /// Why a bulk channel call did not answer.
+#[derive(Debug)]
 pub(crate) enum BulkError {
     /// No connection could be opened or greeted (socket gone, refused,
     /// another version, credentials refused): nothing was sent, so the
@@ -132,19 +133,10 @@ impl BulkPool {
         let mut conn = UnixStream::connect(&self.path)
             .await
             .map_err(|e| self.unavailable(e))?;
-        conn.write_all(&self.hello()?)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        let mut fixed = [0u8; HelloReply::FIXED_BYTES];
-        conn.read_exact(&mut fixed)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        let (version, code, message_len) = decode_hello_reply(&fixed)?;
-        let mut message = vec![0u8; message_len];
-        conn.read_exact(&mut message)
-            .await
-            .map_err(|e| self.unavailable(e))?;
-        hello_answer(version, code, &message)?;
+        greet(&mut conn, self.authorization.clone(), |e| {
+            self.unavailable(e)
+        })
+        .await?;
         Ok(conn)
     }
 
@@ -175,12 +167,7 @@ impl BulkPool {
     }
 
     fn hello(&self) -> Result<Vec<u8>, ClientError> {
-        Hello {
-            version: VERSION,
-            token: self.authorization.clone(),
-        }
-        .encode()
-        .map_err(|e| ClientError::InvalidArgument(format!("bulk channel hello: {e}")))
+        hello_bytes(self.authorization.clone())
     }
 
     fn unavailable(&self, e: std::io::Error) -> ClientError {
@@ -189,6 +176,34 @@ impl BulkPool {
             self.path.display()
         )))
     }
+}
+
+/// A hello carrying `authorization`.
+fn hello_bytes(authorization: Option<String>) -> Result<Vec<u8>, ClientError> {
+    Hello {
+        version: VERSION,
+        token: authorization,
+    }
+    .encode()
+    .map_err(|e| ClientError::InvalidArgument(format!("bulk channel hello: {e}")))
+}
+
+/// Sends the hello on a new connection and reads storaged's answer to it;
+/// `unavailable` says what an I/O error on it means.
+pub(crate) async fn greet<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
+    conn: &mut S,
+    authorization: Option<String>,
+    unavailable: impl Fn(std::io::Error) -> ClientError,
+) -> Result<(), ClientError> {
+    conn.write_all(&hello_bytes(authorization)?)
+        .await
+        .map_err(&unavailable)?;
+    let mut fixed = [0u8; HelloReply::FIXED_BYTES];
+    conn.read_exact(&mut fixed).await.map_err(&unavailable)?;
+    let (version, code, message_len) = decode_hello_reply(&fixed)?;
+    let mut message = vec![0u8; message_len];
+    conn.read_exact(&mut message).await.map_err(&unavailable)?;
+    hello_answer(version, code, &message)
 }
 
 fn decode_hello_reply(

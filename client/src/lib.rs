@@ -17,6 +17,7 @@
 
 pub mod admin;
 mod bulk;
+mod bulk_tcp;
 mod ingest;
 pub mod loader;
 pub mod plan;
@@ -34,6 +35,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
+pub use bulk_tcp::BulkTcpStats;
 pub use ingest::{IngestOptions, IngestProgress, Ingested};
 pub use loader::{
     Batch, LOADER_HINT_BYTES_MAX, Loader, LoaderOptions, LoaderStats, Plan, ReadPath, Sample,
@@ -205,7 +207,34 @@ pub struct ConnectOptions {
     /// Send `ReadInto` over gRPC even where storaged offers its bulk
     /// channel (the faster same-host path); for comparing the two.
     pub read_into_over_grpc: bool,
+    /// Whether reads from a storaged on another host take its TCP bulk
+    /// channel (see [`BulkTcp`]).
+    pub bulk_tcp: BulkTcp,
+    /// TCP bulk channel connections this client opens at once at most
+    /// (nconnect): each carries one request at a time, and one TCP stream
+    /// may not fill a fast link. 0: the default (16).
+    pub bulk_tcp_connections: usize,
+    /// Where to reach the TCP bulk channel (`host:port`) when the port
+    /// storaged advertises is not reachable as such from here (a port
+    /// mapping, a NAT, a proxy). `None`: the --server host, Status's port.
+    pub bulk_tcp_addr: Option<String>,
 }
+
+/// Whether a remote client reads over storaged's TCP bulk channel.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum BulkTcp {
+    /// When storaged offers it (Status says its port).
+    #[default]
+    Auto,
+    /// Never: reads go over gRPC.
+    Off,
+    /// Always: reads that would take it fail (FAILED_PRECONDITION) where
+    /// storaged does not offer it.
+    Required,
+}
+
+/// TCP bulk channel connections per client unless told otherwise.
+const BULK_TCP_CONNECTIONS_DEFAULT: usize = 16;
 
 /// Environment variables [`ConnectOptions::from_env`] reads for TLS.
 pub const TLS_CA_ENV: &str = "STORAGED_CA";
@@ -221,6 +250,9 @@ impl std::fmt::Debug for ConnectOptions {
             .field("tls_cert", &self.tls_cert)
             .field("tls_key", &self.tls_key)
             .field("read_into_over_grpc", &self.read_into_over_grpc)
+            .field("bulk_tcp", &self.bulk_tcp)
+            .field("bulk_tcp_connections", &self.bulk_tcp_connections)
+            .field("bulk_tcp_addr", &self.bulk_tcp_addr)
             .finish()
     }
 }
@@ -238,6 +270,9 @@ impl ConnectOptions {
             tls_cert: var(TLS_CERT_ENV).map(Into::into),
             tls_key: var(TLS_KEY_ENV).map(Into::into),
             read_into_over_grpc: false,
+            bulk_tcp: BulkTcp::Auto,
+            bulk_tcp_connections: 0,
+            bulk_tcp_addr: None,
         }
     }
 
@@ -327,6 +362,12 @@ pub struct Client {
     /// The bulk channel, once asked for (`None` inside: not offered, or
     /// not on this host).
     bulk: std::sync::Arc<tokio::sync::OnceCell<Option<std::sync::Arc<bulk::BulkPool>>>>,
+    /// The host of a TCP connection's URL (where the TCP bulk channel is).
+    tcp_host: Option<std::sync::Arc<str>>,
+    /// The TCP bulk channel, once asked for (`None` inside: not offered,
+    /// not wanted, or on the same host).
+    bulk_tcp: std::sync::Arc<tokio::sync::OnceCell<Option<std::sync::Arc<bulk_tcp::TcpBulkPool>>>>,
+    bulk_tcp_counters: std::sync::Arc<bulk_tcp::BulkTcpCounters>,
 }
 
 impl Client {
@@ -399,6 +440,9 @@ impl Client {
             not_local_because: None,
             regions: region::RegionCache::new(),
             bulk: std::sync::Arc::default(),
+            tcp_host: url_host(url).map(Into::into),
+            bulk_tcp: std::sync::Arc::default(),
+            bulk_tcp_counters: std::sync::Arc::default(),
         })
     }
 
@@ -546,6 +590,63 @@ impl Client {
             })
             .await;
         pool.ok().cloned().flatten()
+    }
+
+    /// The TCP bulk channel of a storaged on another host, when it offers
+    /// one and this client may use it (asked once; a failed ask is asked
+    /// again by the next call).
+    pub(crate) async fn bulk_tcp(&self) -> Option<std::sync::Arc<bulk_tcp::TcpBulkPool>> {
+        if self.local || self.options.bulk_tcp == BulkTcp::Off {
+            return None;
+        }
+        let host = self.tcp_host.clone()?;
+        let pool = self
+            .bulk_tcp
+            .get_or_try_init(|| async {
+                let status = self.rpc.clone().status(pb::StatusRequest {}).await?;
+                let status = status.into_inner();
+                let block = u64::from(status.checksum_block_bytes);
+                let c = status.connections.unwrap_or_default();
+                Ok::<_, ClientError>((c.bulk_tcp_port != 0 && block != 0).then(|| {
+                    let authorization = self
+                        .options
+                        .token
+                        .as_deref()
+                        .map(storaged_proto::auth::bearer);
+                    let connections = match self.options.bulk_tcp_connections {
+                        0 => BULK_TCP_CONNECTIONS_DEFAULT,
+                        n => n,
+                    };
+                    let addr = match &self.options.bulk_tcp_addr {
+                        Some(addr) => addr.clone(),
+                        None => format!("{host}:{}", c.bulk_tcp_port),
+                    };
+                    std::sync::Arc::new(bulk_tcp::TcpBulkPool::new(
+                        addr,
+                        authorization,
+                        c.bulk_tcp_item_bytes_max,
+                        block,
+                        connections,
+                        std::sync::Arc::clone(&self.bulk_tcp_counters),
+                    ))
+                }))
+            })
+            .await;
+        pool.ok().cloned().flatten()
+    }
+
+    /// Whether reads of this client land in regions (its own memory named
+    /// in the request): on the same host through shared memory, from
+    /// another host over the TCP bulk channel. Otherwise they come as
+    /// gRPC messages.
+    pub async fn reads_into_regions(&self) -> bool {
+        self.local || self.bulk_tcp().await.is_some()
+    }
+
+    /// What this client's TCP bulk channel has carried, and the damaged
+    /// windows it caught (by where the damage was).
+    pub fn bulk_tcp_stats(&self) -> BulkTcpStats {
+        self.bulk_tcp_counters.snapshot()
     }
 
     pub async fn status(&self) -> Result<StatusResponse, ClientError> {
@@ -1208,6 +1309,16 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 }
 
 /// Whether `url` names a loopback address (`localhost`, 127.0.0.0/8, ::1).
+/// The host of a TCP URL (`http://HOST:PORT`), as it can be joined to
+/// another port (an IPv6 address keeps its brackets); `None` for `unix://`.
+fn url_host(url: &str) -> Option<String> {
+    if url.starts_with("unix://") {
+        return None;
+    }
+    let uri = url.parse::<tonic::codegen::http::Uri>().ok()?;
+    uri.host().map(str::to_owned)
+}
+
 fn is_loopback_url(url: &str) -> bool {
     let Ok(uri) = url.parse::<tonic::codegen::http::Uri>() else {
         return false;

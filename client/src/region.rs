@@ -22,6 +22,7 @@
 //! deregisters the region on the server.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use storaged_proto::model::{READ_INTO_ALIGN_BYTES, read_into_span};
@@ -31,7 +32,10 @@ use tonic::{Code, Status};
 use crate::bulk::BulkError;
 use crate::{Client, ClientError, Dataset};
 
-/// A registered region of this process's memory.
+/// A region of this process's memory that reads land in: registered with
+/// a storaged on this host (the device writes it), or, for a storaged on
+/// another host, this process's own (the TCP bulk channel receives into
+/// it; `id` 0).
 pub struct Region {
     map: memmap2::MmapRaw,
     id: u64,
@@ -41,7 +45,8 @@ pub struct Region {
     pub(crate) abandoned: bool,
     /// The open `RegisterRegion` call; dropping it deregisters the region,
     /// and its end (server restart or shutdown) means the server forgot it.
-    registration: tonic::Streaming<pb::RegionEvent>,
+    /// `None`: a region storaged never sees (reads arrive over TCP).
+    registration: Option<tonic::Streaming<pb::RegionEvent>>,
 }
 
 impl std::fmt::Debug for Region {
@@ -141,14 +146,34 @@ impl Region {
         self.map.len() == 0
     }
 
-    /// Whether the server still has this region: its registration call is
-    /// open. It ends when storaged restarts or shuts down; the region is
-    /// then useless and a new one must be registered.
+    /// Whether the region can still be read into: a registered one while
+    /// its registration call is open (it ends when storaged restarts or
+    /// shuts down; the region is then useless and a new one must be
+    /// registered), a remote client's own always.
     pub fn is_registered(&mut self) -> bool {
         use futures::FutureExt;
         // The server sends one message, then nothing until it ends the
         // call: anything ready now is that end (or an error).
-        self.registration.message().now_or_never().is_none()
+        self.registration
+            .as_mut()
+            .is_none_or(|r| r.message().now_or_never().is_none())
+    }
+
+    /// Whether storaged writes this region itself (same host), rather
+    /// than this process receiving into it.
+    pub fn is_shared(&self) -> bool {
+        self.registration.is_some()
+    }
+
+    /// The whole region, for this process to receive into. `&mut self`:
+    /// no batch view of it is alive, and no read into it is in flight.
+    pub(crate) fn bytes_mut(&mut self) -> &mut [u8] {
+        // SAFETY: the mapping is `len()` bytes, writable, and lives as
+        // long as `self`; the exclusive borrow keeps every other view
+        // (batches borrow the region) away for its duration. A shared
+        // region is written by storaged only during a `read_into`, which
+        // also holds `&mut self`.
+        unsafe { std::slice::from_raw_parts_mut(self.map.as_mut_ptr(), self.map.len()) }
     }
 
     /// The server's checksum block: reads widen to whole blocks.
@@ -235,6 +260,29 @@ fn sealed_memfd(size_bytes: u64) -> Result<(std::fs::File, memmap2::MmapRaw), Cl
         return Err(io_err("sealing", std::io::Error::last_os_error()));
     }
     Ok((file, map))
+}
+
+/// A region of this process's own memory of at least `size_bytes`
+/// (rounded up to 4 KiB), for the TCP bulk channel to receive into:
+/// anonymous, asked to be huge pages, every page allocated now.
+fn remote_region(size_bytes: u64, checksum_block_bytes: u64) -> Result<Region, ClientError> {
+    let size_bytes = size_bytes.max(1).next_multiple_of(READ_INTO_ALIGN_BYTES);
+    let map = memmap2::MmapOptions::new()
+        .len(size_bytes as usize)
+        .map_anon()
+        .map_err(|source| ClientError::Io {
+            path: "anonymous region".into(),
+            source,
+        })?;
+    let _ = map.advise(memmap2::Advice::HugePage);
+    let _ = map.advise(memmap2::Advice::PopulateWrite);
+    Ok(Region {
+        map: memmap2::MmapRaw::from(map),
+        id: 0,
+        checksum_block_bytes,
+        abandoned: false,
+        registration: None,
+    })
 }
 
 /// Regions a client keeps for reuse (loaders take them and give them back),
@@ -407,8 +455,15 @@ impl Client {
     }
 
     /// Creates and registers a region of at least `size_bytes` (rounded up
-    /// to 4 KiB). Needs a `unix://` connection.
+    /// to 4 KiB) on a `unix://` connection; on TCP, where storaged offers
+    /// its TCP bulk channel, a region of this process's own for it to
+    /// receive into.
     pub async fn register_region(&self, size_bytes: u64) -> Result<Region, ClientError> {
+        if !self.local
+            && let Some(pool) = self.bulk_tcp().await
+        {
+            return remote_region(size_bytes, pool.checksum_block_bytes);
+        }
         if !self.local {
             let because = match self.not_local_because() {
                 Some(why) => format!(" (this connection is TCP: {why})"),
@@ -440,7 +495,7 @@ impl Client {
                 id: event.region_id,
                 checksum_block_bytes: u64::from(event.checksum_block_bytes),
                 abandoned: false,
-                registration: call,
+                registration: Some(call),
             })
         }
         .await;
@@ -461,6 +516,9 @@ impl Dataset {
         region: &'r mut Region,
         reads: &[RegionRead],
     ) -> Result<RegionBatch<'r>, ClientError> {
+        if !region.is_shared() {
+            return self.read_into_remote(region, reads).await;
+        }
         if !region.is_registered() {
             region.abandoned = true;
             return Err(ClientError::InvalidArgument(format!(
@@ -554,6 +612,170 @@ impl Dataset {
             items,
         })
     }
+}
+
+impl Dataset {
+    /// [`read_into`](Self::read_into) a region of this process's own, from
+    /// a storaged on another host, over its TCP bulk channel: each window
+    /// received in place and checked against its CRCs here. A range whose
+    /// span is larger than storaged serves at once goes as consecutive
+    /// pieces that land back to back. A window that fails its CRCs is read
+    /// again through gRPC, which storaged verifies: its bytes are used
+    /// then and the damage counted as the wire's, or the item fails with
+    /// storaged's DATA_LOSS and it is counted as the device's.
+    async fn read_into_remote<'r>(
+        &self,
+        region: &'r mut Region,
+        reads: &[RegionRead],
+    ) -> Result<RegionBatch<'r>, ClientError> {
+        let Some(pool) = self.client.bulk_tcp().await else {
+            return Err(ClientError::Status(Status::failed_precondition(
+                "this region is for storaged's TCP bulk channel, which this storaged does not offer (or this client was told not to use)",
+            )));
+        };
+        let (items, expected) = lay_out(region, reads)?;
+        let block = region.checksum_block_bytes;
+        let mut frame_items = Vec::with_capacity(items.len());
+        let mut layout = Vec::with_capacity(items.len());
+        let mut owner = Vec::with_capacity(items.len());
+        for (i, (item, read)) in items.into_iter().zip(reads).enumerate() {
+            let length = item.length.expect("lay_out sets every length");
+            for piece in pieces(
+                item.offset,
+                length,
+                read.object_size,
+                block,
+                pool.item_bytes_max,
+            ) {
+                frame_items.push(bulk::ReadIntoFrameItem {
+                    path: item.path.clone(),
+                    offset: piece.offset,
+                    length: Some(piece.layout.length),
+                    region_offset: item.region_offset + piece.at,
+                });
+                layout.push(crate::bulk_tcp::PieceLayout {
+                    region_offset: item.region_offset + piece.at,
+                    ..piece.layout
+                });
+                owner.push(i);
+            }
+        }
+        let frame = bulk::ReadFrame {
+            dataset: self.name.to_string(),
+            dataset_id: self.id,
+            max_in_flight: (frame_items.len() as u32).clamp(1, READ_INTO_IN_FLIGHT_MAX),
+            client_verifies: true,
+            items: frame_items,
+        };
+        let landed = match pool.read(&frame, &layout, region.bytes_mut()).await {
+            Ok(landed) => landed,
+            Err(BulkError::Call(e)) => return Err(e),
+            Err(BulkError::Unreachable) => {
+                return Err(ClientError::Status(Status::unavailable(
+                    "storaged's TCP bulk channel is unreachable",
+                )));
+            }
+        };
+        let mut outcome: Vec<Option<Status>> = vec![None; reads.len()];
+        let mut damaged = vec![false; reads.len()];
+        for (piece, &i) in landed.into_iter().zip(&owner) {
+            match piece {
+                crate::bulk_tcp::Piece::Landed => {}
+                crate::bulk_tcp::Piece::Failed(status) => {
+                    outcome[i].get_or_insert(status);
+                }
+                crate::bulk_tcp::Piece::Mismatch(m) => {
+                    tracing::warn!(dataset = %self.name, path = %reads[i].path, mismatch = %m, "bulk channel: a window failed its CRCs here; reading it again through storaged's verified path");
+                    damaged[i] = true;
+                }
+            }
+        }
+        let mut results = Vec::with_capacity(reads.len());
+        for (i, read) in reads.iter().enumerate() {
+            let (data_offset, len) = expected[i];
+            if let Some(status) = outcome[i].take() {
+                results.push(Err(status));
+                continue;
+            }
+            if damaged[i] {
+                let counters = &pool.counters;
+                let again = self.read_range(&read.path, read.range().0, len).await;
+                match again {
+                    Ok(bytes) if bytes.len() as u64 == len => {
+                        counters.wire_mismatches.fetch_add(1, Ordering::Relaxed);
+                        let at = data_offset as usize;
+                        region.bytes_mut()[at..at + bytes.len()].copy_from_slice(&bytes);
+                    }
+                    Ok(bytes) => {
+                        return Err(ClientError::ShortRead {
+                            path: read.path.clone(),
+                            expected: len,
+                            got: bytes.len() as u64,
+                        });
+                    }
+                    Err(ClientError::Status(s)) => {
+                        if s.code() == Code::DataLoss {
+                            counters.device_mismatches.fetch_add(1, Ordering::Relaxed);
+                        }
+                        results.push(Err(s));
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            results.push(Ok((data_offset as usize, len as usize)));
+        }
+        Ok(RegionBatch {
+            region: &*region,
+            items: results,
+        })
+    }
+}
+
+/// One request piece of a range: the object bytes it asks for (`offset`,
+/// `layout.length`), where it lands relative to the range's region offset
+/// (`at`), and what its answer must look like.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RangePiece {
+    offset: u64,
+    at: u64,
+    layout: crate::bulk_tcp::PieceLayout,
+}
+
+/// Range `[start, start + len)` of an object of `object_size` bytes as
+/// pieces whose spans are at most `span_max`: one piece when it fits,
+/// else consecutive runs of whole checksum blocks, each landing where the
+/// one before it ends, so that the range's window lies in the region back
+/// to back exactly as one read would have left it.
+fn pieces(start: u64, len: u64, object_size: u64, block: u64, span_max: u64) -> Vec<RangePiece> {
+    let whole = |offset: u64, length: u64, at: u64| {
+        let (span, lead) = read_into_span(offset, length, object_size, block);
+        RangePiece {
+            offset,
+            at,
+            layout: crate::bulk_tcp::PieceLayout {
+                region_offset: 0,
+                span,
+                lead,
+                length,
+            },
+        }
+    };
+    let step = span_max - span_max % block.max(1);
+    if block == 0 || step == 0 || read_into_span(start, len, object_size, block).0 <= span_max {
+        return vec![whole(start, len, 0)];
+    }
+    let w_start = start - start % block;
+    let w_end = (start + len).next_multiple_of(block).min(object_size);
+    let end = start + len;
+    (w_start..w_end)
+        .step_by(step as usize)
+        .map(|piece_start| {
+            let offset = start.max(piece_start);
+            let piece_end = end.min(piece_start + step);
+            whole(offset, piece_end - offset, piece_start - w_start)
+        })
+        .collect()
 }
 
 /// Where an item's exact bytes land in the region: data offset, length.
@@ -775,6 +997,35 @@ mod tests {
             sorted(idle.into_iter().map(|(r, _)| r).collect()),
             vec![4, 5]
         );
+    }
+
+    #[test]
+    fn long_ranges_go_as_pieces_that_land_back_to_back() {
+        // Guards against a range split for the TCP bulk channel landing
+        // anywhere but where one read of it would have put its bytes.
+        let k32 = 32 * 1024;
+        let size = 10 * k32 + 100;
+        let (span, lead) = read_into_span(5, size - 5, size, k32);
+        let pieces = pieces(5, size - 5, size, k32, 3 * k32 + 4096);
+        assert_eq!(pieces.len(), 4, "{pieces:?}");
+        assert_eq!(pieces[0].layout.lead, lead);
+        let mut next = 0;
+        let mut bytes = 0;
+        for p in &pieces {
+            assert_eq!(p.at, next, "each piece lands where the one before ends");
+            assert!(p.layout.span <= 3 * k32 + 4096);
+            next = p.at + p.layout.span;
+            bytes += p.layout.length;
+        }
+        assert_eq!(next, span, "together they take the one read's span");
+        assert_eq!(bytes, size - 5, "and ask for exactly its bytes");
+        // A range that fits is one piece; so is an empty one.
+        assert_eq!(pieces_count(0, 100, 100, k32, 1 << 20), 1);
+        assert_eq!(pieces_count(7, 0, 100, k32, 1 << 20), 1);
+    }
+
+    fn pieces_count(start: u64, len: u64, size: u64, block: u64, max: u64) -> usize {
+        pieces(start, len, size, block, max).len()
     }
 
     fn sorted(mut v: Vec<u64>) -> Vec<u64> {

@@ -7,10 +7,13 @@
 //! one request, then its reply, per connection: the task that asks writes
 //! and reads its own socket, the server reads a frame, runs it and writes
 //! the reply, and a client wanting many reads at once opens several
-//! connections (nconnect-style). Version 1 carries `ReadInto` (bytes into
-//! a registered region on the same host); the layout is versioned so that
-//! a later version can carry payload over TCP. Byte-level description:
-//! docs/FORMAT.md, "The bulk channel". Everything here is little-endian.
+//! connections (nconnect-style). Version 1 carried `ReadInto` (bytes into
+//! a registered region on the same host); version 2 adds `Read`, whose
+//! payload travels on the connection itself (the TCP bulk channel for
+//! remote clients): each item's checksum-block window follows its header
+//! with the blocks' CRCs, so the client receives it straight into its own
+//! memory and verifies it there. Byte-level description: docs/FORMAT.md,
+//! "The bulk channel". Everything here is little-endian.
 //!
 //! Decoding never trusts a length: every count and string is checked
 //! against the bytes actually present before anything is allocated for it.
@@ -19,7 +22,7 @@
 /// answer to it.
 pub const MAGIC: [u8; 8] = *b"SDBULK\r\n";
 /// The version this build speaks.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
 /// The fixed part of a hello (the token follows it). At least the 24 bytes
 /// the server's connection admission waits for before its preface deadline
 /// is met.
@@ -32,11 +35,23 @@ pub const MESSAGE_BYTES_MAX: usize = 1024;
 pub const KIND_READ_INTO: u8 = 1;
 /// Frame kind of its reply.
 pub const KIND_READ_INTO_REPLY: u8 = 0x81;
+/// Frame kind of a `Read` request (payload on the connection).
+pub const KIND_READ: u8 = 2;
+/// Frame kind of one item of a `Read`'s answer (its payload follows).
+pub const KIND_READ_ITEM: u8 = 0x82;
+/// Frame kind of the end of a `Read`'s answer.
+pub const KIND_READ_END: u8 = 0x83;
+/// Most checksum blocks one item header may carry CRCs for (an item's
+/// window is at most this many blocks: 2 GiB of 32 KiB blocks).
+pub const ITEM_CRCS_MAX: usize = 65_536;
 
 /// `ReadIntoFrame::length` on the wire for "to the object's end".
 const LENGTH_TO_END: u64 = u64::MAX;
 /// Request flag: `dataset_id` is set.
 const FLAG_DATASET_ID: u8 = 1;
+/// `Read` request flag: the client verifies every window against the CRCs
+/// sent with it, so the server need not (see `ReadFrame::client_verifies`).
+const FLAG_CLIENT_VERIFIES: u8 = 2;
 /// Reply flag: see `ReadIntoReply::region_unknown`.
 const FLAG_REGION_UNKNOWN: u8 = 1;
 /// Request header bytes before the dataset name.
@@ -47,6 +62,10 @@ const ITEM_FIXED_BYTES: usize = 26;
 const REPLY_FIXED_BYTES: usize = 14;
 /// An item reply's bytes before its message.
 const ITEM_REPLY_FIXED_BYTES: usize = 30;
+/// A `Read` item header's bytes before its message.
+const ITEM_HEADER_FIXED_BYTES: usize = 54;
+/// A `Read` end frame's bytes before its message.
+const READ_END_FIXED_BYTES: usize = 14;
 
 /// What was wrong with bytes that claimed to be a frame.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -170,6 +189,70 @@ pub struct ItemReply {
     pub span_bytes: u64,
 }
 
+/// A `Read` request (version 2): like `ReadIntoFrame`, but no region on
+/// the server: each item's window comes back on the connection, after an
+/// [`ItemHeader`], in the order items complete, and an [`ReadEnd`] closes
+/// the answer. `region_offset` is the client's own (where it will receive
+/// the item); the server only echoes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadFrame {
+    pub dataset: String,
+    pub dataset_id: Option<u64>,
+    /// Items the server keeps in flight; 0: its default.
+    pub max_in_flight: u32,
+    /// The client checks every window against the CRCs sent with it (and
+    /// reads an item again through the server-verified path on a
+    /// mismatch), so the server may skip its own check: the DAOS model,
+    /// where the server's hot path is device to socket.
+    pub client_verifies: bool,
+    pub items: Vec<ReadIntoFrameItem>,
+}
+
+/// A request frame of either kind, as the server decodes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    ReadInto(ReadIntoFrame),
+    Read(ReadFrame),
+}
+
+/// The header of one item of a `Read`'s answer. When `code` is 0,
+/// `window_bytes` of payload follow it on the connection: the object's
+/// bytes from the checksum block holding the first requested byte to the
+/// end of the block holding the last (cut at the object's end), whose
+/// blocks' CRC-32s are `crcs`; the requested bytes start `lead` bytes in.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ItemHeader {
+    pub index: u32,
+    pub code: u32,
+    pub message: String,
+    /// The item's `region_offset`, as the request gave it.
+    pub region_offset: u64,
+    pub lead: u64,
+    /// Requested bytes (after clamping to the object's end).
+    pub length: u64,
+    pub window_bytes: u64,
+    pub block_bytes: u32,
+    pub crcs: Vec<u32>,
+}
+
+/// The last frame of a `Read`'s answer: `code` 0 after every item was
+/// answered; otherwise the call failed as a whole (before any item, or
+/// because the server stopped), and items not answered did not happen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadEnd {
+    pub code: u32,
+    pub message: String,
+    /// Item headers sent before this frame.
+    pub items: u32,
+}
+
+/// A frame of a `Read`'s answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadAnswer {
+    Item(ItemHeader),
+    End(ReadEnd),
+}
+
 impl Hello {
     /// The hello's bytes: the fixed part, then the token.
     pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
@@ -244,57 +327,65 @@ impl HelloReply {
 impl ReadIntoFrame {
     /// The frame's bytes, length prefix included.
     pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
-        let mut b = Vec::with_capacity(
-            4 + REQUEST_FIXED_BYTES
-                + self.dataset.len()
-                + self
-                    .items
-                    .iter()
-                    .map(|i| ITEM_FIXED_BYTES + i.path.len())
-                    .sum::<usize>(),
-        );
-        b.extend_from_slice(&0u32.to_le_bytes());
-        b.push(KIND_READ_INTO);
-        b.push(if self.dataset_id.is_some() {
-            FLAG_DATASET_ID
-        } else {
-            0
-        });
-        b.extend_from_slice(&0u16.to_le_bytes());
-        b.extend_from_slice(&self.region_id.to_le_bytes());
-        b.extend_from_slice(&self.dataset_id.unwrap_or(0).to_le_bytes());
-        b.extend_from_slice(&self.max_in_flight.to_le_bytes());
-        let count = u32::try_from(self.items.len()).map_err(|_| FrameError::TooLong {
-            what: "the item count",
-            bytes: self.items.len(),
-            max: u32::MAX as usize,
-        })?;
-        b.extend_from_slice(&count.to_le_bytes());
-        put_str(&mut b, "the dataset name", &self.dataset)?;
-        for item in &self.items {
-            b.extend_from_slice(&item.offset.to_le_bytes());
-            b.extend_from_slice(&item.length.unwrap_or(LENGTH_TO_END).to_le_bytes());
-            b.extend_from_slice(&item.region_offset.to_le_bytes());
-            put_str(&mut b, "an object path", &item.path)?;
-        }
-        finish_frame(b)
+        let head = RequestHead {
+            kind: KIND_READ_INTO,
+            flags: 0,
+            region_id: self.region_id,
+            dataset_id: self.dataset_id,
+            max_in_flight: self.max_in_flight,
+        };
+        encode_request(&head, &self.dataset, &self.items)
     }
 
     /// Decodes a request frame's body (the bytes after its length).
     pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        match Request::decode(body)? {
+            Request::ReadInto(frame) => Ok(frame),
+            Request::Read(_) => Err(FrameError::UnknownKind(KIND_READ)),
+        }
+    }
+}
+
+impl ReadFrame {
+    /// The frame's bytes, length prefix included.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let head = RequestHead {
+            kind: KIND_READ,
+            flags: if self.client_verifies {
+                FLAG_CLIENT_VERIFIES
+            } else {
+                0
+            },
+            region_id: 0,
+            dataset_id: self.dataset_id,
+            max_in_flight: self.max_in_flight,
+        };
+        encode_request(&head, &self.dataset, &self.items)
+    }
+}
+
+impl Request {
+    /// Decodes a request frame's body (the bytes after its length), of
+    /// either kind.
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
         let mut r = Reader::new(body);
         let kind = r.u8("the frame kind")?;
-        if kind != KIND_READ_INTO {
-            return Err(FrameError::UnknownKind(kind));
-        }
+        let allowed = match kind {
+            KIND_READ_INTO => FLAG_DATASET_ID,
+            KIND_READ => FLAG_DATASET_ID | FLAG_CLIENT_VERIFIES,
+            other => return Err(FrameError::UnknownKind(other)),
+        };
         let flags = r.u8("the flags")?;
         let reserved = r.u16("the reserved bytes")?;
-        if flags & !FLAG_DATASET_ID != 0 || reserved != 0 {
+        if flags & !allowed != 0 || reserved != 0 {
             return Err(FrameError::Reserved(
-                u64::from(flags & !FLAG_DATASET_ID) | u64::from(reserved) << 8,
+                u64::from(flags & !allowed) | u64::from(reserved) << 8,
             ));
         }
         let region_id = r.u64("the region id")?;
+        if kind == KIND_READ && region_id != 0 {
+            return Err(FrameError::Reserved(region_id));
+        }
         let dataset_id = r.u64("the dataset id")?;
         let max_in_flight = r.u32("max_in_flight")?;
         let count = r.u32("the item count")? as usize;
@@ -322,13 +413,193 @@ impl ReadIntoFrame {
             });
         }
         r.end()?;
-        Ok(Self {
-            region_id,
-            dataset,
-            dataset_id: (flags & FLAG_DATASET_ID != 0).then_some(dataset_id),
-            max_in_flight,
-            items,
+        let dataset_id = (flags & FLAG_DATASET_ID != 0).then_some(dataset_id);
+        Ok(if kind == KIND_READ {
+            Self::Read(ReadFrame {
+                dataset,
+                dataset_id,
+                max_in_flight,
+                client_verifies: flags & FLAG_CLIENT_VERIFIES != 0,
+                items,
+            })
+        } else {
+            Self::ReadInto(ReadIntoFrame {
+                region_id,
+                dataset,
+                dataset_id,
+                max_in_flight,
+                items,
+            })
         })
+    }
+}
+
+/// The fields before a request's dataset name.
+struct RequestHead {
+    kind: u8,
+    /// Flags other than `FLAG_DATASET_ID` (set here from `dataset_id`).
+    flags: u8,
+    region_id: u64,
+    dataset_id: Option<u64>,
+    max_in_flight: u32,
+}
+
+/// A request frame's bytes, length prefix included.
+fn encode_request(
+    head: &RequestHead,
+    dataset: &str,
+    items: &[ReadIntoFrameItem],
+) -> Result<Vec<u8>, FrameError> {
+    let mut b = Vec::with_capacity(
+        4 + REQUEST_FIXED_BYTES
+            + dataset.len()
+            + items
+                .iter()
+                .map(|i| ITEM_FIXED_BYTES + i.path.len())
+                .sum::<usize>(),
+    );
+    b.extend_from_slice(&0u32.to_le_bytes());
+    b.push(head.kind);
+    b.push(
+        head.flags
+            | if head.dataset_id.is_some() {
+                FLAG_DATASET_ID
+            } else {
+                0
+            },
+    );
+    b.extend_from_slice(&0u16.to_le_bytes());
+    b.extend_from_slice(&head.region_id.to_le_bytes());
+    b.extend_from_slice(&head.dataset_id.unwrap_or(0).to_le_bytes());
+    b.extend_from_slice(&head.max_in_flight.to_le_bytes());
+    let count = u32::try_from(items.len()).map_err(|_| FrameError::TooLong {
+        what: "the item count",
+        bytes: items.len(),
+        max: u32::MAX as usize,
+    })?;
+    b.extend_from_slice(&count.to_le_bytes());
+    put_str(&mut b, "the dataset name", dataset)?;
+    for item in items {
+        b.extend_from_slice(&item.offset.to_le_bytes());
+        b.extend_from_slice(&item.length.unwrap_or(LENGTH_TO_END).to_le_bytes());
+        b.extend_from_slice(&item.region_offset.to_le_bytes());
+        put_str(&mut b, "an object path", &item.path)?;
+    }
+    finish_frame(b)
+}
+
+impl ItemHeader {
+    /// The header's bytes, length prefix included (the payload, when
+    /// there is one, is sent after them and is not counted in the length).
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        if self.crcs.len() > ITEM_CRCS_MAX {
+            return Err(FrameError::TooLong {
+                what: "an item's CRC list",
+                bytes: self.crcs.len(),
+                max: ITEM_CRCS_MAX,
+            });
+        }
+        let message = cut(&self.message);
+        let mut b =
+            Vec::with_capacity(4 + ITEM_HEADER_FIXED_BYTES + message.len() + 4 * self.crcs.len());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.push(KIND_READ_ITEM);
+        b.push(0);
+        b.extend_from_slice(&[0; 2]);
+        b.extend_from_slice(&self.index.to_le_bytes());
+        b.extend_from_slice(&self.code.to_le_bytes());
+        b.extend_from_slice(&(self.crcs.len() as u32).to_le_bytes());
+        b.extend_from_slice(&self.region_offset.to_le_bytes());
+        b.extend_from_slice(&self.lead.to_le_bytes());
+        b.extend_from_slice(&self.length.to_le_bytes());
+        b.extend_from_slice(&self.window_bytes.to_le_bytes());
+        b.extend_from_slice(&self.block_bytes.to_le_bytes());
+        put_str(&mut b, "an item's message", message)?;
+        for crc in &self.crcs {
+            b.extend_from_slice(&crc.to_le_bytes());
+        }
+        finish_frame(b)
+    }
+}
+
+impl ReadEnd {
+    /// The frame's bytes, length prefix included.
+    pub fn encode(&self) -> Result<Vec<u8>, FrameError> {
+        let message = cut(&self.message);
+        let mut b = Vec::with_capacity(4 + READ_END_FIXED_BYTES + message.len());
+        b.extend_from_slice(&0u32.to_le_bytes());
+        b.push(KIND_READ_END);
+        b.push(0);
+        b.extend_from_slice(&[0; 2]);
+        b.extend_from_slice(&self.code.to_le_bytes());
+        b.extend_from_slice(&self.items.to_le_bytes());
+        put_str(&mut b, "the message", message)?;
+        finish_frame(b)
+    }
+}
+
+impl ReadAnswer {
+    /// The longest answer frame (length prefix excluded): what a client
+    /// may accept, and no more.
+    pub const FRAME_BYTES_MAX: usize =
+        ITEM_HEADER_FIXED_BYTES + MESSAGE_BYTES_MAX + 4 * ITEM_CRCS_MAX;
+
+    /// Decodes an answer frame's body (the bytes after its length).
+    pub fn decode(body: &[u8]) -> Result<Self, FrameError> {
+        let mut r = Reader::new(body);
+        let kind = r.u8("the frame kind")?;
+        if kind != KIND_READ_ITEM && kind != KIND_READ_END {
+            return Err(FrameError::UnknownKind(kind));
+        }
+        let flags = r.u8("the flags")?;
+        let reserved = r.u16("the reserved bytes")?;
+        if flags != 0 || reserved != 0 {
+            return Err(FrameError::Reserved(
+                u64::from(flags) | u64::from(reserved) << 8,
+            ));
+        }
+        if kind == KIND_READ_END {
+            let code = r.u32("the status code")?;
+            let items = r.u32("the item count")?;
+            let message = r.string("the message")?;
+            r.end()?;
+            return Ok(Self::End(ReadEnd {
+                code,
+                message,
+                items,
+            }));
+        }
+        let index = r.u32("the item index")?;
+        let code = r.u32("the item's code")?;
+        let crc_count = r.u32("the CRC count")? as usize;
+        let region_offset = r.u64("the region offset")?;
+        let lead = r.u64("the lead")?;
+        let length = r.u64("the length")?;
+        let window_bytes = r.u64("the window's bytes")?;
+        let block_bytes = r.u32("the checksum block's bytes")?;
+        let message = r.string("the item's message")?;
+        if crc_count > ITEM_CRCS_MAX || crc_count.saturating_mul(4) != r.left() {
+            return Err(FrameError::Truncated {
+                what: "the CRCs",
+                needed: crc_count.saturating_mul(4),
+                present: r.left(),
+            });
+        }
+        let crcs = (0..crc_count)
+            .map(|_| r.u32("a CRC"))
+            .collect::<Result<Vec<_>, _>>()?;
+        r.end()?;
+        Ok(Self::Item(ItemHeader {
+            index,
+            code,
+            message,
+            region_offset,
+            lead,
+            length,
+            window_bytes,
+            block_bytes,
+            crcs,
+        }))
     }
 }
 
@@ -423,6 +694,59 @@ impl ReadIntoReply {
             region_unknown: flags & FLAG_REGION_UNKNOWN != 0,
             items,
         })
+    }
+}
+
+/// A checksum block of a received window that did not match its CRC.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "checksum block {block} of the window (at byte {offset}): CRC {actual:#010x}, expected {expected:#010x}"
+)]
+pub struct WindowMismatch {
+    pub block: usize,
+    /// Window offset of the block.
+    pub offset: u64,
+    pub expected: u32,
+    pub actual: u32,
+}
+
+impl ItemHeader {
+    /// Checks a received window against this header's CRCs: one per
+    /// `block_bytes` of it, the last block short where the window is. The
+    /// header must have been checked for shape first (`crcs` as many as
+    /// the window's blocks; see `blocks_in`).
+    pub fn check_window(&self, window: &[u8]) -> Result<(), WindowMismatch> {
+        let block = (self.block_bytes as usize).max(1);
+        for (i, (bytes, &expected)) in window.chunks(block).zip(&self.crcs).enumerate() {
+            let actual = crc32fast::hash(bytes);
+            if actual != expected {
+                return Err(WindowMismatch {
+                    block: i,
+                    offset: (i * block) as u64,
+                    expected,
+                    actual,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether the header is shaped as the answer to a request: a
+    /// window of at most `window_bytes_max` with exactly one CRC per
+    /// checksum block, and the requested bytes inside it.
+    pub fn is_consistent(&self, window_bytes_max: u64) -> bool {
+        let blocks_ok = if self.window_bytes == 0 {
+            self.crcs.is_empty()
+        } else {
+            self.block_bytes != 0
+                && self.crcs.len() as u64 == self.window_bytes.div_ceil(u64::from(self.block_bytes))
+        };
+        blocks_ok
+            && self.window_bytes <= window_bytes_max
+            && self
+                .lead
+                .checked_add(self.length)
+                .is_some_and(|end| end <= self.window_bytes)
     }
 }
 
@@ -669,6 +993,140 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    fn read_request() -> ReadFrame {
+        ReadFrame {
+            dataset: "imagenet".into(),
+            dataset_id: Some(9),
+            max_in_flight: 4,
+            client_verifies: true,
+            items: request().items,
+        }
+    }
+
+    fn item_header() -> ItemHeader {
+        let window = vec![7u8; 70_000];
+        ItemHeader {
+            index: 3,
+            code: 0,
+            message: String::new(),
+            region_offset: 1 << 40,
+            lead: 5,
+            length: 69_000,
+            window_bytes: window.len() as u64,
+            block_bytes: 32_768,
+            crcs: window.chunks(32_768).map(crc32fast::hash).collect(),
+        }
+    }
+
+    #[test]
+    fn read_frames_come_back_as_sent_and_are_told_apart() {
+        let bytes = read_request().encode().unwrap();
+        assert_eq!(
+            Request::decode(&bytes[4..]).unwrap(),
+            Request::Read(read_request())
+        );
+        // A `Read` is not a `ReadInto`, and the other way round.
+        assert_eq!(
+            ReadIntoFrame::decode(&bytes[4..]),
+            Err(FrameError::UnknownKind(KIND_READ))
+        );
+        let bytes = request().encode().unwrap();
+        assert_eq!(
+            Request::decode(&bytes[4..]).unwrap(),
+            Request::ReadInto(request())
+        );
+        // A `Read` names no region: a region id there is refused.
+        let mut bytes = read_request().encode().unwrap();
+        bytes[4 + 4] = 1;
+        assert!(matches!(
+            Request::decode(&bytes[4..]),
+            Err(FrameError::Reserved(1))
+        ));
+        // The verify flag is a `Read`'s only.
+        let mut bytes = request().encode().unwrap();
+        bytes[4 + 1] |= FLAG_CLIENT_VERIFIES;
+        assert!(matches!(
+            Request::decode(&bytes[4..]),
+            Err(FrameError::Reserved(_))
+        ));
+    }
+
+    #[test]
+    fn answer_frames_come_back_as_sent_and_every_cut_fails() {
+        // Guards the client against a hostile or broken server: every
+        // truncation of an answer frame is an error, never a panic.
+        let header = item_header();
+        let bytes = header.encode().unwrap();
+        assert!(bytes.len() - 4 <= ReadAnswer::FRAME_BYTES_MAX);
+        assert_eq!(
+            ReadAnswer::decode(&bytes[4..]).unwrap(),
+            ReadAnswer::Item(header.clone())
+        );
+        for end in 0..bytes.len() - 4 {
+            assert!(
+                ReadAnswer::decode(&bytes[4..4 + end]).is_err(),
+                "cut at {end}"
+            );
+        }
+        let end = ReadEnd {
+            code: 8,
+            message: "x".repeat(5000),
+            items: 2,
+        };
+        let bytes = end.encode().unwrap();
+        let ReadAnswer::End(back) = ReadAnswer::decode(&bytes[4..]).unwrap() else {
+            panic!("an end frame");
+        };
+        assert_eq!((back.code, back.items), (8, 2));
+        assert_eq!(back.message.len(), MESSAGE_BYTES_MAX);
+        // A CRC count the frame cannot hold fails before allocating.
+        let mut bytes = header.encode().unwrap();
+        bytes[4 + 12..4 + 16].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert!(matches!(
+            ReadAnswer::decode(&bytes[4..]),
+            Err(FrameError::Truncated {
+                what: "the CRCs",
+                ..
+            })
+        ));
+    }
+
+    #[test]
+    fn windows_are_checked_block_by_block_and_shapes_against_the_span() {
+        let header = item_header();
+        let mut window = vec![7u8; 70_000];
+        assert!(header.check_window(&window).is_ok());
+        window[40_000] ^= 1;
+        let bad = header.check_window(&window).unwrap_err();
+        assert_eq!((bad.block, bad.offset), (1, 32_768));
+        assert!(header.is_consistent(72 * 1024));
+        assert!(!header.is_consistent(69_999), "a window past the span");
+        let one_crc_short = ItemHeader {
+            crcs: header.crcs[..2].to_vec(),
+            ..header.clone()
+        };
+        assert!(!one_crc_short.is_consistent(1 << 20));
+        let no_block = ItemHeader {
+            block_bytes: 0,
+            ..header.clone()
+        };
+        assert!(!no_block.is_consistent(1 << 20));
+        let past_the_window = ItemHeader {
+            lead: 1001,
+            ..header.clone()
+        };
+        assert!(!past_the_window.is_consistent(1 << 20));
+        let empty = ItemHeader {
+            window_bytes: 0,
+            length: 0,
+            lead: 0,
+            block_bytes: 0,
+            crcs: vec![],
+            ..header
+        };
+        assert!(empty.is_consistent(0));
     }
 
     #[test]

@@ -68,6 +68,12 @@ pub const REDACTED: &str = "<redacted>";
 pub struct FileConfig {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<String>,
+    /// The TCP bulk channel (payload without HTTP/2, for remote clients):
+    /// "auto" (the default: `listen`'s address, a free port, advertised in
+    /// Status; off when TLS is on, since it has no TLS yet), "off", or an
+    /// address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_listen: Option<String>,
     /// Address of the Prometheus endpoint (`GET /metrics`); none: off.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub metrics: Option<String>,
@@ -147,6 +153,14 @@ pub struct FileConfig {
     /// Pool bytes one tenant's calls may hold, unless its quota says.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tenant_inflight: Option<String>,
+    /// Staging memory of one TCP bulk channel connection ("16MiB"): the
+    /// most one of its requests holds read at once, and the largest item
+    /// span it serves.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_staging: Option<String>,
+    /// Staging memory of all TCP bulk channel connections together.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_staging_total: Option<String>,
     /// TLS on the TCP listener: the server's certificate chain and key
     /// (PEM), and CAs of accepted client certificates (then required).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -323,6 +337,12 @@ pub struct ServerLimits {
     /// Pool bytes the calls of one connection may hold at once; 0 means
     /// half the buffer pool (set when the config is resolved).
     pub connection_inflight_bytes_max: u64,
+    /// Staging memory of one TCP bulk channel connection, and of all of
+    /// them (a connection takes its staging at its first read and holds
+    /// it until it closes; past the total, reads are refused with
+    /// RESOURCE_EXHAUSTED).
+    pub bulk_staging_bytes: u64,
+    pub bulk_staging_bytes_total_max: u64,
 }
 
 impl Default for ServerLimits {
@@ -345,6 +365,8 @@ impl Default for ServerLimits {
             preface_timeout_s: 10,
             connection_idle_timeout_s: 300,
             connection_inflight_bytes_max: 0,
+            bulk_staging_bytes: 16 << 20,
+            bulk_staging_bytes_total_max: 1 << 30,
         }
     }
 }
@@ -353,6 +375,8 @@ impl Default for ServerLimits {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
+    /// The TCP bulk channel's address (port 0: any free one); `None`: off.
+    pub bulk_listen: Option<SocketAddr>,
     /// Where Prometheus scrapes `GET /metrics`; `None`: not served.
     pub metrics: Option<SocketAddr>,
     /// Unix socket for same-host clients (and the only way to register
@@ -386,6 +410,10 @@ pub struct ServeFlags {
     /// Address for gRPC (port 0 picks a free port).
     #[arg(long)]
     pub listen: Option<String>,
+    /// The TCP bulk channel for remote clients: auto (gRPC's address, a
+    /// free port; off with TLS), off, or ADDR.
+    #[arg(long, value_name = "auto|off|ADDR")]
+    pub bulk_listen: Option<String>,
     /// Serve Prometheus metrics at http://ADDR/metrics (e.g.
     /// 127.0.0.1:9464; port 0 picks one). Off unless given.
     #[arg(long, value_name = "ADDR")]
@@ -503,9 +531,16 @@ impl ServeConfig {
                 .with_jwt(crate::jwt::JwtVerifier::load(spec).map_err(|why| invalid("jwt", why))?);
         }
         let tls = tls_files(&file)?;
+        let bulk_listen_s = flags
+            .bulk_listen
+            .take()
+            .or(file.bulk_listen.clone())
+            .unwrap_or_else(|| "auto".to_owned());
+        let bulk_listen = bulk_listen_address(&bulk_listen_s, listen, tls.is_some())?;
         let cfg = Self {
             tls,
             listen,
+            bulk_listen,
             metrics,
             unix,
             unix_access,
@@ -534,6 +569,10 @@ impl ServeConfig {
         let v = &self.server;
         FileConfig {
             listen: Some(self.listen.to_string()),
+            bulk_listen: Some(
+                self.bulk_listen
+                    .map_or_else(|| "off".to_owned(), |a| a.to_string()),
+            ),
             metrics: self.metrics.map(|m| m.to_string()),
             data_dir: Some(s.data_dir.clone()),
             devices: Some(s.devices.clone()),
@@ -569,6 +608,8 @@ impl ServeConfig {
             connection_idle_timeout_s: Some(v.connection_idle_timeout_s),
             connection_inflight: Some(exact_size(v.connection_inflight_bytes_max)),
             tenant_inflight: Some(exact_size(self.tenant_inflight_bytes)),
+            bulk_staging: Some(exact_size(v.bulk_staging_bytes)),
+            bulk_staging_total: Some(exact_size(v.bulk_staging_bytes_total_max)),
             tls_cert: self.tls.as_ref().map(|t| t.cert.clone()),
             tls_key: self.tls.as_ref().map(|t| t.key.clone()),
             tls_client_ca: self.tls.as_ref().and_then(|t| t.client_ca.clone()),
@@ -654,6 +695,19 @@ impl ServeConfig {
                 return Err(invalid(name, format!("{name} must be 1 to 86400 seconds")));
             }
         }
+        let staging = self.server.bulk_staging_bytes;
+        if !(1 << 20..=1 << 30).contains(&staging) || !staging.is_multiple_of(1 << 20) {
+            return Err(invalid(
+                "bulk_staging",
+                "bulk_staging must be whole MiB, 1 MiB to 1 GiB",
+            ));
+        }
+        if self.server.bulk_staging_bytes_total_max < staging {
+            return Err(invalid(
+                "bulk_staging_total",
+                "bulk_staging_total must be at least bulk_staging",
+            ));
+        }
         if let Some(why) = self.exposure()
             && !self.insecure
         {
@@ -662,6 +716,17 @@ impl ServeConfig {
                 format!(
                     "refusing to listen on {}: {why}. Listen on a loopback address (127.0.0.1), or pass --insecure to do it anyway",
                     self.listen
+                ),
+            ));
+        }
+        if let Some(bulk) = self.bulk_listen
+            && !bulk.ip().is_loopback()
+            && !self.insecure
+        {
+            return Err(invalid(
+                "bulk_listen",
+                format!(
+                    "refusing to serve the bulk channel on {bulk}: it has no TLS, so data would cross the network unencrypted. Use a loopback address, bulk_listen = \"off\", or pass --insecure on a trusted fabric"
                 ),
             ));
         }
@@ -685,6 +750,36 @@ impl ServeConfig {
         } else {
             "no tenants are configured, so every caller that reaches this address would have every right, including deleting datasets".to_owned()
         })
+    }
+}
+
+/// The TCP bulk channel's address from `bulk_listen`: "auto" is gRPC's
+/// address with a free port, unless TLS is on (the bulk channel has none
+/// yet, so it stays off rather than sending in the clear what gRPC
+/// encrypts); "off" is none.
+fn bulk_listen_address(
+    value: &str,
+    listen: SocketAddr,
+    tls: bool,
+) -> Result<Option<SocketAddr>, ConfigError> {
+    match value {
+        "off" => Ok(None),
+        "auto" if tls => Ok(None),
+        "auto" => Ok(Some(SocketAddr::new(listen.ip(), 0))),
+        addr => {
+            if tls {
+                return Err(invalid(
+                    "bulk_listen",
+                    "the bulk channel has no TLS yet: with tls_cert set, bulk_listen must be auto or off",
+                ));
+            }
+            addr.parse().map(Some).map_err(|e| {
+                invalid(
+                    "bulk_listen",
+                    format!("bulk_listen {addr:?}: {e} (auto, off, or an address)"),
+                )
+            })
+        }
     }
 }
 

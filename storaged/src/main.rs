@@ -33,8 +33,9 @@ enum Command {
     /// Run the daemon. With no --device it uses 4 sparse file-backed devices
     /// under the data dir.
     Serve {
+        // Boxed: the flags are most of the enum's size.
         #[command(flatten)]
-        flags: ServeFlags,
+        flags: Box<ServeFlags>,
         /// Print the configuration these flags and the config file give,
         /// every key with the value in force (secrets redacted), as a
         /// config file, and exit.
@@ -91,7 +92,7 @@ fn run() -> anyhow::Result<()> {
             flags,
             print_config,
         } => {
-            let cfg = ServeConfig::resolve(flags)?;
+            let cfg = ServeConfig::resolve(*flags)?;
             if print_config {
                 print!("{}", cfg.effective_toml()?);
                 return Ok(());
@@ -193,6 +194,7 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let _dir_lock = DataDirLock::acquire(&cfg.store.data_dir)?;
     let endpoints = storaged::server::Endpoints {
         tcp: cfg.listen,
+        bulk_tcp: cfg.bulk_listen,
         unix: cfg.unix.clone(),
         unix_access: cfg.unix_access.clone(),
     };

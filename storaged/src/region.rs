@@ -179,6 +179,26 @@ unsafe impl ForeignMemory for RegionMap {
 }
 
 impl RegionMap {
+    /// A region of storaged's own memory, `len` bytes (a multiple of 4
+    /// KiB), for reads whose bytes storaged then sends itself: the TCP
+    /// bulk channel's staging. Anonymous and private to this process, so
+    /// no other process can write or shrink it; asked to be huge pages
+    /// (one segment per device read) and allocated here, so that pinning
+    /// it (`fix_with`) finds its pages.
+    pub fn staging(len: usize) -> std::io::Result<Self> {
+        let map = memmap2::MmapOptions::new().len(len).map_anon()?;
+        let _ = map.advise(memmap2::Advice::HugePage);
+        let _ = map.advise(memmap2::Advice::PopulateWrite);
+        Ok(Self {
+            id: 0,
+            owner_uid: 0,
+            tenant: String::new(),
+            populated: true,
+            fixed: std::sync::OnceLock::new(),
+            map: std::mem::ManuallyDrop::new(memmap2::MmapRaw::from(map)),
+        })
+    }
+
     /// Registers the mapping with `engine` for reads (io_uring fixed
     /// buffer) where it can; returns whether it is registered. Blocking:
     /// every page is faulted in first.

@@ -58,6 +58,8 @@ fn bind_hint(e: &std::io::Error) -> &'static str {
 #[derive(Debug, Clone)]
 pub struct Endpoints {
     pub tcp: SocketAddr,
+    /// The TCP bulk channel (`service/bulk.rs`); `None`: not served.
+    pub bulk_tcp: Option<SocketAddr>,
     pub unix: PathBuf,
     /// Who may connect to the Unix socket (and so register memory
     /// regions): the socket file's mode and group after binding.
@@ -133,6 +135,8 @@ pub struct Listeners {
     /// socket: `<unix>.bulk`.
     bulk: tokio::net::UnixListener,
     bulk_path: PathBuf,
+    /// The TCP bulk channel, for remote clients.
+    bulk_tcp: Option<tokio::net::TcpListener>,
     /// The Prometheus endpoint, if metrics are served.
     metrics: Option<(
         tokio::net::TcpListener,
@@ -165,6 +169,18 @@ impl Listeners {
             }
             Ok(listener)
         };
+        // TCP first: nothing on disk changes if its port is taken.
+        let bulk_tcp = endpoints
+            .bulk_tcp
+            .map(|addr| {
+                std::net::TcpListener::bind(addr)
+                    .and_then(|l| {
+                        l.set_nonblocking(true)?;
+                        tokio::net::TcpListener::from_std(l)
+                    })
+                    .map_err(|source| ServeError::Bind { addr, source })
+            })
+            .transpose()?;
         let unix = bind(&endpoints.unix)?;
         let bulk_path = bulk_socket_path(&endpoints.unix);
         let bulk = bind(&bulk_path).inspect_err(|_| {
@@ -176,6 +192,7 @@ impl Listeners {
             unix_path: endpoints.unix.clone(),
             bulk,
             bulk_path,
+            bulk_tcp,
             metrics: None,
         })
     }
@@ -351,6 +368,7 @@ pub async fn serve(
         unix_path,
         bulk: bulk_listener,
         bulk_path,
+        bulk_tcp,
         metrics,
     } = listeners;
     let bound = listener.local_addr()?;
@@ -375,13 +393,24 @@ pub async fn serve(
     )
     .with_admission(Arc::clone(&admission))
     .with_bulk_socket(&bulk_path);
+    let storaged = match &bulk_tcp {
+        Some(l) => storaged.with_bulk_tcp(l.local_addr()?.port(), limits),
+        None => storaged,
+    };
     // Registered for reading only: the bulk channel's replies are small
     // and taken at once, and EPOLLOUT after each would wake the reactor
     // for nothing.
     let bulk_conns = futures::StreamExt::map(admission.unix(bulk_listener), |conn| {
         conn.and_then(|c| c.map_io(crate::conn::read_interest::ReadInterestStream::new))
     });
-    let bulk = storaged.clone().serve_bulk(bulk_conns);
+    let bulk_unix = storaged.clone().serve_bulk(bulk_conns);
+    let bulk_tcp = bulk_tcp.map(|l| storaged.clone().serve_bulk(admission.tcp(l)));
+    let bulk = async move {
+        match bulk_tcp {
+            Some(tcp) => drop(tokio::join!(bulk_unix, tcp)),
+            None => bulk_unix.await,
+        }
+    };
     let metrics_bound = match metrics {
         Some((listener, handle)) => Some(serve_metrics(listener, handle, &storaged)?),
         None => None,

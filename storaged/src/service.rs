@@ -54,6 +54,8 @@ pub struct StoragedService {
     bulk_frame_bytes_max: usize,
     /// Requests the bulk channel answered (for Status).
     bulk_requests: Arc<std::sync::atomic::AtomicU64>,
+    /// The TCP bulk channel, when served.
+    bulk_tcp: Option<Arc<bulk::TcpBulk>>,
 }
 
 /// Who may call, and where their calls are recorded.
@@ -100,7 +102,16 @@ impl StoragedService {
             bulk_socket: None,
             bulk_frame_bytes_max: limits.max_decoding_message_bytes,
             bulk_requests: Arc::default(),
+            bulk_tcp: None,
         }
+    }
+
+    /// Advertises the TCP bulk channel on `port` in Status, with the
+    /// staging memory `limits` give its connections.
+    #[must_use]
+    pub fn with_bulk_tcp(mut self, port: u16, limits: &crate::config::ServerLimits) -> Self {
+        self.bulk_tcp = Some(Arc::new(bulk::TcpBulk::new(port, limits)));
+        self
     }
 
     /// Advertises the bulk channel's socket at `path` in Status.

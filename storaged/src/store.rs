@@ -119,6 +119,8 @@ pub struct ReadCounters {
     pub grpc_payload_bytes_copied: std::sync::atomic::AtomicU64,
     pub shm_bytes_served: std::sync::atomic::AtomicU64,
     pub shm_payload_bytes_copied: std::sync::atomic::AtomicU64,
+    pub bulk_bytes_served: std::sync::atomic::AtomicU64,
+    pub bulk_payload_bytes_copied: std::sync::atomic::AtomicU64,
     /// Device read pieces that joined a neighbour's read instead of being
     /// issued on their own (see `schedule`).
     pub device_reads_merged: std::sync::atomic::AtomicU64,

@@ -112,6 +112,14 @@ impl Daemon {
         Self::start_args(data_dir, opts.args(data_dir))
     }
 
+    /// Starts storaged with the default options and a config file of
+    /// `text` written in `dir` (its data dir is `dir/data`).
+    pub fn start_with_config_text(dir: &Path, text: &str) -> Daemon {
+        let path = dir.join("storaged.toml");
+        std::fs::write(&path, text).expect("writing the config");
+        Self::start_with_config(&dir.join("data"), &path)
+    }
+
     /// Starts storaged with the default options and `--config config`.
     pub fn start_with_config(data_dir: &Path, config: &Path) -> Daemon {
         Self::start(
@@ -315,7 +323,27 @@ pub fn flip_byte(path: &Path, at: u64, mask: u8) {
 /// the one generator of `storaged::testkit`.
 pub use storaged::testkit::pattern;
 
-/// Writes `files` (relative path, bytes) under `root`.
+/// Objects of every size class the read paths treat differently: empty,
+/// one byte, around a checksum block (32 KiB), a few blocks, a stripe unit
+/// and more, a MiB and more, and several MiB; named `f0`..`f8`.
+pub fn size_class_files() -> Vec<(String, Vec<u8>)> {
+    [
+        0,
+        1,
+        4095,
+        32 * 1024 - 1,
+        32 * 1024 + 1,
+        100_000,
+        65_536 * 3 + 7,
+        (1 << 20) + 3,
+        5 * (1 << 20) + 12_345,
+    ]
+    .into_iter()
+    .enumerate()
+    .map(|(i, len)| (format!("f{i}"), pattern(i as u64 + 1, len)))
+    .collect()
+}
+
 /// A daemon (default options) with `files` ingested as dataset `name`,
 /// a TCP handle on it, and the bytes each path must read back as.
 pub async fn daemon_with_dataset(

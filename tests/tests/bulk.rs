@@ -9,37 +9,19 @@ use storaged_client::{Client, ConnectOptions};
 use storaged_proto::bulk::{
     HELLO_BYTES, Hello, HelloReply, ReadIntoFrame, ReadIntoFrameItem, ReadIntoReply, VERSION,
 };
-use storaged_tests::{Daemon, eventually, pattern, write_tree};
+use storaged_tests::{Daemon, eventually, write_tree};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tonic::Code;
 
 fn files() -> Vec<(String, Vec<u8>)> {
-    // Every size class: empty, one byte, around a checksum block (32 KiB),
-    // a few blocks, a stripe unit and more, and several MiB.
-    [
-        0,
-        1,
-        4095,
-        32 * 1024 - 1,
-        32 * 1024 + 1,
-        100_000,
-        65_536 * 3 + 7,
-        (1 << 20) + 3,
-        5 * (1 << 20) + 12_345,
-    ]
-    .into_iter()
-    .enumerate()
-    .map(|(i, len)| (format!("f{i}"), pattern(i as u64 + 1, len)))
-    .collect()
+    storaged_tests::size_class_files()
 }
 
 fn daemon_with(tmp: &tempfile::TempDir, config: &str) -> Daemon {
     let src = tmp.path().join("src");
     write_tree(&src, &files());
-    let path = tmp.path().join("storaged.toml");
-    std::fs::write(&path, config).unwrap();
-    let d = Daemon::start_with_config(&tmp.path().join("data"), &path);
+    let d = Daemon::start_with_config_text(tmp.path(), config);
     d.ctl_ok(&["ingest", "ds", src.to_str().unwrap()]);
     d
 }

@@ -13,9 +13,7 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 
 fn daemon_with(tmp: &tempfile::TempDir, config: &str) -> Daemon {
-    let path = tmp.path().join("storaged.toml");
-    std::fs::write(&path, config).unwrap();
-    Daemon::start_with_config(&tmp.path().join("data"), &path)
+    Daemon::start_with_config_text(tmp.path(), config)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -541,9 +541,21 @@ async fn bad_region_requests_get_clear_errors() {
         Some(format!("{id:x}").as_str())
     );
 
-    // Over TCP there are no peer credentials: no regions.
+    // Over TCP there are no peer credentials: no regions storaged writes.
+    // A TCP client gets a region of its own for the TCP bulk channel, and
+    // one told not to use that channel gets none.
     let tcp = d.client().await;
-    let err = tcp.register_region(4096).await.unwrap_err();
+    assert!(!tcp.register_region(4096).await.unwrap().is_shared());
+    let grpc_only = storaged_client::Client::connect_with(
+        &d.url,
+        &storaged_client::ConnectOptions {
+            bulk_tcp: storaged_client::BulkTcp::Off,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let err = grpc_only.register_region(4096).await.unwrap_err();
     assert!(err.to_string().contains("unix://"), "{err}");
     let err = tcp
         .raw()

@@ -17,8 +17,8 @@ mod safe_tree;
 use safe_tree::shown;
 use storaged_client::region::RegionRead;
 use storaged_client::{
-    BatchItem, Client, ConnectOptions, IngestOptions, IngestProgress, LoaderOptions, ObjectInfo,
-    Plan, PlanSpec,
+    BatchItem, BulkTcp, Client, ConnectOptions, IngestOptions, IngestProgress, LoaderOptions,
+    ObjectInfo, Plan, PlanSpec,
 };
 
 #[global_allocator]
@@ -63,13 +63,19 @@ struct Cli {
         global = true
     )]
     server: String,
-    /// `auto`: a loopback --server switches to the server's Unix socket
-    /// when this process may use it (same pool), so `epoch` and `verify
-    /// --via shm` take the zero-copy path; when it does not, commands that
-    /// need it say why. `as-given`: always the --server transport (TCP for
-    /// http://).
-    #[arg(long, default_value = "auto", value_parser = ["auto", "as-given"], global = true)]
+    /// How reads travel. `auto`: a loopback --server switches to the
+    /// server's Unix socket when this process may use it (same pool), so
+    /// reads take shared memory; a remote one reads over storaged's TCP
+    /// bulk channel where it offers one, else gRPC. `shm`: the Unix socket
+    /// or fail. `bulk`: the TCP bulk channel or fail. `grpc`: gRPC over
+    /// the --server transport only. `as-given`: the --server transport,
+    /// with the TCP bulk channel where offered.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "shm", "bulk", "grpc", "as-given"], global = true)]
     transport: String,
+    /// TCP bulk channel connections at most at once (nconnect); 0: the
+    /// client's default.
+    #[arg(long, default_value_t = 0, global = true)]
+    bulk_connections: usize,
     /// On the same host, send reads into memory regions as gRPC calls
     /// instead of on storaged's bulk channel (its leaner framing); for
     /// comparing the two.
@@ -224,16 +230,18 @@ enum Command {
     Verify {
         /// The dataset.
         dataset: String,
-        /// Read path: grpc (ReadBatch and Read, works anywhere) or shm
+        /// Read path: grpc (ReadBatch and Read, works anywhere), shm
         /// (registered region, zero-copy; needs a same-host server: --server
         /// unix:///path/storaged.sock, or a loopback address with
-        /// --transport auto).
-        #[arg(long, default_value = "grpc", value_parser = ["grpc", "shm"])]
+        /// --transport auto) or bulk (storaged's TCP bulk channel into this
+        /// process's region, every window checked here; a TCP --server with
+        /// --transport bulk or as-given).
+        #[arg(long, default_value = "grpc", value_parser = ["grpc", "shm", "bulk"])]
         via: String,
         /// Times to read the whole dataset.
         #[arg(long, default_value_t = 1)]
         passes: u32,
-        /// Region size in MiB for --via shm.
+        /// Region size in MiB for --via shm and bulk.
         #[arg(long, default_value_t = 64)]
         region_mib: u64,
     },
@@ -475,13 +483,37 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         tls_ca: cli.ca.clone(),
         tls_cert: cli.cert.clone(),
         tls_key: cli.key.clone(),
-        read_into_over_grpc: cli.read_into_over_grpc,
+        read_into_over_grpc: cli.read_into_over_grpc || cli.transport == "grpc",
+        bulk_tcp: match cli.transport.as_str() {
+            "grpc" => BulkTcp::Off,
+            "bulk" => BulkTcp::Required,
+            _ => BulkTcp::Auto,
+        },
+        bulk_tcp_connections: cli.bulk_connections,
+        bulk_tcp_addr: None,
     };
-    let client = if cli.transport == "auto" {
-        Client::connect_auto_with(&cli.server, &options).await?
-    } else {
-        Client::connect_with(&cli.server, &options).await?
+    let client = match cli.transport.as_str() {
+        "auto" | "shm" => Client::connect_auto_with(&cli.server, &options).await?,
+        _ => Client::connect_with(&cli.server, &options).await?,
     };
+    match cli.transport.as_str() {
+        "shm" if !client.is_local() => bail!(
+            "--transport shm: {}",
+            client
+                .not_local_because()
+                .unwrap_or("the connection is not on storaged's Unix socket")
+        ),
+        "bulk" if client.is_local() => {
+            bail!("--transport bulk needs a TCP --server (http://HOST:PORT)")
+        }
+        "bulk" if !client.reads_into_regions().await => {
+            bail!(
+                "--transport bulk: storaged at {} offers no TCP bulk channel (Status says no port; is it serving with TLS, or bulk_listen = \"off\"?)",
+                cli.server
+            )
+        }
+        _ => {}
+    }
     Ok(client)
 }
 

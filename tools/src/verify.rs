@@ -1,5 +1,6 @@
 //! `storagectl verify`: every object of a dataset read back and checked
-//! against its whole-object CRC-32, over gRPC or a shared-memory region.
+//! against its whole-object CRC-32, over gRPC, into a shared-memory region,
+//! or into a region of this process over the TCP bulk channel.
 
 use super::*;
 
@@ -39,8 +40,23 @@ pub(crate) async fn verify(
     let total: u64 = objects.iter().map(|o| o.size).sum();
     let mut region = match via {
         "grpc" => None,
-        "shm" => Some(client.register_region(region_mib.max(1) << 20).await?),
-        other => bail!("--via {other:?}: expected grpc or shm"),
+        "shm" | "bulk" => {
+            let region = client.register_region(region_mib.max(1) << 20).await?;
+            match (via, region.is_shared()) {
+                ("shm", false) => bail!(
+                    "--via shm needs storaged on this host (its Unix socket); this connection is TCP{}: use --via bulk or grpc",
+                    client
+                        .not_local_because()
+                        .map(|why| format!(" ({why})"))
+                        .unwrap_or_default()
+                ),
+                ("bulk", true) => bail!(
+                    "--via bulk is for a storaged on another host (TCP); this connection is on its Unix socket: use --via shm, or --transport bulk"
+                ),
+                _ => Some(region),
+            }
+        }
+        other => bail!("--via {other:?}: expected grpc, shm or bulk"),
     };
     for pass in 1..=passes {
         let bar = bytes_bar(&format!("verify pass {pass}"), total);

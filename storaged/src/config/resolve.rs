@@ -128,6 +128,12 @@ pub(super) fn server_limits(
         Some(s) => size_field("connection_inflight", s)?,
         None => buffer_pool_bytes / 2,
     };
+    if let Some(s) = &file.bulk_staging {
+        server.bulk_staging_bytes = size_field("bulk_staging", s)?;
+    }
+    if let Some(s) = &file.bulk_staging_total {
+        server.bulk_staging_bytes_total_max = size_field("bulk_staging_total", s)?;
+    }
     Ok(server)
 }
 

@@ -230,3 +230,59 @@ fn read_ahead_cache_follows_the_pool() {
     let err = resolve("read_merge = \"32MiB\"\n").unwrap_err();
     assert_eq!(err.key(), Some("read_merge"), "{err:?}");
 }
+
+/// Guards the TCP bulk channel's address: on by default beside gRPC,
+/// off where TLS would be skipped, and never unencrypted off loopback
+/// without --insecure; its staging sizes are checked.
+#[test]
+fn the_bulk_channel_listens_beside_grpc_unless_that_would_skip_tls() {
+    let with = |bulk: Option<&str>, file: &str, insecure: bool| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, file).unwrap();
+        ServeConfig::resolve(ServeFlags {
+            config: Some(path),
+            bulk_listen: bulk.map(str::to_owned),
+            insecure,
+            ..Default::default()
+        })
+    };
+    let c = with(None, "", false).unwrap();
+    assert_eq!(c.bulk_listen, Some("127.0.0.1:0".parse().unwrap()));
+    let c = with(Some("off"), "", false).unwrap();
+    assert_eq!(c.bulk_listen, None);
+    let c = with(Some("127.0.0.1:7401"), "", false).unwrap();
+    assert_eq!(c.bulk_listen, Some("127.0.0.1:7401".parse().unwrap()));
+    let err = with(Some("0.0.0.0:7401"), "", false)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no TLS") && err.contains("--insecure"),
+        "{err}"
+    );
+    assert!(with(Some("0.0.0.0:7401"), "", true).is_ok());
+    let err = with(Some("nowhere"), "", false).unwrap_err().to_string();
+    assert!(err.contains("auto, off, or an address"), "{err}");
+    let tls = "tls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\n";
+    assert_eq!(
+        with(None, tls, false).unwrap().bulk_listen,
+        None,
+        "auto is off with TLS"
+    );
+    let err = with(Some("127.0.0.1:7401"), tls, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no TLS yet"), "{err}");
+    for (file, key) in [
+        ("bulk_staging = \"100KiB\"\n", "bulk_staging"),
+        ("bulk_staging = \"3GiB\"\n", "bulk_staging"),
+        ("bulk_staging = \"1536KiB\"\n", "bulk_staging"),
+        (
+            "bulk_staging = \"32MiB\"\nbulk_staging_total = \"16MiB\"\n",
+            "bulk_staging_total",
+        ),
+    ] {
+        let err = with(None, file, false).unwrap_err().to_string();
+        assert!(err.contains(key), "{file}: {err}");
+    }
+}

@@ -1,31 +1,132 @@
 //! The bulk channel's server side (wire format: `storaged_proto::bulk`,
-//! docs/FORMAT.md "The bulk channel"): `ReadInto` without HTTP/2.
+//! docs/FORMAT.md "The bulk channel"): reads without HTTP/2.
 //!
-//! Connections arrive on their own Unix socket through the same admission
-//! as gRPC's (connection counts, the first bytes' deadline, the idle
-//! deadline between requests). The hello authenticates the peer exactly as
-//! a gRPC call on the Unix socket is (its uid and gid, and a token if it
-//! sends one); then each request runs as a `ReadInto` call would: one of
-//! its tenant's concurrent calls, its rights on the dataset, regions of
-//! its own uid only, the connection's and tenant's byte budgets. One
-//! request at a time per connection, and its reply before the next: a
-//! client can make storaged hold one request's reads per connection, no
-//! more. A frame that cannot be decoded is answered INVALID_ARGUMENT and
-//! ends the connection (what follows it cannot be trusted to be framed).
+//! Two sockets speak it. On the Unix socket beside gRPC's, `ReadInto`
+//! reads into a client's registered region (same host). On TCP (for
+//! clients on other hosts), `Read` sends each item's verified window on
+//! the connection itself, after a header carrying its checksum blocks'
+//! CRCs, so the client receives it straight into its own memory and
+//! checks it there: the network twin of `ReadInto`. A TCP connection
+//! reads into a staging region of storaged's own (`TcpBulk`: taken at its
+//! first `Read`, held until it closes, bounded per connection and in
+//! all), in rounds of as many items as fit, and sends each item as soon
+//! as it is read; the device writes the staging memory and the socket
+//! reads it, so no byte is copied in user space.
+//!
+//! Connections arrive through the same admission as gRPC's (connection
+//! counts, the first bytes' deadline, the idle deadline between
+//! requests). The hello authenticates the peer as a gRPC call on the
+//! same socket would be (the Unix socket's uid and gid, and a token if
+//! sent; on TCP, the token); then each request runs as the gRPC call
+//! would: one of its tenant's concurrent calls, its rights on the
+//! dataset, regions of its own uid only, the connection's and tenant's
+//! byte budgets. One request at a time per connection, answered whole
+//! before the next: a client can make storaged hold one request's reads
+//! per connection, no more. A frame that cannot be decoded is answered
+//! INVALID_ARGUMENT and ends the connection (what follows it cannot be
+//! trusted to be framed); a client that stops taking an answer for the
+//! stall timeout loses its connection, and its staging with it.
 
+use std::io::IoSlice;
 use std::time::Instant;
 
 use storaged_proto::bulk::{
-    FrameError, HELLO_BYTES, Hello, HelloReply, ItemReply, ReadIntoFrame, ReadIntoReply, VERSION,
+    FrameError, HELLO_BYTES, Hello, HelloReply, ItemHeader, ItemReply, KIND_READ, ReadEnd,
+    ReadFrame, ReadIntoFrame, ReadIntoReply, Request, VERSION,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::caller::CallId;
 use super::codes::GrpcCode;
 use super::*;
+use crate::region::RegionMap;
+use crate::store::read_into::{PlannedItem, ReadIntoOptions};
 
-/// The method name bulk requests are counted under in `storaged_rpc_seconds`.
+/// The method name bulk `ReadInto` requests are counted under in
+/// `storaged_rpc_seconds`.
 const METHOD_READ_INTO: &str = "bulk/ReadInto";
+/// ... and bulk `Read` requests.
+const METHOD_READ: &str = "bulk/Read";
+
+/// How long a TCP bulk connection keeps its staging region between
+/// requests: long enough that a busy client's next request finds it (a
+/// new one costs a mapping and a pin), short enough that idle pooled
+/// connections hold none.
+const STAGING_IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The TCP bulk channel's port and staging memory.
+#[derive(Debug)]
+pub(super) struct TcpBulk {
+    pub port: u16,
+    /// One connection's staging: the most one round holds, and the
+    /// largest item span served.
+    pub staging_bytes: u64,
+    /// Staging memory left to take, in MiB.
+    staging_left_mib: Arc<tokio::sync::Semaphore>,
+    staging_total_mib: usize,
+}
+
+/// A connection's staging region and its share of the total.
+struct Staging {
+    region: Arc<RegionMap>,
+    _share: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl TcpBulk {
+    pub(super) fn new(port: u16, limits: &crate::config::ServerLimits) -> Self {
+        let total_mib = (limits.bulk_staging_bytes_total_max >> 20) as usize;
+        Self {
+            port,
+            staging_bytes: limits.bulk_staging_bytes,
+            staging_left_mib: Arc::new(tokio::sync::Semaphore::new(total_mib)),
+            staging_total_mib: total_mib,
+        }
+    }
+
+    /// Staging bytes connections hold now.
+    pub(super) fn staging_in_use(&self) -> u64 {
+        ((self.staging_total_mib - self.staging_left_mib.available_permits()) as u64) << 20
+    }
+
+    /// A staging region for one connection, pinned for the engine where it
+    /// can be; RESOURCE_EXHAUSTED when the total is taken.
+    async fn take_staging(&self, store: &Arc<Store>) -> Result<Staging, Status> {
+        let mib = (self.staging_bytes >> 20) as u32;
+        let share = Arc::clone(&self.staging_left_mib)
+            .try_acquire_many_owned(mib)
+            .map_err(|_| {
+                Status::resource_exhausted(format!(
+                    "the bulk channel's staging memory ({} MiB, bulk_staging_total) is held by other connections; retry, or read over gRPC",
+                    self.staging_total_mib
+                ))
+            })?;
+        let len = self.staging_bytes as usize;
+        let store = Arc::clone(store);
+        // Mapping, faulting in and pinning 16 MiB takes milliseconds: not
+        // on a runtime worker.
+        let region = tokio::task::spawn_blocking(move || {
+            let region = RegionMap::staging(len)?;
+            store.fix_region(&region);
+            Ok::<_, std::io::Error>(region)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("staging memory: {e}")))?
+        .map_err(|e| Status::resource_exhausted(format!("staging memory: {e}")))?;
+        Ok(Staging {
+            region: Arc::new(region),
+            _share: share,
+        })
+    }
+}
+
+/// Who is at the other end of a bulk connection.
+#[derive(Clone, Copy)]
+enum Peer {
+    /// On this host, by its credentials.
+    Unix(tokio::net::unix::UCred),
+    /// Elsewhere: known by its token only.
+    Tcp,
+}
 
 impl StoragedService {
     /// Serves the bulk channel on every admitted connection of `conns`
@@ -60,34 +161,53 @@ impl StoragedService {
     {
         use tonic::transport::server::Connected;
         let info = conn.connect_info();
-        let Some(cred) = info.unix().and_then(|u| u.peer_cred) else {
-            // Without the peer's uid there is no telling whose regions
-            // these are.
-            let _ = hello_failed(
-                &mut conn,
-                Code::Unauthenticated,
-                "the peer's uid is unknown",
-            )
-            .await;
+        let peer = match info.unix() {
+            None => Peer::Tcp,
+            Some(u) => match u.peer_cred {
+                Some(cred) => Peer::Unix(cred),
+                None => {
+                    // Without the peer's uid there is no telling whose
+                    // regions these are.
+                    let _ = hello_failed(
+                        &mut conn,
+                        Code::Unauthenticated,
+                        "the peer's uid is unknown",
+                    )
+                    .await;
+                    return;
+                }
+            },
+        };
+        let Some(principal) = self.bulk_hello(&mut conn, peer).await else {
             return;
         };
-        let Some(principal) = self.bulk_hello(&mut conn, cred).await else {
-            return;
-        };
+        let mut staging = None;
         let mut stopping = self.stopping.clone();
         loop {
             let mut len = [0u8; 4];
-            tokio::select! {
-                read = conn.read_exact(&mut len) => if read.is_err() {
-                    // Gone, or idle past the deadline (the admission's).
-                    return;
-                },
-                _ = stopping.wait_for(|stop| *stop) => return,
+            let mut got = 0;
+            while got < len.len() {
+                // `read` (not `read_exact`): no bytes are lost when another
+                // branch wins.
+                tokio::select! {
+                    read = conn.read(&mut len[got..]) => match read {
+                        // Gone, or idle past the deadline (the admission's).
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => got += n,
+                    },
+                    _ = stopping.wait_for(|stop| *stop) => return,
+                    // An idle connection gives its staging back: a pool of
+                    // them must not hold memory for reads nobody makes.
+                    () = tokio::time::sleep(STAGING_IDLE_RELEASE), if staging.is_some() => {
+                        staging = None;
+                    }
+                }
             }
             let _call = info.state.call_started();
             let started = Instant::now();
             let len = u32::from_le_bytes(len) as usize;
-            let reply = if len > self.bulk_frame_bytes_max {
+            let mut kind = None;
+            let request = if len > self.bulk_frame_bytes_max {
                 Err(FrameError::TooLong {
                     what: "the request frame",
                     bytes: len,
@@ -101,38 +221,297 @@ impl StoragedService {
                 if !matches!(read.await, Ok(Ok(_))) {
                     return;
                 }
-                ReadIntoFrame::decode(&body)
+                kind = body.first().copied();
+                Request::decode(&body)
             };
-            let (reply, framing_broken) = match reply {
-                Ok(frame) => (
-                    self.bulk_read_into(&principal, &info.state, cred.uid(), frame)
-                        .await,
-                    false,
-                ),
-                Err(e) => (
-                    ReadIntoReply::failed(
-                        Code::InvalidArgument as u32,
-                        format!("bulk channel: {e}; closing the connection"),
-                    ),
-                    true,
-                ),
+            let (method, code, keep) = match request {
+                Ok(Request::ReadInto(frame)) => {
+                    let reply = match peer {
+                        Peer::Unix(cred) => {
+                            self.bulk_read_into(&principal, &info.state, cred.uid(), frame)
+                                .await
+                        }
+                        Peer::Tcp => ReadIntoReply::failed(
+                            Code::FailedPrecondition as u32,
+                            crate::region::RegionError::NotLocal.to_string(),
+                        ),
+                    };
+                    let code = Code::from(reply.code as i32);
+                    let sent = self.bulk_reply(&mut conn, &reply).await;
+                    (METHOD_READ_INTO, code, sent)
+                }
+                Ok(Request::Read(frame)) => {
+                    let answered = self
+                        .bulk_read(&principal, &info.state, &mut conn, &mut staging, frame)
+                        .await;
+                    match answered {
+                        Ok(code) => (METHOD_READ, code, true),
+                        // The connection broke or stalled mid-answer.
+                        Err(_) => (METHOD_READ, Code::Unavailable, false),
+                    }
+                }
+                Err(e) => {
+                    let message = format!("bulk channel: {e}; closing the connection");
+                    if kind == Some(KIND_READ) {
+                        let _ = self
+                            .bulk_read_failed(&mut conn, Code::InvalidArgument, &message)
+                            .await;
+                        (METHOD_READ, Code::InvalidArgument, false)
+                    } else {
+                        let reply = ReadIntoReply::failed(Code::InvalidArgument as u32, message);
+                        let _ = self.bulk_reply(&mut conn, &reply).await;
+                        (METHOD_READ_INTO, Code::InvalidArgument, false)
+                    }
+                }
             };
             self.bulk_requests.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::rpc::record_call(
-                METHOD_READ_INTO,
-                Code::from(reply.code as i32),
-                started.elapsed().as_secs_f64(),
-            );
-            let Ok(bytes) = reply.encode() else {
-                return;
-            };
-            // A reply is small; a client that does not take it within the
-            // stall timeout is not reading at all.
-            let written = tokio::time::timeout(self.stream_stall, conn.write_all(&bytes)).await;
-            if !matches!(written, Ok(Ok(()))) || framing_broken {
+            crate::metrics::rpc::record_call(method, code, started.elapsed().as_secs_f64());
+            if !keep {
                 return;
             }
         }
+    }
+
+    /// Writes a `ReadInto` reply; whether the connection can go on.
+    async fn bulk_reply<IO: AsyncWrite + Unpin>(
+        &self,
+        conn: &mut IO,
+        reply: &ReadIntoReply,
+    ) -> bool {
+        let Ok(bytes) = reply.encode() else {
+            return false;
+        };
+        // A reply is small; a client that does not take it within the
+        // stall timeout is not reading at all.
+        let written = tokio::time::timeout(self.stream_stall, conn.write_all(&bytes)).await;
+        matches!(written, Ok(Ok(())))
+    }
+
+    /// Answers a `Read` that failed as a whole with its end frame alone.
+    async fn bulk_read_failed<IO: AsyncWrite + Unpin>(
+        &self,
+        conn: &mut IO,
+        code: Code,
+        message: &str,
+    ) -> std::io::Result<Code> {
+        let end = ReadEnd {
+            code: code as u32,
+            message: message.to_owned(),
+            items: 0,
+        };
+        self.bulk_send(conn, &encoded(end.encode())?, &[]).await?;
+        Ok(code)
+    }
+
+    /// Writes `header` then `payload`, in one system call where the socket
+    /// takes both, within the stall timeout.
+    async fn bulk_send<IO: AsyncWrite + Unpin>(
+        &self,
+        conn: &mut IO,
+        header: &[u8],
+        payload: &[u8],
+    ) -> std::io::Result<()> {
+        let send = async {
+            let (mut header, mut payload) = (header, payload);
+            while !header.is_empty() {
+                let n = conn
+                    .write_vectored(&[IoSlice::new(header), IoSlice::new(payload)])
+                    .await?;
+                if n == 0 {
+                    return Err(std::io::ErrorKind::WriteZero.into());
+                }
+                if n < header.len() {
+                    header = &header[n..];
+                } else {
+                    payload = &payload[n - header.len()..];
+                    header = &[];
+                }
+            }
+            conn.write_all(payload).await
+        };
+        tokio::time::timeout(self.stream_stall, send)
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "the client took nothing for stream_stall_timeout_s",
+                )
+            })?
+    }
+
+    /// One `Read` request, answered on `conn`: each item's header and
+    /// window as it is read, then the end frame. Returns the call's code,
+    /// or the I/O error that broke the connection.
+    async fn bulk_read<IO: AsyncWrite + Unpin>(
+        &self,
+        principal: &Principal,
+        state: &Arc<ConnState>,
+        conn: &mut IO,
+        staging: &mut Option<Staging>,
+        frame: ReadFrame,
+    ) -> std::io::Result<Code> {
+        let started = match self
+            .start_bulk_read(principal, state, staging, &frame)
+            .await
+        {
+            Ok(started) => started,
+            Err(status) => {
+                return self
+                    .bulk_read_failed(conn, status.code(), status.message())
+                    .await;
+            }
+        };
+        let (caller, plans, options) = started;
+        let region = Arc::clone(&staging.as_ref().expect("taken by start_bulk_read").region);
+        let region_offsets: Vec<u64> = frame.items.iter().map(|i| i.region_offset).collect();
+        let capacity = crate::engine::ForeignMemory::len(&*region) as u64;
+        let mut plans = plans.peekable();
+        let mut at_by_index = vec![0u64; region_offsets.len()];
+        let mut sent = 0u32;
+        loop {
+            // A round: as many items as fit in the staging region, back to
+            // back; an item that could never fit fails alone.
+            let mut round: Vec<(PlannedItem, u64)> = Vec::new();
+            let mut too_large = Vec::new();
+            let mut at = 0u64;
+            while let Some(plan) = plans.peek() {
+                let span = plan.span();
+                if span > capacity {
+                    too_large.push((plans.next().expect("peeked"), span));
+                    continue;
+                }
+                if at + span > capacity {
+                    break;
+                }
+                at_by_index[plan.index() as usize] = at;
+                round.push((plans.next().expect("peeked"), at));
+                at += span;
+            }
+            if round.is_empty() && too_large.is_empty() {
+                break;
+            }
+            for (plan, span) in too_large {
+                let header = ItemHeader {
+                    index: plan.index(),
+                    code: Code::ResourceExhausted as u32,
+                    message: format!(
+                        "item {} needs {span} bytes read at once; the bulk channel serves at most {capacity} per item (bulk_staging): split its range",
+                        plan.index()
+                    ),
+                    region_offset: region_offsets[plan.index() as usize],
+                    ..ItemHeader::default()
+                };
+                self.bulk_send(conn, &encoded(header.encode())?, &[])
+                    .await?;
+                sent += 1;
+            }
+            let reads = self
+                .store
+                .read_planned_into(Arc::clone(&region), round, options);
+            let mut reads = std::pin::pin!(caller.budget.clone().scope_stream(reads));
+            while let Some((index, result)) = reads.next().await {
+                let i = index as usize;
+                let mut header = ItemHeader {
+                    index,
+                    region_offset: region_offsets[i],
+                    ..ItemHeader::default()
+                };
+                let mut window: &[u8] = &[];
+                match result {
+                    Ok(done) => {
+                        header.lead = done.data_offset - at_by_index[i];
+                        header.length = done.length;
+                        header.window_bytes = done.window_bytes;
+                        header.block_bytes = done.block_bytes;
+                        header.crcs = done.crcs;
+                        // SAFETY: the item's reads have all completed (its
+                        // completion is here), no other item of the round
+                        // shares its bytes, and the next round starts
+                        // after this one's last item is sent.
+                        window = unsafe {
+                            region.completed(at_by_index[i] as usize, done.window_bytes as usize)
+                        };
+                    }
+                    Err(error) => {
+                        if error.code() == Code::DataLoss {
+                            tracing::warn!(%error, "bulk Read item failed");
+                        }
+                        header.code = error.code() as u32;
+                        header.message = error.to_string();
+                    }
+                }
+                self.bulk_send(conn, &encoded(header.encode())?, window)
+                    .await?;
+                sent += 1;
+            }
+        }
+        drop(caller);
+        let end = ReadEnd {
+            code: 0,
+            message: String::new(),
+            items: sent,
+        };
+        self.bulk_send(conn, &encoded(end.encode())?, &[]).await?;
+        Ok(Code::Ok)
+    }
+
+    /// A `Read`'s checks before any byte is read: the caller admitted
+    /// (its tenant's concurrent calls), its right on the dataset, the
+    /// items resolved, and the connection's staging taken.
+    async fn start_bulk_read(
+        &self,
+        principal: &Principal,
+        state: &Arc<ConnState>,
+        staging: &mut Option<Staging>,
+        frame: &ReadFrame,
+    ) -> Result<
+        (
+            Caller,
+            impl Iterator<Item = PlannedItem> + use<>,
+            ReadIntoOptions,
+        ),
+        Status,
+    > {
+        let Some(tcp) = &self.bulk_tcp else {
+            return Err(Status::failed_precondition(
+                "this storaged does not serve the TCP bulk channel",
+            ));
+        };
+        let caller = Caller::admit(
+            principal.clone(),
+            CallId::bulk(),
+            Some(Arc::clone(state)),
+            None,
+        )?;
+        let name = DatasetName::new(frame.dataset.clone()).map_err(invalid)?;
+        self.authorize(&caller, "read", Right::Read, name.as_str())?;
+        let ranges = frame
+            .items
+            .iter()
+            .map(|i| {
+                RangeSpec::try_from(&pb::ReadItem {
+                    path: i.path.clone(),
+                    offset: i.offset,
+                    length: i.length,
+                })
+                .map_err(ReadError::from)
+            })
+            .collect();
+        let plans = self.store.plan_read_into(&name, frame.dataset_id, ranges)?;
+        if staging.is_none() {
+            *staging = Some(tcp.take_staging(&self.store).await?);
+        }
+        let in_flight = match frame.max_in_flight {
+            0 => self.store.limits().batch_in_flight_default,
+            n => n,
+        };
+        let options = ReadIntoOptions {
+            in_flight,
+            verify: !frame.client_verifies,
+            crcs: true,
+            remote: true,
+        };
+        Ok((caller, plans, options))
     }
 
     /// Reads and answers the hello; the authenticated principal, or `None`
@@ -140,7 +519,7 @@ impl StoragedService {
     async fn bulk_hello<IO>(
         &self,
         conn: &mut crate::conn::Conn<IO>,
-        cred: tokio::net::unix::UCred,
+        peer: Peer,
     ) -> Option<Principal>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -173,10 +552,14 @@ impl StoragedService {
             .await;
             return None;
         };
+        let (unix_uid, unix_gid) = match peer {
+            Peer::Unix(cred) => (Some(cred.uid()), Some(cred.gid())),
+            Peer::Tcp => (None, None),
+        };
         let authenticated = self.tenants.authenticate(Presented {
             authorization: (!token.is_empty()).then_some(token.as_str()),
-            unix_uid: Some(cred.uid()),
-            unix_gid: Some(cred.gid()),
+            unix_uid,
+            unix_gid,
             cert_names: &[],
         });
         match authenticated {
@@ -346,9 +729,10 @@ impl StoragedService {
             0 => self.store.limits().batch_in_flight_default,
             n => n,
         };
+        let options = crate::store::read_into::ReadIntoOptions::same_host(in_flight);
         let completions = self
             .store
-            .read_into(region, &name, call.dataset_id, items, in_flight)?;
+            .read_into(region, &name, call.dataset_id, items, options)?;
         Ok((Box::pin(completions), in_flight))
     }
 }
@@ -361,6 +745,12 @@ fn region_is_callers(region: &crate::region::RegionMap, principal: &Principal, u
         None => region.owner_uid == uid || uid == 0,
         Some(t) => t.admin || (region.owner_uid == uid && region.tenant == t.name),
     }
+}
+
+/// A frame's bytes, or the error that kept it from being encoded (an
+/// I/O error: the connection cannot go on).
+fn encoded(bytes: Result<Vec<u8>, FrameError>) -> std::io::Result<Vec<u8>> {
+    bytes.map_err(std::io::Error::other)
 }
 
 /// Answers a hello with `code` and `message`; the connection ends after.

@@ -19,6 +19,9 @@ impl StoragedService {
             unix_socket_path: self.unix_socket.as_deref().unwrap_or_default().to_owned(),
             bulk_socket_path: self.bulk_socket.as_deref().unwrap_or_default().to_owned(),
             bulk_requests: self.bulk_requests.load(Ordering::Relaxed),
+            bulk_tcp_port: self.bulk_tcp.as_ref().map_or(0, |b| u32::from(b.port)),
+            bulk_tcp_item_bytes_max: self.bulk_tcp.as_ref().map_or(0, |b| b.staging_bytes),
+            bulk_tcp_staging_bytes: self.bulk_tcp.as_ref().map_or(0, |b| b.staging_in_use()),
         });
         let (registered, registered_bytes) = self.regions.usage();
         s.regions = Some(pb::RegionStats {
@@ -86,6 +89,8 @@ pub(super) fn status_response(s: StoreStatus) -> pb::StatusResponse {
             grpc_payload_bytes_copied: s.reads.grpc_payload_bytes_copied,
             shm_bytes_served: s.reads.shm_bytes_served,
             shm_payload_bytes_copied: s.reads.shm_payload_bytes_copied,
+            bulk_bytes_served: s.reads.bulk_bytes_served,
+            bulk_payload_bytes_copied: s.reads.bulk_payload_bytes_copied,
             device_reads_merged: s.reads.device_reads_merged,
             checksum_mismatches: s.reads.checksum_mismatches,
         }),

@@ -12,6 +12,12 @@
 //! span an item needs is `storaged_proto::model::read_into_span`, which
 //! clients use to lay out their region.
 //!
+//! The TCP bulk channel (`service/bulk.rs`) runs the same reads into a
+//! staging region of storaged's own, packed by [`Store::plan_read_into`]
+//! spans, and sends each window from there; it asks for the windows'
+//! CRCs (`ReadIntoOptions::crcs`) to send along and, when its client
+//! verifies them, leaves out the check here (`ReadIntoOptions::verify`).
+//!
 //! No byte of payload is copied by storaged on this path: the DMA writes
 //! the region, the CRC reads it. `ReadCounters::shm_payload_bytes_copied`
 //! has no increment on this path and `shm_bytes_served` counts what it
@@ -44,7 +50,7 @@ pub struct ReadIntoItem {
 }
 
 /// Where a finished item's bytes are.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReadIntoDone {
     /// Region offset of the first requested byte.
     pub data_offset: u64,
@@ -52,21 +58,83 @@ pub struct ReadIntoDone {
     pub length: u64,
     /// Region bytes the item used from its `region_offset`.
     pub span_bytes: u64,
+    /// Object bytes at the span's start: whole checksum blocks, the last
+    /// cut at the object's end (the rest of the span is zeroes).
+    pub window_bytes: u64,
+    /// The dataset's checksum block.
+    pub block_bytes: u32,
+    /// The catalog's CRC of each block of the window, when asked for
+    /// (`ReadIntoOptions::crcs`); empty otherwise.
+    pub crcs: Vec<u32>,
+}
+
+/// How a `ReadInto` runs.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadIntoOptions {
+    /// Items in flight at once (clamped to the store's limit).
+    pub in_flight: u32,
+    /// Check each window against its CRCs here. Off only where the bytes'
+    /// receiver checks them against `crcs` before using them (the TCP bulk
+    /// channel's clients); a window read again after a fault is checked
+    /// all the same.
+    pub verify: bool,
+    /// Return each window's CRCs with it.
+    pub crcs: bool,
+    /// Count the bytes as the TCP bulk channel's (`bulk_*` counters)
+    /// rather than the shm path's.
+    pub remote: bool,
+}
+
+impl ReadIntoOptions {
+    /// The shm path's: verified here, no CRCs returned.
+    pub fn same_host(in_flight: u32) -> Self {
+        Self {
+            in_flight,
+            verify: true,
+            crcs: false,
+            remote: false,
+        }
+    }
+}
+
+/// A `ReadInto` item resolved against the catalog, before a region offset
+/// is chosen for it: what it needs of a region (its span).
+pub struct PlannedItem(BatchItemPlan);
+
+impl PlannedItem {
+    /// The item's index in its request.
+    pub fn index(&self) -> u32 {
+        match &self.0 {
+            BatchItemPlan::Fail(i, _) | BatchItemPlan::Empty(i, _) => *i,
+            BatchItemPlan::Read { index, .. } => *index,
+        }
+    }
+
+    /// Region bytes the item needs (0 for one that fails or is empty).
+    pub fn span(&self) -> u64 {
+        match &self.0 {
+            BatchItemPlan::Read {
+                obj, start, len, ..
+            } => {
+                let block = u64::from(obj.dataset.record.checksum_block_bytes);
+                read_into_span(*start, *len, obj.record.size, block).0
+            }
+            _ => 0,
+        }
+    }
 }
 
 impl Store {
     /// Reads `items` of `dataset` (of id `dataset_id`, if given) into
-    /// `region`, yielding `(index, result)`
-    /// as items complete. Items are taken in groups of `in_flight`; each
-    /// group's device reads are scheduled together (see `schedule`), and
-    /// the next group is queued while one finishes.
+    /// `region`, yielding `(index, result)` as items complete (see
+    /// [`Store::read_planned_into`]).
     pub fn read_into(
         self: &Arc<Self>,
         region: Arc<RegionMap>,
         dataset: &DatasetName,
         dataset_id: Option<u64>,
         items: Vec<Result<ReadIntoItem, ReadError>>,
-        in_flight: u32,
+        options: ReadIntoOptions,
     ) -> Result<
         impl Stream<Item = (u32, Result<ReadIntoDone, ReadError>)> + Send + 'static,
         ReadError,
@@ -76,35 +144,66 @@ impl Store {
             .map(|i| i.as_ref().ok().map(|i| i.region_offset))
             .collect();
         let ranges = items.into_iter().map(|i| i.map(|i| i.range)).collect();
-        let plans = self.resolve_batch(dataset, dataset_id, ranges)?;
+        let placed = self
+            .plan_read_into(dataset, dataset_id, ranges)?
+            .map(|plan| {
+                let at = match &plan.0 {
+                    BatchItemPlan::Fail(..) => 0,
+                    _ => region_offsets[plan.index() as usize].expect("valid item"),
+                };
+                (plan, at)
+            })
+            .collect();
+        Ok(self.read_planned_into(region, placed, options))
+    }
+
+    /// Resolves `ranges` of `dataset` against the catalog, lazily, in
+    /// item order: each item's span, for a caller that places them itself.
+    pub fn plan_read_into(
+        self: &Arc<Self>,
+        dataset: &DatasetName,
+        dataset_id: Option<u64>,
+        ranges: Vec<Result<RangeSpec, ReadError>>,
+    ) -> Result<impl Iterator<Item = PlannedItem> + Send + 'static + use<>, ReadError> {
+        Ok(self
+            .resolve_batch(dataset, dataset_id, ranges)?
+            .map(PlannedItem))
+    }
+
+    /// Reads planned items, each at its region offset, into `region`,
+    /// yielding `(index, result)` as items complete. Items are taken in
+    /// groups of `options.in_flight`; each group's device reads are
+    /// scheduled together (see `schedule`), and the next group is queued
+    /// while one finishes.
+    pub fn read_planned_into(
+        self: &Arc<Self>,
+        region: Arc<RegionMap>,
+        items: Vec<(PlannedItem, u64)>,
+        options: ReadIntoOptions,
+    ) -> impl Stream<Item = (u32, Result<ReadIntoDone, ReadError>)> + Send + 'static {
         let store = Arc::clone(self);
-        let group_items = in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
+        let group_items = options.in_flight.clamp(1, self.limits.batch_in_flight_max) as usize;
         let mut groups: Vec<Vec<(BatchItemPlan, u64)>> = Vec::new();
-        for plan in plans {
-            let at = match &plan {
-                BatchItemPlan::Fail(..) => 0,
-                BatchItemPlan::Empty(i, _) | BatchItemPlan::Read { index: i, .. } => {
-                    region_offsets[*i as usize].expect("valid item")
-                }
-            };
+        for (PlannedItem(plan), at) in items {
             match groups.last_mut() {
                 Some(g) if g.len() < group_items => g.push((plan, at)),
                 _ => groups.push(vec![(plan, at)]),
             }
         }
-        Ok(futures::stream::iter(groups)
+        futures::stream::iter(groups)
             .map(move |group| {
                 let store = Arc::clone(&store);
                 let region = Arc::clone(&region);
                 Box::pin(
                     async move {
-                        let (done, rest) = store.read_ahead_into(&region, group).await;
-                        futures::stream::iter(done).chain(store.read_group_into(region, rest))
+                        let (done, rest) = store.read_ahead_into(&region, group, options).await;
+                        futures::stream::iter(done)
+                            .chain(store.read_group_into(region, rest, options))
                     }
                     .flatten_stream(),
                 )
             })
-            .flatten_unordered(2))
+            .flatten_unordered(2)
     }
 
     /// Items of `group` that read-ahead holds (a loader hinted them, and
@@ -119,6 +218,7 @@ impl Store {
         &self,
         region: &RegionMap,
         group: Vec<(BatchItemPlan, u64)>,
+        options: ReadIntoOptions,
     ) -> (
         Vec<(u32, Result<ReadIntoDone, ReadError>)>,
         Vec<(BatchItemPlan, u64)>,
@@ -160,7 +260,7 @@ impl Store {
         for ((plan, at), hit) in group.into_iter().zip(found) {
             match hit {
                 Some((item, chunks)) => {
-                    done.push((item.index, self.copy_into(region, &item, &chunks)))
+                    done.push((item.index, self.copy_into(region, &item, &chunks, options)))
                 }
                 None => rest.push((plan, at)),
             }
@@ -175,6 +275,7 @@ impl Store {
         region: &RegionMap,
         item: &GroupItem,
         chunks: &[super::Chunk],
+        options: ReadIntoOptions,
     ) -> Result<ReadIntoDone, ReadError> {
         check_offset(region, item.index, item.region_offset, item.span)?;
         let w = item.window();
@@ -189,14 +290,46 @@ impl Store {
         // SAFETY: as above.
         unsafe { region.zero(base + tail, item.span as usize - tail) };
         let c = &self.read_counters;
-        c.shm_bytes_served.fetch_add(item.len, Ordering::Relaxed);
-        c.shm_payload_bytes_copied
-            .fetch_add(w.len(), Ordering::Relaxed);
-        Ok(ReadIntoDone {
+        let copied = if options.remote {
+            &c.bulk_payload_bytes_copied
+        } else {
+            &c.shm_payload_bytes_copied
+        };
+        copied.fetch_add(w.len(), Ordering::Relaxed);
+        Ok(self.item_done(item, options))
+    }
+
+    /// A finished item's answer, counted as served.
+    fn item_done(&self, item: &GroupItem, options: ReadIntoOptions) -> ReadIntoDone {
+        let c = &self.read_counters;
+        let served = if options.remote {
+            &c.bulk_bytes_served
+        } else {
+            &c.shm_bytes_served
+        };
+        served.fetch_add(item.len, Ordering::Relaxed);
+        let w = item.window();
+        let block = u64::from(item.obj.dataset.record.checksum_block_bytes);
+        let crcs = if options.crcs && block > 0 && w.len() > 0 {
+            let first = (w.start / block) as usize;
+            let last = w.end.div_ceil(block) as usize;
+            item.obj
+                .record
+                .block_crcs
+                .get(first..last)
+                .map(<[u32]>::to_vec)
+                .unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        ReadIntoDone {
             data_offset: item.region_offset + item.lead,
             length: item.len,
             span_bytes: item.span,
-        })
+            window_bytes: w.len(),
+            block_bytes: item.obj.dataset.record.checksum_block_bytes,
+            crcs,
+        }
     }
 
     /// Each item of a group as its device pieces (`wants`, tagged with
@@ -223,6 +356,9 @@ impl Store {
                         data_offset: at,
                         length: 0,
                         span_bytes: 0,
+                        window_bytes: 0,
+                        block_bytes: 0,
+                        crcs: Vec::new(),
                     };
                     ready.push_back((i, check_offset(region, i, at, 0).map(|()| done)));
                 }
@@ -278,6 +414,7 @@ impl Store {
         self: Arc<Self>,
         region: Arc<RegionMap>,
         group: Vec<(BatchItemPlan, u64)>,
+        options: ReadIntoOptions,
     ) -> impl Stream<Item = (u32, Result<ReadIntoDone, ReadError>)> + Send + 'static {
         let (ready, items, mut wants) = self.plan_group(&region, group);
         let runs = schedule(&mut wants, self.limits.read_merge_bytes_max, true);
@@ -304,6 +441,7 @@ impl Store {
             running,
             fallbacks: FuturesUnordered::new(),
             ready,
+            options,
         };
         futures::stream::unfold(state, |mut st| async move {
             loop {
@@ -335,6 +473,7 @@ impl Store {
         &self,
         region: &RegionMap,
         item: &GroupItem,
+        options: ReadIntoOptions,
     ) -> Result<ReadIntoDone, ReadError> {
         let w = item.window();
         let chunks = self
@@ -342,7 +481,7 @@ impl Store {
             .await?;
         // Every read of this item has completed (it had no pieces left), so
         // nothing else writes its span.
-        self.copy_into(region, item, &chunks)
+        self.copy_into(region, item, &chunks, options)
     }
 
     /// One scheduled device read into the region. Errors come back as
@@ -387,27 +526,23 @@ impl Store {
         &self,
         region: &RegionMap,
         item: &mut GroupItem,
+        options: ReadIntoOptions,
     ) -> Result<ReadIntoDone, StoreError> {
         if let Some(e) = item.error.take() {
             return Err(e);
         }
         let w = item.window();
         let base = item.region_offset as usize;
-        // SAFETY: every read into [base, base + span) has completed (the
-        // item has no pieces left).
-        let window = unsafe { region.completed(base, w.len() as usize) };
-        self.verify_window(&item.obj, w, &[window])?;
+        if options.verify {
+            // SAFETY: every read into [base, base + span) has completed
+            // (the item has no pieces left).
+            let window = unsafe { region.completed(base, w.len() as usize) };
+            self.verify_window(&item.obj, w, &[window])?;
+        }
         let tail = w.len() as usize;
         // SAFETY: as above; the tail past the object's data is ours to zero.
         unsafe { region.zero(base + tail, item.span as usize - tail) };
-        self.read_counters
-            .shm_bytes_served
-            .fetch_add(item.len, Ordering::Relaxed);
-        Ok(ReadIntoDone {
-            data_offset: item.region_offset + item.lead,
-            length: item.len,
-            span_bytes: item.span,
-        })
+        Ok(self.item_done(item, options))
     }
 }
 
@@ -462,6 +597,7 @@ struct GroupState<F> {
     /// Items being rebuilt from parity after their direct read failed.
     fallbacks: FuturesUnordered<Fallback>,
     ready: std::collections::VecDeque<(u32, Result<ReadIntoDone, ReadError>)>,
+    options: ReadIntoOptions,
 }
 
 impl<F> GroupState<F> {
@@ -478,7 +614,10 @@ impl<F> GroupState<F> {
                 });
             }
             if item.pieces_left == 0 {
-                match self.store.finish_item_into(&self.region, item) {
+                match self
+                    .store
+                    .finish_item_into(&self.region, item, self.options)
+                {
                     // A device fault of an ec dataset is rebuilt; a
                     // checksum mismatch of any dataset is read
                     // again in storaged's memory, because the bytes
@@ -493,9 +632,11 @@ impl<F> GroupState<F> {
                         let store = Arc::clone(&self.store);
                         let region = Arc::clone(&self.region);
                         let item = item.detach();
+                        let options = self.options;
                         self.fallbacks.push(Box::pin(async move {
                             let index = item.index;
-                            (index, store.read_item_into_via_memory(&region, &item).await)
+                            let done = store.read_item_into_via_memory(&region, &item, options);
+                            (index, done.await)
                         }));
                     }
                     done => self

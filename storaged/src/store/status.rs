@@ -50,6 +50,8 @@ pub struct ReadStats {
     pub grpc_payload_bytes_copied: u64,
     pub shm_bytes_served: u64,
     pub shm_payload_bytes_copied: u64,
+    pub bulk_bytes_served: u64,
+    pub bulk_payload_bytes_copied: u64,
     pub device_reads_merged: u64,
     pub checksum_mismatches: u64,
 }
@@ -153,6 +155,8 @@ impl super::ReadCounters {
             grpc_payload_bytes_copied: load(&self.grpc_payload_bytes_copied),
             shm_bytes_served: load(&self.shm_bytes_served),
             shm_payload_bytes_copied: load(&self.shm_payload_bytes_copied),
+            bulk_bytes_served: load(&self.bulk_bytes_served),
+            bulk_payload_bytes_copied: load(&self.bulk_payload_bytes_copied),
             device_reads_merged: load(&self.device_reads_merged),
             checksum_mismatches: load(&self.checksum_mismatches),
         }

@@ -982,7 +982,7 @@ async fn read_into_merges_neighbours() {
                 &DatasetName::new("ds").unwrap(),
                 None,
                 items,
-                64,
+                read_into::ReadIntoOptions::same_host(64),
             )
             .unwrap()
             .collect()
@@ -1060,7 +1060,7 @@ async fn fixed_regions_read_exactly_and_give_their_entry_back() {
                 &DatasetName::new("ds").unwrap(),
                 None,
                 items,
-                8,
+                read_into::ReadIntoOptions::same_host(8),
             )
             .unwrap()
             .collect()
