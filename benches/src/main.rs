@@ -22,6 +22,7 @@ use storaged_bench::systems::nginx::{self, Nginx};
 use storaged_bench::systems::storaged::{self as sd, Daemon};
 use storaged_bench::systems::{Item, local};
 use storaged_bench::{datasets, machine};
+use storaged_client::BulkTcp;
 
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
@@ -138,7 +139,7 @@ impl Ctx {
         let old = std::mem::replace(&mut self.daemon, Daemon::placeholder());
         old.stop()?;
         self.daemon = Daemon::start_with(&r.bin, &r.data_dir, &r.devices, r.device_size, extra)?;
-        self.client = storaged_client::Client::connect(&self.daemon.url).await?;
+        self.client = sd::tcp_client(&self.daemon, BulkTcp::Off).await?;
         Ok(())
     }
 
@@ -305,7 +306,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &devices,
         device_size,
     )?;
-    let client = storaged_client::Client::connect(&daemon.url).await?;
+    // gRPC only: the TCP bulk channel has rows of its own.
+    let client = sd::tcp_client(&daemon, BulkTcp::Off).await?;
     eprintln!(
         "ingesting {:.2} GiB into storaged...",
         data_bytes as f64 / (1u64 << 30) as f64
@@ -492,6 +494,12 @@ async fn shard_stream(ctx: &mut Ctx, set: &FileSet) -> anyhow::Result<Vec<Row>> 
                 sd::stream_objects_shm(&ctx.daemon, &set.name, &items, c),
             )
             .await?;
+            ctx.measure_cold(
+                &mut runs,
+                "storaged_bulk",
+                sd::stream_objects_bulk(&ctx.daemon, &set.name, &items, c),
+            )
+            .await?;
             ctx.measure_mount(&mut runs, set, &items, c).await?;
             run_peers(ctx, &mut runs, set, &items, c).await?;
             if c == 1 {
@@ -568,19 +576,16 @@ async fn random(ctx: &mut Ctx, workload: &str, set: &FileSet) -> anyhow::Result<
                 // zero-copy path; the default (uniform) shuffle, and the
                 // block shuffle of 64 path-adjacent objects it replaced
                 // (the unbiased default must keep >= 0.9x its samples/s).
-                for (system, url, hints, block) in [
-                    ("storaged_loader_hints", &ctx.daemon.url, true, 1),
-                    ("storaged_loader_nohints", &ctx.daemon.url, false, 1),
-                    ("storaged_loader_shm", &ctx.daemon.unix_url, false, 1),
-                    ("storaged_loader_hints_block64", &ctx.daemon.url, true, 64),
-                    (
-                        "storaged_loader_shm_block64",
-                        &ctx.daemon.unix_url,
-                        false,
-                        64,
-                    ),
+                let (tcp, unix) = (&ctx.daemon.url, &ctx.daemon.unix_url);
+                for (system, url, bulk, hints, block) in [
+                    ("storaged_loader_hints", tcp, BulkTcp::Off, true, 1),
+                    ("storaged_loader_nohints", tcp, BulkTcp::Off, false, 1),
+                    ("storaged_loader_bulk", tcp, BulkTcp::Required, false, 1),
+                    ("storaged_loader_shm", unix, BulkTcp::Off, false, 1),
+                    ("storaged_loader_hints_block64", tcp, BulkTcp::Off, true, 64),
+                    ("storaged_loader_shm_block64", unix, BulkTcp::Off, false, 64),
                 ] {
-                    let epoch = sd::loader_epoch(&ctx.daemon, url, &set.name, hints, block);
+                    let epoch = sd::loader_epoch(&ctx.daemon, url, bulk, &set.name, hints, block);
                     ctx.measure_cold(&mut runs, system, epoch).await?;
                 }
             }

@@ -165,7 +165,7 @@ impl TcpBulkPool {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
                 Some(conn) => conn,
-                None => self.connect().await.map_err(BulkError::Call)?,
+                None => self.connect().await?,
             };
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             match self.exchange(&mut conn, &request, layout, region).await {
@@ -200,21 +200,27 @@ impl TcpBulkPool {
         }
     }
 
-    /// A new connection, past its hello.
-    async fn connect(&self) -> Result<TcpStream, ClientError> {
+    /// A new connection, past its hello. One that cannot be opened is
+    /// `Unreachable` (nothing was sent: storaged is gone, or listens
+    /// elsewhere now); one refused at its hello is the hello's error.
+    async fn connect(&self) -> Result<TcpStream, BulkError> {
+        let connecting = TcpStream::connect(&self.addr);
+        let mut conn = tokio::time::timeout(storaged_proto::http2::CONNECT_TIMEOUT, connecting)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .ok_or(BulkError::Unreachable)?;
         let unavailable = |e: std::io::Error| {
             ClientError::Status(Status::unavailable(format!(
                 "bulk channel {}: {e}",
                 self.addr
             )))
         };
-        let connecting = TcpStream::connect(&self.addr);
-        let mut conn = tokio::time::timeout(storaged_proto::http2::CONNECT_TIMEOUT, connecting)
+        conn.set_nodelay(true)
+            .map_err(|e| BulkError::Call(unavailable(e)))?;
+        crate::bulk::greet(&mut conn, self.authorization.clone(), unavailable)
             .await
-            .map_err(|_| unavailable(std::io::ErrorKind::TimedOut.into()))?
-            .map_err(unavailable)?;
-        conn.set_nodelay(true).map_err(unavailable)?;
-        crate::bulk::greet(&mut conn, self.authorization.clone(), unavailable).await?;
+            .map_err(BulkError::Call)?;
         Ok(conn)
     }
 

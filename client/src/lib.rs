@@ -233,6 +233,18 @@ pub enum BulkTcp {
     Required,
 }
 
+/// What a client knows of its storaged's TCP bulk channel.
+#[derive(Debug, Default)]
+enum BulkTcpKnown {
+    /// Not asked yet, or forgotten (its port stopped answering: storaged
+    /// restarted, perhaps on another port).
+    #[default]
+    Unknown,
+    /// Not offered.
+    Absent,
+    Offered(std::sync::Arc<bulk_tcp::TcpBulkPool>),
+}
+
 /// TCP bulk channel connections per client unless told otherwise.
 const BULK_TCP_CONNECTIONS_DEFAULT: usize = 16;
 
@@ -364,9 +376,8 @@ pub struct Client {
     bulk: std::sync::Arc<tokio::sync::OnceCell<Option<std::sync::Arc<bulk::BulkPool>>>>,
     /// The host of a TCP connection's URL (where the TCP bulk channel is).
     tcp_host: Option<std::sync::Arc<str>>,
-    /// The TCP bulk channel, once asked for (`None` inside: not offered,
-    /// not wanted, or on the same host).
-    bulk_tcp: std::sync::Arc<tokio::sync::OnceCell<Option<std::sync::Arc<bulk_tcp::TcpBulkPool>>>>,
+    /// The TCP bulk channel as last learnt from Status.
+    bulk_tcp: std::sync::Arc<std::sync::Mutex<BulkTcpKnown>>,
     bulk_tcp_counters: std::sync::Arc<bulk_tcp::BulkTcpCounters>,
 }
 
@@ -599,40 +610,58 @@ impl Client {
         if self.local || self.options.bulk_tcp == BulkTcp::Off {
             return None;
         }
+        match &*self.bulk_tcp.lock().expect("poisoned") {
+            BulkTcpKnown::Offered(pool) => return Some(std::sync::Arc::clone(pool)),
+            BulkTcpKnown::Absent => return None,
+            BulkTcpKnown::Unknown => {}
+        }
         let host = self.tcp_host.clone()?;
-        let pool = self
-            .bulk_tcp
-            .get_or_try_init(|| async {
-                let status = self.rpc.clone().status(pb::StatusRequest {}).await?;
-                let status = status.into_inner();
-                let block = u64::from(status.checksum_block_bytes);
-                let c = status.connections.unwrap_or_default();
-                Ok::<_, ClientError>((c.bulk_tcp_port != 0 && block != 0).then(|| {
-                    let authorization = self
-                        .options
-                        .token
-                        .as_deref()
-                        .map(storaged_proto::auth::bearer);
-                    let connections = match self.options.bulk_tcp_connections {
-                        0 => BULK_TCP_CONNECTIONS_DEFAULT,
-                        n => n,
-                    };
-                    let addr = match &self.options.bulk_tcp_addr {
-                        Some(addr) => addr.clone(),
-                        None => format!("{host}:{}", c.bulk_tcp_port),
-                    };
-                    std::sync::Arc::new(bulk_tcp::TcpBulkPool::new(
-                        addr,
-                        authorization,
-                        c.bulk_tcp_item_bytes_max,
-                        block,
-                        connections,
-                        std::sync::Arc::clone(&self.bulk_tcp_counters),
-                    ))
-                }))
-            })
-            .await;
-        pool.ok().cloned().flatten()
+        // Not retried: a caller that waits out a restart asks again.
+        let status = self.rpc.clone().status(pb::StatusRequest {}).await.ok()?;
+        let status = status.into_inner();
+        let block = u64::from(status.checksum_block_bytes);
+        let c = status.connections.unwrap_or_default();
+        let known = if c.bulk_tcp_port == 0 || block == 0 {
+            BulkTcpKnown::Absent
+        } else {
+            let authorization = self
+                .options
+                .token
+                .as_deref()
+                .map(storaged_proto::auth::bearer);
+            let connections = match self.options.bulk_tcp_connections {
+                0 => BULK_TCP_CONNECTIONS_DEFAULT,
+                n => n,
+            };
+            let addr = match &self.options.bulk_tcp_addr {
+                Some(addr) => addr.clone(),
+                None => format!("{host}:{}", c.bulk_tcp_port),
+            };
+            BulkTcpKnown::Offered(std::sync::Arc::new(bulk_tcp::TcpBulkPool::new(
+                addr,
+                authorization,
+                c.bulk_tcp_item_bytes_max,
+                block,
+                connections,
+                std::sync::Arc::clone(&self.bulk_tcp_counters),
+            )))
+        };
+        let pool = match &known {
+            BulkTcpKnown::Offered(pool) => Some(std::sync::Arc::clone(pool)),
+            _ => None,
+        };
+        *self.bulk_tcp.lock().expect("poisoned") = known;
+        pool
+    }
+
+    /// Forgets `pool` (its address stopped answering), so that the next
+    /// read asks Status again: a restarted storaged listens on a new port
+    /// unless `bulk_listen` names one.
+    pub(crate) fn forget_bulk_tcp(&self, pool: &std::sync::Arc<bulk_tcp::TcpBulkPool>) {
+        let mut known = self.bulk_tcp.lock().expect("poisoned");
+        if matches!(&*known, BulkTcpKnown::Offered(p) if std::sync::Arc::ptr_eq(p, pool)) {
+            *known = BulkTcpKnown::Unknown;
+        }
     }
 
     /// Whether reads of this client land in regions (its own memory named

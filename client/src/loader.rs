@@ -205,6 +205,20 @@ pub enum ReadPath {
     Grpc,
     /// `ReadInto` a registered region: zero-copy shared memory.
     Shm,
+    /// `Read` on the TCP bulk channel, received into this process's
+    /// region and checked here (storaged on another host).
+    Bulk,
+}
+
+impl ReadPath {
+    /// The path that served reads into `region`.
+    fn of(region: &Region) -> Self {
+        if region.is_shared() {
+            Self::Shm
+        } else {
+            Self::Bulk
+        }
+    }
 }
 
 /// Consecutive samples of a plan.
@@ -223,6 +237,8 @@ pub struct LoaderStats {
     pub grpc_bytes: u64,
     pub shm_batches: u64,
     pub shm_bytes: u64,
+    pub bulk_batches: u64,
+    pub bulk_bytes: u64,
     /// Read-ahead hints sent, objects storaged accepted from them, and
     /// hints that failed (ignored: a hint is advice).
     pub hints_sent: u64,
@@ -236,6 +252,8 @@ struct StatCounters {
     grpc_bytes: AtomicU64,
     shm_batches: AtomicU64,
     shm_bytes: AtomicU64,
+    bulk_batches: AtomicU64,
+    bulk_bytes: AtomicU64,
     hints_sent: AtomicU64,
     hint_objects_accepted: AtomicU64,
     hints_failed: AtomicU64,
@@ -310,6 +328,8 @@ impl Loader {
             grpc_bytes: c.grpc_bytes.load(Ordering::Relaxed),
             shm_batches: c.shm_batches.load(Ordering::Relaxed),
             shm_bytes: c.shm_bytes.load(Ordering::Relaxed),
+            bulk_batches: c.bulk_batches.load(Ordering::Relaxed),
+            bulk_bytes: c.bulk_bytes.load(Ordering::Relaxed),
             hints_sent: c.hints_sent.load(Ordering::Relaxed),
             hint_objects_accepted: c.hint_objects_accepted.load(Ordering::Relaxed),
             hints_failed: c.hints_failed.load(Ordering::Relaxed),
@@ -329,6 +349,7 @@ impl Stream for Loader {
             let (batches, bytes_served) = match batch.served_by {
                 ReadPath::Grpc => (&self.stats.grpc_batches, &self.stats.grpc_bytes),
                 ReadPath::Shm => (&self.stats.shm_batches, &self.stats.shm_bytes),
+                ReadPath::Bulk => (&self.stats.bulk_batches, &self.stats.bulk_bytes),
             };
             batches.fetch_add(1, Ordering::Relaxed);
             bytes_served.fetch_add(bytes, Ordering::Relaxed);
@@ -465,10 +486,10 @@ impl Dataset {
         let total = plan.len() as u64;
         let batches = batch_plans(&plan, batch_size);
         let dataset = self.clone();
-        // The shm path needs a same-host connection and regions of a sane
-        // size.
+        // Regions (shared memory on the same host, the TCP bulk channel
+        // from another) need one of those and regions of a sane size.
         let region_bytes = region_bytes_for(&batches);
-        let use_shm = self.client.is_local() && region_bytes <= SHM_REGION_BYTES_MAX;
+        let use_shm = region_bytes <= SHM_REGION_BYTES_MAX;
         let stats: Arc<StatCounters> = Arc::default();
         let mut hints = options.hints.then(|| HintWindow {
             paths: (0..batches.len())
@@ -487,7 +508,7 @@ impl Dataset {
         });
         let stream = async_stream_bounded(1, move |tx| async move {
             let mut slots: Vec<Arc<RegionSlot>> = Vec::new();
-            let mut use_shm = use_shm;
+            let mut use_shm = use_shm && dataset.client.reads_into_regions().await;
             if use_shm {
                 let count = (prefetch_bytes_max / region_bytes).clamp(1, SHM_PREFETCH_REGIONS_MAX)
                     + SHM_SLOTS_EXTRA;
@@ -717,11 +738,12 @@ impl Dataset {
             .region_span()
             .max(READ_INTO_ALIGN_BYTES)
             .next_multiple_of(1 << 20);
-        let region = if self.client.is_local() && region_bytes <= SHM_REGION_BYTES_MAX {
-            self.client.region(region_bytes).await.ok()
-        } else {
-            None
-        };
+        let region =
+            if region_bytes <= SHM_REGION_BYTES_MAX && self.client.reads_into_regions().await {
+                self.client.region(region_bytes).await.ok()
+            } else {
+                None
+            };
         let result = match region {
             Some(region) => {
                 let slot = Arc::new(RegionSlot {
@@ -799,7 +821,7 @@ impl Dataset {
                 ReadPath::Grpc,
             ));
         }
-        if self.client.is_local() {
+        if self.client.reads_into_regions().await {
             // Powers of two: few size classes, so the client's cache of
             // idle regions serves every later read. Sized by the exact span
             // (the ranges widened to whole checksum blocks) at the usual
@@ -839,6 +861,7 @@ impl Dataset {
         mut region: Region,
         reads: &[RegionRead],
     ) -> Result<(Vec<Result<Bytes, ClientError>>, ReadPath), ClientError> {
+        let path = ReadPath::of(&region);
         let result = self.read_into(&mut region, reads).await.map(|batch| {
             (0..batch.len())
                 .map(|i| batch.extent(i).map_err(Status::clone))
@@ -878,7 +901,7 @@ impl Dataset {
                 ))),
             })
             .collect();
-        Ok((results, ReadPath::Shm))
+        Ok((results, path))
     }
 
     /// [`read_ranges_sized`](Self::read_ranges_sized) over gRPC: one
@@ -1050,6 +1073,7 @@ async fn fetch_shm(
             RegionRead::whole(path.clone(), *size)
         })
         .collect();
+    let served_by = slot.region.as_ref().map_or(ReadPath::Shm, ReadPath::of);
     let extents: Result<Vec<(usize, usize)>, ClientError> = async {
         // The loader took this slot when no view referred to it, and views
         // are only made below, so this is the only `Arc`.
@@ -1116,7 +1140,7 @@ async fn fetch_shm(
                 }),
             })
             .collect(),
-        served_by: ReadPath::Shm,
+        served_by,
     });
     (batch.bytes, result, Some(slot))
 }

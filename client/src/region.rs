@@ -671,8 +671,11 @@ impl Dataset {
             Ok(landed) => landed,
             Err(BulkError::Call(e)) => return Err(e),
             Err(BulkError::Unreachable) => {
+                // Asked again next time: a restarted storaged may listen on
+                // another port. UNAVAILABLE: worth retrying.
+                self.client.forget_bulk_tcp(&pool);
                 return Err(ClientError::Status(Status::unavailable(
-                    "storaged's TCP bulk channel is unreachable",
+                    "storaged's TCP bulk channel did not answer at its last known port",
                 )));
             }
         };

@@ -52,11 +52,12 @@ async fn drain(
         let batch = batch.unwrap();
         assert_eq!(batch.first_position as usize, seen.len());
         // Same host (Unix socket): the zero-copy path serves every batch
-        // here (samples are dropped as they are checked).
+        // here (samples are dropped as they are checked); over TCP the TCP
+        // bulk channel does.
         let want = if ds.client().is_local() {
             ReadPath::Shm
         } else {
-            ReadPath::Grpc
+            ReadPath::Bulk
         };
         assert_eq!(batch.served_by, want);
         for s in batch.samples {
@@ -72,7 +73,7 @@ async fn drain(
     assert_eq!(order[..], planned[..order.len()], "plan order");
     let stats = loader.stats();
     assert_eq!(
-        stats.grpc_batches + stats.shm_batches,
+        stats.grpc_batches + stats.shm_batches + stats.bulk_batches,
         batches as u64,
         "{stats:?}"
     );

@@ -718,20 +718,29 @@ async fn a_loopback_client_finds_the_unix_socket_by_itself() {
     assert_eq!(batch.get(0).unwrap(), &files()[1].1[..]);
     drop(batch);
 
-    // storagectl does the same by default, and keeps TCP when asked.
-    let out = d.ctl_ok(&["epoch", "ds", "--workers", "1", "--batch", "8"]);
-    assert!(out.contains("via shm 9, via grpc 0"), "{out}");
-    let out = d.ctl_ok(&[
-        "--transport",
-        "as-given",
-        "epoch",
-        "ds",
-        "--workers",
-        "1",
-        "--batch",
-        "8",
-    ]);
-    assert!(out.contains("via shm 0, via grpc 9"), "{out}");
+    // storagectl does the same by default, keeps TCP when asked (and
+    // there takes the TCP bulk channel, as a remote client would), and
+    // keeps to gRPC when told.
+    let epoch = |transport: &str| {
+        d.ctl_ok(&[
+            "--transport",
+            transport,
+            "epoch",
+            "ds",
+            "--workers",
+            "1",
+            "--batch",
+            "8",
+        ])
+    };
+    let out = epoch("auto");
+    assert!(out.contains("via shm 9, via bulk 0, via grpc 0"), "{out}");
+    let out = epoch("as-given");
+    assert!(out.contains("via shm 0, via bulk 9, via grpc 0"), "{out}");
+    let out = epoch("bulk");
+    assert!(out.contains("via shm 0, via bulk 9, via grpc 0"), "{out}");
+    let out = epoch("grpc");
+    assert!(out.contains("via shm 0, via bulk 0, via grpc 9"), "{out}");
 
     // The socket file gone (the listener itself still runs): TCP it is.
     std::fs::remove_file(&advertised).unwrap();

@@ -51,18 +51,20 @@ pub(crate) async fn run_epoch(client: &Client, run: &EpochRun, epoch: u64) -> an
             Ok::<_, anyhow::Error>((samples, bytes, loader.stats()))
         }));
     }
-    let (mut samples, mut bytes, mut shm, mut grpc, mut hinted) = (0, 0, 0, 0, 0);
+    let (mut samples, mut bytes, mut hinted) = (0, 0, 0);
+    let (mut shm, mut bulk, mut grpc) = (0, 0, 0);
     for t in tasks {
         let (n, b, stats) = t.await??;
         samples += n;
         bytes += b;
         shm += stats.shm_batches;
+        bulk += stats.bulk_batches;
         grpc += stats.grpc_batches;
         hinted += stats.hint_objects_accepted;
     }
     let secs = started.elapsed().as_secs_f64();
     outln!(
-        "epoch {epoch}: {samples} samples, {} in {secs:.2} s: {:.0} samples/s, {}/s; batches via shm {shm}, via grpc {grpc}; samples read ahead on hint {hinted}",
+        "epoch {epoch}: {samples} samples, {} in {secs:.2} s: {:.0} samples/s, {}/s; batches via shm {shm}, via bulk {bulk}, via grpc {grpc}; samples read ahead on hint {hinted}",
         human(bytes),
         samples as f64 / secs,
         human((bytes as f64 / secs) as u64)

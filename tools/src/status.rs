@@ -66,6 +66,17 @@ fn print_pool(s: &StatusResponse) -> anyhow::Result<()> {
         s.connections().open,
         s.connections().refused
     );
+    let c = s.connections();
+    if c.bulk_tcp_port == 0 {
+        outln!("bulk tcp:    off");
+    } else {
+        outln!(
+            "bulk tcp:    port {}, staging {} held, items up to {}",
+            c.bulk_tcp_port,
+            human(c.bulk_tcp_staging_bytes),
+            human(c.bulk_tcp_item_bytes_max)
+        );
+    }
     Ok(())
 }
 
@@ -102,11 +113,13 @@ fn print_jobs(s: &StatusResponse) -> anyhow::Result<()> {
 /// discard and regions.
 fn print_activity(s: &StatusResponse) -> anyhow::Result<()> {
     outln!(
-        "served:      grpc {} ({} copied)  shm {} ({} copied)",
+        "served:      grpc {} ({} copied)  shm {} ({} copied)  bulk tcp {} ({} copied)",
         human(s.reads().grpc_bytes_served),
         human(s.reads().grpc_payload_bytes_copied),
         human(s.reads().shm_bytes_served),
-        human(s.reads().shm_payload_bytes_copied)
+        human(s.reads().shm_payload_bytes_copied),
+        human(s.reads().bulk_bytes_served),
+        human(s.reads().bulk_payload_bytes_copied)
     );
     outln!(
         "scheduling:  {} device reads merged into neighbours",

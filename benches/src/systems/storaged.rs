@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use futures::StreamExt;
 use storaged_client::region::RegionRead;
-use storaged_client::{BatchItem, Client, Plan, PlanSpec, PlanTail};
+use storaged_client::{BatchItem, BulkTcp, Client, ConnectOptions, Plan, PlanSpec, PlanTail};
 
 use super::{Item, pipeline_latencies_us, slot_latencies_us};
 use crate::results::Measurement;
@@ -301,6 +301,16 @@ fn shm_shape() -> (u32, u64, u64) {
     }
 }
 
+/// A client of `daemon` on TCP that reads over gRPC only (`BulkTcp::Off`),
+/// or only over the TCP bulk channel (`Required`).
+pub async fn tcp_client(daemon: &Daemon, bulk_tcp: BulkTcp) -> anyhow::Result<Client> {
+    let options = ConnectOptions {
+        bulk_tcp,
+        ..Default::default()
+    };
+    Ok(Client::connect_with(&daemon.url, &options).await?)
+}
+
 /// Whole objects through the shared-memory path: the device writes into
 /// this process's registered regions, verified in place, nothing copied.
 /// Readers pull 16 MiB windows of the shards from one shared queue.
@@ -311,6 +321,31 @@ pub async fn stream_objects_shm(
     concurrency: u32,
 ) -> anyhow::Result<Measurement> {
     let client = Client::connect(&daemon.unix_url).await?;
+    stream_objects_into_regions(daemon, &client, dataset, items, concurrency).await
+}
+
+/// Whole objects over the TCP bulk channel: the same readers and windows
+/// as the shared-memory stream, each window received into this process's
+/// own region and checked here against the CRCs sent with it.
+pub async fn stream_objects_bulk(
+    daemon: &Daemon,
+    dataset: &str,
+    items: &[Item],
+    concurrency: u32,
+) -> anyhow::Result<Measurement> {
+    let client = tcp_client(daemon, BulkTcp::Required).await?;
+    stream_objects_into_regions(daemon, &client, dataset, items, concurrency).await
+}
+
+/// Whole objects read into `client`'s regions (shared ones on the same
+/// host, its own over the TCP bulk channel).
+async fn stream_objects_into_regions(
+    daemon: &Daemon,
+    client: &Client,
+    dataset: &str,
+    items: &[Item],
+    concurrency: u32,
+) -> anyhow::Result<Measurement> {
     let ds = client.dataset(dataset)?;
     let (readers, window_bytes, piece_bytes) = shm_shape();
     // (object, window start) pairs in order; readers take the next one.
@@ -334,7 +369,7 @@ pub async fn stream_objects_shm(
     // being torn down, would count as fixed in their place.
     let wanted = regions.len() as u32;
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    loop {
+    while regions.iter().any(storaged_client::Region::is_shared) {
         let s = client.status().await?;
         if (s.regions().registered == wanted && s.regions().fixed >= wanted)
             || Instant::now() >= deadline
@@ -386,18 +421,20 @@ pub async fn stream_objects_shm(
         regions.push(region);
     }
     let m = stream_measurement(daemon, items, bytes, t0, (srv0, cli0));
+    let shared = regions.iter().any(storaged_client::Region::is_shared);
     drop(regions);
     // storaged unpins and frees them in the background: let it finish
     // (up to 10 s) so the next system measured does not pay for it.
     let deadline = Instant::now() + std::time::Duration::from_secs(10);
-    while client.status().await?.regions().registered > registered_before
+    while shared
+        && client.status().await?.regions().registered > registered_before
         && Instant::now() < deadline
     {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let expected: u64 = items.iter().map(|i| i.size).sum();
     if bytes != expected {
-        bail!("shm stream read {bytes} bytes of {expected}");
+        bail!("region stream read {bytes} bytes of {expected}");
     }
     Ok(m)
 }
@@ -412,16 +449,22 @@ const LOADER_PREFETCH_BYTES: u64 = 64 << 20;
 /// The whole dataset through `LOADER_WORKERS` loaders (the second epoch of
 /// a plan shuffled in blocks of `block_size`, 1 being the uniform default,
 /// one rank), connected at `url`: over TCP the loader uses gRPC (with
-/// read-ahead `hints` or without), over the Unix socket the zero-copy path.
-/// Every sample's length is checked against the listing.
+/// read-ahead `hints` or without) or, with `bulk_tcp`, the TCP bulk
+/// channel; over the Unix socket the zero-copy path. Every sample's
+/// length is checked against the listing.
 pub async fn loader_epoch(
     daemon: &Daemon,
     url: &str,
+    bulk_tcp: BulkTcp,
     dataset: &str,
     hints: bool,
     block_size: u32,
 ) -> anyhow::Result<Measurement> {
-    let client = Client::connect(url).await?;
+    let options = ConnectOptions {
+        bulk_tcp,
+        ..Default::default()
+    };
+    let client = Client::connect_with(url, &options).await?;
     let ds = client.dataset(dataset)?;
     let listing: Arc<[storaged_client::ObjectInfo]> = ds.list("").await?.into();
     // Epoch 0 sets the job up (connections; on the shm path the regions,
