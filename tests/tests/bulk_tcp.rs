@@ -146,6 +146,58 @@ async fn remote_reads_over_the_tcp_bulk_channel_are_exact_for_every_size_class()
         "1",
     ]);
     assert!(out.contains("verified via bulk"), "{out}");
+    // cat and export take it too (and shm on the same host when told).
+    let before = d.status_json()["reads"]["bulk_bytes_served"]
+        .as_u64()
+        .unwrap();
+    for transport in ["bulk", "shm"] {
+        let out = d.ctl(&["--transport", transport, "cat", "ds", "f8"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout == files()[8].1, "cat over {transport} differs");
+        let out = d.ctl(&[
+            "--transport",
+            transport,
+            "cat",
+            "ds",
+            "f8",
+            "--offset",
+            "100",
+            "--length",
+            "3000000",
+        ]);
+        assert!(
+            out.stdout == files()[8].1[100..3_000_100],
+            "ranged cat over {transport}"
+        );
+        // Past the end: the server's own OUT_OF_RANGE.
+        let out = d.ctl(&["--transport", transport, "cat", "ds", "f1", "--offset", "2"]);
+        assert!(String::from_utf8_lossy(&out.stderr).contains("OUT_OF_RANGE"));
+    }
+    let after = d.status_json()["reads"]["bulk_bytes_served"]
+        .as_u64()
+        .unwrap();
+    assert!(
+        after >= before + big.len() as u64,
+        "cat went over the bulk channel"
+    );
+    let export = tmp.path().join("export");
+    d.ctl_ok(&[
+        "--transport",
+        "bulk",
+        "export",
+        "ds",
+        export.to_str().unwrap(),
+    ]);
+    for (path, want) in files() {
+        assert!(
+            std::fs::read(export.join(&path)).unwrap() == want,
+            "exported {path}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

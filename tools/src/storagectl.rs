@@ -471,6 +471,18 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Whether `cat` and `export` read into regions rather than over gRPC
+/// streams: from a remote storaged over its TCP bulk channel (unless
+/// `--transport grpc`), and on the same host when `--transport shm` says
+/// so (by default a same-host client streams over the Unix socket).
+async fn reads_into_regions(client: &Client, transport: &str) -> bool {
+    match transport {
+        "shm" => true,
+        "grpc" => false,
+        _ => !client.is_local() && client.reads_into_regions().await,
+    }
+}
+
 /// A client for the server and credentials on the command line.
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let options = ConnectOptions {
@@ -576,13 +588,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             path,
             offset,
             length,
-        } => object::cat(&client, &dataset, &path, offset, length).await,
+        } => {
+            let regions = reads_into_regions(&client, &cli.transport).await;
+            object::cat(&client, &dataset, &path, (offset, length), regions).await
+        }
         Command::Stat { dataset, path } => object::stat(&client, &dataset, &path).await,
         Command::Export {
             dataset,
             dir,
             parallel,
-        } => export(&client, &dataset, &dir, parallel.max(1)).await,
+        } => {
+            let regions = reads_into_regions(&client, &cli.transport).await;
+            export(&client, &dataset, &dir, parallel.max(1), regions).await
+        }
         Command::Verify {
             dataset,
             via,

@@ -63,6 +63,7 @@ pub(crate) async fn export(
     dataset: &str,
     dir: &Path,
     parallel: usize,
+    regions: bool,
 ) -> anyhow::Result<()> {
     let ds = client.dataset(dataset)?;
     let objects = ds.list("").await?;
@@ -102,7 +103,11 @@ pub(crate) async fn export(
                 .await?
                 .with_context(|| format!("creating {}", shown(&target.display().to_string())))?;
             let mut file = tokio::fs::File::from_std(file);
-            let mut stream = std::pin::pin!(ds.read_stream(&o.path, 0, None));
+            let mut stream = if regions {
+                crate::object::region_windows(&ds, &o.path, o.size, 0, o.size).boxed()
+            } else {
+                ds.read_stream(&o.path, 0, None).boxed()
+            };
             let mut crc = crc32fast::Hasher::new();
             let mut n = 0u64;
             while let Some(chunk) = stream.next().await {
