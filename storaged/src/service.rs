@@ -110,7 +110,9 @@ impl StoragedService {
     /// staging memory `limits` give its connections.
     #[must_use]
     pub fn with_bulk_tcp(mut self, port: u16, limits: &crate::config::ServerLimits) -> Self {
-        self.bulk_tcp = Some(Arc::new(bulk::TcpBulk::new(port, limits)));
+        let pool = Arc::new(bulk::TcpBulk::new(port, limits));
+        bulk::TcpBulk::sweep_idle(&pool);
+        self.bulk_tcp = Some(pool);
         self
     }
 

@@ -73,9 +73,48 @@ impl FioJob {
         format!("fio {}", self.args().join(" "))
     }
 
+    /// One job section per device file (each reading its own file's
+    /// region with `numjobs` jobs at `iodepth`), reported as one group:
+    /// the files' queues fill independently, as storaged's per-device
+    /// reads do.
+    pub fn args_per_file(&self) -> Vec<String> {
+        let mut a = Vec::new();
+        for (i, file) in self.filenames.iter().enumerate() {
+            let one = FioJob {
+                filenames: vec![file.clone()],
+                ..self.clone()
+            };
+            let args = one.args();
+            if i > 0 {
+                // Options given once for the whole command line.
+                a.extend(args.into_iter().filter(|x| {
+                    !x.starts_with("--output-format") && !x.starts_with("--group_reporting")
+                }));
+            } else {
+                a.extend(args);
+            }
+            if let Some(name) = a.iter_mut().rev().find(|x| x.starts_with("--name=")) {
+                *name = format!("--name=dev{i}");
+            }
+        }
+        a
+    }
+
+    pub fn command_line_per_file(&self) -> String {
+        format!("fio {}", self.args_per_file().join(" "))
+    }
+
     pub fn run(&self) -> anyhow::Result<Measurement> {
+        self.run_with(self.args())
+    }
+
+    pub fn run_per_file(&self) -> anyhow::Result<Measurement> {
+        self.run_with(self.args_per_file())
+    }
+
+    fn run_with(&self, args: Vec<String>) -> anyhow::Result<Measurement> {
         let out = Command::new("fio")
-            .args(self.args())
+            .args(args)
             .output()
             .context("running fio")?;
         if !out.status.success() {
@@ -223,5 +262,34 @@ mod tests {
         ] {
             assert!(c.contains(want), "{c}");
         }
+    }
+
+    #[test]
+    fn a_job_per_device_file_names_each_file_once_and_reports_once() {
+        // Guards the sweep's per-file shape: one section per file, each on
+        // its file alone, and the output options given once.
+        let job = FioJob {
+            rw: "read",
+            bs: "1M".into(),
+            bssplit: false,
+            iodepth: 16,
+            numjobs: 2,
+            offset_bytes: 4096,
+            size_bytes: 1 << 30,
+            number_ios: None,
+            filenames: vec!["/d/a".into(), "/d/b".into()],
+        };
+        let args = job.args_per_file();
+        let names: Vec<&String> = args.iter().filter(|a| a.starts_with("--name=")).collect();
+        assert_eq!(names, ["--name=dev0", "--name=dev1"]);
+        let files: Vec<&String> = args
+            .iter()
+            .filter(|a| a.starts_with("--filename="))
+            .collect();
+        assert_eq!(files, ["--filename=/d/a", "--filename=/d/b"]);
+        let once = |prefix: &str| args.iter().filter(|a| a.starts_with(prefix)).count();
+        assert_eq!(once("--output-format"), 1);
+        assert_eq!(once("--group_reporting"), 1);
+        assert_eq!(once("--numjobs=2"), 2);
     }
 }

@@ -54,6 +54,11 @@ const METHOD_READ: &str = "bulk/Read";
 /// connections hold none.
 const STAGING_IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// How long a staging region no connection holds stays mapped for the
+/// next one (mapping, faulting in and pinning 16 MiB costs milliseconds,
+/// a cost per connection otherwise).
+const STAGING_KEEP: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// The TCP bulk channel's port and staging memory.
 #[derive(Debug)]
 pub(super) struct TcpBulk {
@@ -61,12 +66,17 @@ pub(super) struct TcpBulk {
     /// One connection's staging: the most one round holds, and the
     /// largest item span served.
     pub staging_bytes: u64,
-    /// Staging memory left to take, in MiB.
+    /// Staging memory left to map, in MiB: every staging region, held or
+    /// idle, holds its share.
     staging_left_mib: Arc<tokio::sync::Semaphore>,
     staging_total_mib: usize,
+    /// Staging regions no connection holds, each with its share and since
+    /// when it is idle.
+    idle: std::sync::Mutex<Vec<(Staging, std::time::Instant)>>,
 }
 
-/// A connection's staging region and its share of the total.
+/// A staging region and its share of the total.
+#[derive(Debug)]
 struct Staging {
     region: Arc<RegionMap>,
     _share: tokio::sync::OwnedSemaphorePermit,
@@ -80,17 +90,64 @@ impl TcpBulk {
             staging_bytes: limits.bulk_staging_bytes,
             staging_left_mib: Arc::new(tokio::sync::Semaphore::new(total_mib)),
             staging_total_mib: total_mib,
+            idle: std::sync::Mutex::default(),
         }
     }
 
-    /// Staging bytes connections hold now.
+    /// Keeps `staging` for the next connection, unless a read still holds
+    /// its memory (a connection that broke mid-round: the engine keeps the
+    /// region until its reads complete, and then it is unmapped). The
+    /// sweeper unmaps it after `STAGING_KEEP` unused.
+    fn give_back(&self, staging: Staging) {
+        if Arc::strong_count(&staging.region) == 1 {
+            let now = std::time::Instant::now();
+            self.idle
+                .lock()
+                .expect("staging pool poisoned")
+                .push((staging, now));
+        }
+    }
+
+    /// Staging bytes connections hold now (mapped ones idle for the next
+    /// connections not counted).
     pub(super) fn staging_in_use(&self) -> u64 {
-        ((self.staging_total_mib - self.staging_left_mib.available_permits()) as u64) << 20
+        let mapped =
+            ((self.staging_total_mib - self.staging_left_mib.available_permits()) as u64) << 20;
+        let idle = self.idle.lock().expect("staging pool poisoned").len() as u64;
+        mapped.saturating_sub(idle * self.staging_bytes)
+    }
+
+    /// Unmaps, every `STAGING_KEEP`, the staging regions idle that long,
+    /// for as long as `pool` is in use (a task on the current runtime).
+    pub(super) fn sweep_idle(pool: &Arc<Self>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let weak = Arc::downgrade(pool);
+        runtime.spawn(async move {
+            loop {
+                tokio::time::sleep(STAGING_KEEP).await;
+                let Some(pool) = weak.upgrade() else { return };
+                let now = std::time::Instant::now();
+                let expired: Vec<_> = {
+                    let mut idle = pool.idle.lock().expect("staging pool poisoned");
+                    let (keep, expired) = std::mem::take(&mut *idle)
+                        .into_iter()
+                        .partition(|(_, since)| now.duration_since(*since) < STAGING_KEEP);
+                    *idle = keep;
+                    expired
+                };
+                drop(expired);
+            }
+        });
     }
 
     /// A staging region for one connection, pinned for the engine where it
     /// can be; RESOURCE_EXHAUSTED when the total is taken.
     async fn take_staging(&self, store: &Arc<Store>) -> Result<Staging, Status> {
+        if let Some((staging, _)) = self.idle.lock().expect("staging pool poisoned").pop() {
+            return Ok(staging);
+        }
         let mib = (self.staging_bytes >> 20) as u32;
         let share = Arc::clone(&self.staging_left_mib)
             .try_acquire_many_owned(mib)
@@ -116,6 +173,27 @@ impl TcpBulk {
             region: Arc::new(region),
             _share: share,
         })
+    }
+}
+
+/// A connection's staging, given back to the pool when the connection
+/// releases it or ends, however it ends.
+struct StagingSlot {
+    pool: Option<Arc<TcpBulk>>,
+    held: Option<Staging>,
+}
+
+impl StagingSlot {
+    fn release(&mut self) {
+        if let (Some(pool), Some(staging)) = (&self.pool, self.held.take()) {
+            pool.give_back(staging);
+        }
+    }
+}
+
+impl Drop for StagingSlot {
+    fn drop(&mut self) {
+        self.release();
     }
 }
 
@@ -181,7 +259,10 @@ impl StoragedService {
         let Some(principal) = self.bulk_hello(&mut conn, peer).await else {
             return;
         };
-        let mut staging = None;
+        let mut staging = StagingSlot {
+            pool: self.bulk_tcp.clone(),
+            held: None,
+        };
         let mut stopping = self.stopping.clone();
         loop {
             let mut len = [0u8; 4];
@@ -198,8 +279,8 @@ impl StoragedService {
                     _ = stopping.wait_for(|stop| *stop) => return,
                     // An idle connection gives its staging back: a pool of
                     // them must not hold memory for reads nobody makes.
-                    () = tokio::time::sleep(STAGING_IDLE_RELEASE), if staging.is_some() => {
-                        staging = None;
+                    () = tokio::time::sleep(STAGING_IDLE_RELEASE), if staging.held.is_some() => {
+                        staging.release();
                     }
                 }
             }
@@ -242,7 +323,7 @@ impl StoragedService {
                 }
                 Ok(Request::Read(frame)) => {
                     let answered = self
-                        .bulk_read(&principal, &info.state, &mut conn, &mut staging, frame)
+                        .bulk_read(&principal, &info.state, &mut conn, &mut staging.held, frame)
                         .await;
                     match answered {
                         Ok(code) => (METHOD_READ, code, true),
