@@ -95,7 +95,7 @@ impl BulkTcpCounters {
 /// Connections to one storaged's TCP bulk channel.
 pub(crate) struct TcpBulkPool {
     /// `host:port`.
-    addr: String,
+    pub addr: String,
     authorization: Option<String>,
     /// The largest item span storaged serves at once
     /// (`bulk_tcp_item_bytes_max`); longer ranges are split.

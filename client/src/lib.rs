@@ -245,6 +245,10 @@ enum BulkTcpKnown {
     Offered(std::sync::Arc<bulk_tcp::TcpBulkPool>),
 }
 
+/// How long an unreachable TCP bulk channel address is left alone (reads
+/// go over gRPC meanwhile, unless the channel is required).
+const BULK_TCP_UNREACHABLE_BACKOFF: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// TCP bulk channel connections per client unless told otherwise.
 const BULK_TCP_CONNECTIONS_DEFAULT: usize = 16;
 
@@ -378,6 +382,10 @@ pub struct Client {
     tcp_host: Option<std::sync::Arc<str>>,
     /// The TCP bulk channel as last learnt from Status.
     bulk_tcp: std::sync::Arc<std::sync::Mutex<BulkTcpKnown>>,
+    /// The channel's address that last did not answer, and when: not tried
+    /// again for `BULK_TCP_UNREACHABLE_BACKOFF` (a firewall that drops the
+    /// port would cost every read a connect timeout).
+    bulk_tcp_unreachable: std::sync::Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>,
     bulk_tcp_counters: std::sync::Arc<bulk_tcp::BulkTcpCounters>,
 }
 
@@ -453,6 +461,7 @@ impl Client {
             bulk: std::sync::Arc::default(),
             tcp_host: url_host(url).map(Into::into),
             bulk_tcp: std::sync::Arc::default(),
+            bulk_tcp_unreachable: std::sync::Arc::default(),
             bulk_tcp_counters: std::sync::Arc::default(),
         })
     }
@@ -637,6 +646,15 @@ impl Client {
                 Some(addr) => addr.clone(),
                 None => format!("{host}:{}", c.bulk_tcp_port),
             };
+            let unreachable = self.bulk_tcp_unreachable.lock().expect("poisoned");
+            if unreachable.as_ref().is_some_and(|(failed, at)| {
+                *failed == addr && at.elapsed() < BULK_TCP_UNREACHABLE_BACKOFF
+            }) {
+                // Still the address that did not answer: gRPC for now,
+                // asked again on a later call.
+                return None;
+            }
+            drop(unreachable);
             BulkTcpKnown::Offered(std::sync::Arc::new(bulk_tcp::TcpBulkPool::new(
                 addr,
                 authorization,
@@ -662,6 +680,8 @@ impl Client {
         if matches!(&*known, BulkTcpKnown::Offered(p) if std::sync::Arc::ptr_eq(p, pool)) {
             *known = BulkTcpKnown::Unknown;
         }
+        *self.bulk_tcp_unreachable.lock().expect("poisoned") =
+            Some((pool.addr.clone(), std::time::Instant::now()));
     }
 
     /// Whether reads of this client land in regions (its own memory named

@@ -906,7 +906,7 @@ impl Dataset {
 
     /// [`read_ranges_sized`](Self::read_ranges_sized) over gRPC: one
     /// completion-order `ReadBatch`.
-    async fn read_ranges_grpc(
+    pub(crate) async fn read_ranges_grpc(
         &self,
         reads: &[RegionRead],
     ) -> Result<(Vec<Result<Bytes, ClientError>>, ReadPath), ClientError> {

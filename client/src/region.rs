@@ -25,6 +25,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use storaged_proto::model::{READ_INTO_ALIGN_BYTES, read_into_span};
 use storaged_proto::{bulk, pb};
 use tonic::{Code, Status};
@@ -629,9 +630,12 @@ impl Dataset {
         reads: &[RegionRead],
     ) -> Result<RegionBatch<'r>, ClientError> {
         let Some(pool) = self.client.bulk_tcp().await else {
-            return Err(ClientError::Status(Status::failed_precondition(
-                "this region is for storaged's TCP bulk channel, which this storaged does not offer (or this client was told not to use)",
-            )));
+            if self.client.connect_options().bulk_tcp == crate::BulkTcp::Required {
+                return Err(ClientError::Status(Status::unavailable(
+                    "storaged's TCP bulk channel is not offered or did not answer, and this client requires it",
+                )));
+            }
+            return self.read_into_over_grpc(region, reads).await;
         };
         let (items, expected) = lay_out(region, reads)?;
         let block = region.checksum_block_bytes;
@@ -671,12 +675,19 @@ impl Dataset {
             Ok(landed) => landed,
             Err(BulkError::Call(e)) => return Err(e),
             Err(BulkError::Unreachable) => {
-                // Asked again next time: a restarted storaged may listen on
-                // another port. UNAVAILABLE: worth retrying.
+                // Learnt again from Status on a later call (a restarted
+                // storaged may listen on another port); this call goes over
+                // gRPC unless the channel is required (then UNAVAILABLE:
+                // worth retrying).
                 self.client.forget_bulk_tcp(&pool);
-                return Err(ClientError::Status(Status::unavailable(
-                    "storaged's TCP bulk channel did not answer at its last known port",
-                )));
+                if self.client.connect_options().bulk_tcp == crate::BulkTcp::Required {
+                    return Err(ClientError::Status(Status::unavailable(format!(
+                        "storaged's TCP bulk channel did not answer at {}",
+                        pool.addr
+                    ))));
+                }
+                tracing::warn!(addr = %pool.addr, "the TCP bulk channel did not answer; reading over gRPC");
+                return self.read_into_over_grpc(region, reads).await;
             }
         };
         let mut outcome: Vec<Option<Status>> = vec![None; reads.len()];
@@ -731,6 +742,55 @@ impl Dataset {
         Ok(RegionBatch {
             region: &*region,
             items: results,
+        })
+    }
+}
+
+impl Dataset {
+    /// [`read_into`](Self::read_into) a remote client's own region over
+    /// gRPC, for when the TCP bulk channel is not there: the items' bytes
+    /// (verified by storaged) copied where the layout puts them, so the
+    /// caller cannot tell but by the copy.
+    async fn read_into_over_grpc<'r>(
+        &self,
+        region: &'r mut Region,
+        reads: &[RegionRead],
+    ) -> Result<RegionBatch<'r>, ClientError> {
+        let (_, expected) = lay_out(region, reads)?;
+        let (small, large): (Vec<usize>, Vec<usize>) = (0..reads.len()).partition(|&i| {
+            reads[i].range().1 <= storaged_proto::model::BATCH_ANY_ORDER_ITEM_BYTES_MAX
+        });
+        let batch: Vec<RegionRead> = small.iter().map(|&i| reads[i].clone()).collect();
+        let (fetched, _) = self.read_ranges_grpc(&batch).await?;
+        let mut results: Vec<Result<Bytes, ClientError>> =
+            (0..reads.len()).map(|_| Ok(Bytes::new())).collect();
+        for (i, r) in small.into_iter().zip(fetched) {
+            results[i] = r;
+        }
+        for i in large {
+            let (start, len) = reads[i].range();
+            results[i] = self.read_range(&reads[i].path, start, len).await;
+        }
+        let memory = region.bytes_mut();
+        let mut items = Vec::with_capacity(reads.len());
+        for (result, &(data_offset, len)) in results.into_iter().zip(&expected) {
+            items.push(match result {
+                Ok(bytes) if bytes.len() as u64 == len => {
+                    let at = data_offset as usize;
+                    memory[at..at + bytes.len()].copy_from_slice(&bytes);
+                    Ok((at, bytes.len()))
+                }
+                Ok(bytes) => Err(Status::data_loss(format!(
+                    "{} bytes arrived where {len} were asked for",
+                    bytes.len()
+                ))),
+                Err(ClientError::Status(s)) => Err(s),
+                Err(e) => return Err(e),
+            });
+        }
+        Ok(RegionBatch {
+            region: &*region,
+            items,
         })
     }
 }

@@ -644,3 +644,50 @@ async fn tenants_need_their_token_and_their_rights_on_the_tcp_bulk_channel() {
     assert_eq!(items[0].1, files()[5].1);
     assert!(items[0].0.check_window(&items[0].1).is_ok());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_bulk_channel_falls_back_to_grpc_unless_required() {
+    // Guards against a firewall that blocks the bulk port (or a NAT that
+    // hides it) failing every read of a client that could read over gRPC:
+    // `auto` reads on over gRPC, exact; `required` fails clearly.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon_with(&tmp, "");
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let auto = Client::connect_with(
+        &d.url,
+        &ConnectOptions {
+            bulk_tcp_addr: Some(closed.clone()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
+    let ds = auto.dataset("ds").unwrap();
+    let mut region = auto.register_region(16 << 20).await.unwrap();
+    assert!(!region.is_shared());
+    for _ in 0..2 {
+        let batch = ds.read_into(&mut region, &whole_files()).await.unwrap();
+        for (i, (path, want)) in files().iter().enumerate() {
+            assert_eq!(batch.get(i).unwrap(), &want[..], "{path}");
+        }
+    }
+    assert_eq!(auto.bulk_tcp_stats().bytes_received, 0);
+    // Loaders see no region path while the address is left alone.
+    assert!(!auto.reads_into_regions().await);
+
+    let required = remote_client(&d, Some(closed.clone())).await;
+    let ds = required.dataset("ds").unwrap();
+    let mut region = required.register_region(16 << 20).await.unwrap();
+    let err = ds
+        .read_into(&mut region, &whole_files())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("UNAVAILABLE") && err.contains(&closed),
+        "{err}"
+    );
+}
