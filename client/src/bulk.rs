@@ -29,12 +29,35 @@ const CONNECTIONS_MAX: usize = 32;
 /// back).
 const IDLE_CONNECTIONS_MAX: usize = 16;
 
+/// Idle connections of a pool (Unix or TCP), at most
+/// `IDLE_CONNECTIONS_MAX`: more given back are closed.
+pub(crate) struct IdleConnections<S>(Mutex<Vec<S>>);
+
+impl<S> Default for IdleConnections<S> {
+    fn default() -> Self {
+        Self(Mutex::default())
+    }
+}
+
+impl<S> IdleConnections<S> {
+    pub(crate) fn take(&self) -> Option<S> {
+        self.0.lock().expect("bulk pool poisoned").pop()
+    }
+
+    pub(crate) fn give_back(&self, conn: S) {
+        let mut idle = self.0.lock().expect("bulk pool poisoned");
+        if idle.len() < IDLE_CONNECTIONS_MAX {
+            idle.push(conn);
+        }
+    }
+}
+
 /// Connections to one storaged's bulk socket.
 pub(crate) struct BulkPool {
     path: PathBuf,
     /// The `authorization` value gRPC calls carry, if any.
     authorization: Option<String>,
-    idle: Mutex<Vec<UnixStream>>,
+    idle: IdleConnections<UnixStream>,
     slots: tokio::sync::Semaphore,
     /// A failed connect was logged (once per pool).
     unreachable_logged: std::sync::atomic::AtomicBool,
@@ -66,7 +89,7 @@ impl BulkPool {
         Self {
             path,
             authorization,
-            idle: Mutex::default(),
+            idle: IdleConnections::default(),
             slots: tokio::sync::Semaphore::new(CONNECTIONS_MAX),
             unreachable_logged: std::sync::atomic::AtomicBool::new(false),
         }
@@ -89,7 +112,7 @@ impl BulkPool {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let mut pooled = self.idle.lock().expect("bulk pool poisoned").pop();
+        let mut pooled = self.idle.take();
         loop {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
@@ -104,7 +127,7 @@ impl BulkPool {
             };
             match exchange(&mut conn, &request, frame.items.len()).await {
                 Ok(reply) => {
-                    self.give_back(conn);
+                    self.idle.give_back(conn);
                     return Ok(reply);
                 }
                 Err(Exchange::Io(_)) if reused => continue,
@@ -118,13 +141,6 @@ impl BulkPool {
                     return Err(BulkError::Call(ClientError::Protocol(m)));
                 }
             }
-        }
-    }
-
-    fn give_back(&self, conn: UnixStream) {
-        let mut idle = self.idle.lock().expect("bulk pool poisoned");
-        if idle.len() < IDLE_CONNECTIONS_MAX {
-            idle.push(conn);
         }
     }
 

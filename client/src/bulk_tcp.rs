@@ -17,7 +17,6 @@
 //! nconnect of NFS clients): a connection whose call was dropped mid-answer
 //! is closed, so no answer is ever read by the wrong call.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -29,8 +28,6 @@ use tonic::{Code, Status};
 use crate::ClientError;
 use crate::bulk::BulkError;
 
-/// Idle connections kept for later calls.
-const IDLE_CONNECTIONS_MAX: usize = 16;
 /// How long one frame or window may take to arrive once asked for: a
 /// storaged that stops sending fails the call instead of holding it.
 const RECEIVE_STALL: Duration = Duration::from_secs(60);
@@ -102,7 +99,7 @@ pub(crate) struct TcpBulkPool {
     pub item_bytes_max: u64,
     /// storaged's checksum block (regions lay reads out by it).
     pub checksum_block_bytes: u64,
-    idle: Mutex<Vec<TcpStream>>,
+    idle: crate::bulk::IdleConnections<TcpStream>,
     slots: tokio::sync::Semaphore,
     pub counters: std::sync::Arc<BulkTcpCounters>,
 }
@@ -132,7 +129,7 @@ impl TcpBulkPool {
             authorization,
             item_bytes_max,
             checksum_block_bytes,
-            idle: Mutex::default(),
+            idle: Default::default(),
             slots: tokio::sync::Semaphore::new(connections_max.max(1)),
             counters,
         }
@@ -160,7 +157,7 @@ impl TcpBulkPool {
             .acquire()
             .await
             .expect("the semaphore is never closed");
-        let mut pooled = self.idle.lock().expect("bulk pool poisoned").pop();
+        let mut pooled = self.idle.take();
         loop {
             let reused = pooled.is_some();
             let mut conn = match pooled.take() {
@@ -170,7 +167,7 @@ impl TcpBulkPool {
             self.counters.requests.fetch_add(1, Ordering::Relaxed);
             match self.exchange(&mut conn, &request, layout, region).await {
                 Ok(pieces) => {
-                    self.give_back(conn);
+                    self.idle.give_back(conn);
                     return Ok(pieces);
                 }
                 Err(Exchange::Io { answered: 0, .. }) if reused => continue,
@@ -186,17 +183,10 @@ impl TcpBulkPool {
                     ))));
                 }
                 Err(Exchange::Failed(status)) => {
-                    self.give_back(conn);
+                    self.idle.give_back(conn);
                     return Err(BulkError::Call(ClientError::Status(status)));
                 }
             }
-        }
-    }
-
-    fn give_back(&self, conn: TcpStream) {
-        let mut idle = self.idle.lock().expect("bulk pool poisoned");
-        if idle.len() < IDLE_CONNECTIONS_MAX {
-            idle.push(conn);
         }
     }
 
