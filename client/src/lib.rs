@@ -23,6 +23,7 @@ pub mod loader;
 pub mod plan;
 pub mod region;
 pub mod retry;
+mod transport;
 
 use std::time::Duration;
 
@@ -45,6 +46,7 @@ pub use plan::{PlanError, PlanSpec, PlanState, PlanTail};
 pub use region::{BlockingReader, Region, RegionBatch, RegionRead};
 pub use retry::RetryPolicy;
 pub use storaged_proto::pb::{DatasetInfo, ObjectInfo, StatResponse, StatusResponse};
+pub use transport::Transport;
 
 /// Largest message the client accepts or sends.
 pub const MESSAGE_BYTES_MAX: usize = 16 << 20;
@@ -76,6 +78,13 @@ pub enum ClientError {
     InvalidArgument(String),
     #[error("plan: {0}")]
     Plan(#[from] PlanError),
+    /// A path the client was told to take is not there (see
+    /// [`Client::connect_transport`]).
+    #[error("transport {transport}: {reason}")]
+    TransportUnavailable {
+        transport: &'static str,
+        reason: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: String,

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, bail};
+use clap::builder::TypedValueParser;
 use clap::{Parser, Subcommand};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,7 +19,7 @@ use safe_tree::shown;
 use storaged_client::region::RegionRead;
 use storaged_client::{
     BatchItem, BulkTcp, Client, ConnectOptions, IngestOptions, IngestProgress, LoaderOptions,
-    ObjectInfo, Plan, PlanSpec,
+    ObjectInfo, Plan, PlanSpec, Transport,
 };
 
 #[global_allocator]
@@ -70,8 +71,8 @@ struct Cli {
     /// or fail. `bulk`: the TCP bulk channel or fail. `grpc`: gRPC over
     /// the --server transport only. `as-given`: the --server transport,
     /// with the TCP bulk channel where offered.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "shm", "bulk", "grpc", "as-given"], global = true)]
-    transport: String,
+    #[arg(long, default_value = "auto", value_parser = clap::builder::PossibleValuesParser::new(Transport::NAMES).map(|s| s.parse::<Transport>().expect("one of Transport::NAMES")), global = true)]
+    transport: Transport,
     /// TCP bulk channel connections at most at once (nconnect); 0: the
     /// client's default.
     #[arg(long, default_value_t = 0, global = true)]
@@ -471,18 +472,6 @@ fn parse_timeout(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
-/// Whether `cat` and `export` read into regions rather than over gRPC
-/// streams: from a remote storaged over its TCP bulk channel (unless
-/// `--transport grpc`), and on the same host when `--transport shm` says
-/// so (by default a same-host client streams over the Unix socket).
-async fn reads_into_regions(client: &Client, transport: &str) -> bool {
-    match transport {
-        "shm" => true,
-        "grpc" => false,
-        _ => !client.is_local() && client.reads_into_regions().await,
-    }
-}
-
 /// A client for the server and credentials on the command line.
 async fn connect(cli: &Cli) -> anyhow::Result<Client> {
     let options = ConnectOptions {
@@ -495,37 +484,12 @@ async fn connect(cli: &Cli) -> anyhow::Result<Client> {
         tls_ca: cli.ca.clone(),
         tls_cert: cli.cert.clone(),
         tls_key: cli.key.clone(),
-        read_into_over_grpc: cli.read_into_over_grpc || cli.transport == "grpc",
-        bulk_tcp: match cli.transport.as_str() {
-            "grpc" => BulkTcp::Off,
-            "bulk" => BulkTcp::Required,
-            _ => BulkTcp::Auto,
-        },
+        read_into_over_grpc: cli.read_into_over_grpc,
+        bulk_tcp: BulkTcp::Auto,
         bulk_tcp_connections: cli.bulk_connections,
         bulk_tcp_addr: None,
     };
-    let client = match cli.transport.as_str() {
-        "auto" | "shm" => Client::connect_auto_with(&cli.server, &options).await?,
-        _ => Client::connect_with(&cli.server, &options).await?,
-    };
-    match cli.transport.as_str() {
-        "shm" if !client.is_local() => bail!(
-            "--transport shm: {}",
-            client
-                .not_local_because()
-                .unwrap_or("the connection is not on storaged's Unix socket")
-        ),
-        "bulk" if client.is_local() => {
-            bail!("--transport bulk needs a TCP --server (http://HOST:PORT)")
-        }
-        "bulk" if !client.reads_into_regions().await => {
-            bail!(
-                "--transport bulk: storaged at {} offers no TCP bulk channel (Status says no port; is it serving with TLS, or bulk_listen = \"off\"?)",
-                cli.server
-            )
-        }
-        _ => {}
-    }
+    let client = Client::connect_transport(&cli.server, cli.transport, &options).await?;
     Ok(client)
 }
 
@@ -589,7 +553,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             offset,
             length,
         } => {
-            let regions = reads_into_regions(&client, &cli.transport).await;
+            let regions = cli.transport.reads_into_regions(&client).await;
             object::cat(&client, &dataset, &path, (offset, length), regions).await
         }
         Command::Stat { dataset, path } => object::stat(&client, &dataset, &path).await,
@@ -598,7 +562,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             dir,
             parallel,
         } => {
-            let regions = reads_into_regions(&client, &cli.transport).await;
+            let regions = cli.transport.reads_into_regions(&client).await;
             export(&client, &dataset, &dir, parallel.max(1), regions).await
         }
         Command::Verify {

@@ -77,6 +77,7 @@ fn to_py(e: ClientError) -> PyErr {
     let code = match &e {
         ClientError::Status(s) => s.code(),
         ClientError::Connect { .. } => Code::Unavailable,
+        ClientError::TransportUnavailable { .. } => Code::FailedPrecondition,
         ClientError::InvalidName(_)
         | ClientError::InvalidArgument(_)
         | ClientError::Plan(_)
@@ -252,9 +253,8 @@ struct Conn {
 #[pyclass(frozen, module = "storaged")]
 pub struct Client {
     url: String,
-    /// Switch a loopback TCP url to the server's Unix socket (and so the
-    /// shared-memory read path) when it has one.
-    auto_local: bool,
+    /// Which read path to take (see `Client.__new__`).
+    transport: storaged_client::Transport,
     /// Credentials (a token given, or STORAGED_TOKEN at construction).
     options: storaged_client::ConnectOptions,
     conn: Mutex<Option<Conn>>,
@@ -270,14 +270,10 @@ impl Client {
             }
         }
         let url = self.url.clone();
-        let auto_local = self.auto_local;
+        let transport = self.transport;
         let options = self.options.clone();
         let client = block_on(py, async move {
-            if auto_local {
-                storaged_client::Client::connect_auto_with(&url, &options).await
-            } else {
-                storaged_client::Client::connect_with(&url, &options).await
-            }
+            storaged_client::Client::connect_transport(&url, transport, &options).await
         })?;
         let mut conn = self.conn.lock().expect("conn lock");
         if let Some(inherited) = conn.take().filter(|c| c.pid != pid) {
@@ -317,9 +313,13 @@ fn dataset_info<'py>(
 
 #[pymethods]
 impl Client {
-    /// `transport="auto"` (default) moves a loopback TCP url to the
-    /// server's Unix socket when it advertises one; `"as-given"` keeps the
-    /// url's transport.
+    /// `transport`: `"auto"` (default) takes the fastest path there is: a
+    /// loopback TCP url moves to the server's Unix socket (shared memory)
+    /// when it advertises one, a remote one reads over the TCP bulk
+    /// channel where storaged offers it, else gRPC. `"shm"`, `"bulk"` and
+    /// `"grpc"` force one path (FailedPrecondition when it is not there);
+    /// `"as-given"` keeps the url's transport, with the TCP bulk channel
+    /// where offered.
     #[new]
     /// `ca`, `cert`, `key`: PEM files for `https://` (the CA that signed
     /// storaged's certificate; this client's certificate and key when
@@ -336,15 +336,7 @@ impl Client {
         cert: Option<std::path::PathBuf>,
         key: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
-        let auto_local = match transport {
-            "auto" => true,
-            "as-given" => false,
-            other => {
-                return Err(InvalidArgument::new_err(format!(
-                    "transport {other:?} must be \"auto\" or \"as-given\""
-                )));
-            }
-        };
+        let transport: storaged_client::Transport = transport.parse().map_err(to_py)?;
         let mut options = storaged_client::ConnectOptions::from_env();
         if let Some(t) = token.filter(|t| !t.is_empty()) {
             options.token = Some(t);
@@ -354,7 +346,7 @@ impl Client {
         options.tls_key = key.or(options.tls_key);
         let c = Self {
             url,
-            auto_local,
+            transport,
             options,
             conn: Mutex::new(None),
         };
@@ -391,10 +383,11 @@ impl Client {
         )
     }
 
-    /// The transport this client was made with: "auto" or "as-given".
+    /// The transport this client was made with (one of "auto", "shm",
+    /// "bulk", "grpc", "as-given").
     #[getter]
     fn transport(&self) -> &'static str {
-        if self.auto_local { "auto" } else { "as-given" }
+        self.transport.name()
     }
 
     /// Whether the connection is to this host's storaged over its Unix
@@ -727,6 +720,7 @@ impl Dataset {
         };
         Ok(Loader {
             inner: Mutex::new(Some(loader)),
+            finished: Mutex::new(None),
             pid: std::process::id(),
         })
     }
@@ -741,6 +735,9 @@ impl Dataset {
 #[pyclass(module = "storaged")]
 pub struct Loader {
     inner: Mutex<Option<storaged_client::Loader>>,
+    /// The finished loader's counters (it is dropped at the end, freeing
+    /// its connections and regions; `stats()` still answers).
+    finished: Mutex<Option<storaged_client::LoaderStats>>,
     pid: u32,
 }
 
@@ -757,6 +754,7 @@ impl Loader {
         };
         let next = block_on(py, async { loader.next().await.transpose() })?;
         if next.is_none() {
+            *self.finished.lock().expect("loader stats lock") = Some(loader.stats());
             *guard = None;
         }
         Ok(next)
@@ -767,6 +765,31 @@ impl Loader {
 impl Loader {
     fn __iter__(slf: PyRef<'_, Self>) -> PyRef<'_, Self> {
         slf
+    }
+
+    /// Batches and bytes handed out per read path (`shm_*`: shared memory
+    /// on the same host, `bulk_*`: the TCP bulk channel, `grpc_*`: gRPC),
+    /// and the read-ahead hints sent and accepted.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = match self.inner.lock().expect("loader lock").as_ref() {
+            Some(loader) => loader.stats(),
+            None => self
+                .finished
+                .lock()
+                .expect("loader stats lock")
+                .unwrap_or_default(),
+        };
+        let out = PyDict::new(py);
+        out.set_item("shm_batches", s.shm_batches)?;
+        out.set_item("shm_bytes", s.shm_bytes)?;
+        out.set_item("bulk_batches", s.bulk_batches)?;
+        out.set_item("bulk_bytes", s.bulk_bytes)?;
+        out.set_item("grpc_batches", s.grpc_batches)?;
+        out.set_item("grpc_bytes", s.grpc_bytes)?;
+        out.set_item("hints_sent", s.hints_sent)?;
+        out.set_item("hint_objects_accepted", s.hint_objects_accepted)?;
+        out.set_item("hints_failed", s.hints_failed)?;
+        Ok(out)
     }
 
     fn __next__<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyList>>> {

@@ -375,6 +375,24 @@ class IterableDataset(tud.IterableDataset):
         self._consumed = 0
         self._resume: Optional[tuple[int, int]] = None
         self._iterated_here = False
+        # The native loader of the epoch being iterated here, and what the
+        # last finished (or abandoned) one counted.
+        self._reading = None
+        self._read_paths: dict = {}
+
+    def read_paths(self) -> dict:
+        """Which paths served the epoch this copy iterated last (or is
+        iterating): batches and bytes over shared memory (``shm_*``, same
+        host), the TCP bulk channel (``bulk_*``, remote hosts) and gRPC
+        (``grpc_*``). Counted in the process that iterates: with DataLoader
+        workers, ask in a worker. Empty before any iteration."""
+        return self._reading.stats() if self._reading is not None else dict(self._read_paths)
+
+    def __getstate__(self):
+        # A native loader does not cross processes (nor should its memory).
+        state = self.__dict__.copy()
+        state["_reading"] = None
+        return state
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next iteration reads (in every DataLoader worker,
@@ -449,6 +467,14 @@ class IterableDataset(tud.IterableDataset):
             # does not depend on num_workers (what len() says).
             deal_batches=bool(self.batch_size),
         ))
+        self._reading = loader
+        try:
+            yield from self._batches(loader)
+        finally:
+            self._read_paths = loader.stats()
+            self._reading = None
+
+    def _batches(self, loader):
         if self.batch_size and self.transform is None:
             while (packed := loader.next_packed()) is not None:
                 lent, indices, paths, offsets = packed
