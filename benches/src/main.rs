@@ -120,6 +120,9 @@ struct Ctx {
     mount_args: Vec<String>,
     work: PathBuf,
     device_paths: Vec<String>,
+    /// Device files on tmpfs (`--devices-on-tmpfs`): reads are CPU copies,
+    /// so the copying TCP path's CPU floor (`tcp_device_floor`) is measured.
+    devices_on_tmpfs: bool,
     fio_commands: Vec<String>,
     /// Whether every phase so far ran with the page cache dropped.
     cold: std::cell::Cell<bool>,
@@ -370,6 +373,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         mount_args: args.mount_args.clone(),
         work: work.clone(),
         device_paths: devices.iter().map(|d| d.display().to_string()).collect(),
+        devices_on_tmpfs: args.devices_on_tmpfs,
         fio_commands: Vec::new(),
         cold: std::cell::Cell::new(true),
         cdfs: Vec::new(),
@@ -554,6 +558,18 @@ async fn shard_stream(ctx: &mut Ctx, set: &FileSet) -> anyhow::Result<Vec<Row>> 
                 })
                 .await??;
                 push(&mut runs, "tcp_loopback", m);
+            }
+            if ctx.devices_on_tmpfs {
+                // The CPU floor of any copying TCP read path: the same
+                // device bytes read, sent, received and checked by bare
+                // threads, one pair per stream.
+                let files: Vec<std::path::PathBuf> =
+                    ctx.device_paths.iter().map(Into::into).collect();
+                let m = tokio::task::spawn_blocking(move || {
+                    storaged_bench::systems::tcp::device_floor(&files, offset, size, c as usize)
+                })
+                .await??;
+                push(&mut runs, "tcp_device_floor", m);
             }
         }
         rows.extend(
