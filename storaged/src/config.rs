@@ -161,6 +161,10 @@ pub struct FileConfig {
     /// Staging memory of all TCP bulk channel connections together.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bulk_staging_total: Option<String>,
+    /// Seconds a staging region no connection holds stays mapped for the
+    /// next one (a fresh one costs zeroing and pinning its pages).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_staging_keep_s: Option<u64>,
     /// TLS on the TCP listener: the server's certificate chain and key
     /// (PEM), and CAs of accepted client certificates (then required).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -343,6 +347,9 @@ pub struct ServerLimits {
     /// RESOURCE_EXHAUSTED).
     pub bulk_staging_bytes: u64,
     pub bulk_staging_bytes_total_max: u64,
+    /// How long idle staging stays mapped (within the total) before it
+    /// is unmapped.
+    pub bulk_staging_keep_s: u64,
 }
 
 impl Default for ServerLimits {
@@ -367,6 +374,7 @@ impl Default for ServerLimits {
             connection_inflight_bytes_max: 0,
             bulk_staging_bytes: 16 << 20,
             bulk_staging_bytes_total_max: 1 << 30,
+            bulk_staging_keep_s: 60,
         }
     }
 }
@@ -610,6 +618,7 @@ impl ServeConfig {
             tenant_inflight: Some(exact_size(self.tenant_inflight_bytes)),
             bulk_staging: Some(exact_size(v.bulk_staging_bytes)),
             bulk_staging_total: Some(exact_size(v.bulk_staging_bytes_total_max)),
+            bulk_staging_keep_s: Some(v.bulk_staging_keep_s),
             tls_cert: self.tls.as_ref().map(|t| t.cert.clone()),
             tls_key: self.tls.as_ref().map(|t| t.key.clone()),
             tls_client_ca: self.tls.as_ref().and_then(|t| t.client_ca.clone()),
@@ -690,6 +699,7 @@ impl ServeConfig {
         for (name, v) in [
             ("stream_stall_timeout_s", self.server.stream_stall_timeout_s),
             ("ingest_idle_timeout_s", self.server.ingest_idle_timeout_s),
+            ("bulk_staging_keep_s", self.server.bulk_staging_keep_s),
         ] {
             if !(1..=86_400).contains(&v) {
                 return Err(invalid(name, format!("{name} must be 1 to 86400 seconds")));

@@ -71,9 +71,10 @@ fn print_pool(s: &StatusResponse) -> anyhow::Result<()> {
         outln!("bulk tcp:    off");
     } else {
         outln!(
-            "bulk tcp:    port {}, staging {} held, items up to {}",
+            "bulk tcp:    port {}, staging {} held ({} mapped), items up to {}",
             c.bulk_tcp_port,
             human(c.bulk_tcp_staging_bytes),
+            human(c.bulk_tcp_staging_mapped_bytes),
             human(c.bulk_tcp_item_bytes_max)
         );
     }

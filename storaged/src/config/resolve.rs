@@ -134,6 +134,9 @@ pub(super) fn server_limits(
     if let Some(s) = &file.bulk_staging_total {
         server.bulk_staging_bytes_total_max = size_field("bulk_staging_total", s)?;
     }
+    if let Some(t) = file.bulk_staging_keep_s {
+        server.bulk_staging_keep_s = t;
+    }
     Ok(server)
 }
 

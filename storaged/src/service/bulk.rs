@@ -54,10 +54,9 @@ const METHOD_READ: &str = "bulk/Read";
 /// connections hold none.
 const STAGING_IDLE_RELEASE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// How long a staging region no connection holds stays mapped for the
-/// next one (mapping, faulting in and pinning 16 MiB costs milliseconds,
-/// a cost per connection otherwise).
-const STAGING_KEEP: std::time::Duration = std::time::Duration::from_secs(10);
+/// How often idle staging is looked at for unmapping, at most (the keep
+/// time itself is `bulk_staging_keep_s`).
+const STAGING_SWEEP_MAX: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The TCP bulk channel's port and staging memory.
 #[derive(Debug)]
@@ -70,6 +69,11 @@ pub(super) struct TcpBulk {
     /// idle, holds its share.
     staging_left_mib: Arc<tokio::sync::Semaphore>,
     staging_total_mib: usize,
+    /// How long a staging region no connection holds stays mapped for the
+    /// next one (`bulk_staging_keep_s`): a fresh one costs zeroing and
+    /// pinning its pages, about 1 s of CPU per GiB here, which a client
+    /// that reads in bursts would otherwise pay at each burst.
+    staging_keep: std::time::Duration,
     /// Staging regions no connection holds, each with its share and since
     /// when it is idle.
     idle: std::sync::Mutex<Vec<(Staging, std::time::Instant)>>,
@@ -90,6 +94,7 @@ impl TcpBulk {
             staging_bytes: limits.bulk_staging_bytes,
             staging_left_mib: Arc::new(tokio::sync::Semaphore::new(total_mib)),
             staging_total_mib: total_mib,
+            staging_keep: std::time::Duration::from_secs(limits.bulk_staging_keep_s),
             idle: std::sync::Mutex::default(),
         }
     }
@@ -97,7 +102,7 @@ impl TcpBulk {
     /// Keeps `staging` for the next connection, unless a read still holds
     /// its memory (a connection that broke mid-round: the engine keeps the
     /// region until its reads complete, and then it is unmapped). The
-    /// sweeper unmaps it after `STAGING_KEEP` unused.
+    /// sweeper unmaps it after `bulk_staging_keep_s` unused.
     fn give_back(&self, staging: Staging) {
         if Arc::strong_count(&staging.region) == 1 {
             let now = std::time::Instant::now();
@@ -111,29 +116,36 @@ impl TcpBulk {
     /// Staging bytes connections hold now (mapped ones idle for the next
     /// connections not counted).
     pub(super) fn staging_in_use(&self) -> u64 {
-        let mapped =
-            ((self.staging_total_mib - self.staging_left_mib.available_permits()) as u64) << 20;
         let idle = self.idle.lock().expect("staging pool poisoned").len() as u64;
-        mapped.saturating_sub(idle * self.staging_bytes)
+        self.staging_mapped()
+            .saturating_sub(idle * self.staging_bytes)
     }
 
-    /// Unmaps, every `STAGING_KEEP`, the staging regions idle that long,
-    /// for as long as `pool` is in use (a task on the current runtime).
+    /// Staging bytes mapped now: held by connections or kept idle.
+    pub(super) fn staging_mapped(&self) -> u64 {
+        ((self.staging_total_mib - self.staging_left_mib.available_permits()) as u64) << 20
+    }
+
+    /// Unmaps the staging regions idle for `bulk_staging_keep_s` (looking
+    /// every quarter of it, at most every 10 s), for as long as `pool` is
+    /// in use (a task on the current runtime).
     pub(super) fn sweep_idle(pool: &Arc<Self>) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let weak = Arc::downgrade(pool);
+        let keep = pool.staging_keep;
+        let every = (keep / 4).clamp(std::time::Duration::from_millis(100), STAGING_SWEEP_MAX);
         runtime.spawn(async move {
             loop {
-                tokio::time::sleep(STAGING_KEEP).await;
+                tokio::time::sleep(every).await;
                 let Some(pool) = weak.upgrade() else { return };
                 let now = std::time::Instant::now();
                 let expired: Vec<_> = {
                     let mut idle = pool.idle.lock().expect("staging pool poisoned");
                     let (keep, expired) = std::mem::take(&mut *idle)
                         .into_iter()
-                        .partition(|(_, since)| now.duration_since(*since) < STAGING_KEEP);
+                        .partition(|(_, since)| now.duration_since(*since) < keep);
                     *idle = keep;
                     expired
                 };

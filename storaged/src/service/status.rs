@@ -22,6 +22,7 @@ impl StoragedService {
             bulk_tcp_port: self.bulk_tcp.as_ref().map_or(0, |b| u32::from(b.port)),
             bulk_tcp_item_bytes_max: self.bulk_tcp.as_ref().map_or(0, |b| b.staging_bytes),
             bulk_tcp_staging_bytes: self.bulk_tcp.as_ref().map_or(0, |b| b.staging_in_use()),
+            bulk_tcp_staging_mapped_bytes: self.bulk_tcp.as_ref().map_or(0, |b| b.staging_mapped()),
         });
         let (registered, registered_bytes) = self.regions.usage();
         s.regions = Some(pb::RegionStats {
