@@ -9,7 +9,7 @@
 # OUT_DIR/bulk_paths/results.json.
 #
 # Usage: benches/scripts/bulk_paths.sh [--quick] [--rounds N] [--out DIR]
-#                                     [--tmpfs] [--netns]
+#                                     [--tmpfs] [--netns] [--zerocopy]
 #   --quick   512 MiB object instead of 2 GiB
 #   --tmpfs   device files on /dev/shm (O_DIRECT works there): CPU ceilings
 #   --netns   storaged in one network namespace and storagectl in another,
@@ -18,6 +18,9 @@
 #             shortcut; storaged then serves with --insecure on 10.77.0.1
 #             (no shm row: another host as far as the client can tell).
 #             Needs root (ip netns).
+#   --zerocopy storaged sends bulk windows with MSG_ZEROCOPY
+#             (bulk_send_zerocopy = true): compare its bulk row, against
+#             the same run's gRPC and fio, with a run without it.
 # Needs: fio, python3, release binaries (cargo build --release --bins).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -27,6 +30,7 @@ ROUNDS=3
 OUT_DIR=bench-out
 TMPFS=0
 NETNS=0
+ZEROCOPY=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --quick) OBJECT_MIB=512 ;;
@@ -34,6 +38,7 @@ while [ $# -gt 0 ]; do
     --out) OUT_DIR=$2; shift ;;
     --tmpfs) TMPFS=1 ;;
     --netns) NETNS=1 ;;
+    --zerocopy) ZEROCOPY=1 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
   shift
@@ -74,7 +79,12 @@ DEVICES=()
 for i in 0 1 2 3; do DEVICES+=(--device "$DEV_DIR/dev$i.img"); done
 INSECURE=()
 [ "$NETNS" = 1 ] && INSECURE=(--insecure)
-"${SERVER_NS[@]}" "$BIN/storaged" serve --listen "$LISTEN:7470" --data-dir "$WORK/data" \
+CONFIG=()
+if [ "$ZEROCOPY" = 1 ]; then
+  echo "bulk_send_zerocopy = true" > "$WORK/storaged.toml"
+  CONFIG=(--config "$WORK/storaged.toml")
+fi
+"${SERVER_NS[@]}" "$BIN/storaged" serve "${CONFIG[@]}" --listen "$LISTEN:7470" --data-dir "$WORK/data" \
   --device-size "${DEV_MIB}MiB" "${DEVICES[@]}" "${INSECURE[@]}" > "$WORK/serve.out" 2> "$WORK/serve.err" &
 SERVER_PID=$!
 URL=http://$LISTEN:7470
@@ -86,10 +96,10 @@ done
 rm -f "$WORK/src/shard.bin"
 DAEMON=$(pgrep -f "storaged serve --listen $LISTEN:7470" | head -1)
 
-python3 - "$WORK" "$BIN" "$URL" "$ROUNDS" "$OBJECT_MIB" "$DAEMON" "$NETNS" "$TMPFS" "${DEVICES[@]}" <<'EOF'
+python3 - "$WORK" "$BIN" "$URL" "$ROUNDS" "$OBJECT_MIB" "$DAEMON" "$NETNS" "$TMPFS" "$ZEROCOPY" "${DEVICES[@]}" <<'EOF'
 import json, os, statistics, subprocess, sys, time
-work, bin_dir, url, rounds, object_mib, daemon, netns, tmpfs = sys.argv[1:9]
-devices = [d for d in sys.argv[9:] if d != "--device"]
+work, bin_dir, url, rounds, object_mib, daemon, netns, tmpfs, zerocopy = sys.argv[1:10]
+devices = [d for d in sys.argv[10:] if d != "--device"]
 rounds, gib, daemon = int(rounds), int(object_mib) / 1024, int(daemon)
 client_ns = ["ip", "netns", "exec", "bp_cli"] if netns == "1" else []
 tick = os.sysconf("SC_CLK_TCK")
@@ -151,7 +161,7 @@ for p in runs:
     print(f"{p:5} {g:6.2f} GiB/s  {g / fio_gib:4.2f}x fio  {g / grpc_gib:4.2f}x grpc  "
           f"storaged {cpu} s/GiB")
 json.dump({"object_mib": int(object_mib), "rounds": rounds, "netns": netns == "1",
-           "tmpfs": tmpfs == "1", "runs": runs, "medians": summary},
+           "tmpfs": tmpfs == "1", "zerocopy": zerocopy == "1", "runs": runs, "medians": summary},
           open(f"{work}/results.json", "w"), indent=2)
 print(f"wrote {work}/results.json")
 EOF

@@ -165,6 +165,10 @@ pub struct FileConfig {
     /// next one (a fresh one costs zeroing and pinning its pages).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bulk_staging_keep_s: Option<u64>,
+    /// Send TCP bulk windows with MSG_ZEROCOPY (a NIC then sends them by
+    /// DMA from the staging; loopback and veth copy them anyway).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bulk_send_zerocopy: Option<bool>,
     /// TLS on the TCP listener: the server's certificate chain and key
     /// (PEM), and CAs of accepted client certificates (then required).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -350,6 +354,8 @@ pub struct ServerLimits {
     /// How long idle staging stays mapped (within the total) before it
     /// is unmapped.
     pub bulk_staging_keep_s: u64,
+    /// Whether TCP bulk windows are sent with MSG_ZEROCOPY.
+    pub bulk_send_zerocopy: bool,
 }
 
 impl Default for ServerLimits {
@@ -375,6 +381,7 @@ impl Default for ServerLimits {
             bulk_staging_bytes: 16 << 20,
             bulk_staging_bytes_total_max: 1 << 30,
             bulk_staging_keep_s: 60,
+            bulk_send_zerocopy: false,
         }
     }
 }
@@ -619,6 +626,7 @@ impl ServeConfig {
             bulk_staging: Some(exact_size(v.bulk_staging_bytes)),
             bulk_staging_total: Some(exact_size(v.bulk_staging_bytes_total_max)),
             bulk_staging_keep_s: Some(v.bulk_staging_keep_s),
+            bulk_send_zerocopy: Some(v.bulk_send_zerocopy),
             tls_cert: self.tls.as_ref().map(|t| t.cert.clone()),
             tls_key: self.tls.as_ref().map(|t| t.key.clone()),
             tls_client_ca: self.tls.as_ref().and_then(|t| t.client_ca.clone()),

@@ -522,6 +522,23 @@ impl<IO> Conn<IO> {
         })
     }
 
+    /// Runs `f` on the socket itself (a send the `AsyncWrite` methods
+    /// cannot make), after the same checks they make: the connection is
+    /// not being closed and no deadline has passed.
+    pub fn poll_io<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        f: impl FnOnce(&IO, &mut Context<'_>) -> Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        self.check(cx)?;
+        f(&self.io, cx)
+    }
+
+    /// The socket under the admission's bookkeeping.
+    pub fn io(&self) -> &IO {
+        &self.io
+    }
+
     fn timeouts(&self) -> &LogGate {
         &self.slot.admission.timeouts
     }

@@ -243,11 +243,13 @@ mod caller;
 pub mod codes;
 mod progress;
 mod status;
+mod zerocopy;
 use caller::*;
 pub use caller::{CallId, Caller, REQUEST_ID_METADATA_KEY};
 pub use codes::GrpcCode;
 use progress::*;
 use status::*;
+pub use zerocopy::TcpSocket;
 
 #[tonic::async_trait]
 impl Storaged for StoragedService {

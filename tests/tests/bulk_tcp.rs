@@ -76,17 +76,11 @@ fn whole_files() -> Vec<RegionRead> {
         .collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn remote_reads_over_the_tcp_bulk_channel_are_exact_for_every_size_class() {
-    // Guards the TCP bulk channel's bytes: every size class and odd ranges
-    // land exact (ranges longer than storaged's staging go in pieces that
-    // land back to back), nothing of a neighbour shows, and storaged and
-    // the client count what went through it.
-    let tmp = tempfile::tempdir().unwrap();
-    let d = daemon_with(&tmp, "");
-    let client = remote_client(&d, None).await;
-    assert!(!client.is_local());
-    let got = read(&client, &whole_files()).await;
+/// Every size class and odd ranges read through `client` land exact:
+/// inside a block, across blocks, across the staging size, to the end,
+/// past the end (clamped), one of nothing; a missing object fails alone.
+async fn assert_exact_reads(client: &Client) {
+    let got = read(client, &whole_files()).await;
     for ((path, want), got) in files().iter().zip(&got) {
         assert!(got.as_ref().is_ok_and(|g| g == want), "{path} differs");
     }
@@ -110,7 +104,7 @@ async fn remote_reads_over_the_tcp_bulk_channel_are_exact_for_every_size_class()
             object_size: files()[f].1.len() as u64,
         })
         .collect();
-    let got = read(&client, &reads).await;
+    let got = read(client, &reads).await;
     for ((f, offset, length), got) in ranges.iter().zip(&got) {
         let data = &files()[*f].1;
         let start = (*offset as usize).min(data.len());
@@ -121,9 +115,22 @@ async fn remote_reads_over_the_tcp_bulk_channel_are_exact_for_every_size_class()
     // A missing object fails alone.
     let mut reads = whole_files()[..2].to_vec();
     reads.push(RegionRead::whole("nope", 10));
-    let got = read(&client, &reads).await;
+    let got = read(client, &reads).await;
     assert_eq!(got[2], Err(Code::NotFound));
     assert_eq!(got[1].as_ref().unwrap(), &files()[1].1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remote_reads_over_the_tcp_bulk_channel_are_exact_for_every_size_class() {
+    // Guards the TCP bulk channel's bytes: every size class and odd ranges
+    // land exact (ranges longer than storaged's staging go in pieces that
+    // land back to back), nothing of a neighbour shows, and storaged and
+    // the client count what went through it.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon_with(&tmp, "");
+    let client = remote_client(&d, None).await;
+    assert!(!client.is_local());
+    assert_exact_reads(&client).await;
 
     let status = d.status_json();
     assert!(status["connections"]["bulk_requests"].as_u64().unwrap() >= 3);
@@ -181,7 +188,7 @@ async fn remote_reads_over_the_tcp_bulk_channel_are_exact_for_every_size_class()
         .as_u64()
         .unwrap();
     assert!(
-        after >= before + big.len() as u64,
+        after >= before + files()[8].1.len() as u64,
         "cat went over the bulk channel"
     );
     let export = tmp.path().join("export");
@@ -526,6 +533,30 @@ async fn a_peer_speaking_the_tcp_framing_by_hand_gets_clear_errors_and_only_what
     );
 }
 
+/// A `ConnectionStats` counter of `d` (u64::MAX when absent).
+fn connections(d: &Daemon, field: &str) -> u64 {
+    d.status_json()["connections"][field]
+        .as_u64()
+        .unwrap_or(u64::MAX)
+}
+
+/// A peer that asks for 500 objects of 196 615 bytes (rounds of the 1 MiB
+/// staging, far more than the sockets' buffers hold) and never reads the
+/// answer; returned once its connection holds its staging.
+async fn stalled_peer(d: &Daemon) -> TcpStream {
+    let (mut hog, _, _) = hello(&bulk_addr(d), VERSION, None).await;
+    let many = (0..500).map(|_| item("f6", 0, None, 0)).collect();
+    hog.write_all(&read_frame(many)).await.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), async || connections(
+            d,
+            "bulk_tcp_staging_bytes"
+        ) == 1 << 20)
+        .await
+    );
+    hog
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_stops_receiving_loses_its_connection_and_its_staging() {
     // Guards against a client that asks and never takes the answer holding
@@ -538,17 +569,8 @@ async fn a_peer_that_stops_receiving_loses_its_connection_and_its_staging() {
         "bulk_staging_total = \"1MiB\"\nstream_stall_timeout_s = 2\n",
     );
     let addr = bulk_addr(&d);
-    let (mut hog, _, _) = hello(&addr, VERSION, None).await;
-    // 500 objects of 196 615 bytes: rounds of the 1 MiB staging, far more
-    // than the sockets' buffers hold.
-    let many = (0..500).map(|_| item("f6", 0, None, 0)).collect();
-    hog.write_all(&read_frame(many)).await.unwrap();
-    let staging = || {
-        d.status_json()["connections"]["bulk_tcp_staging_bytes"]
-            .as_u64()
-            .unwrap_or(0)
-    };
-    assert!(eventually(Duration::from_secs(10), async || staging() == 1 << 20).await);
+    let _hog = stalled_peer(&d).await;
+    let staging = || connections(&d, "bulk_tcp_staging_bytes");
     let (mut other, _, _) = hello(&addr, VERSION, None).await;
     other
         .write_all(&read_frame(vec![item("f1", 0, None, 0)]))
@@ -574,6 +596,58 @@ async fn a_peer_that_stops_receiving_loses_its_connection_and_its_staging() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_copy_sends_are_exact_and_counted() {
+    // Guards bulk_send_zerocopy: windows sent by reference land exact
+    // (the staging is not rewritten while the kernel holds its pages),
+    // and Status counts the sends and says loopback copied them.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon_with(&tmp, "bulk_send_zerocopy = true\n");
+    let client = remote_client(&d, None).await;
+    assert_exact_reads(&client).await;
+    // Again: the second round of each connection reuses its staging.
+    assert_exact_reads(&client).await;
+    let c = &d.status_json()["connections"];
+    let sends = c["bulk_tcp_zerocopy_sends"].as_u64().unwrap_or(0);
+    assert!(sends >= 4, "{c}");
+    assert_eq!(c["bulk_tcp_zerocopy_copied"].as_u64(), Some(sends), "{c}");
+    let out = d.ctl_ok(&["status"]);
+    assert!(out.contains("zero-copy sends"), "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_peers_zero_copy_staging_is_never_given_to_another() {
+    // Guards against the kernel sending a stalled peer pages that another
+    // connection's reads have since rewritten: staging with zero-copy
+    // sends outstanding is unmapped when its connection ends, not pooled.
+    let tmp = tempfile::tempdir().unwrap();
+    let d = daemon_with(
+        &tmp,
+        "bulk_send_zerocopy = true\nstream_stall_timeout_s = 2\n",
+    );
+    let addr = bulk_addr(&d);
+    let _hog = stalled_peer(&d).await;
+    let connections = |field: &str| connections(&d, field);
+    // Cut off after the stall timeout: its staging is unmapped, not kept
+    // idle for the next connection (bulk_staging_keep_s is 60 s).
+    assert!(
+        eventually(Duration::from_secs(20), async || connections(
+            "bulk_tcp_staging_mapped_bytes"
+        ) == 0)
+        .await
+    );
+    assert!(connections("bulk_tcp_zerocopy_sends") > 0);
+    // The next connection maps fresh staging and reads exact.
+    let (mut other, _, _) = hello(&addr, VERSION, None).await;
+    other
+        .write_all(&read_frame(vec![item("f6", 0, None, 0)]))
+        .await
+        .unwrap();
+    let (items, end) = answers(&mut other).await;
+    assert_eq!((end.code, items.len()), (0, 1), "{}", end.message);
+    assert_eq!(items[0].1, files()[6].1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_staging_stays_mapped_for_the_keep_time_then_is_unmapped() {
     // Guards against staging being unmapped and zeroed again at every
     // burst of reads (a fresh 16 MiB costs zeroing and pinning: a fifth of
@@ -583,11 +657,7 @@ async fn idle_staging_stays_mapped_for_the_keep_time_then_is_unmapped() {
     let d = daemon_with(&tmp, "bulk_staging_keep_s = 4\n");
     let client = remote_client(&d, None).await;
     assert_eq!(read(&client, &whole_files()).await.len(), files().len());
-    let connections = |field: &str| {
-        d.status_json()["connections"][field]
-            .as_u64()
-            .unwrap_or(u64::MAX)
-    };
+    let connections = |field: &str| connections(&d, field);
     // The connections give their staging back after 2 s idle; it stays
     // mapped for the next one ...
     assert!(

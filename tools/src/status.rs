@@ -77,6 +77,13 @@ fn print_pool(s: &StatusResponse) -> anyhow::Result<()> {
             human(c.bulk_tcp_staging_mapped_bytes),
             human(c.bulk_tcp_item_bytes_max)
         );
+        if c.bulk_tcp_zerocopy_sends > 0 {
+            outln!(
+                "             {} zero-copy sends, {} of them copied by the kernel",
+                c.bulk_tcp_zerocopy_sends,
+                c.bulk_tcp_zerocopy_copied
+            );
+        }
     }
     Ok(())
 }

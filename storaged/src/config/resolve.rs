@@ -137,6 +137,9 @@ pub(super) fn server_limits(
     if let Some(t) = file.bulk_staging_keep_s {
         server.bulk_staging_keep_s = t;
     }
+    if let Some(z) = file.bulk_send_zerocopy {
+        server.bulk_send_zerocopy = z;
+    }
     Ok(server)
 }
 

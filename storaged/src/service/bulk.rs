@@ -28,6 +28,7 @@
 //! stall timeout loses its connection, and its staging with it.
 
 use std::io::IoSlice;
+use std::sync::atomic::AtomicU64;
 use std::time::Instant;
 
 use storaged_proto::bulk::{
@@ -38,7 +39,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
 use super::caller::CallId;
 use super::codes::GrpcCode;
+use super::zerocopy::{TcpSocket, ZEROCOPY_BYTES_MIN, ZeroCopy};
 use super::*;
+use crate::conn::Conn;
 use crate::region::RegionMap;
 use crate::store::read_into::{PlannedItem, ReadIntoOptions};
 
@@ -77,6 +80,11 @@ pub(super) struct TcpBulk {
     /// Staging regions no connection holds, each with its share and since
     /// when it is idle.
     idle: std::sync::Mutex<Vec<(Staging, std::time::Instant)>>,
+    /// Send windows with `MSG_ZEROCOPY` (`bulk_send_zerocopy`).
+    pub send_zerocopy: bool,
+    /// Zero-copy sends made, and those the kernel copied after all.
+    pub zerocopy_sends: AtomicU64,
+    pub zerocopy_copied: AtomicU64,
 }
 
 /// A staging region and its share of the total.
@@ -96,6 +104,9 @@ impl TcpBulk {
             staging_total_mib: total_mib,
             staging_keep: std::time::Duration::from_secs(limits.bulk_staging_keep_s),
             idle: std::sync::Mutex::default(),
+            send_zerocopy: limits.bulk_send_zerocopy,
+            zerocopy_sends: AtomicU64::new(0),
+            zerocopy_copied: AtomicU64::new(0),
         }
     }
 
@@ -189,16 +200,38 @@ impl TcpBulk {
 }
 
 /// A connection's staging, given back to the pool when the connection
-/// releases it or ends, however it ends.
+/// releases it or ends, however it ends; and its zero-copy sends, if it
+/// makes them.
 struct StagingSlot {
     pool: Option<Arc<TcpBulk>>,
     held: Option<Staging>,
+    zerocopy: Option<ZeroCopy>,
 }
 
 impl StagingSlot {
+    /// Gives the staging back to the pool, unless the kernel may still
+    /// send from it (zero-copy sends not known to be done): then it is
+    /// unmapped when the kernel lets go, never written for another
+    /// connection while this peer may still be sent its pages.
     fn release(&mut self) {
-        if let (Some(pool), Some(staging)) = (&self.pool, self.held.take()) {
+        let in_flight = self.zerocopy.as_ref().is_some_and(|z| z.outstanding() > 0);
+        if let (Some(pool), Some(staging)) = (&self.pool, self.held.take())
+            && !in_flight
+        {
             pool.give_back(staging);
+        }
+    }
+
+    /// Adds this connection's zero-copy sends since the last call to the
+    /// pool's counters.
+    fn count_zerocopy(&mut self, reported: &mut (u64, u64)) {
+        if let (Some(pool), Some(z)) = (&self.pool, &self.zerocopy) {
+            let (sends, copied) = z.counts();
+            pool.zerocopy_sends
+                .fetch_add(sends - reported.0, Ordering::Relaxed);
+            pool.zerocopy_copied
+                .fetch_add(copied - reported.1, Ordering::Relaxed);
+            *reported = (sends, copied);
         }
     }
 }
@@ -225,7 +258,7 @@ impl StoragedService {
         self,
         conns: impl Stream<Item = std::io::Result<crate::conn::Conn<IO>>> + Send + 'static,
     ) where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IO: AsyncRead + AsyncWrite + TcpSocket + Unpin + Send + 'static,
     {
         let mut conns = std::pin::pin!(conns);
         let mut stopping = self.stopping.clone();
@@ -247,7 +280,7 @@ impl StoragedService {
     /// breaks the framing, or the server stops.
     async fn bulk_connection<IO>(self, mut conn: crate::conn::Conn<IO>)
     where
-        IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+        IO: AsyncRead + AsyncWrite + TcpSocket + Unpin + Send + 'static,
     {
         use tonic::transport::server::Connected;
         let info = conn.connect_info();
@@ -271,10 +304,22 @@ impl StoragedService {
         let Some(principal) = self.bulk_hello(&mut conn, peer).await else {
             return;
         };
+        let zerocopy = match (&self.bulk_tcp, conn.io().tcp()) {
+            (Some(pool), Some(tcp)) if pool.send_zerocopy => match ZeroCopy::enable(tcp) {
+                Ok(z) => Some(z),
+                Err(error) => {
+                    tracing::warn!(%error, "bulk channel: SO_ZEROCOPY refused; this connection copies");
+                    None
+                }
+            },
+            _ => None,
+        };
         let mut staging = StagingSlot {
             pool: self.bulk_tcp.clone(),
             held: None,
+            zerocopy,
         };
+        let mut zerocopy_reported = (0, 0);
         let mut stopping = self.stopping.clone();
         loop {
             let mut len = [0u8; 4];
@@ -292,6 +337,10 @@ impl StoragedService {
                     // An idle connection gives its staging back: a pool of
                     // them must not hold memory for reads nobody makes.
                     () = tokio::time::sleep(STAGING_IDLE_RELEASE), if staging.held.is_some() => {
+                        if let (Some(z), Some(tcp)) = (staging.zerocopy.as_mut(), conn.io().tcp()) {
+                            // Long since acknowledged, normally: learn so.
+                            let _ = z.reap(tcp);
+                        }
                         staging.release();
                     }
                 }
@@ -335,8 +384,9 @@ impl StoragedService {
                 }
                 Ok(Request::Read(frame)) => {
                     let answered = self
-                        .bulk_read(&principal, &info.state, &mut conn, &mut staging.held, frame)
+                        .bulk_read(&principal, &info.state, &mut conn, &mut staging, frame)
                         .await;
+                    staging.count_zerocopy(&mut zerocopy_reported);
                     match answered {
                         Ok(code) => (METHOD_READ, code, true),
                         // The connection broke or stalled mid-answer.
@@ -381,9 +431,9 @@ impl StoragedService {
     }
 
     /// Answers a `Read` that failed as a whole with its end frame alone.
-    async fn bulk_read_failed<IO: AsyncWrite + Unpin>(
+    async fn bulk_read_failed<IO: AsyncWrite + TcpSocket + Unpin>(
         &self,
-        conn: &mut IO,
+        conn: &mut Conn<IO>,
         code: Code,
         message: &str,
     ) -> std::io::Result<Code> {
@@ -392,19 +442,43 @@ impl StoragedService {
             message: message.to_owned(),
             items: 0,
         };
-        self.bulk_send(conn, &encoded(end.encode())?, &[]).await?;
+        self.bulk_send(conn, None, &encoded(end.encode())?, &[])
+            .await?;
         Ok(code)
     }
 
     /// Writes `header` then `payload`, in one system call where the socket
-    /// takes both, within the stall timeout.
-    async fn bulk_send<IO: AsyncWrite + Unpin>(
+    /// takes both, within the stall timeout; a large payload by reference
+    /// where the connection makes zero-copy sends (`zerocopy`), after the
+    /// header is copied.
+    async fn bulk_send<IO: AsyncWrite + TcpSocket + Unpin>(
         &self,
-        conn: &mut IO,
+        conn: &mut Conn<IO>,
+        zerocopy: Option<&mut ZeroCopy>,
         header: &[u8],
         payload: &[u8],
     ) -> std::io::Result<()> {
         let send = async {
+            if let Some(z) = zerocopy.filter(|_| payload.len() >= ZEROCOPY_BYTES_MIN) {
+                conn.write_all(header).await?;
+                let mut payload = payload;
+                while !payload.is_empty() {
+                    let n = std::future::poll_fn(|cx| {
+                        conn.poll_io(cx, |io, cx| match io.tcp() {
+                            Some(tcp) => z.poll_send(cx, tcp, payload),
+                            None => std::task::Poll::Ready(Err(std::io::Error::other(
+                                "zero-copy send on a socket that is not TCP",
+                            ))),
+                        })
+                    })
+                    .await?;
+                    if n == 0 {
+                        return Err(std::io::ErrorKind::WriteZero.into());
+                    }
+                    payload = &payload[n..];
+                }
+                return Ok(());
+            }
             let (mut header, mut payload) = (header, payload);
             while !header.is_empty() {
                 let n = conn
@@ -435,16 +509,16 @@ impl StoragedService {
     /// One `Read` request, answered on `conn`: each item's header and
     /// window as it is read, then the end frame. Returns the call's code,
     /// or the I/O error that broke the connection.
-    async fn bulk_read<IO: AsyncWrite + Unpin>(
+    async fn bulk_read<IO: AsyncWrite + TcpSocket + Unpin>(
         &self,
         principal: &Principal,
         state: &Arc<ConnState>,
-        conn: &mut IO,
-        staging: &mut Option<Staging>,
+        conn: &mut Conn<IO>,
+        slot: &mut StagingSlot,
         frame: ReadFrame,
     ) -> std::io::Result<Code> {
         let started = match self
-            .start_bulk_read(principal, state, staging, &frame)
+            .start_bulk_read(principal, state, &mut slot.held, &frame)
             .await
         {
             Ok(started) => started,
@@ -455,7 +529,7 @@ impl StoragedService {
             }
         };
         let (caller, plans, options) = started;
-        let region = Arc::clone(&staging.as_ref().expect("taken by start_bulk_read").region);
+        let region = Arc::clone(&slot.held.as_ref().expect("taken by start_bulk_read").region);
         let region_offsets: Vec<u64> = frame.items.iter().map(|i| i.region_offset).collect();
         let capacity = crate::engine::ForeignMemory::len(&*region) as u64;
         let mut plans = plans.peekable();
@@ -494,9 +568,23 @@ impl StoragedService {
                     region_offset: region_offsets[plan.index() as usize],
                     ..ItemHeader::default()
                 };
-                self.bulk_send(conn, &encoded(header.encode())?, &[])
+                self.bulk_send(conn, None, &encoded(header.encode())?, &[])
                     .await?;
                 sent += 1;
+            }
+            // The staging is about to be written: the kernel must be done
+            // with pages sent from it by reference.
+            if let (Some(z), Some(tcp)) = (slot.zerocopy.as_mut(), conn.io().tcp())
+                && z.outstanding() > 0
+            {
+                tokio::time::timeout(self.stream_stall, z.settle(tcp))
+                    .await
+                    .map_err(|_| {
+                        std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the client acknowledged nothing for stream_stall_timeout_s",
+                        )
+                    })??;
             }
             let reads = self
                 .store
@@ -533,8 +621,13 @@ impl StoragedService {
                         header.message = error.to_string();
                     }
                 }
-                self.bulk_send(conn, &encoded(header.encode())?, window)
-                    .await?;
+                self.bulk_send(
+                    conn,
+                    slot.zerocopy.as_mut(),
+                    &encoded(header.encode())?,
+                    window,
+                )
+                .await?;
                 sent += 1;
             }
         }
@@ -544,7 +637,8 @@ impl StoragedService {
             message: String::new(),
             items: sent,
         };
-        self.bulk_send(conn, &encoded(end.encode())?, &[]).await?;
+        self.bulk_send(conn, None, &encoded(end.encode())?, &[])
+            .await?;
         Ok(Code::Ok)
     }
 

@@ -23,6 +23,14 @@ impl StoragedService {
             bulk_tcp_item_bytes_max: self.bulk_tcp.as_ref().map_or(0, |b| b.staging_bytes),
             bulk_tcp_staging_bytes: self.bulk_tcp.as_ref().map_or(0, |b| b.staging_in_use()),
             bulk_tcp_staging_mapped_bytes: self.bulk_tcp.as_ref().map_or(0, |b| b.staging_mapped()),
+            bulk_tcp_zerocopy_sends: self
+                .bulk_tcp
+                .as_ref()
+                .map_or(0, |b| b.zerocopy_sends.load(Ordering::Relaxed)),
+            bulk_tcp_zerocopy_copied: self
+                .bulk_tcp
+                .as_ref()
+                .map_or(0, |b| b.zerocopy_copied.load(Ordering::Relaxed)),
         });
         let (registered, registered_bytes) = self.regions.usage();
         s.regions = Some(pb::RegionStats {
