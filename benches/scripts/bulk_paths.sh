@@ -94,7 +94,7 @@ for _ in $(seq 100); do
 done
 "${CLIENT_NS[@]}" "$BIN/storagectl" --server "$URL" --transport grpc ingest --class stripe shard "$WORK/src"
 rm -f "$WORK/src/shard.bin"
-DAEMON=$(pgrep -f "storaged serve --listen $LISTEN:7470" | head -1)
+DAEMON=$(pgrep -f "storaged serve .*--listen $LISTEN:7470" | head -1)
 
 python3 - "$WORK" "$BIN" "$URL" "$ROUNDS" "$OBJECT_MIB" "$DAEMON" "$NETNS" "$TMPFS" "$ZEROCOPY" "${DEVICES[@]}" <<'EOF'
 import json, os, statistics, subprocess, sys, time
