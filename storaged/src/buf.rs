@@ -283,6 +283,20 @@ impl BufferPool {
         })
     }
 
+    /// [`try_acquire`](Self::try_acquire), but only while more than half
+    /// of the buffers of `len`'s class are free: opportunistic work that
+    /// holds its buffers for a while (read-ahead entries wait to be read)
+    /// must leave foreground reads of the same size buffers to take, or
+    /// they would wait on work that waits on them. Concurrent callers may
+    /// take a buffer or two past the half; never the whole class.
+    pub fn try_acquire_spare(self: &Arc<Self>, len: usize) -> Option<BufLease> {
+        let class = self.class_for(len).ok()?;
+        if class.permits.available_permits() <= class.count as usize / 2 {
+            return None;
+        }
+        self.try_acquire(len)
+    }
+
     /// Waits for one buffer of at least `len` bytes.
     pub async fn acquire(self: &Arc<Self>, len: usize) -> io::Result<BufLease> {
         let mut v = self.acquire_many(len, 1).await?;
@@ -609,11 +623,21 @@ mod tests {
         let p = pool();
         let held = p.acquire_many(8192, 2).await.unwrap();
         assert!(p.try_acquire(8192).is_none(), "class exhausted");
+        assert!(p.try_acquire_spare(8192).is_none(), "nothing spare either");
         assert!(p.try_acquire(9000).is_none(), "too large");
         let small = p.try_acquire(10).unwrap();
         assert_eq!(small.capacity(), 4096);
         drop(held);
         assert_eq!(p.try_acquire(8192).unwrap().capacity(), 8192);
+        // Spare: of the two 8 KiB buffers, one may go; the other stays for
+        // reads that wait.
+        let spare = p.try_acquire_spare(8192).unwrap();
+        assert!(
+            p.try_acquire_spare(8192).is_none(),
+            "half the class stays free"
+        );
+        assert!(p.try_acquire(8192).is_some(), "for those who need it");
+        drop(spare);
     }
 
     #[tokio::test]

@@ -18,8 +18,10 @@
 //!
 //! **Bounded, and never in the way.** The cache holds at most
 //! `hint_cache_bytes_max` of pool buffers. Buffers are taken only if free
-//! at that moment (`BufferPool::try_acquire`), so read-ahead never queues
-//! behind foreground reads, and a pending entry holds everything it needs
+//! at that moment, and only while more than half of their size class is
+//! free (`BufferPool::try_acquire_spare`), so read-ahead never queues
+//! behind foreground reads nor takes the buffers they need (entries hold
+//! theirs until read or expired), and a pending entry holds everything it needs
 //! and only waits for the device, which makes waiting on it safe for a
 //! foreground read. What does not fit is skipped and counted. A failed or
 //! corrupt read-ahead serves nothing: the foreground read reads the object
@@ -355,7 +357,7 @@ impl Store {
         let mut leases = Vec::with_capacity(runs.len());
         for run in runs {
             let lease = (ra.used_bytes() + run.len <= ra.budget_bytes)
-                .then(|| self.io.pool.try_acquire(run.len as usize))
+                .then(|| self.io.pool.try_acquire_spare(run.len as usize))
                 .flatten();
             match &lease {
                 Some(l) => {

@@ -871,6 +871,33 @@ async fn corrupt_read_ahead_is_never_served() {
     assert_eq!(store.read_ahead.counters.hits.load(Ordering::SeqCst), 7);
 }
 
+// Guards against read-ahead starving foreground reads: hints took every
+// free buffer of a size class (try_acquire never waits, but it took all),
+// entries nobody read yet held them until a later hint swept them, and a
+// read of another object of that size waited for a buffer forever (a
+// Python loader over gRPC stalled for minutes). Read-ahead now leaves half
+// of every class free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_leaves_buffers_for_foreground_reads() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = config(dir.path(), 16, 64 << 10);
+    cfg.limits.hint_cache_bytes_max = 16 << 20;
+    cfg.limits.hint_items_max = 1000;
+    let store = Store::open(&cfg).unwrap();
+    let objs = ingest_samples(&store, 700, 10_000).await;
+    let name = DatasetName::new("ds").unwrap();
+    // Every object but the last, in 64 KiB runs: more runs than the
+    // 64 KiB class has buffers.
+    let outcome = store.hint(&name, &paths_of(&objs[..699])).unwrap();
+    assert!(outcome.accepted > 0, "{outcome:?}");
+    let last = [objs[699].0.as_str()];
+    let read = batch_bytes(&store, &last);
+    let got = tokio::time::timeout(std::time::Duration::from_secs(20), read)
+        .await
+        .expect("a read of an object nobody hinted waits for no read-ahead entry");
+    assert_eq!(got[0].as_ref().unwrap(), &objs[699].1);
+}
+
 // Guards the read-ahead bounds: a hint larger than the cache budget reads
 // only what fits (the rest is counted as skipped and read normally), a
 // hint over the item limit is refused, and entries nobody reads expire.
