@@ -1,5 +1,7 @@
 //! Compiles `proto/storaged/v1/*.proto` with protox (pure Rust, so no system
-//! protoc is needed) and writes a file descriptor set for gRPC reflection.
+//! protoc is needed) and writes a file descriptor set for gRPC reflection;
+//! with the `etcd` feature, also the client half of the trimmed etcd v3 API
+//! in `proto/etcd` (the cluster control plane's wire protocol).
 
 use std::path::PathBuf;
 
@@ -32,6 +34,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "ConnectionStats",
         "BufferStats",
         "FaultStats",
+        "ClusterStatusResponse",
+        "ClusterNode",
     ] {
         config = config.type_attribute(
             format!("storaged.v1.{message}"),
@@ -46,6 +50,23 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".")
         .skip_protoc_run()
         .file_descriptor_set_path(&descriptor_path)
+        .compile_fds(file_descriptors)?;
+    if std::env::var_os("CARGO_FEATURE_ETCD").is_some() {
+        compile_etcd()?;
+    }
+    Ok(())
+}
+
+/// etcd's KV and Lease clients (no servers: storaged only talks to etcd).
+fn compile_etcd() -> Result<(), Box<dyn std::error::Error>> {
+    let protos = ["proto/etcd/rpc.proto", "proto/etcd/kv.proto"];
+    for p in &protos {
+        println!("cargo:rerun-if-changed={p}");
+    }
+    let file_descriptors = protox::compile(protos, ["proto"])?;
+    tonic_prost_build::configure()
+        .build_server(false)
+        .skip_protoc_run()
         .compile_fds(file_descriptors)?;
     Ok(())
 }

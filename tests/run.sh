@@ -68,6 +68,13 @@ if [ ! -c /dev/fuse ]; then
   exit 1
 fi
 
+step "etcd-server: the cluster tests run a real etcd on loopback as the control plane"
+if ! command -v etcd >/dev/null || ! command -v etcdctl >/dev/null; then
+  apt-get update -qq
+  apt-get install -y -qq etcd-server etcd-client >/dev/null
+fi
+etcd --version | head -1
+
 step "python virtualenv for the interop test (grpcio, health, reflection)"
 PY=${PYTHON:-python3}
 if ! "$PY" -m venv --help >/dev/null 2>&1; then

@@ -716,6 +716,15 @@ impl Client {
         Ok(r.into_inner())
     }
 
+    /// The cluster the server belongs to, as its control plane says now.
+    /// Not retried: UNAVAILABLE here usually means the control plane is
+    /// out of reach, which a retry at once does not mend.
+    pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, ClientError> {
+        let mut rpc = self.rpc.clone();
+        let r = rpc.cluster_status(pb::ClusterStatusRequest {}).await?;
+        Ok(r.into_inner())
+    }
+
     /// Deletes a dataset; returns the bytes freed.
     pub async fn delete_dataset(&self, name: &str) -> Result<u64, ClientError> {
         let name = DatasetName::new(name)?;

@@ -18,6 +18,19 @@ pub mod pb {
     tonic::include_proto!("storaged.v1");
 }
 
+/// Generated clients of etcd's v3 API (the subset in `proto/etcd`), for
+/// the cluster control plane. Only with the `etcd` feature.
+#[cfg(feature = "etcd")]
+#[allow(clippy::all, missing_docs)]
+pub mod etcd {
+    pub mod mvccpb {
+        tonic::include_proto!("mvccpb");
+    }
+    pub mod etcdserverpb {
+        tonic::include_proto!("etcdserverpb");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of the storaged protos, for gRPC reflection.
 pub mod http2;
 

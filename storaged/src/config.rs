@@ -169,6 +169,28 @@ pub struct FileConfig {
     /// DMA from the staging; loopback and veth copy them anyway).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bulk_send_zerocopy: Option<bool>,
+    /// Cluster mode: the control plane's URL (etcd://HOST:PORT[,...]).
+    /// Absent: a single node, as without cluster mode.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    /// The cluster's name (several clusters may share one etcd).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
+    /// This node's id in the cluster (a-z, 0-9, '-', '_').
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node_id: Option<String>,
+    /// HOST:PORT clients and other nodes reach this node's gRPC at
+    /// (default: the bound listen address).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub advertise: Option<String>,
+    /// Seconds a node's lease lasts without a heartbeat: how long a dead
+    /// node still looks live (heartbeats every third of it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_lease_ttl_s: Option<u64>,
+    /// Seconds one control-plane request may take before it counts as
+    /// unreachable.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_request_timeout_s: Option<u64>,
     /// TLS on the TCP listener: the server's certificate chain and key
     /// (PEM), and CAs of accepted client certificates (then required).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -416,6 +438,26 @@ pub struct ServeConfig {
     pub tenant_specs: Vec<crate::auth::TenantSpec>,
     pub jwt_spec: Option<crate::jwt::JwtSpec>,
     pub tenant_inflight_bytes: u64,
+    /// Cluster mode, when `cluster` is set.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// Defaults of cluster mode.
+pub const DEFAULT_CLUSTER_NAME: &str = "default";
+pub const DEFAULT_CLUSTER_LEASE_TTL_S: u64 = 10;
+pub const DEFAULT_CLUSTER_REQUEST_TIMEOUT_S: u64 = 5;
+
+/// Cluster mode's settings, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// etcd://HOST:PORT[,HOST:PORT...]
+    pub url: String,
+    pub cluster_name: String,
+    pub node_id: String,
+    /// `None`: the bound listen address.
+    pub advertise: Option<String>,
+    pub lease_ttl_s: u64,
+    pub request_timeout_s: u64,
 }
 
 /// The flags of `storaged serve` that the config file can also set;
@@ -468,6 +510,20 @@ pub struct ServeFlags {
     /// fsync_fail). Never for production.
     #[arg(long, hide = true)]
     pub fault_inject: Option<String>,
+    /// Join a cluster whose control plane is this etcd
+    /// (etcd://HOST:PORT[,HOST:PORT...]).
+    #[arg(long, value_name = "etcd://HOST:PORT")]
+    pub cluster: Option<String>,
+    /// The cluster's name in etcd (default "default").
+    #[arg(long)]
+    pub cluster_name: Option<String>,
+    /// This node's id in the cluster (needed with --cluster).
+    #[arg(long)]
+    pub node_id: Option<String>,
+    /// HOST:PORT others reach this node's gRPC at (default: the bound
+    /// listen address).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub advertise: Option<String>,
     /// Listen on a non-loopback address even without tenants or TLS:
     /// whoever reaches it gets what the config gives them, unencrypted.
     #[arg(long)]
@@ -552,7 +608,9 @@ impl ServeConfig {
             .or(file.bulk_listen.clone())
             .unwrap_or_else(|| "auto".to_owned());
         let bulk_listen = bulk_listen_address(&bulk_listen_s, listen, tls.is_some())?;
+        let cluster = cluster_settings(&mut flags, &file, listen)?;
         let cfg = Self {
+            cluster,
             tls,
             listen,
             bulk_listen,
@@ -644,6 +702,12 @@ impl ServeConfig {
                     .collect()
             }),
             jwt: self.jwt_spec.clone(),
+            cluster: self.cluster.as_ref().map(|c| c.url.clone()),
+            cluster_name: self.cluster.as_ref().map(|c| c.cluster_name.clone()),
+            node_id: self.cluster.as_ref().map(|c| c.node_id.clone()),
+            advertise: self.cluster.as_ref().and_then(|c| c.advertise.clone()),
+            cluster_lease_ttl_s: self.cluster.as_ref().map(|c| c.lease_ttl_s),
+            cluster_request_timeout_s: self.cluster.as_ref().map(|c| c.request_timeout_s),
         }
     }
 
@@ -799,6 +863,93 @@ fn bulk_listen_address(
             })
         }
     }
+}
+
+/// Cluster mode's settings from flags over the file; `None` without
+/// `cluster`. Every cluster key without `cluster` is refused, so a typo'd
+/// URL key does not silently start a single node.
+fn cluster_settings(
+    flags: &mut ServeFlags,
+    file: &FileConfig,
+    listen: SocketAddr,
+) -> Result<Option<ClusterSettings>, ConfigError> {
+    let url = flags.cluster.take().or(file.cluster.clone());
+    let cluster_name = flags.cluster_name.take().or(file.cluster_name.clone());
+    let node_id = flags.node_id.take().or(file.node_id.clone());
+    let advertise = flags.advertise.take().or(file.advertise.clone());
+    let Some(url) = url else {
+        for (key, given) in [
+            ("cluster_name", cluster_name.is_some()),
+            ("node_id", node_id.is_some()),
+            ("advertise", advertise.is_some()),
+            ("cluster_lease_ttl_s", file.cluster_lease_ttl_s.is_some()),
+            (
+                "cluster_request_timeout_s",
+                file.cluster_request_timeout_s.is_some(),
+            ),
+        ] {
+            if given {
+                return Err(invalid(
+                    key,
+                    format!("{key} is for cluster mode: give --cluster etcd://HOST:PORT too"),
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    crate::cluster::etcd::parse_etcd_url(&url).map_err(|e| invalid("cluster", e.to_string()))?;
+    let cluster_name = cluster_name.unwrap_or_else(|| DEFAULT_CLUSTER_NAME.to_owned());
+    crate::cluster::records::check_name("cluster name", &cluster_name)
+        .map_err(|e| invalid("cluster_name", e.to_string()))?;
+    let node_id = node_id.ok_or_else(|| {
+        invalid(
+            "node_id",
+            "--cluster needs --node-id: this node's id in the cluster",
+        )
+    })?;
+    crate::cluster::records::check_name("node id", &node_id)
+        .map_err(|e| invalid("node_id", e.to_string()))?;
+    if let Some(a) = &advertise {
+        if !crate::cluster::records::is_host_port(a) {
+            return Err(invalid(
+                "advertise",
+                format!("advertise {a:?} must be HOST:PORT"),
+            ));
+        }
+    } else if listen.ip().is_unspecified() {
+        return Err(invalid(
+            "advertise",
+            format!(
+                "listen is {listen}: give --advertise HOST:PORT, the address other nodes and clients reach this node at"
+            ),
+        ));
+    }
+    let lease_ttl_s = file
+        .cluster_lease_ttl_s
+        .unwrap_or(DEFAULT_CLUSTER_LEASE_TTL_S);
+    if !(2..=300).contains(&lease_ttl_s) {
+        return Err(invalid(
+            "cluster_lease_ttl_s",
+            "cluster_lease_ttl_s must be 2 to 300 seconds",
+        ));
+    }
+    let request_timeout_s = file
+        .cluster_request_timeout_s
+        .unwrap_or(DEFAULT_CLUSTER_REQUEST_TIMEOUT_S);
+    if !(1..=60).contains(&request_timeout_s) {
+        return Err(invalid(
+            "cluster_request_timeout_s",
+            "cluster_request_timeout_s must be 1 to 60 seconds",
+        ));
+    }
+    Ok(Some(ClusterSettings {
+        url,
+        cluster_name,
+        node_id,
+        advertise,
+        lease_ttl_s,
+        request_timeout_s,
+    }))
 }
 
 mod devices;

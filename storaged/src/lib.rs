@@ -15,6 +15,7 @@ pub mod auth;
 pub mod budget;
 pub mod buf;
 pub mod catalog;
+pub mod cluster;
 pub mod config;
 pub mod conn;
 pub mod crash;

@@ -205,6 +205,13 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     }
     let store = Store::open(&cfg.store)?;
     storaged::store::scrub::spawn_background(&store);
+    let member = match &cfg.cluster {
+        Some(settings) => Some(join_cluster(settings, &cfg, &store, &listeners).await?),
+        None => None,
+    };
+    let heartbeats = member
+        .as_ref()
+        .map(|m| tokio::spawn(Arc::clone(m).heartbeats()));
     // The handlers are installed now, before READY is announced: a
     // SIGTERM that follows READY at once must stop storaged cleanly, not
     // kill it with the default action.
@@ -219,8 +226,11 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         // systemd (Type=notify) learns the stop is under way.
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     };
-    storaged::server::serve(
-        store,
+    let served = storaged::server::serve(
+        storaged::server::Node {
+            store,
+            cluster: member.clone(),
+        },
         listeners,
         cfg.regions,
         access,
@@ -242,6 +252,63 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
             );
         },
     )
-    .await?;
+    .await;
+    if let Some(h) = heartbeats {
+        h.abort();
+    }
+    if let Some(m) = &member {
+        // Seen down at once, not after the lease's time to live.
+        m.leave().await;
+    }
+    served?;
     Ok(())
+}
+
+/// Joins the cluster of `settings` (or rejoins it) before serving: the
+/// node's identity is checked and its liveness key taken, or storaged
+/// exits saying why.
+async fn join_cluster(
+    settings: &storaged::config::ClusterSettings,
+    cfg: &ServeConfig,
+    store: &Arc<Store>,
+    listeners: &storaged::server::Listeners,
+) -> anyhow::Result<Arc<storaged::cluster::Member>> {
+    use storaged::cluster::{EtcdControl, Member, MemberConfig};
+    let control = EtcdControl::new(
+        &settings.url,
+        std::time::Duration::from_secs(settings.request_timeout_s),
+    )?;
+    let advertise = match &settings.advertise {
+        Some(a) => a.clone(),
+        None => listeners.tcp_addr()?.to_string(),
+    };
+    let config = MemberConfig {
+        cluster_name: settings.cluster_name.clone(),
+        node_id: settings.node_id.clone(),
+        advertise,
+        bulk_advertise: listeners.bulk_tcp_addr()?.map(|a| a.to_string()),
+        lease_ttl_s: settings.lease_ttl_s,
+        data_dir: cfg.store.data_dir.clone(),
+        pool_id: store.status().pool_id,
+    };
+    let usage = {
+        let store = Arc::clone(store);
+        Box::new(move || store.capacity_and_used_bytes())
+    };
+    let member = Member::join(Arc::new(control), config, usage)
+        .await
+        .with_context(|| {
+            format!(
+                "joining cluster {:?} at {} as node {:?}",
+                settings.cluster_name, settings.url, settings.node_id
+            )
+        })?;
+    tracing::info!(
+        cluster = %member.cluster_name(),
+        cluster_id = %member.cluster_id(),
+        node = %member.node_id(),
+        control_plane = %member.control_endpoint(),
+        "in the cluster"
+    );
+    Ok(member)
 }

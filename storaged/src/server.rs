@@ -213,6 +213,29 @@ impl Listeners {
     pub fn tcp_addr(&self) -> std::io::Result<SocketAddr> {
         self.tcp.local_addr()
     }
+
+    /// The bound TCP bulk channel's address, when it is served.
+    pub fn bulk_tcp_addr(&self) -> std::io::Result<Option<SocketAddr>> {
+        self.bulk_tcp.as_ref().map(|l| l.local_addr()).transpose()
+    }
+}
+
+/// What a server serves: the node's store and, in cluster mode, its
+/// membership (which answers the cluster RPCs).
+#[derive(Debug)]
+pub struct Node {
+    pub store: Arc<Store>,
+    pub cluster: Option<Arc<crate::cluster::Member>>,
+}
+
+impl From<Arc<Store>> for Node {
+    /// A single node, not in a cluster.
+    fn from(store: Arc<Store>) -> Self {
+        Node {
+            store,
+            cluster: None,
+        }
+    }
 }
 
 /// The bulk channel's socket beside the Unix socket at `unix`.
@@ -354,7 +377,7 @@ fn reflection_services() -> Result<
 /// `limits.shutdown_grace_s`. `on_bound` gets the bound TCP address
 /// (useful with port 0).
 pub async fn serve(
-    store: Arc<Store>,
+    node: impl Into<Node>,
     listeners: Listeners,
     region_limits: RegionLimits,
     access: Access,
@@ -362,6 +385,7 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
     on_bound: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
+    let Node { store, cluster } = node.into();
     let Listeners {
         tcp: listener,
         unix: unix_listener,
@@ -392,7 +416,8 @@ pub async fn serve(
         limits,
     )
     .with_admission(Arc::clone(&admission))
-    .with_bulk_socket(&bulk_path);
+    .with_bulk_socket(&bulk_path)
+    .with_cluster(cluster);
     let storaged = match &bulk_tcp {
         Some(l) => storaged.with_bulk_tcp(l.local_addr()?.port(), limits),
         None => storaged,

@@ -56,6 +56,8 @@ pub struct StoragedService {
     bulk_requests: Arc<std::sync::atomic::AtomicU64>,
     /// The TCP bulk channel, when served.
     bulk_tcp: Option<Arc<bulk::TcpBulk>>,
+    /// This node's cluster membership (`serve --cluster`).
+    cluster: Option<Arc<crate::cluster::Member>>,
 }
 
 /// Who may call, and where their calls are recorded.
@@ -103,6 +105,7 @@ impl StoragedService {
             bulk_frame_bytes_max: limits.max_decoding_message_bytes,
             bulk_requests: Arc::default(),
             bulk_tcp: None,
+            cluster: None,
         }
     }
 
@@ -122,6 +125,13 @@ impl StoragedService {
         self.bulk_socket = std::path::absolute(path)
             .ok()
             .map(|p| p.to_string_lossy().into());
+        self
+    }
+
+    /// Answers the cluster RPCs from this node's membership.
+    #[must_use]
+    pub fn with_cluster(mut self, member: Option<Arc<crate::cluster::Member>>) -> Self {
+        self.cluster = member;
         self
     }
 
@@ -240,6 +250,7 @@ fn invalid(e: impl std::fmt::Display) -> Status {
 mod bulk;
 use bulk::ReadIntoCall;
 mod caller;
+mod cluster;
 pub mod codes;
 mod progress;
 mod status;
@@ -552,6 +563,15 @@ impl Storaged for StoragedService {
                 .retain(|d| caller.principal.allows(Right::Read, &d.name));
         }
         Ok(Response::new(status))
+    }
+
+    async fn cluster_status(
+        &self,
+        request: Request<pb::ClusterStatusRequest>,
+    ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
+        let _caller = self.caller(&request, "cluster_status")?;
+        let member = self.cluster.as_ref().ok_or_else(cluster::not_clustered)?;
+        Ok(Response::new(cluster::cluster_status(member).await?))
     }
 
     type RegisterRegionStream = BoxStream<pb::RegionEvent>;

@@ -7,6 +7,8 @@
 //! temporary data dir and listens on port 0; the harness reads the bound
 //! address from the daemon's first stdout line.
 
+pub mod etcd;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};

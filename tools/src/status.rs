@@ -3,7 +3,7 @@
 
 use std::io::Write;
 
-use storaged_proto::pb::StatusResponse;
+use storaged_proto::pb::{ClusterStatusResponse, StatusResponse};
 
 use super::{class_name, human};
 
@@ -18,6 +18,69 @@ pub fn print(s: &StatusResponse, json: bool) -> anyhow::Result<()> {
     print_activity(s)?;
     print_devices(s)?;
     print_datasets(s)?;
+    Ok(())
+}
+
+/// Prints the cluster's status, as JSON when `json`.
+pub fn print_cluster(s: &ClusterStatusResponse, json: bool) -> anyhow::Result<()> {
+    if json {
+        outln!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let up = s.nodes.iter().filter(|n| n.state == "up").count();
+    outln!("cluster:         {} (id {})", s.cluster_name, s.cluster_id);
+    outln!("control plane:   {}", s.control_plane);
+    outln!("answered by:     {}", s.this_node);
+    outln!("nodes:           {} members, {up} up", s.nodes.len());
+    outln!(
+        "placement epoch: {}  nodes: {}",
+        s.placement_epoch,
+        s.placement_nodes.join(" ")
+    );
+    let (capacity, used) = s
+        .nodes
+        .iter()
+        .filter(|n| n.state == "up")
+        .fold((0, 0), |(c, u), n| (c + n.capacity_bytes, u + n.used_bytes));
+    outln!("capacity (up):   {}  used {}", human(capacity), human(used));
+    outln!(
+        "{:<16} {:<8} {:<22} {:>6} {:>10} {:>10}  placed",
+        "NODE",
+        "STATE",
+        "ADDRESS",
+        "LEASE",
+        "CAPACITY",
+        "USED"
+    );
+    for n in &s.nodes {
+        let lease = if n.state == "up" {
+            format!("{}s", n.lease_ttl_s)
+        } else {
+            "-".to_owned()
+        };
+        outln!(
+            "{:<16} {:<8} {:<22} {:>6} {:>10} {:>10}  {}",
+            n.node_id,
+            n.state,
+            if n.advertise.is_empty() {
+                "-"
+            } else {
+                &n.advertise
+            },
+            lease,
+            if n.state == "up" {
+                human(n.capacity_bytes)
+            } else {
+                "-".to_owned()
+            },
+            if n.state == "up" {
+                human(n.used_bytes)
+            } else {
+                "-".to_owned()
+            },
+            if n.placed { "yes" } else { "no" }
+        );
+    }
     Ok(())
 }
 

@@ -118,6 +118,19 @@ enum TokenCommand {
 }
 
 #[derive(Subcommand)]
+enum ClusterCommand {
+    /// Nodes (up or down, lease, address, capacity), the placement map and
+    /// its epoch, as the cluster's control plane says now. Exits 1 when
+    /// the server is not in a cluster or its control plane is out of
+    /// reach.
+    Status {
+        /// The whole ClusterStatus response as one JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum DeviceCommand {
     /// Rebuild device OLD (an index or a path) onto the new device NEW from
     /// the other devices, while reads go on. Run it again with the same
@@ -289,6 +302,11 @@ enum Command {
     /// foreground: prints a line ending in "ready" once mounted; SIGINT or
     /// SIGTERM unmounts.
     Mount(mount::MountArgs),
+    /// The cluster the server belongs to (storaged serve --cluster).
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Devices, capacity used and free, datasets.
     Status {
         /// Print the whole Status response as one JSON object (the proto's
@@ -431,6 +449,7 @@ fn class_name(d: &storaged_proto::pb::DatasetInfo) -> String {
 fn default_timeout(command: &Command) -> Option<Duration> {
     match command {
         Command::Status { .. }
+        | Command::Cluster { .. }
         | Command::Ls { .. }
         | Command::Stat { .. }
         | Command::Rm { .. }
@@ -599,6 +618,12 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status { json } => {
             let s = client.status().await?;
             status::print(&s, json)
+        }
+        Command::Cluster {
+            command: ClusterCommand::Status { json },
+        } => {
+            let s = client.cluster_status().await?;
+            status::print_cluster(&s, json)
         }
     }
 }

@@ -157,6 +157,16 @@ impl From<RegionError> for Status {
     }
 }
 
+impl GrpcCode for crate::cluster::ControlError {
+    fn code(&self) -> Code {
+        use crate::cluster::ControlError;
+        match self {
+            ControlError::Unreachable { .. } => Code::Unavailable,
+            ControlError::Refused { .. } | ControlError::Corrupt { .. } => Code::Internal,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

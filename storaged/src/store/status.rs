@@ -286,6 +286,13 @@ impl Store {
         }
     }
 
+    /// The pool's data capacity and the bytes allocated now (what a
+    /// cluster node advertises).
+    pub fn capacity_and_used_bytes(&self) -> (u64, u64) {
+        let (capacity, used, _) = self.space_used();
+        (capacity, used)
+    }
+
     /// (capacity, used, used per device): freed space waiting for its
     /// discard (and the start-up pass's piece) belongs to nobody, so it is
     /// reported free, though the allocator hands it out only after the
