@@ -252,6 +252,7 @@ pub(crate) async fn ingest_dir(
                 storage_class: storage_class as i32,
                 ec_data_units,
                 ec_parity_units,
+                cluster_unit: false,
             }))
             .await?;
         let mut total = 0u64;

@@ -18,6 +18,7 @@
 pub mod admin;
 mod bulk;
 mod bulk_tcp;
+pub mod cluster;
 mod ingest;
 pub mod loader;
 pub mod plan;
@@ -722,6 +723,20 @@ impl Client {
     pub async fn cluster_status(&self) -> Result<pb::ClusterStatusResponse, ClientError> {
         let mut rpc = self.rpc.clone();
         let r = rpc.cluster_status(pb::ClusterStatusRequest {}).await?;
+        Ok(r.into_inner())
+    }
+
+    /// Where cluster dataset `name`'s bytes live (see [`cluster`]).
+    pub async fn get_cluster_dataset(&self, name: &str) -> Result<pb::ClusterDataset, ClientError> {
+        let name = DatasetName::new(name)?;
+        let r = with_retry(self.retry, || {
+            let mut rpc = self.rpc.clone();
+            let req = pb::GetClusterDatasetRequest {
+                dataset: name.to_string(),
+            };
+            async move { rpc.get_cluster_dataset(req).await }
+        })
+        .await?;
         Ok(r.into_inner())
     }
 

@@ -8,6 +8,7 @@
 
 pub mod auth;
 pub mod bulk;
+pub mod cluster;
 pub mod json;
 pub mod model;
 pub mod status;

@@ -8,14 +8,19 @@
 //! clients and nodes. `control` is the store seen through a trait, `etcd`
 //! its implementation, `records` the keys and values, `binding` the data
 //! dir's record of which cluster a pool joined, `member` a node's join,
-//! heartbeat, leave and view of the cluster. ARCHITECTURE.md ("Cluster
+//! heartbeat, leave and view of the cluster, `ingest` a cluster ingest
+//! coordinated by one node, `registry` the cluster's datasets as a node
+//! serves them (with its cache for control-plane outages) and the sweep
+//! of orphaned units. ARCHITECTURE.md ("Cluster
 //! mode") draws it.
 
 pub mod binding;
 pub mod control;
 pub mod etcd;
+pub mod ingest;
 pub mod member;
 pub mod records;
+pub mod registry;
 
 pub use control::{ControlError, ControlPlane};
 pub use etcd::EtcdControl;

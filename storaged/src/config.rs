@@ -191,6 +191,10 @@ pub struct FileConfig {
     /// unreachable.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_request_timeout_s: Option<u64>,
+    /// Seconds between sweeps for this node's orphaned cluster units
+    /// (shares of ingests that never committed, of removed datasets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_sweep_interval_s: Option<u64>,
     /// TLS on the TCP listener: the server's certificate chain and key
     /// (PEM), and CAs of accepted client certificates (then required).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -446,6 +450,7 @@ pub struct ServeConfig {
 pub const DEFAULT_CLUSTER_NAME: &str = "default";
 pub const DEFAULT_CLUSTER_LEASE_TTL_S: u64 = 10;
 pub const DEFAULT_CLUSTER_REQUEST_TIMEOUT_S: u64 = 5;
+pub const DEFAULT_CLUSTER_SWEEP_INTERVAL_S: u64 = 30;
 
 /// Cluster mode's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -458,6 +463,7 @@ pub struct ClusterSettings {
     pub advertise: Option<String>,
     pub lease_ttl_s: u64,
     pub request_timeout_s: u64,
+    pub sweep_interval_s: u64,
 }
 
 /// The flags of `storaged serve` that the config file can also set;
@@ -708,6 +714,7 @@ impl ServeConfig {
             advertise: self.cluster.as_ref().and_then(|c| c.advertise.clone()),
             cluster_lease_ttl_s: self.cluster.as_ref().map(|c| c.lease_ttl_s),
             cluster_request_timeout_s: self.cluster.as_ref().map(|c| c.request_timeout_s),
+            cluster_sweep_interval_s: self.cluster.as_ref().map(|c| c.sweep_interval_s),
         }
     }
 
@@ -887,6 +894,10 @@ fn cluster_settings(
                 "cluster_request_timeout_s",
                 file.cluster_request_timeout_s.is_some(),
             ),
+            (
+                "cluster_sweep_interval_s",
+                file.cluster_sweep_interval_s.is_some(),
+            ),
         ] {
             if given {
                 return Err(invalid(
@@ -942,7 +953,26 @@ fn cluster_settings(
             "cluster_request_timeout_s must be 1 to 60 seconds",
         ));
     }
+    let sweep_interval_s = file
+        .cluster_sweep_interval_s
+        .unwrap_or(DEFAULT_CLUSTER_SWEEP_INTERVAL_S);
+    if !(1..=3600).contains(&sweep_interval_s) {
+        return Err(invalid(
+            "cluster_sweep_interval_s",
+            "cluster_sweep_interval_s must be 1 to 3600 seconds",
+        ));
+    }
+    if file.tenant.is_some() || file.jwt.is_some() || file.tls_cert.is_some() {
+        // Nodes call each other with the client's protocol; carrying
+        // tenants' credentials and TLS between them is not built yet, and
+        // a cluster that silently dropped them would be open.
+        return Err(invalid(
+            "cluster",
+            "cluster mode does not take tenants, JWTs or TLS yet: nodes call each other unauthenticated, so run clusters on a trusted network without them",
+        ));
+    }
     Ok(Some(ClusterSettings {
+        sweep_interval_s,
         url,
         cluster_name,
         node_id,

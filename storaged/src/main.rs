@@ -209,9 +209,17 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         Some(settings) => Some(join_cluster(settings, &cfg, &store, &listeners).await?),
         None => None,
     };
-    let heartbeats = member
-        .as_ref()
-        .map(|m| tokio::spawn(Arc::clone(m).heartbeats()));
+    let heartbeats = member.as_ref().zip(cfg.cluster.as_ref()).map(|(m, c)| {
+        let sweep = storaged::cluster::registry::sweep_forever(
+            Arc::clone(m),
+            Arc::clone(&store),
+            std::time::Duration::from_secs(c.sweep_interval_s),
+        );
+        (
+            tokio::spawn(Arc::clone(m).heartbeats()),
+            tokio::spawn(sweep),
+        )
+    });
     // The handlers are installed now, before READY is announced: a
     // SIGTERM that follows READY at once must stop storaged cleanly, not
     // kill it with the default action.
@@ -253,8 +261,9 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         },
     )
     .await;
-    if let Some(h) = heartbeats {
-        h.abort();
+    if let Some((heartbeat, sweep)) = heartbeats {
+        heartbeat.abort();
+        sweep.abort();
     }
     if let Some(m) = &member {
         // Seen down at once, not after the lease's time to live.

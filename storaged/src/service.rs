@@ -285,13 +285,42 @@ impl Storaged for StoragedService {
             .principal
             .ingest_permit()
             .map_err(|e| Status::resource_exhausted(e.to_string()))?;
-        let class = StorageClass::from_wire(
+        let asked = StorageClass::from_wire(
             begin.storage_class,
             begin.ec_data_units,
             begin.ec_parity_units,
         )
-        .map_err(invalid)?
-        .unwrap_or_else(|| self.store.default_class());
+        .map_err(invalid)?;
+        let unit_name = name
+            .as_str()
+            .starts_with(storaged_proto::cluster::UNIT_PREFIX);
+        match (&self.cluster, begin.cluster_unit) {
+            (Some(member), false) => {
+                if unit_name {
+                    return Err(invalid(format!(
+                        "dataset names beginning with {:?} are the cluster's own",
+                        storaged_proto::cluster::UNIT_PREFIX
+                    )));
+                }
+                let result = cluster::ingest(member, &name, asked, stream, self.ingest_idle).await;
+                let bytes = result
+                    .as_ref()
+                    .map(|r| r.dataset.as_ref().map_or(0, |d| d.total_bytes));
+                let audited = self.audit(&caller, "ingest", Some(name.as_str()), bytes);
+                let response = result?;
+                audited?;
+                return Ok(Response::new(response));
+            }
+            (None, true) => return Err(cluster::not_clustered()),
+            (Some(_), true) if !unit_name => {
+                return Err(invalid(format!(
+                    "a cluster unit's dataset name begins with {:?}",
+                    storaged_proto::cluster::UNIT_PREFIX
+                )));
+            }
+            _ => {}
+        }
+        let class = asked.unwrap_or_else(|| self.store.default_class());
         let quota = caller
             .principal
             .tenant
@@ -322,13 +351,22 @@ impl Storaged for StoragedService {
     ) -> Result<Response<pb::ListDatasetsResponse>, Status> {
         let caller = self.caller(&request, "list_datasets")?;
         // Only what the caller may read: other tenants' names stay unseen.
-        let datasets = self
+        let mut datasets: Vec<pb::DatasetInfo> = self
             .store
             .list_datasets()
             .into_iter()
             .filter(|h| caller.principal.allows(Right::Read, &h.name))
+            .filter(|h| {
+                // A node's shares of cluster datasets are listed as the
+                // cluster datasets they belong to.
+                self.cluster.is_none() || !h.name.starts_with(storaged_proto::cluster::UNIT_PREFIX)
+            })
             .map(|h| dataset_info(&self.store.dataset_status(h)))
             .collect();
+        if let Some(member) = &self.cluster {
+            datasets.extend(cluster::list(member).await?);
+            datasets.sort_by(|a, b| a.name.cmp(&b.name));
+        }
         Ok(Response::new(pb::ListDatasetsResponse { datasets }))
     }
 
@@ -532,7 +570,12 @@ impl Storaged for StoragedService {
         let name = DatasetName::new(request.into_inner().dataset).map_err(invalid)?;
         self.authorize(&caller, "delete_dataset", Right::Write, name.as_str())?;
         self.audit_ready(&caller)?;
-        let result = self.store.delete(&name).await.map_err(Status::from);
+        let result = match &self.cluster {
+            Some(member) if self.store.dataset(&name).is_err() => {
+                cluster::remove(member, &self.store, &name).await
+            }
+            _ => self.store.delete(&name).await.map_err(Status::from),
+        };
         self.audit(
             &caller,
             "delete_dataset",
@@ -572,6 +615,17 @@ impl Storaged for StoragedService {
         let _caller = self.caller(&request, "cluster_status")?;
         let member = self.cluster.as_ref().ok_or_else(cluster::not_clustered)?;
         Ok(Response::new(cluster::cluster_status(member).await?))
+    }
+
+    async fn get_cluster_dataset(
+        &self,
+        request: Request<pb::GetClusterDatasetRequest>,
+    ) -> Result<Response<pb::ClusterDataset>, Status> {
+        let caller = self.caller(&request, "get_cluster_dataset")?;
+        let name = DatasetName::new(request.into_inner().dataset).map_err(invalid)?;
+        self.authorize(&caller, "get_cluster_dataset", Right::Read, name.as_str())?;
+        let member = self.cluster.as_ref().ok_or_else(cluster::not_clustered)?;
+        Ok(Response::new(cluster::dataset(member, &name).await?))
     }
 
     type RegisterRegionStream = BoxStream<pb::RegionEvent>;

@@ -7,6 +7,7 @@
 //! temporary data dir and listens on port 0; the harness reads the bound
 //! address from the daemon's first stdout line.
 
+pub mod cluster;
 pub mod etcd;
 
 use std::path::{Path, PathBuf};
@@ -451,6 +452,7 @@ pub mod ingest_msg {
             storage_class,
             ec_data_units: 0,
             ec_parity_units: 0,
+            cluster_unit: false,
         }))
     }
 

@@ -55,6 +55,25 @@ pub async fn cat(
     (offset, length): (u64, Option<u64>),
     regions: bool,
 ) -> anyhow::Result<()> {
+    if let Some(cd) = crate::transfer::open_cluster(client, dataset).await? {
+        let bytes = cd.read(path).await?;
+        let size = bytes.len() as u64;
+        let end = match length {
+            Some(l) => offset.checked_add(l),
+            None => Some(size),
+        };
+        let Some(end) = end.filter(|&e| offset <= size && e <= size) else {
+            anyhow::bail!(
+                "OUT_OF_RANGE: {offset}+{} is past the end of {path:?} ({size} bytes)",
+                length.unwrap_or(0)
+            );
+        };
+        std::io::stdout()
+            .lock()
+            .write_all(&bytes[offset as usize..end as usize])
+            .context("writing to stdout")?;
+        return Ok(());
+    }
     let ds = client.dataset(dataset)?;
     let mut windows = None;
     if regions {

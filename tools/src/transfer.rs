@@ -58,6 +58,57 @@ pub(crate) async fn ingest(
     Ok(())
 }
 
+/// Where `export` reads objects from: the server's own dataset, or a
+/// cluster dataset read from its nodes.
+enum Source {
+    Local {
+        ds: Box<storaged_client::Dataset>,
+        regions: bool,
+    },
+    Cluster(std::sync::Arc<storaged_client::cluster::ClusterDataset>),
+}
+
+impl Source {
+    /// Object `path` (`size` bytes) as a stream of chunks.
+    fn stream(
+        &self,
+        path: &str,
+        size: u64,
+    ) -> futures::stream::BoxStream<'static, Result<bytes::Bytes, storaged_client::ClientError>>
+    {
+        match self {
+            Source::Local { ds, regions: true } => {
+                crate::object::region_windows(ds, path, size, 0, size).boxed()
+            }
+            Source::Local { ds, regions: false } => ds.read_stream(path, 0, None).boxed(),
+            Source::Cluster(cd) => {
+                let (cd, path) = (std::sync::Arc::clone(cd), path.to_owned());
+                futures::stream::once(async move { cd.read(&path).await }).boxed()
+            }
+        }
+    }
+}
+
+/// Cluster dataset `name` when the server is in a cluster and has one of
+/// that name; `None` sends the caller to the server's own datasets.
+pub(crate) async fn open_cluster(
+    client: &Client,
+    name: &str,
+) -> anyhow::Result<Option<storaged_client::cluster::ClusterDataset>> {
+    match storaged_client::cluster::ClusterDataset::open(client, name).await {
+        Ok(cd) => Ok(Some(cd)),
+        Err(storaged_client::ClientError::Status(s))
+            if matches!(
+                s.code(),
+                tonic::Code::FailedPrecondition | tonic::Code::NotFound
+            ) =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 pub(crate) async fn export(
     client: &Client,
     dataset: &str,
@@ -65,15 +116,40 @@ pub(crate) async fn export(
     parallel: usize,
     regions: bool,
 ) -> anyhow::Result<()> {
-    let ds = client.dataset(dataset)?;
-    let objects = ds.list("").await?;
+    let (source, objects) = match open_cluster(client, dataset).await? {
+        Some(cd) => {
+            let objects: Vec<(String, u64, u32)> = cd
+                .objects()
+                .iter()
+                .map(|o| (o.path.clone(), o.size, o.crc32))
+                .collect();
+            (Source::Cluster(std::sync::Arc::new(cd)), objects)
+        }
+        None => {
+            let ds = client.dataset(dataset)?;
+            let objects = ds
+                .list("")
+                .await?
+                .into_iter()
+                .map(|o| (o.path, o.size, o.crc32))
+                .collect();
+            (
+                Source::Local {
+                    ds: Box::new(ds),
+                    regions,
+                },
+                objects,
+            )
+        }
+    };
+    let source = std::sync::Arc::new(source);
     // Every path checked before anything is written: the server's are
     // validated again, and names that cannot share one tree are reported.
-    for o in &objects {
-        storaged_proto::ObjectPath::new(o.path.as_str())
-            .with_context(|| format!("server sent an unsafe path {:?}", o.path))?;
+    for (path, _, _) in &objects {
+        storaged_proto::ObjectPath::new(path.as_str())
+            .with_context(|| format!("server sent an unsafe path {path:?}"))?;
     }
-    let clashes = safe_tree::conflicts(objects.iter().map(|o| o.path.as_str()));
+    let clashes = safe_tree::conflicts(objects.iter().map(|(path, _, _)| path.as_str()));
     if !clashes.is_empty() {
         let list: Vec<String> = clashes
             .iter()
@@ -90,24 +166,20 @@ pub(crate) async fn export(
         safe_tree::Root::open(dir).with_context(|| format!("opening {}", dir.display()))?,
     );
     let mut total = 0u64;
-    let bar = bytes_bar("export", objects.iter().map(|o| o.size).sum());
-    let results = futures::stream::iter(objects.into_iter().map(|o| {
-        let ds = ds.clone();
+    let bar = bytes_bar("export", objects.iter().map(|(_, size, _)| size).sum());
+    let results = futures::stream::iter(objects.into_iter().map(|(path, size, crc32)| {
+        let source = std::sync::Arc::clone(&source);
         let root = std::sync::Arc::clone(&root);
-        let target = dir.join(&o.path);
+        let target = dir.join(&path);
         async move {
             // Component by component under the root's descriptor, never
             // following a symlink (validated above: relative, no `..`).
-            let rel = o.path.clone();
+            let rel = path.clone();
             let file = tokio::task::spawn_blocking(move || root.create_file(&rel))
                 .await?
                 .with_context(|| format!("creating {}", shown(&target.display().to_string())))?;
             let mut file = tokio::fs::File::from_std(file);
-            let mut stream = if regions {
-                crate::object::region_windows(&ds, &o.path, o.size, 0, o.size).boxed()
-            } else {
-                ds.read_stream(&o.path, 0, None).boxed()
-            };
+            let mut stream = source.stream(&path, size);
             let mut crc = crc32fast::Hasher::new();
             let mut n = 0u64;
             while let Some(chunk) = stream.next().await {
@@ -120,12 +192,9 @@ pub(crate) async fn export(
             }
             tokio::io::AsyncWriteExt::flush(&mut file).await?;
             let crc = crc.finalize();
-            if n != o.size || crc != o.crc32 {
+            if n != size || crc != crc32 {
                 bail!(
-                    "{}: received {n} bytes with CRC {crc:08x}, expected {} bytes with CRC {:08x}",
-                    o.path,
-                    o.size,
-                    o.crc32
+                    "{path}: received {n} bytes with CRC {crc:08x}, expected {size} bytes with CRC {crc32:08x}"
                 );
             }
             Ok::<u64, anyhow::Error>(n)

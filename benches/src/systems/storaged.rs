@@ -616,6 +616,7 @@ pub async fn ingest_empty_objects(client: &Client, dataset: &str, n: usize) -> a
         storage_class: 0,
         ec_data_units: 0,
         ec_parity_units: 0,
+        cluster_unit: false,
     })))
     .await?;
     for i in 0..n {

@@ -149,6 +149,8 @@ pub struct Member {
     /// (capacity, used) of the pool now.
     usage: Box<dyn Fn() -> (u64, u64) + Send + Sync>,
     heartbeat: Mutex<Heartbeat>,
+    /// The cluster's datasets as last read (for control-plane outages).
+    registry: super::registry::RegistryCache,
 }
 
 impl std::fmt::Debug for Member {
@@ -223,6 +225,7 @@ impl Member {
                 published_at: Instant::now(),
             }),
             config,
+            registry: Default::default(),
         });
         member.record_member().await?;
         Binding {
@@ -251,6 +254,26 @@ impl Member {
 
     pub fn control_endpoint(&self) -> &str {
         self.control.endpoint()
+    }
+
+    /// The control plane.
+    pub fn control(&self) -> Arc<dyn ControlPlane> {
+        Arc::clone(&self.control)
+    }
+
+    /// The cluster's keys.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// The cluster's datasets, with the node's cache of them.
+    pub fn registry(&self) -> &super::registry::RegistryCache {
+        &self.registry
+    }
+
+    /// The node's lease now (none while it has lost it).
+    pub fn lease(&self) -> Option<LeaseId> {
+        self.heartbeat.lock().expect("heartbeat poisoned").lease
     }
 
     /// The last control-plane failure the heartbeat saw, while it lasts.

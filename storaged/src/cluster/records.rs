@@ -95,6 +95,20 @@ impl Keys {
     pub fn placement(&self) -> String {
         format!("{}placement", self.root)
     }
+    /// [`DatasetRecord`] of a committed cluster dataset.
+    pub fn dataset(&self, name: &str) -> String {
+        format!("{}{}", self.datasets(), name)
+    }
+    pub fn datasets(&self) -> String {
+        format!("{}datasets/", self.root)
+    }
+    /// [`IngestIntent`] of an ingest under way, on its coordinator's lease.
+    pub fn ingest(&self, unit: &str) -> String {
+        format!("{}{}", self.ingests(), unit)
+    }
+    pub fn ingests(&self) -> String {
+        format!("{}ingests/", self.root)
+    }
 }
 
 /// `/storaged/<name>/cluster`: written once, by the first node to join.
@@ -158,6 +172,41 @@ pub struct Placement {
     pub nodes: Vec<String>,
 }
 
+/// `/storaged/<name>/datasets/<dataset>`: a committed cluster dataset.
+/// Written once, by the commit that makes it visible (the one commit
+/// point of a cluster ingest); deleting it is what `rm` does.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatasetRecord {
+    pub format: u32,
+    pub name: String,
+    /// Data and parity shards per object.
+    pub k: u32,
+    pub m: u32,
+    pub chunk_bytes: u64,
+    /// The unit dataset every node of `nodes` keeps its shards in.
+    pub unit: String,
+    /// The nodes, in layout order (see `storaged_proto::cluster`).
+    pub nodes: Vec<String>,
+    /// The placement epoch the nodes were chosen under.
+    pub placement_epoch: u64,
+    pub object_count: u64,
+    pub total_bytes: u64,
+    pub created_unix_s: u64,
+}
+
+/// `/storaged/<name>/ingests/<unit>`: a cluster ingest under way,
+/// attached to its coordinator's lease. Units of an ingest with neither
+/// this nor a dataset record are orphans, and their nodes delete them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngestIntent {
+    pub format: u32,
+    pub dataset: String,
+    pub unit: String,
+    pub nodes: Vec<String>,
+    pub coordinator: String,
+    pub started_unix_s: u64,
+}
+
 /// A record's JSON.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     // Serializing plain structs of strings and numbers cannot fail.
@@ -197,7 +246,14 @@ macro_rules! has_format {
         }
     )*};
 }
-has_format!(ClusterRecord, MemberRecord, LiveRecord, Placement);
+has_format!(
+    ClusterRecord,
+    MemberRecord,
+    LiveRecord,
+    Placement,
+    DatasetRecord,
+    IngestIntent
+);
 
 /// Seconds since the Unix epoch, now.
 pub fn unix_now_s() -> u64 {

@@ -167,6 +167,31 @@ impl GrpcCode for crate::cluster::ControlError {
     }
 }
 
+impl GrpcCode for crate::cluster::ingest::ClusterIngestError {
+    fn code(&self) -> Code {
+        use crate::cluster::ingest::ClusterIngestError as E;
+        match self {
+            E::Control(e) => e.code(),
+            E::Exists(_) => Code::AlreadyExists,
+            E::NotEnoughNodes { .. } => Code::FailedPrecondition,
+            E::Class(_) | E::Input(_) => Code::InvalidArgument,
+            E::Node { .. } => Code::Unavailable,
+            E::IntentLost(_) => Code::Aborted,
+            E::ManifestTooLarge => Code::ResourceExhausted,
+        }
+    }
+}
+
+impl GrpcCode for crate::cluster::registry::RegistryError {
+    fn code(&self) -> Code {
+        use crate::cluster::registry::RegistryError as E;
+        match self {
+            E::Control(e) => e.code(),
+            E::NotFound(_) => Code::NotFound,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

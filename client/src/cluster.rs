@@ -1,0 +1,291 @@
+//! Reading a cluster dataset straight from its nodes.
+//!
+//! [`ClusterDataset::open`] asks any node once for the dataset's layout
+//! and its nodes' addresses (`GetClusterDataset`) and reads the manifest
+//! from the first node that gives it; after that no read asks a metadata
+//! service: shard j of object p is on node `(j + crc32(p)) mod (K+M)`
+//! (`storaged_proto::cluster`). A read fetches the K data shards in
+//! parallel, each from its own node (each node verifies its bytes against
+//! their checksums as it serves them); when a node is down or fails, it
+//! fetches parity shards instead and reconstructs, here on the client: the
+//! bytes cross the network once, from the nodes that hold them, and no
+//! node does the decoding work for another. The object is then checked
+//! against its CRC-32 from the manifest, so a wrong shard from any node
+//! is caught, never returned.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::join_all;
+use reed_solomon_erasure::galois_8::ReedSolomon;
+use storaged_proto::cluster::{EcLayout, MANIFEST_PATH, ManifestEntry, decode_manifest};
+use storaged_proto::pb;
+
+use crate::{Client, ClientError, RetryPolicy};
+
+/// Why a cluster read failed (beyond a node's own status).
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterReadError {
+    #[error("cluster dataset {dataset:?} has no object {path:?}")]
+    NoObject { dataset: String, path: String },
+    #[error(
+        "object {path:?}: only {got} of the {k} shards it needs could be read (nodes failing: {failures})"
+    )]
+    TooFewShards {
+        path: String,
+        got: usize,
+        k: u32,
+        failures: String,
+    },
+    #[error(
+        "object {path:?}: the bytes rebuilt from the nodes fail its CRC-32 ({got:08x}, the manifest says {want:08x})"
+    )]
+    Checksum { path: String, got: u32, want: u32 },
+    #[error("cluster dataset {dataset:?}: no node gave its manifest ({why})")]
+    NoManifest { dataset: String, why: String },
+    #[error("cluster dataset {0:?} has an invalid layout")]
+    Layout(String),
+}
+
+impl From<ClusterReadError> for ClientError {
+    fn from(e: ClusterReadError) -> Self {
+        let code = match &e {
+            ClusterReadError::NoObject { .. } => tonic::Code::NotFound,
+            ClusterReadError::TooFewShards { .. } | ClusterReadError::NoManifest { .. } => {
+                tonic::Code::Unavailable
+            }
+            ClusterReadError::Checksum { .. } => tonic::Code::DataLoss,
+            ClusterReadError::Layout(_) => tonic::Code::Internal,
+        };
+        ClientError::Status(tonic::Status::new(code, e.to_string()))
+    }
+}
+
+/// One node of the dataset, connected on first use.
+struct Node {
+    id: String,
+    /// Empty when the node was down when the layout was read.
+    address: String,
+    client: tokio::sync::Mutex<Option<Client>>,
+}
+
+/// A cluster dataset, open for reading.
+pub struct ClusterDataset {
+    info: pb::ClusterDataset,
+    layout: EcLayout,
+    nodes: Vec<Node>,
+    manifest: Vec<ManifestEntry>,
+    index: HashMap<String, usize>,
+    codec: ReedSolomon,
+    /// Reads served with a reconstruction.
+    degraded_reads: Mutex<u64>,
+}
+
+impl std::fmt::Debug for ClusterDataset {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterDataset")
+            .field("name", &self.info.name)
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A node that is down answers nothing: a read gives up on it fast and
+/// reads parity instead of waiting out the default retry budget.
+fn node_retry() -> RetryPolicy {
+    RetryPolicy {
+        attempts_max: 2,
+        budget: Duration::from_secs(2),
+        ..RetryPolicy::default()
+    }
+}
+
+impl ClusterDataset {
+    /// Opens cluster dataset `name`, asking the node `client` talks to.
+    /// FAILED_PRECONDITION when that node is not in a cluster.
+    pub async fn open(client: &Client, name: &str) -> Result<ClusterDataset, ClientError> {
+        let info = client.get_cluster_dataset(name).await?;
+        let (k, m) = (info.ec_data_units, info.ec_parity_units);
+        let width = (k + m) as usize;
+        if k == 0 || m == 0 || info.nodes.len() != width || info.chunk_bytes == 0 {
+            return Err(ClusterReadError::Layout(name.to_owned()).into());
+        }
+        let codec = ReedSolomon::new(k as usize, m as usize)
+            .map_err(|_| ClusterReadError::Layout(name.to_owned()))?;
+        let nodes = info
+            .nodes
+            .iter()
+            .map(|n| Node {
+                id: n.node_id.clone(),
+                address: n.advertise.clone(),
+                client: tokio::sync::Mutex::new(None),
+            })
+            .collect();
+        let mut dataset = ClusterDataset {
+            layout: EcLayout {
+                k,
+                m,
+                chunk_bytes: info.chunk_bytes,
+            },
+            info,
+            nodes,
+            manifest: Vec::new(),
+            index: HashMap::new(),
+            codec,
+            degraded_reads: Mutex::new(0),
+        };
+        dataset.manifest = dataset.read_manifest().await?;
+        dataset.index = dataset
+            .manifest
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.path.clone(), i))
+            .collect();
+        Ok(dataset)
+    }
+
+    /// The layout as the node gave it.
+    pub fn info(&self) -> &pb::ClusterDataset {
+        &self.info
+    }
+
+    /// Every object, in ingest order.
+    pub fn objects(&self) -> &[ManifestEntry] {
+        &self.manifest
+    }
+
+    /// Reads that needed parity because a node was down or failed.
+    pub fn degraded_reads(&self) -> u64 {
+        *self.degraded_reads.lock().expect("counter poisoned")
+    }
+
+    async fn read_manifest(&self) -> Result<Vec<ManifestEntry>, ClientError> {
+        let mut why = Vec::new();
+        for i in 0..self.nodes.len() {
+            match self.read_shard(i, MANIFEST_PATH).await {
+                Ok(bytes) => match decode_manifest(&bytes) {
+                    Ok(m) => return Ok(m),
+                    Err(e) => why.push(format!("{}: {e}", self.nodes[i].id)),
+                },
+                Err(e) => why.push(format!("{}: {e}", self.nodes[i].id)),
+            }
+        }
+        Err(ClusterReadError::NoManifest {
+            dataset: self.info.name.clone(),
+            why: why.join("; "),
+        }
+        .into())
+    }
+
+    /// The client of node `i`, connected on first use.
+    async fn node(&self, i: usize) -> Result<Client, ClientError> {
+        let node = &self.nodes[i];
+        let mut slot = node.client.lock().await;
+        if let Some(c) = slot.as_ref() {
+            return Ok(c.clone());
+        }
+        if node.address.is_empty() {
+            return Err(ClientError::Status(tonic::Status::unavailable(format!(
+                "node {} was down when the layout was read",
+                node.id
+            ))));
+        }
+        let c = Client::connect(&format!("http://{}", node.address))
+            .await?
+            .with_retry_policy(node_retry());
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+
+    /// Object `path` of node `i`'s unit dataset (one shard, or the
+    /// manifest), verified by the node.
+    async fn read_shard(&self, i: usize, path: &str) -> Result<Bytes, ClientError> {
+        let client = self.node(i).await?;
+        client.dataset(&self.info.unit_dataset)?.read(path).await
+    }
+
+    /// The whole object at `path`, checked against its CRC-32.
+    pub async fn read(&self, path: &str) -> Result<Bytes, ClientError> {
+        let entry = self
+            .index
+            .get(path)
+            .map(|&i| &self.manifest[i])
+            .ok_or_else(|| ClusterReadError::NoObject {
+                dataset: self.info.name.clone(),
+                path: path.to_owned(),
+            })?;
+        if entry.size == 0 {
+            return Ok(Bytes::new());
+        }
+        let layout = self.layout;
+        let (k, width) = (layout.k as usize, layout.width() as usize);
+        let mut shards: Vec<Option<Vec<u8>>> = vec![None; width];
+        let mut failures = Vec::new();
+        // Data shards first, all at once; then parity, as many as failed.
+        let mut next = 0usize;
+        let mut want = k;
+        while want > 0 && next < width {
+            let batch: Vec<usize> = (next..width.min(next + want)).collect();
+            next += batch.len();
+            let reads = batch.iter().map(|&j| {
+                let node = layout.node_of(path, j as u32);
+                async move { (j, node, self.read_shard(node, path).await) }
+            });
+            for (j, node, result) in join_all(reads).await {
+                match result {
+                    Ok(b) if b.len() as u64 == layout.shard_bytes(entry.size) => {
+                        shards[j] = Some(b.to_vec());
+                        want -= 1;
+                    }
+                    Ok(b) => failures.push(format!(
+                        "{}: shard of {} bytes, expected {}",
+                        self.nodes[node].id,
+                        b.len(),
+                        layout.shard_bytes(entry.size)
+                    )),
+                    Err(e) => failures.push(format!("{}: {e}", self.nodes[node].id)),
+                }
+            }
+        }
+        if want > 0 {
+            return Err(ClusterReadError::TooFewShards {
+                path: path.to_owned(),
+                got: k - want,
+                k: layout.k,
+                failures: failures.join("; "),
+            }
+            .into());
+        }
+        if shards[..k].iter().any(Option::is_none) {
+            self.codec
+                .reconstruct_data(&mut shards)
+                .map_err(|_| ClusterReadError::Layout(self.info.name.clone()))?;
+            *self.degraded_reads.lock().expect("counter poisoned") += 1;
+        }
+        let mut out = vec![0u8; entry.size as usize];
+        for stripe in layout.stripes(entry.size) {
+            for (j, shard) in shards.iter().enumerate().take(k) {
+                let (at, len) = stripe.data_of_chunk(j as u32);
+                if len == 0 {
+                    continue;
+                }
+                let shard = shard.as_ref().expect("data shards present or rebuilt");
+                let from = stripe.shard_offset as usize;
+                out[at as usize..(at + len) as usize]
+                    .copy_from_slice(&shard[from..from + len as usize]);
+            }
+        }
+        let got = crc32fast::hash(&out);
+        if got != entry.crc32 {
+            return Err(ClusterReadError::Checksum {
+                path: path.to_owned(),
+                got,
+                want: entry.crc32,
+            }
+            .into());
+        }
+        Ok(Bytes::from(out))
+    }
+}

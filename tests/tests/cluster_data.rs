@@ -1,0 +1,331 @@
+//! Cluster datasets on four nodes and a real etcd: ingest `ec:2+1`
+//! through one node and read it back through another, byte for byte;
+//! lose a node in the middle of an epoch and lose no sample; kill the
+//! coordinator of an ingest at random points and find nothing partial
+//! visible and every node's space accounted; stop etcd and read on.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use storaged_client::Client;
+use storaged_client::cluster::ClusterDataset;
+use storaged_tests::cluster::{Cluster, pairs, states, status, wait_for};
+use storaged_tests::{Daemon, read_tree, storagectl_bin, test_seed, write_tree};
+
+/// Files of every shape a layout has edges at: empty, one byte, around
+/// one chunk (1 MiB), several stripes, and many small samples.
+fn tree(seed: u64, small: usize) -> Vec<(String, Vec<u8>)> {
+    let mut x = seed | 1;
+    let mut next = move || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let mut bytes = |n: usize| (0..n).map(|_| next() as u8).collect::<Vec<u8>>();
+    let mut files = vec![
+        ("empty".to_owned(), Vec::new()),
+        ("one".to_owned(), bytes(1)),
+        ("chunk".to_owned(), bytes(1 << 20)),
+        ("two-chunks-and-one".to_owned(), bytes((2 << 20) + 1)),
+        ("stripes/five".to_owned(), bytes((5 << 20) + 12345)),
+    ];
+    for i in 0..small {
+        let n = 1000 + (i * 7919) % 60_000;
+        files.push((format!("train/{:05}.jpg", i), bytes(n)));
+    }
+    files
+}
+
+/// [`tree`] written under the cluster's dir: (files, where).
+fn source(c: &Cluster, small: usize) -> (Vec<(String, Vec<u8>)>, std::path::PathBuf) {
+    let src = c.data_dir("src");
+    let files = tree(test_seed("STORAGED_CLUSTER_SEED", "tree"), small);
+    write_tree(&src, &files);
+    (files, src)
+}
+
+fn map(files: &[(String, Vec<u8>)]) -> BTreeMap<String, Vec<u8>> {
+    files.iter().cloned().collect()
+}
+
+/// `storagectl ARGS` against `d`; (success, stdout, stderr).
+fn ctl(d: &Daemon, args: &[&str]) -> (bool, String, String) {
+    let out = d.ctl(args);
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The dataset's record in etcd.
+fn record(c: &Cluster, name: &str) -> serde_json::Value {
+    let out = c.etcd.ctl(&[
+        "get",
+        "--print-value-only",
+        &format!("/storaged/default/datasets/{name}"),
+    ]);
+    serde_json::from_str(out.trim()).unwrap_or_else(|e| panic!("record of {name}: {e}: {out}"))
+}
+
+/// Every committed dataset's unit, from etcd.
+fn committed_units(c: &Cluster) -> BTreeSet<String> {
+    let out = c.etcd.ctl(&[
+        "get",
+        "--prefix",
+        "--print-value-only",
+        "/storaged/default/datasets/",
+    ]);
+    out.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).expect("dataset record");
+            v["unit"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// A node's local datasets (its units among them), and whether its
+/// space is all accounted: used bytes = what its datasets hold, and no
+/// ingest open.
+fn local_units(d: &Daemon) -> (BTreeSet<String>, bool) {
+    let s = d.status_json();
+    let datasets = s["datasets"].as_array().cloned().unwrap_or_default();
+    let names = datasets
+        .iter()
+        .map(|d| d["name"].as_str().unwrap().to_owned())
+        .filter(|n| n.starts_with("cluster."))
+        .collect();
+    let held: u64 = datasets
+        .iter()
+        .map(|d| d["allocated_bytes"].as_u64().unwrap_or(0))
+        .sum();
+    let accounted = s["used_bytes"].as_u64() == Some(held)
+        && s["ingests_in_progress"].as_u64().unwrap_or(0) == 0;
+    (names, accounted)
+}
+
+#[test]
+fn ingest_through_one_node_reads_back_identically_through_another() {
+    let c = Cluster::start();
+    let nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
+    let (files, src) = source(&c, 60);
+    let src_s = src.to_str().unwrap();
+    let out = nodes[0].ctl_ok(&["ingest", "--class", "ec:2+1", "imagenet", src_s]);
+    assert!(out.contains("class ec:2+1"), "{out}");
+    let r = record(&c, "imagenet");
+    assert_eq!(r["k"], 2);
+    assert_eq!(r["m"], 1);
+    assert_eq!(r["nodes"].as_array().unwrap().len(), 3);
+    // Every node lists it; the shares themselves are not listed.
+    for d in &nodes {
+        let ls = d.ctl_ok(&["ls"]);
+        assert!(ls.contains("imagenet") && ls.contains("ec:2+1"), "{ls}");
+        assert!(!ls.contains("cluster."), "{ls}");
+    }
+    // Export through another node: byte-identical.
+    let out_dir = c.data_dir("export");
+    nodes[2].ctl_ok(&["export", "imagenet", out_dir.to_str().unwrap()]);
+    assert_eq!(read_tree(&out_dir), map(&files));
+    let cat = nodes[3].ctl(&["cat", "imagenet", "stripes/five"]);
+    assert!(cat.status.success());
+    assert_eq!(cat.stdout, map(&files)["stripes/five"]);
+    let part = nodes[3].ctl(&[
+        "cat", "imagenet", "chunk", "--offset", "100", "--length", "7",
+    ]);
+    assert_eq!(part.stdout, map(&files)["chunk"][100..107]);
+
+    // What cannot be made is refused, naming why; nothing is left.
+    let (ok, _, err) = ctl(
+        &nodes[1],
+        &["ingest", "--class", "ec:2+1", "imagenet", src_s],
+    );
+    assert!(!ok && err.contains("ALREADY_EXISTS"), "{err}");
+    let (ok, _, err) = ctl(&nodes[1], &["ingest", "--class", "stripe", "other", src_s]);
+    assert!(!ok && err.contains("ec:K+M"), "{err}");
+    let (ok, _, err) = ctl(&nodes[1], &["ingest", "--class", "ec:4+1", "other", src_s]);
+    assert!(
+        !ok && err.contains("FAILED_PRECONDITION") && err.contains("needs 5 nodes"),
+        "{err}"
+    );
+    let (ok, _, err) = ctl(&nodes[1], &["ingest", "cluster.x", src_s]);
+    assert!(!ok && err.contains("INVALID_ARGUMENT"), "{err}");
+
+    // rm through any node: gone everywhere, and every node's share freed.
+    nodes[1].ctl_ok(&["rm", "imagenet", "--yes"]);
+    for d in &nodes {
+        assert!(!d.ctl_ok(&["ls"]).contains("imagenet"));
+    }
+    for d in &nodes {
+        wait_for(
+            "every share of a removed dataset to be freed",
+            Duration::from_secs(30),
+            || {
+                let (units, accounted) = local_units(d);
+                units.is_empty() && accounted && d.status_json()["used_bytes"] == 0
+            },
+        );
+    }
+}
+
+#[test]
+fn a_node_killed_during_an_epoch_loses_no_sample() {
+    let c = Cluster::start();
+    let mut nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
+    let (files, src) = source(&c, 300);
+    nodes[0].ctl_ok(&[
+        "ingest",
+        "--class",
+        "ec:2+1",
+        "samples",
+        src.to_str().unwrap(),
+    ]);
+    let want = map(&files);
+    let victim = record(&c, "samples")["nodes"][1]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let victim_index: usize = victim[1..].parse::<usize>().unwrap() - 1;
+
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (read, degraded) = rt.block_on(async {
+        // Opened through a node that is not the victim; reads then go to
+        // the dataset's nodes directly.
+        let via = if victim_index == 3 { 0 } else { 3 };
+        let client = Client::connect(&nodes[via].url).await.unwrap();
+        let ds = ClusterDataset::open(&client, "samples").await.unwrap();
+        // A shuffled epoch, 8 samples in flight, like a DataLoader.
+        let mut order: Vec<String> = ds.objects().iter().map(|o| o.path.clone()).collect();
+        let seed = test_seed("STORAGED_CLUSTER_SEED", "epoch order");
+        order.sort_by_key(|p| crc32fast::hash(format!("{seed}{p}").as_bytes()));
+        let mut read: BTreeMap<String, usize> = BTreeMap::new();
+        for (i, batch) in order.chunks(8).enumerate() {
+            if i == order.len() / 16 {
+                nodes[victim_index].kill9();
+            }
+            let got = futures::future::join_all(batch.iter().map(|p| ds.read(p))).await;
+            for (p, bytes) in batch.iter().zip(got) {
+                let bytes = bytes.unwrap_or_else(|e| panic!("{p}: {e}"));
+                assert_eq!(bytes.as_ref(), want[p].as_slice(), "{p}");
+                *read.entry(p.clone()).or_default() += 1;
+            }
+        }
+        (read, ds.degraded_reads())
+    });
+    assert_eq!(read.len(), want.len());
+    assert!(read.values().all(|&n| n == 1), "a sample came twice");
+    assert!(degraded > 0, "no read needed parity after {victim} died");
+
+    // The victim comes back and rejoins.
+    let d = &nodes[victim_index];
+    nodes[victim_index] = Daemon::start_args(&d.data_dir.clone(), d.args.clone());
+    wait_for("the victim to be up", Duration::from_secs(30), || {
+        states(&status(&nodes[0]))
+            == pairs(&[("n1", "up"), ("n2", "up"), ("n3", "up"), ("n4", "up")])
+    });
+    let out_dir = c.data_dir("export");
+    nodes[victim_index].ctl_ok(&["export", "samples", out_dir.to_str().unwrap()]);
+    assert_eq!(read_tree(&out_dir), want);
+}
+
+#[test]
+fn a_coordinator_killed_anywhere_leaves_nothing_partial_and_no_space_lost() {
+    // Guards against a cluster ingest whose coordinator dies leaving a
+    // dataset visible without all its shares, or shares nobody frees.
+    let c = Cluster::start();
+    let mut nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
+    let (files, src) = source(&c, 40);
+    let want = map(&files);
+    let src_s = src.to_str().unwrap().to_owned();
+    let started = Instant::now();
+    nodes[0].ctl_ok(&["ingest", "--class", "ec:2+1", "reference", &src_s]);
+    let ingest_ms = started.elapsed().as_millis() as u64;
+    let mut x = test_seed("STORAGED_CLUSTER_KILL_SEED", "kill points") | 1;
+    let mut committed = 0;
+    for i in 0..20 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let delay_ms = x % (ingest_ms * 3 / 2 + 1);
+        let name = format!("ds{i}");
+        let mut child = Command::new(storagectl_bin())
+            .args([
+                "--server",
+                &nodes[0].url,
+                "ingest",
+                "--class",
+                "ec:2+1",
+                &name,
+                &src_s,
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        nodes[0].kill9();
+        let _ = child.wait();
+        // Nothing partial: the dataset is either absent or whole.
+        let ls = nodes[1].ctl_ok(&["ls"]);
+        if ls.contains(&name) {
+            committed += 1;
+            let out_dir = c.data_dir(&format!("export-{i}"));
+            nodes[2].ctl_ok(&["export", &name, out_dir.to_str().unwrap()]);
+            assert_eq!(
+                read_tree(&out_dir),
+                want,
+                "{name} (killed after {delay_ms} ms)"
+            );
+        }
+        let d = &nodes[0];
+        nodes[0] = Daemon::start_args(&d.data_dir.clone(), d.args.clone());
+    }
+    println!("{committed} of 20 ingests committed before the kill");
+    // Every node's shares are those of committed datasets, and its space
+    // is all theirs, once the sweeps have run.
+    let units = committed_units(&c);
+    for d in &nodes {
+        wait_for(
+            "orphaned shares to be swept",
+            Duration::from_secs(60),
+            || {
+                let (local, accounted) = local_units(d);
+                accounted && local.is_subset(&units)
+            },
+        );
+    }
+}
+
+#[test]
+fn with_etcd_down_known_datasets_read_on_and_changes_are_unavailable() {
+    let mut c = Cluster::start();
+    let nodes = c.nodes(&["n1", "n2", "n3"]);
+    let (files, src) = source(&c, 20);
+    let src_s = src.to_str().unwrap();
+    nodes[0].ctl_ok(&["ingest", "--class", "ec:2+1", "ds", src_s]);
+    // Read once through n2, so it has the layout.
+    let out_dir = c.data_dir("before");
+    nodes[1].ctl_ok(&["export", "ds", out_dir.to_str().unwrap()]);
+
+    c.etcd.kill();
+    let out_dir = c.data_dir("during");
+    nodes[1].ctl_ok(&["export", "ds", out_dir.to_str().unwrap()]);
+    assert_eq!(read_tree(&out_dir), map(&files));
+    let (ok, _, err) = ctl(&nodes[2], &["ingest", "--class", "ec:2+1", "new", src_s]);
+    assert!(
+        !ok && err.contains("UNAVAILABLE") && err.contains("cannot be reached"),
+        "{err}"
+    );
+    let (ok, _, err) = ctl(&nodes[2], &["rm", "ds", "--yes"]);
+    assert!(!ok && err.contains("UNAVAILABLE"), "{err}");
+
+    c.etcd.restart();
+    wait_for("ingest to work again", Duration::from_secs(30), || {
+        ctl(&nodes[2], &["ingest", "--class", "ec:2+1", "new", src_s]).0
+    });
+    let out_dir = c.data_dir("after");
+    nodes[0].ctl_ok(&["export", "new", out_dir.to_str().unwrap()]);
+    assert_eq!(read_tree(&out_dir), map(&files));
+}
