@@ -425,7 +425,22 @@ impl IngestSession {
 
     /// Makes the dataset durable and visible. `object_count` and
     /// `total_bytes` must match what was received.
+    ///
+    /// Runs to its end on its own task even if the caller stops waiting
+    /// (a client that disconnects during its commit drops the handler's
+    /// future): a commit cut between its steps would leave the dataset
+    /// durable on the devices but not visible, its space held by nobody.
+    /// Either the dataset is committed and visible or it is aborted and
+    /// its space freed.
     pub async fn commit(
+        self,
+        object_count: u64,
+        total_bytes: u64,
+    ) -> Result<Arc<DatasetHandle>, IngestError> {
+        tokio::spawn(self.commit_to_the_end(object_count, total_bytes)).await?
+    }
+
+    async fn commit_to_the_end(
         mut self,
         object_count: u64,
         total_bytes: u64,

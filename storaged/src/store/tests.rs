@@ -1472,3 +1472,60 @@ async fn version_1_pools_are_upgraded_in_place_from_any_interrupted_state() {
     assert_eq!(read_all(&store, "s", "a", 0, None).await.unwrap(), stripe);
     assert_eq!(read_all(&store, "e", "x", 0, None).await.unwrap(), ec_data);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_caller_goes_away_still_ends_cleanly() {
+    // Guards against a commit dropped mid-way (its client disconnected
+    // while the manifest and catalog were being written) leaving the
+    // dataset committed on the devices but never visible, its space held
+    // by nobody until a restart. Found by the cluster tests' coordinator
+    // kills.
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::open(&config(dir.path(), 64, 64 << 10)).unwrap();
+    let data: Vec<(String, Vec<u8>)> = (0..16)
+        .map(|i| (format!("o{i}"), pattern(i as u64, 300_000 + i * 1000)))
+        .collect();
+    for (n, wait_us) in [0u64, 20, 50, 100, 200, 400, 800, 1500, 3000, 6000, 12_000]
+        .into_iter()
+        .enumerate()
+    {
+        let name = format!("ds{n}");
+        let mut s = store
+            .begin_ingest(
+                DatasetName::new(name.clone()).unwrap(),
+                StorageClass::Stripe,
+                Default::default(),
+            )
+            .unwrap();
+        let mut total = 0;
+        for (path, bytes) in &data {
+            s.begin_object(
+                ObjectPath::new(path.clone()).unwrap(),
+                bytes.len() as u64,
+                None,
+            )
+            .await
+            .unwrap();
+            s.data(bytes).await.unwrap();
+            total += bytes.len() as u64;
+        }
+        let commit = s.commit(data.len() as u64, total);
+        // The caller goes away after `wait_us`, wherever the commit is.
+        let _ = tokio::time::timeout(std::time::Duration::from_micros(wait_us), commit).await;
+        // Committed and visible, or gone: either way its space is owned.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let status = store.status();
+            if status.ingests_in_progress == 0 && status.used_bytes == owned_bytes(&store) {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "after a commit dropped at {wait_us} us: used {} bytes, datasets own {}",
+                status.used_bytes,
+                owned_bytes(&store)
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+    }
+}
