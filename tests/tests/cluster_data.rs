@@ -287,14 +287,28 @@ fn a_coordinator_killed_anywhere_leaves_nothing_partial_and_no_space_lost() {
     // is all theirs, once the sweeps have run.
     let units = committed_units(&c);
     for d in &nodes {
-        wait_for(
-            "orphaned shares to be swept",
-            Duration::from_secs(60),
-            || {
-                let (local, accounted) = local_units(d);
-                accounted && local.is_subset(&units)
-            },
-        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (local, accounted) = local_units(d);
+            if accounted && local.is_subset(&units) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let log: Vec<String> = d
+                    .stderr()
+                    .lines()
+                    .filter(|l| !l.contains("INFO storaged::service::caller"))
+                    .map(str::to_owned)
+                    .collect();
+                panic!(
+                    "{}: shares {local:?} (committed: {units:?}), space accounted: {accounted}; status: {}; log:\n{}",
+                    d.url,
+                    d.status_json(),
+                    log.join("\n")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
