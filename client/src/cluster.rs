@@ -3,11 +3,13 @@
 //! [`ClusterDataset::open`] asks any node once for the dataset's layout
 //! and its nodes' addresses (`GetClusterDataset`) and reads the manifest
 //! from the first node that gives it; after that no read asks a metadata
-//! service: shard j of object p is on node `(j + crc32(p)) mod (K+M)`
-//! (`storaged_proto::cluster`). A read fetches the K data shards in
-//! parallel, each from its own node (each node verifies its bytes against
-//! their checksums as it serves them); when a node is down or fails, it
-//! fetches parity shards instead and reconstructs, here on the client: the
+//! service: chunk j of stripe t of object p is on node
+//! `(j + t + crc32(p)) mod (K+M)`
+//! (`storaged_proto::cluster`). A read fetches every stripe's K data
+//! chunks in parallel, each from its own node (each node verifies its
+//! bytes against their checksums as it serves them); when a node is down
+//! or fails, it fetches that stripe's parity chunks instead and
+//! reconstructs, here on the client: the
 //! bytes cross the network once, from the nodes that hold them, and no
 //! node does the decoding work for another. The object is then checked
 //! against its CRC-32 from the manifest, so a wrong shard from any node
@@ -18,9 +20,10 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::join_all;
 use reed_solomon_erasure::galois_8::ReedSolomon;
-use storaged_proto::cluster::{EcLayout, MANIFEST_PATH, ManifestEntry, decode_manifest};
+use storaged_proto::cluster::{EcLayout, MANIFEST_PATH, ManifestEntry, Stripe, decode_manifest};
 use storaged_proto::pb;
 
 use crate::{Client, ClientError, RetryPolicy};
@@ -62,6 +65,10 @@ impl From<ClusterReadError> for ClientError {
         ClientError::Status(tonic::Status::new(code, e.to_string()))
     }
 }
+
+/// Stripes of one object read at once (each K chunk reads; 1 MiB chunks
+/// make this 16 MiB per data node in flight at most).
+const STRIPES_IN_FLIGHT: usize = 16;
 
 /// One node of the dataset, connected on first use.
 struct Node {
@@ -199,11 +206,91 @@ impl ClusterDataset {
         Ok(c)
     }
 
-    /// Object `path` of node `i`'s unit dataset (one shard, or the
-    /// manifest), verified by the node.
+    /// Object `path` of node `i`'s unit dataset (the manifest), verified
+    /// by the node.
     async fn read_shard(&self, i: usize, path: &str) -> Result<Bytes, ClientError> {
         let client = self.node(i).await?;
         client.dataset(&self.info.unit_dataset)?.read(path).await
+    }
+
+    /// Bytes `[offset, offset + len)` of node `i`'s piece of `path`.
+    async fn read_piece(
+        &self,
+        i: usize,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ClientError> {
+        let client = self.node(i).await?;
+        let bytes = client
+            .dataset(&self.info.unit_dataset)?
+            .read_range(path, offset, len)
+            .await?;
+        if bytes.len() as u64 != len {
+            return Err(ClientError::ShortRead {
+                path: path.to_owned(),
+                expected: len,
+                got: bytes.len() as u64,
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Stripe `stripe` of `path`: its K data chunks, each from its node,
+    /// all at once; parity chunks in place of those that fail, and the
+    /// data rebuilt. Answers the data chunks and whether it rebuilt.
+    async fn read_stripe(
+        &self,
+        path: &str,
+        stripe: Stripe,
+    ) -> Result<(Stripe, Vec<Vec<u8>>, bool), ClusterReadError> {
+        let layout = self.layout;
+        let (k, width) = (layout.k as usize, layout.width() as usize);
+        let mut chunks: Vec<Option<Vec<u8>>> = vec![None; width];
+        let mut failures = Vec::new();
+        let (mut next, mut want) = (0usize, k);
+        while want > 0 && next < width {
+            let batch: Vec<usize> = (next..width.min(next + want)).collect();
+            next += batch.len();
+            let reads = batch.iter().map(|&j| {
+                let node = layout.node_of(path, stripe.index, j as u32);
+                async move {
+                    let r = self
+                        .read_piece(node, path, stripe.shard_offset, stripe.chunk_bytes)
+                        .await;
+                    (j, node, r)
+                }
+            });
+            for (j, node, result) in join_all(reads).await {
+                match result {
+                    Ok(b) => {
+                        chunks[j] = Some(b.to_vec());
+                        want -= 1;
+                    }
+                    Err(e) => failures.push(format!("{}: {e}", self.nodes[node].id)),
+                }
+            }
+        }
+        if want > 0 {
+            return Err(ClusterReadError::TooFewShards {
+                path: path.to_owned(),
+                got: k - want,
+                k: layout.k,
+                failures: failures.join("; "),
+            });
+        }
+        let rebuilt = chunks[..k].iter().any(Option::is_none);
+        if rebuilt {
+            self.codec
+                .reconstruct_data(&mut chunks)
+                .map_err(|_| ClusterReadError::Layout(self.info.name.clone()))?;
+        }
+        let data = chunks
+            .into_iter()
+            .take(k)
+            .map(|c| c.unwrap_or_default())
+            .collect();
+        Ok((stripe, data, rebuilt))
     }
 
     /// The whole object at `path`, checked against its CRC-32.
@@ -216,66 +303,21 @@ impl ClusterDataset {
                 dataset: self.info.name.clone(),
                 path: path.to_owned(),
             })?;
-        if entry.size == 0 {
-            return Ok(Bytes::new());
-        }
-        let layout = self.layout;
-        let (k, width) = (layout.k as usize, layout.width() as usize);
-        let mut shards: Vec<Option<Vec<u8>>> = vec![None; width];
-        let mut failures = Vec::new();
-        // Data shards first, all at once; then parity, as many as failed.
-        let mut next = 0usize;
-        let mut want = k;
-        while want > 0 && next < width {
-            let batch: Vec<usize> = (next..width.min(next + want)).collect();
-            next += batch.len();
-            let reads = batch.iter().map(|&j| {
-                let node = layout.node_of(path, j as u32);
-                async move { (j, node, self.read_shard(node, path).await) }
-            });
-            for (j, node, result) in join_all(reads).await {
-                match result {
-                    Ok(b) if b.len() as u64 == layout.shard_bytes(entry.size) => {
-                        shards[j] = Some(b.to_vec());
-                        want -= 1;
-                    }
-                    Ok(b) => failures.push(format!(
-                        "{}: shard of {} bytes, expected {}",
-                        self.nodes[node].id,
-                        b.len(),
-                        layout.shard_bytes(entry.size)
-                    )),
-                    Err(e) => failures.push(format!("{}: {e}", self.nodes[node].id)),
-                }
-            }
-        }
-        if want > 0 {
-            return Err(ClusterReadError::TooFewShards {
-                path: path.to_owned(),
-                got: k - want,
-                k: layout.k,
-                failures: failures.join("; "),
-            }
-            .into());
-        }
-        if shards[..k].iter().any(Option::is_none) {
-            self.codec
-                .reconstruct_data(&mut shards)
-                .map_err(|_| ClusterReadError::Layout(self.info.name.clone()))?;
-            *self.degraded_reads.lock().expect("counter poisoned") += 1;
-        }
         let mut out = vec![0u8; entry.size as usize];
-        for stripe in layout.stripes(entry.size) {
-            for (j, shard) in shards.iter().enumerate().take(k) {
+        let mut stripes = futures::stream::iter(self.layout.stripes(entry.size))
+            .map(|s| self.read_stripe(path, s))
+            .buffer_unordered(STRIPES_IN_FLIGHT);
+        let mut rebuilt_any = false;
+        while let Some(done) = stripes.next().await {
+            let (stripe, data, rebuilt) = done?;
+            rebuilt_any |= rebuilt;
+            for (j, chunk) in data.iter().enumerate() {
                 let (at, len) = stripe.data_of_chunk(j as u32);
-                if len == 0 {
-                    continue;
-                }
-                let shard = shard.as_ref().expect("data shards present or rebuilt");
-                let from = stripe.shard_offset as usize;
-                out[at as usize..(at + len) as usize]
-                    .copy_from_slice(&shard[from..from + len as usize]);
+                out[at as usize..(at + len) as usize].copy_from_slice(&chunk[..len as usize]);
             }
+        }
+        if rebuilt_any {
+            *self.degraded_reads.lock().expect("counter poisoned") += 1;
         }
         let got = crc32fast::hash(&out);
         if got != entry.crc32 {

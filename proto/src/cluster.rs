@@ -4,15 +4,17 @@
 //! datasets").
 //!
 //! A cluster dataset of class `ec:K+M` is spread over K+M nodes. Each
-//! object is cut into stripes of K chunks (`chunk_bytes` each; the last
-//! stripe's chunks are ceil(rest / K), zero-padded); chunk j of every
-//! stripe goes to shard j, and M parity shards are Reed-Solomon over the
-//! data shards, position by position. Every shard of an object has the
-//! same length, so parity over whole shards equals parity stripe by
-//! stripe: a reader reconstructs whole shards at once. Shard j of an
-//! object is stored on node `(j + crc32(path)) mod (K+M)` of the
-//! dataset's node list, as an object of the same path in the node's unit
-//! dataset, so every node holds data and parity alike.
+//! object is cut into stripes of K data chunks (`chunk_bytes` each; the
+//! last stripe's chunks are ceil(rest / K), zero-padded) and M parity
+//! chunks, Reed-Solomon over the data chunks position by position. Chunk
+//! j of stripe t of the object at path p goes to node
+//! `(j + t + crc32(p)) mod (K+M)` of the dataset's node list, so every
+//! node holds exactly one chunk of every stripe, and data and parity
+//! rotate stripe by stripe: one large object streams from every node's
+//! link, and small objects (one stripe) spread by their path. A node
+//! keeps its chunks of an object back to back, in stripe order, as an
+//! object of the same path in its unit dataset: stripe t's chunk is at
+//! the same offset on every node ([`Stripe::shard_offset`]).
 //!
 //! Each unit dataset also holds the dataset's manifest at
 //! [`MANIFEST_PATH`]: every object's path, size and CRC-32, so any one
@@ -40,6 +42,8 @@ pub struct EcLayout {
 /// One stripe of an object.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Stripe {
+    /// Its number in the object, from 0.
+    pub index: u64,
     /// Where the stripe begins in the object.
     pub object_offset: u64,
     /// Object bytes in the stripe (at most K chunks).
@@ -56,7 +60,8 @@ impl EcLayout {
         self.k + self.m
     }
 
-    /// Every shard's length for an object of `object_bytes`.
+    /// The bytes each node keeps of an object of `object_bytes` (one
+    /// chunk of every stripe).
     pub fn shard_bytes(&self, object_bytes: u64) -> u64 {
         let k = u64::from(self.k);
         let stripe = k * self.chunk_bytes;
@@ -71,6 +76,7 @@ impl EcLayout {
         let chunk = self.chunk_bytes;
         let mut object_offset = 0u64;
         let mut shard_offset = 0u64;
+        let mut index = 0u64;
         std::iter::from_fn(move || {
             if object_offset >= object_bytes {
                 return None;
@@ -78,6 +84,7 @@ impl EcLayout {
             let data_bytes = (object_bytes - object_offset).min(k * chunk);
             let chunk_bytes = data_bytes.div_ceil(k);
             let s = Stripe {
+                index,
                 object_offset,
                 data_bytes,
                 chunk_bytes,
@@ -85,16 +92,26 @@ impl EcLayout {
             };
             object_offset += data_bytes;
             shard_offset += chunk_bytes;
+            index += 1;
             Some(s)
         })
     }
 
-    /// The index, in the dataset's node list, of the node holding shard
-    /// `shard` of the object at `path`.
-    pub fn node_of(&self, path: &str, shard: u32) -> usize {
+    /// The index, in the dataset's node list, of the node holding chunk
+    /// `chunk` (data `0..K`, parity `K..K+M`) of stripe `stripe` of the
+    /// object at `path`.
+    pub fn node_of(&self, path: &str, stripe: u64, chunk: u32) -> usize {
         let width = u64::from(self.width());
         let rotation = u64::from(crc32fast::hash(path.as_bytes()));
-        ((u64::from(shard) + rotation) % width) as usize
+        ((u64::from(chunk) + stripe % width + rotation % width) % width) as usize
+    }
+
+    /// Which chunk of stripe `stripe` of `path` node `node` holds (the
+    /// inverse of [`node_of`](Self::node_of)).
+    pub fn chunk_on(&self, path: &str, stripe: u64, node: usize) -> u32 {
+        let width = u64::from(self.width());
+        let rotation = u64::from(crc32fast::hash(path.as_bytes()));
+        ((node as u64 + 2 * width - stripe % width - rotation % width) % width) as u32
     }
 }
 
@@ -234,18 +251,31 @@ mod tests {
     }
 
     #[test]
-    fn shards_rotate_over_every_node() {
+    fn every_node_holds_one_chunk_of_every_stripe_and_parity_rotates() {
         let l = layout(2, 1, 1 << 20);
-        let mut seen = [0; 3];
+        let mut parity_on = [0; 3];
         for i in 0..300 {
             let path = format!("train/{i}.jpg");
-            let nodes: Vec<usize> = (0..3).map(|j| l.node_of(&path, j)).collect();
-            let mut sorted = nodes.clone();
-            sorted.sort_unstable();
-            assert_eq!(sorted, [0, 1, 2], "each shard on its own node");
-            seen[nodes[2]] += 1;
+            for stripe in 0..5 {
+                let nodes: Vec<usize> = (0..3).map(|j| l.node_of(&path, stripe, j)).collect();
+                let mut sorted = nodes.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, [0, 1, 2], "each chunk on its own node");
+                for (j, &n) in nodes.iter().enumerate() {
+                    assert_eq!(l.chunk_on(&path, stripe, n), j as u32);
+                }
+                parity_on[nodes[2]] += 1;
+            }
         }
-        assert!(seen.iter().all(|&n| n > 50), "parity spread: {seen:?}");
+        assert!(
+            parity_on.iter().all(|&n| n > 400),
+            "parity spread: {parity_on:?}"
+        );
+        // One object's stripes put its parity on every node in turn.
+        let one: Vec<usize> = (0..3).map(|t| l.node_of("big.tar", t, 2)).collect();
+        let mut sorted = one.clone();
+        sorted.sort_unstable();
+        assert_eq!(sorted, [0, 1, 2]);
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! A cluster ingest, coordinated by the node the client sent it to: it
-//! cuts every object into K data and M parity shards
-//! (`storaged_proto::cluster`), streams shard j to its node as an object
-//! of that node's unit dataset (an ordinary local ingest there, so every
+//! cuts every object into stripes of K data and M parity chunks
+//! (`storaged_proto::cluster`), streams each chunk to its node as part of
+//! an object of that node's unit dataset (an ordinary local ingest there, so every
 //! shard byte is checksummed and durable on its node before the node
 //! answers), writes the manifest into every unit, and only when every
 //! node has committed records the dataset in the control plane: one
@@ -357,7 +357,7 @@ impl ClusterIngest {
             .map_err(|e| ClusterIngestError::Input(format!("erasure coding: {e:?}")))?;
         let path = o.path.clone();
         for (j, shard) in shards.into_iter().enumerate() {
-            let u = self.layout.node_of(&path, j as u32);
+            let u = self.layout.node_of(&path, stripe.index, j as u32);
             self.units[u].bytes += shard.len() as u64;
             self.send(u, Msg::Data(shard.into())).await?;
         }

@@ -168,7 +168,7 @@ impl RegistryCache {
 }
 
 /// Deletes this node's unit datasets that no dataset record and no
-/// ingest under way names; answers how many.
+/// ingest under way names for this node; answers how many.
 ///
 /// The local list is taken before the control plane is read: a unit
 /// committed locally was preceded by its intent, so a unit this sweep
@@ -186,12 +186,21 @@ pub async fn sweep_orphans(member: &Member, store: &Arc<Store>) -> Result<usize,
     }
     let keys = member.keys();
     let entries = member.control().list(keys.root(), STATUS_KEYS_MAX).await?;
+    // Named for this node: a unit whose dataset moved its share to
+    // another node is an orphan here even though the dataset lives on.
+    let me = member.node_id();
     let mut named = BTreeSet::new();
     for entry in &entries {
         if entry.key.starts_with(&keys.datasets()) {
-            named.insert(decode::<DatasetRecord>(entry)?.unit);
+            let r: DatasetRecord = decode(entry)?;
+            if r.nodes.iter().any(|n| n == me) {
+                named.insert(r.unit);
+            }
         } else if entry.key.starts_with(&keys.ingests()) {
-            named.insert(decode::<IngestIntent>(entry)?.unit);
+            let i: IngestIntent = decode(entry)?;
+            if i.nodes.iter().any(|n| n == me) {
+                named.insert(i.unit);
+            }
         }
     }
     let mut deleted = 0;
