@@ -726,6 +726,18 @@ impl Client {
         Ok(r.into_inner())
     }
 
+    /// Moves every share `node` holds to other nodes; see `DrainNode` in
+    /// the proto. Not retried (calling it again resumes it).
+    pub async fn drain_node(&self, node: &str) -> Result<pb::DrainNodeResponse, ClientError> {
+        let mut rpc = self.rpc.clone();
+        let r = rpc
+            .drain_node(pb::DrainNodeRequest {
+                node_id: node.to_owned(),
+            })
+            .await?;
+        Ok(r.into_inner())
+    }
+
     /// Where cluster dataset `name`'s bytes live (see [`cluster`]).
     pub async fn get_cluster_dataset(&self, name: &str) -> Result<pb::ClusterDataset, ClientError> {
         let name = DatasetName::new(name)?;

@@ -16,6 +16,7 @@
 
 pub mod binding;
 pub mod control;
+pub mod drain;
 pub mod etcd;
 pub mod ingest;
 pub mod member;

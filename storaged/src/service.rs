@@ -628,6 +628,26 @@ impl Storaged for StoragedService {
         Ok(Response::new(cluster::dataset(member, &name).await?))
     }
 
+    async fn drain_node(
+        &self,
+        request: Request<pb::DrainNodeRequest>,
+    ) -> Result<Response<pb::DrainNodeResponse>, Status> {
+        let caller = self.caller(&request, "drain_node")?;
+        self.authorize(&caller, "drain_node", Right::Admin, "")?;
+        self.audit_ready(&caller)?;
+        let node = request.into_inner().node_id;
+        crate::cluster::records::check_name("node id", &node).map_err(invalid)?;
+        let member = self.cluster.as_ref().ok_or_else(cluster::not_clustered)?;
+        let result = cluster::drain(member, &node).await;
+        self.audit(
+            &caller,
+            "drain_node",
+            Some(node.as_str()),
+            result.as_ref().map(|r| r.bytes_moved),
+        )?;
+        Ok(Response::new(result?))
+    }
+
     type RegisterRegionStream = BoxStream<pb::RegionEvent>;
 
     async fn register_region(

@@ -343,3 +343,114 @@ fn with_etcd_down_known_datasets_read_on_and_changes_are_unavailable() {
     nodes[0].ctl_ok(&["export", "new", out_dir.to_str().unwrap()]);
     assert_eq!(read_tree(&out_dir), map(&files));
 }
+
+#[test]
+fn a_node_drained_under_reads_leaves_nothing_behind_and_a_new_node_takes_data() {
+    let c = Cluster::start();
+    let nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
+    let (files, src) = source(&c, 200);
+    let src_s = src.to_str().unwrap();
+    nodes[0].ctl_ok(&["ingest", "--class", "ec:2+1", "ds", src_s]);
+    let victim = record(&c, "ds")["nodes"][0].as_str().unwrap().to_owned();
+    let v: usize = victim[1..].parse::<usize>().unwrap() - 1;
+    let reader_at = (v + 1) % 4;
+
+    // Epochs run the whole time; every object is checked against its
+    // CRC-32 as it is read, so an epoch that ends well read it all right.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let stop = std::sync::Arc::clone(&stop);
+        let url = nodes[reader_at].url.clone();
+        std::thread::spawn(move || {
+            let mut epochs = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let out = Command::new(storagectl_bin())
+                    .args([
+                        "--server",
+                        &url,
+                        "epoch",
+                        "ds",
+                        "--workers",
+                        "2",
+                        "--batch",
+                        "8",
+                    ])
+                    .output()
+                    .unwrap();
+                assert!(
+                    out.status.success(),
+                    "an epoch failed during the drain: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                );
+                epochs += 1;
+            }
+            epochs
+        })
+    };
+    let out = nodes[(v + 2) % 4].ctl_ok(&["cluster", "drain", &victim]);
+    assert!(out.contains("1 dataset share(s) moved"), "{out}");
+    let r = record(&c, "ds");
+    let now: Vec<&str> = r["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert!(!now.contains(&victim.as_str()) && now.len() == 3, "{r}");
+    let s = status(&nodes[0]);
+    assert!(
+        !s["placement_nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == victim.as_str())
+    );
+    let row = s["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node_id"] == victim.as_str())
+        .unwrap()
+        .clone();
+    assert_eq!(row["member_state"], "drained", "{s}");
+    // The drained node's share is freed by its sweep.
+    wait_for(
+        "the drained node to hold nothing",
+        Duration::from_secs(30),
+        || {
+            let (units, accounted) = local_units(&nodes[v]);
+            units.is_empty() && accounted
+        },
+    );
+    std::thread::sleep(Duration::from_millis(1500));
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let epochs = reader.join().expect("reader");
+    assert!(epochs >= 1);
+
+    // It can go: the dataset reads whole without it and without parity.
+    let mut nodes = nodes;
+    nodes[v].kill9();
+    let out = nodes[reader_at].ctl_ok(&["epoch", "ds", "--workers", "2"]);
+    assert!(out.contains(", 0 reads rebuilt from parity"), "{out}");
+    let out_dir = c.data_dir("export");
+    nodes[reader_at].ctl_ok(&["export", "ds", out_dir.to_str().unwrap()]);
+    assert_eq!(read_tree(&out_dir), map(&files));
+
+    // A node that joins takes new data: ec:3+1 needs four nodes up and
+    // placed, which only n5 makes.
+    let (ok, _, err) = ctl(&nodes[0], &["ingest", "--class", "ec:3+1", "wide", src_s]);
+    assert!(!ok && err.contains("needs 4 nodes"), "{err}");
+    let n5 = c.node("n5");
+    nodes[0].ctl_ok(&["ingest", "--class", "ec:3+1", "wide", src_s]);
+    let r = record(&c, "wide");
+    assert!(
+        r["nodes"].as_array().unwrap().iter().any(|n| n == "n5"),
+        "{r}"
+    );
+    let out_dir = c.data_dir("export-wide");
+    n5.ctl_ok(&["export", "wide", out_dir.to_str().unwrap()]);
+    assert_eq!(read_tree(&out_dir), map(&files));
+
+    let (ok, _, err) = ctl(&nodes[0], &["cluster", "drain", "n9"]);
+    assert!(!ok && err.contains("NOT_FOUND"), "{err}");
+}

@@ -44,9 +44,10 @@ pub fn print_cluster(s: &ClusterStatusResponse, json: bool) -> anyhow::Result<()
         .fold((0, 0), |(c, u), n| (c + n.capacity_bytes, u + n.used_bytes));
     outln!("capacity (up):   {}  used {}", human(capacity), human(used));
     outln!(
-        "{:<16} {:<8} {:<22} {:>6} {:>10} {:>10}  placed",
+        "{:<16} {:<8} {:<9} {:<22} {:>6} {:>10} {:>10}  placed",
         "NODE",
         "STATE",
+        "MEMBER",
         "ADDRESS",
         "LEASE",
         "CAPACITY",
@@ -59,9 +60,10 @@ pub fn print_cluster(s: &ClusterStatusResponse, json: bool) -> anyhow::Result<()
             "-".to_owned()
         };
         outln!(
-            "{:<16} {:<8} {:<22} {:>6} {:>10} {:>10}  {}",
+            "{:<16} {:<8} {:<9} {:<22} {:>6} {:>10} {:>10}  {}",
             n.node_id,
             n.state,
+            n.member_state,
             if n.advertise.is_empty() {
                 "-"
             } else {

@@ -128,6 +128,13 @@ enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Move every share NODE holds to other nodes while reads go on; NODE
+    /// takes no new data from the start, and is "drained" (may be stopped
+    /// for good) at the end. Run it again to resume. NODE must be up.
+    Drain {
+        /// The node's id.
+        node: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -449,7 +456,9 @@ fn class_name(d: &storaged_proto::pb::DatasetInfo) -> String {
 fn default_timeout(command: &Command) -> Option<Duration> {
     match command {
         Command::Status { .. }
-        | Command::Cluster { .. }
+        | Command::Cluster {
+            command: ClusterCommand::Status { .. },
+        }
         | Command::Ls { .. }
         | Command::Stat { .. }
         | Command::Rm { .. }
@@ -457,6 +466,9 @@ fn default_timeout(command: &Command) -> Option<Duration> {
         | Command::Mount(_)
         | Command::Token { .. } => Some(Duration::from_secs(60)),
         Command::Ingest { .. }
+        | Command::Cluster {
+            command: ClusterCommand::Drain { .. },
+        }
         | Command::Cat { .. }
         | Command::Export { .. }
         | Command::Verify { .. }
@@ -624,6 +636,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let s = client.cluster_status().await?;
             status::print_cluster(&s, json)
+        }
+        Command::Cluster {
+            command: ClusterCommand::Drain { node },
+        } => {
+            let r = client.drain_node(&node).await?;
+            outln!(
+                "drained {node}: {} dataset share(s) moved, {}; placement epoch {}; it holds nothing now and may be stopped",
+                r.datasets_moved,
+                human(r.bytes_moved),
+                r.placement_epoch
+            );
+            Ok(())
         }
     }
 }

@@ -76,7 +76,7 @@ pub enum ClusterIngestError {
 }
 
 /// One node's share: the queue feeding its Ingest call.
-struct UnitStream {
+pub(super) struct UnitStream {
     node: String,
     address: String,
     tx: Option<mpsc::Sender<pb::IngestRequest>>,
@@ -386,26 +386,7 @@ impl ClusterIngest {
     }
 
     async fn send(&mut self, u: usize, msg: Msg) -> Result<(), ClusterIngestError> {
-        let unit = &mut self.units[u];
-        let sent = match &unit.tx {
-            Some(tx) => tx.send(pb::IngestRequest { msg: Some(msg) }).await.is_ok(),
-            None => false,
-        };
-        if sent {
-            return Ok(());
-        }
-        // The call ended early: its status says why.
-        unit.tx = None;
-        let why = match (&mut unit.call).await {
-            Ok(Err(status)) => status.message().to_owned(),
-            Ok(Ok(_)) => "it ended the ingest early".to_owned(),
-            Err(e) => e.to_string(),
-        };
-        Err(ClusterIngestError::Node {
-            node: unit.node.clone(),
-            address: unit.address.clone(),
-            why,
-        })
+        self.units[u].send(msg).await
     }
 
     /// Commits: the manifest into every unit, every unit committed on its
@@ -454,20 +435,7 @@ impl ClusterIngest {
             .await?;
         }
         for unit in &mut self.units {
-            unit.tx = None;
-            let answer = (&mut unit.call).await;
-            let failed = match answer {
-                Ok(Ok(_)) => None,
-                Ok(Err(status)) => Some(status.message().to_owned()),
-                Err(e) => Some(e.to_string()),
-            };
-            if let Some(why) = failed {
-                return Err(ClusterIngestError::Node {
-                    node: unit.node.clone(),
-                    address: unit.address.clone(),
-                    why,
-                });
-            }
+            unit.finish().await?;
         }
         let record = DatasetRecord {
             format: RECORD_FORMAT,
@@ -551,8 +519,63 @@ impl Drop for ClusterIngest {
     }
 }
 
+impl UnitStream {
+    /// Queues one message for the node.
+    pub(super) async fn send(&mut self, msg: Msg) -> Result<(), ClusterIngestError> {
+        let sent = match &self.tx {
+            Some(tx) => tx.send(pb::IngestRequest { msg: Some(msg) }).await.is_ok(),
+            None => false,
+        };
+        if sent {
+            return Ok(());
+        }
+        // The call ended early: its status says why.
+        self.tx = None;
+        let why = match (&mut self.call).await {
+            Ok(Err(status)) => status.message().to_owned(),
+            Ok(Ok(_)) => "it ended the ingest early".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        Err(self.failed(why))
+    }
+
+    /// Ends the stream (after its commit) and waits for the node's answer.
+    pub(super) async fn finish(&mut self) -> Result<(), ClusterIngestError> {
+        self.tx = None;
+        match (&mut self.call).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(status)) => Err(self.failed(status.message().to_owned())),
+            Err(e) => Err(self.failed(e.to_string())),
+        }
+    }
+
+    fn failed(&self, why: String) -> ClusterIngestError {
+        ClusterIngestError::Node {
+            node: self.node.clone(),
+            address: self.address.clone(),
+            why,
+        }
+    }
+}
+
+/// A gRPC client of the node at `address` (HOST:PORT).
+pub(super) async fn node_client(
+    address: &str,
+) -> Result<pb::storaged_client::StoragedClient<Channel>, String> {
+    let channel = Channel::from_shared(format!("http://{address}"))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connecting: {e}"))?;
+    Ok(pb::storaged_client::StoragedClient::new(channel)
+        .max_encoding_message_size(8 << 20)
+        .max_decoding_message_size(8 << 20))
+}
+
 /// Opens the Ingest of `unit` on `node`.
-async fn open_unit(
+pub(super) async fn open_unit(
     node: String,
     address: String,
     unit: &str,
@@ -562,16 +585,7 @@ async fn open_unit(
         address: address.clone(),
         why,
     };
-    let channel = Channel::from_shared(format!("http://{address}"))
-        .map_err(|e| failed(e.to_string()))?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
-        .await
-        .map_err(|e| failed(format!("connecting: {e}")))?;
-    let mut client = pb::storaged_client::StoragedClient::new(channel)
-        .max_encoding_message_size(8 << 20)
-        .max_decoding_message_size(8 << 20);
+    let mut client = node_client(&address).await.map_err(failed)?;
     let (tx, rx) = mpsc::channel(UNIT_QUEUE_MESSAGES);
     tx.send(pb::IngestRequest {
         msg: Some(Msg::Begin(pb::IngestBegin {

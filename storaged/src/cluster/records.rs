@@ -127,6 +127,20 @@ pub struct ClusterRecord {
 pub enum MemberState {
     /// In the placement map: new data may go to it.
     Active,
+    /// Out of the placement map; its shares are being moved elsewhere.
+    Draining,
+    /// Holds nothing and takes nothing: it may be stopped for good.
+    Drained,
+}
+
+impl MemberState {
+    pub fn name(self) -> &'static str {
+        match self {
+            MemberState::Active => "active",
+            MemberState::Draining => "draining",
+            MemberState::Drained => "drained",
+        }
+    }
 }
 
 /// `/storaged/<name>/members/<node>`: a node joined with this pool.

@@ -62,6 +62,11 @@ fn response(member: &Member, view: ClusterView) -> pb::ClusterStatusResponse {
                 updated_unix_s: live.map_or(0, |l| l.updated_unix_s),
                 placed: placed(&n.node_id),
                 version: live.map(|l| l.version.clone()).unwrap_or_default(),
+                member_state: n
+                    .member
+                    .as_ref()
+                    .map(|m| m.state.name().to_owned())
+                    .unwrap_or_default(),
             }
         })
         .collect();
@@ -267,5 +272,20 @@ pub(super) async fn dataset(
         total_bytes: r.total_bytes,
         created_unix_s: r.created_unix_s,
         from_cache,
+    })
+}
+
+/// `DrainNode`.
+pub(super) async fn drain(
+    member: &Arc<Member>,
+    node: &str,
+) -> Result<pb::DrainNodeResponse, Status> {
+    let report = crate::cluster::drain::drain(member, node)
+        .await
+        .map_err(|e| e.to_status())?;
+    Ok(pb::DrainNodeResponse {
+        datasets_moved: report.datasets_moved,
+        bytes_moved: report.bytes_moved,
+        placement_epoch: report.placement_epoch,
     })
 }

@@ -192,6 +192,20 @@ impl GrpcCode for crate::cluster::registry::RegistryError {
     }
 }
 
+impl GrpcCode for crate::cluster::drain::DrainError {
+    fn code(&self) -> Code {
+        use crate::cluster::drain::DrainError as E;
+        match self {
+            E::Control(e) => e.code(),
+            E::Copy(e) => e.code(),
+            E::NoSuchNode(_) => Code::NotFound,
+            E::NodeDown { .. } | E::NowhereToGo { .. } => Code::FailedPrecondition,
+            E::Read { .. } => Code::Unavailable,
+            E::Contended { .. } => Code::Aborted,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
