@@ -467,6 +467,13 @@ pub mod ingest_msg {
     pub fn data(bytes: impl Into<Bytes>) -> pb::IngestRequest {
         wrap(Msg::Data(bytes.into()))
     }
+
+    pub fn commit(object_count: u64, total_bytes: u64) -> pb::IngestRequest {
+        wrap(Msg::Commit(pb::IngestCommit {
+            object_count,
+            total_bytes,
+        }))
+    }
 }
 
 /// An Ingest call left open: push messages with `tx`; `call` resolves when

@@ -454,3 +454,67 @@ fn a_node_drained_under_reads_leaves_nothing_behind_and_a_new_node_takes_data() 
     let (ok, _, err) = ctl(&nodes[0], &["cluster", "drain", "n9"]);
     assert!(!ok && err.contains("NOT_FOUND"), "{err}");
 }
+
+#[test]
+fn an_ingest_onto_a_node_drained_meanwhile_is_refused_at_commit() {
+    // Guards against a stale placement: an ingest that chose a node which
+    // was drained before the ingest committed would record a dataset with
+    // a share on a node that then says it holds nothing and leaves.
+    use storaged_tests::{OpenIngest, ingest_msg};
+    let c = Cluster::start();
+    let nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let client = rt.block_on(Client::connect(&nodes[0].url)).unwrap();
+    let ingest = rt.block_on(OpenIngest::start(&client));
+    let mut begin = ingest_msg::begin("late", storaged_proto::pb::StorageClass::Ec as i32);
+    if let Some(storaged_proto::pb::ingest_request::Msg::Begin(b)) = &mut begin.msg {
+        b.ec_data_units = 2;
+        b.ec_parity_units = 1;
+    }
+    let data = vec![7u8; 300_000];
+    rt.block_on(ingest.send(vec![
+        begin,
+        ingest_msg::object("a", data.len() as u64),
+        ingest_msg::data(data.clone()),
+    ]));
+    // The ingest's intent names its nodes; drain one of them.
+    let mut chosen = String::new();
+    wait_for("the ingest's intent", Duration::from_secs(30), || {
+        let out = c.etcd.ctl(&[
+            "get",
+            "--prefix",
+            "--print-value-only",
+            "/storaged/default/ingests/",
+        ]);
+        match out.lines().find(|l| !l.trim().is_empty()) {
+            Some(l) => {
+                let v: serde_json::Value = serde_json::from_str(l).unwrap();
+                chosen = v["nodes"][0].as_str().unwrap().to_owned();
+                true
+            }
+            None => false,
+        }
+    });
+    let drained = nodes.iter().find(|d| d.url != nodes[0].url).unwrap();
+    drained.ctl_ok(&["cluster", "drain", &chosen]);
+    rt.block_on(ingest.send(vec![ingest_msg::commit(1, data.len() as u64)]));
+    let answer = rt.block_on(ingest.close());
+    let status = answer.expect_err("an ingest onto a drained node committed");
+    assert_eq!(status.code(), tonic::Code::Aborted, "{status:?}");
+    assert!(
+        status.message().contains("placement changed") && status.message().contains(&chosen),
+        "{status:?}"
+    );
+    assert!(!nodes[1].ctl_ok(&["ls"]).contains("late"));
+    // Its shares are swept everywhere.
+    for d in &nodes {
+        wait_for(
+            "the refused ingest's shares to be swept",
+            Duration::from_secs(30),
+            || {
+                let (units, accounted) = local_units(d);
+                units.is_empty() && accounted
+            },
+        );
+    }
+}

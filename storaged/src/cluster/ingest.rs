@@ -27,7 +27,9 @@ use tonic::transport::Channel;
 
 use super::control::{Condition, ControlError, Write};
 use super::member::Member;
-use super::records::{DatasetRecord, IngestIntent, RECORD_FORMAT, encode, unix_now_s};
+use super::records::{
+    DatasetRecord, IngestIntent, Placement, RECORD_FORMAT, decode, encode, unix_now_s,
+};
 
 /// Bytes of one chunk of a full stripe.
 pub const CHUNK_BYTES: u64 = 1 << 20;
@@ -73,6 +75,16 @@ pub enum ClusterIngestError {
     IntentLost(String),
     #[error("the manifest would pass {MANIFEST_BYTES_MAX} bytes: split the dataset")]
     ManifestTooLarge,
+    #[error(
+        "the placement changed while {dataset:?} was ingested (epoch {from} -> {to}): node(s) {} left it, so nothing was recorded; retry",
+        left.join(", ")
+    )]
+    PlacementChanged {
+        dataset: String,
+        from: u64,
+        to: u64,
+        left: Vec<String>,
+    },
 }
 
 /// One node's share: the queue feeding its Ingest call.
@@ -437,7 +449,7 @@ impl ClusterIngest {
         for unit in &mut self.units {
             unit.finish().await?;
         }
-        let record = DatasetRecord {
+        let mut record = DatasetRecord {
             format: RECORD_FORMAT,
             name: self.name.clone(),
             k: self.layout.k,
@@ -452,33 +464,69 @@ impl ClusterIngest {
         };
         let keys = self.member.keys().clone();
         let dataset_key = keys.dataset(&self.name);
-        let committed = self
-            .member
-            .control()
-            .commit(
-                vec![
-                    Condition::Absent(dataset_key.clone()),
-                    Condition::Unchanged {
-                        key: self.intent_key.clone(),
-                        mod_revision: self.intent_revision,
-                    },
-                ],
-                vec![
-                    Write::Put {
-                        key: dataset_key.clone(),
-                        value: encode(&record),
-                        lease: None,
-                    },
-                    Write::Delete {
-                        key: self.intent_key.clone(),
-                    },
-                ],
-            )
-            .await?;
-        if !committed {
-            if self.member.control().get(&dataset_key).await?.is_some() {
+        let control = self.member.control();
+        let mut committed = false;
+        for _ in 0..16 {
+            // Every chosen node must still be placed: a node drained
+            // while this ingest ran would otherwise end "drained" holding
+            // a share of it (the drain lists only committed datasets).
+            let placement = control.get(&keys.placement()).await?;
+            let (map, revision) = match &placement {
+                Some(e) => (decode::<Placement>(e)?, e.mod_revision),
+                None => (Placement::default(), 0),
+            };
+            let left: Vec<String> = record
+                .nodes
+                .iter()
+                .filter(|n| !map.nodes.contains(n))
+                .cloned()
+                .collect();
+            if !left.is_empty() {
+                return Err(ClusterIngestError::PlacementChanged {
+                    dataset: self.name.clone(),
+                    from: self.placement_epoch,
+                    to: map.epoch,
+                    left,
+                });
+            }
+            record.placement_epoch = map.epoch;
+            committed = control
+                .commit(
+                    vec![
+                        Condition::Absent(dataset_key.clone()),
+                        Condition::Unchanged {
+                            key: self.intent_key.clone(),
+                            mod_revision: self.intent_revision,
+                        },
+                        Condition::Unchanged {
+                            key: keys.placement(),
+                            mod_revision: revision,
+                        },
+                    ],
+                    vec![
+                        Write::Put {
+                            key: dataset_key.clone(),
+                            value: encode(&record),
+                            lease: None,
+                        },
+                        Write::Delete {
+                            key: self.intent_key.clone(),
+                        },
+                    ],
+                )
+                .await?;
+            if committed {
+                break;
+            }
+            if control.get(&dataset_key).await?.is_some() {
                 return Err(ClusterIngestError::Exists(self.name.clone()));
             }
+            if control.get(&self.intent_key).await?.is_none() {
+                return Err(ClusterIngestError::IntentLost(self.name.clone()));
+            }
+            // The placement map moved on (a join): check it again.
+        }
+        if !committed {
             return Err(ClusterIngestError::IntentLost(self.name.clone()));
         }
         // Nobody needs the intent any more (the commit deleted it); the

@@ -176,7 +176,7 @@ impl GrpcCode for crate::cluster::ingest::ClusterIngestError {
             E::NotEnoughNodes { .. } => Code::FailedPrecondition,
             E::Class(_) | E::Input(_) => Code::InvalidArgument,
             E::Node { .. } => Code::Unavailable,
-            E::IntentLost(_) => Code::Aborted,
+            E::IntentLost(_) | E::PlacementChanged { .. } => Code::Aborted,
             E::ManifestTooLarge => Code::ResourceExhausted,
         }
     }
