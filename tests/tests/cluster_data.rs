@@ -518,3 +518,53 @@ fn an_ingest_onto_a_node_drained_meanwhile_is_refused_at_commit() {
         );
     }
 }
+
+#[test]
+fn a_dead_nodes_shares_are_rebuilt_elsewhere_by_a_drain() {
+    let c = Cluster::start();
+    let mut nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
+    let (files, src) = source(&c, 50);
+    nodes[0].ctl_ok(&["ingest", "--class", "ec:2+1", "ds", src.to_str().unwrap()]);
+    let victim = record(&c, "ds")["nodes"][1].as_str().unwrap().to_owned();
+    let v: usize = victim[1..].parse::<usize>().unwrap() - 1;
+    let other = (v + 1) % 4;
+    nodes[v].kill9();
+    wait_for(
+        "the dead node to be seen down",
+        Duration::from_secs(30),
+        || {
+            states(&status(&nodes[other]))
+                .iter()
+                .any(|(id, state)| id == &victim && state == "down")
+        },
+    );
+    let out = nodes[other].ctl_ok(&["cluster", "drain", &victim]);
+    assert!(out.contains("1 dataset share(s) moved"), "{out}");
+    let r = record(&c, "ds");
+    assert!(
+        !r["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n == victim.as_str()),
+        "{r}"
+    );
+    // Redundancy is back: every node of the dataset is up, nothing is
+    // read from parity, and the bytes are the same.
+    let out = nodes[other].ctl_ok(&["epoch", "ds", "--workers", "2"]);
+    assert!(out.contains(", 0 reads rebuilt from parity"), "{out}");
+    let out_dir = c.data_dir("export");
+    nodes[other].ctl_ok(&["export", "ds", out_dir.to_str().unwrap()]);
+    assert_eq!(read_tree(&out_dir), map(&files));
+    // The dead node comes back holding a share nobody names: swept.
+    let d = &nodes[v];
+    nodes[v] = Daemon::start_args(&d.data_dir.clone(), d.args.clone());
+    wait_for(
+        "the returned node's stale share to be swept",
+        Duration::from_secs(30),
+        || {
+            let (units, accounted) = local_units(&nodes[v]);
+            units.is_empty() && accounted
+        },
+    );
+}

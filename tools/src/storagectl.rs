@@ -130,7 +130,8 @@ enum ClusterCommand {
     },
     /// Move every share NODE holds to other nodes while reads go on; NODE
     /// takes no new data from the start, and is "drained" (may be stopped
-    /// for good) at the end. Run it again to resume. NODE must be up.
+    /// for good) at the end. Run it again to resume. A dead NODE's shares
+    /// are rebuilt from the other nodes instead.
     Drain {
         /// The node's id.
         node: String,

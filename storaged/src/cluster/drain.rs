@@ -12,9 +12,10 @@
 //! The copy is a local ingest on the new node under an intent on the
 //! coordinator's lease (so the new node's sweep keeps it while it is
 //! under way, and deletes it if the coordinator dies). Draining again
-//! carries on where it stopped. The draining node must be up: moving the
-//! shares of a dead node means rebuilding them from parity (not built
-//! yet).
+//! carries on where it stopped. A node that is down cannot give its
+//! shares: they are rebuilt instead, stripe by stripe, from K of the
+//! dataset's other nodes (its chunk recomputed by Reed-Solomon), which
+//! restores the dataset's redundancy after a node is lost for good.
 
 use std::sync::Arc;
 
@@ -23,7 +24,10 @@ use storaged_proto::pb;
 use storaged_proto::pb::ingest_request::Msg;
 
 use super::control::{Condition, ControlError, Write};
-use super::ingest::{ClusterIngestError, node_client, open_unit};
+use reed_solomon_erasure::galois_8::ReedSolomon;
+use storaged_proto::cluster::{EcLayout, MANIFEST_PATH, decode_manifest};
+
+use super::ingest::{ClusterIngestError, UnitStream, node_client, open_unit};
 use super::member::Member;
 use super::records::{
     DatasetRecord, IngestIntent, MemberRecord, MemberState, Placement, RECORD_FORMAT, decode,
@@ -42,10 +46,8 @@ pub enum DrainError {
     Copy(#[from] ClusterIngestError),
     #[error("no node {0:?} in the cluster")]
     NoSuchNode(String),
-    #[error(
-        "node {node:?} is down: draining copies its shares from it (rebuilding a dead node's shares from parity is not built yet)"
-    )]
-    NodeDown { node: String },
+    #[error("dataset {dataset:?}: only {up} of its nodes are up, and rebuilding a share needs {k}")]
+    TooFewSurvivors { dataset: String, up: usize, k: u32 },
     #[error(
         "dataset {dataset:?}: no node up and placed holds none of it, so its share on {node:?} has nowhere to go (add a node)"
     )]
@@ -92,9 +94,18 @@ pub async fn drain(member: &Arc<Member>, node: &str) -> Result<DrainReport, Drai
                 .find(|n| n.node_id == id)
                 .and_then(|n| n.live.as_ref().map(|l| l.advertise.clone()))
         };
-        let from = address_of(node).ok_or_else(|| DrainError::NodeDown {
-            node: node.to_owned(),
-        })?;
+        let source = match address_of(node) {
+            Some(address) => ShareSource::Copy { address },
+            None => ShareSource::Rebuild {
+                survivors: record
+                    .nodes
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, _)| *i != at)
+                    .filter_map(|(i, id)| address_of(id).map(|a| (i, a)))
+                    .collect(),
+            },
+        };
         let to = view
             .placement
             .nodes
@@ -105,7 +116,7 @@ pub async fn drain(member: &Arc<Member>, node: &str) -> Result<DrainReport, Drai
                 dataset: record.name.clone(),
                 node: node.to_owned(),
             })?;
-        let bytes = move_share(member, &record, entry.mod_revision, at, &from, to).await?;
+        let bytes = move_share(member, &record, entry.mod_revision, at, source, to).await?;
         report.datasets_moved += 1;
         report.bytes_moved += bytes;
     }
@@ -231,27 +242,31 @@ async fn set_state(member: &Member, node: &str, state: MemberState) -> Result<()
     })
 }
 
-/// Copies the share at layout position `at` of `record` (on the node at
-/// `from`) to node `to`, then swaps the nodes in the record. Answers the
-/// bytes copied.
+/// Where a moved share comes from.
+enum ShareSource {
+    /// The node is up: its unit is copied object by object.
+    Copy { address: String },
+    /// The node is down: its pieces are rebuilt from the other nodes
+    /// (layout position, address), stripe by stripe.
+    Rebuild { survivors: Vec<(usize, String)> },
+}
+
+/// Moves the share at layout position `at` of `record` to node `to`
+/// (copied or rebuilt, see [`ShareSource`]), then swaps the nodes in the
+/// record. Answers the bytes written.
 async fn move_share(
     member: &Member,
     record: &DatasetRecord,
     record_revision: i64,
     at: usize,
-    from: &str,
+    source: ShareSource,
     (to_node, to_address): (String, String),
 ) -> Result<u64, DrainError> {
     let keys = member.keys();
     let control = member.control();
     let old_node = record.nodes[at].clone();
-    let read_failed = |why: String| DrainError::Read {
-        node: old_node.clone(),
-        dataset: record.name.clone(),
-        why,
-    };
     // The intent keeps the new share from the new node's sweep while it
-    // is copied, and lets the sweep take it if this coordinator dies.
+    // is written, and lets the sweep take it if this coordinator dies.
     let intent_key = keys.ingest(&format!("{}.to-{to_node}", record.unit));
     let intent = IngestIntent {
         format: RECORD_FORMAT,
@@ -276,59 +291,13 @@ async fn move_share(
         )
         .await?;
     let result = async {
-        let mut source = node_client(from).await.map_err(&read_failed)?;
         let mut target = open_unit(to_node.clone(), to_address, &record.unit).await?;
-        let (mut objects, mut bytes, mut token) = (0u64, 0u64, String::new());
-        loop {
-            let page = source
-                .list_objects(pb::ListObjectsRequest {
-                    dataset: record.unit.clone(),
-                    prefix: String::new(),
-                    page_size: LIST_PAGE_OBJECTS,
-                    page_token: token.clone(),
-                })
-                .await
-                .map_err(|s| read_failed(s.message().to_owned()))?
-                .into_inner();
-            for o in page.objects {
-                target
-                    .send(Msg::Object(pb::ObjectBegin {
-                        path: o.path.clone(),
-                        size: o.size,
-                        crc32: Some(o.crc32),
-                    }))
-                    .await?;
-                let mut stream = source
-                    .read(pb::ReadRequest {
-                        dataset: record.unit.clone(),
-                        path: o.path.clone(),
-                        offset: 0,
-                        length: None,
-                        dataset_id: None,
-                    })
-                    .await
-                    .map_err(|s| read_failed(s.message().to_owned()))?
-                    .into_inner();
-                let mut got = 0u64;
-                while let Some(chunk) = stream.next().await {
-                    let chunk = chunk.map_err(|s| read_failed(s.message().to_owned()))?;
-                    got += chunk.data.len() as u64;
-                    target.send(Msg::Data(chunk.data)).await?;
-                }
-                if got != o.size {
-                    return Err(read_failed(format!(
-                        "{}: {got} bytes of {}",
-                        o.path, o.size
-                    )));
-                }
-                objects += 1;
-                bytes += o.size;
+        let (objects, bytes) = match source {
+            ShareSource::Copy { address } => copy_share(record, &address, &mut target).await?,
+            ShareSource::Rebuild { survivors } => {
+                rebuild_share(record, at, &survivors, &mut target).await?
             }
-            if page.next_page_token.is_empty() {
-                break;
-            }
-            token = page.next_page_token;
-        }
+        };
         target
             .send(Msg::Commit(pb::IngestCommit {
                 object_count: objects,
@@ -371,4 +340,211 @@ async fn move_share(
             .await;
     }
     result
+}
+
+/// A failed read of `node`'s unit of `record`.
+fn read_failed(record: &DatasetRecord, node: &str, why: String) -> DrainError {
+    DrainError::Read {
+        node: node.to_owned(),
+        dataset: record.name.clone(),
+        why,
+    }
+}
+
+/// Bytes `[offset, offset + length)` (to the end without a length) of
+/// `path` in `record`'s unit on a node, whole.
+async fn read_object(
+    node: &mut pb::storaged_client::StoragedClient<tonic::transport::Channel>,
+    record: &DatasetRecord,
+    path: &str,
+    offset: u64,
+    length: Option<u64>,
+) -> Result<Vec<u8>, String> {
+    let mut stream = node
+        .read(pb::ReadRequest {
+            dataset: record.unit.clone(),
+            path: path.to_owned(),
+            offset,
+            length,
+            dataset_id: None,
+        })
+        .await
+        .map_err(|s| s.message().to_owned())?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        out.extend_from_slice(&chunk.map_err(|s| s.message().to_owned())?.data);
+    }
+    Ok(out)
+}
+
+/// Copies every object of the unit on the node at `address` (its pieces
+/// and the manifest) into `target`; answers (objects, bytes).
+async fn copy_share(
+    record: &DatasetRecord,
+    address: &str,
+    target: &mut UnitStream,
+) -> Result<(u64, u64), DrainError> {
+    let failed = |why: String| read_failed(record, address, why);
+    let mut source = node_client(address).await.map_err(failed)?;
+    let (mut objects, mut bytes, mut token) = (0u64, 0u64, String::new());
+    loop {
+        let page = source
+            .list_objects(pb::ListObjectsRequest {
+                dataset: record.unit.clone(),
+                prefix: String::new(),
+                page_size: LIST_PAGE_OBJECTS,
+                page_token: token.clone(),
+            })
+            .await
+            .map_err(|s| failed(s.message().to_owned()))?
+            .into_inner();
+        for o in page.objects {
+            target
+                .send(Msg::Object(pb::ObjectBegin {
+                    path: o.path.clone(),
+                    size: o.size,
+                    crc32: Some(o.crc32),
+                }))
+                .await?;
+            let mut stream = source
+                .read(pb::ReadRequest {
+                    dataset: record.unit.clone(),
+                    path: o.path.clone(),
+                    offset: 0,
+                    length: None,
+                    dataset_id: None,
+                })
+                .await
+                .map_err(|s| failed(s.message().to_owned()))?
+                .into_inner();
+            let mut got = 0u64;
+            while let Some(chunk) = stream.next().await {
+                let chunk = chunk.map_err(|s| failed(s.message().to_owned()))?;
+                got += chunk.data.len() as u64;
+                target.send(Msg::Data(chunk.data)).await?;
+            }
+            if got != o.size {
+                return Err(failed(format!("{}: {got} bytes of {}", o.path, o.size)));
+            }
+            objects += 1;
+            bytes += o.size;
+        }
+        if page.next_page_token.is_empty() {
+            return Ok((objects, bytes));
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Rebuilds the pieces of layout position `at` from `survivors` into
+/// `target`: for every object of the manifest and every stripe, K chunks
+/// read (ranged) from surviving nodes, the missing chunk recomputed by
+/// Reed-Solomon; then the manifest copied. Answers (objects, bytes).
+async fn rebuild_share(
+    record: &DatasetRecord,
+    at: usize,
+    survivors: &[(usize, String)],
+    target: &mut UnitStream,
+) -> Result<(u64, u64), DrainError> {
+    let layout = EcLayout {
+        k: record.k,
+        m: record.m,
+        chunk_bytes: record.chunk_bytes,
+    };
+    let (k, width) = (record.k as usize, layout.width() as usize);
+    if survivors.len() < k {
+        return Err(DrainError::TooFewSurvivors {
+            dataset: record.name.clone(),
+            up: survivors.len(),
+            k: record.k,
+        });
+    }
+    let codec = ReedSolomon::new(k, record.m as usize)
+        .map_err(|e| read_failed(record, &record.nodes[at], format!("{e:?}")))?;
+    let mut clients = Vec::new();
+    for (position, address) in survivors.iter().take(k) {
+        let c = node_client(address)
+            .await
+            .map_err(|why| read_failed(record, address, why))?;
+        clients.push((*position, address.clone(), c));
+    }
+    // The manifest, from the first survivor that gives it.
+    let mut manifest = None;
+    for (_, address, c) in &mut clients {
+        match read_object(c, record, MANIFEST_PATH, 0, None).await {
+            Ok(bytes) => {
+                manifest = Some(bytes);
+                break;
+            }
+            Err(why) => {
+                tracing::warn!(node = %address, error = %why, "reading a manifest to rebuild from")
+            }
+        }
+    }
+    let manifest = manifest.ok_or_else(|| {
+        read_failed(
+            record,
+            &record.nodes[at],
+            "no survivor gave the manifest".to_owned(),
+        )
+    })?;
+    let entries = decode_manifest(&manifest)
+        .map_err(|e| read_failed(record, &record.nodes[at], e.to_string()))?;
+    let (mut objects, mut bytes) = (0u64, 0u64);
+    for entry in &entries {
+        let piece = layout.shard_bytes(entry.size);
+        target
+            .send(Msg::Object(pb::ObjectBegin {
+                path: entry.path.clone(),
+                size: piece,
+                crc32: None,
+            }))
+            .await?;
+        for stripe in layout.stripes(entry.size) {
+            let mut chunks: Vec<Option<Vec<u8>>> = vec![None; width];
+            for (position, address, c) in &mut clients {
+                let chunk = read_object(
+                    c,
+                    record,
+                    &entry.path,
+                    stripe.shard_offset,
+                    Some(stripe.chunk_bytes),
+                )
+                .await
+                .map_err(|why| read_failed(record, address, why))?;
+                if chunk.len() as u64 != stripe.chunk_bytes {
+                    return Err(read_failed(
+                        record,
+                        address,
+                        format!(
+                            "{}: a chunk of {} bytes, not {}",
+                            entry.path,
+                            chunk.len(),
+                            stripe.chunk_bytes
+                        ),
+                    ));
+                }
+                let j = layout.chunk_on(&entry.path, stripe.index, *position) as usize;
+                chunks[j] = Some(chunk);
+            }
+            codec
+                .reconstruct(&mut chunks)
+                .map_err(|e| read_failed(record, &record.nodes[at], format!("{e:?}")))?;
+            let mine = layout.chunk_on(&entry.path, stripe.index, at) as usize;
+            let chunk = chunks[mine].take().unwrap_or_default();
+            target.send(Msg::Data(chunk.into())).await?;
+        }
+        objects += 1;
+        bytes += piece;
+    }
+    target
+        .send(Msg::Object(pb::ObjectBegin {
+            path: MANIFEST_PATH.to_owned(),
+            size: manifest.len() as u64,
+            crc32: Some(crc32fast::hash(&manifest)),
+        }))
+        .await?;
+    target.send(Msg::Data(manifest.clone().into())).await?;
+    Ok((objects + 1, bytes + manifest.len() as u64))
 }

@@ -199,7 +199,7 @@ impl GrpcCode for crate::cluster::drain::DrainError {
             E::Control(e) => e.code(),
             E::Copy(e) => e.code(),
             E::NoSuchNode(_) => Code::NotFound,
-            E::NodeDown { .. } | E::NowhereToGo { .. } => Code::FailedPrecondition,
+            E::TooFewSurvivors { .. } | E::NowhereToGo { .. } => Code::FailedPrecondition,
             E::Read { .. } => Code::Unavailable,
             E::Contended { .. } => Code::Aborted,
         }
