@@ -70,12 +70,25 @@ impl From<ClusterReadError> for ClientError {
 /// make this 16 MiB per data node in flight at most).
 const STRIPES_IN_FLIGHT: usize = 16;
 
+/// How long a node that failed a read is skipped (its chunks read from
+/// parity at once) before it is tried again: a node that does not answer
+/// would otherwise cost every stripe a connect timeout.
+const SUSPECT_FOR: Duration = Duration::from_secs(5);
+
+/// A chunk read (at most one chunk, 1 MiB by default) that takes longer
+/// is given up and read from parity: a node that hangs (stopped, or cut
+/// off without a reset) costs one timeout, then [`SUSPECT_FOR`] of
+/// parity reads.
+const PIECE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// One node of the dataset, connected on first use.
 struct Node {
     id: String,
     /// Empty when the node was down when the layout was read.
     address: String,
     client: tokio::sync::Mutex<Option<Client>>,
+    /// When it last failed a read.
+    failed_at: Mutex<Option<std::time::Instant>>,
 }
 
 /// A cluster dataset, open for reading.
@@ -128,6 +141,7 @@ impl ClusterDataset {
                 id: n.node_id.clone(),
                 address: n.advertise.clone(),
                 client: tokio::sync::Mutex::new(None),
+                failed_at: Mutex::new(None),
             })
             .collect();
         let mut dataset = ClusterDataset {
@@ -213,8 +227,48 @@ impl ClusterDataset {
         client.dataset(&self.info.unit_dataset)?.read(path).await
     }
 
-    /// Bytes `[offset, offset + len)` of node `i`'s piece of `path`.
+    /// Bytes `[offset, offset + len)` of node `i`'s piece of `path`. A
+    /// node that failed within [`SUSPECT_FOR`] is not asked.
     async fn read_piece(
+        &self,
+        i: usize,
+        path: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Bytes, ClientError> {
+        let node = &self.nodes[i];
+        let suspect = node
+            .failed_at
+            .lock()
+            .expect("failed_at poisoned")
+            .is_some_and(|at| at.elapsed() < SUSPECT_FOR);
+        if suspect {
+            return Err(ClientError::Status(tonic::Status::unavailable(format!(
+                "node {} failed a read less than {} s ago",
+                node.id,
+                SUSPECT_FOR.as_secs()
+            ))));
+        }
+        let result =
+            match tokio::time::timeout(PIECE_TIMEOUT, self.read_piece_now(i, path, offset, len))
+                .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(ClientError::Status(tonic::Status::unavailable(format!(
+                    "node {} did not answer a chunk read within {} s",
+                    node.id,
+                    PIECE_TIMEOUT.as_secs()
+                )))),
+            };
+        if let Err(e) = &result
+            && crate::retry::is_transient(e)
+        {
+            *node.failed_at.lock().expect("failed_at poisoned") = Some(std::time::Instant::now());
+        }
+        result
+    }
+
+    async fn read_piece_now(
         &self,
         i: usize,
         path: &str,

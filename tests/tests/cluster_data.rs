@@ -568,3 +568,42 @@ fn a_dead_nodes_shares_are_rebuilt_elsewhere_by_a_drain() {
         },
     );
 }
+
+#[test]
+fn a_node_that_hangs_costs_reads_a_timeout_not_a_hang() {
+    // Guards against reads of a node that accepts connections but never
+    // answers (stopped, or cut off without a reset) waiting forever.
+    let c = Cluster::start();
+    let nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
+    let (files, src) = source(&c, 40);
+    nodes[0].ctl_ok(&["ingest", "--class", "ec:2+1", "ds", src.to_str().unwrap()]);
+    let want = map(&files);
+    let victim = record(&c, "ds")["nodes"][0].as_str().unwrap().to_owned();
+    let v: usize = victim[1..].parse::<usize>().unwrap() - 1;
+    let pid = nodes[v].child.as_ref().unwrap().id() as libc::pid_t;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let via = (v + 1) % 4;
+    let started = rt.block_on(async {
+        let client = Client::connect(&nodes[via].url).await.unwrap();
+        let ds = ClusterDataset::open(&client, "ds").await.unwrap();
+        // SAFETY: signalling our own child, which we reap later.
+        unsafe { libc::kill(pid, libc::SIGSTOP) };
+        let started = Instant::now();
+        for o in ds.objects().to_vec() {
+            let bytes = ds
+                .read(&o.path)
+                .await
+                .unwrap_or_else(|e| panic!("{}: {e}", o.path));
+            assert_eq!(bytes.as_ref(), want[&o.path].as_slice(), "{}", o.path);
+        }
+        assert!(ds.degraded_reads() > 0);
+        started
+    });
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(60),
+        "reads took {took:?} with a hung node"
+    );
+}

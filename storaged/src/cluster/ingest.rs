@@ -660,3 +660,24 @@ pub(super) async fn open_unit(
         bytes: 0,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_class_is_asked_or_spans_the_nodes_up() {
+        assert_eq!(cluster_class(Some((2, 1)), 3), Ok((2, 1)));
+        assert_eq!(cluster_class(None, 3), Ok((2, 1)));
+        assert_eq!(cluster_class(None, 4), Ok((3, 1)));
+        assert_eq!(cluster_class(None, 40), Ok((8, 1)));
+        assert!(
+            cluster_class(None, 2)
+                .unwrap_err()
+                .contains("at least 3 nodes")
+        );
+        for bad in [(0, 1), (2, 0), (30, 3)] {
+            assert!(cluster_class(Some(bad), 40).is_err(), "{bad:?}");
+        }
+    }
+}
