@@ -129,6 +129,17 @@ fn ingest_through_one_node_reads_back_identically_through_another() {
     let out_dir = c.data_dir("export");
     nodes[2].ctl_ok(&["export", "imagenet", out_dir.to_str().unwrap()]);
     assert_eq!(read_tree(&out_dir), map(&files));
+    let ls = nodes[1].ctl_ok(&["ls", "imagenet", "--prefix", "stripes/"]);
+    let five = &map(&files)["stripes/five"];
+    assert!(
+        ls.contains(&format!(
+            "{:>12}  {:08x}  stripes/five",
+            five.len(),
+            crc32fast::hash(five)
+        )),
+        "{ls}"
+    );
+    assert_eq!(ls.lines().count(), 2, "{ls}");
     let cat = nodes[3].ctl(&["cat", "imagenet", "stripes/five"]);
     assert!(cat.status.success());
     assert_eq!(cat.stdout, map(&files)["stripes/five"]);

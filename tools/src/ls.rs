@@ -38,6 +38,24 @@ pub async fn objects(
     page_size: u32,
     limit: Option<u64>,
 ) -> anyhow::Result<()> {
+    if let Some(cd) = crate::transfer::open_cluster(client, name).await? {
+        // A cluster dataset's listing is its manifest (ingest order).
+        let mut objects: Vec<_> = cd
+            .objects()
+            .iter()
+            .filter(|o| o.path.starts_with(prefix))
+            .collect();
+        objects.sort_by(|a, b| a.path.cmp(&b.path));
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{:>12}  {:<8}  PATH", "SIZE", "CRC32")?;
+        for o in objects
+            .iter()
+            .take(limit.map_or(usize::MAX, |l| l as usize))
+        {
+            writeln!(out, "{:>12}  {:08x}  {}", o.size, o.crc32, shown(&o.path))?;
+        }
+        return Ok(());
+    }
     let ds = client.dataset(name)?;
     let mut token = String::new();
     let mut listed = 0u64;
