@@ -19,8 +19,13 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn start() -> Cluster {
+        Self::start_with(CONFIG)
+    }
+
+    /// A cluster whose nodes read `config` (TOML) instead of [`CONFIG`].
+    pub fn start_with(config: &str) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("node.toml"), CONFIG).expect("config");
+        std::fs::write(dir.path().join("node.toml"), config).expect("config");
         let etcd = Etcd::start(&dir.path().join("etcd"));
         Cluster { etcd, dir }
     }

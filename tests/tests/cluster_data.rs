@@ -618,3 +618,46 @@ fn a_node_that_hangs_costs_reads_a_timeout_not_a_hang() {
         "reads took {took:?} with a hung node"
     );
 }
+
+#[test]
+fn an_ingest_onto_a_node_that_hangs_fails_and_leaves_no_intent() {
+    // Guards against a cluster ingest waiting forever on a node that
+    // accepts connections but never answers, and against a failed start
+    // leaving its intent in etcd for as long as the coordinator lives.
+    // Long leases: the stopped node must still look up when chosen.
+    let c = Cluster::start_with(
+        "cluster_lease_ttl_s = 60\ncluster_request_timeout_s = 2\ncluster_sweep_interval_s = 1\n",
+    );
+    let nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
+    let (_files, src) = source(&c, 10);
+    let pid = nodes[3].child.as_ref().unwrap().id() as libc::pid_t;
+    // SAFETY: signalling our own child, which we reap later.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let started = Instant::now();
+    // ec:3+1 over four nodes must use the stopped one.
+    let (ok, _, err) = ctl(
+        &nodes[0],
+        &["ingest", "--class", "ec:3+1", "ds", src.to_str().unwrap()],
+    );
+    let took = started.elapsed();
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        !ok && err.contains("UNAVAILABLE") && err.contains("n4"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(90), "the ingest took {took:?}");
+    assert_eq!(
+        c.etcd
+            .ctl(&[
+                "get",
+                "--prefix",
+                "--keys-only",
+                "/storaged/default/ingests/"
+            ])
+            .trim(),
+        "",
+        "a failed ingest left its intent"
+    );
+    assert!(!nodes[1].ctl_ok(&["ls"]).contains("ds"));
+}

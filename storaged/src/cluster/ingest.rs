@@ -38,6 +38,11 @@ pub const UNIT_QUEUE_MESSAGES: usize = 8;
 /// Largest manifest (paths, sizes, CRCs of every object) one ingest may
 /// build: about 3 million objects of 64-byte paths.
 pub const MANIFEST_BYTES_MAX: usize = 256 << 20;
+/// A node that does not connect (TCP and HTTP/2) within this is failed.
+pub const NODE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// A node that takes no message for this long is failed (a stopped or
+/// cut-off node would otherwise hold the ingest, and its client, forever).
+pub const UNIT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
 /// Largest data message sent to a node (its gRPC limit is 8 MiB).
 const UNIT_MESSAGE_BYTES_MAX: usize = 1 << 20;
 /// Most shards per object (K + M).
@@ -223,17 +228,32 @@ impl ClusterIngest {
                 "ingest id {unit} is taken; retry"
             )));
         }
-        let intent_revision = control
-            .get(&intent_key)
-            .await?
-            .map(|e| e.mod_revision)
-            .ok_or_else(|| ClusterIngestError::IntentLost(name.to_owned()))?;
-        let mut units = Vec::with_capacity(width);
-        for (node, address) in chosen {
-            units.push(open_unit(node, address, &unit).await?);
+        let opened = async {
+            let intent_revision = control
+                .get(&intent_key)
+                .await?
+                .map(|e| e.mod_revision)
+                .ok_or_else(|| ClusterIngestError::IntentLost(name.to_owned()))?;
+            let mut units = Vec::with_capacity(width);
+            for (node, address) in chosen {
+                units.push(open_unit(node, address, &unit).await?);
+            }
+            let codec = ReedSolomon::new(k as usize, m as usize)
+                .map_err(|e| ClusterIngestError::Class(format!("ec:{k}+{m}: {e:?}")))?;
+            Ok::<_, ClusterIngestError>((intent_revision, units, codec))
         }
-        let codec = ReedSolomon::new(k as usize, m as usize)
-            .map_err(|e| ClusterIngestError::Class(format!("ec:{k}+{m}: {e:?}")))?;
+        .await;
+        let (intent_revision, units, codec) = match opened {
+            Ok(o) => o,
+            Err(e) => {
+                // The intent would otherwise stay as long as this node's
+                // lease, naming an ingest that never ran.
+                let _ = control
+                    .commit(Vec::new(), vec![Write::Delete { key: intent_key }])
+                    .await;
+                return Err(e);
+            }
+        };
         Ok(ClusterIngest {
             member,
             name: name.to_owned(),
@@ -571,7 +591,18 @@ impl UnitStream {
     /// Queues one message for the node.
     pub(super) async fn send(&mut self, msg: Msg) -> Result<(), ClusterIngestError> {
         let sent = match &self.tx {
-            Some(tx) => tx.send(pb::IngestRequest { msg: Some(msg) }).await.is_ok(),
+            Some(tx) => {
+                let request = pb::IngestRequest { msg: Some(msg) };
+                match tokio::time::timeout(UNIT_SEND_TIMEOUT, tx.send(request)).await {
+                    Ok(sent) => sent.is_ok(),
+                    Err(_) => {
+                        return Err(self.failed(format!(
+                            "it took nothing for {} s",
+                            UNIT_SEND_TIMEOUT.as_secs()
+                        )));
+                    }
+                }
+            }
             None => false,
         };
         if sent {
@@ -610,12 +641,15 @@ impl UnitStream {
 pub(super) async fn node_client(
     address: &str,
 ) -> Result<pb::storaged_client::StoragedClient<Channel>, String> {
-    let channel = Channel::from_shared(format!("http://{address}"))
+    let endpoint = Channel::from_shared(format!("http://{address}"))
         .map_err(|e| e.to_string())?
-        .connect_timeout(std::time::Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect()
+        .connect_timeout(NODE_CONNECT_TIMEOUT)
+        .tcp_nodelay(true);
+    // The timeout also covers HTTP/2's handshake, which a node that
+    // accepts but never answers (stopped) would hold forever.
+    let channel = tokio::time::timeout(NODE_CONNECT_TIMEOUT, endpoint.connect())
         .await
+        .map_err(|_| format!("no answer within {} s", NODE_CONNECT_TIMEOUT.as_secs()))?
         .map_err(|e| format!("connecting: {e}"))?;
     Ok(pb::storaged_client::StoragedClient::new(channel)
         .max_encoding_message_size(8 << 20)
