@@ -13,20 +13,28 @@
 //! bytes cross the network once, from the nodes that hold them, and no
 //! node does the decoding work for another. The object is then checked
 //! against its CRC-32 from the manifest, so a wrong shard from any node
-//! is caught, never returned.
+//! is caught, never returned. A range read fetches only the parts of the
+//! data chunks it covers (verified by their nodes against their block
+//! checksums) and falls back to the whole stripe, rebuilt, where one
+//! fails.
+//!
+//! The same dataset feeds the prefetching [`Loader`](crate::Loader)
+//! (`ClusterDataset::loader`, in `loader::cluster`) and the Python
+//! package, so a training job reads a cluster dataset as it reads a
+//! single node's.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::StreamExt;
 use futures::future::join_all;
+use futures::{StreamExt, TryStreamExt};
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use storaged_proto::cluster::{EcLayout, MANIFEST_PATH, ManifestEntry, Stripe, decode_manifest};
 use storaged_proto::pb;
 
-use crate::{Client, ClientError, RetryPolicy};
+use crate::{Client, ClientError, ObjectInfo, RetryPolicy};
 
 /// Why a cluster read failed (beyond a node's own status).
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +58,13 @@ pub enum ClusterReadError {
     NoManifest { dataset: String, why: String },
     #[error("cluster dataset {0:?} has an invalid layout")]
     Layout(String),
+    #[error("object {path:?}: bytes {offset}..+{length} are past its end ({size} bytes)")]
+    OutOfRange {
+        path: String,
+        offset: u64,
+        length: u64,
+        size: u64,
+    },
 }
 
 impl From<ClusterReadError> for ClientError {
@@ -61,6 +76,7 @@ impl From<ClusterReadError> for ClientError {
             }
             ClusterReadError::Checksum { .. } => tonic::Code::DataLoss,
             ClusterReadError::Layout(_) => tonic::Code::Internal,
+            ClusterReadError::OutOfRange { .. } => tonic::Code::OutOfRange,
         };
         ClientError::Status(tonic::Status::new(code, e.to_string()))
     }
@@ -69,6 +85,10 @@ impl From<ClusterReadError> for ClientError {
 /// Stripes of one object read at once (each K chunk reads; 1 MiB chunks
 /// make this 16 MiB per data node in flight at most).
 const STRIPES_IN_FLIGHT: usize = 16;
+
+/// Objects [`ClusterDataset::read_objects`] reads at once (each with up to
+/// [`STRIPES_IN_FLIGHT`] stripes of its own).
+pub const CLUSTER_OBJECTS_IN_FLIGHT: usize = 32;
 
 /// How long a node that failed a read is skipped (its chunks read from
 /// parity at once) before it is tried again: a node that does not answer
@@ -98,6 +118,8 @@ pub struct ClusterDataset {
     nodes: Vec<Node>,
     manifest: Vec<ManifestEntry>,
     index: HashMap<String, usize>,
+    /// The manifest in path order, as a node lists a dataset.
+    listing: Arc<[ObjectInfo]>,
     codec: ReedSolomon,
     /// Reads served with a reconstruction.
     degraded_reads: Mutex<u64>,
@@ -154,6 +176,7 @@ impl ClusterDataset {
             nodes,
             manifest: Vec::new(),
             index: HashMap::new(),
+            listing: Arc::new([]),
             codec,
             degraded_reads: Mutex::new(0),
         };
@@ -164,7 +187,39 @@ impl ClusterDataset {
             .enumerate()
             .map(|(i, e)| (e.path.clone(), i))
             .collect();
+        let mut listing: Vec<ObjectInfo> = dataset
+            .manifest
+            .iter()
+            .map(|e| ObjectInfo {
+                path: e.path.clone(),
+                size: e.size,
+                crc32: e.crc32,
+            })
+            .collect();
+        listing.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        dataset.listing = listing.into();
         Ok(dataset)
+    }
+
+    /// Opens `name` when the node `client` talks to is in a cluster and
+    /// has a cluster dataset by that name; `None` when it is not in a
+    /// cluster or has none (a local dataset may still have the name).
+    pub async fn open_if_cluster(
+        client: &Client,
+        name: &str,
+    ) -> Result<Option<ClusterDataset>, ClientError> {
+        match Self::open(client, name).await {
+            Ok(dataset) => Ok(Some(dataset)),
+            Err(ClientError::Status(s))
+                if matches!(
+                    s.code(),
+                    tonic::Code::FailedPrecondition | tonic::Code::NotFound
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// The layout as the node gave it.
@@ -175,6 +230,23 @@ impl ClusterDataset {
     /// Every object, in ingest order.
     pub fn objects(&self) -> &[ManifestEntry] {
         &self.manifest
+    }
+
+    /// Every object in path order (the order a node lists a dataset in,
+    /// which plans index).
+    pub fn listing(&self) -> Arc<[ObjectInfo]> {
+        Arc::clone(&self.listing)
+    }
+
+    /// The manifest entry of `path`.
+    pub fn entry(&self, path: &str) -> Result<&ManifestEntry, ClusterReadError> {
+        self.index
+            .get(path)
+            .map(|&i| &self.manifest[i])
+            .ok_or_else(|| ClusterReadError::NoObject {
+                dataset: self.info.name.clone(),
+                path: path.to_owned(),
+            })
     }
 
     /// Reads that needed parity because a node was down or failed.
@@ -347,16 +419,14 @@ impl ClusterDataset {
         Ok((stripe, data, rebuilt))
     }
 
+    /// Counts a read that needed parity.
+    fn count_degraded(&self) {
+        *self.degraded_reads.lock().expect("counter poisoned") += 1;
+    }
+
     /// The whole object at `path`, checked against its CRC-32.
     pub async fn read(&self, path: &str) -> Result<Bytes, ClientError> {
-        let entry = self
-            .index
-            .get(path)
-            .map(|&i| &self.manifest[i])
-            .ok_or_else(|| ClusterReadError::NoObject {
-                dataset: self.info.name.clone(),
-                path: path.to_owned(),
-            })?;
+        let entry = self.entry(path)?;
         let mut out = vec![0u8; entry.size as usize];
         let mut stripes = futures::stream::iter(self.layout.stripes(entry.size))
             .map(|s| self.read_stripe(path, s))
@@ -371,7 +441,7 @@ impl ClusterDataset {
             }
         }
         if rebuilt_any {
-            *self.degraded_reads.lock().expect("counter poisoned") += 1;
+            self.count_degraded();
         }
         let got = crc32fast::hash(&out);
         if got != entry.crc32 {
@@ -383,5 +453,100 @@ impl ClusterDataset {
             .into());
         }
         Ok(Bytes::from(out))
+    }
+
+    /// `length` bytes of `path` from `offset`; past the end is
+    /// OUT_OF_RANGE. Only the parts of the data chunks the range covers
+    /// are read, each verified by its node against its block checksums
+    /// (the object's CRC-32 covers whole objects only, so the whole
+    /// object is read, and checked, when the range is all of it).
+    pub async fn read_range(
+        &self,
+        path: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Bytes, ClientError> {
+        let entry = self.entry(path)?;
+        if offset > entry.size || length > entry.size - offset {
+            return Err(ClusterReadError::OutOfRange {
+                path: path.to_owned(),
+                offset,
+                length,
+                size: entry.size,
+            }
+            .into());
+        }
+        if offset == 0 && length == entry.size {
+            return self.read(path).await;
+        }
+        let end = offset + length;
+        let mut out = vec![0u8; length as usize];
+        let covering = self
+            .layout
+            .stripes(entry.size)
+            .filter(|s| s.object_offset < end && s.object_offset + s.data_bytes > offset);
+        let mut parts = futures::stream::iter(covering)
+            .map(|s| self.read_stripe_range(path, s, offset, end))
+            .buffer_unordered(STRIPES_IN_FLIGHT);
+        while let Some(part) = parts.next().await {
+            let (at, bytes) = part?;
+            let from = (at - offset) as usize;
+            out[from..from + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok(Bytes::from(out))
+    }
+
+    /// The bytes of `stripe` within `[lo, hi)` of the object, with their
+    /// object offset: straight from the data chunks that hold them, or,
+    /// when one of those reads fails, from the whole stripe rebuilt.
+    async fn read_stripe_range(
+        &self,
+        path: &str,
+        stripe: Stripe,
+        lo: u64,
+        hi: u64,
+    ) -> Result<(u64, Vec<u8>), ClientError> {
+        let from = lo.max(stripe.object_offset);
+        let to = hi.min(stripe.object_offset + stripe.data_bytes);
+        // (chunk, offset inside the chunk, length), in object order.
+        let pieces: Vec<(u32, u64, u64)> = (0..self.layout.k)
+            .filter_map(|j| {
+                let (at, len) = stripe.data_of_chunk(j);
+                let (a, b) = (at.max(from), (at + len).min(to));
+                (a < b).then(|| (j, a - at, b - a))
+            })
+            .collect();
+        let reads = pieces.iter().map(|&(j, within, len)| {
+            let node = self.layout.node_of(path, stripe.index, j);
+            self.read_piece(node, path, stripe.shard_offset + within, len)
+        });
+        let direct: Result<Vec<Bytes>, ClientError> = join_all(reads).await.into_iter().collect();
+        if let Ok(pieces) = direct {
+            return Ok((from, pieces.concat()));
+        }
+        let (stripe, data, rebuilt) = self.read_stripe(path, stripe).await?;
+        if rebuilt {
+            self.count_degraded();
+        }
+        let mut whole = Vec::with_capacity(stripe.data_bytes as usize);
+        for (j, chunk) in data.iter().enumerate() {
+            let (_, len) = stripe.data_of_chunk(j as u32);
+            whole.extend_from_slice(&chunk[..len as usize]);
+        }
+        let start = (from - stripe.object_offset) as usize;
+        Ok((from, whole[start..start + (to - from) as usize].to_vec()))
+    }
+
+    /// Whole objects, in the order asked, up to
+    /// [`CLUSTER_OBJECTS_IN_FLIGHT`] at once; the first that fails is the
+    /// answer.
+    pub async fn read_objects(&self, paths: &[String]) -> Result<Vec<Bytes>, ClientError> {
+        // The futures made first, not in a stream's closure: a closure
+        // over `&String` there makes the future not provably `Send`.
+        let reads: Vec<_> = paths.iter().map(|p| self.read(p)).collect();
+        futures::stream::iter(reads)
+            .buffered(CLUSTER_OBJECTS_IN_FLIGHT)
+            .try_collect()
+            .await
     }
 }

@@ -47,6 +47,7 @@ const CHECKSUM_BLOCK_BYTES: u64 = storaged_proto::model::CHECKSUM_BLOCK_BYTES as
 use crate::region::{Region, RegionRead};
 use crate::retry::Retrying;
 
+mod cluster;
 mod scheduler;
 use crate::{BatchItem, ClientError, Dataset, ObjectInfo, async_stream_bounded};
 use scheduler::Scheduler;
@@ -309,6 +310,21 @@ pub struct Loader {
 }
 
 impl Loader {
+    /// A loader handing out `batches` (`total` samples), counting them in
+    /// `stats`.
+    fn new(
+        batches: impl Stream<Item = Result<Batch, ClientError>> + Send + 'static,
+        total: u64,
+        stats: Arc<StatCounters>,
+    ) -> Self {
+        Self {
+            batches: Box::pin(batches),
+            consumed: Arc::new(AtomicU64::new(0)),
+            total,
+            stats,
+        }
+    }
+
     /// Samples handed to the consumer so far: this worker's entry in the
     /// `positions` of a [`PlanState`] checkpoint.
     pub fn consumed(&self) -> u64 {
@@ -473,16 +489,7 @@ impl Dataset {
         prefetch_bytes_max: u64,
         options: LoaderOptions,
     ) -> Result<Loader, ClientError> {
-        if batch_size == 0 || batch_size > LOADER_BATCH_ITEMS_MAX {
-            return Err(ClientError::InvalidArgument(format!(
-                "batch_size {batch_size} must be 1 to {LOADER_BATCH_ITEMS_MAX}"
-            )));
-        }
-        if prefetch_bytes_max == 0 {
-            return Err(ClientError::InvalidArgument(
-                "prefetch_bytes_max must be at least 1 byte".into(),
-            ));
-        }
+        check_loader_args(batch_size, prefetch_bytes_max)?;
         let total = plan.len() as u64;
         let batches = batch_plans(&plan, batch_size);
         let dataset = self.clone();
@@ -551,13 +558,24 @@ impl Dataset {
                 }
             }
         });
-        Ok(Loader {
-            batches: Box::pin(stream),
-            consumed: Arc::new(AtomicU64::new(0)),
-            total,
-            stats,
-        })
+        Ok(Loader::new(stream, total, stats))
     }
+}
+
+/// What every loader refuses: batches of no or too many samples, no
+/// prefetch room.
+fn check_loader_args(batch_size: usize, prefetch_bytes_max: u64) -> Result<(), ClientError> {
+    if batch_size == 0 || batch_size > LOADER_BATCH_ITEMS_MAX {
+        return Err(ClientError::InvalidArgument(format!(
+            "batch_size {batch_size} must be 1 to {LOADER_BATCH_ITEMS_MAX}"
+        )));
+    }
+    if prefetch_bytes_max == 0 {
+        return Err(ClientError::InvalidArgument(
+            "prefetch_bytes_max must be at least 1 byte".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The part of a plan hinted to storaged: the windows of batches from

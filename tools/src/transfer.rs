@@ -95,18 +95,7 @@ pub(crate) async fn open_cluster(
     client: &Client,
     name: &str,
 ) -> anyhow::Result<Option<storaged_client::cluster::ClusterDataset>> {
-    match storaged_client::cluster::ClusterDataset::open(client, name).await {
-        Ok(cd) => Ok(Some(cd)),
-        Err(storaged_client::ClientError::Status(s))
-            if matches!(
-                s.code(),
-                tonic::Code::FailedPrecondition | tonic::Code::NotFound
-            ) =>
-        {
-            Ok(None)
-        }
-        Err(e) => Err(e.into()),
-    }
+    Ok(storaged_client::cluster::ClusterDataset::open_if_cluster(client, name).await?)
 }
 
 pub(crate) async fn export(

@@ -26,11 +26,12 @@ use std::ffi::c_int;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use pyo3::exceptions::{PyBufferError, PyException, PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use pyo3::{create_exception, ffi};
+use storaged_client::cluster::ClusterDataset;
 use storaged_client::{
     BatchItem, ClientError, LoaderOptions, ObjectInfo, Plan, PlanSpec, PlanTail,
 };
@@ -408,11 +409,30 @@ impl Client {
         PyList::new(py, items)
     }
 
-    /// A dataset by name (checked to exist).
+    /// A dataset by name (checked to exist). On a node of a cluster, a
+    /// cluster dataset of that name is read straight from its nodes (see
+    /// `Dataset.is_cluster`).
     fn dataset(slf: Bound<'_, Self>, name: String) -> PyResult<Dataset> {
         let py = slf.py();
         let c = slf.get().client(py)?;
         c.dataset(&name).map_err(to_py)?; // the name itself (INVALID_ARGUMENT)
+        let (cc, n) = (c.clone(), name.clone());
+        let cluster = block_on(
+            py,
+            async move { ClusterDataset::open_if_cluster(&cc, &n).await },
+        )?;
+        if let Some(cluster) = cluster {
+            let cluster = Arc::new(cluster);
+            return Ok(Dataset {
+                client: slf.unbind(),
+                name,
+                listing: Mutex::new(Some(cluster.listing())),
+                cluster: Some(Mutex::new(ClusterConn {
+                    pid: std::process::id(),
+                    dataset: cluster,
+                })),
+            });
+        }
         let n = name.clone();
         let exists = block_on(py, async move {
             Ok(c.list_datasets().await?.iter().any(|d| d.name == n))
@@ -426,6 +446,7 @@ impl Client {
             client: slf.unbind(),
             name,
             listing: Mutex::new(None),
+            cluster: None,
         })
     }
 
@@ -441,6 +462,15 @@ pub struct Dataset {
     name: String,
     /// The whole listing, fetched on first use by index or `len`.
     listing: Mutex<Option<Arc<[ObjectInfo]>>>,
+    /// For a cluster dataset: its layout and node connections, opened
+    /// again in a process that forked after they were made.
+    cluster: Option<Mutex<ClusterConn>>,
+}
+
+/// A cluster dataset open in process `pid`.
+struct ClusterConn {
+    pid: u32,
+    dataset: Arc<ClusterDataset>,
 }
 
 /// A path, or an index into the dataset's listing.
@@ -451,6 +481,39 @@ enum PathOrIndex {
 }
 
 impl Dataset {
+    /// The cluster dataset this is, open in this process; `None` for a
+    /// dataset of one node.
+    fn cluster(&self, py: Python<'_>) -> PyResult<Option<Arc<ClusterDataset>>> {
+        let Some(slot) = self.cluster.as_ref() else {
+            return Ok(None);
+        };
+        let pid = std::process::id();
+        {
+            let conn = slot.lock().expect("cluster lock");
+            if conn.pid == pid {
+                return Ok(Some(Arc::clone(&conn.dataset)));
+            }
+        }
+        let c = self.client.get().client(py)?;
+        let name = self.name.clone();
+        let opened = block_on(py, async move { ClusterDataset::open(&c, &name).await })?;
+        let opened = Arc::new(opened);
+        let mut conn = slot.lock().expect("cluster lock");
+        let inherited = std::mem::replace(
+            &mut *conn,
+            ClusterConn {
+                pid,
+                dataset: Arc::clone(&opened),
+            },
+        );
+        if inherited.pid != pid {
+            // Its connections belong to the parent's runtime: leak them
+            // rather than wait on threads that are not in this process.
+            std::mem::forget(inherited);
+        }
+        Ok(Some(opened))
+    }
+
     fn ds(&self, py: Python<'_>) -> PyResult<storaged_client::Dataset> {
         self.client
             .get()
@@ -510,6 +573,13 @@ impl Dataset {
         &self.name
     }
 
+    /// Whether this is a cluster dataset (read straight from its nodes,
+    /// with parity in place of a node that is down).
+    #[getter]
+    fn is_cluster(&self) -> bool {
+        self.cluster.is_some()
+    }
+
     /// Objects (dicts: `path`, `size`, `crc32`) in path order, optionally
     /// only those under `prefix`.
     #[pyo3(signature = (prefix=None))]
@@ -520,6 +590,12 @@ impl Dataset {
     ) -> PyResult<Bound<'py, PyList>> {
         let list: Arc<[ObjectInfo]> = match prefix {
             None => self.listing(py)?,
+            Some(p) if self.cluster.is_some() => self
+                .listing(py)?
+                .iter()
+                .filter(|o| o.path.starts_with(&p))
+                .cloned()
+                .collect(),
             Some(p) => {
                 let ds = self.ds(py)?;
                 block_on(py, async move { ds.list(&p).await })?.into()
@@ -532,8 +608,22 @@ impl Dataset {
         PyList::new(py, items)
     }
 
-    /// `path`, `size`, `crc32` and the device extents of one object.
+    /// `path`, `size`, `crc32` and the device extents of one object
+    /// (none for a cluster dataset's: its bytes are striped over nodes).
     fn stat<'py>(&self, py: Python<'py>, path: String) -> PyResult<Bound<'py, PyDict>> {
+        if let Some(cd) = self.cluster(py)? {
+            let entry = cd.entry(&path).map_err(|e| to_py(e.into()))?;
+            let d = object_info(
+                py,
+                &ObjectInfo {
+                    path: entry.path.clone(),
+                    size: entry.size,
+                    crc32: entry.crc32,
+                },
+            )?;
+            d.set_item("extents", PyList::empty(py))?;
+            return Ok(d);
+        }
         let ds = self.ds(py)?;
         let st = block_on(py, async move { ds.stat(&path).await })?;
         let o = st.object.unwrap_or_default();
@@ -554,6 +644,10 @@ impl Dataset {
     /// The whole object, by path or by index in the listing.
     fn read(&self, py: Python<'_>, path: PathOrIndex) -> PyResult<Py<Buffer>> {
         let path = self.path_of(py, path)?;
+        if let Some(cd) = self.cluster(py)? {
+            let data = block_on(py, async move { cd.read(&path).await })?;
+            return buffer(py, data);
+        }
         let ds = self.ds(py)?;
         let data = block_on(py, async move { ds.read(&path).await })?;
         buffer(py, data)
@@ -567,6 +661,13 @@ impl Dataset {
         offset: u64,
         length: u64,
     ) -> PyResult<Py<Buffer>> {
+        if let Some(cd) = self.cluster(py)? {
+            let data = block_on(
+                py,
+                async move { cd.read_range(&path, offset, length).await },
+            )?;
+            return buffer(py, data);
+        }
         let ds = self.ds(py)?;
         let data = block_on(
             py,
@@ -599,8 +700,16 @@ impl Dataset {
                 Ok((o.path.clone(), o.size))
             })
             .collect::<PyResult<Vec<_>>>()?;
-        let ds = self.ds(py)?;
-        let datas = block_on(py, async move { ds.read_objects(&objects).await })?;
+        let datas = match self.cluster(py)? {
+            Some(cd) => {
+                let paths: Vec<String> = objects.into_iter().map(|(p, _)| p).collect();
+                block_on(py, async move { cd.read_objects(&paths).await })?
+            }
+            None => {
+                let ds = self.ds(py)?;
+                block_on(py, async move { ds.read_objects(&objects).await })?
+            }
+        };
         let bufs = datas
             .into_iter()
             .map(|b| buffer(py, b))
@@ -617,7 +726,6 @@ impl Dataset {
         items: Vec<BatchSpec>,
         max_in_flight: u32,
     ) -> PyResult<Bound<'py, PyList>> {
-        let ds = self.ds(py)?;
         let items: Vec<BatchItem> = items
             .into_iter()
             .map(|s| match s {
@@ -634,6 +742,37 @@ impl Dataset {
             })
             .collect();
         let n = items.len();
+        if let Some(cd) = self.cluster(py)? {
+            let results = block_on(py, async move {
+                let reads: Vec<_> = items
+                    .iter()
+                    .map(|i| {
+                        let cd = &cd;
+                        async move {
+                            match i.length {
+                                None if i.offset == 0 => cd.read(&i.path).await,
+                                None => {
+                                    let size = cd.entry(&i.path)?.size;
+                                    let length = size.saturating_sub(i.offset);
+                                    cd.read_range(&i.path, i.offset, length).await
+                                }
+                                Some(length) => cd.read_range(&i.path, i.offset, length).await,
+                            }
+                        }
+                    })
+                    .collect();
+                futures::stream::iter(reads)
+                    .buffered(max_in_flight.max(1) as usize)
+                    .try_collect::<Vec<Bytes>>()
+                    .await
+            })?;
+            let bufs = results
+                .into_iter()
+                .map(|b| buffer(py, b))
+                .collect::<PyResult<Vec<_>>>()?;
+            return PyList::new(py, bufs);
+        }
+        let ds = self.ds(py)?;
         let results = block_on(py, async move {
             let mut out: Vec<Option<Bytes>> = vec![None; n];
             let mut s = std::pin::pin!(ds.read_batch(items, max_in_flight.max(1)));
@@ -707,16 +846,22 @@ impl Dataset {
         let plan = plan
             .and_then(|p| p.skip(start))
             .map_err(|e| to_py(ClientError::Plan(e)))?;
-        let ds = self.ds(py)?;
+        let options = LoaderOptions {
+            retry_budget,
+            ..LoaderOptions::default()
+        };
+        let source = match self.cluster(py)? {
+            Some(cd) => Ok(cd),
+            None => Err(self.ds(py)?),
+        };
         let rt = runtime()?;
         let loader = {
             let _guard = rt.rt.enter();
-            let options = LoaderOptions {
-                retry_budget,
-                ..LoaderOptions::default()
-            };
-            ds.loader_with(plan, batch_size, prefetch_bytes, options)
-                .map_err(to_py)?
+            match source {
+                Ok(cd) => cd.loader(plan, batch_size, prefetch_bytes, options),
+                Err(ds) => ds.loader_with(plan, batch_size, prefetch_bytes, options),
+            }
+            .map_err(to_py)?
         };
         Ok(Loader {
             inner: Mutex::new(Some(loader)),

@@ -94,3 +94,73 @@ def fresh_daemon(tmp_path):
     yield d
     if d.proc.poll() is None:
         d.stop()
+
+
+def free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Etcd:
+    """A one-member etcd on loopback (Debian's etcd-server, which the test
+    command installs; a missing etcd fails the test, never skips it)."""
+
+    def __init__(self, root: pathlib.Path):
+        self.root = root
+        self.client_port, self.peer_port = free_port(), free_port()
+        client = f"http://127.0.0.1:{self.client_port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            ["etcd", "--name", "test", "--data-dir", str(root / "data"),
+             "--listen-client-urls", client, "--advertise-client-urls", client,
+             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+             "--initial-cluster", f"test={peer}"],
+            stdout=subprocess.DEVNULL, stderr=open(root / "etcd.log", "ab"),
+        )
+        deadline = time.monotonic() + 60
+        while True:
+            ok = subprocess.run(
+                ["etcdctl", "--endpoints", f"127.0.0.1:{self.client_port}",
+                 "--dial-timeout", "1s", "--command-timeout", "2s", "endpoint", "health"],
+                env={**os.environ, "ETCDCTL_API": "3"}, capture_output=True,
+            ).returncode == 0
+            if ok:
+                break
+            assert self.proc.poll() is None, f"etcd exited; see {root / 'etcd.log'}"
+            assert time.monotonic() < deadline, "etcd did not become healthy in 60 s"
+            time.sleep(0.1)
+        self.url = f"etcd://127.0.0.1:{self.client_port}"
+
+    def stop(self):
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+
+# Short leases and sweeps, so a node killed is seen down within seconds.
+CLUSTER_CONFIG = "cluster_lease_ttl_s = 2\ncluster_request_timeout_s = 2\ncluster_sweep_interval_s = 1\n"
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory, files):
+    """Three nodes on one etcd, with `ds` (the `files` tree) ingested as
+    ec:2+1 through n1. Yields (etcd, {id: Daemon}); tests that kill a node
+    restart it."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    write_tree(tmp / "src", files)
+    (tmp / "node.toml").write_text(CLUSTER_CONFIG)
+    etcd = Etcd(tmp / "etcd")
+    nodes = {}
+    try:
+        for n in ("n1", "n2", "n3"):
+            nodes[n] = Daemon(tmp / n, ["--cluster", etcd.url, "--node-id", n,
+                                        "--config", str(tmp / "node.toml")])
+        nodes["n1"].ctl("ingest", "--class", "ec:2+1", "ds", str(tmp / "src"))
+        yield etcd, nodes
+    finally:
+        for d in nodes.values():
+            if d.proc.poll() is None:
+                d.stop()
+        etcd.stop()
