@@ -1083,3 +1083,65 @@ fn a_mount_with_a_tenants_token_shows_and_reads_only_what_the_token_may() {
         "the small files went through the bulk channel with the token"
     );
 }
+
+#[test]
+fn a_cluster_dataset_mounts_through_any_node_and_reads_on_without_one() {
+    // Guards against a mount of a cluster node showing cluster datasets it
+    // cannot read (NOT_FOUND from the node's local Read path), and
+    // against a node's death failing reads that parity can serve.
+    let cluster = storaged_tests::cluster::Cluster::start();
+    let mut nodes = cluster.nodes(&["n1", "n2", "n3"]);
+    let src = cluster.data_dir("src");
+    let mut files = vec![
+        ("empty".to_owned(), Vec::new()),
+        ("one".to_owned(), pattern(1, 1)),
+        (
+            "big/three_mib_odd".to_owned(),
+            pattern(2, 3 * (1 << 20) + 12_345),
+        ),
+    ];
+    for i in 0..40u64 {
+        files.push((
+            format!("train/{i:03}.jpg"),
+            pattern(10 + i, 1000 + (i as usize * 7919) % 60_000),
+        ));
+    }
+    write_tree(&src, &files);
+    nodes[0].ctl_ok(&[
+        "ingest",
+        "--class",
+        "ec:2+1",
+        "imagenet",
+        src.to_str().unwrap(),
+    ]);
+
+    let mnt = cluster.data_dir("mnt");
+    let mounted = Mounted::start(&nodes[1], &mnt, &[]);
+    let check = |what: &str| {
+        assert_eq!(
+            storaged_tests::read_tree(&mnt.join("imagenet")),
+            files.iter().cloned().collect(),
+            "{what}: the mounted cluster dataset is the source"
+        );
+        // A pread across the chunk (1 MiB) and stripe (2 MiB) boundaries.
+        let big = &files[2].1;
+        let f = std::fs::File::open(mnt.join("imagenet/big/three_mib_odd")).unwrap();
+        let mut buf = vec![0u8; (1 << 20) + 200];
+        f.read_exact_at(&mut buf, (1 << 20) - 100).unwrap();
+        assert_eq!(buf, big[(1 << 20) - 100..(2 << 20) + 100], "{what}: pread");
+    };
+    check("all nodes up");
+
+    // n3 dies; what the mount reads next comes from parity for its chunks.
+    let mut n3 = nodes.pop().unwrap();
+    n3.kill9();
+    // The kernel's page cache may hold files read above: drop it so the
+    // reads reach the mount.
+    sh("sync; echo 3 > /proc/sys/vm/drop_caches");
+    check("n3 killed");
+    assert!(
+        !mounted.stderr().contains("ERROR"),
+        "no read failed: {}",
+        mounted.stderr()
+    );
+}

@@ -416,12 +416,21 @@ impl Client {
         let py = slf.py();
         let c = slf.get().client(py)?;
         c.dataset(&name).map_err(to_py)?; // the name itself (INVALID_ARGUMENT)
-        let (cc, n) = (c.clone(), name.clone());
-        let cluster = block_on(
-            py,
-            async move { ClusterDataset::open_if_cluster(&cc, &n).await },
-        )?;
-        if let Some(cluster) = cluster {
+        let list = {
+            let c = c.clone();
+            block_on(py, async move { c.list_datasets().await })?
+        };
+        let found: Vec<_> = list.iter().filter(|d| d.name == name).collect();
+        if found.is_empty() {
+            return Err(to_py(ClientError::Status(tonic::Status::not_found(
+                format!("dataset {name:?} not found"),
+            ))));
+        }
+        // A node that holds a dataset of its own under a cluster
+        // dataset's name lists both: the cluster's wins, as in storagectl.
+        if found.iter().any(|d| !d.cluster_unit.is_empty()) {
+            let n = name.clone();
+            let cluster = block_on(py, async move { ClusterDataset::open(&c, &n).await })?;
             let cluster = Arc::new(cluster);
             return Ok(Dataset {
                 client: slf.unbind(),
@@ -432,15 +441,6 @@ impl Client {
                     dataset: cluster,
                 })),
             });
-        }
-        let n = name.clone();
-        let exists = block_on(py, async move {
-            Ok(c.list_datasets().await?.iter().any(|d| d.name == n))
-        })?;
-        if !exists {
-            return Err(to_py(ClientError::Status(tonic::Status::not_found(
-                format!("dataset {name:?} not found"),
-            ))));
         }
         Ok(Dataset {
             client: slf.unbind(),

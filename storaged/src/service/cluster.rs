@@ -160,6 +160,7 @@ fn info(r: &DatasetRecord, health: &str) -> pb::DatasetInfo {
         reconstructions: 0,
         health: health.to_owned(),
         dataset_id: 0,
+        cluster_unit: r.unit.clone(),
     }
 }
 

@@ -57,6 +57,7 @@ pub(super) fn dataset_info(d: &crate::store::status::DatasetStatus) -> pb::Datas
         reconstructions: h.reconstructions.load(Ordering::Relaxed),
         health: d.health.clone(),
         dataset_id: h.record.id,
+        cluster_unit: String::new(),
     }
 }
 

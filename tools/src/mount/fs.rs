@@ -363,9 +363,8 @@ impl Core {
             NodeKind::File { size, .. } => size,
             NodeKind::Dir { .. } => return Err(Errno::EISDIR),
         };
-        let file = self
-            .reader
-            .open(dataset.handle.clone(), dataset.id, tree.path(node), size);
+        let source = self.ns.source(&dataset)?;
+        let file = self.reader.open(source, tree.path(node), size);
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         let opened = Arc::new(Opened {
             file,

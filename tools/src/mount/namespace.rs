@@ -16,10 +16,12 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use fuser::Errno;
+use storaged_client::cluster::ClusterDataset;
 use storaged_client::retry::Retrying;
 use storaged_client::{Client, ClientError, Dataset};
 
 use super::index::{NodeId, TREE_ROOT, Tree};
+use super::reader::Source;
 
 /// The mount's root directory.
 pub const ROOT_INO: u64 = 1;
@@ -42,10 +44,31 @@ pub struct DatasetEntry {
     /// Its storage class as storagectl writes it (`stripe`, `ec:4+2`).
     pub class: String,
     slot: u32,
-    /// Reads go to this id only: never to a dataset created again under
-    /// the name.
-    pub handle: Dataset,
+    backing: Backing,
     tree: Mutex<Option<Arc<Tree>>>,
+}
+
+/// What a dataset of the mount is.
+enum Backing {
+    /// The node's own: reads go to this id only, never to a dataset
+    /// created again under the name.
+    Node(Arc<Dataset>),
+    /// A cluster dataset (`unit` names this ingest of it), opened on
+    /// first use; its layout never changes while it exists.
+    Cluster {
+        unit: String,
+        opened: Mutex<Option<Arc<ClusterDataset>>>,
+    },
+}
+
+impl DatasetEntry {
+    /// The cluster unit of a cluster dataset; empty for the node's own.
+    fn unit(&self) -> &str {
+        match &self.backing {
+            Backing::Node(_) => "",
+            Backing::Cluster { unit, .. } => unit,
+        }
+    }
 }
 
 /// What an inode number names.
@@ -211,7 +234,7 @@ impl Namespace {
                 .by_name
                 .get(&info.name)
                 .and_then(|slot| state.slots.get(slot))
-                .filter(|d| d.id == info.dataset_id);
+                .filter(|d| d.id == info.dataset_id && d.unit() == info.cluster_unit);
             let slot = match known {
                 Some(d) => d.slot,
                 None => {
@@ -221,11 +244,15 @@ impl Namespace {
                         state.next_high_slot = state.next_high_slot.max(SLOT_BY_ID_MAX as u32) + 1;
                         state.next_high_slot
                     };
-                    // A server from before dataset ids sends 0: reads
-                    // then go by name alone.
-                    let handle = match info.dataset_id {
-                        0 => self.client.dataset(&info.name)?,
-                        id => self.client.dataset_pinned(&info.name, id)?,
+                    // A server from before dataset ids sends 0 for its
+                    // own: reads then go by name alone.
+                    let backing = match info.dataset_id {
+                        _ if !info.cluster_unit.is_empty() => Backing::Cluster {
+                            unit: info.cluster_unit.clone(),
+                            opened: Mutex::new(None),
+                        },
+                        0 => Backing::Node(Arc::new(self.client.dataset(&info.name)?)),
+                        id => Backing::Node(Arc::new(self.client.dataset_pinned(&info.name, id)?)),
                     };
                     state.slots.insert(
                         slot,
@@ -236,7 +263,7 @@ impl Namespace {
                             id: info.dataset_id,
                             name: info.name.clone(),
                             slot,
-                            handle,
+                            backing,
                             tree: Mutex::new(None),
                         }),
                     );
@@ -264,16 +291,18 @@ impl Namespace {
             return Ok(Arc::clone(t));
         }
         let started = Instant::now();
-        let objects = self
-            .runtime
-            .block_on(self.list_all(&dataset.handle))
-            .map_err(|e| {
-                tracing::error!(dataset = %dataset.name, error = %e, "cannot list the dataset");
-                match e.code() {
-                    Some(tonic::Code::NotFound) => Errno::ENOENT,
-                    _ => Errno::EIO,
-                }
-            })?;
+        let listed = match self.source(dataset)? {
+            Source::Node { dataset, .. } => self.runtime.block_on(self.list_all(&dataset)),
+            Source::Cluster(cluster) => Ok(cluster
+                .listing()
+                .iter()
+                .map(|o| (o.path.clone(), o.size, o.crc32))
+                .collect()),
+        };
+        let objects = listed.map_err(|e| {
+            tracing::error!(dataset = %dataset.name, error = %e, "cannot list the dataset");
+            errno_of(&e)
+        })?;
         let built = Tree::build(objects, self.options.entries_max).map_err(|e| {
             tracing::error!(dataset = %dataset.name, error = %e, "cannot index the dataset");
             Errno::EIO
@@ -288,6 +317,39 @@ impl Namespace {
         let built = Arc::new(built);
         *tree = Some(Arc::clone(&built));
         Ok(built)
+    }
+
+    /// Where the bytes of `dataset` come from; a cluster dataset's layout
+    /// and manifest are read on first use (within the retry budget).
+    pub fn source(&self, dataset: &DatasetEntry) -> Result<Source, Errno> {
+        let (name, opened) = match &dataset.backing {
+            Backing::Node(handle) => {
+                return Ok(Source::Node {
+                    dataset: Arc::clone(handle),
+                    id: dataset.id,
+                });
+            }
+            Backing::Cluster { opened, .. } => (&dataset.name, opened),
+        };
+        let mut opened = opened.lock().expect("cluster dataset poisoned");
+        if let Some(cluster) = &*opened {
+            return Ok(Source::Cluster(Arc::clone(cluster)));
+        }
+        let policy = self
+            .client
+            .retry_policy()
+            .with_budget_only(self.options.retry_budget);
+        let open = Retrying::new(policy).run(|| ClusterDataset::open(&self.client, name));
+        let cluster = self
+            .runtime
+            .block_on(within(self.options.retry_budget, open))
+            .map_err(|e| {
+                tracing::error!(dataset = %name, error = %e, "cannot open the cluster dataset");
+                errno_of(&e)
+            })?;
+        let cluster = Arc::new(cluster);
+        *opened = Some(Arc::clone(&cluster));
+        Ok(Source::Cluster(cluster))
     }
 
     /// Every object of `dataset` (path, size, CRC-32), page by page.
@@ -311,6 +373,14 @@ impl Namespace {
                 None => return Ok(out),
             }
         }
+    }
+}
+
+/// How a failed listing or open answers the kernel.
+fn errno_of(e: &ClientError) -> Errno {
+    match e.code() {
+        Some(tonic::Code::NotFound) => Errno::ENOENT,
+        _ => Errno::EIO,
     }
 }
 

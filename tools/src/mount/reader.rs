@@ -21,7 +21,10 @@
 //! filled and verified in place by storaged when it is on this host, a
 //! gRPC Read otherwise), pinned to the dataset id the mount listed, and a
 //! failure that a restart of storaged explains is tried again within the
-//! retry budget.
+//! retry budget. A cluster dataset's files read through its
+//! `ClusterDataset` instead (chunks straight from their nodes, parity in
+//! place of a node that is down): the same windows, no direct reads or
+//! batches (those are one node's paths).
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -31,7 +34,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::FutureExt;
 use futures::future::{BoxFuture, Shared};
-use storaged_client::retry::Retrying;
+use storaged_client::cluster::ClusterDataset;
+use storaged_client::retry::{RetryPolicy, Retrying};
 use storaged_client::{ClientError, Dataset, RegionRead, SizedRange};
 
 use super::batch::{BATCH_ITEM_BYTES_MAX, BatchFailure, Batcher};
@@ -195,10 +199,19 @@ impl Sequence {
     }
 }
 
+/// Where a mounted dataset's bytes come from.
+#[derive(Clone)]
+pub enum Source {
+    /// A dataset of the node the mount talks to, every read pinned to its
+    /// id.
+    Node { dataset: Arc<Dataset>, id: u64 },
+    /// A cluster dataset, read from its nodes.
+    Cluster(Arc<ClusterDataset>),
+}
+
 /// One open file of the mount.
 pub struct OpenFile {
-    dataset: Dataset,
-    dataset_id: u64,
+    source: Source,
     path: Arc<str>,
     size: u64,
     sequence: Mutex<Sequence>,
@@ -242,10 +255,9 @@ impl Reader {
         }
     }
 
-    pub fn open(&self, dataset: Dataset, dataset_id: u64, path: String, size: u64) -> OpenFile {
+    pub fn open(&self, source: Source, path: String, size: u64) -> OpenFile {
         OpenFile {
-            dataset,
-            dataset_id,
+            source,
             path: path.into(),
             size,
             sequence: Mutex::default(),
@@ -259,7 +271,8 @@ impl Reader {
     /// (an empty or large file, no room).
     pub fn fetch_whole_at_open(&self, file: &OpenFile) -> bool {
         // Direct reads serve it on the read's own thread instead.
-        if self.direct.is_some() || file.size == 0 || file.size > WHOLE_FILE_BYTES_MAX {
+        let direct = self.direct.is_some() && matches!(file.source, Source::Node { .. });
+        if direct || file.size == 0 || file.size > WHOLE_FILE_BYTES_MAX {
             return false;
         }
         let mut seq = file.sequence.lock().expect("sequence poisoned");
@@ -287,14 +300,14 @@ impl Reader {
         }
         let windows = self.plan(file, offset, end);
         if windows.is_empty() {
-            if let Some(direct) = &self.direct {
+            if let (Some(direct), Source::Node { dataset, .. }) = (&self.direct, &file.source) {
                 let read = RegionRead {
                     path: file.path.to_string(),
                     offset,
                     length: Some(end - offset),
                     object_size: file.size,
                 };
-                if direct.read(&file.dataset, &read, answer) == Direct::Answered {
+                if direct.read(dataset, &read, answer) == Direct::Answered {
                     return Pending::Answered;
                 }
             }
@@ -456,11 +469,16 @@ impl Reader {
         len: u64,
     ) -> impl Future<Output = Result<Bytes, ReadFailure>> + Send + 'static {
         let fetches = Arc::clone(&self.fetches);
-        let batcher = (len <= BATCH_ITEM_BYTES_MAX).then(|| Arc::clone(&self.batcher));
-        let (dataset, dataset_id) = (file.dataset.clone(), file.dataset_id);
+        let batched = match &file.source {
+            Source::Node { dataset, id } if len <= BATCH_ITEM_BYTES_MAX => {
+                Some((Arc::clone(&self.batcher), Arc::clone(dataset), *id))
+            }
+            _ => None,
+        };
+        let source = file.source.clone();
         let (path, size, budget) = (Arc::clone(&file.path), file.size, self.options.retry_budget);
         let fetch = async move {
-            if let Some(batcher) = batcher {
+            if let Some((batcher, dataset, dataset_id)) = batched {
                 let range = SizedRange {
                     path: path.to_string(),
                     object_size: size,
@@ -486,7 +504,7 @@ impl Reader {
                 .acquire_owned()
                 .await
                 .map_err(|_| ReadFailure::Failed("the mount is closing".into()))?;
-            fetch_retrying(dataset, path, size, offset, len, budget).await
+            fetch_retrying(source, path, size, offset, len, budget).await
         };
         async move {
             // Dropping a read in flight is safe: its region is retired.
@@ -536,18 +554,27 @@ fn assemble(
 /// `len` bytes at `offset` of the object, tried again while storaged is
 /// away and `budget` allows.
 async fn fetch_retrying(
-    dataset: Dataset,
+    source: Source,
     path: Arc<str>,
     size: u64,
     offset: u64,
     len: u64,
     budget: Duration,
 ) -> Result<Bytes, ReadFailure> {
-    let policy = dataset.client().retry_policy().with_budget_only(budget);
-    let mut retrying = Retrying::new(policy);
+    let policy = match &source {
+        Source::Node { dataset, .. } => dataset.client().retry_policy(),
+        Source::Cluster(_) => RetryPolicy::default(),
+    };
+    let mut retrying = Retrying::new(policy.with_budget_only(budget));
     loop {
         let started = std::time::Instant::now();
-        let result = dataset.read_range_sized(&path, size, offset, len).await;
+        let result = match &source {
+            Source::Node { dataset, .. } => dataset
+                .read_range_sized(&path, size, offset, len)
+                .await
+                .map(|(bytes, _)| bytes),
+            Source::Cluster(cluster) => cluster.read_range(&path, offset, len).await,
+        };
         // Where a mount's time goes: RUST_LOG=storagectl=debug.
         tracing::debug!(
             %path,
@@ -557,8 +584,8 @@ async fn fetch_retrying(
             "fetched"
         );
         match result {
-            Ok((bytes, _)) if bytes.len() as u64 == len => return Ok(bytes),
-            Ok((bytes, _)) => {
+            Ok(bytes) if bytes.len() as u64 == len => return Ok(bytes),
+            Ok(bytes) => {
                 return Err(ReadFailure::Failed(format!(
                     "{path}: {} bytes at offset {offset} where {len} were expected",
                     bytes.len()
