@@ -5,11 +5,14 @@
 //! from the first node that gives it; after that no read asks a metadata
 //! service: chunk j of stripe t of object p is on node
 //! `(j + t + crc32(p)) mod (K+M)`
-//! (`storaged_proto::cluster`). A read fetches every stripe's K data
-//! chunks in parallel, each from its own node (each node verifies its
-//! bytes against their checksums as it serves them); when a node is down
-//! or fails, it fetches that stripe's parity chunks instead and
-//! reconstructs, here on the client: the
+//! (`storaged_proto::cluster`). A read of objects (one, or a loader's
+//! batch) asks each node once for every data chunk it holds of them, in
+//! one call per node (grouped up to [`PIECE_GROUP_BYTES_MAX`]) over the
+//! same transport a one-node read takes: a memory region on this host
+//! (shm), the TCP bulk channel from another, else one `ReadBatch`; each
+//! node verifies its bytes against their checksums as it serves them.
+//! Where a node is down or fails, the stripes it left incomplete are read
+//! again from parity and reconstructed, here on the client: the
 //! bytes cross the network once, from the nodes that hold them, and no
 //! node does the decoding work for another. The object is then checked
 //! against its CRC-32 from the manifest, so a wrong shard from any node
@@ -28,13 +31,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use futures::future::join_all;
-use futures::{StreamExt, TryStreamExt};
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use storaged_proto::cluster::{EcLayout, MANIFEST_PATH, ManifestEntry, Stripe, decode_manifest};
 use storaged_proto::pb;
 
-use crate::{Client, ClientError, ObjectInfo, RetryPolicy};
+use crate::{
+    Client, ClientError, ConnectOptions, ObjectInfo, ReadPath, RetryPolicy, SizedRange, Transport,
+};
 
 /// Why a cluster read failed (beyond a node's own status).
 #[derive(Debug, thiserror::Error)]
@@ -86,17 +91,21 @@ impl From<ClusterReadError> for ClientError {
 /// make this 16 MiB per data node in flight at most).
 const STRIPES_IN_FLIGHT: usize = 16;
 
-/// Objects [`ClusterDataset::read_objects`] reads at once (each with up to
-/// [`STRIPES_IN_FLIGHT`] stripes of its own).
-pub const CLUSTER_OBJECTS_IN_FLIGHT: usize = 32;
+/// Chunk bytes one call to a node asks for at most (and pieces at most
+/// [`PIECE_GROUP_ITEMS_MAX`]): a larger read is cut into several calls.
+pub const PIECE_GROUP_BYTES_MAX: u64 = 8 << 20;
+const PIECE_GROUP_ITEMS_MAX: usize = 1024;
+
+/// Calls in flight per node of the dataset during one read.
+const GROUPS_IN_FLIGHT_PER_NODE: usize = 2;
 
 /// How long a node that failed a read is skipped (its chunks read from
 /// parity at once) before it is tried again: a node that does not answer
 /// would otherwise cost every stripe a connect timeout.
 const SUSPECT_FOR: Duration = Duration::from_secs(5);
 
-/// A chunk read (at most one chunk, 1 MiB by default) that takes longer
-/// is given up and read from parity: a node that hangs (stopped, or cut
+/// A call to a node (at most [`PIECE_GROUP_BYTES_MAX`]) that takes longer
+/// is given up and its stripes read from parity: a node that hangs (stopped, or cut
 /// off without a reset) costs one timeout, then [`SUSPECT_FOR`] of
 /// parity reads.
 const PIECE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -121,8 +130,56 @@ pub struct ClusterDataset {
     /// The manifest in path order, as a node lists a dataset.
     listing: Arc<[ObjectInfo]>,
     codec: ReedSolomon,
+    /// How nodes are connected to (see [`ClusterDataset::open_with`]).
+    transport: Transport,
+    options: ConnectOptions,
     /// Reads served with a reconstruction.
     degraded_reads: Mutex<u64>,
+    /// Chunk bytes each path carried, since open.
+    carried: Mutex<PathBytes>,
+}
+
+/// Chunk bytes each read path carried.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PathBytes {
+    pub shm: u64,
+    pub bulk: u64,
+    pub grpc: u64,
+}
+
+impl PathBytes {
+    fn add(&mut self, via: ReadPath, bytes: u64) {
+        match via {
+            ReadPath::Shm => self.shm += bytes,
+            ReadPath::Bulk => self.bulk += bytes,
+            ReadPath::Grpc => self.grpc += bytes,
+        }
+    }
+
+    fn merge(&mut self, other: PathBytes) {
+        self.shm += other.shm;
+        self.bulk += other.bulk;
+        self.grpc += other.grpc;
+    }
+
+    /// The path that carried the most bytes (gRPC when none carried any).
+    pub fn most(&self) -> ReadPath {
+        if self.shm > 0 && self.shm >= self.bulk && self.shm >= self.grpc {
+            ReadPath::Shm
+        } else if self.bulk > 0 && self.bulk >= self.grpc {
+            ReadPath::Bulk
+        } else {
+            ReadPath::Grpc
+        }
+    }
+}
+
+/// One data chunk (or its part holding data) of a read, on its node.
+struct Piece {
+    /// Index of its stripe among the read's stripes.
+    stripe: usize,
+    chunk: u32,
+    range: SizedRange,
 }
 
 impl std::fmt::Debug for ClusterDataset {
@@ -146,8 +203,17 @@ fn node_retry() -> RetryPolicy {
 
 impl ClusterDataset {
     /// Opens cluster dataset `name`, asking the node `client` talks to.
-    /// FAILED_PRECONDITION when that node is not in a cluster.
+    /// FAILED_PRECONDITION when that node is not in a cluster. Nodes are
+    /// connected with `client`'s credentials and read as its transport
+    /// says: `grpc` reads every node over gRPC; any other choice takes
+    /// each node's fastest path (shm for a node on this host, the TCP bulk
+    /// channel for one that offers it, else gRPC), since one forced path
+    /// (`shm`, `bulk`) cannot reach every node of a cluster.
     pub async fn open(client: &Client, name: &str) -> Result<ClusterDataset, ClientError> {
+        let transport = match client.transport() {
+            Transport::Grpc => Transport::Grpc,
+            _ => Transport::Auto,
+        };
         let info = client.get_cluster_dataset(name).await?;
         let (k, m) = (info.ec_data_units, info.ec_parity_units);
         let width = (k + m) as usize;
@@ -178,7 +244,10 @@ impl ClusterDataset {
             index: HashMap::new(),
             listing: Arc::new([]),
             codec,
+            transport,
+            options: client.connect_options().clone(),
             degraded_reads: Mutex::new(0),
+            carried: Mutex::default(),
         };
         dataset.manifest = dataset.read_manifest().await?;
         dataset.index = dataset
@@ -254,6 +323,11 @@ impl ClusterDataset {
         *self.degraded_reads.lock().expect("counter poisoned")
     }
 
+    /// Chunk bytes each read path carried since the dataset was opened.
+    pub fn carried(&self) -> PathBytes {
+        *self.carried.lock().expect("counter poisoned")
+    }
+
     async fn read_manifest(&self) -> Result<Vec<ManifestEntry>, ClientError> {
         let mut why = Vec::new();
         for i in 0..self.nodes.len() {
@@ -285,7 +359,8 @@ impl ClusterDataset {
                 node.id
             ))));
         }
-        let c = Client::connect(&format!("http://{}", node.address))
+        let url = format!("http://{}", node.address);
+        let c = Client::connect_transport(&url, self.transport, &self.options)
             .await?
             .with_retry_policy(node_retry());
         *slot = Some(c.clone());
@@ -299,15 +374,16 @@ impl ClusterDataset {
         client.dataset(&self.info.unit_dataset)?.read(path).await
     }
 
-    /// Bytes `[offset, offset + len)` of node `i`'s piece of `path`. A
-    /// node that failed within [`SUSPECT_FOR`] is not asked.
-    async fn read_piece(
+    /// `ranges` of node `i`'s pieces, in one call (a region on this host
+    /// or over the bulk channel, else one `ReadBatch`): each range's own
+    /// result, or the call's error. A node that failed within
+    /// [`SUSPECT_FOR`] is not asked; a call that takes longer than
+    /// [`PIECE_TIMEOUT`] fails. Also answers the bytes it read by path.
+    async fn read_pieces(
         &self,
         i: usize,
-        path: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Bytes, ClientError> {
+        ranges: &[SizedRange],
+    ) -> Result<(Vec<Result<Bytes, ClientError>>, PathBytes), ClientError> {
         let node = &self.nodes[i];
         let suspect = node
             .failed_at
@@ -321,76 +397,97 @@ impl ClusterDataset {
                 SUSPECT_FOR.as_secs()
             ))));
         }
-        let result =
-            match tokio::time::timeout(PIECE_TIMEOUT, self.read_piece_now(i, path, offset, len))
+        let call = async {
+            let client = self.node(i).await?;
+            client
+                .dataset(&self.info.unit_dataset)?
+                .read_ranges_sized(ranges)
                 .await
-            {
-                Ok(r) => r,
-                Err(_) => Err(ClientError::Status(tonic::Status::unavailable(format!(
-                    "node {} did not answer a chunk read within {} s",
-                    node.id,
-                    PIECE_TIMEOUT.as_secs()
-                )))),
-            };
-        if let Err(e) = &result
-            && crate::retry::is_transient(e)
-        {
+        };
+        let result = match tokio::time::timeout(PIECE_TIMEOUT, call).await {
+            Ok(r) => r,
+            Err(_) => Err(ClientError::Status(tonic::Status::unavailable(format!(
+                "node {} did not answer a read within {} s",
+                node.id,
+                PIECE_TIMEOUT.as_secs()
+            )))),
+        };
+        let failed_transiently = match &result {
+            Err(e) => crate::retry::is_transient(e),
+            Ok((results, _)) => results
+                .iter()
+                .any(|r| r.as_ref().is_err_and(crate::retry::is_transient)),
+        };
+        if failed_transiently {
             *node.failed_at.lock().expect("failed_at poisoned") = Some(std::time::Instant::now());
         }
-        result
+        let (results, via) = result?;
+        let mut here = PathBytes::default();
+        let checked = results
+            .into_iter()
+            .zip(ranges)
+            .map(|(r, range)| {
+                let bytes = r?;
+                if bytes.len() as u64 != range.length {
+                    return Err(ClientError::ShortRead {
+                        path: range.path.clone(),
+                        expected: range.length,
+                        got: bytes.len() as u64,
+                    });
+                }
+                here.add(via, range.length);
+                Ok(bytes)
+            })
+            .collect();
+        self.carried.lock().expect("counter poisoned").merge(here);
+        Ok((checked, here))
     }
 
-    async fn read_piece_now(
+    /// One range of node `i`'s pieces; see
+    /// [`read_pieces`](Self::read_pieces).
+    async fn read_piece(
         &self,
         i: usize,
-        path: &str,
-        offset: u64,
-        len: u64,
-    ) -> Result<Bytes, ClientError> {
-        let client = self.node(i).await?;
-        let bytes = client
-            .dataset(&self.info.unit_dataset)?
-            .read_range(path, offset, len)
-            .await?;
-        if bytes.len() as u64 != len {
-            return Err(ClientError::ShortRead {
-                path: path.to_owned(),
-                expected: len,
-                got: bytes.len() as u64,
-            });
-        }
-        Ok(bytes)
+        range: SizedRange,
+    ) -> Result<(Bytes, PathBytes), ClientError> {
+        let (mut results, carried) = self.read_pieces(i, std::slice::from_ref(&range)).await?;
+        Ok((results.pop().expect("one result per range")?, carried))
     }
 
-    /// Stripe `stripe` of `path`: its K data chunks, each from its node,
-    /// all at once; parity chunks in place of those that fail, and the
-    /// data rebuilt. Answers the data chunks and whether it rebuilt.
+    /// Stripe `stripe` of the object at `path` (whose pieces are
+    /// `piece_bytes` long): its K data chunks, each from its node, all at
+    /// once; parity chunks in place of those that fail, and the data
+    /// rebuilt.
     async fn read_stripe(
         &self,
         path: &str,
+        piece_bytes: u64,
         stripe: Stripe,
-    ) -> Result<(Stripe, Vec<Vec<u8>>, bool), ClusterReadError> {
+    ) -> Result<StripeData, ClusterReadError> {
         let layout = self.layout;
         let (k, width) = (layout.k as usize, layout.width() as usize);
         let mut chunks: Vec<Option<Vec<u8>>> = vec![None; width];
         let mut failures = Vec::new();
+        let mut carried = PathBytes::default();
         let (mut next, mut want) = (0usize, k);
         while want > 0 && next < width {
             let batch: Vec<usize> = (next..width.min(next + want)).collect();
             next += batch.len();
             let reads = batch.iter().map(|&j| {
                 let node = layout.node_of(path, stripe.index, j as u32);
-                async move {
-                    let r = self
-                        .read_piece(node, path, stripe.shard_offset, stripe.chunk_bytes)
-                        .await;
-                    (j, node, r)
-                }
+                let range = SizedRange {
+                    path: path.to_owned(),
+                    object_size: piece_bytes,
+                    offset: stripe.shard_offset,
+                    length: stripe.chunk_bytes,
+                };
+                async move { (j, node, self.read_piece(node, range).await) }
             });
             for (j, node, result) in join_all(reads).await {
                 match result {
-                    Ok(b) => {
+                    Ok((b, via)) => {
                         chunks[j] = Some(b.to_vec());
+                        carried.merge(via);
                         want -= 1;
                     }
                     Err(e) => failures.push(format!("{}: {e}", self.nodes[node].id)),
@@ -416,7 +513,12 @@ impl ClusterDataset {
             .take(k)
             .map(|c| c.unwrap_or_default())
             .collect();
-        Ok((stripe, data, rebuilt))
+        Ok(StripeData {
+            stripe,
+            data,
+            rebuilt,
+            carried,
+        })
     }
 
     /// Counts a read that needed parity.
@@ -426,33 +528,136 @@ impl ClusterDataset {
 
     /// The whole object at `path`, checked against its CRC-32.
     pub async fn read(&self, path: &str) -> Result<Bytes, ClientError> {
-        let entry = self.entry(path)?;
-        let mut out = vec![0u8; entry.size as usize];
-        let mut stripes = futures::stream::iter(self.layout.stripes(entry.size))
-            .map(|s| self.read_stripe(path, s))
-            .buffer_unordered(STRIPES_IN_FLIGHT);
-        let mut rebuilt_any = false;
-        while let Some(done) = stripes.next().await {
-            let (stripe, data, rebuilt) = done?;
-            rebuilt_any |= rebuilt;
-            for (j, chunk) in data.iter().enumerate() {
-                let (at, len) = stripe.data_of_chunk(j as u32);
-                out[at as usize..(at + len) as usize].copy_from_slice(&chunk[..len as usize]);
+        let (mut objects, _) = self
+            .read_objects_carried(std::slice::from_ref(&path.to_owned()))
+            .await?;
+        Ok(objects.pop().expect("one object asked for"))
+    }
+
+    /// Whole objects, in the order asked, each checked against its CRC-32;
+    /// the first that fails is the answer. See the module docs.
+    pub async fn read_objects(&self, paths: &[String]) -> Result<Vec<Bytes>, ClientError> {
+        Ok(self.read_objects_carried(paths).await?.0)
+    }
+
+    /// [`read_objects`](Self::read_objects), and the chunk bytes each read
+    /// path carried for them.
+    pub async fn read_objects_carried(
+        &self,
+        paths: &[String],
+    ) -> Result<(Vec<Bytes>, PathBytes), ClientError> {
+        let entries = paths
+            .iter()
+            .map(|p| self.entry(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut outs: Vec<Vec<u8>> = entries.iter().map(|e| vec![0u8; e.size as usize]).collect();
+        let width = self.layout.width() as usize;
+        // Every stripe of every object (object, stripe), and each node's
+        // data pieces of them.
+        let mut stripes: Vec<(usize, Stripe)> = Vec::new();
+        let mut per_node: Vec<Vec<Piece>> = (0..width).map(|_| Vec::new()).collect();
+        for (o, e) in entries.iter().enumerate() {
+            let piece_bytes = self.layout.shard_bytes(e.size);
+            for stripe in self.layout.stripes(e.size) {
+                for chunk in 0..self.layout.k {
+                    let (_, length) = stripe.data_of_chunk(chunk);
+                    if length == 0 {
+                        continue;
+                    }
+                    let node = self.layout.node_of(&e.path, stripe.index, chunk);
+                    per_node[node].push(Piece {
+                        stripe: stripes.len(),
+                        chunk,
+                        range: SizedRange {
+                            path: e.path.clone(),
+                            object_size: piece_bytes,
+                            offset: stripe.shard_offset,
+                            length,
+                        },
+                    });
+                }
+                stripes.push((o, stripe));
             }
         }
-        if rebuilt_any {
-            self.count_degraded();
-        }
-        let got = crc32fast::hash(&out);
-        if got != entry.crc32 {
-            return Err(ClusterReadError::Checksum {
-                path: path.to_owned(),
-                got,
-                want: entry.crc32,
+        // The futures made first, not in a stream's closure: a closure
+        // over borrowed data there makes the future not provably `Send`.
+        let calls: Vec<_> = interleave(per_node.into_iter().map(group_pieces))
+            .into_iter()
+            .map(|(node, group)| async move {
+                let ranges: Vec<SizedRange> = group.iter().map(|p| p.range.clone()).collect();
+                let result = self.read_pieces(node, &ranges).await;
+                (group, result)
+            })
+            .collect();
+        let mut calls =
+            futures::stream::iter(calls).buffer_unordered(GROUPS_IN_FLIGHT_PER_NODE * width);
+        let mut incomplete = vec![false; stripes.len()];
+        let mut carried = PathBytes::default();
+        while let Some((group, result)) = calls.next().await {
+            let datas = match result {
+                Ok((datas, via)) => {
+                    carried.merge(via);
+                    datas
+                }
+                Err(_) => {
+                    for piece in &group {
+                        incomplete[piece.stripe] = true;
+                    }
+                    continue;
+                }
+            };
+            for (piece, data) in group.iter().zip(datas) {
+                match data {
+                    Ok(bytes) => {
+                        let (o, stripe) = &stripes[piece.stripe];
+                        let (at, _) = stripe.data_of_chunk(piece.chunk);
+                        outs[*o][at as usize..][..bytes.len()].copy_from_slice(&bytes);
+                    }
+                    Err(_) => incomplete[piece.stripe] = true,
+                }
             }
-            .into());
         }
-        Ok(Bytes::from(out))
+        drop(calls);
+        // Stripes a node left incomplete: again, with parity.
+        let rebuilds: Vec<_> = stripes
+            .iter()
+            .zip(&incomplete)
+            .filter(|(_, incomplete)| **incomplete)
+            .map(|(&(o, stripe), _)| {
+                let e = entries[o];
+                let piece_bytes = self.layout.shard_bytes(e.size);
+                async move { (o, self.read_stripe(&e.path, piece_bytes, stripe).await) }
+            })
+            .collect();
+        let mut degraded = vec![false; entries.len()];
+        let mut rebuilds = futures::stream::iter(rebuilds).buffer_unordered(STRIPES_IN_FLIGHT);
+        while let Some((o, result)) = rebuilds.next().await {
+            let done = result?;
+            degraded[o] |= done.rebuilt;
+            carried.merge(done.carried);
+            for (j, chunk) in done.data.iter().enumerate() {
+                let (at, len) = done.stripe.data_of_chunk(j as u32);
+                outs[o][at as usize..(at + len) as usize].copy_from_slice(&chunk[..len as usize]);
+            }
+        }
+        drop(rebuilds);
+        let mut objects = Vec::with_capacity(entries.len());
+        for ((e, bytes), degraded) in entries.iter().zip(outs).zip(degraded) {
+            if degraded {
+                self.count_degraded();
+            }
+            let got = crc32fast::hash(&bytes);
+            if got != e.crc32 {
+                return Err(ClusterReadError::Checksum {
+                    path: e.path.clone(),
+                    got,
+                    want: e.crc32,
+                }
+                .into());
+            }
+            objects.push(Bytes::from(bytes));
+        }
+        Ok((objects, carried))
     }
 
     /// `length` bytes of `path` from `offset`; past the end is
@@ -480,13 +685,14 @@ impl ClusterDataset {
             return self.read(path).await;
         }
         let end = offset + length;
+        let piece_bytes = self.layout.shard_bytes(entry.size);
         let mut out = vec![0u8; length as usize];
         let covering = self
             .layout
             .stripes(entry.size)
             .filter(|s| s.object_offset < end && s.object_offset + s.data_bytes > offset);
         let mut parts = futures::stream::iter(covering)
-            .map(|s| self.read_stripe_range(path, s, offset, end))
+            .map(|s| self.read_stripe_range(path, piece_bytes, s, offset, end))
             .buffer_unordered(STRIPES_IN_FLIGHT);
         while let Some(part) = parts.next().await {
             let (at, bytes) = part?;
@@ -502,6 +708,7 @@ impl ClusterDataset {
     async fn read_stripe_range(
         &self,
         path: &str,
+        piece_bytes: u64,
         stripe: Stripe,
         lo: u64,
         hi: u64,
@@ -516,37 +723,158 @@ impl ClusterDataset {
                 (a < b).then(|| (j, a - at, b - a))
             })
             .collect();
-        let reads = pieces.iter().map(|&(j, within, len)| {
+        let reads = pieces.iter().map(|&(j, within, length)| {
             let node = self.layout.node_of(path, stripe.index, j);
-            self.read_piece(node, path, stripe.shard_offset + within, len)
+            let range = SizedRange {
+                path: path.to_owned(),
+                object_size: piece_bytes,
+                offset: stripe.shard_offset + within,
+                length,
+            };
+            self.read_piece(node, range)
         });
-        let direct: Result<Vec<Bytes>, ClientError> = join_all(reads).await.into_iter().collect();
+        let direct: Result<Vec<(Bytes, PathBytes)>, ClientError> =
+            join_all(reads).await.into_iter().collect();
         if let Ok(pieces) = direct {
-            return Ok((from, pieces.concat()));
+            let bytes: Vec<Bytes> = pieces.into_iter().map(|(b, _)| b).collect();
+            return Ok((from, bytes.concat()));
         }
-        let (stripe, data, rebuilt) = self.read_stripe(path, stripe).await?;
-        if rebuilt {
+        let done = self.read_stripe(path, piece_bytes, stripe).await?;
+        if done.rebuilt {
             self.count_degraded();
         }
         let mut whole = Vec::with_capacity(stripe.data_bytes as usize);
-        for (j, chunk) in data.iter().enumerate() {
+        for (j, chunk) in done.data.iter().enumerate() {
             let (_, len) = stripe.data_of_chunk(j as u32);
             whole.extend_from_slice(&chunk[..len as usize]);
         }
         let start = (from - stripe.object_offset) as usize;
         Ok((from, whole[start..start + (to - from) as usize].to_vec()))
     }
+}
 
-    /// Whole objects, in the order asked, up to
-    /// [`CLUSTER_OBJECTS_IN_FLIGHT`] at once; the first that fails is the
-    /// answer.
-    pub async fn read_objects(&self, paths: &[String]) -> Result<Vec<Bytes>, ClientError> {
-        // The futures made first, not in a stream's closure: a closure
-        // over `&String` there makes the future not provably `Send`.
-        let reads: Vec<_> = paths.iter().map(|p| self.read(p)).collect();
-        futures::stream::iter(reads)
-            .buffered(CLUSTER_OBJECTS_IN_FLIGHT)
-            .try_collect()
-            .await
+/// A stripe's data chunks as [`ClusterDataset::read_stripe`] read them.
+struct StripeData {
+    stripe: Stripe,
+    data: Vec<Vec<u8>>,
+    /// Whether parity stood in for a data chunk.
+    rebuilt: bool,
+    carried: PathBytes,
+}
+
+/// One node's pieces cut into calls of at most [`PIECE_GROUP_BYTES_MAX`]
+/// and [`PIECE_GROUP_ITEMS_MAX`] (one piece always goes, however large).
+fn group_pieces(pieces: Vec<Piece>) -> Vec<Vec<Piece>> {
+    let mut groups: Vec<Vec<Piece>> = Vec::new();
+    let mut bytes = 0u64;
+    for piece in pieces {
+        let full = groups.last().is_none_or(|g| {
+            g.len() >= PIECE_GROUP_ITEMS_MAX || bytes + piece.range.length > PIECE_GROUP_BYTES_MAX
+        });
+        if full {
+            groups.push(Vec::new());
+            bytes = 0;
+        }
+        bytes += piece.range.length;
+        groups.last_mut().expect("a group").push(piece);
+    }
+    groups
+}
+
+/// Every node's groups `(node, group)`, the nodes taking turns, so that a
+/// read keeps every node busy from its start.
+fn interleave(per_node: impl Iterator<Item = Vec<Vec<Piece>>>) -> Vec<(usize, Vec<Piece>)> {
+    let mut queues: Vec<std::vec::IntoIter<Vec<Piece>>> =
+        per_node.map(|groups| groups.into_iter()).collect();
+    let mut out = Vec::new();
+    loop {
+        let before = out.len();
+        for (node, queue) in queues.iter_mut().enumerate() {
+            if let Some(group) = queue.next() {
+                out.push((node, group));
+            }
+        }
+        if out.len() == before {
+            return out;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(stripe: usize, length: u64) -> Piece {
+        Piece {
+            stripe,
+            chunk: 0,
+            range: SizedRange {
+                path: format!("p{stripe}"),
+                object_size: length,
+                offset: 0,
+                length,
+            },
+        }
+    }
+
+    #[test]
+    fn groups_stay_within_their_bytes_and_keep_every_piece_in_order() {
+        // Guards against a call to a node growing past its bound (one
+        // region, one timeout) or a piece lost or reordered between groups.
+        let mib = 1 << 20;
+        let sizes = [3 * mib, 3 * mib, 3 * mib, 20 * mib, 1, 8 * mib, 0];
+        let pieces = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| piece(i, n))
+            .collect();
+        let groups = group_pieces(pieces);
+        let shape: Vec<Vec<usize>> = groups
+            .iter()
+            .map(|g| g.iter().map(|p| p.stripe).collect())
+            .collect();
+        // A piece larger than the bound goes alone.
+        assert_eq!(
+            shape,
+            vec![vec![0, 1], vec![2], vec![3], vec![4], vec![5, 6]]
+        );
+        for g in &groups {
+            let bytes: u64 = g.iter().map(|p| p.range.length).sum();
+            assert!(g.len() == 1 || bytes <= PIECE_GROUP_BYTES_MAX, "{bytes}");
+        }
+        let many = (0..PIECE_GROUP_ITEMS_MAX + 5)
+            .map(|i| piece(i, 1))
+            .collect();
+        let lens: Vec<usize> = group_pieces(many).iter().map(Vec::len).collect();
+        assert_eq!(lens, vec![PIECE_GROUP_ITEMS_MAX, 5]);
+        assert!(group_pieces(Vec::new()).is_empty());
+    }
+
+    #[test]
+    fn nodes_take_turns_so_every_node_starts_at_once() {
+        let per_node = vec![
+            vec![vec![piece(0, 1)], vec![piece(1, 1)], vec![piece(2, 1)]],
+            vec![],
+            vec![vec![piece(3, 1)]],
+        ];
+        let order: Vec<(usize, usize)> = interleave(per_node.into_iter())
+            .iter()
+            .map(|(node, g)| (*node, g[0].stripe))
+            .collect();
+        assert_eq!(order, vec![(0, 0), (2, 3), (0, 1), (0, 2)]);
+    }
+
+    #[test]
+    fn a_batch_counts_as_served_by_the_path_that_carried_most() {
+        let mut b = PathBytes::default();
+        assert_eq!(b.most(), ReadPath::Grpc, "nothing carried");
+        b.add(ReadPath::Grpc, 10);
+        b.add(ReadPath::Shm, 11);
+        assert_eq!(b.most(), ReadPath::Shm);
+        b.merge(PathBytes {
+            bulk: 30,
+            ..PathBytes::default()
+        });
+        assert_eq!(b.most(), ReadPath::Bulk);
     }
 }

@@ -397,6 +397,9 @@ pub struct Client {
     /// port would cost every read a connect timeout).
     bulk_tcp_unreachable: std::sync::Arc<std::sync::Mutex<Option<(String, std::time::Instant)>>>,
     bulk_tcp_counters: std::sync::Arc<bulk_tcp::BulkTcpCounters>,
+    /// The read path this client was told to take
+    /// ([`Client::connect_transport`]; `Auto` otherwise).
+    transport: Transport,
 }
 
 impl Client {
@@ -473,6 +476,7 @@ impl Client {
             bulk_tcp: std::sync::Arc::default(),
             bulk_tcp_unreachable: std::sync::Arc::default(),
             bulk_tcp_counters: std::sync::Arc::default(),
+            transport: Transport::Auto,
         })
     }
 
@@ -550,6 +554,13 @@ impl Client {
     /// Whether this connection is to a server on this host (Unix socket).
     pub fn is_local(&self) -> bool {
         self.local
+    }
+
+    /// The read path this client was told to take (`Auto` unless made by
+    /// [`Client::connect_transport`]); clients it makes for other servers
+    /// (a cluster's nodes) follow it.
+    pub fn transport(&self) -> Transport {
+        self.transport
     }
 
     /// The policy this client's calls are tried again under.

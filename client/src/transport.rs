@@ -103,10 +103,11 @@ impl Client {
     ) -> Result<Self, ClientError> {
         let mut options = options.clone();
         transport.apply(&mut options);
-        let client = match transport {
+        let mut client = match transport {
             Transport::Auto | Transport::Shm => Self::connect_auto_with(url, &options).await?,
             _ => Self::connect_with(url, &options).await?,
         };
+        client.transport = transport;
         let unavailable = |reason: String| ClientError::TransportUnavailable {
             transport: transport.name(),
             reason,

@@ -56,6 +56,26 @@ def test_a_cluster_dataset_reads_as_a_local_one_does(cluster, files):
         c.dataset("nope")
 
 
+def one_epoch(ds):
+    loader = ds.loader(seed=1, epoch=0, rank=0, world_size=1, worker=0, num_workers=1,
+                       shuffle=True, drop_last=False, batch_size=8, prefetch_bytes=4 << 20)
+    got = {p: bytes(d) for batch in loader for _, p, d in batch}
+    return got, loader.stats()
+
+
+@pytest.mark.parametrize("transport,path", [("auto", "shm"), ("grpc", "grpc")])
+def test_nodes_are_read_over_the_transport_asked_for(cluster, files, transport, path):
+    """Guards against cluster reads ignoring the transport: nodes on this
+    host are read through shared memory by default (as one node is), and
+    every node over gRPC when `transport="grpc"` says so."""
+    _, nodes = cluster
+    got, stats = one_epoch(storaged.Client(nodes["n2"].url, transport=transport).dataset("ds"))
+    assert got == files
+    total = sum(len(v) for v in files.values())
+    assert stats[f"{path}_bytes"] == total, stats
+    assert stats[f"{path}_batches"] == (len(files) + 7) // 8, stats
+
+
 def epoch(url, seed):
     ds = st.IterableDataset(url, "ds", seed=seed, rank=0, world_size=1, transform=ident)
     ds.set_epoch(3)
@@ -107,7 +127,8 @@ def test_a_node_killed_mid_epoch_costs_no_sample(cluster, files):
             nodes["n3"].proc.wait()
     assert sorted(p for p, _ in seen) == sorted(files)
     assert all(d == files[p] for p, d in seen)
-    assert loader.stats()["grpc_bytes"] == sum(len(v) for v in files.values())
+    stats = loader.stats()
+    assert stats["shm_bytes"] + stats["bulk_bytes"] + stats["grpc_bytes"] == sum(len(v) for v in files.values())
 
     # A fresh dataset handle opens with the node down, and reads on.
     again = storaged.Client(nodes["n2"].url).dataset("ds")

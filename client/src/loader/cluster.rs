@@ -3,10 +3,11 @@
 //! The same plans, batches, prefetch bound and retry budget as the loader
 //! over one node, and the same [`Loader`] out; only the fetch differs:
 //! each batch's samples are read whole through
-//! [`ClusterDataset::read_objects`] (every stripe's chunks straight from
-//! their nodes, parity in place of a node that fails, every object checked
-//! against its CRC-32). No region or read-ahead hint: a sample's bytes
-//! come from several nodes, each over gRPC, so batches count as `grpc`.
+//! [`ClusterDataset::read_objects_carried`] (one call per node for the
+//! chunks it holds, over shm, the bulk channel or gRPC as for one node;
+//! parity in place of a node that fails; every object checked against its
+//! CRC-32); each batch counts as served by the path that carried most of
+//! its bytes. No read-ahead hints (a node would need the chunks' paths).
 //! A batch that fails transiently (more nodes down than the parity covers,
 //! for a while) is read again within `LoaderOptions::retry_budget`.
 
@@ -17,7 +18,7 @@ use futures::stream::FuturesOrdered;
 
 use super::scheduler::Scheduler;
 use super::{
-    Batch, BatchPlan, Loader, LoaderOptions, Plan, ReadPath, Sample, batch_plans, check_loader_args,
+    Batch, BatchPlan, Loader, LoaderOptions, Plan, Sample, batch_plans, check_loader_args,
 };
 use crate::cluster::ClusterDataset;
 use crate::retry::{RetryPolicy, Retrying};
@@ -73,9 +74,9 @@ async fn fetch_retrying(
 ) -> (u64, Result<Batch, ClientError>) {
     let paths: Vec<String> = batch.samples.iter().map(|(_, p, _)| p.clone()).collect();
     let mut retrying = Retrying::new(RetryPolicy::default().with_budget_only(budget));
-    let datas = loop {
-        match dataset.read_objects(&paths).await {
-            Ok(datas) => break datas,
+    let (datas, carried) = loop {
+        match dataset.read_objects_carried(&paths).await {
+            Ok(read) => break read,
             Err(e) => {
                 if let Err(e) = retrying.again(e).await {
                     return (batch.bytes, Err(e));
@@ -98,7 +99,7 @@ async fn fetch_retrying(
         Ok(Batch {
             first_position: batch.first_position,
             samples,
-            served_by: ReadPath::Grpc,
+            served_by: carried.most(),
         }),
     )
 }
