@@ -26,7 +26,7 @@
 //! package, so a training job reads a cluster dataset as it reads a
 //! single node's.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -132,6 +132,8 @@ pub struct ClusterDataset {
     codec: ReedSolomon,
     /// How nodes are connected to (see [`ClusterDataset::open_with`]).
     transport: Transport,
+    /// Whether nodes are reached over TLS (as the opening client was).
+    tls: bool,
     options: ConnectOptions,
     /// Reads served with a reconstruction.
     degraded_reads: Mutex<u64>,
@@ -204,8 +206,8 @@ fn node_retry() -> RetryPolicy {
 impl ClusterDataset {
     /// Opens cluster dataset `name`, asking the node `client` talks to.
     /// FAILED_PRECONDITION when that node is not in a cluster. Nodes are
-    /// connected with `client`'s credentials and read as its transport
-    /// says: `grpc` reads every node over gRPC; any other choice takes
+    /// connected with `client`'s credentials (its token, and TLS when it
+    /// was asked for over `https://`) and read as its transport says: `grpc` reads every node over gRPC; any other choice takes
     /// each node's fastest path (shm for a node on this host, the TCP bulk
     /// channel for one that offers it, else gRPC), since one forced path
     /// (`shm`, `bulk`) cannot reach every node of a cluster.
@@ -245,6 +247,7 @@ impl ClusterDataset {
             listing: Arc::new([]),
             codec,
             transport,
+            tls: client.is_tls(),
             options: client.connect_options().clone(),
             degraded_reads: Mutex::new(0),
             carried: Mutex::default(),
@@ -359,7 +362,8 @@ impl ClusterDataset {
                 node.id
             ))));
         }
-        let url = format!("http://{}", node.address);
+        let scheme = if self.tls { "https" } else { "http" };
+        let url = format!("{scheme}://{}", node.address);
         let c = Client::connect_transport(&url, self.transport, &self.options)
             .await?
             .with_retry_policy(node_retry());
@@ -551,7 +555,7 @@ impl ClusterDataset {
             .map(|p| self.entry(p))
             .collect::<Result<Vec<_>, _>>()?;
         let mut outs: Vec<Vec<u8>> = entries.iter().map(|e| vec![0u8; e.size as usize]).collect();
-        let width = self.layout.width() as usize;
+        let (k, width) = (self.layout.k, self.layout.width() as usize);
         // Every stripe of every object (object, stripe), and each node's
         // data pieces of them.
         let mut stripes: Vec<(usize, Stripe)> = Vec::new();
@@ -559,7 +563,7 @@ impl ClusterDataset {
         for (o, e) in entries.iter().enumerate() {
             let piece_bytes = self.layout.shard_bytes(e.size);
             for stripe in self.layout.stripes(e.size) {
-                for chunk in 0..self.layout.k {
+                for chunk in 0..k {
                     let (_, length) = stripe.data_of_chunk(chunk);
                     if length == 0 {
                         continue;
@@ -579,68 +583,26 @@ impl ClusterDataset {
                 stripes.push((o, stripe));
             }
         }
-        // The futures made first, not in a stream's closure: a closure
-        // over borrowed data there makes the future not provably `Send`.
-        let calls: Vec<_> = interleave(per_node.into_iter().map(group_pieces))
-            .into_iter()
-            .map(|(node, group)| async move {
-                let ranges: Vec<SizedRange> = group.iter().map(|p| p.range.clone()).collect();
-                let result = self.read_pieces(node, &ranges).await;
-                (group, result)
-            })
-            .collect();
-        let mut calls =
-            futures::stream::iter(calls).buffer_unordered(GROUPS_IN_FLIGHT_PER_NODE * width);
-        let mut incomplete = vec![false; stripes.len()];
         let mut carried = PathBytes::default();
-        while let Some((group, result)) = calls.next().await {
-            let datas = match result {
-                Ok((datas, via)) => {
-                    carried.merge(via);
-                    datas
-                }
-                Err(_) => {
-                    for piece in &group {
-                        incomplete[piece.stripe] = true;
-                    }
-                    continue;
-                }
-            };
-            for (piece, data) in group.iter().zip(datas) {
-                match data {
-                    Ok(bytes) => {
-                        let (o, stripe) = &stripes[piece.stripe];
-                        let (at, _) = stripe.data_of_chunk(piece.chunk);
-                        outs[*o][at as usize..][..bytes.len()].copy_from_slice(&bytes);
-                    }
-                    Err(_) => incomplete[piece.stripe] = true,
-                }
+        // The data chunks that did not come, by stripe.
+        let mut missing: BTreeMap<usize, Vec<u32>> = BTreeMap::new();
+        self.read_grouped(per_node, &mut carried, |piece, bytes| match bytes {
+            Some(bytes) => {
+                let (o, stripe) = &stripes[piece.stripe];
+                let (at, _) = stripe.data_of_chunk(piece.chunk);
+                outs[*o][at as usize..][..bytes.len()].copy_from_slice(&bytes);
             }
-        }
-        drop(calls);
-        // Stripes a node left incomplete: again, with parity.
-        let rebuilds: Vec<_> = stripes
-            .iter()
-            .zip(&incomplete)
-            .filter(|(_, incomplete)| **incomplete)
-            .map(|(&(o, stripe), _)| {
-                let e = entries[o];
-                let piece_bytes = self.layout.shard_bytes(e.size);
-                async move { (o, self.read_stripe(&e.path, piece_bytes, stripe).await) }
-            })
-            .collect();
+            None => missing.entry(piece.stripe).or_default().push(piece.chunk),
+        })
+        .await;
         let mut degraded = vec![false; entries.len()];
-        let mut rebuilds = futures::stream::iter(rebuilds).buffer_unordered(STRIPES_IN_FLIGHT);
-        while let Some((o, result)) = rebuilds.next().await {
-            let done = result?;
-            degraded[o] |= done.rebuilt;
-            carried.merge(done.carried);
-            for (j, chunk) in done.data.iter().enumerate() {
-                let (at, len) = done.stripe.data_of_chunk(j as u32);
-                outs[o][at as usize..(at + len) as usize].copy_from_slice(&chunk[..len as usize]);
+        if !missing.is_empty() {
+            self.rebuild_missing(&entries, &stripes, &missing, &mut outs, &mut carried)
+                .await?;
+            for sid in missing.keys() {
+                degraded[stripes[*sid].0] = true;
             }
         }
-        drop(rebuilds);
         let mut objects = Vec::with_capacity(entries.len());
         for ((e, bytes), degraded) in entries.iter().zip(outs).zip(degraded) {
             if degraded {
@@ -658,6 +620,134 @@ impl ClusterDataset {
             objects.push(Bytes::from(bytes));
         }
         Ok((objects, carried))
+    }
+
+    /// Reads every node's `per_node` pieces in groups, the nodes taking
+    /// turns, and hands each piece with its bytes (`None`: its read
+    /// failed) to `take`.
+    async fn read_grouped(
+        &self,
+        per_node: Vec<Vec<Piece>>,
+        carried: &mut PathBytes,
+        mut take: impl FnMut(&Piece, Option<Bytes>),
+    ) {
+        let width = per_node.len();
+        // The futures made first, not in a stream's closure: a closure
+        // over borrowed data there makes the future not provably `Send`.
+        let calls: Vec<_> = interleave(per_node.into_iter().map(group_pieces))
+            .into_iter()
+            .map(|(node, group)| async move {
+                let ranges: Vec<SizedRange> = group.iter().map(|p| p.range.clone()).collect();
+                let result = self.read_pieces(node, &ranges).await;
+                (group, result)
+            })
+            .collect();
+        let mut calls =
+            futures::stream::iter(calls).buffer_unordered(GROUPS_IN_FLIGHT_PER_NODE * width);
+        while let Some((group, result)) = calls.next().await {
+            match result {
+                Ok((datas, via)) => {
+                    carried.merge(via);
+                    for (piece, data) in group.iter().zip(datas) {
+                        take(piece, data.ok());
+                    }
+                }
+                Err(_) => group.iter().for_each(|piece| take(piece, None)),
+            }
+        }
+    }
+
+    /// Fills in the data chunks `missing` (by stripe) left out: for each
+    /// such stripe as many parity chunks as it lacks data chunks, read in
+    /// one call per node like the data, and the stripe rebuilt from them
+    /// and the data chunks that came (so a node down costs its share of
+    /// parity reads, not the stripes again). A stripe whose parity did not
+    /// all come either is read whole, trying every node
+    /// ([`read_stripe`](Self::read_stripe)).
+    async fn rebuild_missing(
+        &self,
+        entries: &[&ManifestEntry],
+        stripes: &[(usize, Stripe)],
+        missing: &BTreeMap<usize, Vec<u32>>,
+        outs: &mut [Vec<u8>],
+        carried: &mut PathBytes,
+    ) -> Result<(), ClientError> {
+        let (k, width) = (self.layout.k, self.layout.width() as usize);
+        let mut per_node: Vec<Vec<Piece>> = (0..width).map(|_| Vec::new()).collect();
+        for (&sid, lost) in missing {
+            let (o, stripe) = &stripes[sid];
+            let e = entries[*o];
+            // More data chunks lost than parity: the full read says why.
+            for chunk in (k..self.layout.width()).take(lost.len()) {
+                per_node[self.layout.node_of(&e.path, stripe.index, chunk)].push(Piece {
+                    stripe: sid,
+                    chunk,
+                    range: SizedRange {
+                        path: e.path.clone(),
+                        object_size: self.layout.shard_bytes(e.size),
+                        offset: stripe.shard_offset,
+                        length: stripe.chunk_bytes,
+                    },
+                });
+            }
+        }
+        let mut parity: BTreeMap<(usize, u32), Bytes> = BTreeMap::new();
+        self.read_grouped(per_node, carried, |piece, bytes| {
+            if let Some(bytes) = bytes {
+                parity.insert((piece.stripe, piece.chunk), bytes);
+            }
+        })
+        .await;
+        let mut whole_reads = Vec::new();
+        for (&sid, lost) in missing {
+            let (o, stripe) = stripes[sid];
+            let got: Vec<u32> = (k..self.layout.width())
+                .filter(|&c| parity.contains_key(&(sid, c)))
+                .collect();
+            if got.len() < lost.len() {
+                whole_reads.push((o, sid));
+                continue;
+            }
+            let c = stripe.chunk_bytes as usize;
+            let mut chunks: Vec<Option<Vec<u8>>> = vec![None; width];
+            for j in (0..k).filter(|j| !lost.contains(j)) {
+                let (at, len) = stripe.data_of_chunk(j);
+                let mut chunk = vec![0u8; c];
+                chunk[..len as usize].copy_from_slice(&outs[o][at as usize..(at + len) as usize]);
+                chunks[j as usize] = Some(chunk);
+            }
+            for p in got {
+                chunks[p as usize] = parity.remove(&(sid, p)).map(|b| b.to_vec());
+            }
+            self.codec
+                .reconstruct_data(&mut chunks)
+                .map_err(|_| ClusterReadError::Layout(self.info.name.clone()))?;
+            for &j in lost {
+                let (at, len) = stripe.data_of_chunk(j);
+                let chunk = chunks[j as usize].as_ref().expect("rebuilt");
+                outs[o][at as usize..(at + len) as usize].copy_from_slice(&chunk[..len as usize]);
+            }
+        }
+        // The futures made first (see `read_grouped`).
+        let reads: Vec<_> = whole_reads
+            .into_iter()
+            .map(|(o, sid)| {
+                let e = entries[o];
+                let piece_bytes = self.layout.shard_bytes(e.size);
+                let stripe = stripes[sid].1;
+                async move { (o, self.read_stripe(&e.path, piece_bytes, stripe).await) }
+            })
+            .collect();
+        let mut reads = futures::stream::iter(reads).buffer_unordered(STRIPES_IN_FLIGHT);
+        while let Some((o, result)) = reads.next().await {
+            let done = result?;
+            carried.merge(done.carried);
+            for (j, chunk) in done.data.iter().enumerate() {
+                let (at, len) = done.stripe.data_of_chunk(j as u32);
+                outs[o][at as usize..(at + len) as usize].copy_from_slice(&chunk[..len as usize]);
+            }
+        }
+        Ok(())
     }
 
     /// `length` bytes of `path` from `offset`; past the end is

@@ -400,6 +400,9 @@ pub struct Client {
     /// The read path this client was told to take
     /// ([`Client::connect_transport`]; `Auto` otherwise).
     transport: Transport,
+    /// Asked for over TLS (`https://`), even if it then moved to the Unix
+    /// socket: clients it makes for other servers use TLS too.
+    tls: bool,
 }
 
 impl Client {
@@ -477,6 +480,7 @@ impl Client {
             bulk_tcp_unreachable: std::sync::Arc::default(),
             bulk_tcp_counters: std::sync::Arc::default(),
             transport: Transport::Auto,
+            tls: url.starts_with("https://"),
         })
     }
 
@@ -536,7 +540,10 @@ impl Client {
             }
         };
         match local.status().await {
-            Ok(s) if s.pool_id == advertised.pool_id => Ok(local),
+            Ok(s) if s.pool_id == advertised.pool_id => Ok(Self {
+                tls: tcp.tls,
+                ..local
+            }),
             Ok(_) => Ok(tcp_because(format!(
                 "the server behind {socket} has another pool"
             ))),
@@ -554,6 +561,11 @@ impl Client {
     /// Whether this connection is to a server on this host (Unix socket).
     pub fn is_local(&self) -> bool {
         self.local
+    }
+
+    /// Whether this client was asked for over TLS (`https://`).
+    pub fn is_tls(&self) -> bool {
+        self.tls
     }
 
     /// The read path this client was told to take (`Auto` unless made by

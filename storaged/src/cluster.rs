@@ -11,7 +11,7 @@
 //! heartbeat, leave and view of the cluster, `ingest` a cluster ingest
 //! coordinated by one node, `registry` the cluster's datasets as a node
 //! serves them (with its cache for control-plane outages) and the sweep
-//! of orphaned units. ARCHITECTURE.md ("Cluster
+//! of orphaned units, `peer` how a node calls the others (TLS, token). ARCHITECTURE.md ("Cluster
 //! mode") draws it.
 
 pub mod binding;
@@ -20,6 +20,7 @@ pub mod drain;
 pub mod etcd;
 pub mod ingest;
 pub mod member;
+pub mod peer;
 pub mod records;
 pub mod registry;
 

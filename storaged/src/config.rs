@@ -195,6 +195,15 @@ pub struct FileConfig {
     /// (shares of ingests that never committed, of removed datasets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_sweep_interval_s: Option<u64>,
+    /// With tenants: a file holding the bearer token nodes present to
+    /// each other (a tenant's with write on `cluster.`, the unit datasets).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_token_file: Option<PathBuf>,
+    /// With TLS: the CA certificate (PEM) that signed every node's
+    /// certificate; nodes verify each other against it and present their
+    /// own certificate as a client's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_ca: Option<PathBuf>,
     /// TLS on the TCP listener: the server's certificate chain and key
     /// (PEM), and CAs of accepted client certificates (then required).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -464,6 +473,21 @@ pub struct ClusterSettings {
     pub lease_ttl_s: u64,
     pub request_timeout_s: u64,
     pub sweep_interval_s: u64,
+    /// The token nodes present to each other (with tenants).
+    pub peer_token: Option<PeerToken>,
+    pub token_file: Option<PathBuf>,
+    /// The CA of the nodes' certificates (with TLS).
+    pub peer_ca: Option<PathBuf>,
+}
+
+/// A bearer token, never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct PeerToken(pub String);
+
+impl std::fmt::Debug for PeerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PeerToken(<redacted>)")
+    }
 }
 
 /// The flags of `storaged serve` that the config file can also set;
@@ -614,7 +638,7 @@ impl ServeConfig {
             .or(file.bulk_listen.clone())
             .unwrap_or_else(|| "auto".to_owned());
         let bulk_listen = bulk_listen_address(&bulk_listen_s, listen, tls.is_some())?;
-        let cluster = cluster_settings(&mut flags, &file, listen)?;
+        let cluster = cluster_settings(&mut flags, &file, listen, &tenants, tls.as_ref())?;
         let cfg = Self {
             cluster,
             tls,
@@ -715,6 +739,8 @@ impl ServeConfig {
             cluster_lease_ttl_s: self.cluster.as_ref().map(|c| c.lease_ttl_s),
             cluster_request_timeout_s: self.cluster.as_ref().map(|c| c.request_timeout_s),
             cluster_sweep_interval_s: self.cluster.as_ref().map(|c| c.sweep_interval_s),
+            cluster_token_file: self.cluster.as_ref().and_then(|c| c.token_file.clone()),
+            cluster_ca: self.cluster.as_ref().and_then(|c| c.peer_ca.clone()),
         }
     }
 
@@ -879,6 +905,8 @@ fn cluster_settings(
     flags: &mut ServeFlags,
     file: &FileConfig,
     listen: SocketAddr,
+    tenants: &crate::auth::Tenants,
+    tls: Option<&crate::tls::TlsFiles>,
 ) -> Result<Option<ClusterSettings>, ConfigError> {
     let url = flags.cluster.take().or(file.cluster.clone());
     let cluster_name = flags.cluster_name.take().or(file.cluster_name.clone());
@@ -898,6 +926,8 @@ fn cluster_settings(
                 "cluster_sweep_interval_s",
                 file.cluster_sweep_interval_s.is_some(),
             ),
+            ("cluster_token_file", file.cluster_token_file.is_some()),
+            ("cluster_ca", file.cluster_ca.is_some()),
         ] {
             if given {
                 return Err(invalid(
@@ -962,16 +992,27 @@ fn cluster_settings(
             "cluster_sweep_interval_s must be 1 to 3600 seconds",
         ));
     }
-    if file.tenant.is_some() || file.jwt.is_some() || file.tls_cert.is_some() {
-        // Nodes call each other with the client's protocol; carrying
-        // tenants' credentials and TLS between them is not built yet, and
-        // a cluster that silently dropped them would be open.
-        return Err(invalid(
-            "cluster",
-            "cluster mode does not take tenants, JWTs or TLS yet: nodes call each other unauthenticated, so run clusters on a trusted network without them",
-        ));
-    }
+    let peer_token = peer_token(file, tenants)?;
+    let peer_ca = match (&file.cluster_ca, tls) {
+        (Some(ca), Some(_)) => Some(ca.clone()),
+        (None, Some(_)) => {
+            return Err(invalid(
+                "cluster_ca",
+                "with TLS, nodes call each other over TLS: set cluster_ca to the CA certificate (PEM) that signed every node's certificate",
+            ));
+        }
+        (Some(_), None) => {
+            return Err(invalid(
+                "cluster_ca",
+                "cluster_ca is for nodes serving TLS: set tls_cert and tls_key too",
+            ));
+        }
+        (None, None) => None,
+    };
     Ok(Some(ClusterSettings {
+        peer_token,
+        token_file: file.cluster_token_file.clone(),
+        peer_ca,
         sweep_interval_s,
         url,
         cluster_name,
@@ -980,6 +1021,70 @@ fn cluster_settings(
         lease_ttl_s,
         request_timeout_s,
     }))
+}
+
+/// The token of `cluster_token_file`: required with tenants (nodes call
+/// each other as a tenant like any client), and it must be a tenant's
+/// with write on the unit datasets (`cluster.`), which is checked here
+/// rather than found out at the first ingest.
+fn peer_token(
+    file: &FileConfig,
+    tenants: &crate::auth::Tenants,
+) -> Result<Option<PeerToken>, ConfigError> {
+    let Some(path) = &file.cluster_token_file else {
+        if tenants.enabled() {
+            return Err(invalid(
+                "cluster_token_file",
+                "with tenants, nodes call each other with a token: set cluster_token_file to a file holding the token of a tenant with write = [\"cluster.\"]",
+            ));
+        }
+        return Ok(None);
+    };
+    if !tenants.enabled() {
+        return Err(invalid(
+            "cluster_token_file",
+            "cluster_token_file is for clusters with tenants: add [[tenant]] tables (one for the nodes)",
+        ));
+    }
+    let token = std::fs::read_to_string(path)
+        .map_err(|e| {
+            invalid(
+                "cluster_token_file",
+                format!("cannot read {}: {e}", path.display()),
+            )
+        })?
+        .trim()
+        .to_owned();
+    let bearer = format!("Bearer {token}");
+    let principal = tenants
+        .authenticate(crate::auth::Presented {
+            authorization: Some(&bearer),
+            unix_uid: None,
+            unix_gid: None,
+            cert_names: &[],
+        })
+        .map_err(|e| {
+            invalid(
+                "cluster_token_file",
+                format!(
+                    "the token in {} is no tenant's ({e}): make one with `storagectl token new --tenant NAME` and add its hash to that tenant on every node",
+                    path.display()
+                ),
+            )
+        })?;
+    let unit = format!("{}0000000000000000", storaged_proto::cluster::UNIT_PREFIX);
+    if !principal.allows(crate::auth::Right::Write, &unit) {
+        return Err(invalid(
+            "cluster_token_file",
+            format!(
+                "the token in {} is tenant {:?}'s, which may not write the unit datasets: give it write = [\"{}\"]",
+                path.display(),
+                principal.name(),
+                storaged_proto::cluster::UNIT_PREFIX
+            ),
+        ));
+    }
+    Ok(Some(PeerToken(token)))
 }
 
 mod devices;

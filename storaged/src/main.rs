@@ -291,7 +291,17 @@ async fn join_cluster(
         Some(a) => a.clone(),
         None => listeners.tcp_addr()?.to_string(),
     };
+    let tls = cfg
+        .tls
+        .as_ref()
+        .zip(settings.peer_ca.as_ref())
+        .map(|(t, ca)| (ca.as_path(), t.cert.as_path(), t.key.as_path()));
+    let peers = storaged::cluster::peer::PeerLink::new(
+        settings.peer_token.as_ref().map(|t| t.0.as_str()),
+        tls,
+    )?;
     let config = MemberConfig {
+        peers,
         cluster_name: settings.cluster_name.clone(),
         node_id: settings.node_id.clone(),
         advertise,

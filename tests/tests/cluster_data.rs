@@ -661,3 +661,44 @@ fn an_ingest_onto_a_node_that_hangs_fails_and_leaves_no_intent() {
     );
     assert!(!nodes[1].ctl_ok(&["ls"]).contains("ds"));
 }
+
+#[test]
+fn two_nodes_lost_of_ec_2_plus_2_rebuild_from_both_parities() {
+    // Guards the client's batched rebuild: with two of four nodes dead a
+    // stripe may lack both data chunks (rebuilt from its two parity
+    // chunks) or one (rebuilt from one parity chunk and the data chunk
+    // that came); every byte must come back, whole objects and ranges.
+    let c = Cluster::start();
+    let mut nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
+    let (files, src) = source(&c, 40);
+    nodes[0].ctl_ok(&[
+        "ingest",
+        "--class",
+        "ec:2+2",
+        "imagenet",
+        src.to_str().unwrap(),
+    ]);
+    let mut n4 = nodes.pop().unwrap();
+    let mut n3 = nodes.pop().unwrap();
+    n4.kill9();
+    n3.kill9();
+    let out_dir = c.data_dir("export");
+    nodes[1].ctl_ok(&["export", "imagenet", out_dir.to_str().unwrap()]);
+    assert_eq!(read_tree(&out_dir), map(&files));
+    let five = &map(&files)["stripes/five"];
+    let part = nodes[0].ctl(&[
+        "cat",
+        "imagenet",
+        "stripes/five",
+        "--offset",
+        "2097000",
+        "--length",
+        "3000000",
+    ]);
+    assert!(
+        part.status.success(),
+        "{}",
+        String::from_utf8_lossy(&part.stderr)
+    );
+    assert_eq!(part.stdout, five[2_097_000..5_097_000]);
+}

@@ -27,8 +27,9 @@ use super::control::{Condition, ControlError, Write};
 use reed_solomon_erasure::galois_8::ReedSolomon;
 use storaged_proto::cluster::{EcLayout, MANIFEST_PATH, decode_manifest};
 
-use super::ingest::{ClusterIngestError, UnitStream, node_client, open_unit};
+use super::ingest::{ClusterIngestError, UnitStream, open_unit};
 use super::member::Member;
+use super::peer::{PeerClient, PeerLink, node_client};
 use super::records::{
     DatasetRecord, IngestIntent, MemberRecord, MemberState, Placement, RECORD_FORMAT, decode,
     encode, unix_now_s,
@@ -291,11 +292,14 @@ async fn move_share(
         )
         .await?;
     let result = async {
-        let mut target = open_unit(to_node.clone(), to_address, &record.unit).await?;
+        let link = member.peers();
+        let mut target = open_unit(link, to_node.clone(), to_address, &record.unit).await?;
         let (objects, bytes) = match source {
-            ShareSource::Copy { address } => copy_share(record, &address, &mut target).await?,
+            ShareSource::Copy { address } => {
+                copy_share(link, record, &address, &mut target).await?
+            }
             ShareSource::Rebuild { survivors } => {
-                rebuild_share(record, at, &survivors, &mut target).await?
+                rebuild_share(link, record, at, &survivors, &mut target).await?
             }
         };
         target
@@ -354,7 +358,7 @@ fn read_failed(record: &DatasetRecord, node: &str, why: String) -> DrainError {
 /// Bytes `[offset, offset + length)` (to the end without a length) of
 /// `path` in `record`'s unit on a node, whole.
 async fn read_object(
-    node: &mut pb::storaged_client::StoragedClient<tonic::transport::Channel>,
+    node: &mut PeerClient,
     record: &DatasetRecord,
     path: &str,
     offset: u64,
@@ -381,12 +385,13 @@ async fn read_object(
 /// Copies every object of the unit on the node at `address` (its pieces
 /// and the manifest) into `target`; answers (objects, bytes).
 async fn copy_share(
+    link: &PeerLink,
     record: &DatasetRecord,
     address: &str,
     target: &mut UnitStream,
 ) -> Result<(u64, u64), DrainError> {
     let failed = |why: String| read_failed(record, address, why);
-    let mut source = node_client(address).await.map_err(failed)?;
+    let mut source = node_client(link, address).await.map_err(failed)?;
     let (mut objects, mut bytes, mut token) = (0u64, 0u64, String::new());
     loop {
         let page = source
@@ -442,6 +447,7 @@ async fn copy_share(
 /// read (ranged) from surviving nodes, the missing chunk recomputed by
 /// Reed-Solomon; then the manifest copied. Answers (objects, bytes).
 async fn rebuild_share(
+    link: &PeerLink,
     record: &DatasetRecord,
     at: usize,
     survivors: &[(usize, String)],
@@ -464,7 +470,7 @@ async fn rebuild_share(
         .map_err(|e| read_failed(record, &record.nodes[at], format!("{e:?}")))?;
     let mut clients = Vec::new();
     for (position, address) in survivors.iter().take(k) {
-        let c = node_client(address)
+        let c = node_client(link, address)
             .await
             .map_err(|why| read_failed(record, address, why))?;
         clients.push((*position, address.clone(), c));

@@ -23,10 +23,10 @@ use storaged_proto::cluster::{
 use storaged_proto::pb;
 use storaged_proto::pb::ingest_request::Msg;
 use tokio::sync::mpsc;
-use tonic::transport::Channel;
 
 use super::control::{Condition, ControlError, Write};
 use super::member::Member;
+use super::peer::{PeerLink, node_client};
 use super::records::{
     DatasetRecord, IngestIntent, Placement, RECORD_FORMAT, decode, encode, unix_now_s,
 };
@@ -38,8 +38,7 @@ pub const UNIT_QUEUE_MESSAGES: usize = 8;
 /// Largest manifest (paths, sizes, CRCs of every object) one ingest may
 /// build: about 3 million objects of 64-byte paths.
 pub const MANIFEST_BYTES_MAX: usize = 256 << 20;
-/// A node that does not connect (TCP and HTTP/2) within this is failed.
-pub const NODE_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+pub use super::peer::NODE_CONNECT_TIMEOUT;
 /// A node that takes no message for this long is failed (a stopped or
 /// cut-off node would otherwise hold the ingest, and its client, forever).
 pub const UNIT_SEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
@@ -236,7 +235,7 @@ impl ClusterIngest {
                 .ok_or_else(|| ClusterIngestError::IntentLost(name.to_owned()))?;
             let mut units = Vec::with_capacity(width);
             for (node, address) in chosen {
-                units.push(open_unit(node, address, &unit).await?);
+                units.push(open_unit(member.peers(), node, address, &unit).await?);
             }
             let codec = ReedSolomon::new(k as usize, m as usize)
                 .map_err(|e| ClusterIngestError::Class(format!("ec:{k}+{m}: {e:?}")))?;
@@ -637,27 +636,9 @@ impl UnitStream {
     }
 }
 
-/// A gRPC client of the node at `address` (HOST:PORT).
-pub(super) async fn node_client(
-    address: &str,
-) -> Result<pb::storaged_client::StoragedClient<Channel>, String> {
-    let endpoint = Channel::from_shared(format!("http://{address}"))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(NODE_CONNECT_TIMEOUT)
-        .tcp_nodelay(true);
-    // The timeout also covers HTTP/2's handshake, which a node that
-    // accepts but never answers (stopped) would hold forever.
-    let channel = tokio::time::timeout(NODE_CONNECT_TIMEOUT, endpoint.connect())
-        .await
-        .map_err(|_| format!("no answer within {} s", NODE_CONNECT_TIMEOUT.as_secs()))?
-        .map_err(|e| format!("connecting: {e}"))?;
-    Ok(pb::storaged_client::StoragedClient::new(channel)
-        .max_encoding_message_size(8 << 20)
-        .max_decoding_message_size(8 << 20))
-}
-
 /// Opens the Ingest of `unit` on `node`.
 pub(super) async fn open_unit(
+    link: &PeerLink,
     node: String,
     address: String,
     unit: &str,
@@ -667,7 +648,7 @@ pub(super) async fn open_unit(
         address: address.clone(),
         why,
     };
-    let mut client = node_client(&address).await.map_err(failed)?;
+    let mut client = node_client(link, &address).await.map_err(failed)?;
     let (tx, rx) = mpsc::channel(UNIT_QUEUE_MESSAGES);
     tx.send(pb::IngestRequest {
         msg: Some(Msg::Begin(pb::IngestBegin {

@@ -49,6 +49,8 @@ pub struct MemberConfig {
     pub data_dir: PathBuf,
     /// The node's device pool id (hex).
     pub pool_id: String,
+    /// How this node calls the others.
+    pub peers: super::peer::PeerLink,
 }
 
 /// Why a node could not join.
@@ -250,6 +252,11 @@ impl Member {
 
     pub fn node_id(&self) -> &str {
         &self.config.node_id
+    }
+
+    /// How this node calls the others (TLS, token).
+    pub fn peers(&self) -> &super::peer::PeerLink {
+        &self.config.peers
     }
 
     pub fn control_endpoint(&self) -> &str {

@@ -43,7 +43,14 @@ pub struct RegistryCache {
     datasets: Mutex<BTreeMap<String, DatasetPlacement>>,
     /// The last full list.
     listed: Mutex<BTreeMap<String, DatasetRecord>>,
+    /// When [`learn_unit`](RegistryCache::learn_unit) last listed.
+    unit_listed_at: Mutex<Option<std::time::Instant>>,
 }
+
+/// How often a read of an unknown unit may list the cluster's datasets to
+/// learn it: a caller naming made-up units costs the control plane one
+/// list a second at most.
+const UNIT_LEARN_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The nodes' addresses in `record`'s order, from a view.
 fn addresses(record: &DatasetRecord, view: &ClusterView) -> Vec<Option<String>> {
@@ -132,6 +139,41 @@ impl RegistryCache {
                 Ok((known.into_values().collect(), true))
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// The cluster dataset whose shares unit `unit` holds, as far as this
+    /// node has read (`None`: no record it has seen names the unit).
+    pub fn dataset_of_unit(&self, unit: &str) -> Option<String> {
+        let listed = self.listed.lock().expect("cache poisoned");
+        if let Some(r) = listed.values().find(|r| r.unit == unit) {
+            return Some(r.name.clone());
+        }
+        drop(listed);
+        self.datasets
+            .lock()
+            .expect("cache poisoned")
+            .values()
+            .find(|p| p.record.unit == unit)
+            .map(|p| p.record.name.clone())
+    }
+
+    /// Makes sure [`dataset_of_unit`](Self::dataset_of_unit) knows `unit`
+    /// if a record names it: lists the datasets when it does not (at most
+    /// once per [`UNIT_LEARN_INTERVAL`]).
+    pub async fn learn_unit(&self, member: &Member, unit: &str) {
+        if self.dataset_of_unit(unit).is_some() {
+            return;
+        }
+        {
+            let mut at = self.unit_listed_at.lock().expect("cache poisoned");
+            if at.is_some_and(|t| t.elapsed() < UNIT_LEARN_INTERVAL) {
+                return;
+            }
+            *at = Some(std::time::Instant::now());
+        }
+        if let Err(e) = self.list(member).await {
+            tracing::warn!(unit, error = %e, "cannot list the cluster's datasets to learn a unit");
         }
     }
 

@@ -671,7 +671,8 @@ impl StoragedService {
             None,
         )?;
         let name = DatasetName::new(frame.dataset.clone()).map_err(invalid)?;
-        self.authorize(&caller, "read", Right::Read, name.as_str())?;
+        self.learn_unit(&caller, name.as_str()).await;
+        self.authorize_read(&caller, "read", name.as_str())?;
         let ranges = frame
             .items
             .iter()
@@ -815,6 +816,7 @@ impl StoragedService {
             max_in_flight: frame.max_in_flight,
             items: frame.items.into_iter().map(Into::into).collect(),
         };
+        self.learn_unit(&caller, &call.dataset).await;
         let (completions, _) = self.start_read_into(&caller, uid, call)?;
         let mut replies = vec![None; count];
         let mut completions = std::pin::pin!(caller.budget.clone().scope_stream(completions));
@@ -891,7 +893,7 @@ impl StoragedService {
         call: ReadIntoCall,
     ) -> Result<(ReadIntoCompletions, u32), Status> {
         let name = DatasetName::new(call.dataset).map_err(invalid)?;
-        self.authorize(caller, "read_into", Right::Read, name.as_str())?;
+        self.authorize_read(caller, "read_into", name.as_str())?;
         let principal = &caller.principal;
         let region = self.regions.get(call.region_id, |region| {
             region_is_callers(region, principal, uid)

@@ -269,6 +269,41 @@ impl StoragedService {
         })
     }
 
+    /// Read authorization: [`authorize`](Self::authorize) with `Read`,
+    /// except that on a node of a cluster a unit dataset (`cluster.…`,
+    /// which clients read straight from the nodes) may be read by whoever
+    /// may read the cluster dataset it holds shares of, as far as this
+    /// node knows the records ([`learn_unit`](Self::learn_unit) first).
+    pub(super) fn authorize_read(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        dataset: &str,
+    ) -> Result<(), Status> {
+        if let Some(member) = &self.cluster
+            && dataset.starts_with(storaged_proto::cluster::UNIT_PREFIX)
+            && !caller.principal.allows(Right::Read, dataset)
+            && let Some(of) = member.registry().dataset_of_unit(dataset)
+            && caller.principal.allows(Right::Read, &of)
+        {
+            tracing::Span::current().record("dataset", dataset);
+            return Ok(());
+        }
+        self.authorize(caller, operation, Right::Read, dataset)
+    }
+
+    /// Before [`authorize_read`](Self::authorize_read) of a unit the caller
+    /// may not read by its own name: learns which cluster dataset it
+    /// holds (one list of the control plane, rate-limited).
+    pub(super) async fn learn_unit(&self, caller: &Caller, dataset: &str) {
+        if let Some(member) = &self.cluster
+            && dataset.starts_with(storaged_proto::cluster::UNIT_PREFIX)
+            && !caller.principal.allows(Right::Read, dataset)
+        {
+            member.registry().learn_unit(member, dataset).await;
+        }
+    }
+
     /// Before a write or admin operation: the audit log must be able to
     /// record it.
     pub(super) fn audit_ready(&self, caller: &Caller) -> Result<(), Status> {
