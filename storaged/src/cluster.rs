@@ -11,7 +11,8 @@
 //! heartbeat, leave and view of the cluster, `ingest` a cluster ingest
 //! coordinated by one node, `registry` the cluster's datasets as a node
 //! serves them (with its cache for control-plane outages) and the sweep
-//! of orphaned units, `peer` how a node calls the others (TLS, token). ARCHITECTURE.md ("Cluster
+//! of orphaned units, `peer` how a node calls the others (TLS, token),
+//! `repair` the rebuild of a member down too long. ARCHITECTURE.md ("Cluster
 //! mode") draws it.
 
 pub mod binding;
@@ -23,6 +24,7 @@ pub mod member;
 pub mod peer;
 pub mod records;
 pub mod registry;
+pub mod repair;
 
 pub use control::{ControlError, ControlPlane};
 pub use etcd::EtcdControl;

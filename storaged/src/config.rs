@@ -195,6 +195,10 @@ pub struct FileConfig {
     /// (shares of ingests that never committed, of removed datasets).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_sweep_interval_s: Option<u64>,
+    /// Seconds a member may be down before the cluster rebuilds its
+    /// shares on other nodes (checked every sweep interval); 0: never.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_rebuild_after_s: Option<u64>,
     /// With tenants: a file holding the bearer token nodes present to
     /// each other (a tenant's with write on `cluster.`, the unit datasets).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -460,6 +464,7 @@ pub const DEFAULT_CLUSTER_NAME: &str = "default";
 pub const DEFAULT_CLUSTER_LEASE_TTL_S: u64 = 10;
 pub const DEFAULT_CLUSTER_REQUEST_TIMEOUT_S: u64 = 5;
 pub const DEFAULT_CLUSTER_SWEEP_INTERVAL_S: u64 = 30;
+pub const DEFAULT_CLUSTER_REBUILD_AFTER_S: u64 = 600;
 
 /// Cluster mode's settings, validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -473,6 +478,9 @@ pub struct ClusterSettings {
     pub lease_ttl_s: u64,
     pub request_timeout_s: u64,
     pub sweep_interval_s: u64,
+    /// Seconds a member may be down before its shares are rebuilt on
+    /// other nodes; 0: never (an operator drains it).
+    pub rebuild_after_s: u64,
     /// The token nodes present to each other (with tenants).
     pub peer_token: Option<PeerToken>,
     pub token_file: Option<PathBuf>,
@@ -739,6 +747,7 @@ impl ServeConfig {
             cluster_lease_ttl_s: self.cluster.as_ref().map(|c| c.lease_ttl_s),
             cluster_request_timeout_s: self.cluster.as_ref().map(|c| c.request_timeout_s),
             cluster_sweep_interval_s: self.cluster.as_ref().map(|c| c.sweep_interval_s),
+            cluster_rebuild_after_s: self.cluster.as_ref().map(|c| c.rebuild_after_s),
             cluster_token_file: self.cluster.as_ref().and_then(|c| c.token_file.clone()),
             cluster_ca: self.cluster.as_ref().and_then(|c| c.peer_ca.clone()),
         }
@@ -927,6 +936,10 @@ fn cluster_settings(
                 file.cluster_sweep_interval_s.is_some(),
             ),
             ("cluster_token_file", file.cluster_token_file.is_some()),
+            (
+                "cluster_rebuild_after_s",
+                file.cluster_rebuild_after_s.is_some(),
+            ),
             ("cluster_ca", file.cluster_ca.is_some()),
         ] {
             if given {
@@ -992,6 +1005,17 @@ fn cluster_settings(
             "cluster_sweep_interval_s must be 1 to 3600 seconds",
         ));
     }
+    let rebuild_after_s = file
+        .cluster_rebuild_after_s
+        .unwrap_or(DEFAULT_CLUSTER_REBUILD_AFTER_S);
+    if rebuild_after_s != 0 && rebuild_after_s < lease_ttl_s {
+        return Err(invalid(
+            "cluster_rebuild_after_s",
+            format!(
+                "cluster_rebuild_after_s {rebuild_after_s} is shorter than cluster_lease_ttl_s {lease_ttl_s}: a node would be rebuilt before it could be seen back (0 turns the rebuild off)"
+            ),
+        ));
+    }
     let peer_token = peer_token(file, tenants)?;
     let peer_ca = match (&file.cluster_ca, tls) {
         (Some(ca), Some(_)) => Some(ca.clone()),
@@ -1010,6 +1034,7 @@ fn cluster_settings(
         (None, None) => None,
     };
     Ok(Some(ClusterSettings {
+        rebuild_after_s,
         peer_token,
         token_file: file.cluster_token_file.clone(),
         peer_ca,

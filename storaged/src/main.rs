@@ -210,14 +210,21 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         None => None,
     };
     let heartbeats = member.as_ref().zip(cfg.cluster.as_ref()).map(|(m, c)| {
-        let sweep = storaged::cluster::registry::sweep_forever(
-            Arc::clone(m),
-            Arc::clone(&store),
-            std::time::Duration::from_secs(c.sweep_interval_s),
-        );
+        let interval = std::time::Duration::from_secs(c.sweep_interval_s);
+        let sweep =
+            storaged::cluster::registry::sweep_forever(Arc::clone(m), Arc::clone(&store), interval);
+        // 0: members down stay down until an operator drains them.
+        let repair = (c.rebuild_after_s > 0).then(|| {
+            tokio::spawn(storaged::cluster::repair::repair_forever(
+                Arc::clone(m),
+                std::time::Duration::from_secs(c.rebuild_after_s),
+                interval,
+            ))
+        });
         (
             tokio::spawn(Arc::clone(m).heartbeats()),
             tokio::spawn(sweep),
+            repair,
         )
     });
     // The handlers are installed now, before READY is announced: a
@@ -261,9 +268,12 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         },
     )
     .await;
-    if let Some((heartbeat, sweep)) = heartbeats {
+    if let Some((heartbeat, sweep, repair)) = heartbeats {
         heartbeat.abort();
         sweep.abort();
+        if let Some(repair) = repair {
+            repair.abort();
+        }
     }
     if let Some(m) = &member {
         // Seen down at once, not after the lease's time to live.

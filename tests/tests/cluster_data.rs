@@ -702,3 +702,78 @@ fn two_nodes_lost_of_ec_2_plus_2_rebuild_from_both_parities() {
     );
     assert_eq!(part.stdout, five[2_097_000..5_097_000]);
 }
+
+#[test]
+fn a_member_down_too_long_is_rebuilt_elsewhere_and_taken_back_when_it_returns() {
+    // Guards against a cluster left one failure from loss after a node
+    // dies and nobody drains it: past cluster_rebuild_after_s its shares
+    // are rebuilt on another node, so a second node lost later still
+    // loses nothing; and the first, when it returns, is placed again.
+    let c = Cluster::start_with(&format!(
+        "{}cluster_rebuild_after_s = 3\n",
+        storaged_tests::cluster::CONFIG
+    ));
+    let ids = ["n1", "n2", "n3", "n4"];
+    let mut nodes: Vec<Option<Daemon>> = c.nodes(&ids).into_iter().map(Some).collect();
+    // n1 stays up throughout: the one the test reads through.
+    let n1 = nodes[0].take().unwrap();
+    let (files, src) = source(&c, 30);
+    n1.ctl_ok(&[
+        "ingest",
+        "--class",
+        "ec:2+1",
+        "imagenet",
+        src.to_str().unwrap(),
+    ]);
+    let held = |c: &Cluster| -> Vec<String> {
+        record(c, "imagenet")["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n.as_str().unwrap().to_owned())
+            .collect()
+    };
+    // One of the other holders dies.
+    let victim = held(&c).into_iter().find(|n| n != "n1").unwrap();
+    let at = ids.iter().position(|n| *n == victim).unwrap();
+    nodes[at].take().unwrap().kill9();
+    wait_for(
+        "the victim's share rebuilt elsewhere",
+        Duration::from_secs(60),
+        || !held(&c).contains(&victim),
+    );
+    let member_state = |d: &Daemon, id: &str| -> String {
+        status(d)["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["node_id"] == id)
+            .map(|n| n["member_state"].as_str().unwrap_or("").to_owned())
+            .unwrap_or_default()
+    };
+    wait_for("the victim drained", Duration::from_secs(30), || {
+        member_state(&n1, &victim) == "drained"
+    });
+
+    // A second holder dies: with the first rebuilt, nothing is lost.
+    let second = held(&c).into_iter().find(|n| n != "n1").unwrap();
+    let at2 = ids.iter().position(|n| *n == second).unwrap();
+    nodes[at2].take().unwrap().kill9();
+    let out_dir = c.data_dir("export");
+    n1.ctl_ok(&["export", "imagenet", out_dir.to_str().unwrap()]);
+    assert_eq!(read_tree(&out_dir), map(&files));
+
+    // The first victim returns: active and in the placement map again.
+    let _back = c.node(&victim);
+    wait_for(
+        "the victim active and placed",
+        Duration::from_secs(30),
+        || {
+            let s = status(&n1);
+            let placed = s["placement_nodes"]
+                .as_array()
+                .is_some_and(|p| p.iter().any(|n| n == victim.as_str()));
+            placed && member_state(&n1, &victim) == "active"
+        },
+    );
+}

@@ -31,8 +31,8 @@ use super::ingest::{ClusterIngestError, UnitStream, open_unit};
 use super::member::Member;
 use super::peer::{PeerClient, PeerLink, node_client};
 use super::records::{
-    DatasetRecord, IngestIntent, MemberRecord, MemberState, Placement, RECORD_FORMAT, decode,
-    encode, unix_now_s,
+    DatasetRecord, IngestIntent, MemberRecord, MemberState, RECORD_FORMAT, decode, encode,
+    unix_now_s,
 };
 
 /// Objects listed per page while copying a share.
@@ -73,9 +73,19 @@ pub struct DrainReport {
 
 /// Drains `node`: see the module docs.
 pub async fn drain(member: &Arc<Member>, node: &str) -> Result<DrainReport, DrainError> {
+    drain_as(member, node, false).await
+}
+
+/// [`drain`], recording whether the cluster's own repair asked for it
+/// (`auto`: the node is taken back in when it returns) or an operator.
+pub async fn drain_as(
+    member: &Arc<Member>,
+    node: &str,
+    auto: bool,
+) -> Result<DrainReport, DrainError> {
     let keys = member.keys().clone();
     let control = member.control();
-    let placement_epoch = leave_placement(member, node).await?;
+    let placement_epoch = leave_placement(member, node, auto).await?;
     let mut report = DrainReport {
         placement_epoch,
         ..Default::default()
@@ -133,28 +143,13 @@ pub async fn drain(member: &Arc<Member>, node: &str) -> Result<DrainReport, Drai
 
 /// Marks `node` draining and takes it out of the placement map (a new
 /// epoch), in one commit; answers the epoch.
-async fn leave_placement(member: &Member, node: &str) -> Result<u64, DrainError> {
+async fn leave_placement(member: &Member, node: &str, auto: bool) -> Result<u64, DrainError> {
     let keys = member.keys();
     let control = member.control();
     for _ in 0..16 {
         let (m, mut record) = member_record(member, node).await?;
-        let p = control.get(&keys.placement()).await?;
-        let (mut placement, condition) = match &p {
-            Some(e) => (
-                decode::<Placement>(e)?,
-                Condition::Unchanged {
-                    key: keys.placement(),
-                    mod_revision: e.mod_revision,
-                },
-            ),
-            None => (
-                Placement {
-                    format: RECORD_FORMAT,
-                    ..Default::default()
-                },
-                Condition::Absent(keys.placement()),
-            ),
-        };
+        let (mut placement, condition) =
+            super::member::placement_for_update(control.as_ref(), keys).await?;
         if record.state != MemberState::Active && !placement.nodes.iter().any(|n| n == node) {
             return Ok(placement.epoch);
         }
@@ -162,6 +157,7 @@ async fn leave_placement(member: &Member, node: &str) -> Result<u64, DrainError>
         placement.epoch += 1;
         if record.state == MemberState::Active {
             record.state = MemberState::Draining;
+            record.auto_drained = auto;
         }
         if control
             .commit(

@@ -128,6 +128,8 @@ pub struct NodeView {
     pub live: Option<LiveRecord>,
     /// Seconds left on the live node's lease.
     pub lease_ttl_s: Option<i64>,
+    /// Since when it has been seen down (`down/<node>`), if it has.
+    pub down_since_unix_s: Option<u64>,
 }
 
 /// What the heartbeat task knows.
@@ -309,6 +311,12 @@ impl Member {
             if let Some(entry) = self.control.get(&member_key).await? {
                 let record: MemberRecord = decode(&entry)?;
                 if record.pool_id == self.config.pool_id {
+                    if record.state == MemberState::Drained && record.auto_drained {
+                        // Drained by the repair while it was away: back in.
+                        if !readmit(self.control.as_ref(), &self.keys, node).await? {
+                            continue;
+                        }
+                    }
                     return Ok(());
                 }
                 let live_at = match self.control.get(&self.keys.live(node)).await? {
@@ -323,23 +331,8 @@ impl Member {
                     pool_id: self.config.pool_id.clone(),
                 });
             }
-            let placement = self.control.get(&placement_key).await?;
-            let (mut map, unchanged) = match &placement {
-                Some(e) => (
-                    decode::<Placement>(e)?,
-                    Condition::Unchanged {
-                        key: placement_key.clone(),
-                        mod_revision: e.mod_revision,
-                    },
-                ),
-                None => (
-                    Placement {
-                        format: RECORD_FORMAT,
-                        ..Placement::default()
-                    },
-                    Condition::Absent(placement_key.clone()),
-                ),
-            };
+            let (mut map, unchanged) =
+                placement_for_update(self.control.as_ref(), &self.keys).await?;
             if !map.nodes.contains(node) {
                 map.nodes.push(node.clone());
                 map.epoch += 1;
@@ -350,6 +343,7 @@ impl Member {
                 pool_id: self.config.pool_id.clone(),
                 joined_unix_s: unix_now_s(),
                 state: MemberState::Active,
+                auto_drained: false,
             };
             let committed = self
                 .control
@@ -647,6 +641,95 @@ async fn cluster_record(
     })
 }
 
+/// The placement map as it is (an empty one at epoch 0 when none was
+/// written), with the condition a commit that rewrites it must hold.
+pub(super) async fn placement_for_update(
+    control: &dyn ControlPlane,
+    keys: &Keys,
+) -> Result<(Placement, Condition), ControlError> {
+    let key = keys.placement();
+    Ok(match control.get(&key).await? {
+        Some(e) => (
+            decode::<Placement>(&e)?,
+            Condition::Unchanged {
+                key,
+                mod_revision: e.mod_revision,
+            },
+        ),
+        None => (
+            Placement {
+                format: RECORD_FORMAT,
+                ..Placement::default()
+            },
+            Condition::Absent(key),
+        ),
+    })
+}
+
+/// Takes `node`, drained (or being drained: the caller holds its repair
+/// lock, so no drain runs) by the cluster's repair while it was down,
+/// back into the placement map as an active member (a new epoch), in one
+/// commit that also forgets when it went down. Shares already moved are
+/// no longer its own (its sweep frees them); the rest it still holds. `false` when the records
+/// changed meanwhile (read again and retry); `true` also when there was
+/// nothing to do.
+pub async fn readmit(
+    control: &dyn ControlPlane,
+    keys: &Keys,
+    node: &str,
+) -> Result<bool, ControlError> {
+    let member_key = keys.member(node);
+    let Some(entry) = control.get(&member_key).await? else {
+        return Ok(true);
+    };
+    let mut record: MemberRecord = decode(&entry)?;
+    if record.state == MemberState::Active || !record.auto_drained {
+        return Ok(true);
+    }
+    let placement_key = keys.placement();
+    let (mut map, unchanged) = placement_for_update(control, keys).await?;
+    if !map.nodes.iter().any(|n| n == node) {
+        map.nodes.push(node.to_owned());
+    }
+    map.epoch += 1;
+    record.state = MemberState::Active;
+    record.auto_drained = false;
+    let committed = control
+        .commit(
+            vec![
+                Condition::Unchanged {
+                    key: member_key.clone(),
+                    mod_revision: entry.mod_revision,
+                },
+                unchanged,
+            ],
+            vec![
+                Write::Put {
+                    key: member_key,
+                    value: encode(&record),
+                    lease: None,
+                },
+                Write::Put {
+                    key: placement_key,
+                    value: encode(&map),
+                    lease: None,
+                },
+                Write::Delete {
+                    key: keys.down(node),
+                },
+            ],
+        )
+        .await?;
+    if committed {
+        tracing::info!(
+            node,
+            placement_epoch = map.epoch,
+            "back from a repair's drain: active and placed again"
+        );
+    }
+    Ok(committed)
+}
+
 /// The cluster named `cluster_name` as its keys say now.
 pub async fn view(
     control: &dyn ControlPlane,
@@ -669,6 +752,9 @@ pub async fn view(
         } else if let Some(id) = rest.strip_prefix("members/") {
             let record: MemberRecord = decode(entry)?;
             view_of(&mut nodes, id).member = Some(record);
+        } else if let Some(id) = rest.strip_prefix("down/") {
+            let record: super::records::DownRecord = decode(entry)?;
+            view_of(&mut nodes, id).down_since_unix_s = Some(record.since_unix_s);
         } else if let Some(id) = rest.strip_prefix("live/") {
             let record: LiveRecord = decode(entry)?;
             if let Some(l) = entry.lease {
@@ -702,5 +788,6 @@ fn view_of<'a>(
         member: None,
         live: None,
         lease_ttl_s: None,
+        down_since_unix_s: None,
     })
 }

@@ -109,6 +109,18 @@ impl Keys {
     pub fn ingests(&self) -> String {
         format!("{}ingests/", self.root)
     }
+    /// [`DownRecord`] of a member seen down (deleted once it is up).
+    pub fn down(&self, node: &str) -> String {
+        format!("{}{}", self.downs(), node)
+    }
+    pub fn downs(&self) -> String {
+        format!("{}down/", self.root)
+    }
+    /// [`RepairLock`] of a down member being rebuilt elsewhere, on the
+    /// repairing node's lease.
+    pub fn repair(&self, node: &str) -> String {
+        format!("{}repair/{}", self.root, node)
+    }
 }
 
 /// `/storaged/<name>/cluster`: written once, by the first node to join.
@@ -153,6 +165,29 @@ pub struct MemberRecord {
     pub pool_id: String,
     pub joined_unix_s: u64,
     pub state: MemberState,
+    /// Drained by the cluster's own repair (it was down too long), not by
+    /// an operator: it is taken back in when it returns.
+    #[serde(default)]
+    pub auto_drained: bool,
+}
+
+/// `/storaged/<name>/down/<node>`: since when a member has been seen down
+/// (written once by the first node to see it, deleted when it is up).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DownRecord {
+    pub format: u32,
+    pub node_id: String,
+    pub since_unix_s: u64,
+}
+
+/// `/storaged/<name>/repair/<node>`, on the repairing node's lease: one
+/// node at a time rebuilds `node`'s shares.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RepairLock {
+    pub format: u32,
+    pub node_id: String,
+    pub repairer: String,
+    pub started_unix_s: u64,
 }
 
 /// `/storaged/<name>/live/<node>`, attached to the node's lease: where to
@@ -266,7 +301,9 @@ has_format!(
     LiveRecord,
     Placement,
     DatasetRecord,
-    IngestIntent
+    IngestIntent,
+    DownRecord,
+    RepairLock
 );
 
 /// Seconds since the Unix epoch, now.

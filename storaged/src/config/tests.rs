@@ -286,3 +286,37 @@ fn the_bulk_channel_listens_beside_grpc_unless_that_would_skip_tls() {
         assert!(err.contains(key), "{file}: {err}");
     }
 }
+
+/// Guards against cluster keys that cannot work being accepted: a repair
+/// faster than a node can be seen back, credentials for what is not
+/// configured, cluster keys without a cluster.
+#[test]
+fn cluster_repair_and_credential_keys_are_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = "cluster = \"etcd://127.0.0.1:2379\"\nnode_id = \"n1\"\n";
+    let c = resolve_file(dir.path(), base).unwrap();
+    let cluster = c.cluster.as_ref().unwrap();
+    assert_eq!(cluster.rebuild_after_s, DEFAULT_CLUSTER_REBUILD_AFTER_S);
+    assert_eq!(
+        (cluster.peer_token.clone(), cluster.peer_ca.clone()),
+        (None, None)
+    );
+    let off = resolve_file(dir.path(), &format!("{base}cluster_rebuild_after_s = 0\n")).unwrap();
+    assert_eq!(off.cluster.unwrap().rebuild_after_s, 0);
+    for (extra, key) in [
+        (
+            "cluster_lease_ttl_s = 20\ncluster_rebuild_after_s = 5\n",
+            "cluster_rebuild_after_s",
+        ),
+        (
+            "cluster_token_file = \"/nonexistent\"\n",
+            "cluster_token_file",
+        ),
+        ("cluster_ca = \"/nonexistent\"\n", "cluster_ca"),
+    ] {
+        let err = resolve_file(dir.path(), &format!("{base}{extra}")).unwrap_err();
+        assert!(err.to_string().contains(key), "{extra}: {err}");
+    }
+    let err = resolve_file(dir.path(), "cluster_rebuild_after_s = 60\n").unwrap_err();
+    assert!(err.to_string().contains("--cluster"), "{err}");
+}
