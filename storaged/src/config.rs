@@ -199,6 +199,11 @@ pub struct FileConfig {
     /// shares on other nodes (checked every sweep interval); 0: never.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cluster_rebuild_after_s: Option<u64>,
+    /// Move shares, one per sweep interval, from the node holding the
+    /// most bytes to the one holding the least (a node that joins fills
+    /// up over time).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cluster_rebalance: Option<bool>,
     /// With tenants: a file holding the bearer token nodes present to
     /// each other (a tenant's with write on `cluster.`, the unit datasets).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -481,6 +486,8 @@ pub struct ClusterSettings {
     /// Seconds a member may be down before its shares are rebuilt on
     /// other nodes; 0: never (an operator drains it).
     pub rebuild_after_s: u64,
+    /// Even out the nodes' data, a share at a time.
+    pub rebalance: bool,
     /// The token nodes present to each other (with tenants).
     pub peer_token: Option<PeerToken>,
     pub token_file: Option<PathBuf>,
@@ -748,6 +755,7 @@ impl ServeConfig {
             cluster_request_timeout_s: self.cluster.as_ref().map(|c| c.request_timeout_s),
             cluster_sweep_interval_s: self.cluster.as_ref().map(|c| c.sweep_interval_s),
             cluster_rebuild_after_s: self.cluster.as_ref().map(|c| c.rebuild_after_s),
+            cluster_rebalance: self.cluster.as_ref().map(|c| c.rebalance),
             cluster_token_file: self.cluster.as_ref().and_then(|c| c.token_file.clone()),
             cluster_ca: self.cluster.as_ref().and_then(|c| c.peer_ca.clone()),
         }
@@ -940,6 +948,7 @@ fn cluster_settings(
                 "cluster_rebuild_after_s",
                 file.cluster_rebuild_after_s.is_some(),
             ),
+            ("cluster_rebalance", file.cluster_rebalance.is_some()),
             ("cluster_ca", file.cluster_ca.is_some()),
         ] {
             if given {
@@ -1035,6 +1044,7 @@ fn cluster_settings(
     };
     Ok(Some(ClusterSettings {
         rebuild_after_s,
+        rebalance: file.cluster_rebalance.unwrap_or(true),
         peer_token,
         token_file: file.cluster_token_file.clone(),
         peer_ca,

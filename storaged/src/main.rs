@@ -213,11 +213,16 @@ async fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         let interval = std::time::Duration::from_secs(c.sweep_interval_s);
         let sweep =
             storaged::cluster::registry::sweep_forever(Arc::clone(m), Arc::clone(&store), interval);
-        // 0: members down stay down until an operator drains them.
-        let repair = (c.rebuild_after_s > 0).then(|| {
+        // Off when it has nothing to do: members down stay down until an
+        // operator drains them, and data stays where it was put.
+        let options = storaged::cluster::repair::RepairOptions {
+            rebuild_after: std::time::Duration::from_secs(c.rebuild_after_s),
+            rebalance: c.rebalance,
+        };
+        let repair = (c.rebuild_after_s > 0 || c.rebalance).then(|| {
             tokio::spawn(storaged::cluster::repair::repair_forever(
                 Arc::clone(m),
-                std::time::Duration::from_secs(c.rebuild_after_s),
+                options,
                 interval,
             ))
         });

@@ -8,9 +8,9 @@ use std::time::{Duration, Instant};
 use crate::etcd::Etcd;
 use crate::{Daemon, DaemonOpts};
 
-/// Short leases so a dead node is seen down within seconds.
-pub const CONFIG: &str =
-    "cluster_lease_ttl_s = 2\ncluster_request_timeout_s = 2\ncluster_sweep_interval_s = 1\n";
+/// Short leases so a dead node is seen down within seconds. Rebalancing
+/// off: tests that look at where shares are turn it on themselves.
+pub const CONFIG: &str = "cluster_lease_ttl_s = 2\ncluster_request_timeout_s = 2\ncluster_sweep_interval_s = 1\ncluster_rebalance = false\n";
 
 pub struct Cluster {
     pub etcd: Etcd,

@@ -626,7 +626,7 @@ fn an_ingest_onto_a_node_that_hangs_fails_and_leaves_no_intent() {
     // leaving its intent in etcd for as long as the coordinator lives.
     // Long leases: the stopped node must still look up when chosen.
     let c = Cluster::start_with(
-        "cluster_lease_ttl_s = 60\ncluster_request_timeout_s = 2\ncluster_sweep_interval_s = 1\n",
+        "cluster_lease_ttl_s = 60\ncluster_request_timeout_s = 2\ncluster_sweep_interval_s = 1\ncluster_rebalance = false\n",
     );
     let nodes = c.nodes(&["n1", "n2", "n3", "n4"]);
     let (_files, src) = source(&c, 10);
@@ -776,4 +776,58 @@ fn a_member_down_too_long_is_rebuilt_elsewhere_and_taken_back_when_it_returns() 
             placed && member_state(&n1, &victim) == "active"
         },
     );
+}
+
+#[test]
+fn a_node_that_joins_is_filled_by_rebalancing() {
+    // Guards against a joined node that only ever takes new datasets
+    // while the old nodes stay full: with cluster_rebalance the cluster
+    // moves shares onto it, one at a time, until the nodes hold the same,
+    // and every byte still reads back identically.
+    let c = Cluster::start_with(
+        &storaged_tests::cluster::CONFIG
+            .replace("cluster_rebalance = false", "cluster_rebalance = true"),
+    );
+    let n1 = c.node("n1");
+    let _n2 = c.node("n2");
+    let (files, src) = source(&c, 20);
+    let names = ["a", "b", "c"];
+    for name in names {
+        n1.ctl_ok(&["ingest", "--class", "ec:1+1", name, src.to_str().unwrap()]);
+    }
+    let held = |id: &str| {
+        names
+            .iter()
+            .filter(|n| {
+                record(&c, n)["nodes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x == id)
+            })
+            .count()
+    };
+    assert_eq!((held("n1"), held("n2")), (3, 3));
+    let n3 = c.node("n3");
+    wait_for(
+        "the shares evened out onto n3",
+        Duration::from_secs(60),
+        || (held("n1"), held("n2"), held("n3")) == (2, 2, 2),
+    );
+    for name in names {
+        let out_dir = c.data_dir(&format!("export-{name}"));
+        n3.ctl_ok(&["export", name, out_dir.to_str().unwrap()]);
+        assert_eq!(read_tree(&out_dir), map(&files), "{name}");
+    }
+    // Even: three repair passes (one a second) go by without a move.
+    let before: Vec<serde_json::Value> = names
+        .iter()
+        .map(|n| record(&c, n)["nodes"].clone())
+        .collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let after: Vec<serde_json::Value> = names
+        .iter()
+        .map(|n| record(&c, n)["nodes"].clone())
+        .collect();
+    assert_eq!(before, after, "a balanced cluster moves nothing");
 }

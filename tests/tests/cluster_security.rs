@@ -68,6 +68,7 @@ fn config(pki: &Pki, token_file: &Path) -> String {
 cluster_lease_ttl_s = 2
 cluster_request_timeout_s = 2
 cluster_sweep_interval_s = 1
+cluster_rebalance = false
 tls_cert = "{cert}"
 tls_key = "{key}"
 cluster_ca = "{ca}"

@@ -140,7 +140,8 @@ class Etcd:
 
 
 # Short leases and sweeps, so a node killed is seen down within seconds.
-CLUSTER_CONFIG = "cluster_lease_ttl_s = 2\ncluster_request_timeout_s = 2\ncluster_sweep_interval_s = 1\n"
+CLUSTER_CONFIG = ("cluster_lease_ttl_s = 2\ncluster_request_timeout_s = 2\ncluster_sweep_interval_s = 1\n"
+                  "cluster_rebalance = false\n")
 
 
 @pytest.fixture(scope="module")

@@ -240,7 +240,7 @@ async fn set_state(member: &Member, node: &str, state: MemberState) -> Result<()
 }
 
 /// Where a moved share comes from.
-enum ShareSource {
+pub(super) enum ShareSource {
     /// The node is up: its unit is copied object by object.
     Copy { address: String },
     /// The node is down: its pieces are rebuilt from the other nodes
@@ -251,7 +251,7 @@ enum ShareSource {
 /// Moves the share at layout position `at` of `record` to node `to`
 /// (copied or rebuilt, see [`ShareSource`]), then swaps the nodes in the
 /// record. Answers the bytes written.
-async fn move_share(
+pub(super) async fn move_share(
     member: &Member,
     record: &DatasetRecord,
     record_revision: i64,

@@ -13,14 +13,23 @@
 //! lock with its lease; the next one resumes the drain, which is
 //! resumable). A member that comes back while it is being drained is
 //! readmitted when the drain ends.
+//!
+//! With every member up, the same node also evens out the data (config
+//! `cluster_rebalance`): each pass moves at most one share, from the
+//! placed node holding the most bytes to the one holding the least, when
+//! that narrows the gap without reversing it, so a node that joins fills
+//! up over time while reads go on (the drain's copy: the share is copied
+//! under an intent, then the dataset's record swaps the nodes).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use super::control::{Condition, ControlError, Write};
-use super::drain::{DrainError, drain_as};
-use super::member::{ClusterView, Member, readmit};
-use super::records::{DownRecord, MemberState, RECORD_FORMAT, RepairLock, encode, unix_now_s};
+use super::drain::{DrainError, ShareSource, drain_as, move_share};
+use super::member::{ClusterView, Member, STATUS_KEYS_MAX, readmit};
+use super::records::{
+    DatasetRecord, DownRecord, MemberState, RECORD_FORMAT, RepairLock, decode, encode, unix_now_s,
+};
 
 /// Why a repair pass stopped (the next pass tries again).
 #[derive(Debug, thiserror::Error)]
@@ -44,13 +53,23 @@ pub struct RepairPass {
     pub rebuilt: Vec<String>,
     /// Members taken back in.
     pub readmitted: Vec<String>,
+    /// A share moved to even out the nodes: (dataset, from, to, bytes).
+    pub rebalanced: Option<(String, String, String, u64)>,
+}
+
+/// What the repair does besides rebuilding: see the module docs.
+#[derive(Debug, Clone, Copy)]
+pub struct RepairOptions {
+    /// A member down this long is rebuilt elsewhere; zero: never.
+    pub rebuild_after: Duration,
+    pub rebalance: bool,
 }
 
 /// Runs [`repair_once`] every `interval` for as long as the node runs.
-pub async fn repair_forever(member: Arc<Member>, rebuild_after: Duration, interval: Duration) {
+pub async fn repair_forever(member: Arc<Member>, options: RepairOptions, interval: Duration) {
     loop {
         tokio::time::sleep(interval).await;
-        match repair_once(&member, rebuild_after).await {
+        match repair_once(&member, options).await {
             Ok(pass) if pass != RepairPass::default() => {
                 tracing::info!(?pass, "cluster repair pass");
             }
@@ -63,8 +82,9 @@ pub async fn repair_forever(member: Arc<Member>, rebuild_after: Duration, interv
 /// One pass: see the module docs.
 pub async fn repair_once(
     member: &Arc<Member>,
-    rebuild_after: Duration,
+    options: RepairOptions,
 ) -> Result<RepairPass, RepairError> {
+    let rebuild_after = options.rebuild_after;
     let view = member.view().await?;
     let keys = member.keys();
     let control = member.control();
@@ -139,7 +159,7 @@ pub async fn repair_once(
             .is_some_and(|since| now.saturating_sub(since) >= rebuild_after.as_secs());
         let pending = record.state == MemberState::Active
             || (record.auto_drained && record.state == MemberState::Draining);
-        if !due || !pending {
+        if rebuild_after.is_zero() || !due || !pending {
             continue;
         }
         if !lock(member, &node.node_id, now).await? {
@@ -155,7 +175,95 @@ pub async fn repair_once(
         unlocked?;
         pass.rebuilt.push(node.node_id.clone());
     }
+    let all_up = view.nodes.iter().all(|n| {
+        n.live.is_some()
+            || n.member
+                .as_ref()
+                .is_none_or(|m| m.state != MemberState::Active)
+    });
+    if options.rebalance && all_up && pass.rebuilt.is_empty() {
+        pass.rebalanced = rebalance_once(member, &view).await?;
+    }
     Ok(pass)
+}
+
+/// Moves one share from the placed node holding the most bytes to the one
+/// holding the least, if that narrows the gap without reversing it (the
+/// largest such share); see the module docs.
+async fn rebalance_once(
+    member: &Arc<Member>,
+    view: &ClusterView,
+) -> Result<Option<(String, String, String, u64)>, RepairError> {
+    let address: std::collections::BTreeMap<&str, &str> = view
+        .nodes
+        .iter()
+        .filter(|n| view.placement.nodes.contains(&n.node_id))
+        .filter(|n| {
+            n.member
+                .as_ref()
+                .is_some_and(|m| m.state == MemberState::Active)
+        })
+        .filter_map(|n| Some((n.node_id.as_str(), n.live.as_ref()?.advertise.as_str())))
+        .collect();
+    if address.len() < 2 {
+        return Ok(None);
+    }
+    let entries = member
+        .control()
+        .list(&member.keys().datasets(), STATUS_KEYS_MAX)
+        .await?;
+    let records = entries
+        .iter()
+        .map(|e| Ok((decode::<DatasetRecord>(e)?, e.mod_revision)))
+        .collect::<Result<Vec<_>, ControlError>>()?;
+    let share = |r: &DatasetRecord| r.total_bytes.div_ceil(u64::from(r.k.max(1)));
+    let mut load: std::collections::BTreeMap<&str, u64> = address.keys().map(|&n| (n, 0)).collect();
+    for (r, _) in &records {
+        for n in &r.nodes {
+            if let Some(l) = load.get_mut(n.as_str()) {
+                *l += share(r);
+            }
+        }
+    }
+    let (&from, &most) = load.iter().max_by_key(|(_, l)| **l).expect("two nodes");
+    let (&to, &least) = load.iter().min_by_key(|(_, l)| **l).expect("two nodes");
+    let gap = most - least;
+    let Some((record, revision)) = records
+        .iter()
+        .filter(|(r, _)| r.nodes.iter().any(|n| n == from) && !r.nodes.iter().any(|n| n == to))
+        .filter(|(r, _)| share(r) > 0 && 2 * share(r) <= gap)
+        .max_by_key(|(r, _)| share(r))
+    else {
+        return Ok(None);
+    };
+    let at = record
+        .nodes
+        .iter()
+        .position(|n| n == from)
+        .expect("filtered");
+    tracing::info!(dataset = %record.name, from, to, gap, "rebalancing: moving a share");
+    let source = ShareSource::Copy {
+        address: address[from].to_owned(),
+    };
+    let bytes = move_share(
+        member,
+        record,
+        *revision,
+        at,
+        source,
+        (to.to_owned(), address[to].to_owned()),
+    )
+    .await
+    .map_err(|source| RepairError::Drain {
+        node: from.to_owned(),
+        source,
+    })?;
+    Ok(Some((
+        record.name.clone(),
+        from.to_owned(),
+        to.to_owned(),
+        bytes,
+    )))
 }
 
 /// Takes `repair/<node>` on this node's lease; `false` when another
