@@ -36,6 +36,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "FaultStats",
         "ClusterStatusResponse",
         "ClusterNode",
+        "DatasetAtRisk",
     ] {
         config = config.type_attribute(
             format!("storaged.v1.{message}"),

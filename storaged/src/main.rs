@@ -317,6 +317,7 @@ async fn join_cluster(
     )?;
     let config = MemberConfig {
         peers,
+        rebuild_after_s: settings.rebuild_after_s,
         cluster_name: settings.cluster_name.clone(),
         node_id: settings.node_id.clone(),
         advertise,

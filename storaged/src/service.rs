@@ -635,9 +635,12 @@ impl Storaged for StoragedService {
         &self,
         request: Request<pb::ClusterStatusRequest>,
     ) -> Result<Response<pb::ClusterStatusResponse>, Status> {
-        let _caller = self.caller(&request, "cluster_status")?;
+        let caller = self.caller(&request, "cluster_status")?;
         let member = self.cluster.as_ref().ok_or_else(cluster::not_clustered)?;
-        Ok(Response::new(cluster::cluster_status(member).await?))
+        let may_read = |name: &str| caller.principal.allows(Right::Read, name);
+        Ok(Response::new(
+            cluster::cluster_status(member, may_read).await?,
+        ))
     }
 
     async fn get_cluster_dataset(

@@ -228,6 +228,36 @@ fn a_node_killed_during_an_epoch_loses_no_sample() {
     assert_eq!(read.len(), want.len());
     assert!(read.values().all(|&n| n == 1), "a sample came twice");
     assert!(degraded > 0, "no read needed parity after {victim} died");
+    // Status names the dataset at risk, readable from parity, and how
+    // long the victim has been down (the repair's own record of it).
+    let via = if victim_index == 3 { 0 } else { 3 };
+    wait_for(
+        "status to show the dataset at risk",
+        Duration::from_secs(30),
+        || {
+            let s = status(&nodes[via]);
+            let down_since = s["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|n| n["node_id"] == victim.as_str())
+                .and_then(|n| n["down_since_unix_s"].as_u64())
+                .unwrap_or(0);
+            s["at_risk"]
+                == serde_json::json!([{"name": "samples", "ec_data_units": 2,
+                "ec_parity_units": 1, "nodes_down": [victim.clone()], "readable": true}])
+                && down_since > 0
+        },
+    );
+    let text = nodes[via].ctl_ok(&["cluster", "status"]);
+    assert!(
+        text.contains("datasets at risk:") && text.contains("yes, from parity"),
+        "{text}"
+    );
+    assert!(
+        text.contains("down ") && text.contains("is rebuilt on other nodes"),
+        "{text}"
+    );
 
     // The victim comes back and rejoins.
     let d = &nodes[victim_index];

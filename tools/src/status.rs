@@ -43,8 +43,16 @@ pub fn print_cluster(s: &ClusterStatusResponse, json: bool) -> anyhow::Result<()
         .filter(|n| n.state == "up")
         .fold((0, 0), |(c, u), n| (c + n.capacity_bytes, u + n.used_bytes));
     outln!("capacity (up):   {}  used {}", human(capacity), human(used));
+    if s.rebuild_after_s == 0 {
+        outln!("repair:          off (a member down stays down until drained)");
+    } else {
+        outln!(
+            "repair:          a member down {} s is rebuilt on other nodes",
+            s.rebuild_after_s
+        );
+    }
     outln!(
-        "{:<16} {:<8} {:<9} {:<22} {:>6} {:>10} {:>10}  placed",
+        "{:<16} {:<8} {:<9} {:<22} {:>10} {:>10} {:>10}  placed",
         "NODE",
         "STATE",
         "MEMBER",
@@ -56,11 +64,17 @@ pub fn print_cluster(s: &ClusterStatusResponse, json: bool) -> anyhow::Result<()
     for n in &s.nodes {
         let lease = if n.state == "up" {
             format!("{}s", n.lease_ttl_s)
+        } else if n.down_since_unix_s > 0 {
+            // How long it has been down, in the lease's column.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            format!("down {}s", now.saturating_sub(n.down_since_unix_s))
         } else {
             "-".to_owned()
         };
         outln!(
-            "{:<16} {:<8} {:<9} {:<22} {:>6} {:>10} {:>10}  {}",
+            "{:<16} {:<8} {:<9} {:<22} {:>10} {:>10} {:>10}  {}",
             n.node_id,
             n.state,
             n.member_state,
@@ -82,6 +96,26 @@ pub fn print_cluster(s: &ClusterStatusResponse, json: bool) -> anyhow::Result<()
             },
             if n.placed { "yes" } else { "no" }
         );
+    }
+    if s.at_risk.is_empty() {
+        outln!("datasets at risk: none");
+    } else {
+        outln!("datasets at risk:");
+        outln!(
+            "{:<32} {:<8} {:<24} readable",
+            "DATASET",
+            "CLASS",
+            "NODES DOWN"
+        );
+        for d in &s.at_risk {
+            outln!(
+                "{:<32} {:<8} {:<24} {}",
+                d.name,
+                format!("ec:{}+{}", d.ec_data_units, d.ec_parity_units),
+                d.nodes_down.join(","),
+                if d.readable { "yes, from parity" } else { "NO" }
+            );
+        }
     }
     Ok(())
 }

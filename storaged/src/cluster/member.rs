@@ -51,6 +51,9 @@ pub struct MemberConfig {
     pub pool_id: String,
     /// How this node calls the others.
     pub peers: super::peer::PeerLink,
+    /// Seconds a member may be down before the repair rebuilds it (0:
+    /// never), as this node runs it (for status).
+    pub rebuild_after_s: u64,
 }
 
 /// Why a node could not join.
@@ -259,6 +262,12 @@ impl Member {
     /// How this node calls the others (TLS, token).
     pub fn peers(&self) -> &super::peer::PeerLink {
         &self.config.peers
+    }
+
+    /// Seconds a member may be down before its shares are rebuilt (0:
+    /// never).
+    pub fn rebuild_after_s(&self) -> u64 {
+        self.config.rebuild_after_s
     }
 
     pub fn control_endpoint(&self) -> &str {

@@ -24,9 +24,37 @@ pub(super) fn not_clustered() -> Status {
 }
 
 /// `ClusterStatus`: the cluster as the control plane says now.
-pub(super) async fn cluster_status(member: &Member) -> Result<pb::ClusterStatusResponse, Status> {
+/// `ClusterStatus`: the nodes, the placement map, and the datasets with
+/// a node down that `may_read` lets the caller see.
+pub(super) async fn cluster_status(
+    member: &Member,
+    may_read: impl Fn(&str) -> bool,
+) -> Result<pb::ClusterStatusResponse, Status> {
     let view = member.view().await.map_err(|e| e.to_status())?;
-    Ok(response(member, view))
+    let (records, _) = member
+        .registry()
+        .list(member)
+        .await
+        .map_err(|e| e.to_status())?;
+    let at_risk = records
+        .iter()
+        .filter(|r| may_read(&r.name))
+        .filter_map(|r| {
+            let down = nodes_down(r, &view);
+            (!down.is_empty()).then(|| pb::DatasetAtRisk {
+                name: r.name.clone(),
+                ec_data_units: r.k,
+                ec_parity_units: r.m,
+                readable: down.len() as u32 <= r.m,
+                nodes_down: down.into_iter().map(str::to_owned).collect(),
+            })
+        })
+        .collect();
+    Ok(pb::ClusterStatusResponse {
+        at_risk,
+        rebuild_after_s: member.rebuild_after_s(),
+        ..response(member, view)
+    })
 }
 
 fn response(member: &Member, view: ClusterView) -> pb::ClusterStatusResponse {
@@ -67,6 +95,7 @@ fn response(member: &Member, view: ClusterView) -> pb::ClusterStatusResponse {
                     .as_ref()
                     .map(|m| m.state.name().to_owned())
                     .unwrap_or_default(),
+                down_since_unix_s: n.down_since_unix_s.unwrap_or(0),
             }
         })
         .collect();
@@ -78,6 +107,8 @@ fn response(member: &Member, view: ClusterView) -> pb::ClusterStatusResponse {
         placement_epoch: view.placement.epoch,
         placement_nodes: view.placement.nodes,
         nodes,
+        at_risk: Vec::new(),
+        rebuild_after_s: 0,
     }
 }
 
@@ -195,17 +226,7 @@ pub(super) async fn list(member: &Member) -> Result<Vec<pb::DatasetInfo>, Status
 /// Empty when every node of the dataset is up; else which are down and
 /// whether the data is still readable.
 fn health(r: &DatasetRecord, view: &ClusterView) -> String {
-    let down: Vec<&str> = r
-        .nodes
-        .iter()
-        .filter(|id| {
-            !view
-                .nodes
-                .iter()
-                .any(|n| &n.node_id == *id && n.live.is_some())
-        })
-        .map(String::as_str)
-        .collect();
+    let down = nodes_down(r, view);
     if down.is_empty() {
         String::new()
     } else if down.len() as u32 <= r.m {
@@ -221,6 +242,20 @@ fn health(r: &DatasetRecord, view: &ClusterView) -> String {
             r.m
         )
     }
+}
+
+/// The nodes of `r` that are down.
+fn nodes_down<'a>(r: &'a DatasetRecord, view: &ClusterView) -> Vec<&'a str> {
+    r.nodes
+        .iter()
+        .filter(|id| {
+            !view
+                .nodes
+                .iter()
+                .any(|n| &n.node_id == *id && n.live.is_some())
+        })
+        .map(String::as_str)
+        .collect()
 }
 
 /// `rm` of a cluster dataset: its record deleted (the commit point), then
