@@ -14,7 +14,8 @@
 //! resumable). A member that comes back while it is being drained is
 //! readmitted when the drain ends.
 //!
-//! With every member up, the same node also evens out the data (config
+//! With every member up and no drain under way, the same node also evens
+//! out the data (config
 //! `cluster_rebalance`): each pass moves at most one share, from the
 //! placed node holding the most bytes to the one holding the least, when
 //! that narrows the gap without reversing it, so a node that joins fills
@@ -175,13 +176,18 @@ pub async fn repair_once(
         unlocked?;
         pass.rebuilt.push(node.node_id.clone());
     }
-    let all_up = view.nodes.iter().all(|n| {
-        n.live.is_some()
-            || n.member
-                .as_ref()
-                .is_none_or(|m| m.state != MemberState::Active)
+    // Not while anything else moves shares: a member down (its rebuild
+    // comes first) or a drain under way (both would swap the same
+    // records, and the drain would stop on the conflict).
+    let settled = view.nodes.iter().all(|n| match &n.member {
+        None => true,
+        Some(m) => match m.state {
+            MemberState::Active => n.live.is_some(),
+            MemberState::Draining => false,
+            MemberState::Drained => true,
+        },
     });
-    if options.rebalance && all_up && pass.rebuilt.is_empty() {
+    if options.rebalance && settled && pass.rebuilt.is_empty() {
         pass.rebalanced = rebalance_once(member, &view).await?;
     }
     Ok(pass)
