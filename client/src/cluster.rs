@@ -26,7 +26,7 @@
 //! package, so a training job reads a cluster dataset as it reads a
 //! single node's.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -752,9 +752,11 @@ impl ClusterDataset {
 
     /// `length` bytes of `path` from `offset`; past the end is
     /// OUT_OF_RANGE. Only the parts of the data chunks the range covers
-    /// are read, each verified by its node against its block checksums
-    /// (the object's CRC-32 covers whole objects only, so the whole
-    /// object is read, and checked, when the range is all of it).
+    /// are read, in one call per node like whole objects, each verified by
+    /// its node against its block checksums (the object's CRC-32 covers
+    /// whole objects only, so the whole object is read, and checked, when
+    /// the range is all of it). A stripe a node fails is read whole, with
+    /// parity.
     pub async fn read_range(
         &self,
         path: &str,
@@ -776,70 +778,68 @@ impl ClusterDataset {
         }
         let end = offset + length;
         let piece_bytes = self.layout.shard_bytes(entry.size);
-        let mut out = vec![0u8; length as usize];
-        let covering = self
+        let width = self.layout.width() as usize;
+        let stripes: Vec<Stripe> = self
             .layout
             .stripes(entry.size)
-            .filter(|s| s.object_offset < end && s.object_offset + s.data_bytes > offset);
-        let mut parts = futures::stream::iter(covering)
-            .map(|s| self.read_stripe_range(path, piece_bytes, s, offset, end))
-            .buffer_unordered(STRIPES_IN_FLIGHT);
-        while let Some(part) = parts.next().await {
-            let (at, bytes) = part?;
-            let from = (at - offset) as usize;
-            out[from..from + bytes.len()].copy_from_slice(&bytes);
+            .filter(|s| s.object_offset < end && s.object_offset + s.data_bytes > offset)
+            .collect();
+        // Each node's parts of the data chunks within the range.
+        let mut per_node: Vec<Vec<Piece>> = (0..width).map(|_| Vec::new()).collect();
+        for (sid, stripe) in stripes.iter().enumerate() {
+            for chunk in 0..self.layout.k {
+                let (at, len) = stripe.data_of_chunk(chunk);
+                let (a, b) = (at.max(offset), (at + len).min(end));
+                if a >= b {
+                    continue;
+                }
+                per_node[self.layout.node_of(path, stripe.index, chunk)].push(Piece {
+                    stripe: sid,
+                    chunk,
+                    range: SizedRange {
+                        path: path.to_owned(),
+                        object_size: piece_bytes,
+                        offset: stripe.shard_offset + (a - at),
+                        length: b - a,
+                    },
+                });
+            }
+        }
+        let mut out = vec![0u8; length as usize];
+        let mut failed = BTreeSet::new();
+        let mut carried = PathBytes::default();
+        self.read_grouped(per_node, &mut carried, |piece, bytes| match bytes {
+            Some(bytes) => {
+                let stripe = &stripes[piece.stripe];
+                let (at, _) = stripe.data_of_chunk(piece.chunk);
+                let from = (at + piece.range.offset - stripe.shard_offset - offset) as usize;
+                out[from..from + bytes.len()].copy_from_slice(&bytes);
+            }
+            None => {
+                failed.insert(piece.stripe);
+            }
+        })
+        .await;
+        let rereads: Vec<_> = failed
+            .iter()
+            .map(|&sid| self.read_stripe(path, piece_bytes, stripes[sid]))
+            .collect();
+        let mut rereads = futures::stream::iter(rereads).buffer_unordered(STRIPES_IN_FLIGHT);
+        while let Some(done) = rereads.next().await {
+            let done = done?;
+            if done.rebuilt {
+                self.count_degraded();
+            }
+            for (j, chunk) in done.data.iter().enumerate() {
+                let (at, len) = done.stripe.data_of_chunk(j as u32);
+                let (a, b) = (at.max(offset), (at + len).min(end));
+                if a < b {
+                    out[(a - offset) as usize..(b - offset) as usize]
+                        .copy_from_slice(&chunk[(a - at) as usize..(b - at) as usize]);
+                }
+            }
         }
         Ok(Bytes::from(out))
-    }
-
-    /// The bytes of `stripe` within `[lo, hi)` of the object, with their
-    /// object offset: straight from the data chunks that hold them, or,
-    /// when one of those reads fails, from the whole stripe rebuilt.
-    async fn read_stripe_range(
-        &self,
-        path: &str,
-        piece_bytes: u64,
-        stripe: Stripe,
-        lo: u64,
-        hi: u64,
-    ) -> Result<(u64, Vec<u8>), ClientError> {
-        let from = lo.max(stripe.object_offset);
-        let to = hi.min(stripe.object_offset + stripe.data_bytes);
-        // (chunk, offset inside the chunk, length), in object order.
-        let pieces: Vec<(u32, u64, u64)> = (0..self.layout.k)
-            .filter_map(|j| {
-                let (at, len) = stripe.data_of_chunk(j);
-                let (a, b) = (at.max(from), (at + len).min(to));
-                (a < b).then(|| (j, a - at, b - a))
-            })
-            .collect();
-        let reads = pieces.iter().map(|&(j, within, length)| {
-            let node = self.layout.node_of(path, stripe.index, j);
-            let range = SizedRange {
-                path: path.to_owned(),
-                object_size: piece_bytes,
-                offset: stripe.shard_offset + within,
-                length,
-            };
-            self.read_piece(node, range)
-        });
-        let direct: Result<Vec<(Bytes, PathBytes)>, ClientError> =
-            join_all(reads).await.into_iter().collect();
-        if let Ok(pieces) = direct {
-            let bytes: Vec<Bytes> = pieces.into_iter().map(|(b, _)| b).collect();
-            return Ok((from, bytes.concat()));
-        }
-        let done = self.read_stripe(path, piece_bytes, stripe).await?;
-        if done.rebuilt {
-            self.count_degraded();
-        }
-        let mut whole = Vec::with_capacity(stripe.data_bytes as usize);
-        for (j, chunk) in done.data.iter().enumerate() {
-            let (_, len) = stripe.data_of_chunk(j as u32);
-            whole.extend_from_slice(&chunk[..len as usize]);
-        }
-        let start = (from - stripe.object_offset) as usize;
-        Ok((from, whole[start..start + (to - from) as usize].to_vec()))
     }
 }
 

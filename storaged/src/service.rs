@@ -396,8 +396,8 @@ impl Storaged for StoragedService {
         let caller = self.caller(&request, "list_objects")?;
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
-        self.learn_unit(&caller, name.as_str()).await;
-        self.authorize_read(&caller, "list_objects", name.as_str())?;
+        self.authorize_read(&caller, "list_objects", name.as_str())
+            .await?;
         if r.prefix.len() > storaged_proto::model::OBJECT_PATH_BYTES_MAX || r.prefix.contains('\0')
         {
             return Err(invalid("prefix is longer than 4096 bytes or contains NUL"));
@@ -425,8 +425,7 @@ impl Storaged for StoragedService {
         let caller = self.caller(&request, "stat")?;
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
-        self.learn_unit(&caller, name.as_str()).await;
-        self.authorize_read(&caller, "stat", name.as_str())?;
+        self.authorize_read(&caller, "stat", name.as_str()).await?;
         let path = ObjectPath::new(r.path).map_err(invalid)?;
         tracing::Span::current().record("object", path.as_str());
         let obj = self.store.lookup(&name, &path)?;
@@ -464,8 +463,8 @@ impl Storaged for StoragedService {
     ) -> Result<Response<Self::ReadStream>, Status> {
         let caller = self.caller(&request, "read")?;
         let spec = ReadSpec::try_from(request.get_ref()).map_err(invalid)?;
-        self.learn_unit(&caller, spec.dataset.as_str()).await;
-        self.authorize_read(&caller, "read", spec.dataset.as_str())?;
+        self.authorize_read(&caller, "read", spec.dataset.as_str())
+            .await?;
         tracing::Span::current().record("object", spec.range.path.as_str());
         let obj = self.store.lookup_pinned(
             &spec.dataset,
@@ -514,8 +513,8 @@ impl Storaged for StoragedService {
         let caller = self.caller(&request, "read_batch")?;
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
-        self.learn_unit(&caller, name.as_str()).await;
-        self.authorize_read(&caller, "read_batch", name.as_str())?;
+        self.authorize_read(&caller, "read_batch", name.as_str())
+            .await?;
         let items = r
             .items
             .iter()
@@ -805,8 +804,7 @@ impl Storaged for StoragedService {
         let caller = self.caller(&request, "hint")?;
         let r = request.into_inner();
         let name = DatasetName::new(r.dataset).map_err(invalid)?;
-        self.learn_unit(&caller, name.as_str()).await;
-        self.authorize_read(&caller, "hint", name.as_str())?;
+        self.authorize_read(&caller, "hint", name.as_str()).await?;
         // The item limit is the store's to enforce; the message itself is
         // bounded by the server's decoding limit.
         let paths = r

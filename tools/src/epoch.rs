@@ -24,7 +24,9 @@ pub(crate) async fn run_epoch(client: &Client, run: &EpochRun, epoch: u64) -> an
         seed,
         hints,
     } = *run;
-    if let Some(cd) = crate::transfer::open_cluster(client, dataset).await? {
+    if let Some(cd) =
+        storaged_client::cluster::ClusterDataset::open_if_cluster(client, dataset).await?
+    {
         return cluster_epoch(std::sync::Arc::new(cd), run, epoch).await;
     }
     let ds = client.dataset(dataset)?;

@@ -38,7 +38,9 @@ pub async fn objects(
     page_size: u32,
     limit: Option<u64>,
 ) -> anyhow::Result<()> {
-    if let Some(cd) = crate::transfer::open_cluster(client, name).await? {
+    if let Some(cd) =
+        storaged_client::cluster::ClusterDataset::open_if_cluster(client, name).await?
+    {
         // A cluster dataset's listing is its manifest (ingest order).
         let mut objects: Vec<_> = cd
             .objects()

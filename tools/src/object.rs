@@ -55,7 +55,9 @@ pub async fn cat(
     (offset, length): (u64, Option<u64>),
     regions: bool,
 ) -> anyhow::Result<()> {
-    if let Some(cd) = crate::transfer::open_cluster(client, dataset).await? {
+    if let Some(cd) =
+        storaged_client::cluster::ClusterDataset::open_if_cluster(client, dataset).await?
+    {
         let bytes = cd.read(path).await?;
         let size = bytes.len() as u64;
         let end = match length {

@@ -89,15 +89,6 @@ impl Source {
     }
 }
 
-/// Cluster dataset `name` when the server is in a cluster and has one of
-/// that name; `None` sends the caller to the server's own datasets.
-pub(crate) async fn open_cluster(
-    client: &Client,
-    name: &str,
-) -> anyhow::Result<Option<storaged_client::cluster::ClusterDataset>> {
-    Ok(storaged_client::cluster::ClusterDataset::open_if_cluster(client, name).await?)
-}
-
 pub(crate) async fn export(
     client: &Client,
     dataset: &str,
@@ -105,32 +96,33 @@ pub(crate) async fn export(
     parallel: usize,
     regions: bool,
 ) -> anyhow::Result<()> {
-    let (source, objects) = match open_cluster(client, dataset).await? {
-        Some(cd) => {
-            let objects: Vec<(String, u64, u32)> = cd
-                .objects()
-                .iter()
-                .map(|o| (o.path.clone(), o.size, o.crc32))
-                .collect();
-            (Source::Cluster(std::sync::Arc::new(cd)), objects)
-        }
-        None => {
-            let ds = client.dataset(dataset)?;
-            let objects = ds
-                .list("")
-                .await?
-                .into_iter()
-                .map(|o| (o.path, o.size, o.crc32))
-                .collect();
-            (
-                Source::Local {
-                    ds: Box::new(ds),
-                    regions,
-                },
-                objects,
-            )
-        }
-    };
+    let (source, objects) =
+        match storaged_client::cluster::ClusterDataset::open_if_cluster(client, dataset).await? {
+            Some(cd) => {
+                let objects: Vec<(String, u64, u32)> = cd
+                    .objects()
+                    .iter()
+                    .map(|o| (o.path.clone(), o.size, o.crc32))
+                    .collect();
+                (Source::Cluster(std::sync::Arc::new(cd)), objects)
+            }
+            None => {
+                let ds = client.dataset(dataset)?;
+                let objects = ds
+                    .list("")
+                    .await?
+                    .into_iter()
+                    .map(|o| (o.path, o.size, o.crc32))
+                    .collect();
+                (
+                    Source::Local {
+                        ds: Box::new(ds),
+                        regions,
+                    },
+                    objects,
+                )
+            }
+        };
     let source = std::sync::Arc::new(source);
     // Every path checked before anything is written: the server's are
     // validated again, and names that cannot share one tree are reported.

@@ -671,8 +671,7 @@ impl StoragedService {
             None,
         )?;
         let name = DatasetName::new(frame.dataset.clone()).map_err(invalid)?;
-        self.learn_unit(&caller, name.as_str()).await;
-        self.authorize_read(&caller, "read", name.as_str())?;
+        self.authorize_read(&caller, "read", name.as_str()).await?;
         let ranges = frame
             .items
             .iter()
@@ -893,7 +892,7 @@ impl StoragedService {
         call: ReadIntoCall,
     ) -> Result<(ReadIntoCompletions, u32), Status> {
         let name = DatasetName::new(call.dataset).map_err(invalid)?;
-        self.authorize_read(caller, "read_into", name.as_str())?;
+        self.authorize_read_known(caller, "read_into", name.as_str())?;
         let principal = &caller.principal;
         let region = self.regions.get(call.region_id, |region| {
             region_is_callers(region, principal, uid)

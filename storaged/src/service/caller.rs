@@ -272,9 +272,35 @@ impl StoragedService {
     /// Read authorization: [`authorize`](Self::authorize) with `Read`,
     /// except that on a node of a cluster a unit dataset (`cluster.…`,
     /// which clients read straight from the nodes) may be read by whoever
-    /// may read the cluster dataset it holds shares of, as far as this
-    /// node knows the records ([`learn_unit`](Self::learn_unit) first).
-    pub(super) fn authorize_read(
+    /// may read the cluster dataset it holds shares of. A unit this node
+    /// does not know yet is learnt first (one list of the records,
+    /// rate-limited).
+    pub(super) async fn authorize_read(
+        &self,
+        caller: &Caller,
+        operation: &str,
+        dataset: &str,
+    ) -> Result<(), Status> {
+        self.learn_unit(caller, dataset).await;
+        self.authorize_read_known(caller, operation, dataset)
+    }
+
+    /// Makes sure this node knows which cluster dataset unit `dataset`
+    /// holds, when the caller may not read it by its own name.
+    pub(super) async fn learn_unit(&self, caller: &Caller, dataset: &str) {
+        if let Some(member) = &self.cluster
+            && dataset.starts_with(storaged_proto::cluster::UNIT_PREFIX)
+            && !caller.principal.allows(Right::Read, dataset)
+        {
+            member.registry().learn_unit(member, dataset).await;
+        }
+    }
+
+    /// [`authorize_read`](Self::authorize_read) from what this node already
+    /// knows of the records (for the region reads, which check inside a
+    /// call that cannot wait: their callers [`learn_unit`](Self::learn_unit)
+    /// first).
+    pub(super) fn authorize_read_known(
         &self,
         caller: &Caller,
         operation: &str,
@@ -290,18 +316,6 @@ impl StoragedService {
             return Ok(());
         }
         self.authorize(caller, operation, Right::Read, dataset)
-    }
-
-    /// Before [`authorize_read`](Self::authorize_read) of a unit the caller
-    /// may not read by its own name: learns which cluster dataset it
-    /// holds (one list of the control plane, rate-limited).
-    pub(super) async fn learn_unit(&self, caller: &Caller, dataset: &str) {
-        if let Some(member) = &self.cluster
-            && dataset.starts_with(storaged_proto::cluster::UNIT_PREFIX)
-            && !caller.principal.allows(Right::Read, dataset)
-        {
-            member.registry().learn_unit(member, dataset).await;
-        }
     }
 
     /// Before a write or admin operation: the audit log must be able to
